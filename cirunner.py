@@ -1,0 +1,2895 @@
+#!/usr/bin/env python3
+"""cirunner: a CI build runner in one Python file.
+
+cirunner keeps repositories, builds, jobs, status history and logs in one
+SQLite file, expands each build's pipeline matrix into jobs, runs them as real
+processes in worker threads, and serves a Drone-style REST API over them.
+
+Quick start::
+
+    pip install . && cirunner serve            # http://127.0.0.1:8080
+    cirunner repo add alice/hello --url ~/src/hello
+    cirunner build alice/hello --wait          # streams the log, exits 0 on success
+
+Embedding::
+
+    import cirunner
+    store = cirunner.Store.open("ci-data")
+    executor = cirunner.Executor(store, workers=2)
+    executor.start()
+    app = cirunner.make_app(store, executor)   # any WSGI server can serve it
+
+The sections below follow the design contract: errors, pipeline, store,
+executor, web, command line.
+
+License: MIT (see LICENSE).
+"""
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ACTIVE_STATUSES",
+    "DONE_STATUSES",
+    "ERROR",
+    "FAILURE",
+    "KILLED",
+    "PENDING",
+    "RUNNING",
+    "SKIPPED",
+    "STATUSES",
+    "SUCCESS",
+    "BadRequest",
+    "CIRunnerError",
+    "ConfigError",
+    "Conflict",
+    "Executor",
+    "Forbidden",
+    "NotFound",
+    "Pipeline",
+    "Step",
+    "Store",
+    "TooLarge",
+    "Unauthorized",
+    "create_build",
+    "expand_matrix",
+    "main",
+    "make_app",
+    "parse_pipeline",
+    "read_pipeline_file",
+    "restart_build",
+    "substitute",
+]
+
+###############################################################################
+# Imports #####################################################################
+###############################################################################
+
+import argparse
+import codecs
+import contextlib
+import ctypes
+import dataclasses
+import fcntl
+import fnmatch
+import hashlib
+import itertools
+import json
+import logging
+import os
+import re
+import select
+import shlex
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from urllib.parse import parse_qsl
+
+import bottle
+import yaml
+
+try:  # libyaml makes parsing large pipeline files several times faster
+    _YamlLoader = yaml.CSafeLoader
+except AttributeError:  # pragma: no cover - depends on how PyYAML was built
+    _YamlLoader = yaml.SafeLoader
+
+try:
+    import waitress
+except ImportError:  # pragma: no cover - only `serve` needs it
+    waitress = None
+
+_log = logging.getLogger("cirunner")
+
+###############################################################################
+# Constants ###################################################################
+###############################################################################
+
+# Job and build statuses: one closed vocabulary for both (DESIGN.md section 3).
+PENDING = "pending"
+RUNNING = "running"
+SUCCESS = "success"
+FAILURE = "failure"
+KILLED = "killed"
+ERROR = "error"
+SKIPPED = "skipped"
+STATUSES = (PENDING, RUNNING, SUCCESS, FAILURE, KILLED, ERROR, SKIPPED)
+ACTIVE_STATUSES = (PENDING, RUNNING)
+DONE_STATUSES = (SUCCESS, FAILURE, KILLED, ERROR, SKIPPED)
+
+# Build events.
+EVENT_PUSH = "push"
+EVENT_TAG = "tag"
+EVENT_PULL_REQUEST = "pull_request"
+EVENT_CRON = "cron"
+EVENT_MANUAL = "manual"
+EVENTS = (EVENT_PUSH, EVENT_TAG, EVENT_PULL_REQUEST, EVENT_CRON, EVENT_MANUAL)
+
+PIPELINE_FILES = (".cirunner.yml", ".drone.yml")
+DEFAULT_DATA_DIR = "cirunner-data"
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8080
+DEFAULT_HTTP_THREADS = 32
+DEFAULT_MAX_JOBS = 256          # matrix size limit; larger is an error, never a cut
+DEFAULT_TIMEOUT_MINUTES = 60
+DEFAULT_GRACE_SECONDS = 10.0    # SIGTERM -> SIGKILL
+DEFAULT_MAX_BODY = 1024 * 1024
+DEFAULT_PER_PAGE = 25
+MAX_PER_PAGE = 100
+SSE_HEARTBEAT_SECONDS = 15.0
+LOG_CHUNK_BYTES = 64 * 1024     # largest chunk stored at once
+LOG_FLUSH_SECONDS = 0.05        # longest a byte waits in memory before the store
+STRAGGLER_SECONDS = 0.5         # read on this long after a step's leader exits
+HEARTBEAT_SECONDS = 10.0
+RUNNER_LOST_SECONDS = 60.0      # a runner silent this long is gone
+MAX_SCRIPT_BYTES = 96 * 1024    # a step's script is one argv entry (Linux: 128 KiB)
+
+_NAME_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,100}$")
+_ENV_NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_COMMIT_PATTERN = re.compile(r"^[0-9a-fA-F]{4,64}$")
+_BRANCH_FORBIDDEN = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]|\.\.|@\{|^-|^/|/$|\.lock$|^$")
+
+###############################################################################
+# Errors ######################################################################
+###############################################################################
+
+
+class CIRunnerError(Exception):
+    """Base of every error cirunner raises on purpose; maps to an HTTP status."""
+
+    status = 500
+    code = "internal_error"
+
+    def __init__(self, message, **details):
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+    def to_json(self):
+        return {"error": self.code, "message": self.message, "status": self.status}
+
+
+class BadRequest(CIRunnerError):
+    """The request or its input is malformed."""
+
+    status = 400
+    code = "bad_request"
+
+
+class ConfigError(BadRequest):
+    """A pipeline file cannot be used; `filename` and `line` say where."""
+
+    code = "invalid_pipeline"
+
+    def __init__(self, message, filename=None, line=None):
+        where = filename or ""
+        if line:
+            where += f" line {line}"
+        super().__init__(f"{where}: {message}" if where else message,
+                         filename=filename, line=line)
+        self.filename = filename
+        self.line = line
+        self.problem = message
+
+
+class Unauthorized(CIRunnerError):
+    """No credentials, or credentials that are not valid."""
+
+    status = 401
+    code = "unauthorized"
+
+
+class Forbidden(CIRunnerError):
+    """Valid credentials that do not allow this action."""
+
+    status = 403
+    code = "forbidden"
+
+
+class NotFound(CIRunnerError):
+    """The repository, build, job or route does not exist."""
+
+    status = 404
+    code = "not_found"
+
+
+class Conflict(CIRunnerError):
+    """The action conflicts with the current state (e.g. restart while running)."""
+
+    status = 409
+    code = "conflict"
+
+
+class TooLarge(CIRunnerError):
+    """The request body is larger than the server accepts."""
+
+    status = 413
+    code = "too_large"
+
+
+class Unavailable(CIRunnerError):
+    """The server cannot take this request now (e.g. too many live streams)."""
+
+    status = 503
+    code = "unavailable"
+
+
+def _check_name(value, what):
+    """Return `value` if it is a valid owner or repository name, else raise BadRequest."""
+    if not isinstance(value, str) or not _NAME_PATTERN.match(value) or value in (".", ".."):
+        raise BadRequest(f"invalid {what} {value!r}: use letters, digits, '.', '_' and '-'")
+    return value
+
+
+def _check_branch(value):
+    if not isinstance(value, str) or _BRANCH_FORBIDDEN.search(value) or len(value) > 255:
+        raise BadRequest(f"invalid branch name {value!r}")
+    return value
+
+
+def _check_commit(value):
+    if not isinstance(value, str) or not _COMMIT_PATTERN.match(value):
+        raise BadRequest(f"invalid commit {value!r}: expected a hexadecimal SHA")
+    return value.lower()
+
+
+def _check_variables(variables):
+    """Validate build variables: names as environment variable names, values strings."""
+    if not isinstance(variables, dict):
+        raise BadRequest("variables must be an object of NAME: value")
+    checked = {}
+    for name, value in variables.items():
+        if not isinstance(name, str) or not _ENV_NAME_PATTERN.match(name):
+            raise BadRequest(f"invalid variable name {name!r}")
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise BadRequest(f"variable {name} must be a string")
+        value = str(value)
+        if "\x00" in value:
+            raise BadRequest(f"variable {name} contains a NUL byte")
+        checked[name] = value
+    return checked
+
+###############################################################################
+# Pipeline ####################################################################
+###############################################################################
+
+_VARIABLE_PATTERN = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def substitute(text, variables):
+    """Replace ``${VAR}`` and ``${VAR:-default}`` in `text` from `variables`.
+
+    ``$${VAR}`` stays literal (as ``${VAR}``). A ``${VAR}`` with no value and
+    no default is left as it is, so the shell can still expand it from the
+    job's environment.
+    """
+
+    def replace(match):
+        if match.group(0) == "$${":
+            return "${"
+        name, default = match.group(1), match.group(2)
+        value = variables.get(name)
+        if default is not None and not value:
+            return default
+        return match.group(0) if value is None else value
+
+    return _VARIABLE_PATTERN.sub(replace, text)
+
+
+class _YamlMap(dict):
+    """A YAML mapping that remembers the line of each key, for error messages."""
+
+    def __init__(self, line):
+        super().__init__()
+        self.line = line
+        self.lines = {}
+
+
+class _YamlList(list):
+    """A YAML sequence that remembers the line of each item."""
+
+    def __init__(self, line):
+        super().__init__()
+        self.line = line
+        self.lines = []
+
+
+# Scalars under these keys keep their source text: `1.10` stays "1.10", `yes`
+# stays "yes". They become environment variables, where text is what counts.
+_RAW_SCALAR_KEYS = ("matrix", "environment")
+
+
+def _load_yaml(text, filename):
+    """Parse YAML `text` into dicts and lists that carry line numbers."""
+    loader = _YamlLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        return _convert_node(loader, node, raw=False, depth=0)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"invalid YAML: {problem}", filename,
+                          mark.line + 1 if mark else None) from None
+    finally:
+        loader.dispose()
+
+
+def _convert_node(loader, node, raw, depth):
+    if depth > 50:
+        raise ConfigError("YAML nested too deeply", None, node.start_mark.line + 1)
+    line = node.start_mark.line + 1
+    if isinstance(node, yaml.ScalarNode):
+        if not raw:
+            return loader.construct_object(node, deep=True)
+        if node.tag == "tag:yaml.org,2002:null":
+            return ""
+        return node.value
+    if isinstance(node, yaml.SequenceNode):
+        items = _YamlList(line)
+        for child in node.value:
+            items.append(_convert_node(loader, child, raw, depth + 1))
+            items.lines.append(child.start_mark.line + 1)
+        return items
+    loader.flatten_mapping(node)  # YAML merge keys (<<: *anchor)
+    mapping = _YamlMap(line)
+    for key_node, value_node in node.value:
+        if not isinstance(key_node, yaml.ScalarNode):
+            raise yaml.constructor.ConstructorError(
+                None, None, "mapping keys must be plain scalars", key_node.start_mark)
+        key = key_node.value
+        child_raw = raw or key in _RAW_SCALAR_KEYS
+        mapping[key] = _convert_node(loader, value_node, child_raw, depth + 1)
+        mapping.lines[key] = key_node.start_mark.line + 1
+    return mapping
+
+
+def _line_of(container, key=None):
+    if key is not None and isinstance(container, _YamlMap):
+        return container.lines.get(key, container.line)
+    if isinstance(container, _YamlList) and isinstance(key, int) and key < len(container.lines):
+        return container.lines[key]
+    return getattr(container, "line", None)
+
+
+@dataclasses.dataclass
+class Step:
+    """One pipeline step: commands run by ``/bin/sh -e`` in the job's workspace."""
+
+    name: str
+    commands: list
+    image: str = ""
+    environment: dict = dataclasses.field(default_factory=dict)
+    when: dict = dataclasses.field(default_factory=dict)
+    ignore_failure: bool = False
+
+    def applies(self, *, branch, event, environment, job_status=SUCCESS):
+        """True if the step's ``when`` filter lets it run for this job."""
+        when = self.when
+        include, exclude = when.get("branch", ([], []))
+        if include and not any(fnmatch.fnmatchcase(branch, pattern) for pattern in include):
+            return False
+        if any(fnmatch.fnmatchcase(branch, pattern) for pattern in exclude):
+            return False
+        if when.get("event") and event not in when["event"]:
+            return False
+        for axis, value in when.get("matrix", {}).items():
+            if environment.get(axis) != value:
+                return False
+        return job_status in when.get("status", (SUCCESS,))
+
+    def with_variables(self, variables):
+        """A copy of the step with ``${VAR}`` substituted in every string."""
+        return dataclasses.replace(
+            self,
+            image=substitute(self.image, variables),
+            commands=[substitute(command, variables) for command in self.commands],
+            environment={name: substitute(value, variables)
+                         for name, value in self.environment.items()},
+        )
+
+    def script(self):
+        """The shell script for this step: each command echoed as ``+ cmd``, then run."""
+        lines = []
+        for command in self.commands:
+            lines.append("printf '%s\\n' " + shlex.quote("+ " + command))
+            lines.append(command)
+        return "\n".join(lines) + "\n"
+
+
+@dataclasses.dataclass
+class Pipeline:
+    """A parsed pipeline file: ordered steps, matrix jobs and build options."""
+
+    steps: list
+    matrix: list
+    filename: str = PIPELINE_FILES[0]
+    fail_fast: bool = False
+    max_parallel: int = 0
+    timeout: int = 0        # minutes; 0 means the repository's default
+    clone: bool = True
+
+    def steps_for(self, variables):
+        """The steps with ``${VAR}`` substituted from `variables`."""
+        return [step.with_variables(variables) for step in self.steps]
+
+
+_TOP_LEVEL_KEYS = ("pipeline", "build", "matrix", "fail_fast", "max_parallel", "timeout", "clone")
+_STEP_KEYS = ("image", "commands", "environment", "when", "failure")
+_WHEN_KEYS = ("branch", "event", "matrix", "status")
+
+
+def parse_pipeline(text, filename=PIPELINE_FILES[0], *, max_jobs=DEFAULT_MAX_JOBS):
+    """Parse and validate pipeline `text` (YAML) into a `Pipeline`.
+
+    Raises ConfigError naming `filename`, the line and the problem.
+    """
+    document = _load_yaml(text, filename)
+    if not isinstance(document, dict):
+        raise ConfigError("the pipeline file must be a mapping with a 'pipeline' key",
+                          filename, _line_of(document))
+    for key in document:
+        if key not in _TOP_LEVEL_KEYS:
+            raise ConfigError(f"unknown top-level key {key!r} (expected one of "
+                              f"{', '.join(_TOP_LEVEL_KEYS)})", filename, _line_of(document, key))
+    if "pipeline" in document and "build" in document:
+        raise ConfigError("use either 'pipeline' or 'build', not both", filename,
+                          _line_of(document, "build"))
+    key = "pipeline" if "pipeline" in document else "build"
+    steps_node = document.get(key)
+    # Drone 0.4 form: `build:` holding one step directly.
+    if key == "build" and isinstance(steps_node, dict) and (
+            "commands" in steps_node or "image" in steps_node):
+        wrapper = _YamlMap(_line_of(document, "build"))
+        wrapper["build"] = steps_node
+        wrapper.lines["build"] = wrapper.line
+        steps_node = wrapper
+    if not isinstance(steps_node, dict) or not steps_node:
+        raise ConfigError("'pipeline' must be a mapping of step names to steps",
+                          filename, _line_of(document, key) if key in document else 1)
+    steps = [_parse_step(name, body, steps_node, filename) for name, body in steps_node.items()]
+    pipeline = Pipeline(steps=steps, matrix=[{}], filename=filename)
+    pipeline.fail_fast = _parse_flag(document, "fail_fast", False, filename)
+    pipeline.clone = _parse_flag(document, "clone", True, filename)
+    pipeline.max_parallel = _parse_count(document, "max_parallel", filename)
+    pipeline.timeout = _parse_count(document, "timeout", filename)
+    if "matrix" in document:
+        pipeline.matrix = expand_matrix(document["matrix"], max_jobs=max_jobs, filename=filename,
+                                        line=_line_of(document, "matrix"))
+    return pipeline
+
+
+def _parse_flag(document, key, default, filename):
+    value = document.get(key, default)
+    if key == "clone" and isinstance(value, dict):
+        return True  # Drone's clone plugin settings: cloning stays on
+    if not isinstance(value, bool):
+        raise ConfigError(f"'{key}' must be true or false", filename, _line_of(document, key))
+    return value
+
+
+def _parse_count(document, key, filename):
+    value = document.get(key, 0)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"'{key}' must be a whole number, 0 or more", filename,
+                          _line_of(document, key))
+    return value
+
+
+def _parse_step(name, body, steps_node, filename):
+    line = _line_of(steps_node, name)
+    where = f"step {name!r}"
+    if not isinstance(body, dict):
+        raise ConfigError(f"{where} must be a mapping with 'commands'", filename, line)
+    for key in body:
+        if key not in _STEP_KEYS:
+            raise ConfigError(f"{where}: unknown key {key!r} (expected one of "
+                              f"{', '.join(_STEP_KEYS)})", filename, _line_of(body, key))
+    commands = body.get("commands")
+    if isinstance(commands, str):
+        commands = [commands]
+    if (not isinstance(commands, list) or not commands
+            or not all(isinstance(command, str) for command in commands)):
+        raise ConfigError(f"{where}: 'commands' must be a list of strings "
+                          "(plugin steps without commands are not supported)",
+                          filename, _line_of(body, "commands") if "commands" in body else line)
+    image = body.get("image", "")
+    if not isinstance(image, str):
+        raise ConfigError(f"{where}: 'image' must be a string", filename, _line_of(body, "image"))
+    environment = _parse_environment(body.get("environment", {}), f"{where}: 'environment'",
+                                     filename, _line_of(body, "environment"))
+    failure = body.get("failure", "")
+    if failure not in ("", "ignore", "fail"):
+        raise ConfigError(f"{where}: 'failure' must be 'ignore'", filename,
+                          _line_of(body, "failure"))
+    step = Step(name=str(name), commands=list(commands), image=image, environment=environment,
+                when=_parse_when(body.get("when", {}), where, filename,
+                                 _line_of(body, "when")),
+                ignore_failure=failure == "ignore")
+    if len(step.script().encode()) > MAX_SCRIPT_BYTES:
+        raise ConfigError(f"{where}: commands longer than {MAX_SCRIPT_BYTES} bytes", filename, line)
+    return step
+
+
+def _parse_environment(value, where, filename, line):
+    """Environment as a mapping, or Drone's list of NAME=value strings."""
+    if isinstance(value, list):
+        pairs = {}
+        for item in value:
+            if not isinstance(item, str) or "=" not in item:
+                raise ConfigError(f"{where} items must be NAME=value", filename, line)
+            name, _, text = item.partition("=")
+            pairs[name] = text
+        value = pairs
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where} must be a mapping of NAME: value", filename, line)
+    for name, text in value.items():
+        if not _ENV_NAME_PATTERN.match(name):
+            raise ConfigError(f"{where}: invalid variable name {name!r}", filename, line)
+        if not isinstance(text, str):
+            raise ConfigError(f"{where}: {name} must be a string", filename, line)
+    return dict(value)
+
+
+def _string_list(value, where, filename, line):
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise ConfigError(f"{where} must be a string or a list of strings", filename, line)
+    return list(value)
+
+
+def _parse_when(when, where, filename, line):
+    if not isinstance(when, dict):
+        raise ConfigError(f"{where}: 'when' must be a mapping", filename, line)
+    parsed = {}
+    for key, value in when.items():
+        key_line = _line_of(when, key)
+        if key not in _WHEN_KEYS:
+            raise ConfigError(f"{where}: unknown 'when' key {key!r} (expected one of "
+                              f"{', '.join(_WHEN_KEYS)})", filename, key_line)
+        if key == "branch":
+            if isinstance(value, dict):
+                unknown = set(value) - {"include", "exclude"}
+                if unknown:
+                    raise ConfigError(f"{where}: 'when.branch' takes include and exclude",
+                                      filename, key_line)
+                parsed["branch"] = (
+                    _string_list(value.get("include", []), f"{where}: when.branch.include",
+                                 filename, key_line),
+                    _string_list(value.get("exclude", []), f"{where}: when.branch.exclude",
+                                 filename, key_line))
+            else:
+                parsed["branch"] = (_string_list(value, f"{where}: when.branch", filename,
+                                                 key_line), [])
+        elif key == "matrix":
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}: 'when.matrix' must be a mapping", filename, key_line)
+            parsed["matrix"] = dict(value)
+        else:
+            items = _string_list(value, f"{where}: when.{key}", filename, key_line)
+            allowed = EVENTS if key == "event" else DONE_STATUSES
+            for item in items:
+                if item not in allowed:
+                    raise ConfigError(f"{where}: when.{key} {item!r} is not one of "
+                                      f"{', '.join(allowed)}", filename, key_line)
+            parsed[key] = items
+    return parsed
+
+
+def expand_matrix(matrix, *, max_jobs=DEFAULT_MAX_JOBS, filename=None, line=None):
+    """Expand a matrix mapping into a list of job environments (dicts of str).
+
+    Axes are sorted by name and combined as their cartesian product (the first
+    axis varies slowest); ``exclude`` drops matching combinations; ``include``
+    alone is the explicit list, and with axes is appended after the product.
+    More than `max_jobs` combinations is a ConfigError, never a silent cut.
+    """
+    if not isinstance(matrix, dict):
+        raise ConfigError("'matrix' must be a mapping of axis names to lists", filename, line)
+    axes = {}
+    for name, values in matrix.items():
+        if name in ("include", "exclude"):
+            continue
+        where = _line_of(matrix, name)
+        if not _ENV_NAME_PATTERN.match(name):
+            raise ConfigError(f"matrix axis {name!r} is not a valid variable name", filename, where)
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"matrix axis {name!r} must be a non-empty list", filename, where)
+        if not all(isinstance(value, str) for value in values):
+            raise ConfigError(f"matrix axis {name!r} must list plain values", filename, where)
+        axes[name] = values
+    exclude = _matrix_entries(matrix, "exclude", filename)
+    include = _matrix_entries(matrix, "include", filename)
+    names = sorted(axes)
+    jobs = []
+    if names:
+        size = 1
+        for name in names:
+            size *= len(axes[name])
+        if size > max_jobs * 64 or (size > max_jobs and not exclude):
+            raise ConfigError(f"matrix expands to {size} jobs, more than the limit of "
+                              f"{max_jobs}", filename, line)
+        for combination in itertools.product(*(axes[name] for name in names)):
+            environment = dict(zip(names, combination))
+            if any(all(environment.get(k) == v for k, v in rule.items()) for rule in exclude):
+                continue
+            jobs.append(environment)
+    jobs.extend(include)
+    if len(jobs) > max_jobs:
+        raise ConfigError(f"matrix expands to {len(jobs)} jobs, more than the limit of "
+                          f"{max_jobs}", filename, line)
+    if not jobs:
+        raise ConfigError("matrix expands to no jobs", filename, line)
+    return jobs
+
+
+def _matrix_entries(matrix, key, filename):
+    entries = matrix.get(key, [])
+    where = _line_of(matrix, key)
+    if not isinstance(entries, list):
+        raise ConfigError(f"matrix '{key}' must be a list of mappings", filename, where)
+    for entry in entries:
+        if not isinstance(entry, dict) or not entry or not all(
+                isinstance(value, str) and _ENV_NAME_PATTERN.match(name)
+                for name, value in entry.items()):
+            raise ConfigError(f"matrix '{key}' entries must map axis names to values",
+                              filename, where)
+    return [dict(entry) for entry in entries]
+
+
+def read_pipeline_file(directory, config_path=""):
+    """Return (filename, text) of the pipeline file in a working `directory`.
+
+    Looks for `config_path` if given, else ``.cirunner.yml`` then ``.drone.yml``.
+    """
+    for name in (config_path,) if config_path else PIPELINE_FILES:
+        path = os.path.join(directory, name)
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8", errors="replace") as handle:
+                return name, handle.read()
+    raise ConfigError(f"no pipeline file ({', '.join((config_path,) if config_path else PIPELINE_FILES)})"
+                      f" in {directory}")
+
+###############################################################################
+# Store #######################################################################
+###############################################################################
+
+# Each entry upgrades the schema by one version (PRAGMA user_version) and runs
+# in one transaction. Append new entries; never edit a released one.
+_MIGRATIONS = [
+    """
+    CREATE TABLE users (
+        id INTEGER PRIMARY KEY,
+        login TEXT NOT NULL UNIQUE,
+        email TEXT NOT NULL DEFAULT '',
+        admin INTEGER NOT NULL DEFAULT 0,
+        created_at INTEGER NOT NULL
+    );
+    CREATE TABLE tokens (
+        id INTEGER PRIMARY KEY,
+        user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+        name TEXT NOT NULL DEFAULT '',
+        hash TEXT NOT NULL UNIQUE,
+        scope TEXT NOT NULL DEFAULT 'write',
+        created_at INTEGER NOT NULL,
+        last_used_at INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE TABLE repos (
+        id INTEGER PRIMARY KEY,
+        owner TEXT NOT NULL,
+        name TEXT NOT NULL,
+        url TEXT NOT NULL,
+        default_branch TEXT NOT NULL DEFAULT '',
+        config_path TEXT NOT NULL DEFAULT '',
+        private INTEGER NOT NULL DEFAULT 0,
+        timeout INTEGER NOT NULL DEFAULT 60,
+        webhook_secret TEXT NOT NULL DEFAULT '',
+        max_builds INTEGER NOT NULL DEFAULT 0,
+        last_number INTEGER NOT NULL DEFAULT 0,
+        created_at INTEGER NOT NULL,
+        UNIQUE (owner, name)
+    );
+    CREATE TABLE builds (
+        id INTEGER PRIMARY KEY,
+        repo_id INTEGER NOT NULL REFERENCES repos(id) ON DELETE CASCADE,
+        number INTEGER NOT NULL,
+        parent INTEGER NOT NULL DEFAULT 0,
+        event TEXT NOT NULL,
+        status TEXT NOT NULL,
+        error TEXT NOT NULL DEFAULT '',
+        created_at INTEGER NOT NULL,
+        enqueued_at INTEGER NOT NULL,
+        started_at INTEGER NOT NULL DEFAULT 0,
+        finished_at INTEGER NOT NULL DEFAULT 0,
+        commit_sha TEXT NOT NULL DEFAULT '',
+        branch TEXT NOT NULL DEFAULT '',
+        ref TEXT NOT NULL DEFAULT '',
+        remote TEXT NOT NULL DEFAULT '',
+        message TEXT NOT NULL DEFAULT '',
+        timestamp INTEGER NOT NULL DEFAULT 0,
+        author TEXT NOT NULL DEFAULT '',
+        author_avatar TEXT NOT NULL DEFAULT '',
+        author_email TEXT NOT NULL DEFAULT '',
+        link_url TEXT NOT NULL DEFAULT '',
+        description TEXT NOT NULL DEFAULT '',
+        tags TEXT NOT NULL DEFAULT '[]',
+        pinned INTEGER NOT NULL DEFAULT 0,
+        pipeline TEXT NOT NULL DEFAULT '',
+        pipeline_file TEXT NOT NULL DEFAULT '',
+        variables TEXT NOT NULL DEFAULT '{}',
+        fail_fast INTEGER NOT NULL DEFAULT 0,
+        max_parallel INTEGER NOT NULL DEFAULT 0,
+        UNIQUE (repo_id, number)
+    );
+    CREATE INDEX builds_active ON builds(repo_id) WHERE status IN ('pending', 'running');
+    CREATE TABLE jobs (
+        id INTEGER PRIMARY KEY,
+        build_id INTEGER NOT NULL REFERENCES builds(id) ON DELETE CASCADE,
+        number INTEGER NOT NULL,
+        status TEXT NOT NULL,
+        error TEXT NOT NULL DEFAULT '',
+        exit_code INTEGER NOT NULL DEFAULT 0,
+        environment TEXT NOT NULL DEFAULT '{}',
+        enqueued_at INTEGER NOT NULL,
+        started_at INTEGER NOT NULL DEFAULT 0,
+        finished_at INTEGER NOT NULL DEFAULT 0,
+        claimed_by TEXT NOT NULL DEFAULT '',
+        heartbeat_at INTEGER NOT NULL DEFAULT 0,
+        cancel_requested INTEGER NOT NULL DEFAULT 0,
+        UNIQUE (build_id, number)
+    );
+    CREATE INDEX jobs_queue ON jobs(id) WHERE status = 'pending';
+    CREATE INDEX jobs_running ON jobs(claimed_by) WHERE status = 'running';
+    CREATE TABLE statuses (
+        id INTEGER PRIMARY KEY,
+        build_id INTEGER NOT NULL REFERENCES builds(id) ON DELETE CASCADE,
+        job_id INTEGER REFERENCES jobs(id) ON DELETE CASCADE,
+        status TEXT NOT NULL,
+        message TEXT NOT NULL DEFAULT '',
+        created_at INTEGER NOT NULL
+    );
+    CREATE INDEX statuses_build ON statuses(build_id);
+    CREATE INDEX statuses_job ON statuses(job_id) WHERE job_id IS NOT NULL;
+    CREATE TABLE log_chunks (
+        job_id INTEGER NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
+        seq INTEGER NOT NULL,
+        offset INTEGER NOT NULL,
+        data BLOB NOT NULL,
+        PRIMARY KEY (job_id, seq)
+    );
+    CREATE TABLE secrets (
+        id INTEGER PRIMARY KEY,
+        repo_id INTEGER NOT NULL REFERENCES repos(id) ON DELETE CASCADE,
+        name TEXT NOT NULL,
+        value TEXT NOT NULL,
+        events TEXT NOT NULL DEFAULT '["push", "tag", "cron", "manual"]',
+        UNIQUE (repo_id, name)
+    );
+    CREATE TABLE runners (
+        id TEXT PRIMARY KEY,
+        hostname TEXT NOT NULL,
+        pid INTEGER NOT NULL,
+        started_at INTEGER NOT NULL,
+        heartbeat_at INTEGER NOT NULL
+    );
+    """,
+]
+
+_REPO_FIELDS = ("url", "default_branch", "config_path", "private", "timeout", "max_builds")
+_BUILD_FIELDS = ("parent", "event", "commit_sha", "branch", "ref", "remote", "message",
+                 "timestamp", "author", "author_avatar", "author_email", "link_url",
+                 "pipeline", "pipeline_file", "variables", "fail_fast", "max_parallel")
+
+
+def _now():
+    return int(time.time())
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Store:
+    """The SQLite store: repositories, builds, jobs, status history and logs.
+
+    One connection per thread, WAL journal, ``BEGIN IMMEDIATE`` for every
+    read-modify-write. Safe to share between threads and between processes
+    that open the same file.
+    """
+
+    def __init__(self, path, *, data_dir=None, busy_timeout=5.0):
+        self.path = path
+        self.data_dir = data_dir or os.path.dirname(os.path.abspath(path))
+        self.busy_timeout = busy_timeout
+        self._local = threading.local()
+        self._connections = []
+        self._connections_lock = threading.Lock()
+        self._listeners = []
+        self._closed = False
+        # Followers of live logs wait on this; appends in this process notify it.
+        self.log_appended = threading.Condition()
+        self._migrate()
+
+    @classmethod
+    def open(cls, data_dir, **options):
+        """Open (creating if needed) the store ``cirunner.db`` in `data_dir`."""
+        os.makedirs(data_dir, exist_ok=True)
+        return cls(os.path.join(data_dir, "cirunner.db"), data_dir=data_dir, **options)
+
+    # -- connections and transactions ---------------------------------------
+
+    def _connect(self):
+        conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None,
+                               check_same_thread=False)
+        conn.row_factory = sqlite3.Row
+        conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+        conn.execute("PRAGMA foreign_keys = ON")
+        conn.execute("PRAGMA synchronous = NORMAL")
+        conn.execute("PRAGMA journal_size_limit = 67108864")
+        return conn
+
+    def _connection(self):
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            if self._closed:
+                raise CIRunnerError("the store is closed")
+            conn = self._connect()
+            self._local.conn = conn
+            with self._connections_lock:
+                self._connections.append(conn)
+        return conn
+
+    @contextlib.contextmanager
+    def _write(self):
+        """A write transaction. BEGIN IMMEDIATE: a deferred BEGIN that reads and
+        then writes fails at once under contention, whatever the busy timeout."""
+        conn = self._connection()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    def _query(self, sql, params=()):
+        return [dict(row) for row in self._connection().execute(sql, params)]
+
+    def _query_one(self, sql, params=()):
+        row = self._connection().execute(sql, params).fetchone()
+        return dict(row) if row is not None else None
+
+    def _migrate(self):
+        conn = self._connect()
+        try:
+            # auto_vacuum only takes effect before the first table exists, and
+            # journal_mode=WAL cannot change inside a transaction.
+            conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+            conn.execute("PRAGMA journal_mode = WAL")
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            for number, script in enumerate(_MIGRATIONS[version:], start=version + 1):
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    # Re-read inside the lock: another process may have migrated.
+                    if conn.execute("PRAGMA user_version").fetchone()[0] >= number:
+                        conn.execute("ROLLBACK")
+                        continue
+                    for statement in script.split(";"):
+                        if statement.strip():
+                            conn.execute(statement)
+                    conn.execute(f"PRAGMA user_version = {number}")
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+                conn.execute("COMMIT")
+        finally:
+            conn.close()
+
+    def close(self):
+        """Close every connection of every thread."""
+        self._closed = True
+        with self._connections_lock:
+            connections, self._connections = self._connections, []
+        for conn in connections:
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()
+
+    def checkpoint(self):
+        """Checkpoint the WAL and give back free pages, so neither grows without bound."""
+        conn = self._connection()
+        conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        conn.execute("PRAGMA incremental_vacuum(1000)")
+
+    def data_version(self):
+        """A number that changes whenever another connection commits a change."""
+        return self._connection().execute("PRAGMA data_version").fetchone()[0]
+
+    def integrity_check(self):
+        return self._connection().execute("PRAGMA integrity_check").fetchone()[0]
+
+    # -- change listeners (same process) ------------------------------------
+
+    def add_listener(self, callback):
+        """Call ``callback(event, job_ids)`` after commits that enqueue jobs
+        (event "enqueued") or ask running jobs to stop (event "cancel")."""
+        self._listeners.append(callback)
+
+    def remove_listener(self, callback):
+        with contextlib.suppress(ValueError):
+            self._listeners.remove(callback)
+
+    def _notify(self, event, job_ids):
+        if not job_ids:
+            return
+        for callback in list(self._listeners):
+            try:
+                callback(event, job_ids)
+            except Exception:  # noqa: BLE001 - one bad listener must not break a commit
+                _log.exception("store listener failed")
+
+    # -- repositories --------------------------------------------------------
+
+    def create_repo(self, owner, name, url, **fields):
+        """Add a repository; raises Conflict if `owner/name` exists."""
+        _check_name(owner, "owner")
+        _check_name(name, "repository name")
+        values = {key: fields[key] for key in _REPO_FIELDS if key in fields}
+        values.update(owner=owner, name=name, url=url, created_at=_now())
+        columns = ", ".join(values)
+        marks = ", ".join("?" for _ in values)
+        try:
+            with self._write() as conn:
+                conn.execute(f"INSERT INTO repos ({columns}) VALUES ({marks})",
+                             tuple(values.values()))
+        except sqlite3.IntegrityError:
+            raise Conflict(f"repository {owner}/{name} already exists") from None
+        return self.get_repo(owner, name)
+
+    def get_repo(self, owner, name):
+        """The repository `owner/name` as a dict; raises NotFound."""
+        repo = self._query_one("SELECT * FROM repos WHERE owner = ? AND name = ?", (owner, name))
+        if repo is None:
+            raise NotFound(f"repository {owner}/{name} not found")
+        return repo
+
+    def get_repo_by_id(self, repo_id):
+        repo = self._query_one("SELECT * FROM repos WHERE id = ?", (repo_id,))
+        if repo is None:
+            raise NotFound(f"repository {repo_id} not found")
+        return repo
+
+    def list_repos(self):
+        return self._query("SELECT * FROM repos ORDER BY owner, name")
+
+    def update_repo(self, repo_id, **fields):
+        unknown = set(fields) - set(_REPO_FIELDS)
+        if unknown:
+            raise BadRequest(f"unknown repository field {min(unknown)!r}")
+        if fields:
+            assignments = ", ".join(f"{key} = ?" for key in fields)
+            with self._write() as conn:
+                conn.execute(f"UPDATE repos SET {assignments} WHERE id = ?",
+                             (*fields.values(), repo_id))
+        return self.get_repo_by_id(repo_id)
+
+    def delete_repo(self, repo_id):
+        """Delete a repository with all its builds; Conflict while one is active."""
+        with self._write() as conn:
+            if conn.execute("SELECT 1 FROM builds WHERE repo_id = ? AND status IN (?, ?)",
+                            (repo_id, PENDING, RUNNING)).fetchone():
+                raise Conflict("the repository has pending or running builds")
+            conn.execute("DELETE FROM repos WHERE id = ?", (repo_id,))
+
+    # -- builds -------------------------------------------------------------
+
+    def create_build(self, repo_id, fields, environments, *, error=""):
+        """Insert a build numbered next for its repository, with one job per
+        environment of `environments`. With `error`, the build is created
+        finished with status error and no jobs. Returns the build dict."""
+        now = _now()
+        with self._write() as conn:
+            conn.execute("UPDATE repos SET last_number = last_number + 1 WHERE id = ?",
+                         (repo_id,))
+            row = conn.execute("SELECT last_number FROM repos WHERE id = ?", (repo_id,)).fetchone()
+            if row is None:
+                raise NotFound(f"repository {repo_id} not found")
+            values = {key: fields[key] for key in _BUILD_FIELDS if key in fields}
+            values.update(repo_id=repo_id, number=row[0], status=PENDING, created_at=now,
+                          enqueued_at=now)
+            columns = ", ".join(values)
+            marks = ", ".join("?" for _ in values)
+            build_id = conn.execute(f"INSERT INTO builds ({columns}) VALUES ({marks})",
+                                    tuple(values.values())).lastrowid
+            self._record_status(conn, build_id, None, PENDING, "build created", now)
+            job_ids = self._insert_jobs(conn, build_id, environments, error, now)
+        self._notify("enqueued", job_ids)
+        return self.get_build_by_id(build_id)
+
+    def _insert_jobs(self, conn, build_id, environments, error, now):
+        if error:
+            conn.execute("UPDATE builds SET status = ?, error = ?, started_at = ?, "
+                         "finished_at = ? WHERE id = ?", (ERROR, error, now, now, build_id))
+            self._record_status(conn, build_id, None, ERROR, error, now)
+            return []
+        job_ids = []
+        for number, environment in enumerate(environments, start=1):
+            job_ids.append(conn.execute(
+                "INSERT INTO jobs (build_id, number, status, environment, enqueued_at) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (build_id, number, PENDING, json.dumps(environment), now)).lastrowid)
+        return job_ids
+
+    def reset_build(self, build_id, fields, environments, *, error="", message="build restarted"):
+        """Run a finished build again under the same number: its jobs, logs and
+        job statuses are replaced. Raises Conflict while it is pending or running."""
+        now = _now()
+        with self._write() as conn:
+            row = conn.execute("SELECT status FROM builds WHERE id = ?", (build_id,)).fetchone()
+            if row is None:
+                raise NotFound(f"build {build_id} not found")
+            if row[0] in ACTIVE_STATUSES:
+                raise Conflict(f"the build is {row[0]}; wait for it to finish or cancel it")
+            conn.execute("DELETE FROM jobs WHERE build_id = ?", (build_id,))
+            values = {key: fields[key] for key in _BUILD_FIELDS if key in fields}
+            values.update(status=PENDING, error="", enqueued_at=now, started_at=0, finished_at=0)
+            assignments = ", ".join(f"{key} = ?" for key in values)
+            conn.execute(f"UPDATE builds SET {assignments} WHERE id = ?",
+                         (*values.values(), build_id))
+            self._record_status(conn, build_id, None, PENDING, message, now)
+            job_ids = self._insert_jobs(conn, build_id, environments, error, now)
+        self._notify("enqueued", job_ids)
+        return self.get_build_by_id(build_id)
+
+    def get_build_by_id(self, build_id):
+        build = self._query_one("SELECT * FROM builds WHERE id = ?", (build_id,))
+        if build is None:
+            raise NotFound(f"build {build_id} not found")
+        return build
+
+    def get_build(self, repo_id, number):
+        """Build `number` of a repository; raises NotFound."""
+        build = self._query_one("SELECT * FROM builds WHERE repo_id = ? AND number = ?",
+                                (repo_id, number))
+        if build is None:
+            raise NotFound(f"build {number} not found")
+        return build
+
+    def latest_build(self, repo_id, branch=None):
+        sql = "SELECT * FROM builds WHERE repo_id = ?"
+        params = [repo_id]
+        if branch:
+            sql += " AND branch = ?"
+            params.append(branch)
+        build = self._query_one(sql + " ORDER BY number DESC LIMIT 1", params)
+        if build is None:
+            raise NotFound("no build yet" + (f" on branch {branch}" if branch else ""))
+        return build
+
+    def list_builds(self, repo_id, *, page=1, per_page=DEFAULT_PER_PAGE, branch=None, status=None):
+        """Builds of a repository, newest first."""
+        sql = "SELECT * FROM builds WHERE repo_id = ?"
+        params = [repo_id]
+        if branch:
+            sql += " AND branch = ?"
+            params.append(branch)
+        if status:
+            sql += " AND status = ?"
+            params.append(status)
+        sql += " ORDER BY number DESC LIMIT ? OFFSET ?"
+        params += [per_page, (page - 1) * per_page]
+        return self._query(sql, params)
+
+    def delete_build(self, build_id):
+        """Delete a finished build with its jobs, statuses and logs."""
+        with self._write() as conn:
+            row = conn.execute("SELECT status FROM builds WHERE id = ?", (build_id,)).fetchone()
+            if row is None:
+                raise NotFound(f"build {build_id} not found")
+            if row[0] in ACTIVE_STATUSES:
+                raise Conflict(f"the build is {row[0]}; cancel it first")
+            conn.execute("DELETE FROM builds WHERE id = ?", (build_id,))
+
+    # -- jobs ---------------------------------------------------------------
+
+    def list_jobs(self, build_id):
+        return self._query("SELECT * FROM jobs WHERE build_id = ? ORDER BY number", (build_id,))
+
+    def get_job(self, build_id, number):
+        job = self._query_one("SELECT * FROM jobs WHERE build_id = ? AND number = ?",
+                              (build_id, number))
+        if job is None:
+            raise NotFound(f"job {number} not found")
+        return job
+
+    def get_job_by_id(self, job_id):
+        job = self._query_one("SELECT * FROM jobs WHERE id = ?", (job_id,))
+        if job is None:
+            raise NotFound(f"job {job_id} not found")
+        return job
+
+    def pending_job_count(self):
+        return self._connection().execute(
+            "SELECT count(*) FROM jobs WHERE status = ?", (PENDING,)).fetchone()[0]
+
+    def claim_next_job(self, runner_id):
+        """Atomically take the oldest runnable pending job for `runner_id`.
+
+        Respects each build's ``max_parallel`` and each repository's
+        ``max_builds``. Returns the job dict (now running), or None.
+        """
+        now = _now()
+        with self._write() as conn:
+            candidates = conn.execute(
+                "SELECT j.id, j.build_id, b.status AS build_status, b.max_parallel, b.repo_id, "
+                "r.max_builds FROM jobs j JOIN builds b ON b.id = j.build_id "
+                "JOIN repos r ON r.id = b.repo_id WHERE j.status = ? ORDER BY j.id LIMIT 64",
+                (PENDING,)).fetchall()
+            for candidate in candidates:
+                if candidate["max_parallel"] and conn.execute(
+                        "SELECT count(*) FROM jobs WHERE build_id = ? AND status = ?",
+                        (candidate["build_id"], RUNNING)).fetchone()[0] >= candidate["max_parallel"]:
+                    continue
+                if candidate["max_builds"] and candidate["build_status"] == PENDING and conn.execute(
+                        "SELECT count(*) FROM builds WHERE repo_id = ? AND status = ?",
+                        (candidate["repo_id"], RUNNING)).fetchone()[0] >= candidate["max_builds"]:
+                    continue
+                conn.execute("UPDATE jobs SET status = ?, started_at = ?, claimed_by = ?, "
+                             "heartbeat_at = ? WHERE id = ?",
+                             (RUNNING, now, runner_id, now, candidate["id"]))
+                self._record_status(conn, candidate["build_id"], candidate["id"], RUNNING,
+                                    f"started by runner {runner_id}", now)
+                self._roll_up(conn, candidate["build_id"], now)
+                return dict(conn.execute("SELECT * FROM jobs WHERE id = ?",
+                                         (candidate["id"],)).fetchone())
+        return None
+
+    def finish_job(self, job_id, status, *, exit_code=0, error="", message=""):
+        """Record a job's end, apply fail_fast and roll the build's status up."""
+        now = _now()
+        cancel_ids = []
+        with self._write() as conn:
+            job = conn.execute("SELECT build_id, status FROM jobs WHERE id = ?",
+                               (job_id,)).fetchone()
+            if job is None or job["status"] in DONE_STATUSES:
+                return  # deleted, or already finished by recovery
+            conn.execute("UPDATE jobs SET status = ?, exit_code = ?, error = ?, finished_at = ? "
+                         "WHERE id = ?", (status, exit_code, error, now, job_id))
+            self._record_status(conn, job["build_id"], job_id, status,
+                                message or error or f"exit code {exit_code}", now)
+            build = conn.execute("SELECT fail_fast FROM builds WHERE id = ?",
+                                 (job["build_id"],)).fetchone()
+            if build["fail_fast"] and status not in (SUCCESS, SKIPPED):
+                number = conn.execute("SELECT number FROM jobs WHERE id = ?",
+                                      (job_id,)).fetchone()[0]
+                cancel_ids = self._cancel_jobs(
+                    conn, job["build_id"], None, SKIPPED,
+                    f"cancelled by fail_fast: job {number} ended {status}", now)
+            self._roll_up(conn, job["build_id"], now)
+        self._notify("cancel", cancel_ids)
+
+    def cancel_jobs(self, build_id, job_number=None, *, pending_status=KILLED,
+                    message="cancelled"):
+        """Stop a build's active jobs (or one job): pending ones get
+        `pending_status` at once, running ones are asked to stop and end as
+        killed. Raises Conflict if nothing is active. Returns the build."""
+        now = _now()
+        with self._write() as conn:
+            cancel_ids = self._cancel_jobs(conn, build_id, job_number, pending_status, message,
+                                           now, require_active=True)
+            self._roll_up(conn, build_id, now)
+        self._notify("cancel", cancel_ids)
+        return self.get_build_by_id(build_id)
+
+    def _cancel_jobs(self, conn, build_id, job_number, pending_status, message, now,
+                     require_active=False):
+        sql = "SELECT id, number, status FROM jobs WHERE build_id = ? AND status IN (?, ?)"
+        params = [build_id, PENDING, RUNNING]
+        if job_number is not None:
+            sql += " AND number = ?"
+            params.append(job_number)
+        jobs = conn.execute(sql, params).fetchall()
+        if require_active and not jobs:
+            if job_number is not None:
+                if not conn.execute("SELECT 1 FROM jobs WHERE build_id = ? AND number = ?",
+                                    (build_id, job_number)).fetchone():
+                    raise NotFound(f"job {job_number} not found")
+                raise Conflict(f"job {job_number} is not pending or running")
+            raise Conflict("the build has no pending or running jobs")
+        running = []
+        for job in jobs:
+            if job["status"] == PENDING:
+                conn.execute("UPDATE jobs SET status = ?, error = ?, finished_at = ? WHERE id = ?",
+                             (pending_status, message, now, job["id"]))
+                self._record_status(conn, build_id, job["id"], pending_status, message, now)
+            else:
+                conn.execute("UPDATE jobs SET cancel_requested = 1, error = ? WHERE id = ?",
+                             (message, job["id"]))
+                running.append(job["id"])
+        return running
+
+    def cancel_requested_jobs(self, runner_id):
+        """Ids of `runner_id`'s running jobs that someone asked to stop."""
+        return [row[0] for row in self._connection().execute(
+            "SELECT id FROM jobs WHERE status = ? AND claimed_by = ? AND cancel_requested = 1",
+            (RUNNING, runner_id))]
+
+    def _record_status(self, conn, build_id, job_id, status, message, now):
+        conn.execute("INSERT INTO statuses (build_id, job_id, status, message, created_at) "
+                     "VALUES (?, ?, ?, ?, ?)", (build_id, job_id, status, message, now))
+
+    def _roll_up(self, conn, build_id, now):
+        """Derive the build's status from its jobs (DESIGN.md section 3)."""
+        build = conn.execute("SELECT status, started_at FROM builds WHERE id = ?",
+                             (build_id,)).fetchone()
+        jobs = conn.execute("SELECT number, status, started_at, finished_at FROM jobs "
+                            "WHERE build_id = ? ORDER BY number", (build_id,)).fetchall()
+        if build is None or not jobs:
+            return
+        starts = [job["started_at"] for job in jobs if job["started_at"]]
+        started_at = min(starts) if starts else 0
+        finished_at = 0
+        if any(job["status"] in ACTIVE_STATUSES for job in jobs):
+            status = RUNNING if starts or build["status"] == RUNNING else PENDING
+            message = "build running"
+        else:
+            finished_at = max(job["finished_at"] for job in jobs)
+            failed = [job for job in jobs if job["status"] not in (SUCCESS, SKIPPED)]
+            status = failed[0]["status"] if failed else SUCCESS
+            message = (f"build finished: job {failed[0]['number']} ended {status}" if failed
+                       else "build finished: every job succeeded")
+        conn.execute("UPDATE builds SET status = ?, started_at = ?, finished_at = ? WHERE id = ?",
+                     (status, started_at, finished_at, build_id))
+        if status != build["status"]:
+            self._record_status(conn, build_id, None, status, message, now)
+
+    def list_statuses(self, build_id):
+        """The build's status history, oldest first."""
+        return self._query("SELECT s.*, j.number AS job_number FROM statuses s "
+                           "LEFT JOIN jobs j ON j.id = s.job_id WHERE s.build_id = ? "
+                           "ORDER BY s.id", (build_id,))
+
+    # -- runners ------------------------------------------------------------
+
+    def register_runner(self, runner_id, hostname, pid):
+        now = _now()
+        with self._write() as conn:
+            conn.execute("INSERT OR REPLACE INTO runners (id, hostname, pid, started_at, "
+                         "heartbeat_at) VALUES (?, ?, ?, ?, ?)",
+                         (runner_id, hostname, pid, now, now))
+
+    def unregister_runner(self, runner_id):
+        with self._write() as conn:
+            conn.execute("DELETE FROM runners WHERE id = ?", (runner_id,))
+
+    def heartbeat(self, runner_id):
+        now = _now()
+        with self._write() as conn:
+            conn.execute("UPDATE runners SET heartbeat_at = ? WHERE id = ?", (now, runner_id))
+            conn.execute("UPDATE jobs SET heartbeat_at = ? WHERE status = ? AND claimed_by = ?",
+                         (now, RUNNING, runner_id))
+
+    def active_runners(self, max_age=RUNNER_LOST_SECONDS):
+        return self._query("SELECT * FROM runners WHERE heartbeat_at >= ?",
+                           (_now() - max_age,))
+
+    def recover_lost_jobs(self, runner_id, hostname, pid, *, max_age=RUNNER_LOST_SECONDS):
+        """Mark as error the running jobs of runners that are gone.
+
+        A runner is gone when it is on this host and its process is dead (or is
+        this process under another runner id, as after a restart in a
+        container), or when its heartbeat is older than `max_age` seconds.
+        Returns the ids of the jobs recovered.
+        """
+        now = _now()
+        with self._write() as conn:
+            lost = set()
+            for runner in conn.execute("SELECT * FROM runners WHERE id != ?", (runner_id,)):
+                same_host = runner["hostname"] == hostname
+                if ((same_host and (runner["pid"] == pid or not _pid_alive(runner["pid"])))
+                        or runner["heartbeat_at"] < now - max_age):
+                    lost.add(runner["id"])
+            known = {row[0] for row in conn.execute("SELECT id FROM runners")}
+            jobs = [job for job in conn.execute(
+                "SELECT id, build_id, claimed_by FROM jobs WHERE status = ?", (RUNNING,))
+                if job["claimed_by"] in lost or job["claimed_by"] not in known]
+            message = "runner stopped: the runner running this job is gone (crash or kill)"
+            for job in jobs:
+                conn.execute("UPDATE jobs SET status = ?, error = ?, exit_code = 0, "
+                             "finished_at = ? WHERE id = ?", (ERROR, message, now, job["id"]))
+                self._record_status(conn, job["build_id"], job["id"], ERROR, message, now)
+            for build_id in {job["build_id"] for job in jobs}:
+                self._roll_up(conn, build_id, now)
+            for lost_id in lost:
+                conn.execute("DELETE FROM runners WHERE id = ?", (lost_id,))
+        return [job["id"] for job in jobs]
+
+    # -- logs ---------------------------------------------------------------
+
+    def append_log(self, job_id, seq, offset, data):
+        """Store one chunk of a job's log (seq and offset kept by the one writer)."""
+        self._connection().execute(
+            "INSERT INTO log_chunks (job_id, seq, offset, data) VALUES (?, ?, ?, ?)",
+            (job_id, seq, offset, data))
+        with self.log_appended:
+            self.log_appended.notify_all()
+
+    def log_size(self, job_id):
+        row = self._connection().execute(
+            "SELECT offset + length(data) FROM log_chunks WHERE job_id = ? "
+            "ORDER BY seq DESC LIMIT 1", (job_id,)).fetchone()
+        return row[0] if row else 0
+
+    def read_log(self, job_id, offset=0):
+        """Yield the job's log from byte `offset` on, chunk by chunk (never whole)."""
+        conn = self._connection()
+        row = conn.execute("SELECT max(seq) FROM log_chunks WHERE job_id = ? AND offset <= ?",
+                           (job_id, offset)).fetchone()
+        seq = row[0] if row and row[0] is not None else 0
+        while True:
+            rows = conn.execute("SELECT seq, offset, data FROM log_chunks WHERE job_id = ? "
+                                "AND seq >= ? ORDER BY seq LIMIT 32", (job_id, seq)).fetchall()
+            for row in rows:
+                data = row["data"]
+                if row["offset"] + len(data) <= offset:
+                    continue
+                yield bytes(data[max(0, offset - row["offset"]):])
+            if len(rows) < 32:
+                return
+            seq = rows[-1]["seq"] + 1
+
+    def wait_for_log(self, timeout):
+        """Block until a log chunk is appended in this process, or `timeout` passes."""
+        with self.log_appended:
+            self.log_appended.wait(timeout)
+
+###############################################################################
+# Executor ####################################################################
+###############################################################################
+
+# -- git: mirrors, commits, pipeline files, workspaces -------------------------
+
+_GIT_ENV = dict(os.environ, GIT_TERMINAL_PROMPT="0", LC_ALL="C", GIT_ASKPASS="/bin/true")
+_URL_SCHEMES = ("https://", "http://", "ssh://", "git://", "file://")
+_mirror_locks = {}
+_mirror_locks_guard = threading.Lock()
+
+
+class _GitError(CIRunnerError):
+    """A git command failed; the message holds what git printed."""
+
+
+def _git(args, *, cwd=None, timeout=600, input=None):
+    try:
+        result = subprocess.run(["git", *args], cwd=cwd, input=input, capture_output=True,
+                                timeout=timeout, env=_GIT_ENV, check=False)
+    except subprocess.TimeoutExpired:
+        raise _GitError(f"git {args[0]} took longer than {timeout} s") from None
+    except OSError as exc:
+        raise _GitError(f"cannot run git: {exc}") from None
+    if result.returncode != 0:
+        message = result.stderr.decode(errors="replace").strip() or f"exit {result.returncode}"
+        raise _GitError(f"git {args[0]} failed: {message}")
+    return result.stdout
+
+
+def normalize_repo_url(url):
+    """Return the clone URL to store: a URL as given, a local path made absolute.
+
+    Raises BadRequest for a URL git could take as an option, or a local path
+    that does not exist.
+    """
+    if not isinstance(url, str) or not url.strip() or url.startswith("-") or "\x00" in url:
+        raise BadRequest(f"invalid repository URL {url!r}")
+    if url.startswith(_URL_SCHEMES) or re.match(r"^[\w.-]+@[\w.-]+:", url):
+        return url
+    path = os.path.abspath(os.path.expanduser(url))
+    if not os.path.isdir(path):
+        raise BadRequest(f"repository path {path} does not exist")
+    return path
+
+
+def _mirror_path(data_dir, repo):
+    return os.path.join(data_dir, "mirrors", repo["owner"], repo["name"] + ".git")
+
+
+@contextlib.contextmanager
+def _mirror_lock(path):
+    """Serialise fetches into one mirror, across threads and processes."""
+    with _mirror_locks_guard:
+        lock = _mirror_locks.setdefault(path, threading.Lock())
+    with lock:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path + ".lock", "w") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            yield
+
+
+def _sync_mirror(data_dir, repo, commit=""):
+    """Fetch the repository into its bare mirror under DATA/mirrors; return its path.
+
+    A `commit` already in the mirror needs no fetch (commits never change).
+    """
+    path = _mirror_path(data_dir, repo)
+    with _mirror_lock(path):
+        if not os.path.isdir(os.path.join(path, "objects")):
+            _git(["init", "--bare", "--quiet", path])
+        elif commit and _has_commit(path, commit):
+            return path
+        _git(["-C", path, "fetch", "--quiet", "--prune", "--force", "--end-of-options",
+              repo["url"], "+refs/heads/*:refs/heads/*", "+refs/tags/*:refs/tags/*"])
+        if commit and not _has_commit(path, commit):
+            # Not on any branch (e.g. a pull request head): ask for it by name.
+            with contextlib.suppress(_GitError):
+                _git(["-C", path, "fetch", "--quiet", "--end-of-options", repo["url"], commit])
+    return path
+
+
+def _has_commit(mirror, commit):
+    try:
+        _git(["-C", mirror, "cat-file", "-e", "--end-of-options", commit + "^{commit}"])
+    except _GitError:
+        return False
+    return True
+
+
+def _default_branch(mirror, url):
+    """The remote's default branch: remembered as the mirror's HEAD once known."""
+    with contextlib.suppress(_GitError):
+        branch = _git(["-C", mirror, "symbolic-ref", "--short", "HEAD"]).decode().strip()
+        if branch and _has_commit(mirror, f"refs/heads/{branch}"):
+            return branch
+    with contextlib.suppress(_GitError):
+        head = _git(["ls-remote", "--symref", "--end-of-options", url, "HEAD"]).decode()
+        match = re.search(r"^ref: refs/heads/(\S+)\s+HEAD", head, re.MULTILINE)
+        if match:
+            _git(["-C", mirror, "symbolic-ref", "HEAD", f"refs/heads/{match.group(1)}"])
+            return match.group(1)
+    branches = _git(["-C", mirror, "for-each-ref", "--format=%(refname:short)",
+                     "refs/heads/"]).decode().split()
+    for candidate in ("main", "master"):
+        if candidate in branches:
+            return candidate
+    return branches[0] if branches else ""
+
+
+def _commit_info(mirror, revision):
+    output = _git(["-C", mirror, "log", "-1", "--format=%H%x00%an%x00%ae%x00%ct%x00%B",
+                   "--end-of-options", revision, "--"])
+    sha, author, email, timestamp, message = output.decode(errors="replace").split("\x00", 4)
+    return {"commit_sha": sha, "author": author, "author_email": email,
+            "author_avatar": "https://www.gravatar.com/avatar/" + hashlib.md5(
+                email.strip().lower().encode()).hexdigest() if email else "",
+            "timestamp": int(timestamp or 0), "message": message.strip()}
+
+
+def _read_pipeline_at(mirror, commit, config_path):
+    """(filename, text) of the pipeline file at `commit`, by one `git cat-file`."""
+    names = (config_path,) if config_path else PIPELINE_FILES
+    output = _git(["-C", mirror, "cat-file", "--batch"],
+                  input="".join(f"{commit}:{name}\n" for name in names).encode())
+    position = 0
+    for name in names:
+        end = output.index(b"\n", position)
+        header = output[position:end].decode(errors="replace").split()
+        position = end + 1
+        if len(header) == 3 and header[1] == "blob":
+            size = int(header[2])
+            return name, output[position:position + size].decode("utf-8", errors="replace")
+        if len(header) == 3:
+            position += int(header[2]) + 1
+    raise ConfigError(f"no pipeline file ({', '.join(names)}) at commit {commit[:12]}")
+
+
+def _prepare_build(store, repo, *, branch, commit, variables, event, data_dir, max_jobs):
+    """Resolve the commit, read and expand its pipeline: (fields, environments, error).
+
+    An unusable pipeline or an unreachable repository becomes `error` (the
+    build is still created, so the failure is visible); an unknown branch or
+    commit is BadRequest (nothing is created).
+    """
+    fields = {"event": event, "branch": branch, "remote": repo["url"],
+              "variables": json.dumps(variables)}
+    try:
+        mirror = _sync_mirror(data_dir, repo, commit)
+    except _GitError as exc:
+        return fields, [], f"cannot fetch {repo['url']}: {exc.message}"
+    if not branch:
+        branch = repo["default_branch"] or _default_branch(mirror, repo["url"])
+        fields["branch"] = branch
+    revision = commit or f"refs/heads/{branch}"
+    try:
+        fields.update(_commit_info(mirror, revision))
+    except _GitError:
+        what = f"commit {commit}" if commit else f"branch {branch!r}"
+        raise BadRequest(f"{what} not found in {repo['owner']}/{repo['name']}") from None
+    fields["ref"] = f"refs/heads/{branch}" if branch else ""
+    try:
+        filename, text = _read_pipeline_at(mirror, fields["commit_sha"], repo["config_path"])
+        fields.update(pipeline=text, pipeline_file=filename)
+        pipeline = parse_pipeline(text, filename, max_jobs=max_jobs)
+    except ConfigError as exc:
+        return fields, [], exc.message
+    except _GitError as exc:
+        return fields, [], exc.message
+    fields.update(fail_fast=int(pipeline.fail_fast), max_parallel=pipeline.max_parallel)
+    return fields, pipeline.matrix, ""
+
+
+def create_build(store, repo, *, branch="", commit="", variables=None, event=EVENT_MANUAL,
+                 data_dir=None, max_jobs=DEFAULT_MAX_JOBS, **fields):
+    """Start a build of `repo` (a dict from the store) and return it.
+
+    The commit is `commit`, else the head of `branch`, else of the default
+    branch. `variables` reach every job's environment and ``${VAR}``. Extra
+    `fields` (message, author, link_url...) override what git says.
+    """
+    variables = _check_variables(variables or {})
+    branch = _check_branch(branch) if branch else ""
+    commit = _check_commit(commit) if commit else ""
+    if event not in EVENTS:
+        raise BadRequest(f"unknown event {event!r}")
+    prepared, environments, error = _prepare_build(
+        store, repo, branch=branch, commit=commit, variables=variables, event=event,
+        data_dir=data_dir or store.data_dir, max_jobs=max_jobs)
+    prepared.update({key: value for key, value in fields.items() if key in _BUILD_FIELDS})
+    return store.create_build(repo["id"], prepared, environments, error=error)
+
+
+def restart_build(store, repo, number, *, fork=False, variables=None, data_dir=None,
+                  max_jobs=DEFAULT_MAX_JOBS):
+    """Run build `number` again: under the same number, or with `fork` as a
+    new build whose ``parent`` is `number`. Conflict while it is active."""
+    build = store.get_build(repo["id"], number)
+    if build["status"] in ACTIVE_STATUSES:
+        raise Conflict(f"build {number} is {build['status']}; wait for it or cancel it first")
+    merged = json.loads(build["variables"] or "{}")
+    merged.update(_check_variables(variables or {}))
+    prepared, environments, error = _prepare_build(
+        store, repo, branch=build["branch"], commit=build["commit_sha"], variables=merged,
+        event=build["event"], data_dir=data_dir or store.data_dir, max_jobs=max_jobs)
+    for key in ("link_url", "message", "author", "author_email", "author_avatar", "ref"):
+        if build[key]:
+            prepared[key] = build[key]
+    if fork:
+        prepared["parent"] = number
+        return store.create_build(repo["id"], prepared, environments, error=error)
+    return store.reset_build(build["id"], prepared, environments, error=error,
+                             message=f"build {number} restarted")
+
+
+# -- process control -------------------------------------------------------
+
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+def _become_subreaper():
+    """Adopt orphaned descendants (Linux), so a step's `setsid` grandchild
+    cannot escape the sweep. Returns True when it took effect."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _signal_group(pgid, signum):
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signum)
+
+
+def _child_pids():
+    """Pids of this process's children, from /proc (empty where unavailable)."""
+    pids = set()
+    with contextlib.suppress(OSError):
+        for task in os.listdir("/proc/self/task"):
+            with contextlib.suppress(OSError), \
+                    open(f"/proc/self/task/{task}/children") as handle:
+                pids.update(int(pid) for pid in handle.read().split())
+    return pids
+
+
+def _all_pids():
+    with contextlib.suppress(OSError):
+        return {int(name) for name in os.listdir("/proc") if name.isdigit()}
+    return set()
+
+
+def _has_marker(pid, marker):
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as handle:
+            return marker in handle.read().split(b"\x00")
+    except OSError:
+        return False
+
+
+def _process_state(pid):
+    """(state letter, process group) of `pid` from /proc, or (None, None)."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            fields = handle.read().rsplit(")", 1)[1].split()
+        return fields[0], int(fields[2])
+    except (OSError, IndexError, ValueError):
+        return None, None
+
+
+class _LogWriter:
+    """Buffers a job's output briefly and appends it to the store in chunks.
+
+    Memory stays bounded (one chunk) whatever the log size; no byte waits in
+    memory longer than `flush_seconds`, so the log is readable live.
+    """
+
+    def __init__(self, store, job_id, flush_seconds=LOG_FLUSH_SECONDS):
+        self.store = store
+        self.job_id = job_id
+        self.flush_seconds = flush_seconds
+        self.seq = 0
+        self.offset = 0
+        self.buffer = bytearray()
+        self.first_at = None
+
+    def write(self, data):
+        if isinstance(data, str):
+            data = data.encode()
+        if not data:
+            return
+        if self.first_at is None:
+            self.first_at = time.monotonic()
+        self.buffer += data
+        if len(self.buffer) >= LOG_CHUNK_BYTES:
+            self.flush()
+
+    def flush_due_in(self):
+        """Seconds until the buffer must be flushed, or None if it is empty."""
+        if self.first_at is None:
+            return None
+        return max(0.0, self.first_at + self.flush_seconds - time.monotonic())
+
+    def flush_if_due(self):
+        if self.first_at is not None and self.flush_due_in() == 0.0:
+            self.flush()
+
+    def flush(self):
+        while self.buffer:
+            chunk = bytes(self.buffer[:LOG_CHUNK_BYTES])
+            for attempt in range(5):
+                try:
+                    self.store.append_log(self.job_id, self.seq, self.offset, chunk)
+                    break
+                except sqlite3.OperationalError:
+                    # Busy beyond the busy timeout: retry rather than lose output.
+                    if attempt == 4:
+                        raise
+                    time.sleep(0.2 * (attempt + 1))
+            self.seq += 1
+            self.offset += len(chunk)
+            del self.buffer[:len(chunk)]
+        self.first_at = None
+
+
+class _RunningJob:
+    """A job this executor is running, and how to ask it to stop."""
+
+    def __init__(self, job):
+        self.job = job
+        self.token = uuid.uuid4().hex
+        self.stop_requested = threading.Event()
+        self.reason = ""
+
+    def request_stop(self, reason):
+        if not self.stop_requested.is_set():
+            self.reason = reason
+            self.stop_requested.set()
+
+
+class _JobError(CIRunnerError):
+    """The runner could not prepare or check out a job (job status error)."""
+
+
+class Executor:
+    """Worker threads that take jobs from the store's queue and run them.
+
+    `workers` threads (default: the number of CPUs) each claim a job
+    atomically, run its steps as processes in the job's own workspace and
+    process group, stream the output into the store and record the result.
+    Several executors (in this or other processes) can share one store.
+
+    Parameters: `grace` seconds between SIGTERM and SIGKILL; `workspace`, a
+    fixed directory to run every job in without checkout (``cirunner exec``);
+    `keep_workspaces` to leave job directories behind for inspection.
+    """
+
+    def __init__(self, store, *, workers=None, data_dir=None, grace=DEFAULT_GRACE_SECONDS,
+                 workspace=None, keep_workspaces=False, poll_interval=0.25,
+                 runner_id=None, max_jobs=DEFAULT_MAX_JOBS):
+        self.store = store
+        self.workers = workers or os.cpu_count() or 1
+        self.data_dir = data_dir or store.data_dir
+        self.grace = grace
+        self.workspace = workspace
+        self.keep_workspaces = keep_workspaces
+        self.poll_interval = poll_interval
+        self.max_jobs = max_jobs
+        self.hostname = socket.gethostname()
+        self.runner_id = runner_id or f"{self.hostname}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.subreaper = False
+        self._registered = False
+        self._stopping = threading.Event()
+        self._wakeup = threading.Condition()
+        self._work_hint = False
+        self._running = {}
+        self._running_lock = threading.Lock()
+        self._spawn_lock = threading.Lock()
+        self._leaders = set()
+        self._threads = []
+        self._pipelines = {}
+
+    # -- lifecycle ----------------------------------------------------------
+
+    def start(self):
+        """Register with the store, recover lost jobs, start the worker threads."""
+        self._register()
+        self.subreaper = _become_subreaper()
+        for index in range(self.workers):
+            self._spawn_thread(self._worker_loop, f"cirunner-worker-{index + 1}")
+        self._spawn_thread(self._maintenance_loop, "cirunner-maintenance")
+
+    def _spawn_thread(self, target, name):
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def _register(self):
+        if self._registered:
+            return
+        self.store.register_runner(self.runner_id, self.hostname, os.getpid())
+        recovered = self.store.recover_lost_jobs(self.runner_id, self.hostname, os.getpid())
+        if recovered:
+            _log.warning("marked %d job(s) of stopped runners as error", len(recovered))
+        self.store.add_listener(self._on_store_event)
+        self._registered = True
+
+    def stop(self, reason="server shut down", timeout=None):
+        """Stop taking jobs, kill running ones (recorded as killed with
+        `reason`), and wait for the threads to end."""
+        self._stopping.set()
+        with self._running_lock:
+            running = list(self._running.values())
+        for job in running:
+            job.request_stop(reason)
+        self._wake()
+        deadline = time.monotonic() + (timeout if timeout is not None else self.grace + 10)
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        self._threads = [thread for thread in self._threads if thread.is_alive()]
+        if self._registered:
+            self.store.remove_listener(self._on_store_event)
+            with contextlib.suppress(sqlite3.Error, CIRunnerError):
+                self.store.unregister_runner(self.runner_id)
+            self._registered = False
+
+    def run_until_idle(self):
+        """Run queued jobs in the calling thread until none is left (for
+        tests and scripts: no threads, no sleeps). Returns how many ran."""
+        self._register()
+        count = 0
+        while True:
+            job = self.store.claim_next_job(self.runner_id)
+            if job is None:
+                return count
+            self.run_job(job)
+            count += 1
+
+    def running_job_ids(self):
+        with self._running_lock:
+            return sorted(self._running)
+
+    # -- wake-ups -----------------------------------------------------------
+
+    def _wake(self):
+        with self._wakeup:
+            self._work_hint = True
+            self._wakeup.notify_all()
+
+    def _on_store_event(self, event, job_ids):
+        if event == "enqueued":
+            self._wake()
+        elif event == "cancel":
+            self._stop_jobs(job_ids)
+
+    def _stop_jobs(self, job_ids):
+        for job_id in job_ids:
+            with self._running_lock:
+                running = self._running.get(job_id)
+            if running is not None:
+                with contextlib.suppress(NotFound):
+                    running.request_stop(self.store.get_job_by_id(job_id)["error"] or "cancelled")
+
+    def _worker_loop(self):
+        while not self._stopping.is_set():
+            with self._wakeup:
+                self._work_hint = False
+            try:
+                job = self.store.claim_next_job(self.runner_id)
+            except Exception:  # noqa: BLE001 - the worker logs and keeps running
+                _log.exception("claiming a job failed")
+                job = None
+                self._stopping.wait(1.0)
+            if job is not None:
+                self.run_job(job)
+                continue
+            with self._wakeup:
+                if not self._work_hint and not self._stopping.is_set():
+                    self._wakeup.wait(5.0)
+
+    def _maintenance_loop(self):
+        """Notice work from other processes (new jobs, cancels), heartbeat,
+        recover jobs of dead runners, checkpoint the WAL, reap orphans."""
+        last_version = None
+        last_heartbeat = last_recovery = last_checkpoint = time.monotonic()
+        while not self._stopping.wait(self.poll_interval):
+            try:
+                version = self.store.data_version()
+                if version != last_version:
+                    last_version = version
+                    self._wake()
+                    self._stop_jobs(self.store.cancel_requested_jobs(self.runner_id))
+                now = time.monotonic()
+                if now - last_heartbeat >= HEARTBEAT_SECONDS:
+                    last_heartbeat = now
+                    self.store.heartbeat(self.runner_id)
+                if now - last_recovery >= RUNNER_LOST_SECONDS / 2:
+                    last_recovery = now
+                    self.store.recover_lost_jobs(self.runner_id, self.hostname, os.getpid())
+                if now - last_checkpoint >= 60:
+                    last_checkpoint = now
+                    self.store.checkpoint()
+                self._reap_orphans()
+            except Exception:  # noqa: BLE001 - the loop logs and keeps running
+                _log.exception("executor maintenance failed; continuing")
+
+    # -- one job: prepare workspace, check out, run steps, finish -----------
+
+    def run_job(self, job):
+        """Run one claimed job to its end and record the result."""
+        running = _RunningJob(job)
+        with self._running_lock:
+            self._running[job["id"]] = running
+        log = _LogWriter(self.store, job["id"])
+        status, exit_code, error, workspace = ERROR, 0, "", None
+        try:
+            build = self.store.get_build_by_id(job["build_id"])
+            repo = self.store.get_repo_by_id(build["repo_id"])
+            pipeline = self._pipeline_for(build)
+            workspace = self._prepare_workspace(repo, build, job)
+            if pipeline.clone and self.workspace is None:
+                self._check_out(repo, build, workspace, log)
+            status, exit_code, error = self._run_steps(running, repo, build, pipeline,
+                                                       workspace, log)
+        except CIRunnerError as exc:
+            status, error = ERROR, exc.message
+            log.write(f"cirunner: {exc.message}\n")
+        except Exception as exc:  # noqa: BLE001 - any runner fault ends the job as error
+            _log.exception("job %s failed inside the runner", job["id"])
+            status, error = ERROR, f"runner error: {exc}"
+            log.write(f"cirunner: runner error: {exc}\n")
+        finally:
+            self._finish(running, job, log, workspace, status, exit_code, error)
+
+    def _finish(self, running, job, log, workspace, status, exit_code, error):
+        try:
+            log.flush()
+        except Exception:  # noqa: BLE001 - the job must still be finished
+            _log.exception("could not store the end of job %s's log", job["id"])
+        self._sweep(running.token)
+        with self._running_lock:
+            self._running.pop(job["id"], None)
+        if workspace and self.workspace is None and not self.keep_workspaces:
+            shutil.rmtree(workspace, ignore_errors=True)
+        self.store.finish_job(job["id"], status, exit_code=exit_code, error=error)
+
+    def _pipeline_for(self, build):
+        key = (build["id"], hashlib.sha1(build["pipeline"].encode()).hexdigest())
+        pipeline = self._pipelines.get(key)
+        if pipeline is None:
+            pipeline = parse_pipeline(build["pipeline"], build["pipeline_file"] or PIPELINE_FILES[0],
+                                      max_jobs=self.max_jobs)
+            if len(self._pipelines) > 64:
+                self._pipelines.clear()
+            self._pipelines[key] = pipeline
+        return pipeline
+
+    def _prepare_workspace(self, repo, build, job):
+        if self.workspace is not None:
+            return self.workspace
+        path = os.path.join(self.data_dir, "workspaces", repo["owner"], repo["name"],
+                            str(build["number"]), str(job["number"]))
+        try:
+            if os.path.exists(path):
+                shutil.rmtree(path)
+            os.makedirs(path)
+        except OSError as exc:
+            raise _JobError(f"cannot make the workspace {path}: {exc}") from None
+        return path
+
+    def _check_out(self, repo, build, workspace, log):
+        commit = build["commit_sha"]
+        log.write(f"+ git checkout {commit}\n")
+        try:
+            mirror = _sync_mirror(self.data_dir, repo, commit)
+            # --shared borrows the mirror's objects: a checkout costs
+            # milliseconds, not a clone.
+            _git(["clone", "--quiet", "--shared", "--no-checkout", mirror, workspace])
+            _git(["-C", workspace, "checkout", "--quiet", "--detach", commit])
+        except _GitError as exc:
+            log.write(exc.message + "\n")
+            raise _JobError(f"checkout of {commit[:12]} failed") from None
+
+    def _environment(self, repo, build, job, workspace):
+        """(base, substitution variables, CI variables) for the job's processes."""
+        variables = json.loads(build["variables"] or "{}")
+        matrix = json.loads(job["environment"] or "{}")
+        ci = {
+            "REPO": f"{repo['owner']}/{repo['name']}", "REPO_OWNER": repo["owner"],
+            "REPO_NAME": repo["name"], "REMOTE_URL": build["remote"],
+            "BUILD_NUMBER": str(build["number"]), "PARENT_BUILD_NUMBER": str(build["parent"]),
+            "BUILD_EVENT": build["event"], "BUILD_CREATED": str(build["created_at"]),
+            "BUILD_LINK": build["link_url"], "JOB_NUMBER": str(job["number"]),
+            "COMMIT": build["commit_sha"], "COMMIT_SHA": build["commit_sha"],
+            "COMMIT_BRANCH": build["branch"], "BRANCH": build["branch"],
+            "COMMIT_REF": build["ref"], "COMMIT_MESSAGE": build["message"],
+            "COMMIT_AUTHOR": build["author"], "COMMIT_AUTHOR_EMAIL": build["author_email"],
+            "WORKSPACE": workspace,
+        }
+        if build["ref"].startswith("refs/tags/"):
+            ci["TAG"] = build["ref"][len("refs/tags/"):]
+        ci_env = {"CI": "true", "DRONE": "true"}
+        for name, value in ci.items():
+            ci_env["CI_" + name] = ci_env["DRONE_" + name] = value
+        base = {name: value for name, value in os.environ.items()
+                if not name.startswith("CIRUNNER_")}
+        base.update(variables)
+        base.update(matrix)
+        return base, {**variables, **matrix, **ci_env}, ci_env
+
+    def _run_steps(self, running, repo, build, pipeline, workspace, log):
+        job = running.job
+        base, variables, ci_env = self._environment(repo, build, job, workspace)
+        matrix = json.loads(job["environment"] or "{}")
+        minutes = pipeline.timeout or repo["timeout"] or DEFAULT_TIMEOUT_MINUTES
+        deadline = time.monotonic() + minutes * 60
+        status, exit_code, error = SUCCESS, 0, ""
+        for step in pipeline.steps_for(variables):
+            if running.stop_requested.is_set():
+                return KILLED, exit_code, running.reason
+            if not step.applies(branch=build["branch"], event=build["event"],
+                                environment=matrix, job_status=status):
+                continue
+            environment = {**base, **step.environment, **ci_env,
+                           "CIRUNNER_JOB_TOKEN": running.token}
+            code, stopped = self._run_step(running, step, environment, workspace, log,
+                                           deadline, minutes)
+            if stopped:
+                return KILLED, code, stopped
+            if code != 0 and step.ignore_failure:
+                log.write(f"cirunner: step {step.name!r} failed with exit code {code} "
+                          "(failure: ignore)\n")
+            elif code != 0 and status == SUCCESS:
+                status, exit_code = FAILURE, code
+                error = f"step {step.name!r} failed with exit code {code}"
+        return status, exit_code, error
+
+    def _run_step(self, running, step, environment, workspace, log, deadline, minutes):
+        """Run one step; returns (exit code, reason it was stopped or "")."""
+        with self._spawn_lock:
+            try:
+                process = subprocess.Popen(
+                    ["/bin/sh", "-e", "-c", step.script()], cwd=workspace, env=environment,
+                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                    start_new_session=True, close_fds=True)
+            except OSError as exc:
+                raise _JobError(f"cannot start step {step.name!r}: {exc}") from None
+            self._leaders.add(process.pid)
+        try:
+            stopped = self._pump(process, running, log, deadline, minutes)
+        finally:
+            _signal_group(process.pid, signal.SIGKILL)  # always: sweep stragglers
+            process.wait()
+            process.stdout.close()
+            with self._spawn_lock:
+                self._leaders.discard(process.pid)
+        code = process.returncode
+        return (128 - code if code < 0 else code), stopped
+
+    def _pump(self, process, running, log, deadline, minutes):
+        """Copy the step's output into the log until it ends; stop it when
+        asked or at the deadline (SIGTERM, grace, SIGKILL to the group)."""
+        descriptor = process.stdout.fileno()
+        poller = select.poll()
+        poller.register(descriptor, select.POLLIN | select.POLLHUP | select.POLLERR)
+        term_at = killed_at = exited_at = None
+        stopped = ""
+        while True:
+            now = time.monotonic()
+            if term_at is None:
+                if running.stop_requested.is_set():
+                    stopped = running.reason or "cancelled"
+                elif now >= deadline:
+                    stopped = f"timed out after {minutes} minutes"
+                if stopped:
+                    log.write(f"\ncirunner: {stopped}: stopping the job\n")
+                    _signal_group(process.pid, signal.SIGTERM)
+                    term_at = now
+            elif killed_at is None and now - term_at >= self.grace:
+                _signal_group(process.pid, signal.SIGKILL)
+                killed_at = now
+            if exited_at is None and process.poll() is not None:
+                exited_at = now
+            if exited_at is not None and now - exited_at >= STRAGGLER_SECONDS:
+                break  # a detached grandchild holds the pipe open: stop reading
+            due = log.flush_due_in()
+            wait = 0.1 if due is None else min(due, 0.1)
+            if exited_at is not None:
+                wait = min(wait, 0.02)
+            if poller.poll(int(wait * 1000) + 1):
+                data = os.read(descriptor, LOG_CHUNK_BYTES)
+                if not data:
+                    break
+                log.write(data)
+            log.flush_if_due()
+        return stopped
+
+    # -- orphans ------------------------------------------------------------
+
+    def _sweep(self, token):
+        """Kill every process that still carries this job's token, however it
+        detached (setsid, double fork), and reap those that were adopted."""
+        marker = f"CIRUNNER_JOB_TOKEN={token}".encode()
+        for _ in range(20):
+            candidates = _child_pids() if self.subreaper else _all_pids()
+            with self._spawn_lock:
+                candidates -= self._leaders
+            found = [pid for pid in candidates if pid != os.getpid() and _has_marker(pid, marker)]
+            if not found:
+                break
+            for pid in found:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
+            for pid in found:
+                if self.subreaper:
+                    with contextlib.suppress(ChildProcessError):
+                        os.waitpid(pid, 0)
+            time.sleep(0.01)  # let their own children be re-parented to us
+        self._reap_orphans()
+
+    def _reap_orphans(self):
+        """Reap adopted orphans that exited on their own. Only zombies outside
+        our own process group: our direct subprocesses (git) stay in it, and
+        step leaders are waited for by their own thread."""
+        if not self.subreaper:
+            return
+        own_group = os.getpgrp()
+        with self._spawn_lock:
+            for pid in _child_pids() - self._leaders:
+                state, group = _process_state(pid)
+                if state == "Z" and group != own_group:
+                    with contextlib.suppress(ChildProcessError):
+                        os.waitpid(pid, os.WNOHANG)
+
+###############################################################################
+# Web #########################################################################
+###############################################################################
+
+_TRUE_WORDS = ("1", "true", "yes", "on")
+_RESERVED_PARAMS = ("access_token",)
+
+
+def _error_response(error):
+    """Every API error leaves as this JSON body: {error, message, status}."""
+    headers = {"Content-Type": "application/json", "Cache-Control": "no-store"}
+    if isinstance(error, Unauthorized):
+        headers["WWW-Authenticate"] = 'Token realm="cirunner"'
+    return bottle.HTTPResponse(json.dumps(error.to_json()), status=error.status, headers=headers)
+
+
+def _json_response(data, status=200):
+    return bottle.HTTPResponse(json.dumps(data), status=status,
+                               headers={"Content-Type": "application/json"})
+
+
+def _json_errors_plugin(callback):
+    """Bottle plugin: routes raise CIRunnerError; this turns it into JSON."""
+
+    def wrapper(*args, **kwargs):
+        try:
+            return callback(*args, **kwargs)
+        except CIRunnerError as error:
+            return _error_response(error)
+        except bottle.HTTPResponse:
+            raise
+        except Exception:  # noqa: BLE001 - a bug answers 500 JSON, never HTML
+            _log.exception("unhandled error in %s %s", bottle.request.method, bottle.request.path)
+            return _error_response(CIRunnerError("internal server error"))
+
+    return wrapper
+
+
+def _bottle_error_handler(response):
+    """Bottle's own errors (no such route, wrong method) as the JSON error body."""
+    codes = {404: "not_found", 405: "method_not_allowed", 400: "bad_request",
+             413: "too_large", 500: "internal_error"}
+    status = response.status_code
+    message = {404: f"no route for {bottle.request.path}",
+               405: f"method {bottle.request.method} not allowed on {bottle.request.path}",
+               }.get(status, str(response.body) if status < 500 else "internal server error")
+    bottle.response.content_type = "application/json"
+    return json.dumps({"error": codes.get(status, "error"), "message": message, "status": status})
+
+
+def _build_json(build, jobs=None):
+    """A build in the Drone dialect's shape (times are Unix seconds, 0 if unset)."""
+    data = {
+        "id": build["id"], "number": build["number"], "parent": build["parent"],
+        "event": build["event"], "status": build["status"], "error": build["error"],
+        "created_at": build["created_at"], "enqueued_at": build["enqueued_at"],
+        "started_at": build["started_at"], "finished_at": build["finished_at"],
+        "commit": build["commit_sha"], "branch": build["branch"], "ref": build["ref"],
+        "remote": build["remote"], "message": build["message"], "timestamp": build["timestamp"],
+        "author": build["author"], "author_avatar": build["author_avatar"],
+        "author_email": build["author_email"], "link_url": build["link_url"],
+        "description": build["description"], "tags": json.loads(build["tags"] or "[]"),
+        "pinned": bool(build["pinned"]), "variables": json.loads(build["variables"] or "{}"),
+    }
+    if jobs is not None:
+        data["jobs"] = [_job_json(job) for job in jobs]
+    return data
+
+
+def _job_json(job):
+    return {
+        "id": job["id"], "build_id": job["build_id"], "number": job["number"],
+        "status": job["status"], "error": job["error"], "exit_code": job["exit_code"],
+        "enqueued_at": job["enqueued_at"], "started_at": job["started_at"],
+        "finished_at": job["finished_at"], "environment": json.loads(job["environment"] or "{}"),
+    }
+
+
+def _repo_json(repo):
+    return {
+        "id": repo["id"], "owner": repo["owner"], "name": repo["name"],
+        "full_name": f"{repo['owner']}/{repo['name']}", "clone_url": repo["url"],
+        "default_branch": repo["default_branch"], "config_path": repo["config_path"],
+        "private": bool(repo["private"]), "timeout": repo["timeout"],
+        "max_builds": repo["max_builds"], "last_build_number": repo["last_number"],
+        "created_at": repo["created_at"],
+    }
+
+
+def _positive_int(text, what):
+    if isinstance(text, int) and not isinstance(text, bool):
+        value = text
+    elif isinstance(text, str) and re.fullmatch(r"[0-9]{1,15}", text):
+        value = int(text)
+    else:
+        raise BadRequest(f"{what} must be a positive whole number, not {text!r}")
+    if value < 1:
+        raise BadRequest(f"{what} must be a positive whole number, not {text!r}")
+    return value
+
+
+def _int_param(params, name, default, minimum=0, maximum=None):
+    if name not in params or params[name] in ("", None):
+        return default
+    text = params[name]
+    if isinstance(text, bool) or not (isinstance(text, int) or (
+            isinstance(text, str) and re.fullmatch(r"-?[0-9]{1,15}", text))):
+        raise BadRequest(f"{name} must be a whole number")
+    value = int(text)
+    if value < minimum or (maximum is not None and value > maximum):
+        raise BadRequest(f"{name} must be between {minimum} and {maximum}"
+                         if maximum is not None else f"{name} must be {minimum} or more")
+    return value
+
+
+def _bool_value(value, name):
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in _TRUE_WORDS + ("0", "false", "no", "off", ""):
+        return value.lower() in _TRUE_WORDS
+    raise BadRequest(f"{name} must be true or false")
+
+
+def _repo_fields(params, *, creating):
+    """Validate repository settings from a request or the CLI."""
+    aliases = {"branch": "default_branch", "config": "config_path", "clone_url": "url"}
+    fields = {}
+    for key, value in params.items():
+        key = aliases.get(key, key)
+        if key in _RESERVED_PARAMS:
+            continue
+        if key == "url":
+            fields["url"] = normalize_repo_url(value)
+        elif key == "default_branch":
+            fields[key] = _check_branch(value) if value else ""
+        elif key == "config_path":
+            if not isinstance(value, str) or value.startswith("/") or ".." in value.split("/"):
+                raise BadRequest("config_path must be a path inside the repository")
+            fields[key] = value
+        elif key == "private":
+            fields[key] = int(_bool_value(value, key))
+        elif key == "timeout":
+            fields[key] = _int_param(params, key, DEFAULT_TIMEOUT_MINUTES, 1, 7 * 24 * 60)
+        elif key == "max_builds":
+            fields[key] = _int_param(params, key, 0, 0, 1000)
+        else:
+            raise BadRequest(f"unknown repository field {key!r}")
+    if creating and "url" not in fields:
+        raise BadRequest("url is required: a clone URL or a local path")
+    return fields
+
+
+def make_app(store, executor=None, *, data_dir=None, max_body=DEFAULT_MAX_BODY,
+             max_streams=DEFAULT_HTTP_THREADS - 4, heartbeat=SSE_HEARTBEAT_SECONDS,
+             max_jobs=DEFAULT_MAX_JOBS):
+    """Build the Bottle WSGI app serving the API over `store`.
+
+    `executor` is optional: jobs run wherever an executor shares the store.
+    `max_body` bytes is the largest request body (413 beyond); `max_streams`
+    live log streams may be open at once (503 beyond), each holding a server
+    thread; `heartbeat` seconds between keep-alive comments on streams.
+    The app's ``closing`` event ends open streams (set it before shutdown).
+    """
+    app = bottle.Bottle()
+    app.closing = threading.Event()
+    app.store = store
+    app.executor = executor
+    data_dir = data_dir or store.data_dir
+    streams = {"open": 0}
+    streams_lock = threading.Lock()
+    request = bottle.request
+    app.install(_json_errors_plugin)
+    app.default_error_handler = _bottle_error_handler
+
+    @app.hook("before_request")
+    def normalise_request():
+        path = request.environ.get("PATH_INFO", "")
+        if len(path) > 1 and path.endswith("/"):
+            request.environ["PATH_INFO"] = path.rstrip("/") or "/"
+        length = request.environ.get("CONTENT_LENGTH") or "0"
+        if not length.isdigit():
+            raise _error_response(BadRequest("invalid Content-Length"))
+        if int(length) > max_body:
+            raise _error_response(TooLarge(f"request body larger than {max_body} bytes"))
+
+    def body_params():
+        """The request body as a dict: JSON, or a form (Drone's clients send forms)."""
+        stream = request.environ.get("wsgi.input")
+        length = int(request.environ.get("CONTENT_LENGTH") or 0)
+        raw = stream.read(min(length, max_body + 1)) if stream is not None and length else b""
+        if len(raw) > max_body:
+            raise TooLarge(f"request body larger than {max_body} bytes")
+        if not raw.strip():
+            return {}
+        content_type = (request.content_type or "").split(";")[0].strip().lower()
+        if content_type == "application/x-www-form-urlencoded":
+            return dict(parse_qsl(raw.decode("utf-8", errors="replace"), keep_blank_values=True))
+        try:
+            data = json.loads(raw)
+        except ValueError as exc:
+            raise BadRequest(f"malformed JSON body: {exc}") from None
+        if not isinstance(data, dict):
+            raise BadRequest("the JSON body must be an object")
+        return data
+
+    def query_params():
+        return dict(request.query.decode().items())
+
+    def all_params():
+        params = query_params()
+        params.update(body_params())
+        return params
+
+    def find_repo(owner, name):
+        _check_name(owner, "owner")
+        _check_name(name, "repository name")
+        return store.get_repo(owner, name)
+
+    def find_build(repo, number):
+        if number == "latest":
+            return store.latest_build(repo["id"], query_params().get("branch") or None)
+        return store.get_build(repo["id"], _positive_int(number, "build number"))
+
+    def find_job(owner, name, number, job_number):
+        repo = find_repo(owner, name)
+        build = find_build(repo, number)
+        return repo, build, store.get_job(build["id"], _positive_int(job_number, "job number"))
+
+    def build_response(build, status=200):
+        return _json_response(_build_json(build, store.list_jobs(build["id"])), status)
+
+    # -- meta ---------------------------------------------------------------
+
+    @app.get("/api/version")
+    def version():
+        return {"version": __version__}
+
+    @app.get("/healthz")
+    def health():
+        store.data_version()
+        return {"status": "ok"}
+
+    # -- repositories -------------------------------------------------------
+
+    @app.get("/api/repos")
+    def list_repos():
+        return _json_response([_repo_json(repo) for repo in store.list_repos()])
+
+    @app.post("/api/repos/<owner>/<name>")
+    def add_repo(owner, name):
+        _check_name(owner, "owner")
+        _check_name(name, "repository name")
+        fields = _repo_fields(all_params(), creating=True)
+        url = fields.pop("url")
+        return _json_response(_repo_json(store.create_repo(owner, name, url, **fields)), 201)
+
+    @app.get("/api/repos/<owner>/<name>")
+    def get_repo(owner, name):
+        return _repo_json(find_repo(owner, name))
+
+    @app.route("/api/repos/<owner>/<name>", method="PATCH")
+    def update_repo(owner, name):
+        repo = find_repo(owner, name)
+        return _repo_json(store.update_repo(repo["id"], **_repo_fields(body_params(),
+                                                                        creating=False)))
+
+    @app.delete("/api/repos/<owner>/<name>")
+    def delete_repo(owner, name):
+        repo = find_repo(owner, name)
+        store.delete_repo(repo["id"])
+        shutil.rmtree(_mirror_path(data_dir, repo), ignore_errors=True)
+        shutil.rmtree(os.path.join(data_dir, "workspaces", owner, name), ignore_errors=True)
+        return {"deleted": f"{owner}/{name}"}
+
+    # -- builds -------------------------------------------------------------
+
+    @app.get("/api/repos/<owner>/<name>/builds")
+    def list_builds(owner, name):
+        repo = find_repo(owner, name)
+        params = query_params()
+        status = params.get("status") or None
+        if status is not None and status not in STATUSES:
+            raise BadRequest(f"status must be one of {', '.join(STATUSES)}")
+        builds = store.list_builds(
+            repo["id"], page=_int_param(params, "page", 1, 1, 10 ** 9),
+            per_page=_int_param(params, "per_page", DEFAULT_PER_PAGE, 1, MAX_PER_PAGE),
+            branch=params.get("branch") or None, status=status)
+        return _json_response([_build_json(build) for build in builds])
+
+    @app.post("/api/repos/<owner>/<name>/builds")
+    def start_build(owner, name):
+        repo = find_repo(owner, name)
+        params = all_params()
+        variables = params.pop("variables", None) or {}
+        if not isinstance(variables, dict):
+            raise BadRequest("variables must be an object of NAME: value")
+        branch = params.pop("branch", "") or ""
+        commit = params.pop("commit", "") or ""
+        event = params.pop("event", EVENT_MANUAL) or EVENT_MANUAL
+        for key in _RESERVED_PARAMS:
+            params.pop(key, None)
+        variables = {**params, **variables}  # any other key is a variable, as in Drone
+        build = create_build(store, repo, branch=branch, commit=commit, variables=variables,
+                             event=event, data_dir=data_dir, max_jobs=max_jobs)
+        return build_response(build, 201)
+
+    @app.get("/api/repos/<owner>/<name>/builds/<number>")
+    def get_build(owner, name, number):
+        return build_response(find_build(find_repo(owner, name), number))
+
+    @app.post("/api/repos/<owner>/<name>/builds/<number>")
+    def restart(owner, name, number):
+        repo = find_repo(owner, name)
+        build = find_build(repo, number)
+        params = all_params()
+        fork = _bool_value(params.pop("fork", "false"), "fork")
+        for key in _RESERVED_PARAMS:
+            params.pop(key, None)
+        build = restart_build(store, repo, build["number"], fork=fork, variables=params,
+                              data_dir=data_dir, max_jobs=max_jobs)
+        return build_response(build, 202)
+
+    @app.delete("/api/repos/<owner>/<name>/builds/<number>")
+    def cancel_build(owner, name, number):
+        build = find_build(find_repo(owner, name), number)
+        return build_response(store.cancel_jobs(build["id"], message="cancelled over the API"))
+
+    @app.delete("/api/repos/<owner>/<name>/builds/<number>/<job_number>")
+    @app.delete("/api/repos/<owner>/<name>/logs/<number>/<job_number>")
+    def cancel_job(owner, name, number, job_number):
+        _, build, job = find_job(owner, name, number, job_number)
+        return build_response(store.cancel_jobs(build["id"], job["number"],
+                                                message="cancelled over the API"))
+
+    # -- logs ---------------------------------------------------------------
+
+    @app.get("/api/repos/<owner>/<name>/logs/<number>/<job_number>")
+    def get_log(owner, name, number, job_number):
+        _, _, job = find_job(owner, name, number, job_number)
+        params = query_params()
+        offset = _int_param(params, "offset", 0)
+        follow = params.get("follow", "").lower() in _TRUE_WORDS
+        if follow or "text/event-stream" in request.get_header("Accept", ""):
+            last_id = request.get_header("Last-Event-ID", "")
+            if last_id.isdigit():
+                offset = int(last_id)
+            with streams_lock:
+                if streams["open"] >= max_streams:
+                    raise Unavailable("too many open log streams; try again later")
+                streams["open"] += 1
+            bottle.response.content_type = "text/event-stream; charset=utf-8"
+            bottle.response.set_header("Cache-Control", "no-cache")
+            bottle.response.set_header("X-Accel-Buffering", "no")
+            return log_events(job["id"], offset)
+        bottle.response.content_type = "text/plain; charset=utf-8"
+        if job["status"] in DONE_STATUSES:
+            bottle.response.set_header("Content-Length",
+                                       str(max(0, store.log_size(job["id"]) - offset)))
+        return store.read_log(job["id"], offset)
+
+    def log_events(job_id, offset):
+        """Server-Sent Events: each chunk as a JSON string with its end offset
+        as the event id (so EventSource resumes where it stopped), a comment
+        line as heartbeat, and an `end` event when the job finishes."""
+        try:
+            decoder = codecs.getincrementaldecoder("utf-8")("replace")
+            last_sent = time.monotonic()
+            yield b"retry: 2000\n\n"
+            while not app.closing.is_set():
+                job = store.get_job_by_id(job_id)  # read before the log: nothing is missed
+                sent = False
+                for chunk in store.read_log(job_id, offset):
+                    offset += len(chunk)
+                    text = decoder.decode(chunk)
+                    if text:
+                        sent = True
+                        yield f"id: {offset}\ndata: {json.dumps(text)}\n\n".encode()
+                if job["status"] in DONE_STATUSES:
+                    end = {"status": job["status"], "exit_code": job["exit_code"],
+                           "error": job["error"]}
+                    yield f"event: end\ndata: {json.dumps(end)}\n\n".encode()
+                    return
+                if sent:
+                    last_sent = time.monotonic()
+                elif time.monotonic() - last_sent >= heartbeat:
+                    yield b": heartbeat\n\n"
+                    last_sent = time.monotonic()
+                else:
+                    store.wait_for_log(min(0.5, heartbeat))
+        finally:
+            with streams_lock:
+                streams["open"] -= 1
+
+    return app
+
+###############################################################################
+# Command line ################################################################
+###############################################################################
+
+
+class _Shutdown(BaseException):
+    """Raised by the first SIGTERM/SIGINT to leave the server loop; a
+    BaseException so that no `except Exception` on the way can swallow it."""
+
+
+def _split_full_name(text):
+    owner, slash, name = text.partition("/")
+    if not slash:
+        raise BadRequest(f"expected OWNER/NAME, not {text!r}")
+    return _check_name(owner, "owner"), _check_name(name, "repository name")
+
+
+def _parse_vars(pairs):
+    variables = {}
+    for pair in pairs or ():
+        name, equals, value = pair.partition("=")
+        if not equals:
+            raise BadRequest(f"--var expects NAME=VALUE, not {pair!r}")
+        variables[name] = value
+    return _check_variables(variables)
+
+
+def _axis_text(environment):
+    return " ".join(f"{name}={value}" for name, value in environment.items())
+
+
+def _follow_build(store, build_id, out, *, poll=0.1):
+    """Print the logs of a build's jobs as they grow, each line prefixed with
+    its job number, until the build ends. Returns the finished build."""
+    offsets, partial = {}, {}
+    while True:
+        build = store.get_build_by_id(build_id)
+        jobs = store.list_jobs(build_id)
+        for job in jobs:
+            offset = offsets.get(job["id"], 0)
+            for chunk in store.read_log(job["id"], offset):
+                offset += len(chunk)
+                lines = (partial.pop(job["id"], b"") + chunk).split(b"\n")
+                partial[job["id"]] = lines.pop()
+                for line in lines:
+                    out.write(f"[{job['number']}] ".encode() + line + b"\n")
+            offsets[job["id"]] = offset
+            if job["status"] in DONE_STATUSES and partial.get(job["id"]):
+                out.write(f"[{job['number']}] ".encode() + partial.pop(job["id"]) + b"\n")
+        out.flush()
+        if build["status"] in DONE_STATUSES:
+            return build
+        store.wait_for_log(poll)
+
+
+def _print_summary(store, build, err):
+    for job in store.list_jobs(build["id"]):
+        axis = _axis_text(json.loads(job["environment"]))
+        detail = f": {job['error']}" if job["error"] else ""
+        print(f"job {job['number']}{' (' + axis + ')' if axis else ''}: {job['status']}{detail}",
+              file=err)
+    detail = f": {build['error']}" if build["error"] else ""
+    print(f"build {build['number']}: {build['status']}{detail}", file=err)
+
+
+def _wait_for_build(store, build, args, stdout, stderr):
+    """Stream a build's logs; run its jobs here if no runner shares the store."""
+    executor = None
+    if build["status"] in ACTIVE_STATUSES and not store.active_runners():
+        executor = Executor(store, workers=args.workers)
+        executor.start()
+    try:
+        build = _follow_build(store, build["id"], stdout.buffer)
+    finally:
+        if executor is not None:
+            executor.stop()
+    _print_summary(store, build, stderr)
+    return 0 if build["status"] == SUCCESS else 1
+
+
+def _command_serve(args, stdout, stderr):
+    if waitress is None:
+        raise CIRunnerError("serve needs waitress: pip install waitress")
+    store = Store.open(args.data)
+    executor = Executor(store, workers=args.workers, grace=args.grace,
+                        keep_workspaces=args.keep_workspaces)
+    app = make_app(store, executor, max_streams=max(1, args.threads - 4))
+    server = waitress.create_server(app, host=args.host, port=args.port, threads=args.threads,
+                                    ident="cirunner", asyncore_use_poll=True,
+                                    clear_untrusted_proxy_headers=True)
+    signals = {"count": 0}
+
+    def on_signal(signum, frame):
+        signals["count"] += 1
+        if signals["count"] == 1:
+            raise _Shutdown(signum)
+        executor.grace = 0  # a second signal: do not wait for jobs to exit
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        executor.start()
+        print(f"cirunner {__version__}: serving http://{args.host}:{server.effective_port}/ "
+              f"with {executor.workers} worker(s), data in {os.path.abspath(args.data)}",
+              file=stderr, flush=True)
+        print("cirunner: the API has no authentication yet; keep it on a trusted address",
+              file=stderr, flush=True)
+        server.run()
+    except _Shutdown:
+        print("cirunner: shutting down: stopping running jobs", file=stderr, flush=True)
+    finally:
+        app.closing.set()
+        executor.stop(reason="server shut down")
+        server.close()
+        store.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0
+
+
+def _command_repo(args, stdout, stderr):
+    store = Store.open(args.data)
+    try:
+        if args.repo_command == "list":
+            for repo in store.list_repos():
+                print(f"{repo['owner']}/{repo['name']}\t{repo['url']}\t"
+                      f"{repo['default_branch'] or '(remote default)'}", file=stdout)
+            return 0
+        owner, name = _split_full_name(args.full_name)
+        if args.repo_command == "add":
+            params = {"url": args.url, "branch": args.branch or "", "config": args.config or "",
+                      "timeout": str(args.timeout), "private": "true" if args.private else ""}
+            fields = _repo_fields(params, creating=True)
+            repo = store.create_repo(owner, name, fields.pop("url"), **fields)
+            print(f"added {owner}/{name} ({repo['url']})", file=stdout)
+        elif args.repo_command == "remove":
+            repo = store.get_repo(owner, name)
+            store.delete_repo(repo["id"])
+            shutil.rmtree(_mirror_path(args.data, repo), ignore_errors=True)
+            print(f"removed {owner}/{name}", file=stdout)
+        return 0
+    finally:
+        store.close()
+
+
+def _command_build(args, stdout, stderr):
+    store = Store.open(args.data)
+    try:
+        repo = store.get_repo(*_split_full_name(args.full_name))
+        build = create_build(store, repo, branch=args.branch or "", commit=args.commit or "",
+                             variables=_parse_vars(args.var))
+        print(f"build {build['number']} of {args.full_name}: {build['status']} "
+              f"(commit {build['commit_sha'][:12] or '?'}, {len(store.list_jobs(build['id']))} "
+              "job(s))", file=stderr, flush=True)
+        if build["error"]:
+            print(f"cirunner: {build['error']}", file=stderr)
+        if args.wait:
+            return _wait_for_build(store, build, args, stdout, stderr)
+        return 1 if build["status"] == ERROR else 0
+    finally:
+        store.close()
+
+
+def _command_restart(args, stdout, stderr):
+    store = Store.open(args.data)
+    try:
+        repo = store.get_repo(*_split_full_name(args.full_name))
+        build = restart_build(store, repo, args.number, fork=args.fork,
+                              variables=_parse_vars(args.var))
+        print(f"build {build['number']} of {args.full_name}: {build['status']}", file=stderr)
+        if args.wait:
+            return _wait_for_build(store, build, args, stdout, stderr)
+        return 0
+    finally:
+        store.close()
+
+
+def _command_cancel(args, stdout, stderr):
+    store = Store.open(args.data)
+    try:
+        repo = store.get_repo(*_split_full_name(args.full_name))
+        build = store.get_build(repo["id"], args.number)
+        build = store.cancel_jobs(build["id"], args.job, message="cancelled from the command line")
+        print(f"build {build['number']}: cancel requested ({build['status']})", file=stdout)
+        return 0
+    finally:
+        store.close()
+
+
+def _command_logs(args, stdout, stderr):
+    store = Store.open(args.data)
+    try:
+        repo = store.get_repo(*_split_full_name(args.full_name))
+        build = store.get_build(repo["id"], args.number)
+        jobs = [store.get_job(build["id"], args.job)] if args.job else store.list_jobs(build["id"])
+        for job in jobs:
+            if not args.job:
+                axis = _axis_text(json.loads(job["environment"]))
+                stdout.write(f"--- job {job['number']}{' ' + axis if axis else ''}: "
+                             f"{job['status']}\n")
+                stdout.flush()
+            for chunk in store.read_log(job["id"]):
+                stdout.buffer.write(chunk)
+            stdout.buffer.flush()
+        return 0
+    finally:
+        store.close()
+
+
+def _command_builds(args, stdout, stderr):
+    store = Store.open(args.data)
+    try:
+        repo = store.get_repo(*_split_full_name(args.full_name))
+        for build in store.list_builds(repo["id"], per_page=args.limit):
+            message = build["message"].splitlines()[0] if build["message"] else ""
+            print(f"{build['number']}\t{build['status']}\t{build['branch']}\t"
+                  f"{build['commit_sha'][:10]}\t{message}", file=stdout)
+        return 0
+    finally:
+        store.close()
+
+
+def _command_exec(args, stdout, stderr):
+    directory = os.path.abspath(args.directory)
+    filename, text = read_pipeline_file(directory, args.config or "")
+    pipeline = parse_pipeline(text, filename)
+    with tempfile.TemporaryDirectory(prefix="cirunner-exec-") as data_dir:
+        store = Store.open(data_dir)
+        executor = Executor(store, workers=1, workspace=directory)
+        try:
+            name = re.sub(r"[^A-Za-z0-9._-]", "-", os.path.basename(directory)).strip(".") or "local"
+            repo = store.create_repo("local", name[:100], directory)
+            fields = {"event": args.event, "branch": args.branch, "pipeline": text,
+                      "pipeline_file": filename, "variables": json.dumps(_parse_vars(args.var)),
+                      "fail_fast": int(pipeline.fail_fast)}
+            build = store.create_build(repo["id"], fields, pipeline.matrix)
+            executor.start()
+            build = _follow_build(store, build["id"], stdout.buffer)
+            _print_summary(store, build, stderr)
+            return 0 if build["status"] == SUCCESS else 1
+        finally:
+            executor.stop()
+            store.close()
+
+
+def _command_matrix(args, stdout, stderr):
+    if args.file:
+        with open(args.file, encoding="utf-8") as handle:
+            filename, text = os.path.basename(args.file), handle.read()
+    else:
+        filename, text = read_pipeline_file(os.getcwd())
+    pipeline = parse_pipeline(text, filename)
+    for number, environment in enumerate(pipeline.matrix, start=1):
+        print(f"{number}\t{_axis_text(environment) or '(no matrix)'}", file=stdout)
+    return 0
+
+
+def _make_parser(environ):
+    def env(name, default):
+        return environ.get("CIRUNNER_" + name, default)
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--data", default=env("DATA", DEFAULT_DATA_DIR),
+                        help="data directory (env CIRUNNER_DATA, default ./cirunner-data)")
+    workers = argparse.ArgumentParser(add_help=False)
+    workers.add_argument("--workers", type=int, default=int(env("WORKERS", 0)) or None,
+                         help="job worker threads (env CIRUNNER_WORKERS, default: CPUs)")
+
+    parser = argparse.ArgumentParser(prog="cirunner", description="A CI build runner in one file.")
+    parser.add_argument("--version", action="version", version=f"cirunner {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.required = True
+
+    serve = commands.add_parser("serve", parents=[common, workers],
+                                help="run the HTTP API and the executor")
+    serve.add_argument("--host", default=env("HOST", DEFAULT_HOST),
+                       help="address to bind (env CIRUNNER_HOST, default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=int(env("PORT", DEFAULT_PORT)),
+                       help="port (env CIRUNNER_PORT, default 8080; 0 picks a free one)")
+    serve.add_argument("--threads", type=int, default=int(env("THREADS", DEFAULT_HTTP_THREADS)),
+                       help="HTTP threads, each live log viewer holds one "
+                            "(env CIRUNNER_THREADS, default 32)")
+    serve.add_argument("--grace", type=float, default=float(env("GRACE", DEFAULT_GRACE_SECONDS)),
+                       help="seconds between SIGTERM and SIGKILL of a stopped job "
+                            "(env CIRUNNER_GRACE, default 10)")
+    serve.add_argument("--keep-workspaces", action="store_true",
+                       default=env("KEEP_WORKSPACES", "") in _TRUE_WORDS,
+                       help="leave job workspaces on disk after the job")
+    serve.set_defaults(handler=_command_serve)
+
+    repo = commands.add_parser("repo", help="add, list or remove repositories")
+    repo_commands = repo.add_subparsers(dest="repo_command", metavar="ACTION")
+    repo_commands.required = True
+    add = repo_commands.add_parser("add", parents=[common], help="add a repository")
+    add.add_argument("full_name", metavar="OWNER/NAME")
+    add.add_argument("--url", required=True, help="clone URL or local path")
+    add.add_argument("--branch", help="default branch (default: the remote's HEAD)")
+    add.add_argument("--config", help="pipeline file path (default .cirunner.yml, .drone.yml)")
+    add.add_argument("--timeout", type=int, default=DEFAULT_TIMEOUT_MINUTES,
+                     help="job timeout in minutes (default 60)")
+    add.add_argument("--private", action="store_true", help="hide from guests")
+    repo_list = repo_commands.add_parser("list", parents=[common], help="list repositories")
+    repo_list.set_defaults(full_name=None)
+    remove = repo_commands.add_parser("remove", parents=[common],
+                                      help="remove a repository and its builds")
+    remove.add_argument("full_name", metavar="OWNER/NAME")
+    repo.set_defaults(handler=_command_repo)
+
+    build = commands.add_parser("build", parents=[common, workers], help="start a build")
+    build.add_argument("full_name", metavar="OWNER/NAME")
+    build.add_argument("--branch", help="branch to build (default: the repository's)")
+    build.add_argument("--commit", help="commit SHA to build (default: the branch head)")
+    build.add_argument("--var", action="append", metavar="NAME=VALUE",
+                       help="variable for the jobs' environment (repeatable)")
+    build.add_argument("--wait", action="store_true",
+                       help="stream the logs; exit 0 only if the build succeeds")
+    build.set_defaults(handler=_command_build)
+
+    builds = commands.add_parser("builds", parents=[common], help="list recent builds")
+    builds.add_argument("full_name", metavar="OWNER/NAME")
+    builds.add_argument("--limit", type=int, default=DEFAULT_PER_PAGE)
+    builds.set_defaults(handler=_command_builds)
+
+    logs = commands.add_parser("logs", parents=[common], help="print a build's logs")
+    logs.add_argument("full_name", metavar="OWNER/NAME")
+    logs.add_argument("number", type=int, metavar="NUMBER")
+    logs.add_argument("job", type=int, nargs="?", metavar="JOB")
+    logs.set_defaults(handler=_command_logs)
+
+    cancel = commands.add_parser("cancel", parents=[common], help="cancel a build or one job")
+    cancel.add_argument("full_name", metavar="OWNER/NAME")
+    cancel.add_argument("number", type=int, metavar="NUMBER")
+    cancel.add_argument("job", type=int, nargs="?", metavar="JOB")
+    cancel.set_defaults(handler=_command_cancel)
+
+    restart = commands.add_parser("restart", parents=[common, workers],
+                                  help="run a finished build again")
+    restart.add_argument("full_name", metavar="OWNER/NAME")
+    restart.add_argument("number", type=int, metavar="NUMBER")
+    restart.add_argument("--fork", action="store_true", help="as a new build number")
+    restart.add_argument("--var", action="append", metavar="NAME=VALUE")
+    restart.add_argument("--wait", action="store_true")
+    restart.set_defaults(handler=_command_restart)
+
+    run = commands.add_parser("exec", help="run a working directory's pipeline once, "
+                                           "without a server or store")
+    run.add_argument("directory", nargs="?", default=".", metavar="DIR")
+    run.add_argument("--config", help="pipeline file (default .cirunner.yml, .drone.yml)")
+    run.add_argument("--branch", default="", help="branch for `when` filters")
+    run.add_argument("--event", default=EVENT_MANUAL, choices=EVENTS)
+    run.add_argument("--var", action="append", metavar="NAME=VALUE")
+    run.set_defaults(handler=_command_exec)
+
+    matrix = commands.add_parser("matrix", help="print the jobs a pipeline file expands to")
+    matrix.add_argument("file", nargs="?", metavar="FILE")
+    matrix.set_defaults(handler=_command_matrix)
+    return parser
+
+
+def main(argv=None, *, environ=None, stdout=None, stderr=None):
+    """Run the command line; returns the exit status (never calls sys.exit)."""
+    stdout = stdout or sys.stdout
+    stderr = stderr or sys.stderr
+    environ = os.environ if environ is None else environ
+    logging.basicConfig(level=environ.get("CIRUNNER_LOG_LEVEL", "INFO").upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = _make_parser(environ)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:
+        return exit_.code if isinstance(exit_.code, int) else 2
+    try:
+        return args.handler(args, stdout, stderr)
+    except CIRunnerError as error:
+        print(f"cirunner: {error.message}", file=stderr)
+        return 1
+    except (OSError, sqlite3.Error) as error:
+        print(f"cirunner: {error}", file=stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    # Run as a script, register under the module name so that `import cirunner`
+    # elsewhere in the process gives this same module (as bottle.py does).
+    sys.modules.setdefault("cirunner", sys.modules[__name__])
+    sys.exit(main())
