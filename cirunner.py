@@ -320,8 +320,9 @@ class _YamlList(list):
 
 
 # Scalars under these keys keep their source text: `1.10` stays "1.10", `yes`
-# stays "yes". They become environment variables, where text is what counts.
-_RAW_SCALAR_KEYS = ("matrix", "environment")
+# stays "yes", `- true` is the command `true`. They become environment
+# variables or shell text, where the text is what counts.
+_RAW_SCALAR_KEYS = ("matrix", "environment", "commands")
 
 
 def _load_yaml(text, filename):
@@ -432,7 +433,7 @@ class Pipeline:
     filename: str = PIPELINE_FILES[0]
     fail_fast: bool = False
     max_parallel: int = 0
-    timeout: int = 0        # minutes; 0 means the repository's default
+    timeout: float = 0      # minutes (fractions allowed); 0 means the repository's default
     clone: bool = True
 
     def steps_for(self, variables):
@@ -478,7 +479,11 @@ def parse_pipeline(text, filename=PIPELINE_FILES[0], *, max_jobs=DEFAULT_MAX_JOB
     pipeline.fail_fast = _parse_flag(document, "fail_fast", False, filename)
     pipeline.clone = _parse_flag(document, "clone", True, filename)
     pipeline.max_parallel = _parse_count(document, "max_parallel", filename)
-    pipeline.timeout = _parse_count(document, "timeout", filename)
+    pipeline.timeout = document.get("timeout", 0)
+    if (isinstance(pipeline.timeout, bool) or not isinstance(pipeline.timeout, (int, float))
+            or pipeline.timeout < 0):
+        raise ConfigError("'timeout' must be a number of minutes", filename,
+                          _line_of(document, "timeout"))
     if "matrix" in document:
         pipeline.matrix = expand_matrix(document["matrix"], max_jobs=max_jobs, filename=filename,
                                         line=_line_of(document, "matrix"))
@@ -1702,12 +1707,32 @@ class _LogWriter:
         self.first_at = None
 
 
+def _job_token_prefix(store_key, job_id):
+    return f"{store_key}-{job_id}-"
+
+
+def _kill_leftovers(store_key, job_ids):
+    """Kill processes of jobs whose runner died (found by their token in
+    /proc/PID/environ): after a crash nothing of a lost job keeps running."""
+    prefixes = tuple(f"CIRUNNER_JOB_TOKEN={_job_token_prefix(store_key, job_id)}".encode()
+                     for job_id in job_ids)
+    for pid in _all_pids():
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as handle:
+                entries = handle.read().split(b"\x00")
+        except OSError:
+            continue
+        if any(entry.startswith(prefixes) for entry in entries):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+
+
 class _RunningJob:
     """A job this executor is running, and how to ask it to stop."""
 
-    def __init__(self, job):
+    def __init__(self, job, store_key):
         self.job = job
-        self.token = uuid.uuid4().hex
+        self.token = _job_token_prefix(store_key, job["id"]) + uuid.uuid4().hex[:12]
         self.stop_requested = threading.Event()
         self.reason = ""
 
@@ -1758,6 +1783,7 @@ class Executor:
         self._leaders = set()
         self._threads = []
         self._pipelines = {}
+        self._store_key = hashlib.sha1(os.path.abspath(store.path).encode()).hexdigest()[:10]
 
     # -- lifecycle ----------------------------------------------------------
 
@@ -1778,11 +1804,15 @@ class Executor:
         if self._registered:
             return
         self.store.register_runner(self.runner_id, self.hostname, os.getpid())
+        self._recover()
+        self.store.add_listener(self._on_store_event)
+        self._registered = True
+
+    def _recover(self):
         recovered = self.store.recover_lost_jobs(self.runner_id, self.hostname, os.getpid())
         if recovered:
             _log.warning("marked %d job(s) of stopped runners as error", len(recovered))
-        self.store.add_listener(self._on_store_event)
-        self._registered = True
+            _kill_leftovers(self._store_key, recovered)
 
     def stop(self, reason="server shut down", timeout=None):
         """Stop taking jobs, kill running ones (recorded as killed with
@@ -1875,7 +1905,7 @@ class Executor:
                     self.store.heartbeat(self.runner_id)
                 if now - last_recovery >= RUNNER_LOST_SECONDS / 2:
                     last_recovery = now
-                    self.store.recover_lost_jobs(self.runner_id, self.hostname, os.getpid())
+                    self._recover()
                 if now - last_checkpoint >= 60:
                     last_checkpoint = now
                     self.store.checkpoint()
@@ -1887,7 +1917,7 @@ class Executor:
 
     def run_job(self, job):
         """Run one claimed job to its end and record the result."""
-        running = _RunningJob(job)
+        running = _RunningJob(job, self._store_key)
         with self._running_lock:
             self._running[job["id"]] = running
         log = _LogWriter(self.store, job["id"])
@@ -2651,11 +2681,12 @@ def _command_repo(args, stdout, stderr):
 
 
 def _command_build(args, stdout, stderr):
+    variables = _parse_vars(args.var)
     store = Store.open(args.data)
     try:
         repo = store.get_repo(*_split_full_name(args.full_name))
         build = create_build(store, repo, branch=args.branch or "", commit=args.commit or "",
-                             variables=_parse_vars(args.var))
+                             variables=variables)
         print(f"build {build['number']} of {args.full_name}: {build['status']} "
               f"(commit {build['commit_sha'][:12] or '?'}, {len(store.list_jobs(build['id']))} "
               "job(s))", file=stderr, flush=True)
@@ -2669,11 +2700,11 @@ def _command_build(args, stdout, stderr):
 
 
 def _command_restart(args, stdout, stderr):
+    variables = _parse_vars(args.var)
     store = Store.open(args.data)
     try:
         repo = store.get_repo(*_split_full_name(args.full_name))
-        build = restart_build(store, repo, args.number, fork=args.fork,
-                              variables=_parse_vars(args.var))
+        build = restart_build(store, repo, args.number, fork=args.fork, variables=variables)
         print(f"build {build['number']} of {args.full_name}: {build['status']}", file=stderr)
         if args.wait:
             return _wait_for_build(store, build, args, stdout, stderr)

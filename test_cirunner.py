@@ -1,0 +1,1000 @@
+"""Tests for cirunner: real git repositories, real processes, the real SQLite
+file, WebTest for the routes and a real `serve` process for end-to-end cases."""
+
+import http.client
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+import webtest
+
+import cirunner
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CIRUNNER = os.path.join(HERE, "cirunner.py")
+GIT_ENV = dict(os.environ, GIT_AUTHOR_NAME="Ada Lovelace", GIT_AUTHOR_EMAIL="ada@example.com",
+               GIT_COMMITTER_NAME="Ada Lovelace", GIT_COMMITTER_EMAIL="ada@example.com")
+
+MATRIX_2X3 = """\
+pipeline:
+  test:
+    image: golang:${GO_VERSION}
+    commands:
+      - echo "axis GO_VERSION=$GO_VERSION DB=$DB image=golang:${GO_VERSION}"
+matrix:
+  GO_VERSION: [1.4, "1.10"]
+  DB: [sqlite, postgres, mysql]
+"""
+
+
+# -- helpers -----------------------------------------------------------------
+
+
+def git(cwd, *args):
+    return subprocess.run(["git", "-c", "commit.gpgsign=false", *args], cwd=cwd, env=GIT_ENV,
+                          check=True, capture_output=True, text=True).stdout.strip()
+
+
+def commit_files(repo_dir, files, message="a commit", branch="main"):
+    """Write `files` into a (new) git repository and commit them; returns the SHA."""
+    os.makedirs(repo_dir, exist_ok=True)
+    if not os.path.isdir(os.path.join(repo_dir, ".git")):
+        git(repo_dir, "init", "-q", "-b", branch)
+    for name, text in files.items():
+        path = os.path.join(repo_dir, name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as handle:
+            handle.write(text)
+    git(repo_dir, "add", "-A")
+    git(repo_dir, "commit", "-q", "-m", message)
+    return git(repo_dir, "rev-parse", "HEAD")
+
+
+def wait_for(predicate, timeout=10.0, interval=0.02):
+    """Poll `predicate` until it returns something truthy (for work that runs in
+    other threads or processes); fail the test at `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        time.sleep(interval)
+
+
+def log_text(store, build, number):
+    job = store.get_job(build["id"], number)
+    return b"".join(store.read_log(job["id"])).decode()
+
+
+def process_gone(pid):
+    """True if `pid` has exited (a zombie counts as gone; ours are reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            state = handle.read().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    if state == "Z":
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+        return True
+    return False
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def http_json(method, url, body=None, headers=None):
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, method=method,
+                                     headers={"Content-Type": "application/json",
+                                              **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, json.loads(response.read() or b"null")
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read() or b"null")
+
+
+def http_text(url):
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return response.read().decode()
+
+
+class Server:
+    """A real `cirunner serve` process on 127.0.0.1 with a free port."""
+
+    def __init__(self, data_dir, *extra):
+        self.data_dir = str(data_dir)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = os.path.join(self.data_dir, "serve.log")
+        os.makedirs(self.data_dir, exist_ok=True)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CIRUNNER_")}
+        self.log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(
+            [sys.executable, CIRUNNER, "serve", "--data", self.data_dir, "--port", str(self.port),
+             "--workers", "2", "--grace", "2", *extra],
+            stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        wait_for(self._healthy, timeout=15)
+
+    def _healthy(self):
+        if self.process.poll() is not None:
+            raise AssertionError(f"serve exited: {self.output()}")
+        try:
+            return http_json("GET", self.url + "/healthz")[0] == 200
+        except OSError:
+            return False
+
+    def output(self):
+        with open(self.log_path, errors="replace") as handle:
+            return handle.read()
+
+    def stop(self):
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self.log.close()
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    return str(tmp_path / "data")
+
+
+@pytest.fixture
+def store(data_dir):
+    store = cirunner.Store.open(data_dir)
+    yield store
+    store.close()
+
+
+@pytest.fixture
+def executor(store):
+    """An executor that is not started: tests run the queue with run_until_idle()."""
+    executor = cirunner.Executor(store, workers=2, grace=1.0)
+    yield executor
+    executor.stop()
+
+
+@pytest.fixture
+def app(store, executor):
+    return webtest.TestApp(cirunner.make_app(store, executor, heartbeat=0.5))
+
+
+@pytest.fixture
+def make_repo(tmp_path, store):
+    """Make a git repository holding `files` and register it as OWNER/NAME."""
+
+    def make(files, full_name="alice/hello", **options):
+        owner, name = full_name.split("/")
+        path = str(tmp_path / "repos" / name)
+        commit_files(path, files, message="first commit")
+        return store.create_repo(owner, name, path, **options)
+
+    return make
+
+
+@pytest.fixture
+def servers():
+    started = []
+
+    def start(data_dir, *extra):
+        server = Server(data_dir, *extra)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+# -- pipeline and matrix -----------------------------------------------------
+
+
+def test_matrix_is_the_sorted_axis_product_with_source_text_kept():
+    pipeline = cirunner.parse_pipeline(MATRIX_2X3, ".drone.yml")
+    assert pipeline.matrix == [
+        {"DB": "sqlite", "GO_VERSION": "1.4"}, {"DB": "sqlite", "GO_VERSION": "1.10"},
+        {"DB": "postgres", "GO_VERSION": "1.4"}, {"DB": "postgres", "GO_VERSION": "1.10"},
+        {"DB": "mysql", "GO_VERSION": "1.4"}, {"DB": "mysql", "GO_VERSION": "1.10"},
+    ]
+
+
+def test_matrix_scalars_keep_their_text():
+    text = "pipeline: {a: {commands: [true]}}\nmatrix: {V: [1.10, 3.0, yes, 010, ~, '1.5']}\n"
+    values = [job["V"] for job in cirunner.parse_pipeline(text).matrix]
+    assert values == ["1.10", "3.0", "yes", "010", "", "1.5"]
+
+
+def test_matrix_exclude_drops_and_include_appends():
+    matrix = {"GO_VERSION": ["1.4", "1.5"], "DB": ["sqlite", "postgres"],
+              "exclude": [{"GO_VERSION": "1.4", "DB": "postgres"}],
+              "include": [{"GO_VERSION": "1.6", "DB": "sqlite"}]}
+    assert cirunner.expand_matrix(matrix) == [
+        {"DB": "sqlite", "GO_VERSION": "1.4"}, {"DB": "sqlite", "GO_VERSION": "1.5"},
+        {"DB": "postgres", "GO_VERSION": "1.5"}, {"DB": "sqlite", "GO_VERSION": "1.6"},
+    ]
+
+
+def test_matrix_include_alone_is_the_explicit_list():
+    matrix = {"include": [{"GO_VERSION": "1.4", "REDIS": "2.6"},
+                          {"GO_VERSION": "1.5", "REDIS": "3.0"}]}
+    assert cirunner.expand_matrix(matrix) == matrix["include"]
+
+
+def test_matrix_larger_than_the_limit_is_an_error_not_a_cut():
+    axis = ", ".join(str(n) for n in range(257))
+    with pytest.raises(cirunner.ConfigError, match="257 jobs, more than the limit of 256"):
+        cirunner.parse_pipeline(f"pipeline: {{a: {{commands: [true]}}}}\nmatrix: {{N: [{axis}]}}\n")
+    # exactly at the limit is fine
+    axis = ", ".join(str(n) for n in range(256))
+    assert len(cirunner.parse_pipeline(
+        f"pipeline: {{a: {{commands: [true]}}}}\nmatrix: {{N: [{axis}]}}\n").matrix) == 256
+    # an include pushing past the limit is an error too
+    with pytest.raises(cirunner.ConfigError, match="257 jobs"):
+        cirunner.expand_matrix({"N": [str(n) for n in range(256)], "include": [{"N": "x"}]})
+
+
+def test_substitution_of_variables_defaults_and_escapes():
+    variables = {"NAME": "world", "EMPTY": ""}
+    assert cirunner.substitute("hello ${NAME}", variables) == "hello world"
+    assert cirunner.substitute("${MISSING:-fallback} ${EMPTY:-e}", variables) == "fallback e"
+    assert cirunner.substitute("$${NAME} stays", variables) == "${NAME} stays"
+    assert cirunner.substitute("${UNKNOWN} left for the shell", variables) == \
+        "${UNKNOWN} left for the shell"
+
+
+@pytest.mark.parametrize("text, problem, line", [
+    ("pipeline:\n  test:\n    commands: [echo hi\n", "invalid YAML", 4),
+    ("pipeline:\n  test:\n    commands:\n      - echo hi\n      - [nested]\n",
+     "'commands' must be a list of strings", 3),
+    ("pipeline:\n  test:\n    commands: [true]\nservices: {}\n", "unknown top-level key 'services'", 4),
+    ("pipeline:\n  test:\n    comands: [true]\n", "unknown key 'comands'", 3),
+    ("pipeline:\n  test:\n    commands: [true]\n    when: {branch: [main], evnt: push}\n",
+     "unknown 'when' key 'evnt'", 4),
+    ("pipeline:\n  test:\n    commands: [true]\nmatrix:\n  GO: 1.4\n", "must be a non-empty list", 5),
+    ("- just\n- a list\n", "must be a mapping", 1),
+])
+def test_invalid_pipeline_names_file_line_and_problem(text, problem, line):
+    with pytest.raises(cirunner.ConfigError) as caught:
+        cirunner.parse_pipeline(text, ".drone.yml")
+    assert problem in caught.value.message
+    assert caught.value.message.startswith(f".drone.yml line {line}:")
+
+
+def test_when_filters_branch_event_matrix_and_status():
+    step = cirunner.parse_pipeline(
+        "pipeline:\n  deploy:\n    commands: [true]\n    when:\n"
+        "      branch: [main, 'release/*']\n      event: [push, tag]\n"
+        "      matrix: {GO_VERSION: '1.5'}\n").steps[0]
+    ok = {"branch": "release/2.0", "event": "push", "environment": {"GO_VERSION": "1.5"}}
+    assert step.applies(**ok)
+    assert not step.applies(**{**ok, "branch": "feature/x"})
+    assert not step.applies(**{**ok, "event": "pull_request"})
+    assert not step.applies(**{**ok, "environment": {"GO_VERSION": "1.4"}})
+    assert not step.applies(**ok, job_status=cirunner.FAILURE)
+    notify = cirunner.parse_pipeline(
+        "pipeline:\n  notify:\n    commands: [true]\n    when: {status: [success, failure]}\n"
+    ).steps[0]
+    assert notify.applies(branch="x", event="push", environment={}, job_status=cirunner.FAILURE)
+
+
+def test_drone_04_build_section_is_one_step():
+    pipeline = cirunner.parse_pipeline("build:\n  image: golang\n  commands: [go test]\n")
+    assert [(step.name, step.commands) for step in pipeline.steps] == [("build", ["go test"])]
+
+
+# -- executor: jobs, logs, statuses ------------------------------------------
+
+
+def test_matrix_build_runs_six_jobs_each_with_its_axis(store, executor, make_repo):
+    repo = make_repo({".drone.yml": MATRIX_2X3})
+    build = cirunner.create_build(store, repo)
+    assert executor.run_until_idle() == 6
+    build = store.get_build_by_id(build["id"])
+    assert build["status"] == cirunner.SUCCESS
+    jobs = store.list_jobs(build["id"])
+    assert [job["number"] for job in jobs] == [1, 2, 3, 4, 5, 6]
+    expected = cirunner.parse_pipeline(MATRIX_2X3).matrix
+    for job, axis in zip(jobs, expected):
+        assert json.loads(job["environment"]) == axis
+        assert job["status"] == cirunner.SUCCESS and job["exit_code"] == 0
+        text = log_text(store, build, job["number"])
+        assert f"axis GO_VERSION={axis['GO_VERSION']} DB={axis['DB']} " \
+               f"image=golang:{axis['GO_VERSION']}" in text
+        assert "+ echo" in text  # commands are echoed
+
+
+def test_cirunner_yml_wins_over_drone_yml(store, executor, make_repo):
+    repo = make_repo({".drone.yml": "pipeline: {a: {commands: [echo from-drone]}}\n",
+                      ".cirunner.yml": "pipeline: {a: {commands: [echo from-cirunner]}}\n"})
+    build = cirunner.create_build(store, repo)
+    executor.run_until_idle()
+    assert "from-cirunner" in log_text(store, build, 1)
+    assert store.get_build_by_id(build["id"])["pipeline_file"] == ".cirunner.yml"
+
+
+def test_job_environment_has_ci_drone_matrix_and_step_variables(store, executor, make_repo):
+    repo = make_repo({".cirunner.yml": (
+        "pipeline:\n  env:\n    environment: {STEP_VAR: 'step ${GREETING}'}\n"
+        "    commands: ['env | sort']\nmatrix: {AXIS: [a1]}\n")})
+    build = cirunner.create_build(store, repo, variables={"GREETING": "hello there"})
+    executor.run_until_idle()
+    lines = set(log_text(store, build, 1).splitlines())
+    sha = store.get_build_by_id(build["id"])["commit_sha"]
+    for expected in ["CI=true", "DRONE=true", "CI_REPO=alice/hello", "DRONE_REPO_NAME=hello",
+                     "CI_BUILD_NUMBER=1", "DRONE_JOB_NUMBER=1", f"CI_COMMIT_SHA={sha}",
+                     f"DRONE_COMMIT={sha}", "CI_BRANCH=main", "DRONE_BUILD_EVENT=manual",
+                     "AXIS=a1", "GREETING=hello there", "STEP_VAR=step hello there",
+                     "DRONE_COMMIT_AUTHOR=Ada Lovelace"]:
+        assert expected in lines
+
+
+def test_variable_values_never_reach_shell_text(store, executor, make_repo, tmp_path):
+    marker = tmp_path / "pwned"
+    repo = make_repo({".cirunner.yml": "pipeline: {a: {commands: ['echo \"[$EVIL]\"']}}\n"})
+    evil = f"$(touch {marker}); `touch {marker}`"
+    build = cirunner.create_build(store, repo, variables={"EVIL": evil})
+    executor.run_until_idle()
+    assert f"[{evil}]" in log_text(store, build, 1)
+    assert not marker.exists()
+
+
+def test_failing_step_fails_job_unless_ignored(store, executor, make_repo):
+    repo = make_repo({".cirunner.yml": (
+        "pipeline:\n"
+        "  flaky: {commands: ['exit 3'], failure: ignore}\n"
+        "  test: {commands: ['echo testing', 'exit 7', 'echo never']}\n"
+        "  after: {commands: ['echo skipped-after-failure']}\n"
+        "  notify: {commands: ['echo notified'], when: {status: [failure]}}\n")})
+    build = cirunner.create_build(store, repo)
+    executor.run_until_idle()
+    job = store.get_job(build["id"], 1)
+    assert (job["status"], job["exit_code"]) == (cirunner.FAILURE, 7)
+    assert "'test' failed with exit code 7" in job["error"]
+    text = log_text(store, build, 1)
+    assert "testing" in text and "never" not in text.replace("echo never", "")
+    assert "skipped-after-failure" not in text.replace("echo skipped-after-failure", "")
+    assert "notified" in text.replace("+ echo notified", "")
+    assert "(failure: ignore)" in text
+    assert store.get_build_by_id(build["id"])["status"] == cirunner.FAILURE
+
+
+def test_build_status_is_first_job_that_did_not_succeed(store, executor, make_repo):
+    repo = make_repo({".cirunner.yml": (
+        "pipeline:\n  t: {commands: ['test \"$N\" != 2', 'test \"$N\" != 3']}\n"
+        "matrix: {N: ['1', '2', '3']}\n")})
+    build = cirunner.create_build(store, repo)
+    executor.run_until_idle()
+    assert [job["status"] for job in store.list_jobs(build["id"])] == [
+        cirunner.SUCCESS, cirunner.FAILURE, cirunner.FAILURE]
+    build = store.get_build_by_id(build["id"])
+    assert build["status"] == cirunner.FAILURE
+    assert build["started_at"] > 0 and build["finished_at"] >= build["started_at"]
+    history = [(row["job_number"], row["status"]) for row in store.list_statuses(build["id"])]
+    assert history[0] == (None, cirunner.PENDING)
+    assert (1, cirunner.RUNNING) in history and (2, cirunner.FAILURE) in history
+    assert history[-1] == (None, cirunner.FAILURE)
+
+
+def test_fail_fast_skips_the_other_jobs(store, executor, make_repo):
+    repo = make_repo({".cirunner.yml": (
+        "pipeline:\n  t: {commands: ['test \"$N\" != 1']}\n"
+        "matrix: {N: ['1', '2', '3']}\nfail_fast: true\n")})
+    build = cirunner.create_build(store, repo)
+    assert executor.run_until_idle() == 1
+    assert [job["status"] for job in store.list_jobs(build["id"])] == [
+        cirunner.FAILURE, cirunner.SKIPPED, cirunner.SKIPPED]
+    assert store.get_build_by_id(build["id"])["status"] == cirunner.FAILURE
+
+
+def test_max_parallel_limits_jobs_of_a_build(store, make_repo):
+    repo = make_repo({".cirunner.yml": "pipeline: {t: {commands: [true]}}\n"
+                                       "matrix: {N: ['1', '2', '3']}\nmax_parallel: 1\n"})
+    build = cirunner.create_build(store, repo)
+    first = store.claim_next_job("test-runner")
+    assert first["number"] == 1
+    assert store.claim_next_job("test-runner") is None  # job 2 waits for job 1
+    store.finish_job(first["id"], cirunner.SUCCESS)
+    assert store.claim_next_job("test-runner")["number"] == 2
+    assert store.get_build_by_id(build["id"])["status"] == cirunner.RUNNING
+
+
+def test_timeout_kills_the_job(store, make_repo):
+    repo = make_repo({".cirunner.yml": "pipeline: {t: {commands: ['echo start', 'sleep 30']}}\n"
+                                       "timeout: 0.01\n"})  # 0.6 s
+    build = cirunner.create_build(store, repo)
+    executor = cirunner.Executor(store, workers=1, grace=0.5)
+    executor.run_until_idle()
+    job = store.get_job(build["id"], 1)
+    assert job["status"] == cirunner.KILLED
+    assert "timed out after 0.01 minutes" in job["error"]
+    assert job["exit_code"] == 143  # sh died of SIGTERM
+    assert "start" in log_text(store, build, 1)
+
+
+def test_pipeline_errors_fail_only_that_build(store, executor, make_repo, tmp_path):
+    good = make_repo({".cirunner.yml": "pipeline: {t: {commands: [echo fine]}}\n"}, "alice/good")
+    cases = {
+        "yaml": "pipeline:\n  test:\n    commands: [echo hi\n",
+        "steps": "pipeline:\n  test:\n    commands: echo\n    image: [1]\n",
+        "key": "pipeline: {t: {commands: [true]}}\nnotify: {}\n",
+    }
+    builds = {}
+    for name, text in cases.items():
+        repo = make_repo({".drone.yml": text}, f"alice/bad-{name}")
+        builds[name] = cirunner.create_build(store, repo)
+    good_build = cirunner.create_build(store, good)
+    executor.run_until_idle()
+    assert builds["yaml"]["status"] == cirunner.ERROR
+    assert builds["yaml"]["error"].startswith(".drone.yml line 4: invalid YAML")
+    assert "'image' must be a string" in builds["steps"]["error"]
+    assert builds["key"]["error"] == (".drone.yml line 2: unknown top-level key 'notify' "
+                                      "(expected one of pipeline, build, matrix, fail_fast, "
+                                      "max_parallel, timeout, clone)")
+    for build in builds.values():
+        assert store.list_jobs(build["id"]) == []
+        assert store.list_statuses(build["id"])[-1]["status"] == cirunner.ERROR
+    assert store.get_build_by_id(good_build["id"])["status"] == cirunner.SUCCESS
+
+
+def test_missing_pipeline_file_is_a_build_error(store, make_repo):
+    repo = make_repo({"README": "no pipeline here\n"})
+    build = cirunner.create_build(store, repo)
+    assert build["status"] == cirunner.ERROR
+    assert "no pipeline file (.cirunner.yml, .drone.yml)" in build["error"]
+
+
+def test_build_runs_the_requested_branch_and_commit(store, executor, make_repo, tmp_path):
+    repo = make_repo({".cirunner.yml": "pipeline: {t: {commands: [cat version]}}\n",
+                      "version": "one\n"})
+    path = repo["url"]
+    first = git(path, "rev-parse", "HEAD")
+    git(path, "checkout", "-q", "-b", "feature")
+    commit_files(path, {"version": "two\n"}, "on feature")
+    on_main = cirunner.create_build(store, repo, branch="main")
+    on_feature = cirunner.create_build(store, repo, branch="feature")
+    pinned = cirunner.create_build(store, repo, commit=first)
+    executor.run_until_idle()
+    assert log_text(store, on_main, 1).endswith("one\n")
+    assert log_text(store, on_feature, 1).endswith("two\n")
+    assert store.get_build_by_id(on_feature["id"])["message"] == "on feature"
+    assert log_text(store, pinned, 1).endswith("one\n")
+    with pytest.raises(cirunner.BadRequest, match="branch 'nope' not found"):
+        cirunner.create_build(store, repo, branch="nope")
+    with pytest.raises(cirunner.BadRequest, match="invalid branch"):
+        cirunner.create_build(store, repo, branch="--upload-pack=touch /tmp/x")
+
+
+def test_clone_false_gives_an_empty_workspace(store, executor, make_repo):
+    repo = make_repo({".cirunner.yml": "clone: false\npipeline: {t: {commands: [ls -A, pwd]}}\n"})
+    build = cirunner.create_build(store, repo)
+    executor.run_until_idle()
+    text = log_text(store, build, 1)
+    assert "git checkout" not in text and ".cirunner.yml" not in text
+    assert os.path.join("workspaces", "alice", "hello", "1", "1") in text
+
+
+def test_big_log_is_stored_in_bounded_chunks_and_reads_back_exactly(store, executor, make_repo):
+    # 8 MiB of numbered lines: every byte must come back, in order.
+    repo = make_repo({".cirunner.yml": (
+        "pipeline: {t: {commands: ['seq 1 2000000 | head -c 8388608']}}\n")})
+    build = cirunner.create_build(store, repo)
+    executor.run_until_idle()
+    job = store.get_job(build["id"], 1)
+    assert job["status"] == cirunner.SUCCESS
+    expected = subprocess.run("seq 1 2000000 | head -c 8388608", shell=True,
+                              capture_output=True, check=True).stdout
+    data = b"".join(store.read_log(job["id"]))
+    assert data.endswith(expected)
+    assert store.log_size(job["id"]) == len(data)
+    sizes = [row[0] for row in sqlite3.connect(store.path).execute(
+        "SELECT length(data) FROM log_chunks WHERE job_id = ?", (job["id"],))]
+    assert max(sizes) <= cirunner.LOG_CHUNK_BYTES and len(sizes) >= 8388608 // cirunner.LOG_CHUNK_BYTES
+    # reading from an offset inside a chunk
+    assert b"".join(store.read_log(job["id"], 100000)) == data[100000:]
+
+
+def test_concurrent_build_creation_numbers_without_gaps_or_duplicates(store, make_repo):
+    repo = make_repo({".cirunner.yml": "pipeline: {t: {commands: [true]}}\n"})
+    numbers, errors = [], []
+
+    def create():
+        try:
+            for _ in range(5):
+                numbers.append(store.create_build(repo["id"], {"event": "manual"}, [{}])["number"])
+        except Exception as error:  # noqa: BLE001 - collected and asserted below
+            errors.append(error)
+
+    threads = [threading.Thread(target=create) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert sorted(numbers) == list(range(1, 41))
+
+
+def test_schema_is_versioned_and_reopening_keeps_data(data_dir, make_repo, store):
+    make_repo({".cirunner.yml": "pipeline: {t: {commands: [true]}}\n"})
+    again = cirunner.Store.open(data_dir)
+    try:
+        conn = sqlite3.connect(again.path)
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == len(cirunner._MIGRATIONS)
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert again.get_repo("alice", "hello")["name"] == "hello"
+    finally:
+        again.close()
+
+
+def test_cancel_kills_the_job_and_a_setsid_grandchild(store, make_repo, app, tmp_path):
+    pidfile = tmp_path / "pids"
+    repo = make_repo({".cirunner.yml": (
+        "pipeline:\n  t:\n    commands:\n"
+        "      - sleep 600 & echo $! >> \"$PIDFILE\"; setsid sleep 600 & echo $! >> \"$PIDFILE\"; "
+        "echo $$ >> \"$PIDFILE\"; wait\n")})
+    build = cirunner.create_build(store, repo, variables={"PIDFILE": str(pidfile)})
+    executor = cirunner.Executor(store, workers=1, grace=1.0)
+    executor.start()
+    try:
+        pids = wait_for(lambda: pidfile.exists() and len(pidfile.read_text().split()) == 3
+                        and [int(pid) for pid in pidfile.read_text().split()])
+        assert all(not process_gone(pid) for pid in pids)
+        started = time.monotonic()
+        response = app.delete("/api/repos/alice/hello/logs/1/1")
+        assert response.status_int == 200
+        wait_for(lambda: store.get_job(build["id"], 1)["status"] == cirunner.KILLED, timeout=5)
+        assert time.monotonic() - started < executor.grace + cirunner.STRAGGLER_SECONDS + 1.5
+        job = store.get_job(build["id"], 1)
+        assert job["error"] == "cancelled over the API"
+        wait_for(lambda: all(process_gone(pid) for pid in pids), timeout=3)
+        assert store.get_build_by_id(build["id"])["status"] == cirunner.KILLED
+        assert "cancelled over the API: stopping the job" in log_text(store, build, 1)
+    finally:
+        executor.stop()
+
+
+def test_cancel_pending_job_and_conflicts(store, make_repo, app):
+    repo = make_repo({".cirunner.yml": "pipeline: {t: {commands: [true]}}\n"})
+    build = cirunner.create_build(store, repo)
+    response = app.delete("/api/repos/alice/hello/builds/1/1")
+    assert response.json["status"] == cirunner.KILLED
+    assert response.json["jobs"][0]["status"] == cirunner.KILLED
+    assert store.claim_next_job("r") is None
+    app.delete("/api/repos/alice/hello/logs/1/1", status=409)
+    app.delete("/api/repos/alice/hello/logs/1/9", status=404)
+    assert store.get_build_by_id(build["id"])["status"] == cirunner.KILLED
+
+
+def test_restart_reuses_number_unless_fork(store, executor, make_repo, app):
+    repo = make_repo({".cirunner.yml": "pipeline: {t: {commands: ['echo run $EXTRA']}}\n"})
+    cirunner.create_build(store, repo, variables={"EXTRA": "first"})
+    executor.run_until_idle()
+    before = app.get("/api/repos/alice/hello/builds/1").json
+    assert before["status"] == cirunner.SUCCESS and before["started_at"] > 0
+    response = app.post("/api/repos/alice/hello/builds/1?EXTRA=second", status=202)
+    assert response.json["number"] == 1
+    assert response.json["status"] == cirunner.PENDING
+    assert (response.json["started_at"], response.json["finished_at"]) == (0, 0)
+    assert response.json["jobs"][0]["status"] == cirunner.PENDING
+    app.post("/api/repos/alice/hello/builds/1", status=409)  # while pending
+    executor.run_until_idle()
+    assert "run second" in app.get("/api/repos/alice/hello/logs/1/1").text
+    assert "run first" not in app.get("/api/repos/alice/hello/logs/1/1").text
+    fork = app.post("/api/repos/alice/hello/builds/1?fork=true", status=202).json
+    assert (fork["number"], fork["parent"]) == (2, 1)
+    assert fork["commit"] == before["commit"]
+    executor.run_until_idle()
+    assert app.get("/api/repos/alice/hello/builds/2").json["status"] == cirunner.SUCCESS
+    assert app.get("/api/repos/alice/hello/builds/latest").json["number"] == 2
+
+
+def test_restart_is_409_while_running(store, make_repo, app):
+    repo = make_repo({".cirunner.yml": "pipeline: {t: {commands: [true]}}\n"})
+    build = cirunner.create_build(store, repo)
+    store.claim_next_job("runner")
+    error = app.post("/api/repos/alice/hello/builds/1", status=409).json
+    assert error["error"] == "conflict" and error["status"] == 409
+    assert "running" in error["message"]
+    assert store.get_build_by_id(build["id"])["status"] == cirunner.RUNNING
+
+
+def test_recovery_marks_jobs_of_a_dead_runner_as_error(store, make_repo):
+    repo = make_repo({".cirunner.yml": "pipeline: {t: {commands: [true]}}\nmatrix: {N: ['1', '2']}\n"})
+    build = cirunner.create_build(store, repo)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    store.register_runner("gone", socket.gethostname(), dead.pid)
+    job = store.claim_next_job("gone")
+    store.append_log(job["id"], 0, 0, b"written before the crash\n")
+    executor = cirunner.Executor(store, workers=1)
+    executor.run_until_idle()
+    jobs = store.list_jobs(build["id"])
+    assert jobs[0]["status"] == cirunner.ERROR and "runner stopped" in jobs[0]["error"]
+    assert jobs[1]["status"] == cirunner.SUCCESS
+    assert store.get_build_by_id(build["id"])["status"] == cirunner.ERROR
+    assert b"".join(store.read_log(jobs[0]["id"])) == b"written before the crash\n"
+
+
+# -- HTTP API (WebTest) ------------------------------------------------------
+
+SEED_BUILD_FIELDS = {
+    "id": int, "number": int, "event": str, "status": str, "created_at": int,
+    "enqueued_at": int, "started_at": int, "finished_at": int, "commit": str, "branch": str,
+    "ref": str, "remote": str, "message": str, "timestamp": int, "author": str,
+    "author_avatar": str, "author_email": str, "link_url": str, "jobs": list,
+}
+SEED_JOB_FIELDS = {"id": int, "number": int, "status": str, "enqueued_at": int,
+                   "started_at": int, "finished_at": int, "exit_code": int, "environment": dict}
+
+
+def test_build_json_has_every_seed_field_and_type(store, executor, make_repo, app):
+    make_repo({".drone.yml": MATRIX_2X3})
+    created = app.post_json("/api/repos/alice/hello/builds", {"branch": "main"}, status=201).json
+    for field, kind in SEED_BUILD_FIELDS.items():
+        assert isinstance(created[field], kind) and not isinstance(created[field], bool), field
+    assert created["started_at"] == 0 and created["finished_at"] == 0  # unset times are 0
+    executor.run_until_idle()
+    build = app.get("/api/repos/alice/hello/builds/1").json
+    for field, kind in SEED_BUILD_FIELDS.items():
+        assert isinstance(build[field], kind), field
+    assert len(build["commit"]) == 40 and build["ref"] == "refs/heads/main"
+    assert build["author"] == "Ada Lovelace" and build["author_email"] == "ada@example.com"
+    assert build["message"] == "first commit" and build["timestamp"] > 1_600_000_000
+    assert build["author_avatar"].startswith("https://www.gravatar.com/avatar/")
+    assert build["status"] == "success" and build["finished_at"] >= build["started_at"] > 0
+    assert len(build["jobs"]) == 6
+    for job in build["jobs"]:
+        for field, kind in SEED_JOB_FIELDS.items():
+            assert isinstance(job[field], kind), field
+    assert build["jobs"][1]["environment"] == {"DB": "sqlite", "GO_VERSION": "1.10"}
+
+
+def test_create_build_from_query_form_or_json_with_variables(store, executor, make_repo, app):
+    make_repo({".cirunner.yml": "pipeline: {t: {commands: ['echo \"v=$V\"']}}\n"})
+    app.post("/api/repos/alice/hello/builds?branch=main&V=query", status=201)
+    app.post("/api/repos/alice/hello/builds", {"branch": "main", "V": "form"}, status=201)
+    app.post_json("/api/repos/alice/hello/builds", {"variables": {"V": "json"}}, status=201)
+    executor.run_until_idle()
+    assert [app.get(f"/api/repos/alice/hello/logs/{n}/1").text.splitlines()[-1]
+            for n in (1, 2, 3)] == ["v=query", "v=form", "v=json"]
+
+
+def test_list_builds_paginates_and_filters(store, executor, make_repo, app):
+    repo = make_repo({".cirunner.yml": "pipeline: {t: {commands: ['test \"$OK\" = yes']}}\n"})
+    for ok in ("yes", "no", "yes", "yes", "no"):
+        cirunner.create_build(store, repo, variables={"OK": ok})
+    executor.run_until_idle()
+    numbers = [b["number"] for b in app.get("/api/repos/alice/hello/builds").json]
+    assert numbers == [5, 4, 3, 2, 1]
+    page = app.get("/api/repos/alice/hello/builds?page=2&per_page=2").json
+    assert [b["number"] for b in page] == [3, 2]
+    failed = app.get("/api/repos/alice/hello/builds?status=failure").json
+    assert [b["number"] for b in failed] == [5, 2]
+    assert app.get("/api/repos/alice/hello/builds?branch=other").json == []
+    assert "jobs" not in page[0]
+
+
+def test_logs_offset_and_trailing_slash(store, executor, make_repo, app):
+    make_repo({".cirunner.yml": "pipeline: {t: {commands: ['printf abcdef']}}\n"})
+    app.post("/api/repos/alice/hello/builds", status=201)
+    executor.run_until_idle()
+    full = app.get("/api/repos/alice/hello/logs/1/1/")
+    assert full.content_type == "text/plain"
+    assert full.text.endswith("+ printf abcdef\nabcdef")
+    tail = app.get(f"/api/repos/alice/hello/logs/1/1?offset={len(full.body) - 3}").text
+    assert tail == "def"
+    assert app.get(f"/api/repos/alice/hello/logs/1/1?offset={len(full.body)}").text == ""
+
+
+def test_sse_follow_of_a_finished_job_sends_log_and_end_event(store, executor, make_repo, app):
+    make_repo({".cirunner.yml": "pipeline: {t: {commands: ['echo one', 'echo two']}}\n"})
+    app.post("/api/repos/alice/hello/builds", status=201)
+    executor.run_until_idle()
+    response = app.get("/api/repos/alice/hello/logs/1/1?follow=1")
+    assert response.content_type == "text/event-stream"
+    events = [block for block in response.text.split("\n\n") if block.startswith(("id:", "event:"))]
+    data = "".join(json.loads(block.split("data: ", 1)[1]) for block in events
+                   if block.startswith("id:"))
+    assert data == app.get("/api/repos/alice/hello/logs/1/1").text
+    end = json.loads(events[-1].split("data: ", 1)[1])
+    assert events[-1].startswith("event: end") and end["status"] == "success"
+    same = app.get("/api/repos/alice/hello/logs/1/1", headers={"Accept": "text/event-stream"})
+    assert same.text == response.text
+
+
+def test_repo_routes(app, tmp_path):
+    path = str(tmp_path / "r")
+    commit_files(path, {".cirunner.yml": "pipeline: {t: {commands: [true]}}\n"})
+    created = app.post_json("/api/repos/bob/tool", {"url": path, "branch": "main"}, status=201).json
+    assert created["full_name"] == "bob/tool" and created["default_branch"] == "main"
+    app.post_json("/api/repos/bob/tool", {"url": path}, status=409)
+    patched = app.patch_json("/api/repos/bob/tool", {"timeout": 5, "private": True}).json
+    assert (patched["timeout"], patched["private"]) == (5, True)
+    assert [repo["full_name"] for repo in app.get("/api/repos").json] == ["bob/tool"]
+    assert app.get("/api/repos/bob/tool").json["timeout"] == 5
+    app.delete("/api/repos/bob/tool", status=200)
+    app.get("/api/repos/bob/tool", status=404)
+
+
+BAD_REQUESTS = [
+    ("GET", "/api/repos/alice/hello/builds/abc", None, 400),
+    ("GET", "/api/repos/alice/hello/builds/0", None, 400),
+    ("GET", "/api/repos/alice/hello/builds/-1", None, 400),
+    ("GET", "/api/repos/alice/hello/builds/99", None, 404),
+    ("GET", "/api/repos/alice/nope/builds", None, 404),
+    ("GET", "/api/repos/alice/nope/builds/1", None, 404),
+    ("GET", "/api/repos/al%20ice/hello/builds", None, 400),
+    ("GET", "/api/repos/alice/../builds", None, 400),
+    ("GET", "/api/repos/alice/hello/builds?page=x", None, 400),
+    ("GET", "/api/repos/alice/hello/builds?per_page=1000", None, 400),
+    ("GET", "/api/repos/alice/hello/builds?status=green", None, 400),
+    ("GET", "/api/repos/alice/hello/logs/1/x", None, 400),
+    ("GET", "/api/repos/alice/hello/logs/1/7", None, 404),
+    ("GET", "/api/repos/alice/hello/logs/1/1?offset=-5", None, 400),
+    ("DELETE", "/api/repos/alice/hello/logs/x/1", None, 400),
+    ("DELETE", "/api/repos/alice/hello/builds/1/x", None, 400),
+    ("POST", "/api/repos/alice/hello/builds", b"{not json", 400),
+    ("POST", "/api/repos/alice/hello/builds", b"[1, 2]", 400),
+    ("POST", "/api/repos/alice/hello/builds", b'{"commit": "not-a-sha"}', 400),
+    ("POST", "/api/repos/alice/hello/builds", b'{"branch": "a b"}', 400),
+    ("POST", "/api/repos/alice/hello/builds", b'{"variables": {"1BAD": "x"}}', 400),
+    ("POST", "/api/repos/alice/hello/builds", b'{"variables": [1]}', 400),
+    ("POST", "/api/repos/alice/hello/builds", b'{"event": "party"}', 400),
+    ("POST", "/api/repos/alice/hello/builds", b"x" * (1024 * 1024 + 1), 413),
+    ("POST", "/api/repos/alice/hello/builds/1?fork=maybe", None, 400),
+    ("POST", "/api/repos/alice/hello/builds/abc", None, 400),
+    ("POST", "/api/repos/bob/new", b'{"url": "-oProxyCommand=evil"}', 400),
+    ("POST", "/api/repos/bob/new", b'{"url": "/no/such/dir"}', 400),
+    ("POST", "/api/repos/bob/new", b'{"branch": "main"}', 400),
+    ("POST", "/api/repos/bob/new", b'{"url": ".", "colour": "red"}', 400),
+    ("PATCH", "/api/repos/alice/hello", b'{"timeout": "soon"}', 400),
+    ("PATCH", "/api/repos/alice/hello", b'{"private": "perhaps"}', 400),
+    ("PATCH", "/api/repos/alice/hello", b'{"config_path": "../../etc/passwd"}', 400),
+    ("PUT", "/api/repos/alice/hello/builds", None, 405),
+    ("GET", "/api/no/such/route/at/all", None, 404),
+    ("GET", "/", None, 404),
+]
+
+
+@pytest.mark.parametrize("method, path, body, status", BAD_REQUESTS)
+def test_bad_input_gets_a_json_error_with_the_right_status(store, executor, make_repo, app,
+                                                           method, path, body, status):
+    repo = make_repo({".cirunner.yml": "pipeline: {t: {commands: [true]}}\n"})
+    cirunner.create_build(store, repo)
+    executor.run_until_idle()
+    response = app.request(path, method=method, body=body or b"", expect_errors=True,
+                           headers={"Content-Type": "application/json"})
+    assert response.status_int == status, response.text
+    assert response.content_type == "application/json"
+    assert response.json["status"] == status
+    assert response.json["error"] and response.json["message"]
+    # nothing was created by a rejected request
+    assert len(store.list_builds(store.get_repo("alice", "hello")["id"])) == 1
+
+
+# -- command line ------------------------------------------------------------
+
+
+def run_cli(*args, cwd=None, timeout=60):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CIRUNNER_")}
+    return subprocess.run([sys.executable, CIRUNNER, *args], cwd=cwd, env=env, text=True,
+                          capture_output=True, timeout=timeout, check=False)
+
+
+def test_cli_repo_add_build_wait_logs_and_exit_codes(tmp_path):
+    data = str(tmp_path / "data")
+    good, bad = str(tmp_path / "good"), str(tmp_path / "bad")
+    commit_files(good, {".drone.yml": MATRIX_2X3})
+    commit_files(bad, {".cirunner.yml": "pipeline: {t: {commands: ['echo failing', 'exit 4']}}\n"})
+    assert run_cli("repo", "add", "alice/good", "--url", good, "--data", data).returncode == 0
+    assert run_cli("repo", "add", "alice/bad", "--url", bad, "--data", data).returncode == 0
+    listed = run_cli("repo", "list", "--data", data).stdout
+    assert "alice/good" in listed and "alice/bad" in listed
+    result = run_cli("build", "alice/good", "--wait", "--data", data)
+    assert result.returncode == 0, result.stderr
+    assert "[6] axis GO_VERSION=1.10 DB=mysql" in result.stdout
+    assert "build 1: success" in result.stderr
+    result = run_cli("build", "alice/bad", "--wait", "--data", data)
+    assert result.returncode == 1
+    assert "[1] failing" in result.stdout and "build 1: failure" in result.stderr
+    logs = run_cli("logs", "alice/good", "1", "2", "--data", data)
+    assert "axis GO_VERSION=1.10 DB=sqlite" in logs.stdout
+    everything = run_cli("logs", "alice/good", "1", "--data", data).stdout
+    assert everything.count("--- job ") == 6
+    restarted = run_cli("restart", "alice/good", "1", "--fork", "--wait", "--data", data)
+    assert restarted.returncode == 0 and "build 2: success" in restarted.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["build", "nobody/nothing"], "repository nobody/nothing not found"),
+    (["build", "no-slash"], "expected OWNER/NAME"),
+    (["logs", "alice/x", "1"], "repository alice/x not found"),
+    (["repo", "add", "alice/x", "--url", "/definitely/not/here"], "does not exist"),
+    (["build", "alice/x", "--var", "novalue"], "--var expects NAME=VALUE"),
+])
+def test_cli_user_mistakes_print_one_line_without_traceback(tmp_path, args, message):
+    result = run_cli(*args, "--data", str(tmp_path / "data"))
+    assert result.returncode == 1
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_cli_exec_runs_a_working_directory_without_a_store(tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / ".cirunner.yml").write_text(
+        "pipeline:\n  t:\n    commands: ['echo \"$V in $(pwd)\"', 'test \"$V\" != b']\n"
+        "matrix: {V: [a, b]}\n")
+    (work / "uncommitted.txt").write_text("seen\n")
+    result = run_cli("exec", str(work))
+    assert result.returncode == 1
+    assert f"[1] a in {work}" in result.stdout and f"[2] b in {work}" in result.stdout
+    assert "job 2 (V=b): failure" in result.stderr
+    assert sorted(os.listdir(work)) == [".cirunner.yml", "uncommitted.txt"]  # no store file
+    (work / ".cirunner.yml").write_text("pipeline: {t: {commands: [cat uncommitted.txt]}}\n")
+    ok = run_cli("exec", cwd=str(work))
+    assert ok.returncode == 0 and "[1] seen" in ok.stdout
+
+
+def test_cli_matrix_prints_the_jobs(tmp_path):
+    path = tmp_path / ".drone.yml"
+    path.write_text(MATRIX_2X3)
+    result = run_cli("matrix", str(path))
+    assert result.stdout.splitlines() == [
+        "1\tDB=sqlite GO_VERSION=1.4", "2\tDB=sqlite GO_VERSION=1.10",
+        "3\tDB=postgres GO_VERSION=1.4", "4\tDB=postgres GO_VERSION=1.10",
+        "5\tDB=mysql GO_VERSION=1.4", "6\tDB=mysql GO_VERSION=1.10"]
+    path.write_text("pipeline: [oops]\n")
+    broken = run_cli("matrix", str(path))
+    assert broken.returncode == 1
+    assert broken.stderr.strip() == ("cirunner: .drone.yml line 1: 'pipeline' must be a "
+                                     "mapping of step names to steps")
+
+
+def test_main_returns_status_instead_of_exiting(tmp_path, capsys):
+    assert cirunner.main(["matrix", str(tmp_path / "missing.yml")]) == 1
+    assert cirunner.main(["no-such-command"]) == 2
+    assert "missing.yml" in capsys.readouterr().err
+
+
+# -- a real server -----------------------------------------------------------
+
+
+def test_cli_build_is_picked_up_promptly_by_a_running_server(tmp_path, servers):
+    data = str(tmp_path / "data")
+    repo = str(tmp_path / "repo")
+    commit_files(repo, {".cirunner.yml": "pipeline: {t: {commands: [echo picked-up]}}\n"})
+    run_cli("repo", "add", "alice/hello", "--url", repo, "--data", data)
+    server = servers(data)
+    started = time.monotonic()
+    result = run_cli("build", "alice/hello", "--wait", "--data", data)
+    assert result.returncode == 0, result.stderr
+    assert "[1] picked-up" in result.stdout
+    assert time.monotonic() - started < 10
+    status, build = http_json("GET", server.url + "/api/repos/alice/hello/builds/1")
+    # the server's runner ran it, not the CLI
+    assert status == 200 and build["status"] == "success"
+    store = cirunner.Store.open(data)
+    try:
+        history = store.list_statuses(build["id"])
+        runner_messages = [row["message"] for row in history if row["job_id"]]
+        assert any(f":{server.process.pid}:" in message for message in runner_messages)
+    finally:
+        store.close()
+
+
+def test_live_log_line_reaches_an_sse_client_within_a_second(tmp_path, servers):
+    repo = str(tmp_path / "repo")
+    gate = tmp_path / "gate"
+    commit_files(repo, {".cirunner.yml": (
+        "pipeline:\n  t:\n    commands:\n"
+        "      - while [ ! -e \"$GATE\" ]; do sleep 0.02; done; echo LIVE-LINE-$(date +%s%N)\n"
+        "      - sleep 1\n")})
+    server = servers(tmp_path / "data")
+    http_json("POST", server.url + "/api/repos/alice/hello", {"url": repo})
+    status, _ = http_json("POST", server.url + "/api/repos/alice/hello/builds",
+                          {"variables": {"GATE": str(gate)}})
+    assert status == 201
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    connection.request("GET", "/api/repos/alice/hello/logs/1/1?follow=1")
+    response = connection.getresponse()
+    assert response.status == 200
+    assert response.getheader("Content-Type").startswith("text/event-stream")
+    received = {}
+
+    def read_events():
+        text = ""
+        while "LIVE-LINE-" not in text.replace("echo LIVE-LINE", ""):
+            line = response.fp.readline().decode()
+            if not line:
+                return
+            if line.startswith("data: "):
+                text += json.loads(line[6:])
+        received["at"] = time.time_ns()
+        received["text"] = text
+
+    reader = threading.Thread(target=read_events)
+    reader.start()
+    time.sleep(0.3)  # the client is connected and waiting
+    gate.touch()
+    reader.join(10)
+    connection.close()
+    printed_ns = int(received["text"].split("LIVE-LINE-", 2)[-1].split()[0])
+    assert 0 <= received["at"] - printed_ns < 1_000_000_000
+
+
+def test_kill_9_of_serve_then_restart_recovers_the_job(tmp_path, servers):
+    repo = str(tmp_path / "repo")
+    pidfile = tmp_path / "pid"
+    commit_files(repo, {".cirunner.yml": (
+        "pipeline:\n  t:\n    commands:\n      - echo before-the-crash\n"
+        "      - echo $$ > \"$PIDFILE\"; sleep 600\n")})
+    data = tmp_path / "data"
+    server = servers(data)
+    http_json("POST", server.url + "/api/repos/alice/hello", {"url": repo})
+    http_json("POST", server.url + "/api/repos/alice/hello/builds",
+              {"variables": {"PIDFILE": str(pidfile)}})
+    wait_for(lambda: "before-the-crash\n" in http_text(
+        server.url + "/api/repos/alice/hello/logs/1/1").replace("echo before-the-crash", ""))
+    wait_for(pidfile.exists)
+    wait_for(lambda: pidfile.read_text().strip())
+    step_pid = int(pidfile.read_text())
+    server.process.send_signal(signal.SIGKILL)
+    server.process.wait()
+    server = servers(data)
+    status, build = http_json("GET", server.url + "/api/repos/alice/hello/builds/1")
+    assert status == 200
+    assert build["status"] == "error"
+    assert build["jobs"][0]["status"] == "error"
+    assert "runner stopped" in build["jobs"][0]["error"]
+    assert build["finished_at"] > 0
+    log = http_text(server.url + "/api/repos/alice/hello/logs/1/1")
+    assert "+ echo before-the-crash\nbefore-the-crash\n" in log
+    wait_for(lambda: process_gone(step_pid), timeout=5)  # leftovers of the lost job are killed
+    server.stop()
+    conn = sqlite3.connect(os.path.join(data, "cirunner.db"))
+    assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def test_sigterm_of_serve_kills_running_job_and_exits_zero(tmp_path, servers):
+    repo = str(tmp_path / "repo")
+    pidfile = tmp_path / "pid"
+    commit_files(repo, {".cirunner.yml": (
+        "pipeline:\n  t:\n    commands:\n      - sleep 600 & echo $! > \"$PIDFILE\"; wait\n")})
+    server = servers(tmp_path / "data")
+    http_json("POST", server.url + "/api/repos/alice/hello", {"url": repo})
+    http_json("POST", server.url + "/api/repos/alice/hello/builds",
+              {"variables": {"PIDFILE": str(pidfile)}})
+    wait_for(lambda: pidfile.exists() and pidfile.read_text().strip())
+    sleeper = int(pidfile.read_text())
+    started = time.monotonic()
+    server.process.send_signal(signal.SIGTERM)
+    assert server.process.wait(timeout=15) == 0
+    assert time.monotonic() - started < 2 + 10  # grace 2 s, plus the HTTP shutdown
+    assert process_gone(sleeper)
+    store = cirunner.Store.open(str(tmp_path / "data"))
+    try:
+        job = store.get_job_by_id(1)
+        assert job["status"] == cirunner.KILLED
+        assert job["error"] == "server shut down"
+        assert store.get_build_by_id(1)["status"] == cirunner.KILLED
+        assert store.active_runners() == []
+    finally:
+        store.close()
