@@ -998,3 +998,46 @@ def test_sigterm_of_serve_kills_running_job_and_exits_zero(tmp_path, servers):
         assert store.active_runners() == []
     finally:
         store.close()
+
+
+def test_sse_sends_heartbeats_while_a_job_is_silent(store, make_repo):
+    make_repo({".cirunner.yml": "pipeline: {t: {commands: ['echo begin', 'sleep 1.5', "
+                                "'echo done']}}\n"})
+    executor = cirunner.Executor(store, workers=1)
+    app = webtest.TestApp(cirunner.make_app(store, executor, heartbeat=0.4))
+    app.post("/api/repos/alice/hello/builds", status=201)
+    executor.start()
+    try:
+        text = app.get("/api/repos/alice/hello/logs/1/1?follow=true").text
+    finally:
+        executor.stop()
+    assert text.count(": heartbeat\n\n") >= 2
+    data = "".join(json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: \""))
+    assert data.endswith("begin\n+ sleep 1.5\n+ echo done\ndone\n")
+    assert text.rstrip().splitlines()[-2] == "event: end"
+
+
+def test_log_streams_past_the_cap_get_503(store, make_repo):
+    repo = make_repo({".cirunner.yml": "pipeline: {t: {commands: [true]}}\n"})
+    cirunner.create_build(store, repo)
+    app = webtest.TestApp(cirunner.make_app(store, max_streams=0))
+    response = app.get("/api/repos/alice/hello/logs/1/1?follow=1", status=503)
+    assert response.json["error"] == "unavailable"
+    assert app.get("/api/repos/alice/hello/logs/1/1").status_int == 200  # plain reads still work
+
+
+def test_cli_cancel_kills_pending_jobs(tmp_path):
+    data = str(tmp_path / "data")
+    repo = str(tmp_path / "repo")
+    commit_files(repo, {".cirunner.yml": "pipeline: {t: {commands: [true]}}\nmatrix: {N: [a, b]}\n"})
+    run_cli("repo", "add", "alice/hello", "--url", repo, "--data", data)
+    assert run_cli("build", "alice/hello", "--data", data).returncode == 0
+    result = run_cli("cancel", "alice/hello", "1", "2", "--data", data)
+    assert result.returncode == 0, result.stderr
+    store = cirunner.Store.open(data)
+    try:
+        assert [job["status"] for job in store.list_jobs(1)] == [cirunner.PENDING, cirunner.KILLED]
+    finally:
+        store.close()
+    again = run_cli("cancel", "alice/hello", "1", "2", "--data", data)
+    assert again.returncode == 1 and "job 2 is not pending or running" in again.stderr
