@@ -72,11 +72,13 @@ import dataclasses
 import fcntl
 import fnmatch
 import hashlib
+import hmac
 import itertools
 import json
 import logging
 import os
 import re
+import secrets
 import select
 import shlex
 import shutil
@@ -148,6 +150,11 @@ STRAGGLER_SECONDS = 0.5         # read on this long after a step's leader exits
 HEARTBEAT_SECONDS = 10.0
 RUNNER_LOST_SECONDS = 60.0      # a runner silent this long is gone
 MAX_SCRIPT_BYTES = 96 * 1024    # a step's script is one argv entry (Linux: 128 KiB)
+
+TOKEN_SCOPES = ("read", "write")
+TOKEN_PREFIX = "cir_"           # lets secret scanners recognise a leaked token
+MAX_DESCRIPTION = 10_000
+V1_PAGE_SIZE = 20
 
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,100}$")
 _ENV_NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -669,6 +676,10 @@ def _matrix_entries(matrix, key, filename):
     return [dict(entry) for entry in entries]
 
 
+def _axis_text(environment):
+    return " ".join(f"{name}={value}" for name, value in environment.items())
+
+
 def read_pipeline_file(directory, config_path=""):
     """Return (filename, text) of the pipeline file in a working `directory`.
 
@@ -815,6 +826,10 @@ _BUILD_FIELDS = ("parent", "event", "commit_sha", "branch", "ref", "remote", "me
 
 def _now():
     return int(time.time())
+
+
+def _token_hash(secret):
+    return hashlib.sha256(secret.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def _pid_alive(pid):
@@ -965,6 +980,81 @@ class Store:
             except Exception:  # noqa: BLE001 - one bad listener must not break a commit
                 _log.exception("store listener failed")
 
+    # -- users and tokens ---------------------------------------------------
+
+    def create_user(self, login, *, email="", admin=False):
+        """Add a user; raises Conflict if the login exists."""
+        _check_name(login, "login")
+        try:
+            with self._write() as conn:
+                conn.execute("INSERT INTO users (login, email, admin, created_at) "
+                             "VALUES (?, ?, ?, ?)", (login, email, int(admin), _now()))
+        except sqlite3.IntegrityError:
+            raise Conflict(f"user {login} already exists") from None
+        return self.get_user(login)
+
+    def get_user(self, login):
+        user = self._query_one("SELECT * FROM users WHERE login = ?", (login,))
+        if user is None:
+            raise NotFound(f"user {login} not found")
+        return user
+
+    def list_users(self):
+        return self._query("SELECT * FROM users ORDER BY login")
+
+    def user_count(self):
+        return self._connection().execute("SELECT count(*) FROM users").fetchone()[0]
+
+    def delete_user(self, login):
+        """Remove a user and every token of theirs."""
+        with self._write() as conn:
+            if not conn.execute("DELETE FROM users WHERE login = ?", (login,)).rowcount:
+                raise NotFound(f"user {login} not found")
+
+    def create_token(self, login, *, name="", scope="write"):
+        """Make a token for `login`; returns (token row, secret). Only the
+        SHA-256 of the secret is stored: the secret is shown this once."""
+        if scope not in TOKEN_SCOPES:
+            raise BadRequest(f"scope must be one of {', '.join(TOKEN_SCOPES)}")
+        user = self.get_user(login)
+        secret = TOKEN_PREFIX + secrets.token_urlsafe(32)
+        with self._write() as conn:
+            token_id = conn.execute(
+                "INSERT INTO tokens (user_id, name, hash, scope, created_at) VALUES (?, ?, ?, ?, ?)",
+                (user["id"], name, _token_hash(secret), scope, _now())).lastrowid
+        return self._query_one("SELECT * FROM tokens WHERE id = ?", (token_id,)), secret
+
+    def list_tokens(self, login=None):
+        """Tokens (never their secrets), with their user's login."""
+        sql = ("SELECT t.id, t.name, t.scope, t.created_at, t.last_used_at, u.login "
+               "FROM tokens t JOIN users u ON u.id = t.user_id")
+        if login:
+            self.get_user(login)
+            return self._query(sql + " WHERE u.login = ? ORDER BY t.id", (login,))
+        return self._query(sql + " ORDER BY t.id")
+
+    def revoke_token(self, token_id):
+        with self._write() as conn:
+            if not conn.execute("DELETE FROM tokens WHERE id = ?", (token_id,)).rowcount:
+                raise NotFound(f"token {token_id} not found")
+
+    def authenticate(self, secret):
+        """The user a token secret belongs to (with its token's scope), or None."""
+        digest = _token_hash(secret)
+        row = self._query_one(
+            "SELECT u.*, t.id AS token_id, t.scope, t.hash, t.last_used_at FROM tokens t "
+            "JOIN users u ON u.id = t.user_id WHERE t.hash = ?", (digest,))
+        # The lookup is by hash, so its timing says nothing about the secret;
+        # the comparison is constant-time all the same.
+        if row is None or not hmac.compare_digest(row.pop("hash"), digest):
+            return None
+        now = _now()
+        if row["last_used_at"] < now - 60:  # at most one write a minute per token
+            with contextlib.suppress(sqlite3.OperationalError):
+                self._connection().execute("UPDATE tokens SET last_used_at = ? WHERE id = ?",
+                                           (now, row["token_id"]))
+        return row
+
     # -- repositories --------------------------------------------------------
 
     def create_repo(self, owner, name, url, **fields):
@@ -1103,19 +1193,44 @@ class Store:
             raise NotFound("no build yet" + (f" on branch {branch}" if branch else ""))
         return build
 
-    def list_builds(self, repo_id, *, page=1, per_page=DEFAULT_PER_PAGE, branch=None, status=None):
+    def list_builds(self, repo_id, *, offset=0, limit=DEFAULT_PER_PAGE, branch=None,
+                    status=None):
         """Builds of a repository, newest first."""
-        sql = "SELECT * FROM builds WHERE repo_id = ?"
-        params = [repo_id]
+        where, params = self._build_filter(repo_id, branch, status)
+        return self._query(f"SELECT * FROM builds WHERE {where} ORDER BY number DESC "
+                           "LIMIT ? OFFSET ?", (*params, limit, offset))
+
+    def count_builds(self, repo_id, *, branch=None, status=None):
+        where, params = self._build_filter(repo_id, branch, status)
+        return self._connection().execute(f"SELECT count(*) FROM builds WHERE {where}",
+                                          params).fetchone()[0]
+
+    @staticmethod
+    def _build_filter(repo_id, branch, status):
+        where, params = "repo_id = ?", [repo_id]
         if branch:
-            sql += " AND branch = ?"
+            where += " AND branch = ?"
             params.append(branch)
         if status:
-            sql += " AND status = ?"
+            where += " AND status = ?"
             params.append(status)
-        sql += " ORDER BY number DESC LIMIT ? OFFSET ?"
-        params += [per_page, (page - 1) * per_page]
-        return self._query(sql, params)
+        return where, params
+
+    def update_build(self, build_id, *, description=None, tags=None, pinned=None):
+        """Change a build's description, tags (a list) or pinned flag."""
+        values = {}
+        if description is not None:
+            values["description"] = description
+        if tags is not None:
+            values["tags"] = json.dumps(tags)
+        if pinned is not None:
+            values["pinned"] = int(pinned)
+        if values:
+            assignments = ", ".join(f"{key} = ?" for key in values)
+            with self._write() as conn:
+                conn.execute(f"UPDATE builds SET {assignments} WHERE id = ?",
+                             (*values.values(), build_id))
+        return self.get_build_by_id(build_id)
 
     def delete_build(self, build_id):
         """Delete a finished build with its jobs, statuses and logs."""
@@ -1280,11 +1395,23 @@ class Store:
         if status != build["status"]:
             self._record_status(conn, build_id, None, status, message, now)
 
-    def list_statuses(self, build_id):
+    def list_statuses(self, build_id, *, offset=0, limit=-1):
         """The build's status history, oldest first."""
         return self._query("SELECT s.*, j.number AS job_number FROM statuses s "
                            "LEFT JOIN jobs j ON j.id = s.job_id WHERE s.build_id = ? "
-                           "ORDER BY s.id", (build_id,))
+                           "ORDER BY s.id LIMIT ? OFFSET ?", (build_id, limit, offset))
+
+    def count_statuses(self, build_id):
+        return self._connection().execute("SELECT count(*) FROM statuses WHERE build_id = ?",
+                                          (build_id,)).fetchone()[0]
+
+    def get_status(self, build_id, status_id):
+        row = self._query_one("SELECT s.*, j.number AS job_number FROM statuses s "
+                              "LEFT JOIN jobs j ON j.id = s.job_id "
+                              "WHERE s.build_id = ? AND s.id = ?", (build_id, status_id))
+        if row is None:
+            raise NotFound(f"status {status_id} not found")
+        return row
 
     # -- runners ------------------------------------------------------------
 
@@ -2296,10 +2423,82 @@ def _repo_fields(params, *, creating):
     return fields
 
 
+def _parse_authorization(header):
+    """The token of an ``Authorization: Token T`` or ``Bearer T`` header.
+
+    Raises Unauthorized for a scheme alone, another scheme, or a token with
+    spaces in it.
+    """
+    parts = header.strip().split(" ")
+    if len(parts) == 1:
+        raise Unauthorized("no credentials: send 'Authorization: Token <token>'")
+    if parts[0].lower() not in ("token", "bearer"):
+        raise Unauthorized(f"unsupported authorization scheme {parts[0]!r}: use Token or Bearer")
+    if len(parts) != 2 or not parts[1]:
+        raise Unauthorized("malformed token: a token has no spaces")
+    return parts[1]
+
+
+def _paginated(results, count, offset, limit):
+    """A list in the project dialect's shape: {count, next, previous, results}."""
+    url = bottle.request.url.split("?")[0]
+    query = {key: value for key, value in bottle.request.query.decode().items()
+             if key not in ("offset", "limit")}
+
+    def link(new_offset):
+        params = dict(query, limit=str(limit), offset=str(new_offset))
+        return url + "?" + "&".join(f"{key}={bottle.urlquote(value)}"
+                                    for key, value in params.items())
+
+    return {"count": count,
+            "next": link(offset + limit) if offset + limit < count else None,
+            "previous": link(max(0, offset - limit)) if offset > 0 else None,
+            "results": results}
+
+
+def _status_json(row):
+    return {"id": row["id"], "status": row["status"], "message": row["message"],
+            "created_at": row["created_at"], "job": row["job_number"]}
+
+
+def _patch_fields(body):
+    """Validate a build PATCH: description, tags (+ merge), pinned; else 400."""
+    read_only = ("id", "number", "parent", "event", "status", "error", "created_at",
+                 "enqueued_at", "started_at", "finished_at", "commit", "branch", "ref", "remote",
+                 "message", "timestamp", "author", "author_avatar", "author_email", "link_url",
+                 "jobs", "variables")
+    fields = {}
+    for key, value in body.items():
+        if key == "description":
+            if not isinstance(value, str):
+                raise BadRequest("description must be a string")
+            if len(value) > MAX_DESCRIPTION:
+                raise BadRequest(f"description is longer than {MAX_DESCRIPTION} characters")
+            fields[key] = value
+        elif key == "tags":
+            if not isinstance(value, list) or not all(isinstance(tag, str) and tag
+                                                      for tag in value):
+                raise BadRequest("tags must be a list of non-empty strings")
+            fields[key] = list(dict.fromkeys(value))
+        elif key == "pinned":
+            if not isinstance(value, bool):
+                raise BadRequest("pinned must be true or false")
+            fields[key] = value
+        elif key == "merge":
+            if not isinstance(value, bool):
+                raise BadRequest("merge must be true or false")
+        elif key in read_only:
+            raise BadRequest(f"field {key!r} is read-only")
+        else:
+            raise BadRequest(f"unknown field {key!r}: only description, tags, merge and "
+                             "pinned can change")
+    return fields
+
+
 def make_app(store, executor=None, *, data_dir=None, max_body=DEFAULT_MAX_BODY,
              max_streams=DEFAULT_HTTP_THREADS - 4, heartbeat=SSE_HEARTBEAT_SECONDS,
              max_jobs=DEFAULT_MAX_JOBS):
-    """Build the Bottle WSGI app serving the API over `store`.
+    """Build the Bottle WSGI app serving both API dialects over `store`.
 
     `executor` is optional: jobs run wherever an executor shares the store.
     `max_body` bytes is the largest request body (413 beyond); `max_streams`
@@ -2329,6 +2528,8 @@ def make_app(store, executor=None, *, data_dir=None, max_body=DEFAULT_MAX_BODY,
         if int(length) > max_body:
             raise _error_response(TooLarge(f"request body larger than {max_body} bytes"))
 
+    # -- request input ------------------------------------------------------
+
     def body_params():
         """The request body as a dict: JSON, or a form (Drone's clients send forms)."""
         stream = request.environ.get("wsgi.input")
@@ -2350,30 +2551,93 @@ def make_app(store, executor=None, *, data_dir=None, max_body=DEFAULT_MAX_BODY,
         return data
 
     def query_params():
-        return dict(request.query.decode().items())
+        params = dict(request.query.decode().items())
+        for key in _RESERVED_PARAMS:
+            params.pop(key, None)
+        return params
 
     def all_params():
         params = query_params()
         params.update(body_params())
         return params
 
-    def find_repo(owner, name):
+    # -- who is calling, and may they --------------------------------------
+
+    def current_user():
+        """The authenticated user (a dict with the token's scope), or None for a
+        guest. Bad, unknown or revoked credentials are 401 wherever they appear."""
+        if "cirunner.user" in request.environ:
+            return request.environ["cirunner.user"]
+        header = request.get_header("Authorization")
+        secret = _parse_authorization(header) if header is not None else (
+            request.query.get("access_token") or None)
+        user = None
+        if secret is not None:
+            user = store.authenticate(secret)
+            if user is None:
+                raise Unauthorized("invalid or revoked token")
+        request.environ["cirunner.user"] = user
+        return user
+
+    def may_read(user, repo):
+        return not repo["private"] or (user is not None and (
+            user["admin"] or user["login"] == repo["owner"]))
+
+    def require_read(repo):
+        user = current_user()
+        if not may_read(user, repo):
+            if user is None:
+                raise Unauthorized("this repository needs a token")
+            raise NotFound(f"repository {repo['owner']}/{repo['name']} not found")
+        return user
+
+    def require_write(owner, repo=None):
+        """Writes need a write-scope token of the owner, or of an admin."""
+        user = require_read(repo) if repo is not None else current_user()
+        if user is None:
+            raise Unauthorized("this action needs a token")
+        if user["scope"] != "write":
+            raise Forbidden("this token is read-only")
+        if not (user["admin"] or user["login"] == owner):
+            raise Forbidden(f"only {owner} or an admin may change this")
+        return user
+
+    def find_repo(owner, name, *, write=False):
         _check_name(owner, "owner")
         _check_name(name, "repository name")
-        return store.get_repo(owner, name)
+        try:
+            repo = store.get_repo(owner, name)
+        except NotFound:
+            # A guest learns nothing more from a missing repo than from a private one.
+            current_user()
+            raise
+        if write:
+            require_write(owner, repo)
+        else:
+            require_read(repo)
+        return repo
 
     def find_build(repo, number):
         if number == "latest":
             return store.latest_build(repo["id"], query_params().get("branch") or None)
         return store.get_build(repo["id"], _positive_int(number, "build number"))
 
-    def find_job(owner, name, number, job_number):
-        repo = find_repo(owner, name)
+    def find_build_by_id(repo, build_id):
+        build = store.get_build_by_id(_positive_int(build_id, "build id"))
+        if build["repo_id"] != repo["id"]:
+            raise NotFound(f"build {build_id} not found")
+        return build
+
+    def find_job(owner, name, number, job_number, *, write=False):
+        repo = find_repo(owner, name, write=write)
         build = find_build(repo, number)
         return repo, build, store.get_job(build["id"], _positive_int(job_number, "job number"))
 
     def build_response(build, status=200):
         return _json_response(_build_json(build, store.list_jobs(build["id"])), status)
+
+    def who(user):
+        return user["login"] if user else "someone"
 
     # -- meta ---------------------------------------------------------------
 
@@ -2386,16 +2650,23 @@ def make_app(store, executor=None, *, data_dir=None, max_body=DEFAULT_MAX_BODY,
         store.data_version()
         return {"status": "ok"}
 
+    @app.get("/api/openapi.json")
+    def openapi():
+        return _openapi_document()
+
     # -- repositories -------------------------------------------------------
 
     @app.get("/api/repos")
     def list_repos():
-        return _json_response([_repo_json(repo) for repo in store.list_repos()])
+        user = current_user()
+        return _json_response([_repo_json(repo) for repo in store.list_repos()
+                               if may_read(user, repo)])
 
     @app.post("/api/repos/<owner>/<name>")
     def add_repo(owner, name):
         _check_name(owner, "owner")
         _check_name(name, "repository name")
+        require_write(owner)
         fields = _repo_fields(all_params(), creating=True)
         url = fields.pop("url")
         return _json_response(_repo_json(store.create_repo(owner, name, url, **fields)), 201)
@@ -2406,36 +2677,39 @@ def make_app(store, executor=None, *, data_dir=None, max_body=DEFAULT_MAX_BODY,
 
     @app.route("/api/repos/<owner>/<name>", method="PATCH")
     def update_repo(owner, name):
-        repo = find_repo(owner, name)
+        repo = find_repo(owner, name, write=True)
         return _repo_json(store.update_repo(repo["id"], **_repo_fields(body_params(),
                                                                         creating=False)))
 
     @app.delete("/api/repos/<owner>/<name>")
     def delete_repo(owner, name):
-        repo = find_repo(owner, name)
+        repo = find_repo(owner, name, write=True)
         store.delete_repo(repo["id"])
         shutil.rmtree(_mirror_path(data_dir, repo), ignore_errors=True)
         shutil.rmtree(os.path.join(data_dir, "workspaces", owner, name), ignore_errors=True)
         return {"deleted": f"{owner}/{name}"}
 
-    # -- builds -------------------------------------------------------------
+    # -- builds (Drone dialect) ---------------------------------------------
+
+    def build_filters(params):
+        status = params.get("status") or None
+        if status is not None and status not in STATUSES:
+            raise BadRequest(f"status must be one of {', '.join(STATUSES)}")
+        return {"branch": params.get("branch") or None, "status": status}
 
     @app.get("/api/repos/<owner>/<name>/builds")
     def list_builds(owner, name):
         repo = find_repo(owner, name)
         params = query_params()
-        status = params.get("status") or None
-        if status is not None and status not in STATUSES:
-            raise BadRequest(f"status must be one of {', '.join(STATUSES)}")
-        builds = store.list_builds(
-            repo["id"], page=_int_param(params, "page", 1, 1, 10 ** 9),
-            per_page=_int_param(params, "per_page", DEFAULT_PER_PAGE, 1, MAX_PER_PAGE),
-            branch=params.get("branch") or None, status=status)
+        per_page = _int_param(params, "per_page", DEFAULT_PER_PAGE, 1, MAX_PER_PAGE)
+        page = _int_param(params, "page", 1, 1, 10 ** 9)
+        builds = store.list_builds(repo["id"], offset=(page - 1) * per_page, limit=per_page,
+                                   **build_filters(params))
         return _json_response([_build_json(build) for build in builds])
 
     @app.post("/api/repos/<owner>/<name>/builds")
     def start_build(owner, name):
-        repo = find_repo(owner, name)
+        repo = find_repo(owner, name, write=True)
         params = all_params()
         variables = params.pop("variables", None) or {}
         if not isinstance(variables, dict):
@@ -2443,8 +2717,6 @@ def make_app(store, executor=None, *, data_dir=None, max_body=DEFAULT_MAX_BODY,
         branch = params.pop("branch", "") or ""
         commit = params.pop("commit", "") or ""
         event = params.pop("event", EVENT_MANUAL) or EVENT_MANUAL
-        for key in _RESERVED_PARAMS:
-            params.pop(key, None)
         variables = {**params, **variables}  # any other key is a variable, as in Drone
         build = create_build(store, repo, branch=branch, commit=commit, variables=variables,
                              event=event, data_dir=data_dir, max_jobs=max_jobs)
@@ -2456,27 +2728,28 @@ def make_app(store, executor=None, *, data_dir=None, max_body=DEFAULT_MAX_BODY,
 
     @app.post("/api/repos/<owner>/<name>/builds/<number>")
     def restart(owner, name, number):
-        repo = find_repo(owner, name)
+        repo = find_repo(owner, name, write=True)
         build = find_build(repo, number)
         params = all_params()
         fork = _bool_value(params.pop("fork", "false"), "fork")
-        for key in _RESERVED_PARAMS:
-            params.pop(key, None)
         build = restart_build(store, repo, build["number"], fork=fork, variables=params,
                               data_dir=data_dir, max_jobs=max_jobs)
         return build_response(build, 202)
 
     @app.delete("/api/repos/<owner>/<name>/builds/<number>")
     def cancel_build(owner, name, number):
-        build = find_build(find_repo(owner, name), number)
-        return build_response(store.cancel_jobs(build["id"], message="cancelled over the API"))
+        repo = find_repo(owner, name, write=True)
+        build = find_build(repo, number)
+        return build_response(store.cancel_jobs(
+            build["id"], message=f"cancelled by {who(current_user())} over the API"))
 
     @app.delete("/api/repos/<owner>/<name>/builds/<number>/<job_number>")
     @app.delete("/api/repos/<owner>/<name>/logs/<number>/<job_number>")
     def cancel_job(owner, name, number, job_number):
-        _, build, job = find_job(owner, name, number, job_number)
-        return build_response(store.cancel_jobs(build["id"], job["number"],
-                                                message="cancelled over the API"))
+        _, build, job = find_job(owner, name, number, job_number, write=True)
+        return build_response(store.cancel_jobs(
+            build["id"], job["number"],
+            message=f"cancelled by {who(current_user())} over the API"))
 
     # -- logs ---------------------------------------------------------------
 
@@ -2537,7 +2810,309 @@ def make_app(store, executor=None, *, data_dir=None, max_body=DEFAULT_MAX_BODY,
             with streams_lock:
                 streams["open"] -= 1
 
+    # -- project dialect (/api/v1) ------------------------------------------
+
+    def page_params():
+        params = query_params()
+        return (_int_param(params, "offset", 0, 0, 10 ** 12),
+                _int_param(params, "limit", V1_PAGE_SIZE, 1, MAX_PER_PAGE))
+
+    @app.get("/api/v1/<owner>/<name>/builds")
+    def v1_list_builds(owner, name):
+        repo = find_repo(owner, name)
+        offset, limit = page_params()
+        filters = build_filters(query_params())
+        builds = store.list_builds(repo["id"], offset=offset, limit=limit, **filters)
+        return _paginated([_build_json(build) for build in builds],
+                          store.count_builds(repo["id"], **filters), offset, limit)
+
+    @app.get("/api/v1/<owner>/<name>/builds/<build_id>")
+    def v1_get_build(owner, name, build_id):
+        return build_response(find_build_by_id(find_repo(owner, name), build_id))
+
+    @app.route("/api/v1/<owner>/<name>/builds/<build_id>", method="PATCH")
+    def v1_update_build(owner, name, build_id):
+        build = find_build_by_id(find_repo(owner, name, write=True), build_id)
+        body = body_params()
+        fields = _patch_fields(body)
+        if "tags" in fields and body.get("merge"):
+            existing = json.loads(build["tags"] or "[]")
+            fields["tags"] = list(dict.fromkeys(existing + fields["tags"]))
+        return build_response(store.update_build(build["id"], **fields))
+
+    @app.delete("/api/v1/<owner>/<name>/builds/<build_id>")
+    def v1_delete_build(owner, name, build_id):
+        repo = find_repo(owner, name, write=True)
+        build = find_build_by_id(repo, build_id)
+        store.delete_build(build["id"])
+        shutil.rmtree(os.path.join(data_dir, "workspaces", owner, name, str(build["number"])),
+                      ignore_errors=True)
+        return {"id": build["id"], "number": build["number"], "deleted": True}
+
+    @app.post("/api/v1/<owner>/<name>/builds/<build_id>")
+    @app.post("/api/v1/<owner>/<name>/builds/<build_id>/stop")
+    def v1_stop_build(owner, name, build_id):
+        build = find_build_by_id(find_repo(owner, name, write=True), build_id)
+        if build["status"] not in ACTIVE_STATUSES:
+            raise Conflict(f"build {build['number']} has already finished ({build['status']})")
+        return build_response(store.cancel_jobs(
+            build["id"], pending_status=SKIPPED,
+            message=f"stopped by {who(current_user())}"))
+
+    @app.get("/api/v1/<owner>/<name>/builds/<build_id>/statuses")
+    def v1_statuses(owner, name, build_id):
+        build = find_build_by_id(find_repo(owner, name), build_id)
+        offset, limit = page_params()
+        rows = store.list_statuses(build["id"], offset=offset, limit=limit)
+        return _paginated([_status_json(row) for row in rows], store.count_statuses(build["id"]),
+                          offset, limit)
+
+    @app.get("/api/v1/<owner>/<name>/builds/<build_id>/statuses/<status_id>")
+    def v1_status(owner, name, build_id, status_id):
+        build = find_build_by_id(find_repo(owner, name), build_id)
+        return _status_json(store.get_status(build["id"], _positive_int(status_id, "status id")))
+
+    @app.get("/api/v1/<owner>/<name>/builds/<build_id>/logs")
+    def v1_logs(owner, name, build_id):
+        build = find_build_by_id(find_repo(owner, name), build_id)
+        jobs = store.list_jobs(build["id"])
+        bottle.response.content_type = "text/plain; charset=utf-8"
+
+        def all_logs():
+            for job in jobs:
+                axis = _axis_text(json.loads(job["environment"] or "{}"))
+                yield (f"=== job {job['number']}{' (' + axis + ')' if axis else ''}: "
+                       f"{job['status']} ===\n").encode()
+                yield from store.read_log(job["id"])
+                yield b"\n"
+
+        return all_logs()
+
     return app
+
+
+def _openapi_document():
+    """The OpenAPI 3 description of every route (served at /api/openapi.json)."""
+    def ref(name):
+        return {"$ref": f"#/components/schemas/{name}"}
+
+    def error_responses(*codes):
+        return {str(code): {"description": description, "content": {
+            "application/json": {"schema": ref("Error")}}}
+            for code, description in (
+                (400, "bad input"), (401, "no or bad credentials"), (403, "not allowed"),
+                (404, "unknown"), (409, "conflict with the current state"),
+                (413, "body too large"), (503, "too many live streams"))
+            if code in codes}
+
+    def json_body(schema, description="JSON, or a form"):
+        return {"required": False, "description": description, "content": {
+            "application/json": {"schema": schema},
+            "application/x-www-form-urlencoded": {"schema": schema}}}
+
+    def ok(schema, code="200", description="success"):
+        return {code: {"description": description,
+                       "content": {"application/json": {"schema": schema}}}}
+
+    def text(code="200"):
+        return {code: {"description": "text", "content": {
+            "text/plain": {"schema": {"type": "string"}}}}}
+
+    def path_param(name, schema=None, description=""):
+        return {"name": name, "in": "path", "required": True, "description": description,
+                "schema": schema or {"type": "string"}}
+
+    def query_param(name, schema, description=""):
+        return {"name": name, "in": "query", "required": False, "description": description,
+                "schema": schema}
+
+    name_schema = {"type": "string", "pattern": "^[A-Za-z0-9._-]{1,100}$"}
+    repo_params = [path_param("owner", name_schema), path_param("name", name_schema)]
+    number = {"oneOf": [{"type": "integer", "minimum": 1}, {"type": "string", "enum": ["latest"]}]}
+    positive = {"type": "integer", "minimum": 1}
+    build_params = repo_params + [path_param("number", number, "build number or 'latest'")]
+    job_params = build_params + [path_param("job", positive, "job number")]
+    v1_params = repo_params + [path_param("id", positive, "the build's global id")]
+    read_errors = error_responses(400, 401, 404)
+    write_errors = error_responses(400, 401, 403, 404, 409, 413)
+    status_enum = {"type": "string", "enum": list(STATUSES)}
+    repo_fields = {
+        "url": {"type": "string"}, "default_branch": {"type": "string"},
+        "config_path": {"type": "string"}, "private": {"type": "boolean"},
+        "timeout": {"type": "integer", "minimum": 1, "maximum": 10080},
+        "max_builds": {"type": "integer", "minimum": 0, "maximum": 1000}}
+    time_field = {"type": "integer", "description": "Unix seconds; 0 when unset"}
+    paginated = {"type": "object", "required": ["count", "next", "previous", "results"],
+                 "properties": {"count": {"type": "integer"},
+                                "next": {"type": "string", "nullable": True},
+                                "previous": {"type": "string", "nullable": True}}}
+    schemas = {
+        "Error": {"type": "object", "required": ["error", "message", "status"], "properties": {
+            "error": {"type": "string"}, "message": {"type": "string"},
+            "status": {"type": "integer"}}},
+        "Repo": {"type": "object", "required": ["id", "owner", "name", "full_name"],
+                 "properties": {
+                     "id": {"type": "integer"}, "owner": {"type": "string"},
+                     "name": {"type": "string"}, "full_name": {"type": "string"},
+                     "clone_url": {"type": "string"}, "default_branch": {"type": "string"},
+                     "config_path": {"type": "string"}, "private": {"type": "boolean"},
+                     "timeout": {"type": "integer"}, "max_builds": {"type": "integer"},
+                     "last_build_number": {"type": "integer"}, "created_at": time_field}},
+        "Job": {"type": "object", "required": ["id", "number", "status", "enqueued_at",
+                                               "started_at", "finished_at", "exit_code",
+                                               "environment"],
+                "properties": {
+                    "id": {"type": "integer"}, "build_id": {"type": "integer"},
+                    "number": {"type": "integer"}, "status": status_enum,
+                    "error": {"type": "string"}, "exit_code": {"type": "integer"},
+                    "enqueued_at": time_field, "started_at": time_field,
+                    "finished_at": time_field,
+                    "environment": {"type": "object",
+                                    "additionalProperties": {"type": "string"}}}},
+        "Build": {"type": "object", "required": [
+            "id", "number", "event", "status", "created_at", "enqueued_at", "started_at",
+            "finished_at", "commit", "branch", "ref", "remote", "message", "timestamp",
+            "author", "author_avatar", "author_email", "link_url"], "properties": {
+                "id": {"type": "integer"}, "number": {"type": "integer"},
+                "parent": {"type": "integer"}, "event": {"type": "string"},
+                "status": status_enum, "error": {"type": "string"},
+                "created_at": time_field, "enqueued_at": time_field,
+                "started_at": time_field, "finished_at": time_field,
+                "commit": {"type": "string"}, "branch": {"type": "string"},
+                "ref": {"type": "string"}, "remote": {"type": "string"},
+                "message": {"type": "string"}, "timestamp": {"type": "integer"},
+                "author": {"type": "string"}, "author_avatar": {"type": "string"},
+                "author_email": {"type": "string"}, "link_url": {"type": "string"},
+                "description": {"type": "string"},
+                "tags": {"type": "array", "items": {"type": "string"}},
+                "pinned": {"type": "boolean"},
+                "variables": {"type": "object", "additionalProperties": {"type": "string"}},
+                "jobs": {"type": "array", "items": ref("Job")}}},
+        "Status": {"type": "object", "required": ["id", "status", "message", "created_at", "job"],
+                   "properties": {"id": {"type": "integer"}, "status": status_enum,
+                                  "message": {"type": "string"}, "created_at": time_field,
+                                  "job": {"type": "integer", "nullable": True}}},
+        "BuildPage": {**paginated, "properties": {**paginated["properties"], "results": {
+            "type": "array", "items": ref("Build")}}},
+        "StatusPage": {**paginated, "properties": {**paginated["properties"], "results": {
+            "type": "array", "items": ref("Status")}}},
+    }
+    paths = {
+        "/api/version": {"get": {"summary": "server version", "security": [], "responses": ok(
+            {"type": "object", "properties": {"version": {"type": "string"}}})}},
+        "/healthz": {"get": {"summary": "health check", "security": [], "responses": ok(
+            {"type": "object", "properties": {"status": {"type": "string"}}})}},
+        "/api/openapi.json": {"get": {"summary": "this document", "security": [],
+                                      "responses": ok({"type": "object"})}},
+        "/api/repos": {"get": {"summary": "repositories the caller may read",
+                               "responses": {**ok({"type": "array", "items": ref("Repo")}),
+                                             **error_responses(401)}}},
+        "/api/repos/{owner}/{name}": {
+            "parameters": repo_params,
+            "get": {"summary": "a repository", "responses": {**ok(ref("Repo")), **read_errors}},
+            "post": {"summary": "add a repository", "requestBody": json_body(
+                {"type": "object", "properties": repo_fields, "required": ["url"]}),
+                "responses": {**ok(ref("Repo"), "201"), **write_errors}},
+            "patch": {"summary": "change repository settings", "requestBody": json_body(
+                {"type": "object", "properties": repo_fields}, "JSON"),
+                "responses": {**ok(ref("Repo")), **write_errors}},
+            "delete": {"summary": "remove a repository and its builds", "responses": {
+                **ok({"type": "object"}), **write_errors}}},
+        "/api/repos/{owner}/{name}/builds": {
+            "parameters": repo_params,
+            "get": {"summary": "builds, newest first", "parameters": [
+                query_param("page", positive), query_param("per_page", {
+                    "type": "integer", "minimum": 1, "maximum": MAX_PER_PAGE}),
+                query_param("branch", {"type": "string"}), query_param("status", status_enum)],
+                "responses": {**ok({"type": "array", "items": ref("Build")}), **read_errors}},
+            "post": {"summary": "start a build", "requestBody": json_body(
+                {"type": "object", "properties": {
+                    "branch": {"type": "string"}, "commit": {"type": "string"},
+                    "variables": {"type": "object",
+                                  "additionalProperties": {"type": "string"}}}}),
+                "responses": {**ok(ref("Build"), "201"), **write_errors}}},
+        "/api/repos/{owner}/{name}/builds/{number}": {
+            "parameters": build_params,
+            "get": {"summary": "a build with its jobs", "parameters": [
+                query_param("branch", {"type": "string"}, "with 'latest'")],
+                "responses": {**ok(ref("Build")), **read_errors}},
+            "post": {"summary": "restart a finished build", "parameters": [
+                query_param("fork", {"type": "boolean"})],
+                "responses": {**ok(ref("Build"), "202"), **write_errors}},
+            "delete": {"summary": "cancel the build's active jobs",
+                       "responses": {**ok(ref("Build")), **write_errors}}},
+        "/api/repos/{owner}/{name}/builds/{number}/{job}": {
+            "parameters": job_params,
+            "delete": {"summary": "cancel one job",
+                       "responses": {**ok(ref("Build")), **write_errors}}},
+        "/api/repos/{owner}/{name}/logs/{number}/{job}": {
+            "parameters": job_params,
+            "get": {"summary": "a job's log (text; Server-Sent Events with follow)",
+                    "parameters": [query_param("offset", {"type": "integer", "minimum": 0}),
+                                   query_param("follow", {"type": "boolean"})],
+                    "responses": {"200": {"description": "the log", "content": {
+                        "text/plain": {"schema": {"type": "string"}},
+                        "text/event-stream": {"schema": {"type": "string"}}}},
+                        **read_errors, **error_responses(503)}},
+            "delete": {"summary": "cancel one job",
+                       "responses": {**ok(ref("Build")), **write_errors}}},
+        "/api/v1/{owner}/{name}/builds": {
+            "parameters": repo_params,
+            "get": {"summary": "builds, newest first, paginated", "parameters": [
+                query_param("offset", {"type": "integer", "minimum": 0}),
+                query_param("limit", {"type": "integer", "minimum": 1,
+                                      "maximum": MAX_PER_PAGE}),
+                query_param("branch", {"type": "string"}), query_param("status", status_enum)],
+                "responses": {**ok(ref("BuildPage")), **read_errors}}},
+        "/api/v1/{owner}/{name}/builds/{id}": {
+            "parameters": v1_params,
+            "get": {"summary": "a build", "responses": {**ok(ref("Build")), **read_errors}},
+            "patch": {"summary": "change description, tags or pinned", "requestBody": {
+                "required": True, "content": {"application/json": {"schema": {
+                    "type": "object", "additionalProperties": False, "properties": {
+                        "description": {"type": "string", "maxLength": MAX_DESCRIPTION},
+                        "tags": {"type": "array", "items": {"type": "string", "minLength": 1}},
+                        "merge": {"type": "boolean"}, "pinned": {"type": "boolean"}}}}}},
+                "responses": {**ok(ref("Build")), **write_errors}},
+            "delete": {"summary": "delete a finished build", "responses": {
+                **ok({"type": "object", "properties": {"id": {"type": "integer"},
+                                                       "number": {"type": "integer"}}}),
+                **write_errors}},
+            "post": {"summary": "stop the build", "responses": {
+                **ok(ref("Build")), **write_errors}}},
+        "/api/v1/{owner}/{name}/builds/{id}/stop": {
+            "parameters": v1_params,
+            "post": {"summary": "stop the build", "responses": {
+                **ok(ref("Build")), **write_errors}}},
+        "/api/v1/{owner}/{name}/builds/{id}/statuses": {
+            "parameters": v1_params,
+            "get": {"summary": "status history, oldest first", "parameters": [
+                query_param("offset", {"type": "integer", "minimum": 0}),
+                query_param("limit", {"type": "integer", "minimum": 1,
+                                      "maximum": MAX_PER_PAGE})],
+                "responses": {**ok(ref("StatusPage")), **read_errors}}},
+        "/api/v1/{owner}/{name}/builds/{build_id}/statuses/{id}": {
+            "parameters": repo_params + [path_param("build_id", positive),
+                                         path_param("id", positive, "status id")],
+            "get": {"summary": "one status entry", "responses": {
+                **ok(ref("Status")), **read_errors}}},
+        "/api/v1/{owner}/{name}/builds/{id}/logs": {
+            "parameters": v1_params,
+            "get": {"summary": "every job's log under a header", "responses": {
+                **text(), **read_errors}}},
+    }
+    return {
+        "openapi": "3.0.3",
+        "info": {"title": "cirunner", "version": __version__,
+                 "description": "Drone-style and project-style build APIs. Times are Unix "
+                                "seconds in both dialects."},
+        "paths": paths,
+        "components": {"schemas": schemas, "securitySchemes": {
+            "token": {"type": "apiKey", "in": "header", "name": "Authorization",
+                      "description": "'Token <token>' or 'Bearer <token>'"},
+            "access_token": {"type": "apiKey", "in": "query", "name": "access_token"}}},
+        "security": [{}, {"token": []}, {"access_token": []}],
+    }
 
 ###############################################################################
 # Command line ################################################################
@@ -2564,10 +3139,6 @@ def _parse_vars(pairs):
             raise BadRequest(f"--var expects NAME=VALUE, not {pair!r}")
         variables[name] = value
     return _check_variables(variables)
-
-
-def _axis_text(environment):
-    return " ".join(f"{name}={value}" for name, value in environment.items())
 
 
 def _follow_build(store, build_id, out, *, poll=0.1):
@@ -2629,6 +3200,20 @@ def _limit_malloc_arenas():
         ctypes.CDLL(None).mallopt(-8, 2)  # M_ARENA_MAX
 
 
+def _bootstrap_admin(store, stdout):
+    """On a store with no users, make an admin and print its token, once, on
+    stdout (never into the log stream)."""
+    if store.user_count():
+        return
+    with contextlib.suppress(Conflict):  # another process got there first
+        store.create_user("admin", admin=True)
+        _, secret = store.create_token("admin", name="bootstrap", scope="write")
+        print(f"cirunner: created user 'admin'; its token (shown once, keep it safe):\n"
+              f"{secret}\n"
+              "cirunner: make more with `cirunner user add LOGIN` and "
+              "`cirunner token create LOGIN`", file=stdout, flush=True)
+
+
 def _command_serve(args, stdout, stderr):
     if waitress is None:
         raise CIRunnerError("serve needs waitress: pip install waitress")
@@ -2654,11 +3239,10 @@ def _command_serve(args, stdout, stderr):
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
+        _bootstrap_admin(store, stdout)
         executor.start()
         print(f"cirunner {__version__}: serving http://{args.host}:{server.effective_port}/ "
               f"with {executor.workers} worker(s), data in {os.path.abspath(args.data)}",
-              file=stderr, flush=True)
-        print("cirunner: the API has no authentication yet; keep it on a trusted address",
               file=stderr, flush=True)
         server.run()
     except _Shutdown:
@@ -2688,11 +3272,61 @@ def _command_repo(args, stdout, stderr):
             fields = _repo_fields(params, creating=True)
             repo = store.create_repo(owner, name, fields.pop("url"), **fields)
             print(f"added {owner}/{name} ({repo['url']})", file=stdout)
+        elif args.repo_command == "update":
+            params = {key: value for key, value in (
+                ("url", args.url), ("branch", args.branch), ("config", args.config),
+                ("timeout", None if args.timeout is None else str(args.timeout)),
+                ("private", args.private), ("max_builds", args.max_builds)) if value is not None}
+            repo = store.get_repo(owner, name)
+            store.update_repo(repo["id"], **_repo_fields(params, creating=False))
+            print(f"updated {owner}/{name}", file=stdout)
         elif args.repo_command == "remove":
             repo = store.get_repo(owner, name)
             store.delete_repo(repo["id"])
             shutil.rmtree(_mirror_path(args.data, repo), ignore_errors=True)
             print(f"removed {owner}/{name}", file=stdout)
+        return 0
+    finally:
+        store.close()
+
+
+def _command_user(args, stdout, stderr):
+    store = Store.open(args.data)
+    try:
+        if args.user_command == "add":
+            user = store.create_user(args.login, email=args.email or "", admin=args.admin)
+            print(f"added user {user['login']}{' (admin)' if user['admin'] else ''}", file=stdout)
+        elif args.user_command == "list":
+            for user in store.list_users():
+                print(f"{user['login']}\t{'admin' if user['admin'] else 'user'}\t{user['email']}",
+                      file=stdout)
+        else:
+            store.delete_user(args.login)
+            print(f"removed user {args.login} and their tokens", file=stdout)
+        return 0
+    finally:
+        store.close()
+
+
+def _command_token(args, stdout, stderr):
+    store = Store.open(args.data)
+    try:
+        if args.token_command == "create":
+            token, secret = store.create_token(args.login, name=args.name or "",
+                                               scope=args.scope)
+            print(f"token {token['id']} for {args.login} ({token['scope']}), shown once:",
+                  file=stderr)
+            print(secret, file=stdout)
+        elif args.token_command == "list":
+            for token in store.list_tokens(args.login):
+                used = (time.strftime("%Y-%m-%d %H:%M", time.gmtime(token["last_used_at"]))
+                        if token["last_used_at"] else "never")
+                created = time.strftime("%Y-%m-%d %H:%M", time.gmtime(token["created_at"]))
+                print(f"{token['id']}\t{token['login']}\t{token['name'] or '-'}\t"
+                      f"{token['scope']}\tcreated {created}\tlast used {used}", file=stdout)
+        else:
+            store.revoke_token(args.id)
+            print(f"revoked token {args.id}", file=stdout)
         return 0
     finally:
         store.close()
@@ -2767,7 +3401,7 @@ def _command_builds(args, stdout, stderr):
     store = Store.open(args.data)
     try:
         repo = store.get_repo(*_split_full_name(args.full_name))
-        for build in store.list_builds(repo["id"], per_page=args.limit):
+        for build in store.list_builds(repo["id"], limit=args.limit):
             message = build["message"].splitlines()[0] if build["message"] else ""
             print(f"{build['number']}\t{build['status']}\t{build['branch']}\t"
                   f"{build['commit_sha'][:10]}\t{message}", file=stdout)
@@ -2857,10 +3491,48 @@ def _make_parser(environ):
     add.add_argument("--private", action="store_true", help="hide from guests")
     repo_list = repo_commands.add_parser("list", parents=[common], help="list repositories")
     repo_list.set_defaults(full_name=None)
+    update = repo_commands.add_parser("update", parents=[common],
+                                      help="change a repository's settings")
+    update.add_argument("full_name", metavar="OWNER/NAME")
+    update.add_argument("--url")
+    update.add_argument("--branch", help="default branch")
+    update.add_argument("--config", help="pipeline file path")
+    update.add_argument("--timeout", type=int, help="job timeout in minutes")
+    update.add_argument("--private", choices=("true", "false"))
+    update.add_argument("--max-builds", dest="max_builds", metavar="N",
+                        help="most builds running at once (0: no limit)")
     remove = repo_commands.add_parser("remove", parents=[common],
                                       help="remove a repository and its builds")
     remove.add_argument("full_name", metavar="OWNER/NAME")
     repo.set_defaults(handler=_command_repo)
+
+    user = commands.add_parser("user", help="add, list or remove users")
+    user_commands = user.add_subparsers(dest="user_command", metavar="ACTION")
+    user_commands.required = True
+    user_add = user_commands.add_parser("add", parents=[common], help="add a user")
+    user_add.add_argument("login")
+    user_add.add_argument("--admin", action="store_true", help="may act on every repository")
+    user_add.add_argument("--email")
+    user_commands.add_parser("list", parents=[common], help="list users")
+    user_remove = user_commands.add_parser("remove", parents=[common],
+                                           help="remove a user and their tokens")
+    user_remove.add_argument("login")
+    user.set_defaults(handler=_command_user)
+
+    token = commands.add_parser("token", help="create, list or revoke API tokens")
+    token_commands = token.add_subparsers(dest="token_command", metavar="ACTION")
+    token_commands.required = True
+    token_create = token_commands.add_parser("create", parents=[common],
+                                             help="make a token; printed once")
+    token_create.add_argument("login")
+    token_create.add_argument("--name", help="a label to recognise it by")
+    token_create.add_argument("--scope", choices=TOKEN_SCOPES, default="write")
+    token_list = token_commands.add_parser("list", parents=[common],
+                                           help="tokens (never their secrets)")
+    token_list.add_argument("login", nargs="?")
+    token_revoke = token_commands.add_parser("revoke", parents=[common], help="revoke a token")
+    token_revoke.add_argument("id", type=int, metavar="ID")
+    token.set_defaults(handler=_command_token)
 
     build = commands.add_parser("build", parents=[common, workers], help="start a build")
     build.add_argument("full_name", metavar="OWNER/NAME")

@@ -4,6 +4,7 @@ file, WebTest for the routes and a real `serve` process for end-to-end cases."""
 import http.client
 import json
 import os
+import re
 import signal
 import socket
 import sqlite3
@@ -123,15 +124,27 @@ class Server:
         self.data_dir = str(data_dir)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = os.path.join(self.data_dir, "serve.log")
+        self.log_path = os.path.join(self.data_dir, "serve.log")   # stderr: the log stream
+        self.out_path = os.path.join(self.data_dir, "serve.out")   # stdout: the bootstrap token
         os.makedirs(self.data_dir, exist_ok=True)
         env = {k: v for k, v in os.environ.items() if not k.startswith("CIRUNNER_")}
         self.log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.out = open(self.out_path, "ab")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
             [sys.executable, CIRUNNER, "serve", "--data", self.data_dir, "--port", str(self.port),
              "--workers", "2", "--grace", "2", *extra],
-            stdout=self.log, stderr=subprocess.STDOUT, env=env)
+            stdout=self.out, stderr=self.log, env=env)
         wait_for(self._healthy, timeout=15)
+        with open(self.out_path) as handle:
+            tokens = re.findall(r"cir_[A-Za-z0-9_-]+", handle.read())
+        self.token = tokens[-1] if tokens else None
+
+    @property
+    def auth(self):
+        return {"Authorization": f"Token {self.token}"}
+
+    def api(self, method, path, body=None):
+        return http_json(method, self.url + path, body, self.auth)
 
     def _healthy(self):
         if self.process.poll() is not None:
@@ -150,6 +163,7 @@ class Server:
             self.process.kill()
             self.process.wait()
         self.log.close()
+        self.out.close()
 
 
 @pytest.fixture
@@ -173,8 +187,16 @@ def executor(store):
 
 
 @pytest.fixture
-def app(store, executor):
-    return webtest.TestApp(cirunner.make_app(store, executor, heartbeat=0.5))
+def admin_token(store):
+    store.create_user("admin", admin=True)
+    return store.create_token("admin", name="tests")[1]
+
+
+@pytest.fixture
+def app(store, executor, admin_token):
+    """The API as the admin (WebTest; no server)."""
+    return webtest.TestApp(cirunner.make_app(store, executor, heartbeat=0.5),
+                           extra_environ={"HTTP_AUTHORIZATION": f"Token {admin_token}"})
 
 
 @pytest.fixture
@@ -562,10 +584,10 @@ def test_cancel_kills_the_job_and_a_setsid_grandchild(store, make_repo, app, tmp
         wait_for(lambda: store.get_job(build["id"], 1)["status"] == cirunner.KILLED, timeout=5)
         assert time.monotonic() - started < executor.grace + cirunner.STRAGGLER_SECONDS + 1.5
         job = store.get_job(build["id"], 1)
-        assert job["error"] == "cancelled over the API"
+        assert job["error"] == "cancelled by admin over the API"
         wait_for(lambda: all(process_gone(pid) for pid in pids), timeout=3)
         assert store.get_build_by_id(build["id"])["status"] == cirunner.KILLED
-        assert "cancelled over the API: stopping the job" in log_text(store, build, 1)
+        assert "cancelled by admin over the API: stopping the job" in log_text(store, build, 1)
     finally:
         executor.stop()
 
@@ -908,9 +930,9 @@ def test_live_log_line_reaches_an_sse_client_within_a_second(tmp_path, servers):
         "      - while [ ! -e \"$GATE\" ]; do sleep 0.02; done; echo LIVE-LINE-$(date +%s%N)\n"
         "      - sleep 1\n")})
     server = servers(tmp_path / "data")
-    http_json("POST", server.url + "/api/repos/alice/hello", {"url": repo})
-    status, _ = http_json("POST", server.url + "/api/repos/alice/hello/builds",
-                          {"variables": {"GATE": str(gate)}})
+    server.api("POST", "/api/repos/alice/hello", {"url": repo})
+    status, _ = server.api("POST", "/api/repos/alice/hello/builds",
+                           {"variables": {"GATE": str(gate)}})
     assert status == 201
     connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
     connection.request("GET", "/api/repos/alice/hello/logs/1/1?follow=1")
@@ -948,9 +970,8 @@ def test_kill_9_of_serve_then_restart_recovers_the_job(tmp_path, servers):
         "      - echo $$ > \"$PIDFILE\"; sleep 600\n")})
     data = tmp_path / "data"
     server = servers(data)
-    http_json("POST", server.url + "/api/repos/alice/hello", {"url": repo})
-    http_json("POST", server.url + "/api/repos/alice/hello/builds",
-              {"variables": {"PIDFILE": str(pidfile)}})
+    server.api("POST", "/api/repos/alice/hello", {"url": repo})
+    server.api("POST", "/api/repos/alice/hello/builds", {"variables": {"PIDFILE": str(pidfile)}})
     wait_for(lambda: "before-the-crash\n" in http_text(
         server.url + "/api/repos/alice/hello/logs/1/1").replace("echo before-the-crash", ""))
     wait_for(pidfile.exists)
@@ -979,9 +1000,8 @@ def test_sigterm_of_serve_kills_running_job_and_exits_zero(tmp_path, servers):
     commit_files(repo, {".cirunner.yml": (
         "pipeline:\n  t:\n    commands:\n      - sleep 600 & echo $! > \"$PIDFILE\"; wait\n")})
     server = servers(tmp_path / "data")
-    http_json("POST", server.url + "/api/repos/alice/hello", {"url": repo})
-    http_json("POST", server.url + "/api/repos/alice/hello/builds",
-              {"variables": {"PIDFILE": str(pidfile)}})
+    server.api("POST", "/api/repos/alice/hello", {"url": repo})
+    server.api("POST", "/api/repos/alice/hello/builds", {"variables": {"PIDFILE": str(pidfile)}})
     wait_for(lambda: pidfile.exists() and pidfile.read_text().strip())
     sleeper = int(pidfile.read_text())
     started = time.monotonic()
@@ -1001,11 +1021,11 @@ def test_sigterm_of_serve_kills_running_job_and_exits_zero(tmp_path, servers):
 
 
 def test_sse_sends_heartbeats_while_a_job_is_silent(store, make_repo):
-    make_repo({".cirunner.yml": "pipeline: {t: {commands: ['echo begin', 'sleep 1.5', "
-                                "'echo done']}}\n"})
+    repo = make_repo({".cirunner.yml": "pipeline: {t: {commands: ['echo begin', 'sleep 1.5', "
+                                       "'echo done']}}\n"})
     executor = cirunner.Executor(store, workers=1)
     app = webtest.TestApp(cirunner.make_app(store, executor, heartbeat=0.4))
-    app.post("/api/repos/alice/hello/builds", status=201)
+    cirunner.create_build(store, repo)
     executor.start()
     try:
         text = app.get("/api/repos/alice/hello/logs/1/1?follow=true").text
