@@ -2193,6 +2193,7 @@ class Executor:
             process.stdout.close()
             with self._spawn_lock:
                 self._leaders.discard(process.pid)
+            self._await_group_exit(process.pid)
         code = process.returncode
         return (128 - code if code < 0 else code), stopped
 
@@ -2235,6 +2236,18 @@ class Executor:
         return stopped
 
     # -- orphans ------------------------------------------------------------
+
+    def _await_group_exit(self, pgid, timeout=2.0):
+        """Wait until no process of the group is left, not even a zombie: the
+        group's members may have been adopted by us and need reaping."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(pgid, 0)
+            except (ProcessLookupError, PermissionError):
+                return
+            self._reap_orphans()
+            time.sleep(0.005)
 
     def _sweep(self, token):
         """Kill every process that still carries this job's token, however it
@@ -2944,8 +2957,8 @@ def _openapi_document():
     time_field = {"type": "integer", "description": "Unix seconds; 0 when unset"}
     paginated = {"type": "object", "required": ["count", "next", "previous", "results"],
                  "properties": {"count": {"type": "integer"},
-                                "next": {"type": "string", "nullable": True},
-                                "previous": {"type": "string", "nullable": True}}}
+                                "next": {"type": ["string", "null"]},
+                                "previous": {"type": ["string", "null"]}}}
     schemas = {
         "Error": {"type": "object", "required": ["error", "message", "status"], "properties": {
             "error": {"type": "string"}, "message": {"type": "string"},
@@ -2991,7 +3004,7 @@ def _openapi_document():
         "Status": {"type": "object", "required": ["id", "status", "message", "created_at", "job"],
                    "properties": {"id": {"type": "integer"}, "status": status_enum,
                                   "message": {"type": "string"}, "created_at": time_field,
-                                  "job": {"type": "integer", "nullable": True}}},
+                                  "job": {"type": ["integer", "null"]}}},
         "BuildPage": {**paginated, "properties": {**paginated["properties"], "results": {
             "type": "array", "items": ref("Build")}}},
         "StatusPage": {**paginated, "properties": {**paginated["properties"], "results": {
@@ -3102,7 +3115,7 @@ def _openapi_document():
                 **text(), **read_errors}}},
     }
     return {
-        "openapi": "3.0.3",
+        "openapi": "3.1.0",
         "info": {"title": "cirunner", "version": __version__,
                  "description": "Drone-style and project-style build APIs. Times are Unix "
                                 "seconds in both dialects."},

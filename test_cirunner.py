@@ -1061,3 +1061,439 @@ def test_cli_cancel_kills_pending_jobs(tmp_path):
         store.close()
     again = run_cli("cancel", "alice/hello", "1", "2", "--data", data)
     assert again.returncode == 1 and "job 2 is not pending or running" in again.stderr
+
+
+# -- users, tokens and permissions -------------------------------------------
+
+CREDENTIALS = ("none", "unknown", "revoked", "owner_read", "other_write", "owner_write", "admin")
+OK = "ok"
+# Expected status per credential, for a route that reads or writes a public or
+# private repository of alice's ("ok" is the route's own success code).
+PERMISSIONS = {
+    ("read", "public"): (OK, 401, 401, OK, OK, OK, OK),
+    ("read", "private"): (401, 401, 401, OK, 404, OK, OK),
+    ("write", "public"): (401, 401, 401, 403, 403, OK, OK),
+    ("write", "private"): (401, 401, 401, 403, 404, OK, OK),
+    ("create", "public"): (401, 401, 401, 403, 403, OK, OK),
+    ("create", "private"): (401, 401, 401, 403, 403, OK, OK),
+}
+# (kind, method, path, JSON body, success status, setup before the request)
+ROUTES = [
+    ("read", "GET", "/api/repos/alice/{repo}", None, 200),
+    ("write", "PATCH", "/api/repos/alice/{repo}", {"timeout": 30}, 200),
+    ("write", "DELETE", "/api/repos/alice/{repo}", None, 200),
+    ("create", "POST", "/api/repos/alice/new-{repo}", {"url": "{url}"}, 201),
+    ("read", "GET", "/api/repos/alice/{repo}/builds", None, 200),
+    ("write", "POST", "/api/repos/alice/{repo}/builds", {"branch": "main"}, 201),
+    ("read", "GET", "/api/repos/alice/{repo}/builds/1", None, 200),
+    ("read", "GET", "/api/repos/alice/{repo}/builds/latest", None, 200),
+    ("write", "POST", "/api/repos/alice/{repo}/builds/1", None, 202),
+    ("write", "DELETE", "/api/repos/alice/{repo}/builds/2", None, 200),
+    ("write", "DELETE", "/api/repos/alice/{repo}/builds/2/1", None, 200),
+    ("write", "DELETE", "/api/repos/alice/{repo}/logs/2/1", None, 200),
+    ("read", "GET", "/api/repos/alice/{repo}/logs/1/1", None, 200),
+    ("read", "GET", "/api/repos/alice/{repo}/logs/1/1?follow=1", None, 200),
+    ("read", "GET", "/api/v1/alice/{repo}/builds", None, 200),
+    ("read", "GET", "/api/v1/alice/{repo}/builds/{id1}", None, 200),
+    ("write", "PATCH", "/api/v1/alice/{repo}/builds/{id1}", {"pinned": True}, 200),
+    ("write", "DELETE", "/api/v1/alice/{repo}/builds/{id1}", None, 200),
+    ("write", "POST", "/api/v1/alice/{repo}/builds/{id2}", None, 200),
+    ("write", "POST", "/api/v1/alice/{repo}/builds/{id2}/stop", None, 200),
+    ("read", "GET", "/api/v1/alice/{repo}/builds/{id1}/statuses", None, 200),
+    ("read", "GET", "/api/v1/alice/{repo}/builds/{id1}/statuses/{sid}", None, 200),
+    ("read", "GET", "/api/v1/alice/{repo}/builds/{id1}/logs", None, 200),
+]
+
+
+@pytest.fixture(scope="module")
+def shared_git_repo(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("shared") / "repo")
+    commit_files(path, {".cirunner.yml": "pipeline: {t: {commands: [echo hi]}}\n"})
+    return path
+
+
+class World:
+    """A fresh store: users alice (owner), bob and root (admin), a token of
+    each kind, alice's public and private repos, each with a finished build 1
+    (with a log) and a pending build 2 (not run: no executor here)."""
+
+    def __init__(self, root, git_url):
+        self.store = cirunner.Store.open(str(root))
+        self.url = git_url
+        store = self.store
+        store.create_user("alice")
+        store.create_user("bob")
+        store.create_user("root", admin=True)
+        self.tokens = {"none": None, "unknown": "cir_" + "x" * 43}
+        revoked, self.tokens["revoked"] = store.create_token("alice")
+        store.revoke_token(revoked["id"])
+        self.tokens["owner_read"] = store.create_token("alice", scope="read")[1]
+        self.tokens["other_write"] = store.create_token("bob")[1]
+        self.tokens["owner_write"] = store.create_token("alice")[1]
+        self.tokens["admin"] = store.create_token("root")[1]
+        sha = git(git_url, "rev-parse", "HEAD")
+        fields = {"event": "push", "branch": "main", "commit_sha": sha,
+                  "pipeline": "pipeline: {t: {commands: [echo hi]}}\n"}
+        self.ids = {}
+        for repo_name, private in (("public", False), ("private", True)):
+            repo = store.create_repo("alice", repo_name, git_url, private=private)
+            first = store.create_build(repo["id"], fields, [{}])
+            job = store.claim_next_job("world")
+            assert job["build_id"] == first["id"]
+            store.append_log(job["id"], 0, 0, b"hello\n")
+            store.finish_job(job["id"], cirunner.SUCCESS)
+            self.ids[repo_name] = {"id1": first["id"],
+                                   "sid": store.list_statuses(first["id"])[0]["id"]}
+        for repo_name in ("public", "private"):
+            repo = store.get_repo("alice", repo_name)
+            self.ids[repo_name]["id2"] = store.create_build(repo["id"], fields, [{}])["id"]
+        self.app = webtest.TestApp(cirunner.make_app(store, heartbeat=0.1))
+
+    def request(self, method, path, body, credential, repo_name):
+        values = {"repo": repo_name, "url": self.url, **self.ids[repo_name]}
+        path = path.format(**values)
+        headers = {}
+        if self.tokens[credential]:
+            headers["Authorization"] = f"Token {self.tokens[credential]}"
+        if body is not None:
+            body = json.dumps({key: value.format(**values) if isinstance(value, str) else value
+                               for key, value in body.items()}).encode()
+            headers["Content-Type"] = "application/json"
+        return self.app.request(path, method=method, body=body or b"", headers=headers,
+                                expect_errors=True)
+
+    def close(self):
+        self.store.close()
+
+
+@pytest.mark.parametrize("visibility", ["public", "private"])
+@pytest.mark.parametrize("kind, method, path, body, success", ROUTES,
+                         ids=[f"{route[1]} {route[2]}" for route in ROUTES])
+def test_permission_table(tmp_path, shared_git_repo, visibility, kind, method, path, body,
+                          success):
+    expected = dict(zip(CREDENTIALS, PERMISSIONS[(kind, visibility)]))
+    got = {}
+    for index, credential in enumerate(CREDENTIALS):
+        world = World(tmp_path / str(index), shared_git_repo)
+        try:
+            if method == "DELETE" and path == "/api/repos/alice/{repo}":
+                # the pending build 2 would make deletion a 409
+                world.store.cancel_jobs(world.ids[visibility]["id2"])
+            response = world.request(method, path, body, credential, visibility)
+            got[credential] = response.status_int
+            if response.status_int == 401:
+                assert response.headers["WWW-Authenticate"].startswith("Token")
+            if response.status_int >= 400:
+                assert response.json["status"] == response.status_int
+        finally:
+            world.close()
+    assert got == {credential: success if code == OK else code
+                   for credential, code in expected.items()}
+
+
+def test_repo_list_shows_what_the_caller_may_read(tmp_path, shared_git_repo):
+    world = World(tmp_path, shared_git_repo)
+    world.store.create_repo("bob", "hidden", shared_git_repo, private=True)
+
+    def names(credential):
+        response = world.request("GET", "/api/repos", None, credential, "public")
+        return response.status_int, [repo["full_name"] for repo in response.json] \
+            if response.status_int == 200 else None
+
+    try:
+        assert names("none") == (200, ["alice/public"])
+        assert names("owner_read") == (200, ["alice/private", "alice/public"])
+        assert names("other_write") == (200, ["alice/public", "bob/hidden"])
+        assert names("admin") == (200, ["alice/private", "alice/public", "bob/hidden"])
+        assert names("revoked")[0] == 401
+    finally:
+        world.close()
+
+
+@pytest.mark.parametrize("header, status, message", [
+    ("Token {t}", 200, None),
+    ("token {t}", 200, None),
+    ("TOKEN {t}", 200, None),
+    ("Bearer {t}", 200, None),
+    ("Token", 401, "no credentials"),
+    ("{t}", 401, "no credentials"),
+    ("Token {t} extra", 401, "malformed token"),
+    ("Token  {t}", 401, "malformed token"),
+    ("Basic YWxpY2U6cHc=", 401, "unsupported authorization scheme"),
+    ("Token {t}x", 401, "invalid or revoked token"),
+])
+def test_authorization_header_forms(tmp_path, shared_git_repo, header, status, message):
+    world = World(tmp_path, shared_git_repo)
+    try:
+        token = world.tokens["owner_read"]
+        response = world.app.get("/api/repos/alice/private",
+                                 headers={"Authorization": header.format(t=token)},
+                                 expect_errors=True)
+        assert response.status_int == status
+        if message:
+            assert message in response.json["message"]
+            assert response.headers["WWW-Authenticate"] == 'Token realm="cirunner"'
+        query = world.app.get(f"/api/repos/alice/private?access_token={token}")
+        assert query.json["full_name"] == "alice/private"
+    finally:
+        world.close()
+
+
+def test_removed_user_and_revoked_token_are_401(tmp_path, shared_git_repo):
+    world = World(tmp_path, shared_git_repo)
+    try:
+        assert world.request("GET", "/api/repos/alice/{repo}", None, "other_write",
+                             "public").status_int == 200
+        world.store.delete_user("bob")
+        assert world.request("GET", "/api/repos/alice/{repo}", None, "other_write",
+                             "public").status_int == 401
+        assert world.store.list_tokens("alice")[0]["login"] == "alice"
+    finally:
+        world.close()
+
+
+def test_token_secret_is_never_stored_returned_or_logged(tmp_path):
+    data = str(tmp_path / "data")
+    repo = str(tmp_path / "repo")
+    commit_files(repo, {".cirunner.yml": "pipeline: {t: {commands: [echo hi]}}\n"})
+    assert run_cli("user", "add", "carol", "--data", data).returncode == 0
+    created = run_cli("token", "create", "carol", "--name", "laptop", "--data", data)
+    secret = created.stdout.strip()
+    assert created.returncode == 0 and secret.startswith("cir_") and len(secret) > 40
+    listed = run_cli("token", "list", "--data", data).stdout
+    assert "laptop" in listed and "carol" in listed and secret not in listed
+    server = Server(tmp_path / "data")
+    try:
+        headers = {"Authorization": f"Token {secret}"}
+        responses = [http_json("POST", server.url + "/api/repos/carol/app", {"url": repo}, headers),
+                     http_json("POST", server.url + "/api/repos/carol/app/builds", {}, headers),
+                     http_json("GET", server.url + "/api/repos", None, headers),
+                     http_json("GET", server.url + "/api/repos/carol/app/builds/1", None, headers),
+                     http_json("GET", server.url + f"/api/repos?access_token={secret}")]
+        assert [status for status, _ in responses] == [201, 201, 200, 200, 200]
+        wait_for(lambda: http_json("GET", server.url + "/api/repos/carol/app/builds/1", None,
+                                   headers)[1]["status"] == "success")
+        http_text(server.url + f"/api/repos/carol/app/logs/1/1?access_token={secret}")
+        http_json("GET", server.url + "/api/repos/nobody/x", None,
+                  {"Authorization": f"Token {secret}x"})
+        assert all(secret not in json.dumps(body) for _, body in responses)
+        server.process.send_signal(signal.SIGTERM)
+        server.process.wait(timeout=15)
+        assert secret not in server.output()
+        assert server.token is None  # carol exists: no admin was made
+    finally:
+        server.stop()
+    with open(os.path.join(data, "cirunner.db"), "rb") as handle:
+        raw = handle.read()
+    for suffix in ("-wal", "-shm"):
+        if os.path.exists(os.path.join(data, "cirunner.db" + suffix)):
+            with open(os.path.join(data, "cirunner.db" + suffix), "rb") as handle:
+                raw += handle.read()
+    assert secret.encode() not in raw
+    assert cirunner._token_hash(secret).encode() in raw  # only its hash is kept
+    assert "1" in run_cli("token", "list", "carol", "--data", data).stdout
+    assert run_cli("token", "revoke", "1", "--data", data).returncode == 0
+    assert run_cli("token", "list", "carol", "--data", data).stdout == ""
+
+
+def test_serve_on_an_empty_store_makes_an_admin_once(tmp_path, servers):
+    server = servers(tmp_path / "data")
+    assert server.token and server.api("GET", "/api/repos")[0] == 200
+    with open(server.out_path) as handle:
+        first = handle.read()
+    assert "cirunner token create LOGIN" in first
+    assert server.token not in server.output()  # stdout only, never the log stream
+    server.stop()
+    again = servers(tmp_path / "data")
+    with open(again.out_path) as handle:
+        assert handle.read() == first  # no second admin, no second token
+    assert again.api("GET", "/api/repos")[0] == 200
+
+
+# -- project (v1) dialect ----------------------------------------------------
+
+
+@pytest.fixture
+def v1(store, executor, make_repo, app):
+    """alice/hello with two finished builds; returns (app, build ids)."""
+    repo = make_repo({".cirunner.yml": "pipeline: {t: {commands: ['echo job $N']}}\n"
+                                       "matrix: {N: ['1', '2']}\n"})
+    ids = [cirunner.create_build(store, repo)["id"] for _ in range(2)]
+    executor.run_until_idle()
+    return app, ids
+
+
+def test_v1_get_list_statuses_and_logs(v1, store, make_repo):
+    app, (first, second) = v1
+    build = app.get(f"/api/v1/alice/hello/builds/{first}/").json
+    assert (build["id"], build["number"], build["status"]) == (first, 1, "success")
+    page = app.get("/api/v1/alice/hello/builds?limit=1").json
+    assert page["count"] == 2 and [b["id"] for b in page["results"]] == [second]
+    assert page["previous"] is None and "offset=1" in page["next"]
+    assert app.get(page["next"]).json["results"][0]["id"] == first
+    statuses = app.get(f"/api/v1/alice/hello/builds/{first}/statuses").json
+    history = [(row["job"], row["status"]) for row in statuses["results"]]
+    assert history[0] == (None, "pending") and history[-1] == (None, "success")
+    assert (1, "running") in history and (2, "success") in history
+    ids = [row["id"] for row in statuses["results"]]
+    assert ids == sorted(ids) and statuses["count"] == len(ids)
+    one = app.get(f"/api/v1/alice/hello/builds/{first}/statuses/{ids[1]}").json
+    assert one == statuses["results"][1]
+    app.get(f"/api/v1/alice/hello/builds/{second}/statuses/{ids[1]}", status=404)
+    logs = app.get(f"/api/v1/alice/hello/builds/{first}/logs").text
+    assert "=== job 1 (N=1): success ===\n" in logs and "job 1\n" in logs
+    assert logs.index("=== job 2 (N=2)") > logs.index("job 1\n")
+    # an id of another project's build is 404
+    other = make_repo({".cirunner.yml": "pipeline: {t: {commands: [true]}}\n"}, "alice/other")
+    app.get(f"/api/v1/alice/other/builds/{first}", status=404)
+    assert other["name"] == "other"
+    app.get("/api/v1/alice/hello/builds/abc", status=400)
+    app.get("/api/v1/alice/hello/builds/999", status=404)
+
+
+def test_v1_patch_round_trips_merges_and_rejects(v1):
+    app, (first, _) = v1
+    url = f"/api/v1/alice/hello/builds/{first}"
+    assert app.patch_json(url, {"description": "nightly"}).json["description"] == "nightly"
+    assert app.patch_json(url, {"tags": ["a", "b", "a"]}).json["tags"] == ["a", "b"]
+    assert app.patch_json(url, {"tags": ["c", "b"], "merge": True}).json["tags"] == ["a", "b", "c"]
+    assert app.patch_json(url, {"tags": ["z"]}).json["tags"] == ["z"]
+    assert app.patch_json(url, {"pinned": True}).json["pinned"] is True
+    assert app.get(url).json["pinned"] is True and app.get(url).json["description"] == "nightly"
+    for body, field in [({"status": "success"}, "status"), ({"number": 5}, "number"),
+                        ({"colour": "red"}, "colour"), ({"pinned": "yes"}, "pinned"),
+                        ({"tags": "a"}, "tags"), ({"tags": [1]}, "tags"),
+                        ({"description": 5}, "description"),
+                        ({"description": "x" * 10001}, "description")]:
+        error = app.patch_json(url, body, status=400).json
+        assert field in error["message"]
+    assert app.get(url).json["tags"] == ["z"]  # nothing changed by the rejected ones
+
+
+def test_v1_delete_leaves_nothing_and_numbers_are_not_reused(store, make_repo, app, data_dir):
+    repo = make_repo({".cirunner.yml": "pipeline: {t: {commands: ['echo hi']}}\n"})
+    executor = cirunner.Executor(store, workers=1, keep_workspaces=True)
+    build = cirunner.create_build(store, repo)
+    executor.run_until_idle()
+    workspace = os.path.join(data_dir, "workspaces", "alice", "hello", "1")
+    assert os.path.isdir(workspace)
+    deleted = app.delete(f"/api/v1/alice/hello/builds/{build['id']}").json
+    assert (deleted["id"], deleted["number"]) == (build["id"], 1)
+    conn = sqlite3.connect(store.path)
+    for table in ("builds", "jobs", "statuses", "log_chunks"):
+        assert conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0] == 0, table
+    assert not os.path.exists(workspace)
+    app.get(f"/api/v1/alice/hello/builds/{build['id']}", status=404)
+    assert cirunner.create_build(store, repo)["number"] == 2
+    app.delete(f"/api/v1/alice/hello/builds/{store.get_build(repo['id'], 2)['id']}", status=409)
+
+
+def test_v1_stop_kills_running_and_skips_pending(store, make_repo, app, tmp_path):
+    pidfile = tmp_path / "pid"
+    repo = make_repo({".cirunner.yml": "pipeline: {t: {commands: ['echo $$ > \"$PIDFILE\"; "
+                                       "sleep 600 & wait']}}\nmatrix: {N: ['1', '2']}\n"
+                                       "max_parallel: 1\n"})
+    build = cirunner.create_build(store, repo, variables={"PIDFILE": str(pidfile)})
+    executor = cirunner.Executor(store, workers=2, grace=1.0)
+    executor.start()
+    try:
+        wait_for(lambda: pidfile.exists() and pidfile.read_text().strip())
+        group = int(pidfile.read_text())
+        assert [job["status"] for job in store.list_jobs(build["id"])] == ["running", "pending"]
+        stopped = app.post(f"/api/v1/alice/hello/builds/{build['id']}/stop").json
+        assert stopped["jobs"][1]["status"] == "skipped"
+        wait_for(lambda: store.get_job(build["id"], 1)["status"] == cirunner.KILLED, timeout=5)
+        statuses = app.get(f"/api/v1/alice/hello/builds/{build['id']}/statuses").json["results"]
+        by_job = {(row["job"], row["status"]): row["message"] for row in statuses}
+        assert by_job[(1, "killed")] == "stopped by admin"
+        assert by_job[(2, "skipped")] == "stopped by admin"
+        assert store.get_build_by_id(build["id"])["status"] == cirunner.KILLED
+        with pytest.raises(ProcessLookupError):
+            os.killpg(group, 0)
+        app.post(f"/api/v1/alice/hello/builds/{build['id']}", status=409)  # already finished
+    finally:
+        executor.stop()
+
+
+# -- OpenAPI -----------------------------------------------------------------
+
+
+def test_openapi_document_is_valid_and_covers_every_route(store, app):
+    from openapi_spec_validator import validate
+
+    document = app.get("/api/openapi.json").json
+    validate(document)
+    documented = {(method.upper(), re.sub(r"\{[^}]+\}", "{}", path))
+                  for path, item in document["paths"].items()
+                  for method in item if method != "parameters"}
+    routes = {(route.method, re.sub(r"<[^>]+>", "{}", route.rule))
+              for route in cirunner.make_app(store).routes}
+    assert routes == documented
+
+
+def test_real_responses_conform_to_the_openapi_document(v1):
+    import jsonschema
+
+    app, (first, _) = v1
+    document = app.get("/api/openapi.json").json
+    schemas = document["components"]["schemas"]
+
+    def check(response, schema_name):
+        jsonschema.validate(response.json, {**schemas[schema_name],
+                                            "components": {"schemas": schemas}})
+
+    check(app.get(f"/api/repos/alice/hello/builds/{1}"), "Build")
+    check(app.get(f"/api/v1/alice/hello/builds/{first}"), "Build")
+    check(app.get("/api/v1/alice/hello/builds"), "BuildPage")
+    check(app.get(f"/api/v1/alice/hello/builds/{first}/statuses"), "StatusPage")
+    check(app.get("/api/repos/alice/hello"), "Repo")
+    check(app.get("/api/repos/alice/nope", status=404), "Error")
+    for build in app.get("/api/repos/alice/hello/builds").json:
+        jsonschema.validate(build, {**schemas["Build"], "components": {"schemas": schemas}})
+
+
+@pytest.fixture
+def api_world(tmp_path, shared_git_repo):
+    world = World(tmp_path / "world", shared_git_repo)
+    yield world
+    world.close()
+
+
+@pytest.fixture
+def api_schema(api_world):
+    import schemathesis
+
+    return schemathesis.openapi.from_wsgi("/api/openapi.json", api_world.app.app)
+
+
+def _property_based_test():
+    """Schemathesis over every operation of the OpenAPI document, against the
+    app itself (WSGI): no 5xx, every status documented, every body in schema."""
+    try:
+        import hypothesis
+        import schemathesis
+        from schemathesis.checks import not_a_server_error
+        from schemathesis.specs.openapi.checks import (
+            content_type_conformance,
+            response_schema_conformance,
+            status_code_conformance,
+        )
+    except ImportError:  # pragma: no cover - the test extra installs them
+        return None
+    checks = [not_a_server_error, status_code_conformance, content_type_conformance,
+              response_schema_conformance]
+
+    @schemathesis.pytest.from_fixture("api_schema").parametrize()
+    @hypothesis.settings(max_examples=30, deadline=None, derandomize=True,
+                         suppress_health_check=list(hypothesis.HealthCheck))
+    def test_property_based_run_finds_no_5xx_and_no_schema_violation(case, api_world):
+        for credential in ("admin", "none"):
+            token = api_world.tokens[credential]
+            headers = {"Authorization": f"Token {token}"} if token else {}
+            response = case.call(headers=headers)
+            case.validate_response(response, checks=checks)
+
+    return test_property_based_run_finds_no_5xx_and_no_schema_violation
+
+
+test_property_based_run_finds_no_5xx_and_no_schema_violation = _property_based_test()
