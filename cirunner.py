@@ -816,9 +816,15 @@ _MIGRATIONS = [
         heartbeat_at INTEGER NOT NULL
     );
     """,
+    # 2: which events a repository builds (webhooks of other events are ignored).
+    """
+    ALTER TABLE repos ADD COLUMN events TEXT NOT NULL
+        DEFAULT '["push", "tag", "pull_request", "cron", "manual"]';
+    """,
 ]
 
-_REPO_FIELDS = ("url", "default_branch", "config_path", "private", "timeout", "max_builds")
+_REPO_FIELDS = ("url", "default_branch", "config_path", "private", "timeout", "max_builds",
+                "events", "webhook_secret")
 _BUILD_FIELDS = ("parent", "event", "commit_sha", "branch", "ref", "remote", "message",
                  "timestamp", "author", "author_avatar", "author_email", "link_url",
                  "pipeline", "pipeline_file", "variables", "fail_fast", "max_parallel")
@@ -2369,6 +2375,7 @@ def _repo_json(repo):
         "default_branch": repo["default_branch"], "config_path": repo["config_path"],
         "private": bool(repo["private"]), "timeout": repo["timeout"],
         "max_builds": repo["max_builds"], "last_build_number": repo["last_number"],
+        "events": json.loads(repo["events"]), "webhook_secret_set": bool(repo["webhook_secret"]),
         "created_at": repo["created_at"],
     }
 
@@ -2429,6 +2436,15 @@ def _repo_fields(params, *, creating):
             fields[key] = _int_param(params, key, DEFAULT_TIMEOUT_MINUTES, 1, 7 * 24 * 60)
         elif key == "max_builds":
             fields[key] = _int_param(params, key, 0, 0, 1000)
+        elif key == "events":
+            events = value.split(",") if isinstance(value, str) else value
+            if not isinstance(events, list) or not all(event in EVENTS for event in events):
+                raise BadRequest(f"events must be a list of {', '.join(EVENTS)}")
+            fields[key] = json.dumps(list(dict.fromkeys(events)))
+        elif key == "webhook_secret":
+            if not isinstance(value, str) or len(value) > 256:
+                raise BadRequest("webhook_secret must be a string of at most 256 characters")
+            fields[key] = value
         else:
             raise BadRequest(f"unknown repository field {key!r}")
     if creating and "url" not in fields:
@@ -2953,7 +2969,9 @@ def _openapi_document():
         "url": {"type": "string"}, "default_branch": {"type": "string"},
         "config_path": {"type": "string"}, "private": {"type": "boolean"},
         "timeout": {"type": "integer", "minimum": 1, "maximum": 10080},
-        "max_builds": {"type": "integer", "minimum": 0, "maximum": 1000}}
+        "max_builds": {"type": "integer", "minimum": 0, "maximum": 1000},
+        "events": {"type": "array", "items": {"type": "string", "enum": list(EVENTS)}},
+        "webhook_secret": {"type": "string", "maxLength": 256, "writeOnly": True}}
     time_field = {"type": "integer", "description": "Unix seconds; 0 when unset"}
     paginated = {"type": "object", "required": ["count", "next", "previous", "results"],
                  "properties": {"count": {"type": "integer"},
@@ -2970,7 +2988,9 @@ def _openapi_document():
                      "clone_url": {"type": "string"}, "default_branch": {"type": "string"},
                      "config_path": {"type": "string"}, "private": {"type": "boolean"},
                      "timeout": {"type": "integer"}, "max_builds": {"type": "integer"},
-                     "last_build_number": {"type": "integer"}, "created_at": time_field}},
+                     "last_build_number": {"type": "integer"},
+                     "events": {"type": "array", "items": {"type": "string"}},
+                     "webhook_secret_set": {"type": "boolean"}, "created_at": time_field}},
         "Job": {"type": "object", "required": ["id", "number", "status", "enqueued_at",
                                                "started_at", "finished_at", "exit_code",
                                                "environment"],
@@ -3289,7 +3309,9 @@ def _command_repo(args, stdout, stderr):
             params = {key: value for key, value in (
                 ("url", args.url), ("branch", args.branch), ("config", args.config),
                 ("timeout", None if args.timeout is None else str(args.timeout)),
-                ("private", args.private), ("max_builds", args.max_builds)) if value is not None}
+                ("private", args.private), ("max_builds", args.max_builds),
+                ("events", args.events), ("webhook_secret", args.webhook_secret))
+                if value is not None}
             repo = store.get_repo(owner, name)
             store.update_repo(repo["id"], **_repo_fields(params, creating=False))
             print(f"updated {owner}/{name}", file=stdout)
@@ -3514,6 +3536,8 @@ def _make_parser(environ):
     update.add_argument("--private", choices=("true", "false"))
     update.add_argument("--max-builds", dest="max_builds", metavar="N",
                         help="most builds running at once (0: no limit)")
+    update.add_argument("--events", help=f"comma-separated events to build ({','.join(EVENTS)})")
+    update.add_argument("--webhook-secret", dest="webhook_secret")
     remove = repo_commands.add_parser("remove", parents=[common],
                                       help="remove a repository and its builds")
     remove.add_argument("full_name", metavar="OWNER/NAME")

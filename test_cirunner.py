@@ -1497,3 +1497,58 @@ def _property_based_test():
 
 
 test_property_based_run_finds_no_5xx_and_no_schema_violation = _property_based_test()
+
+
+def test_repo_patch_validates_every_setting_and_hides_the_webhook_secret(app, make_repo):
+    make_repo({".cirunner.yml": "pipeline: {t: {commands: [true]}}\n"})
+    body = {"private": True, "timeout": 15, "events": ["push", "tag"],
+            "webhook_secret": "s3cret-value", "default_branch": "main"}
+    repo = app.patch_json("/api/repos/alice/hello", body).json
+    assert (repo["private"], repo["timeout"], repo["events"], repo["default_branch"]) == (
+        True, 15, ["push", "tag"], "main")
+    assert repo["webhook_secret_set"] is True and "s3cret-value" not in json.dumps(repo)
+    for bad, field in [({"events": ["push", "party"]}, "events"), ({"timeout": 0}, "timeout"),
+                       ({"webhook_secret": 5}, "webhook_secret"), ({"owner": "x"}, "owner"),
+                       ({"default_branch": "a..b"}, "branch")]:
+        assert field in app.patch_json("/api/repos/alice/hello", bad, status=400).json["message"]
+
+
+def test_cli_repo_update_and_users(tmp_path):
+    data = str(tmp_path / "data")
+    repo = str(tmp_path / "repo")
+    commit_files(repo, {".cirunner.yml": "pipeline: {t: {commands: [true]}}\n"})
+    run_cli("repo", "add", "alice/hello", "--url", repo, "--data", data)
+    result = run_cli("repo", "update", "alice/hello", "--private", "true", "--events", "push,tag",
+                     "--timeout", "9", "--data", data)
+    assert result.returncode == 0, result.stderr
+    bad = run_cli("repo", "update", "alice/hello", "--events", "push,party", "--data", data)
+    assert bad.returncode == 1 and "events must be" in bad.stderr
+    assert run_cli("user", "add", "dave", "--admin", "--email", "d@example.com",
+                   "--data", data).returncode == 0
+    assert run_cli("user", "add", "dave", "--data", data).returncode == 1
+    assert "dave\tadmin\td@example.com" in run_cli("user", "list", "--data", data).stdout
+    assert run_cli("token", "create", "dave", "--scope", "read", "--data", data).returncode == 0
+    assert run_cli("user", "remove", "dave", "--data", data).returncode == 0
+    assert run_cli("token", "list", "--data", data).stdout == ""
+    store = cirunner.Store.open(data)
+    try:
+        saved = store.get_repo("alice", "hello")
+        assert (saved["private"], saved["timeout"], json.loads(saved["events"])) == (
+            1, 9, ["push", "tag"])
+    finally:
+        store.close()
+
+
+def test_migrations_upgrade_an_older_store(tmp_path):
+    path = str(tmp_path / "old.db")
+    conn = sqlite3.connect(path)
+    conn.executescript(cirunner._MIGRATIONS[0] + "; PRAGMA user_version = 1;")
+    conn.execute("INSERT INTO repos (owner, name, url, created_at) VALUES ('a', 'b', '/x', 1)")
+    conn.commit()
+    conn.close()
+    store = cirunner.Store(path)
+    try:
+        assert json.loads(store.get_repo("a", "b")["events"])[0] == "push"
+        assert store._connection().execute("PRAGMA user_version").fetchone()[0] == 2
+    finally:
+        store.close()
