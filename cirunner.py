@@ -90,8 +90,11 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
+import urllib.request
 import uuid
-from urllib.parse import parse_qsl
+from datetime import datetime, timezone
+from urllib.parse import parse_qsl, quote
 
 import bottle
 import yaml
@@ -105,6 +108,11 @@ try:
     import waitress
 except ImportError:  # pragma: no cover - only `serve` needs it
     waitress = None
+
+try:
+    import cronsim
+except ImportError:  # pragma: no cover - only cron schedules need it
+    cronsim = None
 
 _log = logging.getLogger("cirunner")
 
@@ -131,6 +139,12 @@ EVENT_PULL_REQUEST = "pull_request"
 EVENT_CRON = "cron"
 EVENT_MANUAL = "manual"
 EVENTS = (EVENT_PUSH, EVENT_TAG, EVENT_PULL_REQUEST, EVENT_CRON, EVENT_MANUAL)
+
+FORGES = ("github", "gitea", "gitlab")
+MASK = "********"
+MIN_MASKED_LENGTH = 4           # shorter secret values would mask half the log
+REPORT_CONTEXT = "cirunner/build"
+REPORT_ATTEMPTS = 5
 
 PIPELINE_FILES = (".cirunner.yml", ".drone.yml")
 DEFAULT_DATA_DIR = "cirunner-data"
@@ -821,10 +835,40 @@ _MIGRATIONS = [
     ALTER TABLE repos ADD COLUMN events TEXT NOT NULL
         DEFAULT '["push", "tag", "pull_request", "cron", "manual"]';
     """,
+    # 3: cron schedules; commit statuses posted back to the forge (an outbox,
+    # so a crash or a forge outage delays a report but never loses it).
+    """
+    CREATE TABLE crons (
+        id INTEGER PRIMARY KEY,
+        repo_id INTEGER NOT NULL REFERENCES repos(id) ON DELETE CASCADE,
+        name TEXT NOT NULL,
+        expression TEXT NOT NULL,
+        branch TEXT NOT NULL DEFAULT '',
+        next_at INTEGER NOT NULL,
+        created_at INTEGER NOT NULL,
+        UNIQUE (repo_id, name)
+    );
+    ALTER TABLE repos ADD COLUMN forge TEXT NOT NULL DEFAULT '';
+    ALTER TABLE repos ADD COLUMN forge_url TEXT NOT NULL DEFAULT '';
+    ALTER TABLE repos ADD COLUMN forge_token TEXT NOT NULL DEFAULT '';
+    ALTER TABLE repos ADD COLUMN forge_project TEXT NOT NULL DEFAULT '';
+    ALTER TABLE builds ADD COLUMN report_error TEXT NOT NULL DEFAULT '';
+    CREATE TABLE reports (
+        id INTEGER PRIMARY KEY,
+        build_id INTEGER NOT NULL REFERENCES builds(id) ON DELETE CASCADE,
+        state TEXT NOT NULL,
+        description TEXT NOT NULL DEFAULT '',
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_at REAL NOT NULL,
+        claimed_until REAL NOT NULL DEFAULT 0,
+        done INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE INDEX reports_due ON reports(next_at) WHERE done = 0;
+    """,
 ]
 
 _REPO_FIELDS = ("url", "default_branch", "config_path", "private", "timeout", "max_builds",
-                "events", "webhook_secret")
+                "events", "webhook_secret", "forge", "forge_url", "forge_token", "forge_project")
 _BUILD_FIELDS = ("parent", "event", "commit_sha", "branch", "ref", "remote", "message",
                  "timestamp", "author", "author_avatar", "author_email", "link_url",
                  "pipeline", "pipeline_file", "variables", "fail_fast", "max_parallel")
@@ -834,8 +878,52 @@ def _now():
     return int(time.time())
 
 
+def _next_cron_time(expression, after):
+    """The first time (Unix seconds, UTC) after `after` that `expression` names."""
+    if cronsim is None:
+        raise CIRunnerError("cron schedules need the cronsim package: pip install cronsim")
+    start = datetime.fromtimestamp(int(after), timezone.utc)
+    try:
+        return int(next(cronsim.CronSim(expression, start)).timestamp())
+    except (cronsim.CronSimError, StopIteration) as exc:
+        raise BadRequest(f"invalid cron expression {expression!r}: {exc}") from None
+
+
 def _token_hash(secret):
     return hashlib.sha256(secret.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def _keystream_xor(key, nonce, data):
+    out = bytearray()
+    for counter in range(0, len(data), 32):
+        block = hmac.new(key, nonce + counter.to_bytes(8, "big"), hashlib.sha256).digest()
+        out += bytes(a ^ b for a, b in zip(data[counter:counter + 32], block))
+    return bytes(out)
+
+
+def _seal(master_key, text):
+    """Encrypt `text` for storage: HMAC-SHA256 in counter mode as the stream
+    cipher, then HMAC-SHA256 over nonce and ciphertext (encrypt-then-MAC).
+    Stdlib only; the key lives in a file beside the database, not in it."""
+    encryption = hmac.new(master_key, b"encrypt", hashlib.sha256).digest()
+    authentication = hmac.new(master_key, b"authenticate", hashlib.sha256).digest()
+    nonce = secrets.token_bytes(16)
+    body = nonce + _keystream_xor(encryption, nonce, text.encode())
+    tag = hmac.new(authentication, body, hashlib.sha256).digest()
+    return "v1:" + (body + tag).hex()
+
+
+def _unseal(master_key, sealed):
+    if not sealed:
+        return ""
+    encryption = hmac.new(master_key, b"encrypt", hashlib.sha256).digest()
+    authentication = hmac.new(master_key, b"authenticate", hashlib.sha256).digest()
+    raw = bytes.fromhex(sealed[3:])
+    body, tag = raw[:-32], raw[-32:]
+    if not sealed.startswith("v1:") or not hmac.compare_digest(
+            tag, hmac.new(authentication, body, hashlib.sha256).digest()):
+        raise CIRunnerError("a stored secret does not match the secret key file")
+    return _keystream_xor(encryption, body[:16], body[16:]).decode()
 
 
 def _pid_alive(pid):
@@ -976,6 +1064,11 @@ class Store:
     def remove_listener(self, callback):
         with contextlib.suppress(ValueError):
             self._listeners.remove(callback)
+
+    def _notify_reports(self):
+        if getattr(self._local, "reports_added", False):
+            self._local.reports_added = False
+            self._notify("report", [0])
 
     def _notify(self, event, job_ids):
         if not job_ids:
@@ -1135,8 +1228,10 @@ class Store:
             build_id = conn.execute(f"INSERT INTO builds ({columns}) VALUES ({marks})",
                                     tuple(values.values())).lastrowid
             self._record_status(conn, build_id, None, PENDING, "build created", now)
+            self._enqueue_report(conn, build_id, PENDING)
             job_ids = self._insert_jobs(conn, build_id, environments, error, now)
         self._notify("enqueued", job_ids)
+        self._notify_reports()
         return self.get_build_by_id(build_id)
 
     def _insert_jobs(self, conn, build_id, environments, error, now):
@@ -1144,6 +1239,7 @@ class Store:
             conn.execute("UPDATE builds SET status = ?, error = ?, started_at = ?, "
                          "finished_at = ? WHERE id = ?", (ERROR, error, now, now, build_id))
             self._record_status(conn, build_id, None, ERROR, error, now)
+            self._enqueue_report(conn, build_id, ERROR)
             return []
         job_ids = []
         for number, environment in enumerate(environments, start=1):
@@ -1170,8 +1266,10 @@ class Store:
             conn.execute(f"UPDATE builds SET {assignments} WHERE id = ?",
                          (*values.values(), build_id))
             self._record_status(conn, build_id, None, PENDING, message, now)
+            self._enqueue_report(conn, build_id, PENDING)
             job_ids = self._insert_jobs(conn, build_id, environments, error, now)
         self._notify("enqueued", job_ids)
+        self._notify_reports()
         return self.get_build_by_id(build_id)
 
     def get_build_by_id(self, build_id):
@@ -1298,9 +1396,13 @@ class Store:
                 self._record_status(conn, candidate["build_id"], candidate["id"], RUNNING,
                                     f"started by runner {runner_id}", now)
                 self._roll_up(conn, candidate["build_id"], now)
-                return dict(conn.execute("SELECT * FROM jobs WHERE id = ?",
-                                         (candidate["id"],)).fetchone())
-        return None
+                job = dict(conn.execute("SELECT * FROM jobs WHERE id = ?",
+                                        (candidate["id"],)).fetchone())
+                break
+            else:
+                return None
+        self._notify_reports()
+        return job
 
     def finish_job(self, job_id, status, *, exit_code=0, error="", message=""):
         """Record a job's end, apply fail_fast and roll the build's status up."""
@@ -1325,6 +1427,7 @@ class Store:
                     f"cancelled by fail_fast: job {number} ended {status}", now)
             self._roll_up(conn, job["build_id"], now)
         self._notify("cancel", cancel_ids)
+        self._notify_reports()
 
     def cancel_jobs(self, build_id, job_number=None, *, pending_status=KILLED,
                     message="cancelled"):
@@ -1337,6 +1440,7 @@ class Store:
                                            now, require_active=True)
             self._roll_up(conn, build_id, now)
         self._notify("cancel", cancel_ids)
+        self._notify_reports()
         return self.get_build_by_id(build_id)
 
     def _cancel_jobs(self, conn, build_id, job_number, pending_status, message, now,
@@ -1400,6 +1504,7 @@ class Store:
                      (status, started_at, finished_at, build_id))
         if status != build["status"]:
             self._record_status(conn, build_id, None, status, message, now)
+            self._enqueue_report(conn, build_id, status)
 
     def list_statuses(self, build_id, *, offset=0, limit=-1):
         """The build's status history, oldest first."""
@@ -1418,6 +1523,151 @@ class Store:
         if row is None:
             raise NotFound(f"status {status_id} not found")
         return row
+
+    # -- secrets ------------------------------------------------------------
+
+    @property
+    def secret_key(self):
+        """The key that seals secret values, from DATA/secret.key (made once, mode 0600)."""
+        if getattr(self, "_secret_key", None) is None:
+            path = os.path.join(self.data_dir, "secret.key")
+            with contextlib.suppress(FileExistsError):
+                descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(descriptor, "w") as handle:
+                    handle.write(secrets.token_hex(32))
+            with open(path) as handle:
+                self._secret_key = bytes.fromhex(handle.read().strip())
+        return self._secret_key
+
+    def set_secret(self, repo_id, name, value, events=None):
+        """Add or replace a repository secret (stored sealed)."""
+        if not isinstance(name, str) or not _ENV_NAME_PATTERN.match(name):
+            raise BadRequest(f"invalid secret name {name!r}: use a variable name")
+        if not isinstance(value, str) or not value or "\x00" in value:
+            raise BadRequest("the secret value must be a non-empty string")
+        events = list(events) if events else [EVENT_PUSH, EVENT_TAG, EVENT_CRON, EVENT_MANUAL]
+        if not all(event in EVENTS for event in events):
+            raise BadRequest(f"events must be among {', '.join(EVENTS)}")
+        with self._write() as conn:
+            conn.execute("INSERT INTO secrets (repo_id, name, value, events) VALUES (?, ?, ?, ?) "
+                         "ON CONFLICT (repo_id, name) DO UPDATE SET value = excluded.value, "
+                         "events = excluded.events",
+                         (repo_id, name, _seal(self.secret_key, value), json.dumps(events)))
+
+    def list_secrets(self, repo_id):
+        """Names and events of a repository's secrets (never the values)."""
+        return [{"name": row["name"], "events": json.loads(row["events"])}
+                for row in self._query("SELECT name, events FROM secrets WHERE repo_id = ? "
+                                       "ORDER BY name", (repo_id,))]
+
+    def delete_secret(self, repo_id, name):
+        with self._write() as conn:
+            if not conn.execute("DELETE FROM secrets WHERE repo_id = ? AND name = ?",
+                                (repo_id, name)).rowcount:
+                raise NotFound(f"secret {name} not found")
+
+    def secrets_for(self, repo_id, event):
+        """{name: value} of the secrets a build of `event` may see."""
+        return {row["name"]: _unseal(self.secret_key, row["value"])
+                for row in self._query("SELECT name, value, events FROM secrets "
+                                       "WHERE repo_id = ?", (repo_id,))
+                if event in json.loads(row["events"])}
+
+    def forge_token(self, repo):
+        return _unseal(self.secret_key, repo["forge_token"])
+
+    # -- cron schedules -----------------------------------------------------
+
+    def add_cron(self, repo_id, name, expression, branch=""):
+        _check_name(name, "cron name")
+        next_at = _next_cron_time(expression, time.time())
+        try:
+            with self._write() as conn:
+                conn.execute("INSERT INTO crons (repo_id, name, expression, branch, next_at, "
+                             "created_at) VALUES (?, ?, ?, ?, ?, ?)",
+                             (repo_id, name, expression, branch, next_at, _now()))
+        except sqlite3.IntegrityError:
+            raise Conflict(f"cron {name} already exists") from None
+        return self._query_one("SELECT * FROM crons WHERE repo_id = ? AND name = ?",
+                               (repo_id, name))
+
+    def list_crons(self, repo_id=None):
+        sql = ("SELECT c.*, r.owner, r.name AS repo_name FROM crons c "
+               "JOIN repos r ON r.id = c.repo_id")
+        if repo_id is not None:
+            return self._query(sql + " WHERE c.repo_id = ? ORDER BY c.name", (repo_id,))
+        return self._query(sql + " ORDER BY r.owner, r.name, c.name")
+
+    def delete_cron(self, repo_id, name):
+        with self._write() as conn:
+            if not conn.execute("DELETE FROM crons WHERE repo_id = ? AND name = ?",
+                                (repo_id, name)).rowcount:
+                raise NotFound(f"cron {name} not found")
+
+    def take_due_crons(self, now=None):
+        """The crons due now, each moved on to its next time after `now` in the
+        same transaction: across processes each due time is taken once, and a
+        schedule missed during downtime runs once, not once per missed slot."""
+        now = time.time() if now is None else now
+        taken = []
+        with self._write() as conn:
+            for cron in conn.execute("SELECT * FROM crons WHERE next_at <= ?", (now,)).fetchall():
+                conn.execute("UPDATE crons SET next_at = ? WHERE id = ?",
+                             (_next_cron_time(cron["expression"], now), cron["id"]))
+                taken.append(dict(cron))
+        return taken
+
+    # -- commit status reports (outbox) --------------------------------------
+
+    def _enqueue_report(self, conn, build_id, status):
+        forge = conn.execute("SELECT r.forge FROM builds b JOIN repos r ON r.id = b.repo_id "
+                             "WHERE b.id = ?", (build_id,)).fetchone()
+        if forge and forge[0]:
+            descriptions = {PENDING: "the build is queued", RUNNING: "the build is running",
+                            SUCCESS: "the build succeeded", FAILURE: "the build failed",
+                            KILLED: "the build was cancelled", ERROR: "the build errored",
+                            SKIPPED: "the build was skipped"}
+            conn.execute("INSERT INTO reports (build_id, state, description, next_at) "
+                         "VALUES (?, ?, ?, ?)",
+                         (build_id, status, descriptions[status], time.time()))
+            self._local.reports_added = True
+
+    def claim_report(self, lease=60.0):
+        """Take the oldest due report whose build has no older undelivered one
+        (so a forge sees pending before success); None if there is none."""
+        now = time.time()
+        with self._write() as conn:
+            row = conn.execute(
+                "SELECT * FROM reports r WHERE done = 0 AND next_at <= ? AND claimed_until < ? "
+                "AND NOT EXISTS (SELECT 1 FROM reports o WHERE o.build_id = r.build_id "
+                "AND o.done = 0 AND o.id < r.id) ORDER BY id LIMIT 1", (now, now)).fetchone()
+            if row is None:
+                return None
+            conn.execute("UPDATE reports SET claimed_until = ? WHERE id = ?",
+                         (now + lease, row["id"]))
+            return dict(row)
+
+    def finish_report(self, report_id, *, error="", retry_in=None):
+        """Record a delivery: done, or (with `retry_in` seconds) tried again
+        later; a final failure is shown on the build as report_error."""
+        with self._write() as conn:
+            report = conn.execute("SELECT build_id FROM reports WHERE id = ?",
+                                  (report_id,)).fetchone()
+            if report is None:
+                return
+            if retry_in is not None:
+                conn.execute("UPDATE reports SET attempts = attempts + 1, next_at = ?, "
+                             "claimed_until = 0 WHERE id = ?", (time.time() + retry_in, report_id))
+            else:
+                conn.execute("UPDATE reports SET attempts = attempts + 1, done = 1 WHERE id = ?",
+                             (report_id,))
+            conn.execute("UPDATE builds SET report_error = ? WHERE id = ?",
+                         (error, report["build_id"]))
+
+    def has_due_reports(self):
+        return self._connection().execute(
+            "SELECT 1 FROM reports WHERE done = 0 AND next_at <= ? LIMIT 1",
+            (time.time(),)).fetchone() is not None
 
     # -- runners ------------------------------------------------------------
 
@@ -1576,10 +1826,12 @@ def _mirror_lock(path):
             yield
 
 
-def _sync_mirror(data_dir, repo, commit=""):
+def _sync_mirror(data_dir, repo, commit="", pull_ref=""):
     """Fetch the repository into its bare mirror under DATA/mirrors; return its path.
 
-    A `commit` already in the mirror needs no fetch (commits never change).
+    A `commit` already in the mirror needs no fetch (commits never change). A
+    commit on no branch (a pull request from a fork) is fetched by `pull_ref`
+    (e.g. refs/pull/7/head), then by its SHA.
     """
     path = _mirror_path(data_dir, repo)
     with _mirror_lock(path):
@@ -1589,8 +1841,11 @@ def _sync_mirror(data_dir, repo, commit=""):
             return path
         _git(["-C", path, "fetch", "--quiet", "--prune", "--force", "--end-of-options",
               repo["url"], "+refs/heads/*:refs/heads/*", "+refs/tags/*:refs/tags/*"])
+        if commit and pull_ref and not _has_commit(path, commit):
+            with contextlib.suppress(_GitError):
+                _git(["-C", path, "fetch", "--quiet", "--force", "--end-of-options", repo["url"],
+                      f"+{pull_ref}:{pull_ref}"])
         if commit and not _has_commit(path, commit):
-            # Not on any branch (e.g. a pull request head): ask for it by name.
             with contextlib.suppress(_GitError):
                 _git(["-C", path, "fetch", "--quiet", "--end-of-options", repo["url"], commit])
     return path
@@ -1652,7 +1907,8 @@ def _read_pipeline_at(mirror, commit, config_path):
     raise ConfigError(f"no pipeline file ({', '.join(names)}) at commit {commit[:12]}")
 
 
-def _prepare_build(store, repo, *, branch, commit, variables, event, data_dir, max_jobs):
+def _prepare_build(store, repo, *, branch, commit, variables, event, data_dir, max_jobs,
+                   pull_ref=""):
     """Resolve the commit, read and expand its pipeline: (fields, environments, error).
 
     An unusable pipeline or an unreachable repository becomes `error` (the
@@ -1662,7 +1918,7 @@ def _prepare_build(store, repo, *, branch, commit, variables, event, data_dir, m
     fields = {"event": event, "branch": branch, "remote": repo["url"],
               "variables": json.dumps(variables)}
     try:
-        mirror = _sync_mirror(data_dir, repo, commit)
+        mirror = _sync_mirror(data_dir, repo, commit, pull_ref)
     except _GitError as exc:
         return fields, [], f"cannot fetch {repo['url']}: {exc.message}"
     if not branch:
@@ -1688,7 +1944,7 @@ def _prepare_build(store, repo, *, branch, commit, variables, event, data_dir, m
 
 
 def create_build(store, repo, *, branch="", commit="", variables=None, event=EVENT_MANUAL,
-                 data_dir=None, max_jobs=DEFAULT_MAX_JOBS, **fields):
+                 data_dir=None, max_jobs=DEFAULT_MAX_JOBS, pull_ref="", **fields):
     """Start a build of `repo` (a dict from the store) and return it.
 
     The commit is `commit`, else the head of `branch`, else of the default
@@ -1702,8 +1958,9 @@ def create_build(store, repo, *, branch="", commit="", variables=None, event=EVE
         raise BadRequest(f"unknown event {event!r}")
     prepared, environments, error = _prepare_build(
         store, repo, branch=branch, commit=commit, variables=variables, event=event,
-        data_dir=data_dir or store.data_dir, max_jobs=max_jobs)
-    prepared.update({key: value for key, value in fields.items() if key in _BUILD_FIELDS})
+        data_dir=data_dir or store.data_dir, max_jobs=max_jobs, pull_ref=pull_ref)
+    prepared.update({key: value for key, value in fields.items()
+                     if key in _BUILD_FIELDS and value not in (None, "")})
     return store.create_build(repo["id"], prepared, environments, error=error)
 
 
@@ -1716,9 +1973,11 @@ def restart_build(store, repo, number, *, fork=False, variables=None, data_dir=N
         raise Conflict(f"build {number} is {build['status']}; wait for it or cancel it first")
     merged = json.loads(build["variables"] or "{}")
     merged.update(_check_variables(variables or {}))
+    pull_ref = build["ref"] if build["ref"].startswith(("refs/pull/", "refs/merge-requests/")) else ""
     prepared, environments, error = _prepare_build(
         store, repo, branch=build["branch"], commit=build["commit_sha"], variables=merged,
-        event=build["event"], data_dir=data_dir or store.data_dir, max_jobs=max_jobs)
+        event=build["event"], data_dir=data_dir or store.data_dir, max_jobs=max_jobs,
+        pull_ref=pull_ref)
     for key in ("link_url", "message", "author", "author_email", "author_avatar", "ref"):
         if build[key]:
             prepared[key] = build[key]
@@ -1786,6 +2045,34 @@ def _process_state(pid):
         return None, None
 
 
+_GITHUB_STATES = {PENDING: "pending", RUNNING: "pending", SUCCESS: "success",
+                  FAILURE: "failure", KILLED: "error", ERROR: "error", SKIPPED: "success"}
+_GITLAB_STATES = {PENDING: "pending", RUNNING: "running", SUCCESS: "success",
+                  FAILURE: "failed", KILLED: "canceled", ERROR: "failed", SKIPPED: "success"}
+
+
+def _forge_status_request(repo, build, state, description, target_url, token):
+    """The HTTP request that sets a commit's status on the repository's forge:
+    GitHub's statuses API (Gitea and Forgejo take the same), or GitLab's."""
+    project = repo["forge_project"] or f"{repo['owner']}/{repo['name']}"
+    base = repo["forge_url"].rstrip("/")
+    commit = build["commit_sha"]
+    if repo["forge"] == "gitlab":
+        query = "&".join(f"{key}={quote(value, safe='')}" for key, value in (
+            ("state", _GITLAB_STATES[state]), ("name", REPORT_CONTEXT),
+            ("target_url", target_url), ("description", description)) if value)
+        return urllib.request.Request(
+            f"{base}/projects/{quote(project, safe='')}/statuses/{commit}?{query}", data=b"",
+            method="POST", headers={"PRIVATE-TOKEN": token, "User-Agent": "cirunner"})
+    body = {"state": _GITHUB_STATES[state], "target_url": target_url,
+            "description": description, "context": REPORT_CONTEXT}
+    return urllib.request.Request(
+        f"{base}/repos/{project}/statuses/{commit}", data=json.dumps(body).encode(),
+        method="POST", headers={"Authorization": f"token {token}",
+                                "Accept": "application/vnd.github+json",
+                                "Content-Type": "application/json", "User-Agent": "cirunner"})
+
+
 class _LogWriter:
     """Buffers a job's output briefly and appends it to the store in chunks.
 
@@ -1801,6 +2088,27 @@ class _LogWriter:
         self.offset = 0
         self.buffer = bytearray()
         self.first_at = None
+        self.masked = []
+
+    def mask(self, values):
+        """Replace these secret values (and each line of a multi-line one) by
+        ``********`` before anything reaches the store."""
+        texts = set()
+        for value in values:
+            texts.update(line for line in [value, *value.splitlines()]
+                         if len(line.strip()) >= MIN_MASKED_LENGTH)
+        self.masked = sorted((text.encode() for text in texts), key=len, reverse=True)
+
+    def _held_back(self):
+        """Bytes at the buffer's end that could be the start of a secret whose
+        rest has not been read yet: kept until the next read or the end."""
+        held = 0
+        for secret in self.masked:
+            for length in range(min(len(secret) - 1, len(self.buffer)), held, -1):
+                if self.buffer.endswith(secret[:length]):
+                    held = length
+                    break
+        return held
 
     def write(self, data):
         if isinstance(data, str):
@@ -1811,7 +2119,7 @@ class _LogWriter:
             self.first_at = time.monotonic()
         self.buffer += data
         if len(self.buffer) >= LOG_CHUNK_BYTES:
-            self.flush()
+            self.flush(final=False)
 
     def flush_due_in(self):
         """Seconds until the buffer must be flushed, or None if it is empty."""
@@ -1821,9 +2129,19 @@ class _LogWriter:
 
     def flush_if_due(self):
         if self.first_at is not None and self.flush_due_in() == 0.0:
-            self.flush()
+            self.flush(final=False)
 
-    def flush(self):
+    def flush(self, final=True):
+        """Store the buffer; with `final` False, keep back a possible secret's start."""
+        held = b""
+        if self.masked:
+            for secret in self.masked:
+                if secret in self.buffer:
+                    self.buffer = bytearray(bytes(self.buffer).replace(secret, MASK.encode()))
+            keep = 0 if final else self._held_back()
+            if keep:
+                held = bytes(self.buffer[-keep:])
+                del self.buffer[-keep:]
         while self.buffer:
             chunk = bytes(self.buffer[:LOG_CHUNK_BYTES])
             for attempt in range(5):
@@ -1838,6 +2156,7 @@ class _LogWriter:
             self.seq += 1
             self.offset += len(chunk)
             del self.buffer[:len(chunk)]
+        self.buffer += held
         self.first_at = None
 
 
@@ -1867,6 +2186,7 @@ class _RunningJob:
     def __init__(self, job, store_key):
         self.job = job
         self.token = _job_token_prefix(store_key, job["id"]) + uuid.uuid4().hex[:12]
+        self.secrets = {}
         self.stop_requested = threading.Event()
         self.reason = ""
 
@@ -1890,12 +2210,18 @@ class Executor:
 
     Parameters: `grace` seconds between SIGTERM and SIGKILL; `workspace`, a
     fixed directory to run every job in without checkout (``cirunner exec``);
-    `keep_workspaces` to leave job directories behind for inspection.
+    `keep_workspaces` to leave job directories behind for inspection;
+    `public_url`, this server's address for links in commit statuses;
+    `report_backoff`, seconds before the first retry of a failed status post.
+
+    A started executor also fires due cron schedules and posts commit
+    statuses to forges, from the store's outbox.
     """
 
     def __init__(self, store, *, workers=None, data_dir=None, grace=DEFAULT_GRACE_SECONDS,
                  workspace=None, keep_workspaces=False, poll_interval=0.25,
-                 runner_id=None, max_jobs=DEFAULT_MAX_JOBS):
+                 runner_id=None, max_jobs=DEFAULT_MAX_JOBS, public_url="",
+                 report_backoff=2.0):
         self.store = store
         self.workers = workers or os.cpu_count() or 1
         self.data_dir = data_dir or store.data_dir
@@ -1904,6 +2230,9 @@ class Executor:
         self.keep_workspaces = keep_workspaces
         self.poll_interval = poll_interval
         self.max_jobs = max_jobs
+        self.public_url = public_url.rstrip("/")
+        self.report_backoff = report_backoff
+        self._report_wakeup = threading.Event()
         self.hostname = socket.gethostname()
         self.runner_id = runner_id or f"{self.hostname}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.subreaper = False
@@ -1928,6 +2257,7 @@ class Executor:
         for index in range(self.workers):
             self._spawn_thread(self._worker_loop, f"cirunner-worker-{index + 1}")
         self._spawn_thread(self._maintenance_loop, "cirunner-maintenance")
+        self._spawn_thread(self._report_loop, "cirunner-reporter")
 
     def _spawn_thread(self, target, name):
         thread = threading.Thread(target=target, name=name, daemon=True)
@@ -1952,6 +2282,7 @@ class Executor:
         """Stop taking jobs, kill running ones (recorded as killed with
         `reason`), and wait for the threads to end."""
         self._stopping.set()
+        self._report_wakeup.set()
         with self._running_lock:
             running = list(self._running.values())
         for job in running:
@@ -1993,6 +2324,8 @@ class Executor:
     def _on_store_event(self, event, job_ids):
         if event == "enqueued":
             self._wake()
+        elif event == "report":
+            self._report_wakeup.set()
         elif event == "cancel":
             self._stop_jobs(job_ids)
 
@@ -2046,8 +2379,65 @@ class Executor:
                 if now - last_reap >= 1.0:
                     last_reap = now
                     self._reap_orphans()
+                    self._fire_crons()
             except Exception:  # noqa: BLE001 - the loop logs and keeps running
                 _log.exception("executor maintenance failed; continuing")
+
+    # -- cron schedules and commit statuses ---------------------------------
+
+    def _fire_crons(self):
+        """Start a build for each due schedule (taken atomically in the store)."""
+        for cron in self.store.take_due_crons():
+            try:
+                repo = self.store.get_repo_by_id(cron["repo_id"])
+                if EVENT_CRON not in json.loads(repo["events"]):
+                    continue
+                create_build(self.store, repo, branch=cron["branch"], event=EVENT_CRON,
+                             data_dir=self.data_dir, max_jobs=self.max_jobs)
+            except Exception:  # noqa: BLE001 - one bad schedule must not stop the others
+                _log.exception("cron %s could not start a build", cron["name"])
+
+    def _report_loop(self):
+        while not self._stopping.is_set():
+            try:
+                report = self.store.claim_report()
+            except Exception:  # noqa: BLE001 - the loop logs and keeps running
+                _log.exception("claiming a commit status report failed")
+                report = None
+            if report is None:
+                self._report_wakeup.wait(0.5)
+                self._report_wakeup.clear()
+                continue
+            self._deliver_report(report)
+
+    def _deliver_report(self, report):
+        """Post one commit status; retry with exponential backoff, and after the
+        last attempt show the failure on the build. Never fails the build."""
+        try:
+            build = self.store.get_build_by_id(report["build_id"])
+            repo = self.store.get_repo_by_id(build["repo_id"])
+            request = _forge_status_request(repo, build, report["state"], report["description"],
+                                            self._build_link(repo, build),
+                                            self.store.forge_token(repo))
+            with urllib.request.urlopen(request, timeout=10) as response:
+                response.read()
+        except NotFound:
+            self.store.finish_report(report["id"])
+            return
+        except (OSError, ValueError, CIRunnerError) as exc:
+            attempt = report["attempts"] + 1
+            message = f"commit status {report['state']!r} not posted (attempt {attempt}): {exc}"
+            _log.warning("%s", message)
+            retry_in = (self.report_backoff * 2 ** report["attempts"]
+                        if attempt < REPORT_ATTEMPTS else None)
+            self.store.finish_report(report["id"], error=message, retry_in=retry_in)
+            return
+        self.store.finish_report(report["id"])
+
+    def _build_link(self, repo, build):
+        if not self.public_url:
+            return ""
+        return f"{self.public_url}/api/repos/{repo['owner']}/{repo['name']}/builds/{build['number']}"
 
     # -- one job: prepare workspace, check out, run steps, finish -----------
 
@@ -2061,6 +2451,9 @@ class Executor:
         try:
             build = self.store.get_build_by_id(job["build_id"])
             repo = self.store.get_repo_by_id(build["repo_id"])
+            secret_values = self.store.secrets_for(repo["id"], build["event"])
+            log.mask(secret_values.values())
+            running.secrets = secret_values
             pipeline = self._pipeline_for(build)
             workspace = self._prepare_workspace(repo, build, job)
             if pipeline.clone and self.workspace is None:
@@ -2166,7 +2559,7 @@ class Executor:
             if not step.applies(branch=build["branch"], event=build["event"],
                                 environment=matrix, job_status=status):
                 continue
-            environment = {**base, **step.environment, **ci_env,
+            environment = {**base, **running.secrets, **step.environment, **ci_env,
                            "CIRUNNER_JOB_TOKEN": running.token}
             code, stopped = self._run_step(running, step, environment, workspace, log,
                                            deadline, minutes)
