@@ -1160,7 +1160,7 @@ class Store:
         """Add a repository; raises Conflict if `owner/name` exists."""
         _check_name(owner, "owner")
         _check_name(name, "repository name")
-        values = {key: fields[key] for key in _REPO_FIELDS if key in fields}
+        values = self._repo_values(fields)
         values.update(owner=owner, name=name, url=url, created_at=_now())
         columns = ", ".join(values)
         marks = ", ".join("?" for _ in values)
@@ -1192,12 +1192,19 @@ class Store:
         unknown = set(fields) - set(_REPO_FIELDS)
         if unknown:
             raise BadRequest(f"unknown repository field {min(unknown)!r}")
-        if fields:
-            assignments = ", ".join(f"{key} = ?" for key in fields)
+        values = self._repo_values(fields)
+        if values:
+            assignments = ", ".join(f"{key} = ?" for key in values)
             with self._write() as conn:
                 conn.execute(f"UPDATE repos SET {assignments} WHERE id = ?",
-                             (*fields.values(), repo_id))
+                             (*values.values(), repo_id))
         return self.get_repo_by_id(repo_id)
+
+    def _repo_values(self, fields):
+        values = {key: fields[key] for key in _REPO_FIELDS if key in fields}
+        if values.get("forge_token"):
+            values["forge_token"] = _seal(self.secret_key, values["forge_token"])
+        return values
 
     def delete_repo(self, repo_id):
         """Delete a repository with all its builds; Conflict while one is active."""
@@ -2746,6 +2753,7 @@ def _build_json(build, jobs=None):
         "author_email": build["author_email"], "link_url": build["link_url"],
         "description": build["description"], "tags": json.loads(build["tags"] or "[]"),
         "pinned": bool(build["pinned"]), "variables": json.loads(build["variables"] or "{}"),
+        "report_error": build["report_error"],
     }
     if jobs is not None:
         data["jobs"] = [_job_json(job) for job in jobs]
@@ -2769,6 +2777,8 @@ def _repo_json(repo):
         "private": bool(repo["private"]), "timeout": repo["timeout"],
         "max_builds": repo["max_builds"], "last_build_number": repo["last_number"],
         "events": json.loads(repo["events"]), "webhook_secret_set": bool(repo["webhook_secret"]),
+        "forge": repo["forge"], "forge_url": repo["forge_url"],
+        "forge_project": repo["forge_project"], "forge_token_set": bool(repo["forge_token"]),
         "created_at": repo["created_at"],
     }
 
@@ -2837,6 +2847,19 @@ def _repo_fields(params, *, creating):
         elif key == "webhook_secret":
             if not isinstance(value, str) or len(value) > 256:
                 raise BadRequest("webhook_secret must be a string of at most 256 characters")
+            fields[key] = value
+        elif key == "forge":
+            if value not in FORGES + ("",):
+                raise BadRequest(f"forge must be one of {', '.join(FORGES)} (or empty)")
+            fields[key] = value
+        elif key == "forge_url":
+            if not isinstance(value, str) or (value and not value.startswith(("http://",
+                                                                              "https://"))):
+                raise BadRequest("forge_url must be an http(s) URL of the forge's API")
+            fields[key] = value
+        elif key in ("forge_token", "forge_project"):
+            if not isinstance(value, str) or len(value) > 1024:
+                raise BadRequest(f"{key} must be a string")
             fields[key] = value
         else:
             raise BadRequest(f"unknown repository field {key!r}")
@@ -2915,6 +2938,164 @@ def _patch_fields(body):
             raise BadRequest(f"unknown field {key!r}: only description, tags, merge and "
                              "pinned can change")
     return fields
+
+
+_ZERO_SHA = "0" * 40
+_SKIP_PATTERN = re.compile(r"\[(ci skip|skip ci)\]", re.IGNORECASE)
+
+
+def _webhook_forge(headers):
+    """(forge, event) from a webhook's headers, or (None, None)."""
+    for name, forge in (("X-Forgejo-Event", "gitea"), ("X-Gitea-Event", "gitea"),
+                        ("X-Gitlab-Event", "gitlab"), ("X-GitHub-Event", "github")):
+        if headers.get(name):
+            return forge, headers.get(name)
+    return None, None
+
+
+def _webhook_repo_name(forge, payload):
+    if forge == "gitlab":
+        return _dig(payload, "project", "path_with_namespace")
+    return _dig(payload, "repository", "full_name")
+
+
+def _dig(data, *keys):
+    for key in keys:
+        if not isinstance(data, dict):
+            return None
+        data = data.get(key)
+    return data
+
+
+def _require(payload, *keys, kind=str):
+    value = _dig(payload, *keys)
+    if value is None or value == "" or not isinstance(value, kind) or isinstance(value, bool):
+        raise BadRequest(f"the payload has no valid {'.'.join(keys)}: not this forge's "
+                         "webhook shape")
+    return value
+
+
+def _text(value):
+    return value if isinstance(value, str) else ""
+
+
+def _iso_time(text):
+    if isinstance(text, (int, float)):
+        return int(text)
+    try:
+        return int(datetime.fromisoformat(str(text).replace("Z", "+00:00")).timestamp())
+    except ValueError:
+        return 0
+
+
+def _verify_webhook(forge, headers, body, secret):
+    """Check a webhook against the repository's secret: HMAC-SHA256 of the body
+    (GitHub, Gitea, Forgejo) or GitLab's shared token, in constant time."""
+    if not secret:
+        raise Forbidden("the repository has no webhook secret; set one to accept webhooks")
+    if forge == "gitlab":
+        given = headers.get("X-Gitlab-Token") or ""
+        if not hmac.compare_digest(given.encode(), secret.encode()):
+            raise Forbidden("bad or missing X-Gitlab-Token")
+        return
+    expected = hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+    if forge == "github":
+        given = headers.get("X-Hub-Signature-256") or ""
+        expected = "sha256=" + expected
+    else:
+        given = (headers.get("X-Forgejo-Signature") or headers.get("X-Gitea-Signature")
+                 or "")
+    if not hmac.compare_digest(given.encode(), expected.encode()):
+        raise Forbidden("bad or missing webhook signature")
+
+
+def _parse_webhook(forge, event, payload):
+    """Turn a verified payload into build fields, or None for an event that
+    starts no build. Raises BadRequest for a payload of the wrong shape."""
+    if forge == "gitlab":
+        return _parse_gitlab_hook(event, payload)
+    if event == "push":
+        ref = _require(payload, "ref")
+        after = _require(payload, "after")
+        if after == _ZERO_SHA or payload.get("deleted"):
+            return None  # a branch or tag deletion
+        commits = payload.get("commits") if isinstance(payload.get("commits"), list) else []
+        head = payload.get("head_commit") or (commits[-1] if commits else {})
+        head = head if isinstance(head, dict) else {}
+        is_tag = ref.startswith("refs/tags/")
+        return {
+            "event": EVENT_TAG if is_tag else EVENT_PUSH, "commit": after, "ref": ref,
+            "branch": "" if is_tag else ref[len("refs/heads/"):],
+            "message": head.get("message", ""), "timestamp": _iso_time(head.get("timestamp", 0)),
+            "author": _dig(head, "author", "username") or _dig(head, "author", "name") or "",
+            "author_email": _dig(head, "author", "email") or "",
+            "author_avatar": _dig(payload, "sender", "avatar_url") or "",
+            "link_url": payload.get("compare") or payload.get("compare_url") or "",
+            "remote": _dig(payload, "repository", "clone_url") or "",
+        }
+    if event == "pull_request":
+        action = _require(payload, "action")
+        if action not in ("opened", "synchronize", "synchronized", "reopened"):
+            return None
+        number = _require(payload, "pull_request", "number", kind=int)
+        return {
+            "event": EVENT_PULL_REQUEST, "commit": _require(payload, "pull_request", "head", "sha"),
+            "ref": f"refs/pull/{number}/head",
+            "branch": _require(payload, "pull_request", "base", "ref"),
+            "message": _dig(payload, "pull_request", "title") or "",
+            "author": _dig(payload, "pull_request", "user", "login") or "",
+            "author_avatar": _dig(payload, "pull_request", "user", "avatar_url") or "",
+            "link_url": _dig(payload, "pull_request", "html_url") or "",
+            "remote": _dig(payload, "pull_request", "head", "repo", "clone_url") or "",
+        }
+    return None
+
+
+def _parse_gitlab_hook(event, payload):
+    kind = payload.get("object_kind")
+    if event in ("Push Hook", "Tag Push Hook") and kind in ("push", "tag_push"):
+        ref = _require(payload, "ref")
+        after = _require(payload, "after")
+        if after == _ZERO_SHA:
+            return None
+        commits = [c for c in payload.get("commits") or [] if isinstance(c, dict)] \
+            if isinstance(payload.get("commits"), list) else []
+        head = next((c for c in commits if c.get("id") == after), commits[-1] if commits else {})
+        is_tag = kind == "tag_push"
+        return {
+            "event": EVENT_TAG if is_tag else EVENT_PUSH,
+            "commit": payload.get("checkout_sha") or after, "ref": ref,
+            "branch": "" if is_tag else ref[len("refs/heads/"):],
+            "message": head.get("message", ""), "timestamp": _iso_time(head.get("timestamp", 0)),
+            "author": _dig(head, "author", "name") or payload.get("user_name", ""),
+            "author_email": _dig(head, "author", "email") or payload.get("user_email", ""),
+            "author_avatar": payload.get("user_avatar") or "",
+            "link_url": head.get("url", ""),
+            "remote": _dig(payload, "project", "git_http_url") or "",
+        }
+    if event == "Merge Request Hook" and kind == "merge_request":
+        attributes = _require(payload, "object_attributes", kind=dict)
+        if attributes.get("action") not in ("open", "update", "reopen"):
+            return None
+        number = _require(payload, "object_attributes", "iid", kind=int)
+        last = attributes.get("last_commit") if isinstance(attributes.get("last_commit"),
+                                                             dict) else {}
+        return {
+            "event": EVENT_PULL_REQUEST,
+            "commit": _require(payload, "object_attributes", "last_commit", "id"),
+            "ref": f"refs/merge-requests/{number}/head",
+            "branch": _require(payload, "object_attributes", "target_branch"),
+            "message": attributes.get("title") or last.get("message", ""),
+            "timestamp": _iso_time(last.get("timestamp", 0)),
+            "author": _dig(payload, "user", "username") or "",
+            "author_email": _dig(last, "author", "email") or "",
+            "author_avatar": _dig(payload, "user", "avatar_url") or "",
+            "link_url": attributes.get("url", ""),
+            "remote": _dig(payload, "object_attributes", "source", "git_http_url") or "",
+        }
+    if kind is None and event not in ("Push Hook", "Tag Push Hook", "Merge Request Hook"):
+        return None
+    raise BadRequest(f"the payload is not a GitLab {event!r} of a known shape")
 
 
 def make_app(store, executor=None, *, data_dir=None, max_body=DEFAULT_MAX_BODY,
@@ -3110,6 +3291,94 @@ def make_app(store, executor=None, *, data_dir=None, max_body=DEFAULT_MAX_BODY,
         shutil.rmtree(_mirror_path(data_dir, repo), ignore_errors=True)
         shutil.rmtree(os.path.join(data_dir, "workspaces", owner, name), ignore_errors=True)
         return {"deleted": f"{owner}/{name}"}
+
+    # -- secrets ------------------------------------------------------------
+
+    @app.get("/api/repos/<owner>/<name>/secrets")
+    def list_secrets(owner, name):
+        repo = find_repo(owner, name, write=True)
+        return _json_response(store.list_secrets(repo["id"]))
+
+    @app.post("/api/repos/<owner>/<name>/secrets")
+    def add_secret(owner, name):
+        repo = find_repo(owner, name, write=True)
+        params = body_params()
+        events = params.get("events")
+        if isinstance(events, str):
+            events = events.split(",")
+        if events is not None and not isinstance(events, list):
+            raise BadRequest("events must be a list")
+        unknown = set(params) - {"name", "value", "events"}
+        if unknown:
+            raise BadRequest(f"unknown field {min(unknown)!r}")
+        store.set_secret(repo["id"], params.get("name"), params.get("value"), events)
+        secret = next(item for item in store.list_secrets(repo["id"])
+                      if item["name"] == params["name"])
+        return _json_response(secret, 201)
+
+    @app.delete("/api/repos/<owner>/<name>/secrets/<secret>")
+    def delete_secret(owner, name, secret):
+        repo = find_repo(owner, name, write=True)
+        store.delete_secret(repo["id"], secret)
+        return {"deleted": secret}
+
+    # -- webhooks -----------------------------------------------------------
+
+    @app.post("/hook")
+    @app.post("/api/hook")
+    def webhook():
+        """A forge's push, tag or pull request: verified, then built."""
+        forge, event = _webhook_forge(request.headers)
+        if forge is None:
+            raise BadRequest("not a webhook: no X-GitHub-Event, X-Gitea-Event, "
+                             "X-Forgejo-Event or X-Gitlab-Event header")
+        stream = request.environ.get("wsgi.input")
+        length = int(request.environ.get("CONTENT_LENGTH") or 0)
+        body = stream.read(min(length, max_body + 1)) if stream is not None and length else b""
+        if len(body) > max_body:
+            raise TooLarge(f"request body larger than {max_body} bytes")
+        payload = None
+        full_name = request.query.get("repo")
+        if not full_name:
+            try:
+                payload = json.loads(body)
+            except ValueError:
+                raise BadRequest("the webhook body is not JSON") from None
+            full_name = _webhook_repo_name(forge, payload) if isinstance(payload, dict) else None
+            if not full_name:
+                raise BadRequest("the payload names no repository (or pass ?repo=OWNER/NAME)")
+        owner, _, name = str(full_name).partition("/")
+        try:
+            repo = store.get_repo(_check_name(owner, "owner"), _check_name(name, "name"))
+        except BadRequest:
+            raise NotFound(f"repository {full_name} not found") from None
+        _verify_webhook(forge, request.headers, body, repo["webhook_secret"])
+        if payload is None:
+            try:
+                payload = json.loads(body)
+            except ValueError:
+                raise BadRequest("the webhook body is not JSON") from None
+        if not isinstance(payload, dict):
+            raise BadRequest("the webhook body must be a JSON object")
+        if event == "ping" or forge == "gitlab" and event == "System Hook":
+            return {"ping": "ok", "repo": f"{repo['owner']}/{repo['name']}"}
+        fields = _parse_webhook(forge, event, payload)
+        if fields is None:
+            return bottle.HTTPResponse(status=204)
+        fields = {key: value if key == "timestamp" else _text(value)
+                  for key, value in fields.items()}
+        if _SKIP_PATTERN.search(fields["message"] or ""):
+            return bottle.HTTPResponse(status=204)
+        if fields["event"] not in json.loads(repo["events"]):
+            return bottle.HTTPResponse(status=204)
+        commit = _check_commit(fields.pop("commit"))
+        branch = fields.pop("branch")
+        event_name = fields.pop("event")
+        build = create_build(
+            store, repo, branch=branch, commit=commit, event=event_name, data_dir=data_dir,
+            max_jobs=max_jobs, pull_ref=fields["ref"] if event_name == EVENT_PULL_REQUEST else "",
+            **fields)
+        return build_response(build)
 
     # -- builds (Drone dialect) ---------------------------------------------
 
@@ -3364,7 +3633,10 @@ def _openapi_document():
         "timeout": {"type": "integer", "minimum": 1, "maximum": 10080},
         "max_builds": {"type": "integer", "minimum": 0, "maximum": 1000},
         "events": {"type": "array", "items": {"type": "string", "enum": list(EVENTS)}},
-        "webhook_secret": {"type": "string", "maxLength": 256, "writeOnly": True}}
+        "webhook_secret": {"type": "string", "maxLength": 256, "writeOnly": True},
+        "forge": {"type": "string", "enum": [*FORGES, ""]},
+        "forge_url": {"type": "string"}, "forge_project": {"type": "string"},
+        "forge_token": {"type": "string", "writeOnly": True}}
     time_field = {"type": "integer", "description": "Unix seconds; 0 when unset"}
     paginated = {"type": "object", "required": ["count", "next", "previous", "results"],
                  "properties": {"count": {"type": "integer"},
@@ -3383,7 +3655,9 @@ def _openapi_document():
                      "timeout": {"type": "integer"}, "max_builds": {"type": "integer"},
                      "last_build_number": {"type": "integer"},
                      "events": {"type": "array", "items": {"type": "string"}},
-                     "webhook_secret_set": {"type": "boolean"}, "created_at": time_field}},
+                     "webhook_secret_set": {"type": "boolean"}, "forge": {"type": "string"},
+                     "forge_url": {"type": "string"}, "forge_project": {"type": "string"},
+                     "forge_token_set": {"type": "boolean"}, "created_at": time_field}},
         "Job": {"type": "object", "required": ["id", "number", "status", "enqueued_at",
                                                "started_at", "finished_at", "exit_code",
                                                "environment"],
@@ -3413,16 +3687,29 @@ def _openapi_document():
                 "tags": {"type": "array", "items": {"type": "string"}},
                 "pinned": {"type": "boolean"},
                 "variables": {"type": "object", "additionalProperties": {"type": "string"}},
+                "report_error": {"type": "string"},
                 "jobs": {"type": "array", "items": ref("Job")}}},
         "Status": {"type": "object", "required": ["id", "status", "message", "created_at", "job"],
                    "properties": {"id": {"type": "integer"}, "status": status_enum,
                                   "message": {"type": "string"}, "created_at": time_field,
                                   "job": {"type": ["integer", "null"]}}},
+        "Secret": {"type": "object", "required": ["name", "events"], "properties": {
+            "name": {"type": "string"}, "events": {"type": "array",
+                                                   "items": {"type": "string"}}}},
         "BuildPage": {**paginated, "properties": {**paginated["properties"], "results": {
             "type": "array", "items": ref("Build")}}},
         "StatusPage": {**paginated, "properties": {**paginated["properties"], "results": {
             "type": "array", "items": ref("Status")}}},
     }
+    hook = {"post": {
+        "summary": "a forge webhook (GitHub, Gitea, Forgejo, GitLab)", "security": [],
+        "parameters": [query_param("repo", {"type": "string"}, "OWNER/NAME, if the payload's "
+                                                                "name differs")],
+        "requestBody": {"required": True, "content": {"application/json": {
+            "schema": {"type": "object"}}}},
+        "responses": {**ok({"oneOf": [ref("Build"), {"type": "object"}]}),
+                      "204": {"description": "no build for this event"},
+                      **error_responses(400, 403, 404, 413)}}}
     paths = {
         "/api/version": {"get": {"summary": "server version", "security": [], "responses": ok(
             {"type": "object", "properties": {"version": {"type": "string"}}})}},
@@ -3482,6 +3769,23 @@ def _openapi_document():
                         **read_errors, **error_responses(503)}},
             "delete": {"summary": "cancel one job",
                        "responses": {**ok(ref("Build")), **write_errors}}},
+        "/api/repos/{owner}/{name}/secrets": {
+            "parameters": repo_params,
+            "get": {"summary": "secret names and events (never values)", "responses": {
+                **ok({"type": "array", "items": ref("Secret")}), **write_errors}},
+            "post": {"summary": "add or replace a secret", "requestBody": {
+                "required": True, "content": {"application/json": {"schema": {
+                    "type": "object", "required": ["name", "value"], "properties": {
+                        "name": {"type": "string"}, "value": {"type": "string"},
+                        "events": {"type": "array", "items": {"type": "string",
+                                                              "enum": list(EVENTS)}}}}}}},
+                "responses": {**ok(ref("Secret"), "201"), **write_errors}}},
+        "/api/repos/{owner}/{name}/secrets/{secret}": {
+            "parameters": repo_params + [path_param("secret")],
+            "delete": {"summary": "remove a secret", "responses": {
+                **ok({"type": "object"}), **write_errors}}},
+        "/hook": hook,
+        "/api/hook": hook,
         "/api/v1/{owner}/{name}/builds": {
             "parameters": repo_params,
             "get": {"summary": "builds, newest first, paginated", "parameters": [
@@ -3645,7 +3949,8 @@ def _command_serve(args, stdout, stderr):
         raise CIRunnerError("serve needs waitress: pip install waitress")
     store = Store.open(args.data)
     executor = Executor(store, workers=args.workers, grace=args.grace,
-                        keep_workspaces=args.keep_workspaces)
+                        keep_workspaces=args.keep_workspaces,
+                        public_url=args.public_url or f"http://{args.host}:{args.port}")
     app = make_app(store, executor, max_streams=max(1, args.threads - 4))
     _limit_malloc_arenas()
     # Small output buffers: a 50 MB log streams through 1 MB at a time instead
@@ -3693,17 +3998,24 @@ def _command_repo(args, stdout, stderr):
             return 0
         owner, name = _split_full_name(args.full_name)
         if args.repo_command == "add":
+            webhook_secret = args.webhook_secret or secrets.token_urlsafe(24)
             params = {"url": args.url, "branch": args.branch or "", "config": args.config or "",
-                      "timeout": str(args.timeout), "private": "true" if args.private else ""}
+                      "timeout": str(args.timeout), "private": "true" if args.private else "",
+                      "webhook_secret": webhook_secret}
             fields = _repo_fields(params, creating=True)
             repo = store.create_repo(owner, name, fields.pop("url"), **fields)
             print(f"added {owner}/{name} ({repo['url']})", file=stdout)
+            print(f"webhook: point the forge at {args.public_url.rstrip('/')}/hook "
+                  f"(content type application/json) with the secret, shown once:\n"
+                  f"{webhook_secret}", file=stdout)
         elif args.repo_command == "update":
             params = {key: value for key, value in (
                 ("url", args.url), ("branch", args.branch), ("config", args.config),
                 ("timeout", None if args.timeout is None else str(args.timeout)),
                 ("private", args.private), ("max_builds", args.max_builds),
-                ("events", args.events), ("webhook_secret", args.webhook_secret))
+                ("events", args.events), ("webhook_secret", args.webhook_secret),
+                ("forge", args.forge), ("forge_url", args.forge_url),
+                ("forge_token", args.forge_token), ("forge_project", args.forge_project))
                 if value is not None}
             repo = store.get_repo(owner, name)
             store.update_repo(repo["id"], **_repo_fields(params, creating=False))
@@ -3755,6 +4067,57 @@ def _command_token(args, stdout, stderr):
         else:
             store.revoke_token(args.id)
             print(f"revoked token {args.id}", file=stdout)
+        return 0
+    finally:
+        store.close()
+
+
+def _command_secret(args, stdout, stderr):
+    store = Store.open(args.data)
+    try:
+        repo = store.get_repo(*_split_full_name(args.full_name))
+        if args.secret_command == "add":
+            if (args.value is None) == (args.from_file is None):
+                raise BadRequest("give the value with exactly one of --value or --from-file")
+            value = args.value
+            if args.from_file is not None:
+                with open(args.from_file, encoding="utf-8") as handle:
+                    value = handle.read()
+            events = args.event.split(",") if args.event else None
+            store.set_secret(repo["id"], args.name, value, events)
+            print(f"secret {args.name} set for {args.full_name}", file=stdout)
+        elif args.secret_command == "list":
+            for secret in store.list_secrets(repo["id"]):
+                print(f"{secret['name']}\t{','.join(secret['events'])}", file=stdout)
+        else:
+            store.delete_secret(repo["id"], args.name)
+            print(f"secret {args.name} removed", file=stdout)
+        return 0
+    finally:
+        store.close()
+
+
+def _command_cron(args, stdout, stderr):
+    store = Store.open(args.data)
+    try:
+        if args.cron_command == "list":
+            repo_id = (store.get_repo(*_split_full_name(args.full_name))["id"]
+                       if args.full_name else None)
+            for cron in store.list_crons(repo_id):
+                due = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(cron["next_at"]))
+                print(f"{cron['owner']}/{cron['repo_name']}\t{cron['name']}\t"
+                      f"{cron['expression']}\t{cron['branch'] or '(default)'}\tnext {due}",
+                      file=stdout)
+            return 0
+        repo = store.get_repo(*_split_full_name(args.full_name))
+        if args.cron_command == "add":
+            branch = _check_branch(args.branch) if args.branch else ""
+            cron = store.add_cron(repo["id"], args.name, args.expression, branch)
+            due = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(cron["next_at"]))
+            print(f"cron {args.name} added; next build {due}", file=stdout)
+        else:
+            store.delete_cron(repo["id"], args.name)
+            print(f"cron {args.name} removed", file=stdout)
         return 0
     finally:
         store.close()
@@ -3901,6 +4264,9 @@ def _make_parser(environ):
     serve.add_argument("--grace", type=float, default=float(env("GRACE", DEFAULT_GRACE_SECONDS)),
                        help="seconds between SIGTERM and SIGKILL of a stopped job "
                             "(env CIRUNNER_GRACE, default 10)")
+    serve.add_argument("--public-url", dest="public_url", default=env("PUBLIC_URL", ""),
+                       help="this server's address for links in commit statuses "
+                            "(env CIRUNNER_PUBLIC_URL; default http://HOST:PORT)")
     serve.add_argument("--keep-workspaces", action="store_true",
                        default=env("KEEP_WORKSPACES", "") in _TRUE_WORDS,
                        help="leave job workspaces on disk after the job")
@@ -3917,6 +4283,11 @@ def _make_parser(environ):
     add.add_argument("--timeout", type=int, default=DEFAULT_TIMEOUT_MINUTES,
                      help="job timeout in minutes (default 60)")
     add.add_argument("--private", action="store_true", help="hide from guests")
+    add.add_argument("--webhook-secret", dest="webhook_secret",
+                     help="secret the forge signs webhooks with (default: generated, shown once)")
+    add.add_argument("--public-url", dest="public_url",
+                     default=env("PUBLIC_URL", f"http://{DEFAULT_HOST}:{DEFAULT_PORT}"),
+                     help="this server's address as the forge sees it (env CIRUNNER_PUBLIC_URL)")
     repo_list = repo_commands.add_parser("list", parents=[common], help="list repositories")
     repo_list.set_defaults(full_name=None)
     update = repo_commands.add_parser("update", parents=[common],
@@ -3931,6 +4302,13 @@ def _make_parser(environ):
                         help="most builds running at once (0: no limit)")
     update.add_argument("--events", help=f"comma-separated events to build ({','.join(EVENTS)})")
     update.add_argument("--webhook-secret", dest="webhook_secret")
+    update.add_argument("--forge", choices=FORGES + ("",),
+                        help="post commit statuses to this kind of forge")
+    update.add_argument("--forge-url", dest="forge_url",
+                        help="the forge's API base, e.g. https://api.github.com")
+    update.add_argument("--forge-token", dest="forge_token", help="an API token of the forge")
+    update.add_argument("--forge-project", dest="forge_project",
+                        help="OWNER/NAME at the forge if it differs")
     remove = repo_commands.add_parser("remove", parents=[common],
                                       help="remove a repository and its builds")
     remove.add_argument("full_name", metavar="OWNER/NAME")
@@ -3948,6 +4326,41 @@ def _make_parser(environ):
                                            help="remove a user and their tokens")
     user_remove.add_argument("login")
     user.set_defaults(handler=_command_user)
+
+    secret = commands.add_parser("secret", help="add, list or remove repository secrets")
+    secret_commands = secret.add_subparsers(dest="secret_command", metavar="ACTION")
+    secret_commands.required = True
+    secret_add = secret_commands.add_parser("add", parents=[common],
+                                            help="add or replace a secret")
+    secret_add.add_argument("full_name", metavar="OWNER/NAME")
+    secret_add.add_argument("name", metavar="NAME")
+    secret_add.add_argument("--value")
+    secret_add.add_argument("--from-file", dest="from_file", metavar="FILE")
+    secret_add.add_argument("--event", metavar="EVENTS",
+                            help="comma-separated events that get it (default "
+                                 "push,tag,cron,manual: not pull_request)")
+    secret_list = secret_commands.add_parser("list", parents=[common],
+                                             help="names and events, never values")
+    secret_list.add_argument("full_name", metavar="OWNER/NAME")
+    secret_remove = secret_commands.add_parser("remove", parents=[common], help="remove a secret")
+    secret_remove.add_argument("full_name", metavar="OWNER/NAME")
+    secret_remove.add_argument("name", metavar="NAME")
+    secret.set_defaults(handler=_command_secret)
+
+    cron = commands.add_parser("cron", help="add, list or remove build schedules")
+    cron_commands = cron.add_subparsers(dest="cron_command", metavar="ACTION")
+    cron_commands.required = True
+    cron_add = cron_commands.add_parser("add", parents=[common], help="add a schedule (UTC)")
+    cron_add.add_argument("full_name", metavar="OWNER/NAME")
+    cron_add.add_argument("name", metavar="NAME")
+    cron_add.add_argument("expression", metavar="EXPRESSION", help='e.g. "0 3 * * *"')
+    cron_add.add_argument("--branch")
+    cron_list = cron_commands.add_parser("list", parents=[common], help="list schedules")
+    cron_list.add_argument("full_name", metavar="OWNER/NAME", nargs="?")
+    cron_remove = cron_commands.add_parser("remove", parents=[common], help="remove a schedule")
+    cron_remove.add_argument("full_name", metavar="OWNER/NAME")
+    cron_remove.add_argument("name", metavar="NAME")
+    cron.set_defaults(handler=_command_cron)
 
     token = commands.add_parser("token", help="create, list or revoke API tokens")
     token_commands = token.add_subparsers(dest="token_command", metavar="ACTION")

@@ -1,6 +1,8 @@
 """Tests for cirunner: real git repositories, real processes, the real SQLite
 file, WebTest for the routes and a real `serve` process for end-to-end cases."""
 
+import hashlib
+import hmac
 import http.client
 import json
 import os
@@ -14,6 +16,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import webtest
@@ -1553,3 +1556,394 @@ def test_migrations_upgrade_an_older_store(tmp_path):
             len(cirunner._MIGRATIONS)
     finally:
         store.close()
+
+
+# -- webhooks, secrets, cron and commit statuses ------------------------------
+
+
+WEBHOOK_SECRET = "webhook-secret-of-alice"
+
+
+def sign(body, forge):
+    digest = hmac.new(WEBHOOK_SECRET.encode(), body, hashlib.sha256).hexdigest()
+    return {"github": {"X-Hub-Signature-256": "sha256=" + digest},
+            "gitea": {"X-Gitea-Signature": digest},
+            "forgejo": {"X-Forgejo-Signature": digest},
+            "gitlab": {"X-Gitlab-Token": WEBHOOK_SECRET}}[forge]
+
+
+@pytest.fixture
+def hook_repo(tmp_path, store):
+    """alice/hello served from a bare repository by file:// URL, with a webhook secret."""
+    work = str(tmp_path / "work")
+    commit_files(work, {".cirunner.yml": "pipeline: {t: {commands: [cat version]}}\n",
+                        "version": "one\n"}, message="first")
+    bare = str(tmp_path / "hello.git")
+    git(str(tmp_path), "clone", "-q", "--bare", work, bare)
+    git(work, "remote", "add", "origin", bare)
+    repo = store.create_repo("alice", "hello", "file://" + bare, webhook_secret=WEBHOOK_SECRET)
+    return {"repo": repo, "work": work, "bare": bare}
+
+
+def push(hook_repo, files, message):
+    sha = commit_files(hook_repo["work"], files, message=message)
+    git(hook_repo["work"], "push", "-q", "origin", "HEAD:main")
+    return sha
+
+
+def github_push(sha, message, ref="refs/heads/main"):
+    return {"ref": ref, "before": "1" * 40, "after": sha, "created": False, "deleted": False,
+            "compare": f"https://github.com/alice/hello/compare/abc...{sha[:12]}",
+            "head_commit": {"id": sha, "message": message, "timestamp": "2026-11-25T10:00:00Z",
+                            "url": f"https://github.com/alice/hello/commit/{sha}",
+                            "author": {"name": "Ada Lovelace", "email": "ada@example.com",
+                                       "username": "ada"}},
+            "repository": {"full_name": "alice/hello",
+                           "clone_url": "https://github.com/alice/hello.git"},
+            "sender": {"login": "ada", "avatar_url": "https://avatars.example/ada"}}
+
+
+def gitea_push(sha, message):
+    payload = github_push(sha, message)
+    payload["compare_url"] = payload.pop("compare")
+    return payload
+
+
+def gitlab_push(sha, message):
+    return {"object_kind": "push", "ref": "refs/heads/main", "before": "1" * 40, "after": sha,
+            "checkout_sha": sha, "user_name": "Ada Lovelace", "user_username": "ada",
+            "user_email": "ada@example.com", "user_avatar": "https://avatars.example/ada",
+            "project": {"path_with_namespace": "alice/hello",
+                        "git_http_url": "https://gitlab.example/alice/hello.git"},
+            "commits": [{"id": sha, "message": message, "timestamp": "2026-11-25T10:00:00Z",
+                         "url": f"https://gitlab.example/alice/hello/-/commit/{sha}",
+                         "author": {"name": "Ada Lovelace", "email": "ada@example.com"}}]}
+
+
+FORGE_PUSHES = {
+    "github": ({"X-GitHub-Event": "push"}, github_push),
+    "gitea": ({"X-Gitea-Event": "push"}, gitea_push),
+    "forgejo": ({"X-Forgejo-Event": "push"}, gitea_push),
+    "gitlab": ({"X-Gitlab-Event": "Push Hook"}, gitlab_push),
+}
+
+
+@pytest.mark.parametrize("forge", sorted(FORGE_PUSHES))
+def test_signed_push_webhook_creates_the_build_and_a_changed_byte_is_403(
+        forge, store, executor, hook_repo):
+    app = webtest.TestApp(cirunner.make_app(store, executor))
+    sha = push(hook_repo, {"version": "two\n"}, "Second commit")
+    event_header, make_payload = FORGE_PUSHES[forge]
+    body = json.dumps(make_payload(sha, "Second commit")).encode()
+    if forge != "gitlab":  # GitLab sends a shared token, not a signature of the body
+        tampered = body.replace(b"Second", b"Secone")
+        response = app.post("/hook", tampered, status=403, headers={
+            **event_header, **sign(body, forge), "Content-Type": "application/json"})
+        assert response.json["error"] == "forbidden"
+    else:
+        app.post("/hook", body, status=403, headers={
+            **event_header, "X-Gitlab-Token": WEBHOOK_SECRET + "x",
+            "Content-Type": "application/json"})
+    app.post("/hook", body, status=403, headers={**event_header,
+                                                 "Content-Type": "application/json"})
+    assert store.list_builds(hook_repo["repo"]["id"]) == []
+    build = app.post("/hook", body, headers={**event_header, **sign(body, forge),
+                                             "Content-Type": "application/json"}).json
+    assert (build["event"], build["commit"], build["branch"], build["ref"]) == (
+        "push", sha, "main", "refs/heads/main")
+    assert build["message"] == "Second commit"
+    assert build["author_email"] == "ada@example.com"
+    assert build["author"] in ("ada", "Ada Lovelace")
+    assert build["timestamp"] == 1795600800
+    assert build["link_url"].startswith("https://")
+    executor.run_until_idle()
+    assert log_text(store, store.get_build_by_id(build["id"]), 1).endswith("two\n")
+
+
+def test_two_quick_pushes_each_build_their_own_commit(store, executor, hook_repo):
+    app = webtest.TestApp(cirunner.make_app(store, executor))
+    headers = {"X-GitHub-Event": "push", "Content-Type": "application/json"}
+    first = push(hook_repo, {".cirunner.yml": "pipeline: {t: {commands: ['echo pipeline-A']}}\n"},
+                 "A")
+    second = push(hook_repo, {".cirunner.yml": "pipeline: {t: {commands: ['echo pipeline-B']}}\n"},
+                  "B")
+    builds = []
+    for sha, message in ((first, "A"), (second, "B")):
+        body = json.dumps(github_push(sha, message)).encode()
+        builds.append(app.post("/hook", body, headers={**headers, **sign(body, "github")}).json)
+    executor.run_until_idle()
+    assert [build["commit"] for build in builds] == [first, second]
+    assert log_text(store, builds[0], 1).endswith("pipeline-A\n")
+    assert log_text(store, builds[1], 1).endswith("pipeline-B\n")
+
+
+@pytest.mark.parametrize("case, status", [
+    ("ci skip", 204), ("skip ci upper", 204), ("deleted branch", 204), ("event off", 204),
+    ("ping", 200), ("unknown repo", 404), ("wrong shape", 400), ("not json", 400),
+    ("no forge header", 400), ("closed pull request", 204),
+])
+def test_webhooks_that_start_no_build(case, status, store, hook_repo):
+    app = webtest.TestApp(cirunner.make_app(store))
+    sha = git(hook_repo["work"], "rev-parse", "HEAD")
+    event = "push"
+    payload = github_push(sha, "an ordinary commit")
+    if case == "ci skip":
+        payload["head_commit"]["message"] = "docs: typo [ci skip]"
+    elif case == "skip ci upper":
+        payload["head_commit"]["message"] = "Release [SKIP CI]"
+    elif case == "deleted branch":
+        payload.update(after="0" * 40, deleted=True)
+    elif case == "event off":
+        store.update_repo(hook_repo["repo"]["id"], events=json.dumps(["tag"]))
+    elif case == "ping":
+        event, payload = "ping", {"zen": "Keep it simple.", "repository": {"full_name": "alice/hello"}}
+    elif case == "unknown repo":
+        payload["repository"]["full_name"] = "alice/nothing"
+    elif case == "wrong shape":
+        del payload["after"]
+    elif case == "closed pull request":
+        event, payload = "pull_request", {"action": "closed", "number": 1,
+                                          "repository": {"full_name": "alice/hello"}}
+    body = b"{nope" if case == "not json" else json.dumps(payload).encode()
+    headers = {"X-GitHub-Event": event, "Content-Type": "application/json", **sign(body, "github")}
+    if case == "no forge header":
+        del headers["X-GitHub-Event"]
+    response = app.post("/hook", body, headers=headers, expect_errors=True)
+    assert response.status_int == status, response.text
+    if status >= 400:
+        assert response.json["status"] == status
+    assert store.list_builds(hook_repo["repo"]["id"]) == []
+
+
+def test_pull_request_from_a_fork_runs_its_head_without_secrets(store, executor, hook_repo,
+                                                                tmp_path):
+    store.set_secret(hook_repo["repo"]["id"], "DEPLOY_KEY", "deploy-key-value")
+    store.set_secret(hook_repo["repo"]["id"], "PR_OK", "visible-to-prs",
+                     events=["push", "pull_request"])
+    fork = str(tmp_path / "fork")
+    git(str(tmp_path), "clone", "-q", hook_repo["bare"], fork)
+    head = commit_files(fork, {"version": "from the fork\n", ".cirunner.yml": (
+        "pipeline: {t: {commands: [cat version, 'echo \"key=${DEPLOY_KEY:-none} ok=$PR_OK\"']}}\n")},
+        message="Fork change")
+    # the forge keeps a pull request's head under refs/pull/N/head, on no branch
+    git(fork, "push", "-q", hook_repo["bare"], "HEAD:refs/pull/7/head")
+    payload = {"action": "opened", "number": 7, "pull_request": {
+        "number": 7, "title": "Make it better", "html_url": "https://github.com/alice/hello/pull/7",
+        "head": {"ref": "feature", "sha": head, "repo": {"clone_url": "https://github.com/mallory/hello.git"}},
+        "base": {"ref": "main", "sha": "2" * 40},
+        "user": {"login": "mallory", "avatar_url": "https://avatars.example/m"}},
+        "repository": {"full_name": "alice/hello"}}
+    body = json.dumps(payload).encode()
+    app = webtest.TestApp(cirunner.make_app(store, executor))
+    build = app.post("/hook", body, headers={"X-GitHub-Event": "pull_request",
+                                             "Content-Type": "application/json",
+                                             **sign(body, "github")}).json
+    assert (build["event"], build["commit"], build["ref"], build["branch"]) == (
+        "pull_request", head, "refs/pull/7/head", "main")
+    assert (build["author"], build["message"]) == ("mallory", "Make it better")
+    executor.run_until_idle()
+    text = log_text(store, build, 1)
+    assert "from the fork\n" in text
+    assert "key=none ok=********" in text
+
+
+def test_secret_printed_byte_by_byte_is_masked_in_store_and_stream(store, make_repo, data_dir):
+    value = "hunter2-very-secret"
+    repo = make_repo({".cirunner.yml": (
+        "pipeline:\n  t:\n    commands:\n"
+        "      - 'for c in $(printf %s \"$TOKEN\" | fold -w1); do printf %s \"$c\"; sleep 0.07; "
+        "done; echo'\n"
+        "      - 'printf \"%s\\n\" \"$MULTI\" > f; cat f; echo \"$MULTI\"'\n")})
+    store.set_secret(repo["id"], "TOKEN", value)
+    store.set_secret(repo["id"], "MULTI", "line one\nsecond-line-x")
+    store.set_secret(repo["id"], "TINY", "ab")  # too short to mask
+    build = cirunner.create_build(store, repo)
+    executor = cirunner.Executor(store, workers=1)
+    app = webtest.TestApp(cirunner.make_app(store, executor))
+    executor.start()
+    try:
+        stream = app.get("/api/repos/alice/hello/logs/1/1?follow=1").text
+    finally:
+        executor.stop()
+    text = log_text(store, build, 1)
+    assert value not in text and "********\n" in text
+    assert "second-line-x" not in text and "line one" not in text
+    streamed = "".join(json.loads(line[6:]) for line in stream.splitlines()
+                       if line.startswith("data: \""))
+    assert streamed == text
+    raw = b""
+    for suffix in ("", "-wal"):
+        path = os.path.join(data_dir, "cirunner.db" + suffix)
+        if os.path.exists(path):
+            with open(path, "rb") as handle:
+                raw += handle.read()
+    assert value.encode() not in raw and b"second-line-x" not in raw
+
+
+def test_log_writer_masks_a_secret_split_across_reads_and_flushes(store, make_repo):
+    repo = make_repo({".cirunner.yml": "pipeline: {t: {commands: [true]}}\n"})
+    build = store.create_build(repo["id"], {"event": "manual"}, [{}])
+    job = store.list_jobs(build["id"])[0]
+    writer = cirunner._LogWriter(store, job["id"])
+    writer.mask(["s3cr3t-value"])
+    for part in (b"before s3c", b"r3t-va", b"lue after, s3cr3", b"t-value! and s3c"):
+        writer.write(part)
+        writer.flush(final=False)  # as when the flush interval passes between two reads
+        stored = b"".join(store.read_log(job["id"]))
+        assert b"s3cr3t-value" not in stored and b"r3t-va" not in stored
+    writer.flush()
+    assert b"".join(store.read_log(job["id"])) == \
+        b"before ******** after, ********! and s3c"  # a lone prefix is not the secret
+
+
+def test_secrets_cli_and_api_never_show_values(tmp_path, store, app, make_repo):
+    repo = make_repo({".cirunner.yml": "pipeline: {t: {commands: [true]}}\n"})
+    created = app.post_json("/api/repos/alice/hello/secrets",
+                            {"name": "API_KEY", "value": "v-123456", "events": ["push"]},
+                            status=201).json
+    assert created == {"name": "API_KEY", "events": ["push"]}
+    assert app.get("/api/repos/alice/hello/secrets").json == [created]
+    app.post_json("/api/repos/alice/hello/secrets", {"name": "1X", "value": "v"}, status=400)
+    app.delete("/api/repos/alice/hello/secrets/API_KEY")
+    app.delete("/api/repos/alice/hello/secrets/API_KEY", status=404)
+    value_file = tmp_path / "value.txt"
+    value_file.write_text("from-a-file-value")
+    data = store.data_dir
+    assert run_cli("secret", "add", "alice/hello", "FILE_SECRET", "--from-file", str(value_file),
+                   "--event", "push,tag", "--data", data).returncode == 0
+    assert run_cli("secret", "list", "alice/hello", "--data", data).stdout == \
+        "FILE_SECRET\tpush,tag\n"
+    assert store.secrets_for(repo["id"], "push") == {"FILE_SECRET": "from-a-file-value"}
+    assert store.secrets_for(repo["id"], "pull_request") == {}
+    both = run_cli("secret", "add", "alice/hello", "X", "--value", "a", "--from-file",
+                   str(value_file), "--data", data)
+    assert both.returncode == 1 and "exactly one" in both.stderr
+    assert run_cli("secret", "remove", "alice/hello", "FILE_SECRET", "--data", data).returncode == 0
+
+
+def test_missed_cron_runs_start_once(store, make_repo):
+    repo = make_repo({".cirunner.yml": "pipeline: {t: {commands: [true]}}\n"})
+    cron = store.add_cron(repo["id"], "nightly", "0 3 * * *")
+    assert time.gmtime(cron["next_at"]).tm_hour == 3
+    store._connection().execute("UPDATE crons SET next_at = ?", (int(time.time()) - 10 * 86400,))
+    assert [c["name"] for c in store.take_due_crons()] == ["nightly"]  # ten missed: one run
+    assert store.take_due_crons() == []
+    assert store.list_crons()[0]["next_at"] > time.time()
+    with pytest.raises(cirunner.BadRequest, match="invalid cron expression"):
+        store.add_cron(repo["id"], "bad", "every day")
+
+
+def test_cron_due_soon_starts_exactly_one_build_with_two_runners(tmp_path, servers):
+    data = str(tmp_path / "data")
+    repo = str(tmp_path / "repo")
+    commit_files(repo, {".cirunner.yml": "pipeline: {t: {commands: [echo scheduled]}}\n"})
+    run_cli("repo", "add", "alice/hello", "--url", repo, "--data", data)
+    added = run_cli("cron", "add", "alice/hello", "nightly", "* * * * *", "--data", data)
+    assert added.returncode == 0, added.stderr
+    first, second = servers(data), servers(data)
+    conn = sqlite3.connect(os.path.join(data, "cirunner.db"))
+    conn.execute("UPDATE crons SET next_at = ?", (int(time.time()) + 1,))  # due in a second
+    conn.commit()
+    wait_for(lambda: first.api("GET", "/api/repos/alice/hello/builds")[1], timeout=15)
+    time.sleep(2.5)  # both runners have looked again
+    status, builds = first.api("GET", "/api/repos/alice/hello/builds")
+    assert status == 200
+    assert [(build["number"], build["event"]) for build in builds] == [(1, "cron")]
+    assert "nightly" in run_cli("cron", "list", "--data", data).stdout
+    assert second.process.poll() is None
+
+
+class StandInForge:
+    """A stand-in for a forge's status API on 127.0.0.1 (no real forge is
+    reachable here): records every request, answers 500 to the first `fail`."""
+
+    def __init__(self, fail=0):
+        self.requests = []
+        self.fail = fail
+        forge = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                forge.requests.append({"path": self.path, "headers": self.headers,
+                                       "body": self.rfile.read(length)})
+                status = 500 if len(forge.requests) <= forge.fail else 201
+                self.send_response(status)
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"{}")
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize("forge_kind", ["github", "gitlab"])
+def test_commit_statuses_reach_the_forge_with_retries(forge_kind, store, make_repo):
+    forge = StandInForge(fail=2)
+    try:
+        repo = make_repo({".cirunner.yml": "pipeline: {t: {commands: ['test \"$OK\" = yes']}}\n"},
+                         forge=forge_kind, forge_url=forge.url + "/api/v3",
+                         forge_token="forge-token-1")
+        executor = cirunner.Executor(store, workers=1, report_backoff=0.05,
+                                     public_url="http://ci.example:8080")
+        good = cirunner.create_build(store, repo, variables={"OK": "yes"})
+        executor.start()
+        try:
+            wait_for(lambda: len(forge.requests) >= 5, timeout=15)
+            bad = cirunner.create_build(store, repo, variables={"OK": "no"})
+            wait_for(lambda: len(forge.requests) >= 8, timeout=15)
+        finally:
+            executor.stop()
+        sha = good["commit_sha"]
+        if forge_kind == "github":
+            paths = {request["path"] for request in forge.requests}
+            assert paths == {f"/api/v3/repos/alice/hello/statuses/{sha}"}
+            bodies = [json.loads(request["body"]) for request in forge.requests]
+            assert [body["state"] for body in bodies] == [
+                "pending", "pending", "pending", "pending", "success",
+                "pending", "pending", "failure"]
+            assert bodies[-1] == {"state": "failure", "context": "cirunner/build",
+                                  "description": "the build failed",
+                                  "target_url": "http://ci.example:8080/api/repos/alice/hello/"
+                                                f"builds/{bad['number']}"}
+            assert forge.requests[0]["headers"]["Authorization"] == "token forge-token-1"
+        else:
+            states = [request["path"].split("state=")[1].split("&")[0]
+                      for request in forge.requests]
+            assert states == ["pending", "pending", "pending", "running", "success",
+                              "pending", "running", "failed"]
+            assert forge.requests[0]["path"].startswith(
+                f"/api/v3/projects/alice%2Fhello/statuses/{sha}?state=pending&name=cirunner%2Fbuild")
+            assert forge.requests[0]["headers"]["PRIVATE-TOKEN"] == "forge-token-1"
+        assert store.get_build_by_id(good["id"])["status"] == cirunner.SUCCESS
+        assert store.get_build_by_id(good["id"])["report_error"] == ""
+    finally:
+        forge.close()
+
+
+def test_a_forge_that_stays_down_never_fails_the_build(store, make_repo):
+    forge = StandInForge(fail=1000)
+    try:
+        repo = make_repo({".cirunner.yml": "pipeline: {t: {commands: [true]}}\n"},
+                         forge="gitea", forge_url=forge.url, forge_token="t")
+        build = cirunner.create_build(store, repo)
+        executor = cirunner.Executor(store, workers=1, report_backoff=0.01)
+        executor.start()
+        try:
+            wait_for(lambda: "attempt 5" in store.get_build_by_id(build["id"])["report_error"],
+                     timeout=15)
+        finally:
+            executor.stop()
+        build = store.get_build_by_id(build["id"])
+        assert build["status"] == cirunner.SUCCESS
+        assert "HTTP Error 500" in build["report_error"]
+    finally:
+        forge.close()
