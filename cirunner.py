@@ -3272,7 +3272,13 @@ def make_app(store, executor=None, *, data_dir=None, max_body=DEFAULT_MAX_BODY,
         require_write(owner)
         fields = _repo_fields(all_params(), creating=True)
         url = fields.pop("url")
-        return _json_response(_repo_json(store.create_repo(owner, name, url, **fields)), 201)
+        fields.setdefault("webhook_secret", secrets.token_urlsafe(24))
+        repo = _repo_json(store.create_repo(owner, name, url, **fields))
+        # The only time the secret is shown: configure the forge with it now.
+        parts = request.urlparts
+        repo.update(webhook_secret=fields["webhook_secret"],
+                    webhook_url=f"{parts.scheme}://{parts.netloc}/hook")
+        return _json_response(repo, 201)
 
     @app.get("/api/repos/<owner>/<name>")
     def get_repo(owner, name):
@@ -3723,9 +3729,12 @@ def _openapi_document():
         "/api/repos/{owner}/{name}": {
             "parameters": repo_params,
             "get": {"summary": "a repository", "responses": {**ok(ref("Repo")), **read_errors}},
-            "post": {"summary": "add a repository", "requestBody": json_body(
-                {"type": "object", "properties": repo_fields, "required": ["url"]}),
-                "responses": {**ok(ref("Repo"), "201"), **write_errors}},
+            "post": {"summary": "add a repository (the webhook secret is shown this once)",
+                     "requestBody": json_body(
+                         {"type": "object", "properties": repo_fields, "required": ["url"]}),
+                     "responses": {**ok({"allOf": [ref("Repo"), {"type": "object", "properties": {
+                         "webhook_secret": {"type": "string"},
+                         "webhook_url": {"type": "string"}}}]}, "201"), **write_errors}},
             "patch": {"summary": "change repository settings", "requestBody": json_body(
                 {"type": "object", "properties": repo_fields}, "JSON"),
                 "responses": {**ok(ref("Repo")), **write_errors}},

@@ -749,6 +749,9 @@ def test_repo_routes(app, tmp_path):
     commit_files(path, {".cirunner.yml": "pipeline: {t: {commands: [true]}}\n"})
     created = app.post_json("/api/repos/bob/tool", {"url": path, "branch": "main"}, status=201).json
     assert created["full_name"] == "bob/tool" and created["default_branch"] == "main"
+    assert len(created["webhook_secret"]) >= 24 and created["webhook_url"].endswith("/hook")
+    assert "webhook_secret" not in app.get("/api/repos/bob/tool").json  # shown once
+    assert app.get("/api/repos/bob/tool").json["webhook_secret_set"] is True
     app.post_json("/api/repos/bob/tool", {"url": path}, status=409)
     patched = app.patch_json("/api/repos/bob/tool", {"timeout": 5, "private": True}).json
     assert (patched["timeout"], patched["private"]) == (5, True)
