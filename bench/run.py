@@ -1,0 +1,517 @@
+#!/usr/bin/env python3
+"""cirunner benchmarks: every figure beside a baseline measured in the same run.
+
+    python bench/run.py            # full run (a few minutes)
+    python bench/run.py --quick    # a subset in well under a minute
+
+Each measurement builds its own fixtures (git repositories, a 100k-build
+store), starts a real `cirunner serve` on 127.0.0.1, warms up, repeats, and
+prints: figure, median, min-max, baseline, ratio, target, pass/fail. Results
+also go to bench/results.json. Machines here are shared and noisy: compare
+ratios, not absolute numbers, across machines.
+"""
+
+import argparse
+import http.client
+import json
+import os
+import re
+import shutil
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+CIRUNNER = os.path.join(ROOT, "cirunner.py")
+sys.path.insert(0, ROOT)
+import cirunner  # the module under test, from this checkout
+
+GIT_ENV = dict(os.environ, GIT_AUTHOR_NAME="bench", GIT_AUTHOR_EMAIL="bench@example.com",
+               GIT_COMMITTER_NAME="bench", GIT_COMMITTER_EMAIL="bench@example.com")
+LINE = "0123456789" * 10  # 100 characters, plus the newline
+FIFTY_MB = 50 * 1024 * 1024
+
+
+# -- fixtures ------------------------------------------------------------------
+
+
+def make_repo(path, pipeline):
+    os.makedirs(path, exist_ok=True)
+    subprocess.run(["git", "init", "-q", "-b", "main", path], check=True, env=GIT_ENV)
+    with open(os.path.join(path, ".cirunner.yml"), "w") as handle:
+        handle.write(pipeline)
+    subprocess.run(["git", "-C", path, "add", "-A"], check=True, env=GIT_ENV)
+    subprocess.run(["git", "-C", path, "commit", "-qm", "bench"], check=True, env=GIT_ENV)
+    return subprocess.run(["git", "-C", path, "rev-parse", "HEAD"], check=True, env=GIT_ENV,
+                          capture_output=True, text=True).stdout.strip()
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def rss_kib(pid):
+    with open(f"/proc/{pid}/status") as handle:
+        for line in handle:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+class Server:
+    """A real `cirunner serve` on 127.0.0.1, talking over one keep-alive connection."""
+
+    def __init__(self, data_dir, workers=2, threads=32):
+        self.data_dir = data_dir
+        self.port = free_port()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CIRUNNER_")}
+        env["CIRUNNER_LOG_LEVEL"] = "WARNING"
+        self.out = open(os.path.join(data_dir, "serve.out"), "w")  # noqa: SIM115
+        self.process = subprocess.Popen(
+            [sys.executable, CIRUNNER, "serve", "--data", data_dir, "--port", str(self.port),
+             "--workers", str(workers), "--threads", str(threads)],
+            stdout=self.out, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz", timeout=1).read()
+                break
+            except OSError:
+                if time.monotonic() > deadline or self.process.poll() is not None:
+                    raise RuntimeError("serve did not start") from None
+                time.sleep(0.05)
+        with open(os.path.join(data_dir, "serve.out")) as handle:
+            tokens = re.findall(r"cir_[A-Za-z0-9_-]+", handle.read())
+        self.token = tokens[-1] if tokens else None
+        self.connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+
+    def request(self, method, path, body=None, raw=False):
+        headers = {"Authorization": f"Token {self.token}"} if self.token else {}
+        if body is not None:
+            body = json.dumps(body)
+            headers["Content-Type"] = "application/json"
+        self.connection.request(method, path, body=body, headers=headers)
+        response = self.connection.getresponse()
+        data = response.read()
+        if response.status >= 400:
+            raise RuntimeError(f"{method} {path}: {response.status} {data[:200]!r}")
+        return data if raw else json.loads(data)
+
+    def wait_finished(self, path, poll=0.001):
+        while True:
+            build = self.request("GET", path)
+            if build["status"] in cirunner.DONE_STATUSES:
+                return build
+            time.sleep(poll)
+
+    def stop(self):
+        self.connection.close()
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        self.out.close()
+
+
+# -- results -------------------------------------------------------------------
+
+RESULTS = []
+
+
+def record(figure, samples, unit, baseline, target, passed, note=""):
+    """One row: samples' median (min-max), the baseline, their ratio, the target."""
+    median = statistics.median(samples)
+    ratio = median / baseline if baseline else None
+    RESULTS.append({"figure": figure, "median": median, "min": min(samples),
+                    "max": max(samples), "unit": unit, "baseline": baseline,
+                    "ratio": ratio, "target": target, "pass": bool(passed), "note": note})
+    print_row(RESULTS[-1])
+
+
+def fmt(value, unit):
+    if value is None:
+        return "-"
+    if unit == "s":
+        return f"{value * 1000:.1f} ms" if value < 1 else f"{value:.2f} s"
+    if unit == "MiB":
+        return f"{value:.1f} MiB"
+    if unit in ("jobs/s", "req/s"):
+        return f"{value:.0f} {unit}"
+    if unit == "B":
+        return f"{value:.0f} B"
+    return f"{value:g} {unit}"
+
+
+def print_row(row):
+    spread = f"{fmt(row['min'], row['unit'])}-{fmt(row['max'], row['unit'])}"
+    ratio = f"{row['ratio']:.2f}x" if row["ratio"] is not None else "-"
+    print(f"{row['figure']:<46} {fmt(row['median'], row['unit']):>12} {spread:>24} "
+          f"{fmt(row['baseline'], row['unit']):>12} {ratio:>7}  {row['target']:<22} "
+          f"{'PASS' if row['pass'] else 'FAIL'}", flush=True)
+
+
+# -- measurements --------------------------------------------------------------
+
+
+def popen_floor(count, threads=2):
+    """The raw floor: spawn and wait `true` `count` times from `threads` threads."""
+    per_thread = count // threads
+
+    def spawn():
+        for _ in range(per_thread):
+            subprocess.run(["true"], check=True)
+
+    started = time.perf_counter()
+    workers = [threading.Thread(target=spawn) for _ in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    return time.perf_counter() - started
+
+
+def bench_dispatch(work, repeats, jobs=200):
+    matrix = ", ".join(str(n) for n in range(jobs))
+    variants = {
+        "matrix, clone: false": ((f"clone: false\npipeline: {{t: {{commands: [true]}}}}\n"
+                                  f"matrix: {{N: [{matrix}]}}\n"), "matrix", 200),
+        "one-job builds, clone: false": ("clone: false\npipeline: {t: {commands: [true]}}\n",
+                                         "builds", 200),
+        "matrix, checkout from local repo": ((f"pipeline: {{t: {{commands: [true]}}}}\n"
+                                              f"matrix: {{N: [{matrix}]}}\n"), "matrix", 50),
+    }
+    floor = [jobs / popen_floor(jobs) for _ in range(repeats)]
+    for name, (pipeline, shape, target) in variants.items():
+        data = os.path.join(work, f"dispatch-{shape}-{target}")
+        os.makedirs(data)
+        repo_path = os.path.join(work, f"repo-dispatch-{shape}-{target}")
+        sha = make_repo(repo_path, pipeline)
+        server = Server(data)
+        try:
+            server.request("POST", "/api/repos/bench/r", {"url": repo_path})
+            rates = []
+            for attempt in range(repeats + 1):  # the first is a warm-up
+                started = time.perf_counter()
+                if shape == "matrix":
+                    build = server.request("POST", "/api/repos/bench/r/builds", {"commit": sha})
+                    server.wait_finished(f"/api/repos/bench/r/builds/{build['number']}", 0.005)
+                else:
+                    store = cirunner.Store.open(data)
+                    repo = store.get_repo("bench", "r")
+                    fields = {"event": "manual", "branch": "main", "commit_sha": sha,
+                              "pipeline": pipeline, "pipeline_file": ".cirunner.yml"}
+                    started = time.perf_counter()
+                    last = None
+                    for _ in range(jobs):
+                        last = store.create_build(repo["id"], fields, [{}])
+                    store.close()
+                    server.wait_finished(f"/api/repos/bench/r/builds/{last['number']}", 0.005)
+                    # every build, not just the last, has finished
+                    while any(b["status"] in cirunner.ACTIVE_STATUSES for b in server.request(
+                            "GET", "/api/repos/bench/r/builds?per_page=100")):
+                        time.sleep(0.005)
+                elapsed = time.perf_counter() - started
+                if attempt:
+                    rates.append(jobs / elapsed)
+        finally:
+            server.stop()
+        median = statistics.median(rates)
+        record(f"dispatch: {jobs} jobs, 2 workers, {name}", rates, "jobs/s",
+               statistics.median(floor), f">= {target} jobs/s", median >= target,
+               "baseline: Popen loop of `true`, 2 threads")
+
+
+def bench_latency(work, samples):
+    data = os.path.join(work, "latency")
+    os.makedirs(data)
+    repo_path = os.path.join(work, "repo-latency")
+    sha = make_repo(repo_path, "clone: false\npipeline: {t: {commands: [true]}}\n")
+    server = Server(data)
+    try:
+        server.request("POST", "/api/repos/bench/r", {"url": repo_path})
+        times = []
+        for attempt in range(samples + 5):
+            started = time.perf_counter()
+            build = server.request("POST", "/api/repos/bench/r/builds", {"commit": sha})
+            server.wait_finished(f"/api/repos/bench/r/builds/{build['number']}", 0.0005)
+            if attempt >= 5:  # warm-up
+                times.append(time.perf_counter() - started)
+    finally:
+        server.stop()
+    floor = []
+    for _ in range(samples):
+        started = time.perf_counter()
+        subprocess.run(["true"], check=True)
+        floor.append(time.perf_counter() - started)
+    times.sort()
+    p95 = times[int(len(times) * 0.95) - 1]
+    p50 = statistics.median(times)
+    record("latency: API trigger -> success, p50", times, "s", statistics.median(floor),
+           "<= 10 ms", p50 <= 0.010, "baseline: spawn+wait of `true`")
+    record("latency: API trigger -> success, p95", [p95], "s", statistics.median(floor),
+           "<= 25 ms", p95 <= 0.025)
+
+
+def bench_big_log(work, repeats):
+    command = f"yes {LINE} | head -c {FIFTY_MB}"
+    data = os.path.join(work, "biglog")
+    os.makedirs(data)
+    repo_path = os.path.join(work, "repo-biglog")
+    sha = make_repo(repo_path, f"clone: false\npipeline: {{t: {{commands: ['{command}']}}}}\n")
+    server = Server(data)
+    peak = {"kib": 0, "stop": False}
+
+    def sample():
+        while not peak["stop"]:
+            peak["kib"] = max(peak["kib"], rss_kib(server.process.pid))
+            time.sleep(0.005)
+
+    try:
+        server.request("POST", "/api/repos/bench/r", {"url": repo_path})
+        # warm up the server (first request paths, a tiny build)
+        server.request("GET", "/api/repos/bench/r/builds")
+        before = rss_kib(server.process.pid)
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        runs, reads, file_runs = [], [], []
+        for attempt in range(repeats):
+            target = os.path.join(work, "biglog.out")
+            started = time.perf_counter()
+            subprocess.run(["sh", "-c", f"{command} > {target}"], check=True)
+            file_runs.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            build = server.request("POST", "/api/repos/bench/r/builds", {"commit": sha})
+            path = f"/api/repos/bench/r/builds/{build['number']}"
+            server.wait_finished(path, 0.005)
+            runs.append(time.perf_counter() - started)
+            read_started = time.perf_counter()
+            with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/api/repos/bench/r/logs/"
+                                        f"{build['number']}/1") as response:
+                size = 0
+                while True:
+                    block = response.read(1 << 20)
+                    if not block:
+                        break
+                    size += len(block)
+            reads.append(time.perf_counter() - read_started)
+            assert size > FIFTY_MB, size
+            file_read_started = time.perf_counter()
+            with open(target, "rb") as handle:
+                while handle.read(1 << 20):
+                    pass
+            file_read = time.perf_counter() - file_read_started
+            os.remove(target)
+        peak["stop"] = True
+        sampler.join()
+        growth = (peak["kib"] - before) / 1024
+    finally:
+        server.stop()
+    base = statistics.median(file_runs)
+    record("big log: 50 MB job, trigger -> success", runs, "s", base, "<= 1.5x the file run",
+           statistics.median(runs) <= 1.5 * base, "baseline: same command > file")
+    record("big log: read 50 MB back over HTTP", reads, "s", file_read, "<= 0.2 s",
+           statistics.median(reads) <= 0.2, "baseline: read from a file")
+    record("big log: server RSS growth (job + read)", [growth], "MiB", before / 1024,
+           "<= 16 MiB", growth <= 16, "baseline: RSS before")
+
+
+def fill_store(data, builds):
+    """A store with `builds` finished one-job builds of bench/r, written directly."""
+    store = cirunner.Store.open(data)
+    store.create_user("admin", admin=True)
+    token = store.create_token("admin", name="bench")[1]
+    repo = store.create_repo("bench", "r", "/nonexistent")
+    store.close()
+    conn = sqlite3.connect(os.path.join(data, "cirunner.db"))
+    now = int(time.time())
+    with conn:
+        conn.executemany(
+            "INSERT INTO builds (repo_id, number, event, status, created_at, enqueued_at, "
+            "started_at, finished_at, commit_sha, branch, ref, message, author) "
+            "VALUES (?, ?, 'push', 'success', ?, ?, ?, ?, ?, 'main', 'refs/heads/main', ?, ?)",
+            ((repo["id"], number, now, now, now, now + 1, f"{number:040x}", f"commit {number}",
+              "bench") for number in range(1, builds + 1)))
+        conn.execute("INSERT INTO jobs (build_id, number, status, environment, enqueued_at, "
+                     "started_at, finished_at) SELECT id, 1, 'success', '{}', created_at, "
+                     "started_at, finished_at FROM builds")
+        conn.execute("UPDATE repos SET last_number = ?", (builds,))
+    conn.close()
+    return token
+
+
+def timed_requests(server, path, count):
+    times = []
+    for _ in range(count):
+        started = time.perf_counter()
+        server.request("GET", path, raw=True)
+        times.append(time.perf_counter() - started)
+    return times
+
+
+def bench_api_scale(work, count, big):
+    servers = {}
+    try:
+        for size in (100, big):
+            data = os.path.join(work, f"scale-{size}")
+            os.makedirs(data)
+            token = fill_store(data, size)
+            server = Server(data)
+            server.token = token
+            servers[size] = server
+        for label, path_of in (
+                ("builds list, first page", lambda n: "/api/repos/bench/r/builds"),
+                ("builds list, middle page",
+                 lambda n: f"/api/repos/bench/r/builds?page={n // 50}&per_page=25"),
+                ("build detail (Drone)", lambda n: f"/api/repos/bench/r/builds/{n // 2}"),
+                ("build detail (v1)", lambda n: f"/api/v1/bench/r/builds/{n // 2}")):
+            small = timed_requests(servers[100], path_of(100), count)
+            large = timed_requests(servers[big], path_of(big), count)
+            ratio = statistics.median(large) / statistics.median(small)
+            record(f"API, {big} builds: {label}", large, "s", statistics.median(small),
+                   "<= 1.2x 100 builds", ratio <= 1.2, "baseline: same call, 100 builds")
+    finally:
+        for server in servers.values():
+            server.stop()
+
+
+def bench_throughput(work, seconds):
+    data = os.path.join(work, "throughput")
+    os.makedirs(data)
+    repo_path = os.path.join(work, "repo-throughput")
+    lines = int((seconds + 5) * 100)
+    sha = make_repo(repo_path, (
+        f"clone: false\npipeline: {{t: {{commands: ['for i in $(seq 1 {lines}); do echo line $i; "
+        "sleep 0.01; done']}}\nmatrix: {N: ['1', '2']}\n"))
+    server = Server(data)
+    try:
+        server.request("POST", "/api/repos/bench/r", {"url": repo_path})
+        build = server.request("POST", "/api/repos/bench/r/builds", {"commit": sha})
+        time.sleep(0.5)
+        path = f"/api/repos/bench/r/builds/{build['number']}"
+        url = f"http://127.0.0.1:{server.port}{path}"
+        if shutil.which("wrk"):
+            output = subprocess.run(
+                ["wrk", "-t", "2", "-c", "10", "-d", f"{seconds}s", "-H",
+                 f"Authorization: Token {server.token}", url],
+                capture_output=True, text=True, check=True).stdout
+            rate = float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))
+            tool = "wrk, 10 keep-alive connections"
+        else:
+            rate = python_load(server, path, seconds)
+            tool = "10 Python keep-alive clients"
+        running = [job["status"] for job in server.request("GET", path)["jobs"]]
+    finally:
+        server.stop()
+    record("API: small JSON requests/s while 2 jobs log", [rate], "req/s", None,
+           ">= 2000 req/s", rate >= 2000, f"{tool}; jobs were {running}")
+
+
+def python_load(server, path, seconds):
+    counts = []
+    deadline = time.monotonic() + seconds
+
+    def client():
+        connection = http.client.HTTPConnection("127.0.0.1", server.port)
+        done = 0
+        while time.monotonic() < deadline:
+            connection.request("GET", path, headers={"Authorization": f"Token {server.token}"})
+            connection.getresponse().read()
+            done += 1
+        counts.append(done)
+
+    threads = [threading.Thread(target=client) for _ in range(10)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return sum(counts) / seconds
+
+
+def bench_footprint(work, builds):
+    data = os.path.join(work, "footprint")
+    os.makedirs(data)
+    repo_path = os.path.join(work, "repo-footprint")
+    sha = make_repo(repo_path, "clone: false\npipeline: {t: {commands: [true]}}\n")
+    server = Server(data)
+    try:
+        time.sleep(1.0)
+        idle = rss_kib(server.process.pid) / 1024
+        server.request("POST", "/api/repos/bench/r", {"url": repo_path})
+        db = os.path.join(data, "cirunner.db")
+
+        def size():
+            conn = sqlite3.connect(db)
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            pages = conn.execute("PRAGMA page_count").fetchone()[0]
+            free = conn.execute("PRAGMA freelist_count").fetchone()[0]
+            page = conn.execute("PRAGMA page_size").fetchone()[0]
+            conn.close()
+            return (pages - free) * page, os.path.getsize(db)
+
+        used_before, _ = size()
+        numbers = []
+        for _ in range(builds):
+            build = server.request("POST", "/api/repos/bench/r/builds", {"commit": sha})
+            numbers.append(build["id"])
+        server.wait_finished(f"/api/repos/bench/r/builds/{builds}", 0.005)
+        used_after, file_full = size()
+        per_build = (used_after - used_before) / builds
+        for build_id in numbers:
+            server.request("DELETE", f"/api/v1/bench/r/builds/{build_id}")
+        conn = sqlite3.connect(db)
+        conn.execute("PRAGMA incremental_vacuum")
+        conn.close()
+        _, file_after_delete = size()
+    finally:
+        server.stop()
+    record("footprint: idle serve RSS", [idle], "MiB", None, "<= 30 MiB", idle <= 30)
+    record("footprint: database bytes per trivial build", [per_build], "B", 129,
+           "<= 2048 B", per_build <= 2048, "baseline: Laminar's 129 B (measured separately)")
+    record("footprint: file size after deleting them", [file_after_delete], "B", file_full,
+           "< size before deleting", file_after_delete < file_full,
+           "baseline: file size with the builds")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a subset in under a minute")
+    parser.add_argument("--json", default=os.path.join(HERE, "results.json"))
+    args = parser.parse_args()
+    repeats = 1 if args.quick else 3
+    work = tempfile.mkdtemp(prefix="cirunner-bench-")
+    print(f"cirunner {cirunner.__version__} benchmarks, {os.cpu_count()} CPUs, "
+          f"Python {sys.version.split()[0]}, SQLite {sqlite3.sqlite_version}"
+          f"{' (quick)' if args.quick else ''}")
+    print(f"{'figure':<46} {'median':>12} {'min-max':>24} {'baseline':>12} {'ratio':>7}  "
+          f"{'target':<22} result")
+    started = time.monotonic()
+    try:
+        bench_dispatch(work, repeats)
+        bench_latency(work, 20 if args.quick else 50)
+        if not args.quick:
+            bench_big_log(work, repeats)
+        bench_api_scale(work, 50 if args.quick else 300, 10_000 if args.quick else 100_000)
+        bench_throughput(work, 3 if args.quick else 10)
+        bench_footprint(work, 50 if args.quick else 200)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    passed = sum(row["pass"] for row in RESULTS)
+    print(f"{passed} of {len(RESULTS)} targets met in {time.monotonic() - started:.0f} s")
+    with open(args.json, "w") as handle:
+        json.dump({"quick": args.quick, "results": RESULTS}, handle, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
