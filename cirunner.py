@@ -1387,7 +1387,7 @@ class Store:
                 "SELECT j.id, j.build_id, b.status AS build_status, b.max_parallel, b.repo_id, "
                 "r.max_builds FROM jobs j JOIN builds b ON b.id = j.build_id "
                 "JOIN repos r ON r.id = b.repo_id WHERE j.status = ? ORDER BY j.id LIMIT 64",
-                (PENDING,)).fetchall()
+                (PENDING,))
             for candidate in candidates:
                 if candidate["max_parallel"] and conn.execute(
                         "SELECT count(*) FROM jobs WHERE build_id = ? AND status = ?",
@@ -1488,27 +1488,30 @@ class Store:
                      "VALUES (?, ?, ?, ?, ?)", (build_id, job_id, status, message, now))
 
     def _roll_up(self, conn, build_id, now):
-        """Derive the build's status from its jobs (DESIGN.md section 3)."""
-        build = conn.execute("SELECT status, started_at FROM builds WHERE id = ?",
-                             (build_id,)).fetchone()
-        jobs = conn.execute("SELECT number, status, started_at, finished_at FROM jobs "
-                            "WHERE build_id = ? ORDER BY number", (build_id,)).fetchall()
-        if build is None or not jobs:
+        """Derive the build's status from its jobs (DESIGN.md section 3), with
+        aggregates: a 256-job matrix costs one pass in SQLite, not 256 rows."""
+        build = conn.execute("SELECT status FROM builds WHERE id = ?", (build_id,)).fetchone()
+        totals = conn.execute(
+            "SELECT count(*), sum(status IN ('pending', 'running')), "
+            "min(CASE WHEN started_at > 0 THEN started_at END), max(finished_at) "
+            "FROM jobs WHERE build_id = ?", (build_id,)).fetchone()
+        if build is None or not totals[0]:
             return
-        starts = [job["started_at"] for job in jobs if job["started_at"]]
-        started_at = min(starts) if starts else 0
-        finished_at = 0
-        if any(job["status"] in ACTIVE_STATUSES for job in jobs):
-            status = RUNNING if starts or build["status"] == RUNNING else PENDING
+        _, active, started_at, finished_at = totals
+        if active:
+            status = RUNNING if started_at or build["status"] == RUNNING else PENDING
+            finished_at = 0
             message = "build running"
         else:
-            finished_at = max(job["finished_at"] for job in jobs)
-            failed = [job for job in jobs if job["status"] not in (SUCCESS, SKIPPED)]
-            status = failed[0]["status"] if failed else SUCCESS
-            message = (f"build finished: job {failed[0]['number']} ended {status}" if failed
+            failed = conn.execute(
+                "SELECT number, status FROM jobs WHERE build_id = ? "
+                "AND status NOT IN ('success', 'skipped') ORDER BY number LIMIT 1",
+                (build_id,)).fetchone()
+            status = failed["status"] if failed else SUCCESS
+            message = (f"build finished: job {failed['number']} ended {status}" if failed
                        else "build finished: every job succeeded")
         conn.execute("UPDATE builds SET status = ?, started_at = ?, finished_at = ? WHERE id = ?",
-                     (status, started_at, finished_at, build_id))
+                     (status, started_at or 0, finished_at, build_id))
         if status != build["status"]:
             self._record_status(conn, build_id, None, status, message, now)
             self._enqueue_report(conn, build_id, status)
@@ -2017,15 +2020,16 @@ def _signal_group(pgid, signum):
         os.killpg(pgid, signum)
 
 
-def _child_pids():
-    """Pids of this process's children, from /proc (empty where unavailable)."""
-    pids = set()
-    with contextlib.suppress(OSError):
-        for task in os.listdir("/proc/self/task"):
-            with contextlib.suppress(OSError), \
-                    open(f"/proc/self/task/{task}/children") as handle:
-                pids.update(int(pid) for pid in handle.read().split())
-    return pids
+def _adopted_pids():
+    """Pids of the children of this process's main thread, which is where the
+    kernel re-parents orphans adopted by a subreaper (empty where unavailable).
+    Our own subprocesses are children of the threads that started them."""
+    pid = os.getpid()
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as handle:
+            return {int(child) for child in handle.read().split()}
+    except OSError:
+        return set()
 
 
 def _all_pids():
@@ -2254,6 +2258,10 @@ class Executor:
         self._threads = []
         self._pipelines = {}
         self._store_key = hashlib.sha1(os.path.abspath(store.path).encode()).hexdigest()[:10]
+        # The server's environment, less its own settings, read once: copying
+        # os.environ decodes every entry, a measurable cost per job.
+        self._base_environment = {name: value for name, value in os.environ.items()
+                                  if not name.startswith("CIRUNNER_")}
 
     # -- lifecycle ----------------------------------------------------------
 
@@ -2547,8 +2555,7 @@ class Executor:
         ci_env = {"CI": "true", "DRONE": "true"}
         for name, value in ci.items():
             ci_env["CI_" + name] = ci_env["DRONE_" + name] = value
-        base = {name: value for name, value in os.environ.items()
-                if not name.startswith("CIRUNNER_")}
+        base = dict(self._base_environment)
         base.update(variables)
         base.update(matrix)
         return base, {**variables, **matrix, **ci_env}, ci_env
@@ -2660,7 +2667,7 @@ class Executor:
         detached (setsid, double fork), and reap those that were adopted."""
         marker = f"CIRUNNER_JOB_TOKEN={token}".encode()
         for _ in range(20):
-            candidates = _child_pids() if self.subreaper else _all_pids()
+            candidates = _adopted_pids() if self.subreaper else _all_pids()
             with self._spawn_lock:
                 candidates -= self._leaders
             found = [pid for pid in candidates if pid != os.getpid() and _has_marker(pid, marker)]
@@ -2684,7 +2691,7 @@ class Executor:
             return
         own_group = os.getpgrp()
         with self._spawn_lock:
-            for pid in _child_pids() - self._leaders:
+            for pid in _adopted_pids() - self._leaders:
                 state, group = _process_state(pid)
                 if state == "Z" and group != own_group:
                     with contextlib.suppress(ChildProcessError):
