@@ -1889,32 +1889,52 @@ def _default_branch(mirror, url):
     return branches[0] if branches else ""
 
 
-def _commit_info(mirror, revision):
-    output = _git(["-C", mirror, "log", "-1", "--format=%H%x00%an%x00%ae%x00%ct%x00%B",
-                   "--end-of-options", revision, "--"])
-    sha, author, email, timestamp, message = output.decode(errors="replace").split("\x00", 4)
-    return {"commit_sha": sha, "author": author, "author_email": email,
-            "author_avatar": "https://www.gravatar.com/avatar/" + hashlib.md5(
-                email.strip().lower().encode()).hexdigest() if email else "",
-            "timestamp": int(timestamp or 0), "message": message.strip()}
+_AUTHOR_PATTERN = re.compile(rb"^author (.*) <(.*)> (\d+) [+-]\d{4}$", re.MULTILINE)
 
 
-def _read_pipeline_at(mirror, commit, config_path):
-    """(filename, text) of the pipeline file at `commit`, by one `git cat-file`."""
-    names = (config_path,) if config_path else PIPELINE_FILES
-    output = _git(["-C", mirror, "cat-file", "--batch"],
-                  input="".join(f"{commit}:{name}\n" for name in names).encode())
-    position = 0
-    for name in names:
-        end = output.index(b"\n", position)
-        header = output[position:end].decode(errors="replace").split()
-        position = end + 1
-        if len(header) == 3 and header[1] == "blob":
-            size = int(header[2])
-            return name, output[position:position + size].decode("utf-8", errors="replace")
-        if len(header) == 3:
-            position += int(header[2]) + 1
-    raise ConfigError(f"no pipeline file ({', '.join(names)}) at commit {commit[:12]}")
+def _read_commit(mirror, revision, config_path):
+    """Resolve `revision` and read its commit and pipeline file with one
+    `git cat-file --batch` process (asked one object at a time, so the file
+    is read at exactly the commit resolved). Returns (commit fields,
+    (filename, text) or None), or None if the revision is not in the mirror."""
+    process = subprocess.Popen(["git", "-C", mirror, "cat-file", "--batch"],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               stderr=subprocess.DEVNULL, env=_GIT_ENV)
+
+    def ask(spec):
+        process.stdin.write(spec.encode() + b"\n")
+        process.stdin.flush()
+        header = process.stdout.readline().split()
+        if len(header) != 3 or header[1] not in (b"commit", b"blob", b"tree", b"tag"):
+            return None, None
+        data = process.stdout.read(int(header[2]))
+        process.stdout.read(1)
+        return header[0].decode(), data
+
+    try:
+        sha, raw = ask(f"{revision}^{{commit}}")
+        if sha is None:
+            return None
+        headers, _, message = raw.partition(b"\n\n")
+        author = _AUTHOR_PATTERN.search(headers)
+        name, email, timestamp = (author.groups() if author else (b"", b"", b"0"))
+        email = email.decode(errors="replace")
+        fields = {"commit_sha": sha, "author": name.decode(errors="replace"),
+                  "author_email": email, "timestamp": int(timestamp),
+                  "message": message.decode(errors="replace").strip(),
+                  "author_avatar": "https://www.gravatar.com/avatar/" + hashlib.md5(
+                      email.strip().lower().encode()).hexdigest() if email else ""}
+        for filename in (config_path,) if config_path else PIPELINE_FILES:
+            _, text = ask(f"{sha}:{filename}")
+            if text is not None:
+                return fields, (filename, text.decode("utf-8", errors="replace"))
+        return fields, None
+    except (OSError, ValueError) as exc:
+        raise _GitError(f"git cat-file failed: {exc}") from None
+    finally:
+        process.stdin.close()
+        process.stdout.close()
+        process.wait()
 
 
 def _prepare_build(store, repo, *, branch, commit, variables, event, data_dir, max_jobs,
@@ -1927,27 +1947,37 @@ def _prepare_build(store, repo, *, branch, commit, variables, event, data_dir, m
     """
     fields = {"event": event, "branch": branch, "remote": repo["url"],
               "variables": json.dumps(variables)}
-    try:
-        mirror = _sync_mirror(data_dir, repo, commit, pull_ref)
-    except _GitError as exc:
-        return fields, [], f"cannot fetch {repo['url']}: {exc.message}"
-    if not branch:
-        branch = repo["default_branch"] or _default_branch(mirror, repo["url"])
-        fields["branch"] = branch
-    revision = commit or f"refs/heads/{branch}"
-    try:
-        fields.update(_commit_info(mirror, revision))
-    except _GitError:
+    mirror = _mirror_path(data_dir, repo)
+    found = None
+    if commit and os.path.isdir(mirror):
+        # A commit already fetched needs no fetch: commits never change.
+        found = _read_commit(mirror, commit, repo["config_path"])
+    if found is None:
+        try:
+            _sync_mirror(data_dir, repo, commit, pull_ref)
+        except _GitError as exc:
+            return fields, [], f"cannot fetch {repo['url']}: {exc.message}"
+        if not branch and not commit:
+            branch = repo["default_branch"] or _default_branch(mirror, repo["url"])
+            fields["branch"] = branch
+        found = _read_commit(mirror, commit or f"refs/heads/{branch}", repo["config_path"])
+    if found is None:
         what = f"commit {commit}" if commit else f"branch {branch!r}"
-        raise BadRequest(f"{what} not found in {repo['owner']}/{repo['name']}") from None
-    fields["ref"] = f"refs/heads/{branch}" if branch else ""
+        raise BadRequest(f"{what} not found in {repo['owner']}/{repo['name']}")
+    commit_fields, pipeline_file = found
+    fields.update(commit_fields)
+    if not fields["branch"]:
+        fields["branch"] = repo["default_branch"] or _default_branch(mirror, repo["url"])
+    fields["ref"] = f"refs/heads/{fields['branch']}" if fields["branch"] else ""
+    if pipeline_file is None:
+        names = (repo["config_path"],) if repo["config_path"] else PIPELINE_FILES
+        return fields, [], (f"no pipeline file ({', '.join(names)}) at commit "
+                            f"{fields['commit_sha'][:12]}")
+    filename, text = pipeline_file
+    fields.update(pipeline=text, pipeline_file=filename)
     try:
-        filename, text = _read_pipeline_at(mirror, fields["commit_sha"], repo["config_path"])
-        fields.update(pipeline=text, pipeline_file=filename)
         pipeline = parse_pipeline(text, filename, max_jobs=max_jobs)
     except ConfigError as exc:
-        return fields, [], exc.message
-    except _GitError as exc:
         return fields, [], exc.message
     fields.update(fail_fast=int(pipeline.fail_fast), max_parallel=pipeline.max_parallel)
     return fields, pipeline.matrix, ""
@@ -2522,17 +2552,35 @@ class Executor:
         return path
 
     def _check_out(self, repo, build, workspace, log):
+        """Check the build's commit out into the workspace with one git process:
+        a .git that borrows the mirror's objects (what `clone --shared` makes),
+        HEAD at the commit, then `read-tree -u`. A mirror that lacks the commit
+        is fetched once and the checkout tried again."""
         commit = build["commit_sha"]
         log.write(f"+ git checkout {commit}\n")
-        try:
-            mirror = _sync_mirror(self.data_dir, repo, commit)
-            # --shared borrows the mirror's objects: a checkout costs
-            # milliseconds, not a clone.
-            _git(["clone", "--quiet", "--shared", "--no-checkout", mirror, workspace])
-            _git(["-C", workspace, "checkout", "--quiet", "--detach", commit])
-        except _GitError as exc:
-            log.write(exc.message + "\n")
-            raise _JobError(f"checkout of {commit[:12]} failed") from None
+        mirror = _mirror_path(self.data_dir, repo)
+        dot_git = os.path.join(workspace, ".git")
+        pull_ref = build["ref"] if build["ref"].startswith(
+            ("refs/pull/", "refs/merge-requests/")) else ""
+        for attempt in range(2):
+            try:
+                if attempt or not os.path.isdir(mirror):
+                    _sync_mirror(self.data_dir, repo, commit, pull_ref)
+                for folder in ("objects/info", "refs/heads", "refs/tags"):
+                    os.makedirs(os.path.join(dot_git, folder), exist_ok=True)
+                with open(os.path.join(dot_git, "objects", "info", "alternates"), "w") as handle:
+                    handle.write(os.path.join(os.path.abspath(mirror), "objects") + "\n")
+                with open(os.path.join(dot_git, "HEAD"), "w") as handle:
+                    handle.write(commit + "\n")
+                with open(os.path.join(dot_git, "config"), "w") as handle:
+                    handle.write("[core]\n\trepositoryformatversion = 0\n\tfilemode = true\n"
+                                 "\tbare = false\n")
+                _git(["-C", workspace, "read-tree", "--reset", "-u", "HEAD"])
+                return
+            except (_GitError, OSError) as exc:
+                if attempt:
+                    log.write(f"{exc}\n")
+                    raise _JobError(f"checkout of {commit[:12]} failed") from None
 
     def _environment(self, repo, build, job, workspace):
         """(base, substitution variables, CI variables) for the job's processes."""
