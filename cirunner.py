@@ -1435,6 +1435,11 @@ class Store:
             self._roll_up(conn, job["build_id"], now)
         self._notify("cancel", cancel_ids)
         self._notify_reports()
+        self._wake_log_followers()  # live logs end now, not at their next poll
+
+    def _wake_log_followers(self):
+        with self.log_appended:
+            self.log_appended.notify_all()
 
     def cancel_jobs(self, build_id, job_number=None, *, pending_status=KILLED,
                     message="cancelled"):
@@ -1741,8 +1746,7 @@ class Store:
         self._connection().execute(
             "INSERT INTO log_chunks (job_id, seq, offset, data) VALUES (?, ?, ?, ?)",
             (job_id, seq, offset, data))
-        with self.log_appended:
-            self.log_appended.notify_all()
+        self._wake_log_followers()
 
     def log_size(self, job_id):
         row = self._connection().execute(
@@ -1870,23 +1874,29 @@ def _has_commit(mirror, commit):
 
 
 def _default_branch(mirror, url):
-    """The remote's default branch: remembered as the mirror's HEAD once known."""
-    with contextlib.suppress(_GitError):
-        branch = _git(["-C", mirror, "symbolic-ref", "--short", "HEAD"]).decode().strip()
-        if branch and _has_commit(mirror, f"refs/heads/{branch}"):
+    """The remote's default branch, learned once (from the remote's HEAD) and
+    kept beside the mirror: a build needs no git process to know it. Set a
+    repository's branch explicitly to follow a changed default."""
+    remembered = os.path.join(mirror, "cirunner-default-branch")
+    with contextlib.suppress(OSError), open(remembered) as handle:
+        branch = handle.read().strip()
+        if branch:
             return branch
+    branch = ""
     with contextlib.suppress(_GitError):
         head = _git(["ls-remote", "--symref", "--end-of-options", url, "HEAD"]).decode()
         match = re.search(r"^ref: refs/heads/(\S+)\s+HEAD", head, re.MULTILINE)
         if match:
-            _git(["-C", mirror, "symbolic-ref", "HEAD", f"refs/heads/{match.group(1)}"])
-            return match.group(1)
-    branches = _git(["-C", mirror, "for-each-ref", "--format=%(refname:short)",
-                     "refs/heads/"]).decode().split()
-    for candidate in ("main", "master"):
-        if candidate in branches:
-            return candidate
-    return branches[0] if branches else ""
+            branch = match.group(1)
+    if not branch:
+        branches = _git(["-C", mirror, "for-each-ref", "--format=%(refname:short)",
+                         "refs/heads/"]).decode().split()
+        branch = next((name for name in ("main", "master") if name in branches),
+                      branches[0] if branches else "")
+    if branch:
+        with open(remembered, "w") as handle:
+            handle.write(branch + "\n")
+    return branch
 
 
 _AUTHOR_PATTERN = re.compile(rb"^author (.*) <(.*)> (\d+) [+-]\d{4}$", re.MULTILINE)
@@ -2520,12 +2530,12 @@ class Executor:
             log.flush()
         except Exception:  # noqa: BLE001 - the job must still be finished
             _log.exception("could not store the end of job %s's log", job["id"])
-        self._sweep(running.token)
+        self._sweep(running.token)  # before the job is finished: nothing of it runs on
         with self._running_lock:
             self._running.pop(job["id"], None)
-        if workspace and self.workspace is None and not self.keep_workspaces:
-            shutil.rmtree(workspace, ignore_errors=True)
         self.store.finish_job(job["id"], status, exit_code=exit_code, error=error)
+        if workspace and self.workspace is None and not self.keep_workspaces:
+            shutil.rmtree(workspace, ignore_errors=True)  # after: not on anyone's wait
 
     def _pipeline_for(self, build):
         key = (build["id"], hashlib.sha1(build["pipeline"].encode()).hexdigest())
