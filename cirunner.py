@@ -90,8 +90,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 import uuid
 from datetime import datetime, timezone
 from urllib.parse import parse_qsl, quote
@@ -106,6 +104,7 @@ except AttributeError:  # pragma: no cover - depends on how PyYAML was built
 
 try:
     import waitress
+    import waitress.wasyncore
 except ImportError:  # pragma: no cover - only `serve` needs it
     waitress = None
 
@@ -866,6 +865,15 @@ _MIGRATIONS = [
     );
     CREATE INDEX reports_due ON reports(next_at) WHERE done = 0;
     """,
+    # 4: numbers of deleted builds. Numbers are otherwise gap-free, so a page
+    # deep in a long history is found by arithmetic, not by an OFFSET walk.
+    """
+    CREATE TABLE deleted_builds (
+        repo_id INTEGER NOT NULL REFERENCES repos(id) ON DELETE CASCADE,
+        number INTEGER NOT NULL,
+        PRIMARY KEY (repo_id, number)
+    ) WITHOUT ROWID;
+    """,
 ]
 
 _REPO_FIELDS = ("url", "default_branch", "config_path", "private", "timeout", "max_builds",
@@ -1317,9 +1325,29 @@ class Store:
     def list_builds(self, repo_id, *, offset=0, limit=DEFAULT_PER_PAGE, branch=None,
                     status=None):
         """Builds of a repository, newest first."""
+        if offset and not branch and not status:
+            return self._query("SELECT * FROM builds WHERE repo_id = ? AND number <= ? "
+                               "ORDER BY number DESC LIMIT ?",
+                               (repo_id, self._number_at_offset(repo_id, offset), limit))
         where, params = self._build_filter(repo_id, branch, status)
         return self._query(f"SELECT * FROM builds WHERE {where} ORDER BY number DESC "
                            "LIMIT ? OFFSET ?", (*params, limit, offset))
+
+    def _number_at_offset(self, repo_id, offset):
+        """The largest number with exactly `offset` existing builds above it: the
+        builds above `x` are the numbers above it less the deleted ones."""
+        conn = self._connection()
+        last = conn.execute("SELECT last_number FROM repos WHERE id = ?",
+                            (repo_id,)).fetchone()
+        last = last[0] if last else 0
+        number = last - offset
+        for _ in range(1000):
+            deleted = conn.execute("SELECT count(*) FROM deleted_builds WHERE repo_id = ? "
+                                   "AND number > ?", (repo_id, number)).fetchone()[0]
+            if last - offset - deleted == number:
+                break
+            number = last - offset - deleted
+        return number
 
     def count_builds(self, repo_id, *, branch=None, status=None):
         where, params = self._build_filter(repo_id, branch, status)
@@ -1361,6 +1389,8 @@ class Store:
                 raise NotFound(f"build {build_id} not found")
             if row[0] in ACTIVE_STATUSES:
                 raise Conflict(f"the build is {row[0]}; cancel it first")
+            conn.execute("INSERT OR IGNORE INTO deleted_builds (repo_id, number) "
+                         "SELECT repo_id, number FROM builds WHERE id = ?", (build_id,))
             conn.execute("DELETE FROM builds WHERE id = ?", (build_id,))
 
     # -- jobs ---------------------------------------------------------------
@@ -2119,6 +2149,7 @@ _GITLAB_STATES = {PENDING: "pending", RUNNING: "running", SUCCESS: "success",
 def _forge_status_request(repo, build, state, description, target_url, token):
     """The HTTP request that sets a commit's status on the repository's forge:
     GitHub's statuses API (Gitea and Forgejo take the same), or GitLab's."""
+    import urllib.request  # here, not at the top: with ssl it costs 7 MB of memory
     project = repo["forge_project"] or f"{repo['owner']}/{repo['name']}"
     base = repo["forge_url"].rstrip("/")
     commit = build["commit_sha"]
@@ -2488,6 +2519,8 @@ class Executor:
             request = _forge_status_request(repo, build, report["state"], report["description"],
                                             self._build_link(repo, build),
                                             self.store.forge_token(repo))
+            import urllib.request  # loaded on first use (see _forge_status_request)
+
             with urllib.request.urlopen(request, timeout=10) as response:
                 response.read()
         except NotFound:
@@ -3939,11 +3972,6 @@ def _openapi_document():
 ###############################################################################
 
 
-class _Shutdown(BaseException):
-    """Raised by the first SIGTERM/SIGINT to leave the server loop; a
-    BaseException so that no `except Exception` on the way can swallow it."""
-
-
 def _split_full_name(text):
     owner, slash, name = text.partition("/")
     if not slash:
@@ -4050,13 +4078,15 @@ def _command_serve(args, stdout, stderr):
                                     clear_untrusted_proxy_headers=True,
                                     outbuf_high_watermark=1024 * 1024,
                                     outbuf_overflow=256 * 1024)
-    signals = {"count": 0}
+    stopping = threading.Event()
 
     def on_signal(signum, frame):
-        signals["count"] += 1
-        if signals["count"] == 1:
-            raise _Shutdown(signum)
-        executor.grace = 0  # a second signal: do not wait for jobs to exit
+        # Only flags: an exception raised here could land inside waitress's
+        # socket code, which catches everything, and the signal would be lost.
+        if stopping.is_set():
+            executor.grace = 0  # a second signal: do not wait for jobs to exit
+        stopping.set()
+        server.pull_trigger()  # wake the loop from its poll
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
@@ -4065,8 +4095,9 @@ def _command_serve(args, stdout, stderr):
         print(f"cirunner {__version__}: serving http://{args.host}:{server.effective_port}/ "
               f"with {executor.workers} worker(s), data in {os.path.abspath(args.data)}",
               file=stderr, flush=True)
-        server.run()
-    except _Shutdown:
+        socket_map = getattr(server, "map", None) or server._map
+        while not stopping.is_set():
+            waitress.wasyncore.loop(timeout=1.0, use_poll=True, map=socket_map, count=1)
         print("cirunner: shutting down: stopping running jobs", file=stderr, flush=True)
     finally:
         app.closing.set()

@@ -716,6 +716,24 @@ def test_list_builds_paginates_and_filters(store, executor, make_repo, app):
     assert "jobs" not in page[0]
 
 
+def test_deep_pages_stay_right_after_deletions(store, make_repo, app):
+    repo = make_repo({".cirunner.yml": "pipeline: {t: {commands: [true]}}\n"})
+    ids = [store.create_build(repo["id"], {"event": "manual"}, [{}])["id"] for _ in range(30)]
+    for build_id in ids:
+        job = store.claim_next_job("r")
+        store.finish_job(job["id"], cirunner.SUCCESS)
+    for number in (30, 17, 16, 3):
+        app.delete(f"/api/v1/alice/hello/builds/{ids[number - 1]}")
+    alive = [n for n in range(30, 0, -1) if n not in (30, 17, 16, 3)]
+    for per_page in (1, 4, 7):
+        for page in range(1, 30 // per_page + 2):
+            got = [b["number"] for b in app.get(
+                f"/api/repos/alice/hello/builds?page={page}&per_page={per_page}").json]
+            assert got == alive[(page - 1) * per_page:page * per_page], (page, per_page)
+    got = app.get("/api/v1/alice/hello/builds?offset=12&limit=5").json
+    assert [b["number"] for b in got["results"]] == alive[12:17] and got["count"] == 26
+
+
 def test_logs_offset_and_trailing_slash(store, executor, make_repo, app):
     make_repo({".cirunner.yml": "pipeline: {t: {commands: ['printf abcdef']}}\n"})
     app.post("/api/repos/alice/hello/builds", status=201)

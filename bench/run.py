@@ -200,6 +200,7 @@ def bench_dispatch(work, repeats, jobs=200):
     }
     floor = [jobs / popen_floor(jobs) for _ in range(repeats)]
     for name, (pipeline, shape, target) in variants.items():
+        variant_started = time.monotonic()
         data = os.path.join(work, f"dispatch-{shape}-{target}")
         os.makedirs(data)
         repo_path = os.path.join(work, f"repo-dispatch-{shape}-{target}")
@@ -231,6 +232,7 @@ def bench_dispatch(work, repeats, jobs=200):
         finally:
             server.stop()
         median = statistics.median(rates)
+        print(f"  ({name}: {time.monotonic() - variant_started:.1f} s in all)", file=sys.stderr)
         record(f"dispatch: {jobs} jobs, 2 workers, {name}", rates, "jobs/s",
                statistics.median(floor), f">= {target} jobs/s", median >= target,
                "baseline: Popen loop of `true`, 2 threads")
