@@ -29,15 +29,49 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ACTIVE_STATUSES",
+    "DEFAULT_DATA_DIR",
+    "DEFAULT_GRACE_SECONDS",
+    "DEFAULT_HOST",
+    "DEFAULT_HTTP_THREADS",
+    "DEFAULT_MAX_BODY",
+    "DEFAULT_MAX_JOBS",
+    "DEFAULT_PER_PAGE",
+    "DEFAULT_PORT",
+    "DEFAULT_TIMEOUT_MINUTES",
     "DONE_STATUSES",
     "ERROR",
+    "EVENTS",
+    "EVENT_CRON",
+    "EVENT_MANUAL",
+    "EVENT_PULL_REQUEST",
+    "EVENT_PUSH",
+    "EVENT_TAG",
     "FAILURE",
+    "FORGES",
+    "HEARTBEAT_SECONDS",
     "KILLED",
+    "LOG_CHUNK_BYTES",
+    "LOG_FLUSH_SECONDS",
+    "MASK",
+    "MAX_DESCRIPTION",
+    "MAX_PER_PAGE",
+    "MAX_SCRIPT_BYTES",
+    "MIN_MASKED_LENGTH",
     "PENDING",
+    "PIPELINE_FILES",
+    "PIPE_BYTES",
+    "REPORT_ATTEMPTS",
+    "REPORT_CONTEXT",
+    "RUNNER_LOST_SECONDS",
     "RUNNING",
     "SKIPPED",
+    "SSE_HEARTBEAT_SECONDS",
     "STATUSES",
+    "STRAGGLER_SECONDS",
     "SUCCESS",
+    "TOKEN_PREFIX",
+    "TOKEN_SCOPES",
+    "V1_PAGE_SIZE",
     "BadRequest",
     "CIRunnerError",
     "ConfigError",
@@ -50,10 +84,12 @@ __all__ = [
     "Store",
     "TooLarge",
     "Unauthorized",
+    "Unavailable",
     "create_build",
     "expand_matrix",
     "main",
     "make_app",
+    "normalize_repo_url",
     "parse_pipeline",
     "read_pipeline_file",
     "restart_build",
@@ -1063,7 +1099,9 @@ class Store:
         conn = self._connection()
         conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
         if conn.execute("PRAGMA freelist_count").fetchone()[0]:
-            conn.execute("PRAGMA incremental_vacuum(1000)").fetchall()
+            # execute() steps this pragma once, freeing one page; a script runs
+            # it to the end. (No transaction is open here, so nothing commits.)
+            conn.executescript("PRAGMA incremental_vacuum(1000);")
 
     def data_version(self):
         """A number that changes whenever another connection commits a change."""

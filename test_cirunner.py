@@ -556,6 +556,30 @@ def test_concurrent_build_creation_numbers_without_gaps_or_duplicates(store, mak
     assert sorted(numbers) == list(range(1, 41))
 
 
+def test_deleted_builds_give_their_space_back(store, make_repo):
+    repo = make_repo({".cirunner.yml": "pipeline: {t: {commands: [true]}}\n"})
+    ids = []
+    for _ in range(100):
+        build = store.create_build(repo["id"], {"event": "manual", "pipeline": "x" * 2000}, [{}])
+        job = store.claim_next_job("r")
+        store.append_log(job["id"], 0, 0, b"log line\n" * 300)
+        store.finish_job(job["id"], cirunner.SUCCESS)
+        ids.append(build["id"])
+
+    def pages():
+        conn = sqlite3.connect(store.path)
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        count = conn.execute("PRAGMA page_count").fetchone()[0]
+        conn.close()
+        return count
+
+    full = pages()
+    for build_id in ids:
+        store.delete_build(build_id)
+    store.checkpoint()
+    assert pages() < full * 0.5
+
+
 def test_schema_is_versioned_and_reopening_keeps_data(data_dir, make_repo, store):
     make_repo({".cirunner.yml": "pipeline: {t: {commands: [true]}}\n"})
     again = cirunner.Store.open(data_dir)
