@@ -1084,6 +1084,12 @@ class Store:
         finally:
             conn.close()
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
     def close(self):
         """Close every connection of every thread."""
         self._closed = True
@@ -4148,8 +4154,7 @@ def _command_serve(args, stdout, stderr):
 
 
 def _command_repo(args, stdout, stderr):
-    store = Store.open(args.data)
-    try:
+    with Store.open(args.data) as store:
         if args.repo_command == "list":
             for repo in store.list_repos():
                 print(f"{repo['owner']}/{repo['name']}\t{repo['url']}\t"
@@ -4185,13 +4190,10 @@ def _command_repo(args, stdout, stderr):
             shutil.rmtree(_mirror_path(args.data, repo), ignore_errors=True)
             print(f"removed {owner}/{name}", file=stdout)
         return 0
-    finally:
-        store.close()
 
 
 def _command_user(args, stdout, stderr):
-    store = Store.open(args.data)
-    try:
+    with Store.open(args.data) as store:
         if args.user_command == "add":
             user = store.create_user(args.login, email=args.email or "", admin=args.admin)
             print(f"added user {user['login']}{' (admin)' if user['admin'] else ''}", file=stdout)
@@ -4203,13 +4205,10 @@ def _command_user(args, stdout, stderr):
             store.delete_user(args.login)
             print(f"removed user {args.login} and their tokens", file=stdout)
         return 0
-    finally:
-        store.close()
 
 
 def _command_token(args, stdout, stderr):
-    store = Store.open(args.data)
-    try:
+    with Store.open(args.data) as store:
         if args.token_command == "create":
             token, secret = store.create_token(args.login, name=args.name or "",
                                                scope=args.scope)
@@ -4227,13 +4226,10 @@ def _command_token(args, stdout, stderr):
             store.revoke_token(args.id)
             print(f"revoked token {args.id}", file=stdout)
         return 0
-    finally:
-        store.close()
 
 
 def _command_secret(args, stdout, stderr):
-    store = Store.open(args.data)
-    try:
+    with Store.open(args.data) as store:
         repo = store.get_repo(*_split_full_name(args.full_name))
         if args.secret_command == "add":
             if (args.value is None) == (args.from_file is None):
@@ -4252,13 +4248,10 @@ def _command_secret(args, stdout, stderr):
             store.delete_secret(repo["id"], args.name)
             print(f"secret {args.name} removed", file=stdout)
         return 0
-    finally:
-        store.close()
 
 
 def _command_cron(args, stdout, stderr):
-    store = Store.open(args.data)
-    try:
+    with Store.open(args.data) as store:
         if args.cron_command == "list":
             repo_id = (store.get_repo(*_split_full_name(args.full_name))["id"]
                        if args.full_name else None)
@@ -4278,14 +4271,11 @@ def _command_cron(args, stdout, stderr):
             store.delete_cron(repo["id"], args.name)
             print(f"cron {args.name} removed", file=stdout)
         return 0
-    finally:
-        store.close()
 
 
 def _command_build(args, stdout, stderr):
     variables = _parse_vars(args.var)
-    store = Store.open(args.data)
-    try:
+    with Store.open(args.data) as store:
         repo = store.get_repo(*_split_full_name(args.full_name))
         build = create_build(store, repo, branch=args.branch or "", commit=args.commit or "",
                              variables=variables)
@@ -4297,39 +4287,30 @@ def _command_build(args, stdout, stderr):
         if args.wait:
             return _wait_for_build(store, build, args, stdout, stderr)
         return 1 if build["status"] == ERROR else 0
-    finally:
-        store.close()
 
 
 def _command_restart(args, stdout, stderr):
     variables = _parse_vars(args.var)
-    store = Store.open(args.data)
-    try:
+    with Store.open(args.data) as store:
         repo = store.get_repo(*_split_full_name(args.full_name))
         build = restart_build(store, repo, args.number, fork=args.fork, variables=variables)
         print(f"build {build['number']} of {args.full_name}: {build['status']}", file=stderr)
         if args.wait:
             return _wait_for_build(store, build, args, stdout, stderr)
         return 0
-    finally:
-        store.close()
 
 
 def _command_cancel(args, stdout, stderr):
-    store = Store.open(args.data)
-    try:
+    with Store.open(args.data) as store:
         repo = store.get_repo(*_split_full_name(args.full_name))
         build = store.get_build(repo["id"], args.number)
         build = store.cancel_jobs(build["id"], args.job, message="cancelled from the command line")
         print(f"build {build['number']}: cancel requested ({build['status']})", file=stdout)
         return 0
-    finally:
-        store.close()
 
 
 def _command_logs(args, stdout, stderr):
-    store = Store.open(args.data)
-    try:
+    with Store.open(args.data) as store:
         repo = store.get_repo(*_split_full_name(args.full_name))
         build = store.get_build(repo["id"], args.number)
         jobs = [store.get_job(build["id"], args.job)] if args.job else store.list_jobs(build["id"])
@@ -4343,21 +4324,16 @@ def _command_logs(args, stdout, stderr):
                 stdout.buffer.write(chunk)
             stdout.buffer.flush()
         return 0
-    finally:
-        store.close()
 
 
 def _command_builds(args, stdout, stderr):
-    store = Store.open(args.data)
-    try:
+    with Store.open(args.data) as store:
         repo = store.get_repo(*_split_full_name(args.full_name))
         for build in store.list_builds(repo["id"], limit=args.limit):
             message = build["message"].splitlines()[0] if build["message"] else ""
             print(f"{build['number']}\t{build['status']}\t{build['branch']}\t"
                   f"{build['commit_sha'][:10]}\t{message}", file=stdout)
         return 0
-    finally:
-        store.close()
 
 
 def _command_exec(args, stdout, stderr):
