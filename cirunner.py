@@ -3026,6 +3026,38 @@ def _repo_fields(params, *, creating):
     return fields
 
 
+# Badge colours and words per build status (None: no build yet).
+_BADGES = {SUCCESS: ("#4c1", "passing"), FAILURE: ("#e05d44", "failing"),
+           RUNNING: ("#dfb317", "running"), PENDING: ("#dfb317", "pending"),
+           ERROR: ("#9f9f9f", "error"), KILLED: ("#9f9f9f", "killed"),
+           SKIPPED: ("#9f9f9f", "skipped"), None: ("#9f9f9f", "none")}
+_CC_STATUS = {SUCCESS: "Success", FAILURE: "Failure", ERROR: "Exception", KILLED: "Exception",
+              SKIPPED: "Success"}
+
+
+def _badge_svg(status):
+    """A flat 'build | passing' badge in the shields.io style, as SVG text."""
+    colour, word = _BADGES[status]
+    left, right = 37, 8 + 6 * len(word)
+    width = left + right
+    return f"""<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="20" \
+role="img" aria-label="build: {word}"><title>build: {word}</title>\
+<linearGradient id="s" x2="0" y2="100%"><stop offset="0" stop-color="#bbb" stop-opacity=".1"/>\
+<stop offset="1" stop-opacity=".1"/></linearGradient>\
+<clipPath id="r"><rect width="{width}" height="20" rx="3" fill="#fff"/></clipPath>\
+<g clip-path="url(#r)"><rect width="{left}" height="20" fill="#555"/>\
+<rect x="{left}" width="{right}" height="20" fill="{colour}"/>\
+<rect width="{width}" height="20" fill="url(#s)"/></g>\
+<g fill="#fff" text-anchor="middle" font-family="Verdana,Geneva,DejaVu Sans,sans-serif" \
+font-size="11"><text x="{left / 2}" y="14">build</text>\
+<text x="{left + right / 2}" y="14">{word}</text></g></svg>"""
+
+
+def _xml_attribute(text):
+    return (str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+            .replace('"', "&quot;"))
+
+
 def _parse_authorization(header):
     """The token of an ``Authorization: Token T`` or ``Bearer T`` header.
 
@@ -3455,6 +3487,43 @@ def make_app(store, executor=None, *, data_dir=None, max_body=DEFAULT_MAX_BODY,
         shutil.rmtree(_mirror_path(data_dir, repo), ignore_errors=True)
         shutil.rmtree(os.path.join(data_dir, "workspaces", owner, name), ignore_errors=True)
         return {"deleted": f"{owner}/{name}"}
+
+    # -- badges -------------------------------------------------------------
+
+    def latest_or_none(repo):
+        with contextlib.suppress(NotFound):
+            return store.latest_build(repo["id"], query_params().get("branch")
+                                      or repo["default_branch"] or None)
+        return None
+
+    @app.get("/api/badges/<owner>/<name>/status.svg")
+    def badge(owner, name):
+        """The latest build's status of a branch (default: the repo's) as an SVG badge."""
+        build = latest_or_none(find_repo(owner, name))
+        return bottle.HTTPResponse(_badge_svg(build["status"] if build else None), headers={
+            "Content-Type": "image/svg+xml", "Cache-Control": "no-cache, max-age=0"})
+
+    @app.get("/api/badges/<owner>/<name>/cc.xml")
+    def cc_xml(owner, name):
+        """The CCMenu / CCTray feed of the repository's latest build."""
+        repo = find_repo(owner, name)
+        build = latest_or_none(repo)
+        attributes = {"name": f"{repo['owner']}/{repo['name']}", "activity": "Sleeping",
+                      "lastBuildStatus": "Unknown", "lastBuildLabel": "", "lastBuildTime": "",
+                      "webUrl": f"{request.urlparts.scheme}://{request.urlparts.netloc}"
+                                f"/api/repos/{repo['owner']}/{repo['name']}/builds"}
+        if build:
+            attributes["activity"] = ("Building" if build["status"] in ACTIVE_STATUSES
+                                      else "Sleeping")
+            attributes["lastBuildStatus"] = _CC_STATUS.get(build["status"], "Unknown")
+            attributes["lastBuildLabel"] = str(build["number"])
+            stamp = build["finished_at"] or build["started_at"] or build["created_at"]
+            attributes["lastBuildTime"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(stamp))
+            attributes["webUrl"] += f"/{build['number']}"
+        project = " ".join(f'{key}="{_xml_attribute(value)}"' for key, value in attributes.items())
+        body = f'<?xml version="1.0" encoding="UTF-8"?>\n<Projects><Project {project}/></Projects>\n'
+        return bottle.HTTPResponse(body, headers={"Content-Type": "application/xml",
+                                                  "Cache-Control": "no-cache, max-age=0"})
 
     # -- secrets ------------------------------------------------------------
 
@@ -3951,6 +4020,18 @@ def _openapi_document():
             "parameters": repo_params + [path_param("secret")],
             "delete": {"summary": "remove a secret", "responses": {
                 **ok({"type": "object"}), **write_errors}}},
+        "/api/badges/{owner}/{name}/status.svg": {
+            "parameters": repo_params,
+            "get": {"summary": "the latest build's status as an SVG badge", "parameters": [
+                query_param("branch", {"type": "string"})], "responses": {
+                "200": {"description": "the badge", "content": {
+                    "image/svg+xml": {"schema": {"type": "string"}}}}, **read_errors}}},
+        "/api/badges/{owner}/{name}/cc.xml": {
+            "parameters": repo_params,
+            "get": {"summary": "CCMenu feed of the latest build", "parameters": [
+                query_param("branch", {"type": "string"})], "responses": {
+                "200": {"description": "the feed", "content": {
+                    "application/xml": {"schema": {"type": "string"}}}}, **read_errors}}},
         "/hook": hook,
         "/api/hook": hook,
         "/api/v1/{owner}/{name}/builds": {

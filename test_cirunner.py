@@ -1992,3 +1992,34 @@ def test_a_forge_that_stays_down_never_fails_the_build(store, make_repo):
         assert "HTTP Error 500" in build["report_error"]
     finally:
         forge.close()
+
+
+# -- badges --------------------------------------------------------------------
+
+
+def test_badges_are_well_formed_for_every_state(store, make_repo, app):
+    from xml.etree import ElementTree
+
+    repo = make_repo({".cirunner.yml": "pipeline: {t: {commands: [true]}}\n"})
+    response = app.get("/api/badges/alice/hello/status.svg")
+    assert response.content_type == "image/svg+xml"
+    assert response.headers["Cache-Control"].startswith("no-cache")
+    assert ElementTree.fromstring(response.body).find(
+        "{http://www.w3.org/2000/svg}title").text == "build: none"
+    build = store.create_build(repo["id"], {"event": "manual", "branch": "main"}, [{}])
+    for status in cirunner.STATUSES:
+        sqlite3.connect(store.path, isolation_level=None).execute(
+            "UPDATE builds SET status = ? WHERE id = ?", (status, build["id"]))
+        svg = app.get("/api/badges/alice/hello/status.svg?branch=main").body
+        root = ElementTree.fromstring(svg)  # well-formed XML, or this raises
+        word = cirunner._BADGES[status][1]
+        assert root.get("aria-label") == f"build: {word}"
+        assert cirunner._BADGES[status][0].encode() in svg
+        feed = ElementTree.fromstring(app.get("/api/badges/alice/hello/cc.xml").body)
+        project = feed.find("Project")
+        assert project.get("name") == "alice/hello" and project.get("lastBuildLabel") == "1"
+        assert project.get("activity") == ("Building" if status in cirunner.ACTIVE_STATUSES
+                                           else "Sleeping")
+    assert app.get("/api/badges/alice/hello/status.svg?branch=other").body.count(b"none") >= 1
+    store.update_repo(repo["id"], private=1)
+    webtest.TestApp(app.app).get("/api/badges/alice/hello/status.svg", status=401)
