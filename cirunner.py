@@ -109,6 +109,7 @@ import fcntl
 import fnmatch
 import hashlib
 import hmac
+import html
 import itertools
 import json
 import logging
@@ -1193,6 +1194,11 @@ class Store:
             self.get_user(login)
             return self._query(sql + " WHERE u.login = ? ORDER BY t.id", (login,))
         return self._query(sql + " ORDER BY t.id")
+
+    def user_for_token(self, token_id):
+        """The user owning token `token_id` (with the token's scope), or None if revoked."""
+        return self._query_one("SELECT u.*, t.id AS token_id, t.scope FROM tokens t "
+                               "JOIN users u ON u.id = t.user_id WHERE t.id = ?", (token_id,))
 
     def revoke_token(self, token_id):
         with self._write() as conn:
@@ -3288,6 +3294,416 @@ def _parse_gitlab_hook(event, payload):
     raise BadRequest(f"the payload is not a GitLab {event!r} of a known shape")
 
 
+# -- web pages -----------------------------------------------------------------
+
+SESSION_COOKIE = "cirunner_session"
+CSRF_COOKIE = "cirunner_csrf"
+SESSION_SECONDS = 12 * 3600
+LOG_PAGE_BYTES = 256 * 1024     # a log page shows this much; earlier parts on request
+
+_PAGE_STYLE = """
+body{font:14px/1.45 system-ui,-apple-system,Segoe UI,sans-serif;margin:0;color:#1f2328;background:#f6f8fa}
+header{background:#24292f;color:#fff;padding:.6em 1.2em;display:flex;gap:1em;align-items:center}
+header a{color:#fff;text-decoration:none;font-weight:600}header .account{margin-left:auto}
+main{max-width:1100px;margin:1.2em auto;padding:0 1em}
+table{border-collapse:collapse;width:100%;background:#fff}th,td{text-align:left;padding:.35em .6em;border-bottom:1px solid #d0d7de}
+th{background:#eaeef2}.status{display:inline-block;padding:0 .5em;border-radius:1em;color:#fff;font-weight:600;font-size:12px}
+.s-success{background:#1a7f37}.s-failure{background:#cf222e}.s-running,.s-pending{background:#9a6700}
+.s-error,.s-killed{background:#6e7781}.s-skipped{background:#8c959f}.s-none{background:#afb8c1}
+.log{background:#0d1117;color:#e6edf3;font:12px/1.5 ui-monospace,Menlo,Consolas,monospace;padding:.5em 0;overflow-x:auto}
+.log div{white-space:pre-wrap;word-break:break-all;padding:0 .8em 0 4.5em;text-indent:-3.7em}
+.log a{color:#6e7681;display:inline-block;width:3.2em;text-align:right;margin-right:.5em;text-indent:0;text-decoration:none}
+.log div:target{background:#264f78}.muted{color:#57606a}form.inline{display:inline}button{cursor:pointer}
+.a1{font-weight:700}.a30{color:#8b949e}.a31{color:#ff7b72}.a32{color:#3fb950}.a33{color:#d29922}
+.a34{color:#58a6ff}.a35{color:#bc8cff}.a36{color:#39c5cf}.a37{color:#e6edf3}
+"""
+
+_ANSI_PATTERN = re.compile(r"\x1b\[([0-9;]*)m")
+_ANSI_OTHER = re.compile(r"\x1b\[[0-9;?]*[A-Za-ln-z]")
+
+_LIVE_SCRIPT = """
+(function(){
+  var log=document.getElementById('log'), state=document.getElementById('job-status');
+  if(!log||!window.EventSource||log.dataset.done==='1')return;
+  var line=Number(log.dataset.lines), tail=log.lastElementChild, open=log.dataset.open==='1';
+  function esc(t){return t.replace(/&/g,'&amp;').replace(/</g,'&lt;').replace(/>/g,'&gt;');}
+  function ansi(t){var out='',open=0;t=esc(t).replace(/\\x1b\\[[0-9;?]*[A-Za-ln-z]/g,'');
+    return t.replace(/\\x1b\\[([0-9;]*)m/g,function(m,c){var s='';while(open){s+='</span>';open--;}
+      (c||'0').split(';').forEach(function(n){n=Number(n);if(n>=90&&n<=97)n-=60;
+        if(n===1||(n>=30&&n<=37)){s+='<span class="a'+n+'">';open++;}});return s;})+'</span>'.repeat(open);}
+  function add(text){var parts=text.split('\\n');
+    parts.forEach(function(part,i){
+      if(i===0&&open&&tail){tail.dataset.raw=(tail.dataset.raw||'')+part;tail.lastChild.innerHTML=ansi(tail.dataset.raw);}
+      else if(i>0||!open||!tail){line+=1;var d=document.createElement('div');d.id='L'+line;
+        d.innerHTML='<a href="#L'+line+'">'+line+'</a><span></span>';d.dataset.raw=part;
+        d.lastChild.innerHTML=ansi(part);log.appendChild(d);tail=d;}
+    });open=!text.endsWith('\\n');if(!open&&tail&&tail.dataset.raw===''){log.removeChild(tail);line-=1;tail=log.lastElementChild;}
+    if(document.getElementById('follow').checked)window.scrollTo(0,document.body.scrollHeight);}
+  var source=new EventSource(log.dataset.stream);
+  source.onmessage=function(e){add(JSON.parse(e.data));};
+  source.addEventListener('end',function(e){var end=JSON.parse(e.data);source.close();
+    state.textContent=end.status;state.className='status s-'+end.status;});
+})();
+"""
+
+
+def _session_key(store):
+    return hmac.new(store.secret_key, b"web session", hashlib.sha256).digest()
+
+
+def _sign_session(store, token_id, login, csrf, expires):
+    payload = f"{token_id}:{login}:{csrf}:{expires}"
+    signature = hmac.new(_session_key(store), payload.encode(), hashlib.sha256).hexdigest()
+    return f"{payload}:{signature}"
+
+
+def _read_session(store, value):
+    """(token id, login) of a valid, unexpired session cookie, or None."""
+    try:
+        token_id, login, csrf, expires, signature = value.split(":")
+        expected = hmac.new(_session_key(store), f"{token_id}:{login}:{csrf}:{expires}".encode(),
+                            hashlib.sha256).hexdigest()
+        if hmac.compare_digest(signature, expected) and int(expires) > time.time():
+            return int(token_id), login
+    except (ValueError, AttributeError):
+        pass
+    return None
+
+
+def _ansi_html(text):
+    """Escape a log line and turn its ANSI colour codes into spans."""
+    text = _ANSI_OTHER.sub("", html.escape(text, quote=False))
+    opened = 0
+
+    def span(match):
+        nonlocal opened
+        out = "</span>" * opened
+        opened = 0
+        for code in (match.group(1) or "0").split(";"):
+            number = int(code) if code.isdigit() else 0
+            if 90 <= number <= 97:
+                number -= 60
+            if number == 1 or 30 <= number <= 37:
+                out += f'<span class="a{number}">'
+                opened += 1
+        return out
+
+    return _ANSI_PATTERN.sub(span, text) + "</span>" * opened
+
+
+def _ago(timestamp):
+    if not timestamp:
+        return '<span class="muted">-</span>'
+    exact = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(timestamp))
+    seconds = max(0, int(time.time()) - timestamp)
+    for size, unit in ((86400, "d"), (3600, "h"), (60, "min")):
+        if seconds >= size:
+            text = f"{seconds // size} {unit} ago"
+            break
+    else:
+        text = f"{seconds} s ago"
+    return f'<time datetime="{exact}" title="{exact}">{text}</time>'
+
+
+def _duration(start, end):
+    if not start:
+        return "-"
+    seconds = max(0, (end or int(time.time())) - start)
+    return f"{seconds // 60} min {seconds % 60} s" if seconds >= 60 else f"{seconds} s"
+
+
+def _status_label(status, element_id=""):
+    status = status or "none"
+    identity = f' id="{element_id}"' if element_id else ""
+    return f'<span class="status s-{status}"{identity}>{html.escape(status)}</span>'
+
+
+def _install_pages(app, store, current_user, may_read, data_dir, max_jobs):
+    """The web pages: repositories, builds, a build, a job's log (live), sign-in."""
+    request = bottle.request
+    escape = html.escape
+
+    def csrf_token():
+        """The browser's CSRF token (a cookie the forms repeat), made on first need."""
+        token = request.environ.get("cirunner.csrf") or request.get_cookie(CSRF_COOKIE) or ""
+        if not re.fullmatch(r"[A-Za-z0-9_-]{20,64}", token):
+            token = secrets.token_urlsafe(24)
+            bottle.response.set_cookie(CSRF_COOKIE, token, httponly=True, samesite="strict",
+                                       path="/")
+        request.environ["cirunner.csrf"] = token
+        return token
+
+    def check_csrf():
+        form = request.forms.decode()
+        cookie = request.get_cookie(CSRF_COOKIE) or ""
+        if not cookie or not hmac.compare_digest(cookie, form.get("csrf", "")):
+            raise Forbidden("missing or wrong CSRF token: reload the page and try again")
+        return form
+
+    def page(title, body, status=200):
+        user = current_user()
+        token = csrf_token()
+        if user:
+            account = (f'<form class=account method="post" action="/logout"><span>{escape(user["login"])}</span> '
+                       f'<input type="hidden" name="csrf" value="{token}">'
+                       '<button>Sign out</button></form>')
+        else:
+            account = f'<span class=account><a href="/login?next={quote(request.path)}">Sign in</a></span>'
+        bottle.response.status = status
+        bottle.response.content_type = "text/html; charset=utf-8"
+        return (f"<!doctype html><html lang=en><head><meta charset=utf-8>"
+                f"<meta name=viewport content='width=device-width,initial-scale=1'>"
+                f"<title>{escape(title)} - cirunner</title><style>{_PAGE_STYLE}</style></head>"
+                f"<body><header><a href='/'>cirunner</a>{account}</header><main>{body}</main>"
+                f"</body></html>")
+
+    def pages(callback):
+        """Page errors as HTML; a guest who needs to sign in is sent to the form."""
+        def wrapper(*args, **kwargs):
+            try:
+                if kwargs.get("owner") == "api":
+                    raise NotFound(f"no route for {request.path}")
+                return callback(*args, **kwargs)
+            except Unauthorized:
+                bottle.redirect(f"/login?next={quote(request.path)}", 303)
+            except CIRunnerError as error:
+                if request.path.startswith("/api/"):
+                    return _error_response(error)
+                return page(error.code, f"<h1>{error.status}</h1><p>{escape(error.message)}</p>",
+                            error.status)
+        return wrapper
+
+    def readable_repo(owner, name):
+        _check_name(owner, "owner")
+        _check_name(name, "repository name")
+        repo = store.get_repo(owner, name)
+        user = current_user()
+        if not may_read(user, repo):
+            if user is None:
+                raise Unauthorized("sign in to see this repository")
+            raise NotFound(f"repository {owner}/{name} not found")
+        return repo, user
+
+    def may_write(user, repo):
+        return bool(user and user["scope"] == "write" and (user["admin"]
+                                                           or user["login"] == repo["owner"]))
+
+    @app.get("/", apply=[pages])
+    def home():
+        user = current_user()
+        rows = []
+        for repo in store.list_repos():
+            if not may_read(user, repo):
+                continue
+            with contextlib.suppress(NotFound):
+                build = store.latest_build(repo["id"])
+                rows.append((repo, build))
+                continue
+            rows.append((repo, None))
+        body = "".join(
+            f"<tr><td><a href='/{escape(r['owner'])}/{escape(r['name'])}'>"
+            f"{escape(r['owner'])}/{escape(r['name'])}</a>{' (private)' if r['private'] else ''}"
+            f"</td><td>{_status_label(b['status'] if b else None)}</td>"
+            f"<td>{'#' + str(b['number']) if b else ''}</td><td>{_ago(b['created_at']) if b else ''}"
+            f"</td></tr>" for r, b in rows)
+        return page("Repositories", "<h1>Repositories</h1><table><tr><th>repository</th>"
+                    f"<th>latest build</th><th>#</th><th>when</th></tr>{body}</table>"
+                    + ("" if rows else "<p class=muted>No repositories you may see.</p>"))
+
+    @app.get("/login")
+    def login_form():
+        next_path = request.query.get("next", "/")
+        return page("Sign in", "<h1>Sign in</h1><form method=post action=/login>"
+                    f"<input type=hidden name=csrf value='{csrf_token()}'>"
+                    f"<input type=hidden name=next value='{escape(next_path)}'>"
+                    "<p><label>API token <input name=token type=password size=50 autofocus>"
+                    "</label> <button>Sign in</button></p></form>"
+                    "<p class=muted>Make one with <code>cirunner token create LOGIN</code>.</p>")
+
+    @app.post("/login")
+    def login():
+        try:
+            form = check_csrf()
+        except Forbidden as error:
+            return page("Forbidden", f"<h1>403</h1><p>{escape(error.message)}</p>", 403)
+        user = store.authenticate(form.get("token", "").strip())
+        if user is None:
+            return page("Sign in", "<h1>Sign in</h1><p>That token is not valid.</p>"
+                        "<p><a href=/login>Try again</a></p>", 401)
+        expires = int(time.time()) + SESSION_SECONDS
+        bottle.response.set_cookie(
+            SESSION_COOKIE, _sign_session(store, user["token_id"], user["login"],
+                                          request.get_cookie(CSRF_COOKIE), expires),
+            httponly=True, samesite="strict", path="/", max_age=SESSION_SECONDS)
+        next_path = form.get("next", "/")
+        if not next_path.startswith("/") or next_path.startswith("//"):
+            next_path = "/"
+        bottle.redirect(next_path, 303)
+
+    @app.post("/logout")
+    def logout():
+        try:
+            check_csrf()
+        except Forbidden as error:
+            return page("Forbidden", f"<h1>403</h1><p>{escape(error.message)}</p>", 403)
+        bottle.response.delete_cookie(SESSION_COOKIE, path="/")
+        bottle.redirect("/", 303)
+
+    @app.get("/<owner>/<name>", apply=[pages])
+    def repo_page(owner, name):
+        repo, _ = readable_repo(owner, name)
+        params = dict(request.query.decode().items())
+        page_number = _int_param(params, "page", 1, 1, 10 ** 9)
+        status = params.get("status") or None
+        if status is not None and status not in STATUSES:
+            raise BadRequest(f"status must be one of {', '.join(STATUSES)}")
+        branch = params.get("branch") or None
+        builds = store.list_builds(repo["id"], offset=(page_number - 1) * DEFAULT_PER_PAGE,
+                                   limit=DEFAULT_PER_PAGE + 1, branch=branch, status=status)
+        base = f"/{escape(owner)}/{escape(name)}"
+        rows = "".join(
+            f"<tr><td><a href='{base}/{b['number']}'>#{b['number']}</a></td>"
+            f"<td>{_status_label(b['status'])}</td><td>{escape(b['event'])}</td>"
+            f"<td>{escape(b['branch'])}</td><td><code>{escape(b['commit_sha'][:8])}</code> "
+            f"{escape((b['message'].splitlines() or [''])[0][:100])}</td>"
+            f"<td>{escape(b['author'])}</td><td>{_ago(b['started_at'])}</td>"
+            f"<td>{_duration(b['started_at'], b['finished_at'])}</td></tr>"
+            for b in builds[:DEFAULT_PER_PAGE])
+        options = "".join(f"<option{' selected' if s == status else ''}>{s}</option>"
+                          for s in ("",) + STATUSES)
+        filters = (f"<form method=get><label>branch <input name=branch value='{escape(branch or '')}'>"
+                   f"</label> <label>status <select name=status>{options}</select></label> "
+                   "<button>Filter</button></form>")
+        query = "&".join(f"{k}={quote(v)}" for k, v in (("branch", branch), ("status", status)) if v)
+        nav = ""
+        if page_number > 1:
+            nav += f"<a href='?page={page_number - 1}&{query}'>newer</a> "
+        if len(builds) > DEFAULT_PER_PAGE:
+            nav += f"<a href='?page={page_number + 1}&{query}'>older</a>"
+        return page(f"{owner}/{name}", f"<h1>{escape(owner)}/{escape(name)}</h1>{filters}"
+                    "<table><tr><th>#</th><th>status</th><th>event</th><th>branch</th>"
+                    "<th>commit</th><th>author</th><th>started</th><th>duration</th></tr>"
+                    f"{rows}</table><p>{nav}</p>")
+
+    @app.get("/<owner>/<name>/<number>", apply=[pages])
+    def build_page(owner, name, number):
+        repo, user = readable_repo(owner, name)
+        build = store.get_build(repo["id"], _positive_int(number, "build number"))
+        base = f"/{escape(owner)}/{escape(name)}/{build['number']}"
+        jobs = store.list_jobs(build["id"])
+        job_rows = "".join(
+            f"<tr><td><a href='{base}/{j['number']}'>job {j['number']}</a></td>"
+            f"<td>{escape(_axis_text(json.loads(j['environment'])) or '-')}</td>"
+            f"<td>{_status_label(j['status'])}</td><td>{j['exit_code']}</td>"
+            f"<td>{_duration(j['started_at'], j['finished_at'])}</td>"
+            f"<td>{escape(j['error'])}</td></tr>" for j in jobs)
+        history = "".join(
+            f"<tr><td>{_ago(row['created_at'])}</td><td>{row['job_number'] or 'build'}</td>"
+            f"<td>{_status_label(row['status'])}</td><td>{escape(row['message'])}</td></tr>"
+            for row in store.list_statuses(build["id"]))
+        actions = ""
+        if may_write(user, repo):
+            token = csrf_token()
+            if build["status"] in ACTIVE_STATUSES:
+                actions = (f"<form class=inline method=post action='{base}/cancel'>"
+                           f"<input type=hidden name=csrf value='{token}'>"
+                           "<button id=cancel>Cancel</button></form>")
+            else:
+                actions = (f"<form class=inline method=post action='{base}/restart'>"
+                           f"<input type=hidden name=csrf value='{token}'>"
+                           "<button id=restart>Restart</button></form>")
+        message = escape(build["message"])
+        return page(f"{owner}/{name} #{build['number']}", (
+            f"<h1><a href='/{escape(owner)}/{escape(name)}'>{escape(owner)}/{escape(name)}</a> "
+            f"#{build['number']} {_status_label(build['status'], 'build-status')}</h1>"
+            f"<p>{actions}</p><table><tr><th>commit</th><td><code>{escape(build['commit_sha'])}"
+            f"</code></td></tr><tr><th>message</th><td><pre>{message}</pre></td></tr>"
+            f"<tr><th>branch</th><td>{escape(build['branch'])}</td></tr>"
+            f"<tr><th>event</th><td>{escape(build['event'])}</td></tr>"
+            f"<tr><th>author</th><td>{escape(build['author'])} "
+            f"&lt;{escape(build['author_email'])}&gt;</td></tr>"
+            f"<tr><th>created</th><td>{_ago(build['created_at'])}</td></tr>"
+            f"<tr><th>duration</th><td>{_duration(build['started_at'], build['finished_at'])}"
+            f"</td></tr>{'<tr><th>error</th><td>' + escape(build['error']) + '</td></tr>' if build['error'] else ''}"
+            f"</table><h2>Jobs</h2><table><tr><th>job</th><th>matrix</th><th>status</th>"
+            f"<th>exit</th><th>duration</th><th>error</th></tr>{job_rows}</table>"
+            f"<h2>History</h2><table><tr><th>when</th><th>job</th><th>status</th>"
+            f"<th>message</th></tr>{history}</table>"))
+
+    def build_action(owner, name, number, action):
+        form = check_csrf()
+        repo, user = readable_repo(owner, name)
+        if not may_write(user, repo):
+            raise Forbidden("you may not change builds of this repository")
+        build = store.get_build(repo["id"], _positive_int(number, "build number"))
+        if action == "cancel":
+            store.cancel_jobs(build["id"], message=f"cancelled by {user['login']} on the web")
+        else:
+            restart_build(store, repo, build["number"], data_dir=data_dir, max_jobs=max_jobs)
+        del form
+        bottle.redirect(f"/{owner}/{name}/{build['number']}", 303)
+
+    @app.post("/<owner>/<name>/<number>/cancel", apply=[pages])
+    def cancel_page(owner, name, number):
+        return build_action(owner, name, number, "cancel")
+
+    @app.post("/<owner>/<name>/<number>/restart", apply=[pages])
+    def restart_page(owner, name, number):
+        return build_action(owner, name, number, "restart")
+
+    @app.get("/<owner>/<name>/<number>/<job_number>", apply=[pages])
+    def job_page(owner, name, number, job_number):
+        repo, _ = readable_repo(owner, name)
+        build = store.get_build(repo["id"], _positive_int(number, "build number"))
+        job = store.get_job(build["id"], _positive_int(job_number, "job number"))
+        size = store.log_size(job["id"])
+        params = dict(request.query.decode().items())
+        end = _int_param(params, "to", size, 0, size)
+        start = max(0, end - LOG_PAGE_BYTES)
+        # Line numbers of a tail: count the newlines before it, chunk by chunk.
+        first_line = 1
+        for chunk in store.read_log(job["id"]):
+            if start <= 0:
+                break
+            first_line += chunk[:start].count(b"\n")
+            start_in = start - len(chunk)
+            if start_in <= 0:
+                break
+            start = start_in
+        start = max(0, end - LOG_PAGE_BYTES)
+        data = bytearray()
+        for chunk in store.read_log(job["id"], start):
+            data += chunk
+            if len(data) >= end - start:
+                break
+        data = bytes(data[:end - start])
+        live = job["status"] in ACTIVE_STATUSES and end == size
+        if live:
+            # Show whole lines; the stream goes on from the end of the last one.
+            data = data[:data.rfind(b"\n") + 1]
+            end = start + len(data)
+        text = data.decode("utf-8", errors="replace")
+        lines = text.split("\n")
+        if lines and lines[-1] == "":
+            lines.pop()
+        rows = "".join(f"<div id='L{first_line + i}'><a href='#L{first_line + i}'>{first_line + i}"
+                       f"</a><span>{_ansi_html(line)}</span></div>" for i, line in enumerate(lines))
+        base = f"/{escape(owner)}/{escape(name)}/{build['number']}"
+        raw = f"/api/repos/{escape(owner)}/{escape(name)}/logs/{build['number']}/{job['number']}"
+        earlier = (f"<p><a id=earlier href='?to={start}'>load earlier output</a> "
+                   f"(showing bytes {start}-{end} of {size})</p>" if start > 0 else "")
+        return page(f"{owner}/{name} #{build['number']} job {job['number']}", (
+            f"<h1><a href='{base}'>{escape(owner)}/{escape(name)} #{build['number']}</a> job "
+            f"{job['number']} {_status_label(job['status'], 'job-status')}</h1>"
+            f"<p>{escape(_axis_text(json.loads(job['environment'])))} <a href='{raw}'>raw log</a>"
+            f" <label><input type=checkbox id=follow checked> follow</label></p>{earlier}"
+            f"<div class=log id=log data-lines='{first_line + len(lines) - 1}' "
+            f"data-open='{0 if text.endswith(chr(10)) or not text else 1}' "
+            f"data-start='{start}' "
+            f"data-done='{0 if live else 1}' data-stream='{raw}?follow=1&amp;offset={end}'>"
+            f"{rows}</div><script>{_LIVE_SCRIPT}</script>"))
+
+
 def make_app(store, executor=None, *, data_dir=None, max_body=DEFAULT_MAX_BODY,
              max_streams=DEFAULT_HTTP_THREADS - 4, heartbeat=SSE_HEARTBEAT_SECONDS,
              max_jobs=DEFAULT_MAX_JOBS):
@@ -3369,6 +3785,12 @@ def make_app(store, executor=None, *, data_dir=None, max_body=DEFAULT_MAX_BODY,
             user = store.authenticate(secret)
             if user is None:
                 raise Unauthorized("invalid or revoked token")
+        elif request.get_cookie(SESSION_COOKIE):
+            # A signed-in browser: its session names a token, which must still exist.
+            session = _read_session(store, request.get_cookie(SESSION_COOKIE))
+            user = store.user_for_token(session[0]) if session else None
+            if user is not None:
+                user["via_cookie"] = True
         request.environ["cirunner.user"] = user
         return user
 
@@ -3387,7 +3809,8 @@ def make_app(store, executor=None, *, data_dir=None, max_body=DEFAULT_MAX_BODY,
     def require_write(owner, repo=None):
         """Writes need a write-scope token of the owner, or of an admin."""
         user = require_read(repo) if repo is not None else current_user()
-        if user is None:
+        if user is None or user.get("via_cookie"):
+            # A session cookie never writes through the API: no cross-site forgery.
             raise Unauthorized("this action needs a token")
         if user["scope"] != "write":
             raise Forbidden("this token is read-only")
@@ -3812,6 +4235,7 @@ def make_app(store, executor=None, *, data_dir=None, max_body=DEFAULT_MAX_BODY,
 
         return all_logs()
 
+    _install_pages(app, store, current_user, may_read, data_dir, max_jobs)
     return app
 
 

@@ -839,7 +839,8 @@ BAD_REQUESTS = [
     ("PATCH", "/api/repos/alice/hello", b'{"config_path": "../../etc/passwd"}', 400),
     ("PUT", "/api/repos/alice/hello/builds", None, 405),
     ("GET", "/api/no/such/route/at/all", None, 404),
-    ("GET", "/", None, 404),
+    ("GET", "/api/nothing", None, 404),
+    ("GET", "/api/nothing/here/at/all/x", None, 404),
 ]
 
 
@@ -1476,7 +1477,11 @@ def test_openapi_document_is_valid_and_covers_every_route(store, app):
                   for method in item if method != "parameters"}
     routes = {(route.method, re.sub(r"<[^>]+>", "{}", route.rule))
               for route in cirunner.make_app(store).routes}
-    assert routes == documented
+    pages = {route for route in routes if not route[1].startswith(("/api/", "/hook", "/healthz"))}
+    assert pages == {("GET", "/"), ("GET", "/login"), ("POST", "/login"), ("POST", "/logout"),
+                     ("GET", "/{}/{}"), ("GET", "/{}/{}/{}"), ("GET", "/{}/{}/{}/{}"),
+                     ("POST", "/{}/{}/{}/cancel"), ("POST", "/{}/{}/{}/restart")}
+    assert routes - pages == documented  # every API route is in the document
 
 
 def test_real_responses_conform_to_the_openapi_document(v1):
@@ -2023,3 +2028,87 @@ def test_badges_are_well_formed_for_every_state(store, make_repo, app):
     assert app.get("/api/badges/alice/hello/status.svg?branch=other").body.count(b"none") >= 1
     store.update_repo(repo["id"], private=1)
     webtest.TestApp(app.app).get("/api/badges/alice/hello/status.svg", status=401)
+
+
+# -- web pages (WebTest; the browser test is test_web_browser.py) ---------------
+
+XSS = "<script>alert(1)</script>"
+
+
+@pytest.fixture
+def site(store, executor, tmp_path):
+    """alice's public repo (a commit message and a log line with a script tag)
+    and a private one, a guest browser and alice's write token."""
+    path = str(tmp_path / "xss")
+    commit_files(path, {".cirunner.yml": f"pipeline: {{t: {{commands: ['echo \"{XSS}\"', "
+                                         "'printf \"\\\\033[31mred\\\\033[0m\\\\n\"']}}\n"},
+                 message=f"fix {XSS}")
+    store.create_user("alice")
+    token = store.create_token("alice")[1]
+    repo = store.create_repo("alice", "hello", path)
+    store.create_repo("alice", "secret", path, private=True)
+    cirunner.create_build(store, repo)
+    executor.run_until_idle()
+    browser = webtest.TestApp(cirunner.make_app(store, executor))
+    return browser, token
+
+
+def sign_in(browser, token):
+    form = browser.get("/login").forms[0]
+    form["token"] = token
+    return form.submit(status=303)
+
+
+def test_pages_escape_commit_messages_and_log_lines(site):
+    browser, _ = site
+    build = browser.get("/alice/hello/1").text
+    assert XSS not in build and "fix &lt;script&gt;alert(1)&lt;/script&gt;" in build
+    log = browser.get("/alice/hello/1/1").text
+    assert XSS not in log and "&lt;script&gt;alert(1)&lt;/script&gt;" in log
+    assert '<span class="a31">red</span>' in log  # ANSI colour rendered
+    assert "id='L1'" in log and "href='#L1'" in log  # line anchors
+    assert "/api/repos/alice/hello/logs/1/1" in log  # the raw log link
+    listing = browser.get("/alice/hello").text
+    assert XSS not in listing and 'class="status s-success">success<' in listing
+
+
+def test_guests_see_public_repos_and_are_sent_to_sign_in_for_private_ones(site):
+    browser, token = site
+    home = browser.get("/").text
+    assert "alice/hello" in home and "alice/secret" not in home
+    assert browser.get("/alice/secret").location.endswith("/login?next=/alice/secret")
+    assert "Cancel" not in browser.get("/alice/hello/1").text
+    assert "id=restart" not in browser.get("/alice/hello/1").text  # guests may not write
+    response = sign_in(browser, token)
+    cookie = response.headers.getall("Set-Cookie")
+    session = next(c for c in cookie if c.startswith("cirunner_session="))
+    assert "HttpOnly" in session and "samesite=strict" in session.lower() and "Max-Age" in session
+    assert token not in session
+    assert "alice/secret" in browser.get("/").text
+    assert "id=restart" in browser.get("/alice/hello/1").text
+    # the cookie reads the API but never writes through it
+    browser.get("/api/repos/alice/secret")
+    browser.post("/api/repos/alice/hello/builds", status=401)
+
+
+def test_a_form_post_without_the_csrf_token_is_403_and_changes_nothing(site, store):
+    browser, token = site
+    sign_in(browser, token)
+    browser.post("/alice/hello/1/restart", {}, status=403)
+    browser.post("/alice/hello/1/restart", {"csrf": "forged-value-000000000000"}, status=403)
+    assert store.get_build(store.get_repo("alice", "hello")["id"], 1)["status"] == "success"
+    assert len(store.list_statuses(1)) == 5  # no "restarted" entry
+    form = browser.get("/alice/hello/1").forms[1]  # [0] is sign out
+    form.submit(status=303)
+    assert store.get_build(store.get_repo("alice", "hello")["id"], 1)["status"] == "pending"
+
+
+def test_sign_out_and_revoked_tokens_end_the_session(site, store):
+    browser, token = site
+    sign_in(browser, token)
+    assert "alice/secret" in browser.get("/").text
+    store.revoke_token(store.list_tokens("alice")[0]["id"])
+    assert "alice/secret" not in browser.get("/").text  # the session named a revoked token
+    bad = browser.get("/login").forms[0]
+    bad["token"] = "cir_wrong"
+    assert bad.submit(status=401)
