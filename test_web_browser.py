@@ -1,0 +1,173 @@
+"""The web pages in a real headless Chromium (Debian's, driven by Playwright)
+against a real `cirunner serve` on 127.0.0.1. Its own file: it needs a browser.
+
+Set CIRUNNER_SCREENSHOTS=DIR to keep the screenshots (the README's come from here).
+"""
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+import pytest
+
+from test_cirunner import XSS, Server, commit_files, http_json, wait_for
+
+playwright_api = pytest.importorskip("playwright.sync_api")
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium package")
+# Without the networking flags Chromium tries to reach Google's hosts, which
+# this machine's closed network refuses.
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run", "--disable-quic"]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with playwright_api.sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def server(tmp_path):
+    server = Server(tmp_path / "data")
+    yield server
+    if server.process.poll() is None:
+        server.process.send_signal(signal.SIGTERM)  # kill what is still running, then exit
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            server.process.wait(timeout=20)
+    server.stop()
+
+
+@pytest.fixture
+def page(browser):
+    context = browser.new_context(viewport={"width": 1200, "height": 800})
+    page = context.new_page()
+    dialogs = []
+    page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
+    page.dialogs = dialogs
+    yield page
+    context.close()
+
+
+def screenshot(page, name):
+    folder = os.environ.get("CIRUNNER_SCREENSHOTS")
+    if folder:
+        os.makedirs(folder, exist_ok=True)
+        page.screenshot(path=os.path.join(folder, name), full_page=False)
+
+
+def rss_mib(pid):
+    with open(f"/proc/{pid}/status") as handle:
+        for line in handle:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def sign_in(page, server):
+    page.goto(server.url + "/login")
+    page.fill("input[name=token]", server.token)
+    page.click("button:has-text('Sign in')")
+    page.wait_for_url(server.url + "/")
+
+
+def test_live_log_cancel_and_restart_in_a_browser(server, page, tmp_path):
+    repo = str(tmp_path / "repo")
+    gate = tmp_path / "gate"
+    commit_files(repo, {".cirunner.yml": (
+        "pipeline:\n  t:\n    commands:\n"
+        "      - while [ ! -e \"$GATE\" ]; do sleep 0.05; done; echo \"LIVE-$((6*7))\"\n"
+        "      - sleep 600\n")}, message=f"Try the web {XSS}")
+    server.api("POST", "/api/repos/alice/hello", {"url": repo})
+    status, _ = server.api("POST", "/api/repos/alice/hello/builds",
+                           {"variables": {"GATE": str(gate)}})
+    assert status == 201
+    wait_for(lambda: server.api("GET", "/api/repos/alice/hello/builds/1")[1]["jobs"][0]
+             ["status"] == "running")
+
+    sign_in(page, server)
+    assert "alice/hello" in page.inner_text("main")
+    screenshot(page, "repositories.png")
+    page.click("text=alice/hello")
+    page.click("a:has-text('#1')")
+    assert page.inner_text("#build-status") == "running"
+    page.click("text=job 1")
+    page.wait_for_selector("#log div")  # the echoed command is already there
+    assert "LIVE-42" not in page.inner_text("#log")
+    gate.touch()
+    started = time.monotonic()
+    page.wait_for_function("document.getElementById('log').innerText.includes('LIVE-42')",
+                           timeout=2000)  # within 2 s, without reloading
+    print(f"\nlive line shown {time.monotonic() - started:.2f} s after it was printed")
+    screenshot(page, "job-log.png")
+
+    page.goto(server.url + "/alice/hello/1")
+    screenshot(page, "build.png")
+    page.click("#cancel")
+    page.wait_for_url(server.url + "/alice/hello/1")
+    page.goto(server.url + "/alice/hello/1/1")
+    page.wait_for_function("document.getElementById('job-status').textContent === 'killed'",
+                           timeout=10000)
+    page.goto(server.url + "/alice/hello/1")
+    assert page.inner_text("#build-status") == "killed"
+    page.click("#restart")
+    page.wait_for_url(server.url + "/alice/hello/1")
+    assert page.inner_text("#build-status") in ("pending", "running")
+    page.goto(server.url + "/alice/hello/1/1")
+    page.wait_for_function("document.getElementById('log').innerText.includes('LIVE-42')",
+                           timeout=5000)  # it ran again (the gate is open now)
+
+    # the commit message's script tag is text: no dialog, no script element made
+    page.goto(server.url + "/alice/hello/1")
+    assert XSS in page.inner_text("main")
+    assert page.evaluate("document.querySelectorAll('main script').length") == 0
+    assert page.dialogs == []
+
+
+def test_log_line_with_a_script_tag_stays_text(server, page, tmp_path):
+    repo = str(tmp_path / "repo")
+    commit_files(repo, {".cirunner.yml": (
+        "clone: false\npipeline: {t: {commands: ['printf \"%s\\\\n\" \"$PAYLOAD\"']}}\n")})
+    server.api("POST", "/api/repos/alice/xss", {"url": repo})
+    server.api("POST", "/api/repos/alice/xss/builds", {"variables": {"PAYLOAD": XSS}})
+    wait_for(lambda: server.api("GET", "/api/repos/alice/xss/builds/1")[1]["status"] == "success")
+    page.goto(server.url + "/alice/xss/1/1")  # a public repo: no sign-in needed
+    assert XSS in page.inner_text("#log")
+    assert page.evaluate("document.querySelectorAll('#log script').length") == 0
+    assert page.dialogs == []
+
+
+def test_a_50_mb_log_page_opens_fast_and_memory_stays_flat(server, page, tmp_path):
+    repo = str(tmp_path / "repo")
+    line = "0123456789" * 10
+    commit_files(repo, {".cirunner.yml": (
+        f"clone: false\npipeline: {{t: {{commands: ['yes {line} | head -c 52428800']}}}}\n")})
+    server.api("POST", "/api/repos/alice/big", {"url": repo})
+    server.api("POST", "/api/repos/alice/big/builds", {})
+    wait_for(lambda: server.api("GET", "/api/repos/alice/big/builds/1")[1]["status"] == "success",
+             timeout=60)
+    before = rss_mib(server.process.pid)
+    started = time.monotonic()
+    page.goto(server.url + "/alice/big/1/1")
+    page.wait_for_selector("#earlier")
+    page.click("#follow")  # interactive: the page answers input
+    elapsed = time.monotonic() - started
+    print(f"\n50 MB log page interactive after {elapsed:.2f} s")
+    assert elapsed < 5
+    assert page.evaluate("document.querySelectorAll('#log div').length") < 5000
+    last = page.evaluate("document.getElementById('log').lastElementChild.id")
+    # numbered as in the whole log: the echoed command, the full lines, the cut last one
+    assert int(last[1:]) == 1 + 52428800 // (len(line) + 1) + 1
+    page.click("#earlier")
+    page.wait_for_selector("#log div")
+    grown = rss_mib(server.process.pid) - before
+    print(f"server RSS grew {grown:.1f} MiB while two pages of the log were served")
+    assert grown < 16
+    status, _ = http_json("GET", server.url + "/healthz")
+    assert status == 200
