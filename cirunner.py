@@ -1059,6 +1059,13 @@ class Store:
         row = self._connection().execute(sql, params).fetchone()
         return dict(row) if row is not None else None
 
+    def _one(self, sql, params, missing):
+        """The one row `sql` finds, or NotFound(`missing`)."""
+        row = self._query_one(sql, params)
+        if row is None:
+            raise NotFound(missing)
+        return row
+
     def _migrate(self):
         conn = self._connect()
         try:
@@ -1156,10 +1163,8 @@ class Store:
         return self.get_user(login)
 
     def get_user(self, login):
-        user = self._query_one("SELECT * FROM users WHERE login = ?", (login,))
-        if user is None:
-            raise NotFound(f"user {login} not found")
-        return user
+        return self._one("SELECT * FROM users WHERE login = ?", (login,),
+                         f"user {login} not found")
 
     def list_users(self):
         return self._query("SELECT * FROM users ORDER BY login")
@@ -1242,16 +1247,12 @@ class Store:
 
     def get_repo(self, owner, name):
         """The repository `owner/name` as a dict; raises NotFound."""
-        repo = self._query_one("SELECT * FROM repos WHERE owner = ? AND name = ?", (owner, name))
-        if repo is None:
-            raise NotFound(f"repository {owner}/{name} not found")
-        return repo
+        return self._one("SELECT * FROM repos WHERE owner = ? AND name = ?", (owner, name),
+                         f"repository {owner}/{name} not found")
 
     def get_repo_by_id(self, repo_id):
-        repo = self._query_one("SELECT * FROM repos WHERE id = ?", (repo_id,))
-        if repo is None:
-            raise NotFound(f"repository {repo_id} not found")
-        return repo
+        return self._one("SELECT * FROM repos WHERE id = ?", (repo_id,),
+                         f"repository {repo_id} not found")
 
     def list_repos(self):
         return self._query("SELECT * FROM repos ORDER BY owner, name")
@@ -1348,10 +1349,8 @@ class Store:
         return self.get_build_by_id(build_id)
 
     def get_build_by_id(self, build_id):
-        build = self._query_one("SELECT * FROM builds WHERE id = ?", (build_id,))
-        if build is None:
-            raise NotFound(f"build {build_id} not found")
-        return build
+        return self._one("SELECT * FROM builds WHERE id = ?", (build_id,),
+                         f"build {build_id} not found")
 
     def get_build(self, repo_id, number):
         """Build `number` of a repository; raises NotFound."""
@@ -1367,10 +1366,8 @@ class Store:
         if branch:
             sql += " AND branch = ?"
             params.append(branch)
-        build = self._query_one(sql + " ORDER BY number DESC LIMIT 1", params)
-        if build is None:
-            raise NotFound("no build yet" + (f" on branch {branch}" if branch else ""))
-        return build
+        return self._one(sql + " ORDER BY number DESC LIMIT 1", params,
+                         "no build yet" + (f" on branch {branch}" if branch else ""))
 
     def list_builds(self, repo_id, *, offset=0, limit=DEFAULT_PER_PAGE, branch=None,
                     status=None):
@@ -1456,10 +1453,8 @@ class Store:
         return job
 
     def get_job_by_id(self, job_id):
-        job = self._query_one("SELECT * FROM jobs WHERE id = ?", (job_id,))
-        if job is None:
-            raise NotFound(f"job {job_id} not found")
-        return job
+        return self._one("SELECT * FROM jobs WHERE id = ?", (job_id,),
+                         f"job {job_id} not found")
 
     def pending_job_count(self):
         return self._connection().execute(
