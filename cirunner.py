@@ -3531,8 +3531,8 @@ def _install_pages(app, store, current_user, may_read, data_dir, max_jobs):
                                           request.get_cookie(CSRF_COOKIE), expires),
             httponly=True, samesite="strict", path="/", max_age=SESSION_SECONDS)
         next_path = form.get("next", "/")
-        if not next_path.startswith("/") or next_path.startswith("//"):
-            next_path = "/"
+        if not next_path.startswith("/") or next_path[1:2] in ("/", "\\"):
+            next_path = "/"  # only paths on this server: "//host" and "/\\host" leave it
         bottle.redirect(next_path, 303)
 
     @app.post("/logout")

@@ -2103,6 +2103,18 @@ def test_a_form_post_without_the_csrf_token_is_403_and_changes_nothing(site, sto
     assert store.get_build(store.get_repo("alice", "hello")["id"], 1)["status"] == "pending"
 
 
+@pytest.mark.parametrize("target, landing", [
+    ("/alice/hello", "/alice/hello"), ("//evil.example/x", "/"), ("/\\evil.example", "/"),
+    ("https://evil.example/", "/"),
+])
+def test_sign_in_returns_only_to_this_server(site, target, landing):
+    browser, token = site
+    form = browser.get(f"/login?next={target}").forms[0]
+    form["token"] = token
+    assert form.submit(status=303).location.endswith(landing)
+    assert "evil" not in form.submit(status=303).location
+
+
 def test_sign_out_and_revoked_tokens_end_the_session(site, store):
     browser, token = site
     sign_in(browser, token)
