@@ -1456,10 +1456,6 @@ class Store:
         return self._one("SELECT * FROM jobs WHERE id = ?", (job_id,),
                          f"job {job_id} not found")
 
-    def pending_job_count(self):
-        return self._connection().execute(
-            "SELECT count(*) FROM jobs WHERE status = ?", (PENDING,)).fetchone()[0]
-
     def claim_next_job(self, runner_id):
         """Atomically take the oldest runnable pending job for `runner_id`.
 
@@ -1764,11 +1760,6 @@ class Store:
             conn.execute("UPDATE builds SET report_error = ? WHERE id = ?",
                          (error, report["build_id"]))
 
-    def has_due_reports(self):
-        return self._connection().execute(
-            "SELECT 1 FROM reports WHERE done = 0 AND next_at <= ? LIMIT 1",
-            (time.time(),)).fetchone() is not None
-
     # -- runners ------------------------------------------------------------
 
     def register_runner(self, runner_id, hostname, pid):
@@ -1932,16 +1923,14 @@ def _mirror_lock(path):
 def _sync_mirror(data_dir, repo, commit="", pull_ref=""):
     """Fetch the repository into its bare mirror under DATA/mirrors; return its path.
 
-    A `commit` already in the mirror needs no fetch (commits never change). A
-    commit on no branch (a pull request from a fork) is fetched by `pull_ref`
-    (e.g. refs/pull/7/head), then by its SHA.
+    Callers look for a commit in the mirror first (commits never change) and
+    come here when it is missing. A commit on no branch (a pull request from a
+    fork) is fetched by `pull_ref` (e.g. refs/pull/7/head), then by its SHA.
     """
     path = _mirror_path(data_dir, repo)
     with _mirror_lock(path):
         if not os.path.isdir(os.path.join(path, "objects")):
             _git(["init", "--bare", "--quiet", path])
-        elif commit and _has_commit(path, commit):
-            return path
         _git(["-C", path, "fetch", "--quiet", "--prune", "--force", "--end-of-options",
               repo["url"], "+refs/heads/*:refs/heads/*", "+refs/tags/*:refs/tags/*"])
         if commit and pull_ref and not _has_commit(path, commit):
@@ -2685,7 +2674,7 @@ class Executor:
                     raise _JobError(f"checkout of {commit[:12]} failed") from None
 
     def _environment(self, repo, build, job, workspace):
-        """(base, substitution variables, CI variables) for the job's processes."""
+        """(base, substitution variables, CI variables, matrix axis) for the job."""
         variables = json.loads(build["variables"] or "{}")
         matrix = json.loads(job["environment"] or "{}")
         ci = {
@@ -2708,12 +2697,11 @@ class Executor:
         base = dict(self._base_environment)
         base.update(variables)
         base.update(matrix)
-        return base, {**variables, **matrix, **ci_env}, ci_env
+        return base, {**variables, **matrix, **ci_env}, ci_env, matrix
 
     def _run_steps(self, running, repo, build, pipeline, workspace, log):
         job = running.job
-        base, variables, ci_env = self._environment(repo, build, job, workspace)
-        matrix = json.loads(job["environment"] or "{}")
+        base, variables, ci_env, matrix = self._environment(repo, build, job, workspace)
         minutes = pipeline.timeout or repo["timeout"] or DEFAULT_TIMEOUT_MINUTES
         deadline = time.monotonic() + minutes * 60
         status, exit_code, error = SUCCESS, 0, ""
@@ -3734,13 +3722,18 @@ def make_app(store, executor=None, *, data_dir=None, max_body=DEFAULT_MAX_BODY,
 
     # -- request input ------------------------------------------------------
 
-    def body_params():
-        """The request body as a dict: JSON, or a form (Drone's clients send forms)."""
+    def read_body():
+        """The raw request body, at most `max_body` bytes (413 beyond)."""
         stream = request.environ.get("wsgi.input")
         length = int(request.environ.get("CONTENT_LENGTH") or 0)
         raw = stream.read(min(length, max_body + 1)) if stream is not None and length else b""
         if len(raw) > max_body:
             raise TooLarge(f"request body larger than {max_body} bytes")
+        return raw
+
+    def body_params():
+        """The request body as a dict: JSON, or a form (Drone's clients send forms)."""
+        raw = read_body()
         if not raw.strip():
             return {}
         content_type = (request.content_type or "").split(";")[0].strip().lower()
@@ -3983,11 +3976,7 @@ def make_app(store, executor=None, *, data_dir=None, max_body=DEFAULT_MAX_BODY,
         if forge is None:
             raise BadRequest("not a webhook: no X-GitHub-Event, X-Gitea-Event, "
                              "X-Forgejo-Event or X-Gitlab-Event header")
-        stream = request.environ.get("wsgi.input")
-        length = int(request.environ.get("CONTENT_LENGTH") or 0)
-        body = stream.read(min(length, max_body + 1)) if stream is not None and length else b""
-        if len(body) > max_body:
-            raise TooLarge(f"request body larger than {max_body} bytes")
+        body = read_body()
         payload = None
         full_name = request.query.get("repo")
         if not full_name:
