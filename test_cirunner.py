@@ -592,6 +592,27 @@ def test_schema_is_versioned_and_reopening_keeps_data(data_dir, make_repo, store
         again.close()
 
 
+def test_request_threads_share_connections_instead_of_one_each(store, executor, app, make_repo):
+    make_repo({".cirunner.yml": "pipeline: {t: {commands: [true]}}\n"})
+    app.get("/api/repos/alice/hello")
+    opened = len(store._connections)
+    statuses = []
+
+    def one_request():  # each on a new thread, as waitress's 32 threads take turns
+        statuses.append(app.get("/api/repos/alice/hello/builds").status_int)
+
+    for _ in range(16):
+        thread = threading.Thread(target=one_request)
+        thread.start()
+        thread.join()
+    assert statuses == [200] * 16
+    assert len(store._connections) == opened  # lent from request to request, none new
+    # A thread inside a transaction keeps its connection: it is not lent.
+    with store._write() as conn:
+        store.release_connection()
+        assert store._connection() is conn
+
+
 def test_cancel_kills_the_job_and_a_setsid_grandchild(store, make_repo, app, tmp_path):
     pidfile = tmp_path / "pids"
     repo = make_repo({".cirunner.yml": (
