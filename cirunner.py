@@ -120,7 +120,6 @@ import fcntl
 import fnmatch
 import hashlib
 import hmac
-import html
 import itertools
 import json
 import logging
@@ -142,12 +141,6 @@ from datetime import datetime, timezone
 from urllib.parse import parse_qsl, quote
 
 import bottle
-import yaml
-
-try:  # libyaml makes parsing large pipeline files several times faster
-    _YamlLoader = yaml.CSafeLoader
-except AttributeError:  # pragma: no cover - depends on how PyYAML was built
-    _YamlLoader = yaml.SafeLoader
 
 try:
     import waitress
@@ -393,9 +386,18 @@ class _YamlList(list):
 _RAW_SCALAR_KEYS = ("matrix", "environment", "commands")
 
 
+def _yaml():
+    """PyYAML, imported when the first pipeline is parsed: a server that only
+    answers the API never needs its megabyte."""
+    import yaml
+    return yaml
+
+
 def _load_yaml(text, filename):
     """Parse YAML `text` into dicts and lists that carry line numbers."""
-    loader = _YamlLoader(text)
+    yaml = _yaml()
+    # libyaml makes parsing large pipeline files several times faster.
+    loader = (getattr(yaml, "CSafeLoader", None) or yaml.SafeLoader)(text)
     try:
         node = loader.get_single_node()
         if node is None:
@@ -411,6 +413,7 @@ def _load_yaml(text, filename):
 
 
 def _convert_node(loader, node, raw, depth):
+    yaml = _yaml()
     if depth > 50:
         raise ConfigError("YAML nested too deeply", None, node.start_mark.line + 1)
     line = node.start_mark.line + 1
@@ -1759,6 +1762,11 @@ class Store:
         """Take the oldest due report whose build has no older undelivered one
         (so a forge sees pending before success); None if there is none."""
         now = time.time()
+        # A read first: the reporter asks twice a second, and an idle server
+        # should not take the write lock for nothing.
+        if self._query_one("SELECT 1 FROM reports WHERE done = 0 AND next_at <= ? "
+                           "AND claimed_until < ? LIMIT 1", (now, now)) is None:
+            return None
         with self._write() as conn:
             row = conn.execute(
                 "SELECT * FROM reports r WHERE done = 0 AND next_at <= ? AND claimed_until < ? "
@@ -2511,6 +2519,7 @@ class Executor:
             if job is not None:
                 self.run_job(job)
                 continue
+            self.store.release_connection()  # idle workers share one
             with self._wakeup:
                 if not self._work_hint and not self._stopping.is_set():
                     self._wakeup.wait(5.0)
@@ -2566,6 +2575,7 @@ class Executor:
                 _log.exception("claiming a commit status report failed")
                 report = None
             if report is None:
+                self.store.release_connection()
                 self._report_wakeup.wait(0.5)
                 self._report_wakeup.clear()
                 continue
@@ -3382,7 +3392,7 @@ def _read_session(store, value):
 
 def _ansi_html(text):
     """Escape a log line and turn its ANSI colour codes into spans."""
-    text = _ANSI_OTHER.sub("", html.escape(text, quote=False))
+    text = _ANSI_OTHER.sub("", bottle.html_escape(text))
     opened = 0
 
     def span(match):
@@ -3425,13 +3435,13 @@ def _duration(start, end):
 def _status_label(status, element_id=""):
     status = status or "none"
     identity = f' id="{element_id}"' if element_id else ""
-    return f'<span class="status s-{status}"{identity}>{html.escape(status)}</span>'
+    return f'<span class="status s-{status}"{identity}>{bottle.html_escape(status)}</span>'
 
 
 def _install_pages(app, store, current_user, may_read, data_dir, max_jobs):
     """The web pages: repositories, builds, a build, a job's log (live), sign-in."""
     request = bottle.request
-    escape = html.escape
+    escape = bottle.html_escape
 
     def csrf_token():
         """The browser's CSRF token (a cookie the forms repeat), made on first need."""
@@ -4680,6 +4690,7 @@ def _command_serve(args, stdout, stderr):
     try:
         _bootstrap_admin(store, stdout)
         executor.start()
+        store.release_connection()  # the main thread only polls sockets from here
         print(f"cirunner {__version__}: serving http://{args.host}:{server.effective_port}/ "
               f"with {executor.workers} worker(s), data in {os.path.abspath(args.data)}",
               file=stderr, flush=True)
@@ -5114,9 +5125,8 @@ def main(argv=None, *, environ=None, stdout=None, stderr=None):
     environ = os.environ if environ is None else environ
     logging.basicConfig(level=environ.get("CIRUNNER_LOG_LEVEL", "INFO").upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    parser = _make_parser(environ)
     try:
-        args = parser.parse_args(argv)
+        args = _make_parser(environ).parse_args(argv)
     except SystemExit as exit_:
         return exit_.code if isinstance(exit_.code, int) else 2
     try:
