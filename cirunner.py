@@ -114,6 +114,7 @@ if sys.platform.startswith("linux"):
 
 import argparse
 import codecs
+import collections
 import contextlib
 import dataclasses
 import fcntl
@@ -144,6 +145,7 @@ import bottle
 
 try:
     import waitress
+    import waitress.task
     import waitress.wasyncore
 except ImportError:  # pragma: no cover - only `serve` needs it
     waitress = None
@@ -1010,6 +1012,7 @@ class Store:
         self._local = threading.local()
         self._connections = []
         self._idle_connections = []  # released by threads that come and go
+        self._columns = {}  # statement text -> the names of its result columns
         self._connections_lock = threading.Lock()
         self._listeners = []
         self._closed = False
@@ -1082,11 +1085,25 @@ class Store:
         conn.execute("COMMIT")
 
     def _query(self, sql, params=()):
-        return [dict(row) for row in self._connection().execute(sql, params)]
+        cursor = self._connection().execute(sql, params)
+        rows = cursor.fetchall()
+        if not rows:
+            return []
+        names = self._column_names(sql, cursor, rows[0])
+        return [dict(zip(names, row)) for row in rows]
 
     def _query_one(self, sql, params=()):
-        row = self._connection().execute(sql, params).fetchone()
-        return dict(row) if row is not None else None
+        cursor = self._connection().execute(sql, params)
+        row = cursor.fetchone()
+        return dict(zip(self._column_names(sql, cursor, row), row)) if row is not None else None
+
+    def _column_names(self, sql, cursor, row):
+        """The column names of `sql`'s rows, learned once per statement: dict(row)
+        looks each name up again and was a tenth of an API request's time."""
+        names = self._columns.get(sql)
+        if names is None or len(names) != len(row):  # a new statement, or the schema grew
+            names = self._columns[sql] = tuple(column[0] for column in cursor.description)
+        return names
 
     def _one(self, sql, params, missing):
         """The one row `sql` finds, or NotFound(`missing`)."""
@@ -1252,9 +1269,16 @@ class Store:
             return None
         now = _now()
         if row["last_used_at"] < now - 60:  # at most one write a minute per token
-            with contextlib.suppress(sqlite3.OperationalError):
-                self._connection().execute("UPDATE tokens SET last_used_at = ? WHERE id = ?",
-                                           (now, row["token_id"]))
+            # Never waits for another writer: the stamp is advisory, and the
+            # caller may be the server's loop thread (see _QuickLane).
+            conn = self._connection()
+            conn.execute("PRAGMA busy_timeout = 0")
+            try:
+                with contextlib.suppress(sqlite3.OperationalError):
+                    conn.execute("UPDATE tokens SET last_used_at = ? WHERE id = ?",
+                                 (now, row["token_id"]))
+            finally:
+                conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
         return row
 
     # -- repositories --------------------------------------------------------
@@ -4613,6 +4637,54 @@ def _wait_for_build(store, build, args, stdout, stderr):
     return 0 if build["status"] == SUCCESS else 1
 
 
+def _is_quick_request(method, path):
+    """Whether a request is a bounded read of the store that the server's loop
+    thread may answer itself: API GETs, but never logs, which may be large or
+    follow a running job for minutes."""
+    return method in ("GET", "HEAD") and path.startswith("/api/") and "/logs" not in path
+
+
+class _QuickLane:
+    """waitress's task dispatcher, except that quick requests (see
+    `_is_quick_request`) are answered on the loop thread between two polls
+    instead of being handed to a pool thread.
+
+    Python runs one thread at a time. A pool thread answering a 0.3 ms API call
+    gives up the interpreter at each SQLite call and socket write, and with ten
+    busy connections the threads spent more time passing it around than working:
+    560 small requests/s with 32 threads, 1,600 with one, 2,400 answered here
+    (wrk, 10 connections, bench/run.py's request). Log downloads, live logs,
+    writes (which may fetch from git) and pages still go to the pool, so a slow
+    one never holds up the loop.
+    """
+
+    def __init__(self, pool):
+        self.pool = pool
+        self.loop_thread = threading.get_ident()
+        self.ready = collections.deque()
+
+    def add_task(self, channel):
+        # waitress calls this holding the channel's request lock, so a quick
+        # request is only queued here, and answered by run_ready() after the poll.
+        request = channel.requests[0] if channel.requests else None
+        if (request is not None and threading.get_ident() == self.loop_thread
+                and _is_quick_request(request.command, request.path)):
+            self.ready.append(channel)
+        else:
+            self.pool.add_task(channel)
+
+    def run_ready(self):
+        while self.ready:
+            self.ready.popleft().service()  # service() handles and logs its errors
+
+    def set_thread_count(self, count):
+        self.pool.set_thread_count(count)
+
+    def shutdown(self, *args, **kwargs):
+        self.ready.clear()
+        return self.pool.shutdown(*args, **kwargs)
+
+
 def _limit_malloc_arenas():
     """Cap glibc's per-thread malloc arenas for the server process. With one
     arena per HTTP thread, each log download leaves its transient buffers in
@@ -4671,8 +4743,10 @@ def _command_serve(args, stdout, stderr):
     _limit_malloc_arenas()
     # Small output buffers: a 50 MB log streams through 1 MB at a time instead
     # of waitress's default 16 MB per response.
+    dispatcher = _QuickLane(waitress.task.ThreadedTaskDispatcher())
+    dispatcher.set_thread_count(args.threads)
     server = waitress.create_server(app, host=args.host, port=args.port, threads=args.threads,
-                                    ident="cirunner", asyncore_use_poll=True,
+                                    _dispatcher=dispatcher, ident="cirunner", asyncore_use_poll=True,
                                     clear_untrusted_proxy_headers=True,
                                     outbuf_high_watermark=1024 * 1024,
                                     outbuf_overflow=256 * 1024)
@@ -4697,6 +4771,7 @@ def _command_serve(args, stdout, stderr):
         socket_map = getattr(server, "map", None) or server._map
         while not stopping.is_set():
             waitress.wasyncore.loop(timeout=1.0, use_poll=True, map=socket_map, count=1)
+            dispatcher.run_ready()  # the quick requests that this poll completed
         print("cirunner: shutting down: stopping running jobs", file=stderr, flush=True)
     finally:
         app.closing.set()

@@ -1032,6 +1032,72 @@ def test_live_log_line_reaches_an_sse_client_within_a_second(tmp_path, servers):
     assert 0 <= received["at"] - printed_ns < 1_000_000_000
 
 
+@pytest.mark.parametrize(("method", "path", "quick"), [
+    ("GET", "/api/repos/alice/hello", True),
+    ("HEAD", "/api/v1/alice/hello/builds/1/statuses", True),
+    ("GET", "/api/badges/alice/hello/status.svg", True),
+    ("GET", "/api/repos/alice/hello/logs/1/1", False),     # may be 50 MB, or follow a job
+    ("GET", "/api/v1/alice/hello/builds/1/logs", False),
+    ("POST", "/api/repos/alice/hello/builds", False),       # fetches from git
+    ("DELETE", "/api/repos/alice/hello/builds/1", False),
+    ("GET", "/alice/hello/1/1", False),                     # a page with a log tail
+])
+def test_only_bounded_api_reads_are_answered_on_the_loop_thread(method, path, quick):
+    assert cirunner._is_quick_request(method, path) is quick
+
+
+def test_api_answers_ten_clients_while_live_logs_stream(tmp_path, servers):
+    repo = str(tmp_path / "repo")
+    gate = tmp_path / "gate"
+    commit_files(repo, {".cirunner.yml": (
+        "pipeline:\n  t:\n    commands:\n"
+        "      - echo started; while [ ! -e \"$GATE\" ]; do sleep 0.02; done; echo finished\n")})
+    server = servers(tmp_path / "data")
+    server.api("POST", "/api/repos/alice/hello", {"url": repo})
+    server.api("POST", "/api/repos/alice/hello/builds", {"variables": {"GATE": str(gate)}})
+    wait_for(lambda: server.api("GET", "/api/repos/alice/hello/builds/1")[1]["status"]
+             == cirunner.RUNNING)
+    followers = []
+    for _ in range(2):  # each holds a pool thread for as long as the job runs
+        connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=20)
+        connection.request("GET", "/api/repos/alice/hello/logs/1/1?follow=1")
+        followers.append(connection.getresponse())
+    answers, errors = [], []
+
+    def client(index):
+        connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=20)
+        try:
+            for round_ in range(30):  # keep-alive, alternating two routes
+                path = ("/api/repos/alice/hello" if (index + round_) % 2
+                        else "/api/repos/alice/hello/builds/1")
+                connection.request("GET", path, headers=server.auth)
+                response = connection.getresponse()
+                body = json.loads(response.read())
+                answers.append((path, response.status, body.get("full_name") or body["number"]))
+        except Exception as error:  # noqa: BLE001 - reported by the assertion below
+            errors.append(error)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=client, args=(index,)) for index in range(10)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert errors == []
+    assert len(answers) == 300
+    for path, status, identity in answers:  # each answer went to the connection that asked
+        assert status == 200
+        assert identity == ("alice/hello" if path.endswith("hello") else 1)
+    gate.touch()
+    for response in followers:
+        data = [json.loads(line[6:]) for line in response.read().decode().splitlines()
+                if line.startswith("data: ")]
+        text = "".join(item for item in data if isinstance(item, str))  # then the end event
+        assert text.splitlines()[-1] == "finished"
+    assert server.api("GET", "/api/repos/alice/hello/builds/1")[1]["status"] == cirunner.SUCCESS
+
+
 def test_kill_9_of_serve_then_restart_recovers_the_job(tmp_path, servers):
     repo = str(tmp_path / "repo")
     pidfile = tmp_path / "pid"

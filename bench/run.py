@@ -399,11 +399,11 @@ def bench_api_scale(work, count, big):
             server.stop()
 
 
-def bench_throughput(work, seconds):
+def bench_throughput(work, seconds, repeats):
     data = os.path.join(work, "throughput")
     os.makedirs(data)
     repo_path = os.path.join(work, "repo-throughput")
-    lines = int((seconds + 5) * 100)
+    lines = int((seconds * (repeats + 1) * 2 + 10) * 100)
     sha = make_repo(repo_path, (
         f"clone: false\npipeline: {{t: {{commands: ['for i in $(seq 1 {lines}); do echo line $i; "
         "sleep 0.01; done']}}\nmatrix: {N: ['1', '2']}\n"))
@@ -413,22 +413,30 @@ def bench_throughput(work, seconds):
         build = server.request("POST", "/api/repos/bench/r/builds", {"commit": sha})
         time.sleep(0.5)
         path = f"/api/repos/bench/r/builds/{build['number']}"
-        url = f"http://127.0.0.1:{server.port}{path}"
-        if shutil.which("wrk"):
-            output = subprocess.run(
-                ["wrk", "-t", "2", "-c", "10", "-d", f"{seconds}s", "-H",
-                 f"Authorization: Token {server.token}", url],
-                capture_output=True, text=True, check=True).stdout
-            rate = float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))
-            tool = "wrk, 10 keep-alive connections"
-        else:
-            rate = python_load(server, path, seconds)
-            tool = "10 Python keep-alive clients"
+        load(server, path, 1)  # warm-up
+        rates, floors = [], []
+        for _ in range(repeats):  # alternate, so that noise hits both alike
+            rates.append(load(server, path, seconds))
+            floors.append(load(server, "/api/version", seconds))
         running = [job["status"] for job in server.request("GET", path)["jobs"]]
     finally:
         server.stop()
-    record("API: small JSON requests/s while 2 jobs log", [rate], "req/s", None,
-           ">= 2000 req/s", rate >= 2000, f"{tool}; jobs were {running}")
+    tool = ("wrk, 10 keep-alive connections" if shutil.which("wrk")
+            else "10 Python keep-alive clients")
+    record("API: small JSON requests/s while 2 jobs log", rates, "req/s",
+           statistics.median(floors), ">= 2000 req/s", statistics.median(rates) >= 2000,
+           f"{tool}, GET a 2-job build; baseline: GET /api/version; jobs were {running}")
+
+
+def load(server, path, seconds):
+    """Requests/s for `path` from 10 keep-alive connections (wrk, if installed)."""
+    if not shutil.which("wrk"):
+        return python_load(server, path, seconds)
+    output = subprocess.run(
+        ["wrk", "-t", "2", "-c", "10", "-d", f"{seconds}s", "-H",
+         f"Authorization: Token {server.token}", f"http://127.0.0.1:{server.port}{path}"],
+        capture_output=True, text=True, check=True).stdout
+    return float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))
 
 
 def python_load(server, path, seconds):
@@ -517,7 +525,7 @@ def main():
         if not args.quick:
             bench_big_log(work, repeats)
         bench_api_scale(work, 50 if args.quick else 300, 10_000 if args.quick else 100_000)
-        bench_throughput(work, 3 if args.quick else 10)
+        bench_throughput(work, 3 if args.quick else 4, repeats)
         bench_footprint(work, 50 if args.quick else 200)
     finally:
         shutil.rmtree(work, ignore_errors=True)
