@@ -507,6 +507,32 @@ def test_build_runs_the_requested_branch_and_commit(store, executor, make_repo, 
         cirunner.create_build(store, repo, branch="--upload-pack=touch /tmp/x")
 
 
+def test_a_commit_built_again_is_read_without_git(store, make_repo, tmp_path, monkeypatch):
+    shim = tmp_path / "bin"
+    shim.mkdir()
+    calls = tmp_path / "git-calls"
+    real_git = subprocess.run(["sh", "-c", "command -v git"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    (shim / "git").write_text(f'#!/bin/sh\necho "$*" >> "{calls}"\nexec "{real_git}" "$@"\n')
+    (shim / "git").chmod(0o755)
+    monkeypatch.setattr(cirunner, "_GIT_ENV",
+                        dict(cirunner._GIT_ENV, PATH=f"{shim}:{os.environ['PATH']}"))
+    repo = make_repo({".cirunner.yml": "pipeline: {t: {commands: [true]}}\n"})
+    head = git(repo["url"], "rev-parse", "HEAD")
+    first = cirunner.create_build(store, repo)  # by branch: fetches, then reads
+    again = cirunner.create_build(store, repo, commit=head)
+    assert [first["commit_sha"], first["message"]] == [head, "first commit"]
+    assert [again["commit_sha"], again["message"]] == [head, "first commit"]
+    assert again["pipeline"] == first["pipeline"]
+    assert sum("cat-file" in line for line in calls.read_text().splitlines()) == 1
+    # Behind another remote, the mirror is asked again rather than trusted.
+    other = tmp_path / "other"
+    commit_files(str(other), {".cirunner.yml": "pipeline: {t: {commands: [false]}}\n"})
+    store.update_repo(repo["id"], url=str(other))
+    cirunner.create_build(store, store.get_repo_by_id(repo["id"]), commit=head)
+    assert sum("cat-file" in line for line in calls.read_text().splitlines()) == 2
+
+
 def test_clone_false_gives_an_empty_workspace(store, executor, make_repo):
     repo = make_repo({".cirunner.yml": "clone: false\npipeline: {t: {commands: [ls -A, pwd]}}\n"})
     build = cirunner.create_build(store, repo)
@@ -514,6 +540,23 @@ def test_clone_false_gives_an_empty_workspace(store, executor, make_repo):
     text = log_text(store, build, 1)
     assert "git checkout" not in text and ".cirunner.yml" not in text
     assert os.path.join("workspaces", "alice", "hello", "1", "1") in text
+
+
+def test_a_follower_does_not_sleep_through_what_happened_while_it_read(store, make_repo):
+    make_repo({".cirunner.yml": "pipeline: {t: {commands: [true]}}\n"})
+    build = cirunner.create_build(store, store.get_repo("alice", "hello"))
+    job = store.claim_next_job("r")
+    seen = store.log_events_seen()  # a follower's mark, then its reads...
+    store.append_log(job["id"], 0, 0, b"a line\n")  # ...while this lands
+    started = time.monotonic()
+    store.wait_for_log(30, seen)
+    assert time.monotonic() - started < 10  # woke at once, not after the 30 s
+    seen = store.log_events_seen()
+    store.finish_job(job["id"], cirunner.SUCCESS)
+    started = time.monotonic()
+    store.wait_for_log(30, seen)
+    assert time.monotonic() - started < 10
+    assert store.get_build_by_id(build["id"])["status"] == cirunner.SUCCESS
 
 
 def test_big_log_is_stored_in_bounded_chunks_and_reads_back_exactly(store, executor, make_repo):
