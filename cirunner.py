@@ -4711,7 +4711,8 @@ class _QuickLane:
         # waitress calls this holding the channel's request lock, so a quick
         # request is only queued here, and answered by run_ready() after the poll.
         request = channel.requests[0] if channel.requests else None
-        if (request is not None and threading.get_ident() == self.loop_thread
+        if (request is not None and not request.error and isinstance(request.path, str)
+                and threading.get_ident() == self.loop_thread
                 and _is_quick_request(request.command, request.path)):
             self.ready.append(channel)
         else:

@@ -1141,6 +1141,21 @@ def test_api_answers_ten_clients_while_live_logs_stream(tmp_path, servers):
     assert server.api("GET", "/api/repos/alice/hello/builds/1")[1]["status"] == cirunner.SUCCESS
 
 
+@pytest.mark.parametrize("raw", [
+    b"GET /api/version HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
+    b"GET /api/version HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+    b"GET\r\n\r\n",
+    b"GET /api/\xff\xfe HTTP/1.1\r\nHost: x\r\n\r\n",
+])
+def test_malformed_requests_get_an_answer_and_the_server_goes_on(tmp_path, servers, raw):
+    server = servers(tmp_path / "data")
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as connection:
+        connection.sendall(raw)
+        answer = connection.recv(4096)
+    assert re.match(rb"HTTP/1\.[01] [45]\d\d ", answer), answer
+    assert server.api("GET", "/api/version")[0] == 200
+
+
 def test_kill_9_of_serve_then_restart_recovers_the_job(tmp_path, servers):
     repo = str(tmp_path / "repo")
     pidfile = tmp_path / "pid"
