@@ -4754,11 +4754,13 @@ def _reexec_as_module():
     """Replace a script-mode `serve` process (same pid) with one that imports
     this file as a module, so the server does not carry the script's syntax
     tree for its whole life. Embedders calling `main()` are left alone."""
-    if __name__ != "__main__" or not sys.platform.startswith("linux"):
+    if __name__ != "__main__" or not sys.platform.startswith("linux") or not sys.executable:
         return
+    original = getattr(sys, "orig_argv", [])  # keeps the interpreter's own options (-u, -X)
+    options = original[1:original.index(sys.argv[0])] if sys.argv[0] in original else []
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execv(sys.executable, [sys.executable, "-c", _SERVE_AS_MODULE,
+    os.execv(sys.executable, [sys.executable, *options, "-c", _SERVE_AS_MODULE,
                               os.path.abspath(__file__), *sys.argv[1:]])
 
 
