@@ -82,7 +82,7 @@ def test_live_log_cancel_and_restart_in_a_browser(server, page, tmp_path):
     gate = tmp_path / "gate"
     commit_files(repo, {".cirunner.yml": (
         "pipeline:\n  t:\n    commands:\n"
-        "      - while [ ! -e \"$GATE\" ]; do sleep 0.05; done; echo \"LIVE-$((6*7))\"\n"
+        "      - for i in $(seq 1200); do [ -e \"$GATE\" ] && break; sleep 0.05; done; echo \"LIVE-$((6*7))\"\n"
         "      - sleep 600\n")}, message=f"Try the web {XSS}")
     server.api("POST", "/api/repos/alice/hello", {"url": repo})
     status, _ = server.api("POST", "/api/repos/alice/hello/builds",
