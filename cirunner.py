@@ -4788,10 +4788,10 @@ def _command_serve(args, stdout, stderr):
                         public_url=args.public_url or f"http://{args.host}:{args.port}")
     app = make_app(store, executor, max_streams=max(1, args.threads - 4))
     _limit_malloc_arenas()
-    # Small output buffers: a 50 MB log streams through 1 MB at a time instead
-    # of waitress's default 16 MB per response.
     dispatcher = _QuickLane(waitress.task.ThreadedTaskDispatcher())
     dispatcher.set_thread_count(args.threads)
+    # Small output buffers: a 50 MB log streams through 1 MB at a time instead
+    # of waitress's default 16 MB per response.
     server = waitress.create_server(app, host=args.host, port=args.port, threads=args.threads,
                                     _dispatcher=dispatcher, ident="cirunner", asyncore_use_poll=True,
                                     clear_untrusted_proxy_headers=True,
@@ -4811,7 +4811,7 @@ def _command_serve(args, stdout, stderr):
     try:
         _bootstrap_admin(store, stdout)
         executor.start()
-        store.release_connection()  # the main thread only polls sockets from here
+        store.release_connection()  # from here, lent out between requests like the pool's
         print(f"cirunner {__version__}: serving http://{args.host}:{server.effective_port}/ "
               f"with {executor.workers} worker(s), data in {os.path.abspath(args.data)}",
               file=stderr, flush=True)

@@ -1451,6 +1451,24 @@ def test_removed_user_and_revoked_token_are_401(tmp_path, shared_git_repo):
         world.close()
 
 
+def test_a_token_is_accepted_without_waiting_for_a_busy_writer(store):
+    store.create_user("dave")
+    _, secret = store.create_token("dave", name="ci", scope="write")
+    writer = sqlite3.connect(store.path, isolation_level=None)
+    writer.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+    try:
+        started = time.monotonic()
+        user = store.authenticate(secret)  # its last-used stamp is due: never stamped
+        waited = time.monotonic() - started
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()
+    assert user["login"] == "dave"
+    assert waited < store.busy_timeout / 2  # did not sit out the busy timeout
+    assert store.authenticate(secret)["last_used_at"] == 0  # skipped, stamped next time
+    assert store.authenticate(secret)["last_used_at"] > 0
+
+
 def test_token_secret_is_never_stored_returned_or_logged(tmp_path):
     data = str(tmp_path / "data")
     repo = str(tmp_path / "repo")
