@@ -2346,6 +2346,9 @@ class _LogWriter:
             data = data.encode()
         if not data:
             return
+        if not self.buffer and not self.masked and len(data) == LOG_CHUNK_BYTES:
+            self._store_chunk(data)  # a fast writer's full read, stored as it came: no copies
+            return
         if self.first_at is None:
             self.first_at = time.monotonic()
         self.buffer += data
@@ -2375,20 +2378,23 @@ class _LogWriter:
                 del self.buffer[-keep:]
         while self.buffer:
             chunk = bytes(self.buffer[:LOG_CHUNK_BYTES])
-            for attempt in range(5):
-                try:
-                    self.store.append_log(self.job_id, self.seq, self.offset, chunk)
-                    break
-                except sqlite3.OperationalError:
-                    # Busy beyond the busy timeout: retry rather than lose output.
-                    if attempt == 4:
-                        raise
-                    time.sleep(0.2 * (attempt + 1))
-            self.seq += 1
-            self.offset += len(chunk)
+            self._store_chunk(chunk)
             del self.buffer[:len(chunk)]
         self.buffer += held
         self.first_at = None
+
+    def _store_chunk(self, chunk):
+        for attempt in range(5):
+            try:
+                self.store.append_log(self.job_id, self.seq, self.offset, chunk)
+                break
+            except sqlite3.OperationalError:
+                # Busy beyond the busy timeout: retry rather than lose output.
+                if attempt == 4:
+                    raise
+                time.sleep(0.2 * (attempt + 1))
+        self.seq += 1
+        self.offset += len(chunk)
 
 
 def _job_token_prefix(store_key, job_id):
