@@ -4716,10 +4716,13 @@ class _QuickLane:
     def add_task(self, channel):
         # waitress calls this holding the channel's request lock, so a quick
         # request is only queued here, and answered by run_ready() after the poll.
-        request = channel.requests[0] if channel.requests else None
-        if (request is not None and not request.error and isinstance(request.path, str)
+        # (Read defensively: these are waitress's internals, the same in 2.1-3.0.)
+        requests = getattr(channel, "requests", None)
+        request = requests[0] if requests else None
+        path = getattr(request, "path", None)
+        if (isinstance(path, str) and not getattr(request, "error", True)
                 and threading.get_ident() == self.loop_thread
-                and _is_quick_request(request.command, request.path)):
+                and _is_quick_request(getattr(request, "command", None), path)):
             self.ready.append(channel)
         else:
             self.pool.add_task(channel)
