@@ -2963,8 +2963,12 @@ def _error_response(error):
 
 
 def _json_response(data, status=200):
-    return bottle.HTTPResponse(json.dumps(data), status=status,
-                               headers={"Content-Type": "application/json"})
+    """A route's JSON body that is not a dict (dicts go through Bottle's JSON
+    plugin); set on the request's own response rather than a new HTTPResponse,
+    which Bottle would then copy onto it (a tenth of a small request's time)."""
+    bottle.response.status = status
+    bottle.response.content_type = "application/json"
+    return json.dumps(data)
 
 
 def _json_errors_plugin(callback):
