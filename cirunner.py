@@ -1920,14 +1920,11 @@ class Store:
             if rows < 4:
                 return
 
-    def wait_for_log(self, timeout, seen=None):
+    def wait_for_log(self, timeout, seen):
         """Block until a log chunk is appended or a job ends in this process
-        (since `seen`, from `log_events_seen`), or `timeout` passes."""
+        since `seen` (from `log_events_seen`), or `timeout` passes."""
         with self.log_appended:
-            if seen is None:
-                self.log_appended.wait(timeout)
-            else:
-                self.log_appended.wait_for(lambda: self._log_events != seen, timeout)
+            self.log_appended.wait_for(lambda: self._log_events != seen, timeout)
 
 ###############################################################################
 # Executor ####################################################################
