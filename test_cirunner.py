@@ -639,6 +639,26 @@ def test_schema_is_versioned_and_reopening_keeps_data(data_dir, make_repo, store
         again.close()
 
 
+def test_a_new_store_has_16_kib_pages_and_an_old_store_keeps_its_own(tmp_path):
+    old_path = str(tmp_path / "old.db")
+    conn = sqlite3.connect(old_path)  # a store made before pages grew: 4 KiB
+    conn.execute("PRAGMA page_size = 4096")
+    conn.execute("CREATE TABLE made_before (x)")
+    conn.close()
+    for path, page_bytes in ((str(tmp_path / "new.db"), cirunner.PAGE_BYTES), (old_path, 4096)):
+        store = cirunner.Store(path)
+        try:
+            store.create_user("alice")
+            conn = store._connection()
+            assert conn.execute("PRAGMA page_size").fetchone()[0] == page_bytes
+            # The writers' own checkpoint backstop is the same size in bytes.
+            assert (conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] * page_bytes
+                    == cirunner.WAL_BACKSTOP_BYTES)
+            assert store.get_user("alice")["login"] == "alice"
+        finally:
+            store.close()
+
+
 def test_request_threads_share_connections_instead_of_one_each(store, executor, app, make_repo):
     make_repo({".cirunner.yml": "pipeline: {t: {commands: [true]}}\n"})
     app.get("/api/repos/alice/hello")

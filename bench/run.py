@@ -514,11 +514,17 @@ def bench_footprint(work, builds):
            "baseline: file size with the builds")
 
 
+SECTIONS = ("dispatch", "latency", "biglog", "api", "throughput", "footprint")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a subset in under a minute")
     parser.add_argument("--json", default=os.path.join(HERE, "results.json"))
+    parser.add_argument("--only", action="append", choices=sorted(SECTIONS), metavar="SECTION",
+                        help=f"run only this section (repeatable): {', '.join(sorted(SECTIONS))}")
     args = parser.parse_args()
+    wanted = set(args.only or SECTIONS)
     repeats = 1 if args.quick else 3
     work = tempfile.mkdtemp(prefix="cirunner-bench-")
     print(f"cirunner {cirunner.__version__} benchmarks, {os.cpu_count()} CPUs, "
@@ -528,13 +534,18 @@ def main():
           f"{'target':<22} result")
     started = time.monotonic()
     try:
-        bench_dispatch(work, repeats)
-        bench_latency(work, 20 if args.quick else 50)
-        if not args.quick:
+        if "dispatch" in wanted:
+            bench_dispatch(work, repeats)
+        if "latency" in wanted:
+            bench_latency(work, 20 if args.quick else 50)
+        if "biglog" in wanted and not args.quick:
             bench_big_log(work, repeats)
-        bench_api_scale(work, 50 if args.quick else 300, 10_000 if args.quick else 100_000)
-        bench_throughput(work, 3 if args.quick else 4, repeats)
-        bench_footprint(work, 50 if args.quick else 200)
+        if "api" in wanted:
+            bench_api_scale(work, 50 if args.quick else 300, 10_000 if args.quick else 100_000)
+        if "throughput" in wanted:
+            bench_throughput(work, 3 if args.quick else 4, repeats)
+        if "footprint" in wanted:
+            bench_footprint(work, 50 if args.quick else 200)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     passed = sum(row["pass"] for row in RESULTS)
