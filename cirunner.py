@@ -73,6 +73,8 @@ __all__ = [
     "TOKEN_PREFIX",
     "TOKEN_SCOPES",
     "V1_PAGE_SIZE",
+    "WAL_BACKSTOP_BYTES",
+    "WAL_CHECKPOINT_BYTES",
     "BadRequest",
     "CIRunnerError",
     "ConfigError",
@@ -213,7 +215,8 @@ PIPE_BYTES = 1024 * 1024        # a step's pipe (the most Linux gives without pr
 # dispatch, latency and the 100k-build API unchanged). An existing store keeps
 # the page size it was made with.
 PAGE_BYTES = 16 * 1024
-WAL_BACKSTOP_BYTES = 256 * 1024 * 1024  # a writer checkpoints itself past this
+WAL_CHECKPOINT_BYTES = 128 * 1024 * 1024  # the executor checkpoints past this...
+WAL_BACKSTOP_BYTES = 256 * 1024 * 1024    # ...and a writer itself past this
 LOG_FLUSH_SECONDS = 0.05        # longest a byte waits in memory before the store
 STRAGGLER_SECONDS = 0.5         # read on this long after a step's leader exits
 HEARTBEAT_SECONDS = 10.0
@@ -1180,6 +1183,13 @@ class Store:
             # execute() steps this pragma once, freeing one page; a script runs
             # it to the end. (No transaction is open here, so nothing commits.)
             conn.executescript("PRAGMA incremental_vacuum(1000);")
+
+    def wal_bytes(self):
+        """How big the write-ahead log file is now (0 if there is none)."""
+        try:
+            return os.path.getsize(self.path + "-wal")
+        except OSError:
+            return 0
 
     def data_version(self):
         """A number that changes whenever another connection commits a change."""
@@ -2627,7 +2637,12 @@ class Executor:
                 if now - last_recovery >= RUNNER_LOST_SECONDS / 2:
                     last_recovery = now
                     self._recover()
-                if now - last_checkpoint >= 5.0:
+                # Also as soon as the WAL is big: a writer that reaches the
+                # backstop checkpoints in line, and a job logging 50 MB/s
+                # then stalled for 1.5-2.5 s every few seconds. (A restarted
+                # WAL keeps its file up to journal_size_limit, 64 MiB.)
+                if (now - last_checkpoint >= 5.0
+                        or self.store.wal_bytes() >= WAL_CHECKPOINT_BYTES):
                     last_checkpoint = now
                     self.store.checkpoint()
                 if now - last_reap >= 1.0:

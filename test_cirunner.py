@@ -659,6 +659,34 @@ def test_a_new_store_has_16_kib_pages_and_an_old_store_keeps_its_own(tmp_path):
             store.close()
 
 
+def test_a_big_wal_is_checkpointed_at_once_not_at_the_next_round(store, make_repo,
+                                                                 monkeypatch):
+    monkeypatch.setattr(cirunner, "WAL_CHECKPOINT_BYTES", 1024 * 1024)  # a fresh WAL: 0 B
+    repo = make_repo({".cirunner.yml": "pipeline: {t: {commands: "
+                                       "['head -c 4194304 /dev/zero | tr \"\\\\0\" x']}}\n"})
+    calls = []
+    checkpoint = store.checkpoint
+    monkeypatch.setattr(store, "checkpoint", lambda: calls.append(time.monotonic()) or checkpoint())
+    executor = cirunner.Executor(store, workers=1)
+    started = time.monotonic()
+    executor.start()
+    try:
+        build = cirunner.create_build(store, repo)
+        deadline = time.monotonic() + 4.5
+        while time.monotonic() < deadline and not (
+                calls and store.get_build(repo["id"], build["number"])["status"] == "success"):
+            time.sleep(0.05)
+    finally:
+        executor.stop()
+    # The round checkpoint comes every 5 s; this one came with the WAL's size.
+    assert calls and calls[0] - started < 4.5
+    assert store.get_build(repo["id"], build["number"])["status"] == "success"
+    conn = store._connection()
+    busy, frames, done = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+    assert busy == 0 and frames == done
+    assert store.log_size(store.list_jobs(build["id"])[0]["id"]) > 4194304  # + the echo
+
+
 def test_request_threads_share_connections_instead_of_one_each(store, executor, app, make_repo):
     make_repo({".cirunner.yml": "pipeline: {t: {commands: [true]}}\n"})
     app.get("/api/repos/alice/hello")
