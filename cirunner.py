@@ -203,18 +203,18 @@ DEFAULT_PER_PAGE = 25
 MAX_PER_PAGE = 100
 SSE_HEARTBEAT_SECONDS = 15.0
 # A fast writer's log is stored 512 KiB at a time, half the step's pipe, so
-# that it keeps writing into one half while the other is committed. Each
-# commit also rewrites a few tree pages: with 256 KiB chunks a 50 MB log took
-# 66 MB of WAL and 1.35-1.66x the file run, with 512 KiB 60 MB and 1.18-1.40x
-# (bench, alternating runs). 1 MiB chunks were no faster in one process.
+# that it keeps writing into one half while the other is committed, and each
+# commit's few rewritten tree pages are spread over more log: a 50 MB job took
+# 1.30-1.44x the same command writing to a file, against 1.36-1.62x with
+# 256 KiB chunks (bench, alternating runs). 1 MiB was no faster in one process.
 LOG_CHUNK_BYTES = 512 * 1024    # largest chunk stored at once
 PIPE_BYTES = 1024 * 1024        # a step's pipe (the most Linux gives without privileges)
-# New stores use 16 KiB pages: a big log is written to the WAL a page (two
-# system calls) at a time, and 4 KiB pages made a 50 MB log cost 1.8-1.9x the
-# same command writing to a file, against 1.5-1.6x (bench, alternating runs;
-# dispatch, latency and the 100k-build API unchanged). An existing store keeps
-# the page size it was made with.
-PAGE_BYTES = 16 * 1024
+# Pages of 4 KiB, SQLite's usual size, set explicitly. Bigger pages store a
+# big log with fewer WAL writes, but every small commit writes whole pages:
+# with 16 KiB, 200 one-job builds ran at 150-189 jobs/s against 245-259, and
+# 8 KiB was no better than 4 on a 50 MB log (bench, alternating runs). A store
+# made with another page size keeps it.
+PAGE_BYTES = 4 * 1024
 WAL_CHECKPOINT_BYTES = 128 * 1024 * 1024  # the executor checkpoints past this...
 WAL_BACKSTOP_BYTES = 256 * 1024 * 1024    # ...and a writer itself past this
 LOG_FLUSH_SECONDS = 0.05        # longest a byte waits in memory before the store

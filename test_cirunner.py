@@ -639,13 +639,13 @@ def test_schema_is_versioned_and_reopening_keeps_data(data_dir, make_repo, store
         again.close()
 
 
-def test_a_new_store_has_16_kib_pages_and_an_old_store_keeps_its_own(tmp_path):
+def test_a_new_store_has_4_kib_pages_and_an_old_store_keeps_its_own(tmp_path):
     old_path = str(tmp_path / "old.db")
-    conn = sqlite3.connect(old_path)  # a store made before pages grew: 4 KiB
-    conn.execute("PRAGMA page_size = 4096")
+    conn = sqlite3.connect(old_path)  # a store made with other pages: 16 KiB
+    conn.execute("PRAGMA page_size = 16384")
     conn.execute("CREATE TABLE made_before (x)")
     conn.close()
-    for path, page_bytes in ((str(tmp_path / "new.db"), cirunner.PAGE_BYTES), (old_path, 4096)):
+    for path, page_bytes in ((str(tmp_path / "new.db"), 4096), (old_path, 16384)):
         store = cirunner.Store(path)
         try:
             store.create_user("alice")
