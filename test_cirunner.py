@@ -1142,6 +1142,73 @@ def test_only_bounded_api_reads_are_answered_on_the_loop_thread(method, path, qu
     assert cirunner._is_quick_request(method, path) is quick
 
 
+def test_read_cache_answers_a_repeat_until_anything_is_committed(store, executor, admin_token,
+                                                                 make_repo):
+    cirunner.create_build(store, make_repo({".cirunner.yml": "pipeline: {t: {commands: [echo hi]}}\n"}))
+    executor.run_until_idle()
+    made = []
+    bottle_app = cirunner.make_app(store, executor)
+
+    def counting_app(environ, start_response):  # how often an answer is really made
+        made.append(environ["PATH_INFO"])
+        return bottle_app(environ, start_response)
+
+    cache = cirunner._ReadCache(counting_app, store.path)
+    client = webtest.TestApp(cache)
+    auth = {"Authorization": f"Token {admin_token}"}
+    _, other = store.create_token("admin", name="other")
+    for secret in (admin_token, other):
+        store.authenticate(secret)  # a token's first use stamps it: a commit
+    try:
+        first = client.get("/api/repos/alice/hello", headers=auth)
+        again = client.get("/api/repos/alice/hello", headers=auth)
+        assert again.body == first.body and again.content_type == "application/json"
+        assert len(made) == 1
+        # Another token, query or host is another answer.
+        client.get("/api/repos/alice/hello", headers={"Authorization": f"Token {other}"})
+        client.get("/api/repos/alice/hello?x=1", headers=auth)
+        client.get("/api/repos/alice/hello", headers={**auth, "Host": "ci.example.com"})
+        assert len(made) == 4
+        # A commit by another process: the next answer is made again, and new.
+        outside = sqlite3.connect(store.path)
+        with outside:
+            outside.execute("UPDATE repos SET timeout = 7")
+        outside.close()
+        assert client.get("/api/repos/alice/hello", headers=auth).json["timeout"] == 7
+        assert len(made) == 5
+        # A commit in this process (by the store the app uses) voids it as well.
+        store.update_repo(store.get_repo("alice", "hello")["id"], timeout=9)
+        assert client.get("/api/repos/alice/hello", headers=auth).json["timeout"] == 9
+        # A token revoked is refused at once, however recently it was answered.
+        client.get("/api/repos/alice/hello", headers={"Authorization": f"Token {other}"})
+        store.revoke_token(store.list_tokens("admin")[-1]["id"])
+        assert client.get("/api/repos/alice/hello", expect_errors=True,
+                          headers={"Authorization": f"Token {other}"}).status_int == 401
+        # Never from the cache: errors, logs, writes, requests with cookies.
+        count = len(made)
+        for _ in range(2):
+            client.get("/api/repos/alice/nothing", headers=auth, expect_errors=True)
+            client.get("/api/repos/alice/hello/logs/1/1", headers=auth)
+            client.get("/api/repos/alice/hello", headers={**auth, "Cookie": "a=b"})
+        client.post_json("/api/repos/alice/hello/builds", {}, headers=auth)
+        assert len(made) == count + 7
+    finally:
+        cache.close()
+
+
+def test_a_running_server_refuses_a_token_the_cli_revoked_at_once(tmp_path, servers):
+    server = servers(tmp_path / "data")
+    data = str(tmp_path / "data")
+    created = run_cli("token", "create", "admin", "--name", "poller", "--data", data)
+    headers = {"Authorization": f"Token {created.stdout.strip()}"}
+    for _ in range(3):  # answered, then answered again from the server's read cache
+        assert http_json("GET", server.url + "/api/repos", None, headers)[0] == 200
+    listed = run_cli("token", "list", "--data", data).stdout.splitlines()
+    token_id = next(line.split()[0] for line in listed if "poller" in line)
+    assert run_cli("token", "revoke", token_id, "--data", data).returncode == 0
+    assert http_json("GET", server.url + "/api/repos", None, headers)[0] == 401
+
+
 def test_api_answers_ten_clients_while_live_logs_stream(tmp_path, servers):
     repo = str(tmp_path / "repo")
     gate = tmp_path / "gate"
