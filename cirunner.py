@@ -4785,7 +4785,7 @@ class _ReadCache:
     bench/run.py's small request went from 1,750-2,400/s to 4,700-5,000/s.
     """
 
-    MAX_ENTRIES = 256
+    MAX_BYTES = 4 * 1024 * 1024  # all answers kept, together; then it starts afresh
     MAX_BODY = 256 * 1024
     # Also made again after a minute: a hit skips authentication, and with it
     # the token's last-used stamp (at most one a minute, see Store.authenticate).
@@ -4797,6 +4797,7 @@ class _ReadCache:
         self._lock = threading.Lock()
         self._connection = None
         self._entries = {}
+        self._bytes = 0
 
     def _data_version(self):
         with self._lock:
@@ -4840,9 +4841,10 @@ class _ReadCache:
                 result.close()
         if (answer and answer[0].startswith("200 ") and len(body) <= self.MAX_BODY
                 and not any(name.lower() == "set-cookie" for name, _ in answer[1])):
-            if len(self._entries) >= self.MAX_ENTRIES:
-                self._entries = {}
+            if self._bytes + len(body) > self.MAX_BYTES:
+                self._entries, self._bytes = {}, 0
             self._entries[key] = (version, now, answer[0], tuple(answer[1]), body)
+            self._bytes += len(body)
         return [body]
 
 

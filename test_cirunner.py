@@ -1192,6 +1192,14 @@ def test_read_cache_answers_a_repeat_until_anything_is_committed(store, executor
             client.get("/api/repos/alice/hello", headers={**auth, "Cookie": "a=b"})
         client.post_json("/api/repos/alice/hello/builds", {}, headers=auth)
         assert len(made) == count + 7
+        # Memory is bounded: past MAX_BYTES in all, the cache starts afresh.
+        executor.run_until_idle()
+        cache.MAX_BYTES = len(client.get("/api/repos/alice/hello", headers=auth).body) * 3 // 2
+        count = len(made)
+        for path in ("/api/repos/alice/hello", "/api/repos/alice/hello?page=2",
+                     "/api/repos/alice/hello"):
+            client.get(path, headers=auth)
+        assert len(made) == count + 2 and cache._bytes <= cache.MAX_BYTES
     finally:
         cache.close()
 
