@@ -2639,8 +2639,9 @@ class Executor:
                     self._recover()
                 # Also as soon as the WAL is big: a writer that reaches the
                 # backstop checkpoints in line, and a job logging 50 MB/s
-                # then stalled for 1.5-2.5 s every few seconds. (A restarted
-                # WAL keeps its file up to journal_size_limit, 64 MiB.)
+                # then stalled for 1.5-2.5 s every few seconds. (The mark is
+                # above journal_size_limit, 64 MiB: a restarted WAL keeps its
+                # file up to that size, written over from the start.)
                 if (now - last_checkpoint >= 5.0
                         or self.store.wal_bytes() >= WAL_CHECKPOINT_BYTES):
                     last_checkpoint = now
@@ -4908,12 +4909,12 @@ def _command_serve(args, stdout, stderr):
     _limit_malloc_arenas()
     dispatcher = _QuickLane(waitress.task.ThreadedTaskDispatcher())
     dispatcher.set_thread_count(args.threads)
+    cached_app = _ReadCache(app, store.path)
     # Small output buffers: a 50 MB log streams through 1 MiB at a time instead
     # of waitress's default 16 MB per response, and stays in memory. Past
     # `outbuf_overflow` waitress moves a buffer to a temporary file: at 256 KiB
     # every log chunk went through one, and reading a 50 MB log took 110-170 ms
     # instead of 52-89 (bench, alternating runs; same RSS growth).
-    cached_app = _ReadCache(app, store.path)
     server = waitress.create_server(cached_app, host=args.host, port=args.port,
                                     threads=args.threads,
                                     _dispatcher=dispatcher, ident="cirunner", asyncore_use_poll=True,
