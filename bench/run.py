@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """cirunner benchmarks: every figure beside a baseline measured in the same run.
 
-    python bench/run.py            # full run (a few minutes)
-    python bench/run.py --quick    # a subset in well under a minute
+    python bench/run.py                   # full run (about a minute)
+    python bench/run.py --quick           # a subset in well under a minute
+    python bench/run.py --only biglog     # one section (repeatable)
 
 Each measurement builds its own fixtures (git repositories, a 100k-build
 store), starts a real `cirunner serve` on 127.0.0.1, warms up, repeats, and
