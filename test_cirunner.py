@@ -681,9 +681,6 @@ def test_a_big_wal_is_checkpointed_at_once_not_at_the_next_round(store, make_rep
     # The round checkpoint comes every 5 s; this one came with the WAL's size.
     assert calls and calls[0] - started < 4.5
     assert store.get_build(repo["id"], build["number"])["status"] == "success"
-    conn = store._connection()
-    busy, frames, done = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-    assert busy == 0 and frames == done
     assert store.log_size(store.list_jobs(build["id"])[0]["id"]) > 4194304  # + the echo
 
 
