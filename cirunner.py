@@ -4822,7 +4822,10 @@ class _ReadCache:
         key = (method, environ.get("SCRIPT_NAME", ""), path, environ.get("QUERY_STRING", ""),
                environ.get("HTTP_AUTHORIZATION"), environ.get("HTTP_HOST"),
                environ.get("wsgi.url_scheme"))
-        version = self._data_version()  # before the answer is made: a commit during it voids it
+        try:
+            version = self._data_version()  # before the answer: a commit during it voids it
+        except sqlite3.Error:
+            return self.app(environ, start_response)  # the answer itself reports what is wrong
         now = time.monotonic()
         entry = self._entries.get(key)
         if entry is not None and entry[0] == version and now - entry[1] < self.MAX_AGE:
