@@ -1223,6 +1223,27 @@ def test_a_running_server_refuses_a_token_the_cli_revoked_at_once(tmp_path, serv
     assert http_json("GET", server.url + "/api/repos", None, headers)[0] == 401
 
 
+def test_a_big_log_downloads_whole_from_a_running_server(tmp_path, servers):
+    # 8 MiB: many times waitress's output buffers and the store's chunks, so the
+    # download streams through both, in memory, and must still be exact.
+    command = "seq 1 2000000 | head -c 8388608"
+    repo = str(tmp_path / "repo")
+    commit_files(repo, {".cirunner.yml": f"pipeline: {{t: {{commands: ['{command}']}}}}\n"})
+    server = servers(tmp_path / "data")
+    server.api("POST", "/api/repos/alice/hello", {"url": repo})
+    server.api("POST", "/api/repos/alice/hello/builds", {})
+    wait_for(lambda: server.api("GET", "/api/repos/alice/hello/builds/1")[1]["status"]
+             == cirunner.SUCCESS, timeout=30)
+    request = urllib.request.Request(server.url + "/api/repos/alice/hello/logs/1/1",
+                                     headers=server.auth)
+    with urllib.request.urlopen(request, timeout=30) as response:
+        length = int(response.headers["Content-Length"])
+        body = response.read()
+    expected = subprocess.run(command, shell=True, capture_output=True, check=True).stdout
+    assert len(body) == length and body.endswith(expected)
+    assert body[:-len(expected)].decode().strip().endswith(command)  # the step's echo
+
+
 def test_api_answers_ten_clients_while_live_logs_stream(tmp_path, servers):
     repo = str(tmp_path / "repo")
     gate = tmp_path / "gate"
