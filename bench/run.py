@@ -13,6 +13,7 @@ ratios, not absolute numbers, across machines.
 """
 
 import argparse
+import contextlib
 import http.client
 import json
 import os
@@ -476,11 +477,13 @@ def load(server, path, seconds, vary=False):
         return python_load(server, path, seconds, vary)
     command = ["wrk", "-t", "2", "-c", "10", "-d", f"{seconds}s", "-H",
                f"Authorization: Token {server.token}", f"http://127.0.0.1:{server.port}{path}"]
-    with tempfile.NamedTemporaryFile("w", suffix=".lua") as script:
-        script.write(VARY_LUA)
-        script.flush()
-        output = subprocess.run(command + (["-s", script.name] if vary else []),
-                                capture_output=True, text=True, check=True).stdout
+    with contextlib.ExitStack() as stack:
+        if vary:
+            script = stack.enter_context(tempfile.NamedTemporaryFile("w", suffix=".lua"))
+            script.write(VARY_LUA)
+            script.flush()
+            command += ["-s", script.name]
+        output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
     return float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))
 
 
