@@ -1,6 +1,7 @@
 """Tests for cirunner: real git repositories, real processes, the real SQLite
 file, WebTest for the routes and a real `serve` process for end-to-end cases."""
 
+import configparser
 import hashlib
 import hmac
 import http.client
@@ -2444,3 +2445,46 @@ def test_sign_out_and_revoked_tokens_end_the_session(site, store):
     bad = browser.get("/login").forms[0]
     bad["token"] = "cir_wrong"
     assert bad.submit(status=401)
+
+
+# -- the project: pins, README and CI agree ------------------------------------
+
+
+def _package_name(requirement):
+    """A requirement's distribution name, normalised as pip compares them."""
+    name = re.split(r"[<>=!~;\[ ]", requirement.strip(), maxsplit=1)[0]
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def test_setup_cfg_and_constraints_pin_the_same_packages():
+    config = configparser.ConfigParser()
+    config.read(os.path.join(HERE, "setup.cfg"))
+    named = {_package_name(line) for line in config["options"]["install_requires"].split()}
+    for extra in config["options.extras_require"].values():
+        named |= {_package_name(line) for line in extra.split()}
+    with open(os.path.join(HERE, "constraints.txt")) as handle:
+        text = handle.read()
+    direct, marker, rest = text.partition("# -- pulled in by the above --")
+    assert marker, "constraints.txt lost its two parts"
+
+    def pins(part):
+        lines = [line for line in part.splitlines() if line.strip() and not line.startswith("#")]
+        assert all(re.fullmatch(r"[A-Za-z0-9_.-]+==[A-Za-z0-9_.+-]+", line) for line in lines), \
+            "every constraint is an exact pin"
+        return {_package_name(line) for line in lines}
+
+    assert named == pins(direct), "setup.cfg and the first part of constraints.txt differ"
+    assert not named & pins(rest), "a package named in setup.cfg is pinned as pulled in"
+
+
+def test_ci_runs_the_readme_test_command_in_a_fresh_virtual_environment():
+    with open(os.path.join(HERE, "README.md")) as handle:
+        readme = handle.read()
+    with open(os.path.join(HERE, ".ci", "run")) as handle:
+        ci = handle.read()
+    marker = "pip install -c constraints.txt '.[test]'"
+    commands = [line for line in readme.splitlines() if marker in line]
+    assert len(commands) == 1 and "pytest" in commands[0] and "ruff check" in commands[0]
+    assert commands[0].startswith("python3 -m venv .venv && ")
+    assert f'grep -m1 -F "{marker}" README.md' in ci
+    assert "mktemp -d" in ci and "${command//.venv/" in ci
