@@ -1,13 +1,14 @@
 #!/usr/bin/env python3
 """cirunner: a CI build runner in one Python file.
 
-cirunner keeps repositories, builds, jobs, status history and logs in one
-SQLite file, expands each build's pipeline matrix into jobs, runs them as real
-processes in worker threads, and serves a Drone-style REST API over them.
+cirunner keeps users, repositories, builds, jobs, status history and logs in
+one SQLite file, expands each build's pipeline matrix into jobs, runs their
+steps as isolated processes in worker threads, and serves a Drone-style REST
+API and web pages over them.
 
 Quick start::
 
-    pip install . && cirunner serve            # http://127.0.0.1:8080
+    python3 -m venv .venv && .venv/bin/pip install . && .venv/bin/cirunner serve
     cirunner repo add alice/hello --url ~/src/hello
     cirunner build alice/hello --wait          # streams the log, exits 0 on success
 
@@ -19,13 +20,15 @@ Embedding::
     executor.start()
     app = cirunner.make_app(store, executor)   # any WSGI server can serve it
 
-The sections below follow the design contract: errors, pipeline, store,
-executor, web, command line.
+The file reads top to bottom, each section using only those above it:
+constants, errors, pipeline, sealing and signing, git, store, builds,
+processes, jobs, executor, access, resources, HTTP API, webhooks, pages,
+make_app, server, command line.
 
 License: MIT (see LICENSE).
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "ACTIVE_STATUSES",
@@ -96,6 +99,7 @@ __all__ = [
     "parse_pipeline",
     "read_pipeline_file",
     "restart_build",
+    "serve",
     "substitute",
 ]
 
@@ -103,27 +107,17 @@ __all__ = [
 # Imports #####################################################################
 ###############################################################################
 
-import ctypes
-import sys
-
-# Compiling this file leaves megabytes of freed syntax-tree memory in the heap
-# that the imports below would then pin under their own objects; handing it
-# back to the OS first keeps a long-running `serve` 8 MiB smaller (measured).
-if sys.platform.startswith("linux"):
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
-
 import argparse
 import codecs
 import collections
 import contextlib
+import ctypes
 import dataclasses
 import fcntl
 import fnmatch
 import hashlib
 import hmac
+import io
 import itertools
 import json
 import logging
@@ -137,19 +131,20 @@ import signal
 import socket
 import sqlite3
 import subprocess
+import sys
 import tempfile
 import threading
 import time
 import uuid
 from datetime import datetime, timezone
 from urllib.parse import parse_qsl, quote
+from xml.sax.saxutils import quoteattr
 
 import bottle
+import yaml
 
 try:
     import waitress
-    import waitress.task
-    import waitress.wasyncore
 except ImportError:  # pragma: no cover - only `serve` needs it
     waitress = None
 
@@ -164,7 +159,9 @@ _log = logging.getLogger("cirunner")
 # Constants ###################################################################
 ###############################################################################
 
-# Job and build statuses: one closed vocabulary for both (DESIGN.md section 3).
+# -- vocabulary ----------------------------------------------------------------
+
+# Job, step and build statuses: one closed set for all three (DESIGN.md section 3).
 PENDING = "pending"
 RUNNING = "running"
 SUCCESS = "success"
@@ -183,55 +180,57 @@ EVENT_PULL_REQUEST = "pull_request"
 EVENT_CRON = "cron"
 EVENT_MANUAL = "manual"
 EVENTS = (EVENT_PUSH, EVENT_TAG, EVENT_PULL_REQUEST, EVENT_CRON, EVENT_MANUAL)
+SECRET_EVENTS = (EVENT_PUSH, EVENT_TAG, EVENT_CRON, EVENT_MANUAL)  # not pull requests (forks)
 
 FORGES = ("github", "gitea", "gitlab")
+TOKEN_SCOPES = ("read", "write")
+TOKEN_PREFIX = "cir_"           # lets secret scanners recognise a leaked token
 MASK = "********"
-MIN_MASKED_LENGTH = 4           # shorter secret values would mask half the log
 REPORT_CONTEXT = "cirunner/build"
-REPORT_ATTEMPTS = 5
-
 PIPELINE_FILES = (".cirunner.yml", ".drone.yml")
+
+# -- limits ----------------------------------------------------------------------
+
+DEFAULT_MAX_JOBS = 256          # matrix size limit; larger is an error, never a cut
+DEFAULT_MAX_BODY = 1024 * 1024  # request bodies of the API
+MAX_DESCRIPTION = 10_000        # characters of a build's description
+MAX_SCRIPT_BYTES = 96 * 1024    # a step's script is one argv entry (Linux allows 128 KiB)
+MIN_MASKED_LENGTH = 4           # shorter secret values would mask half the log
+DEFAULT_PER_PAGE = 25
+MAX_PER_PAGE = 100
+V1_PAGE_SIZE = 20
+REPORT_ATTEMPTS = 5             # tries to post one commit status before giving up
+LOG_PAGE_BYTES = 256 * 1024     # a log page shows this much; earlier parts on request
+
+# -- defaults and tuning -------------------------------------------------------
+
 DEFAULT_DATA_DIR = "cirunner-data"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
-DEFAULT_HTTP_THREADS = 32
-DEFAULT_MAX_JOBS = 256          # matrix size limit; larger is an error, never a cut
+DEFAULT_HTTP_THREADS = 32       # each open live-log stream holds one
 DEFAULT_TIMEOUT_MINUTES = 60
 DEFAULT_GRACE_SECONDS = 10.0    # SIGTERM -> SIGKILL
-DEFAULT_MAX_BODY = 1024 * 1024
-DEFAULT_PER_PAGE = 25
-MAX_PER_PAGE = 100
-SSE_HEARTBEAT_SECONDS = 15.0
-# A fast writer's log is stored 512 KiB at a time, half the step's pipe, so
-# that it keeps writing into one half while the other is committed, and each
-# commit's few rewritten tree pages are spread over more log: a 50 MB job took
-# 1.30-1.44x the same command writing to a file, against 1.36-1.62x with
-# 256 KiB chunks (bench, alternating runs). 1 MiB was no faster in one process.
-LOG_CHUNK_BYTES = 512 * 1024    # largest chunk stored at once
+SSE_HEARTBEAT_SECONDS = 15.0    # keeps proxies from closing a silent stream
+SESSION_SECONDS = 12 * 3600     # a web sign-in lasts this long
+# A log is stored in chunks of at most half a step's pipe: the step goes on
+# writing into one half while the other half is committed.
+LOG_CHUNK_BYTES = 512 * 1024
 PIPE_BYTES = 1024 * 1024        # a step's pipe (the most Linux gives without privileges)
-# Pages of 4 KiB, SQLite's usual size, set explicitly. Bigger pages store a
-# big log with fewer WAL writes, but every small commit writes whole pages:
-# with 16 KiB, 200 one-job builds ran at 150-189 jobs/s against 245-259, and
-# 8 KiB was no better than 4 on a 50 MB log (bench, alternating runs). A store
-# made with another page size keeps it.
-PAGE_BYTES = 4 * 1024
+PAGE_BYTES = 4 * 1024           # SQLite's usual page: every small commit writes whole pages
 WAL_CHECKPOINT_BYTES = 128 * 1024 * 1024  # the executor checkpoints past this...
 WAL_BACKSTOP_BYTES = 256 * 1024 * 1024    # ...and a writer itself past this
 LOG_FLUSH_SECONDS = 0.05        # longest a byte waits in memory before the store
 STRAGGLER_SECONDS = 0.5         # read on this long after a step's leader exits
-HEARTBEAT_SECONDS = 10.0
+HEARTBEAT_SECONDS = 10.0        # a runner stamps itself (and its jobs) this often
 RUNNER_LOST_SECONDS = 60.0      # a runner silent this long is gone
-MAX_SCRIPT_BYTES = 96 * 1024    # a step's script is one argv entry (Linux: 128 KiB)
-
-TOKEN_SCOPES = ("read", "write")
-TOKEN_PREFIX = "cir_"           # lets secret scanners recognise a leaked token
-MAX_DESCRIPTION = 10_000
-V1_PAGE_SIZE = 20
+CHECKPOINT_SECONDS = 5.0        # the executor checkpoints the WAL at least this often
 
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,100}$")
 _ENV_NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _COMMIT_PATTERN = re.compile(r"^[0-9a-fA-F]{4,64}$")
 _BRANCH_FORBIDDEN = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]|\.\.|@\{|^-|^/|/$|\.lock$|^$")
+_TRUE_WORDS = ("1", "true", "yes", "on")
+_FALSE_WORDS = ("0", "false", "no", "off", "")
 
 ###############################################################################
 # Errors ######################################################################
@@ -239,17 +238,17 @@ _BRANCH_FORBIDDEN = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]|\.\.|@\{|^-|^/|/$|\.lo
 
 
 class CIRunnerError(Exception):
-    """Base of every error cirunner raises on purpose; maps to an HTTP status."""
+    """Base of every error cirunner raises on purpose; carries its HTTP status."""
 
     status = 500
     code = "internal_error"
 
-    def __init__(self, message, **details):
+    def __init__(self, message):
         super().__init__(message)
         self.message = message
-        self.details = details
 
     def to_json(self):
+        """The error as every API error body: {error, message, status}."""
         return {"error": self.code, "message": self.message, "status": self.status}
 
 
@@ -266,14 +265,10 @@ class ConfigError(BadRequest):
     code = "invalid_pipeline"
 
     def __init__(self, message, filename=None, line=None):
-        where = filename or ""
-        if line:
-            where += f" line {line}"
-        super().__init__(f"{where}: {message}" if where else message,
-                         filename=filename, line=line)
+        where = (filename or "") + (f" line {line}" if line else "")
+        super().__init__(f"{where}: {message}" if where else message)
         self.filename = filename
         self.line = line
-        self.problem = message
 
 
 class Unauthorized(CIRunnerError):
@@ -318,27 +313,37 @@ class Unavailable(CIRunnerError):
     code = "unavailable"
 
 
+class _GitError(CIRunnerError):
+    """A git command failed; the message holds what git printed."""
+
+
+class _JobError(CIRunnerError):
+    """The runner could not prepare or check out a job (job status error)."""
+
+
 def _check_name(value, what):
-    """Return `value` if it is a valid owner or repository name, else raise BadRequest."""
+    """`value` if it is a valid owner, repository, user or cron name, else BadRequest."""
     if not isinstance(value, str) or not _NAME_PATTERN.match(value) or value in (".", ".."):
         raise BadRequest(f"invalid {what} {value!r}: use letters, digits, '.', '_' and '-'")
     return value
 
 
 def _check_branch(value):
+    """`value` if git would accept it as a branch name, else BadRequest."""
     if not isinstance(value, str) or _BRANCH_FORBIDDEN.search(value) or len(value) > 255:
         raise BadRequest(f"invalid branch name {value!r}")
     return value
 
 
 def _check_commit(value):
+    """A hexadecimal commit id in lower case, else BadRequest."""
     if not isinstance(value, str) or not _COMMIT_PATTERN.match(value):
         raise BadRequest(f"invalid commit {value!r}: expected a hexadecimal SHA")
     return value.lower()
 
 
 def _check_variables(variables):
-    """Validate build variables: names as environment variable names, values strings."""
+    """Build variables checked: names as environment variable names, values strings."""
     if not isinstance(variables, dict):
         raise BadRequest("variables must be an object of NAME: value")
     checked = {}
@@ -352,6 +357,36 @@ def _check_variables(variables):
             raise BadRequest(f"variable {name} contains a NUL byte")
         checked[name] = value
     return checked
+
+
+def _check_int(value, name, *, default=None, minimum=0, maximum=None):
+    """A whole number from JSON or query text, within [minimum, maximum], else BadRequest."""
+    if value in ("", None):
+        return default
+    if isinstance(value, bool) or not (isinstance(value, int) or (
+            isinstance(value, str) and re.fullmatch(r"-?[0-9]{1,15}", value))):
+        raise BadRequest(f"{name} must be a whole number")
+    number = int(value)
+    if number < minimum or (maximum is not None and number > maximum):
+        raise BadRequest(f"{name} must be between {minimum} and {maximum}"
+                         if maximum is not None else f"{name} must be {minimum} or more")
+    return number
+
+
+def _check_positive(value, name):
+    """A number of 1 or more (path parts such as a build number), else BadRequest."""
+    if isinstance(value, str) and not re.fullmatch(r"[0-9]{1,15}", value):
+        raise BadRequest(f"{name} must be a positive whole number, not {value!r}")
+    return _check_int(value, name, minimum=1)
+
+
+def _check_bool(value, name):
+    """True or False from JSON or text ('true', '1', 'no'...), else BadRequest."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in _TRUE_WORDS + _FALSE_WORDS:
+        return value.lower() in _TRUE_WORDS
+    raise BadRequest(f"{name} must be true or false")
 
 ###############################################################################
 # Pipeline ####################################################################
@@ -380,6 +415,9 @@ def substitute(text, variables):
     return _VARIABLE_PATTERN.sub(replace, text)
 
 
+# -- YAML with line numbers ----------------------------------------------------------
+
+
 class _YamlMap(dict):
     """A YAML mapping that remembers the line of each key, for error messages."""
 
@@ -402,20 +440,13 @@ class _YamlList(list):
 # stays "yes", `- true` is the command `true`. They become environment
 # variables or shell text, where the text is what counts.
 _RAW_SCALAR_KEYS = ("matrix", "environment", "commands")
-
-
-def _yaml():
-    """PyYAML, imported when the first pipeline is parsed: a server that only
-    answers the API never needs its megabyte."""
-    import yaml
-    return yaml
+_MAX_YAML_DEPTH = 50
 
 
 def _load_yaml(text, filename):
     """Parse YAML `text` into dicts and lists that carry line numbers."""
-    yaml = _yaml()
-    # libyaml makes parsing large pipeline files several times faster.
-    loader = (getattr(yaml, "CSafeLoader", None) or yaml.SafeLoader)(text)
+    # libyaml, where PyYAML has it, parses large files several times faster.
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)(text)
     try:
         node = loader.get_single_node()
         if node is None:
@@ -431,41 +462,59 @@ def _load_yaml(text, filename):
 
 
 def _convert_node(loader, node, raw, depth):
-    yaml = _yaml()
-    if depth > 50:
+    if depth > _MAX_YAML_DEPTH:
         raise ConfigError("YAML nested too deeply", None, node.start_mark.line + 1)
     line = node.start_mark.line + 1
     if isinstance(node, yaml.ScalarNode):
         if not raw:
             return loader.construct_object(node, deep=True)
-        if node.tag == "tag:yaml.org,2002:null":
-            return ""
-        return node.value
+        return "" if node.tag == "tag:yaml.org,2002:null" else node.value
     if isinstance(node, yaml.SequenceNode):
         items = _YamlList(line)
         for child in node.value:
             items.append(_convert_node(loader, child, raw, depth + 1))
             items.lines.append(child.start_mark.line + 1)
         return items
-    loader.flatten_mapping(node)  # YAML merge keys (<<: *anchor)
     mapping = _YamlMap(line)
     for key_node, value_node in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            _merge_into(mapping, loader, value_node, raw, depth)
+            continue
         if not isinstance(key_node, yaml.ScalarNode):
             raise yaml.constructor.ConstructorError(
                 None, None, "mapping keys must be plain scalars", key_node.start_mark)
         key = key_node.value
-        child_raw = raw or key in _RAW_SCALAR_KEYS
-        mapping[key] = _convert_node(loader, value_node, child_raw, depth + 1)
+        mapping[key] = _convert_node(loader, value_node, raw or key in _RAW_SCALAR_KEYS,
+                                     depth + 1)
         mapping.lines[key] = key_node.start_mark.line + 1
     return mapping
 
 
+def _merge_into(mapping, loader, value_node, raw, depth):
+    """YAML merge keys (``<<: *anchor``): the keys of the merged mappings that
+    the mapping does not set itself (the first merged mapping wins)."""
+    sources = value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
+    for source in sources:
+        if not isinstance(source, yaml.MappingNode):
+            raise yaml.constructor.ConstructorError(
+                None, None, "a merge key ('<<') needs a mapping", source.start_mark)
+        merged = _convert_node(loader, source, raw, depth + 1)
+        for key, value in merged.items():
+            if key not in mapping:
+                mapping[key] = value
+                mapping.lines[key] = merged.lines[key]
+
+
 def _line_of(container, key=None):
+    """The source line of `container[key]` (or of the container itself)."""
     if key is not None and isinstance(container, _YamlMap):
         return container.lines.get(key, container.line)
     if isinstance(container, _YamlList) and isinstance(key, int) and key < len(container.lines):
         return container.lines[key]
     return getattr(container, "line", None)
+
+
+# -- steps and pipelines -----------------------------------------------------------
 
 
 @dataclasses.dataclass
@@ -481,18 +530,17 @@ class Step:
 
     def applies(self, *, branch, event, environment, job_status=SUCCESS):
         """True if the step's ``when`` filter lets it run for this job."""
-        when = self.when
-        include, exclude = when.get("branch", ([], []))
+        include, exclude = self.when.get("branch", ([], []))
         if include and not any(fnmatch.fnmatchcase(branch, pattern) for pattern in include):
             return False
         if any(fnmatch.fnmatchcase(branch, pattern) for pattern in exclude):
             return False
-        if when.get("event") and event not in when["event"]:
+        if self.when.get("event") and event not in self.when["event"]:
             return False
-        for axis, value in when.get("matrix", {}).items():
-            if environment.get(axis) != value:
-                return False
-        return job_status in when.get("status", (SUCCESS,))
+        if any(environment.get(axis) != value
+               for axis, value in self.when.get("matrix", {}).items()):
+            return False
+        return job_status in self.when.get("status", (SUCCESS,))
 
     def with_variables(self, variables):
         """A copy of the step with ``${VAR}`` substituted in every string."""
@@ -529,6 +577,23 @@ class Pipeline:
         """The steps with ``${VAR}`` substituted from `variables`."""
         return [step.with_variables(variables) for step in self.steps]
 
+    def to_json(self):
+        """The parsed pipeline as JSON text: kept with a build, so that its jobs
+        never parse YAML again."""
+        return json.dumps(dataclasses.asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text):
+        """The pipeline `to_json` wrote."""
+        data = json.loads(text)
+        steps = []
+        for step in data.pop("steps"):
+            when = step.pop("when")
+            if "branch" in when:
+                when["branch"] = tuple(when["branch"])
+            steps.append(Step(when=when, **step))
+        return cls(steps=steps, **data)
+
 
 _TOP_LEVEL_KEYS = ("pipeline", "build", "matrix", "fail_fast", "max_parallel", "timeout", "clone")
 _STEP_KEYS = ("image", "commands", "environment", "when", "failure")
@@ -548,6 +613,25 @@ def parse_pipeline(text, filename=PIPELINE_FILES[0], *, max_jobs=DEFAULT_MAX_JOB
         if key not in _TOP_LEVEL_KEYS:
             raise ConfigError(f"unknown top-level key {key!r} (expected one of "
                               f"{', '.join(_TOP_LEVEL_KEYS)})", filename, _line_of(document, key))
+    steps_node = _steps_node(document, filename)
+    steps = [_parse_step(name, body, steps_node, filename) for name, body in steps_node.items()]
+    pipeline = Pipeline(steps=steps, matrix=[{}], filename=filename,
+                        fail_fast=_parse_flag(document, "fail_fast", False, filename),
+                        clone=_parse_flag(document, "clone", True, filename),
+                        max_parallel=_parse_count(document, "max_parallel", filename))
+    pipeline.timeout = document.get("timeout", 0)
+    if (isinstance(pipeline.timeout, bool) or not isinstance(pipeline.timeout, (int, float))
+            or pipeline.timeout < 0):
+        raise ConfigError("'timeout' must be a number of minutes", filename,
+                          _line_of(document, "timeout"))
+    if "matrix" in document:
+        pipeline.matrix = expand_matrix(document["matrix"], max_jobs=max_jobs, filename=filename,
+                                        line=_line_of(document, "matrix"))
+    return pipeline
+
+
+def _steps_node(document, filename):
+    """The mapping of step names to steps: `pipeline:`, or Drone 0.4's `build:`."""
     if "pipeline" in document and "build" in document:
         raise ConfigError("use either 'pipeline' or 'build', not both", filename,
                           _line_of(document, "build"))
@@ -563,20 +647,7 @@ def parse_pipeline(text, filename=PIPELINE_FILES[0], *, max_jobs=DEFAULT_MAX_JOB
     if not isinstance(steps_node, dict) or not steps_node:
         raise ConfigError("'pipeline' must be a mapping of step names to steps",
                           filename, _line_of(document, key) if key in document else 1)
-    steps = [_parse_step(name, body, steps_node, filename) for name, body in steps_node.items()]
-    pipeline = Pipeline(steps=steps, matrix=[{}], filename=filename)
-    pipeline.fail_fast = _parse_flag(document, "fail_fast", False, filename)
-    pipeline.clone = _parse_flag(document, "clone", True, filename)
-    pipeline.max_parallel = _parse_count(document, "max_parallel", filename)
-    pipeline.timeout = document.get("timeout", 0)
-    if (isinstance(pipeline.timeout, bool) or not isinstance(pipeline.timeout, (int, float))
-            or pipeline.timeout < 0):
-        raise ConfigError("'timeout' must be a number of minutes", filename,
-                          _line_of(document, "timeout"))
-    if "matrix" in document:
-        pipeline.matrix = expand_matrix(document["matrix"], max_jobs=max_jobs, filename=filename,
-                                        line=_line_of(document, "matrix"))
-    return pipeline
+    return steps_node
 
 
 def _parse_flag(document, key, default, filename):
@@ -623,8 +694,7 @@ def _parse_step(name, body, steps_node, filename):
         raise ConfigError(f"{where}: 'failure' must be 'ignore'", filename,
                           _line_of(body, "failure"))
     step = Step(name=str(name), commands=list(commands), image=image, environment=environment,
-                when=_parse_when(body.get("when", {}), where, filename,
-                                 _line_of(body, "when")),
+                when=_parse_when(body.get("when", {}), where, filename, _line_of(body, "when")),
                 ignore_failure=failure == "ignore")
     if len(step.script().encode()) > MAX_SCRIPT_BYTES:
         raise ConfigError(f"{where}: commands longer than {MAX_SCRIPT_BYTES} bytes", filename, line)
@@ -669,19 +739,7 @@ def _parse_when(when, where, filename, line):
             raise ConfigError(f"{where}: unknown 'when' key {key!r} (expected one of "
                               f"{', '.join(_WHEN_KEYS)})", filename, key_line)
         if key == "branch":
-            if isinstance(value, dict):
-                unknown = set(value) - {"include", "exclude"}
-                if unknown:
-                    raise ConfigError(f"{where}: 'when.branch' takes include and exclude",
-                                      filename, key_line)
-                parsed["branch"] = (
-                    _string_list(value.get("include", []), f"{where}: when.branch.include",
-                                 filename, key_line),
-                    _string_list(value.get("exclude", []), f"{where}: when.branch.exclude",
-                                 filename, key_line))
-            else:
-                parsed["branch"] = (_string_list(value, f"{where}: when.branch", filename,
-                                                 key_line), [])
+            parsed["branch"] = _parse_branch_filter(value, where, filename, key_line)
         elif key == "matrix":
             if not isinstance(value, dict):
                 raise ConfigError(f"{where}: 'when.matrix' must be a mapping", filename, key_line)
@@ -695,6 +753,16 @@ def _parse_when(when, where, filename, line):
                                       f"{', '.join(allowed)}", filename, key_line)
             parsed[key] = items
     return parsed
+
+
+def _parse_branch_filter(value, where, filename, line):
+    """(include, exclude) glob lists from a list, or from {include, exclude}."""
+    if not isinstance(value, dict):
+        return (_string_list(value, f"{where}: when.branch", filename, line), [])
+    if set(value) - {"include", "exclude"}:
+        raise ConfigError(f"{where}: 'when.branch' takes include and exclude", filename, line)
+    return tuple(_string_list(value.get(part, []), f"{where}: when.branch.{part}", filename, line)
+                 for part in ("include", "exclude"))
 
 
 def expand_matrix(matrix, *, max_jobs=DEFAULT_MAX_JOBS, filename=None, line=None):
@@ -720,27 +788,33 @@ def expand_matrix(matrix, *, max_jobs=DEFAULT_MAX_JOBS, filename=None, line=None
             raise ConfigError(f"matrix axis {name!r} must list plain values", filename, where)
         axes[name] = values
     exclude = _matrix_entries(matrix, "exclude", filename)
-    include = _matrix_entries(matrix, "include", filename)
-    names = sorted(axes)
-    jobs = []
-    if names:
-        size = 1
-        for name in names:
-            size *= len(axes[name])
-        if size > max_jobs * 64 or (size > max_jobs and not exclude):
-            raise ConfigError(f"matrix expands to {size} jobs, more than the limit of "
-                              f"{max_jobs}", filename, line)
-        for combination in itertools.product(*(axes[name] for name in names)):
-            environment = dict(zip(names, combination))
-            if any(all(environment.get(k) == v for k, v in rule.items()) for rule in exclude):
-                continue
-            jobs.append(environment)
-    jobs.extend(include)
+    jobs = _axis_product(axes, exclude, max_jobs, filename, line)
+    jobs.extend(_matrix_entries(matrix, "include", filename))
     if len(jobs) > max_jobs:
         raise ConfigError(f"matrix expands to {len(jobs)} jobs, more than the limit of "
                           f"{max_jobs}", filename, line)
     if not jobs:
         raise ConfigError("matrix expands to no jobs", filename, line)
+    return jobs
+
+
+def _axis_product(axes, exclude, max_jobs, filename, line):
+    """The combinations of the axes, sorted by name, less the excluded ones."""
+    names = sorted(axes)
+    if not names:
+        return []
+    size = 1
+    for name in names:
+        size *= len(axes[name])
+    # With exclusions a product may be cut down to the limit; without, never.
+    if size > max_jobs * 64 or (size > max_jobs and not exclude):
+        raise ConfigError(f"matrix expands to {size} jobs, more than the limit of "
+                          f"{max_jobs}", filename, line)
+    jobs = []
+    for combination in itertools.product(*(axes[name] for name in names)):
+        environment = dict(zip(names, combination))
+        if not any(all(environment.get(k) == v for k, v in rule.items()) for rule in exclude):
+            jobs.append(environment)
     return jobs
 
 
@@ -759,6 +833,7 @@ def _matrix_entries(matrix, key, filename):
 
 
 def _axis_text(environment):
+    """A job's matrix axis as ``NAME=value NAME=value``."""
     return " ".join(f"{name}={value}" for name, value in environment.items())
 
 
@@ -767,20 +842,432 @@ def read_pipeline_file(directory, config_path=""):
 
     Looks for `config_path` if given, else ``.cirunner.yml`` then ``.drone.yml``.
     """
-    for name in (config_path,) if config_path else PIPELINE_FILES:
+    names = (config_path,) if config_path else PIPELINE_FILES
+    for name in names:
         path = os.path.join(directory, name)
         if os.path.isfile(path):
             with open(path, encoding="utf-8", errors="replace") as handle:
                 return name, handle.read()
-    raise ConfigError(f"no pipeline file ({', '.join((config_path,) if config_path else PIPELINE_FILES)})"
-                      f" in {directory}")
+    raise ConfigError(f"no pipeline file ({', '.join(names)}) in {directory}")
+
+###############################################################################
+# Sealing and signing #########################################################
+###############################################################################
+
+
+class _Sealer:
+    """Seals secret values for the store with a key kept beside it.
+
+    The key lives in ``DATA/secret.key`` (made on first use, mode 0600), not in
+    the database: a copy of the database alone does not open the secrets.
+    Values are encrypted with HMAC-SHA256 in counter mode, then authenticated
+    with HMAC-SHA256 over nonce and ciphertext (encrypt-then-MAC).
+    """
+
+    def __init__(self, key_path):
+        self.key_path = key_path
+        self._key = None
+        self._lock = threading.Lock()
+
+    @property
+    def key(self):
+        """The master key, read (or made) once."""
+        with self._lock:
+            if self._key is None:
+                with contextlib.suppress(FileExistsError):
+                    descriptor = os.open(self.key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL,
+                                         0o600)
+                    with os.fdopen(descriptor, "w") as handle:
+                        handle.write(secrets.token_hex(32))
+                with open(self.key_path) as handle:
+                    self._key = bytes.fromhex(handle.read().strip())
+            return self._key
+
+    def derive(self, purpose):
+        """A key for one purpose (sessions, CSRF...), derived from the master key."""
+        return hmac.new(self.key, purpose.encode(), hashlib.sha256).digest()
+
+    def seal(self, text):
+        """`text` encrypted and authenticated, as text for a database column."""
+        nonce = secrets.token_bytes(16)
+        body = nonce + self._keystream_xor(nonce, text.encode())
+        tag = hmac.new(self.derive("authenticate"), body, hashlib.sha256).digest()
+        return "v1:" + (body + tag).hex()
+
+    def unseal(self, sealed):
+        """The text `seal` made; CIRunnerError if it was changed or the key differs."""
+        if not sealed:
+            return ""
+        raw = bytes.fromhex(sealed[3:])
+        body, tag = raw[:-32], raw[-32:]
+        expected = hmac.new(self.derive("authenticate"), body, hashlib.sha256).digest()
+        if not sealed.startswith("v1:") or not hmac.compare_digest(tag, expected):
+            raise CIRunnerError("a stored secret does not match the secret key file")
+        return self._keystream_xor(body[:16], body[16:]).decode()
+
+    def _keystream_xor(self, nonce, data):
+        key = self.derive("encrypt")
+        out = bytearray()
+        for counter in range(0, len(data), 32):
+            block = hmac.new(key, nonce + counter.to_bytes(8, "big"), hashlib.sha256).digest()
+            out += bytes(a ^ b for a, b in zip(data[counter:counter + 32], block))
+        return bytes(out)
+
+
+class _Signer:
+    """Signs short texts (web sessions, CSRF tokens) so that they cannot be
+    forged or kept past their expiry: ``text:expires:HMAC``."""
+
+    def __init__(self, key):
+        self._key = key
+
+    def _digest(self, payload):
+        return hmac.new(self._key, payload.encode(), hashlib.sha256).hexdigest()
+
+    def sign(self, text, seconds):
+        """`text` signed, valid for `seconds` from now."""
+        payload = f"{text}:{int(time.time() + seconds)}"
+        return f"{payload}:{self._digest(payload)}"
+
+    def verify(self, value):
+        """The text of a valid, unexpired signed `value`, else None."""
+        if not isinstance(value, str):
+            return None
+        payload, _, digest = value.rpartition(":")
+        text, _, expires = payload.rpartition(":")
+        if not (digest and expires.isdigit()) or not hmac.compare_digest(
+                digest, self._digest(payload)):
+            return None
+        return text if int(expires) > time.time() else None
+
+###############################################################################
+# Git #########################################################################
+###############################################################################
+
+_URL_SCHEMES = ("https://", "http://", "ssh://", "git://", "file://")
+_AUTHOR_PATTERN = re.compile(rb"^author (.*) <(.*)> (\d+) [+-]\d{4}$", re.MULTILINE)
+_PULL_REF_PREFIXES = ("refs/pull/", "refs/merge-requests/")
+
+
+def normalize_repo_url(url):
+    """Return the clone URL to store: a URL as given, a local path made absolute.
+
+    Raises BadRequest for a URL git could take as an option, or a local path
+    that does not exist.
+    """
+    if not isinstance(url, str) or not url.strip() or url.startswith("-") or "\x00" in url:
+        raise BadRequest(f"invalid repository URL {url!r}")
+    if url.startswith(_URL_SCHEMES) or re.match(r"^[\w.-]+@[\w.-]+:", url):
+        return url
+    path = os.path.abspath(os.path.expanduser(url))
+    if not os.path.isdir(path):
+        raise BadRequest(f"repository path {path} does not exist")
+    return path
+
+
+def _pull_ref(ref):
+    """`ref` if it names a pull or merge request's head (fetched by that name), else ""."""
+    return ref if ref.startswith(_PULL_REF_PREFIXES) else ""
+
+
+class _LRU:
+    """A small mapping that forgets its least recently used entries past `size`."""
+
+    def __init__(self, size):
+        self.size = size
+        self._entries = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key):
+        with self._lock:
+            if key in self._entries:
+                self._entries.move_to_end(key)
+                return self._entries[key]
+            return None
+
+    def put(self, key, value):
+        with self._lock:
+            self._entries[key] = value
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.size:
+                self._entries.popitem(last=False)
+
+
+class _MirrorState:
+    """One mirror's fetches: callers that need a fresh fetch share the next one."""
+
+    def __init__(self):
+        self.changed = threading.Condition()
+        self.started = 0      # fetches begun
+        self.done = 0         # fetches ended
+        self.running = False
+        self.error = None     # the last fetch's error, if it failed
+        self.heads = {}       # refs/heads/... and refs/tags/... -> commit, as of the last fetch
+
+
+class _GitMirrors:
+    """Bare mirrors of the repositories (``DATA/mirrors/OWNER/NAME.git``) and
+    what was read from them.
+
+    Fetches of one mirror are shared: a caller that needs the remote's latest
+    branches waits for the next fetch to start after it asked, so one `git
+    fetch` serves every trigger queued behind it. A commit and its pipeline
+    file never change, so what was read for a commit id is remembered.
+    """
+
+    def __init__(self, root, *, environ=None, cache_size=256):
+        self.root = root
+        # git never asks for a password on a terminal, and speaks plain English.
+        self.env = dict(os.environ if environ is None else environ, GIT_TERMINAL_PROMPT="0",
+                        LC_ALL="C", GIT_ASKPASS="/bin/true")
+        self._commits = _LRU(cache_size)
+        self._states = {}
+        self._states_lock = threading.Lock()
+
+    def run(self, args, *, cwd=None, timeout=600):
+        """Run git with `args`; its output, or _GitError with what it printed."""
+        try:
+            result = subprocess.run(["git", *args], cwd=cwd, capture_output=True,
+                                    timeout=timeout, env=self.env, check=False)
+        except subprocess.TimeoutExpired:
+            raise _GitError(f"git {args[0]} took longer than {timeout} s") from None
+        except OSError as exc:
+            raise _GitError(f"cannot run git: {exc}") from None
+        if result.returncode != 0:
+            message = result.stderr.decode(errors="replace").strip() or f"exit {result.returncode}"
+            raise _GitError(f"git {args[0]} failed: {message}")
+        return result.stdout
+
+    def path(self, repo):
+        """Where `repo`'s bare mirror lives."""
+        return os.path.join(self.root, repo["owner"], repo["name"] + ".git")
+
+    def _state(self, mirror):
+        with self._states_lock:
+            return self._states.setdefault(mirror, _MirrorState())
+
+    def remove(self, repo):
+        """Delete `repo`'s mirror (the repository was removed)."""
+        mirror = self.path(repo)
+        shutil.rmtree(mirror, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            os.unlink(mirror + ".lock")
+        with self._states_lock:
+            self._states.pop(mirror, None)
+
+    # -- fetching -------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _locked(self, mirror):
+        """Hold the mirror's lock file: one fetch at a time across processes too."""
+        os.makedirs(os.path.dirname(mirror), exist_ok=True)
+        with open(mirror + ".lock", "w") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            yield
+
+    def fetch(self, repo):
+        """Bring the mirror up to date with the remote's branches and tags, in a
+        fetch that starts after this call; returns {ref: commit} as of it."""
+        mirror = self.path(repo)
+        state = self._state(mirror)
+        with state.changed:
+            wanted = state.started + 1
+            while state.done < wanted and state.running:
+                state.changed.wait()
+            leader = state.done < wanted
+            if leader:
+                state.started += 1
+                state.running = True
+        if leader:
+            error, heads = None, {}
+            try:
+                heads = self._fetch(repo, mirror)
+            except _GitError as exc:
+                error = exc
+            with state.changed:
+                state.done, state.running, state.error = state.started, False, error
+                if error is None:
+                    state.heads = heads
+                state.changed.notify_all()
+        with state.changed:
+            if state.error is not None:
+                raise state.error
+            return dict(state.heads)
+
+    def _fetch(self, repo, mirror):
+        with self._locked(mirror):
+            if not os.path.isdir(os.path.join(mirror, "objects")):
+                self.run(["init", "--bare", "--quiet", mirror])
+            self.run(["-C", mirror, "fetch", "--quiet", "--prune", "--force", "--end-of-options",
+                      repo["url"], "+refs/heads/*:refs/heads/*", "+refs/tags/*:refs/tags/*"])
+            listing = self.run(["-C", mirror, "for-each-ref",
+                                "--format=%(objectname) %(refname)", "refs/heads/", "refs/tags/"])
+        return dict(reversed(line.split(" ", 1)) for line in listing.decode().splitlines())
+
+    def fetch_commit(self, repo, commit, pull_ref=""):
+        """Make sure `commit` is in the mirror: a commit on no branch (a pull
+        request from a fork) is fetched by `pull_ref`, then by its id."""
+        mirror = self.path(repo)
+        if self.has_commit(mirror, commit):
+            return
+        self.fetch(repo)
+        with self._locked(mirror):
+            for ref in ([f"+{pull_ref}:{pull_ref}"] if pull_ref else []) + [commit]:
+                if self.has_commit(mirror, commit):
+                    return
+                with contextlib.suppress(_GitError):
+                    self.run(["-C", mirror, "fetch", "--quiet", "--force", "--end-of-options",
+                              repo["url"], ref])
+
+    def has_commit(self, mirror, commit):
+        if not os.path.isdir(mirror):
+            return False
+        try:
+            self.run(["-C", mirror, "cat-file", "-e", "--end-of-options", commit + "^{commit}"])
+        except _GitError:
+            return False
+        return True
+
+    def default_branch(self, repo):
+        """The remote's default branch, learned once (from the remote's HEAD)
+        and kept beside the mirror. Set a repository's branch explicitly to
+        follow a changed default."""
+        mirror = self.path(repo)
+        remembered = os.path.join(mirror, "cirunner-default-branch")
+        with contextlib.suppress(OSError), open(remembered) as handle:
+            branch = handle.read().strip()
+            if branch:
+                return branch
+        branch = ""
+        with contextlib.suppress(_GitError):
+            head = self.run(["ls-remote", "--symref", "--end-of-options", repo["url"],
+                             "HEAD"]).decode()
+            match = re.search(r"^ref: refs/heads/(\S+)\s+HEAD", head, re.MULTILINE)
+            branch = match.group(1) if match else ""
+        if not branch:
+            branches = self.run(["-C", mirror, "for-each-ref", "--format=%(refname:short)",
+                                 "refs/heads/"]).decode().split()
+            branch = next((name for name in ("main", "master") if name in branches),
+                          branches[0] if branches else "")
+        if branch:
+            with open(remembered, "w") as handle:
+                handle.write(branch + "\n")
+        return branch
+
+    # -- reading commits ---------------------------------------------------------
+
+    def read_commit(self, repo, commit):
+        """(commit fields, (filename, text) of its pipeline file or None) for a
+        full commit id in the mirror, or None if the mirror lacks it."""
+        mirror = self.path(repo)
+        key = (mirror, repo["url"], commit, repo["config_path"])
+        found = self._commits.get(key)
+        if found is None and os.path.isdir(mirror):
+            found = self._read_commit(mirror, commit, repo["config_path"])
+            if found is not None:
+                key = (mirror, repo["url"], found[0]["commit_sha"], repo["config_path"])
+                self._commits.put(key, found)
+        return None if found is None else (dict(found[0]), found[1])
+
+    def _read_commit(self, mirror, revision, config_path):
+        """Resolve `revision` and read its commit and pipeline file with one
+        `git cat-file --batch` process, asked one object at a time."""
+        process = subprocess.Popen(["git", "-C", mirror, "cat-file", "--batch"],
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                   stderr=subprocess.DEVNULL, env=self.env)
+
+        def ask(spec):
+            process.stdin.write(spec.encode() + b"\n")
+            process.stdin.flush()
+            header = process.stdout.readline().split()
+            if len(header) != 3 or header[1] not in (b"commit", b"blob", b"tree", b"tag"):
+                return None, None
+            data = process.stdout.read(int(header[2]))
+            process.stdout.read(1)
+            return header[0].decode(), data
+
+        try:
+            sha, raw = ask(f"{revision}^{{commit}}")
+            if sha is None:
+                return None
+            fields = _commit_fields(sha, raw)
+            for filename in (config_path,) if config_path else PIPELINE_FILES:
+                _, text = ask(f"{sha}:{filename}")
+                if text is not None:
+                    return fields, (filename, text.decode("utf-8", errors="replace"))
+            return fields, None
+        except (OSError, ValueError) as exc:
+            raise _GitError(f"git cat-file failed: {exc}") from None
+        finally:
+            process.stdin.close()
+            process.stdout.close()
+            process.wait()
+
+    # -- workspaces ------------------------------------------------------------
+
+    def check_out(self, repo, commit, workspace, pull_ref=""):
+        """Check `commit` out into `workspace` with one git process: a .git that
+        borrows the mirror's objects (what `clone --shared` makes), HEAD at the
+        commit, then `read-tree -u`. A mirror that lacks the commit is fetched
+        once and the checkout tried again."""
+        mirror = self.path(repo)
+        dot_git = os.path.join(workspace, ".git")
+        for attempt in range(2):
+            try:
+                if attempt or not os.path.isdir(mirror):
+                    self.fetch_commit(repo, commit, pull_ref)
+                for folder in ("objects/info", "refs/heads", "refs/tags"):
+                    os.makedirs(os.path.join(dot_git, folder), exist_ok=True)
+                with open(os.path.join(dot_git, "objects", "info", "alternates"), "w") as handle:
+                    handle.write(os.path.join(os.path.abspath(mirror), "objects") + "\n")
+                with open(os.path.join(dot_git, "HEAD"), "w") as handle:
+                    handle.write(commit + "\n")
+                with open(os.path.join(dot_git, "config"), "w") as handle:
+                    handle.write("[core]\n\trepositoryformatversion = 0\n\tfilemode = true\n"
+                                 "\tbare = false\n")
+                self.run(["-C", workspace, "read-tree", "--reset", "-u", "HEAD"])
+                return
+            except (_GitError, OSError):
+                if attempt:
+                    raise
+
+
+def _commit_fields(sha, raw):
+    """A build's commit fields from a raw commit object."""
+    headers, _, message = raw.partition(b"\n\n")
+    author = _AUTHOR_PATTERN.search(headers)
+    name, email, timestamp = author.groups() if author else (b"", b"", b"0")
+    email = email.decode(errors="replace")
+    avatar = ("https://www.gravatar.com/avatar/"
+              + hashlib.md5(email.strip().lower().encode()).hexdigest() if email else "")
+    return {"commit_sha": sha, "author": name.decode(errors="replace"), "author_email": email,
+            "timestamp": int(timestamp), "message": message.decode(errors="replace").strip(),
+            "author_avatar": avatar}
 
 ###############################################################################
 # Store #######################################################################
 ###############################################################################
 
+def _pipeline_digest(filename, text):
+    return hashlib.sha256(f"{filename}\x00{text}".encode()).hexdigest()
+
+
+def _move_pipelines_out_of_builds(conn):
+    """Migration 6: each build's copy of its pipeline file becomes one row of
+    `pipelines` shared by every build that ran the same file."""
+    rows = conn.execute("SELECT id, pipeline_file, pipeline FROM builds "
+                        "WHERE pipeline != ''").fetchall()
+    for build_id, filename, text in rows:
+        digest = _pipeline_digest(filename, text)
+        conn.execute("INSERT INTO pipelines (digest, filename, text) VALUES (?, ?, ?) "
+                     "ON CONFLICT (digest) DO NOTHING", (digest, filename, text))
+        conn.execute("UPDATE builds SET pipeline_id = (SELECT id FROM pipelines WHERE digest = ?), "
+                     "pipeline = '' WHERE id = ?", (digest, build_id))
+
+
 # Each entry upgrades the schema by one version (PRAGMA user_version) and runs
-# in one transaction. Append new entries; never edit a released one.
+# in one transaction: SQL text, or a function of the open connection. Append
+# new entries; never edit a released one.
 _MIGRATIONS = [
     """
     CREATE TABLE users (
@@ -942,13 +1429,26 @@ _MIGRATIONS = [
         PRIMARY KEY (repo_id, number)
     ) WITHOUT ROWID;
     """,
+    # 5: pipeline files, each stored once with its parsed form however many
+    # builds run it; builds refer to theirs.
+    """
+    CREATE TABLE pipelines (
+        id INTEGER PRIMARY KEY,
+        digest TEXT NOT NULL UNIQUE,
+        filename TEXT NOT NULL,
+        text TEXT NOT NULL,
+        parsed TEXT NOT NULL DEFAULT ''
+    );
+    ALTER TABLE builds ADD COLUMN pipeline_id INTEGER REFERENCES pipelines(id);
+    """,
+    _move_pipelines_out_of_builds,
 ]
 
 _REPO_FIELDS = ("url", "default_branch", "config_path", "private", "timeout", "max_builds",
                 "events", "webhook_secret", "forge", "forge_url", "forge_token", "forge_project")
 _BUILD_FIELDS = ("parent", "event", "commit_sha", "branch", "ref", "remote", "message",
                  "timestamp", "author", "author_avatar", "author_email", "link_url",
-                 "pipeline", "pipeline_file", "variables", "fail_fast", "max_parallel")
+                 "pipeline_id", "pipeline_file", "variables", "fail_fast", "max_parallel")
 
 
 def _now():
@@ -970,39 +1470,6 @@ def _token_hash(secret):
     return hashlib.sha256(secret.encode("utf-8", "surrogateescape")).hexdigest()
 
 
-def _keystream_xor(key, nonce, data):
-    out = bytearray()
-    for counter in range(0, len(data), 32):
-        block = hmac.new(key, nonce + counter.to_bytes(8, "big"), hashlib.sha256).digest()
-        out += bytes(a ^ b for a, b in zip(data[counter:counter + 32], block))
-    return bytes(out)
-
-
-def _seal(master_key, text):
-    """Encrypt `text` for storage: HMAC-SHA256 in counter mode as the stream
-    cipher, then HMAC-SHA256 over nonce and ciphertext (encrypt-then-MAC).
-    Stdlib only; the key lives in a file beside the database, not in it."""
-    encryption = hmac.new(master_key, b"encrypt", hashlib.sha256).digest()
-    authentication = hmac.new(master_key, b"authenticate", hashlib.sha256).digest()
-    nonce = secrets.token_bytes(16)
-    body = nonce + _keystream_xor(encryption, nonce, text.encode())
-    tag = hmac.new(authentication, body, hashlib.sha256).digest()
-    return "v1:" + (body + tag).hex()
-
-
-def _unseal(master_key, sealed):
-    if not sealed:
-        return ""
-    encryption = hmac.new(master_key, b"encrypt", hashlib.sha256).digest()
-    authentication = hmac.new(master_key, b"authenticate", hashlib.sha256).digest()
-    raw = bytes.fromhex(sealed[3:])
-    body, tag = raw[:-32], raw[-32:]
-    if not sealed.startswith("v1:") or not hmac.compare_digest(
-            tag, hmac.new(authentication, body, hashlib.sha256).digest()):
-        raise CIRunnerError("a stored secret does not match the secret key file")
-    return _keystream_xor(encryption, body[:16], body[16:]).decode()
-
-
 def _pid_alive(pid):
     try:
         os.kill(pid, 0)
@@ -1013,29 +1480,60 @@ def _pid_alive(pid):
     return True
 
 
-class Store:
-    """The SQLite store: repositories, builds, jobs, status history and logs.
+class _Transaction:
+    """An open write transaction: its statements, and the notifications that
+    go out once it has committed (never for a transaction rolled back)."""
 
-    One connection per thread, WAL journal, ``BEGIN IMMEDIATE`` for every
-    read-modify-write. Safe to share between threads and between processes
-    that open the same file.
+    def __init__(self, conn):
+        self.conn = conn
+        self.events = []
+
+    def execute(self, sql, params=()):
+        return self.conn.execute(sql, params)
+
+    def notify(self, event, ids):
+        """Tell the store's listeners about `ids` (jobs, or a report) after COMMIT."""
+        if ids:
+            self.events.append((event, list(ids)))
+
+
+_REPORT_DESCRIPTIONS = {PENDING: "the build is queued", RUNNING: "the build is running",
+                        SUCCESS: "the build succeeded", FAILURE: "the build failed",
+                        KILLED: "the build was cancelled", ERROR: "the build errored",
+                        SKIPPED: "the build was skipped"}
+
+
+class Store:
+    """The SQLite store: users, repositories, builds, jobs, status history and logs.
+
+    One connection per thread (threads that come and go lend theirs back), WAL
+    journal, ``BEGIN IMMEDIATE`` for every read-modify-write. Safe to share
+    between threads and between processes that open the same file.
+
+    Listeners (`add_listener`) hear of committed changes in this process:
+    ``("enqueued", job_ids)``, ``("cancel", job_ids)`` and ``("report", [0])``.
     """
 
     def __init__(self, path, *, data_dir=None, busy_timeout=5.0):
         self.path = path
         self.data_dir = data_dir or os.path.dirname(os.path.abspath(path))
         self.busy_timeout = busy_timeout
+        self.sealer = _Sealer(os.path.join(self.data_dir, "secret.key"))
         self._local = threading.local()
         self._connections = []
-        self._idle_connections = []  # released by threads that come and go
-        self._columns = {}  # statement text -> the names of its result columns
+        self._idle_connections = []
         self._connections_lock = threading.Lock()
+        # Writers of this process queue here, in turn, rather than in SQLite's
+        # busy handler, which sleeps 1, 2, 5, 10... ms between tries.
+        self._write_lock = threading.Lock()
+        self._columns = {}  # statement text -> the names of its result columns
         self._listeners = []
         self._closed = False
-        # Followers of live logs wait on this; appends (and job ends) in this
-        # process count up and notify it.
-        self.log_appended = threading.Condition()
+        # Followers of live logs wait on this; appends and job ends count up.
+        self._log_changed = threading.Condition()
         self._log_events = 0
+        self._git = None
+        self._git_lock = threading.Lock()
         self._migrate()
 
     @classmethod
@@ -1044,9 +1542,25 @@ class Store:
         os.makedirs(data_dir, exist_ok=True)
         return cls(os.path.join(data_dir, "cirunner.db"), data_dir=data_dir, **options)
 
+    @property
+    def git(self):
+        """The git mirrors of this store's repositories (``DATA/mirrors``), shared by
+        everything that builds from this store in this process."""
+        with self._git_lock:
+            if self._git is None:
+                self._git = _GitMirrors(os.path.join(self.data_dir, "mirrors"))
+            return self._git
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
     # -- connections and transactions ---------------------------------------
 
     def _connect(self):
+        """A new connection with every pragma the store relies on."""
         conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None,
                                check_same_thread=False)
         conn.row_factory = sqlite3.Row
@@ -1055,12 +1569,10 @@ class Store:
         conn.execute("PRAGMA synchronous = NORMAL")
         conn.execute("PRAGMA journal_size_limit = 67108864")
         # Checkpoints run in the executor's maintenance thread, beside the
-        # writers; left to the writer (every 1000 pages by default) they
-        # tripled the cost of storing a big log. This is only the backstop.
+        # writers; left to the writer, they stall whoever writes a big log.
         page_bytes = conn.execute("PRAGMA page_size").fetchone()[0]
         conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_BACKSTOP_BYTES // page_bytes}")
-        # 1 MiB of page cache per connection (default 2 MiB): there is one
-        # connection per HTTP thread, and the OS caches the file anyway.
+        # A small page cache per connection: the OS caches the file anyway.
         conn.execute("PRAGMA cache_size = -1024")
         return conn
 
@@ -1078,11 +1590,15 @@ class Store:
             self._local.conn = conn
         return conn
 
+    def connection_count(self):
+        """How many connections the store has opened (for tests and metrics)."""
+        with self._connections_lock:
+            return len(self._connections)
+
     def release_connection(self):
-        """Lend this thread's connection to whichever thread needs one next.
-        The HTTP server calls this after each request: its 32 threads then share
-        the few connections in use at once instead of holding 32 (each with its
-        own schema and page cache: 9 MiB of a server's idle memory, measured)."""
+        """Lend this thread's connection to whichever thread needs one next. The
+        HTTP server calls this after each request, so its many threads share the
+        few connections in use at once (each has its own caches)."""
         conn = getattr(self._local, "conn", None)
         if conn is not None and not conn.in_transaction:
             self._local.conn = None
@@ -1095,13 +1611,17 @@ class Store:
         """A write transaction. BEGIN IMMEDIATE: a deferred BEGIN that reads and
         then writes fails at once under contention, whatever the busy timeout."""
         conn = self._connection()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
+        with self._write_lock:
+            conn.execute("BEGIN IMMEDIATE")
+            transaction = _Transaction(conn)
+            try:
+                yield transaction
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+        for event, ids in transaction.events:
+            self._notify(event, ids)
 
     def _query(self, sql, params=()):
         cursor = self._connection().execute(sql, params)
@@ -1116,9 +1636,13 @@ class Store:
         row = cursor.fetchone()
         return dict(zip(self._column_names(sql, cursor, row), row)) if row is not None else None
 
+    def _scalar(self, sql, params=()):
+        row = self._connection().execute(sql, params).fetchone()
+        return row[0] if row else None
+
     def _column_names(self, sql, cursor, row):
-        """The column names of `sql`'s rows, learned once per statement: dict(row)
-        looks each name up again and was a tenth of an API request's time."""
+        """The column names of `sql`'s rows, learned once per statement (a lookup
+        per name per row was a tenth of a small API request)."""
         names = self._columns.get(sql)
         if names is None or len(names) != len(row):  # a new statement, or the schema grew
             names = self._columns[sql] = tuple(column[0] for column in cursor.description)
@@ -1140,29 +1664,35 @@ class Store:
             conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
             conn.execute("PRAGMA journal_mode = WAL")
             version = conn.execute("PRAGMA user_version").fetchone()[0]
-            for number, script in enumerate(_MIGRATIONS[version:], start=version + 1):
-                conn.execute("BEGIN IMMEDIATE")
-                try:
-                    # Re-read inside the lock: another process may have migrated.
-                    if conn.execute("PRAGMA user_version").fetchone()[0] >= number:
-                        conn.execute("ROLLBACK")
-                        continue
-                    for statement in script.split(";"):
-                        if statement.strip():
-                            conn.execute(statement)
-                    conn.execute(f"PRAGMA user_version = {number}")
-                except BaseException:
-                    conn.execute("ROLLBACK")
-                    raise
-                conn.execute("COMMIT")
+            for number, migration in enumerate(_MIGRATIONS[version:], start=version + 1):
+                self._apply_migration(conn, number, migration)
         finally:
             conn.close()
 
-    def __enter__(self):
-        return self
+    @staticmethod
+    def _apply_migration(conn, number, migration):
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            # Read again inside the lock: another process may have migrated.
+            if conn.execute("PRAGMA user_version").fetchone()[0] >= number:
+                conn.execute("ROLLBACK")
+                return
+            if callable(migration):
+                migration(conn)
+            else:
+                # Statement by statement: executescript() would commit first.
+                for statement in migration.split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {number}")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
 
-    def __exit__(self, *exc_info):
-        self.close()
+    def schema_version(self):
+        """The schema version this store is at (PRAGMA user_version)."""
+        return self._scalar("PRAGMA user_version")
 
     def close(self):
         """Close every connection of every thread."""
@@ -1182,7 +1712,8 @@ class Store:
         if conn.execute("PRAGMA freelist_count").fetchone()[0]:
             # execute() steps this pragma once, freeing one page; a script runs
             # it to the end. (No transaction is open here, so nothing commits.)
-            conn.executescript("PRAGMA incremental_vacuum(1000);")
+            with self._write_lock:
+                conn.executescript("PRAGMA incremental_vacuum(1000);")
 
     def wal_bytes(self):
         """How big the write-ahead log file is now (0 if there is none)."""
@@ -1193,33 +1724,22 @@ class Store:
 
     def data_version(self):
         """A number that changes whenever another connection commits a change."""
-        return self._connection().execute("PRAGMA data_version").fetchone()[0]
-
-    def integrity_check(self):
-        return self._connection().execute("PRAGMA integrity_check").fetchone()[0]
+        return self._scalar("PRAGMA data_version")
 
     # -- change listeners (same process) ------------------------------------
 
     def add_listener(self, callback):
-        """Call ``callback(event, job_ids)`` after commits that enqueue jobs
-        (event "enqueued") or ask running jobs to stop (event "cancel")."""
+        """Call ``callback(event, ids)`` after commits (see the class docstring)."""
         self._listeners.append(callback)
 
     def remove_listener(self, callback):
         with contextlib.suppress(ValueError):
             self._listeners.remove(callback)
 
-    def _notify_reports(self):
-        if getattr(self._local, "reports_added", False):
-            self._local.reports_added = False
-            self._notify("report", [0])
-
-    def _notify(self, event, job_ids):
-        if not job_ids:
-            return
+    def _notify(self, event, ids):
         for callback in list(self._listeners):
             try:
-                callback(event, job_ids)
+                callback(event, ids)
             except Exception:  # noqa: BLE001 - one bad listener must not break a commit
                 _log.exception("store listener failed")
 
@@ -1229,9 +1749,9 @@ class Store:
         """Add a user; raises Conflict if the login exists."""
         _check_name(login, "login")
         try:
-            with self._write() as conn:
-                conn.execute("INSERT INTO users (login, email, admin, created_at) "
-                             "VALUES (?, ?, ?, ?)", (login, email, int(admin), _now()))
+            with self._write() as tx:
+                tx.execute("INSERT INTO users (login, email, admin, created_at) "
+                           "VALUES (?, ?, ?, ?)", (login, email, int(admin), _now()))
         except sqlite3.IntegrityError:
             raise Conflict(f"user {login} already exists") from None
         return self.get_user(login)
@@ -1244,12 +1764,12 @@ class Store:
         return self._query("SELECT * FROM users ORDER BY login")
 
     def user_count(self):
-        return self._connection().execute("SELECT count(*) FROM users").fetchone()[0]
+        return self._scalar("SELECT count(*) FROM users")
 
     def delete_user(self, login):
         """Remove a user and every token of theirs."""
-        with self._write() as conn:
-            if not conn.execute("DELETE FROM users WHERE login = ?", (login,)).rowcount:
+        with self._write() as tx:
+            if not tx.execute("DELETE FROM users WHERE login = ?", (login,)).rowcount:
                 raise NotFound(f"user {login} not found")
 
     def create_token(self, login, *, name="", scope="write"):
@@ -1259,8 +1779,8 @@ class Store:
             raise BadRequest(f"scope must be one of {', '.join(TOKEN_SCOPES)}")
         user = self.get_user(login)
         secret = TOKEN_PREFIX + secrets.token_urlsafe(32)
-        with self._write() as conn:
-            token_id = conn.execute(
+        with self._write() as tx:
+            token_id = tx.execute(
                 "INSERT INTO tokens (user_id, name, hash, scope, created_at) VALUES (?, ?, ?, ?, ?)",
                 (user["id"], name, _token_hash(secret), scope, _now())).lastrowid
         return self._query_one("SELECT * FROM tokens WHERE id = ?", (token_id,)), secret
@@ -1280,8 +1800,8 @@ class Store:
                                "JOIN users u ON u.id = t.user_id WHERE t.id = ?", (token_id,))
 
     def revoke_token(self, token_id):
-        with self._write() as conn:
-            if not conn.execute("DELETE FROM tokens WHERE id = ?", (token_id,)).rowcount:
+        with self._write() as tx:
+            if not tx.execute("DELETE FROM tokens WHERE id = ?", (token_id,)).rowcount:
                 raise NotFound(f"token {token_id} not found")
 
     def authenticate(self, secret):
@@ -1294,19 +1814,24 @@ class Store:
         # the comparison is constant-time all the same.
         if row is None or not hmac.compare_digest(row.pop("hash"), digest):
             return None
-        now = _now()
-        if row["last_used_at"] < now - 60:  # at most one write a minute per token
-            # Never waits for another writer: the stamp is advisory, and the
-            # caller may be the server's loop thread (see _QuickLane).
-            conn = self._connection()
-            conn.execute("PRAGMA busy_timeout = 0")
-            try:
-                with contextlib.suppress(sqlite3.OperationalError):
-                    conn.execute("UPDATE tokens SET last_used_at = ? WHERE id = ?",
-                                 (now, row["token_id"]))
-            finally:
-                conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+        if row["last_used_at"] < _now() - 60:  # at most one write a minute per token
+            self._stamp_token(row["token_id"])
         return row
+
+    def _stamp_token(self, token_id):
+        """Record a token's use, unless another writer holds the lock: the stamp
+        is advisory, and no read should wait for a writer because of it."""
+        if not self._write_lock.acquire(blocking=False):
+            return
+        conn = self._connection()
+        try:
+            conn.execute("PRAGMA busy_timeout = 0")
+            with contextlib.suppress(sqlite3.OperationalError):
+                conn.execute("UPDATE tokens SET last_used_at = ? WHERE id = ?",
+                             (_now(), token_id))
+        finally:
+            conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+            self._write_lock.release()
 
     # -- repositories --------------------------------------------------------
 
@@ -1316,12 +1841,10 @@ class Store:
         _check_name(name, "repository name")
         values = self._repo_values(fields)
         values.update(owner=owner, name=name, url=url, created_at=_now())
-        columns = ", ".join(values)
-        marks = ", ".join("?" for _ in values)
         try:
-            with self._write() as conn:
-                conn.execute(f"INSERT INTO repos ({columns}) VALUES ({marks})",
-                             tuple(values.values()))
+            with self._write() as tx:
+                tx.execute(f"INSERT INTO repos ({', '.join(values)}) "
+                           f"VALUES ({', '.join('?' for _ in values)})", tuple(values.values()))
         except sqlite3.IntegrityError:
             raise Conflict(f"repository {owner}/{name} already exists") from None
         return self.get_repo(owner, name)
@@ -1339,30 +1862,55 @@ class Store:
         return self._query("SELECT * FROM repos ORDER BY owner, name")
 
     def update_repo(self, repo_id, **fields):
+        """Change a repository's settings (names as in `_REPO_FIELDS`)."""
         unknown = set(fields) - set(_REPO_FIELDS)
         if unknown:
             raise BadRequest(f"unknown repository field {min(unknown)!r}")
         values = self._repo_values(fields)
         if values:
             assignments = ", ".join(f"{key} = ?" for key in values)
-            with self._write() as conn:
-                conn.execute(f"UPDATE repos SET {assignments} WHERE id = ?",
-                             (*values.values(), repo_id))
+            with self._write() as tx:
+                tx.execute(f"UPDATE repos SET {assignments} WHERE id = ?",
+                           (*values.values(), repo_id))
         return self.get_repo_by_id(repo_id)
 
     def _repo_values(self, fields):
         values = {key: fields[key] for key in _REPO_FIELDS if key in fields}
         if values.get("forge_token"):
-            values["forge_token"] = _seal(self.secret_key, values["forge_token"])
+            values["forge_token"] = self.sealer.seal(values["forge_token"])
         return values
+
+    def forge_token(self, repo):
+        """The repository's forge API token, unsealed."""
+        return self.sealer.unseal(repo["forge_token"])
 
     def delete_repo(self, repo_id):
         """Delete a repository with all its builds; Conflict while one is active."""
-        with self._write() as conn:
-            if conn.execute("SELECT 1 FROM builds WHERE repo_id = ? AND status IN (?, ?)",
-                            (repo_id, PENDING, RUNNING)).fetchone():
+        with self._write() as tx:
+            if tx.execute("SELECT 1 FROM builds WHERE repo_id = ? AND status IN (?, ?)",
+                          (repo_id, PENDING, RUNNING)).fetchone():
                 raise Conflict("the repository has pending or running builds")
-            conn.execute("DELETE FROM repos WHERE id = ?", (repo_id,))
+            tx.execute("DELETE FROM repos WHERE id = ?", (repo_id,))
+
+    # -- pipelines ------------------------------------------------------------
+
+    def save_pipeline(self, filename, text, parsed=""):
+        """Store a pipeline file (once, however many builds run it); returns its id."""
+        digest = _pipeline_digest(filename, text)
+        with self._write() as tx:
+            tx.execute("INSERT INTO pipelines (digest, filename, text, parsed) VALUES (?, ?, ?, ?) "
+                       "ON CONFLICT (digest) DO NOTHING", (digest, filename, text, parsed))
+            return tx.execute("SELECT id FROM pipelines WHERE digest = ?",
+                              (digest,)).fetchone()[0]
+
+    def find_pipeline(self, digest):
+        """The stored pipeline with this digest, or None."""
+        return self._query_one("SELECT * FROM pipelines WHERE digest = ?", (digest,))
+
+    def get_pipeline(self, pipeline_id):
+        """The pipeline row: filename, text, and its parsed form as JSON text."""
+        return self._one("SELECT * FROM pipelines WHERE id = ?", (pipeline_id,),
+                         f"pipeline {pipeline_id} not found")
 
     # -- builds -------------------------------------------------------------
 
@@ -1371,62 +1919,50 @@ class Store:
         environment of `environments`. With `error`, the build is created
         finished with status error and no jobs. Returns the build dict."""
         now = _now()
-        with self._write() as conn:
-            conn.execute("UPDATE repos SET last_number = last_number + 1 WHERE id = ?",
-                         (repo_id,))
-            row = conn.execute("SELECT last_number FROM repos WHERE id = ?", (repo_id,)).fetchone()
+        with self._write() as tx:
+            tx.execute("UPDATE repos SET last_number = last_number + 1 WHERE id = ?", (repo_id,))
+            row = tx.execute("SELECT last_number FROM repos WHERE id = ?", (repo_id,)).fetchone()
             if row is None:
                 raise NotFound(f"repository {repo_id} not found")
             values = {key: fields[key] for key in _BUILD_FIELDS if key in fields}
             values.update(repo_id=repo_id, number=row[0], status=PENDING, created_at=now,
                           enqueued_at=now)
-            columns = ", ".join(values)
-            marks = ", ".join("?" for _ in values)
-            build_id = conn.execute(f"INSERT INTO builds ({columns}) VALUES ({marks})",
-                                    tuple(values.values())).lastrowid
-            self._record_status(conn, build_id, None, PENDING, "build created", now)
-            self._enqueue_report(conn, build_id, PENDING)
-            job_ids = self._insert_jobs(conn, build_id, environments, error, now)
-        self._notify("enqueued", job_ids)
-        self._notify_reports()
+            build_id = tx.execute(f"INSERT INTO builds ({', '.join(values)}) "
+                                  f"VALUES ({', '.join('?' for _ in values)})",
+                                  tuple(values.values())).lastrowid
+            self._record_status(tx, build_id, None, PENDING, "build created", now)
+            self._insert_jobs(tx, build_id, environments, error, now)
         return self.get_build_by_id(build_id)
 
-    def _insert_jobs(self, conn, build_id, environments, error, now):
+    def _insert_jobs(self, tx, build_id, environments, error, now):
         if error:
-            conn.execute("UPDATE builds SET status = ?, error = ?, started_at = ?, "
-                         "finished_at = ? WHERE id = ?", (ERROR, error, now, now, build_id))
-            self._record_status(conn, build_id, None, ERROR, error, now)
-            self._enqueue_report(conn, build_id, ERROR)
-            return []
-        job_ids = []
-        for number, environment in enumerate(environments, start=1):
-            job_ids.append(conn.execute(
-                "INSERT INTO jobs (build_id, number, status, environment, enqueued_at) "
-                "VALUES (?, ?, ?, ?, ?)",
-                (build_id, number, PENDING, json.dumps(environment), now)).lastrowid)
-        return job_ids
+            tx.execute("UPDATE builds SET status = ?, error = ?, started_at = ?, finished_at = ? "
+                       "WHERE id = ?", (ERROR, error, now, now, build_id))
+            self._record_status(tx, build_id, None, ERROR, error, now)
+            return
+        job_ids = [tx.execute("INSERT INTO jobs (build_id, number, status, environment, "
+                              "enqueued_at) VALUES (?, ?, ?, ?, ?)",
+                              (build_id, number, PENDING, json.dumps(environment), now)).lastrowid
+                   for number, environment in enumerate(environments, start=1)]
+        tx.notify("enqueued", job_ids)
 
     def reset_build(self, build_id, fields, environments, *, error="", message="build restarted"):
         """Run a finished build again under the same number: its jobs, logs and
         job statuses are replaced. Raises Conflict while it is pending or running."""
         now = _now()
-        with self._write() as conn:
-            row = conn.execute("SELECT status FROM builds WHERE id = ?", (build_id,)).fetchone()
+        with self._write() as tx:
+            row = tx.execute("SELECT status FROM builds WHERE id = ?", (build_id,)).fetchone()
             if row is None:
                 raise NotFound(f"build {build_id} not found")
             if row[0] in ACTIVE_STATUSES:
                 raise Conflict(f"the build is {row[0]}; wait for it to finish or cancel it")
-            conn.execute("DELETE FROM jobs WHERE build_id = ?", (build_id,))
+            tx.execute("DELETE FROM jobs WHERE build_id = ?", (build_id,))
             values = {key: fields[key] for key in _BUILD_FIELDS if key in fields}
             values.update(status=PENDING, error="", enqueued_at=now, started_at=0, finished_at=0)
             assignments = ", ".join(f"{key} = ?" for key in values)
-            conn.execute(f"UPDATE builds SET {assignments} WHERE id = ?",
-                         (*values.values(), build_id))
-            self._record_status(conn, build_id, None, PENDING, message, now)
-            self._enqueue_report(conn, build_id, PENDING)
-            job_ids = self._insert_jobs(conn, build_id, environments, error, now)
-        self._notify("enqueued", job_ids)
-        self._notify_reports()
+            tx.execute(f"UPDATE builds SET {assignments} WHERE id = ?", (*values.values(), build_id))
+            self._record_status(tx, build_id, None, PENDING, message, now)
+            self._insert_jobs(tx, build_id, environments, error, now)
         return self.get_build_by_id(build_id)
 
     def get_build_by_id(self, build_id):
@@ -1435,15 +1971,12 @@ class Store:
 
     def get_build(self, repo_id, number):
         """Build `number` of a repository; raises NotFound."""
-        build = self._query_one("SELECT * FROM builds WHERE repo_id = ? AND number = ?",
-                                (repo_id, number))
-        if build is None:
-            raise NotFound(f"build {number} not found")
-        return build
+        return self._one("SELECT * FROM builds WHERE repo_id = ? AND number = ?",
+                         (repo_id, number), f"build {number} not found")
 
     def latest_build(self, repo_id, branch=None):
-        sql = "SELECT * FROM builds WHERE repo_id = ?"
-        params = [repo_id]
+        """The newest build of a repository (on `branch`); raises NotFound."""
+        sql, params = "SELECT * FROM builds WHERE repo_id = ?", [repo_id]
         if branch:
             sql += " AND branch = ?"
             params.append(branch)
@@ -1464,14 +1997,11 @@ class Store:
     def _number_at_offset(self, repo_id, offset):
         """The largest number with exactly `offset` existing builds above it: the
         builds above `x` are the numbers above it less the deleted ones."""
-        conn = self._connection()
-        last = conn.execute("SELECT last_number FROM repos WHERE id = ?",
-                            (repo_id,)).fetchone()
-        last = last[0] if last else 0
+        last = self._scalar("SELECT last_number FROM repos WHERE id = ?", (repo_id,)) or 0
         number = last - offset
         for _ in range(1000):
-            deleted = conn.execute("SELECT count(*) FROM deleted_builds WHERE repo_id = ? "
-                                   "AND number > ?", (repo_id, number)).fetchone()[0]
+            deleted = self._scalar("SELECT count(*) FROM deleted_builds WHERE repo_id = ? "
+                                   "AND number > ?", (repo_id, number))
             if last - offset - deleted == number:
                 break
             number = last - offset - deleted
@@ -1479,8 +2009,7 @@ class Store:
 
     def count_builds(self, repo_id, *, branch=None, status=None):
         where, params = self._build_filter(repo_id, branch, status)
-        return self._connection().execute(f"SELECT count(*) FROM builds WHERE {where}",
-                                          params).fetchone()[0]
+        return self._scalar(f"SELECT count(*) FROM builds WHERE {where}", params)
 
     @staticmethod
     def _build_filter(repo_id, branch, status):
@@ -1495,31 +2024,27 @@ class Store:
 
     def update_build(self, build_id, *, description=None, tags=None, pinned=None):
         """Change a build's description, tags (a list) or pinned flag."""
-        values = {}
-        if description is not None:
-            values["description"] = description
-        if tags is not None:
-            values["tags"] = json.dumps(tags)
-        if pinned is not None:
-            values["pinned"] = int(pinned)
+        values = {key: value for key, value in (
+            ("description", description), ("tags", None if tags is None else json.dumps(tags)),
+            ("pinned", None if pinned is None else int(pinned))) if value is not None}
         if values:
             assignments = ", ".join(f"{key} = ?" for key in values)
-            with self._write() as conn:
-                conn.execute(f"UPDATE builds SET {assignments} WHERE id = ?",
-                             (*values.values(), build_id))
+            with self._write() as tx:
+                tx.execute(f"UPDATE builds SET {assignments} WHERE id = ?",
+                           (*values.values(), build_id))
         return self.get_build_by_id(build_id)
 
     def delete_build(self, build_id):
         """Delete a finished build with its jobs, statuses and logs."""
-        with self._write() as conn:
-            row = conn.execute("SELECT status FROM builds WHERE id = ?", (build_id,)).fetchone()
+        with self._write() as tx:
+            row = tx.execute("SELECT status FROM builds WHERE id = ?", (build_id,)).fetchone()
             if row is None:
                 raise NotFound(f"build {build_id} not found")
             if row[0] in ACTIVE_STATUSES:
                 raise Conflict(f"the build is {row[0]}; cancel it first")
-            conn.execute("INSERT OR IGNORE INTO deleted_builds (repo_id, number) "
-                         "SELECT repo_id, number FROM builds WHERE id = ?", (build_id,))
-            conn.execute("DELETE FROM builds WHERE id = ?", (build_id,))
+            tx.execute("INSERT INTO deleted_builds (repo_id, number) SELECT repo_id, number "
+                       "FROM builds WHERE id = ? ON CONFLICT DO NOTHING", (build_id,))
+            tx.execute("DELETE FROM builds WHERE id = ?", (build_id,))
 
     # -- jobs ---------------------------------------------------------------
 
@@ -1527,15 +2052,11 @@ class Store:
         return self._query("SELECT * FROM jobs WHERE build_id = ? ORDER BY number", (build_id,))
 
     def get_job(self, build_id, number):
-        job = self._query_one("SELECT * FROM jobs WHERE build_id = ? AND number = ?",
-                              (build_id, number))
-        if job is None:
-            raise NotFound(f"job {number} not found")
-        return job
+        return self._one("SELECT * FROM jobs WHERE build_id = ? AND number = ?",
+                         (build_id, number), f"job {number} not found")
 
     def get_job_by_id(self, job_id):
-        return self._one("SELECT * FROM jobs WHERE id = ?", (job_id,),
-                         f"job {job_id} not found")
+        return self._one("SELECT * FROM jobs WHERE id = ?", (job_id,), f"job {job_id} not found")
 
     def claim_next_job(self, runner_id):
         """Atomically take the oldest runnable pending job for `runner_id`.
@@ -1544,70 +2065,55 @@ class Store:
         ``max_builds``. Returns the job dict (now running), or None.
         """
         now = _now()
-        with self._write() as conn:
-            candidates = conn.execute(
+        with self._write() as tx:
+            candidates = tx.execute(
                 "SELECT j.id, j.build_id, b.status AS build_status, b.max_parallel, b.repo_id, "
                 "r.max_builds FROM jobs j JOIN builds b ON b.id = j.build_id "
                 "JOIN repos r ON r.id = b.repo_id WHERE j.status = ? ORDER BY j.id LIMIT 64",
-                (PENDING,))
-            for candidate in candidates:
-                if candidate["max_parallel"] and conn.execute(
-                        "SELECT count(*) FROM jobs WHERE build_id = ? AND status = ?",
-                        (candidate["build_id"], RUNNING)).fetchone()[0] >= candidate["max_parallel"]:
-                    continue
-                if candidate["max_builds"] and candidate["build_status"] == PENDING and conn.execute(
-                        "SELECT count(*) FROM builds WHERE repo_id = ? AND status = ?",
-                        (candidate["repo_id"], RUNNING)).fetchone()[0] >= candidate["max_builds"]:
-                    continue
-                conn.execute("UPDATE jobs SET status = ?, started_at = ?, claimed_by = ?, "
-                             "heartbeat_at = ? WHERE id = ?",
-                             (RUNNING, now, runner_id, now, candidate["id"]))
-                self._record_status(conn, candidate["build_id"], candidate["id"], RUNNING,
-                                    f"started by runner {runner_id}", now)
-                self._roll_up(conn, candidate["build_id"], now)
-                job = dict(conn.execute("SELECT * FROM jobs WHERE id = ?",
-                                        (candidate["id"],)).fetchone())
-                break
-            else:
+                (PENDING,)).fetchall()
+            candidate = next((row for row in candidates if self._may_start(tx, row)), None)
+            if candidate is None:
                 return None
-        self._notify_reports()
-        return job
+            tx.execute("UPDATE jobs SET status = ?, started_at = ?, claimed_by = ?, "
+                       "heartbeat_at = ? WHERE id = ?",
+                       (RUNNING, now, runner_id, now, candidate["id"]))
+            self._record_status(tx, candidate["build_id"], candidate["id"], RUNNING,
+                                f"started by runner {runner_id}", now)
+            self._roll_up(tx, candidate["build_id"], now)
+            return dict(tx.execute("SELECT * FROM jobs WHERE id = ?",
+                                   (candidate["id"],)).fetchone())
+
+    @staticmethod
+    def _may_start(tx, candidate):
+        """Whether a pending job fits its build's max_parallel and its repository's max_builds."""
+        if candidate["max_parallel"] and tx.execute(
+                "SELECT count(*) FROM jobs WHERE build_id = ? AND status = ?",
+                (candidate["build_id"], RUNNING)).fetchone()[0] >= candidate["max_parallel"]:
+            return False
+        return not (candidate["max_builds"] and candidate["build_status"] == PENDING and tx.execute(
+            "SELECT count(*) FROM builds WHERE repo_id = ? AND status = ?",
+            (candidate["repo_id"], RUNNING)).fetchone()[0] >= candidate["max_builds"])
 
     def finish_job(self, job_id, status, *, exit_code=0, error="", message=""):
         """Record a job's end, apply fail_fast and roll the build's status up."""
         now = _now()
-        cancel_ids = []
-        with self._write() as conn:
-            job = conn.execute("SELECT build_id, status FROM jobs WHERE id = ?",
-                               (job_id,)).fetchone()
+        with self._write() as tx:
+            job = tx.execute("SELECT build_id, number, status FROM jobs WHERE id = ?",
+                             (job_id,)).fetchone()
             if job is None or job["status"] in DONE_STATUSES:
                 return  # deleted, or already finished by recovery
-            conn.execute("UPDATE jobs SET status = ?, exit_code = ?, error = ?, finished_at = ? "
-                         "WHERE id = ?", (status, exit_code, error, now, job_id))
-            self._record_status(conn, job["build_id"], job_id, status,
+            tx.execute("UPDATE jobs SET status = ?, exit_code = ?, error = ?, finished_at = ? "
+                       "WHERE id = ?", (status, exit_code, error, now, job_id))
+            self._record_status(tx, job["build_id"], job_id, status,
                                 message or error or f"exit code {exit_code}", now)
-            build = conn.execute("SELECT fail_fast FROM builds WHERE id = ?",
-                                 (job["build_id"],)).fetchone()
-            if build["fail_fast"] and status not in (SUCCESS, SKIPPED):
-                number = conn.execute("SELECT number FROM jobs WHERE id = ?",
-                                      (job_id,)).fetchone()[0]
-                cancel_ids = self._cancel_jobs(
-                    conn, job["build_id"], None, SKIPPED,
-                    f"cancelled by fail_fast: job {number} ended {status}", now)
-            self._roll_up(conn, job["build_id"], now)
-        self._notify("cancel", cancel_ids)
-        self._notify_reports()
+            fail_fast = tx.execute("SELECT fail_fast FROM builds WHERE id = ?",
+                                   (job["build_id"],)).fetchone()[0]
+            if fail_fast and status not in (SUCCESS, SKIPPED):
+                self._cancel_jobs(tx, job["build_id"], None, SKIPPED,
+                                  f"cancelled by fail_fast: job {job['number']} ended {status}",
+                                  now)
+            self._roll_up(tx, job["build_id"], now)
         self._wake_log_followers()  # live logs end now, not at their next poll
-
-    def _wake_log_followers(self):
-        with self.log_appended:
-            self._log_events += 1
-            self.log_appended.notify_all()
-
-    def log_events_seen(self):
-        """A mark to pass to `wait_for_log`, taken before reading a job and
-        its log, so that an append or end in between is not waited through."""
-        return self._log_events
 
     def cancel_jobs(self, build_id, job_number=None, *, pending_status=KILLED,
                     message="cancelled"):
@@ -1615,40 +2121,38 @@ class Store:
         `pending_status` at once, running ones are asked to stop and end as
         killed. Raises Conflict if nothing is active. Returns the build."""
         now = _now()
-        with self._write() as conn:
-            cancel_ids = self._cancel_jobs(conn, build_id, job_number, pending_status, message,
-                                           now, require_active=True)
-            self._roll_up(conn, build_id, now)
-        self._notify("cancel", cancel_ids)
-        self._notify_reports()
+        with self._write() as tx:
+            self._cancel_jobs(tx, build_id, job_number, pending_status, message, now,
+                              require_active=True)
+            self._roll_up(tx, build_id, now)
         return self.get_build_by_id(build_id)
 
-    def _cancel_jobs(self, conn, build_id, job_number, pending_status, message, now,
+    def _cancel_jobs(self, tx, build_id, job_number, pending_status, message, now,
                      require_active=False):
         sql = "SELECT id, number, status FROM jobs WHERE build_id = ? AND status IN (?, ?)"
         params = [build_id, PENDING, RUNNING]
         if job_number is not None:
             sql += " AND number = ?"
             params.append(job_number)
-        jobs = conn.execute(sql, params).fetchall()
+        jobs = tx.execute(sql, params).fetchall()
         if require_active and not jobs:
             if job_number is not None:
-                if not conn.execute("SELECT 1 FROM jobs WHERE build_id = ? AND number = ?",
-                                    (build_id, job_number)).fetchone():
+                if not tx.execute("SELECT 1 FROM jobs WHERE build_id = ? AND number = ?",
+                                  (build_id, job_number)).fetchone():
                     raise NotFound(f"job {job_number} not found")
                 raise Conflict(f"job {job_number} is not pending or running")
             raise Conflict("the build has no pending or running jobs")
         running = []
         for job in jobs:
             if job["status"] == PENDING:
-                conn.execute("UPDATE jobs SET status = ?, error = ?, finished_at = ? WHERE id = ?",
-                             (pending_status, message, now, job["id"]))
-                self._record_status(conn, build_id, job["id"], pending_status, message, now)
+                tx.execute("UPDATE jobs SET status = ?, error = ?, finished_at = ? WHERE id = ?",
+                           (pending_status, message, now, job["id"]))
+                self._record_status(tx, build_id, job["id"], pending_status, message, now)
             else:
-                conn.execute("UPDATE jobs SET cancel_requested = 1, error = ? WHERE id = ?",
-                             (message, job["id"]))
+                tx.execute("UPDATE jobs SET cancel_requested = 1, error = ? WHERE id = ?",
+                           (message, job["id"]))
                 running.append(job["id"])
-        return running
+        tx.notify("cancel", running)
 
     def cancel_requested_jobs(self, runner_id):
         """Ids of `runner_id`'s running jobs that someone asked to stop."""
@@ -1656,15 +2160,19 @@ class Store:
             "SELECT id FROM jobs WHERE status = ? AND claimed_by = ? AND cancel_requested = 1",
             (RUNNING, runner_id))]
 
-    def _record_status(self, conn, build_id, job_id, status, message, now):
-        conn.execute("INSERT INTO statuses (build_id, job_id, status, message, created_at) "
-                     "VALUES (?, ?, ?, ?, ?)", (build_id, job_id, status, message, now))
+    # -- status history and roll-up -----------------------------------------
 
-    def _roll_up(self, conn, build_id, now):
+    def _record_status(self, tx, build_id, job_id, status, message, now):
+        tx.execute("INSERT INTO statuses (build_id, job_id, status, message, created_at) "
+                   "VALUES (?, ?, ?, ?, ?)", (build_id, job_id, status, message, now))
+        if job_id is None:
+            self._enqueue_report(tx, build_id, status)
+
+    def _roll_up(self, tx, build_id, now):
         """Derive the build's status from its jobs (DESIGN.md section 3), with
         aggregates: a 256-job matrix costs one pass in SQLite, not 256 rows."""
-        build = conn.execute("SELECT status FROM builds WHERE id = ?", (build_id,)).fetchone()
-        totals = conn.execute(
+        build = tx.execute("SELECT status FROM builds WHERE id = ?", (build_id,)).fetchone()
+        totals = tx.execute(
             "SELECT count(*), sum(status IN ('pending', 'running')), "
             "min(CASE WHEN started_at > 0 THEN started_at END), max(finished_at) "
             "FROM jobs WHERE build_id = ?", (build_id,)).fetchone()
@@ -1673,21 +2181,19 @@ class Store:
         _, active, started_at, finished_at = totals
         if active:
             status = RUNNING if started_at or build["status"] == RUNNING else PENDING
-            finished_at = 0
-            message = "build running"
+            finished_at, message = 0, "build running"
         else:
-            failed = conn.execute(
+            failed = tx.execute(
                 "SELECT number, status FROM jobs WHERE build_id = ? "
                 "AND status NOT IN ('success', 'skipped') ORDER BY number LIMIT 1",
                 (build_id,)).fetchone()
             status = failed["status"] if failed else SUCCESS
             message = (f"build finished: job {failed['number']} ended {status}" if failed
                        else "build finished: every job succeeded")
-        conn.execute("UPDATE builds SET status = ?, started_at = ?, finished_at = ? WHERE id = ?",
-                     (status, started_at or 0, finished_at, build_id))
+        tx.execute("UPDATE builds SET status = ?, started_at = ?, finished_at = ? WHERE id = ?",
+                   (status, started_at or 0, finished_at, build_id))
         if status != build["status"]:
-            self._record_status(conn, build_id, None, status, message, now)
-            self._enqueue_report(conn, build_id, status)
+            self._record_status(tx, build_id, None, status, message, now)
 
     def list_statuses(self, build_id, *, offset=0, limit=-1):
         """The build's status history, oldest first."""
@@ -1696,31 +2202,15 @@ class Store:
                            "ORDER BY s.id LIMIT ? OFFSET ?", (build_id, limit, offset))
 
     def count_statuses(self, build_id):
-        return self._connection().execute("SELECT count(*) FROM statuses WHERE build_id = ?",
-                                          (build_id,)).fetchone()[0]
+        return self._scalar("SELECT count(*) FROM statuses WHERE build_id = ?", (build_id,))
 
     def get_status(self, build_id, status_id):
-        row = self._query_one("SELECT s.*, j.number AS job_number FROM statuses s "
-                              "LEFT JOIN jobs j ON j.id = s.job_id "
-                              "WHERE s.build_id = ? AND s.id = ?", (build_id, status_id))
-        if row is None:
-            raise NotFound(f"status {status_id} not found")
-        return row
+        return self._one("SELECT s.*, j.number AS job_number FROM statuses s "
+                         "LEFT JOIN jobs j ON j.id = s.job_id "
+                         "WHERE s.build_id = ? AND s.id = ?", (build_id, status_id),
+                         f"status {status_id} not found")
 
     # -- secrets ------------------------------------------------------------
-
-    @property
-    def secret_key(self):
-        """The key that seals secret values, from DATA/secret.key (made once, mode 0600)."""
-        if getattr(self, "_secret_key", None) is None:
-            path = os.path.join(self.data_dir, "secret.key")
-            with contextlib.suppress(FileExistsError):
-                descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-                with os.fdopen(descriptor, "w") as handle:
-                    handle.write(secrets.token_hex(32))
-            with open(path) as handle:
-                self._secret_key = bytes.fromhex(handle.read().strip())
-        return self._secret_key
 
     def set_secret(self, repo_id, name, value, events=None):
         """Add or replace a repository secret (stored sealed)."""
@@ -1728,14 +2218,14 @@ class Store:
             raise BadRequest(f"invalid secret name {name!r}: use a variable name")
         if not isinstance(value, str) or not value or "\x00" in value:
             raise BadRequest("the secret value must be a non-empty string")
-        events = list(events) if events else [EVENT_PUSH, EVENT_TAG, EVENT_CRON, EVENT_MANUAL]
+        events = list(events) if events else list(SECRET_EVENTS)
         if not all(event in EVENTS for event in events):
             raise BadRequest(f"events must be among {', '.join(EVENTS)}")
-        with self._write() as conn:
-            conn.execute("INSERT INTO secrets (repo_id, name, value, events) VALUES (?, ?, ?, ?) "
-                         "ON CONFLICT (repo_id, name) DO UPDATE SET value = excluded.value, "
-                         "events = excluded.events",
-                         (repo_id, name, _seal(self.secret_key, value), json.dumps(events)))
+        with self._write() as tx:
+            tx.execute("INSERT INTO secrets (repo_id, name, value, events) VALUES (?, ?, ?, ?) "
+                       "ON CONFLICT (repo_id, name) DO UPDATE SET value = excluded.value, "
+                       "events = excluded.events",
+                       (repo_id, name, self.sealer.seal(value), json.dumps(events)))
 
     def list_secrets(self, repo_id):
         """Names and events of a repository's secrets (never the values)."""
@@ -1744,31 +2234,29 @@ class Store:
                                        "ORDER BY name", (repo_id,))]
 
     def delete_secret(self, repo_id, name):
-        with self._write() as conn:
-            if not conn.execute("DELETE FROM secrets WHERE repo_id = ? AND name = ?",
-                                (repo_id, name)).rowcount:
+        with self._write() as tx:
+            if not tx.execute("DELETE FROM secrets WHERE repo_id = ? AND name = ?",
+                              (repo_id, name)).rowcount:
                 raise NotFound(f"secret {name} not found")
 
     def secrets_for(self, repo_id, event):
         """{name: value} of the secrets a build of `event` may see."""
-        return {row["name"]: _unseal(self.secret_key, row["value"])
+        return {row["name"]: self.sealer.unseal(row["value"])
                 for row in self._query("SELECT name, value, events FROM secrets "
                                        "WHERE repo_id = ?", (repo_id,))
                 if event in json.loads(row["events"])}
 
-    def forge_token(self, repo):
-        return _unseal(self.secret_key, repo["forge_token"])
-
     # -- cron schedules -----------------------------------------------------
 
     def add_cron(self, repo_id, name, expression, branch=""):
+        """Add a schedule; its first time is computed now (UTC)."""
         _check_name(name, "cron name")
         next_at = _next_cron_time(expression, time.time())
         try:
-            with self._write() as conn:
-                conn.execute("INSERT INTO crons (repo_id, name, expression, branch, next_at, "
-                             "created_at) VALUES (?, ?, ?, ?, ?, ?)",
-                             (repo_id, name, expression, branch, next_at, _now()))
+            with self._write() as tx:
+                tx.execute("INSERT INTO crons (repo_id, name, expression, branch, next_at, "
+                           "created_at) VALUES (?, ?, ?, ?, ?, ?)",
+                           (repo_id, name, expression, branch, next_at, _now()))
         except sqlite3.IntegrityError:
             raise Conflict(f"cron {name} already exists") from None
         return self._query_one("SELECT * FROM crons WHERE repo_id = ? AND name = ?",
@@ -1782,9 +2270,9 @@ class Store:
         return self._query(sql + " ORDER BY r.owner, r.name, c.name")
 
     def delete_cron(self, repo_id, name):
-        with self._write() as conn:
-            if not conn.execute("DELETE FROM crons WHERE repo_id = ? AND name = ?",
-                                (repo_id, name)).rowcount:
+        with self._write() as tx:
+            if not tx.execute("DELETE FROM crons WHERE repo_id = ? AND name = ?",
+                              (repo_id, name)).rowcount:
                 raise NotFound(f"cron {name} not found")
 
     def take_due_crons(self, now=None):
@@ -1792,89 +2280,89 @@ class Store:
         same transaction: across processes each due time is taken once, and a
         schedule missed during downtime runs once, not once per missed slot."""
         now = time.time() if now is None else now
-        taken = []
-        with self._write() as conn:
-            for cron in conn.execute("SELECT * FROM crons WHERE next_at <= ?", (now,)).fetchall():
-                conn.execute("UPDATE crons SET next_at = ? WHERE id = ?",
-                             (_next_cron_time(cron["expression"], now), cron["id"]))
-                taken.append(dict(cron))
-        return taken
+        with self._write() as tx:
+            due = [dict(cron) for cron in tx.execute("SELECT * FROM crons WHERE next_at <= ?",
+                                                     (now,)).fetchall()]
+            for cron in due:
+                tx.execute("UPDATE crons SET next_at = ? WHERE id = ?",
+                           (_next_cron_time(cron["expression"], now), cron["id"]))
+        return due
 
     # -- commit status reports (outbox) --------------------------------------
 
-    def _enqueue_report(self, conn, build_id, status):
-        forge = conn.execute("SELECT r.forge FROM builds b JOIN repos r ON r.id = b.repo_id "
-                             "WHERE b.id = ?", (build_id,)).fetchone()
+    def _enqueue_report(self, tx, build_id, status):
+        forge = tx.execute("SELECT r.forge FROM builds b JOIN repos r ON r.id = b.repo_id "
+                           "WHERE b.id = ?", (build_id,)).fetchone()
         if forge and forge[0]:
-            descriptions = {PENDING: "the build is queued", RUNNING: "the build is running",
-                            SUCCESS: "the build succeeded", FAILURE: "the build failed",
-                            KILLED: "the build was cancelled", ERROR: "the build errored",
-                            SKIPPED: "the build was skipped"}
-            conn.execute("INSERT INTO reports (build_id, state, description, next_at) "
-                         "VALUES (?, ?, ?, ?)",
-                         (build_id, status, descriptions[status], time.time()))
-            self._local.reports_added = True
+            tx.execute("INSERT INTO reports (build_id, state, description, next_at) "
+                       "VALUES (?, ?, ?, ?)",
+                       (build_id, status, _REPORT_DESCRIPTIONS[status], time.time()))
+            tx.notify("report", [build_id])
 
     def claim_report(self, lease=60.0):
         """Take the oldest due report whose build has no older undelivered one
         (so a forge sees pending before success); None if there is none."""
         now = time.time()
-        # A read first: the reporter asks twice a second, and an idle server
-        # should not take the write lock for nothing.
+        # A read first: an idle server should not take the write lock for nothing.
         if self._query_one("SELECT 1 FROM reports WHERE done = 0 AND next_at <= ? "
                            "AND claimed_until < ? LIMIT 1", (now, now)) is None:
             return None
-        with self._write() as conn:
-            row = conn.execute(
+        with self._write() as tx:
+            row = tx.execute(
                 "SELECT * FROM reports r WHERE done = 0 AND next_at <= ? AND claimed_until < ? "
                 "AND NOT EXISTS (SELECT 1 FROM reports o WHERE o.build_id = r.build_id "
                 "AND o.done = 0 AND o.id < r.id) ORDER BY id LIMIT 1", (now, now)).fetchone()
             if row is None:
                 return None
-            conn.execute("UPDATE reports SET claimed_until = ? WHERE id = ?",
-                         (now + lease, row["id"]))
+            tx.execute("UPDATE reports SET claimed_until = ? WHERE id = ?",
+                       (now + lease, row["id"]))
             return dict(row)
+
+    def next_report_due(self):
+        """When (time.time()) the next undelivered report is due, or None."""
+        return self._scalar("SELECT min(max(next_at, claimed_until)) FROM reports "
+                            "WHERE done = 0")
 
     def finish_report(self, report_id, *, error="", retry_in=None):
         """Record a delivery: done, or (with `retry_in` seconds) tried again
         later; a final failure is shown on the build as report_error."""
-        with self._write() as conn:
-            report = conn.execute("SELECT build_id FROM reports WHERE id = ?",
-                                  (report_id,)).fetchone()
+        with self._write() as tx:
+            report = tx.execute("SELECT build_id FROM reports WHERE id = ?",
+                                (report_id,)).fetchone()
             if report is None:
                 return
             if retry_in is not None:
-                conn.execute("UPDATE reports SET attempts = attempts + 1, next_at = ?, "
-                             "claimed_until = 0 WHERE id = ?", (time.time() + retry_in, report_id))
+                tx.execute("UPDATE reports SET attempts = attempts + 1, next_at = ?, "
+                           "claimed_until = 0 WHERE id = ?", (time.time() + retry_in, report_id))
             else:
-                conn.execute("UPDATE reports SET attempts = attempts + 1, done = 1 WHERE id = ?",
-                             (report_id,))
-            conn.execute("UPDATE builds SET report_error = ? WHERE id = ?",
-                         (error, report["build_id"]))
+                tx.execute("UPDATE reports SET attempts = attempts + 1, done = 1 WHERE id = ?",
+                           (report_id,))
+            tx.execute("UPDATE builds SET report_error = ? WHERE id = ?",
+                       (error, report["build_id"]))
 
     # -- runners ------------------------------------------------------------
 
     def register_runner(self, runner_id, hostname, pid):
         now = _now()
-        with self._write() as conn:
-            conn.execute("INSERT OR REPLACE INTO runners (id, hostname, pid, started_at, "
-                         "heartbeat_at) VALUES (?, ?, ?, ?, ?)",
-                         (runner_id, hostname, pid, now, now))
+        with self._write() as tx:
+            tx.execute("INSERT INTO runners (id, hostname, pid, started_at, heartbeat_at) "
+                       "VALUES (?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET "
+                       "heartbeat_at = excluded.heartbeat_at", (runner_id, hostname, pid, now, now))
 
     def unregister_runner(self, runner_id):
-        with self._write() as conn:
-            conn.execute("DELETE FROM runners WHERE id = ?", (runner_id,))
+        with self._write() as tx:
+            tx.execute("DELETE FROM runners WHERE id = ?", (runner_id,))
 
     def heartbeat(self, runner_id):
+        """Stamp a runner and its running jobs as alive."""
         now = _now()
-        with self._write() as conn:
-            conn.execute("UPDATE runners SET heartbeat_at = ? WHERE id = ?", (now, runner_id))
-            conn.execute("UPDATE jobs SET heartbeat_at = ? WHERE status = ? AND claimed_by = ?",
-                         (now, RUNNING, runner_id))
+        with self._write() as tx:
+            tx.execute("UPDATE runners SET heartbeat_at = ? WHERE id = ?", (now, runner_id))
+            tx.execute("UPDATE jobs SET heartbeat_at = ? WHERE status = ? AND claimed_by = ?",
+                       (now, RUNNING, runner_id))
 
     def active_runners(self, max_age=RUNNER_LOST_SECONDS):
-        return self._query("SELECT * FROM runners WHERE heartbeat_at >= ?",
-                           (_now() - max_age,))
+        return self._query("SELECT * FROM runners WHERE heartbeat_at >= ?", (_now() - max_age,))
 
     def recover_lost_jobs(self, runner_id, hostname, pid, *, max_age=RUNNER_LOST_SECONDS):
         """Mark as error the running jobs of runners that are gone.
@@ -1885,338 +2373,270 @@ class Store:
         Returns the ids of the jobs recovered.
         """
         now = _now()
-        with self._write() as conn:
-            lost = set()
-            for runner in conn.execute("SELECT * FROM runners WHERE id != ?", (runner_id,)):
-                same_host = runner["hostname"] == hostname
-                if ((same_host and (runner["pid"] == pid or not _pid_alive(runner["pid"])))
-                        or runner["heartbeat_at"] < now - max_age):
-                    lost.add(runner["id"])
-            known = {row[0] for row in conn.execute("SELECT id FROM runners")}
-            jobs = [job for job in conn.execute(
+        with self._write() as tx:
+            runners = tx.execute("SELECT * FROM runners WHERE id != ?", (runner_id,)).fetchall()
+            lost = {runner["id"] for runner in runners if (
+                runner["hostname"] == hostname and (runner["pid"] == pid
+                                                    or not _pid_alive(runner["pid"]))
+                or runner["heartbeat_at"] < now - max_age)}
+            known = {runner["id"] for runner in runners} | {runner_id}
+            jobs = [job for job in tx.execute(
                 "SELECT id, build_id, claimed_by FROM jobs WHERE status = ?", (RUNNING,))
                 if job["claimed_by"] in lost or job["claimed_by"] not in known]
             message = "runner stopped: the runner running this job is gone (crash or kill)"
             for job in jobs:
-                conn.execute("UPDATE jobs SET status = ?, error = ?, exit_code = 0, "
-                             "finished_at = ? WHERE id = ?", (ERROR, message, now, job["id"]))
-                self._record_status(conn, job["build_id"], job["id"], ERROR, message, now)
+                tx.execute("UPDATE jobs SET status = ?, error = ?, exit_code = 0, "
+                           "finished_at = ? WHERE id = ?", (ERROR, message, now, job["id"]))
+                self._record_status(tx, job["build_id"], job["id"], ERROR, message, now)
             for build_id in {job["build_id"] for job in jobs}:
-                self._roll_up(conn, build_id, now)
+                self._roll_up(tx, build_id, now)
             for lost_id in lost:
-                conn.execute("DELETE FROM runners WHERE id = ?", (lost_id,))
+                tx.execute("DELETE FROM runners WHERE id = ?", (lost_id,))
         return [job["id"] for job in jobs]
 
     # -- logs ---------------------------------------------------------------
 
     def append_log(self, job_id, seq, offset, data):
         """Store one chunk of a job's log (seq and offset kept by the one writer)."""
-        self._connection().execute(
-            "INSERT INTO log_chunks (job_id, seq, offset, data) VALUES (?, ?, ?, ?)",
-            (job_id, seq, offset, data))
+        conn = self._connection()
+        with self._write_lock:
+            conn.execute("INSERT INTO log_chunks (job_id, seq, offset, data) VALUES (?, ?, ?, ?)",
+                         (job_id, seq, offset, data))
         self._wake_log_followers()
 
     def log_size(self, job_id):
-        row = self._connection().execute(
-            "SELECT offset + length(data) FROM log_chunks WHERE job_id = ? "
-            "ORDER BY seq DESC LIMIT 1", (job_id,)).fetchone()
-        return row[0] if row else 0
+        """Bytes in a job's log so far."""
+        return self._scalar("SELECT offset + length(data) FROM log_chunks WHERE job_id = ? "
+                            "ORDER BY seq DESC LIMIT 1", (job_id,)) or 0
 
     def read_log(self, job_id, offset=0):
         """Yield the job's log from byte `offset` on, chunk by chunk (never whole)."""
-        conn = self._connection()
-        row = conn.execute("SELECT max(seq) FROM log_chunks WHERE job_id = ? AND offset <= ?",
-                           (job_id, offset)).fetchone()
-        seq = row[0] if row and row[0] is not None else 0
-        chunks = []
+        seq = self._scalar("SELECT max(seq) FROM log_chunks WHERE job_id = ? AND offset <= ?",
+                           (job_id, offset)) or 0
         while True:
-            # A few chunks per query, fetched one at a time: memory stays flat
-            # however long the log, and no statement stays open between yields.
-            rows = 0
-            for row in conn.execute("SELECT seq, offset, data FROM log_chunks WHERE job_id = ? "
-                                    "AND seq >= ? ORDER BY seq LIMIT 4", (job_id, seq)):
-                rows += 1
-                seq = row[0] + 1
-                start, data = row[1], row[2]
+            # A few chunks per query: memory stays flat however long the log,
+            # and no statement stays open between yields.
+            rows = self._connection().execute(
+                "SELECT seq, offset, data FROM log_chunks WHERE job_id = ? AND seq >= ? "
+                "ORDER BY seq LIMIT 4", (job_id, seq)).fetchall()
+            for row_seq, start, data in rows:
+                seq = row_seq + 1
                 if start + len(data) > offset:
-                    chunks.append(data[max(0, offset - start):])
-            yield from chunks
-            chunks.clear()
-            if rows < 4:
+                    yield data[max(0, offset - start):]
+            if len(rows) < 4:
                 return
+
+    def _wake_log_followers(self):
+        with self._log_changed:
+            self._log_events += 1
+            self._log_changed.notify_all()
+
+    def log_events_seen(self):
+        """A mark to pass to `wait_for_log`, taken before reading a job and
+        its log, so that an append or end in between is not waited through."""
+        return self._log_events
 
     def wait_for_log(self, timeout, seen):
         """Block until a log chunk is appended or a job ends in this process
         since `seen` (from `log_events_seen`), or `timeout` passes."""
-        with self.log_appended:
-            self.log_appended.wait_for(lambda: self._log_events != seen, timeout)
+        with self._log_changed:
+            self._log_changed.wait_for(lambda: self._log_events != seen, timeout)
 
-###############################################################################
-# Executor ####################################################################
-###############################################################################
-
-# -- git: mirrors, commits, pipeline files, workspaces -------------------------
-
-_GIT_ENV = dict(os.environ, GIT_TERMINAL_PROMPT="0", LC_ALL="C", GIT_ASKPASS="/bin/true")
-_URL_SCHEMES = ("https://", "http://", "ssh://", "git://", "file://")
-_mirror_locks = {}
-_mirror_locks_guard = threading.Lock()
-
-
-class _GitError(CIRunnerError):
-    """A git command failed; the message holds what git printed."""
-
-
-def _git(args, *, cwd=None, timeout=600, input=None):
-    try:
-        result = subprocess.run(["git", *args], cwd=cwd, input=input, capture_output=True,
-                                timeout=timeout, env=_GIT_ENV, check=False)
-    except subprocess.TimeoutExpired:
-        raise _GitError(f"git {args[0]} took longer than {timeout} s") from None
-    except OSError as exc:
-        raise _GitError(f"cannot run git: {exc}") from None
-    if result.returncode != 0:
-        message = result.stderr.decode(errors="replace").strip() or f"exit {result.returncode}"
-        raise _GitError(f"git {args[0]} failed: {message}")
-    return result.stdout
-
-
-def normalize_repo_url(url):
-    """Return the clone URL to store: a URL as given, a local path made absolute.
-
-    Raises BadRequest for a URL git could take as an option, or a local path
-    that does not exist.
-    """
-    if not isinstance(url, str) or not url.strip() or url.startswith("-") or "\x00" in url:
-        raise BadRequest(f"invalid repository URL {url!r}")
-    if url.startswith(_URL_SCHEMES) or re.match(r"^[\w.-]+@[\w.-]+:", url):
-        return url
-    path = os.path.abspath(os.path.expanduser(url))
-    if not os.path.isdir(path):
-        raise BadRequest(f"repository path {path} does not exist")
-    return path
-
-
-def _mirror_path(data_dir, repo):
-    return os.path.join(data_dir, "mirrors", repo["owner"], repo["name"] + ".git")
-
-
-@contextlib.contextmanager
-def _mirror_lock(path):
-    """Serialise fetches into one mirror, across threads and processes."""
-    with _mirror_locks_guard:
-        lock = _mirror_locks.setdefault(path, threading.Lock())
-    with lock:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path + ".lock", "w") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            yield
-
-
-def _sync_mirror(data_dir, repo, commit="", pull_ref=""):
-    """Fetch the repository into its bare mirror under DATA/mirrors; return its path.
-
-    Callers look for a commit in the mirror first (commits never change) and
-    come here when it is missing. A commit on no branch (a pull request from a
-    fork) is fetched by `pull_ref` (e.g. refs/pull/7/head), then by its SHA.
-    """
-    path = _mirror_path(data_dir, repo)
-    with _mirror_lock(path):
-        if not os.path.isdir(os.path.join(path, "objects")):
-            _git(["init", "--bare", "--quiet", path])
-        _git(["-C", path, "fetch", "--quiet", "--prune", "--force", "--end-of-options",
-              repo["url"], "+refs/heads/*:refs/heads/*", "+refs/tags/*:refs/tags/*"])
-        if commit and pull_ref and not _has_commit(path, commit):
-            with contextlib.suppress(_GitError):
-                _git(["-C", path, "fetch", "--quiet", "--force", "--end-of-options", repo["url"],
-                      f"+{pull_ref}:{pull_ref}"])
-        if commit and not _has_commit(path, commit):
-            with contextlib.suppress(_GitError):
-                _git(["-C", path, "fetch", "--quiet", "--end-of-options", repo["url"], commit])
-    return path
-
-
-def _has_commit(mirror, commit):
-    try:
-        _git(["-C", mirror, "cat-file", "-e", "--end-of-options", commit + "^{commit}"])
-    except _GitError:
-        return False
-    return True
-
-
-def _default_branch(mirror, url):
-    """The remote's default branch, learned once (from the remote's HEAD) and
-    kept beside the mirror: a build needs no git process to know it. Set a
-    repository's branch explicitly to follow a changed default."""
-    remembered = os.path.join(mirror, "cirunner-default-branch")
-    with contextlib.suppress(OSError), open(remembered) as handle:
-        branch = handle.read().strip()
-        if branch:
-            return branch
-    branch = ""
-    with contextlib.suppress(_GitError):
-        head = _git(["ls-remote", "--symref", "--end-of-options", url, "HEAD"]).decode()
-        match = re.search(r"^ref: refs/heads/(\S+)\s+HEAD", head, re.MULTILINE)
-        if match:
-            branch = match.group(1)
-    if not branch:
-        branches = _git(["-C", mirror, "for-each-ref", "--format=%(refname:short)",
-                         "refs/heads/"]).decode().split()
-        branch = next((name for name in ("main", "master") if name in branches),
-                      branches[0] if branches else "")
-    if branch:
-        with open(remembered, "w") as handle:
-            handle.write(branch + "\n")
-    return branch
-
-
-_AUTHOR_PATTERN = re.compile(rb"^author (.*) <(.*)> (\d+) [+-]\d{4}$", re.MULTILINE)
-
-
-def _read_commit(mirror, revision, config_path):
-    """Resolve `revision` and read its commit and pipeline file with one
-    `git cat-file --batch` process (asked one object at a time, so the file
-    is read at exactly the commit resolved). Returns (commit fields,
-    (filename, text) or None), or None if the revision is not in the mirror."""
-    process = subprocess.Popen(["git", "-C", mirror, "cat-file", "--batch"],
-                               stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                               stderr=subprocess.DEVNULL, env=_GIT_ENV)
-
-    def ask(spec):
-        process.stdin.write(spec.encode() + b"\n")
-        process.stdin.flush()
-        header = process.stdout.readline().split()
-        if len(header) != 3 or header[1] not in (b"commit", b"blob", b"tree", b"tag"):
-            return None, None
-        data = process.stdout.read(int(header[2]))
-        process.stdout.read(1)
-        return header[0].decode(), data
-
-    try:
-        sha, raw = ask(f"{revision}^{{commit}}")
-        if sha is None:
+    def log_chunk_at(self, job_id, offset, seq=None):
+        """(seq, start offset, data) of the chunk holding byte `offset` (looked
+        up by `seq` first when the caller can guess it), or None past the end."""
+        if seq is not None:
+            row = self._connection().execute(
+                "SELECT seq, offset, data FROM log_chunks WHERE job_id = ? AND seq = ?",
+                (job_id, seq)).fetchone()
+            if row is not None and row[1] <= offset < row[1] + len(row[2]):
+                return tuple(row)
+        row = self._connection().execute(
+            "SELECT seq, offset, data FROM log_chunks WHERE job_id = ? AND offset <= ? "
+            "ORDER BY seq DESC LIMIT 1", (job_id, offset)).fetchone()
+        if row is None or offset >= row[1] + len(row[2]):
             return None
-        headers, _, message = raw.partition(b"\n\n")
-        author = _AUTHOR_PATTERN.search(headers)
-        name, email, timestamp = (author.groups() if author else (b"", b"", b"0"))
-        email = email.decode(errors="replace")
-        fields = {"commit_sha": sha, "author": name.decode(errors="replace"),
-                  "author_email": email, "timestamp": int(timestamp),
-                  "message": message.decode(errors="replace").strip(),
-                  "author_avatar": "https://www.gravatar.com/avatar/" + hashlib.md5(
-                      email.strip().lower().encode()).hexdigest() if email else ""}
-        for filename in (config_path,) if config_path else PIPELINE_FILES:
-            _, text = ask(f"{sha}:{filename}")
-            if text is not None:
-                return fields, (filename, text.decode("utf-8", errors="replace"))
-        return fields, None
-    except (OSError, ValueError) as exc:
-        raise _GitError(f"git cat-file failed: {exc}") from None
-    finally:
-        process.stdin.close()
-        process.stdout.close()
-        process.wait()
+        return tuple(row)
+
+    def open_log(self, job_id, offset=0, size=None):
+        """The job's log from byte `offset` to `size` (default: its end now) as a
+        read-only, seekable file: served without holding a thread per reader."""
+        end = self.log_size(job_id) if size is None else size
+        return _LogReader(self, job_id, min(offset, end), end)
 
 
-class _CommitCache:
-    """What `_read_commit` found, by full commit id: a commit and its files
-    never change, so building one again (a restart, a cron, an API trigger of
-    the same commit) needs no git process, which was 4 of a build's 12 ms of
-    start-up (measured). Keyed by mirror and remote URL too, so that a
-    repository removed and added again with another remote starts afresh."""
+class _LogReader(io.RawIOBase):
+    """A fixed byte range of a job's log, read from the store a chunk at a time."""
 
-    def __init__(self, size=256):
-        self.size = size
-        self._found = {}
-        self._lock = threading.Lock()
+    def __init__(self, store, job_id, start, end):
+        super().__init__()
+        self._store = store
+        self._job_id = job_id
+        self._start, self._end = start, end
+        self._position = start
+        self._chunk = (None, 0, b"")  # seq, start offset, data
 
-    def get(self, mirror, url, revision, config_path):
-        with self._lock:
-            found = self._found.get((mirror, url, revision, config_path))
-        return None if found is None else (dict(found[0]), found[1])
+    @property
+    def size(self):
+        """How many bytes the file holds."""
+        return self._end - self._start
 
-    def put(self, mirror, url, config_path, found):
-        key = (mirror, url, found[0]["commit_sha"], config_path)
-        with self._lock:
-            self._found[key] = (dict(found[0]), found[1])
-            while len(self._found) > self.size:
-                del self._found[next(iter(self._found))]  # the oldest
+    def readable(self):
+        return True
+
+    def seekable(self):
+        return True
+
+    def tell(self):
+        return self._position - self._start
+
+    def seek(self, offset, whence=io.SEEK_SET):
+        base = {io.SEEK_SET: self._start, io.SEEK_CUR: self._position,
+                io.SEEK_END: self._end}[whence]
+        self._position = min(max(base + offset, self._start), self._end)
+        return self.tell()
+
+    def read(self, size=-1):
+        """Up to `size` bytes (at most one stored chunk) from the position:
+        a slice of the chunk, never a buffer of the size asked for."""
+        if self._position >= self._end or size == 0:
+            return b""
+        seq, start, data = self._chunk
+        if not start <= self._position < start + len(data):
+            found = self._store.log_chunk_at(self._job_id, self._position,
+                                             None if seq is None else seq + 1)
+            if found is None:
+                return b""
+            self._chunk = seq, start, data = found
+        offset = self._position - start
+        count = len(data) - offset if size is None or size < 0 else size
+        count = min(count, len(data) - offset, self._end - self._position)
+        self._position += count
+        return data[offset:offset + count]
+
+    def readinto(self, buffer):
+        data = self.read(len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
 
 
-_COMMITS = _CommitCache()
+###############################################################################
+# Builds ######################################################################
+###############################################################################
 
 
-def _prepare_build(store, repo, *, branch, commit, variables, event, data_dir, max_jobs,
-                   pull_ref=""):
-    """Resolve the commit, read and expand its pipeline: (fields, environments, error).
+@dataclasses.dataclass
+class _BuildRequest:
+    """What a build is asked for, by the API, a webhook, cron, a restart or exec."""
 
-    An unusable pipeline or an unreachable repository becomes `error` (the
-    build is still created, so the failure is visible); an unknown branch or
-    commit is BadRequest (nothing is created).
-    """
-    fields = {"event": event, "branch": branch, "remote": repo["url"],
-              "variables": json.dumps(variables)}
-    mirror = _mirror_path(data_dir, repo)
-    found = None
-    if commit and os.path.isdir(mirror):
-        # A commit already fetched needs no fetch: commits never change.
-        found = (_COMMITS.get(mirror, repo["url"], commit, repo["config_path"])
-                 or _read_commit(mirror, commit, repo["config_path"]))
-    if found is None:
-        try:
-            _sync_mirror(data_dir, repo, commit, pull_ref)
-        except _GitError as exc:
-            return fields, [], f"cannot fetch {repo['url']}: {exc.message}"
-        if not branch and not commit:
-            branch = repo["default_branch"] or _default_branch(mirror, repo["url"])
-            fields["branch"] = branch
-        found = _read_commit(mirror, commit or f"refs/heads/{branch}", repo["config_path"])
-    if found is None:
-        what = f"commit {commit}" if commit else f"branch {branch!r}"
-        raise BadRequest(f"{what} not found in {repo['owner']}/{repo['name']}")
-    _COMMITS.put(mirror, repo["url"], repo["config_path"], found)
-    commit_fields, pipeline_file = found
-    fields.update(commit_fields)
-    if not fields["branch"]:
-        fields["branch"] = repo["default_branch"] or _default_branch(mirror, repo["url"])
-    fields["ref"] = f"refs/heads/{fields['branch']}" if fields["branch"] else ""
-    if pipeline_file is None:
-        names = (repo["config_path"],) if repo["config_path"] else PIPELINE_FILES
-        return fields, [], (f"no pipeline file ({', '.join(names)}) at commit "
-                            f"{fields['commit_sha'][:12]}")
-    filename, text = pipeline_file
-    fields.update(pipeline=text, pipeline_file=filename)
+    branch: str = ""
+    commit: str = ""
+    event: str = EVENT_MANUAL
+    variables: dict = dataclasses.field(default_factory=dict)
+    pull_ref: str = ""      # where a pull request's head is fetched from
+    fields: dict = dataclasses.field(default_factory=dict)  # a forge's fields win over git's
+    parent: int = 0         # a restart as a new build: the number it restarts
+    replaces: dict = None   # a restart under the same number: the build it replaces
+
+
+def _resolve_from_git(store, repo, request):
+    """(branch, commit fields, (filename, text) or None) of the commit a build
+    runs: `request.commit`, else the head of its branch, else of the default
+    branch. Unknown commits and branches are BadRequest."""
+    git, branch, commit = store.git, request.branch, request.commit
+    where = f"{repo['owner']}/{repo['name']}"
+    if commit:
+        found = git.read_commit(repo, commit)  # commits never change: no fetch if present
+        if found is None:
+            git.fetch_commit(repo, commit, request.pull_ref)
+            found = git.read_commit(repo, commit)
+        if found is None:
+            raise BadRequest(f"commit {commit} not found in {where}")
+    else:
+        heads = git.fetch(repo)
+        branch = branch or repo["default_branch"] or git.default_branch(repo)
+        head = heads.get(f"refs/heads/{branch}")
+        found = git.read_commit(repo, head) if head else None
+        if found is None:
+            raise BadRequest(f"branch {branch!r} not found in {where}")
+    branch = branch or repo["default_branch"] or git.default_branch(repo)
+    return branch, found[0], found[1]
+
+
+def _directory_resolver(directory, config_path=""):
+    """A resolver for `exec`: the pipeline file of a working directory, no git."""
+
+    def resolve(store, repo, request):
+        return request.branch, {}, read_pipeline_file(directory, config_path)
+
+    return resolve
+
+
+def _parse_for_build(store, filename, text, max_jobs):
+    """(pipeline id, Pipeline or None, error): the file stored once, parsed once."""
+    digest = _pipeline_digest(filename, text)
+    known = store.find_pipeline(digest)
+    if known is not None and known["parsed"]:
+        return known["id"], Pipeline.from_json(known["parsed"]), ""
     try:
         pipeline = parse_pipeline(text, filename, max_jobs=max_jobs)
     except ConfigError as exc:
-        return fields, [], exc.message
-    fields.update(fail_fast=int(pipeline.fail_fast), max_parallel=pipeline.max_parallel)
-    return fields, pipeline.matrix, ""
+        return store.save_pipeline(filename, text), None, exc.message
+    return store.save_pipeline(filename, text, pipeline.to_json()), pipeline, ""
+
+
+def _make_build(store, repo, request, *, max_jobs=DEFAULT_MAX_JOBS, resolve=_resolve_from_git):
+    """The one path that makes a build: resolve the commit and its pipeline
+    file, parse the file once, and insert the build with one job per matrix
+    entry. An unusable pipeline or an unreachable repository still makes the
+    build, finished as `error` with the reason, so that the failure is seen."""
+    fields = {"event": request.event, "branch": request.branch, "remote": repo["url"],
+              "variables": json.dumps(request.variables), "parent": request.parent}
+    environments, error = [], ""
+    try:
+        branch, commit_fields, pipeline_file = resolve(store, repo, request)
+        fields.update(commit_fields, branch=branch,
+                      ref=f"refs/heads/{branch}" if branch else "")
+        if pipeline_file is None:
+            names = (repo["config_path"],) if repo["config_path"] else PIPELINE_FILES
+            error = (f"no pipeline file ({', '.join(names)}) at commit "
+                     f"{fields['commit_sha'][:12]}")
+        else:
+            pipeline_id, pipeline, error = _parse_for_build(store, *pipeline_file, max_jobs)
+            fields.update(pipeline_id=pipeline_id, pipeline_file=pipeline_file[0])
+            if pipeline is not None:
+                environments = pipeline.matrix
+                fields.update(fail_fast=int(pipeline.fail_fast),
+                              max_parallel=pipeline.max_parallel)
+    except _GitError as exc:
+        error = f"cannot fetch {repo['url']}: {exc.message}"
+    fields.update({key: value for key, value in request.fields.items()
+                   if key in _BUILD_FIELDS and value not in (None, "")})
+    if request.replaces:
+        return store.reset_build(request.replaces["id"], fields, environments, error=error,
+                                 message=f"build {request.replaces['number']} restarted")
+    return store.create_build(repo["id"], fields, environments, error=error)
 
 
 def create_build(store, repo, *, branch="", commit="", variables=None, event=EVENT_MANUAL,
-                 data_dir=None, max_jobs=DEFAULT_MAX_JOBS, pull_ref="", **fields):
+                 max_jobs=DEFAULT_MAX_JOBS, pull_ref="", **fields):
     """Start a build of `repo` (a dict from the store) and return it.
 
     The commit is `commit`, else the head of `branch`, else of the default
     branch. `variables` reach every job's environment and ``${VAR}``. Extra
-    `fields` (message, author, link_url...) override what git says.
+    `fields` (message, author, link_url, ref...) override what git says.
+    Raises BadRequest for bad input or an unknown branch or commit.
     """
-    variables = _check_variables(variables or {})
-    branch = _check_branch(branch) if branch else ""
-    commit = _check_commit(commit) if commit else ""
     if event not in EVENTS:
         raise BadRequest(f"unknown event {event!r}")
-    prepared, environments, error = _prepare_build(
-        store, repo, branch=branch, commit=commit, variables=variables, event=event,
-        data_dir=data_dir or store.data_dir, max_jobs=max_jobs, pull_ref=pull_ref)
-    prepared.update({key: value for key, value in fields.items()
-                     if key in _BUILD_FIELDS and value not in (None, "")})
-    return store.create_build(repo["id"], prepared, environments, error=error)
+    request = _BuildRequest(branch=_check_branch(branch) if branch else "",
+                            commit=_check_commit(commit) if commit else "", event=event,
+                            variables=_check_variables(variables or {}), pull_ref=pull_ref,
+                            fields=fields)
+    return _make_build(store, repo, request, max_jobs=max_jobs)
 
 
-def restart_build(store, repo, number, *, fork=False, variables=None, data_dir=None,
-                  max_jobs=DEFAULT_MAX_JOBS):
+def restart_build(store, repo, number, *, fork=False, variables=None, max_jobs=DEFAULT_MAX_JOBS):
     """Run build `number` again: under the same number, or with `fork` as a
     new build whose ``parent`` is `number`. Conflict while it is active."""
     build = store.get_build(repo["id"], number)
@@ -2224,24 +2644,23 @@ def restart_build(store, repo, number, *, fork=False, variables=None, data_dir=N
         raise Conflict(f"build {number} is {build['status']}; wait for it or cancel it first")
     merged = json.loads(build["variables"] or "{}")
     merged.update(_check_variables(variables or {}))
-    pull_ref = build["ref"] if build["ref"].startswith(("refs/pull/", "refs/merge-requests/")) else ""
-    prepared, environments, error = _prepare_build(
-        store, repo, branch=build["branch"], commit=build["commit_sha"], variables=merged,
-        event=build["event"], data_dir=data_dir or store.data_dir, max_jobs=max_jobs,
-        pull_ref=pull_ref)
-    for key in ("link_url", "message", "author", "author_email", "author_avatar", "ref"):
-        if build[key]:
-            prepared[key] = build[key]
-    if fork:
-        prepared["parent"] = number
-        return store.create_build(repo["id"], prepared, environments, error=error)
-    return store.reset_build(build["id"], prepared, environments, error=error,
-                             message=f"build {number} restarted")
+    kept = {key: build[key] for key in ("link_url", "message", "author", "author_email",
+                                        "author_avatar", "ref")}
+    request = _BuildRequest(branch=build["branch"], commit=build["commit_sha"],
+                            event=build["event"], variables=merged,
+                            pull_ref=_pull_ref(build["ref"]), fields=kept,
+                            parent=number if fork else build["parent"],
+                            replaces=None if fork else build)
+    return _make_build(store, repo, request, max_jobs=max_jobs)
 
+###############################################################################
+# Processes and isolation #####################################################
+###############################################################################
 
-# -- process control -------------------------------------------------------
+# Every Linux-specific call lives in this section.
 
 _PR_SET_CHILD_SUBREAPER = 36
+_JOB_TOKEN_NAME = "CIRUNNER_JOB_TOKEN"
 
 
 def _become_subreaper():
@@ -2279,12 +2698,13 @@ def _all_pids():
     return set()
 
 
-def _has_marker(pid, marker):
+def _environment_of(pid):
+    """The NUL-separated environment entries of `pid`, or [] if unreadable."""
     try:
         with open(f"/proc/{pid}/environ", "rb") as handle:
-            return marker in handle.read().split(b"\x00")
+            return handle.read().split(b"\x00")
     except OSError:
-        return False
+        return []
 
 
 def _process_state(pid):
@@ -2297,40 +2717,150 @@ def _process_state(pid):
         return None, None
 
 
-_GITHUB_STATES = {PENDING: "pending", RUNNING: "pending", SUCCESS: "success",
-                  FAILURE: "failure", KILLED: "error", ERROR: "error", SKIPPED: "success"}
-_GITLAB_STATES = {PENDING: "pending", RUNNING: "running", SUCCESS: "success",
-                  FAILURE: "failed", KILLED: "canceled", ERROR: "failed", SKIPPED: "success"}
+@dataclasses.dataclass
+class _StepProcess:
+    """A running step: the leader of its own process group, and its output pipe."""
+
+    popen: subprocess.Popen
+
+    @property
+    def pid(self):
+        return self.popen.pid
+
+    @property
+    def output(self):
+        """The file descriptor that carries the step's stdout and stderr."""
+        return self.popen.stdout.fileno()
 
 
-def _forge_status_request(repo, build, state, description, target_url, token):
-    """The HTTP request that sets a commit's status on the repository's forge:
-    GitHub's statuses API (Gitea and Forgejo take the same), or GitLab's."""
-    import urllib.request  # here, not at the top: with ssl it costs 7 MB of memory
-    project = repo["forge_project"] or f"{repo['owner']}/{repo['name']}"
-    base = repo["forge_url"].rstrip("/")
-    commit = build["commit_sha"]
-    if repo["forge"] == "gitlab":
-        query = "&".join(f"{key}={quote(value, safe='')}" for key, value in (
-            ("state", _GITLAB_STATES[state]), ("name", REPORT_CONTEXT),
-            ("target_url", target_url), ("description", description)) if value)
-        return urllib.request.Request(
-            f"{base}/projects/{quote(project, safe='')}/statuses/{commit}?{query}", data=b"",
-            method="POST", headers={"PRIVATE-TOKEN": token, "User-Agent": "cirunner"})
-    body = {"state": _GITHUB_STATES[state], "target_url": target_url,
-            "description": description, "context": REPORT_CONTEXT}
-    return urllib.request.Request(
-        f"{base}/repos/{project}/statuses/{commit}", data=json.dumps(body).encode(),
-        method="POST", headers={"Authorization": f"token {token}",
-                                "Accept": "application/vnd.github+json",
-                                "Content-Type": "application/json", "User-Agent": "cirunner"})
+class _HostRunner:
+    """Runs steps as processes on the host, with no isolation.
+
+    The interface every runner keeps: `start` once, `spawn` a step, `signal`
+    its processes, `end_step` when its leader is done, `end_job` to kill what
+    the job left behind, `recover` after a crash, `reap` now and then.
+
+    Each step is ``/bin/sh -e -c SCRIPT`` in a new session, stdin from
+    /dev/null, stdout and stderr in one pipe. Every process of a job carries
+    the job's token in its environment; at the end of the job, whatever still
+    carries it is killed. The runner is a child subreaper, so a process that
+    detached (setsid, double fork) is adopted and reaped here.
+    """
+
+    name = "none"
+
+    def __init__(self):
+        self.subreaper = False
+        self._leaders = set()
+        self._lock = threading.Lock()
+
+    def start(self):
+        self.subreaper = _become_subreaper()
+
+    def command(self, script, job):
+        """The argv that runs a step's `script` for `job` (a `_JobRun`)."""
+        return ["/bin/sh", "-e", "-c", script]
+
+    def spawn(self, script, *, env, job):
+        """Start a step; returns a `_StepProcess`. Raises _JobError if it cannot."""
+        with self._lock:
+            try:
+                popen = subprocess.Popen(
+                    self.command(script, job), cwd=job.workspace, env=env,
+                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                    start_new_session=True, close_fds=True)
+            except OSError as exc:
+                raise _JobError(f"cannot start a step: {exc}") from None
+            self._leaders.add(popen.pid)
+        with contextlib.suppress(OSError, AttributeError):
+            fcntl.fcntl(popen.stdout.fileno(), fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+        return _StepProcess(popen)
+
+    def signal(self, process, signum):
+        """Send `signum` to every process of the step's group."""
+        _signal_group(process.pid, signum)
+
+    def end_step(self, process):
+        """Kill what is left of the step's group, collect its exit code (128 +
+        signal when a signal ended it) and reap its members."""
+        _signal_group(process.pid, signal.SIGKILL)
+        process.popen.wait()
+        process.popen.stdout.close()
+        with self._lock:
+            self._leaders.discard(process.pid)
+        self._await_group_exit(process.pid)
+        code = process.popen.returncode
+        return 128 - code if code < 0 else code
+
+    def _await_group_exit(self, pgid, timeout=2.0):
+        """Wait until no process of the group is left, not even a zombie: its
+        members may have been adopted by us and need reaping."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(pgid, 0)
+            except (ProcessLookupError, PermissionError):
+                return
+            self.reap()
+            time.sleep(0.005)
+
+    def end_job(self, job):
+        """Kill every process that still carries the job's token, however it
+        detached (setsid, double fork), and reap those that were adopted."""
+        marker = f"{_JOB_TOKEN_NAME}={job.token}".encode()
+        for _ in range(20):
+            candidates = _adopted_pids() if self.subreaper else _all_pids()
+            with self._lock:
+                candidates -= self._leaders
+            found = [pid for pid in candidates
+                     if pid != os.getpid() and marker in _environment_of(pid)]
+            if not found:
+                break
+            for pid in found:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
+            for pid in found:
+                if self.subreaper:
+                    with contextlib.suppress(ChildProcessError):
+                        os.waitpid(pid, 0)
+            time.sleep(0.01)  # let their own children be re-parented to us
+        self.reap()
+
+    def recover(self, token_prefixes):
+        """Kill processes of jobs whose runner died, found by their token: after
+        a crash, nothing of a lost job keeps running."""
+        prefixes = tuple(f"{_JOB_TOKEN_NAME}={prefix}".encode() for prefix in token_prefixes)
+        for pid in _all_pids():
+            if any(entry.startswith(prefixes) for entry in _environment_of(pid)):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
+
+    def reap(self):
+        """Reap adopted orphans that exited on their own. Only zombies outside
+        our own process group: our direct subprocesses (git) stay in it, and
+        step leaders are waited for by their own thread."""
+        if not self.subreaper:
+            return
+        own_group = os.getpgrp()
+        with self._lock:
+            for pid in _adopted_pids() - self._leaders:
+                state, group = _process_state(pid)
+                if state == "Z" and group != own_group:
+                    with contextlib.suppress(ChildProcessError):
+                        os.waitpid(pid, os.WNOHANG)
+
+###############################################################################
+# Jobs ########################################################################
+###############################################################################
 
 
 class _LogWriter:
     """Buffers a job's output briefly and appends it to the store in chunks.
 
     Memory stays bounded (one chunk) whatever the log size; no byte waits in
-    memory longer than `flush_seconds`, so the log is readable live.
+    memory longer than `flush_seconds`, so the log is readable live. Secret
+    values are masked before anything reaches the store, also when a value
+    arrives split across two reads.
     """
 
     def __init__(self, store, job_id, flush_seconds=LOG_FLUSH_SECONDS):
@@ -2419,53 +2949,250 @@ class _LogWriter:
         self.offset += len(chunk)
 
 
-def _job_token_prefix(store_key, job_id):
-    return f"{store_key}-{job_id}-"
+def _job_environment(repo, build, job, workspace):
+    """(CI and Drone variables, matrix axis, build variables) of a job."""
+    variables = json.loads(build["variables"] or "{}")
+    matrix = json.loads(job["environment"] or "{}")
+    ci = {
+        "REPO": f"{repo['owner']}/{repo['name']}", "REPO_OWNER": repo["owner"],
+        "REPO_NAME": repo["name"], "REMOTE_URL": build["remote"],
+        "BUILD_NUMBER": str(build["number"]), "PARENT_BUILD_NUMBER": str(build["parent"]),
+        "BUILD_EVENT": build["event"], "BUILD_CREATED": str(build["created_at"]),
+        "BUILD_LINK": build["link_url"], "JOB_NUMBER": str(job["number"]),
+        "COMMIT": build["commit_sha"], "COMMIT_SHA": build["commit_sha"],
+        "COMMIT_BRANCH": build["branch"], "BRANCH": build["branch"],
+        "COMMIT_REF": build["ref"], "COMMIT_MESSAGE": build["message"],
+        "COMMIT_AUTHOR": build["author"], "COMMIT_AUTHOR_EMAIL": build["author_email"],
+        "WORKSPACE": workspace,
+    }
+    if build["ref"].startswith("refs/tags/"):
+        ci["TAG"] = build["ref"][len("refs/tags/"):]
+    ci_env = {"CI": "true", "DRONE": "true"}
+    for name, value in ci.items():
+        ci_env["CI_" + name] = ci_env["DRONE_" + name] = value
+    return ci_env, matrix, variables
 
 
-def _kill_leftovers(store_key, job_ids):
-    """Kill processes of jobs whose runner died (found by their token in
-    /proc/PID/environ): after a crash nothing of a lost job keeps running."""
-    prefixes = tuple(f"CIRUNNER_JOB_TOKEN={_job_token_prefix(store_key, job_id)}".encode()
-                     for job_id in job_ids)
-    for pid in _all_pids():
-        try:
-            with open(f"/proc/{pid}/environ", "rb") as handle:
-                entries = handle.read().split(b"\x00")
-        except OSError:
-            continue
-        if any(entry.startswith(prefixes) for entry in entries):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGKILL)
+class _JobRun:
+    """One claimed job, run to its end in named steps: `prepare` (build, repo,
+    secrets, pipeline, workspace), `check_out`, `run_steps`, `finish`."""
 
-
-class _RunningJob:
-    """A job this executor is running, and how to ask it to stop."""
-
-    def __init__(self, job, store_key):
+    def __init__(self, executor, job):
+        self.executor = executor
+        self.store = executor.store
+        self.runner = executor.runner
         self.job = job
-        self.token = _job_token_prefix(store_key, job["id"]) + uuid.uuid4().hex[:12]
-        self.secrets = {}
+        self.token = f"{executor.store_key}-{job['id']}-{secrets.token_hex(6)}"
+        self.log = _LogWriter(self.store, job["id"])
         self.stop_requested = threading.Event()
         self.reason = ""
+        self.workspace = None
+        self.repo = self.build = self.pipeline = None
+        self.secrets = {}
 
     def request_stop(self, reason):
+        """Ask the job to stop (cancel, shutdown): SIGTERM, grace, SIGKILL."""
         if not self.stop_requested.is_set():
             self.reason = reason
             self.stop_requested.set()
 
+    def run(self):
+        """Run the job and record its result; never raises."""
+        status, exit_code, error = ERROR, 0, ""
+        try:
+            self.prepare()
+            self.check_out()
+            status, exit_code, error = self.run_steps()
+        except CIRunnerError as exc:
+            status, error = ERROR, exc.message
+            self.log.write(f"cirunner: {exc.message}\n")
+        except Exception as exc:  # noqa: BLE001 - any runner fault ends the job as error
+            _log.exception("job %s failed inside the runner", self.job["id"])
+            status, error = ERROR, f"runner error: {exc}"
+            self.log.write(f"cirunner: runner error: {exc}\n")
+        finally:
+            self.finish(status, exit_code, error)
 
-class _JobError(CIRunnerError):
-    """The runner could not prepare or check out a job (job status error)."""
+    def prepare(self):
+        """Read what the job needs from the store and make its workspace."""
+        self.build = self.store.get_build_by_id(self.job["build_id"])
+        self.repo = self.store.get_repo_by_id(self.build["repo_id"])
+        self.secrets = self.store.secrets_for(self.repo["id"], self.build["event"])
+        self.log.mask(self.secrets.values())
+        self.pipeline = self._pipeline()
+        self.workspace = self.executor.workspace_for(self.repo, self.build, self.job)
+
+    def _pipeline(self):
+        pipeline_id = self.build["pipeline_id"]
+        if not pipeline_id:
+            raise _JobError("the build has no pipeline")
+        pipeline = self.executor.pipelines.get(pipeline_id)  # a pipeline file never changes
+        if pipeline is None:
+            row = self.store.get_pipeline(pipeline_id)
+            pipeline = (Pipeline.from_json(row["parsed"]) if row["parsed"] else
+                        parse_pipeline(row["text"], row["filename"],
+                                       max_jobs=self.executor.max_jobs))
+            self.executor.pipelines.put(pipeline_id, pipeline)
+        return pipeline
+
+    def check_out(self):
+        """Check the build's commit out into the workspace (unless `clone: false`)."""
+        if not self.pipeline.clone or self.executor.workspace is not None:
+            return
+        commit = self.build["commit_sha"]
+        self.log.write(f"+ git checkout {commit}\n")
+        try:
+            self.store.git.check_out(self.repo, commit, self.workspace,
+                                     _pull_ref(self.build["ref"]))
+        except (_GitError, OSError) as exc:
+            self.log.write(f"{getattr(exc, 'message', exc)}\n")
+            raise _JobError(f"checkout of {commit[:12]} failed") from None
+
+    def run_steps(self):
+        """Run the steps that apply, in order; (status, exit code, error)."""
+        ci_env, matrix, variables = _job_environment(self.repo, self.build, self.job,
+                                                     self.workspace)
+        base = {**self.executor.base_environment, **variables, **matrix}
+        minutes = self.pipeline.timeout or self.repo["timeout"] or DEFAULT_TIMEOUT_MINUTES
+        deadline = time.monotonic() + minutes * 60
+        status, exit_code, error = SUCCESS, 0, ""
+        for step in self.pipeline.steps_for({**variables, **matrix, **ci_env}):
+            if self.stop_requested.is_set():
+                return KILLED, exit_code, self.reason
+            if not step.applies(branch=self.build["branch"], event=self.build["event"],
+                                environment=matrix, job_status=status):
+                continue
+            environment = {**base, **self.secrets, **step.environment, **ci_env,
+                           _JOB_TOKEN_NAME: self.token}
+            code, stopped = self.run_step(step, environment, deadline, minutes)
+            if stopped:
+                return KILLED, code, stopped
+            if code != 0 and step.ignore_failure:
+                self.log.write(f"cirunner: step {step.name!r} failed with exit code {code} "
+                               "(failure: ignore)\n")
+            elif code != 0 and status == SUCCESS:
+                status, exit_code = FAILURE, code
+                error = f"step {step.name!r} failed with exit code {code}"
+        return status, exit_code, error
+
+    def run_step(self, step, environment, deadline, minutes):
+        """Run one step; returns (exit code, reason it was stopped or "")."""
+        process = self.runner.spawn(step.script(), env=environment, job=self)
+        try:
+            stopped = self._pump(process, deadline, minutes)
+        finally:
+            code = self.runner.end_step(process)
+        return code, stopped
+
+    def _pump(self, process, deadline, minutes):
+        """Copy the step's output into the log until it ends; stop it when
+        asked or at the deadline (SIGTERM, grace, SIGKILL to the group)."""
+        poller = select.poll()
+        poller.register(process.output, select.POLLIN | select.POLLHUP | select.POLLERR)
+        term_at = killed_at = exited_at = None
+        stopped = ""
+        while True:
+            now = time.monotonic()
+            if term_at is None:
+                stopped = self._stop_reason(now, deadline, minutes)
+                if stopped:
+                    self.log.write(f"\ncirunner: {stopped}: stopping the job\n")
+                    self.runner.signal(process, signal.SIGTERM)
+                    term_at = now
+            elif killed_at is None and now - term_at >= self.executor.grace:
+                self.runner.signal(process, signal.SIGKILL)
+                killed_at = now
+            if exited_at is None and process.popen.poll() is not None:
+                exited_at = now
+            if exited_at is not None and now - exited_at >= STRAGGLER_SECONDS:
+                break  # a detached grandchild holds the pipe open: stop reading
+            due = self.log.flush_due_in()
+            wait = 0.1 if due is None else min(due, 0.1)
+            if exited_at is not None:
+                wait = min(wait, 0.02)
+            if poller.poll(int(wait * 1000) + 1):
+                data = os.read(process.output, LOG_CHUNK_BYTES)
+                if not data:
+                    break
+                self.log.write(data)
+            self.log.flush_if_due()
+        return stopped
+
+    def _stop_reason(self, now, deadline, minutes):
+        if self.stop_requested.is_set():
+            return self.reason or "cancelled"
+        if now >= deadline:
+            return f"timed out after {minutes} minutes"
+        return ""
+
+    def finish(self, status, exit_code, error):
+        """Store the end of the log, kill what the job left, record the result,
+        then remove the workspace (after: no one waits for that)."""
+        try:
+            self.log.flush()
+        except Exception:  # noqa: BLE001 - the job must still be finished
+            _log.exception("could not store the end of job %s's log", self.job["id"])
+        self.runner.end_job(self)  # before the job is finished: nothing of it runs on
+        self.executor.forget(self)
+        self.store.finish_job(self.job["id"], status, exit_code=exit_code, error=error)
+        self.executor.remove_workspace(self.workspace)
+
+###############################################################################
+# Executor ####################################################################
+###############################################################################
+
+
+_GITHUB_STATES = {PENDING: "pending", RUNNING: "pending", SUCCESS: "success",
+                  FAILURE: "failure", KILLED: "error", ERROR: "error", SKIPPED: "success"}
+_GITLAB_STATES = {PENDING: "pending", RUNNING: "running", SUCCESS: "success",
+                  FAILURE: "failed", KILLED: "canceled", ERROR: "failed", SKIPPED: "success"}
+
+
+def _forge_status_request(repo, build, state, description, target_url, token):
+    """The HTTP request that sets a commit's status on the repository's forge:
+    GitHub's statuses API (Gitea and Forgejo take the same), or GitLab's."""
+    import urllib.request
+
+    project = repo["forge_project"] or f"{repo['owner']}/{repo['name']}"
+    base = repo["forge_url"].rstrip("/")
+    commit = build["commit_sha"]
+    if repo["forge"] == "gitlab":
+        query = "&".join(f"{key}={quote(value, safe='')}" for key, value in (
+            ("state", _GITLAB_STATES[state]), ("name", REPORT_CONTEXT),
+            ("target_url", target_url), ("description", description)) if value)
+        return urllib.request.Request(
+            f"{base}/projects/{quote(project, safe='')}/statuses/{commit}?{query}", data=b"",
+            method="POST", headers={"PRIVATE-TOKEN": token, "User-Agent": "cirunner"})
+    body = {"state": _GITHUB_STATES[state], "target_url": target_url,
+            "description": description, "context": REPORT_CONTEXT}
+    return urllib.request.Request(
+        f"{base}/repos/{project}/statuses/{commit}", data=json.dumps(body).encode(),
+        method="POST", headers={"Authorization": f"token {token}",
+                                "Accept": "application/vnd.github+json",
+                                "Content-Type": "application/json", "User-Agent": "cirunner"})
+
+
+@dataclasses.dataclass
+class _Task:
+    """A maintenance task: run every `every` seconds, or sooner when `urgent()`."""
+
+    name: str
+    every: float
+    run: object
+    urgent: object = None
+    last: float = 0.0
+
+    def due(self, now):
+        return now - self.last >= self.every or bool(self.urgent and self.urgent())
 
 
 class Executor:
     """Worker threads that take jobs from the store's queue and run them.
 
     `workers` threads (default: the number of CPUs) each claim a job
-    atomically, run its steps as processes in the job's own workspace and
-    process group, stream the output into the store and record the result.
-    Several executors (in this or other processes) can share one store.
+    atomically, run its steps with `runner` (default: plain host processes),
+    stream the output into the store and record the result. Several
+    executors, in this or other processes, can share one store.
 
     Parameters: `grace` seconds between SIGTERM and SIGKILL; `workspace`, a
     fixed directory to run every job in without checkout (``cirunner exec``);
@@ -2473,17 +3200,16 @@ class Executor:
     `public_url`, this server's address for links in commit statuses;
     `report_backoff`, seconds before the first retry of a failed status post.
 
-    A started executor also fires due cron schedules and posts commit
-    statuses to forges, from the store's outbox.
+    A started executor also runs maintenance tasks (noticing work from other
+    processes, heartbeats, recovering jobs of dead runners, WAL checkpoints,
+    reaping orphans, cron schedules) and posts commit statuses to forges.
     """
 
-    def __init__(self, store, *, workers=None, data_dir=None, grace=DEFAULT_GRACE_SECONDS,
-                 workspace=None, keep_workspaces=False, poll_interval=0.25,
-                 runner_id=None, max_jobs=DEFAULT_MAX_JOBS, public_url="",
-                 report_backoff=2.0):
+    def __init__(self, store, *, workers=None, grace=DEFAULT_GRACE_SECONDS, workspace=None,
+                 keep_workspaces=False, poll_interval=0.25, runner_id=None,
+                 max_jobs=DEFAULT_MAX_JOBS, public_url="", report_backoff=2.0, runner=None):
         self.store = store
         self.workers = workers or os.cpu_count() or 1
-        self.data_dir = data_dir or store.data_dir
         self.grace = grace
         self.workspace = workspace
         self.keep_workspaces = keep_workspaces
@@ -2491,32 +3217,43 @@ class Executor:
         self.max_jobs = max_jobs
         self.public_url = public_url.rstrip("/")
         self.report_backoff = report_backoff
-        self._report_wakeup = threading.Event()
+        self.runner = runner or _HostRunner()
+        self.pipelines = _LRU(64)  # parsed pipelines by id, shared by the jobs of a build
         self.hostname = socket.gethostname()
         self.runner_id = runner_id or f"{self.hostname}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self.subreaper = False
+        # Job tokens start with this, so that a restart finds what a dead runner left.
+        self.store_key = hashlib.sha1(os.path.abspath(store.path).encode()).hexdigest()[:10]
+        # The server's environment, less its own settings, read once: copying
+        # os.environ decodes every entry, a measurable cost per job.
+        self.base_environment = {name: value for name, value in os.environ.items()
+                                 if not name.startswith("CIRUNNER_")}
         self._registered = False
         self._stopping = threading.Event()
         self._wakeup = threading.Condition()
         self._work_hint = False
+        self._report_wakeup = threading.Event()
         self._running = {}
         self._running_lock = threading.Lock()
-        self._spawn_lock = threading.Lock()
-        self._leaders = set()
         self._threads = []
-        self._pipelines = {}
-        self._store_key = hashlib.sha1(os.path.abspath(store.path).encode()).hexdigest()[:10]
-        # The server's environment, less its own settings, read once: copying
-        # os.environ decodes every entry, a measurable cost per job.
-        self._base_environment = {name: value for name, value in os.environ.items()
-                                  if not name.startswith("CIRUNNER_")}
+        self._tasks = [
+            _Task("notice changes", 0.0, self._notice_changes),
+            _Task("heartbeat", HEARTBEAT_SECONDS, lambda: self.store.heartbeat(self.runner_id)),
+            _Task("recover lost jobs", RUNNER_LOST_SECONDS / 2, self._recover),
+            # Also as soon as the WAL is big: a writer that reaches the
+            # backstop checkpoints in line and stalls whoever logs fast.
+            _Task("checkpoint", CHECKPOINT_SECONDS, self.store.checkpoint,
+                  urgent=lambda: self.store.wal_bytes() >= WAL_CHECKPOINT_BYTES),
+            _Task("reap orphans", 1.0, self.runner.reap),
+            _Task("fire crons", 1.0, self._fire_crons),
+        ]
+        self._last_version = None
 
     # -- lifecycle ----------------------------------------------------------
 
     def start(self):
         """Register with the store, recover lost jobs, start the worker threads."""
         self._register()
-        self.subreaper = _become_subreaper()
+        self.runner.start()
         for index in range(self.workers):
             self._spawn_thread(self._worker_loop, f"cirunner-worker-{index + 1}")
         self._spawn_thread(self._maintenance_loop, "cirunner-maintenance")
@@ -2539,7 +3276,7 @@ class Executor:
         recovered = self.store.recover_lost_jobs(self.runner_id, self.hostname, os.getpid())
         if recovered:
             _log.warning("marked %d job(s) of stopped runners as error", len(recovered))
-            _kill_leftovers(self._store_key, recovered)
+            self.runner.recover([f"{self.store_key}-{job_id}-" for job_id in recovered])
 
     def stop(self, reason="server shut down", timeout=None):
         """Stop taking jobs, kill running ones (recorded as killed with
@@ -2548,8 +3285,8 @@ class Executor:
         self._report_wakeup.set()
         with self._running_lock:
             running = list(self._running.values())
-        for job in running:
-            job.request_stop(reason)
+        for run in running:
+            run.request_stop(reason)
         self._wake()
         deadline = time.monotonic() + (timeout if timeout is not None else self.grace + 10)
         for thread in self._threads:
@@ -2573,9 +3310,37 @@ class Executor:
             self.run_job(job)
             count += 1
 
-    def running_job_ids(self):
+    def run_job(self, job):
+        """Run one claimed job to its end and record the result."""
+        run = _JobRun(self, job)
         with self._running_lock:
-            return sorted(self._running)
+            self._running[job["id"]] = run
+        run.run()
+
+    def forget(self, run):
+        """A job's processes are gone: cancels no longer reach it."""
+        with self._running_lock:
+            self._running.pop(run.job["id"], None)
+
+    # -- workspaces -----------------------------------------------------------
+
+    def workspace_for(self, repo, build, job):
+        """A new, empty directory for the job (or the fixed `workspace`)."""
+        if self.workspace is not None:
+            return self.workspace
+        path = os.path.join(self.store.data_dir, "workspaces", repo["owner"], repo["name"],
+                            str(build["number"]), str(job["number"]))
+        try:
+            if os.path.exists(path):
+                shutil.rmtree(path)
+            os.makedirs(path)
+        except OSError as exc:
+            raise _JobError(f"cannot make the workspace {path}: {exc}") from None
+        return path
+
+    def remove_workspace(self, path):
+        if path and self.workspace is None and not self.keep_workspaces:
+            shutil.rmtree(path, ignore_errors=True)
 
     # -- wake-ups -----------------------------------------------------------
 
@@ -2584,21 +3349,21 @@ class Executor:
             self._work_hint = True
             self._wakeup.notify_all()
 
-    def _on_store_event(self, event, job_ids):
+    def _on_store_event(self, event, ids):
         if event == "enqueued":
             self._wake()
         elif event == "report":
             self._report_wakeup.set()
         elif event == "cancel":
-            self._stop_jobs(job_ids)
+            self._stop_jobs(ids)
 
     def _stop_jobs(self, job_ids):
         for job_id in job_ids:
             with self._running_lock:
-                running = self._running.get(job_id)
-            if running is not None:
+                run = self._running.get(job_id)
+            if run is not None:
                 with contextlib.suppress(NotFound):
-                    running.request_stop(self.store.get_job_by_id(job_id)["error"] or "cancelled")
+                    run.request_stop(self.store.get_job_by_id(job_id)["error"] or "cancelled")
 
     def _worker_loop(self):
         while not self._stopping.is_set():
@@ -2618,54 +3383,44 @@ class Executor:
                 if not self._work_hint and not self._stopping.is_set():
                     self._wakeup.wait(5.0)
 
-    def _maintenance_loop(self):
-        """Notice work from other processes (new jobs, cancels), heartbeat,
-        recover jobs of dead runners, checkpoint the WAL, reap orphans."""
-        last_version = None
-        last_heartbeat = last_recovery = last_checkpoint = last_reap = time.monotonic()
-        while not self._stopping.wait(self.poll_interval):
-            try:
-                version = self.store.data_version()
-                if version != last_version:
-                    last_version = version
-                    self._wake()
-                    self._stop_jobs(self.store.cancel_requested_jobs(self.runner_id))
-                now = time.monotonic()
-                if now - last_heartbeat >= HEARTBEAT_SECONDS:
-                    last_heartbeat = now
-                    self.store.heartbeat(self.runner_id)
-                if now - last_recovery >= RUNNER_LOST_SECONDS / 2:
-                    last_recovery = now
-                    self._recover()
-                # Also as soon as the WAL is big: a writer that reaches the
-                # backstop checkpoints in line, and a job logging 50 MB/s
-                # then stalled for 1.5-2.5 s every few seconds. (The mark is
-                # above journal_size_limit, 64 MiB: a restarted WAL keeps its
-                # file up to that size, written over from the start.)
-                if (now - last_checkpoint >= 5.0
-                        or self.store.wal_bytes() >= WAL_CHECKPOINT_BYTES):
-                    last_checkpoint = now
-                    self.store.checkpoint()
-                if now - last_reap >= 1.0:
-                    last_reap = now
-                    self._reap_orphans()
-                    self._fire_crons()
-            except Exception:  # noqa: BLE001 - the loop logs and keeps running
-                _log.exception("executor maintenance failed; continuing")
+    # -- maintenance ----------------------------------------------------------
 
-    # -- cron schedules and commit statuses ---------------------------------
+    def _maintenance_loop(self):
+        """Run each maintenance task when due; a failing task is logged and tried
+        again at its next turn."""
+        while not self._stopping.wait(self.poll_interval):
+            for task in self._tasks:
+                now = time.monotonic()
+                if not task.due(now):
+                    continue
+                task.last = now
+                try:
+                    task.run()
+                except Exception:  # noqa: BLE001 - the loop logs and keeps running
+                    _log.exception("executor task %r failed; continuing", task.name)
+
+    def _notice_changes(self):
+        """New jobs and cancels made by other processes: any commit by another
+        connection changes the store's data version."""
+        version = self.store.data_version()
+        if version != self._last_version:
+            self._last_version = version
+            self._wake()
+            self._report_wakeup.set()
+            self._stop_jobs(self.store.cancel_requested_jobs(self.runner_id))
 
     def _fire_crons(self):
         """Start a build for each due schedule (taken atomically in the store)."""
         for cron in self.store.take_due_crons():
             try:
                 repo = self.store.get_repo_by_id(cron["repo_id"])
-                if EVENT_CRON not in json.loads(repo["events"]):
-                    continue
-                create_build(self.store, repo, branch=cron["branch"], event=EVENT_CRON,
-                             data_dir=self.data_dir, max_jobs=self.max_jobs)
+                if EVENT_CRON in json.loads(repo["events"]):
+                    create_build(self.store, repo, branch=cron["branch"], event=EVENT_CRON,
+                                 max_jobs=self.max_jobs)
             except Exception:  # noqa: BLE001 - one bad schedule must not stop the others
                 _log.exception("cron %s could not start a build", cron["name"])
+
+    # -- commit statuses ----------------------------------------------------
 
     def _report_loop(self):
         while not self._stopping.is_set():
@@ -2675,23 +3430,33 @@ class Executor:
                 _log.exception("claiming a commit status report failed")
                 report = None
             if report is None:
-                self.store.release_connection()
-                self._report_wakeup.wait(0.5)
+                self._report_wakeup.wait(self._until_next_report())
                 self._report_wakeup.clear()
                 continue
             self._deliver_report(report)
 
+    def _until_next_report(self, longest=5.0):
+        """Seconds until the next report is due (a retry's backoff), at most
+        `longest`: new reports of this process wake the reporter at once, and
+        those of other processes are noticed within `longest`."""
+        try:
+            due = self.store.next_report_due()
+        except sqlite3.Error:
+            due = None
+        self.store.release_connection()
+        return longest if due is None else min(longest, max(0.0, due - time.time()))
+
     def _deliver_report(self, report):
         """Post one commit status; retry with exponential backoff, and after the
         last attempt show the failure on the build. Never fails the build."""
+        import urllib.request  # here, not at the top: with ssl it costs megabytes
+
         try:
             build = self.store.get_build_by_id(report["build_id"])
             repo = self.store.get_repo_by_id(build["repo_id"])
             request = _forge_status_request(repo, build, report["state"], report["description"],
                                             self._build_link(repo, build),
                                             self.store.forge_token(repo))
-            import urllib.request  # loaded on first use (see _forge_status_request)
-
             with urllib.request.urlopen(request, timeout=10) as response:
                 response.read()
         except NotFound:
@@ -2712,480 +3477,12 @@ class Executor:
             return ""
         return f"{self.public_url}/api/repos/{repo['owner']}/{repo['name']}/builds/{build['number']}"
 
-    # -- one job: prepare workspace, check out, run steps, finish -----------
-
-    def run_job(self, job):
-        """Run one claimed job to its end and record the result."""
-        running = _RunningJob(job, self._store_key)
-        with self._running_lock:
-            self._running[job["id"]] = running
-        log = _LogWriter(self.store, job["id"])
-        status, exit_code, error, workspace = ERROR, 0, "", None
-        try:
-            build = self.store.get_build_by_id(job["build_id"])
-            repo = self.store.get_repo_by_id(build["repo_id"])
-            secret_values = self.store.secrets_for(repo["id"], build["event"])
-            log.mask(secret_values.values())
-            running.secrets = secret_values
-            pipeline = self._pipeline_for(build)
-            workspace = self._prepare_workspace(repo, build, job)
-            if pipeline.clone and self.workspace is None:
-                self._check_out(repo, build, workspace, log)
-            status, exit_code, error = self._run_steps(running, repo, build, pipeline,
-                                                       workspace, log)
-        except CIRunnerError as exc:
-            status, error = ERROR, exc.message
-            log.write(f"cirunner: {exc.message}\n")
-        except Exception as exc:  # noqa: BLE001 - any runner fault ends the job as error
-            _log.exception("job %s failed inside the runner", job["id"])
-            status, error = ERROR, f"runner error: {exc}"
-            log.write(f"cirunner: runner error: {exc}\n")
-        finally:
-            self._finish(running, job, log, workspace, status, exit_code, error)
-
-    def _finish(self, running, job, log, workspace, status, exit_code, error):
-        try:
-            log.flush()
-        except Exception:  # noqa: BLE001 - the job must still be finished
-            _log.exception("could not store the end of job %s's log", job["id"])
-        self._sweep(running.token)  # before the job is finished: nothing of it runs on
-        with self._running_lock:
-            self._running.pop(job["id"], None)
-        self.store.finish_job(job["id"], status, exit_code=exit_code, error=error)
-        if workspace and self.workspace is None and not self.keep_workspaces:
-            shutil.rmtree(workspace, ignore_errors=True)  # after: not on anyone's wait
-
-    def _pipeline_for(self, build):
-        key = (build["id"], hashlib.sha1(build["pipeline"].encode()).hexdigest())
-        pipeline = self._pipelines.get(key)
-        if pipeline is None:
-            pipeline = parse_pipeline(build["pipeline"], build["pipeline_file"] or PIPELINE_FILES[0],
-                                      max_jobs=self.max_jobs)
-            if len(self._pipelines) > 64:
-                self._pipelines.clear()
-            self._pipelines[key] = pipeline
-        return pipeline
-
-    def _prepare_workspace(self, repo, build, job):
-        if self.workspace is not None:
-            return self.workspace
-        path = os.path.join(self.data_dir, "workspaces", repo["owner"], repo["name"],
-                            str(build["number"]), str(job["number"]))
-        try:
-            if os.path.exists(path):
-                shutil.rmtree(path)
-            os.makedirs(path)
-        except OSError as exc:
-            raise _JobError(f"cannot make the workspace {path}: {exc}") from None
-        return path
-
-    def _check_out(self, repo, build, workspace, log):
-        """Check the build's commit out into the workspace with one git process:
-        a .git that borrows the mirror's objects (what `clone --shared` makes),
-        HEAD at the commit, then `read-tree -u`. A mirror that lacks the commit
-        is fetched once and the checkout tried again."""
-        commit = build["commit_sha"]
-        log.write(f"+ git checkout {commit}\n")
-        mirror = _mirror_path(self.data_dir, repo)
-        dot_git = os.path.join(workspace, ".git")
-        pull_ref = build["ref"] if build["ref"].startswith(
-            ("refs/pull/", "refs/merge-requests/")) else ""
-        for attempt in range(2):
-            try:
-                if attempt or not os.path.isdir(mirror):
-                    _sync_mirror(self.data_dir, repo, commit, pull_ref)
-                for folder in ("objects/info", "refs/heads", "refs/tags"):
-                    os.makedirs(os.path.join(dot_git, folder), exist_ok=True)
-                with open(os.path.join(dot_git, "objects", "info", "alternates"), "w") as handle:
-                    handle.write(os.path.join(os.path.abspath(mirror), "objects") + "\n")
-                with open(os.path.join(dot_git, "HEAD"), "w") as handle:
-                    handle.write(commit + "\n")
-                with open(os.path.join(dot_git, "config"), "w") as handle:
-                    handle.write("[core]\n\trepositoryformatversion = 0\n\tfilemode = true\n"
-                                 "\tbare = false\n")
-                _git(["-C", workspace, "read-tree", "--reset", "-u", "HEAD"])
-                return
-            except (_GitError, OSError) as exc:
-                if attempt:
-                    log.write(f"{exc}\n")
-                    raise _JobError(f"checkout of {commit[:12]} failed") from None
-
-    def _environment(self, repo, build, job, workspace):
-        """(base, substitution variables, CI variables, matrix axis) for the job."""
-        variables = json.loads(build["variables"] or "{}")
-        matrix = json.loads(job["environment"] or "{}")
-        ci = {
-            "REPO": f"{repo['owner']}/{repo['name']}", "REPO_OWNER": repo["owner"],
-            "REPO_NAME": repo["name"], "REMOTE_URL": build["remote"],
-            "BUILD_NUMBER": str(build["number"]), "PARENT_BUILD_NUMBER": str(build["parent"]),
-            "BUILD_EVENT": build["event"], "BUILD_CREATED": str(build["created_at"]),
-            "BUILD_LINK": build["link_url"], "JOB_NUMBER": str(job["number"]),
-            "COMMIT": build["commit_sha"], "COMMIT_SHA": build["commit_sha"],
-            "COMMIT_BRANCH": build["branch"], "BRANCH": build["branch"],
-            "COMMIT_REF": build["ref"], "COMMIT_MESSAGE": build["message"],
-            "COMMIT_AUTHOR": build["author"], "COMMIT_AUTHOR_EMAIL": build["author_email"],
-            "WORKSPACE": workspace,
-        }
-        if build["ref"].startswith("refs/tags/"):
-            ci["TAG"] = build["ref"][len("refs/tags/"):]
-        ci_env = {"CI": "true", "DRONE": "true"}
-        for name, value in ci.items():
-            ci_env["CI_" + name] = ci_env["DRONE_" + name] = value
-        base = dict(self._base_environment)
-        base.update(variables)
-        base.update(matrix)
-        return base, {**variables, **matrix, **ci_env}, ci_env, matrix
-
-    def _run_steps(self, running, repo, build, pipeline, workspace, log):
-        job = running.job
-        base, variables, ci_env, matrix = self._environment(repo, build, job, workspace)
-        minutes = pipeline.timeout or repo["timeout"] or DEFAULT_TIMEOUT_MINUTES
-        deadline = time.monotonic() + minutes * 60
-        status, exit_code, error = SUCCESS, 0, ""
-        for step in pipeline.steps_for(variables):
-            if running.stop_requested.is_set():
-                return KILLED, exit_code, running.reason
-            if not step.applies(branch=build["branch"], event=build["event"],
-                                environment=matrix, job_status=status):
-                continue
-            environment = {**base, **running.secrets, **step.environment, **ci_env,
-                           "CIRUNNER_JOB_TOKEN": running.token}
-            code, stopped = self._run_step(running, step, environment, workspace, log,
-                                           deadline, minutes)
-            if stopped:
-                return KILLED, code, stopped
-            if code != 0 and step.ignore_failure:
-                log.write(f"cirunner: step {step.name!r} failed with exit code {code} "
-                          "(failure: ignore)\n")
-            elif code != 0 and status == SUCCESS:
-                status, exit_code = FAILURE, code
-                error = f"step {step.name!r} failed with exit code {code}"
-        return status, exit_code, error
-
-    def _run_step(self, running, step, environment, workspace, log, deadline, minutes):
-        """Run one step; returns (exit code, reason it was stopped or "")."""
-        with self._spawn_lock:
-            try:
-                process = subprocess.Popen(
-                    ["/bin/sh", "-e", "-c", step.script()], cwd=workspace, env=environment,
-                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                    start_new_session=True, close_fds=True)
-            except OSError as exc:
-                raise _JobError(f"cannot start step {step.name!r}: {exc}") from None
-            self._leaders.add(process.pid)
-        with contextlib.suppress(OSError, AttributeError):
-            fcntl.fcntl(process.stdout.fileno(), fcntl.F_SETPIPE_SZ, PIPE_BYTES)
-        try:
-            stopped = self._pump(process, running, log, deadline, minutes)
-        finally:
-            _signal_group(process.pid, signal.SIGKILL)  # always: sweep stragglers
-            process.wait()
-            process.stdout.close()
-            with self._spawn_lock:
-                self._leaders.discard(process.pid)
-            self._await_group_exit(process.pid)
-        code = process.returncode
-        return (128 - code if code < 0 else code), stopped
-
-    def _pump(self, process, running, log, deadline, minutes):
-        """Copy the step's output into the log until it ends; stop it when
-        asked or at the deadline (SIGTERM, grace, SIGKILL to the group)."""
-        descriptor = process.stdout.fileno()
-        poller = select.poll()
-        poller.register(descriptor, select.POLLIN | select.POLLHUP | select.POLLERR)
-        term_at = killed_at = exited_at = None
-        stopped = ""
-        while True:
-            now = time.monotonic()
-            if term_at is None:
-                if running.stop_requested.is_set():
-                    stopped = running.reason or "cancelled"
-                elif now >= deadline:
-                    stopped = f"timed out after {minutes} minutes"
-                if stopped:
-                    log.write(f"\ncirunner: {stopped}: stopping the job\n")
-                    _signal_group(process.pid, signal.SIGTERM)
-                    term_at = now
-            elif killed_at is None and now - term_at >= self.grace:
-                _signal_group(process.pid, signal.SIGKILL)
-                killed_at = now
-            if exited_at is None and process.poll() is not None:
-                exited_at = now
-            if exited_at is not None and now - exited_at >= STRAGGLER_SECONDS:
-                break  # a detached grandchild holds the pipe open: stop reading
-            due = log.flush_due_in()
-            wait = 0.1 if due is None else min(due, 0.1)
-            if exited_at is not None:
-                wait = min(wait, 0.02)
-            if poller.poll(int(wait * 1000) + 1):
-                data = os.read(descriptor, LOG_CHUNK_BYTES)
-                if not data:
-                    break
-                log.write(data)
-            log.flush_if_due()
-        return stopped
-
-    # -- orphans ------------------------------------------------------------
-
-    def _await_group_exit(self, pgid, timeout=2.0):
-        """Wait until no process of the group is left, not even a zombie: the
-        group's members may have been adopted by us and need reaping."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                os.killpg(pgid, 0)
-            except (ProcessLookupError, PermissionError):
-                return
-            self._reap_orphans()
-            time.sleep(0.005)
-
-    def _sweep(self, token):
-        """Kill every process that still carries this job's token, however it
-        detached (setsid, double fork), and reap those that were adopted."""
-        marker = f"CIRUNNER_JOB_TOKEN={token}".encode()
-        for _ in range(20):
-            candidates = _adopted_pids() if self.subreaper else _all_pids()
-            with self._spawn_lock:
-                candidates -= self._leaders
-            found = [pid for pid in candidates if pid != os.getpid() and _has_marker(pid, marker)]
-            if not found:
-                break
-            for pid in found:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.kill(pid, signal.SIGKILL)
-            for pid in found:
-                if self.subreaper:
-                    with contextlib.suppress(ChildProcessError):
-                        os.waitpid(pid, 0)
-            time.sleep(0.01)  # let their own children be re-parented to us
-        self._reap_orphans()
-
-    def _reap_orphans(self):
-        """Reap adopted orphans that exited on their own. Only zombies outside
-        our own process group: our direct subprocesses (git) stay in it, and
-        step leaders are waited for by their own thread."""
-        if not self.subreaper:
-            return
-        own_group = os.getpgrp()
-        with self._spawn_lock:
-            for pid in _adopted_pids() - self._leaders:
-                state, group = _process_state(pid)
-                if state == "Z" and group != own_group:
-                    with contextlib.suppress(ChildProcessError):
-                        os.waitpid(pid, os.WNOHANG)
-
 ###############################################################################
-# Web #########################################################################
+# Access ######################################################################
 ###############################################################################
 
-_TRUE_WORDS = ("1", "true", "yes", "on")
-_RESERVED_PARAMS = ("access_token",)
-
-
-def _error_response(error):
-    """Every API error leaves as this JSON body: {error, message, status}."""
-    headers = {"Content-Type": "application/json", "Cache-Control": "no-store"}
-    if isinstance(error, Unauthorized):
-        headers["WWW-Authenticate"] = 'Token realm="cirunner"'
-    return bottle.HTTPResponse(json.dumps(error.to_json()), status=error.status, headers=headers)
-
-
-def _json_response(data, status=200):
-    """A route's JSON body that is not a dict (dicts go through Bottle's JSON
-    plugin); set on the request's own response rather than a new HTTPResponse,
-    which Bottle would then copy onto it (a tenth of a small request's time)."""
-    bottle.response.status = status
-    bottle.response.content_type = "application/json"
-    return json.dumps(data)
-
-
-def _json_errors_plugin(callback):
-    """Bottle plugin: routes raise CIRunnerError; this turns it into JSON."""
-
-    def wrapper(*args, **kwargs):
-        try:
-            return callback(*args, **kwargs)
-        except CIRunnerError as error:
-            return _error_response(error)
-        except bottle.HTTPResponse:
-            raise
-        except Exception:  # noqa: BLE001 - a bug answers 500 JSON, never HTML
-            _log.exception("unhandled error in %s %s", bottle.request.method, bottle.request.path)
-            return _error_response(CIRunnerError("internal server error"))
-
-    return wrapper
-
-
-def _bottle_error_handler(response):
-    """Bottle's own errors (no such route, wrong method) as the JSON error body."""
-    codes = {404: "not_found", 405: "method_not_allowed", 400: "bad_request",
-             413: "too_large", 500: "internal_error"}
-    status = response.status_code
-    message = {404: f"no route for {bottle.request.path}",
-               405: f"method {bottle.request.method} not allowed on {bottle.request.path}",
-               }.get(status, str(response.body) if status < 500 else "internal server error")
-    bottle.response.content_type = "application/json"
-    return json.dumps({"error": codes.get(status, "error"), "message": message, "status": status})
-
-
-def _build_json(build, jobs=None):
-    """A build in the Drone dialect's shape (times are Unix seconds, 0 if unset)."""
-    data = {
-        "id": build["id"], "number": build["number"], "parent": build["parent"],
-        "event": build["event"], "status": build["status"], "error": build["error"],
-        "created_at": build["created_at"], "enqueued_at": build["enqueued_at"],
-        "started_at": build["started_at"], "finished_at": build["finished_at"],
-        "commit": build["commit_sha"], "branch": build["branch"], "ref": build["ref"],
-        "remote": build["remote"], "message": build["message"], "timestamp": build["timestamp"],
-        "author": build["author"], "author_avatar": build["author_avatar"],
-        "author_email": build["author_email"], "link_url": build["link_url"],
-        "description": build["description"], "tags": json.loads(build["tags"] or "[]"),
-        "pinned": bool(build["pinned"]), "variables": json.loads(build["variables"] or "{}"),
-        "report_error": build["report_error"],
-    }
-    if jobs is not None:
-        data["jobs"] = [_job_json(job) for job in jobs]
-    return data
-
-
-def _job_json(job):
-    return {
-        "id": job["id"], "build_id": job["build_id"], "number": job["number"],
-        "status": job["status"], "error": job["error"], "exit_code": job["exit_code"],
-        "enqueued_at": job["enqueued_at"], "started_at": job["started_at"],
-        "finished_at": job["finished_at"], "environment": json.loads(job["environment"] or "{}"),
-    }
-
-
-def _repo_json(repo):
-    return {
-        "id": repo["id"], "owner": repo["owner"], "name": repo["name"],
-        "full_name": f"{repo['owner']}/{repo['name']}", "clone_url": repo["url"],
-        "default_branch": repo["default_branch"], "config_path": repo["config_path"],
-        "private": bool(repo["private"]), "timeout": repo["timeout"],
-        "max_builds": repo["max_builds"], "last_build_number": repo["last_number"],
-        "events": json.loads(repo["events"]), "webhook_secret_set": bool(repo["webhook_secret"]),
-        "forge": repo["forge"], "forge_url": repo["forge_url"],
-        "forge_project": repo["forge_project"], "forge_token_set": bool(repo["forge_token"]),
-        "created_at": repo["created_at"],
-    }
-
-
-def _positive_int(text, what):
-    if isinstance(text, int) and not isinstance(text, bool):
-        value = text
-    elif isinstance(text, str) and re.fullmatch(r"[0-9]{1,15}", text):
-        value = int(text)
-    else:
-        raise BadRequest(f"{what} must be a positive whole number, not {text!r}")
-    if value < 1:
-        raise BadRequest(f"{what} must be a positive whole number, not {text!r}")
-    return value
-
-
-def _int_param(params, name, default, minimum=0, maximum=None):
-    if name not in params or params[name] in ("", None):
-        return default
-    text = params[name]
-    if isinstance(text, bool) or not (isinstance(text, int) or (
-            isinstance(text, str) and re.fullmatch(r"-?[0-9]{1,15}", text))):
-        raise BadRequest(f"{name} must be a whole number")
-    value = int(text)
-    if value < minimum or (maximum is not None and value > maximum):
-        raise BadRequest(f"{name} must be between {minimum} and {maximum}"
-                         if maximum is not None else f"{name} must be {minimum} or more")
-    return value
-
-
-def _bool_value(value, name):
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.lower() in _TRUE_WORDS + ("0", "false", "no", "off", ""):
-        return value.lower() in _TRUE_WORDS
-    raise BadRequest(f"{name} must be true or false")
-
-
-def _repo_fields(params, *, creating):
-    """Validate repository settings from a request or the CLI."""
-    aliases = {"branch": "default_branch", "config": "config_path", "clone_url": "url"}
-    fields = {}
-    for key, value in params.items():
-        key = aliases.get(key, key)
-        if key in _RESERVED_PARAMS:
-            continue
-        if key == "url":
-            fields["url"] = normalize_repo_url(value)
-        elif key == "default_branch":
-            fields[key] = _check_branch(value) if value else ""
-        elif key == "config_path":
-            if not isinstance(value, str) or value.startswith("/") or ".." in value.split("/"):
-                raise BadRequest("config_path must be a path inside the repository")
-            fields[key] = value
-        elif key == "private":
-            fields[key] = int(_bool_value(value, key))
-        elif key == "timeout":
-            fields[key] = _int_param(params, key, DEFAULT_TIMEOUT_MINUTES, 1, 7 * 24 * 60)
-        elif key == "max_builds":
-            fields[key] = _int_param(params, key, 0, 0, 1000)
-        elif key == "events":
-            events = value.split(",") if isinstance(value, str) else value
-            if not isinstance(events, list) or not all(event in EVENTS for event in events):
-                raise BadRequest(f"events must be a list of {', '.join(EVENTS)}")
-            fields[key] = json.dumps(list(dict.fromkeys(events)))
-        elif key == "webhook_secret":
-            if not isinstance(value, str) or len(value) > 256:
-                raise BadRequest("webhook_secret must be a string of at most 256 characters")
-            fields[key] = value
-        elif key == "forge":
-            if value not in FORGES + ("",):
-                raise BadRequest(f"forge must be one of {', '.join(FORGES)} (or empty)")
-            fields[key] = value
-        elif key == "forge_url":
-            if not isinstance(value, str) or (value and not value.startswith(("http://",
-                                                                              "https://"))):
-                raise BadRequest("forge_url must be an http(s) URL of the forge's API")
-            fields[key] = value
-        elif key in ("forge_token", "forge_project"):
-            if not isinstance(value, str) or len(value) > 1024:
-                raise BadRequest(f"{key} must be a string")
-            fields[key] = value
-        else:
-            raise BadRequest(f"unknown repository field {key!r}")
-    if creating and "url" not in fields:
-        raise BadRequest("url is required: a clone URL or a local path")
-    return fields
-
-
-# Badge colours and words per build status (None: no build yet).
-_BADGES = {SUCCESS: ("#4c1", "passing"), FAILURE: ("#e05d44", "failing"),
-           RUNNING: ("#dfb317", "running"), PENDING: ("#dfb317", "pending"),
-           ERROR: ("#9f9f9f", "error"), KILLED: ("#9f9f9f", "killed"),
-           SKIPPED: ("#9f9f9f", "skipped"), None: ("#9f9f9f", "none")}
-_CC_STATUS = {SUCCESS: "Success", FAILURE: "Failure", ERROR: "Exception", KILLED: "Exception",
-              SKIPPED: "Success"}
-
-
-def _badge_svg(status):
-    """A flat 'build | passing' badge in the shields.io style, as SVG text."""
-    colour, word = _BADGES[status]
-    left, right = 37, 8 + 6 * len(word)
-    width = left + right
-    return f"""<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="20" \
-role="img" aria-label="build: {word}"><title>build: {word}</title>\
-<linearGradient id="s" x2="0" y2="100%"><stop offset="0" stop-color="#bbb" stop-opacity=".1"/>\
-<stop offset="1" stop-opacity=".1"/></linearGradient>\
-<clipPath id="r"><rect width="{width}" height="20" rx="3" fill="#fff"/></clipPath>\
-<g clip-path="url(#r)"><rect width="{left}" height="20" fill="#555"/>\
-<rect x="{left}" width="{right}" height="20" fill="{colour}"/>\
-<rect width="{width}" height="20" fill="url(#s)"/></g>\
-<g fill="#fff" text-anchor="middle" font-family="Verdana,Geneva,DejaVu Sans,sans-serif" \
-font-size="11"><text x="{left / 2}" y="14">build</text>\
-<text x="{left + right / 2}" y="14">{word}</text></g></svg>"""
-
-
-def _xml_attribute(text):
-    return (str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-            .replace('"', "&quot;"))
+SESSION_COOKIE = "cirunner_session"
+CSRF_COOKIE = "cirunner_csrf"
 
 
 def _parse_authorization(header):
@@ -3204,6 +3501,513 @@ def _parse_authorization(header):
     return parts[1]
 
 
+class _Access:
+    """Who is calling and what they may do, decided in one place for the API,
+    the pages, badges and webhooks.
+
+    A caller is a guest (None) or a user dict carrying its token's scope. Reads
+    of a public repository are open; a private one is readable by its owner and
+    admins only, and looks missing to everyone else (401 for a guest, who
+    should sign in; 404 for a signed-in user). Writes need a write-scope token
+    of the owner or of an admin; a browser session never writes through the API.
+    """
+
+    def __init__(self, store):
+        self.store = store
+        self.sessions = _Signer(store.sealer.derive("web session"))
+
+    def user(self, request):
+        """The caller of `request` (a Bottle request), or None for a guest.
+        Bad, unknown or revoked credentials are 401 wherever they appear."""
+        environ = request.environ
+        if "cirunner.user" not in environ:
+            environ["cirunner.user"] = self._authenticate(request)
+        return environ["cirunner.user"]
+
+    def _authenticate(self, request):
+        header = request.get_header("Authorization")
+        secret = _parse_authorization(header) if header is not None else (
+            request.query.get("access_token") or None)
+        if secret is not None:
+            user = self.store.authenticate(secret)
+            if user is None:
+                raise Unauthorized("invalid or revoked token")
+            return user
+        session = self.sessions.verify(request.get_cookie(SESSION_COOKIE))
+        if session is None:
+            return None
+        # A signed-in browser: its session names a token, which must still exist.
+        token_id, _, _ = session.partition(":")
+        user = self.store.user_for_token(int(token_id)) if token_id.isdigit() else None
+        if user is not None:
+            user["via_cookie"] = True
+        return user
+
+    def session_cookie(self, user):
+        """The signed cookie value that signs a browser in as `user`'s token."""
+        return self.sessions.sign(f"{user['token_id']}:{user['login']}", SESSION_SECONDS)
+
+    @staticmethod
+    def may_read(user, repo):
+        return not repo["private"] or (user is not None and (
+            bool(user["admin"]) or user["login"] == repo["owner"]))
+
+    @staticmethod
+    def may_write(user, owner):
+        """Whether `user` may change `owner`'s repositories (any channel)."""
+        return bool(user and user["scope"] == "write" and (user["admin"]
+                                                           or user["login"] == owner))
+
+    def require_read(self, request, repo):
+        """The caller, if they may read `repo`; else 401 (guest) or 404."""
+        user = self.user(request)
+        if not self.may_read(user, repo):
+            if user is None:
+                raise Unauthorized("this repository needs a token")
+            raise NotFound(f"repository {repo['owner']}/{repo['name']} not found")
+        return user
+
+    def require_write(self, request, owner, repo=None, *, via_api=True):
+        """The caller, if they may change `owner`'s repository `repo`."""
+        user = self.require_read(request, repo) if repo is not None else self.user(request)
+        if user is None or (via_api and user.get("via_cookie")):
+            # A session cookie never writes through the API: no cross-site forgery.
+            raise Unauthorized("this action needs a token")
+        if user["scope"] != "write":
+            raise Forbidden("this token is read-only")
+        if not self.may_write(user, owner):
+            raise Forbidden(f"only {owner} or an admin may change this")
+        return user
+
+    def find_repo(self, request, owner, name, *, write=False):
+        """The repository `owner/name` if the caller may read (or write) it."""
+        _check_name(owner, "owner")
+        _check_name(name, "repository name")
+        try:
+            repo = self.store.get_repo(owner, name)
+        except NotFound:
+            self.user(request)  # bad credentials are 401 here too
+            raise
+        if write:
+            self.require_write(request, owner, repo)
+        else:
+            self.require_read(request, repo)
+        return repo
+
+###############################################################################
+# Resources ###################################################################
+###############################################################################
+
+# The shape of each resource is declared once: the JSON the API answers, its
+# OpenAPI schema, and the fields a PATCH (and the CLI) may change.
+
+_TIME_SCHEMA = {"type": "integer", "description": "Unix seconds; 0 when unset"}
+_STRING = {"type": "string"}
+_INTEGER = {"type": "integer"}
+_BOOLEAN = {"type": "boolean"}
+_STRING_LIST = {"type": "array", "items": _STRING}
+_STRING_MAP = {"type": "object", "additionalProperties": _STRING}
+_STATUS_SCHEMA = {"type": "string", "enum": list(STATUSES)}
+
+
+@dataclasses.dataclass
+class _Field:
+    """One field of a resource: how it is shown, and how a write parses it.
+
+    `show(row)` gives the JSON value (None: never shown, e.g. a secret);
+    `parse(value)` checks a written value and gives the column value (None:
+    read-only); `column` is where it is stored; `aliases` are other names a
+    request or CLI flag may use; `required` fields appear in every answer.
+    """
+
+    name: str
+    schema: dict
+    show: object = None
+    parse: object = None
+    column: str = ""
+    aliases: tuple = ()
+    required: bool = False
+    help: str = ""
+    flag: str = ""          # its command-line flag, if not --NAME
+
+    @property
+    def option(self):
+        return self.flag or "--" + self.name.replace("_", "-")
+
+
+class _Resource:
+    """A resource's fields: its JSON, its schema, and parsing of writes."""
+
+    def __init__(self, name, fields):
+        self.name = name
+        self.fields = fields
+        self._shown = [field for field in fields if field.show is not None]
+        self._writable = {alias: field for field in fields if field.parse is not None
+                          for alias in (field.name, *field.aliases)}
+
+    def to_json(self, row):
+        return {field.name: field.show(row) for field in self._shown}
+
+    def schema(self):
+        """The OpenAPI schema of the resource as answered."""
+        return {"type": "object",
+                "required": [field.name for field in self._shown if field.required],
+                "properties": {field.name: field.schema for field in self._shown}}
+
+    def write_schema(self):
+        """The OpenAPI schema of a write (the writable fields)."""
+        return {"type": "object", "properties": {
+            field.name: field.schema for field in self.fields if field.parse is not None}}
+
+    def writable(self):
+        """The writable fields (for a command line's flags)."""
+        return [field for field in self.fields if field.parse is not None]
+
+    def parse(self, params, *, ignore=()):
+        """{column: value} from a write's `params`; BadRequest names any field
+        that is unknown, read-only or of the wrong shape."""
+        values = {}
+        for key, value in params.items():
+            if key in ignore:
+                continue
+            field = self._writable.get(key)
+            if field is None:
+                if any(key == shown.name for shown in self._shown):
+                    raise BadRequest(f"field {key!r} is read-only")
+                raise BadRequest(f"unknown {self.name} field {key!r}")
+            values[field.column or field.name] = field.parse(value)
+        return values
+
+
+def _shown(column, convert=None):
+    """A `show` function reading `column`, converted."""
+    if convert is None:
+        return lambda row: row[column]
+    return lambda row: convert(row[column])
+
+
+def _parse_text(name, maximum):
+    def parse(value):
+        if not isinstance(value, str) or len(value) > maximum:
+            raise BadRequest(f"{name} must be a string of at most {maximum} characters")
+        return value
+    return parse
+
+
+def _parse_events(value):
+    events = value.split(",") if isinstance(value, str) else value
+    if not isinstance(events, list) or not all(event in EVENTS for event in events):
+        raise BadRequest(f"events must be a list of {', '.join(EVENTS)}")
+    return json.dumps(list(dict.fromkeys(events)))
+
+
+def _parse_config_path(value):
+    if not isinstance(value, str) or value.startswith("/") or ".." in value.split("/"):
+        raise BadRequest("config_path must be a path inside the repository")
+    return value
+
+
+def _parse_forge(value):
+    if value not in FORGES + ("",):
+        raise BadRequest(f"forge must be one of {', '.join(FORGES)} (or empty)")
+    return value
+
+
+def _parse_forge_url(value):
+    if not isinstance(value, str) or (value and not value.startswith(("http://", "https://"))):
+        raise BadRequest("forge_url must be an http(s) URL of the forge's API")
+    return value
+
+
+_REPO = _Resource("repository", [
+    _Field("id", _INTEGER, _shown("id"), required=True),
+    _Field("owner", _STRING, _shown("owner"), required=True),
+    _Field("name", _STRING, _shown("name"), required=True),
+    _Field("full_name", _STRING, lambda row: f"{row['owner']}/{row['name']}", required=True),
+    _Field("url", _STRING, None, normalize_repo_url, aliases=("clone_url",),
+           help="clone URL or local path"),
+    _Field("clone_url", _STRING, _shown("url")),
+    _Field("default_branch", _STRING, _shown("default_branch"),
+           lambda value: _check_branch(value) if value else "", aliases=("branch",),
+           help="default branch (default: the remote's HEAD)", flag="--branch"),
+    _Field("config_path", _STRING, _shown("config_path"), _parse_config_path,
+           aliases=("config",), help="pipeline file path (default .cirunner.yml, .drone.yml)",
+           flag="--config"),
+    _Field("private", _BOOLEAN, _shown("private", bool),
+           lambda value: int(_check_bool(value, "private")), help="hide from guests"),
+    _Field("timeout", {"type": "integer", "minimum": 1, "maximum": 7 * 24 * 60},
+           _shown("timeout"),
+           lambda value: _check_int(value, "timeout", default=DEFAULT_TIMEOUT_MINUTES,
+                                    minimum=1, maximum=7 * 24 * 60),
+           help="job timeout in minutes"),
+    _Field("max_builds", {"type": "integer", "minimum": 0, "maximum": 1000},
+           _shown("max_builds"),
+           lambda value: _check_int(value, "max_builds", default=0, minimum=0, maximum=1000),
+           help="most builds running at once (0: no limit)"),
+    _Field("last_build_number", _INTEGER, _shown("last_number")),
+    _Field("events", {"type": "array", "items": {"type": "string", "enum": list(EVENTS)}},
+           _shown("events", json.loads), _parse_events,
+           help=f"comma-separated events to build ({','.join(EVENTS)})"),
+    _Field("webhook_secret", {"type": "string", "maxLength": 256, "writeOnly": True}, None,
+           _parse_text("webhook_secret", 256), help="the secret forges sign webhooks with"),
+    _Field("webhook_secret_set", _BOOLEAN, _shown("webhook_secret", bool)),
+    _Field("forge", {"type": "string", "enum": [*FORGES, ""]}, _shown("forge"), _parse_forge,
+           help="post commit statuses to this kind of forge"),
+    _Field("forge_url", _STRING, _shown("forge_url"), _parse_forge_url,
+           help="the forge's API base, e.g. https://api.github.com"),
+    _Field("forge_project", _STRING, _shown("forge_project"),
+           _parse_text("forge_project", 1024), help="OWNER/NAME at the forge if it differs"),
+    _Field("forge_token", {"type": "string", "writeOnly": True}, None,
+           _parse_text("forge_token", 1024), help="an API token of the forge"),
+    _Field("forge_token_set", _BOOLEAN, _shown("forge_token", bool)),
+    _Field("created_at", _TIME_SCHEMA, _shown("created_at")),
+])
+
+
+def _parse_tags(value):
+    if not isinstance(value, list) or not all(isinstance(tag, str) and tag for tag in value):
+        raise BadRequest("tags must be a list of non-empty strings")
+    return list(dict.fromkeys(value))
+
+
+def _parse_description(value):
+    if not isinstance(value, str):
+        raise BadRequest("description must be a string")
+    if len(value) > MAX_DESCRIPTION:
+        raise BadRequest(f"description is longer than {MAX_DESCRIPTION} characters")
+    return value
+
+
+def _parse_flag_value(name):
+    def parse(value):
+        if not isinstance(value, bool):
+            raise BadRequest(f"{name} must be true or false")
+        return value
+    return parse
+
+
+_JOB = _Resource("job", [
+    _Field("id", _INTEGER, _shown("id"), required=True),
+    _Field("build_id", _INTEGER, _shown("build_id")),
+    _Field("number", _INTEGER, _shown("number"), required=True),
+    _Field("status", _STATUS_SCHEMA, _shown("status"), required=True),
+    _Field("error", _STRING, _shown("error")),
+    _Field("exit_code", _INTEGER, _shown("exit_code"), required=True),
+    _Field("enqueued_at", _TIME_SCHEMA, _shown("enqueued_at"), required=True),
+    _Field("started_at", _TIME_SCHEMA, _shown("started_at"), required=True),
+    _Field("finished_at", _TIME_SCHEMA, _shown("finished_at"), required=True),
+    _Field("environment", _STRING_MAP, _shown("environment", json.loads), required=True),
+])
+
+_BUILD = _Resource("build", [
+    _Field("id", _INTEGER, _shown("id"), required=True),
+    _Field("number", _INTEGER, _shown("number"), required=True),
+    _Field("parent", _INTEGER, _shown("parent")),
+    _Field("event", _STRING, _shown("event"), required=True),
+    _Field("status", _STATUS_SCHEMA, _shown("status"), required=True),
+    _Field("error", _STRING, _shown("error")),
+    *(_Field(name, _TIME_SCHEMA, _shown(name), required=True)
+      for name in ("created_at", "enqueued_at", "started_at", "finished_at")),
+    _Field("commit", _STRING, _shown("commit_sha"), required=True),
+    *(_Field(name, _STRING, _shown(name), required=True)
+      for name in ("branch", "ref", "remote", "message")),
+    _Field("timestamp", _INTEGER, _shown("timestamp"), required=True),
+    *(_Field(name, _STRING, _shown(name), required=True)
+      for name in ("author", "author_avatar", "author_email", "link_url")),
+    _Field("description", {"type": "string", "maxLength": MAX_DESCRIPTION},
+           _shown("description"), _parse_description),
+    _Field("tags", {"type": "array", "items": {"type": "string", "minLength": 1}},
+           _shown("tags", json.loads), _parse_tags),
+    _Field("merge", _BOOLEAN, None, _parse_flag_value("merge"),
+           help="with tags: add them to the build's tags instead of replacing them"),
+    _Field("pinned", _BOOLEAN, _shown("pinned", bool), _parse_flag_value("pinned")),
+    _Field("variables", _STRING_MAP, _shown("variables", json.loads)),
+    _Field("report_error", _STRING, _shown("report_error")),
+])
+
+_STATUS = _Resource("status", [
+    _Field("id", _INTEGER, _shown("id"), required=True),
+    _Field("status", _STATUS_SCHEMA, _shown("status"), required=True),
+    _Field("message", _STRING, _shown("message"), required=True),
+    _Field("created_at", _TIME_SCHEMA, _shown("created_at"), required=True),
+    _Field("job", {"type": ["integer", "null"]}, _shown("job_number"), required=True),
+])
+
+_SECRET = _Resource("secret", [
+    _Field("name", _STRING, _shown("name"), lambda value: value, required=True),
+    _Field("value", _STRING, None, lambda value: value),
+    _Field("events", {"type": "array", "items": {"type": "string", "enum": list(EVENTS)}},
+           _shown("events"), lambda value: value.split(",") if isinstance(value, str) else value,
+           required=True),
+])
+
+
+def _build_json(build, jobs=None):
+    """A build in the Drone dialect's shape, with its jobs when given."""
+    data = _BUILD.to_json(build)
+    if jobs is not None:
+        data["jobs"] = [_JOB.to_json(job) for job in jobs]
+    return data
+
+
+def _schemas():
+    """The OpenAPI component schemas, from the declarations above."""
+    build = _BUILD.schema()
+    build["properties"]["jobs"] = {"type": "array", "items": {"$ref": "#/components/schemas/Job"}}
+    paginated = {"type": "object", "required": ["count", "next", "previous", "results"],
+                 "properties": {"count": _INTEGER, "next": {"type": ["string", "null"]},
+                                "previous": {"type": ["string", "null"]}}}
+
+    def page_of(name):
+        return {**paginated, "properties": {**paginated["properties"], "results": {
+            "type": "array", "items": {"$ref": f"#/components/schemas/{name}"}}}}
+
+    return {
+        "Error": {"type": "object", "required": ["error", "message", "status"], "properties": {
+            "error": _STRING, "message": _STRING, "status": _INTEGER}},
+        "Repo": _REPO.schema(), "Job": _JOB.schema(), "Build": build,
+        "Status": _STATUS.schema(), "Secret": _SECRET.schema(),
+        "BuildPage": page_of("Build"), "StatusPage": page_of("Status"),
+    }
+
+###############################################################################
+# HTTP API ####################################################################
+###############################################################################
+
+_RESERVED_PARAMS = ("access_token",)
+_JSON = "application/json"
+
+
+@dataclasses.dataclass
+class _Reply:
+    """What a handler answers: a body (JSON unless `content_type` says otherwise)."""
+
+    body: object
+    status: int = 200
+    content_type: str = _JSON
+    headers: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Route:
+    """One HTTP operation, declared once: the Bottle route and its OpenAPI entry.
+
+    `handler(api, **path params)` answers it; `access` says who may call it and
+    what the wrapper resolves first: "public" (anyone), "user" (any valid or
+    no credentials), "read"/"write" (the repository `<owner>/<name>`, passed as
+    `repo`), "owner" (a write token of `<owner>`), "signed" (verified by the
+    handler itself, as webhooks are). `replies` maps status codes to
+    (description, schema); `media` lists the content types of a success.
+    """
+
+    method: str
+    path: str
+    handler: object
+    access: str
+    summary: str
+    replies: dict
+    query: tuple = ()       # (name, schema, description)
+    body: dict = None       # the request body's schema (JSON, or a form)
+    media: tuple = (_JSON,)
+    errors: tuple = ()
+
+
+_ACCESS_ERRORS = {"public": (), "user": (401,), "read": (400, 401, 404),
+                  "write": (400, 401, 403, 404, 409, 413), "owner": (400, 401, 403, 409, 413),
+                  "signed": (400, 403, 404, 413)}
+_ERROR_DESCRIPTIONS = {400: "bad input", 401: "no or bad credentials", 403: "not allowed",
+                       404: "unknown", 409: "conflict with the current state",
+                       413: "body too large", 503: "too many live streams"}
+_NAME_SCHEMA = {"type": "string", "pattern": "^[A-Za-z0-9._-]{1,100}$"}
+_POSITIVE = {"type": "integer", "minimum": 1}
+_PATH_PARAMETERS = {
+    "owner": (_NAME_SCHEMA, ""), "name": (_NAME_SCHEMA, ""),
+    "number": ({"oneOf": [_POSITIVE, {"type": "string", "enum": ["latest"]}]},
+               "build number or 'latest'"),
+    "job": (_POSITIVE, "job number"),
+    "build_id": (_POSITIVE, "the build's global id"), "status_id": (_POSITIVE, "status id"),
+    "secret": (_STRING, "secret name"),
+}
+
+
+def _ref(name):
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _openapi_document(routes):
+    """The OpenAPI 3.1 description of `routes` (served at /api/openapi.json)."""
+    paths = {}
+    for route in routes:
+        path = re.sub(r"<([^>]+)>", r"{\1}", route.path)
+        names = re.findall(r"<([^>]+)>", route.path)
+        item = paths.setdefault(path, {"parameters": [
+            {"name": name, "in": "path", "required": True,
+             "description": _PATH_PARAMETERS[name][1], "schema": _PATH_PARAMETERS[name][0]}
+            for name in names]})
+        item[route.method.lower()] = _openapi_operation(route)
+    for item in paths.values():
+        if not item["parameters"]:
+            del item["parameters"]
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "cirunner", "version": __version__,
+                 "description": "Drone-style and project-style build APIs. Times are Unix "
+                                "seconds in both dialects."},
+        "paths": paths,
+        "components": {"schemas": _schemas(), "securitySchemes": {
+            "token": {"type": "apiKey", "in": "header", "name": "Authorization",
+                      "description": "'Token <token>' or 'Bearer <token>'"},
+            "access_token": {"type": "apiKey", "in": "query", "name": "access_token"}}},
+        "security": [{}, {"token": []}, {"access_token": []}],
+    }
+
+
+def _openapi_operation(route):
+    responses = {}
+    for code, (description, schema) in route.replies.items():
+        responses[str(code)] = {"description": description}
+        if schema is not None:
+            responses[str(code)]["content"] = {media: {"schema": schema}
+                                               for media in route.media}
+    for code in sorted(set(_ACCESS_ERRORS[route.access]) | set(route.errors)):
+        responses[str(code)] = {"description": _ERROR_DESCRIPTIONS[code], "content": {
+            _JSON: {"schema": _ref("Error")}}}
+    operation = {"summary": route.summary, "responses": responses}
+    if route.access in ("public", "signed"):
+        operation["security"] = []
+    if route.query:
+        operation["parameters"] = [
+            {"name": name, "in": "query", "required": False, "description": description,
+             "schema": schema} for name, schema, description in route.query]
+    if route.body is not None:
+        operation["requestBody"] = {"required": False, "content": {
+            _JSON: {"schema": route.body},
+            "application/x-www-form-urlencoded": {"schema": route.body}}}
+    return operation
+
+
+def _error_reply(error):
+    """Every API error leaves as this JSON body: {error, message, status}."""
+    headers = {"Content-Type": _JSON, "Cache-Control": "no-store"}
+    if isinstance(error, Unauthorized):
+        headers["WWW-Authenticate"] = 'Token realm="cirunner"'
+    return bottle.HTTPResponse(json.dumps(error.to_json()), status=error.status, headers=headers)
+
+
+def _send(reply):
+    """Put a handler's reply on Bottle's response and give the body to send."""
+    if not isinstance(reply, _Reply):
+        reply = _Reply(reply)
+    response = bottle.response
+    response.status = reply.status
+    response.content_type = reply.content_type
+    for name, value in reply.headers.items():
+        response.set_header(name, value)
+    if reply.body is None:
+        return ""
+    return json.dumps(reply.body) if reply.content_type == _JSON else reply.body
+
+
 def _paginated(results, count, offset, limit):
     """A list in the project dialect's shape: {count, next, previous, results}."""
     url = bottle.request.url.split("?")[0]
@@ -3212,7 +4016,7 @@ def _paginated(results, count, offset, limit):
 
     def link(new_offset):
         params = dict(query, limit=str(limit), offset=str(new_offset))
-        return url + "?" + "&".join(f"{key}={bottle.urlquote(value)}"
+        return url + "?" + "&".join(f"{key}={quote(value, safe='')}"
                                     for key, value in params.items())
 
     return {"count": count,
@@ -3221,44 +4025,619 @@ def _paginated(results, count, offset, limit):
             "results": results}
 
 
-def _status_json(row):
-    return {"id": row["id"], "status": row["status"], "message": row["message"],
-            "created_at": row["created_at"], "job": row["job_number"]}
+# Badge colours and words per build status (None: no build yet).
+_BADGES = {SUCCESS: ("#4c1", "passing"), FAILURE: ("#e05d44", "failing"),
+           RUNNING: ("#dfb317", "running"), PENDING: ("#dfb317", "pending"),
+           ERROR: ("#9f9f9f", "error"), KILLED: ("#9f9f9f", "killed"),
+           SKIPPED: ("#9f9f9f", "skipped"), None: ("#9f9f9f", "none")}
+_CC_STATUS = {SUCCESS: "Success", FAILURE: "Failure", ERROR: "Exception", KILLED: "Exception",
+              SKIPPED: "Success"}
+_BADGE_TEMPLATE = """<svg xmlns="http://www.w3.org/2000/svg" width="{{width}}" height="20" \
+role="img" aria-label="build: {{word}}"><title>build: {{word}}</title>\
+<linearGradient id="s" x2="0" y2="100%"><stop offset="0" stop-color="#bbb" stop-opacity=".1"/>\
+<stop offset="1" stop-opacity=".1"/></linearGradient>\
+<clipPath id="r"><rect width="{{width}}" height="20" rx="3" fill="#fff"/></clipPath>\
+<g clip-path="url(#r)"><rect width="{{left}}" height="20" fill="#555"/>\
+<rect x="{{left}}" width="{{right}}" height="20" fill="{{colour}}"/>\
+<rect width="{{width}}" height="20" fill="url(#s)"/></g>\
+<g fill="#fff" text-anchor="middle" font-family="Verdana,Geneva,DejaVu Sans,sans-serif" \
+font-size="11"><text x="{{left / 2}}" y="14">build</text>\
+<text x="{{left + right / 2}}" y="14">{{word}}</text></g></svg>"""
 
 
-def _patch_fields(body):
-    """Validate a build PATCH: description, tags (+ merge), pinned; else 400."""
-    read_only = ("id", "number", "parent", "event", "status", "error", "created_at",
-                 "enqueued_at", "started_at", "finished_at", "commit", "branch", "ref", "remote",
-                 "message", "timestamp", "author", "author_avatar", "author_email", "link_url",
-                 "jobs", "variables")
-    fields = {}
-    for key, value in body.items():
-        if key == "description":
-            if not isinstance(value, str):
-                raise BadRequest("description must be a string")
-            if len(value) > MAX_DESCRIPTION:
-                raise BadRequest(f"description is longer than {MAX_DESCRIPTION} characters")
-            fields[key] = value
-        elif key == "tags":
-            if not isinstance(value, list) or not all(isinstance(tag, str) and tag
-                                                      for tag in value):
-                raise BadRequest("tags must be a list of non-empty strings")
-            fields[key] = list(dict.fromkeys(value))
-        elif key == "pinned":
-            if not isinstance(value, bool):
-                raise BadRequest("pinned must be true or false")
-            fields[key] = value
-        elif key == "merge":
-            if not isinstance(value, bool):
-                raise BadRequest("merge must be true or false")
-        elif key in read_only:
-            raise BadRequest(f"field {key!r} is read-only")
-        else:
-            raise BadRequest(f"unknown field {key!r}: only description, tags, merge and "
-                             "pinned can change")
-    return fields
+_ANSI_COLOUR = re.compile(r"\x1b\[([0-9;]*)m")
+_ANSI_OTHER = re.compile(r"\x1b\[[0-9;?]*[A-Za-ln-z]")
+_LOG_ROWS_TEMPLATE = """\\
+% for number, line in rows:
+<div id='L{{number}}'><a href='#L{{number}}'>{{number}}</a><span>{{!line}}</span></div>
+% end
+"""
 
+
+class _Stream:
+    """A streamed body that gives its slot back exactly once, when the server
+    closes it (after the last event, or when the client went away)."""
+
+    def __init__(self, events, release):
+        self._events = events
+        self._release = release
+        self._open = True
+
+    def __iter__(self):
+        yield b"retry: 2000\n\n"
+        yield from self._events
+
+    def close(self):
+        if self._open:
+            self._open = False
+            self._events.close()
+            self._release()
+
+
+class _LogHtml:
+    """The one renderer of log text as HTML (pages and live pages alike):
+    numbered rows with anchors, text escaped, ANSI colours as spans."""
+
+    def __init__(self):
+        self._rows = bottle.SimpleTemplate(_LOG_ROWS_TEMPLATE)
+
+    @staticmethod
+    def line(text):
+        """One line: escaped, its colour codes turned into spans, others dropped."""
+        text = _ANSI_OTHER.sub("", bottle.html_escape(text))
+        opened = 0
+
+        def span(match):
+            nonlocal opened
+            out = "</span>" * opened
+            opened = 0
+            for code in (match.group(1) or "0").split(";"):
+                number = int(code) if code.isdigit() else 0
+                if 90 <= number <= 97:
+                    number -= 60  # bright colours shown as the plain ones
+                if number == 1 or 30 <= number <= 37:
+                    out += f'<span class="a{number}">'
+                    opened += 1
+            return out
+
+        return _ANSI_COLOUR.sub(span, text) + "</span>" * opened
+
+    def rows(self, text, first_line):
+        """(HTML rows of the lines of `text`, how many) numbered from `first_line`."""
+        lines = text.split("\n")
+        if lines and lines[-1] == "":
+            lines.pop()
+        numbered = [(first_line + index, self.line(line)) for index, line in enumerate(lines)]
+        return self._rows.render(rows=numbered), len(lines)
+
+
+class _Api:
+    """The handlers of the JSON API (both dialects), badges and logs.
+
+    Each handler takes the request's path parameters (with `repo` resolved by
+    the route's access rule) and returns a value to send as JSON, or a
+    `_Reply`. Errors are raised as CIRunnerError and answered in one place.
+    """
+
+    def __init__(self, store, access, *, closing, max_body=DEFAULT_MAX_BODY,
+                 max_streams=DEFAULT_HTTP_THREADS - 4, heartbeat=SSE_HEARTBEAT_SECONDS,
+                 max_jobs=DEFAULT_MAX_JOBS):
+        self.store = store
+        self.access = access
+        self.closing = closing
+        self.max_body = max_body
+        self.max_streams = max_streams
+        self.heartbeat = heartbeat
+        self.max_jobs = max_jobs
+        self._streams = 0
+        self._streams_lock = threading.Lock()
+        self._badge = bottle.SimpleTemplate(_BADGE_TEMPLATE)
+        self.log_html = _LogHtml()
+        self.openapi_document = None  # set by make_app, from the routes it serves
+
+    # -- request input ------------------------------------------------------
+
+    @property
+    def request(self):
+        return bottle.request
+
+    def user(self):
+        return self.access.user(bottle.request)
+
+    def who(self):
+        user = self.user()
+        return user["login"] if user else "someone"
+
+    def read_body(self):
+        """The raw request body, at most `max_body` bytes (413 beyond)."""
+        environ = bottle.request.environ
+        stream = environ.get("wsgi.input")
+        length = int(environ.get("CONTENT_LENGTH") or 0)
+        raw = stream.read(min(length, self.max_body + 1)) if stream is not None and length else b""
+        if len(raw) > self.max_body:
+            raise TooLarge(f"request body larger than {self.max_body} bytes")
+        return raw
+
+    def body(self):
+        """The request body as a dict: JSON, or a form (Drone's clients send forms)."""
+        raw = self.read_body()
+        if not raw.strip():
+            return {}
+        content_type = (bottle.request.content_type or "").split(";")[0].strip().lower()
+        if content_type == "application/x-www-form-urlencoded":
+            return dict(parse_qsl(raw.decode("utf-8", errors="replace"), keep_blank_values=True))
+        try:
+            data = json.loads(raw)
+        except ValueError as exc:
+            raise BadRequest(f"malformed JSON body: {exc}") from None
+        if not isinstance(data, dict):
+            raise BadRequest("the JSON body must be an object")
+        return data
+
+    def query(self):
+        params = dict(bottle.request.query.decode().items())
+        for key in _RESERVED_PARAMS:
+            params.pop(key, None)
+        return params
+
+    def params(self):
+        """Query and body parameters together (the body wins)."""
+        params = self.query()
+        params.update(self.body())
+        return params
+
+    # -- finding things -------------------------------------------------------
+
+    def find_build(self, repo, number):
+        if number == "latest":
+            return self.store.latest_build(repo["id"], self.query().get("branch") or None)
+        return self.store.get_build(repo["id"], _check_positive(number, "build number"))
+
+    def find_build_by_id(self, repo, build_id):
+        build = self.store.get_build_by_id(_check_positive(build_id, "build id"))
+        if build["repo_id"] != repo["id"]:
+            raise NotFound(f"build {build_id} not found")
+        return build
+
+    def find_job(self, repo, number, job):
+        build = self.find_build(repo, number)
+        return build, self.store.get_job(build["id"], _check_positive(job, "job number"))
+
+    def build_reply(self, build, status=200):
+        return _Reply(_build_json(build, self.store.list_jobs(build["id"])), status)
+
+    def build_filters(self, params):
+        status = params.get("status") or None
+        if status is not None and status not in STATUSES:
+            raise BadRequest(f"status must be one of {', '.join(STATUSES)}")
+        return {"branch": params.get("branch") or None, "status": status}
+
+    # -- meta ---------------------------------------------------------------
+
+    def version(self):
+        return {"version": __version__}
+
+    def health(self):
+        self.store.data_version()
+        return {"status": "ok"}
+
+    def openapi(self):
+        return self.openapi_document
+
+    # -- repositories -------------------------------------------------------
+
+    def list_repos(self):
+        user = self.user()
+        return [_REPO.to_json(repo) for repo in self.store.list_repos()
+                if self.access.may_read(user, repo)]
+
+    def add_repo(self, owner, name):
+        fields = _REPO.parse(self.params(), ignore=_RESERVED_PARAMS)
+        if "url" not in fields:
+            raise BadRequest("url is required: a clone URL or a local path")
+        fields.setdefault("webhook_secret", secrets.token_urlsafe(24))
+        repo = _REPO.to_json(self.store.create_repo(owner, name, fields.pop("url"), **fields))
+        # The only time the secret is shown: configure the forge with it now.
+        parts = bottle.request.urlparts
+        repo.update(webhook_secret=fields["webhook_secret"],
+                    webhook_url=f"{parts.scheme}://{parts.netloc}/hook")
+        return _Reply(repo, 201)
+
+    def get_repo(self, repo):
+        return _REPO.to_json(repo)
+
+    def update_repo(self, repo):
+        fields = _REPO.parse(self.body(), ignore=_RESERVED_PARAMS)
+        return _REPO.to_json(self.store.update_repo(repo["id"], **fields))
+
+    def delete_repo(self, repo):
+        self.store.delete_repo(repo["id"])
+        self.store.git.remove(repo)
+        shutil.rmtree(os.path.join(self.store.data_dir, "workspaces", repo["owner"],
+                                   repo["name"]), ignore_errors=True)
+        return {"deleted": f"{repo['owner']}/{repo['name']}"}
+
+    # -- badges -------------------------------------------------------------
+
+    def _latest_or_none(self, repo):
+        with contextlib.suppress(NotFound):
+            return self.store.latest_build(repo["id"], self.query().get("branch")
+                                           or repo["default_branch"] or None)
+        return None
+
+    def badge(self, repo):
+        """The latest build's status of a branch (default: the repo's) as an SVG badge."""
+        build = self._latest_or_none(repo)
+        colour, word = _BADGES[build["status"] if build else None]
+        left, right = 37, 8 + 6 * len(word)
+        svg = self._badge.render(width=left + right, left=left, right=right, colour=colour,
+                                 word=word)
+        return _Reply(svg, content_type="image/svg+xml",
+                      headers={"Cache-Control": "no-cache, max-age=0"})
+
+    def cc_xml(self, repo):
+        """The CCMenu / CCTray feed of the repository's latest build."""
+        build = self._latest_or_none(repo)
+        parts = bottle.request.urlparts
+        attributes = {"name": f"{repo['owner']}/{repo['name']}", "activity": "Sleeping",
+                      "lastBuildStatus": "Unknown", "lastBuildLabel": "", "lastBuildTime": "",
+                      "webUrl": f"{parts.scheme}://{parts.netloc}"
+                                f"/api/repos/{repo['owner']}/{repo['name']}/builds"}
+        if build:
+            stamp = build["finished_at"] or build["started_at"] or build["created_at"]
+            attributes.update(
+                activity="Building" if build["status"] in ACTIVE_STATUSES else "Sleeping",
+                lastBuildStatus=_CC_STATUS.get(build["status"], "Unknown"),
+                lastBuildLabel=str(build["number"]),
+                lastBuildTime=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(stamp)),
+                webUrl=attributes["webUrl"] + f"/{build['number']}")
+        project = " ".join(f"{key}={quoteattr(value)}" for key, value in attributes.items())
+        feed = f'<?xml version="1.0" encoding="UTF-8"?>\n<Projects><Project {project}/></Projects>\n'
+        return _Reply(feed, content_type="application/xml",
+                      headers={"Cache-Control": "no-cache, max-age=0"})
+
+    # -- secrets ------------------------------------------------------------
+
+    def list_secrets(self, repo):
+        return self.store.list_secrets(repo["id"])
+
+    def add_secret(self, repo):
+        fields = _SECRET.parse(self.body())
+        events = fields.get("events")
+        if events is not None and not isinstance(events, list):
+            raise BadRequest("events must be a list")
+        self.store.set_secret(repo["id"], fields.get("name"), fields.get("value"), events)
+        return _Reply(next(item for item in self.store.list_secrets(repo["id"])
+                           if item["name"] == fields["name"]), 201)
+
+    def delete_secret(self, repo, secret):
+        self.store.delete_secret(repo["id"], secret)
+        return {"deleted": secret}
+
+    # -- builds (Drone dialect) ---------------------------------------------
+
+    def list_builds(self, repo):
+        params = self.query()
+        per_page = _check_int(params.get("per_page"), "per_page", default=DEFAULT_PER_PAGE,
+                              minimum=1, maximum=MAX_PER_PAGE)
+        page = _check_int(params.get("page"), "page", default=1, minimum=1, maximum=10 ** 9)
+        builds = self.store.list_builds(repo["id"], offset=(page - 1) * per_page,
+                                        limit=per_page, **self.build_filters(params))
+        return [_build_json(build) for build in builds]
+
+    def start_build(self, repo):
+        params = self.params()
+        variables = params.pop("variables", None) or {}
+        if not isinstance(variables, dict):
+            raise BadRequest("variables must be an object of NAME: value")
+        branch = params.pop("branch", "") or ""
+        commit = params.pop("commit", "") or ""
+        event = params.pop("event", EVENT_MANUAL) or EVENT_MANUAL
+        variables = {**params, **variables}  # any other key is a variable, as in Drone
+        build = create_build(self.store, repo, branch=branch, commit=commit,
+                             variables=variables, event=event, max_jobs=self.max_jobs)
+        return self.build_reply(build, 201)
+
+    def get_build(self, repo, number):
+        return self.build_reply(self.find_build(repo, number))
+
+    def restart_build(self, repo, number):
+        build = self.find_build(repo, number)
+        params = self.params()
+        fork = _check_bool(params.pop("fork", "false"), "fork")
+        build = restart_build(self.store, repo, build["number"], fork=fork, variables=params,
+                              max_jobs=self.max_jobs)
+        return self.build_reply(build, 202)
+
+    def cancel_build(self, repo, number):
+        build = self.find_build(repo, number)
+        return self.build_reply(self.store.cancel_jobs(
+            build["id"], message=f"cancelled by {self.who()} over the API"))
+
+    def cancel_job(self, repo, number, job):
+        build, job = self.find_job(repo, number, job)
+        return self.build_reply(self.store.cancel_jobs(
+            build["id"], job["number"], message=f"cancelled by {self.who()} over the API"))
+
+    # -- logs ---------------------------------------------------------------
+
+    def get_log(self, repo, number, job):
+        """A job's log as text from `offset` (sent without holding a thread), or
+        followed live as Server-Sent Events (with `format=html`, as rendered rows)."""
+        _, job = self.find_job(repo, number, job)
+        params = self.query()
+        offset = _check_int(params.get("offset"), "offset", default=0)
+        follow = params.get("follow", "").lower() in _TRUE_WORDS
+        if not follow and "text/event-stream" not in bottle.request.get_header("Accept", ""):
+            log = self.store.open_log(job["id"], offset)
+            return _Reply(log, content_type="text/plain; charset=utf-8",
+                          headers={"Content-Length": str(log.size)})
+        line = None
+        if params.get("format", "text") == "html":
+            line = _check_int(params.get("line"), "line", default=1, minimum=1)
+        elif params.get("format", "text") != "text":
+            raise BadRequest("format must be text or html")
+        last_id = bottle.request.get_header("Last-Event-ID", "")
+        if re.fullmatch(r"[0-9]{1,15}(:[0-9]{1,15})?", last_id):
+            offset, _, resumed_line = last_id.partition(":")
+            offset = int(offset)
+            line = int(resumed_line) if line is not None and resumed_line else line
+        self._open_stream()
+        events = (self._log_events(job["id"], offset) if line is None
+                  else self._html_events(job["id"], offset, line))
+        return _Reply(self._counted(events), content_type="text/event-stream; charset=utf-8",
+                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    def _open_stream(self):
+        with self._streams_lock:
+            if self._streams >= self.max_streams:
+                raise Unavailable("too many open log streams; try again later")
+            self._streams += 1
+
+    def _counted(self, events):
+        """`events`, then the stream's slot given back (however the stream ends)."""
+        return _Stream(events, self._close_stream)
+
+    def _close_stream(self):
+        with self._streams_lock:
+            self._streams -= 1
+
+    def _follow(self, job_id, offset):
+        """Yield (chunk, job) as a job's log grows from `offset`, (None, job) on
+        a heartbeat, and stop after the chunks that were there when it ended."""
+        last_sent = time.monotonic()
+        while not self.closing.is_set():
+            seen = self.store.log_events_seen()
+            job = self.store.get_job_by_id(job_id)  # read before the log: nothing is missed
+            sent = False
+            for chunk in self.store.read_log(job_id, offset):
+                offset += len(chunk)
+                sent = True
+                yield chunk, job
+            if job["status"] in DONE_STATUSES:
+                return
+            if sent:
+                last_sent = time.monotonic()
+            elif time.monotonic() - last_sent >= self.heartbeat:
+                yield None, job
+                last_sent = time.monotonic()
+            else:
+                self.store.wait_for_log(min(0.5, self.heartbeat), seen)
+
+    def _end_event(self, job_id):
+        job = self.store.get_job_by_id(job_id)
+        end = {"status": job["status"], "exit_code": job["exit_code"], "error": job["error"]}
+        return f"event: end\ndata: {json.dumps(end)}\n\n".encode()
+
+    def _log_events(self, job_id, offset):
+        """Server-Sent Events: each chunk as a JSON string with its end offset
+        as the event id (so EventSource resumes where it stopped), a comment
+        line as heartbeat, and an `end` event when the job finishes."""
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        for chunk, _ in self._follow(job_id, offset):
+            if chunk is None:
+                yield b": heartbeat\n\n"
+                continue
+            offset += len(chunk)
+            text = decoder.decode(chunk)
+            if text:
+                yield f"id: {offset}\ndata: {json.dumps(text)}\n\n".encode()
+        if not self.closing.is_set():
+            yield self._end_event(job_id)
+
+    def _html_events(self, job_id, offset, line):
+        """The same stream for a web page: complete lines as rendered rows,
+        `{"line", "html"}`, with ``OFFSET:LINE`` as the event id."""
+        pending = b""
+        for chunk, _ in self._follow(job_id, offset):
+            if chunk is None:
+                yield b": heartbeat\n\n"
+                continue
+            pending += chunk
+            cut = pending.rfind(b"\n") + 1
+            if not cut and len(pending) > LOG_PAGE_BYTES:
+                cut = len(pending)  # a line too long to wait for: shown in parts
+            if cut:
+                offset += cut
+                html, count = self.log_html.rows(pending[:cut].decode("utf-8", "replace"), line)
+                data = json.dumps({"line": line, "html": html})
+                yield f"id: {offset}:{line + count}\ndata: {data}\n\n".encode()
+                pending, line = pending[cut:], line + count
+        if self.closing.is_set():
+            return
+        if pending:
+            html, count = self.log_html.rows(pending.decode("utf-8", "replace"), line)
+            yield f"data: {json.dumps({'line': line, 'html': html})}\n\n".encode()
+        yield self._end_event(job_id)
+
+    # -- project dialect (/api/v1) ------------------------------------------
+
+    def page_params(self):
+        params = self.query()
+        return (_check_int(params.get("offset"), "offset", default=0, maximum=10 ** 12),
+                _check_int(params.get("limit"), "limit", default=V1_PAGE_SIZE, minimum=1,
+                           maximum=MAX_PER_PAGE))
+
+    def v1_list_builds(self, repo):
+        offset, limit = self.page_params()
+        filters = self.build_filters(self.query())
+        builds = self.store.list_builds(repo["id"], offset=offset, limit=limit, **filters)
+        return _paginated([_build_json(build) for build in builds],
+                          self.store.count_builds(repo["id"], **filters), offset, limit)
+
+    def v1_get_build(self, repo, build_id):
+        return self.build_reply(self.find_build_by_id(repo, build_id))
+
+    def v1_update_build(self, repo, build_id):
+        build = self.find_build_by_id(repo, build_id)
+        fields = _BUILD.parse(self.body())
+        if "tags" in fields and fields.pop("merge", False):
+            fields["tags"] = list(dict.fromkeys(json.loads(build["tags"] or "[]")
+                                                + fields["tags"]))
+        fields.pop("merge", None)
+        return self.build_reply(self.store.update_build(build["id"], **fields))
+
+    def v1_delete_build(self, repo, build_id):
+        build = self.find_build_by_id(repo, build_id)
+        self.store.delete_build(build["id"])
+        shutil.rmtree(os.path.join(self.store.data_dir, "workspaces", repo["owner"],
+                                   repo["name"], str(build["number"])), ignore_errors=True)
+        return {"id": build["id"], "number": build["number"], "deleted": True}
+
+    def v1_stop_build(self, repo, build_id):
+        build = self.find_build_by_id(repo, build_id)
+        if build["status"] not in ACTIVE_STATUSES:
+            raise Conflict(f"build {build['number']} has already finished ({build['status']})")
+        return self.build_reply(self.store.cancel_jobs(
+            build["id"], pending_status=SKIPPED, message=f"stopped by {self.who()}"))
+
+    def v1_statuses(self, repo, build_id):
+        build = self.find_build_by_id(repo, build_id)
+        offset, limit = self.page_params()
+        rows = self.store.list_statuses(build["id"], offset=offset, limit=limit)
+        return _paginated([_STATUS.to_json(row) for row in rows],
+                          self.store.count_statuses(build["id"]), offset, limit)
+
+    def v1_status(self, repo, build_id, status_id):
+        build = self.find_build_by_id(repo, build_id)
+        return _STATUS.to_json(self.store.get_status(
+            build["id"], _check_positive(status_id, "status id")))
+
+    def v1_logs(self, repo, build_id):
+        build = self.find_build_by_id(repo, build_id)
+        jobs = self.store.list_jobs(build["id"])
+
+        def all_logs():
+            for job in jobs:
+                axis = _axis_text(json.loads(job["environment"] or "{}"))
+                yield (f"=== job {job['number']}{' (' + axis + ')' if axis else ''}: "
+                       f"{job['status']} ===\n").encode()
+                yield from self.store.read_log(job["id"])
+                yield b"\n"
+
+        return _Reply(all_logs(), content_type="text/plain; charset=utf-8")
+
+
+def _object(**properties):
+    return {"type": "object", "properties": properties}
+
+
+_OK = "success"
+_BUILD_REPLY = {200: (_OK, _ref("Build"))}
+_READ_QUERY = (("branch", _STRING, ""), ("status", _STATUS_SCHEMA, ""))
+_API_ROUTES = [
+    _Route("GET", "/api/version", _Api.version, "public", "server version",
+           {200: (_OK, _object(version=_STRING))}),
+    _Route("GET", "/healthz", _Api.health, "public", "health check",
+           {200: (_OK, _object(status=_STRING))}),
+    _Route("GET", "/api/openapi.json", _Api.openapi, "public", "this document",
+           {200: (_OK, {"type": "object"})}),
+    _Route("GET", "/api/repos", _Api.list_repos, "user", "repositories the caller may read",
+           {200: (_OK, {"type": "array", "items": _ref("Repo")})}),
+    _Route("POST", "/api/repos/<owner>/<name>", _Api.add_repo, "owner",
+           "add a repository (the webhook secret is shown this once)",
+           {201: (_OK, {"allOf": [_ref("Repo"), _object(webhook_secret=_STRING,
+                                                        webhook_url=_STRING)]})},
+           body={**_REPO.write_schema(), "required": ["url"]}),
+    _Route("GET", "/api/repos/<owner>/<name>", _Api.get_repo, "read", "a repository",
+           {200: (_OK, _ref("Repo"))}),
+    _Route("PATCH", "/api/repos/<owner>/<name>", _Api.update_repo, "write",
+           "change repository settings", {200: (_OK, _ref("Repo"))}, body=_REPO.write_schema()),
+    _Route("DELETE", "/api/repos/<owner>/<name>", _Api.delete_repo, "write",
+           "remove a repository and its builds", {200: (_OK, {"type": "object"})}),
+    _Route("GET", "/api/repos/<owner>/<name>/builds", _Api.list_builds, "read",
+           "builds, newest first", {200: (_OK, {"type": "array", "items": _ref("Build")})},
+           query=(("page", _POSITIVE, ""),
+                  ("per_page", {"type": "integer", "minimum": 1, "maximum": MAX_PER_PAGE}, ""),
+                  *_READ_QUERY)),
+    _Route("POST", "/api/repos/<owner>/<name>/builds", _Api.start_build, "write", "start a build",
+           {201: (_OK, _ref("Build"))},
+           body=_object(branch=_STRING, commit=_STRING, event=_STRING, variables=_STRING_MAP)),
+    _Route("GET", "/api/repos/<owner>/<name>/builds/<number>", _Api.get_build, "read",
+           "a build with its jobs", _BUILD_REPLY, query=(("branch", _STRING, "with 'latest'"),)),
+    _Route("POST", "/api/repos/<owner>/<name>/builds/<number>", _Api.restart_build, "write",
+           "restart a finished build", {202: (_OK, _ref("Build"))},
+           query=(("fork", _BOOLEAN, "as a new build number"),)),
+    _Route("DELETE", "/api/repos/<owner>/<name>/builds/<number>", _Api.cancel_build, "write",
+           "cancel the build's active jobs", _BUILD_REPLY),
+    _Route("DELETE", "/api/repos/<owner>/<name>/builds/<number>/<job>", _Api.cancel_job, "write",
+           "cancel one job", _BUILD_REPLY),
+    _Route("GET", "/api/repos/<owner>/<name>/logs/<number>/<job>", _Api.get_log, "read",
+           "a job's log (text; Server-Sent Events with follow)",
+           {200: ("the log", {"type": "string"})},
+           query=(("offset", {"type": "integer", "minimum": 0}, ""),
+                  ("follow", _BOOLEAN, "follow live as Server-Sent Events"),
+                  ("format", {"type": "string", "enum": ["text", "html"]},
+                   "with follow: html sends complete lines as rendered rows"),
+                  ("line", _POSITIVE, "with format=html: the number of the line at offset")),
+           media=("text/plain", "text/event-stream"), errors=(503,)),
+    _Route("DELETE", "/api/repos/<owner>/<name>/logs/<number>/<job>", _Api.cancel_job, "write",
+           "cancel one job", _BUILD_REPLY),
+    _Route("GET", "/api/repos/<owner>/<name>/secrets", _Api.list_secrets, "write",
+           "secret names and events (never values)",
+           {200: (_OK, {"type": "array", "items": _ref("Secret")})}),
+    _Route("POST", "/api/repos/<owner>/<name>/secrets", _Api.add_secret, "write",
+           "add or replace a secret", {201: (_OK, _ref("Secret"))},
+           body={**_SECRET.write_schema(), "required": ["name", "value"]}),
+    _Route("DELETE", "/api/repos/<owner>/<name>/secrets/<secret>", _Api.delete_secret, "write",
+           "remove a secret", {200: (_OK, {"type": "object"})}),
+    _Route("GET", "/api/badges/<owner>/<name>/status.svg", _Api.badge, "read",
+           "the latest build's status as an SVG badge", {200: ("the badge", _STRING)},
+           query=(("branch", _STRING, ""),), media=("image/svg+xml",)),
+    _Route("GET", "/api/badges/<owner>/<name>/cc.xml", _Api.cc_xml, "read",
+           "CCMenu feed of the latest build", {200: ("the feed", _STRING)},
+           query=(("branch", _STRING, ""),), media=("application/xml",)),
+    _Route("GET", "/api/v1/<owner>/<name>/builds", _Api.v1_list_builds, "read",
+           "builds, newest first, paginated", {200: (_OK, _ref("BuildPage"))},
+           query=(("offset", {"type": "integer", "minimum": 0}, ""),
+                  ("limit", {"type": "integer", "minimum": 1, "maximum": MAX_PER_PAGE}, ""),
+                  *_READ_QUERY)),
+    _Route("GET", "/api/v1/<owner>/<name>/builds/<build_id>", _Api.v1_get_build, "read", "a build",
+           _BUILD_REPLY),
+    _Route("PATCH", "/api/v1/<owner>/<name>/builds/<build_id>", _Api.v1_update_build, "write",
+           "change description, tags or pinned", _BUILD_REPLY,
+           body={**_BUILD.write_schema(), "additionalProperties": False}),
+    _Route("DELETE", "/api/v1/<owner>/<name>/builds/<build_id>", _Api.v1_delete_build, "write",
+           "delete a finished build",
+           {200: (_OK, _object(id=_INTEGER, number=_INTEGER, deleted=_BOOLEAN))}),
+    _Route("POST", "/api/v1/<owner>/<name>/builds/<build_id>", _Api.v1_stop_build, "write",
+           "stop the build", _BUILD_REPLY),
+    _Route("POST", "/api/v1/<owner>/<name>/builds/<build_id>/stop", _Api.v1_stop_build, "write",
+           "stop the build", _BUILD_REPLY),
+    _Route("GET", "/api/v1/<owner>/<name>/builds/<build_id>/statuses", _Api.v1_statuses, "read",
+           "status history, oldest first", {200: (_OK, _ref("StatusPage"))},
+           query=(("offset", {"type": "integer", "minimum": 0}, ""),
+                  ("limit", {"type": "integer", "minimum": 1, "maximum": MAX_PER_PAGE}, ""))),
+    _Route("GET", "/api/v1/<owner>/<name>/builds/<build_id>/statuses/<status_id>",
+           _Api.v1_status, "read", "one status entry", {200: (_OK, _ref("Status"))}),
+    _Route("GET", "/api/v1/<owner>/<name>/builds/<build_id>/logs", _Api.v1_logs, "read",
+           "every job's log under a header", {200: ("text", {"type": "string"})},
+           media=("text/plain",)),
+]
+
+###############################################################################
+# Webhooks ####################################################################
+###############################################################################
 
 _ZERO_SHA = "0" * 40
 _SKIP_PATTERN = re.compile(r"\[(ci skip|skip ci)\]", re.IGNORECASE)
@@ -3418,16 +4797,79 @@ def _parse_gitlab_hook(event, payload):
     raise BadRequest(f"the payload is not a GitLab {event!r} of a known shape")
 
 
-# -- web pages -----------------------------------------------------------------
+def _load_json_body(body):
+    try:
+        payload = json.loads(body)
+    except ValueError:
+        raise BadRequest("the webhook body is not JSON") from None
+    return payload
 
-SESSION_COOKIE = "cirunner_session"
-CSRF_COOKIE = "cirunner_csrf"
-SESSION_SECONDS = 12 * 3600
-LOG_PAGE_BYTES = 256 * 1024     # a log page shows this much; earlier parts on request
+
+def _webhook_repo(api, forge, body):
+    """The repository a webhook is for: ?repo=OWNER/NAME, else the payload's name."""
+    full_name = api.query().get("repo")
+    if not full_name:
+        payload = _load_json_body(body)
+        full_name = _webhook_repo_name(forge, payload) if isinstance(payload, dict) else None
+        if not full_name:
+            raise BadRequest("the payload names no repository (or pass ?repo=OWNER/NAME)")
+    owner, _, name = str(full_name).partition("/")
+    try:
+        return api.store.get_repo(_check_name(owner, "owner"), _check_name(name, "name"))
+    except BadRequest:
+        raise NotFound(f"repository {full_name} not found") from None
+
+
+def _receive_webhook(api):
+    """A forge's push, tag or pull request: verified, then built (or 204)."""
+    forge, event = _webhook_forge(bottle.request.headers)
+    if forge is None:
+        raise BadRequest("not a webhook: no X-GitHub-Event, X-Gitea-Event, "
+                         "X-Forgejo-Event or X-Gitlab-Event header")
+    body = api.read_body()
+    repo = _webhook_repo(api, forge, body)
+    _verify_webhook(forge, bottle.request.headers, body, repo["webhook_secret"])
+    payload = _load_json_body(body)
+    if not isinstance(payload, dict):
+        raise BadRequest("the webhook body must be a JSON object")
+    if event == "ping" or forge == "gitlab" and event == "System Hook":
+        return {"ping": "ok", "repo": f"{repo['owner']}/{repo['name']}"}
+    fields = _parse_webhook(forge, event, payload)
+    if fields is None:
+        return _Reply(None, 204)
+    fields = {key: value if key == "timestamp" else _text(value) for key, value in fields.items()}
+    if _SKIP_PATTERN.search(fields["message"] or ""):
+        return _Reply(None, 204)
+    if fields["event"] not in json.loads(repo["events"]):
+        return _Reply(None, 204)
+    commit = _check_commit(fields.pop("commit"))
+    branch = fields.pop("branch")
+    event_name = fields.pop("event")
+    build = create_build(
+        api.store, repo, branch=branch, commit=commit, event=event_name, max_jobs=api.max_jobs,
+        pull_ref=fields["ref"] if event_name == EVENT_PULL_REQUEST else "", **fields)
+    return api.build_reply(build)
+
+
+_WEBHOOK_REPLIES = {200: (_OK, {"oneOf": [_ref("Build"), {"type": "object"}]}),
+                    204: ("no build for this event", None)}
+_WEBHOOK_ROUTES = [
+    _Route("POST", path, _receive_webhook, "signed",
+           "a forge webhook (GitHub, Gitea, Forgejo, GitLab)", _WEBHOOK_REPLIES,
+           query=(("repo", _STRING, "OWNER/NAME, if the payload's name differs"),))
+    for path in ("/hook", "/api/hook")
+]
+
+###############################################################################
+# Pages #######################################################################
+###############################################################################
+
+# Bottle's SimpleTemplate escapes every {{value}}; {{!value}} marks markup
+# that a template or the log renderer made.
 
 _PAGE_STYLE = """
 body{font:14px/1.45 system-ui,-apple-system,Segoe UI,sans-serif;margin:0;color:#1f2328;background:#f6f8fa}
-header{background:#24292f;color:#fff;padding:.6em 1.2em;display:flex;gap:1em;align-items:center}
+header{background:#24292f;color:#fff;padding:.6em 1.2em;display:flex;gap:1em;align-items:center;flex-wrap:wrap}
 header a{color:#fff;text-decoration:none;font-weight:600}header .account{margin-left:auto}
 main{max-width:1100px;margin:1.2em auto;padding:0 1em}
 table{border-collapse:collapse;width:100%;background:#fff}th,td{text-align:left;padding:.35em .6em;border-bottom:1px solid #d0d7de}
@@ -3438,95 +4880,152 @@ th{background:#eaeef2}.status{display:inline-block;padding:0 .5em;border-radius:
 .log div{white-space:pre-wrap;word-break:break-all;padding:0 .8em 0 4.5em;text-indent:-3.7em}
 .log a{color:#6e7681;display:inline-block;width:3.2em;text-align:right;margin-right:.5em;text-indent:0;text-decoration:none}
 .log div:target{background:#264f78}.muted{color:#57606a}form.inline{display:inline}button{cursor:pointer}
+input{max-width:100%;box-sizing:border-box}
 .a1{font-weight:700}.a30{color:#8b949e}.a31{color:#ff7b72}.a32{color:#3fb950}.a33{color:#d29922}
 .a34{color:#58a6ff}.a35{color:#bc8cff}.a36{color:#39c5cf}.a37{color:#e6edf3}
 """
 
-_ANSI_PATTERN = re.compile(r"\x1b\[([0-9;]*)m")
-_ANSI_OTHER = re.compile(r"\x1b\[[0-9;?]*[A-Za-ln-z]")
-
-_LIVE_SCRIPT = """
+_LIVE_LOG_SCRIPT = """
 (function(){
   var log=document.getElementById('log'), state=document.getElementById('job-status');
   if(!log||!window.EventSource||log.dataset.done==='1')return;
-  var line=Number(log.dataset.lines), tail=log.lastElementChild, open=log.dataset.open==='1';
-  function esc(t){return t.replace(/&/g,'&amp;').replace(/</g,'&lt;').replace(/>/g,'&gt;');}
-  function ansi(t){var out='',open=0;t=esc(t).replace(/\\x1b\\[[0-9;?]*[A-Za-ln-z]/g,'');
-    return t.replace(/\\x1b\\[([0-9;]*)m/g,function(m,c){var s='';while(open){s+='</span>';open--;}
-      (c||'0').split(';').forEach(function(n){n=Number(n);if(n>=90&&n<=97)n-=60;
-        if(n===1||(n>=30&&n<=37)){s+='<span class="a'+n+'">';open++;}});return s;})+'</span>'.repeat(open);}
-  function add(text){var parts=text.split('\\n');
-    parts.forEach(function(part,i){
-      if(i===0&&open&&tail){tail.dataset.raw=(tail.dataset.raw||'')+part;tail.lastChild.innerHTML=ansi(tail.dataset.raw);}
-      else if(i>0||!open||!tail){line+=1;var d=document.createElement('div');d.id='L'+line;
-        d.innerHTML='<a href="#L'+line+'">'+line+'</a><span></span>';d.dataset.raw=part;
-        d.lastChild.innerHTML=ansi(part);log.appendChild(d);tail=d;}
-    });open=!text.endsWith('\\n');if(!open&&tail&&tail.dataset.raw===''){log.removeChild(tail);line-=1;tail=log.lastElementChild;}
-    if(document.getElementById('follow').checked)window.scrollTo(0,document.body.scrollHeight);}
   var source=new EventSource(log.dataset.stream);
-  source.onmessage=function(e){add(JSON.parse(e.data));};
+  source.onmessage=function(e){log.insertAdjacentHTML('beforeend',JSON.parse(e.data).html);
+    if(document.getElementById('follow').checked)window.scrollTo(0,document.body.scrollHeight);};
   source.addEventListener('end',function(e){var end=JSON.parse(e.data);source.close();
     state.textContent=end.status;state.className='status s-'+end.status;});
 })();
 """
 
+_TEMPLATES = {
+    "layout": """<!doctype html><html lang=en><head><meta charset=utf-8>
+<meta name=viewport content='width=device-width,initial-scale=1'>
+<title>{{title}} - cirunner</title><style>{{!style}}</style></head>
+<body><header><a href='/'>cirunner</a>
+% if user:
+<form class=account method="post" action="/logout"><span>{{user['login']}}</span> \\\\
+<input type="hidden" name="csrf" value="{{csrf}}"><button>Sign out</button></form>
+% else:
+<span class=account><a href="/login?next={{quote(path)}}">Sign in</a></span>
+% end
+</header><main>{{!body}}</main>{{!script}}</body></html>""",
 
-def _session_key(store):
-    return hmac.new(store.secret_key, b"web session", hashlib.sha256).digest()
+    "status": """<span class="status s-{{status}}"\\\\
+% if ident:
+ id="{{ident}}"\\\\
+% end
+>{{status}}</span>""",
+
+    "time": """% if not stamp:
+<span class="muted">-</span>\\\\
+% else:
+<time datetime="{{exact}}" title="{{exact}}">{{ago}}</time>\\\\
+% end
+""",
+
+    "home": """<h1>Repositories</h1><table><tr><th>repository</th><th>latest build</th><th>#</th>\\\\
+<th>when</th></tr>
+% for repo, build in rows:
+<tr><td><a href='/{{repo['owner']}}/{{repo['name']}}'>{{repo['owner']}}/{{repo['name']}}</a>\\\\
+{{' (private)' if repo['private'] else ''}}</td>
+<td>{{!label(build['status'] if build else None)}}</td>\\\\
+<td>{{'#' + str(build['number']) if build else ''}}</td>\\\\
+<td>{{!ago(build['created_at']) if build else ''}}</td></tr>
+% end
+</table>
+% if not rows:
+<p class=muted>No repositories you may see.</p>
+% end
+""",
+
+    "login": """<h1>Sign in</h1><form method=post action=/login>
+<input type=hidden name=csrf value='{{csrf}}'><input type=hidden name=next value='{{next_path}}'>
+<p><label>API token <input name=token type=password size=50 autofocus></label> \\\\
+<button>Sign in</button></p></form>
+<p class=muted>Make one with <code>cirunner token create LOGIN</code>.</p>""",
+
+    "message": """<h1>{{heading}}</h1><p>{{text}}</p>
+% if link:
+<p><a href="{{link}}">{{link_text}}</a></p>
+% end
+""",
+
+    "repo": """<h1>{{repo['owner']}}/{{repo['name']}}</h1>
+<form method=get><label>branch <input name=branch value='{{branch}}'></label> \\\\
+<label>status <select name=status>
+% for choice in ("",) + statuses:
+<option{{' selected' if choice == status else ''}}>{{choice}}</option>
+% end
+</select></label> <button>Filter</button></form>
+<table><tr><th>#</th><th>status</th><th>event</th><th>branch</th><th>commit</th><th>author</th>\\\\
+<th>started</th><th>duration</th></tr>
+% for build in builds:
+<tr><td><a href='{{base}}/{{build['number']}}'>#{{build['number']}}</a></td>\\\\
+<td>{{!label(build['status'])}}</td><td>{{build['event']}}</td><td>{{build['branch']}}</td>\\\\
+<td><code>{{build['commit_sha'][:8]}}</code> {{(build['message'].splitlines() or [''])[0][:100]}}</td>\\\\
+<td>{{build['author']}}</td><td>{{!ago(build['started_at'])}}</td>\\\\
+<td>{{duration(build['started_at'], build['finished_at'])}}</td></tr>
+% end
+</table><p>
+% if newer:
+<a href='{{newer}}'>newer</a>
+% end
+% if older:
+<a href='{{older}}'>older</a>
+% end
+</p>""",
+
+    "build": """<h1><a href='{{repo_url}}'>{{repo['owner']}}/{{repo['name']}}</a> \\\\
+#{{build['number']}} {{!label(build['status'], 'build-status')}}</h1>
+<p>
+% if action:
+<form class=inline method=post action='{{base}}/{{action}}'>\\\\
+<input type=hidden name=csrf value='{{csrf}}'><button id={{action}}>{{action.title()}}</button></form>
+% end
+</p><table>
+<tr><th>commit</th><td><code>{{build['commit_sha']}}</code></td></tr>
+<tr><th>message</th><td><pre>{{build['message']}}</pre></td></tr>
+<tr><th>branch</th><td>{{build['branch']}}</td></tr>
+<tr><th>event</th><td>{{build['event']}}</td></tr>
+<tr><th>author</th><td>{{build['author']}} &lt;{{build['author_email']}}&gt;</td></tr>
+<tr><th>created</th><td>{{!ago(build['created_at'])}}</td></tr>
+<tr><th>duration</th><td>{{duration(build['started_at'], build['finished_at'])}}</td></tr>
+% if build['error']:
+<tr><th>error</th><td>{{build['error']}}</td></tr>
+% end
+</table><h2>Jobs</h2><table><tr><th>job</th><th>matrix</th><th>status</th><th>exit</th>\\\\
+<th>duration</th><th>error</th></tr>
+% for job in jobs:
+<tr><td><a href='{{base}}/{{job['number']}}'>job {{job['number']}}</a></td>\\\\
+<td>{{axis(job) or '-'}}</td><td>{{!label(job['status'])}}</td><td>{{job['exit_code']}}</td>\\\\
+<td>{{duration(job['started_at'], job['finished_at'])}}</td><td>{{job['error']}}</td></tr>
+% end
+</table><h2>History</h2><table><tr><th>when</th><th>job</th><th>status</th><th>message</th></tr>
+% for row in history:
+<tr><td>{{!ago(row['created_at'])}}</td><td>{{row['job_number'] or 'build'}}</td>\\\\
+<td>{{!label(row['status'])}}</td><td>{{row['message']}}</td></tr>
+% end
+</table>""",
+
+    "job": """<h1><a href='{{base}}'>{{repo['owner']}}/{{repo['name']}} #{{build['number']}}</a> \\\\
+job {{job['number']}} {{!label(job['status'], 'job-status')}}</h1>
+<p>{{axis}} <a href='{{raw}}'>raw log</a> \\\\
+<label><input type=checkbox id=follow checked> follow</label></p>
+% if start > 0:
+<p><a id=earlier href='?to={{start}}'>load earlier output</a> \\\\
+(showing bytes {{start}}-{{end}} of {{size}})</p>
+% end
+<div class=log id=log data-done='{{0 if live else 1}}' \\\\
+data-stream='{{raw}}?follow=1&format=html&offset={{end}}&line={{next_line}}'>{{!rows}}</div>""",
+}
 
 
-def _sign_session(store, token_id, login, csrf, expires):
-    payload = f"{token_id}:{login}:{csrf}:{expires}"
-    signature = hmac.new(_session_key(store), payload.encode(), hashlib.sha256).hexdigest()
-    return f"{payload}:{signature}"
-
-
-def _read_session(store, value):
-    """(token id, login) of a valid, unexpired session cookie, or None."""
-    try:
-        token_id, login, csrf, expires, signature = value.split(":")
-        expected = hmac.new(_session_key(store), f"{token_id}:{login}:{csrf}:{expires}".encode(),
-                            hashlib.sha256).hexdigest()
-        if hmac.compare_digest(signature, expected) and int(expires) > time.time():
-            return int(token_id), login
-    except (ValueError, AttributeError):
-        pass
-    return None
-
-
-def _ansi_html(text):
-    """Escape a log line and turn its ANSI colour codes into spans."""
-    text = _ANSI_OTHER.sub("", bottle.html_escape(text))
-    opened = 0
-
-    def span(match):
-        nonlocal opened
-        out = "</span>" * opened
-        opened = 0
-        for code in (match.group(1) or "0").split(";"):
-            number = int(code) if code.isdigit() else 0
-            if 90 <= number <= 97:
-                number -= 60
-            if number == 1 or 30 <= number <= 37:
-                out += f'<span class="a{number}">'
-                opened += 1
-        return out
-
-    return _ANSI_PATTERN.sub(span, text) + "</span>" * opened
-
-
-def _ago(timestamp):
-    if not timestamp:
-        return '<span class="muted">-</span>'
-    exact = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(timestamp))
-    seconds = max(0, int(time.time()) - timestamp)
+def _ago_text(stamp):
+    seconds = max(0, int(time.time()) - stamp)
     for size, unit in ((86400, "d"), (3600, "h"), (60, "min")):
         if seconds >= size:
-            text = f"{seconds // size} {unit} ago"
-            break
-    else:
-        text = f"{seconds} s ago"
-    return f'<time datetime="{exact}" title="{exact}">{text}</time>'
+            return f"{seconds // size} {unit} ago"
+    return f"{seconds} s ago"
 
 
 def _duration(start, end):
@@ -3536,302 +5035,280 @@ def _duration(start, end):
     return f"{seconds // 60} min {seconds % 60} s" if seconds >= 60 else f"{seconds} s"
 
 
-def _status_label(status, element_id=""):
-    status = status or "none"
-    identity = f' id="{element_id}"' if element_id else ""
-    return f'<span class="status s-{status}"{identity}>{bottle.html_escape(status)}</span>'
+class _Pages:
+    """The web pages: repositories, builds, a build, a job's live log, sign-in.
 
+    Forms post with a CSRF token that is also a signed cookie; a browser signs
+    in with an API token and gets a signed session cookie naming that token.
+    """
 
-def _install_pages(app, store, current_user, may_read, data_dir, max_jobs):
-    """The web pages: repositories, builds, a build, a job's log (live), sign-in."""
-    request = bottle.request
-    escape = bottle.html_escape
+    def __init__(self, store, access, log_html, *, max_jobs=DEFAULT_MAX_JOBS):
+        self.store = store
+        self.access = access
+        self.log_html = log_html
+        self.max_jobs = max_jobs
+        self.csrf = _Signer(store.sealer.derive("csrf"))
+        self._templates = {name: bottle.SimpleTemplate(source)
+                           for name, source in _TEMPLATES.items()}
 
-    def csrf_token():
-        """The browser's CSRF token (a cookie the forms repeat), made on first need."""
+    # -- helpers --------------------------------------------------------------
+
+    def render(self, name, **values):
+        return self._templates[name].render(**values)
+
+    def label(self, status, ident=""):
+        return self.render("status", status=status or "none", ident=ident)
+
+    def ago(self, stamp):
+        exact = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(stamp)) if stamp else ""
+        return self.render("time", stamp=stamp, exact=exact, ago=_ago_text(stamp or 0))
+
+    def csrf_token(self):
+        """The browser's CSRF token (a signed cookie the forms repeat), made on first need."""
+        request = bottle.request
         token = request.environ.get("cirunner.csrf") or request.get_cookie(CSRF_COOKIE) or ""
-        if not re.fullmatch(r"[A-Za-z0-9_-]{20,64}", token):
-            token = secrets.token_urlsafe(24)
+        if self.csrf.verify(token) != "csrf":
+            token = self.csrf.sign("csrf", 10 * 365 * 86400)
             bottle.response.set_cookie(CSRF_COOKIE, token, httponly=True, samesite="strict",
                                        path="/")
         request.environ["cirunner.csrf"] = token
         return token
 
-    def check_csrf():
-        form = request.forms.decode()
-        cookie = request.get_cookie(CSRF_COOKIE) or ""
-        if not cookie or not hmac.compare_digest(cookie, form.get("csrf", "")):
+    def check_csrf(self):
+        """The posted form, if it carries the browser's CSRF token; else Forbidden."""
+        form = bottle.request.forms.decode()
+        cookie = bottle.request.get_cookie(CSRF_COOKIE) or ""
+        if (self.csrf.verify(cookie) != "csrf"
+                or not hmac.compare_digest(cookie, form.get("csrf", ""))):
             raise Forbidden("missing or wrong CSRF token: reload the page and try again")
         return form
 
-    def page(title, body, status=200):
-        user = current_user()
-        token = csrf_token()
-        if user:
-            account = (f'<form class=account method="post" action="/logout"><span>{escape(user["login"])}</span> '
-                       f'<input type="hidden" name="csrf" value="{token}">'
-                       '<button>Sign out</button></form>')
-        else:
-            account = f'<span class=account><a href="/login?next={quote(request.path)}">Sign in</a></span>'
+    def page(self, title, body, status=200, script=""):
         bottle.response.status = status
         bottle.response.content_type = "text/html; charset=utf-8"
-        return (f"<!doctype html><html lang=en><head><meta charset=utf-8>"
-                f"<meta name=viewport content='width=device-width,initial-scale=1'>"
-                f"<title>{escape(title)} - cirunner</title><style>{_PAGE_STYLE}</style></head>"
-                f"<body><header><a href='/'>cirunner</a>{account}</header><main>{body}</main>"
-                f"</body></html>")
+        return self.render("layout", title=title, style=_PAGE_STYLE, body=body,
+                           user=self.access.user(bottle.request), csrf=self.csrf_token(),
+                           path=bottle.request.path, quote=quote,
+                           script=f"<script>{script}</script>" if script else "")
 
-    def pages(callback):
-        """Page errors as HTML; a guest who needs to sign in is sent to the form."""
-        def wrapper(*args, **kwargs):
-            try:
-                if kwargs.get("owner") == "api":
-                    raise NotFound(f"no route for {request.path}")
-                return callback(*args, **kwargs)
-            except Unauthorized:
-                bottle.redirect(f"/login?next={quote(request.path)}", 303)
-            except CIRunnerError as error:
-                if request.path.startswith("/api/"):
-                    return _error_response(error)
-                return page(error.code, f"<h1>{error.status}</h1><p>{escape(error.message)}</p>",
-                            error.status)
-        return wrapper
+    def error_page(self, error):
+        return self.page(error.code, self.render("message", heading=str(error.status),
+                                                 text=error.message, link=""), error.status)
 
-    def readable_repo(owner, name):
+    def readable_repo(self, owner, name):
         _check_name(owner, "owner")
         _check_name(name, "repository name")
-        repo = store.get_repo(owner, name)
-        user = current_user()
-        if not may_read(user, repo):
-            if user is None:
-                raise Unauthorized("sign in to see this repository")
-            raise NotFound(f"repository {owner}/{name} not found")
-        return repo, user
+        repo = self.store.get_repo(owner, name)
+        self.access.require_read(bottle.request, repo)
+        return repo
 
-    def may_write(user, repo):
-        return bool(user and user["scope"] == "write" and (user["admin"]
-                                                           or user["login"] == repo["owner"]))
+    def find_build(self, repo, number):
+        return self.store.get_build(repo["id"], _check_positive(number, "build number"))
 
-    @app.get("/", apply=[pages])
-    def home():
-        user = current_user()
+    # -- pages ------------------------------------------------------------------
+
+    def home(self):
+        user = self.access.user(bottle.request)
         rows = []
-        for repo in store.list_repos():
-            if not may_read(user, repo):
-                continue
-            with contextlib.suppress(NotFound):
-                build = store.latest_build(repo["id"])
+        for repo in self.store.list_repos():
+            if self.access.may_read(user, repo):
+                build = None
+                with contextlib.suppress(NotFound):
+                    build = self.store.latest_build(repo["id"])
                 rows.append((repo, build))
-                continue
-            rows.append((repo, None))
-        body = "".join(
-            f"<tr><td><a href='/{escape(r['owner'])}/{escape(r['name'])}'>"
-            f"{escape(r['owner'])}/{escape(r['name'])}</a>{' (private)' if r['private'] else ''}"
-            f"</td><td>{_status_label(b['status'] if b else None)}</td>"
-            f"<td>{'#' + str(b['number']) if b else ''}</td><td>{_ago(b['created_at']) if b else ''}"
-            f"</td></tr>" for r, b in rows)
-        return page("Repositories", "<h1>Repositories</h1><table><tr><th>repository</th>"
-                    f"<th>latest build</th><th>#</th><th>when</th></tr>{body}</table>"
-                    + ("" if rows else "<p class=muted>No repositories you may see.</p>"))
+        return self.page("Repositories", self.render("home", rows=rows, label=self.label,
+                                                     ago=self.ago))
 
-    @app.get("/login")
-    def login_form():
-        next_path = request.query.get("next", "/")
-        return page("Sign in", "<h1>Sign in</h1><form method=post action=/login>"
-                    f"<input type=hidden name=csrf value='{csrf_token()}'>"
-                    f"<input type=hidden name=next value='{escape(next_path)}'>"
-                    "<p><label>API token <input name=token type=password size=50 autofocus>"
-                    "</label> <button>Sign in</button></p></form>"
-                    "<p class=muted>Make one with <code>cirunner token create LOGIN</code>.</p>")
+    def login_form(self):
+        return self.page("Sign in", self.render(
+            "login", csrf=self.csrf_token(), next_path=bottle.request.query.get("next", "/")))
 
-    @app.post("/login")
-    def login():
-        try:
-            form = check_csrf()
-        except Forbidden as error:
-            return page("Forbidden", f"<h1>403</h1><p>{escape(error.message)}</p>", 403)
-        user = store.authenticate(form.get("token", "").strip())
+    def login(self):
+        form = self.check_csrf()
+        user = self.store.authenticate(form.get("token", "").strip())
         if user is None:
-            return page("Sign in", "<h1>Sign in</h1><p>That token is not valid.</p>"
-                        "<p><a href=/login>Try again</a></p>", 401)
-        expires = int(time.time()) + SESSION_SECONDS
-        bottle.response.set_cookie(
-            SESSION_COOKIE, _sign_session(store, user["token_id"], user["login"],
-                                          request.get_cookie(CSRF_COOKIE), expires),
-            httponly=True, samesite="strict", path="/", max_age=SESSION_SECONDS)
+            return self.page("Sign in", self.render(
+                "message", heading="Sign in", text="That token is not valid.", link="/login",
+                link_text="Try again"), 401)
+        bottle.response.set_cookie(SESSION_COOKIE, self.access.session_cookie(user),
+                                   httponly=True, samesite="strict", path="/",
+                                   max_age=SESSION_SECONDS)
         next_path = form.get("next", "/")
         if not next_path.startswith("/") or next_path[1:2] in ("/", "\\"):
             next_path = "/"  # only paths on this server: "//host" and "/\\host" leave it
         bottle.redirect(next_path, 303)
 
-    @app.post("/logout")
-    def logout():
-        try:
-            check_csrf()
-        except Forbidden as error:
-            return page("Forbidden", f"<h1>403</h1><p>{escape(error.message)}</p>", 403)
+    def logout(self):
+        self.check_csrf()
         bottle.response.delete_cookie(SESSION_COOKIE, path="/")
         bottle.redirect("/", 303)
 
-    @app.get("/<owner>/<name>", apply=[pages])
-    def repo_page(owner, name):
-        repo, _ = readable_repo(owner, name)
-        params = dict(request.query.decode().items())
-        page_number = _int_param(params, "page", 1, 1, 10 ** 9)
+    def repo_page(self, owner, name):
+        repo = self.readable_repo(owner, name)
+        params = dict(bottle.request.query.decode().items())
+        page = _check_int(params.get("page"), "page", default=1, minimum=1, maximum=10 ** 9)
         status = params.get("status") or None
         if status is not None and status not in STATUSES:
             raise BadRequest(f"status must be one of {', '.join(STATUSES)}")
         branch = params.get("branch") or None
-        builds = store.list_builds(repo["id"], offset=(page_number - 1) * DEFAULT_PER_PAGE,
-                                   limit=DEFAULT_PER_PAGE + 1, branch=branch, status=status)
-        base = f"/{escape(owner)}/{escape(name)}"
-        rows = "".join(
-            f"<tr><td><a href='{base}/{b['number']}'>#{b['number']}</a></td>"
-            f"<td>{_status_label(b['status'])}</td><td>{escape(b['event'])}</td>"
-            f"<td>{escape(b['branch'])}</td><td><code>{escape(b['commit_sha'][:8])}</code> "
-            f"{escape((b['message'].splitlines() or [''])[0][:100])}</td>"
-            f"<td>{escape(b['author'])}</td><td>{_ago(b['started_at'])}</td>"
-            f"<td>{_duration(b['started_at'], b['finished_at'])}</td></tr>"
-            for b in builds[:DEFAULT_PER_PAGE])
-        options = "".join(f"<option{' selected' if s == status else ''}>{s}</option>"
-                          for s in ("",) + STATUSES)
-        filters = (f"<form method=get><label>branch <input name=branch value='{escape(branch or '')}'>"
-                   f"</label> <label>status <select name=status>{options}</select></label> "
-                   "<button>Filter</button></form>")
-        query = "&".join(f"{k}={quote(v)}" for k, v in (("branch", branch), ("status", status)) if v)
-        nav = ""
-        if page_number > 1:
-            nav += f"<a href='?page={page_number - 1}&{query}'>newer</a> "
-        if len(builds) > DEFAULT_PER_PAGE:
-            nav += f"<a href='?page={page_number + 1}&{query}'>older</a>"
-        return page(f"{owner}/{name}", f"<h1>{escape(owner)}/{escape(name)}</h1>{filters}"
-                    "<table><tr><th>#</th><th>status</th><th>event</th><th>branch</th>"
-                    "<th>commit</th><th>author</th><th>started</th><th>duration</th></tr>"
-                    f"{rows}</table><p>{nav}</p>")
+        builds = self.store.list_builds(repo["id"], offset=(page - 1) * DEFAULT_PER_PAGE,
+                                        limit=DEFAULT_PER_PAGE + 1, branch=branch, status=status)
+        query = "&".join(f"{key}={quote(value)}" for key, value in (("branch", branch),
+                                                                     ("status", status)) if value)
+        body = self.render(
+            "repo", repo=repo, builds=builds[:DEFAULT_PER_PAGE], branch=branch or "",
+            status=status, statuses=STATUSES, base=f"/{owner}/{name}", label=self.label,
+            ago=self.ago, duration=_duration,
+            newer=f"?page={page - 1}&{query}" if page > 1 else "",
+            older=f"?page={page + 1}&{query}" if len(builds) > DEFAULT_PER_PAGE else "")
+        return self.page(f"{owner}/{name}", body)
 
-    @app.get("/<owner>/<name>/<number>", apply=[pages])
-    def build_page(owner, name, number):
-        repo, user = readable_repo(owner, name)
-        build = store.get_build(repo["id"], _positive_int(number, "build number"))
-        base = f"/{escape(owner)}/{escape(name)}/{build['number']}"
-        jobs = store.list_jobs(build["id"])
-        job_rows = "".join(
-            f"<tr><td><a href='{base}/{j['number']}'>job {j['number']}</a></td>"
-            f"<td>{escape(_axis_text(json.loads(j['environment'])) or '-')}</td>"
-            f"<td>{_status_label(j['status'])}</td><td>{j['exit_code']}</td>"
-            f"<td>{_duration(j['started_at'], j['finished_at'])}</td>"
-            f"<td>{escape(j['error'])}</td></tr>" for j in jobs)
-        history = "".join(
-            f"<tr><td>{_ago(row['created_at'])}</td><td>{row['job_number'] or 'build'}</td>"
-            f"<td>{_status_label(row['status'])}</td><td>{escape(row['message'])}</td></tr>"
-            for row in store.list_statuses(build["id"]))
-        actions = ""
-        if may_write(user, repo):
-            token = csrf_token()
-            if build["status"] in ACTIVE_STATUSES:
-                actions = (f"<form class=inline method=post action='{base}/cancel'>"
-                           f"<input type=hidden name=csrf value='{token}'>"
-                           "<button id=cancel>Cancel</button></form>")
-            else:
-                actions = (f"<form class=inline method=post action='{base}/restart'>"
-                           f"<input type=hidden name=csrf value='{token}'>"
-                           "<button id=restart>Restart</button></form>")
-        message = escape(build["message"])
-        return page(f"{owner}/{name} #{build['number']}", (
-            f"<h1><a href='/{escape(owner)}/{escape(name)}'>{escape(owner)}/{escape(name)}</a> "
-            f"#{build['number']} {_status_label(build['status'], 'build-status')}</h1>"
-            f"<p>{actions}</p><table><tr><th>commit</th><td><code>{escape(build['commit_sha'])}"
-            f"</code></td></tr><tr><th>message</th><td><pre>{message}</pre></td></tr>"
-            f"<tr><th>branch</th><td>{escape(build['branch'])}</td></tr>"
-            f"<tr><th>event</th><td>{escape(build['event'])}</td></tr>"
-            f"<tr><th>author</th><td>{escape(build['author'])} "
-            f"&lt;{escape(build['author_email'])}&gt;</td></tr>"
-            f"<tr><th>created</th><td>{_ago(build['created_at'])}</td></tr>"
-            f"<tr><th>duration</th><td>{_duration(build['started_at'], build['finished_at'])}"
-            f"</td></tr>{'<tr><th>error</th><td>' + escape(build['error']) + '</td></tr>' if build['error'] else ''}"
-            f"</table><h2>Jobs</h2><table><tr><th>job</th><th>matrix</th><th>status</th>"
-            f"<th>exit</th><th>duration</th><th>error</th></tr>{job_rows}</table>"
-            f"<h2>History</h2><table><tr><th>when</th><th>job</th><th>status</th>"
-            f"<th>message</th></tr>{history}</table>"))
+    def build_page(self, owner, name, number):
+        repo = self.readable_repo(owner, name)
+        user = self.access.user(bottle.request)
+        build = self.find_build(repo, number)
+        action = ""
+        if self.access.may_write(user, owner):
+            action = "cancel" if build["status"] in ACTIVE_STATUSES else "restart"
+        body = self.render(
+            "build", repo=repo, build=build, jobs=self.store.list_jobs(build["id"]),
+            history=self.store.list_statuses(build["id"]), action=action,
+            csrf=self.csrf_token(), base=f"/{owner}/{name}/{build['number']}",
+            repo_url=f"/{owner}/{name}", label=self.label, ago=self.ago, duration=_duration,
+            axis=lambda job: _axis_text(json.loads(job["environment"])))
+        return self.page(f"{owner}/{name} #{build['number']}", body)
 
-    def build_action(owner, name, number, action):
-        form = check_csrf()
-        repo, user = readable_repo(owner, name)
-        if not may_write(user, repo):
-            raise Forbidden("you may not change builds of this repository")
-        build = store.get_build(repo["id"], _positive_int(number, "build number"))
+    def build_action(self, owner, name, number, action):
+        """Cancel or restart a build from its page (a form with the CSRF token)."""
+        self.check_csrf()
+        repo = self.readable_repo(owner, name)
+        user = self.access.require_write(bottle.request, owner, repo, via_api=False)
+        build = self.find_build(repo, number)
         if action == "cancel":
-            store.cancel_jobs(build["id"], message=f"cancelled by {user['login']} on the web")
+            self.store.cancel_jobs(build["id"], message=f"cancelled by {user['login']} on the web")
         else:
-            restart_build(store, repo, build["number"], data_dir=data_dir, max_jobs=max_jobs)
-        del form
+            restart_build(self.store, repo, build["number"], max_jobs=self.max_jobs)
         bottle.redirect(f"/{owner}/{name}/{build['number']}", 303)
 
-    @app.post("/<owner>/<name>/<number>/cancel", apply=[pages])
-    def cancel_page(owner, name, number):
-        return build_action(owner, name, number, "cancel")
+    def cancel(self, owner, name, number):
+        return self.build_action(owner, name, number, "cancel")
 
-    @app.post("/<owner>/<name>/<number>/restart", apply=[pages])
-    def restart_page(owner, name, number):
-        return build_action(owner, name, number, "restart")
+    def restart(self, owner, name, number):
+        return self.build_action(owner, name, number, "restart")
 
-    @app.get("/<owner>/<name>/<number>/<job_number>", apply=[pages])
-    def job_page(owner, name, number, job_number):
-        repo, _ = readable_repo(owner, name)
-        build = store.get_build(repo["id"], _positive_int(number, "build number"))
-        job = store.get_job(build["id"], _positive_int(job_number, "job number"))
-        size = store.log_size(job["id"])
-        params = dict(request.query.decode().items())
-        end = _int_param(params, "to", size, 0, size)
+    def job_page(self, owner, name, number, job):
+        repo = self.readable_repo(owner, name)
+        build = self.find_build(repo, number)
+        job = self.store.get_job(build["id"], _check_positive(job, "job number"))
+        size = self.store.log_size(job["id"])
+        end = _check_int(bottle.request.query.get("to"), "to", default=size, maximum=size)
         start = max(0, end - LOG_PAGE_BYTES)
-        # Line numbers of a tail: count the newlines before it, chunk by chunk.
-        first_line = 1
-        for chunk in store.read_log(job["id"]):
-            if start <= 0:
-                break
-            first_line += chunk[:start].count(b"\n")
-            start_in = start - len(chunk)
-            if start_in <= 0:
-                break
-            start = start_in
-        start = max(0, end - LOG_PAGE_BYTES)
-        data = bytearray()
-        for chunk in store.read_log(job["id"], start):
-            data += chunk
-            if len(data) >= end - start:
-                break
-        data = bytes(data[:end - start])
+        data = self.store.open_log(job["id"], start, end).read()
         live = job["status"] in ACTIVE_STATUSES and end == size
         if live:
-            # Show whole lines; the stream goes on from the end of the last one.
+            # Whole lines only; the live stream goes on from the end of the last one.
             data = data[:data.rfind(b"\n") + 1]
             end = start + len(data)
-        text = data.decode("utf-8", errors="replace")
-        lines = text.split("\n")
-        if lines and lines[-1] == "":
-            lines.pop()
-        rows = "".join(f"<div id='L{first_line + i}'><a href='#L{first_line + i}'>{first_line + i}"
-                       f"</a><span>{_ansi_html(line)}</span></div>" for i, line in enumerate(lines))
-        base = f"/{escape(owner)}/{escape(name)}/{build['number']}"
-        raw = f"/api/repos/{escape(owner)}/{escape(name)}/logs/{build['number']}/{job['number']}"
-        earlier = (f"<p><a id=earlier href='?to={start}'>load earlier output</a> "
-                   f"(showing bytes {start}-{end} of {size})</p>" if start > 0 else "")
-        return page(f"{owner}/{name} #{build['number']} job {job['number']}", (
-            f"<h1><a href='{base}'>{escape(owner)}/{escape(name)} #{build['number']}</a> job "
-            f"{job['number']} {_status_label(job['status'], 'job-status')}</h1>"
-            f"<p>{escape(_axis_text(json.loads(job['environment'])))} <a href='{raw}'>raw log</a>"
-            f" <label><input type=checkbox id=follow checked> follow</label></p>{earlier}"
-            f"<div class=log id=log data-lines='{first_line + len(lines) - 1}' "
-            f"data-open='{0 if text.endswith(chr(10)) or not text else 1}' "
-            f"data-start='{start}' "
-            f"data-done='{0 if live else 1}' data-stream='{raw}?follow=1&amp;offset={end}'>"
-            f"{rows}</div><script>{_LIVE_SCRIPT}</script>"))
+        first_line = 1 + self._newlines_before(job["id"], start)
+        rows, count = self.log_html.rows(data.decode("utf-8", errors="replace"), first_line)
+        body = self.render(
+            "job", repo=repo, build=build, job=job, label=self.label, rows=rows,
+            axis=_axis_text(json.loads(job["environment"])), start=start, end=end, size=size,
+            live=live, next_line=first_line + count, base=f"/{owner}/{name}/{build['number']}",
+            raw=f"/api/repos/{owner}/{name}/logs/{build['number']}/{job['number']}")
+        return self.page(f"{owner}/{name} #{build['number']} job {job['number']}", body,
+                         script=_LIVE_LOG_SCRIPT if live else "")
+
+    def _newlines_before(self, job_id, offset):
+        """How many lines end before byte `offset` of a job's log (chunk by chunk)."""
+        count = 0
+        for chunk in self.store.read_log(job_id):
+            if offset <= 0:
+                break
+            count += chunk[:offset].count(b"\n")
+            offset -= len(chunk)
+        return count
 
 
-def make_app(store, executor=None, *, data_dir=None, max_body=DEFAULT_MAX_BODY,
+_PAGE_ROUTES = [
+    ("GET", "/", _Pages.home),
+    ("GET", "/login", _Pages.login_form),
+    ("POST", "/login", _Pages.login),
+    ("POST", "/logout", _Pages.logout),
+    ("GET", "/<owner>/<name>", _Pages.repo_page),
+    ("GET", "/<owner>/<name>/<number>", _Pages.build_page),
+    ("POST", "/<owner>/<name>/<number>/cancel", _Pages.cancel),
+    ("POST", "/<owner>/<name>/<number>/restart", _Pages.restart),
+    ("GET", "/<owner>/<name>/<number>/<job>", _Pages.job_page),
+]
+
+###############################################################################
+# make_app ####################################################################
+###############################################################################
+
+
+def _api_callback(api, route):
+    """The Bottle callback of an API route: access first, then the handler;
+    every CIRunnerError (and any bug, as a 500) answered as the JSON error."""
+
+    def callback(**params):
+        request = bottle.request
+        try:
+            if route.access in ("read", "write"):
+                params["repo"] = api.access.find_repo(request, params.pop("owner"),
+                                                      params.pop("name"),
+                                                      write=route.access == "write")
+            elif route.access == "owner":
+                _check_name(params["owner"], "owner")
+                _check_name(params["name"], "repository name")
+                api.access.require_write(request, params["owner"])
+            elif route.access == "user":
+                api.access.user(request)
+            return _send(route.handler(api, **params))
+        except CIRunnerError as error:
+            return _error_reply(error)
+        except Exception:  # noqa: BLE001 - a bug answers 500 JSON, never HTML
+            _log.exception("unhandled error in %s %s", request.method, request.path)
+            return _error_reply(CIRunnerError("internal server error"))
+
+    return callback
+
+
+def _page_callback(pages, handler):
+    """The Bottle callback of a page: a guest who must sign in is sent to the
+    form; other errors are an HTML page (JSON under /api/, where a page route
+    matched a path that no API route has)."""
+
+    def callback(**params):
+        request = bottle.request
+        try:
+            return handler(pages, **params)
+        except Unauthorized:
+            bottle.redirect(f"/login?next={quote(request.path)}", 303)
+        except CIRunnerError as error:
+            if request.path.startswith("/api/"):
+                return _error_reply(error)
+            return pages.error_page(error)
+
+    return callback
+
+
+def _bottle_error_handler(response):
+    """Bottle's own errors (no such route, wrong method) as the JSON error body."""
+    codes = {404: "not_found", 405: "method_not_allowed", 400: "bad_request",
+             413: "too_large", 500: "internal_error"}
+    status = response.status_code
+    message = {404: f"no route for {bottle.request.path}",
+               405: f"method {bottle.request.method} not allowed on {bottle.request.path}",
+               }.get(status, str(response.body) if status < 500 else "internal server error")
+    bottle.response.content_type = _JSON
+    return json.dumps({"error": codes.get(status, "error"), "message": message, "status": status})
+
+
+def make_app(store, executor=None, *, max_body=DEFAULT_MAX_BODY,
              max_streams=DEFAULT_HTTP_THREADS - 4, heartbeat=SSE_HEARTBEAT_SECONDS,
              max_jobs=DEFAULT_MAX_JOBS):
-    """Build the Bottle WSGI app serving both API dialects over `store`.
+    """Build the Bottle WSGI app: both API dialects, webhooks and pages over `store`.
 
     `executor` is optional: jobs run wherever an executor shares the store.
     `max_body` bytes is the largest request body (413 beyond); `max_streams`
@@ -3841,816 +5318,202 @@ def make_app(store, executor=None, *, data_dir=None, max_body=DEFAULT_MAX_BODY,
     """
     app = bottle.Bottle()
     app.closing = threading.Event()
-    app.store = store
-    app.executor = executor
-    data_dir = data_dir or store.data_dir
-    streams = {"open": 0}
-    streams_lock = threading.Lock()
-    request = bottle.request
-    app.install(_json_errors_plugin)
+    app.store, app.executor = store, executor
+    access = _Access(store)
+    api = _Api(store, access, closing=app.closing, max_body=max_body, max_streams=max_streams,
+               heartbeat=heartbeat, max_jobs=max_jobs)
+    pages = _Pages(store, access, api.log_html, max_jobs=max_jobs)
+    routes = _API_ROUTES + _WEBHOOK_ROUTES
+    api.openapi_document = _openapi_document(routes)
+    for route in routes:
+        app.route(route.path, route.method, _api_callback(api, route))
+    for method, path, handler in _PAGE_ROUTES:
+        app.route(path, method, _page_callback(pages, handler))
     app.default_error_handler = _bottle_error_handler
 
-    @app.hook("after_request")
-    def release_connection():
-        # A streamed body reads on after this, taking a connection back if it must.
-        store.release_connection()
-
-    @app.hook("before_request")
-    def normalise_request():
-        path = request.environ.get("PATH_INFO", "")
-        if len(path) > 1 and path.endswith("/"):
-            request.environ["PATH_INFO"] = path.rstrip("/") or "/"
-        length = request.environ.get("CONTENT_LENGTH") or "0"
+    def before_request():
+        environ = bottle.request.environ
+        path = environ.get("PATH_INFO", "")
+        if len(path) > 1 and path.endswith("/"):  # trailing slashes are optional
+            environ["PATH_INFO"] = path.rstrip("/") or "/"
+        length = environ.get("CONTENT_LENGTH") or "0"
         if not length.isdigit():
-            raise _error_response(BadRequest("invalid Content-Length"))
-        if int(length) > max_body:
-            raise _error_response(TooLarge(f"request body larger than {max_body} bytes"))
+            raise _error_reply(BadRequest("invalid Content-Length"))
+        if int(length) > max_body:  # refused before any of it is read
+            raise _error_reply(TooLarge(f"request body larger than {max_body} bytes"))
 
-    # -- request input ------------------------------------------------------
-
-    def read_body():
-        """The raw request body, at most `max_body` bytes (413 beyond)."""
-        stream = request.environ.get("wsgi.input")
-        length = int(request.environ.get("CONTENT_LENGTH") or 0)
-        raw = stream.read(min(length, max_body + 1)) if stream is not None and length else b""
-        if len(raw) > max_body:
-            raise TooLarge(f"request body larger than {max_body} bytes")
-        return raw
-
-    def body_params():
-        """The request body as a dict: JSON, or a form (Drone's clients send forms)."""
-        raw = read_body()
-        if not raw.strip():
-            return {}
-        content_type = (request.content_type or "").split(";")[0].strip().lower()
-        if content_type == "application/x-www-form-urlencoded":
-            return dict(parse_qsl(raw.decode("utf-8", errors="replace"), keep_blank_values=True))
-        try:
-            data = json.loads(raw)
-        except ValueError as exc:
-            raise BadRequest(f"malformed JSON body: {exc}") from None
-        if not isinstance(data, dict):
-            raise BadRequest("the JSON body must be an object")
-        return data
-
-    def query_params():
-        params = dict(request.query.decode().items())
-        for key in _RESERVED_PARAMS:
-            params.pop(key, None)
-        return params
-
-    def all_params():
-        params = query_params()
-        params.update(body_params())
-        return params
-
-    # -- who is calling, and may they --------------------------------------
-
-    def current_user():
-        """The authenticated user (a dict with the token's scope), or None for a
-        guest. Bad, unknown or revoked credentials are 401 wherever they appear."""
-        if "cirunner.user" in request.environ:
-            return request.environ["cirunner.user"]
-        header = request.get_header("Authorization")
-        secret = _parse_authorization(header) if header is not None else (
-            request.query.get("access_token") or None)
-        user = None
-        if secret is not None:
-            user = store.authenticate(secret)
-            if user is None:
-                raise Unauthorized("invalid or revoked token")
-        elif request.get_cookie(SESSION_COOKIE):
-            # A signed-in browser: its session names a token, which must still exist.
-            session = _read_session(store, request.get_cookie(SESSION_COOKIE))
-            user = store.user_for_token(session[0]) if session else None
-            if user is not None:
-                user["via_cookie"] = True
-        request.environ["cirunner.user"] = user
-        return user
-
-    def may_read(user, repo):
-        return not repo["private"] or (user is not None and (
-            user["admin"] or user["login"] == repo["owner"]))
-
-    def require_read(repo):
-        user = current_user()
-        if not may_read(user, repo):
-            if user is None:
-                raise Unauthorized("this repository needs a token")
-            raise NotFound(f"repository {repo['owner']}/{repo['name']} not found")
-        return user
-
-    def require_write(owner, repo=None):
-        """Writes need a write-scope token of the owner, or of an admin."""
-        user = require_read(repo) if repo is not None else current_user()
-        if user is None or user.get("via_cookie"):
-            # A session cookie never writes through the API: no cross-site forgery.
-            raise Unauthorized("this action needs a token")
-        if user["scope"] != "write":
-            raise Forbidden("this token is read-only")
-        if not (user["admin"] or user["login"] == owner):
-            raise Forbidden(f"only {owner} or an admin may change this")
-        return user
-
-    def find_repo(owner, name, *, write=False):
-        _check_name(owner, "owner")
-        _check_name(name, "repository name")
-        try:
-            repo = store.get_repo(owner, name)
-        except NotFound:
-            # A guest learns nothing more from a missing repo than from a private one.
-            current_user()
-            raise
-        if write:
-            require_write(owner, repo)
-        else:
-            require_read(repo)
-        return repo
-
-    def find_build(repo, number):
-        if number == "latest":
-            return store.latest_build(repo["id"], query_params().get("branch") or None)
-        return store.get_build(repo["id"], _positive_int(number, "build number"))
-
-    def find_build_by_id(repo, build_id):
-        build = store.get_build_by_id(_positive_int(build_id, "build id"))
-        if build["repo_id"] != repo["id"]:
-            raise NotFound(f"build {build_id} not found")
-        return build
-
-    def find_job(owner, name, number, job_number, *, write=False):
-        repo = find_repo(owner, name, write=write)
-        build = find_build(repo, number)
-        return repo, build, store.get_job(build["id"], _positive_int(job_number, "job number"))
-
-    def build_response(build, status=200):
-        return _json_response(_build_json(build, store.list_jobs(build["id"])), status)
-
-    def who(user):
-        return user["login"] if user else "someone"
-
-    # -- meta ---------------------------------------------------------------
-
-    @app.get("/api/version")
-    def version():
-        return {"version": __version__}
-
-    @app.get("/healthz")
-    def health():
-        store.data_version()
-        return {"status": "ok"}
-
-    @app.get("/api/openapi.json")
-    def openapi():
-        return _openapi_document()
-
-    # -- repositories -------------------------------------------------------
-
-    @app.get("/api/repos")
-    def list_repos():
-        user = current_user()
-        return _json_response([_repo_json(repo) for repo in store.list_repos()
-                               if may_read(user, repo)])
-
-    @app.post("/api/repos/<owner>/<name>")
-    def add_repo(owner, name):
-        _check_name(owner, "owner")
-        _check_name(name, "repository name")
-        require_write(owner)
-        fields = _repo_fields(all_params(), creating=True)
-        url = fields.pop("url")
-        fields.setdefault("webhook_secret", secrets.token_urlsafe(24))
-        repo = _repo_json(store.create_repo(owner, name, url, **fields))
-        # The only time the secret is shown: configure the forge with it now.
-        parts = request.urlparts
-        repo.update(webhook_secret=fields["webhook_secret"],
-                    webhook_url=f"{parts.scheme}://{parts.netloc}/hook")
-        return _json_response(repo, 201)
-
-    @app.get("/api/repos/<owner>/<name>")
-    def get_repo(owner, name):
-        return _repo_json(find_repo(owner, name))
-
-    @app.route("/api/repos/<owner>/<name>", method="PATCH")
-    def update_repo(owner, name):
-        repo = find_repo(owner, name, write=True)
-        return _repo_json(store.update_repo(repo["id"], **_repo_fields(body_params(),
-                                                                        creating=False)))
-
-    @app.delete("/api/repos/<owner>/<name>")
-    def delete_repo(owner, name):
-        repo = find_repo(owner, name, write=True)
-        store.delete_repo(repo["id"])
-        shutil.rmtree(_mirror_path(data_dir, repo), ignore_errors=True)
-        shutil.rmtree(os.path.join(data_dir, "workspaces", owner, name), ignore_errors=True)
-        return {"deleted": f"{owner}/{name}"}
-
-    # -- badges -------------------------------------------------------------
-
-    def latest_or_none(repo):
-        with contextlib.suppress(NotFound):
-            return store.latest_build(repo["id"], query_params().get("branch")
-                                      or repo["default_branch"] or None)
-        return None
-
-    @app.get("/api/badges/<owner>/<name>/status.svg")
-    def badge(owner, name):
-        """The latest build's status of a branch (default: the repo's) as an SVG badge."""
-        build = latest_or_none(find_repo(owner, name))
-        return bottle.HTTPResponse(_badge_svg(build["status"] if build else None), headers={
-            "Content-Type": "image/svg+xml", "Cache-Control": "no-cache, max-age=0"})
-
-    @app.get("/api/badges/<owner>/<name>/cc.xml")
-    def cc_xml(owner, name):
-        """The CCMenu / CCTray feed of the repository's latest build."""
-        repo = find_repo(owner, name)
-        build = latest_or_none(repo)
-        attributes = {"name": f"{repo['owner']}/{repo['name']}", "activity": "Sleeping",
-                      "lastBuildStatus": "Unknown", "lastBuildLabel": "", "lastBuildTime": "",
-                      "webUrl": f"{request.urlparts.scheme}://{request.urlparts.netloc}"
-                                f"/api/repos/{repo['owner']}/{repo['name']}/builds"}
-        if build:
-            attributes["activity"] = ("Building" if build["status"] in ACTIVE_STATUSES
-                                      else "Sleeping")
-            attributes["lastBuildStatus"] = _CC_STATUS.get(build["status"], "Unknown")
-            attributes["lastBuildLabel"] = str(build["number"])
-            stamp = build["finished_at"] or build["started_at"] or build["created_at"]
-            attributes["lastBuildTime"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(stamp))
-            attributes["webUrl"] += f"/{build['number']}"
-        project = " ".join(f'{key}="{_xml_attribute(value)}"' for key, value in attributes.items())
-        body = f'<?xml version="1.0" encoding="UTF-8"?>\n<Projects><Project {project}/></Projects>\n'
-        return bottle.HTTPResponse(body, headers={"Content-Type": "application/xml",
-                                                  "Cache-Control": "no-cache, max-age=0"})
-
-    # -- secrets ------------------------------------------------------------
-
-    @app.get("/api/repos/<owner>/<name>/secrets")
-    def list_secrets(owner, name):
-        repo = find_repo(owner, name, write=True)
-        return _json_response(store.list_secrets(repo["id"]))
-
-    @app.post("/api/repos/<owner>/<name>/secrets")
-    def add_secret(owner, name):
-        repo = find_repo(owner, name, write=True)
-        params = body_params()
-        events = params.get("events")
-        if isinstance(events, str):
-            events = events.split(",")
-        if events is not None and not isinstance(events, list):
-            raise BadRequest("events must be a list")
-        unknown = set(params) - {"name", "value", "events"}
-        if unknown:
-            raise BadRequest(f"unknown field {min(unknown)!r}")
-        store.set_secret(repo["id"], params.get("name"), params.get("value"), events)
-        secret = next(item for item in store.list_secrets(repo["id"])
-                      if item["name"] == params["name"])
-        return _json_response(secret, 201)
-
-    @app.delete("/api/repos/<owner>/<name>/secrets/<secret>")
-    def delete_secret(owner, name, secret):
-        repo = find_repo(owner, name, write=True)
-        store.delete_secret(repo["id"], secret)
-        return {"deleted": secret}
-
-    # -- webhooks -----------------------------------------------------------
-
-    @app.post("/hook")
-    @app.post("/api/hook")
-    def webhook():
-        """A forge's push, tag or pull request: verified, then built."""
-        forge, event = _webhook_forge(request.headers)
-        if forge is None:
-            raise BadRequest("not a webhook: no X-GitHub-Event, X-Gitea-Event, "
-                             "X-Forgejo-Event or X-Gitlab-Event header")
-        body = read_body()
-        payload = None
-        full_name = request.query.get("repo")
-        if not full_name:
-            try:
-                payload = json.loads(body)
-            except ValueError:
-                raise BadRequest("the webhook body is not JSON") from None
-            full_name = _webhook_repo_name(forge, payload) if isinstance(payload, dict) else None
-            if not full_name:
-                raise BadRequest("the payload names no repository (or pass ?repo=OWNER/NAME)")
-        owner, _, name = str(full_name).partition("/")
-        try:
-            repo = store.get_repo(_check_name(owner, "owner"), _check_name(name, "name"))
-        except BadRequest:
-            raise NotFound(f"repository {full_name} not found") from None
-        _verify_webhook(forge, request.headers, body, repo["webhook_secret"])
-        if payload is None:
-            try:
-                payload = json.loads(body)
-            except ValueError:
-                raise BadRequest("the webhook body is not JSON") from None
-        if not isinstance(payload, dict):
-            raise BadRequest("the webhook body must be a JSON object")
-        if event == "ping" or forge == "gitlab" and event == "System Hook":
-            return {"ping": "ok", "repo": f"{repo['owner']}/{repo['name']}"}
-        fields = _parse_webhook(forge, event, payload)
-        if fields is None:
-            return bottle.HTTPResponse(status=204)
-        fields = {key: value if key == "timestamp" else _text(value)
-                  for key, value in fields.items()}
-        if _SKIP_PATTERN.search(fields["message"] or ""):
-            return bottle.HTTPResponse(status=204)
-        if fields["event"] not in json.loads(repo["events"]):
-            return bottle.HTTPResponse(status=204)
-        commit = _check_commit(fields.pop("commit"))
-        branch = fields.pop("branch")
-        event_name = fields.pop("event")
-        build = create_build(
-            store, repo, branch=branch, commit=commit, event=event_name, data_dir=data_dir,
-            max_jobs=max_jobs, pull_ref=fields["ref"] if event_name == EVENT_PULL_REQUEST else "",
-            **fields)
-        return build_response(build)
-
-    # -- builds (Drone dialect) ---------------------------------------------
-
-    def build_filters(params):
-        status = params.get("status") or None
-        if status is not None and status not in STATUSES:
-            raise BadRequest(f"status must be one of {', '.join(STATUSES)}")
-        return {"branch": params.get("branch") or None, "status": status}
-
-    @app.get("/api/repos/<owner>/<name>/builds")
-    def list_builds(owner, name):
-        repo = find_repo(owner, name)
-        params = query_params()
-        per_page = _int_param(params, "per_page", DEFAULT_PER_PAGE, 1, MAX_PER_PAGE)
-        page = _int_param(params, "page", 1, 1, 10 ** 9)
-        builds = store.list_builds(repo["id"], offset=(page - 1) * per_page, limit=per_page,
-                                   **build_filters(params))
-        return _json_response([_build_json(build) for build in builds])
-
-    @app.post("/api/repos/<owner>/<name>/builds")
-    def start_build(owner, name):
-        repo = find_repo(owner, name, write=True)
-        params = all_params()
-        variables = params.pop("variables", None) or {}
-        if not isinstance(variables, dict):
-            raise BadRequest("variables must be an object of NAME: value")
-        branch = params.pop("branch", "") or ""
-        commit = params.pop("commit", "") or ""
-        event = params.pop("event", EVENT_MANUAL) or EVENT_MANUAL
-        variables = {**params, **variables}  # any other key is a variable, as in Drone
-        build = create_build(store, repo, branch=branch, commit=commit, variables=variables,
-                             event=event, data_dir=data_dir, max_jobs=max_jobs)
-        return build_response(build, 201)
-
-    @app.get("/api/repos/<owner>/<name>/builds/<number>")
-    def get_build(owner, name, number):
-        return build_response(find_build(find_repo(owner, name), number))
-
-    @app.post("/api/repos/<owner>/<name>/builds/<number>")
-    def restart(owner, name, number):
-        repo = find_repo(owner, name, write=True)
-        build = find_build(repo, number)
-        params = all_params()
-        fork = _bool_value(params.pop("fork", "false"), "fork")
-        build = restart_build(store, repo, build["number"], fork=fork, variables=params,
-                              data_dir=data_dir, max_jobs=max_jobs)
-        return build_response(build, 202)
-
-    @app.delete("/api/repos/<owner>/<name>/builds/<number>")
-    def cancel_build(owner, name, number):
-        repo = find_repo(owner, name, write=True)
-        build = find_build(repo, number)
-        return build_response(store.cancel_jobs(
-            build["id"], message=f"cancelled by {who(current_user())} over the API"))
-
-    @app.delete("/api/repos/<owner>/<name>/builds/<number>/<job_number>")
-    @app.delete("/api/repos/<owner>/<name>/logs/<number>/<job_number>")
-    def cancel_job(owner, name, number, job_number):
-        _, build, job = find_job(owner, name, number, job_number, write=True)
-        return build_response(store.cancel_jobs(
-            build["id"], job["number"],
-            message=f"cancelled by {who(current_user())} over the API"))
-
-    # -- logs ---------------------------------------------------------------
-
-    @app.get("/api/repos/<owner>/<name>/logs/<number>/<job_number>")
-    def get_log(owner, name, number, job_number):
-        _, _, job = find_job(owner, name, number, job_number)
-        params = query_params()
-        offset = _int_param(params, "offset", 0)
-        follow = params.get("follow", "").lower() in _TRUE_WORDS
-        if follow or "text/event-stream" in request.get_header("Accept", ""):
-            last_id = request.get_header("Last-Event-ID", "")
-            if last_id.isdigit():
-                offset = int(last_id)
-            with streams_lock:
-                if streams["open"] >= max_streams:
-                    raise Unavailable("too many open log streams; try again later")
-                streams["open"] += 1
-            bottle.response.content_type = "text/event-stream; charset=utf-8"
-            bottle.response.set_header("Cache-Control", "no-cache")
-            bottle.response.set_header("X-Accel-Buffering", "no")
-            return log_events(job["id"], offset)
-        bottle.response.content_type = "text/plain; charset=utf-8"
-        if job["status"] in DONE_STATUSES:
-            bottle.response.set_header("Content-Length",
-                                       str(max(0, store.log_size(job["id"]) - offset)))
-        return store.read_log(job["id"], offset)
-
-    def log_events(job_id, offset):
-        """Server-Sent Events: each chunk as a JSON string with its end offset
-        as the event id (so EventSource resumes where it stopped), a comment
-        line as heartbeat, and an `end` event when the job finishes."""
-        try:
-            decoder = codecs.getincrementaldecoder("utf-8")("replace")
-            last_sent = time.monotonic()
-            yield b"retry: 2000\n\n"
-            while not app.closing.is_set():
-                seen = store.log_events_seen()
-                job = store.get_job_by_id(job_id)  # read before the log: nothing is missed
-                sent = False
-                for chunk in store.read_log(job_id, offset):
-                    offset += len(chunk)
-                    text = decoder.decode(chunk)
-                    if text:
-                        sent = True
-                        yield f"id: {offset}\ndata: {json.dumps(text)}\n\n".encode()
-                if job["status"] in DONE_STATUSES:
-                    end = {"status": job["status"], "exit_code": job["exit_code"],
-                           "error": job["error"]}
-                    yield f"event: end\ndata: {json.dumps(end)}\n\n".encode()
-                    return
-                if sent:
-                    last_sent = time.monotonic()
-                elif time.monotonic() - last_sent >= heartbeat:
-                    yield b": heartbeat\n\n"
-                    last_sent = time.monotonic()
-                else:
-                    store.wait_for_log(min(0.5, heartbeat), seen)
-        finally:
-            with streams_lock:
-                streams["open"] -= 1
-
-    # -- project dialect (/api/v1) ------------------------------------------
-
-    def page_params():
-        params = query_params()
-        return (_int_param(params, "offset", 0, 0, 10 ** 12),
-                _int_param(params, "limit", V1_PAGE_SIZE, 1, MAX_PER_PAGE))
-
-    @app.get("/api/v1/<owner>/<name>/builds")
-    def v1_list_builds(owner, name):
-        repo = find_repo(owner, name)
-        offset, limit = page_params()
-        filters = build_filters(query_params())
-        builds = store.list_builds(repo["id"], offset=offset, limit=limit, **filters)
-        return _paginated([_build_json(build) for build in builds],
-                          store.count_builds(repo["id"], **filters), offset, limit)
-
-    @app.get("/api/v1/<owner>/<name>/builds/<build_id>")
-    def v1_get_build(owner, name, build_id):
-        return build_response(find_build_by_id(find_repo(owner, name), build_id))
-
-    @app.route("/api/v1/<owner>/<name>/builds/<build_id>", method="PATCH")
-    def v1_update_build(owner, name, build_id):
-        build = find_build_by_id(find_repo(owner, name, write=True), build_id)
-        body = body_params()
-        fields = _patch_fields(body)
-        if "tags" in fields and body.get("merge"):
-            existing = json.loads(build["tags"] or "[]")
-            fields["tags"] = list(dict.fromkeys(existing + fields["tags"]))
-        return build_response(store.update_build(build["id"], **fields))
-
-    @app.delete("/api/v1/<owner>/<name>/builds/<build_id>")
-    def v1_delete_build(owner, name, build_id):
-        repo = find_repo(owner, name, write=True)
-        build = find_build_by_id(repo, build_id)
-        store.delete_build(build["id"])
-        shutil.rmtree(os.path.join(data_dir, "workspaces", owner, name, str(build["number"])),
-                      ignore_errors=True)
-        return {"id": build["id"], "number": build["number"], "deleted": True}
-
-    @app.post("/api/v1/<owner>/<name>/builds/<build_id>")
-    @app.post("/api/v1/<owner>/<name>/builds/<build_id>/stop")
-    def v1_stop_build(owner, name, build_id):
-        build = find_build_by_id(find_repo(owner, name, write=True), build_id)
-        if build["status"] not in ACTIVE_STATUSES:
-            raise Conflict(f"build {build['number']} has already finished ({build['status']})")
-        return build_response(store.cancel_jobs(
-            build["id"], pending_status=SKIPPED,
-            message=f"stopped by {who(current_user())}"))
-
-    @app.get("/api/v1/<owner>/<name>/builds/<build_id>/statuses")
-    def v1_statuses(owner, name, build_id):
-        build = find_build_by_id(find_repo(owner, name), build_id)
-        offset, limit = page_params()
-        rows = store.list_statuses(build["id"], offset=offset, limit=limit)
-        return _paginated([_status_json(row) for row in rows], store.count_statuses(build["id"]),
-                          offset, limit)
-
-    @app.get("/api/v1/<owner>/<name>/builds/<build_id>/statuses/<status_id>")
-    def v1_status(owner, name, build_id, status_id):
-        build = find_build_by_id(find_repo(owner, name), build_id)
-        return _status_json(store.get_status(build["id"], _positive_int(status_id, "status id")))
-
-    @app.get("/api/v1/<owner>/<name>/builds/<build_id>/logs")
-    def v1_logs(owner, name, build_id):
-        build = find_build_by_id(find_repo(owner, name), build_id)
-        jobs = store.list_jobs(build["id"])
-        bottle.response.content_type = "text/plain; charset=utf-8"
-
-        def all_logs():
-            for job in jobs:
-                axis = _axis_text(json.loads(job["environment"] or "{}"))
-                yield (f"=== job {job['number']}{' (' + axis + ')' if axis else ''}: "
-                       f"{job['status']} ===\n").encode()
-                yield from store.read_log(job["id"])
-                yield b"\n"
-
-        return all_logs()
-
-    _install_pages(app, store, current_user, may_read, data_dir, max_jobs)
+    app.add_hook("before_request", before_request)
+    # A streamed body reads on after this, taking a connection back if it must.
+    app.add_hook("after_request", store.release_connection)
     return app
 
+###############################################################################
+# Server ######################################################################
+###############################################################################
 
-def _openapi_document():
-    """The OpenAPI 3 description of every route (served at /api/openapi.json)."""
-    def ref(name):
-        return {"$ref": f"#/components/schemas/{name}"}
 
-    def error_responses(*codes):
-        return {str(code): {"description": description, "content": {
-            "application/json": {"schema": ref("Error")}}}
-            for code, description in (
-                (400, "bad input"), (401, "no or bad credentials"), (403, "not allowed"),
-                (404, "unknown"), (409, "conflict with the current state"),
-                (413, "body too large"), (503, "too many live streams"))
-            if code in codes}
+def _is_cacheable_request(method, path):
+    """Whether a request is a bounded read of the store whose answer depends on
+    the store and the request alone: API GETs, but never logs, which may be
+    large or follow a running job for minutes."""
+    return method in ("GET", "HEAD") and path.startswith("/api/") and "/logs" not in path
 
-    def json_body(schema, description="JSON, or a form"):
-        return {"required": False, "description": description, "content": {
-            "application/json": {"schema": schema},
-            "application/x-www-form-urlencoded": {"schema": schema}}}
 
-    def ok(schema, code="200", description="success"):
-        return {code: {"description": description,
-                       "content": {"application/json": {"schema": schema}}}}
+class _ReadCache:
+    """WSGI middleware: answers a repeated API read from memory while the store
+    is unchanged.
 
-    def text(code="200"):
-        return {code: {"description": "text", "content": {
-            "text/plain": {"schema": {"type": "string"}}}}}
+    Each entry is keyed by everything in the request that its answer can
+    depend on, and carries SQLite's `data_version` from before it was made.
+    Every request asks for the current one on a connection of its own that
+    never writes: any commit by any connection, in this process or another,
+    changes it, and the entry is made again. So an answer is never stale (a
+    token revoked with the CLI is refused at once); polling an unchanged build
+    costs a lookup and one pragma.
+    """
 
-    def path_param(name, schema=None, description=""):
-        return {"name": name, "in": "path", "required": True, "description": description,
-                "schema": schema or {"type": "string"}}
+    MAX_BYTES = 4 * 1024 * 1024  # all answers kept, together; then it starts afresh
+    MAX_BODY = 256 * 1024
+    # Also made again after a minute: a hit skips authentication, and with it
+    # the token's last-used stamp (at most one a minute, see Store.authenticate).
+    MAX_AGE = 60.0
 
-    def query_param(name, schema, description=""):
-        return {"name": name, "in": "query", "required": False, "description": description,
-                "schema": schema}
+    def __init__(self, app, store_path):
+        self.app = app
+        self.store_path = store_path
+        self._lock = threading.Lock()
+        self._connection = None
+        self._entries = {}
+        self._bytes = 0
 
-    name_schema = {"type": "string", "pattern": "^[A-Za-z0-9._-]{1,100}$"}
-    repo_params = [path_param("owner", name_schema), path_param("name", name_schema)]
-    number = {"oneOf": [{"type": "integer", "minimum": 1}, {"type": "string", "enum": ["latest"]}]}
-    positive = {"type": "integer", "minimum": 1}
-    build_params = repo_params + [path_param("number", number, "build number or 'latest'")]
-    job_params = build_params + [path_param("job", positive, "job number")]
-    v1_params = repo_params + [path_param("id", positive, "the build's global id")]
-    read_errors = error_responses(400, 401, 404)
-    write_errors = error_responses(400, 401, 403, 404, 409, 413)
-    status_enum = {"type": "string", "enum": list(STATUSES)}
-    repo_fields = {
-        "url": {"type": "string"}, "default_branch": {"type": "string"},
-        "config_path": {"type": "string"}, "private": {"type": "boolean"},
-        "timeout": {"type": "integer", "minimum": 1, "maximum": 10080},
-        "max_builds": {"type": "integer", "minimum": 0, "maximum": 1000},
-        "events": {"type": "array", "items": {"type": "string", "enum": list(EVENTS)}},
-        "webhook_secret": {"type": "string", "maxLength": 256, "writeOnly": True},
-        "forge": {"type": "string", "enum": [*FORGES, ""]},
-        "forge_url": {"type": "string"}, "forge_project": {"type": "string"},
-        "forge_token": {"type": "string", "writeOnly": True}}
-    time_field = {"type": "integer", "description": "Unix seconds; 0 when unset"}
-    paginated = {"type": "object", "required": ["count", "next", "previous", "results"],
-                 "properties": {"count": {"type": "integer"},
-                                "next": {"type": ["string", "null"]},
-                                "previous": {"type": ["string", "null"]}}}
-    schemas = {
-        "Error": {"type": "object", "required": ["error", "message", "status"], "properties": {
-            "error": {"type": "string"}, "message": {"type": "string"},
-            "status": {"type": "integer"}}},
-        "Repo": {"type": "object", "required": ["id", "owner", "name", "full_name"],
-                 "properties": {
-                     "id": {"type": "integer"}, "owner": {"type": "string"},
-                     "name": {"type": "string"}, "full_name": {"type": "string"},
-                     "clone_url": {"type": "string"}, "default_branch": {"type": "string"},
-                     "config_path": {"type": "string"}, "private": {"type": "boolean"},
-                     "timeout": {"type": "integer"}, "max_builds": {"type": "integer"},
-                     "last_build_number": {"type": "integer"},
-                     "events": {"type": "array", "items": {"type": "string"}},
-                     "webhook_secret_set": {"type": "boolean"}, "forge": {"type": "string"},
-                     "forge_url": {"type": "string"}, "forge_project": {"type": "string"},
-                     "forge_token_set": {"type": "boolean"}, "created_at": time_field}},
-        "Job": {"type": "object", "required": ["id", "number", "status", "enqueued_at",
-                                               "started_at", "finished_at", "exit_code",
-                                               "environment"],
-                "properties": {
-                    "id": {"type": "integer"}, "build_id": {"type": "integer"},
-                    "number": {"type": "integer"}, "status": status_enum,
-                    "error": {"type": "string"}, "exit_code": {"type": "integer"},
-                    "enqueued_at": time_field, "started_at": time_field,
-                    "finished_at": time_field,
-                    "environment": {"type": "object",
-                                    "additionalProperties": {"type": "string"}}}},
-        "Build": {"type": "object", "required": [
-            "id", "number", "event", "status", "created_at", "enqueued_at", "started_at",
-            "finished_at", "commit", "branch", "ref", "remote", "message", "timestamp",
-            "author", "author_avatar", "author_email", "link_url"], "properties": {
-                "id": {"type": "integer"}, "number": {"type": "integer"},
-                "parent": {"type": "integer"}, "event": {"type": "string"},
-                "status": status_enum, "error": {"type": "string"},
-                "created_at": time_field, "enqueued_at": time_field,
-                "started_at": time_field, "finished_at": time_field,
-                "commit": {"type": "string"}, "branch": {"type": "string"},
-                "ref": {"type": "string"}, "remote": {"type": "string"},
-                "message": {"type": "string"}, "timestamp": {"type": "integer"},
-                "author": {"type": "string"}, "author_avatar": {"type": "string"},
-                "author_email": {"type": "string"}, "link_url": {"type": "string"},
-                "description": {"type": "string"},
-                "tags": {"type": "array", "items": {"type": "string"}},
-                "pinned": {"type": "boolean"},
-                "variables": {"type": "object", "additionalProperties": {"type": "string"}},
-                "report_error": {"type": "string"},
-                "jobs": {"type": "array", "items": ref("Job")}}},
-        "Status": {"type": "object", "required": ["id", "status", "message", "created_at", "job"],
-                   "properties": {"id": {"type": "integer"}, "status": status_enum,
-                                  "message": {"type": "string"}, "created_at": time_field,
-                                  "job": {"type": ["integer", "null"]}}},
-        "Secret": {"type": "object", "required": ["name", "events"], "properties": {
-            "name": {"type": "string"}, "events": {"type": "array",
-                                                   "items": {"type": "string"}}}},
-        "BuildPage": {**paginated, "properties": {**paginated["properties"], "results": {
-            "type": "array", "items": ref("Build")}}},
-        "StatusPage": {**paginated, "properties": {**paginated["properties"], "results": {
-            "type": "array", "items": ref("Status")}}},
-    }
-    hook = {"post": {
-        "summary": "a forge webhook (GitHub, Gitea, Forgejo, GitLab)", "security": [],
-        "parameters": [query_param("repo", {"type": "string"}, "OWNER/NAME, if the payload's "
-                                                                "name differs")],
-        "requestBody": {"required": True, "content": {"application/json": {
-            "schema": {"type": "object"}}}},
-        "responses": {**ok({"oneOf": [ref("Build"), {"type": "object"}]}),
-                      "204": {"description": "no build for this event"},
-                      **error_responses(400, 403, 404, 413)}}}
-    paths = {
-        "/api/version": {"get": {"summary": "server version", "security": [], "responses": ok(
-            {"type": "object", "properties": {"version": {"type": "string"}}})}},
-        "/healthz": {"get": {"summary": "health check", "security": [], "responses": ok(
-            {"type": "object", "properties": {"status": {"type": "string"}}})}},
-        "/api/openapi.json": {"get": {"summary": "this document", "security": [],
-                                      "responses": ok({"type": "object"})}},
-        "/api/repos": {"get": {"summary": "repositories the caller may read",
-                               "responses": {**ok({"type": "array", "items": ref("Repo")}),
-                                             **error_responses(401)}}},
-        "/api/repos/{owner}/{name}": {
-            "parameters": repo_params,
-            "get": {"summary": "a repository", "responses": {**ok(ref("Repo")), **read_errors}},
-            "post": {"summary": "add a repository (the webhook secret is shown this once)",
-                     "requestBody": json_body(
-                         {"type": "object", "properties": repo_fields, "required": ["url"]}),
-                     "responses": {**ok({"allOf": [ref("Repo"), {"type": "object", "properties": {
-                         "webhook_secret": {"type": "string"},
-                         "webhook_url": {"type": "string"}}}]}, "201"), **write_errors}},
-            "patch": {"summary": "change repository settings", "requestBody": json_body(
-                {"type": "object", "properties": repo_fields}, "JSON"),
-                "responses": {**ok(ref("Repo")), **write_errors}},
-            "delete": {"summary": "remove a repository and its builds", "responses": {
-                **ok({"type": "object"}), **write_errors}}},
-        "/api/repos/{owner}/{name}/builds": {
-            "parameters": repo_params,
-            "get": {"summary": "builds, newest first", "parameters": [
-                query_param("page", positive), query_param("per_page", {
-                    "type": "integer", "minimum": 1, "maximum": MAX_PER_PAGE}),
-                query_param("branch", {"type": "string"}), query_param("status", status_enum)],
-                "responses": {**ok({"type": "array", "items": ref("Build")}), **read_errors}},
-            "post": {"summary": "start a build", "requestBody": json_body(
-                {"type": "object", "properties": {
-                    "branch": {"type": "string"}, "commit": {"type": "string"},
-                    "variables": {"type": "object",
-                                  "additionalProperties": {"type": "string"}}}}),
-                "responses": {**ok(ref("Build"), "201"), **write_errors}}},
-        "/api/repos/{owner}/{name}/builds/{number}": {
-            "parameters": build_params,
-            "get": {"summary": "a build with its jobs", "parameters": [
-                query_param("branch", {"type": "string"}, "with 'latest'")],
-                "responses": {**ok(ref("Build")), **read_errors}},
-            "post": {"summary": "restart a finished build", "parameters": [
-                query_param("fork", {"type": "boolean"})],
-                "responses": {**ok(ref("Build"), "202"), **write_errors}},
-            "delete": {"summary": "cancel the build's active jobs",
-                       "responses": {**ok(ref("Build")), **write_errors}}},
-        "/api/repos/{owner}/{name}/builds/{number}/{job}": {
-            "parameters": job_params,
-            "delete": {"summary": "cancel one job",
-                       "responses": {**ok(ref("Build")), **write_errors}}},
-        "/api/repos/{owner}/{name}/logs/{number}/{job}": {
-            "parameters": job_params,
-            "get": {"summary": "a job's log (text; Server-Sent Events with follow)",
-                    "parameters": [query_param("offset", {"type": "integer", "minimum": 0}),
-                                   query_param("follow", {"type": "boolean"})],
-                    "responses": {"200": {"description": "the log", "content": {
-                        "text/plain": {"schema": {"type": "string"}},
-                        "text/event-stream": {"schema": {"type": "string"}}}},
-                        **read_errors, **error_responses(503)}},
-            "delete": {"summary": "cancel one job",
-                       "responses": {**ok(ref("Build")), **write_errors}}},
-        "/api/repos/{owner}/{name}/secrets": {
-            "parameters": repo_params,
-            "get": {"summary": "secret names and events (never values)", "responses": {
-                **ok({"type": "array", "items": ref("Secret")}), **write_errors}},
-            "post": {"summary": "add or replace a secret", "requestBody": {
-                "required": True, "content": {"application/json": {"schema": {
-                    "type": "object", "required": ["name", "value"], "properties": {
-                        "name": {"type": "string"}, "value": {"type": "string"},
-                        "events": {"type": "array", "items": {"type": "string",
-                                                              "enum": list(EVENTS)}}}}}}},
-                "responses": {**ok(ref("Secret"), "201"), **write_errors}}},
-        "/api/repos/{owner}/{name}/secrets/{secret}": {
-            "parameters": repo_params + [path_param("secret")],
-            "delete": {"summary": "remove a secret", "responses": {
-                **ok({"type": "object"}), **write_errors}}},
-        "/api/badges/{owner}/{name}/status.svg": {
-            "parameters": repo_params,
-            "get": {"summary": "the latest build's status as an SVG badge", "parameters": [
-                query_param("branch", {"type": "string"})], "responses": {
-                "200": {"description": "the badge", "content": {
-                    "image/svg+xml": {"schema": {"type": "string"}}}}, **read_errors}}},
-        "/api/badges/{owner}/{name}/cc.xml": {
-            "parameters": repo_params,
-            "get": {"summary": "CCMenu feed of the latest build", "parameters": [
-                query_param("branch", {"type": "string"})], "responses": {
-                "200": {"description": "the feed", "content": {
-                    "application/xml": {"schema": {"type": "string"}}}}, **read_errors}}},
-        "/hook": hook,
-        "/api/hook": hook,
-        "/api/v1/{owner}/{name}/builds": {
-            "parameters": repo_params,
-            "get": {"summary": "builds, newest first, paginated", "parameters": [
-                query_param("offset", {"type": "integer", "minimum": 0}),
-                query_param("limit", {"type": "integer", "minimum": 1,
-                                      "maximum": MAX_PER_PAGE}),
-                query_param("branch", {"type": "string"}), query_param("status", status_enum)],
-                "responses": {**ok(ref("BuildPage")), **read_errors}}},
-        "/api/v1/{owner}/{name}/builds/{id}": {
-            "parameters": v1_params,
-            "get": {"summary": "a build", "responses": {**ok(ref("Build")), **read_errors}},
-            "patch": {"summary": "change description, tags or pinned", "requestBody": {
-                "required": True, "content": {"application/json": {"schema": {
-                    "type": "object", "additionalProperties": False, "properties": {
-                        "description": {"type": "string", "maxLength": MAX_DESCRIPTION},
-                        "tags": {"type": "array", "items": {"type": "string", "minLength": 1}},
-                        "merge": {"type": "boolean"}, "pinned": {"type": "boolean"}}}}}},
-                "responses": {**ok(ref("Build")), **write_errors}},
-            "delete": {"summary": "delete a finished build", "responses": {
-                **ok({"type": "object", "properties": {"id": {"type": "integer"},
-                                                       "number": {"type": "integer"}}}),
-                **write_errors}},
-            "post": {"summary": "stop the build", "responses": {
-                **ok(ref("Build")), **write_errors}}},
-        "/api/v1/{owner}/{name}/builds/{id}/stop": {
-            "parameters": v1_params,
-            "post": {"summary": "stop the build", "responses": {
-                **ok(ref("Build")), **write_errors}}},
-        "/api/v1/{owner}/{name}/builds/{id}/statuses": {
-            "parameters": v1_params,
-            "get": {"summary": "status history, oldest first", "parameters": [
-                query_param("offset", {"type": "integer", "minimum": 0}),
-                query_param("limit", {"type": "integer", "minimum": 1,
-                                      "maximum": MAX_PER_PAGE})],
-                "responses": {**ok(ref("StatusPage")), **read_errors}}},
-        "/api/v1/{owner}/{name}/builds/{build_id}/statuses/{id}": {
-            "parameters": repo_params + [path_param("build_id", positive),
-                                         path_param("id", positive, "status id")],
-            "get": {"summary": "one status entry", "responses": {
-                **ok(ref("Status")), **read_errors}}},
-        "/api/v1/{owner}/{name}/builds/{id}/logs": {
-            "parameters": v1_params,
-            "get": {"summary": "every job's log under a header", "responses": {
-                **text(), **read_errors}}},
-    }
-    return {
-        "openapi": "3.1.0",
-        "info": {"title": "cirunner", "version": __version__,
-                 "description": "Drone-style and project-style build APIs. Times are Unix "
-                                "seconds in both dialects."},
-        "paths": paths,
-        "components": {"schemas": schemas, "securitySchemes": {
-            "token": {"type": "apiKey", "in": "header", "name": "Authorization",
-                      "description": "'Token <token>' or 'Bearer <token>'"},
-            "access_token": {"type": "apiKey", "in": "query", "name": "access_token"}}},
-        "security": [{}, {"token": []}, {"access_token": []}],
-    }
+    def data_version(self):
+        """The store's change counter, read on the cache's own connection."""
+        with self._lock:
+            if self._connection is None:
+                self._connection = sqlite3.connect(self.store_path, isolation_level=None,
+                                                   check_same_thread=False)
+            return self._connection.execute("PRAGMA data_version").fetchone()[0]
+
+    def cached_bytes(self):
+        """How many bytes of answers the cache holds."""
+        return self._bytes
+
+    def close(self):
+        with self._lock:
+            if self._connection is not None:
+                self._connection.close()
+                self._connection = None
+
+    def __call__(self, environ, start_response):
+        method, path = environ.get("REQUEST_METHOD", ""), environ.get("PATH_INFO", "")
+        # Not with cookies: a browser's session also ends with time, not only
+        # with a commit.
+        if not _is_cacheable_request(method, path) or "HTTP_COOKIE" in environ:
+            return self.app(environ, start_response)
+        key = (method, environ.get("SCRIPT_NAME", ""), path, environ.get("QUERY_STRING", ""),
+               environ.get("HTTP_AUTHORIZATION"), environ.get("HTTP_HOST"),
+               environ.get("wsgi.url_scheme"))
+        try:
+            version = self.data_version()  # before the answer: a commit during it voids it
+        except sqlite3.Error:
+            return self.app(environ, start_response)  # the answer itself reports what is wrong
+        now = time.monotonic()
+        entry = self._entries.get(key)
+        if entry is not None and entry[0] == version and now - entry[1] < self.MAX_AGE:
+            start_response(entry[2], list(entry[3]))
+            return [entry[4]]
+        answer = []
+
+        def remember(status, headers, exc_info=None):
+            answer[:] = [status, list(headers)]
+            return start_response(status, headers, exc_info)
+
+        result = self.app(environ, remember)
+        try:
+            body = b"".join(result)  # cacheable answers are bounded: never a log
+        finally:
+            if hasattr(result, "close"):
+                result.close()
+        if (answer and answer[0].startswith("200 ") and len(body) <= self.MAX_BODY
+                and not any(name.lower() == "set-cookie" for name, _ in answer[1])):
+            self._remember(key, (version, now, answer[0], tuple(answer[1]), body))
+        return [body]
+
+    def _remember(self, key, entry):
+        with self._lock:
+            if self._bytes + len(entry[4]) > self.MAX_BYTES:
+                self._entries, self._bytes = {}, 0
+            self._entries[key] = entry
+            self._bytes += len(entry[4])
+
+
+class _Shutdown:
+    """What SIGTERM and SIGINT do to a running `serve`: the first ends the HTTP
+    loop (waitress's own way out is SystemExit, which it catches), later ones
+    skip the jobs' grace period. Handlers only set flags or raise that."""
+
+    def __init__(self, closing, executor):
+        self.closing = closing
+        self.executor = executor
+        self.serving = True
+        self.requested = False
+
+    def __call__(self, signum, frame):
+        if self.requested and self.executor is not None:
+            self.executor.grace = 0  # a second signal: do not wait for jobs to exit
+        self.requested = True
+        self.closing.set()
+        if self.serving:
+            self.serving = False
+            raise SystemExit(0)
+
+
+def serve(app, *, host=DEFAULT_HOST, port=DEFAULT_PORT, threads=DEFAULT_HTTP_THREADS,
+          ready=None, stop=None):
+    """Serve a `make_app` app on waitress until SIGTERM or SIGINT, answering
+    repeated API reads from the read cache. `ready(url)` is called once the
+    socket listens; `stop()` after the server stopped, while a second signal
+    still skips the jobs' grace period. Run it in the main thread (signals
+    are delivered there). Raises CIRunnerError when the address cannot be used.
+    """
+    if waitress is None:
+        raise CIRunnerError("serve needs waitress: pip install waitress")
+    cached = _ReadCache(app, app.store.path)
+    # A burst of requests (a push to many repositories) is normal for a CI
+    # server: no warning per request queued behind the busy threads.
+    logging.getLogger("waitress.queue").setLevel(logging.ERROR)
+    try:
+        # Output buffered 1 MiB per connection (waitress's default is 16 MB);
+        # a connection limit well above what a small box sees.
+        server = waitress.create_server(
+            cached, host=host, port=port, threads=threads, ident="cirunner",
+            asyncore_use_poll=True, clear_untrusted_proxy_headers=True,
+            outbuf_high_watermark=1024 * 1024, connection_limit=100)
+    except OSError as exc:
+        cached.close()
+        raise CIRunnerError(f"cannot listen on {host}:{port}: {exc.strerror or exc}; stop what "
+                            "uses it, or choose another address with --host/--port") from None
+    shutdown = _Shutdown(app.closing, app.executor)
+    previous = {sig: signal.signal(sig, shutdown) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        if ready is not None:
+            ready(f"http://{host}:{server.effective_port}")
+        server.run()  # returns once a signal raised SystemExit in it
+    finally:
+        shutdown.serving = False
+        app.closing.set()
+        try:
+            if stop is not None:
+                stop()
+        finally:
+            server.close()
+            cached.close()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 ###############################################################################
 # Command line ################################################################
 ###############################################################################
-
 
 def _split_full_name(text):
     owner, slash, name = text.partition("/")
@@ -4719,173 +5582,6 @@ def _wait_for_build(store, build, args, stdout, stderr):
     return 0 if build["status"] == SUCCESS else 1
 
 
-def _is_quick_request(method, path):
-    """Whether a request is a bounded read of the store that the server's loop
-    thread may answer itself: API GETs, but never logs, which may be large or
-    follow a running job for minutes."""
-    return method in ("GET", "HEAD") and path.startswith("/api/") and "/logs" not in path
-
-
-class _QuickLane:
-    """waitress's task dispatcher, except that quick requests (see
-    `_is_quick_request`) are answered on the loop thread between two polls
-    instead of being handed to a pool thread.
-
-    Python runs one thread at a time. A pool thread answering a 0.3 ms API call
-    gives up the interpreter at each SQLite call and socket write, and with ten
-    busy connections the threads spent more time passing it around than working:
-    560 small requests/s with 32 threads, 1,600 with one, 2,400 answered here
-    (wrk, 10 connections, bench/run.py's request). Log downloads, live logs,
-    writes (which may fetch from git) and pages still go to the pool, so a slow
-    one never holds up the loop.
-    """
-
-    def __init__(self, pool):
-        self.pool = pool
-        self.loop_thread = threading.get_ident()
-        self.ready = collections.deque()
-
-    def add_task(self, channel):
-        # waitress calls this holding the channel's request lock, so a quick
-        # request is only queued here, and answered by run_ready() after the poll.
-        # (Read defensively: these are waitress's internals, the same in 2.1-3.0.)
-        requests = getattr(channel, "requests", None)
-        request = requests[0] if requests else None
-        path = getattr(request, "path", None)
-        if (isinstance(path, str) and not getattr(request, "error", True)
-                and threading.get_ident() == self.loop_thread
-                and _is_quick_request(getattr(request, "command", None), path)):
-            self.ready.append(channel)
-        else:
-            self.pool.add_task(channel)
-
-    def run_ready(self):
-        while self.ready:
-            self.ready.popleft().service()  # service() handles and logs its errors
-
-    def set_thread_count(self, count):
-        self.pool.set_thread_count(count)
-
-    def shutdown(self, *args, **kwargs):
-        self.ready.clear()
-        return self.pool.shutdown(*args, **kwargs)
-
-
-class _ReadCache:
-    """WSGI middleware: answers a repeated quick read (see `_is_quick_request`)
-    from memory while the store is unchanged.
-
-    An answer depends on the store, the request and nothing else, so each
-    entry is keyed by everything in the request that it can depend on and
-    carries SQLite's `data_version` from before it was made. Every request asks
-    for the current one on a connection of its own that never writes: any
-    commit by any connection, in this process or another, changes it, and the
-    entry is made again. Polling an unchanged build (CLIs, dashboards, badges)
-    then costs a dict lookup and one pragma instead of four queries, Bottle and
-    JSON: with two jobs logging (so entries are voided tens of times a second),
-    bench/run.py's small request went from 1,750-2,400/s to 4,700-5,000/s.
-    """
-
-    MAX_BYTES = 4 * 1024 * 1024  # all answers kept, together; then it starts afresh
-    MAX_BODY = 256 * 1024
-    # Also made again after a minute: a hit skips authentication, and with it
-    # the token's last-used stamp (at most one a minute, see Store.authenticate).
-    MAX_AGE = 60.0
-
-    def __init__(self, app, store_path):
-        self.app = app
-        self.store_path = store_path
-        self._lock = threading.Lock()
-        self._connection = None
-        self._entries = {}
-        self._bytes = 0
-
-    def _data_version(self):
-        with self._lock:
-            if self._connection is None:
-                self._connection = sqlite3.connect(self.store_path, isolation_level=None,
-                                                   check_same_thread=False)
-            return self._connection.execute("PRAGMA data_version").fetchone()[0]
-
-    def close(self):
-        with self._lock:
-            if self._connection is not None:
-                self._connection.close()
-                self._connection = None
-
-    def __call__(self, environ, start_response):
-        method, path = environ.get("REQUEST_METHOD", ""), environ.get("PATH_INFO", "")
-        # Not with cookies: a browser's session also ends with time, not only
-        # with a commit.
-        if not _is_quick_request(method, path) or "HTTP_COOKIE" in environ:
-            return self.app(environ, start_response)
-        key = (method, environ.get("SCRIPT_NAME", ""), path, environ.get("QUERY_STRING", ""),
-               environ.get("HTTP_AUTHORIZATION"), environ.get("HTTP_HOST"),
-               environ.get("wsgi.url_scheme"))
-        try:
-            version = self._data_version()  # before the answer: a commit during it voids it
-        except sqlite3.Error:
-            return self.app(environ, start_response)  # the answer itself reports what is wrong
-        now = time.monotonic()
-        entry = self._entries.get(key)
-        if entry is not None and entry[0] == version and now - entry[1] < self.MAX_AGE:
-            start_response(entry[2], list(entry[3]))
-            return [entry[4]]
-        answer = []
-
-        def remember(status, headers, exc_info=None):
-            answer[:] = [status, list(headers)]
-            return start_response(status, headers, exc_info)
-
-        result = self.app(environ, remember)
-        try:
-            body = b"".join(result)  # quick answers are bounded: never a log
-        finally:
-            if hasattr(result, "close"):
-                result.close()
-        if (answer and answer[0].startswith("200 ") and len(body) <= self.MAX_BODY
-                and not any(name.lower() == "set-cookie" for name, _ in answer[1])):
-            if self._bytes + len(body) > self.MAX_BYTES:
-                self._entries, self._bytes = {}, 0
-            self._entries[key] = (version, now, answer[0], tuple(answer[1]), body)
-            self._bytes += len(body)
-        return [body]
-
-
-def _limit_malloc_arenas():
-    """Cap glibc's per-thread malloc arenas for the server process. With one
-    arena per HTTP thread, each log download leaves its transient buffers in
-    another arena and resident memory creeps up by megabytes per thread."""
-    if not sys.platform.startswith("linux"):
-        return
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None).mallopt(-8, 2)  # M_ARENA_MAX
-
-
-# How `serve` re-runs itself when started as `python cirunner.py serve`:
-# CPython keeps a script's whole syntax tree (11 MiB for this file) alive until
-# the script ends, while an imported module's tree is freed once compiled.
-_SERVE_AS_MODULE = (
-    "import importlib.util, sys; "
-    "spec = importlib.util.spec_from_file_location('cirunner', sys.argv[1]); "
-    "module = importlib.util.module_from_spec(spec); sys.modules['cirunner'] = module; "
-    "spec.loader.exec_module(module); sys.exit(module.main(sys.argv[2:]))")
-
-
-def _reexec_as_module():
-    """Replace a script-mode `serve` process (same pid) with one that imports
-    this file as a module, so the server does not carry the script's syntax
-    tree for its whole life. Embedders calling `main()` are left alone."""
-    if __name__ != "__main__" or not sys.platform.startswith("linux") or not sys.executable:
-        return
-    original = getattr(sys, "orig_argv", [])  # keeps the interpreter's own options (-u, -X)
-    options = original[1:original.index(sys.argv[0])] if sys.argv[0] in original else []
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execv(sys.executable, [sys.executable, *options, "-c", _SERVE_AS_MODULE,
-                              os.path.abspath(__file__), *sys.argv[1:]])
-
-
 def _bootstrap_admin(store, stdout):
     """On a store with no users, make an admin and print its token, once, on
     stdout (never into the log stream)."""
@@ -4901,61 +5597,34 @@ def _bootstrap_admin(store, stdout):
 
 
 def _command_serve(args, stdout, stderr):
-    if waitress is None:
-        raise CIRunnerError("serve needs waitress: pip install waitress")
-    _reexec_as_module()
     store = Store.open(args.data)
     executor = Executor(store, workers=args.workers, grace=args.grace,
                         keep_workspaces=args.keep_workspaces,
                         public_url=args.public_url or f"http://{args.host}:{args.port}")
     app = make_app(store, executor, max_streams=max(1, args.threads - 4))
-    _limit_malloc_arenas()
-    dispatcher = _QuickLane(waitress.task.ThreadedTaskDispatcher())
-    dispatcher.set_thread_count(args.threads)
-    cached_app = _ReadCache(app, store.path)
-    # Small output buffers: a 50 MB log streams through 1 MiB at a time instead
-    # of waitress's default 16 MB per response, and stays in memory. Past
-    # `outbuf_overflow` waitress moves a buffer to a temporary file: at 256 KiB
-    # every log chunk went through one, and reading a 50 MB log took 110-170 ms
-    # instead of 52-89 (bench, alternating runs; same RSS growth).
-    server = waitress.create_server(cached_app, host=args.host, port=args.port,
-                                    threads=args.threads,
-                                    _dispatcher=dispatcher, ident="cirunner", asyncore_use_poll=True,
-                                    clear_untrusted_proxy_headers=True,
-                                    outbuf_high_watermark=1024 * 1024,
-                                    outbuf_overflow=1024 * 1024 + LOG_CHUNK_BYTES)
-    stopping = threading.Event()
 
-    def on_signal(signum, frame):
-        # Only flags: an exception raised here could land inside waitress's
-        # socket code, which catches everything, and the signal would be lost.
-        if stopping.is_set():
-            executor.grace = 0  # a second signal: do not wait for jobs to exit
-        stopping.set()
-        server.pull_trigger()  # wake the loop from its poll
-
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
+    def ready(url):
         _bootstrap_admin(store, stdout)
         executor.start()
         store.release_connection()  # from here, lent out between requests like the pool's
-        print(f"cirunner {__version__}: serving http://{args.host}:{server.effective_port}/ "
-              f"with {executor.workers} worker(s), data in {os.path.abspath(args.data)}",
-              file=stderr, flush=True)
-        socket_map = getattr(server, "map", None) or server._map
-        while not stopping.is_set():
-            waitress.wasyncore.loop(timeout=1.0, use_poll=True, map=socket_map, count=1)
-            dispatcher.run_ready()  # the quick requests that this poll completed
+        print(f"cirunner {__version__}: serving {url}/ with {executor.workers} worker(s), "
+              f"data in {os.path.abspath(args.data)}", file=stderr, flush=True)
+
+    def stop():
         print("cirunner: shutting down: stopping running jobs", file=stderr, flush=True)
-    finally:
-        app.closing.set()
         executor.stop(reason="server shut down")
-        server.close()
-        cached_app.close()
+
+    try:
+        serve(app, host=args.host, port=args.port, threads=args.threads, ready=ready, stop=stop)
+    finally:
         store.close()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
     return 0
+
+
+def _repo_params(args):
+    """The repository settings given as flags, by field name (see _REPO)."""
+    return {field.name: getattr(args, field.name) for field in _REPO.writable()
+            if getattr(args, field.name, None) is not None}
 
 
 def _command_repo(args, stdout, stderr):
@@ -4967,36 +5636,24 @@ def _command_repo(args, stdout, stderr):
             return 0
         owner, name = _split_full_name(args.full_name)
         if args.repo_command == "add":
-            webhook_secret = args.webhook_secret or secrets.token_urlsafe(24)
-            params = {"url": args.url, "branch": args.branch or "", "config": args.config or "",
-                      "timeout": str(args.timeout), "private": "true" if args.private else "",
-                      "webhook_secret": webhook_secret}
-            fields = _repo_fields(params, creating=True)
+            params = _repo_params(args)
+            params.setdefault("webhook_secret", secrets.token_urlsafe(24))
+            fields = _REPO.parse(params)
             repo = store.create_repo(owner, name, fields.pop("url"), **fields)
             print(f"added {owner}/{name} ({repo['url']})", file=stdout)
             print(f"webhook: point the forge at {args.public_url.rstrip('/')}/hook "
                   f"(content type application/json) with the secret, shown once:\n"
-                  f"{webhook_secret}", file=stdout)
+                  f"{fields['webhook_secret']}", file=stdout)
         elif args.repo_command == "update":
-            params = {key: value for key, value in (
-                ("url", args.url), ("branch", args.branch), ("config", args.config),
-                ("timeout", None if args.timeout is None else str(args.timeout)),
-                ("private", args.private), ("max_builds", args.max_builds),
-                ("events", args.events), ("webhook_secret", args.webhook_secret),
-                ("forge", args.forge), ("forge_url", args.forge_url),
-                ("forge_token", args.forge_token), ("forge_project", args.forge_project))
-                if value is not None}
             repo = store.get_repo(owner, name)
-            store.update_repo(repo["id"], **_repo_fields(params, creating=False))
+            store.update_repo(repo["id"], **_REPO.parse(_repo_params(args)))
             print(f"updated {owner}/{name}", file=stdout)
         elif args.repo_command == "remove":
             repo = store.get_repo(owner, name)
             store.delete_repo(repo["id"])
-            shutil.rmtree(_mirror_path(args.data, repo), ignore_errors=True)
+            store.git.remove(repo)
             print(f"removed {owner}/{name}", file=stdout)
         return 0
-
-
 def _command_user(args, stdout, stderr):
     with Store.open(args.data) as store:
         if args.user_command == "add":
@@ -5143,18 +5800,20 @@ def _command_builds(args, stdout, stderr):
 
 def _command_exec(args, stdout, stderr):
     directory = os.path.abspath(args.directory)
-    filename, text = read_pipeline_file(directory, args.config or "")
-    pipeline = parse_pipeline(text, filename)
+    config = args.config or ""
+    read_pipeline_file(directory, config)  # no file: say so before making anything
     with tempfile.TemporaryDirectory(prefix="cirunner-exec-") as data_dir:
         store = Store.open(data_dir)
         executor = Executor(store, workers=1, workspace=directory)
         try:
-            name = re.sub(r"[^A-Za-z0-9._-]", "-", os.path.basename(directory)).strip(".") or "local"
-            repo = store.create_repo("local", name[:100], directory)
-            fields = {"event": args.event, "branch": args.branch, "pipeline": text,
-                      "pipeline_file": filename, "variables": json.dumps(_parse_vars(args.var)),
-                      "fail_fast": int(pipeline.fail_fast)}
-            build = store.create_build(repo["id"], fields, pipeline.matrix)
+            name = re.sub(r"[^A-Za-z0-9._-]", "-", os.path.basename(directory)).strip(".")
+            repo = store.create_repo("local", name[:100] or "local", directory)
+            request = _BuildRequest(branch=args.branch, event=args.event,
+                                    variables=_parse_vars(args.var))
+            build = _make_build(store, repo, request,
+                                resolve=_directory_resolver(directory, config))
+            if build["error"]:
+                raise ConfigError(build["error"])
             executor.start()
             build = _follow_build(store, build["id"], stdout.buffer)
             _print_summary(store, build, stderr)
@@ -5162,8 +5821,6 @@ def _command_exec(args, stdout, stderr):
         finally:
             executor.stop()
             store.close()
-
-
 def _command_matrix(args, stdout, stderr):
     if args.file:
         with open(args.file, encoding="utf-8") as handle:
@@ -5174,6 +5831,19 @@ def _command_matrix(args, stdout, stderr):
     for number, environment in enumerate(pipeline.matrix, start=1):
         print(f"{number}\t{_axis_text(environment) or '(no matrix)'}", file=stdout)
     return 0
+
+
+def _add_repo_options(parser, *, adding):
+    """The repository settings as flags, from the declaration of its fields."""
+    for field in _REPO.writable():
+        if field.name == "private" and adding:
+            parser.add_argument("--private", action="store_true", help=field.help)
+        elif field.name == "private":
+            parser.add_argument("--private", choices=("true", "false"), help=field.help)
+        else:
+            parser.add_argument(field.option, dest=field.name, required=adding
+                                and field.name == "url", help=field.help,
+                                metavar=field.name.upper())
 
 
 def _make_parser(environ):
@@ -5191,132 +5861,109 @@ def _make_parser(environ):
     parser.add_argument("--version", action="version", version=f"cirunner {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
+    _add_serve_parser(commands, common, workers, env)
+    _add_repo_parser(commands, common, env)
+    _add_admin_parsers(commands, common)
+    _add_build_parsers(commands, common, workers)
+    return parser
 
-    serve = commands.add_parser("serve", parents=[common, workers],
-                                help="run the HTTP API and the executor")
-    serve.add_argument("--host", default=env("HOST", DEFAULT_HOST),
-                       help="address to bind (env CIRUNNER_HOST, default 127.0.0.1)")
-    serve.add_argument("--port", type=int, default=int(env("PORT", DEFAULT_PORT)),
-                       help="port (env CIRUNNER_PORT, default 8080; 0 picks a free one)")
-    serve.add_argument("--threads", type=int, default=int(env("THREADS", DEFAULT_HTTP_THREADS)),
-                       help="HTTP threads, each live log viewer holds one "
-                            "(env CIRUNNER_THREADS, default 32)")
-    serve.add_argument("--grace", type=float, default=float(env("GRACE", DEFAULT_GRACE_SECONDS)),
-                       help="seconds between SIGTERM and SIGKILL of a stopped job "
-                            "(env CIRUNNER_GRACE, default 10)")
-    serve.add_argument("--public-url", dest="public_url", default=env("PUBLIC_URL", ""),
-                       help="this server's address for links in commit statuses "
-                            "(env CIRUNNER_PUBLIC_URL; default http://HOST:PORT)")
-    serve.add_argument("--keep-workspaces", action="store_true",
-                       default=env("KEEP_WORKSPACES", "") in _TRUE_WORDS,
-                       help="leave job workspaces on disk after the job")
-    serve.set_defaults(handler=_command_serve)
 
-    repo = commands.add_parser("repo", help="add, list or remove repositories")
-    repo_commands = repo.add_subparsers(dest="repo_command", metavar="ACTION")
-    repo_commands.required = True
-    add = repo_commands.add_parser("add", parents=[common], help="add a repository")
+def _add_serve_parser(commands, common, workers, env):
+    serve_parser = commands.add_parser("serve", parents=[common, workers],
+                                       help="run the HTTP API and the executor")
+    serve_parser.add_argument("--host", default=env("HOST", DEFAULT_HOST),
+                              help="address to bind (env CIRUNNER_HOST, default 127.0.0.1)")
+    serve_parser.add_argument("--port", type=int, default=int(env("PORT", DEFAULT_PORT)),
+                              help="port (env CIRUNNER_PORT, default 8080; 0 picks a free one)")
+    serve_parser.add_argument("--threads", type=int,
+                              default=int(env("THREADS", DEFAULT_HTTP_THREADS)),
+                              help="HTTP threads, each live log viewer holds one "
+                                   "(env CIRUNNER_THREADS, default 32)")
+    serve_parser.add_argument("--grace", type=float,
+                              default=float(env("GRACE", DEFAULT_GRACE_SECONDS)),
+                              help="seconds between SIGTERM and SIGKILL of a stopped job "
+                                   "(env CIRUNNER_GRACE, default 10)")
+    serve_parser.add_argument("--public-url", dest="public_url", default=env("PUBLIC_URL", ""),
+                              help="this server's address for links in commit statuses "
+                                   "(env CIRUNNER_PUBLIC_URL; default http://HOST:PORT)")
+    serve_parser.add_argument("--keep-workspaces", action="store_true",
+                              default=env("KEEP_WORKSPACES", "") in _TRUE_WORDS,
+                              help="leave job workspaces on disk after the job")
+    serve_parser.set_defaults(handler=_command_serve)
+
+
+def _add_repo_parser(commands, common, env):
+    repo = commands.add_parser("repo", help="add, list, change or remove repositories")
+    actions = repo.add_subparsers(dest="repo_command", metavar="ACTION")
+    actions.required = True
+    add = actions.add_parser("add", parents=[common], help="add a repository")
     add.add_argument("full_name", metavar="OWNER/NAME")
-    add.add_argument("--url", required=True, help="clone URL or local path")
-    add.add_argument("--branch", help="default branch (default: the remote's HEAD)")
-    add.add_argument("--config", help="pipeline file path (default .cirunner.yml, .drone.yml)")
-    add.add_argument("--timeout", type=int, default=DEFAULT_TIMEOUT_MINUTES,
-                     help="job timeout in minutes (default 60)")
-    add.add_argument("--private", action="store_true", help="hide from guests")
-    add.add_argument("--webhook-secret", dest="webhook_secret",
-                     help="secret the forge signs webhooks with (default: generated, shown once)")
+    _add_repo_options(add, adding=True)
     add.add_argument("--public-url", dest="public_url",
                      default=env("PUBLIC_URL", f"http://{DEFAULT_HOST}:{DEFAULT_PORT}"),
                      help="this server's address as the forge sees it (env CIRUNNER_PUBLIC_URL)")
-    repo_list = repo_commands.add_parser("list", parents=[common], help="list repositories")
-    repo_list.set_defaults(full_name=None)
-    update = repo_commands.add_parser("update", parents=[common],
-                                      help="change a repository's settings")
+    actions.add_parser("list", parents=[common], help="list repositories")
+    update = actions.add_parser("update", parents=[common], help="change a repository's settings")
     update.add_argument("full_name", metavar="OWNER/NAME")
-    update.add_argument("--url")
-    update.add_argument("--branch", help="default branch")
-    update.add_argument("--config", help="pipeline file path")
-    update.add_argument("--timeout", type=int, help="job timeout in minutes")
-    update.add_argument("--private", choices=("true", "false"))
-    update.add_argument("--max-builds", dest="max_builds", metavar="N",
-                        help="most builds running at once (0: no limit)")
-    update.add_argument("--events", help=f"comma-separated events to build ({','.join(EVENTS)})")
-    update.add_argument("--webhook-secret", dest="webhook_secret")
-    update.add_argument("--forge", choices=FORGES + ("",),
-                        help="post commit statuses to this kind of forge")
-    update.add_argument("--forge-url", dest="forge_url",
-                        help="the forge's API base, e.g. https://api.github.com")
-    update.add_argument("--forge-token", dest="forge_token", help="an API token of the forge")
-    update.add_argument("--forge-project", dest="forge_project",
-                        help="OWNER/NAME at the forge if it differs")
-    remove = repo_commands.add_parser("remove", parents=[common],
-                                      help="remove a repository and its builds")
+    _add_repo_options(update, adding=False)
+    remove = actions.add_parser("remove", parents=[common],
+                                help="remove a repository and its builds")
     remove.add_argument("full_name", metavar="OWNER/NAME")
     repo.set_defaults(handler=_command_repo)
 
-    user = commands.add_parser("user", help="add, list or remove users")
-    user_commands = user.add_subparsers(dest="user_command", metavar="ACTION")
-    user_commands.required = True
-    user_add = user_commands.add_parser("add", parents=[common], help="add a user")
-    user_add.add_argument("login")
-    user_add.add_argument("--admin", action="store_true", help="may act on every repository")
-    user_add.add_argument("--email")
-    user_commands.add_parser("list", parents=[common], help="list users")
-    user_remove = user_commands.add_parser("remove", parents=[common],
-                                           help="remove a user and their tokens")
-    user_remove.add_argument("login")
-    user.set_defaults(handler=_command_user)
 
-    secret = commands.add_parser("secret", help="add, list or remove repository secrets")
-    secret_commands = secret.add_subparsers(dest="secret_command", metavar="ACTION")
-    secret_commands.required = True
-    secret_add = secret_commands.add_parser("add", parents=[common],
-                                            help="add or replace a secret")
-    secret_add.add_argument("full_name", metavar="OWNER/NAME")
-    secret_add.add_argument("name", metavar="NAME")
-    secret_add.add_argument("--value")
-    secret_add.add_argument("--from-file", dest="from_file", metavar="FILE")
-    secret_add.add_argument("--event", metavar="EVENTS",
-                            help="comma-separated events that get it (default "
-                                 "push,tag,cron,manual: not pull_request)")
-    secret_list = secret_commands.add_parser("list", parents=[common],
-                                             help="names and events, never values")
-    secret_list.add_argument("full_name", metavar="OWNER/NAME")
-    secret_remove = secret_commands.add_parser("remove", parents=[common], help="remove a secret")
-    secret_remove.add_argument("full_name", metavar="OWNER/NAME")
-    secret_remove.add_argument("name", metavar="NAME")
-    secret.set_defaults(handler=_command_secret)
+def _add_subcommands(commands, name, help_text, handler, actions):
+    """A command with actions: {action: (help, [(args, kwargs), ...])}."""
+    parser = commands.add_parser(name, help=help_text)
+    subparsers = parser.add_subparsers(dest=f"{name}_command", metavar="ACTION")
+    subparsers.required = True
+    for action, (action_help, arguments, parents) in actions.items():
+        sub = subparsers.add_parser(action, parents=parents, help=action_help)
+        for flags, options in arguments:
+            sub.add_argument(*flags, **options)
+    parser.set_defaults(handler=handler)
 
-    cron = commands.add_parser("cron", help="add, list or remove build schedules")
-    cron_commands = cron.add_subparsers(dest="cron_command", metavar="ACTION")
-    cron_commands.required = True
-    cron_add = cron_commands.add_parser("add", parents=[common], help="add a schedule (UTC)")
-    cron_add.add_argument("full_name", metavar="OWNER/NAME")
-    cron_add.add_argument("name", metavar="NAME")
-    cron_add.add_argument("expression", metavar="EXPRESSION", help='e.g. "0 3 * * *"')
-    cron_add.add_argument("--branch")
-    cron_list = cron_commands.add_parser("list", parents=[common], help="list schedules")
-    cron_list.add_argument("full_name", metavar="OWNER/NAME", nargs="?")
-    cron_remove = cron_commands.add_parser("remove", parents=[common], help="remove a schedule")
-    cron_remove.add_argument("full_name", metavar="OWNER/NAME")
-    cron_remove.add_argument("name", metavar="NAME")
-    cron.set_defaults(handler=_command_cron)
 
-    token = commands.add_parser("token", help="create, list or revoke API tokens")
-    token_commands = token.add_subparsers(dest="token_command", metavar="ACTION")
-    token_commands.required = True
-    token_create = token_commands.add_parser("create", parents=[common],
-                                             help="make a token; printed once")
-    token_create.add_argument("login")
-    token_create.add_argument("--name", help="a label to recognise it by")
-    token_create.add_argument("--scope", choices=TOKEN_SCOPES, default="write")
-    token_list = token_commands.add_parser("list", parents=[common],
-                                           help="tokens (never their secrets)")
-    token_list.add_argument("login", nargs="?")
-    token_revoke = token_commands.add_parser("revoke", parents=[common], help="revoke a token")
-    token_revoke.add_argument("id", type=int, metavar="ID")
-    token.set_defaults(handler=_command_token)
+def _add_admin_parsers(commands, common):
+    full_name = (("full_name",), {"metavar": "OWNER/NAME"})
+    _add_subcommands(commands, "user", "add, list or remove users", _command_user, {
+        "add": ("add a user", [(("login",), {}),
+                               (("--admin",), {"action": "store_true",
+                                               "help": "may act on every repository"}),
+                               (("--email",), {})], [common]),
+        "list": ("list users", [], [common]),
+        "remove": ("remove a user and their tokens", [(("login",), {})], [common]),
+    })
+    _add_subcommands(commands, "secret", "add, list or remove repository secrets",
+                     _command_secret, {
+        "add": ("add or replace a secret", [
+            full_name, (("name",), {"metavar": "NAME"}), (("--value",), {}),
+            (("--from-file",), {"dest": "from_file", "metavar": "FILE"}),
+            (("--event",), {"metavar": "EVENTS", "help": "comma-separated events that get it "
+                                                         "(default push,tag,cron,manual: not "
+                                                         "pull_request)"})], [common]),
+        "list": ("names and events, never values", [full_name], [common]),
+        "remove": ("remove a secret", [full_name, (("name",), {"metavar": "NAME"})], [common]),
+    })
+    _add_subcommands(commands, "cron", "add, list or remove build schedules", _command_cron, {
+        "add": ("add a schedule (UTC)", [
+            full_name, (("name",), {"metavar": "NAME"}),
+            (("expression",), {"metavar": "EXPRESSION", "help": 'e.g. "0 3 * * *"'}),
+            (("--branch",), {})], [common]),
+        "list": ("list schedules", [(("full_name",), {"metavar": "OWNER/NAME", "nargs": "?"})],
+                 [common]),
+        "remove": ("remove a schedule", [full_name, (("name",), {"metavar": "NAME"})], [common]),
+    })
+    _add_subcommands(commands, "token", "create, list or revoke API tokens", _command_token, {
+        "create": ("make a token; printed once", [
+            (("login",), {}), (("--name",), {"help": "a label to recognise it by"}),
+            (("--scope",), {"choices": TOKEN_SCOPES, "default": "write"})], [common]),
+        "list": ("tokens (never their secrets)", [(("login",), {"nargs": "?"})], [common]),
+        "revoke": ("revoke a token", [(("id",), {"type": int, "metavar": "ID"})], [common]),
+    })
 
+
+def _add_build_parsers(commands, common, workers):
     build = commands.add_parser("build", parents=[common, workers], help="start a build")
     build.add_argument("full_name", metavar="OWNER/NAME")
     build.add_argument("--branch", help="branch to build (default: the repository's)")
@@ -5332,17 +5979,13 @@ def _make_parser(environ):
     builds.add_argument("--limit", type=int, default=DEFAULT_PER_PAGE)
     builds.set_defaults(handler=_command_builds)
 
-    logs = commands.add_parser("logs", parents=[common], help="print a build's logs")
-    logs.add_argument("full_name", metavar="OWNER/NAME")
-    logs.add_argument("number", type=int, metavar="NUMBER")
-    logs.add_argument("job", type=int, nargs="?", metavar="JOB")
-    logs.set_defaults(handler=_command_logs)
-
-    cancel = commands.add_parser("cancel", parents=[common], help="cancel a build or one job")
-    cancel.add_argument("full_name", metavar="OWNER/NAME")
-    cancel.add_argument("number", type=int, metavar="NUMBER")
-    cancel.add_argument("job", type=int, nargs="?", metavar="JOB")
-    cancel.set_defaults(handler=_command_cancel)
+    for name, help_text, handler in (("logs", "print a build's logs", _command_logs),
+                                     ("cancel", "cancel a build or one job", _command_cancel)):
+        command = commands.add_parser(name, parents=[common], help=help_text)
+        command.add_argument("full_name", metavar="OWNER/NAME")
+        command.add_argument("number", type=int, metavar="NUMBER")
+        command.add_argument("job", type=int, nargs="?", metavar="JOB")
+        command.set_defaults(handler=handler)
 
     restart = commands.add_parser("restart", parents=[common, workers],
                                   help="run a finished build again")
@@ -5365,7 +6008,6 @@ def _make_parser(environ):
     matrix = commands.add_parser("matrix", help="print the jobs a pipeline file expands to")
     matrix.add_argument("file", nargs="?", metavar="FILE")
     matrix.set_defaults(handler=_command_matrix)
-    return parser
 
 
 def main(argv=None, *, environ=None, stdout=None, stderr=None):

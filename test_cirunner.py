@@ -520,15 +520,14 @@ def test_a_commit_built_again_is_read_without_git(store, make_repo, tmp_path, mo
                               text=True, check=True).stdout.strip()
     (shim / "git").write_text(f'#!/bin/sh\necho "$*" >> "{calls}"\nexec "{real_git}" "$@"\n')
     (shim / "git").chmod(0o755)
-    monkeypatch.setattr(cirunner, "_GIT_ENV",
-                        dict(cirunner._GIT_ENV, PATH=f"{shim}:{os.environ['PATH']}"))
+    store.git.env = dict(store.git.env, PATH=f"{shim}:{os.environ['PATH']}")
     repo = make_repo({".cirunner.yml": "pipeline: {t: {commands: [true]}}\n"})
     head = git(repo["url"], "rev-parse", "HEAD")
     first = cirunner.create_build(store, repo)  # by branch: fetches, then reads
     again = cirunner.create_build(store, repo, commit=head)
     assert [first["commit_sha"], first["message"]] == [head, "first commit"]
     assert [again["commit_sha"], again["message"]] == [head, "first commit"]
-    assert again["pipeline"] == first["pipeline"]
+    assert again["pipeline_id"] == first["pipeline_id"]
     assert sum("cat-file" in line for line in calls.read_text().splitlines()) == 1
     # Behind another remote, the mirror is asked again rather than trusted.
     other = tmp_path / "other"
@@ -650,11 +649,13 @@ def test_a_new_store_has_4_kib_pages_and_an_old_store_keeps_its_own(tmp_path):
         store = cirunner.Store(path)
         try:
             store.create_user("alice")
-            conn = store._connection()
+            conn = sqlite3.connect(path)  # the file itself, as the store left it
             assert conn.execute("PRAGMA page_size").fetchone()[0] == page_bytes
             # The writers' own checkpoint backstop is the same size in bytes.
-            assert (conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] * page_bytes
-                    == cirunner.WAL_BACKSTOP_BYTES)
+            # Reaches inside: the pragma is per connection, so only the store's own tells.
+            backstop = store._connection().execute("PRAGMA wal_autocheckpoint").fetchone()[0]
+            assert backstop * page_bytes == cirunner.WAL_BACKSTOP_BYTES
+            conn.close()
             assert store.get_user("alice")["login"] == "alice"
         finally:
             store.close()
@@ -688,7 +689,7 @@ def test_a_big_wal_is_checkpointed_at_once_not_at_the_next_round(store, make_rep
 def test_request_threads_share_connections_instead_of_one_each(store, executor, app, make_repo):
     make_repo({".cirunner.yml": "pipeline: {t: {commands: [true]}}\n"})
     app.get("/api/repos/alice/hello")
-    opened = len(store._connections)
+    opened = store.connection_count()
     statuses = []
 
     def one_request():  # each on a new thread, as waitress's 32 threads take turns
@@ -699,11 +700,12 @@ def test_request_threads_share_connections_instead_of_one_each(store, executor, 
         thread.start()
         thread.join()
     assert statuses == [200] * 16
-    assert len(store._connections) == opened  # lent from request to request, none new
-    # A thread inside a transaction keeps its connection: it is not lent.
-    with store._write() as conn:
+    assert store.connection_count() == opened  # lent from request to request, none new
+    # A thread inside a transaction keeps its connection: it is not lent. (Reaches
+    # inside: only the store itself opens a transaction.)
+    with store._write() as transaction:
         store.release_connection()
-        assert store._connection() is conn
+        assert store._connection() is transaction.conn
 
 
 def test_cancel_kills_the_job_and_a_setsid_grandchild(store, make_repo, app, tmp_path):
@@ -1136,8 +1138,8 @@ def test_live_log_line_reaches_an_sse_client_within_a_second(tmp_path, servers):
     ("DELETE", "/api/repos/alice/hello/builds/1", False),
     ("GET", "/alice/hello/1/1", False),                     # a page with a log tail
 ])
-def test_only_bounded_api_reads_are_answered_on_the_loop_thread(method, path, quick):
-    assert cirunner._is_quick_request(method, path) is quick
+def test_only_bounded_api_reads_are_cached(method, path, quick):
+    assert cirunner._is_cacheable_request(method, path) is quick
 
 
 def test_read_cache_answers_a_repeat_until_anything_is_committed(store, executor, admin_token,
@@ -1197,14 +1199,14 @@ def test_read_cache_answers_a_repeat_until_anything_is_committed(store, executor
         for path in ("/api/repos/alice/hello", "/api/repos/alice/hello?page=2",
                      "/api/repos/alice/hello"):
             client.get(path, headers=auth)
-        assert len(made) == count + 2 and cache._bytes <= cache.MAX_BYTES
+        assert len(made) == count + 2 and cache.cached_bytes() <= cache.MAX_BYTES
         # If the store cannot say whether it changed, the answer is made anyway.
         count = len(made)
 
         def unreadable():
             raise sqlite3.OperationalError("database is locked")
 
-        cache._data_version = unreadable
+        cache.data_version = unreadable
         assert client.get("/api/repos/alice/hello", headers=auth).json["name"] == "hello"
         assert len(made) == count + 1
     finally:
@@ -1921,8 +1923,7 @@ def test_migrations_upgrade_an_older_store(tmp_path):
     store = cirunner.Store(path)
     try:
         assert json.loads(store.get_repo("a", "b")["events"])[0] == "push"
-        assert store._connection().execute("PRAGMA user_version").fetchone()[0] == \
-            len(cirunner._MIGRATIONS)
+        assert store.schema_version() == len(cirunner._MIGRATIONS)
     finally:
         store.close()
 
@@ -2194,7 +2195,8 @@ def test_missed_cron_runs_start_once(store, make_repo):
     repo = make_repo({".cirunner.yml": "pipeline: {t: {commands: [true]}}\n"})
     cron = store.add_cron(repo["id"], "nightly", "0 3 * * *")
     assert time.gmtime(cron["next_at"]).tm_hour == 3
-    store._connection().execute("UPDATE crons SET next_at = ?", (int(time.time()) - 10 * 86400,))
+    with sqlite3.connect(store.path) as conn:  # as if the server had been down ten days
+        conn.execute("UPDATE crons SET next_at = ?", (int(time.time()) - 10 * 86400,))
     assert [c["name"] for c in store.take_due_crons()] == ["nightly"]  # ten missed: one run
     assert store.take_due_crons() == []
     assert store.list_crons()[0]["next_at"] > time.time()
