@@ -224,6 +224,7 @@ STRAGGLER_SECONDS = 0.5         # read on this long after a step's leader exits
 HEARTBEAT_SECONDS = 10.0        # a runner stamps itself (and its jobs) this often
 RUNNER_LOST_SECONDS = 60.0      # a runner silent this long is gone
 CHECKPOINT_SECONDS = 5.0        # the executor checkpoints the WAL at least this often
+SANDBOXES = ("auto", "bwrap", "none")  # how steps run on the host (see _SandboxRunner)
 
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,100}$")
 _ENV_NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -2497,8 +2498,11 @@ class _LogReader(io.RawIOBase):
         return self.tell()
 
     def read(self, size=-1):
-        """Up to `size` bytes (at most one stored chunk) from the position:
-        a slice of the chunk, never a buffer of the size asked for."""
+        """Up to `size` bytes from the position (all that is left if `size` is
+        negative); a positive `size` gets at most one stored chunk's slice,
+        never a buffer of the size asked for."""
+        if size is None or size < 0:
+            return b"".join(iter(lambda: self.read(LOG_CHUNK_BYTES), b""))
         if self._position >= self._end or size == 0:
             return b""
         seq, start, data = self._chunk
@@ -2509,8 +2513,7 @@ class _LogReader(io.RawIOBase):
                 return b""
             self._chunk = seq, start, data = found
         offset = self._position - start
-        count = len(data) - offset if size is None or size < 0 else size
-        count = min(count, len(data) - offset, self._end - self._position)
+        count = min(size, len(data) - offset, self._end - self._position)
         self._position += count
         return data[offset:offset + count]
 
@@ -2849,6 +2852,104 @@ class _HostRunner:
                     with contextlib.suppress(ChildProcessError):
                         os.waitpid(pid, os.WNOHANG)
 
+def _group_members(pgid):
+    """Pids of the processes in process group `pgid` (from /proc)."""
+    members = []
+    for pid in _all_pids():
+        _, group = _process_state(pid)
+        if group == pgid:
+            members.append(pid)
+    return members
+
+
+class _SandboxRunner(_HostRunner):
+    """Runs each step in a bubblewrap sandbox on the host.
+
+    The step sees a read-only root; its workspace is the only writable place
+    besides a private /tmp, /dev/shm and HOME; the data directory (store, WAL,
+    key file, mirrors, other workspaces) is hidden, except the objects of the
+    job's own repository's mirror, which its checkout borrows, read-only. It
+    runs in new PID and IPC namespaces with their own /proc, without
+    capabilities, and dies with the server: whatever a step leaves running,
+    however it detached, ends with the step's namespace. The network and the
+    host's kernel are shared.
+    """
+
+    name = "bwrap"
+
+    def __init__(self, data_dir, *, bwrap="bwrap", home=None):
+        super().__init__()
+        self.data_dir = os.path.abspath(data_dir)
+        self.bwrap = bwrap
+        self.home = home if home is not None else os.path.expanduser("~")
+        self.problem = None  # why bubblewrap cannot be used here, once start() tried it
+
+    def start(self):
+        """Check once that bubblewrap works here (it needs namespaces)."""
+        super().start()
+        if self.problem is None:
+            self.problem = self.probe(self.bwrap)
+
+    @staticmethod
+    def probe(bwrap):
+        """"" if `bwrap` can make a sandbox here, else what it said."""
+        try:
+            result = subprocess.run(
+                [bwrap, "--ro-bind", "/", "/", "--proc", "/proc", "--unshare-pid",
+                 "--die-with-parent", "--", "/bin/true"], capture_output=True, timeout=30,
+                check=False)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            return str(exc)
+        return "" if result.returncode == 0 else (
+            result.stderr.decode(errors="replace").strip() or f"exit {result.returncode}")
+
+    def command(self, script, job):
+        """bwrap's argv for a step of `job`: mounts ordered so that a parent
+        directory is set up before what is bound inside it."""
+        workspace = os.path.abspath(job.workspace)
+        mounts = [(self.data_dir, ("--tmpfs", self.data_dir)), ("/tmp", ("--tmpfs", "/tmp")),
+                  ("/dev/shm", ("--tmpfs", "/dev/shm")),
+                  (workspace, ("--bind", workspace, workspace))]
+        if self.home and self.home != "/":
+            mounts.append((self.home, ("--tmpfs", self.home)))
+        for path in job.readable_paths():
+            mounts.append((path, ("--ro-bind", path, path)))
+        mounts.sort(key=lambda mount: mount[0].rstrip("/").count("/"))
+        argv = [self.bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
+        for _, options in mounts:
+            argv += options
+        # The data directory's stand-in only holds the mount points of what
+        # was bound inside it: read-only, so nothing can be written there.
+        argv += ["--remount-ro", self.data_dir, "--unshare-pid", "--unshare-ipc", "--die-with-parent", "--cap-drop", "ALL",
+                 "--chdir", workspace, "--", "/bin/sh", "-e", "-c", script]
+        return argv
+
+    def signal(self, process, signum):
+        """SIGTERM reaches the step's processes, not bwrap itself, which would
+        end the sandbox at once; SIGKILL ends the sandbox and all in it."""
+        if signum == signal.SIGKILL:
+            _signal_group(process.pid, signum)
+            return
+        for pid in _group_members(process.pid):
+            if pid != process.pid:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signum)
+
+
+def _make_runner(sandbox, data_dir):
+    """The process runner for `sandbox` ("auto", "bwrap" or "none")."""
+    if sandbox not in SANDBOXES:
+        raise BadRequest(f"sandbox must be one of {', '.join(SANDBOXES)}, not {sandbox!r}")
+    if sandbox == "none":
+        return _HostRunner()
+    bwrap = shutil.which("bwrap")
+    if bwrap is None:
+        if sandbox == "bwrap":
+            raise CIRunnerError("--sandbox bwrap needs bubblewrap: apt-get install bubblewrap")
+        return _HostRunner()
+    return _SandboxRunner(data_dir, bwrap=bwrap)
+
+
 ###############################################################################
 # Jobs ########################################################################
 ###############################################################################
@@ -2989,6 +3090,14 @@ class _JobRun:
         self.workspace = None
         self.repo = self.build = self.pipeline = None
         self.secrets = {}
+
+    def readable_paths(self):
+        """What a sandboxed step may read beyond its workspace: the objects of
+        its own repository's mirror, which a checkout borrows."""
+        if self.repo is None or not self.pipeline.clone or self.executor.workspace is not None:
+            return []
+        objects = os.path.abspath(os.path.join(self.store.git.path(self.repo), "objects"))
+        return [objects] if os.path.isdir(objects) else []
 
     def request_stop(self, reason):
         """Ask the job to stop (cancel, shutdown): SIGTERM, grace, SIGKILL."""
@@ -3172,6 +3281,20 @@ def _forge_status_request(repo, build, state, description, target_url, token):
                                 "Content-Type": "application/json", "User-Agent": "cirunner"})
 
 
+def _job_base_environment(environ):
+    """What every job's environment starts from: the server's, less cirunner's
+    own settings and less the virtual environment cirunner runs in (a job's
+    `pip install` must not write into it)."""
+    environment = {name: value for name, value in environ.items()
+                   if not name.startswith("CIRUNNER_") and name != "VIRTUAL_ENV"}
+    if sys.prefix != sys.base_prefix:
+        own = os.path.join(sys.prefix, "bin")
+        environment["PATH"] = os.pathsep.join(
+            part for part in environment.get("PATH", "").split(os.pathsep)
+            if part and os.path.realpath(part) != os.path.realpath(own))
+    return environment
+
+
 @dataclasses.dataclass
 class _Task:
     """A maintenance task: run every `every` seconds, or sooner when `urgent()`."""
@@ -3207,7 +3330,8 @@ class Executor:
 
     def __init__(self, store, *, workers=None, grace=DEFAULT_GRACE_SECONDS, workspace=None,
                  keep_workspaces=False, poll_interval=0.25, runner_id=None,
-                 max_jobs=DEFAULT_MAX_JOBS, public_url="", report_backoff=2.0, runner=None):
+                 max_jobs=DEFAULT_MAX_JOBS, public_url="", report_backoff=2.0,
+                 sandbox="auto", runner=None):
         self.store = store
         self.workers = workers or os.cpu_count() or 1
         self.grace = grace
@@ -3217,16 +3341,17 @@ class Executor:
         self.max_jobs = max_jobs
         self.public_url = public_url.rstrip("/")
         self.report_backoff = report_backoff
-        self.runner = runner or _HostRunner()
+        self.sandbox = sandbox
+        self.runner = runner or _make_runner(sandbox, store.data_dir)
+        self.isolation = self.runner.name  # "bwrap" or "none", known for sure once started
+        self.isolation_problem = ""        # why steps run without a sandbox, if they do
+        self._runner_started = False
         self.pipelines = _LRU(64)  # parsed pipelines by id, shared by the jobs of a build
         self.hostname = socket.gethostname()
         self.runner_id = runner_id or f"{self.hostname}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         # Job tokens start with this, so that a restart finds what a dead runner left.
         self.store_key = hashlib.sha1(os.path.abspath(store.path).encode()).hexdigest()[:10]
-        # The server's environment, less its own settings, read once: copying
-        # os.environ decodes every entry, a measurable cost per job.
-        self.base_environment = {name: value for name, value in os.environ.items()
-                                 if not name.startswith("CIRUNNER_")}
+        self.base_environment = _job_base_environment(os.environ)
         self._registered = False
         self._stopping = threading.Event()
         self._wakeup = threading.Condition()
@@ -3253,7 +3378,6 @@ class Executor:
     def start(self):
         """Register with the store, recover lost jobs, start the worker threads."""
         self._register()
-        self.runner.start()
         for index in range(self.workers):
             self._spawn_thread(self._worker_loop, f"cirunner-worker-{index + 1}")
         self._spawn_thread(self._maintenance_loop, "cirunner-maintenance")
@@ -3264,9 +3388,29 @@ class Executor:
         thread.start()
         self._threads.append(thread)
 
+    def _start_runner(self):
+        """Start the process runner once; a sandbox that cannot work here is an
+        error if it was asked for by name, else steps run on the host."""
+        if self._runner_started:
+            return
+        self.runner.start()
+        problem = getattr(self.runner, "problem", "")
+        if problem:
+            if self.sandbox == "bwrap":
+                raise CIRunnerError(f"bubblewrap cannot make a sandbox here: {problem}")
+            self.runner = _HostRunner()
+            self.runner.start()
+            self.isolation_problem = f"bubblewrap cannot make a sandbox here: {problem}"
+        elif self.runner.name == "none":
+            self.isolation_problem = ("--sandbox none" if self.sandbox == "none"
+                                      else "bubblewrap is not installed")
+        self.isolation = self.runner.name
+        self._runner_started = True
+
     def _register(self):
         if self._registered:
             return
+        self._start_runner()
         self.store.register_runner(self.runner_id, self.hostname, os.getpid())
         self._recover()
         self.store.add_listener(self._on_store_event)
@@ -3328,8 +3472,8 @@ class Executor:
         """A new, empty directory for the job (or the fixed `workspace`)."""
         if self.workspace is not None:
             return self.workspace
-        path = os.path.join(self.store.data_dir, "workspaces", repo["owner"], repo["name"],
-                            str(build["number"]), str(job["number"]))
+        path = os.path.join(os.path.abspath(self.store.data_dir), "workspaces", repo["owner"],
+                            repo["name"], str(build["number"]), str(job["number"]))
         try:
             if os.path.exists(path):
                 shutil.rmtree(path)
@@ -5596,10 +5740,19 @@ def _bootstrap_admin(store, stdout):
               "`cirunner token create LOGIN`", file=stdout, flush=True)
 
 
+def _warn_unisolated(executor, stderr):
+    """Say once, at start, when builds run without a sandbox, and what to do."""
+    if executor.isolation == "none":
+        print(f"cirunner: WARNING: steps run without a sandbox ({executor.isolation_problem}): "
+              "every user who can start a build can read and change this server's data, "
+              "secrets included; install bubblewrap (apt-get install bubblewrap) and use "
+              "--sandbox auto", file=stderr, flush=True)
+
+
 def _command_serve(args, stdout, stderr):
     store = Store.open(args.data)
     executor = Executor(store, workers=args.workers, grace=args.grace,
-                        keep_workspaces=args.keep_workspaces,
+                        keep_workspaces=args.keep_workspaces, sandbox=args.sandbox,
                         public_url=args.public_url or f"http://{args.host}:{args.port}")
     app = make_app(store, executor, max_streams=max(1, args.threads - 4))
 
@@ -5607,8 +5760,10 @@ def _command_serve(args, stdout, stderr):
         _bootstrap_admin(store, stdout)
         executor.start()
         store.release_connection()  # from here, lent out between requests like the pool's
+        _warn_unisolated(executor, stderr)
         print(f"cirunner {__version__}: serving {url}/ with {executor.workers} worker(s), "
-              f"data in {os.path.abspath(args.data)}", file=stderr, flush=True)
+              f"steps in {executor.isolation}, data in {os.path.abspath(args.data)}",
+              file=stderr, flush=True)
 
     def stop():
         print("cirunner: shutting down: stopping running jobs", file=stderr, flush=True)
@@ -5804,7 +5959,7 @@ def _command_exec(args, stdout, stderr):
     read_pipeline_file(directory, config)  # no file: say so before making anything
     with tempfile.TemporaryDirectory(prefix="cirunner-exec-") as data_dir:
         store = Store.open(data_dir)
-        executor = Executor(store, workers=1, workspace=directory)
+        executor = Executor(store, workers=1, workspace=directory, sandbox=args.sandbox)
         try:
             name = re.sub(r"[^A-Za-z0-9._-]", "-", os.path.basename(directory)).strip(".")
             repo = store.create_repo("local", name[:100] or "local", directory)
@@ -5864,8 +6019,14 @@ def _make_parser(environ):
     _add_serve_parser(commands, common, workers, env)
     _add_repo_parser(commands, common, env)
     _add_admin_parsers(commands, common)
-    _add_build_parsers(commands, common, workers)
+    _add_build_parsers(commands, common, workers, env)
     return parser
+
+
+def _add_sandbox_option(parser, env):
+    parser.add_argument("--sandbox", choices=SANDBOXES, default=env("SANDBOX", "auto"),
+                        help="how steps run on the host: bwrap (bubblewrap), none, or auto "
+                             "(bwrap when installed) (env CIRUNNER_SANDBOX, default auto)")
 
 
 def _add_serve_parser(commands, common, workers, env):
@@ -5886,6 +6047,7 @@ def _add_serve_parser(commands, common, workers, env):
     serve_parser.add_argument("--public-url", dest="public_url", default=env("PUBLIC_URL", ""),
                               help="this server's address for links in commit statuses "
                                    "(env CIRUNNER_PUBLIC_URL; default http://HOST:PORT)")
+    _add_sandbox_option(serve_parser, env)
     serve_parser.add_argument("--keep-workspaces", action="store_true",
                               default=env("KEEP_WORKSPACES", "") in _TRUE_WORDS,
                               help="leave job workspaces on disk after the job")
@@ -5963,7 +6125,7 @@ def _add_admin_parsers(commands, common):
     })
 
 
-def _add_build_parsers(commands, common, workers):
+def _add_build_parsers(commands, common, workers, env):
     build = commands.add_parser("build", parents=[common, workers], help="start a build")
     build.add_argument("full_name", metavar="OWNER/NAME")
     build.add_argument("--branch", help="branch to build (default: the repository's)")
@@ -6003,6 +6165,7 @@ def _add_build_parsers(commands, common, workers):
     run.add_argument("--branch", default="", help="branch for `when` filters")
     run.add_argument("--event", default=EVENT_MANUAL, choices=EVENTS)
     run.add_argument("--var", action="append", metavar="NAME=VALUE")
+    _add_sandbox_option(run, env)
     run.set_defaults(handler=_command_exec)
 
     matrix = commands.add_parser("matrix", help="print the jobs a pipeline file expands to")

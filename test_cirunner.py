@@ -7,6 +7,7 @@ import hmac
 import http.client
 import json
 import os
+import pathlib
 import re
 import signal
 import socket
@@ -77,6 +78,13 @@ def wait_for(predicate, timeout=10.0, interval=0.02):
         time.sleep(interval)
 
 
+def workspace_of(data_dir, full_name, build_number, job_number):
+    """Where a job runs: a test touches a file there for a (sandboxed) step to see."""
+    owner, name = full_name.split("/")
+    return (pathlib.Path(data_dir) / "workspaces" / owner / name / str(build_number)
+            / str(job_number))
+
+
 def log_text(store, build, number):
     job = store.get_job(build["id"], number)
     return b"".join(store.read_log(job["id"])).decode()
@@ -124,14 +132,15 @@ def http_text(url):
 class Server:
     """A real `cirunner serve` process on 127.0.0.1 with a free port."""
 
-    def __init__(self, data_dir, *extra):
+    def __init__(self, data_dir, *extra, env=None):
         self.data_dir = str(data_dir)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = os.path.join(self.data_dir, "serve.log")   # stderr: the log stream
         self.out_path = os.path.join(self.data_dir, "serve.out")   # stdout: the bootstrap token
         os.makedirs(self.data_dir, exist_ok=True)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("CIRUNNER_")}
+        env = {k: v for k, v in {**os.environ, **(env or {})}.items()
+               if not k.startswith("CIRUNNER_")}
         self.log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.out = open(self.out_path, "ab")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
@@ -715,7 +724,8 @@ def test_cancel_kills_the_job_and_a_setsid_grandchild(store, make_repo, app, tmp
         "      - sleep 600 & echo $! >> \"$PIDFILE\"; setsid sleep 600 & echo $! >> \"$PIDFILE\"; "
         "echo $$ >> \"$PIDFILE\"; wait\n")})
     build = cirunner.create_build(store, repo, variables={"PIDFILE": str(pidfile)})
-    executor = cirunner.Executor(store, workers=1, grace=1.0)
+    # The host runner's own sweep (no sandbox): test_isolation.py checks the sandbox's.
+    executor = cirunner.Executor(store, workers=1, grace=1.0, sandbox="none")
     executor.start()
     try:
         pids = wait_for(lambda: pidfile.exists() and len(pidfile.read_text().split()) == 3
@@ -1089,17 +1099,16 @@ def test_cli_build_is_picked_up_promptly_by_a_running_server(tmp_path, servers):
 
 def test_live_log_line_reaches_an_sse_client_within_a_second(tmp_path, servers):
     repo = str(tmp_path / "repo")
-    gate = tmp_path / "gate"
     commit_files(repo, {".cirunner.yml": (
         "pipeline:\n  t:\n    commands:\n"
-        "      - for i in $(seq 3000); do [ -e \"$GATE\" ] && break; sleep 0.02; done;"
+        "      - for i in $(seq 3000); do [ -e gate ] && break; sleep 0.02; done;"
         " echo LIVE-LINE-$(date +%s%N)\n"
         "      - sleep 1\n")})
     server = servers(tmp_path / "data")
     server.api("POST", "/api/repos/alice/hello", {"url": repo})
-    status, _ = server.api("POST", "/api/repos/alice/hello/builds",
-                           {"variables": {"GATE": str(gate)}})
+    status, _ = server.api("POST", "/api/repos/alice/hello/builds", {})
     assert status == 201
+    gate = workspace_of(tmp_path / "data", "alice/hello", 1, 1) / "gate"  # seen by the step
     connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
     connection.request("GET", "/api/repos/alice/hello/logs/1/1?follow=1")
     response = connection.getresponse()
@@ -1121,6 +1130,7 @@ def test_live_log_line_reaches_an_sse_client_within_a_second(tmp_path, servers):
     reader = threading.Thread(target=read_events)
     reader.start()
     time.sleep(0.3)  # the client is connected and waiting
+    wait_for(gate.parent.is_dir)
     gate.touch()
     reader.join(10)
     connection.close()
@@ -1249,13 +1259,13 @@ def test_a_big_log_downloads_whole_from_a_running_server(tmp_path, servers):
 
 def test_api_answers_ten_clients_while_live_logs_stream(tmp_path, servers):
     repo = str(tmp_path / "repo")
-    gate = tmp_path / "gate"
     commit_files(repo, {".cirunner.yml": (
         "pipeline:\n  t:\n    commands:\n"
-        "      - echo started; for i in $(seq 3000); do [ -e \"$GATE\" ] && break; sleep 0.02; done; echo finished\n")})
+        "      - echo started; for i in $(seq 3000); do [ -e gate ] && break; sleep 0.02; done; echo finished\n")})
     server = servers(tmp_path / "data")
     server.api("POST", "/api/repos/alice/hello", {"url": repo})
-    server.api("POST", "/api/repos/alice/hello/builds", {"variables": {"GATE": str(gate)}})
+    server.api("POST", "/api/repos/alice/hello/builds", {})
+    gate = workspace_of(tmp_path / "data", "alice/hello", 1, 1) / "gate"  # seen by the step
     wait_for(lambda: server.api("GET", "/api/repos/alice/hello/builds/1")[1]["status"]
              == cirunner.RUNNING)
     followers = []
@@ -1321,7 +1331,7 @@ def test_kill_9_of_serve_then_restart_recovers_the_job(tmp_path, servers):
         "pipeline:\n  t:\n    commands:\n      - echo before-the-crash\n"
         "      - echo $$ > \"$PIDFILE\"; sleep 600\n")})
     data = tmp_path / "data"
-    server = servers(data)
+    server = servers(data, "--sandbox", "none")  # the host runner: test_isolation.py has bwrap's
     server.api("POST", "/api/repos/alice/hello", {"url": repo})
     server.api("POST", "/api/repos/alice/hello/builds", {"variables": {"PIDFILE": str(pidfile)}})
     wait_for(lambda: "before-the-crash\n" in http_text(
@@ -1351,7 +1361,7 @@ def test_sigterm_of_serve_kills_running_job_and_exits_zero(tmp_path, servers):
     pidfile = tmp_path / "pid"
     commit_files(repo, {".cirunner.yml": (
         "pipeline:\n  t:\n    commands:\n      - sleep 600 & echo $! > \"$PIDFILE\"; wait\n")})
-    server = servers(tmp_path / "data")
+    server = servers(tmp_path / "data", "--sandbox", "none")  # the host runner's pids
     server.api("POST", "/api/repos/alice/hello", {"url": repo})
     server.api("POST", "/api/repos/alice/hello/builds", {"variables": {"PIDFILE": str(pidfile)}})
     wait_for(lambda: pidfile.exists() and pidfile.read_text().strip())
@@ -1764,7 +1774,7 @@ def test_v1_stop_kills_running_and_skips_pending(store, make_repo, app, tmp_path
                                        "sleep 600 & wait']}}\nmatrix: {N: ['1', '2']}\n"
                                        "max_parallel: 1\n"})
     build = cirunner.create_build(store, repo, variables={"PIDFILE": str(pidfile)})
-    executor = cirunner.Executor(store, workers=2, grace=1.0)
+    executor = cirunner.Executor(store, workers=2, grace=1.0, sandbox="none")  # host pids
     executor.start()
     try:
         wait_for(lambda: pidfile.exists() and pidfile.read_text().strip())

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from test_cirunner import XSS, Server, commit_files, http_json, wait_for
+from test_cirunner import XSS, Server, commit_files, http_json, wait_for, workspace_of
 
 playwright_api = pytest.importorskip("playwright.sync_api")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -79,15 +79,14 @@ def sign_in(page, server):
 
 def test_live_log_cancel_and_restart_in_a_browser(server, page, tmp_path):
     repo = str(tmp_path / "repo")
-    gate = tmp_path / "gate"
     commit_files(repo, {".cirunner.yml": (
         "pipeline:\n  t:\n    commands:\n"
-        "      - for i in $(seq 1200); do [ -e \"$GATE\" ] && break; sleep 0.05; done; echo \"LIVE-$((6*7))\"\n"
+        "      - for i in $(seq 1200); do [ -e gate ] && break; sleep 0.05; done; echo \"LIVE-$((6*7))\"\n"
         "      - sleep 600\n")}, message=f"Try the web {XSS}")
     server.api("POST", "/api/repos/alice/hello", {"url": repo})
-    status, _ = server.api("POST", "/api/repos/alice/hello/builds",
-                           {"variables": {"GATE": str(gate)}})
+    status, _ = server.api("POST", "/api/repos/alice/hello/builds", {})
     assert status == 201
+    gate = workspace_of(server.data_dir, "alice/hello", 1, 1) / "gate"  # the step sees it
     wait_for(lambda: server.api("GET", "/api/repos/alice/hello/builds/1")[1]["jobs"][0]
              ["status"] == "running")
 
@@ -100,7 +99,7 @@ def test_live_log_cancel_and_restart_in_a_browser(server, page, tmp_path):
     page.click("text=job 1")
     page.wait_for_selector("#log div")  # the echoed command is already there
     assert "LIVE-42" not in page.inner_text("#log")
-    gate.touch()
+    gate.touch()  # the workspace exists: the step is running in it
     started = time.monotonic()
     page.wait_for_function("document.getElementById('log').innerText.includes('LIVE-42')",
                            timeout=2000)  # within 2 s, without reloading
@@ -119,9 +118,11 @@ def test_live_log_cancel_and_restart_in_a_browser(server, page, tmp_path):
     page.click("#restart")
     page.wait_for_url(server.url + "/alice/hello/1")
     assert page.inner_text("#build-status") in ("pending", "running")
+    wait_for(gate.parent.is_dir)  # the restarted job's new workspace
+    gate.touch()
     page.goto(server.url + "/alice/hello/1/1")
     page.wait_for_function("document.getElementById('log').innerText.includes('LIVE-42')",
-                           timeout=5000)  # it ran again (the gate is open now)
+                           timeout=5000)  # it ran again
 
     # the commit message's script tag is text: no dialog, no script element made
     page.goto(server.url + "/alice/hello/1")

@@ -84,7 +84,7 @@ def reset_peak_rss(pid):
 class Server:
     """A real `cirunner serve` on 127.0.0.1, talking over one keep-alive connection."""
 
-    def __init__(self, data_dir, workers=2, threads=32):
+    def __init__(self, data_dir, workers=2, threads=32, sandbox="none"):
         self.data_dir = data_dir
         self.port = free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("CIRUNNER_")}
@@ -95,7 +95,8 @@ class Server:
         self.out = open(os.path.join(data_dir, "serve.out"), "w")  # noqa: SIM115
         self.process = subprocess.Popen(
             [sys.executable, "-m", "cirunner", "serve", "--data", data_dir,
-             "--port", str(self.port), "--workers", str(workers), "--threads", str(threads)],
+             "--port", str(self.port), "--workers", str(workers), "--threads", str(threads),
+             "--sandbox", sandbox],
             stdout=self.out, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + 20
         while True:
@@ -209,22 +210,24 @@ def popen_floor(count, threads=2):
 
 def bench_dispatch(work, repeats, jobs=200):
     matrix = ", ".join(str(n) for n in range(jobs))
+    one_job = "clone: false\npipeline: {t: {commands: [true]}}\n"
     variants = {
         "matrix, clone: false": ((f"clone: false\npipeline: {{t: {{commands: [true]}}}}\n"
-                                  f"matrix: {{N: [{matrix}]}}\n"), "matrix", 200),
-        "one-job builds, clone: false": ("clone: false\npipeline: {t: {commands: [true]}}\n",
-                                         "builds", 200),
+                                  f"matrix: {{N: [{matrix}]}}\n"), "matrix", 200, "none"),
+        "one-job builds, clone: false": (one_job, "builds", 200, "none"),
+        "one-job builds, clone: false, bwrap": (one_job, "builds", 150, "bwrap"),
         "matrix, checkout from local repo": ((f"pipeline: {{t: {{commands: [true]}}}}\n"
-                                              f"matrix: {{N: [{matrix}]}}\n"), "matrix", 50),
+                                              f"matrix: {{N: [{matrix}]}}\n"), "matrix", 50,
+                                             "none"),
     }
     floor = [jobs / popen_floor(jobs) for _ in range(repeats)]
-    for name, (pipeline, shape, target) in variants.items():
+    for name, (pipeline, shape, target, sandbox) in variants.items():
         variant_started = time.monotonic()
-        data = os.path.join(work, f"dispatch-{shape}-{target}")
+        data = os.path.join(work, f"dispatch-{shape}-{target}-{sandbox}")
         os.makedirs(data)
-        repo_path = os.path.join(work, f"repo-dispatch-{shape}-{target}")
+        repo_path = os.path.join(work, f"repo-dispatch-{shape}-{target}-{sandbox}")
         sha = make_repo(repo_path, pipeline)
-        server = Server(data)
+        server = Server(data, sandbox=sandbox)
         try:
             server.request("POST", "/api/repos/bench/r", {"url": repo_path})
             rates = []
@@ -559,6 +562,40 @@ def bench_footprint(work, builds):
            "baseline: file size with the builds")
 
 
+def bench_sandbox(work, samples, steps=10):
+    """What the bubblewrap sandbox adds to each step: the same job of
+    `steps` trivial steps, on a server with and one without the sandbox."""
+    pipeline = "clone: false\npipeline:\n" + "".join(
+        f"  s{index}: {{commands: [true]}}\n" for index in range(steps))
+    durations = {}
+    for sandbox in ("none", "bwrap"):
+        data = os.path.join(work, f"sandbox-{sandbox}")
+        os.makedirs(data)
+        repo_path = os.path.join(work, f"repo-sandbox-{sandbox}")
+        sha = make_repo(repo_path, pipeline)
+        server = Server(data, sandbox=sandbox)
+        try:
+            server.request("POST", "/api/repos/bench/r", {"url": repo_path})
+            times = []
+            for attempt in range(samples + 3):
+                started = time.perf_counter()
+                build = server.request("POST", "/api/repos/bench/r/builds", {"commit": sha})
+                stream = server.request("GET", f"/api/repos/bench/r/logs/{build['number']}/1"
+                                        "?follow=1", raw=True)
+                assert b'"status": "success"' in stream, stream
+                if attempt >= 3:
+                    times.append(time.perf_counter() - started)
+            durations[sandbox] = times
+        finally:
+            server.stop()
+    per_step = [(sandboxed - bare) / steps
+                for sandboxed, bare in zip(durations["bwrap"], durations["none"])]
+    record(f"sandbox: overhead per step ({steps}-step job)", per_step, "s",
+           statistics.median(durations["none"]) / steps, "<= 15 ms p50",
+           statistics.median(per_step) <= 0.015,
+           "baseline: a step without the sandbox (the same job on --sandbox none)")
+
+
 def bench_triggers(work, repeats, count=500):
     """`count` clients trigger a build of one repository's branch at once: every
     trigger needs the remote's latest commit, and one `git fetch` serves all
@@ -623,7 +660,8 @@ def trigger_at_once(server, count):
     return times, statuses
 
 
-SECTIONS = ("dispatch", "latency", "biglog", "api", "throughput", "triggers", "footprint")
+SECTIONS = ("dispatch", "latency", "biglog", "api", "throughput", "triggers", "sandbox",
+            "footprint")
 
 
 def main():
@@ -653,6 +691,8 @@ def main():
             bench_api_scale(work, 50 if args.quick else 300, 10_000 if args.quick else 100_000)
         if "throughput" in wanted:
             bench_throughput(work, 3 if args.quick else 4, repeats)
+        if "sandbox" in wanted:
+            bench_sandbox(work, 10 if args.quick else 30)
         if "triggers" in wanted:
             bench_triggers(work, 1 if args.quick else 3)
         if "footprint" in wanted:
