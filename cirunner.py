@@ -113,8 +113,8 @@ import collections
 import contextlib
 import ctypes
 import dataclasses
+import difflib
 import fcntl
-import fnmatch
 import hashlib
 import hmac
 import io
@@ -179,8 +179,9 @@ EVENT_TAG = "tag"
 EVENT_PULL_REQUEST = "pull_request"
 EVENT_CRON = "cron"
 EVENT_MANUAL = "manual"
-EVENTS = (EVENT_PUSH, EVENT_TAG, EVENT_PULL_REQUEST, EVENT_CRON, EVENT_MANUAL)
-SECRET_EVENTS = (EVENT_PUSH, EVENT_TAG, EVENT_CRON, EVENT_MANUAL)  # not pull requests (forks)
+EVENT_DEPLOYMENT = "deployment"
+EVENTS = (EVENT_PUSH, EVENT_TAG, EVENT_PULL_REQUEST, EVENT_CRON, EVENT_MANUAL, EVENT_DEPLOYMENT)
+SECRET_EVENTS = (EVENT_PUSH, EVENT_TAG, EVENT_CRON, EVENT_MANUAL, EVENT_DEPLOYMENT)  # not forks
 
 FORGES = ("github", "gitea", "gitlab")
 TOKEN_SCOPES = ("read", "write")
@@ -225,6 +226,7 @@ HEARTBEAT_SECONDS = 10.0        # a runner stamps itself (and its jobs) this oft
 RUNNER_LOST_SECONDS = 60.0      # a runner silent this long is gone
 CHECKPOINT_SECONDS = 5.0        # the executor checkpoints the WAL at least this often
 SANDBOXES = ("auto", "bwrap", "none")  # how steps run on the host (see _SandboxRunner)
+ENGINES = ("auto", "podman", "docker", "none")  # how steps with an image run
 
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,100}$")
 _ENV_NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -261,15 +263,27 @@ class BadRequest(CIRunnerError):
 
 
 class ConfigError(BadRequest):
-    """A pipeline file cannot be used; `filename` and `line` say where."""
+    """A pipeline file cannot be used; `problems` lists each (line, problem)."""
 
     code = "invalid_pipeline"
 
-    def __init__(self, message, filename=None, line=None):
-        where = (filename or "") + (f" line {line}" if line else "")
-        super().__init__(f"{where}: {message}" if where else message)
+    def __init__(self, message, filename=None, line=None, *, problems=None):
+        self.problems = problems or [(line, message)]
         self.filename = filename
-        self.line = line
+        self.line = self.problems[0][0]
+        parts = []
+        for index, (problem_line, problem) in enumerate(self.problems):
+            where = " ".join(part for part in (filename if index == 0 else "",
+                                               f"line {problem_line}" if problem_line else "")
+                             if part)
+            parts.append(f"{where}: {problem}" if where else problem)
+        super().__init__("; ".join(parts))
+
+    @classmethod
+    def from_problems(cls, filename, problems):
+        """One error naming every problem, in the order of their lines."""
+        ordered = sorted(dict.fromkeys(problems), key=lambda item: (item[0] or 0))
+        return cls(ordered[0][1], filename, ordered[0][0], problems=ordered)
 
 
 class Unauthorized(CIRunnerError):
@@ -393,30 +407,275 @@ def _check_bool(value, name):
 # Pipeline ####################################################################
 ###############################################################################
 
-_VARIABLE_PATTERN = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+# -- Go's path.Match, which Drone's branch and `when` filters use ----------------
 
 
-def substitute(text, variables):
-    """Replace ``${VAR}`` and ``${VAR:-default}`` in `text` from `variables`.
+def _go_glob(pattern):
+    """A compiled regex for Go's `path.Match(pattern)`, or None if the pattern is
+    malformed (Go then matches nothing). `*` and `?` never match `/`; `[^...]`
+    negates a class; a backslash escapes the next character."""
+    out, index = ["\\A"], 0
+    while index < len(pattern):
+        char = pattern[index]
+        if char == "*":
+            out.append("[^/]*")
+        elif char == "?":
+            out.append("[^/]")
+        elif char == "\\":
+            index += 1
+            if index == len(pattern):
+                return None
+            out.append(re.escape(pattern[index]))
+        elif char == "[":
+            end = _go_class_end(pattern, index + 1)
+            if end is None:
+                return None
+            body = pattern[index + 1:end]
+            negated = body.startswith("^")
+            body = body[1:] if negated else body
+            if not body:
+                return None
+            out.append(("[^/" if negated else "[") + re.sub(r"([\]\[^])", r"\\\1", body) + "]")
+            index = end
+        else:
+            out.append(re.escape(char))
+        index += 1
+    out.append("\\Z")
+    return re.compile("".join(out), re.DOTALL)
+
+
+def _go_class_end(pattern, start):
+    """The index of the `]` closing a class that starts at `start`, or None."""
+    index = start + (1 if pattern[start:start + 1] == "^" else 0)
+    while index < len(pattern):
+        if pattern[index] == "\\":
+            index += 2
+            continue
+        if pattern[index] == "]" and index > start:
+            return index
+        index += 1
+    return None
+
+
+def _path_match(pattern, name):
+    """Whether `name` matches `pattern` as Go's path.Match decides."""
+    compiled = _go_glob(pattern)
+    return bool(compiled and compiled.match(name))
+
+
+# -- substitution: Drone's envsubst -------------------------------------------
+
+_INERT = re.compile(r"[A-Za-z0-9._/:+=,@%-]*")  # safe to paste into a shell word
+
+
+class _Substitution:
+    """One pass of Drone's `envsubst` over a text.
+
+    ``${X}``, ``${X:-d}``, ``${X-d}``, ``${X:=d}``, ``${X=d}``, ``${X:+w}``,
+    ``${X+w}``, ``${X:?m}``, ``${#X}``, ``${X:o}``, ``${X:o:l}``, ``${X^}``,
+    ``${X^^}``, ``${X,}``, ``${X,,}``, ``${X/a/b}``, ``${X//a/b}``,
+    ``${X/#a/b}``, ``${X/%a/b}``, ``${X#p}``, ``${X##p}``, ``${X%p}``,
+    ``${X%%p}``; arguments may hold expressions. ``$${`` is a literal ``${``.
+    An expression whose variable has no value is left as written, for the
+    shell. With `shell` set, an expression is replaced only when its value is
+    inert in a shell word; any other is left for the shell, which reads the
+    value from the job's environment, so that no value becomes code.
+    """
+
+    def __init__(self, variables, *, shell=False):
+        self.variables = variables
+        self.shell = shell
+
+    def __call__(self, text):
+        out, index = [], 0
+        while True:
+            found = text.find("$", index)
+            if found < 0:
+                out.append(text[index:])
+                return "".join(out)
+            out.append(text[index:found])
+            if text.startswith("$${", found):
+                out.append("${")
+                index = found + 3
+            elif text.startswith("${", found):
+                try:
+                    end, value = self._expression(text, found + 2)
+                except ConfigError:
+                    if not self.shell:
+                        raise
+                    end = (self._closing(text, found + 2) or len(text) - 1) + 1
+                    value = None  # a form only a shell knows (${1}, ${A[@]}): the shell's
+                original = text[found:end]
+                if value is None or (self.shell and not _INERT.fullmatch(value)):
+                    value = original
+                out.append(value)
+                index = end
+            else:
+                out.append("$")
+                index = found + 1
+
+    def _expression(self, text, start):
+        """(end, value or None) of the expression whose body starts at `start`."""
+        close = self._closing(text, start)
+        if close is None:
+            raise ConfigError(f"bad substitution in {text[start - 2:start + 30]!r}: "
+                              "no closing '}'")
+        body = text[start:close]
+        if body.startswith("#") and re.fullmatch(r"#[A-Za-z_][A-Za-z0-9_]*", body):
+            value = self.variables.get(body[1:])
+            return close + 1, None if value is None else str(len(value))
+        match = re.match(r"[A-Za-z_][A-Za-z0-9_]*", body)
+        if not match:
+            raise ConfigError(f"bad substitution: ${{{body}}}")
+        name, rest = match.group(0), body[match.end():]
+        return close + 1, self._apply(name, rest)
+
+    @staticmethod
+    def _closing(text, start):
+        depth = 0
+        for index in range(start, len(text)):
+            if text.startswith("${", index):
+                depth += 1
+            elif text[index] == "}":
+                if depth == 0:
+                    return index
+                depth -= 1
+        return None
+
+    def _argument(self, text):
+        """An argument of a function, with its own expressions substituted."""
+        return _Substitution(self.variables)(text)
+
+    def _apply(self, name, rest):
+        value = self.variables.get(name)
+        if rest == "":
+            return value
+        for operators, function in self._DEFAULTS:
+            for operator in operators:
+                if rest.startswith(operator):
+                    return function(self, value, self._argument(rest[len(operator):]))
+        if value is None:
+            return None
+        return self._transform(name, value, rest)
+
+    def _transform(self, name, value, rest):
+        casing = {"^^": str.upper, ",,": str.lower,
+                  "^": lambda s: s[:1].upper() + s[1:], ",": lambda s: s[:1].lower() + s[1:]}
+        if rest in casing:
+            return casing[rest](value)
+        if rest.startswith(":"):
+            return self._substring(name, value, rest[1:])
+        if rest.startswith("/"):
+            return self._replace(value, rest[1:])
+        for operator, function in (("##", _trim_longest_prefix), ("#", _trim_shortest_prefix),
+                                   ("%%", _trim_longest_suffix), ("%", _trim_shortest_suffix)):
+            if rest.startswith(operator):
+                return function(value, self._argument(rest[len(operator):]))
+        raise ConfigError(f"bad substitution: ${{{name}{rest}}}")
+
+    def _substring(self, name, value, spec):
+        parts = [self._argument(part).strip() for part in spec.split(":", 1)]
+        try:
+            offset = int(parts[0])
+            length = int(parts[1]) if len(parts) > 1 else None
+        except ValueError:
+            raise ConfigError(f"bad substitution: ${{{name}:{spec}}}: offset and length "
+                              "must be numbers") from None
+        start = offset if offset >= 0 else max(0, len(value) + offset)
+        return value[start:] if length is None else value[start:start + max(0, length)]
+
+    def _replace(self, value, spec):
+        mode = ""
+        if spec[:1] in ("/", "#", "%"):
+            mode, spec = spec[0], spec[1:]
+        parts = re.split(r"(?<!\\)/", spec, maxsplit=1)
+        pattern, replacement = (parts + [""])[:2]
+        pattern, replacement = (self._argument(re.sub(r"\\([/\\])", r"\1", part))
+                                for part in (pattern, replacement))
+        if not pattern:
+            return value
+        if mode == "/":
+            return value.replace(pattern, replacement)
+        if mode == "#":
+            return replacement + value[len(pattern):] if value.startswith(pattern) else value
+        if mode == "%":
+            return value[:-len(pattern)] + replacement if value.endswith(pattern) else value
+        return value.replace(pattern, replacement, 1)
+
+    def _default(self, value, argument):        # ${X:-d}, ${X:=d}: unset or empty
+        return argument if not value else value
+
+    def _unset_default(self, value, argument):  # ${X-d}, ${X=d}: unset only
+        return argument if value is None else value
+
+    def _alternate(self, value, argument):      # ${X:+w}: w if set and not empty
+        return argument if value else ""
+
+    def _unset_alternate(self, value, argument):  # ${X+w}: w if set
+        return "" if value is None else argument
+
+    def _required(self, value, argument):       # ${X:?message}
+        if not value:
+            raise ConfigError(f"a required variable is empty: {argument or 'no value'}")
+        return value
+
+    _DEFAULTS = ((((":-", ":="), _default), ((":+",), _alternate), ((":?",), _required),
+                  (("-", "="), _unset_default), (("+",), _unset_alternate)))
+
+
+def _trim_shortest_prefix(value, pattern):
+    for end in range(len(value) + 1):
+        if _path_match(pattern, value[:end]):
+            return value[end:]
+    return value
+
+
+def _trim_longest_prefix(value, pattern):
+    for end in range(len(value), -1, -1):
+        if _path_match(pattern, value[:end]):
+            return value[end:]
+    return value
+
+
+def _trim_shortest_suffix(value, pattern):
+    for start in range(len(value), -1, -1):
+        if _path_match(pattern, value[start:]):
+            return value[:start]
+    return value
+
+
+def _trim_longest_suffix(value, pattern):
+    for start in range(len(value) + 1):
+        if _path_match(pattern, value[start:]):
+            return value[:start]
+    return value
+
+
+def substitute(text, variables, *, shell=False):
+    """Replace ``${VAR}`` expressions (Drone's envsubst forms) in `text`.
 
     ``$${VAR}`` stays literal (as ``${VAR}``). A ``${VAR}`` with no value and
     no default is left as it is, so the shell can still expand it from the
-    job's environment.
+    job's environment. With `shell`, only values inert in a shell word are
+    pasted in (see `_Substitution`). Raises ConfigError for a malformed one.
     """
+    return _Substitution(variables, shell=shell)(text)
 
+
+def _substitute_04(text, matrix, *, shell=False):
+    """Drone 0.4's ``$$NAME``: the job's matrix value, found and replaced (in
+    shell text only where inert; else left as ``${NAME}`` for the shell)."""
     def replace(match):
-        if match.group(0) == "$${":
-            return "${"
-        name, default = match.group(1), match.group(2)
-        value = variables.get(name)
-        if default is not None and not value:
-            return default
-        return match.group(0) if value is None else value
+        value = matrix.get(match.group(1))
+        if value is None:
+            return match.group(0)
+        return value if not shell or _INERT.fullmatch(value) else "${" + match.group(1) + "}"
 
-    return _VARIABLE_PATTERN.sub(replace, text)
+    names = "|".join(re.escape(name) for name in sorted(matrix, key=len, reverse=True))
+    return re.sub(rf"\$\$({names})(?![A-Za-z0-9_])", replace, text) if names else text
 
 
-# -- YAML with line numbers ----------------------------------------------------------
+# -- YAML with line numbers, duplicate keys and a size budget --------------------
 
 
 class _YamlMap(dict):
@@ -442,68 +701,129 @@ class _YamlList(list):
 # variables or shell text, where the text is what counts.
 _RAW_SCALAR_KEYS = ("matrix", "environment", "commands")
 _MAX_YAML_DEPTH = 50
+_MAX_YAML_NODES = 200_000  # aliases can make a small file huge ("billion laughs")
+_DRONE_1_KEYS = ("kind", "steps", "trigger", "depends_on", "node", "concurrency",
+                 "image_pull_secrets", "type")
 
 
-def _load_yaml(text, filename):
-    """Parse YAML `text` into dicts and lists that carry line numbers."""
-    # libyaml, where PyYAML has it, parses large files several times faster.
-    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)(text)
-    try:
-        node = loader.get_single_node()
-        if node is None:
+class _YamlReader:
+    """Reads pipeline YAML into `_YamlMap`/`_YamlList` values, noting problems
+    (duplicate keys first of all) instead of stopping at the first."""
+
+    def __init__(self, filename, problems):
+        self.filename = filename
+        self.problems = problems
+        self.nodes = 0
+
+    def read(self, text):
+        """The document, or None (problems noted) when it cannot be read."""
+        documents = self._compose(text)
+        if documents is None:
             return None
-        return _convert_node(loader, node, raw=False, depth=0)
-    except yaml.YAMLError as exc:
+        if len(documents) > 1 or (documents and isinstance(documents[0], yaml.MappingNode)
+                                  and any(key.value in _DRONE_1_KEYS
+                                          for key, _ in documents[0].value
+                                          if isinstance(key, yaml.ScalarNode))):
+            self.problems.add(1, "this is a Drone 1.x pipeline (kind: pipeline, steps:, or "
+                                 "several YAML documents), which is not supported yet: write "
+                                 "it in the 0.8 form (pipeline:, services:, matrix:)")
+            return None
+        if not documents:
+            return None
+        loader = self._loader(text)
+        try:
+            return self._convert(loader, documents[0], raw=False, depth=0)
+        except _YamlBudget:
+            self.problems.add(1, f"the YAML expands to more than {_MAX_YAML_NODES} values "
+                                 "(aliases?)")
+        except yaml.YAMLError as exc:
+            self._note_yaml_error(exc)
+        finally:
+            loader.dispose()
+        return None
+
+    @staticmethod
+    def _loader(text):
+        # libyaml, where PyYAML has it, parses large files several times faster.
+        return getattr(yaml, "CSafeLoader", yaml.SafeLoader)(text)
+
+    def _compose(self, text):
+        loader = self._loader(text)
+        try:
+            documents = []
+            while loader.check_node():
+                documents.append(loader.get_node())
+            return documents
+        except yaml.YAMLError as exc:
+            self._note_yaml_error(exc)
+            return None
+        finally:
+            loader.dispose()
+
+    def _note_yaml_error(self, exc):
         mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
         problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(f"invalid YAML: {problem}", filename,
-                          mark.line + 1 if mark else None) from None
-    finally:
-        loader.dispose()
+        self.problems.add(mark.line + 1 if mark else None, f"invalid YAML: {problem}")
+
+    def _convert(self, loader, node, raw, depth):
+        self.nodes += 1
+        if self.nodes > _MAX_YAML_NODES:
+            raise _YamlBudget()
+        if depth > _MAX_YAML_DEPTH:
+            raise yaml.constructor.ConstructorError(None, None, "YAML nested too deeply",
+                                                    node.start_mark)
+        line = node.start_mark.line + 1
+        if isinstance(node, yaml.ScalarNode):
+            if not raw:
+                return loader.construct_object(node, deep=True)
+            return "" if node.tag == "tag:yaml.org,2002:null" else node.value
+        if isinstance(node, yaml.SequenceNode):
+            items = _YamlList(line)
+            for child in node.value:
+                items.append(self._convert(loader, child, raw, depth + 1))
+                items.lines.append(child.start_mark.line + 1)
+            return items
+        return self._convert_mapping(loader, node, raw, depth, line)
+
+    def _convert_mapping(self, loader, node, raw, depth, line):
+        mapping = _YamlMap(line)
+        explicit = set()
+        for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                self._merge(mapping, loader, value_node, raw, depth)
+                continue
+            if not isinstance(key_node, yaml.ScalarNode):
+                raise yaml.constructor.ConstructorError(
+                    None, None, "mapping keys must be plain scalars", key_node.start_mark)
+            key, key_line = key_node.value, key_node.start_mark.line + 1
+            if key in explicit:
+                self.problems.add(key_line, f"duplicate key {key!r} (first on line "
+                                            f"{mapping.lines[key]}): keys must be unique; "
+                                            "give each step a name of its own")
+                continue
+            explicit.add(key)
+            mapping[key] = self._convert(loader, value_node, raw or key in _RAW_SCALAR_KEYS,
+                                         depth + 1)
+            mapping.lines[key] = key_line
+        return mapping
+
+    def _merge(self, mapping, loader, value_node, raw, depth):
+        """YAML merge keys (``<<: *anchor``): the merged mappings' keys that the
+        mapping does not set itself (the first merged mapping wins)."""
+        sources = value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
+        for source in sources:
+            if not isinstance(source, yaml.MappingNode):
+                raise yaml.constructor.ConstructorError(
+                    None, None, "a merge key ('<<') needs a mapping", source.start_mark)
+            merged = self._convert(loader, source, raw, depth + 1)
+            for key, value in merged.items():
+                if key not in mapping:
+                    mapping[key] = value
+                    mapping.lines[key] = merged.lines[key]
 
 
-def _convert_node(loader, node, raw, depth):
-    if depth > _MAX_YAML_DEPTH:
-        raise ConfigError("YAML nested too deeply", None, node.start_mark.line + 1)
-    line = node.start_mark.line + 1
-    if isinstance(node, yaml.ScalarNode):
-        if not raw:
-            return loader.construct_object(node, deep=True)
-        return "" if node.tag == "tag:yaml.org,2002:null" else node.value
-    if isinstance(node, yaml.SequenceNode):
-        items = _YamlList(line)
-        for child in node.value:
-            items.append(_convert_node(loader, child, raw, depth + 1))
-            items.lines.append(child.start_mark.line + 1)
-        return items
-    mapping = _YamlMap(line)
-    for key_node, value_node in node.value:
-        if key_node.tag == "tag:yaml.org,2002:merge":
-            _merge_into(mapping, loader, value_node, raw, depth)
-            continue
-        if not isinstance(key_node, yaml.ScalarNode):
-            raise yaml.constructor.ConstructorError(
-                None, None, "mapping keys must be plain scalars", key_node.start_mark)
-        key = key_node.value
-        mapping[key] = _convert_node(loader, value_node, raw or key in _RAW_SCALAR_KEYS,
-                                     depth + 1)
-        mapping.lines[key] = key_node.start_mark.line + 1
-    return mapping
-
-
-def _merge_into(mapping, loader, value_node, raw, depth):
-    """YAML merge keys (``<<: *anchor``): the keys of the merged mappings that
-    the mapping does not set itself (the first merged mapping wins)."""
-    sources = value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
-    for source in sources:
-        if not isinstance(source, yaml.MappingNode):
-            raise yaml.constructor.ConstructorError(
-                None, None, "a merge key ('<<') needs a mapping", source.start_mark)
-        merged = _convert_node(loader, source, raw, depth + 1)
-        for key, value in merged.items():
-            if key not in mapping:
-                mapping[key] = value
-                mapping.lines[key] = merged.lines[key]
+class _YamlBudget(Exception):
+    """The document holds more values than a pipeline file needs."""
 
 
 def _line_of(container, key=None):
@@ -515,12 +835,57 @@ def _line_of(container, key=None):
     return getattr(container, "line", None)
 
 
-# -- steps and pipelines -----------------------------------------------------------
+class _Problems:
+    """The problems found in a pipeline file, each with its line."""
+
+    def __init__(self, filename):
+        self.filename = filename
+        self.found = []
+
+    def add(self, line, message):
+        self.found.append((line, message))
+
+    def raise_any(self):
+        if self.found:
+            raise ConfigError.from_problems(self.filename, self.found)
+
+
+# -- steps, services and pipelines ----------------------------------------------------
+
+_STATUS_WORDS = (SUCCESS, FAILURE, "changed", "change")
+_EVENT_WORDS = EVENTS
+_WHEN_KEYS = ("branch", "event", "status", "matrix", "environment", "platform", "ref", "repo",
+              "instance", "local", "success", "failure")  # the last two: Drone 0.4's words
+
+
+def _constraint_matches(constraint, value):
+    """Drone's `Constraint.Match`: excluded patterns never match; with include
+    patterns, one must match; with none, anything does."""
+    include, exclude = constraint
+    if any(_path_match(pattern, value) for pattern in exclude):
+        return False
+    return not include or any(_path_match(pattern, value) for pattern in include)
+
+
+def _matrix_matches(constraint, axis):
+    """Drone's `ConstraintMap.Match`: excluded when every exclude pair matches;
+    else every include pair must match."""
+    include, exclude = constraint
+    if exclude and all(axis.get(key) == value for key, value in exclude.items()):
+        return False
+    return all(axis.get(key) == value for key, value in include.items())
 
 
 @dataclasses.dataclass
 class Step:
-    """One pipeline step: commands run by ``/bin/sh -e`` in the job's workspace."""
+    """One pipeline step: commands run by ``/bin/sh -e`` (in its image, if it
+    names one), a plugin (an image with settings and no commands), or a
+    service (an image running beside the steps until the job ends).
+
+    `when` holds Drone's constraints: each of branch, event, status,
+    environment, platform, ref, repo and instance as [include, exclude] glob
+    lists, matrix as [include, exclude] mappings, local as a flag.
+    """
 
     name: str
     commands: list
@@ -528,30 +893,62 @@ class Step:
     environment: dict = dataclasses.field(default_factory=dict)
     when: dict = dataclasses.field(default_factory=dict)
     ignore_failure: bool = False
+    kind: str = "step"          # "step", "plugin" or "service"
+    settings: dict = dataclasses.field(default_factory=dict)  # a plugin's, as PLUGIN_*
+    secrets: list = None        # [[source, target], ...]; None: every secret the event gets
+    group: str = ""             # consecutive steps of one group run at once
+    detach: bool = False        # runs in the background until the job ends
+    pull: bool = False
+    privileged: bool = False
+    volumes: list = dataclasses.field(default_factory=list)
+    devices: list = dataclasses.field(default_factory=list)
+    network_mode: str = ""
+    entrypoint: list = dataclasses.field(default_factory=list)
+    command: list = dataclasses.field(default_factory=list)
+    shm_size: str = ""
+    dns: list = dataclasses.field(default_factory=list)
+    dns_search: list = dataclasses.field(default_factory=list)
+    extra_hosts: list = dataclasses.field(default_factory=list)
+    working_dir: str = ""
+    labels: dict = dataclasses.field(default_factory=dict)
 
-    def applies(self, *, branch, event, environment, job_status=SUCCESS):
-        """True if the step's ``when`` filter lets it run for this job."""
-        include, exclude = self.when.get("branch", ([], []))
-        if include and not any(fnmatch.fnmatchcase(branch, pattern) for pattern in include):
+    def applies(self, *, branch, event, environment, job_status=SUCCESS, deploy_to="",
+                platform="linux/amd64", ref="", repo="", instance="", local=False):
+        """True if the step's ``when`` lets it run for this job (the status
+        constraint defaults to success; ``changed`` is resolved beforehand)."""
+        when = self.when
+        for key, value in (("branch", branch), ("event", event), ("environment", deploy_to),
+                           ("platform", platform), ("ref", ref), ("repo", repo),
+                           ("instance", instance)):
+            if key in when and not _constraint_matches(when[key], value):
+                return False
+        if "matrix" in when and not _matrix_matches(when["matrix"], environment):
             return False
-        if any(fnmatch.fnmatchcase(branch, pattern) for pattern in exclude):
+        if local and when.get("local") is False:
             return False
-        if self.when.get("event") and event not in self.when["event"]:
-            return False
-        if any(environment.get(axis) != value
-               for axis, value in self.when.get("matrix", {}).items()):
-            return False
-        return job_status in self.when.get("status", (SUCCESS,))
+        return _constraint_matches(when.get("status", ([SUCCESS], [])), job_status)
 
-    def with_variables(self, variables):
-        """A copy of the step with ``${VAR}`` substituted in every string."""
+    def with_variables(self, variables, matrix=None, *, shell_variables=None):
+        """A copy with ``${VAR}`` (and, for a Drone 0.4 file, ``$$VAR`` from
+        `matrix`) substituted; in commands only where the value is inert, and
+        from `shell_variables` if given (secrets stay out of shell text)."""
+        def plain(text):
+            if matrix is not None:
+                text = _substitute_04(text, matrix)
+            return substitute(text, variables)
+
+        def shell(text):
+            if matrix is not None:
+                text = _substitute_04(text, matrix, shell=True)
+            return substitute(text, variables if shell_variables is None else shell_variables,
+                              shell=True)
+
         return dataclasses.replace(
-            self,
-            image=substitute(self.image, variables),
-            commands=[substitute(command, variables) for command in self.commands],
-            environment={name: substitute(value, variables)
-                         for name, value in self.environment.items()},
-        )
+            self, image=plain(self.image), commands=[shell(command) for command in self.commands],
+            environment={name: plain(value) for name, value in self.environment.items()},
+            settings=_map_strings(self.settings, plain),
+            entrypoint=[plain(part) for part in self.entrypoint],
+            command=[plain(part) for part in self.command], working_dir=plain(self.working_dir))
 
     def script(self):
         """The shell script for this step: each command echoed as ``+ cmd``, then run."""
@@ -561,10 +958,57 @@ class Step:
             lines.append(command)
         return "\n".join(lines) + "\n"
 
+    def plugin_environment(self):
+        """A plugin's settings as Drone passes them: ``PLUGIN_<KEY>`` (upper
+        case); strings as they are, lists joined with commas, the rest as JSON."""
+        environment = {}
+        for key, value in self.settings.items():
+            name = "PLUGIN_" + re.sub(r"[^A-Za-z0-9_]", "_", key).upper()
+            if isinstance(value, str):
+                environment[name] = value
+            elif isinstance(value, bool):
+                environment[name] = "true" if value else "false"
+            elif isinstance(value, list) and all(not isinstance(item, (dict, list))
+                                                 for item in value):
+                environment[name] = ",".join(_setting_text(item) for item in value)
+            elif value is None:
+                environment[name] = ""
+            elif isinstance(value, (int, float)):
+                environment[name] = _setting_text(value)
+            else:
+                environment[name] = json.dumps(value, default=str)
+        return environment
+
+
+def _setting_text(value):
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return "" if value is None else str(value)
+
+
+def _plain(value):
+    """`value` with the YAML reader's line-keeping maps and lists made plain."""
+    if isinstance(value, dict):
+        return {str(key): _plain(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_plain(item) for item in value]
+    return value
+
+
+def _map_strings(value, function):
+    """`value` with `function` applied to every string in it (lists and maps too)."""
+    if isinstance(value, str):
+        return function(value)
+    if isinstance(value, list):
+        return [_map_strings(item, function) for item in value]
+    if isinstance(value, dict):
+        return {key: _map_strings(item, function) for key, item in value.items()}
+    return value
+
 
 @dataclasses.dataclass
 class Pipeline:
-    """A parsed pipeline file: ordered steps, matrix jobs and build options."""
+    """A parsed pipeline file: ordered steps and services, matrix jobs, options."""
 
     steps: list
     matrix: list
@@ -573,10 +1017,22 @@ class Pipeline:
     max_parallel: int = 0
     timeout: float = 0      # minutes (fractions allowed); 0 means the repository's default
     clone: bool = True
+    services: list = dataclasses.field(default_factory=list)
+    clone_settings: dict = dataclasses.field(default_factory=dict)  # depth, tags, recursive...
+    workspace: dict = dataclasses.field(default_factory=dict)       # base, path
+    branches: list = None   # [include, exclude] globs of the branches that build, or None
+    drone04: bool = False   # a Drone 0.4 file: $$VAR is a matrix value
+    platform: str = ""
+    labels: dict = dataclasses.field(default_factory=dict)
 
-    def steps_for(self, variables):
+    def steps_for(self, variables, matrix=None):
         """The steps with ``${VAR}`` substituted from `variables`."""
-        return [step.with_variables(variables) for step in self.steps]
+        matrix = matrix if self.drone04 else None
+        return [step.with_variables(variables, matrix) for step in self.steps]
+
+    def builds_branch(self, branch):
+        """Whether the top-level `branches` filter lets `branch` build."""
+        return self.branches is None or _constraint_matches(self.branches, branch)
 
     def to_json(self):
         """The parsed pipeline as JSON text: kept with a build, so that its jobs
@@ -587,216 +1043,520 @@ class Pipeline:
     def from_json(cls, text):
         """The pipeline `to_json` wrote."""
         data = json.loads(text)
+        data["steps"] = [Step(**step) for step in data["steps"]]
+        data["services"] = [Step(**step) for step in data.get("services", [])]
+        return cls(**data)
+
+
+# -- parsing --------------------------------------------------------------------------
+
+_STEP_KEYWORDS = ("name", "image", "commands", "environment", "when", "failure", "pull",
+                  "detach", "privileged", "volumes", "devices", "network_mode", "entrypoint",
+                  "command", "shm_size", "dns", "dns_search", "extra_hosts", "working_dir",
+                  "group", "secrets", "labels")
+_UNSUPPORTED_STEP_KEYS = {
+    "build": "building an image from the pipeline file is not supported: run `podman build` "
+             "in a step of a trusted repository, or use a plugin",
+    "auth_config": "registry credentials in the pipeline file are not supported: log in once "
+                   "with `podman login` (or `docker login`) as the server's user",
+    "volumes_from": "not supported: use volumes on a trusted repository",
+    "networks": "not supported: steps and services of a job share a network of their own",
+    "net": "not supported: steps and services of a job share a network of their own",
+    "links": "not needed: services are reached by their name on the job's network",
+    **{key: "resource limits are not supported: cirunner sets none" for key in (
+        "mem_limit", "memswap_limit", "mem_swappiness", "cpu_quota", "cpu_shares", "cpuset",
+        "oom_kill_disable", "ulimits", "sysctls", "tmpfs", "isolation", "ipc_mode", "cap_add",
+        "cap_drop")},
+}
+_SERVICE_IGNORED = ("ports",)  # services are reached by name: no ports to publish
+_TOP_LEVEL_KEYS = ("pipeline", "services", "matrix", "workspace", "clone", "branches",
+                   "platform", "labels", "fail_fast", "max_parallel", "timeout",
+                   "build", "compose", "publish", "deploy", "notify")
+_UNSUPPORTED_TOP_LEVEL = {
+    "networks": "named networks are not supported: each job's steps and services share a "
+                "network of their own",
+    "volumes": "named volumes are not supported: use step volumes on a trusted repository",
+    "cache": "the cache section is not supported: use a cache plugin step, or a volume on a "
+             "trusted repository",
+    "image": "a default image is not supported: set image on each step",
+    "debug": "not supported: every step's output is in the job's log",
+}
+_CLONE_KEYS = ("depth", "tags", "recursive", "submodule_override", "submodules", "path",
+               "skip_verify", "image", "pull", "when")
+_DRONE_04_SECTIONS = ("publish", "deploy", "notify")
+
+
+class _AnyValue(dict):
+    """Every variable set (to "x"): substitution checks syntax, not values."""
+
+    def get(self, key, default=None):
+        return "x"
+
+
+class _PipelineParser:
+    """Turns a pipeline document into a `Pipeline`, noting every problem."""
+
+    def __init__(self, filename, max_jobs):
+        self.filename = filename
+        self.max_jobs = max_jobs
+        self.problems = _Problems(filename)
+
+    def add(self, line, message):
+        self.problems.add(line, message)
+
+    def parse(self, text):
+        document = _YamlReader(self.filename, self.problems).read(text)
+        if document is None:
+            self.problems.raise_any()
+            self.add(1, "the pipeline file is empty: it needs a 'pipeline' mapping of steps")
+        elif not isinstance(document, dict):
+            self.add(_line_of(document), "the pipeline file must be a mapping with a "
+                                         "'pipeline' key")
+        else:
+            pipeline = self._document(document)
+            self.problems.raise_any()
+            return pipeline
+        self.problems.raise_any()
+        return None
+
+    def _document(self, document):
+        for key in document:
+            if key in _UNSUPPORTED_TOP_LEVEL:
+                self.add(_line_of(document, key), f"{key!r} is a Drone key this server does "
+                                                  f"not support: {_UNSUPPORTED_TOP_LEVEL[key]}")
+            elif key not in _TOP_LEVEL_KEYS:
+                self.add(_line_of(document, key), f"unknown top-level key {key!r} (expected "
+                                                  f"one of {', '.join(_TOP_LEVEL_KEYS)})")
+        drone04 = "pipeline" not in document and any(
+            key in document for key in ("build", "compose") + _DRONE_04_SECTIONS)
+        if "pipeline" in document:
+            for key in ("compose",) + _DRONE_04_SECTIONS:
+                if key in document:
+                    self.add(_line_of(document, key), f"{key!r} is a section of Drone 0.4 "
+                                                      "files; beside 'pipeline', make it "
+                                                      "steps (plugins) or services")
+        pipeline = Pipeline(steps=self._steps(document, drone04), matrix=[{}],
+                            filename=self.filename, drone04=drone04)
+        pipeline.services = self._services(document, "compose" if drone04 else "services")
+        self._options(document, pipeline)
+        self._clone(document, pipeline)
+        pipeline.workspace = self._workspace(document)
+        if "branches" in document:
+            pipeline.branches = list(self._constraint(document["branches"], "branches",
+                                                      _line_of(document, "branches")))
+        if document.get("matrix") not in (None, ""):
+            try:
+                pipeline.matrix = expand_matrix(document["matrix"], max_jobs=self.max_jobs,
+                                                filename=self.filename,
+                                                line=_line_of(document, "matrix"))
+            except ConfigError as exc:
+                for line, message in exc.problems:
+                    self.add(line, message)
+        return pipeline
+
+    # -- options ------------------------------------------------------------------
+
+    def _options(self, document, pipeline):
+        for key in ("fail_fast",):
+            if key in document and not isinstance(document[key], bool):
+                self.add(_line_of(document, key), f"'{key}' must be true or false")
+            pipeline.fail_fast = document.get("fail_fast") is True
+        value = document.get("max_parallel", 0)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            self.add(_line_of(document, "max_parallel"),
+                     "'max_parallel' must be a whole number, 0 or more")
+        else:
+            pipeline.max_parallel = value
+        value = document.get("timeout", 0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            self.add(_line_of(document, "timeout"), "'timeout' must be a number of minutes")
+        else:
+            pipeline.timeout = value
+        platform = document.get("platform", "")
+        if not isinstance(platform, str):
+            self.add(_line_of(document, "platform"), "'platform' must be like linux/amd64")
+        else:
+            pipeline.platform = platform
+        labels = document.get("labels", {})
+        pipeline.labels = self._string_map(labels, "'labels'", _line_of(document, "labels"))
+
+    def _clone(self, document, pipeline):
+        """`clone: false`, clone settings (0.4, 0.5), or 0.8's map of clone steps."""
+        value = document.get("clone", True)
+        line = _line_of(document, "clone")
+        if isinstance(value, bool):
+            pipeline.clone = value
+            return
+        if not isinstance(value, dict):
+            self.add(line, "'clone' must be true, false or a mapping of clone settings")
+            return
+        if value and all(isinstance(item, dict) for item in value.values()):
+            value = next(iter(value.values()))  # Drone 0.8: {git: {image: ..., depth: ...}}
+        for key in value:
+            if key not in _CLONE_KEYS:
+                self.add(_line_of(value, key), f"unknown clone setting {key!r} (expected one "
+                                               f"of {', '.join(_CLONE_KEYS)})")
+        pipeline.clone_settings = {key: value[key] for key in
+                                   ("depth", "tags", "recursive", "submodule_override",
+                                    "submodules", "path") if key in value}
+        if pipeline.clone_settings.get("submodules"):
+            pipeline.clone_settings["recursive"] = True
+        overrides = pipeline.clone_settings.get("submodule_override", {})
+        pipeline.clone_settings["submodule_override"] = self._string_map(
+            overrides, "'submodule_override'", _line_of(value, "submodule_override"))
+
+    def _workspace(self, document):
+        value = document.get("workspace", {})
+        line = _line_of(document, "workspace")
+        if not isinstance(value, dict) or set(value) - {"base", "path"} or not all(
+                isinstance(item, str) for item in value.values()):
+            self.add(line, "'workspace' takes base and path, both strings")
+            return {}
+        return dict(value)
+
+    # -- steps ----------------------------------------------------------------------
+
+    def _steps(self, document, drone04):
+        if "pipeline" in document and "build" in document:
+            self.add(_line_of(document, "build"), "use either 'pipeline' or 'build', not both")
+        key = "pipeline" if "pipeline" in document or not drone04 else "build"
+        node = document.get(key)
+        if key == "build" and isinstance(node, dict) and ("commands" in node or "image" in node):
+            wrapper = _YamlMap(_line_of(document, "build"))  # Drone 0.4: one step named build
+            wrapper["build"], wrapper.lines["build"] = node, wrapper.line
+            node = wrapper
+        if not isinstance(node, dict) or not node:
+            if not (drone04 and node is None):
+                self.add(_line_of(document, key) if key in document else 1,
+                         "'pipeline' must be a mapping of step names to steps")
+            node = {}
+        steps = [step for name, body in node.items()
+                 if (step := self._step(name, body, _line_of(node, name))) is not None]
+        if drone04:
+            for section in _DRONE_04_SECTIONS:
+                steps += self._plugin_section(document, section)
+        return steps
+
+    def _plugin_section(self, document, section):
+        """Drone 0.4's publish, deploy and notify: plugin steps after the build."""
+        node = document.get(section)
+        if node is None:
+            return []
+        if not isinstance(node, dict):
+            self.add(_line_of(document, section), f"'{section}' must map plugin names to "
+                                                  "settings")
+            return []
         steps = []
-        for step in data.pop("steps"):
-            when = step.pop("when")
-            if "branch" in when:
-                when["branch"] = tuple(when["branch"])
-            steps.append(Step(when=when, **step))
-        return cls(steps=steps, **data)
+        for name, body in node.items():
+            body = body if body is not None else _YamlMap(_line_of(node, name))
+            if isinstance(body, dict) and "image" not in body:
+                body = _YamlMap(body.line) if not body else body
+                body["image"] = f"plugins/drone-{name}"
+            step = self._step(f"{section}-{name}", body, _line_of(node, name))
+            if step is not None:
+                if section == "notify" and "status" not in step.when:
+                    step.when["status"] = [[SUCCESS, FAILURE], []]
+                steps.append(step)
+        return steps
 
+    def _services(self, document, key):
+        node = document.get(key)
+        if node is None:
+            return []
+        if not isinstance(node, dict):
+            self.add(_line_of(document, key), f"'{key}' must map service names to services")
+            return []
+        services = []
+        for name, body in node.items():
+            service = self._step(name, body, _line_of(node, name), service=True)
+            if service is not None:
+                services.append(service)
+        return services
 
-_TOP_LEVEL_KEYS = ("pipeline", "build", "matrix", "fail_fast", "max_parallel", "timeout", "clone")
-_STEP_KEYS = ("image", "commands", "environment", "when", "failure")
-_WHEN_KEYS = ("branch", "event", "matrix", "status")
+    def _step(self, name, body, line, *, service=False):
+        where = f"{'service' if service else 'step'} {name!r}"
+        if not isinstance(body, dict):
+            self.add(line, f"{where} must be a mapping")
+            return None
+        commands = body.get("commands")
+        image = body.get("image", "")
+        kind = "service" if service else ("plugin" if image and commands is None else "step")
+        step = Step(name=str(body.get("name") or name), commands=[], kind=kind)
+        settings, unknown = {}, []
+        for key, value in body.items():
+            key_line = _line_of(body, key)
+            if key in _UNSUPPORTED_STEP_KEYS:
+                self.add(key_line, f"{where}: {key!r} is a Drone key this server does not "
+                                   f"support: {_UNSUPPORTED_STEP_KEYS[key]}")
+            elif key in _STEP_KEYWORDS:
+                self._step_key(step, key, value, where, key_line)
+            elif kind == "plugin":
+                settings[key] = value
+            elif not (service and key in _SERVICE_IGNORED):
+                unknown.append(key)
+                close = difflib.get_close_matches(str(key), _STEP_KEYWORDS, n=1)
+                hint = (f"did you mean {close[0]!r}?" if close else
+                        f"a step with commands takes {', '.join(_STEP_KEYWORDS)}; settings "
+                        "belong to plugin steps, which have an image and no commands")
+                self.add(key_line, f"{where}: unknown key {key!r} ({hint})")
+        step.settings = _plain(settings)
+        if kind == "plugin" and "event" not in step.when:
+            step.when["event"] = [[], [EVENT_PULL_REQUEST]]  # Drone's default for plugins
+        self._check_step(step, body, where, line, unknown)
+        return step
+
+    def _check_step(self, step, body, where, line, unknown):
+        misspelt = difflib.get_close_matches("commands", [str(key) for key in unknown], n=1)
+        if step.kind == "step" and not step.commands and not misspelt:
+            self.add(_line_of(body, "commands") if "commands" in body else line,
+                     f"{where}: 'commands' must be a list of strings (a plugin step needs "
+                     "an image)")
+        if step.kind == "service" and not step.image:
+            self.add(line, f"{where}: a service needs an image")
+        if len(step.script().encode()) > MAX_SCRIPT_BYTES:
+            self.add(line, f"{where}: commands longer than {MAX_SCRIPT_BYTES} bytes")
+        for text in self._strings_of(step):
+            try:
+                substitute(text, _AnyValue())
+            except ConfigError as exc:
+                self.add(line, f"{where}: {exc.message}")
+
+    @staticmethod
+    def _strings_of(step):
+        """The strings substituted outside shell text (where a bad form is an error)."""
+        strings = [step.image, step.working_dir, *step.environment.values(),
+                   *step.entrypoint, *step.command]
+        _map_strings(step.settings, lambda text: strings.append(text) or text)
+        return [text for text in strings if "${" in text]
+
+    def _step_key(self, step, key, value, where, line):
+        handler = {
+            "commands": self._commands, "environment": self._environment,
+            "when": self._when, "secrets": self._secrets, "failure": self._failure,
+            "labels": lambda value, where, line: self._string_map(value, f"{where}: 'labels'",
+                                                                  line),
+        }.get(key)
+        if handler is not None:
+            setattr(step, "ignore_failure" if key == "failure" else key,
+                    handler(value, where, line))
+        elif key in ("pull", "detach", "privileged"):
+            if not isinstance(value, bool):
+                self.add(line, f"{where}: '{key}' must be true or false")
+            setattr(step, key, value is True)
+        elif key in ("volumes", "devices", "dns", "dns_search", "extra_hosts", "entrypoint",
+                     "command"):
+            setattr(step, key, self._string_list(value, f"{where}: '{key}'", line,
+                                                 split=key in ("entrypoint", "command")))
+        elif key == "name":
+            if not isinstance(value, str) or not value:
+                self.add(line, f"{where}: 'name' must be a string")
+        else:  # image, network_mode, shm_size, working_dir, group
+            if isinstance(value, (int, float)) and key == "shm_size":
+                value = str(value)
+            if not isinstance(value, str):
+                self.add(line, f"{where}: '{key}' must be a string")
+                value = ""
+            setattr(step, key, value)
+
+    def _commands(self, value, where, line):
+        value = [value] if isinstance(value, str) else value
+        if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+            self.add(line, f"{where}: 'commands' must be a list of strings")
+            return []
+        return list(value)
+
+    def _failure(self, value, where, line):
+        if value not in ("", "ignore", "fail"):
+            self.add(line, f"{where}: 'failure' must be 'ignore' (or 'fail')")
+        return value == "ignore"
+
+    def _environment(self, value, where, line):
+        """Environment as a mapping, or Drone's list of NAME=value strings."""
+        where = f"{where}: 'environment'"
+        if isinstance(value, list):
+            pairs = {}
+            for item in value:
+                if not isinstance(item, str) or "=" not in item:
+                    self.add(line, f"{where} items must be NAME=value")
+                    continue
+                name, _, text = item.partition("=")
+                pairs[name] = text
+            value = pairs
+        if not isinstance(value, dict):
+            self.add(line, f"{where} must be a mapping of NAME: value")
+            return {}
+        for name, text in value.items():
+            if not _ENV_NAME_PATTERN.match(str(name)):
+                self.add(_line_of(value, name) or line, f"{where}: invalid variable name "
+                                                        f"{name!r}")
+            elif not isinstance(text, str):
+                self.add(_line_of(value, name) or line, f"{where}: {name} must be a string")
+        return {str(name): text for name, text in value.items() if isinstance(text, str)}
+
+    def _secrets(self, value, where, line):
+        """Drone 0.8's step secrets: names, or {source, target} pairs."""
+        if not isinstance(value, list):
+            self.add(line, f"{where}: 'secrets' must be a list of names or of "
+                           "{source, target}")
+            return None
+        pairs = []
+        for item in value:
+            if isinstance(item, str):
+                pairs.append([item, item])
+            elif (isinstance(item, dict) and set(item) <= {"source", "target"}
+                  and isinstance(item.get("source"), str)):
+                pairs.append([item["source"], str(item.get("target") or item["source"])])
+            else:
+                self.add(line, f"{where}: each of 'secrets' is a name or {{source, target}}")
+        for _, target in pairs:
+            if not _ENV_NAME_PATTERN.match(target):
+                self.add(line, f"{where}: secret target {target!r} is not a variable name")
+        return pairs
+
+    def _string_list(self, value, where, line, *, split=False):
+        if isinstance(value, str):
+            return shlex.split(value) if split else [value]
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return [str(value)]
+        if not isinstance(value, list) or not all(
+                isinstance(item, (str, int, float)) and not isinstance(item, bool)
+                for item in value):
+            self.add(line, f"{where} must be a string or a list of strings")
+            return []
+        return [str(item) for item in value]
+
+    def _string_map(self, value, where, line):
+        if isinstance(value, list):
+            value = dict(item.partition("=")[::2] for item in value if isinstance(item, str))
+        if not isinstance(value, dict):
+            self.add(line, f"{where} must be a mapping of strings")
+            return {}
+        return {str(key): _setting_text(item) for key, item in value.items()}
+
+    # -- when ---------------------------------------------------------------------
+
+    def _when(self, when, where, line):
+        if not isinstance(when, dict):
+            self.add(line, f"{where}: 'when' must be a mapping")
+            return {}
+        parsed = {}
+        for key, value in when.items():
+            key_line = _line_of(when, key)
+            if key not in _WHEN_KEYS:
+                self.add(key_line, f"{where}: unknown 'when' key {key!r} (expected one of "
+                                   f"{', '.join(_WHEN_KEYS)})")
+            elif key == "matrix":
+                parsed["matrix"] = self._when_matrix(value, where, key_line)
+            elif key == "local":
+                parsed["local"] = value is not False
+            elif key in ("success", "failure"):
+                self._when_04(parsed, key, value, where, key_line)
+            else:
+                parsed[key] = list(self._constraint(value, f"{where}: when.{key}", key_line))
+                self._check_words(parsed[key], key, where, key_line)
+        return parsed
+
+    def _when_04(self, parsed, key, value, where, line):
+        """Drone 0.4's ``success: false``, ``failure: true``: a status constraint."""
+        if not isinstance(value, bool):
+            self.add(line, f"{where}: when.{key} must be true or false")
+            return
+        include = parsed.setdefault("status", [[SUCCESS], []])[0]
+        if value and key not in include:
+            include.append(key)
+        elif not value and key in include:
+            include.remove(key)
+
+    def _check_words(self, constraint, key, where, line):
+        words = {"event": _EVENT_WORDS, "status": _STATUS_WORDS}.get(key)
+        if words is None:
+            return
+        for pattern in constraint[0] + constraint[1]:
+            if not any(_path_match(pattern, word) for word in words):
+                self.add(line, f"{where}: when.{key} {pattern!r} matches none of "
+                               f"{', '.join(words)}")
+
+    def _constraint(self, value, where, line):
+        """([include], [exclude]) from a glob, a list, or {include, exclude}."""
+        if value is None or value == "":
+            return [], []
+        if isinstance(value, dict):
+            if set(value) - {"include", "exclude"}:
+                self.add(line, f"{where} takes include and exclude")
+            return (self._string_list(value.get("include") or [], where, line),
+                    self._string_list(value.get("exclude") or [], where, line))
+        return self._string_list(value, where, line), []
+
+    def _when_matrix(self, value, where, line):
+        """[include, exclude] mappings from {AXIS: value} or {include, exclude}."""
+        if value is None:
+            return [{}, {}]
+        if not isinstance(value, dict):
+            self.add(line, f"{where}: 'when.matrix' must be a mapping")
+            return [{}, {}]
+        if set(value) <= {"include", "exclude"} and all(isinstance(part, dict) or part is None
+                                                        for part in value.values()):
+            return [self._string_map(value.get("include") or {}, where, line),
+                    self._string_map(value.get("exclude") or {}, where, line)]
+        return [self._string_map(value, where, line), {}]
 
 
 def parse_pipeline(text, filename=PIPELINE_FILES[0], *, max_jobs=DEFAULT_MAX_JOBS):
     """Parse and validate pipeline `text` (YAML) into a `Pipeline`.
 
-    Raises ConfigError naming `filename`, the line and the problem.
+    Drone's 0.4, 0.5 and 0.8 forms are read as Drone reads them. Raises
+    ConfigError naming `filename` and every problem with its line.
     """
-    document = _load_yaml(text, filename)
-    if not isinstance(document, dict):
-        raise ConfigError("the pipeline file must be a mapping with a 'pipeline' key",
-                          filename, _line_of(document))
-    for key in document:
-        if key not in _TOP_LEVEL_KEYS:
-            raise ConfigError(f"unknown top-level key {key!r} (expected one of "
-                              f"{', '.join(_TOP_LEVEL_KEYS)})", filename, _line_of(document, key))
-    steps_node = _steps_node(document, filename)
-    steps = [_parse_step(name, body, steps_node, filename) for name, body in steps_node.items()]
-    pipeline = Pipeline(steps=steps, matrix=[{}], filename=filename,
-                        fail_fast=_parse_flag(document, "fail_fast", False, filename),
-                        clone=_parse_flag(document, "clone", True, filename),
-                        max_parallel=_parse_count(document, "max_parallel", filename))
-    pipeline.timeout = document.get("timeout", 0)
-    if (isinstance(pipeline.timeout, bool) or not isinstance(pipeline.timeout, (int, float))
-            or pipeline.timeout < 0):
-        raise ConfigError("'timeout' must be a number of minutes", filename,
-                          _line_of(document, "timeout"))
-    if "matrix" in document:
-        pipeline.matrix = expand_matrix(document["matrix"], max_jobs=max_jobs, filename=filename,
-                                        line=_line_of(document, "matrix"))
-    return pipeline
-
-
-def _steps_node(document, filename):
-    """The mapping of step names to steps: `pipeline:`, or Drone 0.4's `build:`."""
-    if "pipeline" in document and "build" in document:
-        raise ConfigError("use either 'pipeline' or 'build', not both", filename,
-                          _line_of(document, "build"))
-    key = "pipeline" if "pipeline" in document else "build"
-    steps_node = document.get(key)
-    # Drone 0.4 form: `build:` holding one step directly.
-    if key == "build" and isinstance(steps_node, dict) and (
-            "commands" in steps_node or "image" in steps_node):
-        wrapper = _YamlMap(_line_of(document, "build"))
-        wrapper["build"] = steps_node
-        wrapper.lines["build"] = wrapper.line
-        steps_node = wrapper
-    if not isinstance(steps_node, dict) or not steps_node:
-        raise ConfigError("'pipeline' must be a mapping of step names to steps",
-                          filename, _line_of(document, key) if key in document else 1)
-    return steps_node
-
-
-def _parse_flag(document, key, default, filename):
-    value = document.get(key, default)
-    if key == "clone" and isinstance(value, dict):
-        return True  # Drone's clone plugin settings: cloning stays on
-    if not isinstance(value, bool):
-        raise ConfigError(f"'{key}' must be true or false", filename, _line_of(document, key))
-    return value
-
-
-def _parse_count(document, key, filename):
-    value = document.get(key, 0)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ConfigError(f"'{key}' must be a whole number, 0 or more", filename,
-                          _line_of(document, key))
-    return value
-
-
-def _parse_step(name, body, steps_node, filename):
-    line = _line_of(steps_node, name)
-    where = f"step {name!r}"
-    if not isinstance(body, dict):
-        raise ConfigError(f"{where} must be a mapping with 'commands'", filename, line)
-    for key in body:
-        if key not in _STEP_KEYS:
-            raise ConfigError(f"{where}: unknown key {key!r} (expected one of "
-                              f"{', '.join(_STEP_KEYS)})", filename, _line_of(body, key))
-    commands = body.get("commands")
-    if isinstance(commands, str):
-        commands = [commands]
-    if (not isinstance(commands, list) or not commands
-            or not all(isinstance(command, str) for command in commands)):
-        raise ConfigError(f"{where}: 'commands' must be a list of strings "
-                          "(plugin steps without commands are not supported)",
-                          filename, _line_of(body, "commands") if "commands" in body else line)
-    image = body.get("image", "")
-    if not isinstance(image, str):
-        raise ConfigError(f"{where}: 'image' must be a string", filename, _line_of(body, "image"))
-    environment = _parse_environment(body.get("environment", {}), f"{where}: 'environment'",
-                                     filename, _line_of(body, "environment"))
-    failure = body.get("failure", "")
-    if failure not in ("", "ignore", "fail"):
-        raise ConfigError(f"{where}: 'failure' must be 'ignore'", filename,
-                          _line_of(body, "failure"))
-    step = Step(name=str(name), commands=list(commands), image=image, environment=environment,
-                when=_parse_when(body.get("when", {}), where, filename, _line_of(body, "when")),
-                ignore_failure=failure == "ignore")
-    if len(step.script().encode()) > MAX_SCRIPT_BYTES:
-        raise ConfigError(f"{where}: commands longer than {MAX_SCRIPT_BYTES} bytes", filename, line)
-    return step
-
-
-def _parse_environment(value, where, filename, line):
-    """Environment as a mapping, or Drone's list of NAME=value strings."""
-    if isinstance(value, list):
-        pairs = {}
-        for item in value:
-            if not isinstance(item, str) or "=" not in item:
-                raise ConfigError(f"{where} items must be NAME=value", filename, line)
-            name, _, text = item.partition("=")
-            pairs[name] = text
-        value = pairs
-    if not isinstance(value, dict):
-        raise ConfigError(f"{where} must be a mapping of NAME: value", filename, line)
-    for name, text in value.items():
-        if not _ENV_NAME_PATTERN.match(name):
-            raise ConfigError(f"{where}: invalid variable name {name!r}", filename, line)
-        if not isinstance(text, str):
-            raise ConfigError(f"{where}: {name} must be a string", filename, line)
-    return dict(value)
-
-
-def _string_list(value, where, filename, line):
-    if isinstance(value, str):
-        return [value]
-    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
-        raise ConfigError(f"{where} must be a string or a list of strings", filename, line)
-    return list(value)
-
-
-def _parse_when(when, where, filename, line):
-    if not isinstance(when, dict):
-        raise ConfigError(f"{where}: 'when' must be a mapping", filename, line)
-    parsed = {}
-    for key, value in when.items():
-        key_line = _line_of(when, key)
-        if key not in _WHEN_KEYS:
-            raise ConfigError(f"{where}: unknown 'when' key {key!r} (expected one of "
-                              f"{', '.join(_WHEN_KEYS)})", filename, key_line)
-        if key == "branch":
-            parsed["branch"] = _parse_branch_filter(value, where, filename, key_line)
-        elif key == "matrix":
-            if not isinstance(value, dict):
-                raise ConfigError(f"{where}: 'when.matrix' must be a mapping", filename, key_line)
-            parsed["matrix"] = dict(value)
-        else:
-            items = _string_list(value, f"{where}: when.{key}", filename, key_line)
-            allowed = EVENTS if key == "event" else DONE_STATUSES
-            for item in items:
-                if item not in allowed:
-                    raise ConfigError(f"{where}: when.{key} {item!r} is not one of "
-                                      f"{', '.join(allowed)}", filename, key_line)
-            parsed[key] = items
-    return parsed
-
-
-def _parse_branch_filter(value, where, filename, line):
-    """(include, exclude) glob lists from a list, or from {include, exclude}."""
-    if not isinstance(value, dict):
-        return (_string_list(value, f"{where}: when.branch", filename, line), [])
-    if set(value) - {"include", "exclude"}:
-        raise ConfigError(f"{where}: 'when.branch' takes include and exclude", filename, line)
-    return tuple(_string_list(value.get(part, []), f"{where}: when.branch.{part}", filename, line)
-                 for part in ("include", "exclude"))
+    return _PipelineParser(filename, max_jobs).parse(text)
 
 
 def expand_matrix(matrix, *, max_jobs=DEFAULT_MAX_JOBS, filename=None, line=None):
     """Expand a matrix mapping into a list of job environments (dicts of str).
 
     Axes are sorted by name and combined as their cartesian product (the first
-    axis varies slowest); ``exclude`` drops matching combinations; ``include``
-    alone is the explicit list, and with axes is appended after the product.
-    More than `max_jobs` combinations is a ConfigError, never a silent cut.
+    axis varies slowest); ``exclude`` drops matching combinations; a non-empty
+    ``include`` is the list of jobs (Drone's rule), the axes then unused. An
+    empty matrix is one job with no axes. More than `max_jobs` jobs is a
+    ConfigError, never a silent cut.
     """
+    if matrix is None or matrix == "":
+        return [{}]
     if not isinstance(matrix, dict):
         raise ConfigError("'matrix' must be a mapping of axis names to lists", filename, line)
-    axes = {}
-    for name, values in matrix.items():
-        if name in ("include", "exclude"):
-            continue
-        where = _line_of(matrix, name)
-        if not _ENV_NAME_PATTERN.match(name):
-            raise ConfigError(f"matrix axis {name!r} is not a valid variable name", filename, where)
-        if not isinstance(values, list) or not values:
-            raise ConfigError(f"matrix axis {name!r} must be a non-empty list", filename, where)
-        if not all(isinstance(value, str) for value in values):
-            raise ConfigError(f"matrix axis {name!r} must list plain values", filename, where)
-        axes[name] = values
+    include = _matrix_entries(matrix, "include", filename)
     exclude = _matrix_entries(matrix, "exclude", filename)
-    jobs = _axis_product(axes, exclude, max_jobs, filename, line)
-    jobs.extend(_matrix_entries(matrix, "include", filename))
+    if not matrix:
+        return [{}]
+    if include:
+        jobs = [entry for entry in include
+                if not any(all(entry.get(k) == v for k, v in rule.items()) for rule in exclude)]
+    else:
+        jobs = _axis_product(_matrix_axes(matrix, filename), exclude, max_jobs, filename, line)
     if len(jobs) > max_jobs:
         raise ConfigError(f"matrix expands to {len(jobs)} jobs, more than the limit of "
                           f"{max_jobs}", filename, line)
     if not jobs:
         raise ConfigError("matrix expands to no jobs", filename, line)
     return jobs
+
+
+_AXIS_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
+
+
+def _matrix_axes(matrix, filename):
+    axes = {}
+    for name, values in matrix.items():
+        if name in ("include", "exclude"):
+            continue
+        where = _line_of(matrix, name)
+        if not _AXIS_NAME.match(str(name)):
+            raise ConfigError(f"matrix axis {name!r} is not a valid name", filename, where)
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"matrix axis {name!r} must be a non-empty list", filename, where)
+        if not all(isinstance(value, str) for value in values):
+            raise ConfigError(f"matrix axis {name!r} must list plain values", filename, where)
+        axes[name] = values
+    return axes
 
 
 def _axis_product(axes, exclude, max_jobs, filename, line):
@@ -820,17 +1580,19 @@ def _axis_product(axes, exclude, max_jobs, filename, line):
 
 
 def _matrix_entries(matrix, key, filename):
-    entries = matrix.get(key, [])
+    entries = matrix.get(key) or []
     where = _line_of(matrix, key)
     if not isinstance(entries, list):
         raise ConfigError(f"matrix '{key}' must be a list of mappings", filename, where)
+    checked = []
     for entry in entries:
         if not isinstance(entry, dict) or not entry or not all(
-                isinstance(value, str) and _ENV_NAME_PATTERN.match(name)
+                isinstance(value, str) and _AXIS_NAME.match(str(name))
                 for name, value in entry.items()):
             raise ConfigError(f"matrix '{key}' entries must map axis names to values",
                               filename, where)
-    return [dict(entry) for entry in entries]
+        checked.append(dict(entry))
+    return checked
 
 
 def _axis_text(environment):
@@ -850,6 +1612,7 @@ def read_pipeline_file(directory, config_path=""):
             with open(path, encoding="utf-8", errors="replace") as handle:
                 return name, handle.read()
     raise ConfigError(f"no pipeline file ({', '.join(names)}) in {directory}")
+
 
 ###############################################################################
 # Sealing and signing #########################################################
@@ -964,6 +1727,17 @@ def normalize_repo_url(url):
     if not os.path.isdir(path):
         raise BadRequest(f"repository path {path} does not exist")
     return path
+
+
+def _redact_url(text):
+    """`text` with the credentials of any URL in it shown as ``***``:
+    ``https://user:TOKEN@host/x.git`` becomes ``https://***@host/x.git``."""
+    if not isinstance(text, str) or "@" not in text:
+        return text
+    return re.sub(r"\b([a-z][a-z0-9+.-]*://)([^/@\s]+)@",
+                  lambda match: match.group(1) + (
+                      match.group(2) if match.group(1) in ("ssh://", "git+ssh://")
+                      and ":" not in match.group(2) else "***") + "@", text)
 
 
 def _pull_ref(ref):
@@ -1233,6 +2007,17 @@ class _GitMirrors:
                     raise
 
 
+def _update_submodules(git, workspace, overrides):
+    """`git submodule update --init --recursive` in a checkout, with the URLs
+    of `overrides` ({name: url}) in place of those .gitmodules gives."""
+    if not os.path.exists(os.path.join(workspace, ".gitmodules")):
+        return
+    git.run(["-C", workspace, "submodule", "init"])
+    for name, url in overrides.items():
+        git.run(["-C", workspace, "config", f"submodule.{name}.url", url])
+    git.run(["-C", workspace, "submodule", "update", "--init", "--recursive"])
+
+
 def _commit_fields(sha, raw):
     """A build's commit fields from a raw commit object."""
     headers, _, message = raw.partition(b"\n\n")
@@ -1443,13 +2228,35 @@ _MIGRATIONS = [
     ALTER TABLE builds ADD COLUMN pipeline_id INTEGER REFERENCES pipelines(id);
     """,
     _move_pipelines_out_of_builds,
+    # 7: trusted repositories (privileged container keys); each step of a job
+    # as a record, with where its output lies in the job's log.
+    """
+    ALTER TABLE repos ADD COLUMN trusted INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE builds ADD COLUMN deploy_to TEXT NOT NULL DEFAULT '';
+    CREATE TABLE steps (
+        id INTEGER PRIMARY KEY,
+        job_id INTEGER NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
+        number INTEGER NOT NULL,
+        name TEXT NOT NULL,
+        kind TEXT NOT NULL DEFAULT 'step',
+        status TEXT NOT NULL DEFAULT 'pending',
+        exit_code INTEGER NOT NULL DEFAULT 0,
+        started_at INTEGER NOT NULL DEFAULT 0,
+        finished_at INTEGER NOT NULL DEFAULT 0,
+        log_start INTEGER NOT NULL DEFAULT 0,
+        log_end INTEGER NOT NULL DEFAULT 0,
+        UNIQUE (job_id, number)
+    );
+    """,
 ]
 
 _REPO_FIELDS = ("url", "default_branch", "config_path", "private", "timeout", "max_builds",
-                "events", "webhook_secret", "forge", "forge_url", "forge_token", "forge_project")
+                "events", "webhook_secret", "forge", "forge_url", "forge_token", "forge_project",
+                "trusted")
 _BUILD_FIELDS = ("parent", "event", "commit_sha", "branch", "ref", "remote", "message",
                  "timestamp", "author", "author_avatar", "author_email", "link_url",
-                 "pipeline_id", "pipeline_file", "variables", "fail_fast", "max_parallel")
+                 "pipeline_id", "pipeline_file", "variables", "fail_fast", "max_parallel",
+                 "deploy_to")
 
 
 def _now():
@@ -1975,6 +2782,13 @@ class Store:
         return self._one("SELECT * FROM builds WHERE repo_id = ? AND number = ?",
                          (repo_id, number), f"build {number} not found")
 
+    def previous_build(self, build):
+        """The newest finished build of the same repository and branch before `build`."""
+        return self._query_one(
+            "SELECT * FROM builds WHERE repo_id = ? AND branch = ? AND number < ? "
+            "AND status NOT IN ('pending', 'running') ORDER BY number DESC LIMIT 1",
+            (build["repo_id"], build["branch"], build["number"]))
+
     def latest_build(self, repo_id, branch=None):
         """The newest build of a repository (on `branch`); raises NotFound."""
         sql, params = "SELECT * FROM builds WHERE repo_id = ?", [repo_id]
@@ -2160,6 +2974,39 @@ class Store:
         return [row[0] for row in self._connection().execute(
             "SELECT id FROM jobs WHERE status = ? AND claimed_by = ? AND cancel_requested = 1",
             (RUNNING, runner_id))]
+
+    # -- steps --------------------------------------------------------------
+
+    def add_steps(self, job_id, steps):
+        """Record a job's steps, pending, in order: [(name, kind), ...]; returns their ids."""
+        with self._write() as tx:
+            tx.execute("DELETE FROM steps WHERE job_id = ?", (job_id,))
+            return [tx.execute("INSERT INTO steps (job_id, number, name, kind) "
+                               "VALUES (?, ?, ?, ?)", (job_id, number, name, kind)).lastrowid
+                    for number, (name, kind) in enumerate(steps, start=1)]
+
+    def update_step(self, step_id, **fields):
+        """Change a step's status, exit_code, started_at, finished_at, log_start or log_end."""
+        unknown = set(fields) - {"status", "exit_code", "started_at", "finished_at",
+                                 "log_start", "log_end"}
+        if unknown:
+            raise BadRequest(f"unknown step field {min(unknown)!r}")
+        assignments = ", ".join(f"{key} = ?" for key in fields)
+        with self._write() as tx:
+            tx.execute(f"UPDATE steps SET {assignments} WHERE id = ?",
+                       (*fields.values(), step_id))
+
+    def list_steps(self, job_ids):
+        """{job id: [steps in order]} for the given jobs."""
+        job_ids = list(job_ids)
+        steps = {job_id: [] for job_id in job_ids}
+        for start in range(0, len(job_ids), 500):
+            batch = job_ids[start:start + 500]
+            for row in self._query(f"SELECT * FROM steps WHERE job_id IN "
+                                   f"({', '.join('?' for _ in batch)}) ORDER BY job_id, number",
+                                   batch):
+                steps[row["job_id"]].append(row)
+        return steps
 
     # -- status history and roll-up -----------------------------------------
 
@@ -2950,6 +3797,210 @@ def _make_runner(sandbox, data_dir):
     return _SandboxRunner(data_dir, bwrap=bwrap)
 
 
+_ENGINE_KEEPS = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "TMPDIR", "XDG_RUNTIME_DIR",
+                 "XDG_CONFIG_HOME", "XDG_DATA_HOME", "DBUS_SESSION_BUS_ADDRESS",
+                 "CONTAINERS_CONF", "CONTAINERS_REGISTRIES_CONF", "CONTAINERS_STORAGE_CONF",
+                 "REGISTRY_AUTH_FILE", "DOCKER_HOST", "DOCKER_CONFIG", "DOCKER_CERT_PATH",
+                 "DOCKER_TLS_VERIFY")
+
+
+class _ContainerRunner:
+    """Runs steps, plugins and services that name an image in that image,
+    through the podman or docker command line (the subset both share).
+
+    Each job gets a network of its own (services are reached by their names)
+    and, when the pipeline's workspace base differs from its path, a volume
+    at the base that its steps share. The checkout is mounted at the Drone
+    workspace path, the working directory. Values reach a container only as
+    environment variables (``--env NAME``, taken from the engine's own
+    environment, never the command line). Every container, network and
+    volume carries labels naming the store, the job and the runner, and goes
+    at the end of its job; what a dead runner left goes at the next start.
+    """
+
+    def __init__(self, engine, path, *, store_key, runner_id):
+        self.name = engine
+        self.path = path
+        self.store_key = store_key
+        self.runner_id = runner_id
+        self.problem = None
+        self.base_environment = {}
+
+    def start(self):
+        """Check once that the engine answers (docker needs its daemon)."""
+        self.base_environment = {name: value for name, value in os.environ.items()
+                                 if name in _ENGINE_KEEPS}
+        if self.problem is None:
+            result = self._run(["version"], timeout=60)
+            self.problem = "" if result.returncode == 0 else (
+                result.stderr.strip() or f"`{self.name} version` failed")
+
+    def _run(self, args, *, timeout=120, env=None):
+        try:
+            return subprocess.run([self.path, *args], capture_output=True, text=True,
+                                  timeout=timeout, check=False,
+                                  env=env or self.base_environment or None)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            return subprocess.CompletedProcess(args, 255, "", str(exc))
+
+    def labels(self, job):
+        return ["--label", f"cirunner.store={self.store_key}",
+                "--label", f"cirunner.job={self.store_key}-{job.job['id']}",
+                "--label", f"cirunner.runner={self.runner_id}"]
+
+    def prefix(self, job):
+        """The name every container, network and volume of `job` starts with."""
+        return f"cirunner-{self.store_key}-{job.job['id']}-{job.token[-6:]}"
+
+    def prepare_job(self, job):
+        """The job's network (when it has services to reach by name), and its
+        shared workspace volume when it needs one."""
+        prefix = self.prefix(job)
+        if job.services:
+            result = self._run(["network", "create", *self.labels(job), prefix])
+            if result.returncode != 0:
+                raise _JobError(f"{self.name} could not make the job's network: "
+                                f"{result.stderr.strip()}")
+            job.network = prefix
+        base, path = job.container_workspace
+        if base != path:
+            result = self._run(["volume", "create", *self.labels(job), prefix])
+            if result.returncode != 0:
+                raise _JobError(f"{self.name} could not make the job's volume: "
+                                f"{result.stderr.strip()}")
+            job.volume = prefix
+
+    def command(self, step, env, job, *, name, detach=False):
+        """The engine's argv that runs `step` (environment names only)."""
+        base, path = job.container_workspace
+        argv = [self.path, "run", "--rm", "--name", name, *self.labels(job),
+                "--workdir", step.working_dir or path]
+        if step.network_mode or job.network:
+            argv += ["--network", step.network_mode or job.network]
+        if job.network and not step.network_mode:
+            argv += ["--network-alias", step.name]
+        if job.volume:
+            argv += ["--volume", f"{job.volume}:{base}"]
+        argv += ["--volume", f"{os.path.abspath(job.workspace)}:{path}"]
+        for readable in job.readable_paths():
+            argv += ["--volume", f"{readable}:{readable}:ro"]
+        argv += ["--pull", "always" if step.pull else "missing"]
+        if detach:
+            argv.append("--detach")
+        argv += self._options(step)
+        for variable, value in env.items():
+            # The value from the engine's own environment, never this command
+            # line; but the engine needs its own PATH, HOME... left as they are.
+            argv += ["--env", f"{variable}={value}" if variable in _ENGINE_KEEPS else variable]
+        if step.kind == "step":
+            argv += ["--entrypoint", "/bin/sh", step.image, "-e", "-c", step.script()]
+        else:
+            if step.entrypoint:
+                argv += ["--entrypoint", step.entrypoint[0]]
+            argv += [step.image, *step.entrypoint[1:], *step.command]
+        return argv
+
+    @staticmethod
+    def _options(step):
+        options = []
+        if step.privileged:
+            options.append("--privileged")
+        for flag, values in (("--volume", step.volumes), ("--device", step.devices),
+                             ("--dns", step.dns), ("--dns-search", step.dns_search),
+                             ("--add-host", step.extra_hosts)):
+            for value in values:
+                options += [flag, value]
+        if step.shm_size:
+            options += ["--shm-size", step.shm_size]
+        for key, value in step.labels.items():
+            options += ["--label", f"{key}={value}"]
+        return options
+
+    def spawn(self, step, *, env, job, name, detach=False):
+        """Start a container for `step`; its output comes from the returned process."""
+        environment = {**{name: value for name, value in env.items()
+                          if name not in _ENGINE_KEEPS}, **self.base_environment}
+        try:
+            popen = subprocess.Popen(
+                self.command(step, env, job, name=name, detach=detach), env=environment,
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                start_new_session=True, close_fds=True)
+        except OSError as exc:
+            raise _JobError(f"cannot run {self.name}: {exc}") from None
+        process = _StepProcess(popen)
+        process.container = name
+        return process
+
+    def signal(self, process, signum):
+        """SIGTERM and SIGKILL to the container, which the engine delivers."""
+        sig = "KILL" if signum == signal.SIGKILL else "TERM"
+        self._run(["kill", "--signal", sig, process.container], timeout=30)
+
+    def end_step(self, process):
+        """The container's exit code, once it and the engine's process are gone."""
+        try:
+            process.popen.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            process.ended_cleanly = False
+            self._run(["rm", "--force", process.container], timeout=60)
+            process.popen.kill()
+            process.popen.wait()
+        process.popen.stdout.close()
+        code = process.popen.returncode
+        return 128 - code if code < 0 else code
+
+    def stop_containers(self, job, grace):
+        """Stop (engine stop, grace, then kill) and remove every container of `job`."""
+        names = self._job_objects(["ps", "--all", "--quiet"], job)
+        if names:
+            self._run(["stop", "--time", str(int(max(0, grace))), *names],
+                      timeout=grace + 60)
+            self._run(["rm", "--force", *names], timeout=120)
+
+    def end_job(self, job, grace=0):
+        """Remove what the job left: containers, then its volume and network.
+        (Each container removes itself when it ends; only a job that ended
+        abnormally can leave one, and only then are they listed.)"""
+        if job.background or not job.ended_cleanly:
+            self.stop_containers(job, grace)
+        if job.volume:
+            self._run(["volume", "rm", "--force", job.volume])
+        if job.network:
+            self._run(["network", "rm", "--force", job.network])
+
+    def _job_objects(self, listing, job):
+        result = self._run([*listing, "--filter",
+                            f"label=cirunner.job={self.store_key}-{job.job['id']}"])
+        return result.stdout.split() if result.returncode == 0 else []
+
+    def recover(self, job_ids):
+        """Remove containers, networks and volumes of jobs whose runner died."""
+        for job_id in job_ids:
+            label = f"label=cirunner.job={self.store_key}-{job_id}"
+            for listing, remove in ((["ps", "--all", "--quiet"], ["rm", "--force"]),
+                                    (["network", "ls", "--quiet"], ["network", "rm", "--force"]),
+                                    (["volume", "ls", "--quiet"], ["volume", "rm", "--force"])):
+                result = self._run([*listing, "--filter", label])
+                found = result.stdout.split() if result.returncode == 0 else []
+                if found:
+                    self._run([*remove, *found])
+
+
+def _make_engine(engine, *, store_key, runner_id):
+    """The container runner for `engine` ("auto", "podman", "docker" or "none"), or None."""
+    if engine not in ENGINES:
+        raise BadRequest(f"engine must be one of {', '.join(ENGINES)}, not {engine!r}")
+    if engine == "none":
+        return None
+    for name in ("podman", "docker") if engine == "auto" else (engine,):
+        path = shutil.which(name)
+        if path:
+            return _ContainerRunner(name, path, store_key=store_key, runner_id=runner_id)
+    if engine != "auto":
+        raise CIRunnerError(f"--engine {engine} needs {engine}: apt-get install {engine}")
+    return None
+
+
 ###############################################################################
 # Jobs ########################################################################
 ###############################################################################
@@ -3050,38 +4101,120 @@ class _LogWriter:
         self.offset += len(chunk)
 
 
-def _job_environment(repo, build, job, workspace):
-    """(CI and Drone variables, matrix axis, build variables) of a job."""
-    variables = json.loads(build["variables"] or "{}")
-    matrix = json.loads(job["environment"] or "{}")
+_TRUSTED_KEYS = ("privileged", "volumes", "devices", "network_mode")
+
+
+def _url_host(url):
+    """The host of a clone URL (https://HOST/..., ssh://..., git@HOST:...), or ""."""
+    match = re.match(r"^[a-z][a-z0-9+.-]*://(?:[^@/]*@)?([^/:]+)", url) or re.match(
+        r"^[\w.-]+@([\w.-]+):", url)
+    return match.group(1) if match else ""
+
+
+def _drone_environment(repo, build, job, previous, *, link, workspace, host):
+    """The variables every step gets: Drone 0.5's (its agent's `toEnv`), Drone
+    0.4's ``CI_*`` set, and cirunner's own ``CI_x``/``DRONE_x`` pairs."""
+    full_name = f"{repo['owner']}/{repo['name']}"
+    build_link = f"{link}/{full_name}/{build['number']}" if link else ""
     ci = {
-        "REPO": f"{repo['owner']}/{repo['name']}", "REPO_OWNER": repo["owner"],
-        "REPO_NAME": repo["name"], "REMOTE_URL": build["remote"],
-        "BUILD_NUMBER": str(build["number"]), "PARENT_BUILD_NUMBER": str(build["parent"]),
-        "BUILD_EVENT": build["event"], "BUILD_CREATED": str(build["created_at"]),
-        "BUILD_LINK": build["link_url"], "JOB_NUMBER": str(job["number"]),
-        "COMMIT": build["commit_sha"], "COMMIT_SHA": build["commit_sha"],
-        "COMMIT_BRANCH": build["branch"], "BRANCH": build["branch"],
-        "COMMIT_REF": build["ref"], "COMMIT_MESSAGE": build["message"],
-        "COMMIT_AUTHOR": build["author"], "COMMIT_AUTHOR_EMAIL": build["author_email"],
-        "WORKSPACE": workspace,
+        "REPO": full_name, "REPO_OWNER": repo["owner"], "REPO_NAME": repo["name"],
+        "REMOTE_URL": _redact_url(build["remote"]), "BUILD_NUMBER": str(build["number"]),
+        "PARENT_BUILD_NUMBER": str(build["parent"]), "BUILD_EVENT": build["event"],
+        "BUILD_CREATED": str(build["created_at"]), "BUILD_LINK": build_link,
+        "JOB_NUMBER": str(job["number"]), "COMMIT": build["commit_sha"],
+        "COMMIT_SHA": build["commit_sha"], "COMMIT_BRANCH": build["branch"],
+        "BRANCH": build["branch"], "COMMIT_REF": build["ref"],
+        "COMMIT_MESSAGE": build["message"], "COMMIT_AUTHOR": build["author"],
+        "COMMIT_AUTHOR_EMAIL": build["author_email"], "WORKSPACE": workspace,
     }
-    if build["ref"].startswith("refs/tags/"):
-        ci["TAG"] = build["ref"][len("refs/tags/"):]
-    ci_env = {"CI": "true", "DRONE": "true"}
+    environment = {"CI": "true", "DRONE": "true"}
     for name, value in ci.items():
-        ci_env["CI_" + name] = ci_env["DRONE_" + name] = value
-    return ci_env, matrix, variables
+        environment["CI_" + name] = environment["DRONE_" + name] = value
+    pull = re.search(r"\d+", build["ref"]) if build["event"] == EVENT_PULL_REQUEST else None
+    environment.update({
+        "DRONE_ARCH": f"linux/{_machine()}", "DRONE_REPO_SCM": "git",
+        "DRONE_REPO_LINK": f"https://{host}/{full_name}" if host else "",
+        "DRONE_REPO_AVATAR": "", "DRONE_REPO_BRANCH": repo["default_branch"],
+        "DRONE_REPO_PRIVATE": str(bool(repo["private"])).lower(),
+        "DRONE_REPO_TRUSTED": str(bool(repo["trusted"])).lower(),
+        "DRONE_COMMIT_REFSPEC": "", "DRONE_COMMIT_LINK": build["link_url"],
+        "DRONE_COMMIT_AUTHOR_AVATAR": build["author_avatar"],
+        "DRONE_BUILD_STATUS": SUCCESS, "DRONE_BUILD_STARTED": str(build["started_at"]),
+        "DRONE_BUILD_FINISHED": "0", "DRONE_JOB_STATUS": RUNNING, "DRONE_JOB_ERROR": "",
+        "DRONE_JOB_EXIT_CODE": "0", "DRONE_JOB_STARTED": str(job["started_at"]),
+        "DRONE_JOB_FINISHED": "0", "DRONE_YAML_VERIFIED": "false", "DRONE_YAML_SIGNED": "false",
+        "DRONE_VERSION": __version__, "DRONE_DIR": workspace, "CI_NAME": "drone",
+        "CI_BUILD_DIR": workspace, "CI_BUILD_URL": build_link,
+        "CI_PULL_REQUEST": pull.group(0) if pull else "",
+    })
+    if build["ref"].startswith("refs/tags/"):
+        environment["CI_TAG"] = environment["DRONE_TAG"] = build["ref"][len("refs/tags/"):]
+    if pull:
+        environment["DRONE_PULL_REQUEST"] = pull.group(0)
+    if build["event"] == EVENT_DEPLOYMENT:
+        environment["DRONE_DEPLOY_TO"] = build["deploy_to"]
+    if previous is not None:
+        environment.update(DRONE_PREV_BUILD_STATUS=previous["status"],
+                           DRONE_PREV_BUILD_NUMBER=str(previous["number"]),
+                           DRONE_PREV_COMMIT_SHA=previous["commit_sha"])
+    return environment
+
+
+def _machine():
+    machine = os.uname().machine
+    return {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm"}.get(machine, machine)
+
+
+class _Spool:
+    """Output set aside (a step run beside another, a service, a detached
+    step) and added to the job's log as one piece later: a temporary file,
+    so memory stays bounded."""
+
+    def __init__(self):
+        self.file = tempfile.TemporaryFile(prefix="cirunner-spool-")  # noqa: SIM115 - closed in copy_to
+
+    def write(self, data):
+        self.file.write(data.encode() if isinstance(data, str) else data)
+
+    def flush_due_in(self):
+        return None
+
+    def flush_if_due(self):
+        pass
+
+    def copy_to(self, log):
+        self.file.seek(0)
+        while True:
+            block = self.file.read(LOG_CHUNK_BYTES)
+            if not block:
+                break
+            log.write(block)
+        self.file.close()
+
+
+@dataclasses.dataclass
+class _Running:
+    """A step started in the background: a detached step or a service."""
+
+    step: Step
+    process: object
+    runner: object
+    spool: _Spool
+    thread: threading.Thread
+    record: int
+    stopped: str = ""
 
 
 class _JobRun:
     """One claimed job, run to its end in named steps: `prepare` (build, repo,
-    secrets, pipeline, workspace), `check_out`, `run_steps`, `finish`."""
+    secrets, the plan of steps, the workspace), `check_out`, `start_services`,
+    `run_steps`, `finish`."""
 
     def __init__(self, executor, job):
         self.executor = executor
         self.store = executor.store
         self.runner = executor.runner
+        self.engine = executor.engine
         self.job = job
         self.token = f"{executor.store_key}-{job['id']}-{secrets.token_hex(6)}"
         self.log = _LogWriter(self.store, job["id"])
@@ -3090,10 +4223,19 @@ class _JobRun:
         self.workspace = None
         self.repo = self.build = self.pipeline = None
         self.secrets = {}
+        self.records = {}           # id(step) -> its row in the store's steps
+        self.background = []        # _Running: services and detached steps
+        self.network = self.volume = None
+        self.container_workspace = ("", "")
+        self.prepared_engine = False
+        self.background_done = threading.Event()
+        self.ended_cleanly = True   # every container's engine process ended by itself
+        self.status = SUCCESS       # the status so far, as DRONE_BUILD_STATUS tells steps
+        self.services = self.steps = []
 
     def readable_paths(self):
-        """What a sandboxed step may read beyond its workspace: the objects of
-        its own repository's mirror, which a checkout borrows."""
+        """What a step may read beyond its workspace: the objects of its own
+        repository's mirror, which a checkout borrows."""
         if self.repo is None or not self.pipeline.clone or self.executor.workspace is not None:
             return []
         objects = os.path.abspath(os.path.join(self.store.git.path(self.repo), "objects"))
@@ -3111,6 +4253,7 @@ class _JobRun:
         try:
             self.prepare()
             self.check_out()
+            self.start_services()
             status, exit_code, error = self.run_steps()
         except CIRunnerError as exc:
             status, error = ERROR, exc.message
@@ -3122,14 +4265,30 @@ class _JobRun:
         finally:
             self.finish(status, exit_code, error)
 
+    # -- prepare ----------------------------------------------------------------
+
     def prepare(self):
-        """Read what the job needs from the store and make its workspace."""
+        """Read what the job needs, plan its steps and make its workspace."""
         self.build = self.store.get_build_by_id(self.job["build_id"])
         self.repo = self.store.get_repo_by_id(self.build["repo_id"])
         self.secrets = self.store.secrets_for(self.repo["id"], self.build["event"])
         self.log.mask(self.secrets.values())
         self.pipeline = self._pipeline()
         self.workspace = self.executor.workspace_for(self.repo, self.build, self.job)
+        self.container_workspace = self._container_workspace()
+        self.matrix = json.loads(self.job["environment"] or "{}")
+        self.variables = json.loads(self.build["variables"] or "{}")
+        previous = self.store.previous_build(self.build)
+        self.drone = _drone_environment(
+            self.repo, self.build, self.job, previous, link=self.executor.public_url,
+            workspace=self.workspace, host=_url_host(self.repo["url"]))
+        self.changed_means = SUCCESS if previous and previous["status"] == FAILURE else FAILURE
+        self.services = [self._substituted(step) for step in self.pipeline.services]
+        self.steps = [self._substituted(step) for step in self.pipeline.steps]
+        self._check_plan()
+        ids = self.store.add_steps(self.job["id"], [(step.name, step.kind) for step in
+                                                    self.services + self.steps])
+        self.records = {id(step): record for step, record in zip(self.services + self.steps, ids)}
 
     def _pipeline(self):
         pipeline_id = self.build["pipeline_id"]
@@ -3144,6 +4303,64 @@ class _JobRun:
             self.executor.pipelines.put(pipeline_id, pipeline)
         return pipeline
 
+    def _container_workspace(self):
+        """(base, path) of the workspace inside containers, as Drone lays it out:
+        /drone/src/HOST/OWNER/NAME unless the file's `workspace` says otherwise."""
+        settings = self.pipeline.workspace
+        base = settings.get("base") or "/drone"
+        host = _url_host(self.repo["url"])
+        default = "/".join(part for part in ("src", host, self.repo["owner"], self.repo["name"])
+                           if part)
+        path = settings.get("path") or self.pipeline.clone_settings.get("path") or default
+        if self.pipeline.clone_settings.get("path") and not settings.get("path"):
+            path = "src/" + self.pipeline.clone_settings["path"]  # Drone 0.4: under /drone/src
+        return base, path if path.startswith("/") else f"{base.rstrip('/')}/{path}"
+
+    def _step_secrets(self, step):
+        """The secrets a step gets: all the event allows, or those it names
+        (Drone 0.8's `secrets:`, matched without case, the target upper case)."""
+        if step.secrets is None:
+            return dict(self.secrets)
+        by_name = {name.lower(): value for name, value in self.secrets.items()}
+        return {target.upper(): by_name[source.lower()] for source, target in step.secrets
+                if source.lower() in by_name}
+
+    def _substituted(self, step):
+        secrets_of_step = self._step_secrets(step)
+        variables = {**self.variables, **self.matrix, **self.drone}
+        step = step.with_variables({**variables, **secrets_of_step},
+                                   self.matrix if self.pipeline.drone04 else None,
+                                   shell_variables=variables)
+        if "status" in step.when:
+            include, exclude = step.when["status"]
+            step.when["status"] = [[self.changed_means if word in ("changed", "change") else word
+                                    for word in include], exclude]
+        return step
+
+    def _check_plan(self):
+        """Refuse what this repository or this server cannot run, naming why."""
+        for step in self.services + self.steps:
+            where = f"{step.kind} {step.name!r}"
+            used = [key for key in _TRUSTED_KEYS if getattr(step, key)]
+            if used and not self.repo["trusted"]:
+                raise _JobError(f"{where} uses {', '.join(repr(key) for key in used)}, which "
+                                "only trusted repositories may use: an admin marks this one "
+                                "with `cirunner repo update "
+                                f"{self.repo['owner']}/{self.repo['name']} --trusted true`")
+            if step.kind in ("plugin", "service") and self.engine is None:
+                raise _JobError(f"{where} runs an image ({step.image}) and needs a container "
+                                f"engine, which this server has not "
+                                f"({self.executor.engine_problem}): install podman "
+                                "(apt-get install podman) and restart serve")
+        if self.engine is None:
+            for step in self.steps:
+                if step.image:
+                    self.log.write(f"cirunner: image {step.image} not used for step "
+                                   f"{step.name!r}: {self.executor.engine_problem}; it runs on "
+                                   "the host\n")
+
+    # -- check out -------------------------------------------------------------
+
     def check_out(self):
         """Check the build's commit out into the workspace (unless `clone: false`)."""
         if not self.pipeline.clone or self.executor.workspace is not None:
@@ -3153,49 +4370,163 @@ class _JobRun:
         try:
             self.store.git.check_out(self.repo, commit, self.workspace,
                                      _pull_ref(self.build["ref"]))
+            if self.pipeline.clone_settings.get("recursive"):
+                self.log.write("+ git submodule update --init --recursive\n")
+                _update_submodules(self.store.git, self.workspace,
+                                   self.pipeline.clone_settings.get("submodule_override", {}))
         except (_GitError, OSError) as exc:
             self.log.write(f"{getattr(exc, 'message', exc)}\n")
             raise _JobError(f"checkout of {commit[:12]} failed") from None
 
+    # -- services and steps ------------------------------------------------------------
+
+    def _runner_for(self, step):
+        return self.engine if (step.image and self.engine is not None) else self.runner
+
+    def _environment(self, step, runner):
+        """A step's environment: on the host the server's too; then build
+        variables, the step's own, the matrix and Drone's (which win, as in
+        Drone), its secrets, a plugin's settings."""
+        environment = {}
+        if runner is self.runner:
+            environment.update(self.executor.base_environment)
+        environment.update(self.variables)
+        environment.update(step.environment)
+        environment.update(self.matrix)
+        environment.update(self.drone)
+        if runner is not self.runner:
+            environment["DRONE_WORKSPACE"] = environment["CI_WORKSPACE"] = \
+                self.container_workspace[1]
+        environment.update(self._step_secrets(step))
+        environment.update(step.plugin_environment())
+        environment["DRONE_BUILD_STATUS"] = self.status
+        if runner is self.runner:
+            environment[_JOB_TOKEN_NAME] = self.token
+        return environment
+
+    def _spawn(self, step, *, detach=False):
+        runner = self._runner_for(step)
+        environment = self._environment(step, runner)
+        if runner is self.runner:
+            return runner.spawn(step.script(), env=environment, job=self), runner
+        if not self.prepared_engine:
+            self.engine.prepare_job(self)
+            self.prepared_engine = True
+        name = f"{self.engine.prefix(self)}-{self.records[id(step)]}"
+        return runner.spawn(step, env=environment, job=self, name=name), runner
+
+    def start_services(self):
+        """Start every service (and detached step later) in the background."""
+        for service in self.services:
+            self._start_background(service)
+
+    def _start_background(self, step):
+        spool = _Spool()
+        process, runner = self._spawn(step)
+        running = _Running(step, process, runner, spool, None, self.records[id(step)])
+        self.store.update_step(running.record, status=RUNNING, started_at=_now())
+        running.thread = threading.Thread(target=self._pump, args=(process, runner, spool, None),
+                                          name=f"cirunner-{step.kind}-{step.name}", daemon=True)
+        running.thread.start()
+        self.background.append(running)
+
+    def _units(self, steps):
+        """The steps in the order they run: alone, or a run of one group at once."""
+        units = []
+        for step in steps:
+            if step.group and units and units[-1][0].group == step.group:
+                units[-1].append(step)
+            else:
+                units.append([step])
+        return units
+
     def run_steps(self):
-        """Run the steps that apply, in order; (status, exit code, error)."""
-        ci_env, matrix, variables = _job_environment(self.repo, self.build, self.job,
-                                                     self.workspace)
-        base = {**self.executor.base_environment, **variables, **matrix}
+        """Run the steps that apply, a unit at a time; (status, exit code, error)."""
         minutes = self.pipeline.timeout or self.repo["timeout"] or DEFAULT_TIMEOUT_MINUTES
         deadline = time.monotonic() + minutes * 60
-        status, exit_code, error = SUCCESS, 0, ""
-        for step in self.pipeline.steps_for({**variables, **matrix, **ci_env}):
+        exit_code, error = 0, ""
+        for unit in self._units(self.steps):
             if self.stop_requested.is_set():
                 return KILLED, exit_code, self.reason
-            if not step.applies(branch=self.build["branch"], event=self.build["event"],
-                                environment=matrix, job_status=status):
-                continue
-            environment = {**base, **self.secrets, **step.environment, **ci_env,
-                           _JOB_TOKEN_NAME: self.token}
-            code, stopped = self.run_step(step, environment, deadline, minutes)
-            if stopped:
-                return KILLED, code, stopped
-            if code != 0 and step.ignore_failure:
-                self.log.write(f"cirunner: step {step.name!r} failed with exit code {code} "
-                               "(failure: ignore)\n")
-            elif code != 0 and status == SUCCESS:
-                status, exit_code = FAILURE, code
-                error = f"step {step.name!r} failed with exit code {code}"
-        return status, exit_code, error
+            runnable = [step for step in unit if self._applies(step)]
+            for step in unit:
+                if step not in runnable:
+                    self.store.update_step(self.records[id(step)], status=SKIPPED)
+            results = self._run_unit(runnable, deadline, minutes)
+            for step, (code, stopped) in zip(runnable, results):
+                if stopped:
+                    return KILLED, code, stopped
+                if code != 0 and step.ignore_failure:
+                    self.log.write(f"cirunner: step {step.name!r} failed with exit code {code} "
+                                   "(failure: ignore)\n")
+                elif code != 0 and self.status == SUCCESS:
+                    self.status, exit_code = FAILURE, code
+                    error = f"step {step.name!r} failed with exit code {code}"
+        return self.status, exit_code, error
 
-    def run_step(self, step, environment, deadline, minutes):
-        """Run one step; returns (exit code, reason it was stopped or "")."""
-        process = self.runner.spawn(step.script(), env=environment, job=self)
+    def _applies(self, step):
+        build = self.build
+        return step.applies(branch=build["branch"], event=build["event"],
+                            environment=self.matrix, job_status=self.status,
+                            deploy_to=build["deploy_to"], platform=self.drone["DRONE_ARCH"],
+                            ref=build["ref"], repo=self.drone["DRONE_REPO"],
+                            instance=self.executor.hostname,
+                            local=self.executor.workspace is not None)
+
+    def _run_unit(self, unit, deadline, minutes):
+        """Run the steps of a unit at once: the first into the log as it prints,
+        the others set aside and added after it; detached ones go on alone."""
+        results, threads = [None] * len(unit), []
+        spools = [None] + [_Spool() for _ in unit[1:]]
+        for index, step in enumerate(unit):
+            if step.detach:
+                self._start_background(step)
+                results[index] = (0, "")
+            elif index:
+                thread = threading.Thread(target=self._run_into, args=(
+                    step, spools[index], deadline, minutes, results, index), daemon=True)
+                thread.start()
+                threads.append(thread)
+        if unit and not unit[0].detach:
+            self._run_into(unit[0], self.log, deadline, minutes, results, 0)
+        for thread in threads:
+            thread.join()
+        for index, spool in enumerate(spools):
+            if spool is not None and not unit[index].detach:
+                start = self.log.offset + len(self.log.buffer)
+                spool.copy_to(self.log)
+                self.store.update_step(self.records[id(unit[index])], log_start=start,
+                                       log_end=self.log.offset + len(self.log.buffer))
+        return results
+
+    def _run_into(self, step, sink, deadline, minutes, results, index):
+        """Run one step with its output into `sink`; its result in `results`."""
+        record = self.records[id(step)]
+        start = self.log.offset + len(self.log.buffer) if sink is self.log else 0
+        self.store.update_step(record, status=RUNNING, started_at=_now(), log_start=start)
+        code, stopped = 0, ""
         try:
-            stopped = self._pump(process, deadline, minutes)
-        finally:
-            code = self.runner.end_step(process)
-        return code, stopped
+            process, runner = self._spawn(step)
+            try:
+                stopped = self._pump(process, runner, sink, (deadline, minutes))
+            finally:
+                code = runner.end_step(process)
+                if stopped or not getattr(process, "ended_cleanly", True):
+                    self.ended_cleanly = False
+        except CIRunnerError as exc:
+            sink.write(f"cirunner: {exc.message}\n")
+            code, stopped = 255, ""
+        results[index] = (code, stopped)
+        status = (KILLED if stopped else SUCCESS if code == 0 else FAILURE)
+        fields = {"status": status, "exit_code": code, "finished_at": _now()}
+        if sink is self.log:
+            fields["log_end"] = self.log.offset + len(self.log.buffer)
+        self.store.update_step(record, **fields)
 
-    def _pump(self, process, deadline, minutes):
-        """Copy the step's output into the log until it ends; stop it when
-        asked or at the deadline (SIGTERM, grace, SIGKILL to the group)."""
+    def _pump(self, process, runner, sink, limits):
+        """Copy a process's output into `sink` until it ends; stop it when asked
+        or at the deadline (SIGTERM, grace, SIGKILL). `limits` is (deadline,
+        minutes), or None for a background step, which runs until the job ends."""
         poller = select.poll()
         poller.register(process.output, select.POLLIN | select.POLLHUP | select.POLLERR)
         term_at = killed_at = exited_at = None
@@ -3203,19 +4534,20 @@ class _JobRun:
         while True:
             now = time.monotonic()
             if term_at is None:
-                stopped = self._stop_reason(now, deadline, minutes)
+                stopped = self._stop_reason(now, limits)
                 if stopped:
-                    self.log.write(f"\ncirunner: {stopped}: stopping the job\n")
-                    self.runner.signal(process, signal.SIGTERM)
+                    if limits is not None:
+                        sink.write(f"\ncirunner: {stopped}: stopping the job\n")
+                    runner.signal(process, signal.SIGTERM)
                     term_at = now
             elif killed_at is None and now - term_at >= self.executor.grace:
-                self.runner.signal(process, signal.SIGKILL)
+                runner.signal(process, signal.SIGKILL)
                 killed_at = now
             if exited_at is None and process.popen.poll() is not None:
                 exited_at = now
             if exited_at is not None and now - exited_at >= STRAGGLER_SECONDS:
                 break  # a detached grandchild holds the pipe open: stop reading
-            due = self.log.flush_due_in()
+            due = sink.flush_due_in()
             wait = 0.1 if due is None else min(due, 0.1)
             if exited_at is not None:
                 wait = min(wait, 0.02)
@@ -3223,28 +4555,61 @@ class _JobRun:
                 data = os.read(process.output, LOG_CHUNK_BYTES)
                 if not data:
                     break
-                self.log.write(data)
-            self.log.flush_if_due()
+                sink.write(data)
+            sink.flush_if_due()
         return stopped
 
-    def _stop_reason(self, now, deadline, minutes):
+    def _stop_reason(self, now, limits):
         if self.stop_requested.is_set():
             return self.reason or "cancelled"
+        if limits is None:
+            return "the job ended" if self.background_done.is_set() else ""
+        deadline, minutes = limits
         if now >= deadline:
             return f"timed out after {minutes} minutes"
         return ""
 
+    # -- finish -----------------------------------------------------------------------
+
     def finish(self, status, exit_code, error):
-        """Store the end of the log, kill what the job left, record the result,
-        then remove the workspace (after: no one waits for that)."""
+        """Stop what runs in the background, store the end of the log, kill what
+        the job left, record the result, then remove the workspace."""
+        self._stop_background()
         try:
             self.log.flush()
         except Exception:  # noqa: BLE001 - the job must still be finished
             _log.exception("could not store the end of job %s's log", self.job["id"])
         self.runner.end_job(self)  # before the job is finished: nothing of it runs on
+        if self.engine is not None and self.prepared_engine:
+            self.engine.end_job(self, grace=self.executor.grace)
+        self._close_records(status)
         self.executor.forget(self)
         self.store.finish_job(self.job["id"], status, exit_code=exit_code, error=error)
         self.executor.remove_workspace(self.workspace)
+
+    def _stop_background(self):
+        """End services and detached steps (the engine stops their containers),
+        and add what they printed to the log, each under its name."""
+        self.background_done.set()
+        for running in self.background:
+            running.thread.join(self.executor.grace + 5)
+            code = running.runner.end_step(running.process)
+            start = self.log.offset + len(self.log.buffer)
+            self.log.write(f"--- {running.step.kind} {running.step.name} ---\n")
+            running.spool.copy_to(self.log)
+            self.store.update_step(running.record, status=SUCCESS if code in (0, 137, 143)
+                                   else FAILURE, exit_code=code, finished_at=_now(),
+                                   log_start=start,
+                                   log_end=self.log.offset + len(self.log.buffer))
+
+    def _close_records(self, status):
+        """Steps never reached: skipped, or killed with the job."""
+        with contextlib.suppress(CIRunnerError, sqlite3.Error):
+            for row in self.store.list_steps([self.job["id"]])[self.job["id"]]:
+                if row["status"] in ACTIVE_STATUSES:
+                    self.store.update_step(row["id"], status=KILLED if (
+                        row["status"] == RUNNING) else SKIPPED, finished_at=_now())
+
 
 ###############################################################################
 # Executor ####################################################################
@@ -3331,7 +4696,7 @@ class Executor:
     def __init__(self, store, *, workers=None, grace=DEFAULT_GRACE_SECONDS, workspace=None,
                  keep_workspaces=False, poll_interval=0.25, runner_id=None,
                  max_jobs=DEFAULT_MAX_JOBS, public_url="", report_backoff=2.0,
-                 sandbox="auto", runner=None):
+                 sandbox="auto", engine="auto", runner=None):
         self.store = store
         self.workers = workers or os.cpu_count() or 1
         self.grace = grace
@@ -3343,6 +4708,9 @@ class Executor:
         self.report_backoff = report_backoff
         self.sandbox = sandbox
         self.runner = runner or _make_runner(sandbox, store.data_dir)
+        self.engine_choice = engine
+        self.engine = None  # the container runner, once started (None: steps run on the host)
+        self.engine_problem = ""  # why steps with an image run on the host, if they do
         self.isolation = self.runner.name  # "bwrap" or "none", known for sure once started
         self.isolation_problem = ""        # why steps run without a sandbox, if they do
         self._runner_started = False
@@ -3405,7 +4773,24 @@ class Executor:
             self.isolation_problem = ("--sandbox none" if self.sandbox == "none"
                                       else "bubblewrap is not installed")
         self.isolation = self.runner.name
+        self._start_engine()
         self._runner_started = True
+
+    def _start_engine(self):
+        """Find and check the container engine; without one, images are not used."""
+        engine = _make_engine(self.engine_choice, store_key=self.store_key,
+                              runner_id=self.runner_id)
+        if engine is None:
+            self.engine_problem = ("--engine none" if self.engine_choice == "none" else
+                                   "no container engine (podman or docker) is installed")
+            return
+        engine.start()
+        if engine.problem:
+            if self.engine_choice != "auto":
+                raise CIRunnerError(f"{engine.name} does not work here: {engine.problem}")
+            self.engine_problem = f"{engine.name} does not work here: {engine.problem}"
+            return
+        self.engine = engine
 
     def _register(self):
         if self._registered:
@@ -3421,6 +4806,8 @@ class Executor:
         if recovered:
             _log.warning("marked %d job(s) of stopped runners as error", len(recovered))
             self.runner.recover([f"{self.store_key}-{job_id}-" for job_id in recovered])
+            if self.engine is not None:
+                self.engine.recover(recovered)
 
     def stop(self, reason="server shut down", timeout=None):
         """Stop taking jobs, kill running ones (recorded as killed with
@@ -3904,6 +5291,9 @@ _REPO = _Resource("repository", [
     _Field("forge_token", {"type": "string", "writeOnly": True}, None,
            _parse_text("forge_token", 1024), help="an API token of the forge"),
     _Field("forge_token_set", _BOOLEAN, _shown("forge_token", bool)),
+    _Field("trusted", _BOOLEAN, _shown("trusted", bool),
+           lambda value: int(_check_bool(value, "trusted")),
+           help="may use privileged container keys (admins only)"),
     _Field("created_at", _TIME_SCHEMA, _shown("created_at")),
 ])
 
@@ -3943,6 +5333,23 @@ _JOB = _Resource("job", [
     _Field("environment", _STRING_MAP, _shown("environment", json.loads), required=True),
 ])
 
+_STEP = _Resource("step", [
+    _Field("id", _INTEGER, _shown("id"), required=True),
+    _Field("number", _INTEGER, _shown("number"), required=True),
+    _Field("name", _STRING, _shown("name"), required=True),
+    _Field("kind", {"type": "string", "enum": ["step", "plugin", "service"]}, _shown("kind"),
+           required=True),
+    _Field("status", _STATUS_SCHEMA, _shown("status"), required=True),
+    _Field("exit_code", _INTEGER, _shown("exit_code"), required=True),
+    _Field("started_at", _TIME_SCHEMA, _shown("started_at"), required=True),
+    _Field("finished_at", _TIME_SCHEMA, _shown("finished_at"), required=True),
+    _Field("log_start", {"type": "integer", "description": "where its output begins in the "
+                                                           "job's log (a byte offset)"},
+           _shown("log_start"), required=True),
+    _Field("log_end", {"type": "integer", "description": "where its output ends"},
+           _shown("log_end"), required=True),
+])
+
 _BUILD = _Resource("build", [
     _Field("id", _INTEGER, _shown("id"), required=True),
     _Field("number", _INTEGER, _shown("number"), required=True),
@@ -3958,6 +5365,7 @@ _BUILD = _Resource("build", [
     _Field("timestamp", _INTEGER, _shown("timestamp"), required=True),
     *(_Field(name, _STRING, _shown(name), required=True)
       for name in ("author", "author_avatar", "author_email", "link_url")),
+    _Field("deploy_to", _STRING, _shown("deploy_to")),
     _Field("description", {"type": "string", "maxLength": MAX_DESCRIPTION},
            _shown("description"), _parse_description),
     _Field("tags", {"type": "array", "items": {"type": "string", "minLength": 1}},
@@ -3986,11 +5394,13 @@ _SECRET = _Resource("secret", [
 ])
 
 
-def _build_json(build, jobs=None):
-    """A build in the Drone dialect's shape, with its jobs when given."""
+def _build_json(build, jobs=None, steps=None):
+    """A build in the Drone dialect's shape, with its jobs (and their steps) when given."""
     data = _BUILD.to_json(build)
     if jobs is not None:
         data["jobs"] = [_JOB.to_json(job) for job in jobs]
+        for job, shown in zip(jobs, data["jobs"]):
+            shown["steps"] = [_STEP.to_json(step) for step in (steps or {}).get(job["id"], [])]
     return data
 
 
@@ -3998,6 +5408,10 @@ def _schemas():
     """The OpenAPI component schemas, from the declarations above."""
     build = _BUILD.schema()
     build["properties"]["jobs"] = {"type": "array", "items": {"$ref": "#/components/schemas/Job"}}
+    job = _JOB.schema()
+    job["properties"]["steps"] = {"type": "array", "description": "the job's steps, in order "
+                                  "(an addition to Drone's shape)",
+                                  "items": {"$ref": "#/components/schemas/Step"}}
     paginated = {"type": "object", "required": ["count", "next", "previous", "results"],
                  "properties": {"count": _INTEGER, "next": {"type": ["string", "null"]},
                                 "previous": {"type": ["string", "null"]}}}
@@ -4009,7 +5423,7 @@ def _schemas():
     return {
         "Error": {"type": "object", "required": ["error", "message", "status"], "properties": {
             "error": _STRING, "message": _STRING, "status": _INTEGER}},
-        "Repo": _REPO.schema(), "Job": _JOB.schema(), "Build": build,
+        "Repo": _REPO.schema(), "Job": job, "Step": _STEP.schema(), "Build": build,
         "Status": _STATUS.schema(), "Secret": _SECRET.schema(),
         "BuildPage": page_of("Build"), "StatusPage": page_of("Status"),
     }
@@ -4348,7 +5762,9 @@ class _Api:
         return build, self.store.get_job(build["id"], _check_positive(job, "job number"))
 
     def build_reply(self, build, status=200):
-        return _Reply(_build_json(build, self.store.list_jobs(build["id"])), status)
+        jobs = self.store.list_jobs(build["id"])
+        steps = self.store.list_steps([job["id"] for job in jobs])
+        return _Reply(_build_json(build, jobs, steps), status)
 
     def build_filters(self, params):
         status = params.get("status") or None
@@ -4375,8 +5791,15 @@ class _Api:
         return [_REPO.to_json(repo) for repo in self.store.list_repos()
                 if self.access.may_read(user, repo)]
 
+    def _admin_only(self, fields):
+        """Trusting a repository, or pointing it at the server's own files, is
+        for admins."""
+        if "trusted" in fields and not self.user()["admin"]:
+            raise Forbidden("only an admin may mark a repository trusted")
+
     def add_repo(self, owner, name):
         fields = _REPO.parse(self.params(), ignore=_RESERVED_PARAMS)
+        self._admin_only(fields)
         if "url" not in fields:
             raise BadRequest("url is required: a clone URL or a local path")
         fields.setdefault("webhook_secret", secrets.token_urlsafe(24))
@@ -4392,6 +5815,7 @@ class _Api:
 
     def update_repo(self, repo):
         fields = _REPO.parse(self.body(), ignore=_RESERVED_PARAMS)
+        self._admin_only(fields)
         return _REPO.to_json(self.store.update_repo(repo["id"], **fields))
 
     def delete_repo(self, repo):
@@ -5715,7 +7139,8 @@ def _wait_for_build(store, build, args, stdout, stderr):
     """Stream a build's logs; run its jobs here if no runner shares the store."""
     executor = None
     if build["status"] in ACTIVE_STATUSES and not store.active_runners():
-        executor = Executor(store, workers=args.workers)
+        executor = Executor(store, workers=args.workers, sandbox=args.sandbox,
+                            engine=args.engine)
         executor.start()
     try:
         build = _follow_build(store, build["id"], stdout.buffer)
@@ -5753,6 +7178,7 @@ def _command_serve(args, stdout, stderr):
     store = Store.open(args.data)
     executor = Executor(store, workers=args.workers, grace=args.grace,
                         keep_workspaces=args.keep_workspaces, sandbox=args.sandbox,
+                        engine=args.engine,
                         public_url=args.public_url or f"http://{args.host}:{args.port}")
     app = make_app(store, executor, max_streams=max(1, args.threads - 4))
 
@@ -5761,9 +7187,10 @@ def _command_serve(args, stdout, stderr):
         executor.start()
         store.release_connection()  # from here, lent out between requests like the pool's
         _warn_unisolated(executor, stderr)
+        engine = executor.engine.name if executor.engine else f"none ({executor.engine_problem})"
         print(f"cirunner {__version__}: serving {url}/ with {executor.workers} worker(s), "
-              f"steps in {executor.isolation}, data in {os.path.abspath(args.data)}",
-              file=stderr, flush=True)
+              f"steps in {executor.isolation}, images in {engine}, "
+              f"data in {os.path.abspath(args.data)}", file=stderr, flush=True)
 
     def stop():
         print("cirunner: shutting down: stopping running jobs", file=stderr, flush=True)
@@ -5959,7 +7386,8 @@ def _command_exec(args, stdout, stderr):
     read_pipeline_file(directory, config)  # no file: say so before making anything
     with tempfile.TemporaryDirectory(prefix="cirunner-exec-") as data_dir:
         store = Store.open(data_dir)
-        executor = Executor(store, workers=1, workspace=directory, sandbox=args.sandbox)
+        executor = Executor(store, workers=1, workspace=directory, sandbox=args.sandbox,
+                            engine=args.engine)
         try:
             name = re.sub(r"[^A-Za-z0-9._-]", "-", os.path.basename(directory)).strip(".")
             repo = store.create_repo("local", name[:100] or "local", directory)
@@ -6008,9 +7436,10 @@ def _make_parser(environ):
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--data", default=env("DATA", DEFAULT_DATA_DIR),
                         help="data directory (env CIRUNNER_DATA, default ./cirunner-data)")
-    workers = argparse.ArgumentParser(add_help=False)
+    workers = argparse.ArgumentParser(add_help=False)  # the commands that may run jobs
     workers.add_argument("--workers", type=int, default=int(env("WORKERS", 0)) or None,
                          help="job worker threads (env CIRUNNER_WORKERS, default: CPUs)")
+    _add_sandbox_option(workers, env)
 
     parser = argparse.ArgumentParser(prog="cirunner", description="A CI build runner in one file.")
     parser.add_argument("--version", action="version", version=f"cirunner {__version__}")
@@ -6027,6 +7456,10 @@ def _add_sandbox_option(parser, env):
     parser.add_argument("--sandbox", choices=SANDBOXES, default=env("SANDBOX", "auto"),
                         help="how steps run on the host: bwrap (bubblewrap), none, or auto "
                              "(bwrap when installed) (env CIRUNNER_SANDBOX, default auto)")
+    parser.add_argument("--engine", choices=ENGINES, default=env("ENGINE", "auto"),
+                        help="how steps that name an image run: podman, docker, none (on the "
+                             "host), or auto (podman, else docker, when installed) "
+                             "(env CIRUNNER_ENGINE, default auto)")
 
 
 def _add_serve_parser(commands, common, workers, env):
@@ -6047,7 +7480,6 @@ def _add_serve_parser(commands, common, workers, env):
     serve_parser.add_argument("--public-url", dest="public_url", default=env("PUBLIC_URL", ""),
                               help="this server's address for links in commit statuses "
                                    "(env CIRUNNER_PUBLIC_URL; default http://HOST:PORT)")
-    _add_sandbox_option(serve_parser, env)
     serve_parser.add_argument("--keep-workspaces", action="store_true",
                               default=env("KEEP_WORKSPACES", "") in _TRUE_WORDS,
                               help="leave job workspaces on disk after the job")

@@ -84,7 +84,8 @@ def reset_peak_rss(pid):
 class Server:
     """A real `cirunner serve` on 127.0.0.1, talking over one keep-alive connection."""
 
-    def __init__(self, data_dir, workers=2, threads=32, sandbox="none"):
+    def __init__(self, data_dir, workers=2, threads=32, sandbox="none", engine="none",
+                 environ=None):
         self.data_dir = data_dir
         self.port = free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("CIRUNNER_")}
@@ -92,11 +93,12 @@ class Server:
         # As the installed `cirunner` command runs it: the module imported
         # (compiled once, into __pycache__), not compiled as a script each start.
         env["PYTHONPATH"] = ROOT
+        env.update(environ or {})
         self.out = open(os.path.join(data_dir, "serve.out"), "w")  # noqa: SIM115
         self.process = subprocess.Popen(
             [sys.executable, "-m", "cirunner", "serve", "--data", data_dir,
              "--port", str(self.port), "--workers", str(workers), "--threads", str(threads),
-             "--sandbox", sandbox],
+             "--sandbox", sandbox, "--engine", engine],
             stdout=self.out, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + 20
         while True:
@@ -596,6 +598,71 @@ def bench_sandbox(work, samples, steps=10):
            "baseline: a step without the sandbox (the same job on --sandbox none)")
 
 
+CONTAINERS_CONF = """[engine]
+runtime = "runc"
+
+[containers]
+default_ulimits = ["nofile=1024:1024", "nproc=4096:4096"]
+"""
+
+
+def busybox_image(work, engine_env, tag="localhost/cirunner-bench:1"):
+    """A busybox image made here (no registry is reachable): the image of the bench's steps."""
+    root = os.path.join(work, "bench-rootfs")
+    os.makedirs(os.path.join(root, "bin"))
+    shutil.copy(shutil.which("busybox"), os.path.join(root, "bin", "busybox"))
+    for applet in ("sh", "true", "echo", "cat"):
+        os.symlink("busybox", os.path.join(root, "bin", applet))
+    archive = os.path.join(work, "bench-rootfs.tar")
+    subprocess.run(["tar", "-C", root, "-cf", archive, "."], check=True)
+    subprocess.run(["podman", "import", "--quiet", archive, tag], check=True,
+                   capture_output=True, env={**os.environ, **engine_env})
+    return tag
+
+
+def bench_containers(work, samples):
+    """A one-step job in a container, trigger to success, beside a bare
+    `podman run --rm IMAGE true` on the same machine."""
+    if not (shutil.which("podman") and shutil.which("busybox")):
+        print("  (containers: skipped, needs podman and busybox-static)", file=sys.stderr)
+        return
+    conf = os.path.join(work, "containers.conf")
+    with open(conf, "w") as handle:
+        handle.write(CONTAINERS_CONF)
+    engine_env = {"CONTAINERS_CONF": conf}
+    image = busybox_image(work, engine_env)
+    bare = []
+    for attempt in range(samples + 2):
+        started = time.perf_counter()
+        subprocess.run(["podman", "run", "--rm", image, "true"], check=True,
+                       env={**os.environ, **engine_env})
+        if attempt >= 2:
+            bare.append(time.perf_counter() - started)
+    data = os.path.join(work, "containers")
+    os.makedirs(data)
+    repo_path = os.path.join(work, "repo-containers")
+    sha = make_repo(repo_path, f"clone: false\npipeline: {{t: {{image: {image}, "
+                               "commands: [true]}}\n")
+    server = Server(data, engine="podman", environ=engine_env)
+    times = []
+    try:
+        server.request("POST", "/api/repos/bench/r", {"url": repo_path})
+        for attempt in range(samples + 2):
+            started = time.perf_counter()
+            build = server.request("POST", "/api/repos/bench/r/builds", {"commit": sha})
+            stream = server.request("GET", f"/api/repos/bench/r/logs/{build['number']}/1"
+                                    "?follow=1", raw=True)
+            assert b'"status": "success"' in stream, stream
+            if attempt >= 2:
+                times.append(time.perf_counter() - started)
+    finally:
+        server.stop()
+    base = statistics.median(bare)
+    record("containers: one-step job in an image, trigger -> success", times, "s", base,
+           "<= 1.15x + 50 ms", statistics.median(times) <= 1.15 * base + 0.05,
+           "baseline: podman run --rm IMAGE true")
+
+
 def bench_triggers(work, repeats, count=500):
     """`count` clients trigger a build of one repository's branch at once: every
     trigger needs the remote's latest commit, and one `git fetch` serves all
@@ -661,7 +728,7 @@ def trigger_at_once(server, count):
 
 
 SECTIONS = ("dispatch", "latency", "biglog", "api", "throughput", "triggers", "sandbox",
-            "footprint")
+            "containers", "footprint")
 
 
 def main():
@@ -693,6 +760,8 @@ def main():
             bench_throughput(work, 3 if args.quick else 4, repeats)
         if "sandbox" in wanted:
             bench_sandbox(work, 10 if args.quick else 30)
+        if "containers" in wanted:
+            bench_containers(work, 5 if args.quick else 15)
         if "triggers" in wanted:
             bench_triggers(work, 1 if args.quick else 3)
         if "footprint" in wanted:
