@@ -84,6 +84,7 @@ __all__ = [
     "Conflict",
     "Executor",
     "Forbidden",
+    "NoBuild",
     "NotFound",
     "Pipeline",
     "Step",
@@ -115,6 +116,7 @@ import ctypes
 import dataclasses
 import difflib
 import fcntl
+import functools
 import hashlib
 import hmac
 import io
@@ -314,6 +316,13 @@ class Conflict(CIRunnerError):
     code = "conflict"
 
 
+class NoBuild(CIRunnerError):
+    """The pipeline asks for no build here (its `branches` filter excludes the branch)."""
+
+    status = 409
+    code = "no_build"
+
+
 class TooLarge(CIRunnerError):
     """The request body is larger than the server accepts."""
 
@@ -386,6 +395,13 @@ def _check_int(value, name, *, default=None, minimum=0, maximum=None):
         raise BadRequest(f"{name} must be between {minimum} and {maximum}"
                          if maximum is not None else f"{name} must be {minimum} or more")
     return number
+
+
+def _check_text(value, name, maximum):
+    """A string of at most `maximum` characters, else BadRequest."""
+    if not isinstance(value, str) or len(value) > maximum or "\x00" in value:
+        raise BadRequest(f"{name} must be a string of at most {maximum} characters")
+    return value
 
 
 def _check_positive(value, name):
@@ -1071,7 +1087,8 @@ _UNSUPPORTED_STEP_KEYS = {
 _SERVICE_IGNORED = ("ports",)  # services are reached by name: no ports to publish
 _TOP_LEVEL_KEYS = ("pipeline", "services", "matrix", "workspace", "clone", "branches",
                    "platform", "labels", "fail_fast", "max_parallel", "timeout",
-                   "build", "compose", "publish", "deploy", "notify")
+                   "build", "compose", "publish", "deploy", "notify",
+                   "plugin")  # Drone 0.4 plugins' own metadata (for its plugin index): unused
 _UNSUPPORTED_TOP_LEVEL = {
     "networks": "named networks are not supported: each job's steps and services share a "
                 "network of their own",
@@ -1489,7 +1506,7 @@ class _PipelineParser:
 
     def _when_matrix(self, value, where, line):
         """[include, exclude] mappings from {AXIS: value} or {include, exclude}."""
-        if value is None:
+        if value is None or value == "":
             return [{}, {}]
         if not isinstance(value, dict):
             self.add(line, f"{where}: 'when.matrix' must be a mapping")
@@ -1902,6 +1919,13 @@ class _GitMirrors:
         except _GitError:
             return False
         return True
+
+    def remembered_default_branch(self, repo):
+        """The default branch learned earlier, or "" (never asks the remote)."""
+        with contextlib.suppress(OSError), open(os.path.join(
+                self.path(repo), "cirunner-default-branch")) as handle:
+            return handle.read().strip()
+        return ""
 
     def default_branch(self, repo):
         """The remote's default branch, learned once (from the remote's HEAD)
@@ -2789,12 +2813,15 @@ class Store:
             "AND status NOT IN ('pending', 'running') ORDER BY number DESC LIMIT 1",
             (build["repo_id"], build["branch"], build["number"]))
 
-    def latest_build(self, repo_id, branch=None):
-        """The newest build of a repository (on `branch`); raises NotFound."""
+    def latest_build(self, repo_id, branch=None, event=None):
+        """The newest build of a repository (on `branch`, of `event`); raises NotFound."""
         sql, params = "SELECT * FROM builds WHERE repo_id = ?", [repo_id]
         if branch:
             sql += " AND branch = ?"
             params.append(branch)
+        if event:
+            sql += " AND event = ?"
+            params.append(event)
         return self._one(sql + " ORDER BY number DESC LIMIT 1", params,
                          "no build yet" + (f" on branch {branch}" if branch else ""))
 
@@ -2939,8 +2966,19 @@ class Store:
         with self._write() as tx:
             self._cancel_jobs(tx, build_id, job_number, pending_status, message, now,
                               require_active=True)
-            self._roll_up(tx, build_id, now)
+            self._roll_up(tx, build_id, now, cancelled=job_number is None)
         return self.get_build_by_id(build_id)
+
+    def wait_until_done(self, build_id, timeout):
+        """The build once none of its jobs runs (or as it is after `timeout` s)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            seen = self.log_events_seen()
+            build = self.get_build_by_id(build_id)
+            remaining = deadline - time.monotonic()
+            if build["status"] not in ACTIVE_STATUSES or remaining <= 0:
+                return build
+            self.wait_for_log(min(0.2, remaining), seen)  # a job's end wakes it
 
     def _cancel_jobs(self, tx, build_id, job_number, pending_status, message, now,
                      require_active=False):
@@ -3016,9 +3054,10 @@ class Store:
         if job_id is None:
             self._enqueue_report(tx, build_id, status)
 
-    def _roll_up(self, tx, build_id, now):
+    def _roll_up(self, tx, build_id, now, *, cancelled=False):
         """Derive the build's status from its jobs (DESIGN.md section 3), with
-        aggregates: a 256-job matrix costs one pass in SQLite, not 256 rows."""
+        aggregates: a 256-job matrix costs one pass in SQLite, not 256 rows.
+        A build `cancelled` before any job failed ends killed, not success."""
         build = tx.execute("SELECT status FROM builds WHERE id = ?", (build_id,)).fetchone()
         totals = tx.execute(
             "SELECT count(*), sum(status IN ('pending', 'running')), "
@@ -3035,8 +3074,9 @@ class Store:
                 "SELECT number, status FROM jobs WHERE build_id = ? "
                 "AND status NOT IN ('success', 'skipped') ORDER BY number LIMIT 1",
                 (build_id,)).fetchone()
-            status = failed["status"] if failed else SUCCESS
+            status = failed["status"] if failed else KILLED if cancelled else SUCCESS
             message = (f"build finished: job {failed['number']} ended {status}" if failed
+                       else "build finished: cancelled" if cancelled
                        else "build finished: every job succeeded")
         tx.execute("UPDATE builds SET status = ?, started_at = ?, finished_at = ? WHERE id = ?",
                    (status, started_at or 0, finished_at, build_id))
@@ -3290,6 +3330,32 @@ class Store:
         with self._log_changed:
             self._log_changed.wait_for(lambda: self._log_events != seen, timeout)
 
+    def cut_log(self, job_id, start, end):
+        """Remove bytes [start, end) from a finished job's log: the bytes after
+        move up, and so do the ranges of its steps."""
+        if end <= start:
+            return
+        with self._write() as tx:
+            rows = tx.execute("SELECT seq, offset, data FROM log_chunks WHERE job_id = ? "
+                              "AND offset + length(data) > ? ORDER BY seq",
+                              (job_id, start)).fetchall()
+            if not rows:
+                return
+            first_seq, first_offset = rows[0][0], rows[0][1]
+            tail = b"".join(row[2] for row in rows)
+            kept = tail[:start - first_offset] + tail[end - first_offset:]
+            tx.execute("DELETE FROM log_chunks WHERE job_id = ? AND seq >= ?", (job_id, first_seq))
+            for index in range(0, len(kept), LOG_CHUNK_BYTES):
+                tx.execute("INSERT INTO log_chunks (job_id, seq, offset, data) "
+                           "VALUES (?, ?, ?, ?)", (job_id, first_seq + index // LOG_CHUNK_BYTES,
+                                                   first_offset + index,
+                                                   kept[index:index + LOG_CHUNK_BYTES]))
+            for column in ("log_start", "log_end"):
+                tx.execute(f"UPDATE steps SET {column} = CASE WHEN {column} <= ? THEN {column} "
+                           f"WHEN {column} <= ? THEN ? ELSE {column} - ? END WHERE job_id = ?",
+                           (start, end, start, end - start, job_id))
+        self._wake_log_followers()
+
     def log_chunk_at(self, job_id, offset, seq=None):
         """(seq, start offset, data) of the chunk holding byte `offset` (looked
         up by `seq` first when the caller can guess it), or None past the end."""
@@ -3435,6 +3501,11 @@ def _parse_for_build(store, filename, text, max_jobs):
     return store.save_pipeline(filename, text, pipeline.to_json()), pipeline, ""
 
 
+# Drone's top-level `branches` filter applies to these; tags and deployments
+# always build.
+_FILTERED_EVENTS = (EVENT_PUSH, EVENT_PULL_REQUEST, EVENT_MANUAL, EVENT_CRON)
+
+
 def _make_build(store, repo, request, *, max_jobs=DEFAULT_MAX_JOBS, resolve=_resolve_from_git):
     """The one path that makes a build: resolve the commit and its pipeline
     file, parse the file once, and insert the build with one job per matrix
@@ -3454,6 +3525,10 @@ def _make_build(store, repo, request, *, max_jobs=DEFAULT_MAX_JOBS, resolve=_res
         else:
             pipeline_id, pipeline, error = _parse_for_build(store, *pipeline_file, max_jobs)
             fields.update(pipeline_id=pipeline_id, pipeline_file=pipeline_file[0])
+            if (pipeline is not None and request.event in _FILTERED_EVENTS
+                    and not pipeline.builds_branch(fields["branch"])):
+                raise NoBuild(f"the pipeline's branches filter excludes branch "
+                              f"{fields['branch']!r}: no build was made")
             if pipeline is not None:
                 environments = pipeline.matrix
                 fields.update(fail_fast=int(pipeline.fail_fast),
@@ -3486,9 +3561,15 @@ def create_build(store, repo, *, branch="", commit="", variables=None, event=EVE
     return _make_build(store, repo, request, max_jobs=max_jobs)
 
 
-def restart_build(store, repo, number, *, fork=False, variables=None, max_jobs=DEFAULT_MAX_JOBS):
+def restart_build(store, repo, number, *, fork=False, variables=None, max_jobs=DEFAULT_MAX_JOBS,
+                  event=None, deploy_to=""):
     """Run build `number` again: under the same number, or with `fork` as a
-    new build whose ``parent`` is `number`. Conflict while it is active."""
+    new build whose ``parent`` is `number` (and, given, of another `event`,
+    such as a deployment to `deploy_to`). Conflict while it is active."""
+    if event is not None and (event not in EVENTS or not fork):
+        raise BadRequest(f"event must be one of {', '.join(EVENTS)}, with fork=true")
+    if deploy_to and event != EVENT_DEPLOYMENT:
+        raise BadRequest("deploy_to goes with event=deployment")
     build = store.get_build(repo["id"], number)
     if build["status"] in ACTIVE_STATUSES:
         raise Conflict(f"build {number} is {build['status']}; wait for it or cancel it first")
@@ -3496,8 +3577,10 @@ def restart_build(store, repo, number, *, fork=False, variables=None, max_jobs=D
     merged.update(_check_variables(variables or {}))
     kept = {key: build[key] for key in ("link_url", "message", "author", "author_email",
                                         "author_avatar", "ref")}
+    if deploy_to:
+        kept["deploy_to"] = deploy_to
     request = _BuildRequest(branch=build["branch"], commit=build["commit_sha"],
-                            event=build["event"], variables=merged,
+                            event=event or build["event"], variables=merged,
                             pull_ref=_pull_ref(build["ref"]), fields=kept,
                             parent=number if fork else build["parent"],
                             replaces=None if fork else build)
@@ -4228,6 +4311,7 @@ class _JobRun:
         self.network = self.volume = None
         self.container_workspace = ("", "")
         self.prepared_engine = False
+        self.engine_lock = threading.Lock()
         self.background_done = threading.Event()
         self.ended_cleanly = True   # every container's engine process ended by itself
         self.status = SUCCESS       # the status so far, as DRONE_BUILD_STATUS tells steps
@@ -4331,10 +4415,11 @@ class _JobRun:
         step = step.with_variables({**variables, **secrets_of_step},
                                    self.matrix if self.pipeline.drone04 else None,
                                    shell_variables=variables)
-        if "status" in step.when:
+        if "status" in step.when:  # a copy: the parsed pipeline is shared by every job
             include, exclude = step.when["status"]
-            step.when["status"] = [[self.changed_means if word in ("changed", "change") else word
-                                    for word in include], exclude]
+            step.when = {**step.when, "status": [
+                [self.changed_means if word in ("changed", "change") else word
+                 for word in include], exclude]}
         return step
 
     def _check_plan(self):
@@ -4409,9 +4494,10 @@ class _JobRun:
         environment = self._environment(step, runner)
         if runner is self.runner:
             return runner.spawn(step.script(), env=environment, job=self), runner
-        if not self.prepared_engine:
-            self.engine.prepare_job(self)
-            self.prepared_engine = True
+        with self.engine_lock:  # the steps of a group start at once
+            if not self.prepared_engine:
+                self.engine.prepare_job(self)
+                self.prepared_engine = True
         name = f"{self.engine.prefix(self)}-{self.records[id(step)]}"
         return runner.spawn(step, env=environment, job=self, name=name), runner
 
@@ -5484,7 +5570,7 @@ _PATH_PARAMETERS = {
                "build number or 'latest'"),
     "job": (_POSITIVE, "job number"),
     "build_id": (_POSITIVE, "the build's global id"), "status_id": (_POSITIVE, "status id"),
-    "secret": (_STRING, "secret name"),
+    "secret": (_STRING, "secret name"), "step": (_POSITIVE, "step number, in its job"),
 }
 
 
@@ -5524,7 +5610,10 @@ def _openapi_operation(route):
     responses = {}
     for code, (description, schema) in route.replies.items():
         responses[str(code)] = {"description": description}
-        if schema is not None:
+        if isinstance(route.media, dict) and code < 300:  # a schema per content type
+            responses[str(code)]["content"] = {media: {"schema": media_schema}
+                                               for media, media_schema in route.media.items()}
+        elif schema is not None:
             responses[str(code)]["content"] = {media: {"schema": schema}
                                                for media in route.media}
     for code in sorted(set(_ACCESS_ERRORS[route.access]) | set(route.errors)):
@@ -5679,7 +5768,7 @@ class _Api:
 
     def __init__(self, store, access, *, closing, max_body=DEFAULT_MAX_BODY,
                  max_streams=DEFAULT_HTTP_THREADS - 4, heartbeat=SSE_HEARTBEAT_SECONDS,
-                 max_jobs=DEFAULT_MAX_JOBS):
+                 max_jobs=DEFAULT_MAX_JOBS, cancel_wait=0.0):
         self.store = store
         self.access = access
         self.closing = closing
@@ -5687,6 +5776,7 @@ class _Api:
         self.max_streams = max_streams
         self.heartbeat = heartbeat
         self.max_jobs = max_jobs
+        self.cancel_wait = cancel_wait
         self._streams = 0
         self._streams_lock = threading.Lock()
         self._badge = bottle.SimpleTemplate(_BADGE_TEMPLATE)
@@ -5747,8 +5837,14 @@ class _Api:
     # -- finding things -------------------------------------------------------
 
     def find_build(self, repo, number):
+        """Build `number`, or for "latest" as Drone answers it: the newest build
+        of any event on ``?branch=``, else the newest push of the default branch."""
         if number == "latest":
-            return self.store.latest_build(repo["id"], self.query().get("branch") or None)
+            branch = self.query().get("branch")
+            if branch:
+                return self.store.latest_build(repo["id"], branch)
+            default = repo["default_branch"] or self.store.git.remembered_default_branch(repo)
+            return self.store.latest_build(repo["id"], default or None, EVENT_PUSH)
         return self.store.get_build(repo["id"], _check_positive(number, "build number"))
 
     def find_build_by_id(self, repo, build_id):
@@ -5901,26 +5997,35 @@ class _Api:
         branch = params.pop("branch", "") or ""
         commit = params.pop("commit", "") or ""
         event = params.pop("event", EVENT_MANUAL) or EVENT_MANUAL
+        deploy_to = params.pop("deploy_to", "") or ""
         variables = {**params, **variables}  # any other key is a variable, as in Drone
         build = create_build(self.store, repo, branch=branch, commit=commit,
-                             variables=variables, event=event, max_jobs=self.max_jobs)
+                             variables=variables, event=event, max_jobs=self.max_jobs,
+                             deploy_to=_check_text(deploy_to, "deploy_to", 255))
         return self.build_reply(build, 201)
 
     def get_build(self, repo, number):
         return self.build_reply(self.find_build(repo, number))
 
     def restart_build(self, repo, number):
+        """Run a build again; with ``fork``, ``event=deployment&deploy_to=T``
+        makes it a deployment (what `drone deploy` sends)."""
         build = self.find_build(repo, number)
         params = self.params()
         fork = _check_bool(params.pop("fork", "false"), "fork")
+        event = params.pop("event", "") or None
+        deploy_to = params.pop("deploy_to", "") or ""
         build = restart_build(self.store, repo, build["number"], fork=fork, variables=params,
-                              max_jobs=self.max_jobs)
+                              max_jobs=self.max_jobs, event=event, deploy_to=deploy_to)
         return self.build_reply(build, 202)
 
     def cancel_build(self, repo, number):
+        """Cancel a build: pending jobs are skipped, running ones killed; the
+        answer is the build once they have stopped (or the grace period ran out)."""
         build = self.find_build(repo, number)
-        return self.build_reply(self.store.cancel_jobs(
-            build["id"], message=f"cancelled by {self.who()} over the API"))
+        self.store.cancel_jobs(build["id"], pending_status=SKIPPED,
+                               message=f"cancelled by {self.who()} over the API")
+        return self.build_reply(self.store.wait_until_done(build["id"], self.cancel_wait))
 
     def cancel_job(self, repo, number, job):
         build, job = self.find_job(repo, number, job)
@@ -5936,7 +6041,11 @@ class _Api:
         params = self.query()
         offset = _check_int(params.get("offset"), "offset", default=0)
         follow = params.get("follow", "").lower() in _TRUE_WORDS
-        if not follow and "text/event-stream" not in bottle.request.get_header("Accept", ""):
+        accept = bottle.request.get_header("Accept", "")
+        if not follow and "application/json" in accept and "text/" not in accept:
+            return _Reply(self._drone_05_lines(job), content_type="application/json; "
+                                                                 "charset=utf-8")
+        if not follow and "text/event-stream" not in accept:
             log = self.store.open_log(job["id"], offset)
             return _Reply(log, content_type="text/plain; charset=utf-8",
                           headers={"Content-Length": str(log.size)})
@@ -5955,6 +6064,78 @@ class _Api:
                   else self._html_events(job["id"], offset, line))
         return _Reply(self._counted(events), content_type="text/event-stream; charset=utf-8",
                       headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    def _log_parts(self, job):
+        """(name, start, end, step) covering a job's log: each step's bytes under
+        its name; what came before the first step under "clone"."""
+        steps = sorted((step for step in self.store.list_steps([job["id"]])[job["id"]]
+                        if step["log_end"] > step["log_start"]), key=lambda step: step["log_start"])
+        size, cursor, parts = self.store.log_size(job["id"]), 0, []
+        for step in steps:
+            if step["log_start"] > cursor:
+                parts.append(("clone" if cursor == 0 else "cirunner", cursor,
+                              step["log_start"], None))
+            parts.append((step["name"], step["log_start"], step["log_end"], step))
+            cursor = max(cursor, step["log_end"])
+        if cursor < size:
+            parts.append(("clone" if cursor == 0 else "cirunner", cursor, size, None))
+        return parts
+
+    def _lines(self, job_id, start, end):
+        """The lines of a byte range of a job's log, read a chunk at a time."""
+        pending = b""
+        for chunk in iter(functools.partial(self.store.open_log(job_id, start, end).read,
+                                            LOG_CHUNK_BYTES), b""):
+            lines = (pending + chunk).split(b"\n")
+            pending = lines.pop()
+            for line in lines:
+                yield line.decode("utf-8", "replace")
+        if pending:
+            yield pending.decode("utf-8", "replace")
+
+    def _drone_05_lines(self, job):
+        """The log as Drone 0.5 answers it: a JSON array of {proc, time, type,
+        pos, out}, `proc` the step; after each step its exit code (type 2).
+        (No time is kept per line: `time` is 0, and the step's duration at its
+        exit code.)"""
+        yield b"["
+        first = True
+        for name, start, end, step in self._log_parts(job):
+            number = -1
+            for number, line in enumerate(self._lines(job["id"], start, end)):
+                yield (b"" if first else b",") + json.dumps(
+                    {"proc": name, "time": 0, "type": 0, "pos": number, "out": line}).encode()
+                first = False
+            if step is not None and step["status"] in DONE_STATUSES:
+                duration = max(0, step["finished_at"] - step["started_at"])
+                yield (b"" if first else b",") + json.dumps(
+                    {"proc": name, "time": duration, "type": 2, "pos": number + 1,
+                     "out": str(step["exit_code"])}).encode()
+                first = False
+        yield b"]"
+
+    def _find_step(self, repo, number, job, step):
+        _, job = self.find_job(repo, number, job)
+        number = _check_positive(step, "step number")
+        for row in self.store.list_steps([job["id"]])[job["id"]]:
+            if row["number"] == number:
+                return job, row
+        raise NotFound(f"step {number} not found")
+
+    def step_log(self, repo, number, job, step):
+        """A step's log as Drone 1.x answers it: [{pos, out, time}]."""
+        job, step = self._find_step(repo, number, job, step)
+        return [{"pos": position, "out": line + "\n", "time": 0} for position, line in
+                enumerate(self._lines(job["id"], step["log_start"], step["log_end"]))]
+
+    def delete_step_log(self, repo, number, job, step):
+        """Delete a step's output from its job's log (Drone 1.x's deleteLogs)."""
+        job, step = self._find_step(repo, number, job, step)
+        if job["status"] in ACTIVE_STATUSES:
+            raise Conflict(f"job {job['number']} is {job['status']}; its log can change only "
+                           "once it has finished")
+        self.store.cut_log(job["id"], step["log_start"], step["log_end"])
+        return _Reply(None, 204)
 
     def _open_stream(self):
         with self._streams_lock:
@@ -6140,12 +6321,16 @@ _API_ROUTES = [
                   *_READ_QUERY)),
     _Route("POST", "/api/repos/<owner>/<name>/builds", _Api.start_build, "write", "start a build",
            {201: (_OK, _ref("Build"))},
-           body=_object(branch=_STRING, commit=_STRING, event=_STRING, variables=_STRING_MAP)),
+           body=_object(branch=_STRING, commit=_STRING, event=_STRING, deploy_to=_STRING,
+                        variables=_STRING_MAP)),
     _Route("GET", "/api/repos/<owner>/<name>/builds/<number>", _Api.get_build, "read",
            "a build with its jobs", _BUILD_REPLY, query=(("branch", _STRING, "with 'latest'"),)),
     _Route("POST", "/api/repos/<owner>/<name>/builds/<number>", _Api.restart_build, "write",
            "restart a finished build", {202: (_OK, _ref("Build"))},
-           query=(("fork", _BOOLEAN, "as a new build number"),)),
+           query=(("fork", _BOOLEAN, "as a new build number"),
+                  ("event", {"type": "string", "enum": list(EVENTS)},
+                   "with fork: the new build's event (deployment, as `drone deploy` sends)"),
+                  ("deploy_to", _STRING, "with event=deployment: the deploy target"))),
     _Route("DELETE", "/api/repos/<owner>/<name>/builds/<number>", _Api.cancel_build, "write",
            "cancel the build's active jobs", _BUILD_REPLY),
     _Route("DELETE", "/api/repos/<owner>/<name>/builds/<number>/<job>", _Api.cancel_job, "write",
@@ -6158,9 +6343,21 @@ _API_ROUTES = [
                   ("format", {"type": "string", "enum": ["text", "html"]},
                    "with follow: html sends complete lines as rendered rows"),
                   ("line", _POSITIVE, "with format=html: the number of the line at offset")),
-           media=("text/plain", "text/event-stream"), errors=(503,)),
+           media={"text/plain": {"type": "string"}, "text/event-stream": {"type": "string"},
+                  "application/json": {"type": "array", "description": "Drone 0.5's lines",
+                                       "items": _object(proc=_STRING, time=_INTEGER,
+                                                        type=_INTEGER, pos=_INTEGER,
+                                                        out=_STRING)}},
+           errors=(503,)),
     _Route("DELETE", "/api/repos/<owner>/<name>/logs/<number>/<job>", _Api.cancel_job, "write",
            "cancel one job", _BUILD_REPLY),
+    _Route("GET", "/api/repos/<owner>/<name>/builds/<number>/logs/<job>/<step>", _Api.step_log,
+           "read", "a step's log, as Drone 1.x's lines (job = Drone's stage)",
+           {200: (_OK, {"type": "array", "items": _object(pos=_INTEGER, out=_STRING,
+                                                          time=_INTEGER)})}),
+    _Route("DELETE", "/api/repos/<owner>/<name>/builds/<number>/logs/<job>/<step>",
+           _Api.delete_step_log, "write", "delete a step's output from its job's log",
+           {204: ("deleted", None)}),
     _Route("GET", "/api/repos/<owner>/<name>/secrets", _Api.list_secrets, "write",
            "secret names and events (never values)",
            {200: (_OK, {"type": "array", "items": _ref("Secret")})}),
@@ -6413,9 +6610,13 @@ def _receive_webhook(api):
     commit = _check_commit(fields.pop("commit"))
     branch = fields.pop("branch")
     event_name = fields.pop("event")
-    build = create_build(
-        api.store, repo, branch=branch, commit=commit, event=event_name, max_jobs=api.max_jobs,
-        pull_ref=fields["ref"] if event_name == EVENT_PULL_REQUEST else "", **fields)
+    try:
+        build = create_build(
+            api.store, repo, branch=branch, commit=commit, event=event_name,
+            max_jobs=api.max_jobs, pull_ref=fields["ref"] if event_name == EVENT_PULL_REQUEST
+            else "", **fields)
+    except NoBuild:
+        return _Reply(None, 204)  # the pipeline's branches filter: Drone answers the same
     return api.build_reply(build)
 
 
@@ -6889,7 +7090,8 @@ def make_app(store, executor=None, *, max_body=DEFAULT_MAX_BODY,
     app.store, app.executor = store, executor
     access = _Access(store)
     api = _Api(store, access, closing=app.closing, max_body=max_body, max_streams=max_streams,
-               heartbeat=heartbeat, max_jobs=max_jobs)
+               heartbeat=heartbeat, max_jobs=max_jobs,
+               cancel_wait=executor.grace + 2 if executor is not None else 0.0)
     pages = _Pages(store, access, api.log_html, max_jobs=max_jobs)
     routes = _API_ROUTES + _WEBHOOK_ROUTES
     api.openapi_document = _openapi_document(routes)

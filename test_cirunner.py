@@ -781,7 +781,10 @@ def test_restart_reuses_number_unless_fork(store, executor, make_repo, app):
     assert fork["commit"] == before["commit"]
     executor.run_until_idle()
     assert app.get("/api/repos/alice/hello/builds/2").json["status"] == cirunner.SUCCESS
-    assert app.get("/api/repos/alice/hello/builds/latest").json["number"] == 2
+    # latest of a branch is its newest build of any event; without ?branch= it is
+    # the newest push of the default branch, as in Drone (these are manual builds)
+    assert app.get("/api/repos/alice/hello/builds/latest?branch=main").json["number"] == 2
+    app.get("/api/repos/alice/hello/builds/latest", status=404)
 
 
 def test_restart_is_409_while_running(store, make_repo, app):
@@ -2505,3 +2508,359 @@ def test_ci_runs_the_readme_test_command_in_a_fresh_virtual_environment():
     assert commands[0].startswith("python3 -m venv .venv && ")
     assert f'grep -m1 -F "{marker}" README.md' in ci
     assert "mktemp -d" in ci and "${command//.venv/" in ci
+
+
+# -- Drone compatibility: Drone's own test cases, ported -------------------------------
+# From github.com/drone/drone at v0.5.0: yaml/matrix_test.go, yaml/constraint_test.go,
+# yaml/branch_test.go. Where cirunner differs on purpose, the test says so.
+
+DRONE_FAKE_MATRIX = """
+pipeline: {t: {commands: [true]}}
+matrix:
+  go_version:
+    - go1
+    - go1.2
+  python_version:
+    - 3.2
+    - 3.3
+  django_version:
+    - 1.7
+    - 1.7.1
+    - 1.7.2
+  redis_version:
+    - 2.6
+    - 2.8
+"""
+
+DRONE_FAKE_MATRIX_INCLUDE = """
+pipeline: {t: {commands: [true]}}
+matrix:
+  include:
+    - go_version: 1.5
+      python_version: 3.4
+    - go_version: 1.6
+      python_version: 3.4
+"""
+
+
+def test_drone_matrix_cases():
+    axes = cirunner.parse_pipeline(DRONE_FAKE_MATRIX).matrix
+    assert len(axes) == 24  # "Should calculate permutations"
+    assert len({tuple(sorted(axis.items())) for axis in axes}) == 24  # "...not duplicate"
+    # "Should return nil if no matrix": one job with no axis here
+    assert cirunner.parse_pipeline("pipeline: {t: {commands: [true]}}\n").matrix == [{}]
+    assert cirunner.parse_pipeline("pipeline: {t: {commands: [true]}}\nmatrix: ~\n").matrix == [{}]
+    included = cirunner.parse_pipeline(DRONE_FAKE_MATRIX_INCLUDE).matrix  # "...included axis"
+    assert len(included) == 2
+    assert [axis["go_version"] for axis in included] == ["1.5", "1.6"]
+    assert [axis["python_version"] for axis in included] == ["3.4", "3.4"]
+    # Drone's rule: a non-empty include is what runs, beside axes too
+    both = DRONE_FAKE_MATRIX.replace("matrix:\n", "matrix:\n  include: [{go_version: '9'}]\n")
+    assert cirunner.parse_pipeline(both).matrix == [{"go_version": "9"}]
+    # an axis name with '-', as Drone accepts
+    dashed = cirunner.parse_pipeline("pipeline: {t: {commands: [true]}}\n"
+                                     "matrix: {GO-VERSION: ['1']}\n").matrix
+    assert dashed == [{"GO-VERSION": "1"}]
+
+
+def when_step(when):
+    return cirunner.parse_pipeline(f"pipeline:\n  s:\n    commands: [true]\n"
+                                   f"    when:\n      {when}\n").steps[0]
+
+
+def branch_matches(constraint, branch):
+    text = f"branch: {constraint}" if constraint else "branch:"
+    return when_step(text).applies(branch=branch, event="push", environment={})
+
+
+@pytest.mark.parametrize("constraint, branch, expected", [
+    ("", "master", True),                                   # Should parse and match empty
+    ("{ include: [ master, develop ] }", "master", True),   # Should parse and match
+    ("[ master, develop ]", "master", True),                # ...shortand
+    ("master", "master", True),                             # ...shortand string
+    ("{ exclude: [ master, develop ] }", "master", False),  # ...exclude
+    ("{ exclude: master }", "master", False),               # ...exclude shorthand
+    ("[master]", "master", True),                           # Should match include
+    ("['feature/*']", "feature/foo", True),                 # ...include pattern
+    ("['feature/*']", "master", False),                     # Should fail to match include pattern
+    ("{ exclude: [master] }", "master", False),             # Should match exclude
+    ("{ exclude: ['feature/*'] }", "feature/foo", False),    # ...exclude pattern
+    ("{ exclude: [foo] }", "bar", True),                    # ...when exclude patterns mismatch
+    # Go's path.Match, not fnmatch: * never crosses /, [^m] negates
+    ("['release/*']", "release/a/b", False),
+    ("['release/*']", "release/a", True),
+    ("['[^m]aster']", "master", False),
+    ("['[^m]aster']", "faster", True),
+    ("['release/**']", "release/a/b", False),
+])
+def test_drone_constraint_cases(constraint, branch, expected):
+    assert branch_matches(constraint, branch) is expected
+
+
+@pytest.mark.parametrize("constraint, expected", [
+    ("", True),                                              # Should parse and match empty
+    ("{ include: { golang: 1.5 } }", True),                  # Should parse and match
+    ("{ golang: 1.5 }", True),                               # ...shortand
+    ("{ exclude: { golang: 1.5 } }", False),                 # ...exclude
+    ("{ exclude: { golang: 1.5, redis: 2.8 } }", True),      # ...mismatch exclude
+    ("{ golang: 1.4 }", False),
+])
+def test_drone_constraint_map_cases(constraint, expected):
+    step = when_step(f"matrix: {constraint}" if constraint else "matrix:")
+    axis = {"golang": "1.5", "redis": "3.2"}
+    assert step.applies(branch="x", event="push", environment=axis) is expected
+
+
+@pytest.mark.parametrize("branches, expected", [
+    ("", True),                                              # Should parse and match empty
+    ("branches: { include: [ master, develop ] }", True),   # Should parse and match
+    ("branches: [ master, develop ]", True),                 # ...shortand
+    ("branches: master", True),                              # ...shortand string
+    ("branches: { exclude: [ master, develop ] }", False),   # ...exclude
+    ("branches: { exclude: master }", False),                # ...exclude shorthand
+])
+def test_drone_branch_cases(branches, expected):
+    pipeline = cirunner.parse_pipeline(f"pipeline: {{t: {{commands: [true]}}}}\n{branches}\n")
+    assert pipeline.builds_branch("master") is expected
+
+
+@pytest.mark.parametrize("when, context, expected", [
+    ("event: [push, tag, deployment]", {"event": "deployment"}, True),
+    ("event: 'pu*'", {"event": "pull_request"}, True),
+    ("event: 'pu*'", {"event": "tag"}, False),
+    ("event: {exclude: [pull_request]}", {"event": "pull_request"}, False),
+    ("event: {exclude: [pull_request]}", {"event": "push"}, True),
+    ("environment: production", {"deploy_to": "production"}, True),
+    ("environment: production", {"deploy_to": "staging"}, False),
+    ("platform: linux/*", {"platform": "linux/arm64"}, True),
+    ("platform: linux/amd64", {"platform": "linux/arm64"}, False),
+    ("ref: refs/tags/*", {"ref": "refs/tags/v1"}, True),
+    ("repo: alice/*", {"repo": "bob/x"}, False),
+    ("status: [success, failure]", {"job_status": "failure"}, True),
+    ("status: failure", {"job_status": "success"}, False),
+])
+def test_when_keys_are_evaluated_as_drone_does(when, context, expected):
+    step = when_step(when)
+    arguments = {"branch": "main", "event": "push", "environment": {}, **context}
+    assert step.applies(**arguments) is expected
+
+
+def test_status_changed_runs_when_the_status_differs_from_the_previous_build(
+        store, executor, make_repo, tmp_path):
+    repo = make_repo({".cirunner.yml": (
+        "pipeline:\n  t: {commands: ['test \"$OUTCOME\" = ok']}\n"
+        "  notify:\n    commands: ['echo changed-from-$DRONE_PREV_BUILD_STATUS']\n"
+        "    when: {status: [changed]}\n")})
+    outcomes = {}
+    for number, outcome in enumerate(("bad", "ok", "ok", "bad"), start=1):
+        build = cirunner.create_build(store, repo, variables={"OUTCOME": outcome})
+        executor.run_until_idle()
+        outcomes[number] = "changed-from" in log_text(store, build, 1).replace("echo changed", "")
+    # 1: no previous build (Drone: changed means failure) and it failed: ran;
+    # 2: failure -> success: ran; 3: success -> success: not; 4: success -> failure: ran
+    assert outcomes == {1: True, 2: True, 3: False, 4: True}
+
+
+@pytest.mark.parametrize("expression, expected", [
+    ("${SHA:0:8}", "01234567"), ("${SHA:32}", "89abcdef"), ("${NAME^}", "World"),
+    ("${NAME^^}", "WORLD"), ("${UPPER,}", "hELLO"), ("${UPPER,,}", "hello"),
+    ("${REF/refs\\/heads\\//}", "main"), ("${PATHS//\\//_}", "a_b_c"), ("${REF#refs/}", "heads/main"),
+    ("${FILE##*.}", "gz"), ("${FILE%.*}", "x.tar"), ("${FILE%%.*}", "x"), ("${#NAME}", "5"),
+    ("${UNSET=d}", "d"), ("${EMPTY:=d}", "d"), ("${UNSET-d}", "d"), ("${EMPTY-d}", ""),
+    ("${UNSET:-d}", "d"), ("${NAME:-d}", "world"), ("$${NAME}", "${NAME}"),
+    ("${TAG##v}", "1.2.3"), ("${UNKNOWN}", "${UNKNOWN}"),
+])
+def test_drone_envsubst_forms(expression, expected):
+    variables = {"SHA": "0123456789abcdef0123456789abcdef89abcdef", "NAME": "world",
+                 "UPPER": "HELLO", "REF": "refs/heads/main", "PATHS": "a/b/c",
+                 "FILE": "x.tar.gz", "EMPTY": "", "TAG": "v1.2.3"}
+    assert cirunner.substitute(expression, variables) == expected
+
+
+def test_substitution_in_images_settings_and_environment_and_bad_forms_are_errors():
+    pipeline = cirunner.parse_pipeline(
+        "pipeline:\n  build:\n    image: 'golang:${GO:-1.8}'\n    commands: [go test]\n"
+        "    environment: {SHORT: '${DRONE_COMMIT_SHA:0:8}'}\n"
+        "  publish:\n    image: plugins/docker\n    tags: ['${DRONE_COMMIT_SHA:0:8}', latest]\n")
+    steps = pipeline.steps_for({"DRONE_COMMIT_SHA": "abcdef0123456789"})
+    assert steps[0].image == "golang:1.8"
+    assert steps[0].environment["SHORT"] == "abcdef01"
+    assert steps[1].plugin_environment()["PLUGIN_TAGS"] == "abcdef01,latest"
+    with pytest.raises(cirunner.ConfigError, match="bad substitution"):
+        cirunner.parse_pipeline("pipeline:\n  t:\n    image: 'x:${SHA:a:b}'\n"
+                                "    commands: [true]\n")
+
+
+def test_duplicate_keys_are_errors_naming_both_lines():
+    text = ("pipeline:\n  test:\n    commands: [go test]\n  codecov:\n    commands: [true]\n"
+            "  test:\n    commands: [go build]\n")
+    with pytest.raises(cirunner.ConfigError) as caught:
+        cirunner.parse_pipeline(text, ".drone.yml")
+    assert caught.value.message.startswith(".drone.yml line 6: duplicate key 'test' (first on "
+                                           "line 2)")
+
+
+def test_every_problem_is_named_at_once():
+    text = ("pipeline:\n"
+            "  a:\n    commands: [true]\n    when: {evnt: push}\n"       # line 4
+            "  b:\n    image: plugins/slack\n    webhook: x\n    channel: dev\n"
+            "    recipients: [a, b]\n    template: t\n    format: f\n"   # a plugin: settings
+            "  c:\n    image: 5\n    commands: [true]\n"                 # line 13
+            "networks: {}\n"                                             # line 15
+            "fail_fast: perhaps\n")                                      # line 16
+    with pytest.raises(cirunner.ConfigError) as caught:
+        cirunner.parse_pipeline(text, ".drone.yml")
+    lines = [line for line, _ in caught.value.problems]
+    assert lines == [4, 13, 15, 16], caught.value.message
+    assert "'networks' is a Drone key this server does not support" in caught.value.message
+
+
+def test_a_drone_1x_file_gets_one_clear_message():
+    for text in ("kind: pipeline\nname: default\nsteps:\n- name: t\n  image: alpine\n",
+                 "pipeline: {t: {commands: [true]}}\n---\nkind: secret\n"):
+        with pytest.raises(cirunner.ConfigError) as caught:
+            cirunner.parse_pipeline(text, ".drone.yml")
+        assert len(caught.value.problems) == 1
+        assert "Drone 1.x pipeline" in caught.value.message
+        assert "not supported yet" in caught.value.message
+
+
+def test_drone_04_sections_and_matrix_variables(store, executor, make_repo):
+    repo = make_repo({".drone.yml": (
+        "build:\n  image: golang:$$GO_VERSION\n  commands:\n"
+        "    - echo \"go $$GO_VERSION db $$DB\"\n"
+        "matrix:\n  GO_VERSION: [1.4]\n  DB: [sqlite]\n")})
+    pipeline = cirunner.parse_pipeline(
+        "build:\n  image: golang:$$GO_VERSION\n  commands: [echo]\n"
+        "publish:\n  docker:\n    repo: x/y\nnotify:\n  slack: {channel: dev}\n")
+    assert [(step.name, step.kind, step.image) for step in pipeline.steps] == [
+        ("build", "step", "golang:$$GO_VERSION"), ("publish-docker", "plugin",
+                                                   "plugins/drone-docker"),
+        ("notify-slack", "plugin", "plugins/drone-slack")]
+    assert [service.name for service in cirunner.parse_pipeline(
+        "build: {image: x, commands: [true]}\ncompose: {cache: {image: redis}}\n").services] == [
+        "cache"]
+    # $$VAR is the matrix value in a 0.4 file (once it reached the shell as its pid)
+    build = cirunner.create_build(store, repo)
+    executor.run_until_idle()
+    assert "go 1.4 db sqlite" in log_text(store, build, 1)
+    assert store.get_build_by_id(build["id"])["status"] == "success"
+
+
+def test_commit_message_text_never_runs_as_a_command(store, executor, make_repo, tmp_path):
+    marker = tmp_path / "INJECTED"
+    message = f'Fix typo"; touch {marker}; echo "'
+    repo = make_repo({".cirunner.yml": "pipeline: {t: {commands: ['echo \"${CI_COMMIT_MESSAGE}\"', "
+                                       "'echo \"$DRONE_COMMIT_MESSAGE\"']}}\n"})
+    build = cirunner.create_build(store, repo, message=message)
+    executor.run_until_idle()
+    text = log_text(store, build, 1)
+    assert text.count(message) >= 2  # printed, as text
+    assert not marker.exists()
+    assert store.get_build_by_id(build["id"])["status"] == "success"
+
+
+DRONE_05_VARIABLES = (
+    "CI", "DRONE", "DRONE_ARCH", "DRONE_REPO", "DRONE_REPO_SCM", "DRONE_REPO_OWNER",
+    "DRONE_REPO_NAME", "DRONE_REPO_LINK", "DRONE_REPO_AVATAR", "DRONE_REPO_BRANCH",
+    "DRONE_REPO_PRIVATE", "DRONE_REPO_TRUSTED", "DRONE_REMOTE_URL", "DRONE_COMMIT_SHA",
+    "DRONE_COMMIT_REF", "DRONE_COMMIT_REFSPEC", "DRONE_COMMIT_BRANCH", "DRONE_COMMIT_LINK",
+    "DRONE_COMMIT_MESSAGE", "DRONE_COMMIT_AUTHOR", "DRONE_COMMIT_AUTHOR_EMAIL",
+    "DRONE_COMMIT_AUTHOR_AVATAR", "DRONE_BUILD_NUMBER", "DRONE_BUILD_EVENT",
+    "DRONE_BUILD_STATUS", "DRONE_BUILD_LINK", "DRONE_BUILD_CREATED", "DRONE_BUILD_STARTED",
+    "DRONE_BUILD_FINISHED", "DRONE_JOB_NUMBER", "DRONE_JOB_STATUS", "DRONE_JOB_ERROR",
+    "DRONE_JOB_EXIT_CODE", "DRONE_JOB_STARTED", "DRONE_JOB_FINISHED", "DRONE_YAML_VERIFIED",
+    "DRONE_YAML_SIGNED", "DRONE_BRANCH", "DRONE_COMMIT", "DRONE_VERSION", "DRONE_TAG",
+    "DRONE_PULL_REQUEST", "DRONE_DEPLOY_TO", "DRONE_PREV_BUILD_STATUS",
+    "DRONE_PREV_BUILD_NUMBER", "DRONE_PREV_COMMIT_SHA")
+DRONE_04_VARIABLES = ("CI_NAME", "CI_PULL_REQUEST", "CI_BUILD_DIR", "CI_BUILD_URL", "DRONE_DIR")
+
+
+def test_steps_get_drone_variables_with_their_meanings(store, make_repo, app):
+    assert len(DRONE_05_VARIABLES) == 46
+    executor = cirunner.Executor(store, workers=1, engine="none",
+                                 public_url="http://ci.example:8080")
+    repo = make_repo({".cirunner.yml": (
+        "pipeline:\n  fail: {commands: ['exit 3'], failure: ignore}\n"
+        "  broken: {commands: ['exit 4']}\n"
+        "  env:\n    commands: ['env | sort']\n    environment: {AXIS: from-step}\n"
+        "    when: {status: [success, failure]}\n"
+        "matrix: {AXIS: [from-matrix]}\n")})
+    first = cirunner.create_build(store, repo)
+    executor.run_until_idle()
+    tag = cirunner.create_build(store, repo, event="tag", ref="refs/tags/v1.0")
+    executor.run_until_idle()
+    env = dict(line.split("=", 1) for line in log_text(store, tag, 1).splitlines()
+               if re.match(r"^[A-Z_]+=", line))
+    missing = [name for name in DRONE_05_VARIABLES + DRONE_04_VARIABLES
+               if name not in env and name not in ("DRONE_PULL_REQUEST", "DRONE_DEPLOY_TO")]
+    assert missing == []
+    assert env["DRONE_BUILD_STATUS"] == "failure"  # the status so far: 'broken' failed
+    assert env["DRONE_BUILD_LINK"] == "http://ci.example:8080/alice/hello/2"
+    assert env["DRONE_TAG"] == "v1.0" and env["DRONE_BUILD_EVENT"] == "tag"
+    assert env["DRONE_PREV_BUILD_NUMBER"] == "1"
+    assert env["DRONE_PREV_COMMIT_SHA"] == first["commit_sha"]
+    assert env["AXIS"] == "from-matrix"  # a matrix value wins over the step's, as in Drone
+    assert env["CI"] == "true"  # cirunner keeps true (Drone 0.5/0.8: drone; 1.x: true)
+    executor.stop()
+
+
+def test_drone_clients_get_drone_answers(store, executor, make_repo, app):
+    repo = make_repo({".cirunner.yml": (
+        "pipeline:\n  one: {commands: ['echo first']}\n  two: {commands: ['echo second']}\n"
+        "  deploy:\n    commands: ['echo \"to $DRONE_DEPLOY_TO\"']\n"
+        "    when: {event: deployment, environment: production}\n")})
+    cirunner.create_build(store, repo, event="push")
+    executor.run_until_idle()
+    # Drone 0.5's `drone build logs`: JSON lines with the step as proc
+    lines = app.get("/api/repos/alice/hello/logs/1/1",
+                    headers={"Accept": "application/json"}).json
+    assert {"proc": "one", "time": 0, "type": 0, "pos": 1, "out": "first"} in lines
+    assert {"proc": "two", "type": 2, "pos": 2, "out": "0"}.items() <= next(
+        line for line in lines if line["proc"] == "two" and line["type"] == 2).items()
+    assert lines[0]["proc"] == "clone"  # the checkout, before the first step
+    # Drone 1.x's step logs: GET, DELETE
+    assert app.get("/api/repos/alice/hello/builds/1/logs/1/2").json == [
+        {"pos": 0, "out": "+ echo second\n", "time": 0}, {"pos": 1, "out": "second\n", "time": 0}]
+    app.delete("/api/repos/alice/hello/builds/1/logs/1/1", status=204)
+    text = app.get("/api/repos/alice/hello/logs/1/1").text
+    assert "first" not in text and "second" in text
+    assert app.get("/api/repos/alice/hello/builds/1/logs/1/2").json[1]["out"] == "second\n"
+    # `drone deploy`: a fork as a deployment, with DRONE_DEPLOY_TO
+    deployed = app.post("/api/repos/alice/hello/builds/1?fork=true&event=deployment"
+                        "&deploy_to=production", status=202).json
+    assert (deployed["event"], deployed["deploy_to"], deployed["variables"]) == (
+        "deployment", "production", {})
+    executor.run_until_idle()
+    assert "to production" in app.get(f"/api/repos/alice/hello/logs/{deployed['number']}/1").text
+    # latest: with a branch, any event; without, the newest push of the default branch
+    assert app.get("/api/repos/alice/hello/builds/latest?branch=main").json["number"] == 2
+    assert app.get("/api/repos/alice/hello/builds/latest").json["number"] == 1
+
+
+def test_cancel_answers_the_build_as_it_is_after_and_skips_pending_jobs(store, make_repo, app):
+    repo = make_repo({".cirunner.yml": "pipeline: {t: {commands: [true]}}\nmatrix: {N: [a, b]}\n"})
+    cirunner.create_build(store, repo)
+    cancelled = app.delete("/api/repos/alice/hello/builds/1").json
+    assert cancelled["status"] == "killed"
+    assert [job["status"] for job in cancelled["jobs"]] == ["skipped", "skipped"]
+
+
+def test_a_branches_filter_makes_no_build_and_says_why(store, executor, hook_repo, tmp_path):
+    push(hook_repo, {".cirunner.yml": "branches: {exclude: ['wip/*']}\n"
+                                      "pipeline: {t: {commands: [true]}}\n"}, "filtered")
+    git(hook_repo["work"], "checkout", "-q", "-b", "wip/x")
+    sha = commit_files(hook_repo["work"], {"f": "1"}, message="on wip")
+    git(hook_repo["work"], "push", "-q", "origin", "wip/x")
+    repo = hook_repo["repo"]
+    with pytest.raises(cirunner.NoBuild, match="excludes branch 'wip/x'"):
+        cirunner.create_build(store, repo, branch="wip/x")
+    app = webtest.TestApp(cirunner.make_app(store, executor))
+    body = json.dumps(github_push(sha, "on wip", ref="refs/heads/wip/x")).encode()
+    app.post("/hook", body, status=204, headers={
+        "X-GitHub-Event": "push", "Content-Type": "application/json", **sign(body, "github")})
+    assert store.list_builds(repo["id"]) == []
+    data = str(tmp_path / "cli-data")
+    run_cli("repo", "add", "alice/hello", "--url", hook_repo["bare"], "--data", data)
+    result = run_cli("build", "alice/hello", "--branch", "wip/x", "--data", data)
+    assert result.returncode == 1 and "branches filter excludes branch 'wip/x'" in result.stderr

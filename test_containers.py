@@ -311,3 +311,433 @@ def test_without_an_engine_images_run_on_the_host_and_services_fail_clearly(tmp_
         assert "apt-get install podman" in build["jobs"][0]["error"]
     finally:
         server.stop()
+
+
+# -- real Drone files ----------------------------------------------------------------
+# Five .drone.yml files of public repositories, as they were at the commit named
+# (Drone 0.4, 0.5 and 0.8 forms). Each is parsed and expanded as it is; to run,
+# its images are replaced by the local test images (no registry is reachable)
+# and each command by an echo of it (their tools are not in a busybox image).
+
+REAL_DRONE_FILES = {
+    # drone/drone at commit 390c920e7886a92fe73982e4c782d34d50ec0364, .drone.yml
+    'drone/drone@390c920e7886': (
+        'clone:\n'
+        '  path: github.com/drone/drone\n'
+        '\n'
+        'build:\n'
+        '  image: drone/golang:1.5\n'
+        '  environment:\n'
+        '    - GO15VENDOREXPERIMENT=1\n'
+        '  commands:\n'
+        '    - make deps gen\n'
+        '    - make test test_postgres test_mysql\n'
+        '    - make build build_static deb docs\n'
+        '\n'
+        'compose:\n'
+        '  postgres:\n'
+        '    image: postgres:9.4.5\n'
+        '    environment:\n'
+        '      - POSTGRES_USER=postgres\n'
+        '  mysql:\n'
+        '    image: mysql:5.6.27\n'
+        '    environment:\n'
+        '      - MYSQL_DATABASE=test\n'
+        '      - MYSQL_ALLOW_EMPTY_PASSWORD=yes\n'
+        '\n'
+        'publish:\n'
+        '  docker:\n'
+        '    username: drone\n'
+        '    password: $$DOCKER_PASS\n'
+        '    email: $$DOCKER_EMAIL\n'
+        '    repo: drone/drone\n'
+        '    tag:\n'
+        '      - "latest" \n'
+        '      - "0.4.1"\n'
+        '      - "0.4"\n'
+        '    when:\n'
+        '      repo: drone/drone\n'
+        '      branch: master\n'
+        '\n'
+        'notify:\n'
+        '  gitter:\n'
+        '    webhook: https://webhooks.gitter.im/e/$$GITTER_KEY\n'),
+    # drone/drone at commit d78a768e5b935c1d96f6b4df1e5a9726d6fe949a, .drone.yml
+    'drone/drone@d78a768e5b93': (
+        'workspace:\n'
+        '  base: /go\n'
+        '  path: src/github.com/drone/drone\n'
+        '\n'
+        'pipeline:\n'
+        '  test:\n'
+        '    image: golang:1.6\n'
+        '    environment:\n'
+        '      - GO15VENDOREXPERIMENT=1\n'
+        '    commands:\n'
+        '      - make deps gen\n'
+        '      - make test test_postgres test_mysql\n'
+        '\n'
+        '  compile:\n'
+        '    image: golang:1.6\n'
+        '    environment:\n'
+        '      - GO15VENDOREXPERIMENT=1\n'
+        '      - GOPATH=/go\n'
+        '    commands:\n'
+        '      - export PATH=$PATH:$GOPATH/bin\n'
+        '      - make build\n'
+        '    when:\n'
+        '      event: push\n'
+        '\n'
+        '  archive:\n'
+        '    image: plugins/s3\n'
+        '    acl: public-read\n'
+        '    bucket: downloads.drone.io\n'
+        '    source: release/**/*.*\n'
+        '    access_key: ${AWS_ACCESS_KEY_ID}\n'
+        '    secret_key: ${AWS_SECRET_ACCESS_KEY}\n'
+        '    when:\n'
+        '      event: push\n'
+        '      branch: master\n'
+        '\n'
+        '  publish:\n'
+        '    image: plugins/docker\n'
+        '    repo: drone/drone\n'
+        '    username: ${DOCKER_USERNAME}\n'
+        '    password: ${DOCKER_PASSWORD}\n'
+        '    tag: [ "0.5", "0.5.0", "0.5.0-rc", "latest" ]\n'
+        '    when:\n'
+        '      branch: master\n'
+        '      event: push\n'
+        '\n'
+        '  notify:\n'
+        '    image: plugins/gitter\n'
+        '    webhook: ${GITTER_WEBHOOK}\n'
+        '    when:\n'
+        '      status: [ success, failure ]\n'
+        '      event: [ push, pull_request ]\n'
+        '\n'
+        'services:\n'
+        '  postgres:\n'
+        '    image: postgres:9.4.5\n'
+        '    environment:\n'
+        '      - POSTGRES_USER=postgres\n'
+        '  mysql:\n'
+        '    image: mysql:5.6.27\n'
+        '    environment:\n'
+        '      - MYSQL_DATABASE=test\n'
+        '      - MYSQL_ALLOW_EMPTY_PASSWORD=yes\n'),
+    # appleboy/gorush at commit a6546b568cd767627a5ddfdc74d28a1aeaa80a0d, .drone.yml
+    'appleboy/gorush@a6546b568cd7': (
+        'pipeline:\n'
+        '  # restore the cache from an sftp server\n'
+        '  restore_cache:\n'
+        '    image: appleboy/drone-sftp-cache\n'
+        '    restore: true\n'
+        '    mount: [ .glide, vendor ]\n'
+        '    ignore_branch: true\n'
+        '\n'
+        '  build:\n'
+        '    image: appleboy/golang-testing:${GO_VERSION}\n'
+        '    environment:\n'
+        '      - GOPATH=/go\n'
+        '    commands:\n'
+        '      - make install\n'
+        '      - coverage all\n'
+        '\n'
+        '  line:\n'
+        '    image: appleboy/drone-line\n'
+        '    pull: true\n'
+        '    to: u359650f919427b5229330c7205c47ee4\n'
+        '    when:\n'
+        '      status: [ success, failure ]\n'
+        '      matrix:\n'
+        '        GO_VERSION: 1.7.1\n'
+        '\n'
+        '  gtalk:\n'
+        '    image: appleboy/drone-gtalk\n'
+        '    pull: true\n'
+        '    to: appleboy.tw@gmail.com\n'
+        '    when:\n'
+        '      status: [ success, failure ]\n'
+        '      matrix:\n'
+        '        GO_VERSION: 1.7.1\n'
+        '\n'
+        '  facebook:\n'
+        '    image: appleboy/drone-facebook\n'
+        '    pull: true\n'
+        '    to: 1234973386524610\n'
+        '    when:\n'
+        '      status: [ success, failure ]\n'
+        '      matrix:\n'
+        '        GO_VERSION: 1.7.1\n'
+        '\n'
+        '  telegram:\n'
+        '    image: appleboy/drone-telegram\n'
+        '    pull: true\n'
+        '    to: 65382999\n'
+        '    when:\n'
+        '      status: [ success, failure ]\n'
+        '      matrix:\n'
+        '        GO_VERSION: 1.7.1\n'
+        '\n'
+        '  # rebuild the cache on the sftp server\n'
+        '  rebuild_cache:\n'
+        '    image: appleboy/drone-sftp-cache\n'
+        '    rebuild: true\n'
+        '    mount: [ .glide, vendor ]\n'
+        '    ignore_branch: true\n'
+        '    when:\n'
+        '      branch: master\n'
+        '      matrix:\n'
+        '        GO_VERSION: 1.7.1\n'
+        '\n'
+        'services:\n'
+        '  redis:\n'
+        '    image: redis:alpine\n'
+        '\n'
+        'workspace:\n'
+        '  path: /go/src/github.com/appleboy/gorush\n'
+        '\n'
+        'matrix:\n'
+        '  GO_VERSION:\n'
+        '    - 1.7.1\n'
+        '    - 1.6.3\n'),
+    # go-gitea/git at commit 0a4f451834ba4159e5c09be0a4202aa9f5e00237, .drone.yml
+    'go-gitea/git@0a4f451834ba': (
+        'workspace:\n'
+        '  base: /srv/app\n'
+        '  path: src/code.gitea.io/git\n'
+        '\n'
+        'clone:\n'
+        '  git:\n'
+        '    image: plugins/git:1\n'
+        '    # Tests require the entire history (for some reason)\n'
+        '    #depth: 50\n'
+        '    tags: true\n'
+        '\n'
+        'pipeline:\n'
+        '  testing:\n'
+        '    image: webhippie/golang:edge\n'
+        '    pull: true\n'
+        '    commands:\n'
+        '      - git update-ref refs/heads/test HEAD\n'
+        '      - make clean\n'
+        '      - make vet\n'
+        '      - make lint\n'
+        '      # Test with latest git version\n'
+        '      - git --version && make test\n'
+        '      # Test with git version 1.7.2\n'
+        '      - apk add --update autoconf zlib-dev > /dev/null &&\n'
+        '        mkdir build &&\n'
+        '        curl -sL "https://github.com/git/git/archive/v1.7.2.tar.gz" -o git.tar.gz &&\n'
+        '        tar -C build -xzf git.tar.gz &&\n'
+        '        cd build/git-1.7.2 &&\n'
+        '        { autoconf 2> err || { cat err && false; } } &&\n'
+        '        ./configure --without-tcltk --prefix=/usr/local > /dev/null &&\n'
+        '        { make install NO_PERL=please > /dev/null 2> err || { cat err && false; } } &&\n'
+        '        cd ../.. &&\n'
+        '        rm -rf build git.tar.gz &&\n'
+        '        hash -r &&\n'
+        '        git --version &&\n'
+        '        make test\n'
+        '      # Test a build (is this really needed?)\n'
+        '      - make build\n'
+        '\n'
+        '  # coverage:\n'
+        '  #   image: plugins/coverage:1\n'
+        '  #   pull: true\n'
+        '  #   secrets: [ github_token ]\n'
+        '  #   server: https://coverage.gitea.io\n'
+        '\n'
+        '  discord:\n'
+        '    image: appleboy/drone-discord:1.0.0\n'
+        '    pull: true\n'
+        '    secrets: [ discord_webhook_id, discord_webhook_token ]\n'
+        '    when:\n'
+        '      event: [ push, tag, pull_request ]\n'
+        '      status: [ changed, failure ]\n'),
+    # appleboy/drone-ssh at commit 84cb1840391d0080db9c3d4730d63924f1009fc6, .drone.yml
+    'appleboy/drone-ssh@84cb1840391d': (
+        'workspace:\n'
+        '  base: /go/src\n'
+        '  path: github.com/appleboy/drone-ssh\n'
+        '\n'
+        'clone:\n'
+        '  git:\n'
+        '    image: plugins/git\n'
+        '    depth: 50\n'
+        '    tags: true\n'
+        '\n'
+        'pipeline:\n'
+        '  lint:\n'
+        '    image: appleboy/golang-testing\n'
+        '    pull: true\n'
+        '    group: golang\n'
+        '    commands:\n'
+        '      - make vet\n'
+        '      - make lint\n'
+        '      - make test-vendor\n'
+        '\n'
+        '  linux_amd64:\n'
+        '    image: appleboy/golang-testing\n'
+        '    pull: true\n'
+        '    group: golang\n'
+        '    commands:\n'
+        '      - make linux_amd64\n'
+        '\n'
+        '  linux_arm64:\n'
+        '    image: appleboy/golang-testing\n'
+        '    pull: true\n'
+        '    group: golang\n'
+        '    commands:\n'
+        '      - make linux_arm64\n'
+        '\n'
+        '  linux_arm:\n'
+        '    image: appleboy/golang-testing\n'
+        '    pull: true\n'
+        '    group: golang\n'
+        '    commands:\n'
+        '      - make linux_arm\n'
+        '\n'
+        '  test:\n'
+        '    image: appleboy/golang-testing\n'
+        '    pull: true\n'
+        '    group: golang\n'
+        '    commands:\n'
+        '      - make ssh-server\n'
+        '      - make test\n'
+        '      - make coverage\n'
+        '\n'
+        '  release:\n'
+        '    image: appleboy/golang-testing\n'
+        '    pull: true\n'
+        '    commands:\n'
+        '      - make release\n'
+        '    when:\n'
+        '      event: [ tag ]\n'
+        '      local: false\n'
+        '\n'
+        '  codecov:\n'
+        '    image: robertstettner/drone-codecov\n'
+        '    secrets: [ codecov_token ]\n'
+        '    files:\n'
+        '      - .cover/coverage.txt\n'
+        '    when:\n'
+        '      event: [ push, pull_request ]\n'
+        '      status: [ success ]\n'
+        '\n'
+        '  publish:\n'
+        '    image: plugins/docker\n'
+        '    pull: true\n'
+        '    repo: ${DRONE_REPO}\n'
+        '    default_tags: true\n'
+        '    secrets: [ docker_username, docker_password ]\n'
+        '    group: release\n'
+        '    when:\n'
+        '      event: [ push, tag ]\n'
+        '      local: false\n'
+        '\n'
+        '  release_tag:\n'
+        '    image: plugins/github-release\n'
+        '    pull: true\n'
+        '    secrets: [ github_release_api_key ]\n'
+        '    group: release\n'
+        '    files:\n'
+        '      - dist/release/*\n'
+        '    when:\n'
+        '      event: [ tag ]\n'
+        '      local: false\n'
+        '\n'
+        '  discord:\n'
+        '    image: appleboy/drone-discord\n'
+        '    pull: true\n'
+        '    secrets: [ discord_webhook_id, discord_webhook_token ]\n'
+        '    when:\n'
+        '      status: [ changed, failure ]\n'),
+}
+REAL_DRONE_SHAPES = {  # (form, steps, services, jobs)
+    "drone/drone@390c920e7886": ("0.4", 3, 2, 1),
+    "drone/drone@d78a768e5b93": ("0.5", 5, 2, 1),
+    "appleboy/gorush@a6546b568cd7": ("0.5", 7, 1, 2),
+    "go-gitea/git@0a4f451834ba": ("0.8", 2, 0, 1),
+    "appleboy/drone-ssh@84cb1840391d": ("0.8", 10, 0, 1),
+}
+
+
+@pytest.mark.parametrize("source", sorted(REAL_DRONE_FILES))
+def test_real_drone_files_parse_and_expand(source):
+    pipeline = cirunner.parse_pipeline(REAL_DRONE_FILES[source], ".drone.yml")
+    form, steps, services, jobs = REAL_DRONE_SHAPES[source]
+    assert ("0.4" if pipeline.drone04 else "0.5+", len(pipeline.steps), len(pipeline.services),
+            len(pipeline.matrix)) == ("0.4" if form == "0.4" else "0.5+", steps, services, jobs)
+
+
+def localize(text):
+    """A Drone file made to run here: local images, and each command an echo of it."""
+    import yaml
+
+    document = yaml.safe_load(text)
+
+    def step(body, service=False):
+        for key in ("pull", "privileged", "volumes", "image"):
+            body.pop(key, None)
+        if service:
+            body.pop("commands", None)
+            body.update(image=f"{IMAGE}:1", command=["httpd", "-f", "-p", "80", "-h", "/www"])
+        elif "commands" in body:
+            body.update(image=f"{IMAGE}:1",
+                        commands=["echo " + cirunner.shlex.quote(str(command))
+                                  for command in body["commands"]])
+        else:
+            body["image"] = PLUGIN
+        return body
+
+    for section in ("pipeline", "build", "publish", "deploy", "notify"):
+        steps = document.get(section)
+        if section == "build" and isinstance(steps, dict) and "commands" in steps:
+            document["build"] = step(steps)
+        elif isinstance(steps, dict):
+            document[section] = {name: step(body or {}) for name, body in steps.items()}
+    for section in ("services", "compose"):
+        if isinstance(document.get(section), dict):
+            document[section] = {name: step(body, service=True)
+                                 for name, body in document[section].items()}
+    if isinstance(document.get("clone"), dict):
+        for body in document["clone"].values():
+            if isinstance(body, dict):
+                body.pop("image", None)
+    return yaml.safe_dump(document, sort_keys=False)
+
+
+def test_real_drone_files_run_green_in_local_images(tmp_path, servers):
+    server = servers(tmp_path / "data")
+    for index, source in enumerate(sorted(REAL_DRONE_FILES), start=1):
+        repo = str(tmp_path / f"repo{index}")
+        commit_files(repo, {".drone.yml": localize(REAL_DRONE_FILES[source])})
+        name = f"alice/real{index}"
+        assert server.api("POST", f"/api/repos/{name}", {"url": repo})[0] == 201
+        assert server.api("POST", f"/api/repos/{name}/builds", {"event": "push"})[0] == 201
+    for index, source in enumerate(sorted(REAL_DRONE_FILES), start=1):
+        build = finished(server, f"alice/real{index}", 1, timeout=120)
+        logs = "".join(http_text(server.url + f"/api/repos/alice/real{index}/logs/1/"
+                                              f"{job['number']}") for job in build["jobs"])
+        assert build["status"] == "success", (source, build["error"], logs[-2000:])
+        ran = [step["name"] for job in build["jobs"] for step in job["steps"]
+               if step["status"] == "success"]
+        assert ran, source
+
+
+def test_commit_message_text_never_runs_in_a_container(tmp_path, servers):
+    data = tmp_path / "data"
+    server = servers(data, "--keep-workspaces")
+    repo = str(tmp_path / "repo")
+    message = 'Fix typo"; touch INJECTED; echo "'
+    commit_files(repo, {".drone.yml": (
+        "pipeline:\n  t:\n    image: localhost/cirunner-test:1\n"
+        "    commands: ['echo \"${CI_COMMIT_MESSAGE}\"', 'echo \"$DRONE_COMMIT_MESSAGE\"']\n")},
+        message=message)
+    server.api("POST", "/api/repos/alice/hello", {"url": repo})
+    server.api("POST", "/api/repos/alice/hello/builds", {})
+    assert finished(server, "alice/hello", 1)["status"] == "success"
+    assert http_text(server.url + "/api/repos/alice/hello/logs/1/1").count(message) >= 2
+    assert not (workspace_of(data, "alice/hello", 1, 1) / "INJECTED").exists()
