@@ -125,6 +125,7 @@ import json
 import logging
 import os
 import re
+import resource
 import secrets
 import select
 import shlex
@@ -196,6 +197,9 @@ PIPELINE_FILES = (".cirunner.yml", ".drone.yml")
 
 DEFAULT_MAX_JOBS = 256          # matrix size limit; larger is an error, never a cut
 DEFAULT_MAX_BODY = 1024 * 1024  # request bodies of the API
+MAX_WEBHOOK_BODY = 25 * 1024 * 1024  # webhook payloads (GitHub's own cap)
+MAX_VARIABLES_BYTES = 64 * 1024  # a build's variables, names and values together
+_LAST_TIMESTAMP = 253402300799  # 9999-12-31T23:59:59Z
 MAX_DESCRIPTION = 10_000        # characters of a build's description
 MAX_SCRIPT_BYTES = 96 * 1024    # a step's script is one argv entry (Linux allows 128 KiB)
 MIN_MASKED_LENGTH = 4           # shorter secret values would mask half the log
@@ -211,6 +215,8 @@ DEFAULT_DATA_DIR = "cirunner-data"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
 DEFAULT_HTTP_THREADS = 32       # each open live-log stream holds one
+DEFAULT_CONNECTION_LIMIT = 1000  # open connections (each an idle socket, not a thread)
+IDLE_CONNECTION_SECONDS = 30    # a connection silent this long between requests is closed
 DEFAULT_TIMEOUT_MINUTES = 60
 DEFAULT_GRACE_SECONDS = 10.0    # SIGTERM -> SIGKILL
 SSE_HEARTBEAT_SECONDS = 15.0    # keeps proxies from closing a silent stream
@@ -381,6 +387,21 @@ def _check_variables(variables):
             raise BadRequest(f"variable {name} contains a NUL byte")
         checked[name] = value
     return checked
+
+
+def _parse_json(raw, what):
+    """JSON text as Python values; 400 for malformed JSON, NaN or Infinity, and
+    nesting too deep for the parser (its RecursionError is a clean stop)."""
+    try:
+        return json.loads(raw, parse_constant=_no_json_constant)
+    except ValueError as exc:
+        raise BadRequest(f"the {what} is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise BadRequest(f"the {what} nests too deeply to be read") from None
+
+
+def _no_json_constant(name):
+    raise ValueError(f"{name} is not a JSON number")
 
 
 def _check_int(value, name, *, default=None, minimum=0, maximum=None):
@@ -5767,12 +5788,13 @@ class _Api:
     """
 
     def __init__(self, store, access, *, closing, max_body=DEFAULT_MAX_BODY,
-                 max_streams=DEFAULT_HTTP_THREADS - 4, heartbeat=SSE_HEARTBEAT_SECONDS,
+                 max_webhook_body=MAX_WEBHOOK_BODY, max_streams=DEFAULT_HTTP_THREADS - 4, heartbeat=SSE_HEARTBEAT_SECONDS,
                  max_jobs=DEFAULT_MAX_JOBS, cancel_wait=0.0):
         self.store = store
         self.access = access
         self.closing = closing
         self.max_body = max_body
+        self.max_webhook_body = max_webhook_body
         self.max_streams = max_streams
         self.heartbeat = heartbeat
         self.max_jobs = max_jobs
@@ -5797,14 +5819,20 @@ class _Api:
         return user["login"] if user else "someone"
 
     def read_body(self):
-        """The raw request body, at most `max_body` bytes (413 beyond)."""
+        """The raw request body, at most `body_limit()` bytes (413 beyond)."""
         environ = bottle.request.environ
         stream = environ.get("wsgi.input")
         length = int(environ.get("CONTENT_LENGTH") or 0)
-        raw = stream.read(min(length, self.max_body + 1)) if stream is not None and length else b""
-        if len(raw) > self.max_body:
-            raise TooLarge(f"request body larger than {self.max_body} bytes")
+        limit = self.body_limit()
+        raw = stream.read(min(length, limit + 1)) if stream is not None and length else b""
+        if len(raw) > limit:
+            raise TooLarge(f"request body larger than {limit} bytes")
         return raw
+
+    def body_limit(self):
+        """The largest body of this request: a webhook's, or an API call's."""
+        path = bottle.request.environ.get("PATH_INFO", "")
+        return self.max_webhook_body if path in _WEBHOOK_PATHS else self.max_body
 
     def body(self):
         """The request body as a dict: JSON, or a form (Drone's clients send forms)."""
@@ -5814,10 +5842,7 @@ class _Api:
         content_type = (bottle.request.content_type or "").split(";")[0].strip().lower()
         if content_type == "application/x-www-form-urlencoded":
             return dict(parse_qsl(raw.decode("utf-8", errors="replace"), keep_blank_values=True))
-        try:
-            data = json.loads(raw)
-        except ValueError as exc:
-            raise BadRequest(f"malformed JSON body: {exc}") from None
+        data = _parse_json(raw, "body")
         if not isinstance(data, dict):
             raise BadRequest("the JSON body must be an object")
         return data
@@ -6055,7 +6080,10 @@ class _Api:
         elif params.get("format", "text") != "text":
             raise BadRequest("format must be text or html")
         last_id = bottle.request.get_header("Last-Event-ID", "")
-        if re.fullmatch(r"[0-9]{1,15}(:[0-9]{1,15})?", last_id):
+        if last_id and not re.fullmatch(r"[0-9]{1,15}(:[0-9]{1,15})?", last_id):
+            raise BadRequest("Last-Event-ID must be an id this stream sent: OFFSET or "
+                             "OFFSET:LINE")
+        if last_id:
             offset, _, resumed_line = last_id.partition(":")
             offset = int(offset)
             line = int(resumed_line) if line is not None and resumed_line else line
@@ -6444,11 +6472,15 @@ def _text(value):
 
 
 def _iso_time(text):
-    if isinstance(text, (int, float)):
+    """Seconds since the epoch of a payload's timestamp: a number or ISO 8601
+    text; 0 for text that is not a time, 400 for a number outside years 1970-9999."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        if not 0 <= text <= _LAST_TIMESTAMP:
+            raise BadRequest(f"the payload's timestamp {text!r} is not a time")
         return int(text)
     try:
         return int(datetime.fromisoformat(str(text).replace("Z", "+00:00")).timestamp())
-    except ValueError:
+    except (ValueError, OverflowError):
         return 0
 
 
@@ -6563,11 +6595,7 @@ def _parse_gitlab_hook(event, payload):
 
 
 def _load_json_body(body):
-    try:
-        payload = json.loads(body)
-    except ValueError:
-        raise BadRequest("the webhook body is not JSON") from None
-    return payload
+    return _parse_json(body, "webhook body")
 
 
 def _webhook_repo(api, forge, body):
@@ -6620,13 +6648,14 @@ def _receive_webhook(api):
     return api.build_reply(build)
 
 
+_WEBHOOK_PATHS = ("/hook", "/api/hook")
 _WEBHOOK_REPLIES = {200: (_OK, {"oneOf": [_ref("Build"), {"type": "object"}]}),
                     204: ("no build for this event", None)}
 _WEBHOOK_ROUTES = [
     _Route("POST", path, _receive_webhook, "signed",
            "a forge webhook (GitHub, Gitea, Forgejo, GitLab)", _WEBHOOK_REPLIES,
            query=(("repo", _STRING, "OWNER/NAME, if the payload's name differs"),))
-    for path in ("/hook", "/api/hook")
+    for path in _WEBHOOK_PATHS
 ]
 
 ###############################################################################
@@ -7062,6 +7091,26 @@ def _page_callback(pages, handler):
     return callback
 
 
+def _check_request_text(environ):
+    """Refuse a request whose headers or query are not UTF-8 (Bottle would
+    fail decoding them wherever they are read): 401 for credentials, else 400."""
+    for key, value in environ.items():
+        if key.startswith("HTTP_") or key == "CONTENT_TYPE":
+            try:
+                value.encode("latin-1").decode("utf-8")
+            except UnicodeError:
+                name = key.removeprefix("HTTP_").replace("_", "-").title()
+                if name == "Authorization":
+                    raise Unauthorized("the Authorization header is not UTF-8 text") from None
+                raise BadRequest(f"the {name} header is not UTF-8 text") from None
+    try:
+        parse_qsl(environ.get("QUERY_STRING", ""), keep_blank_values=True, encoding="utf-8",
+                  errors="strict")
+        environ.get("QUERY_STRING", "").encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        raise BadRequest("the query string is not UTF-8 text") from None
+
+
 def _bottle_error_handler(response):
     """Bottle's own errors (no such route, wrong method) as the JSON error body."""
     codes = {404: "not_found", 405: "method_not_allowed", 400: "bad_request",
@@ -7075,12 +7124,13 @@ def _bottle_error_handler(response):
 
 
 def make_app(store, executor=None, *, max_body=DEFAULT_MAX_BODY,
-             max_streams=DEFAULT_HTTP_THREADS - 4, heartbeat=SSE_HEARTBEAT_SECONDS,
+             max_webhook_body=MAX_WEBHOOK_BODY, max_streams=DEFAULT_HTTP_THREADS - 4, heartbeat=SSE_HEARTBEAT_SECONDS,
              max_jobs=DEFAULT_MAX_JOBS):
     """Build the Bottle WSGI app: both API dialects, webhooks and pages over `store`.
 
     `executor` is optional: jobs run wherever an executor shares the store.
-    `max_body` bytes is the largest request body (413 beyond); `max_streams`
+    `max_body` bytes is the largest request body (413 beyond), and
+    `max_webhook_body` that of a webhook; `max_streams`
     live log streams may be open at once (503 beyond), each holding a server
     thread; `heartbeat` seconds between keep-alive comments on streams.
     The app's ``closing`` event ends open streams (set it before shutdown).
@@ -7088,8 +7138,10 @@ def make_app(store, executor=None, *, max_body=DEFAULT_MAX_BODY,
     app = bottle.Bottle()
     app.closing = threading.Event()
     app.store, app.executor = store, executor
+    app.max_body, app.max_webhook_body = max_body, max_webhook_body
     access = _Access(store)
-    api = _Api(store, access, closing=app.closing, max_body=max_body, max_streams=max_streams,
+    api = _Api(store, access, closing=app.closing, max_body=max_body,
+               max_webhook_body=max_webhook_body, max_streams=max_streams,
                heartbeat=heartbeat, max_jobs=max_jobs,
                cancel_wait=executor.grace + 2 if executor is not None else 0.0)
     pages = _Pages(store, access, api.log_html, max_jobs=max_jobs)
@@ -7106,11 +7158,16 @@ def make_app(store, executor=None, *, max_body=DEFAULT_MAX_BODY,
         path = environ.get("PATH_INFO", "")
         if len(path) > 1 and path.endswith("/"):  # trailing slashes are optional
             environ["PATH_INFO"] = path.rstrip("/") or "/"
-        length = environ.get("CONTENT_LENGTH") or "0"
-        if not length.isdigit():
-            raise _error_reply(BadRequest("invalid Content-Length"))
-        if int(length) > max_body:  # refused before any of it is read
-            raise _error_reply(TooLarge(f"request body larger than {max_body} bytes"))
+        try:
+            _check_request_text(environ)
+            length = environ.get("CONTENT_LENGTH") or "0"
+            if not length.isdigit():
+                raise BadRequest("invalid Content-Length")
+            limit = api.body_limit()
+            if int(length) > limit:  # refused before the app reads any of it
+                raise TooLarge(f"request body larger than {limit} bytes")
+        except CIRunnerError as error:
+            raise _error_reply(error) from None
 
     app.add_hook("before_request", before_request)
     # A streamed body reads on after this, taking a connection back if it must.
@@ -7238,7 +7295,17 @@ class _Shutdown:
             raise SystemExit(0)
 
 
+def _raise_open_file_limit(wanted):
+    """Raise the soft limit on open files towards `wanted` (each connection is
+    one), as far as the hard limit allows."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
 def serve(app, *, host=DEFAULT_HOST, port=DEFAULT_PORT, threads=DEFAULT_HTTP_THREADS,
+          connection_limit=DEFAULT_CONNECTION_LIMIT,
           ready=None, stop=None):
     """Serve a `make_app` app on waitress until SIGTERM or SIGINT, answering
     repeated API reads from the read cache. `ready(url)` is called once the
@@ -7252,13 +7319,22 @@ def serve(app, *, host=DEFAULT_HOST, port=DEFAULT_PORT, threads=DEFAULT_HTTP_THR
     # A burst of requests (a push to many repositories) is normal for a CI
     # server: no warning per request queued behind the busy threads.
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)
+    _raise_open_file_limit(connection_limit + threads + 256)
     try:
-        # Output buffered 1 MiB per connection (waitress's default is 16 MB);
-        # a connection limit well above what a small box sees.
+        # Waitress reads requests on one event loop and hands complete ones to
+        # the threads: a slow or stalled client costs a socket, not a thread.
+        # Output is buffered 1 MiB per connection (waitress's default is 16
+        # MB); a log download is sent from its file by the loop, so a client
+        # that never reads holds no thread either. Bodies above the largest
+        # limit are refused on their Content-Length before any is read (and a
+        # chunked body is cut there); the app refuses smaller ones above its
+        # route's limit.
         server = waitress.create_server(
             cached, host=host, port=port, threads=threads, ident="cirunner",
             asyncore_use_poll=True, clear_untrusted_proxy_headers=True,
-            outbuf_high_watermark=1024 * 1024, connection_limit=100)
+            outbuf_high_watermark=1024 * 1024, connection_limit=connection_limit,
+            channel_timeout=IDLE_CONNECTION_SECONDS,
+            max_request_body_size=max(app.max_body, app.max_webhook_body) + 1)
     except OSError as exc:
         cached.close()
         raise CIRunnerError(f"cannot listen on {host}:{port}: {exc.strerror or exc}; stop what "
@@ -7399,7 +7475,8 @@ def _command_serve(args, stdout, stderr):
         executor.stop(reason="server shut down")
 
     try:
-        serve(app, host=args.host, port=args.port, threads=args.threads, ready=ready, stop=stop)
+        serve(app, host=args.host, port=args.port, threads=args.threads,
+              connection_limit=args.connection_limit, ready=ready, stop=stop)
     finally:
         store.close()
     return 0
@@ -7675,6 +7752,10 @@ def _add_serve_parser(commands, common, workers, env):
                               default=int(env("THREADS", DEFAULT_HTTP_THREADS)),
                               help="HTTP threads, each live log viewer holds one "
                                    "(env CIRUNNER_THREADS, default 32)")
+    serve_parser.add_argument("--connection-limit", dest="connection_limit", type=int,
+                              default=int(env("CONNECTION_LIMIT", DEFAULT_CONNECTION_LIMIT)),
+                              help="open connections at most; more wait to be accepted "
+                                   "(env CIRUNNER_CONNECTION_LIMIT, default 1000)")
     serve_parser.add_argument("--grace", type=float,
                               default=float(env("GRACE", DEFAULT_GRACE_SECONDS)),
                               help="seconds between SIGTERM and SIGKILL of a stopped job "

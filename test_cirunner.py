@@ -2,6 +2,7 @@
 file, WebTest for the routes and a real `serve` process for end-to-end cases."""
 
 import configparser
+import contextlib
 import hashlib
 import hmac
 import http.client
@@ -1891,6 +1892,64 @@ def _property_based_test():
 test_property_based_run_finds_no_5xx_and_no_schema_violation = _property_based_test()
 
 
+def test_stateful_sequences_find_no_5xx_and_keep_resources_honest(tmp_path, shared_git_repo):
+    """Schemathesis chains calls (create -> read -> patch -> delete) through
+    the links it infers from the document, each scenario on a fresh store:
+    no 5xx, every answer documented, a created resource readable, a deleted
+    one gone."""
+    import hypothesis
+    import schemathesis
+    from schemathesis.checks import not_a_server_error
+    from schemathesis.specs.openapi.checks import (
+        content_type_conformance,
+        ensure_resource_availability,
+        response_schema_conformance,
+        status_code_conformance,
+        use_after_free,
+    )
+
+    checks = [not_a_server_error, status_code_conformance, content_type_conformance,
+              response_schema_conformance, use_after_free, ensure_resource_availability]
+    worlds = [World(tmp_path / "world-0", shared_git_repo)]
+
+    def current_app(environ, start_response):  # the newest world's app
+        return worlds[-1].app.app(environ, start_response)
+
+    schema = schemathesis.openapi.from_wsgi("/api/openapi.json", current_app)
+    calls = []
+
+    class Workflow(schema.as_state_machine()):
+        def setup(self):
+            worlds[-1].close()
+            worlds.append(World(tmp_path / f"world-{len(worlds)}", shared_git_repo))
+
+        def before_call(self, case):
+            # random bodies rarely name a git repository: creations get real data
+            if (case.method, case.path) == ("POST", "/api/repos/{owner}/{name}"):
+                case.body = {"url": shared_git_repo}
+            elif (case.method, case.path) == ("POST", "/api/repos/{owner}/{name}/builds"):
+                case.body = {}
+
+        def get_call_kwargs(self, case):
+            return {"headers": {"Authorization": f"Token {worlds[-1].tokens['admin']}"}}
+
+        def after_call(self, response, case):
+            calls.append((case.method, case.path, response.status_code))
+
+        def validate_response(self, response, case, additional_checks=None, **kwargs):
+            case.validate_response(response, checks=checks)
+
+    try:
+        Workflow.run(settings=hypothesis.settings(
+            max_examples=100, stateful_step_count=10, deadline=None, derandomize=True,
+            suppress_health_check=list(hypothesis.HealthCheck)))
+    finally:
+        worlds[-1].close()
+    assert not [call for call in calls if call[2] >= 500]
+    succeeded = {(method, path) for method, path, status in calls if status < 300}
+    assert {"POST", "GET", "PATCH", "DELETE"} <= {method for method, _ in succeeded}, succeeded
+
+
 def test_repo_patch_validates_every_setting_and_hides_the_webhook_secret(app, make_repo):
     make_repo({".cirunner.yml": "pipeline: {t: {commands: [true]}}\n"})
     body = {"private": True, "timeout": 15, "events": ["push", "tag"],
@@ -2864,3 +2923,213 @@ def test_a_branches_filter_makes_no_build_and_says_why(store, executor, hook_rep
     run_cli("repo", "add", "alice/hello", "--url", hook_repo["bare"], "--data", data)
     result = run_cli("build", "alice/hello", "--branch", "wip/x", "--data", data)
     assert result.returncode == 1 and "branches filter excludes branch 'wip/x'" in result.stderr
+
+
+# -- hardening: the audit's inputs and attacks -------------------------------
+
+NESTED_ARRAY = b"[" * 100_000 + b"]" * 100_000
+NESTED_OBJECT = b'{"a":' * 50_000 + b"1" + b"}" * 50_000
+
+# (method, path, headers, body, status): each gave a 500 (or a broken stream) once.
+AUDIT_INPUTS = [
+    ("POST", "/api/repos/alice/hello/builds", {}, NESTED_ARRAY, 400),
+    ("POST", "/api/repos/alice/hello/builds", {}, NESTED_OBJECT, 400),
+    ("PATCH", "/api/repos/alice/hello", {}, NESTED_OBJECT, 400),
+    ("POST", "/api/repos/alice/hello/secrets", {}, NESTED_OBJECT, 400),
+    ("PATCH", "/api/v1/alice/hello/builds/1", {}, NESTED_OBJECT, 400),
+    ("POST", "/api/repos/bob/new", {}, NESTED_OBJECT, 400),
+    ("POST", "/api/repos/alice/hello/builds/1", {}, NESTED_OBJECT, 400),
+    ("POST", "/api/repos/alice/hello/builds", {}, b'{"variables": {"A": NaN}}', 400),
+    ("GET", "/api/repos/alice/hello/builds?branch=%ff", {}, None, 400),
+    ("GET", "/api/repos/alice/hello/builds?status=%ff", {}, None, 400),
+    ("GET", "/api/v1/alice/hello/builds?branch=%ff", {}, None, 400),
+    ("GET", "/api/repos/alice/hello/builds/latest?branch=%ff", {}, None, 400),
+    ("GET", "/api/repos/alice/hello/builds?branch=\xff", {}, None, 400),
+    ("GET", "/api/repos", {"Authorization": "Token \xff"}, None, 401),
+    ("GET", "/api/repos", {"Authorization": "\xff"}, None, 401),
+    ("GET", "/api/version", {"Accept": "text/\xff"}, None, 400),
+    ("GET", "/api/repos/alice/hello/logs/1/1?follow=1", {"Last-Event-ID": "\xb2"}, None, 400),
+    ("GET", "/api/repos/alice/hello/logs/1/1?follow=1", {"Last-Event-ID": "\xb9"}, None, 400),
+    ("GET", "/api/repos/alice/hello/logs/1/1?follow=1", {"Last-Event-ID": "9" * 5000}, None, 400),
+    ("GET", "/api/repos/alice/hello/logs/1/1?follow=1", {"Last-Event-ID": "9" * 30}, None, 400),
+    ("GET", "/api/repos/alice/hello/logs/1/1?follow=1", {"Last-Event-ID": "-1"}, None, 400),
+]
+
+
+@pytest.mark.parametrize("method, path, headers, body, status", AUDIT_INPUTS,
+                         ids=[f"{index}-{case[0]}-{case[1][:40]}"
+                              for index, case in enumerate(AUDIT_INPUTS)])
+def test_audit_inputs_get_the_json_error_not_a_500(store, executor, make_repo, app, method,
+                                                     path, headers, body, status):
+    repo = make_repo({".cirunner.yml": "pipeline: {t: {commands: [true]}}\n"})
+    cirunner.create_build(store, repo)
+    executor.run_until_idle()
+    response = app.request(path, method=method, body=body or b"", expect_errors=True,
+                           headers={"Content-Type": "application/json", **headers})
+    assert (response.status_int, response.content_type) == (status, "application/json"), \
+        response.text[:300]
+    assert response.json["status"] == status and response.json["message"]
+    assert len(store.list_builds(repo["id"])) == 1
+
+
+@pytest.mark.parametrize("timestamp", [b"NaN", b"Infinity", b"1e300", b"-1", b'"2026-99-99"'])
+def test_webhook_timestamps_that_are_not_times(store, executor, hook_repo, timestamp):
+    sha = push(hook_repo, {"f": "2"}, "second")
+    body = json.dumps(github_push(sha, "second")).encode().replace(
+        b'"2026-11-25T10:00:00Z"', timestamp)
+    app = webtest.TestApp(cirunner.make_app(store, executor))
+    response = app.post("/hook", body, expect_errors=True, headers={
+        "X-GitHub-Event": "push", "Content-Type": "application/json", **sign(body, "github")})
+    if timestamp == b'"2026-99-99"':  # text that is not a time: the build goes on, time 0
+        assert response.status_int == 200 and response.json["timestamp"] == 0
+    else:
+        assert response.status_int == 400 and "not" in response.json["message"], response.text
+    nested = app.post("/hook", NESTED_OBJECT, expect_errors=True, headers={
+        "X-GitHub-Event": "push", "Content-Type": "application/json", **sign(NESTED_OBJECT,
+                                                                             "github")})
+    assert nested.status_int == 400 and "nests too deeply" in nested.json["message"]
+
+
+def timed_api(server, method, path, body=None, headers=None):
+    started = time.monotonic()
+    status, answer = http_json(method, server.url + path, body, headers or server.auth)
+    return status, answer, time.monotonic() - started
+
+
+def test_slow_and_stalled_clients_leave_the_server_answering(tmp_path, servers):
+    repo = str(tmp_path / "repo")
+    commit_files(repo, {".cirunner.yml": "pipeline: {t: {commands: ["
+                                         "'head -c 16777216 /dev/zero | tr \"\\\\0\" x', "
+                                         "'test -n \"$WAIT\" && sleep 60 || true']}}\n"})
+    server = servers(tmp_path / "data")
+    server.api("POST", "/api/repos/alice/hello", {"url": repo})
+    server.api("POST", "/api/repos/alice/hello/builds", {})
+    wait_for(lambda: server.api("GET", "/api/repos/alice/hello/builds/1")[1]["status"]
+             == cirunner.SUCCESS, timeout=60)
+    log_path = "/api/repos/alice/hello/logs/1/1"
+    sockets, stop = [], threading.Event()
+    try:
+        for _ in range(200):  # headers that never end, a line now and then
+            connection = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+            connection.sendall(b"GET /api/version HTTP/1.1\r\nHost: x\r\n")
+            sockets.append(connection)
+        trickling = list(sockets)
+
+        def trickle():
+            while not stop.wait(1.0):
+                for connection in trickling:
+                    with contextlib.suppress(OSError):
+                        connection.sendall(b"X-Slow: 1\r\n")
+
+        threading.Thread(target=trickle, daemon=True).start()
+        for _ in range(64):  # anonymous downloads of a 16 MiB public log, never read
+            connection = socket.socket()
+            connection.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            connection.connect(("127.0.0.1", server.port))
+            connection.sendall(f"GET {log_path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            sockets.append(connection)
+        time.sleep(2)  # every download has started and stalled
+        status, _, took = timed_api(server, "GET", "/api/version")
+        assert status == 200 and took < 1.0, took
+        status, build, took = timed_api(server, "POST", "/api/repos/alice/hello/builds",
+                                        {"variables": {"WAIT": "1"}})
+        assert status == 201 and took < 1.0, took
+        wait_for(lambda: server.api("GET", "/api/repos/alice/hello/builds/2")[1]["status"]
+                 == cirunner.RUNNING, timeout=30)
+        status, build, took = timed_api(server, "DELETE", "/api/repos/alice/hello/builds/2")
+        assert status == 200 and build["status"] == cirunner.KILLED and took < 1.0, took
+    finally:
+        stop.set()
+        for connection in sockets:
+            connection.close()
+    # the stalled downloads were real: a reader gets the whole log
+    request = urllib.request.Request(server.url + log_path)
+    with urllib.request.urlopen(request, timeout=30) as response:
+        assert len(response.read()) > 16 * 1024 * 1024
+
+
+def send_headers(server, head):
+    connection = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    connection.sendall(head.encode())
+    return connection
+
+
+def read_answer(connection):
+    answer = b""
+    with contextlib.suppress(OSError):
+        while b"\r\n\r\n" not in answer:
+            data = connection.recv(65536)
+            if not data:
+                break
+            answer += data
+    return answer
+
+
+def test_bodies_over_the_limit_are_refused_before_they_are_read(tmp_path, servers):
+    server = servers(tmp_path / "data")
+    auth = server.auth["Authorization"]
+    # 100 MiB announced: the answer comes before a byte of it is sent
+    connection = send_headers(server, "POST /api/repos/alice/hello/builds HTTP/1.1\r\n"
+                                      f"Host: x\r\nAuthorization: {auth}\r\n"
+                                      "Content-Length: 104857600\r\n\r\n")
+    assert read_answer(connection).startswith(b"HTTP/1.1 413 "), "no 413 before the body"
+    connection.close()
+    # chunked, without end: cut at the webhook limit (25 MiB)
+    connection = send_headers(server, "POST /hook HTTP/1.1\r\nHost: x\r\n"
+                                      "X-GitHub-Event: push\r\nTransfer-Encoding: chunked\r\n\r\n")
+    chunk, sent = b"%x\r\n%s\r\n" % (1 << 20, b"x" * (1 << 20)), 0
+    with contextlib.suppress(OSError):
+        while sent < 64 << 20:
+            connection.sendall(chunk)
+            sent += 1 << 20
+    assert sent < 40 << 20, f"{sent >> 20} MiB taken"
+    assert read_answer(connection).startswith(b"HTTP/1.1 413 ")
+    connection.close()
+    # 2 MiB: too much for the API (1 MiB) and a JSON error; a webhook may be that big
+    body = b'{"branch": "' + b"x" * (2 << 20) + b'"}'
+    status, answer = http_json("POST", server.url + "/api/repos/alice/hello/builds",
+                               json.loads(body), server.auth)
+    assert status == 413 and answer["error"] == "too_large" and "1048576" in answer["message"]
+    status, answer = http_json("POST", server.url + "/hook?repo=alice/hello", json.loads(body),
+                               {"X-GitHub-Event": "push"})
+    assert status != 413, answer
+    assert server.api("GET", "/api/version")[0] == 200
+
+
+def _pipeline_parser_property_test():
+    """Any text, and any YAML built from the pipeline's own words, parses to a
+    Pipeline or fails with a ConfigError: never another exception."""
+    try:
+        import hypothesis
+        import hypothesis.strategies as st
+        import yaml
+    except ImportError:  # pragma: no cover - the test extra installs them
+        return None
+    words = ["pipeline", "steps", "services", "matrix", "include", "exclude", "image",
+             "commands", "when", "branch", "event", "status", "environment", "secrets",
+             "group", "detach", "failure", "ignore", "clone", "workspace", "base", "path",
+             "build", "branches", "platform", "settings", "depends_on", "kind", "type",
+             "name", "${X}", "$$X", "${X:-y}", "${X##*/}", "GO_VERSION", "true", "push"]
+    scalars = (st.sampled_from(words) | st.text(max_size=12) | st.integers() | st.floats()
+               | st.booleans() | st.none())
+    values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
+        st.sampled_from(words) | st.text(max_size=6), inner, max_size=4), max_leaves=30)
+    documents = st.dictionaries(st.sampled_from(words), values, max_size=6).map(
+        lambda data: yaml.safe_dump(data, allow_unicode=True))
+
+    @hypothesis.settings(max_examples=400, deadline=None, derandomize=True,
+                         suppress_health_check=list(hypothesis.HealthCheck))
+    @hypothesis.given(st.text(max_size=300) | documents)
+    def test_any_pipeline_text_gives_a_pipeline_or_a_config_error(text):
+        for filename in (".cirunner.yml", ".drone.yml"):
+            try:
+                pipeline = cirunner.parse_pipeline(text, filename)
+            except cirunner.ConfigError as error:
+                assert str(error)
+            else:
+                assert isinstance(pipeline, cirunner.Pipeline)
+
+    return test_any_pipeline_text_gives_a_pipeline_or_a_config_error
+
+
+test_any_pipeline_text_gives_a_pipeline_or_a_config_error = _pipeline_parser_property_test()
