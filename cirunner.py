@@ -140,7 +140,7 @@ import threading
 import time
 import uuid
 from datetime import datetime, timezone
-from urllib.parse import parse_qsl, quote
+from urllib.parse import parse_qsl, quote, urlsplit
 from xml.sax.saxutils import quoteattr
 
 import bottle
@@ -1746,7 +1746,8 @@ class _Signer:
 # Git #########################################################################
 ###############################################################################
 
-_URL_SCHEMES = ("https://", "http://", "ssh://", "git://", "file://")
+_REMOTE_SCHEMES = ("https://", "http://", "ssh://", "git://")
+_SCP_LIKE_URL = re.compile(r"^[\w.-]+@[\w.-]+:")  # git@host:path
 _AUTHOR_PATTERN = re.compile(rb"^author (.*) <(.*)> (\d+) [+-]\d{4}$", re.MULTILINE)
 _PULL_REF_PREFIXES = ("refs/pull/", "refs/merge-requests/")
 
@@ -1754,17 +1755,26 @@ _PULL_REF_PREFIXES = ("refs/pull/", "refs/merge-requests/")
 def normalize_repo_url(url):
     """Return the clone URL to store: a URL as given, a local path made absolute.
 
-    Raises BadRequest for a URL git could take as an option, or a local path
-    that does not exist.
+    Raises BadRequest for a URL git could take as an option. Whether a local
+    path exists, and may be used, is the store's to check (`Store.check_repo_url`).
     """
-    if not isinstance(url, str) or not url.strip() or url.startswith("-") or "\x00" in url:
-        raise BadRequest(f"invalid repository URL {url!r}")
-    if url.startswith(_URL_SCHEMES) or re.match(r"^[\w.-]+@[\w.-]+:", url):
+    if (not isinstance(url, str) or not url.strip() or url.startswith("-")
+            or any(char in url for char in "\x00\r\n")):
+        raise BadRequest(f"invalid repository URL {_redact_url(url)!r}")
+    if is_remote_url(url) or url.startswith("file://"):
         return url
-    path = os.path.abspath(os.path.expanduser(url))
-    if not os.path.isdir(path):
-        raise BadRequest(f"repository path {path} does not exist")
-    return path
+    return os.path.abspath(os.path.expanduser(url))
+
+
+def is_remote_url(url):
+    """Whether `url` names a repository on another machine: https://, http://,
+    ssh://, git:// or git@host:path (not a local path or a file:// URL)."""
+    return url.startswith(_REMOTE_SCHEMES) or bool(_SCP_LIKE_URL.match(url))
+
+
+def _local_repo_path(url):
+    """The directory a local path or file:// URL names, symbolic links resolved."""
+    return os.path.realpath(urlsplit(url).path if url.startswith("file://") else url)
 
 
 def _redact_url(text):
@@ -1848,7 +1858,9 @@ class _GitMirrors:
             raise _GitError(f"cannot run git: {exc}") from None
         if result.returncode != 0:
             message = result.stderr.decode(errors="replace").strip() or f"exit {result.returncode}"
-            raise _GitError(f"git {args[0]} failed: {message}")
+            command = next(arg for index, arg in enumerate(args)
+                           if not arg.startswith("-") and args[index - 1] not in ("-c", "-C"))
+            raise _GitError(_redact_url(f"git {command} failed: {message}"))
         return result.stdout
 
     def path(self, repo):
@@ -2060,7 +2072,10 @@ def _update_submodules(git, workspace, overrides):
     git.run(["-C", workspace, "submodule", "init"])
     for name, url in overrides.items():
         git.run(["-C", workspace, "config", f"submodule.{name}.url", url])
-    git.run(["-C", workspace, "submodule", "update", "--init", "--recursive"])
+    # Never from a local path, whatever .gitmodules or the server's git config says:
+    # `../x.git` next to the mirror would be another user's repository.
+    git.run(["-c", "protocol.file.allow=never", "-C", workspace, "submodule", "update",
+             "--init", "--recursive"])
 
 
 def _commit_fields(sha, raw):
@@ -2692,6 +2707,7 @@ class Store:
         """Add a repository; raises Conflict if `owner/name` exists."""
         _check_name(owner, "owner")
         _check_name(name, "repository name")
+        self.check_repo_url(url)
         values = self._repo_values(fields)
         values.update(owner=owner, name=name, url=url, created_at=_now())
         try:
@@ -2719,6 +2735,8 @@ class Store:
         unknown = set(fields) - set(_REPO_FIELDS)
         if unknown:
             raise BadRequest(f"unknown repository field {min(unknown)!r}")
+        if "url" in fields:
+            self.check_repo_url(fields["url"])
         values = self._repo_values(fields)
         if values:
             assignments = ", ".join(f"{key} = ?" for key in values)
@@ -2726,6 +2744,18 @@ class Store:
                 tx.execute(f"UPDATE repos SET {assignments} WHERE id = ?",
                            (*values.values(), repo_id))
         return self.get_repo_by_id(repo_id)
+
+    def check_repo_url(self, url):
+        """A local repository must exist and lie outside the data directory
+        (whose mirrors hold every user's code); BadRequest otherwise."""
+        if is_remote_url(url):
+            return
+        path = _local_repo_path(url)
+        data = os.path.realpath(self.data_dir)
+        if path == data or path.startswith(data + os.sep):
+            raise BadRequest(f"repository path {path} is inside the server's data directory")
+        if not os.path.isdir(path):
+            raise BadRequest(f"repository path {path} does not exist")
 
     def _repo_values(self, fields):
         values = {key: fields[key] for key in _REPO_FIELDS if key in fields}
@@ -3555,7 +3585,7 @@ def _make_build(store, repo, request, *, max_jobs=DEFAULT_MAX_JOBS, resolve=_res
                 fields.update(fail_fast=int(pipeline.fail_fast),
                               max_parallel=pipeline.max_parallel)
     except _GitError as exc:
-        error = f"cannot fetch {repo['url']}: {exc.message}"
+        error = f"cannot fetch {_redact_url(repo['url'])}: {exc.message}"
     fields.update({key: value for key, value in request.fields.items()
                    if key in _BUILD_FIELDS and value not in (None, "")})
     if request.replaces:
@@ -5364,7 +5394,7 @@ _REPO = _Resource("repository", [
     _Field("full_name", _STRING, lambda row: f"{row['owner']}/{row['name']}", required=True),
     _Field("url", _STRING, None, normalize_repo_url, aliases=("clone_url",),
            help="clone URL or local path"),
-    _Field("clone_url", _STRING, _shown("url")),
+    _Field("clone_url", _STRING, _shown("url", _redact_url)),
     _Field("default_branch", _STRING, _shown("default_branch"),
            lambda value: _check_branch(value) if value else "", aliases=("branch",),
            help="default branch (default: the remote's HEAD)", flag="--branch"),
@@ -5468,7 +5498,8 @@ _BUILD = _Resource("build", [
       for name in ("created_at", "enqueued_at", "started_at", "finished_at")),
     _Field("commit", _STRING, _shown("commit_sha"), required=True),
     *(_Field(name, _STRING, _shown(name), required=True)
-      for name in ("branch", "ref", "remote", "message")),
+      for name in ("branch", "ref", "message")),
+    _Field("remote", _STRING, _shown("remote", _redact_url), required=True),
     _Field("timestamp", _INTEGER, _shown("timestamp"), required=True),
     *(_Field(name, _STRING, _shown(name), required=True)
       for name in ("author", "author_avatar", "author_email", "link_url")),
@@ -5915,8 +5946,13 @@ class _Api:
     def _admin_only(self, fields):
         """Trusting a repository, or pointing it at the server's own files, is
         for admins."""
-        if "trusted" in fields and not self.user()["admin"]:
+        if self.user()["admin"]:
+            return
+        if "trusted" in fields:
             raise Forbidden("only an admin may mark a repository trusted")
+        if "url" in fields and not is_remote_url(fields["url"]):
+            raise Forbidden("only an admin may point a repository at a local path or a "
+                            "file:// URL; use https://, http://, ssh://, git:// or git@host:path")
 
     def add_repo(self, owner, name):
         fields = _REPO.parse(self.params(), ignore=_RESERVED_PARAMS)
@@ -7492,7 +7528,7 @@ def _command_repo(args, stdout, stderr):
     with Store.open(args.data) as store:
         if args.repo_command == "list":
             for repo in store.list_repos():
-                print(f"{repo['owner']}/{repo['name']}\t{repo['url']}\t"
+                print(f"{repo['owner']}/{repo['name']}\t{_redact_url(repo['url'])}\t"
                       f"{repo['default_branch'] or '(remote default)'}", file=stdout)
             return 0
         owner, name = _split_full_name(args.full_name)
@@ -7501,7 +7537,7 @@ def _command_repo(args, stdout, stderr):
             params.setdefault("webhook_secret", secrets.token_urlsafe(24))
             fields = _REPO.parse(params)
             repo = store.create_repo(owner, name, fields.pop("url"), **fields)
-            print(f"added {owner}/{name} ({repo['url']})", file=stdout)
+            print(f"added {owner}/{name} ({_redact_url(repo['url'])})", file=stdout)
             print(f"webhook: point the forge at {args.public_url.rstrip('/')}/hook "
                   f"(content type application/json) with the secret, shown once:\n"
                   f"{fields['webhook_secret']}", file=stdout)

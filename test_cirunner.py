@@ -186,6 +186,44 @@ class Server:
         self.out.close()
 
 
+class GitDaemon:
+    """A real `git daemon` on 127.0.0.1 serving the repositories under `root`
+    at git://127.0.0.1:PORT/NAME: the remote URL a user who is not an admin
+    gives (local paths are for admins)."""
+
+    def __init__(self, root):
+        self.root = str(root)
+        os.makedirs(self.root, exist_ok=True)
+        self.port = free_port()
+        self.process = subprocess.Popen(
+            ["git", "daemon", "--reuseaddr", "--export-all", "--listen=127.0.0.1",
+             f"--port={self.port}", f"--base-path={self.root}", self.root],
+            stderr=subprocess.DEVNULL)
+        wait_for(self._listening, timeout=10)
+
+    def _listening(self):
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port),
+                                                                    timeout=1):
+            return True
+        return False
+
+    def repo(self, name, files):
+        """A repository `name` holding `files`, and its git:// URL."""
+        commit_files(os.path.join(self.root, name), files, message="first commit")
+        return f"git://127.0.0.1:{self.port}/{name}"
+
+    def stop(self):
+        self.process.terminate()
+        self.process.wait(timeout=10)
+
+
+@pytest.fixture
+def git_daemon(tmp_path):
+    daemon = GitDaemon(tmp_path / "served")
+    yield daemon
+    daemon.stop()
+
+
 @pytest.fixture
 def data_dir(tmp_path):
     return str(tmp_path / "data")
@@ -1453,7 +1491,7 @@ ROUTES = [
     ("read", "GET", "/api/repos/alice/{repo}", None, 200),
     ("write", "PATCH", "/api/repos/alice/{repo}", {"timeout": 30}, 200),
     ("write", "DELETE", "/api/repos/alice/{repo}", None, 200),
-    ("create", "POST", "/api/repos/alice/new-{repo}", {"url": "{url}"}, 201),
+    ("create", "POST", "/api/repos/alice/new-{repo}", {"url": "https://git.example/alice/new.git"}, 201),
     ("read", "GET", "/api/repos/alice/{repo}/builds", None, 200),
     ("write", "POST", "/api/repos/alice/{repo}/builds", {"branch": "main"}, 201),
     ("read", "GET", "/api/repos/alice/{repo}/builds/1", None, 200),
@@ -1641,10 +1679,9 @@ def test_a_token_is_accepted_without_waiting_for_a_busy_writer(store):
     assert store.authenticate(secret)["last_used_at"] > 0
 
 
-def test_token_secret_is_never_stored_returned_or_logged(tmp_path):
+def test_token_secret_is_never_stored_returned_or_logged(tmp_path, git_daemon):
     data = str(tmp_path / "data")
-    repo = str(tmp_path / "repo")
-    commit_files(repo, {".cirunner.yml": "pipeline: {t: {commands: [echo hi]}}\n"})
+    repo = git_daemon.repo("app", {".cirunner.yml": "pipeline: {t: {commands: [echo hi]}}\n"})
     assert run_cli("user", "add", "carol", "--data", data).returncode == 0
     created = run_cli("token", "create", "carol", "--name", "laptop", "--data", data)
     secret = created.stdout.strip()
@@ -3133,3 +3170,93 @@ def _pipeline_parser_property_test():
 
 
 test_any_pipeline_text_gives_a_pipeline_or_a_config_error = _pipeline_parser_property_test()
+
+
+def test_only_admins_point_a_repository_at_local_files_and_never_into_the_data_dir(
+        store, executor, make_repo, app, git_daemon, tmp_path, data_dir):
+    bob = make_repo({".cirunner.yml": "pipeline: {t: {commands: [true]}}\n", "secret": "bob's"},
+                    full_name="bob/priv", private=True)
+    cirunner.create_build(store, bob)  # his mirror now holds his code
+    mirror = store.git.path(bob)
+    assert os.path.isdir(mirror)
+    store.create_user("alice")
+    alice = webtest.TestApp(app.app, extra_environ={
+        "HTTP_AUTHORIZATION": f"Token {store.create_token('alice')[1]}"})
+    local = str(tmp_path / "repos" / "priv")
+    for url in (mirror, "file://" + mirror, local, "file://" + local, "."):
+        answer = alice.post_json("/api/repos/alice/steal", {"url": url}, status=403).json
+        assert "only an admin" in answer["message"]
+    assert store.list_repos() == [store.get_repo("bob", "priv")]
+    os.symlink(mirror, str(tmp_path / "looks-innocent"))
+    for url in (mirror, "file://" + mirror, data_dir, str(tmp_path / "looks-innocent")):
+        answer = app.post_json("/api/repos/alice/steal", {"url": url}, status=400).json
+        assert "inside the server's data directory" in answer["message"], url
+    # the remote URLs a user gives are accepted, and build
+    remote = git_daemon.repo("mine", {".cirunner.yml": "pipeline: {t: {commands: [true]}}\n"})
+    for url in (remote, "https://git.example/alice/x.git", "ssh://git@git.example/alice/x.git",
+                "git@git.example:alice/x.git"):
+        alice.post_json("/api/repos/alice/mine", {"url": url}, status=201)
+        alice.delete("/api/repos/alice/mine")
+    alice.post_json("/api/repos/alice/mine", {"url": remote}, status=201)
+    alice.post_json("/api/repos/alice/mine/builds", {}, status=201)
+    executor.run_until_idle()
+    assert alice.get("/api/repos/alice/mine/builds/1").json["status"] == cirunner.SUCCESS
+    # nor may she move a repository onto local files afterwards
+    alice.patch_json("/api/repos/alice/mine", {"url": mirror}, status=403)
+    alice.patch_json("/api/repos/alice/mine", {"clone_url": local}, status=403)
+    assert store.get_repo("alice", "mine")["url"] == remote
+    # the machine's user, on the command line, is an admin: local paths, not the data dir
+    result = run_cli("repo", "add", "alice/cli", "--url", mirror, "--data", data_dir)
+    assert result.returncode != 0 and "inside the server's data directory" in result.stderr
+
+
+@pytest.mark.parametrize("how", ["relative .gitmodules", "submodule_override"])
+def test_a_submodule_never_comes_from_the_servers_own_files(store, executor, make_repo,
+                                                            git_daemon, tmp_path, how):
+    bob = make_repo({".cirunner.yml": "pipeline: {t: {commands: [true]}}\n",
+                     "secret": "bob's code\n"}, full_name="bob/priv", private=True)
+    cirunner.create_build(store, bob)
+    executor.run_until_idle()
+    work = str(tmp_path / "served" / "evil")
+    commit_files(work, {"f": "1"})
+    git(work, "-c", "protocol.file.allow=always", "submodule", "add", "-q",
+        str(tmp_path / "repos" / "priv"), "sub")
+    # relative to the checkout, which is where git resolves it from
+    relative = os.path.relpath(store.git.path(bob), workspace_of(store.data_dir, "alice/evil",
+                                                                 1, 1))
+    git(work, "config", "-f", ".gitmodules", "submodule.sub.url",
+        relative if how == "relative .gitmodules" else "https://git.example/sub.git")
+    override = (f"\n    submodule_override: {{sub: {store.git.path(bob)}}}"
+                if how == "submodule_override" else "")
+    commit_files(work, {".cirunner.yml": f"clone:\n  git:\n    recursive: true{override}\n"
+                                         "pipeline: {t: {commands: ['cat sub/secret']}}\n"})
+    store.create_user("alice")
+    repo = store.create_repo("alice", "evil", f"git://127.0.0.1:{git_daemon.port}/evil")
+    build = cirunner.create_build(store, repo)
+    executor.run_until_idle()
+    assert store.get_build_by_id(build["id"])["status"] != cirunner.SUCCESS
+    text = log_text(store, build, 1)
+    assert "bob's code" not in text and "transport 'file' not allowed" in text, text
+
+
+def test_credentials_in_a_repository_url_are_never_shown(store, executor, app, tmp_path,
+                                                         data_dir):
+    token = "ghp_" + "S3cr3t" * 6
+    url = f"https://ci-bot:{token}@127.0.0.1:{free_port()}/alice/hello.git"  # nobody listens
+    shown = app.post_json("/api/repos/alice/hello", {"url": url}, status=201).json
+    assert shown["clone_url"] == url.replace(f"ci-bot:{token}", "***")
+    assert store.get_repo("alice", "hello")["url"] == url  # kept as given, for fetching
+    app.post_json("/api/repos/alice/hello/builds", {}, status=201)
+    executor.run_until_idle()
+    guest = webtest.TestApp(app.app)
+    answers = [guest.get(path).text for path in (
+        "/api/repos", "/api/repos/alice/hello", "/api/repos/alice/hello/builds",
+        "/api/repos/alice/hello/builds/1", "/api/v1/alice/hello/builds", "/alice/hello",
+        "/alice/hello/1")]
+    answers.append(run_cli("repo", "list", "--data", data_dir).stdout)
+    build = guest.get("/api/repos/alice/hello/builds/1").json
+    assert build["status"] == cirunner.ERROR, build
+    assert build["error"].startswith("cannot fetch https://***@127.0.0.1"), build
+    assert build["remote"] == shown["clone_url"]
+    for answer in answers:
+        assert token not in answer and "ci-bot:" not in answer

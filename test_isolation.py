@@ -18,7 +18,15 @@ import time
 import pytest
 
 import cirunner
-from test_cirunner import Server, commit_files, http_json, http_text, wait_for, workspace_of
+from test_cirunner import (
+    GitDaemon,
+    Server,
+    commit_files,
+    http_json,
+    http_text,
+    wait_for,
+    workspace_of,
+)
 
 pytestmark = pytest.mark.skipif(shutil.which("bwrap") is None,
                                 reason="needs bubblewrap: apt-get install bubblewrap")
@@ -43,6 +51,13 @@ def servers():
     yield start
     for server in started:
         server.stop()
+
+
+@pytest.fixture
+def git_daemon(tmp_path):
+    daemon = GitDaemon(tmp_path / "served")
+    yield daemon
+    daemon.stop()
 
 
 def add_user(server, login):
@@ -104,13 +119,13 @@ def probes(log):
 
 
 @pytest.mark.parametrize("event", ["push", "pull_request"])
-def test_a_sandboxed_step_cannot_read_or_change_the_server(tmp_path, servers, event):
+def test_a_sandboxed_step_cannot_read_or_change_the_server(tmp_path, servers, git_daemon,
+                                                           event):
     data = tmp_path / "data"
     server = servers(data)
     bob, alice = add_user(server, "bob"), add_user(server, "alice")
     # bob: a private repository with a secret, and a job of his running now
-    bob_repo = str(tmp_path / "bob")
-    commit_files(bob_repo, {".cirunner.yml": "pipeline: {t: {commands: ['sleep 4242']}}\n"})
+    bob_repo = git_daemon.repo("bob", {".cirunner.yml": "pipeline: {t: {commands: ['sleep 4242']}}\n"})
     assert api(server, bob, "POST", "/api/repos/bob/priv", {"url": bob_repo, "private": True})[0] == 201
     status, _ = api(server, bob, "POST", "/api/repos/bob/priv/secrets",
                     {"name": "BOB_TOKEN", "value": SECRET, "events": ["manual", "pull_request"]})
@@ -119,9 +134,8 @@ def test_a_sandboxed_step_cannot_read_or_change_the_server(tmp_path, servers, ev
     wait_for(lambda: api(server, bob, "GET", "/api/repos/bob/priv/builds/1")[1]["status"]
              == "running")
     # alice: her own repository, whose step tries everything
-    alice_repo = str(tmp_path / "alice")
-    commit_files(alice_repo, {"probe.sh": PROBE,
-                              ".cirunner.yml": "pipeline: {t: {commands: ['sh probe.sh']}}\n"})
+    alice_repo = git_daemon.repo("alice", {
+        "probe.sh": PROBE, ".cirunner.yml": "pipeline: {t: {commands: ['sh probe.sh']}}\n"})
     assert api(server, alice, "POST", "/api/repos/alice/attack", {"url": alice_repo})[0] == 201
     variables = {"DATA": str(data), "VENV": sys.prefix,
                  "SERVER_HOME": str(tmp_path / "server-home")}
