@@ -109,6 +109,7 @@ __all__ = [
 ###############################################################################
 
 import argparse
+import base64
 import codecs
 import collections
 import contextlib
@@ -155,6 +156,13 @@ try:
     import cronsim
 except ImportError:  # pragma: no cover - only cron schedules need it
     cronsim = None
+
+try:
+    from cryptography.exceptions import InvalidTag
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+except ImportError:  # pragma: no cover - only sealed secrets need it
+    AESGCM = None
+    InvalidTag = ValueError
 
 _log = logging.getLogger("cirunner")
 
@@ -1660,15 +1668,21 @@ def read_pipeline_file(directory, config_path=""):
 class _Sealer:
     """Seals secret values for the store with a key kept beside it.
 
-    The key lives in ``DATA/secret.key`` (made on first use, mode 0600), not in
-    the database: a copy of the database alone does not open the secrets.
-    Values are encrypted with HMAC-SHA256 in counter mode, then authenticated
-    with HMAC-SHA256 over nonce and ciphertext (encrypt-then-MAC).
+    The key lives in ``DATA/secret.key`` (64 hex digits, mode 0600), not in the
+    database: a copy of the database alone does not open the secrets. It is
+    made once, atomically: written to a temporary file, flushed to disk, then
+    linked into place, so no process ever reads a partial key. Values are
+    sealed with AES-256-GCM (the `cryptography` package) under a key derived
+    from it, with what the value belongs to as associated data: a sealed
+    value copied to another row, or another field, does not open.
     """
+
+    PREFIX = "v2:"
 
     def __init__(self, key_path):
         self.key_path = key_path
         self._key = None
+        self._aead = None
         self._lock = threading.Lock()
 
     @property
@@ -1676,44 +1690,108 @@ class _Sealer:
         """The master key, read (or made) once."""
         with self._lock:
             if self._key is None:
-                with contextlib.suppress(FileExistsError):
-                    descriptor = os.open(self.key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL,
-                                         0o600)
-                    with os.fdopen(descriptor, "w") as handle:
-                        handle.write(secrets.token_hex(32))
-                with open(self.key_path) as handle:
-                    self._key = bytes.fromhex(handle.read().strip())
+                if not os.path.exists(self.key_path):
+                    self._create_key()
+                self._key = self._read_key()
             return self._key
+
+    def _create_key(self):
+        directory = os.path.dirname(os.path.abspath(self.key_path))
+        descriptor, temporary = tempfile.mkstemp(prefix=".secret.key.", dir=directory)
+        try:
+            with os.fdopen(descriptor, "w") as handle:  # mkstemp's mode is 0600
+                handle.write(secrets.token_hex(32) + "\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+            with contextlib.suppress(FileExistsError):  # another process made one first
+                os.link(temporary, self.key_path)
+            _fsync_directory(directory)
+        finally:
+            os.unlink(temporary)
+
+    def _read_key(self):
+        with open(self.key_path, "rb") as handle:
+            text = handle.read()
+        try:
+            key = bytes.fromhex(text.decode("ascii").strip())
+        except ValueError:
+            key = b""
+        if len(key) != 32:
+            raise CIRunnerError(
+                f"{self.key_path} is not a key ({len(text)} bytes; a key is 64 hex digits): "
+                "restore it from a backup, or, if no secrets were ever stored, remove it and "
+                "a new one is made")
+        return key
 
     def derive(self, purpose):
         """A key for one purpose (sessions, CSRF...), derived from the master key."""
         return hmac.new(self.key, purpose.encode(), hashlib.sha256).digest()
 
-    def seal(self, text):
-        """`text` encrypted and authenticated, as text for a database column."""
-        nonce = secrets.token_bytes(16)
-        body = nonce + self._keystream_xor(nonce, text.encode())
-        tag = hmac.new(self.derive("authenticate"), body, hashlib.sha256).digest()
-        return "v1:" + (body + tag).hex()
+    def _cipher(self):
+        if self._aead is None:
+            if AESGCM is None:
+                raise CIRunnerError("sealing secrets needs the cryptography package: "
+                                    "pip install cryptography")
+            self._aead = AESGCM(self.derive("seal with AES-GCM"))
+        return self._aead
 
-    def unseal(self, sealed):
-        """The text `seal` made; CIRunnerError if it was changed or the key differs."""
+    def seal(self, text, context):
+        """`text` encrypted and authenticated for `context` (what it belongs
+        to, e.g. ``secret 4 TOKEN``), as text for a database column."""
+        nonce = secrets.token_bytes(12)
+        sealed = self._cipher().encrypt(nonce, text.encode(), context.encode())
+        return self.PREFIX + base64.b64encode(nonce + sealed).decode()
+
+    def unseal(self, sealed, context):
+        """The text `seal` made for `context`; CIRunnerError if it was changed,
+        belongs elsewhere or the key differs."""
         if not sealed:
             return ""
+        try:
+            raw = base64.b64decode(sealed.removeprefix(self.PREFIX), validate=True)
+            if not sealed.startswith(self.PREFIX) or len(raw) < 12 + 16:
+                raise ValueError(sealed[:3])
+            return self._cipher().decrypt(raw[:12], raw[12:], context.encode()).decode()
+        except (ValueError, InvalidTag):
+            raise CIRunnerError(f"the sealed value of {context} does not open with "
+                                f"{self.key_path}: it was changed, copied from elsewhere, or "
+                                "sealed with another key") from None
+
+    def unseal_v1(self, sealed):
+        """A value sealed before AES-GCM (HMAC-SHA256 in counter mode, then
+        HMAC): read once, by the migration that seals it again."""
         raw = bytes.fromhex(sealed[3:])
         body, tag = raw[:-32], raw[-32:]
         expected = hmac.new(self.derive("authenticate"), body, hashlib.sha256).digest()
         if not sealed.startswith("v1:") or not hmac.compare_digest(tag, expected):
             raise CIRunnerError("a stored secret does not match the secret key file")
-        return self._keystream_xor(body[:16], body[16:]).decode()
-
-    def _keystream_xor(self, nonce, data):
-        key = self.derive("encrypt")
-        out = bytearray()
+        key, nonce, data, out = self.derive("encrypt"), body[:16], body[16:], bytearray()
         for counter in range(0, len(data), 32):
             block = hmac.new(key, nonce + counter.to_bytes(8, "big"), hashlib.sha256).digest()
             out += bytes(a ^ b for a, b in zip(data[counter:counter + 32], block))
-        return bytes(out)
+        return bytes(out).decode()
+
+
+def _make_private(path, *, create=False):
+    """Give the file `path` mode 0600 (making it empty first if `create`)."""
+    flags = os.O_RDWR | (os.O_CREAT if create else 0)
+    try:
+        descriptor = os.open(path, flags, 0o600)
+    except FileNotFoundError:
+        return
+    try:
+        os.fchmod(descriptor, 0o600)
+    finally:
+        os.close(descriptor)
+
+
+def _fsync_directory(path):
+    """Make a new name in `path` durable (a rename or link is not, until then)."""
+    descriptor = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 class _Signer:
@@ -1885,8 +1963,8 @@ class _GitMirrors:
     @contextlib.contextmanager
     def _locked(self, mirror):
         """Hold the mirror's lock file: one fetch at a time across processes too."""
-        os.makedirs(os.path.dirname(mirror), exist_ok=True)
-        with open(mirror + ".lock", "w") as handle:
+        os.makedirs(os.path.dirname(mirror), mode=0o700, exist_ok=True)
+        with os.fdopen(os.open(mirror + ".lock", os.O_WRONLY | os.O_CREAT, 0o600), "w") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
             yield
 
@@ -1922,7 +2000,8 @@ class _GitMirrors:
     def _fetch(self, repo, mirror):
         with self._locked(mirror):
             if not os.path.isdir(os.path.join(mirror, "objects")):
-                self.run(["init", "--bare", "--quiet", mirror])
+                # Files 0600 and directories 0700, whatever the umask.
+                self.run(["init", "--bare", "--quiet", "--shared=0600", mirror])
             self.run(["-C", mirror, "fetch", "--quiet", "--prune", "--force", "--end-of-options",
                       repo["url"], "+refs/heads/*:refs/heads/*", "+refs/tags/*:refs/tags/*"])
             listing = self.run(["-C", mirror, "for-each-ref",
@@ -2098,7 +2177,7 @@ def _pipeline_digest(filename, text):
     return hashlib.sha256(f"{filename}\x00{text}".encode()).hexdigest()
 
 
-def _move_pipelines_out_of_builds(conn):
+def _move_pipelines_out_of_builds(conn, _sealer):
     """Migration 6: each build's copy of its pipeline file becomes one row of
     `pipelines` shared by every build that ran the same file."""
     rows = conn.execute("SELECT id, pipeline_file, pipeline FROM builds "
@@ -2111,9 +2190,28 @@ def _move_pipelines_out_of_builds(conn):
                      "pipeline = '' WHERE id = ?", (digest, build_id))
 
 
+def _reseal_with_aes_gcm(conn, sealer):
+    """Migration 8: secrets and forge tokens sealed the old way (HMAC-CTR, no
+    associated data) are sealed again with AES-GCM for their row and field;
+    webhook secrets, stored as plain text until now, are sealed too."""
+    for secret_id, repo_id, name, value in conn.execute(
+            "SELECT id, repo_id, name, value FROM secrets").fetchall():
+        text = sealer.unseal_v1(value) if value.startswith("v1:") else value
+        conn.execute("UPDATE secrets SET value = ? WHERE id = ?",
+                     (sealer.seal(text, f"repo {repo_id} secret {name}"), secret_id))
+    for repo_id, webhook_secret, forge_token in conn.execute(
+            "SELECT id, webhook_secret, forge_token FROM repos").fetchall():
+        values = {"webhook_secret": webhook_secret,
+                  "forge_token": sealer.unseal_v1(forge_token) if forge_token else ""}
+        for key, text in values.items():
+            if text:
+                conn.execute(f"UPDATE repos SET {key} = ? WHERE id = ?",
+                             (sealer.seal(text, f"repo {repo_id} {key}"), repo_id))
+
+
 # Each entry upgrades the schema by one version (PRAGMA user_version) and runs
-# in one transaction: SQL text, or a function of the open connection. Append
-# new entries; never edit a released one.
+# in one transaction: SQL text, or a function of the open connection and the
+# store's sealer. Append new entries; never edit a released one.
 _MIGRATIONS = [
     """
     CREATE TABLE users (
@@ -2308,8 +2406,10 @@ _MIGRATIONS = [
         UNIQUE (job_id, number)
     );
     """,
+    _reseal_with_aes_gcm,
 ]
 
+_SEALED_REPO_FIELDS = ("webhook_secret", "forge_token")
 _REPO_FIELDS = ("url", "default_branch", "config_path", "private", "timeout", "max_builds",
                 "events", "webhook_secret", "forge", "forge_url", "forge_token", "forge_project",
                 "trusted")
@@ -2402,12 +2502,21 @@ class Store:
         self._log_events = 0
         self._git = None
         self._git_lock = threading.Lock()
+        # The database holds webhook secrets and token hashes: private to this
+        # user (SQLite gives the WAL and shared-memory files the same mode).
+        for name in (path, path + "-wal", path + "-shm"):
+            _make_private(name, create=name == path)
         self._migrate()
 
     @classmethod
     def open(cls, data_dir, **options):
-        """Open (creating if needed) the store ``cirunner.db`` in `data_dir`."""
-        os.makedirs(data_dir, exist_ok=True)
+        """Open (creating if needed) the store ``cirunner.db`` in `data_dir`,
+        a directory private to this user (0700, as are its mirrors/ and
+        workspaces/)."""
+        for directory in (data_dir, os.path.join(data_dir, "mirrors"),
+                          os.path.join(data_dir, "workspaces")):
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+            os.chmod(directory, 0o700)
         return cls(os.path.join(data_dir, "cirunner.db"), data_dir=data_dir, **options)
 
     @property
@@ -2533,12 +2642,12 @@ class Store:
             conn.execute("PRAGMA journal_mode = WAL")
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             for number, migration in enumerate(_MIGRATIONS[version:], start=version + 1):
-                self._apply_migration(conn, number, migration)
+                self._apply_migration(conn, number, migration, self.sealer)
         finally:
             conn.close()
 
     @staticmethod
-    def _apply_migration(conn, number, migration):
+    def _apply_migration(conn, number, migration, sealer):
         conn.execute("BEGIN IMMEDIATE")
         try:
             # Read again inside the lock: another process may have migrated.
@@ -2546,7 +2655,7 @@ class Store:
                 conn.execute("ROLLBACK")
                 return
             if callable(migration):
-                migration(conn)
+                migration(conn, sealer)
             else:
                 # Statement by statement: executescript() would commit first.
                 for statement in migration.split(";"):
@@ -2708,12 +2817,15 @@ class Store:
         _check_name(owner, "owner")
         _check_name(name, "repository name")
         self.check_repo_url(url)
-        values = self._repo_values(fields)
+        values = {key: value for key, value in self._repo_values(fields).items()
+                  if key not in _SEALED_REPO_FIELDS}
         values.update(owner=owner, name=name, url=url, created_at=_now())
         try:
             with self._write() as tx:
-                tx.execute(f"INSERT INTO repos ({', '.join(values)}) "
-                           f"VALUES ({', '.join('?' for _ in values)})", tuple(values.values()))
+                repo_id = tx.execute(f"INSERT INTO repos ({', '.join(values)}) "
+                                     f"VALUES ({', '.join('?' for _ in values)})",
+                                     tuple(values.values())).lastrowid
+                self._seal_repo_fields(tx, repo_id, fields)
         except sqlite3.IntegrityError:
             raise Conflict(f"repository {owner}/{name} already exists") from None
         return self.get_repo(owner, name)
@@ -2737,12 +2849,14 @@ class Store:
             raise BadRequest(f"unknown repository field {min(unknown)!r}")
         if "url" in fields:
             self.check_repo_url(fields["url"])
-        values = self._repo_values(fields)
-        if values:
-            assignments = ", ".join(f"{key} = ?" for key in values)
-            with self._write() as tx:
+        values = {key: value for key, value in self._repo_values(fields).items()
+                  if key not in _SEALED_REPO_FIELDS}
+        with self._write() as tx:
+            if values:
+                assignments = ", ".join(f"{key} = ?" for key in values)
                 tx.execute(f"UPDATE repos SET {assignments} WHERE id = ?",
                            (*values.values(), repo_id))
+            self._seal_repo_fields(tx, repo_id, fields)
         return self.get_repo_by_id(repo_id)
 
     def check_repo_url(self, url):
@@ -2757,15 +2871,25 @@ class Store:
         if not os.path.isdir(path):
             raise BadRequest(f"repository path {path} does not exist")
 
-    def _repo_values(self, fields):
-        values = {key: fields[key] for key in _REPO_FIELDS if key in fields}
-        if values.get("forge_token"):
-            values["forge_token"] = self.sealer.seal(values["forge_token"])
-        return values
+    @staticmethod
+    def _repo_values(fields):
+        return {key: fields[key] for key in _REPO_FIELDS if key in fields}
+
+    def _seal_repo_fields(self, tx, repo_id, fields):
+        """Store the webhook secret and forge token given in `fields`, sealed
+        for this repository and field ("" clears one)."""
+        for key in _SEALED_REPO_FIELDS:
+            if key in fields:
+                value = fields[key] and self.sealer.seal(fields[key], f"repo {repo_id} {key}")
+                tx.execute(f"UPDATE repos SET {key} = ? WHERE id = ?", (value, repo_id))
 
     def forge_token(self, repo):
         """The repository's forge API token, unsealed."""
-        return self.sealer.unseal(repo["forge_token"])
+        return self.sealer.unseal(repo["forge_token"], f"repo {repo['id']} forge_token")
+
+    def webhook_secret(self, repo):
+        """The secret the repository's webhooks are signed with, unsealed."""
+        return self.sealer.unseal(repo["webhook_secret"], f"repo {repo['id']} webhook_secret")
 
     def delete_repo(self, repo_id):
         """Delete a repository with all its builds; Conflict while one is active."""
@@ -3164,7 +3288,8 @@ class Store:
             tx.execute("INSERT INTO secrets (repo_id, name, value, events) VALUES (?, ?, ?, ?) "
                        "ON CONFLICT (repo_id, name) DO UPDATE SET value = excluded.value, "
                        "events = excluded.events",
-                       (repo_id, name, self.sealer.seal(value), json.dumps(events)))
+                       (repo_id, name, self.sealer.seal(value, f"repo {repo_id} secret {name}"),
+                        json.dumps(events)))
 
     def list_secrets(self, repo_id):
         """Names and events of a repository's secrets (never the values)."""
@@ -3180,7 +3305,7 @@ class Store:
 
     def secrets_for(self, repo_id, event):
         """{name: value} of the secrets a build of `event` may see."""
-        return {row["name"]: self.sealer.unseal(row["value"])
+        return {row["name"]: self.sealer.unseal(row["value"], f"repo {repo_id} secret {row['name']}")
                 for row in self._query("SELECT name, value, events FROM secrets "
                                        "WHERE repo_id = ?", (repo_id,))
                 if event in json.loads(row["events"])}
@@ -6657,7 +6782,7 @@ def _receive_webhook(api):
                          "X-Forgejo-Event or X-Gitlab-Event header")
     body = api.read_body()
     repo = _webhook_repo(api, forge, body)
-    _verify_webhook(forge, bottle.request.headers, body, repo["webhook_secret"])
+    _verify_webhook(forge, bottle.request.headers, body, api.store.webhook_secret(repo))
     payload = _load_json_body(body)
     if not isinstance(payload, dict):
         raise BadRequest("the webhook body must be a JSON object")

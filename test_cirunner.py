@@ -3260,3 +3260,149 @@ def test_credentials_in_a_repository_url_are_never_shown(store, executor, app, t
     assert build["remote"] == shown["clone_url"]
     for answer in answers:
         assert token not in answer and "ci-bot:" not in answer
+
+
+# -- the key file, sealing and file modes ------------------------------------
+
+
+def seal_v1(key_hex, text):
+    """A value as cirunner sealed it before AES-GCM (HMAC-SHA256 counter mode,
+    then HMAC): the format migration 8 reads once."""
+    key = bytes.fromhex(key_hex)
+
+    def derive(purpose):
+        return hmac.new(key, purpose.encode(), hashlib.sha256).digest()
+
+    nonce, data, out = os.urandom(16), text.encode(), bytearray()
+    for counter in range(0, len(data), 32):
+        block = hmac.new(derive("encrypt"), nonce + counter.to_bytes(8, "big"),
+                         hashlib.sha256).digest()
+        out += bytes(a ^ b for a, b in zip(data[counter:counter + 32], block))
+    body = nonce + bytes(out)
+    return "v1:" + (body + hmac.new(derive("authenticate"), body, hashlib.sha256).digest()).hex()
+
+
+@pytest.mark.parametrize("content", [b"", b"abc", b"00" * 16, b"zz" * 32, b"\xff" * 64],
+                         ids=["empty", "short", "16 bytes", "not hex", "not text"])
+def test_a_key_file_that_is_not_a_key_is_refused_with_a_clear_error(tmp_path, content):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "secret.key").write_bytes(content)
+    with cirunner.Store.open(str(data)) as store:
+        repo = store.create_repo("alice", "hello", "https://git.example/alice/hello.git")
+        with pytest.raises(cirunner.CIRunnerError, match="is not a key"):
+            store.set_secret(repo["id"], "TOKEN", "value")
+        assert store.list_secrets(repo["id"]) == []
+    result = run_cli("serve", "--data", str(data), "--port", "0")
+    assert result.returncode != 0 and "secret.key is not a key" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert (data / "secret.key").read_bytes() == content  # never replaced behind one's back
+
+
+def test_the_key_file_is_made_whole_or_not_at_all(tmp_path):
+    data = str(tmp_path / "data")
+    os.makedirs(data)
+    # a disk that takes 10 bytes: the key cannot be written, and nothing is left behind
+    script = ("import resource, signal, sys, cirunner\n"
+              "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+              "resource.setrlimit(resource.RLIMIT_FSIZE, (10, 10))\n"
+              f"sealer = cirunner._Sealer({os.path.join(data, 'secret.key')!r})\n"
+              "try:\n    sealer.key\nexcept OSError as error:\n    sys.exit(f'failed: {error}')\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False,
+                            cwd=HERE, timeout=30)
+    assert result.returncode != 0 and "failed" in result.stderr, result.stderr
+    assert os.listdir(data) == []
+    # eight processes at once: one key, the same for all, and no temporary files
+    script = ("import sys, cirunner\n"
+              f"print(cirunner._Sealer({os.path.join(data, 'secret.key')!r}).key.hex())\n")
+    processes = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                                  text=True, cwd=HERE) for _ in range(8)]
+    keys = {process.communicate(timeout=30)[0].strip() for process in processes}
+    assert len(keys) == 1 and len(keys.pop()) == 64
+    assert os.listdir(data) == ["secret.key"]
+    assert os.stat(os.path.join(data, "secret.key")).st_mode & 0o777 == 0o600
+
+
+def test_sealed_values_are_aes_gcm_bound_to_their_row_and_field(store, make_repo, executor):
+    one = make_repo({".cirunner.yml": "pipeline: {t: {commands: ['echo $TOKEN']}}\n"},
+                    full_name="alice/one", webhook_secret="hook-secret-1",
+                    forge_token="forge-token-1")
+    two = make_repo({".cirunner.yml": "pipeline: {t: {commands: ['echo $TOKEN']}}\n"},
+                    full_name="alice/two")
+    store.set_secret(one["id"], "TOKEN", "token-of-one")
+    store.set_secret(two["id"], "TOKEN", "token-of-two")
+    store.set_secret(one["id"], "OTHER", "other-of-one")
+    raw = sqlite3.connect(store.path)
+    for value in [row[0] for row in raw.execute("SELECT value FROM secrets")] + list(
+            raw.execute("SELECT webhook_secret, forge_token FROM repos WHERE id = ?",
+                        (one["id"],)).fetchone()):
+        assert value.startswith("v2:") and "one" not in value and "secret" not in value
+    assert store.secrets_for(one["id"], "push")["TOKEN"] == "token-of-one"
+    assert store.webhook_secret(store.get_repo("alice", "one")) == "hook-secret-1"
+    assert store.forge_token(store.get_repo("alice", "one")) == "forge-token-1"
+    # a sealed value copied to another repository, name or field does not open
+    with raw:
+        raw.execute("UPDATE secrets SET value = (SELECT value FROM secrets WHERE repo_id = ? "
+                    "AND name = 'TOKEN') WHERE repo_id = ?", (one["id"], two["id"]))
+        raw.execute("UPDATE secrets SET value = (SELECT value FROM secrets WHERE repo_id = ? "
+                    "AND name = 'OTHER') WHERE repo_id = ? AND name = 'TOKEN'",
+                    (one["id"], one["id"]))
+        raw.execute("UPDATE repos SET forge_token = webhook_secret WHERE id = ?", (one["id"],))
+    raw.close()
+    for repo_id in (one["id"], two["id"]):
+        with pytest.raises(cirunner.CIRunnerError, match=r"sealed value of repo \d+ secret TOKEN"):
+            store.secrets_for(repo_id, "push")
+    with pytest.raises(cirunner.CIRunnerError, match="forge_token does not open"):
+        store.forge_token(store.get_repo("alice", "one"))
+    # a build that needs such a value errors with that message, and nothing else breaks
+    build = cirunner.create_build(store, two)
+    executor.run_until_idle()
+    job = store.list_jobs(build["id"])[0]
+    assert job["status"] == cirunner.ERROR and "does not open" in job["error"], job
+
+
+def test_migration_reseals_old_secrets_and_seals_webhook_secrets(tmp_path):
+    data = tmp_path / "data"
+    with cirunner.Store.open(str(data)) as store:
+        repo = store.create_repo("alice", "hello", "https://git.example/alice/hello.git")
+        key = store.sealer.key.hex()
+    raw = sqlite3.connect(data / "cirunner.db")
+    with raw:  # the store as version 7 left it
+        raw.execute("PRAGMA user_version = 7")
+        raw.execute("UPDATE repos SET webhook_secret = 'plain-hook', forge_token = ? "
+                    "WHERE id = ?", (seal_v1(key, "forge-token"), repo["id"]))
+        raw.execute("INSERT INTO secrets (repo_id, name, value) VALUES (?, 'TOKEN', ?)",
+                    (repo["id"], seal_v1(key, "a secret value with ünïcode, 40+ bytes long")))
+    raw.close()
+    with cirunner.Store.open(str(data)) as store:
+        assert store.schema_version() == len(cirunner._MIGRATIONS)
+        repo = store.get_repo("alice", "hello")
+        assert store.webhook_secret(repo) == "plain-hook"
+        assert store.forge_token(repo) == "forge-token"
+        assert store.secrets_for(repo["id"], "push") == {
+            "TOKEN": "a secret value with ünïcode, 40+ bytes long"}
+        assert repo["webhook_secret"].startswith("v2:")
+    assert b"plain-hook" not in (data / "cirunner.db").read_bytes()
+
+
+def test_the_data_directory_is_private_to_the_servers_user(tmp_path, servers, git_daemon):
+    data = tmp_path / "data"
+    data.mkdir(mode=0o755)
+    (data / "cirunner.db").touch(mode=0o644)  # a store made by an older version
+    os.chmod(data / "cirunner.db", 0o644)
+    server = servers(data)
+    repo = git_daemon.repo("hello", {".cirunner.yml": "pipeline: {t: {commands: [true]}}\n"})
+    server.api("POST", "/api/repos/alice/hello", {"url": repo})
+    server.api("POST", "/api/repos/alice/hello/secrets", {"name": "TOKEN", "value": "s3cret"})
+    server.api("POST", "/api/repos/alice/hello/builds", {})
+    wait_for(lambda: server.api("GET", "/api/repos/alice/hello/builds/1")[1]["status"]
+             == cirunner.SUCCESS, timeout=30)
+    modes = {name: os.stat(data / name).st_mode & 0o777 for name in (
+        ".", "mirrors", "workspaces", "cirunner.db", "cirunner.db-wal", "cirunner.db-shm",
+        "secret.key", "mirrors/alice/hello.git", "mirrors/alice/hello.git.lock")}
+    assert modes == {".": 0o700, "mirrors": 0o700, "workspaces": 0o700, "cirunner.db": 0o600,
+                     "cirunner.db-wal": 0o600, "cirunner.db-shm": 0o600, "secret.key": 0o600,
+                     "mirrors/alice/hello.git": 0o700, "mirrors/alice/hello.git.lock": 0o600}
+    objects = [os.path.join(root, name) for root, _, names in os.walk(data / "mirrors")
+               for name in names if "/objects/" in os.path.join(root, name)]
+    assert objects and all(os.stat(path).st_mode & 0o077 == 0 for path in objects)
