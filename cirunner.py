@@ -209,6 +209,8 @@ MAX_WEBHOOK_BODY = 25 * 1024 * 1024  # webhook payloads (GitHub's own cap)
 MAX_VARIABLES_BYTES = 64 * 1024  # a build's variables, names and values together
 _LAST_TIMESTAMP = 253402300799  # 9999-12-31T23:59:59Z
 MAX_DESCRIPTION = 10_000        # characters of a build's description
+MAX_MESSAGE = 16 * 1024         # characters of a commit message kept with a build
+MAX_FIELD = 2048                # characters of its other commit and forge texts
 MAX_SCRIPT_BYTES = 96 * 1024    # a step's script is one argv entry (Linux allows 128 KiB)
 MIN_MASKED_LENGTH = 4           # shorter secret values would mask half the log
 DEFAULT_PER_PAGE = 25
@@ -394,6 +396,10 @@ def _check_variables(variables):
         if "\x00" in value:
             raise BadRequest(f"variable {name} contains a NUL byte")
         checked[name] = value
+    size = sum(len(name) + len(value.encode()) for name, value in checked.items())
+    if size > MAX_VARIABLES_BYTES:
+        raise BadRequest(f"build variables take {size} bytes, names and values together; "
+                         f"at most {MAX_VARIABLES_BYTES}")
     return checked
 
 
@@ -3682,6 +3688,11 @@ def _parse_for_build(store, filename, text, max_jobs):
 _FILTERED_EVENTS = (EVENT_PUSH, EVENT_PULL_REQUEST, EVENT_MANUAL, EVENT_CRON)
 
 
+def _clip(text, limit):
+    """`text`, or its first `limit` characters and a note that more was cut."""
+    return text if len(text) <= limit else text[:limit] + f"… ({len(text) - limit} more cut)"
+
+
 def _make_build(store, repo, request, *, max_jobs=DEFAULT_MAX_JOBS, resolve=_resolve_from_git):
     """The one path that makes a build: resolve the commit and its pipeline
     file, parse the file once, and insert the build with one job per matrix
@@ -3713,6 +3724,9 @@ def _make_build(store, repo, request, *, max_jobs=DEFAULT_MAX_JOBS, resolve=_res
         error = f"cannot fetch {_redact_url(repo['url'])}: {exc.message}"
     fields.update({key: value for key, value in request.fields.items()
                    if key in _BUILD_FIELDS and value not in (None, "")})
+    for key in ("message", "author", "author_email", "author_avatar", "link_url", "remote"):
+        if isinstance(fields.get(key), str):  # from git or a forge: kept at a bounded size
+            fields[key] = _clip(fields[key], MAX_MESSAGE if key == "message" else MAX_FIELD)
     if request.replaces:
         return store.reset_build(request.replaces["id"], fields, environments, error=error,
                                  message=f"build {request.replaces['number']} restarted")
@@ -4032,14 +4046,16 @@ class _SandboxRunner(_HostRunner):
 
     def signal(self, process, signum):
         """SIGTERM reaches the step's processes, not bwrap itself, which would
-        end the sandbox at once; SIGKILL ends the sandbox and all in it."""
-        if signum == signal.SIGKILL:
+        end the sandbox at once; SIGKILL ends the sandbox and all in it. A
+        sandbox whose step has not started yet is ended at once too: no
+        process of the step could have heard the SIGTERM."""
+        inside = [pid for pid in _group_members(process.pid) if pid != process.pid]
+        if signum == signal.SIGKILL or not inside:
             _signal_group(process.pid, signum)
             return
-        for pid in _group_members(process.pid):
-            if pid != process.pid:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.kill(pid, signum)
+        for pid in inside:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signum)
 
 
 def _make_runner(sandbox, data_dir):
@@ -5294,6 +5310,13 @@ def _parse_authorization(header):
     return parts[1]
 
 
+def _guest_not_found(owner, name):
+    """What a guest hears of a repository it may not read, private or missing
+    alike (so that a private repository's existence is not revealed): 401."""
+    return Unauthorized(f"repository {owner}/{name} is not public or does not exist: "
+                        "send a token, or sign in")
+
+
 class _Access:
     """Who is calling and what they may do, decided in one place for the API,
     the pages, badges and webhooks.
@@ -5356,7 +5379,7 @@ class _Access:
         user = self.user(request)
         if not self.may_read(user, repo):
             if user is None:
-                raise Unauthorized("this repository needs a token")
+                raise _guest_not_found(repo["owner"], repo["name"])
             raise NotFound(f"repository {repo['owner']}/{repo['name']} not found")
         return user
 
@@ -5379,7 +5402,8 @@ class _Access:
         try:
             repo = self.store.get_repo(owner, name)
         except NotFound:
-            self.user(request)  # bad credentials are 401 here too
+            if self.user(request) is None:  # bad credentials are 401 here too
+                raise _guest_not_found(owner, name) from None
             raise
         if write:
             self.require_write(request, owner, repo)
@@ -5657,9 +5681,13 @@ _SECRET = _Resource("secret", [
 ])
 
 
-def _build_json(build, jobs=None, steps=None):
-    """A build in the Drone dialect's shape, with its jobs (and their steps) when given."""
+def _build_json(build, jobs=None, steps=None, *, listed=False):
+    """A build in the Drone dialect's shape, with its jobs (and their steps)
+    when given. In a list (`listed`) a build leaves out its variables (up to
+    64 KiB each): a page of 100 stays small, and one build shows them all."""
     data = _BUILD.to_json(build)
+    if listed:
+        data.pop("variables", None)
     if jobs is not None:
         data["jobs"] = [_JOB.to_json(job) for job in jobs]
         for job, shown in zip(jobs, data["jobs"]):
@@ -6173,7 +6201,7 @@ class _Api:
         page = _check_int(params.get("page"), "page", default=1, minimum=1, maximum=10 ** 9)
         builds = self.store.list_builds(repo["id"], offset=(page - 1) * per_page,
                                         limit=per_page, **self.build_filters(params))
-        return [_build_json(build) for build in builds]
+        return [_build_json(build, listed=True) for build in builds]
 
     def start_build(self, repo):
         params = self.params()
@@ -6420,7 +6448,7 @@ class _Api:
         offset, limit = self.page_params()
         filters = self.build_filters(self.query())
         builds = self.store.list_builds(repo["id"], offset=offset, limit=limit, **filters)
-        return _paginated([_build_json(build) for build in builds],
+        return _paginated([_build_json(build, listed=True) for build in builds],
                           self.store.count_builds(repo["id"], **filters), offset, limit)
 
     def v1_get_build(self, repo, build_id):
@@ -6645,6 +6673,13 @@ def _iso_time(text):
         return 0
 
 
+def _webhook_refused():
+    """One answer for an unknown repository, one without a secret and a bad
+    signature: a sender without the secret learns nothing of which it was."""
+    return Forbidden("webhook refused: the repository is unknown, has no webhook secret, or "
+                     "the signature does not match (the server's log says which)")
+
+
 def _verify_webhook(forge, headers, body, secret):
     """Check a webhook against the repository's secret: HMAC-SHA256 of the body
     (GitHub, Gitea, Forgejo) or GitLab's shared token, in constant time."""
@@ -6770,8 +6805,9 @@ def _webhook_repo(api, forge, body):
     owner, _, name = str(full_name).partition("/")
     try:
         return api.store.get_repo(_check_name(owner, "owner"), _check_name(name, "name"))
-    except BadRequest:
-        raise NotFound(f"repository {full_name} not found") from None
+    except (BadRequest, NotFound):
+        _log.info("webhook refused: no repository %r", str(full_name)[:200])
+        raise _webhook_refused() from None
 
 
 def _receive_webhook(api):
@@ -6782,7 +6818,11 @@ def _receive_webhook(api):
                          "X-Forgejo-Event or X-Gitlab-Event header")
     body = api.read_body()
     repo = _webhook_repo(api, forge, body)
-    _verify_webhook(forge, bottle.request.headers, body, api.store.webhook_secret(repo))
+    try:
+        _verify_webhook(forge, bottle.request.headers, body, api.store.webhook_secret(repo))
+    except Forbidden as refusal:  # the reason goes to the log, not to the sender
+        _log.info("webhook for %s/%s refused: %s", repo["owner"], repo["name"], refusal.message)
+        raise _webhook_refused() from None
     payload = _load_json_body(body)
     if not isinstance(payload, dict):
         raise BadRequest("the webhook body must be a JSON object")
@@ -6994,6 +7034,18 @@ def _duration(start, end):
     return f"{seconds // 60} min {seconds % 60} s" if seconds >= 60 else f"{seconds} s"
 
 
+def _same_server_path(value):
+    """`value` if it is a path on this server, else "/": a sign-in sends the
+    browser there. No scheme or host, no backslash, no whitespace or control
+    character anywhere: browsers drop tabs and newlines from a URL, so a tab
+    between two slashes would make "//evil.example"."""
+    if (not isinstance(value, str) or not value.startswith("/") or value.startswith("//")
+            or any(char == "\\" or char.isspace() or not char.isprintable() for char in value)
+            or urlsplit(value).netloc):
+        return "/"
+    return value
+
+
 class _Pages:
     """The web pages: repositories, builds, a build, a job's live log, sign-in.
 
@@ -7055,11 +7107,7 @@ class _Pages:
                                                  text=error.message, link=""), error.status)
 
     def readable_repo(self, owner, name):
-        _check_name(owner, "owner")
-        _check_name(name, "repository name")
-        repo = self.store.get_repo(owner, name)
-        self.access.require_read(bottle.request, repo)
-        return repo
+        return self.access.find_repo(bottle.request, owner, name)
 
     def find_build(self, repo, number):
         return self.store.get_build(repo["id"], _check_positive(number, "build number"))
@@ -7080,7 +7128,8 @@ class _Pages:
 
     def login_form(self):
         return self.page("Sign in", self.render(
-            "login", csrf=self.csrf_token(), next_path=bottle.request.query.get("next", "/")))
+            "login", csrf=self.csrf_token(),
+            next_path=_same_server_path(bottle.request.query.get("next", "/"))))
 
     def login(self):
         form = self.check_csrf()
@@ -7092,10 +7141,7 @@ class _Pages:
         bottle.response.set_cookie(SESSION_COOKIE, self.access.session_cookie(user),
                                    httponly=True, samesite="strict", path="/",
                                    max_age=SESSION_SECONDS)
-        next_path = form.get("next", "/")
-        if not next_path.startswith("/") or next_path[1:2] in ("/", "\\"):
-            next_path = "/"  # only paths on this server: "//host" and "/\\host" leave it
-        bottle.redirect(next_path, 303)
+        bottle.redirect(_same_server_path(form.get("next", "/")), 303)
 
     def logout(self):
         self.check_csrf()

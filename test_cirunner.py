@@ -20,6 +20,7 @@ import time
 import urllib.error
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import quote
 
 import pytest
 import webtest
@@ -2163,7 +2164,7 @@ def test_two_quick_pushes_each_build_their_own_commit(store, executor, hook_repo
 
 @pytest.mark.parametrize("case, status", [
     ("ci skip", 204), ("skip ci upper", 204), ("deleted branch", 204), ("event off", 204),
-    ("ping", 200), ("unknown repo", 404), ("wrong shape", 400), ("not json", 400),
+    ("ping", 200), ("unknown repo", 403), ("wrong shape", 400), ("not json", 400),
     ("no forge header", 400), ("closed pull request", 204),
 ])
 def test_webhooks_that_start_no_build(case, status, store, hook_repo):
@@ -2542,14 +2543,19 @@ def test_a_form_post_without_the_csrf_token_is_403_and_changes_nothing(site, sto
 
 @pytest.mark.parametrize("target, landing", [
     ("/alice/hello", "/alice/hello"), ("//evil.example/x", "/"), ("/\\evil.example", "/"),
-    ("https://evil.example/", "/"),
+    ("https://evil.example/", "/"), ("/\t/evil.example", "/"), ("/\n/evil.example", "/"),
+    ("/%09/evil.example", "/%09/evil.example"), (" //evil.example", "/"),
+    ("/\r\n/evil.example", "/"), ("/\x00/evil.example", "/"), ("/\u3000/evil.example", "/"),
+    ("/alice/hello?page=2", "/alice/hello?page=2"), ("javascript:alert(1)", "/"),
 ])
 def test_sign_in_returns_only_to_this_server(site, target, landing):
     browser, token = site
-    form = browser.get(f"/login?next={target}").forms[0]
+    form = browser.get(f"/login?next={quote(target, safe='/?=')}").forms[0]
     form["token"] = token
-    assert form.submit(status=303).location.endswith(landing)
-    assert "evil" not in form.submit(status=303).location
+    assert form.submit(status=303).location == "http://localhost:80" + landing
+    form["next"] = target  # a form posted with its own next, not the one the page gave
+    location = form.submit(status=303).location
+    assert location == "http://localhost:80" + landing, location
 
 
 def test_sign_out_and_revoked_tokens_end_the_session(site, store):
@@ -3406,3 +3412,80 @@ def test_the_data_directory_is_private_to_the_servers_user(tmp_path, servers, gi
     objects = [os.path.join(root, name) for root, _, names in os.walk(data / "mirrors")
                for name in names if "/objects/" in os.path.join(root, name)]
     assert objects and all(os.stat(path).st_mode & 0o077 == 0 for path in objects)
+
+
+EXISTENCE_PROBES = [
+    ("GET", "/api/repos/alice/{name}"), ("GET", "/api/repos/alice/{name}/builds"),
+    ("GET", "/api/repos/alice/{name}/builds/1"), ("GET", "/api/repos/alice/{name}/builds/latest"),
+    ("GET", "/api/repos/alice/{name}/logs/1/1"), ("GET", "/api/v1/alice/{name}/builds"),
+    ("GET", "/api/badges/alice/{name}/status.svg"), ("GET", "/api/badges/alice/{name}/cc.xml"),
+    ("POST", "/api/repos/alice/{name}/builds"), ("DELETE", "/api/repos/alice/{name}/builds/1"),
+    ("GET", "/alice/{name}"), ("GET", "/alice/{name}/1"), ("GET", "/alice/{name}/1/1"),
+]
+
+
+def test_nobody_learns_whether_a_private_repository_exists(store, executor, make_repo):
+    repo = make_repo({".cirunner.yml": "pipeline: {t: {commands: [true]}}\n"},
+                     full_name="alice/secret", private=True, webhook_secret=WEBHOOK_SECRET)
+    cirunner.create_build(store, repo)
+    executor.run_until_idle()
+    store.create_user("bob")
+    bob_token = store.create_token("bob")[1]
+    app = cirunner.make_app(store, executor)
+    callers = {"guest": webtest.TestApp(app),
+               "bob": webtest.TestApp(app, extra_environ={"HTTP_AUTHORIZATION":
+                                                          f"Token {bob_token}"})}
+
+    def answer(client, method, path):
+        response = client.request(path, method=method, expect_errors=True)
+        location = response.headers.get("Location", "")
+        return (response.status_int, re.sub("secret|nothing", "NAME", location),
+                re.sub(b"secret|nothing", b"NAME", response.body))
+
+    for caller, client in callers.items():
+        for method, path in EXISTENCE_PROBES:
+            private = answer(client, method, path.format(name="secret"))
+            missing = answer(client, method, path.format(name="nothing"))
+            assert private == missing, (caller, method, path, private, missing)
+            assert private[0] in ((401, 303) if caller == "guest" else (404,)), private
+    # webhooks: unsigned, or signed with a guess, for the private repository or none
+    hook = webtest.TestApp(app)
+    for name in ("secret", "nothing"):
+        sha = "a" * 40
+        payload = github_push(sha, "guess")
+        payload["repository"]["full_name"] = f"alice/{name}"
+        body = json.dumps(payload).encode()
+        for headers in ({}, {"X-Hub-Signature-256": "sha256=" + "0" * 64}):
+            response = hook.post("/hook", body, expect_errors=True, headers={
+                "X-GitHub-Event": "push", "Content-Type": "application/json", **headers})
+            assert response.status_int == 403 and "webhook refused" in response.json["message"]
+            assert response.json["message"] == cirunner._webhook_refused().message
+    assert len(store.list_builds(repo["id"])) == 1
+
+
+def test_what_a_caller_makes_the_server_keep_and_list_is_bounded(store, executor, make_repo,
+                                                                  app, hook_repo):
+    # hook_repo is alice/hello; a second repository for the API's variables
+    make_repo({".cirunner.yml": "pipeline: {t: {commands: [true]}}\n"}, full_name="bob/vars")
+    big = {f"V{index}": "x" * 1000 for index in range(66)}  # 66,066 bytes
+    answer = app.post_json("/api/repos/bob/vars/builds", {"variables": big}, status=400).json
+    assert "at most 65536" in answer["message"]
+    fits = {f"V{index}": "x" * 1000 for index in range(64)}
+    for _ in range(3):
+        app.post_json("/api/repos/bob/vars/builds", {"variables": fits}, status=201)
+    result = run_cli("build", "bob/vars", "--data", store.data_dir,
+                     *[arg for name in big for arg in ("--var", f"{name}={big[name]}")])
+    assert result.returncode != 0 and "at most 65536" in result.stderr
+    # a list leaves variables out; the build itself shows them
+    listed = app.get("/api/repos/bob/vars/builds?per_page=100")
+    assert len(listed.body) < 10_000 and all("variables" not in item for item in listed.json)
+    v1 = app.get("/api/v1/bob/vars/builds?limit=100").json["results"]
+    assert all("variables" not in item for item in v1)
+    assert app.get("/api/repos/bob/vars/builds/1").json["variables"] == fits
+    # a pushed commit with a 1 MB message is kept at 16 KiB
+    sha = push(hook_repo, {"f": "2"}, "short")  # the forge says 1 MB; git would refuse it
+    body = json.dumps(github_push(sha, "m" * 1_000_000)).encode()
+    webhook = webtest.TestApp(cirunner.make_app(store, executor))
+    build = webhook.post("/hook", body, headers={
+        "X-GitHub-Event": "push", "Content-Type": "application/json", **sign(body, "github")}).json
+    assert len(build["message"]) < 17_000 and build["message"].endswith("more cut)")
