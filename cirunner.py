@@ -118,6 +118,7 @@ import dataclasses
 import difflib
 import fcntl
 import functools
+import getpass
 import hashlib
 import hmac
 import io
@@ -139,6 +140,8 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
+import urllib.request
 import uuid
 from datetime import datetime, timezone
 from urllib.parse import parse_qsl, quote, urlsplit
@@ -2413,6 +2416,8 @@ _MIGRATIONS = [
     );
     """,
     _reseal_with_aes_gcm,
+    # 9: a runner's process is its pid and its start time (a pid is reused).
+    "ALTER TABLE runners ADD COLUMN pid_start INTEGER NOT NULL DEFAULT 0",
 ]
 
 _SEALED_REPO_FIELDS = ("webhook_secret", "forge_token")
@@ -2442,16 +2447,6 @@ def _next_cron_time(expression, after):
 
 def _token_hash(secret):
     return hashlib.sha256(secret.encode("utf-8", "surrogateescape")).hexdigest()
-
-
-def _pid_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class _Transaction:
@@ -3311,7 +3306,8 @@ class Store:
 
     def secrets_for(self, repo_id, event):
         """{name: value} of the secrets a build of `event` may see."""
-        return {row["name"]: self.sealer.unseal(row["value"], f"repo {repo_id} secret {row['name']}")
+        return {row["name"]: self.sealer.unseal(row["value"],
+                                                f"repo {repo_id} secret {row['name']}")
                 for row in self._query("SELECT name, value, events FROM secrets "
                                        "WHERE repo_id = ?", (repo_id,))
                 if event in json.loads(row["events"])}
@@ -3413,11 +3409,14 @@ class Store:
     # -- runners ------------------------------------------------------------
 
     def register_runner(self, runner_id, hostname, pid):
+        """Record a runner: its host, and its process by pid and start time,
+        so that a restart knows at once whether that process still runs."""
         now = _now()
         with self._write() as tx:
-            tx.execute("INSERT INTO runners (id, hostname, pid, started_at, heartbeat_at) "
-                       "VALUES (?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET "
-                       "heartbeat_at = excluded.heartbeat_at", (runner_id, hostname, pid, now, now))
+            tx.execute("INSERT INTO runners (id, hostname, pid, pid_start, started_at, "
+                       "heartbeat_at) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET "
+                       "heartbeat_at = excluded.heartbeat_at",
+                       (runner_id, hostname, pid, _process_start(pid), now, now))
 
     def unregister_runner(self, runner_id):
         with self._write() as tx:
@@ -3431,23 +3430,32 @@ class Store:
             tx.execute("UPDATE jobs SET heartbeat_at = ? WHERE status = ? AND claimed_by = ?",
                        (now, RUNNING, runner_id))
 
+    def builds_queued_before(self, build_id):
+        """Builds with pending jobs that were made before `build_id`: what a
+        runner starting now takes first. [{owner, name, number, jobs}], oldest first."""
+        return self._query("SELECT r.owner, r.name, b.number, COUNT(*) AS jobs FROM jobs j "
+                           "JOIN builds b ON b.id = j.build_id JOIN repos r ON r.id = b.repo_id "
+                           "WHERE j.status = ? AND b.id < ? GROUP BY b.id ORDER BY b.id",
+                           (PENDING, build_id))
+
     def active_runners(self, max_age=RUNNER_LOST_SECONDS):
         return self._query("SELECT * FROM runners WHERE heartbeat_at >= ?", (_now() - max_age,))
 
     def recover_lost_jobs(self, runner_id, hostname, pid, *, max_age=RUNNER_LOST_SECONDS):
         """Mark as error the running jobs of runners that are gone.
 
-        A runner is gone when it is on this host and its process is dead (or is
-        this process under another runner id, as after a restart in a
-        container), or when its heartbeat is older than `max_age` seconds.
+        A runner is gone when it is on this host and its process has ended
+        (dead, a zombie, or its pid now another process's), or is this process
+        under another runner id (as after a restart in a container), or when
+        its heartbeat is older than `max_age` seconds.
         Returns the ids of the jobs recovered.
         """
         now = _now()
         with self._write() as tx:
             runners = tx.execute("SELECT * FROM runners WHERE id != ?", (runner_id,)).fetchall()
             lost = {runner["id"] for runner in runners if (
-                runner["hostname"] == hostname and (runner["pid"] == pid
-                                                    or not _pid_alive(runner["pid"]))
+                runner["hostname"] == hostname and (
+                    runner["pid"] == pid or not _same_process(runner["pid"], runner["pid_start"]))
                 or runner["heartbeat_at"] < now - max_age)}
             known = {runner["id"] for runner in runners} | {runner_id}
             jobs = [job for job in tx.execute(
@@ -3623,6 +3631,30 @@ class _LogReader(io.RawIOBase):
 ###############################################################################
 
 
+def _follow_log(store, job_id, offset, *, heartbeat=SSE_HEARTBEAT_SECONDS, closing=None):
+    """Yield (chunk, job) as a job's log grows from `offset`, (None, job) each
+    `heartbeat` seconds of silence, and stop after the chunks that were there
+    when the job ended (or when `closing` is set)."""
+    last_sent = time.monotonic()
+    while closing is None or not closing.is_set():
+        seen = store.log_events_seen()
+        job = store.get_job_by_id(job_id)  # read before the log: nothing is missed
+        sent = False
+        for chunk in store.read_log(job_id, offset):
+            offset += len(chunk)
+            sent = True
+            yield chunk, job
+        if job["status"] in DONE_STATUSES:
+            return
+        if sent:
+            last_sent = time.monotonic()
+        elif time.monotonic() - last_sent >= heartbeat:
+            yield None, job
+            last_sent = time.monotonic()
+        else:
+            store.wait_for_log(min(0.5, heartbeat), seen)
+
+
 @dataclasses.dataclass
 class _BuildRequest:
     """What a build is asked for, by the API, a webhook, cron, a restart or exec."""
@@ -3652,6 +3684,8 @@ def _resolve_from_git(store, repo, request):
             raise BadRequest(f"commit {commit} not found in {where}")
     else:
         heads = git.fetch(repo)
+        if not any(ref.startswith("refs/heads/") for ref in heads):
+            raise BadRequest(f"{where} has no commits yet: push a commit, then build")
         branch = branch or repo["default_branch"] or git.default_branch(repo)
         head = heads.get(f"refs/heads/{branch}")
         found = git.read_commit(repo, head) if head else None
@@ -3830,14 +3864,42 @@ def _environment_of(pid):
         return []
 
 
-def _process_state(pid):
-    """(state letter, process group) of `pid` from /proc, or (None, None)."""
+def _proc_stat(pid):
+    """The fields of /proc/PID/stat after the command name, or None."""
     try:
         with open(f"/proc/{pid}/stat") as handle:
-            fields = handle.read().rsplit(")", 1)[1].split()
-        return fields[0], int(fields[2])
-    except (OSError, IndexError, ValueError):
-        return None, None
+            return handle.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def _process_state(pid):
+    """(state letter, process group) of `pid` from /proc, or (None, None)."""
+    fields = _proc_stat(pid)
+    return (fields[0], int(fields[2])) if fields else (None, None)
+
+
+def _process_start(pid):
+    """When process `pid` started (clock ticks since boot): with the pid, who
+    it is. 0 for a process that is gone or a zombie (it has stopped, whoever
+    has yet to reap it)."""
+    fields = _proc_stat(pid)
+    return int(fields[19]) if fields and fields[0] not in "ZX" else 0
+
+
+def _same_process(pid, start):
+    """Whether `pid` is still the process that started at `start` (0: not known,
+    as for runners recorded before start times were kept)."""
+    if not os.path.exists("/proc/self/stat"):  # no /proc: all that can be asked
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    now = _process_start(pid)
+    return bool(now) and (not start or now == start)
 
 
 @dataclasses.dataclass
@@ -5681,6 +5743,25 @@ _SECRET = _Resource("secret", [
 ])
 
 
+_CRON = _Resource("cron", [
+    _Field("name", _STRING, _shown("name"), lambda value: value, required=True),
+    _Field("expression", _STRING, _shown("expression"), lambda value: value, required=True,
+           help='five-field cron syntax, UTC, e.g. "0 3 * * *"'),
+    _Field("branch", _STRING, _shown("branch"),
+           lambda value: _check_branch(value) if value else "", required=True,
+           help="branch to build (default: the repository's)"),
+    _Field("next_at", _TIME_SCHEMA, _shown("next_at", int), required=True),
+])
+
+_USER = _Resource("user", [
+    _Field("login", _STRING, _shown("login"), required=True),
+    _Field("email", _STRING, _shown("email"), required=True),
+    _Field("admin", _BOOLEAN, _shown("admin", bool), required=True),
+    _Field("scope", {"type": "string", "enum": list(TOKEN_SCOPES)}, _shown("scope"),
+           required=True),
+])
+
+
 def _build_json(build, jobs=None, steps=None, *, listed=False):
     """A build in the Drone dialect's shape, with its jobs (and their steps)
     when given. In a list (`listed`) a build leaves out its variables (up to
@@ -5693,6 +5774,12 @@ def _build_json(build, jobs=None, steps=None, *, listed=False):
         for job, shown in zip(jobs, data["jobs"]):
             shown["steps"] = [_STEP.to_json(step) for step in (steps or {}).get(job["id"], [])]
     return data
+
+
+def _full_build_json(store, build):
+    """A build's JSON with its jobs and their steps, read from `store`."""
+    jobs = store.list_jobs(build["id"])
+    return _build_json(build, jobs, store.list_steps([job["id"] for job in jobs]))
 
 
 def _schemas():
@@ -5715,8 +5802,8 @@ def _schemas():
         "Error": {"type": "object", "required": ["error", "message", "status"], "properties": {
             "error": _STRING, "message": _STRING, "status": _INTEGER}},
         "Repo": _REPO.schema(), "Job": job, "Step": _STEP.schema(), "Build": build,
-        "Status": _STATUS.schema(), "Secret": _SECRET.schema(),
-        "BuildPage": page_of("Build"), "StatusPage": page_of("Status"),
+        "Status": _STATUS.schema(), "Secret": _SECRET.schema(), "Cron": _CRON.schema(),
+        "User": _USER.schema(), "BuildPage": page_of("Build"), "StatusPage": page_of("Status"),
     }
 
 ###############################################################################
@@ -5776,6 +5863,7 @@ _PATH_PARAMETERS = {
     "job": (_POSITIVE, "job number"),
     "build_id": (_POSITIVE, "the build's global id"), "status_id": (_POSITIVE, "status id"),
     "secret": (_STRING, "secret name"), "step": (_POSITIVE, "step number, in its job"),
+    "cron": (_NAME_SCHEMA, "schedule name"),
 }
 
 
@@ -6067,9 +6155,7 @@ class _Api:
         return build, self.store.get_job(build["id"], _check_positive(job, "job number"))
 
     def build_reply(self, build, status=200):
-        jobs = self.store.list_jobs(build["id"])
-        steps = self.store.list_steps([job["id"] for job in jobs])
-        return _Reply(_build_json(build, jobs, steps), status)
+        return _Reply(_full_build_json(self.store, build), status)
 
     def build_filters(self, params):
         status = params.get("status") or None
@@ -6191,6 +6277,31 @@ class _Api:
     def delete_secret(self, repo, secret):
         self.store.delete_secret(repo["id"], secret)
         return {"deleted": secret}
+
+    # -- schedules and the caller ---------------------------------------------
+
+    def list_crons(self, repo):
+        return [_CRON.to_json(cron) for cron in self.store.list_crons(repo["id"])]
+
+    def add_cron(self, repo):
+        fields = _CRON.parse(self.body())
+        for name in ("name", "expression"):
+            if not isinstance(fields.get(name), str) or not fields[name]:
+                raise BadRequest(f"{name} is required")
+        cron = self.store.add_cron(repo["id"], fields["name"], fields["expression"],
+                                   fields.get("branch", ""))
+        return _Reply(_CRON.to_json(cron), 201)
+
+    def delete_cron(self, repo, cron):
+        self.store.delete_cron(repo["id"], cron)
+        return {"deleted": cron}
+
+    def current_user(self):
+        """The caller (401 for a guest): what `cirunner login` checks a token with."""
+        user = self.user()
+        if user is None:
+            raise Unauthorized("no credentials: send 'Authorization: Token <token>'")
+        return _USER.to_json(user)
 
     # -- builds (Drone dialect) ---------------------------------------------
 
@@ -6369,26 +6480,8 @@ class _Api:
             self._streams -= 1
 
     def _follow(self, job_id, offset):
-        """Yield (chunk, job) as a job's log grows from `offset`, (None, job) on
-        a heartbeat, and stop after the chunks that were there when it ended."""
-        last_sent = time.monotonic()
-        while not self.closing.is_set():
-            seen = self.store.log_events_seen()
-            job = self.store.get_job_by_id(job_id)  # read before the log: nothing is missed
-            sent = False
-            for chunk in self.store.read_log(job_id, offset):
-                offset += len(chunk)
-                sent = True
-                yield chunk, job
-            if job["status"] in DONE_STATUSES:
-                return
-            if sent:
-                last_sent = time.monotonic()
-            elif time.monotonic() - last_sent >= self.heartbeat:
-                yield None, job
-                last_sent = time.monotonic()
-            else:
-                self.store.wait_for_log(min(0.5, self.heartbeat), seen)
+        return _follow_log(self.store, job_id, offset, heartbeat=self.heartbeat,
+                           closing=self.closing)
 
     def _end_event(self, job_id):
         job = self.store.get_job_by_id(job_id)
@@ -6583,6 +6676,16 @@ _API_ROUTES = [
            body={**_SECRET.write_schema(), "required": ["name", "value"]}),
     _Route("DELETE", "/api/repos/<owner>/<name>/secrets/<secret>", _Api.delete_secret, "write",
            "remove a secret", {200: (_OK, {"type": "object"})}),
+    _Route("GET", "/api/repos/<owner>/<name>/crons", _Api.list_crons, "read",
+           "the repository's build schedules",
+           {200: (_OK, {"type": "array", "items": _ref("Cron")})}),
+    _Route("POST", "/api/repos/<owner>/<name>/crons", _Api.add_cron, "write",
+           "add a build schedule (UTC)", {201: (_OK, _ref("Cron"))},
+           body={**_CRON.write_schema(), "required": ["name", "expression"]}),
+    _Route("DELETE", "/api/repos/<owner>/<name>/crons/<cron>", _Api.delete_cron, "write",
+           "remove a build schedule", {200: (_OK, {"type": "object"})}),
+    _Route("GET", "/api/user", _Api.current_user, "user", "the caller: login, admin, "
+           "token scope", {200: (_OK, _ref("User"))}),
     _Route("GET", "/api/badges/<owner>/<name>/status.svg", _Api.badge, "read",
            "the latest build's status as an SVG badge", {200: ("the badge", _STRING)},
            query=(("branch", _STRING, ""),), media=("image/svg+xml",)),
@@ -7610,9 +7713,10 @@ def _follow_build(store, build_id, out, *, poll=0.1):
         store.wait_for_log(poll, seen)
 
 
-def _print_summary(store, build, err):
-    for job in store.list_jobs(build["id"]):
-        axis = _axis_text(json.loads(job["environment"]))
+def _print_summary(build, err):
+    """The jobs' and the build's outcome (from the build's JSON), on stderr."""
+    for job in build.get("jobs", []):
+        axis = _axis_text(job.get("environment") or {})
         detail = f": {job['error']}" if job["error"] else ""
         print(f"job {job['number']}{' (' + axis + ')' if axis else ''}: {job['status']}{detail}",
               file=err)
@@ -7620,20 +7724,339 @@ def _print_summary(store, build, err):
     print(f"build {build['number']}: {build['status']}{detail}", file=err)
 
 
-def _wait_for_build(store, build, args, stdout, stderr):
-    """Stream a build's logs; run its jobs here if no runner shares the store."""
-    executor = None
-    if build["status"] in ACTIVE_STATUSES and not store.active_runners():
-        executor = Executor(store, workers=args.workers, sandbox=args.sandbox,
-                            engine=args.engine)
-        executor.start()
+def _write_prefixed(chunks, prefix, out):
+    """Write a log's chunks with `prefix` before each line; a last line
+    without its newline gets one."""
+    partial = b""
+    for chunk in chunks:
+        lines = (partial + chunk).split(b"\n")
+        partial = lines.pop()
+        for line in lines:
+            out.write(prefix + line + b"\n")
+        out.flush()
+    if partial:
+        out.write(prefix + partial + b"\n")
+        out.flush()
+
+
+# -- where the command line works: the local store, or a server over HTTP ----------
+
+
+def _open_store(data_dir):
+    """The store in `data_dir`: only `serve` and `exec` make one."""
+    if not os.path.exists(os.path.join(data_dir, "cirunner.db")):
+        raise CIRunnerError(
+            f"no cirunner store in {os.path.abspath(data_dir)}: point at one with --data DIR "
+            "(or CIRUNNER_DATA), at a server with --server URL --token T (or `cirunner login "
+            "URL`), or make one with `cirunner serve --data DIR`")
+    return Store.open(data_dir)
+
+
+def _cli_config_path(environ):
+    """Where `cirunner login` keeps the server and token."""
+    base = environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return os.path.join(base, "cirunner", "cli.json")
+
+
+def _read_cli_config(environ):
+    path = _cli_config_path(environ)
     try:
-        build = _follow_build(store, build["id"], stdout.buffer)
-    finally:
-        if executor is not None:
-            executor.stop()
-    _print_summary(store, build, stderr)
-    return 0 if build["status"] == SUCCESS else 1
+        with open(path, encoding="utf-8") as handle:
+            config = json.load(handle)
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        raise CIRunnerError(f"cannot read {path}: {exc}; `cirunner login URL` writes it "
+                            "again") from None
+    return config if isinstance(config, dict) else {}
+
+
+def _client(args, environ):
+    """The local store (--data), or a server (--server and --token, their
+    environment variables, or the file `cirunner login` wrote). An explicit
+    --data (or CIRUNNER_DATA) wins over that file."""
+    server = args.server or environ.get("CIRUNNER_SERVER")
+    token = args.token or environ.get("CIRUNNER_TOKEN")
+    if not server and not args.data_given:
+        config = _read_cli_config(environ)
+        server, token = config.get("server"), token or config.get("token")
+    if server:
+        return _RemoteClient(server, token)
+    return _LocalClient(_open_store(args.data), args)
+
+
+def _build_number(client, full_name, text):
+    """A build number from the command line: a number, or `latest` (the newest build)."""
+    if text == "latest":
+        builds = client.builds(full_name, 1)
+        if not builds:
+            raise NotFound(f"{full_name} has no builds yet")
+        return builds[0]["number"]
+    return _check_positive(text, "build number")
+
+
+class _LocalClient:
+    """The command line on the store in --data, as the machine's user: an admin.
+    Every answer is shaped as the API's, so that both print alike."""
+
+    def __init__(self, store, args):
+        self.store = store
+        self.args = args
+
+    def close(self):
+        self.store.close()
+
+    def _repo(self, full_name):
+        return self.store.get_repo(*_split_full_name(full_name))
+
+    def list_repos(self):
+        return [_REPO.to_json(repo) for repo in self.store.list_repos()]
+
+    def add_repo(self, full_name, params):
+        owner, name = _split_full_name(full_name)
+        params.setdefault("webhook_secret", secrets.token_urlsafe(24))
+        fields = _REPO.parse(params)
+        repo = _REPO.to_json(self.store.create_repo(owner, name, fields.pop("url"), **fields))
+        return dict(repo, webhook_secret=fields["webhook_secret"],
+                    webhook_url=f"{self.args.public_url.rstrip('/')}/hook")
+
+    def update_repo(self, full_name, params):
+        repo = self._repo(full_name)
+        return _REPO.to_json(self.store.update_repo(repo["id"], **_REPO.parse(params)))
+
+    def remove_repo(self, full_name):
+        repo = self._repo(full_name)
+        self.store.delete_repo(repo["id"])
+        self.store.git.remove(repo)
+
+    def start_build(self, full_name, branch, commit, variables):
+        build = create_build(self.store, self._repo(full_name), branch=branch, commit=commit,
+                             variables=variables)
+        return _full_build_json(self.store, build)
+
+    def restart(self, full_name, number, fork, variables):
+        build = restart_build(self.store, self._repo(full_name), number, fork=fork,
+                              variables=variables)
+        return _full_build_json(self.store, build)
+
+    def cancel(self, full_name, number, job):
+        build = self.store.get_build(self._repo(full_name)["id"], number)
+        build = self.store.cancel_jobs(build["id"], job,
+                                       message="cancelled from the command line")
+        return _full_build_json(self.store, build)
+
+    def builds(self, full_name, limit):
+        return [_build_json(build, listed=True)
+                for build in self.store.list_builds(self._repo(full_name)["id"], limit=limit)]
+
+    def build(self, full_name, number):
+        build = self.store.get_build(self._repo(full_name)["id"], number)
+        return _full_build_json(self.store, build)
+
+    def log(self, full_name, number, job_number, *, follow=False):
+        build = self.store.get_build(self._repo(full_name)["id"], number)
+        job = self.store.get_job(build["id"], job_number)
+        if not follow:
+            return self.store.read_log(job["id"])
+        return (chunk for chunk, _ in _follow_log(self.store, job["id"], 0) if chunk)
+
+    def wait(self, full_name, build, out, err):
+        """Stream a build's logs, job by job prefixed, until it ends; its jobs
+        run here if no runner shares the store (after the builds queued
+        before it, which it names). Returns the finished build."""
+        executor = None
+        if build["status"] in ACTIVE_STATUSES and not self.store.active_runners():
+            ahead = self.store.builds_queued_before(build["id"])
+            if ahead:
+                names = ", ".join(f"{row['owner']}/{row['name']} #{row['number']} "
+                                  f"({row['jobs']} job(s))" for row in ahead)
+                print(f"cirunner: no server runs this store's jobs: running them here, "
+                      f"oldest first; before build {build['number']}: {names}", file=err,
+                      flush=True)
+            executor = Executor(self.store, workers=self.args.workers,
+                                sandbox=self.args.sandbox, engine=self.args.engine)
+            executor.start()
+        try:
+            finished = _follow_build(self.store, build["id"], out)
+        finally:
+            if executor is not None:
+                executor.stop()
+        return _full_build_json(self.store, finished)
+
+    def list_secrets(self, full_name):
+        return self.store.list_secrets(self._repo(full_name)["id"])
+
+    def add_secret(self, full_name, name, value, events):
+        self.store.set_secret(self._repo(full_name)["id"], name, value, events)
+
+    def remove_secret(self, full_name, name):
+        self.store.delete_secret(self._repo(full_name)["id"], name)
+
+    def list_crons(self, full_name=None):
+        repo_id = self._repo(full_name)["id"] if full_name else None
+        return [dict(_CRON.to_json(cron), repo=f"{cron['owner']}/{cron['repo_name']}")
+                for cron in self.store.list_crons(repo_id)]
+
+    def add_cron(self, full_name, name, expression, branch):
+        return _CRON.to_json(self.store.add_cron(self._repo(full_name)["id"], name, expression,
+                                                 _check_branch(branch) if branch else ""))
+
+    def remove_cron(self, full_name, name):
+        self.store.delete_cron(self._repo(full_name)["id"], name)
+
+
+class _RemoteClient:
+    """The command line on a server, through its HTTP API with a token."""
+
+    def __init__(self, server, token, *, timeout=60):
+        if not server.startswith(("http://", "https://")):
+            raise BadRequest(f"--server must be an http(s) URL, not {server!r}")
+        self.server = server.rstrip("/")
+        self.token = token
+        self.timeout = timeout
+
+    def close(self):
+        pass
+
+    def request(self, method, path, body=None, *, stream=False, accept=_JSON):
+        """The answer's JSON (or the open response, to `stream`); an API error
+        is a CIRunnerError with the server's message."""
+        headers = {"Accept": accept, "User-Agent": f"cirunner/{__version__}"}
+        if self.token:
+            headers["Authorization"] = f"Token {self.token}"
+        data = None
+        if body is not None:
+            data, headers["Content-Type"] = json.dumps(body).encode(), _JSON
+        request = urllib.request.Request(self.server + path, data=data, method=method,
+                                         headers=headers)
+        try:
+            response = urllib.request.urlopen(request, timeout=self.timeout)
+        except urllib.error.HTTPError as error:
+            with error:
+                try:
+                    message = json.loads(error.read())["message"]
+                except (ValueError, KeyError, TypeError):
+                    message = error.reason
+            raise CIRunnerError(f"{message} (HTTP {error.code} from {self.server})") from None
+        except (urllib.error.URLError, OSError) as error:
+            reason = getattr(error, "reason", error)
+            raise CIRunnerError(f"cannot reach {self.server}: {reason}") from None
+        if stream:
+            return response
+        with response:
+            answer = response.read()
+        return json.loads(answer) if answer else None
+
+    @staticmethod
+    def _path(full_name, *parts):
+        owner, name = _split_full_name(full_name)
+        return "/".join(["/api/repos", owner, name, *(quote(str(part), safe="")
+                                                      for part in parts)])
+
+    def user(self):
+        return self.request("GET", "/api/user")
+
+    def list_repos(self):
+        return self.request("GET", "/api/repos")
+
+    def add_repo(self, full_name, params):
+        return self.request("POST", self._path(full_name), params)
+
+    def update_repo(self, full_name, params):
+        return self.request("PATCH", self._path(full_name), params)
+
+    def remove_repo(self, full_name):
+        self.request("DELETE", self._path(full_name))
+
+    def start_build(self, full_name, branch, commit, variables):
+        body = {"variables": variables, **{key: value for key, value in (
+            ("branch", branch), ("commit", commit)) if value}}
+        return self.request("POST", self._path(full_name, "builds"), body)
+
+    def restart(self, full_name, number, fork, variables):
+        return self.request("POST", self._path(full_name, "builds", number) + (
+            "?fork=true" if fork else ""), variables)
+
+    def cancel(self, full_name, number, job):
+        return self.request("DELETE", self._path(full_name, "builds", number,
+                                                 *([job] if job else [])))
+
+    def builds(self, full_name, limit):
+        return self.request("GET", self._path(full_name, "builds")
+                            + f"?per_page={min(max(limit, 1), MAX_PER_PAGE)}")
+
+    def build(self, full_name, number):
+        return self.request("GET", self._path(full_name, "builds", number))
+
+    def log(self, full_name, number, job_number, *, follow=False):
+        path = self._path(full_name, "logs", number, job_number)
+        if not follow:
+            response = self.request("GET", path, stream=True, accept="text/plain")
+            return self._read_all(response)
+        response = self.request("GET", path + "?follow=1", stream=True,
+                                accept="text/event-stream")
+        return self._read_events(response)
+
+    @staticmethod
+    def _read_all(response):
+        with response:
+            while True:
+                chunk = response.read(LOG_CHUNK_BYTES)
+                if not chunk:
+                    return
+                yield chunk
+
+    @staticmethod
+    def _read_events(response):
+        """The log text carried by a Server-Sent Events stream, until its `end` event."""
+        with response:
+            event, data = "message", []
+            for raw in response:
+                line = raw.decode("utf-8").rstrip("\r\n")
+                if line.startswith("data:"):
+                    data.append(line[5:].removeprefix(" "))
+                elif line.startswith("event:"):
+                    event = line[6:].strip()
+                elif not line:
+                    if event == "end":
+                        return
+                    if data and event == "message":
+                        yield json.loads("\n".join(data)).encode("utf-8")
+                    event, data = "message", []
+
+    def wait(self, full_name, build, out, err):
+        """Follow each job's log over Server-Sent Events, in job order, prefixed
+        as a local wait prints them; then the finished build."""
+        for job in build["jobs"]:
+            _write_prefixed(self.log(full_name, build["number"], job["number"], follow=True),
+                            f"[{job['number']}] ".encode(), out)
+        while True:  # the last job's end can precede the build's roll-up by a moment
+            finished = self.build(full_name, build["number"])
+            if finished["status"] in DONE_STATUSES:
+                return finished
+            time.sleep(0.1)
+
+    def list_secrets(self, full_name):
+        return self.request("GET", self._path(full_name, "secrets"))
+
+    def add_secret(self, full_name, name, value, events):
+        body = {"name": name, "value": value, **({"events": events} if events else {})}
+        self.request("POST", self._path(full_name, "secrets"), body)
+
+    def remove_secret(self, full_name, name):
+        self.request("DELETE", self._path(full_name, "secrets", name))
+
+    def list_crons(self, full_name=None):
+        names = [full_name] if full_name else [repo["full_name"] for repo in self.list_repos()]
+        return [dict(cron, repo=name) for name in names
+                for cron in self.request("GET", self._path(name, "crons"))]
+
+    def add_cron(self, full_name, name, expression, branch):
+        return self.request("POST", self._path(full_name, "crons"),
+                            {"name": name, "expression": expression, "branch": branch or ""})
+
+    def remove_cron(self, full_name, name):
+        self.request("DELETE", self._path(full_name, "crons", name))
 
 
 def _bootstrap_admin(store, stdout):
@@ -7695,35 +8118,45 @@ def _repo_params(args):
             if getattr(args, field.name, None) is not None}
 
 
-def _command_repo(args, stdout, stderr):
-    with Store.open(args.data) as store:
-        if args.repo_command == "list":
-            for repo in store.list_repos():
-                print(f"{repo['owner']}/{repo['name']}\t{_redact_url(repo['url'])}\t"
-                      f"{repo['default_branch'] or '(remote default)'}", file=stdout)
-            return 0
-        owner, name = _split_full_name(args.full_name)
-        if args.repo_command == "add":
-            params = _repo_params(args)
-            params.setdefault("webhook_secret", secrets.token_urlsafe(24))
-            fields = _REPO.parse(params)
-            repo = store.create_repo(owner, name, fields.pop("url"), **fields)
-            print(f"added {owner}/{name} ({_redact_url(repo['url'])})", file=stdout)
-            print(f"webhook: point the forge at {args.public_url.rstrip('/')}/hook "
-                  f"(content type application/json) with the secret, shown once:\n"
-                  f"{fields['webhook_secret']}", file=stdout)
-        elif args.repo_command == "update":
-            repo = store.get_repo(owner, name)
-            store.update_repo(repo["id"], **_REPO.parse(_repo_params(args)))
-            print(f"updated {owner}/{name}", file=stdout)
-        elif args.repo_command == "remove":
-            repo = store.get_repo(owner, name)
-            store.delete_repo(repo["id"])
-            store.git.remove(repo)
-            print(f"removed {owner}/{name}", file=stdout)
+def _with_client(command):
+    """A command that works on the local store or a server, whichever `args` names."""
+
+    @functools.wraps(command)
+    def run(args, stdout, stderr):
+        client = _client(args, args.environ)
+        try:
+            return command(client, args, stdout, stderr)
+        finally:
+            client.close()
+
+    return run
+
+
+@_with_client
+def _command_repo(client, args, stdout, stderr):
+    if args.repo_command == "list":
+        for repo in client.list_repos():
+            print(f"{repo['full_name']}\t{repo['clone_url']}\t"
+                  f"{repo['default_branch'] or '(remote default)'}", file=stdout)
         return 0
+    full_name = "/".join(_split_full_name(args.full_name))
+    if args.repo_command == "add":
+        repo = client.add_repo(full_name, _repo_params(args))
+        print(f"added {full_name} ({repo['clone_url']})", file=stdout)
+        print(f"webhook: point the forge at {repo['webhook_url']} (content type "
+              f"application/json) with the secret, shown once:\n{repo['webhook_secret']}",
+              file=stdout)
+    elif args.repo_command == "update":
+        client.update_repo(full_name, _repo_params(args))
+        print(f"updated {full_name}", file=stdout)
+    elif args.repo_command == "remove":
+        client.remove_repo(full_name)
+        print(f"removed {full_name}", file=stdout)
+    return 0
+
+
 def _command_user(args, stdout, stderr):
-    with Store.open(args.data) as store:
+    with _open_store(args.data) as store:
         if args.user_command == "add":
             user = store.create_user(args.login, email=args.email or "", admin=args.admin)
             print(f"added user {user['login']}{' (admin)' if user['admin'] else ''}", file=stdout)
@@ -7738,7 +8171,7 @@ def _command_user(args, stdout, stderr):
 
 
 def _command_token(args, stdout, stderr):
-    with Store.open(args.data) as store:
+    with _open_store(args.data) as store:
         if args.token_command == "create":
             token, secret = store.create_token(args.login, name=args.name or "",
                                                scope=args.scope)
@@ -7758,112 +8191,142 @@ def _command_token(args, stdout, stderr):
         return 0
 
 
-def _command_secret(args, stdout, stderr):
-    with Store.open(args.data) as store:
-        repo = store.get_repo(*_split_full_name(args.full_name))
-        if args.secret_command == "add":
-            if (args.value is None) == (args.from_file is None):
-                raise BadRequest("give the value with exactly one of --value or --from-file")
-            value = args.value
-            if args.from_file is not None:
-                with open(args.from_file, encoding="utf-8") as handle:
-                    value = handle.read()
-            events = args.event.split(",") if args.event else None
-            store.set_secret(repo["id"], args.name, value, events)
-            print(f"secret {args.name} set for {args.full_name}", file=stdout)
-        elif args.secret_command == "list":
-            for secret in store.list_secrets(repo["id"]):
-                print(f"{secret['name']}\t{','.join(secret['events'])}", file=stdout)
-        else:
-            store.delete_secret(repo["id"], args.name)
-            print(f"secret {args.name} removed", file=stdout)
-        return 0
+@_with_client
+def _command_secret(client, args, stdout, stderr):
+    if args.secret_command == "add":
+        if (args.value is None) == (args.from_file is None):
+            raise BadRequest("give the value with exactly one of --value or --from-file")
+        value = args.value
+        if args.from_file is not None:
+            with open(args.from_file, encoding="utf-8") as handle:
+                value = handle.read()
+        events = args.event.split(",") if args.event else None
+        client.add_secret(args.full_name, args.name, value, events)
+        print(f"secret {args.name} set for {args.full_name}", file=stdout)
+    elif args.secret_command == "list":
+        for secret in client.list_secrets(args.full_name):
+            print(f"{secret['name']}\t{','.join(secret['events'])}", file=stdout)
+    else:
+        client.remove_secret(args.full_name, args.name)
+        print(f"secret {args.name} removed", file=stdout)
+    return 0
 
 
-def _command_cron(args, stdout, stderr):
-    with Store.open(args.data) as store:
-        if args.cron_command == "list":
-            repo_id = (store.get_repo(*_split_full_name(args.full_name))["id"]
-                       if args.full_name else None)
-            for cron in store.list_crons(repo_id):
-                due = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(cron["next_at"]))
-                print(f"{cron['owner']}/{cron['repo_name']}\t{cron['name']}\t"
-                      f"{cron['expression']}\t{cron['branch'] or '(default)'}\tnext {due}",
-                      file=stdout)
-            return 0
-        repo = store.get_repo(*_split_full_name(args.full_name))
-        if args.cron_command == "add":
-            branch = _check_branch(args.branch) if args.branch else ""
-            cron = store.add_cron(repo["id"], args.name, args.expression, branch)
-            due = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(cron["next_at"]))
-            print(f"cron {args.name} added; next build {due}", file=stdout)
-        else:
-            store.delete_cron(repo["id"], args.name)
-            print(f"cron {args.name} removed", file=stdout)
-        return 0
+def _due_text(stamp):
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(stamp))
 
 
-def _command_build(args, stdout, stderr):
-    variables = _parse_vars(args.var)
-    with Store.open(args.data) as store:
-        repo = store.get_repo(*_split_full_name(args.full_name))
-        build = create_build(store, repo, branch=args.branch or "", commit=args.commit or "",
-                             variables=variables)
-        print(f"build {build['number']} of {args.full_name}: {build['status']} "
-              f"(commit {build['commit_sha'][:12] or '?'}, {len(store.list_jobs(build['id']))} "
-              "job(s))", file=stderr, flush=True)
-        if build["error"]:
-            print(f"cirunner: {build['error']}", file=stderr)
-        if args.wait:
-            return _wait_for_build(store, build, args, stdout, stderr)
+@_with_client
+def _command_cron(client, args, stdout, stderr):
+    if args.cron_command == "list":
+        for cron in client.list_crons(args.full_name):
+            print(f"{cron['repo']}\t{cron['name']}\t{cron['expression']}\t"
+                  f"{cron['branch'] or '(default)'}\tnext {_due_text(cron['next_at'])}",
+                  file=stdout)
+    elif args.cron_command == "add":
+        cron = client.add_cron(args.full_name, args.name, args.expression, args.branch)
+        print(f"cron {args.name} added; next build {_due_text(cron['next_at'])}", file=stdout)
+    else:
+        client.remove_cron(args.full_name, args.name)
+        print(f"cron {args.name} removed", file=stdout)
+    return 0
+
+
+def _finish_command(client, args, build, stdout, stderr):
+    """After a build or restart: with --wait, stream it and answer its outcome."""
+    if not args.wait:
         return 1 if build["status"] == ERROR else 0
+    build = client.wait(args.full_name, build, stdout.buffer, stderr)
+    _print_summary(build, stderr)
+    return 0 if build["status"] == SUCCESS else 1
 
 
-def _command_restart(args, stdout, stderr):
-    variables = _parse_vars(args.var)
-    with Store.open(args.data) as store:
-        repo = store.get_repo(*_split_full_name(args.full_name))
-        build = restart_build(store, repo, args.number, fork=args.fork, variables=variables)
-        print(f"build {build['number']} of {args.full_name}: {build['status']}", file=stderr)
-        if args.wait:
-            return _wait_for_build(store, build, args, stdout, stderr)
-        return 0
+@_with_client
+def _command_build(client, args, stdout, stderr):
+    build = client.start_build(args.full_name, args.branch or "", args.commit or "",
+                               _parse_vars(args.var))
+    print(f"build {build['number']} of {args.full_name}: {build['status']} "
+          f"(commit {build['commit'][:12] or '?'}, {len(build['jobs'])} job(s))", file=stderr,
+          flush=True)
+    if build["error"]:
+        print(f"cirunner: {build['error']}", file=stderr)
+    return _finish_command(client, args, build, stdout, stderr)
 
 
-def _command_cancel(args, stdout, stderr):
-    with Store.open(args.data) as store:
-        repo = store.get_repo(*_split_full_name(args.full_name))
-        build = store.get_build(repo["id"], args.number)
-        build = store.cancel_jobs(build["id"], args.job, message="cancelled from the command line")
-        print(f"build {build['number']}: cancel requested ({build['status']})", file=stdout)
-        return 0
+@_with_client
+def _command_restart(client, args, stdout, stderr):
+    number = _build_number(client, args.full_name, args.number)
+    build = client.restart(args.full_name, number, args.fork, _parse_vars(args.var))
+    print(f"build {build['number']} of {args.full_name}: {build['status']}", file=stderr)
+    return _finish_command(client, args, build, stdout, stderr)
 
 
-def _command_logs(args, stdout, stderr):
-    with Store.open(args.data) as store:
-        repo = store.get_repo(*_split_full_name(args.full_name))
-        build = store.get_build(repo["id"], args.number)
-        jobs = [store.get_job(build["id"], args.job)] if args.job else store.list_jobs(build["id"])
-        for job in jobs:
-            if not args.job:
-                axis = _axis_text(json.loads(job["environment"]))
-                stdout.write(f"--- job {job['number']}{' ' + axis if axis else ''}: "
-                             f"{job['status']}\n")
-                stdout.flush()
-            for chunk in store.read_log(job["id"]):
-                stdout.buffer.write(chunk)
+@_with_client
+def _command_cancel(client, args, stdout, stderr):
+    number = _build_number(client, args.full_name, args.number)
+    build = client.cancel(args.full_name, number, args.job)
+    print(f"build {build['number']}: cancel requested ({build['status']})", file=stdout)
+    return 0
+
+
+@_with_client
+def _command_logs(client, args, stdout, stderr):
+    build = client.build(args.full_name, _build_number(client, args.full_name, args.number))
+    if not build["jobs"]:
+        print(f"cirunner: build {build['number']} has no jobs: {build['status']}"
+              + (f": {build['error']}" if build["error"] else ""), file=stderr)
+        return 1 if build["status"] == ERROR else 0
+    jobs = build["jobs"] if not args.job else [
+        next((job for job in build["jobs"] if job["number"] == args.job), None)]
+    if jobs[0] is None:
+        raise NotFound(f"job {args.job} not found")
+    for job in jobs:
+        if not args.job:
+            axis = _axis_text(job["environment"] or {})
+            stdout.write(f"--- job {job['number']}{' ' + axis if axis else ''}: "
+                         f"{job['status']}\n")
+            stdout.flush()
+        for chunk in client.log(args.full_name, build["number"], job["number"],
+                                follow=args.follow):
+            stdout.buffer.write(chunk)
             stdout.buffer.flush()
-        return 0
+    return 0
 
 
-def _command_builds(args, stdout, stderr):
-    with Store.open(args.data) as store:
-        repo = store.get_repo(*_split_full_name(args.full_name))
-        for build in store.list_builds(repo["id"], limit=args.limit):
-            message = build["message"].splitlines()[0] if build["message"] else ""
-            print(f"{build['number']}\t{build['status']}\t{build['branch']}\t"
-                  f"{build['commit_sha'][:10]}\t{message}", file=stdout)
-        return 0
+@_with_client
+def _command_builds(client, args, stdout, stderr):
+    for build in client.builds(args.full_name, args.limit):
+        message = build["message"].splitlines()[0] if build["message"] else ""
+        error = f"\terror: {build['error']}" if build["error"] else ""
+        print(f"{build['number']}\t{build['status']}\t{build['branch']}\t"
+              f"{build['commit'][:10]}\t{message}{error}", file=stdout)
+    return 0
+
+
+def _command_login(args, stdout, stderr):
+    """Check a token against a server, then keep both for later commands (0600)."""
+    token = args.token or args.environ.get("CIRUNNER_TOKEN")
+    if not token:
+        token = (getpass.getpass(f"token for {args.url}: ") if sys.stdin.isatty()
+                 else sys.stdin.readline()).strip()
+    user = _RemoteClient(args.url, token).request("GET", "/api/user")
+    path = _cli_config_path(args.environ)
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(prefix=".cli.json.", dir=os.path.dirname(path))
+    with os.fdopen(descriptor, "w") as handle:
+        json.dump({"server": args.url.rstrip("/"), "token": token}, handle)
+    os.replace(temporary, path)
+    print(f"signed in to {args.url.rstrip('/')} as {user['login']} ({user['scope']} token); "
+          f"saved in {path}", file=stdout)
+    return 0
+
+
+def _command_logout(args, stdout, stderr):
+    path = _cli_config_path(args.environ)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+        print(f"removed {path}", file=stdout)
+    return 0
 
 
 def _command_exec(args, stdout, stderr):
@@ -7884,18 +8347,21 @@ def _command_exec(args, stdout, stderr):
             if build["error"]:
                 raise ConfigError(build["error"])
             executor.start()
-            build = _follow_build(store, build["id"], stdout.buffer)
-            _print_summary(store, build, stderr)
+            build = _full_build_json(store, _follow_build(store, build["id"], stdout.buffer))
+            _print_summary(build, stderr)
             return 0 if build["status"] == SUCCESS else 1
         finally:
             executor.stop()
             store.close()
 def _command_matrix(args, stdout, stderr):
-    if args.file:
-        with open(args.file, encoding="utf-8") as handle:
-            filename, text = os.path.basename(args.file), handle.read()
+    path = args.file or os.getcwd()
+    if os.path.isdir(path):
+        filename, text = read_pipeline_file(path)
+    elif not os.path.exists(path):
+        raise CIRunnerError(f"no such file: {path}")
     else:
-        filename, text = read_pipeline_file(os.getcwd())
+        with open(path, encoding="utf-8") as handle:
+            filename, text = os.path.basename(path), handle.read()
     pipeline = parse_pipeline(text, filename)
     for number, environment in enumerate(pipeline.matrix, start=1):
         print(f"{number}\t{_axis_text(environment) or '(no matrix)'}", file=stdout)
@@ -7920,8 +8386,9 @@ def _make_parser(environ):
         return environ.get("CIRUNNER_" + name, default)
 
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--data", default=env("DATA", DEFAULT_DATA_DIR),
+    common.add_argument("--data", default=None,
                         help="data directory (env CIRUNNER_DATA, default ./cirunner-data)")
+    _add_server_options(common, default=argparse.SUPPRESS)  # also after the command
     workers = argparse.ArgumentParser(add_help=False)  # the commands that may run jobs
     workers.add_argument("--workers", type=int, default=int(env("WORKERS", 0)) or None,
                          help="job worker threads (env CIRUNNER_WORKERS, default: CPUs)")
@@ -7929,13 +8396,29 @@ def _make_parser(environ):
 
     parser = argparse.ArgumentParser(prog="cirunner", description="A CI build runner in one file.")
     parser.add_argument("--version", action="version", version=f"cirunner {__version__}")
+    _add_server_options(parser, default=None)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
     _add_serve_parser(commands, common, workers, env)
     _add_repo_parser(commands, common, env)
     _add_admin_parsers(commands, common)
     _add_build_parsers(commands, common, workers, env)
+    login = commands.add_parser("login", help="check a token against a server and keep both "
+                                              "for the commands that follow")
+    login.add_argument("url", metavar="URL", help="the server, e.g. https://ci.example.org")
+    login.add_argument("--token", help="the API token (default: env CIRUNNER_TOKEN, or asked)")
+    login.set_defaults(handler=_command_login)
+    logout = commands.add_parser("logout", help="forget the server and token of `login`")
+    logout.set_defaults(handler=_command_logout)
     return parser
+
+
+def _add_server_options(parser, *, default):
+    parser.add_argument("--server", default=default, metavar="URL",
+                        help="work through this server's API instead of the local store "
+                             "(env CIRUNNER_SERVER, or the file `cirunner login` writes)")
+    parser.add_argument("--token", default=default, help="API token for --server "
+                                                         "(env CIRUNNER_TOKEN)")
 
 
 def _add_sandbox_option(parser, env):
@@ -8024,8 +8507,8 @@ def _add_admin_parsers(commands, common):
             full_name, (("name",), {"metavar": "NAME"}), (("--value",), {}),
             (("--from-file",), {"dest": "from_file", "metavar": "FILE"}),
             (("--event",), {"metavar": "EVENTS", "help": "comma-separated events that get it "
-                                                         "(default push,tag,cron,manual: not "
-                                                         "pull_request)"})], [common]),
+                                                         f"(default {','.join(SECRET_EVENTS)}: "
+                                                         "not pull_request)"})], [common]),
         "list": ("names and events, never values", [full_name], [common]),
         "remove": ("remove a secret", [full_name, (("name",), {"metavar": "NAME"})], [common]),
     })
@@ -8067,14 +8550,17 @@ def _add_build_parsers(commands, common, workers, env):
                                      ("cancel", "cancel a build or one job", _command_cancel)):
         command = commands.add_parser(name, parents=[common], help=help_text)
         command.add_argument("full_name", metavar="OWNER/NAME")
-        command.add_argument("number", type=int, metavar="NUMBER")
+        command.add_argument("number", metavar="NUMBER", help="a build number, or latest")
         command.add_argument("job", type=int, nargs="?", metavar="JOB")
+        if name == "logs":
+            command.add_argument("--follow", "-f", action="store_true",
+                                 help="follow a running job's log until it ends")
         command.set_defaults(handler=handler)
 
     restart = commands.add_parser("restart", parents=[common, workers],
                                   help="run a finished build again")
     restart.add_argument("full_name", metavar="OWNER/NAME")
-    restart.add_argument("number", type=int, metavar="NUMBER")
+    restart.add_argument("number", metavar="NUMBER", help="a build number, or latest")
     restart.add_argument("--fork", action="store_true", help="as a new build number")
     restart.add_argument("--var", action="append", metavar="NAME=VALUE")
     restart.add_argument("--wait", action="store_true")
@@ -8106,12 +8592,25 @@ def main(argv=None, *, environ=None, stdout=None, stderr=None):
         args = _make_parser(environ).parse_args(argv)
     except SystemExit as exit_:
         return exit_.code if isinstance(exit_.code, int) else 2
+    args.environ = environ
+    args.data_given = getattr(args, "data", None) is not None or "CIRUNNER_DATA" in environ
+    args.data = getattr(args, "data", None) or environ.get("CIRUNNER_DATA") or DEFAULT_DATA_DIR
     try:
         return args.handler(args, stdout, stderr)
+    except BrokenPipeError:
+        # The reader went away (`| head`): stop quietly, as Unix tools do.
+        if stdout is sys.stdout:
+            with contextlib.suppress(OSError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except CIRunnerError as error:
         print(f"cirunner: {error.message}", file=stderr)
         return 1
-    except (OSError, sqlite3.Error) as error:
+    except OSError as error:
+        where = f": {error.filename}" if error.filename else ""
+        print(f"cirunner: {(error.strerror or str(error)).lower()}{where}", file=stderr)
+        return 1
+    except sqlite3.Error as error:
         print(f"cirunner: {error}", file=stderr)
         return 1
     except KeyboardInterrupt:

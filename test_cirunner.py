@@ -1036,15 +1036,24 @@ def test_bad_input_gets_a_json_error_with_the_right_status(store, executor, make
 # -- command line ------------------------------------------------------------
 
 
-def run_cli(*args, cwd=None, timeout=60):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CIRUNNER_")}
-    env["CIRUNNER_ENGINE"] = "none"  # images are not run here: test_containers.py runs them
+def new_store(data_dir):
+    """Make an empty store, as a first `cirunner serve` does (the other commands
+    never make one)."""
+    cirunner.Store.open(str(data_dir)).close()
+    return str(data_dir)
+
+
+def run_cli(*args, cwd=None, timeout=60, env=None):
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("CIRUNNER_")},
+           # never the user's own `cirunner login`, unless a test gives one
+           "XDG_CONFIG_HOME": "/nonexistent/cirunner-tests", **(env or {})}
+    env.setdefault("CIRUNNER_ENGINE", "none")  # images run in test_containers.py
     return subprocess.run([sys.executable, CIRUNNER, *args], cwd=cwd, env=env, text=True,
                           capture_output=True, timeout=timeout, check=False)
 
 
 def test_cli_repo_add_build_wait_logs_and_exit_codes(tmp_path):
-    data = str(tmp_path / "data")
+    data = new_store(tmp_path / "data")
     good, bad = str(tmp_path / "good"), str(tmp_path / "bad")
     commit_files(good, {".drone.yml": MATRIX_2X3})
     commit_files(bad, {".cirunner.yml": "pipeline: {t: {commands: ['echo failing', 'exit 4']}}\n"})
@@ -1075,7 +1084,7 @@ def test_cli_repo_add_build_wait_logs_and_exit_codes(tmp_path):
     (["build", "alice/x", "--var", "novalue"], "--var expects NAME=VALUE"),
 ])
 def test_cli_user_mistakes_print_one_line_without_traceback(tmp_path, args, message):
-    result = run_cli(*args, "--data", str(tmp_path / "data"))
+    result = run_cli(*args, "--data", new_store(tmp_path / "data"))
     assert result.returncode == 1
     assert message in result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
@@ -1126,8 +1135,8 @@ def test_cli_build_is_picked_up_promptly_by_a_running_server(tmp_path, servers):
     data = str(tmp_path / "data")
     repo = str(tmp_path / "repo")
     commit_files(repo, {".cirunner.yml": "pipeline: {t: {commands: [echo picked-up]}}\n"})
-    run_cli("repo", "add", "alice/hello", "--url", repo, "--data", data)
     server = servers(data)
+    run_cli("repo", "add", "alice/hello", "--url", repo, "--data", data)
     started = time.monotonic()
     result = run_cli("build", "alice/hello", "--wait", "--data", data)
     assert result.returncode == 0, result.stderr
@@ -1372,7 +1381,8 @@ def test_malformed_requests_get_an_answer_and_the_server_goes_on(tmp_path, serve
     assert server.api("GET", "/api/version")[0] == 200
 
 
-def test_kill_9_of_serve_then_restart_recovers_the_job(tmp_path, servers):
+@pytest.mark.parametrize("reaped", [True, False], ids=["reaped", "zombie"])
+def test_kill_9_of_serve_then_restart_recovers_the_job(tmp_path, servers, reaped):
     repo = str(tmp_path / "repo")
     pidfile = tmp_path / "pid"
     commit_files(repo, {".cirunner.yml": (
@@ -1387,9 +1397,13 @@ def test_kill_9_of_serve_then_restart_recovers_the_job(tmp_path, servers):
     wait_for(pidfile.exists)
     wait_for(lambda: pidfile.read_text().strip())
     step_pid = int(pidfile.read_text())
-    server.process.send_signal(signal.SIGKILL)
-    server.process.wait()
-    server = servers(data)
+    killed = server.process
+    killed.send_signal(signal.SIGKILL)
+    if reaped:
+        killed.wait()
+    else:  # dead, but its parent has not reaped it: its pid still answers kill(pid, 0)
+        wait_for(lambda: cirunner._process_state(killed.pid)[0] == "Z")
+    server = servers(data)  # recovers at its start, not a heartbeat timeout later
     status, build = http_json("GET", server.url + "/api/repos/alice/hello/builds/1")
     assert status == 200
     assert build["status"] == "error"
@@ -1400,8 +1414,26 @@ def test_kill_9_of_serve_then_restart_recovers_the_job(tmp_path, servers):
     assert "+ echo before-the-crash\nbefore-the-crash\n" in log
     wait_for(lambda: process_gone(step_pid), timeout=5)  # leftovers of the lost job are killed
     server.stop()
+    killed.wait()
     conn = sqlite3.connect(os.path.join(data, "cirunner.db"))
     assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def test_a_runner_whose_pid_is_now_another_process_is_gone(store, make_repo):
+    repo = make_repo({".cirunner.yml": "pipeline: {t: {commands: [true]}}\n"})
+    build = cirunner.create_build(store, repo)
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        store.register_runner("old", socket.gethostname(), sleeper.pid)
+        job = store.claim_next_job("old")
+        assert job["build_id"] == build["id"]
+        assert store.recover_lost_jobs("new", socket.gethostname(), os.getpid()) == []
+        with sqlite3.connect(store.path) as raw:  # as if the pid were reused by another process
+            raw.execute("UPDATE runners SET pid_start = pid_start - 1 WHERE id = 'old'")
+        assert store.recover_lost_jobs("new", socket.gethostname(), os.getpid()) == [job["id"]]
+    finally:
+        sleeper.kill()
+        sleeper.wait()
 
 
 def test_sigterm_of_serve_kills_running_job_and_exits_zero(tmp_path, servers):
@@ -1457,7 +1489,7 @@ def test_log_streams_past_the_cap_get_503(store, make_repo):
 
 
 def test_cli_cancel_kills_pending_jobs(tmp_path):
-    data = str(tmp_path / "data")
+    data = new_store(tmp_path / "data")
     repo = str(tmp_path / "repo")
     commit_files(repo, {".cirunner.yml": "pipeline: {t: {commands: [true]}}\nmatrix: {N: [a, b]}\n"})
     run_cli("repo", "add", "alice/hello", "--url", repo, "--data", data)
@@ -1681,7 +1713,7 @@ def test_a_token_is_accepted_without_waiting_for_a_busy_writer(store):
 
 
 def test_token_secret_is_never_stored_returned_or_logged(tmp_path, git_daemon):
-    data = str(tmp_path / "data")
+    data = new_store(tmp_path / "data")
     repo = git_daemon.repo("app", {".cirunner.yml": "pipeline: {t: {commands: [echo hi]}}\n"})
     assert run_cli("user", "add", "carol", "--data", data).returncode == 0
     created = run_cli("token", "create", "carol", "--name", "laptop", "--data", data)
@@ -2003,7 +2035,7 @@ def test_repo_patch_validates_every_setting_and_hides_the_webhook_secret(app, ma
 
 
 def test_cli_repo_update_and_users(tmp_path):
-    data = str(tmp_path / "data")
+    data = new_store(tmp_path / "data")
     repo = str(tmp_path / "repo")
     commit_files(repo, {".cirunner.yml": "pipeline: {t: {commands: [true]}}\n"})
     run_cli("repo", "add", "alice/hello", "--url", repo, "--data", data)
@@ -2320,7 +2352,7 @@ def test_missed_cron_runs_start_once(store, make_repo):
 
 
 def test_cron_due_soon_starts_exactly_one_build_with_two_runners(tmp_path, servers):
-    data = str(tmp_path / "data")
+    data = new_store(tmp_path / "data")
     repo = str(tmp_path / "repo")
     commit_files(repo, {".cirunner.yml": "pipeline: {t: {commands: [echo scheduled]}}\n"})
     run_cli("repo", "add", "alice/hello", "--url", repo, "--data", data)
@@ -2962,7 +2994,7 @@ def test_a_branches_filter_makes_no_build_and_says_why(store, executor, hook_rep
     app.post("/hook", body, status=204, headers={
         "X-GitHub-Event": "push", "Content-Type": "application/json", **sign(body, "github")})
     assert store.list_builds(repo["id"]) == []
-    data = str(tmp_path / "cli-data")
+    data = new_store(tmp_path / "cli-data")
     run_cli("repo", "add", "alice/hello", "--url", hook_repo["bare"], "--data", data)
     result = run_cli("build", "alice/hello", "--branch", "wip/x", "--data", data)
     assert result.returncode == 1 and "branches filter excludes branch 'wip/x'" in result.stderr
@@ -3374,6 +3406,7 @@ def test_migration_reseals_old_secrets_and_seals_webhook_secrets(tmp_path):
         key = store.sealer.key.hex()
     raw = sqlite3.connect(data / "cirunner.db")
     with raw:  # the store as version 7 left it
+        raw.execute("ALTER TABLE runners DROP COLUMN pid_start")
         raw.execute("PRAGMA user_version = 7")
         raw.execute("UPDATE repos SET webhook_secret = 'plain-hook', forge_token = ? "
                     "WHERE id = ?", (seal_v1(key, "forge-token"), repo["id"]))
@@ -3489,3 +3522,147 @@ def test_what_a_caller_makes_the_server_keep_and_list_is_bounded(store, executor
     build = webhook.post("/hook", body, headers={
         "X-GitHub-Event": "push", "Content-Type": "application/json", **sign(body, "github")}).json
     assert len(build["message"]) < 17_000 and build["message"].endswith("more cut)")
+
+
+# -- what a new user meets on the command line -------------------------------
+
+
+def test_cli_commands_never_make_a_store_and_say_where_they_looked(tmp_path):
+    for args in (["repo", "list"], ["build", "alice/hello", "--wait"], ["user", "add", "bob"],
+                 ["logs", "alice/hello", "1"]):
+        result = run_cli(*args, cwd=str(tmp_path), timeout=20)
+        assert result.returncode == 1 and "Traceback" not in result.stderr
+        assert f"no cirunner store in {tmp_path}/cirunner-data" in result.stderr, result.stderr
+        assert "--data DIR" in result.stderr and "cirunner serve" in result.stderr
+    assert os.listdir(tmp_path) == []
+
+
+def test_cli_build_wait_without_a_server_says_what_it_runs_first(tmp_path):
+    data = new_store(tmp_path / "data")
+    repo = str(tmp_path / "repo")
+    commit_files(repo, {".cirunner.yml": "pipeline: {t: {commands: [echo ran]}}\n"})
+    assert run_cli("repo", "add", "alice/hello", "--url", repo, "--data", data).returncode == 0
+    assert run_cli("build", "alice/hello", "--data", data).returncode == 0  # queued, no server
+    result = run_cli("build", "alice/hello", "--wait", "--data", data)
+    assert result.returncode == 0, result.stderr
+    assert ("no server runs this store's jobs: running them here, oldest first; before build 2: "
+            "alice/hello #1 (1 job(s))") in result.stderr
+
+
+def test_cli_output_into_a_closed_pipe_ends_quietly(tmp_path):
+    data = new_store(tmp_path / "data")
+    repo = str(tmp_path / "repo")
+    commit_files(repo, {".cirunner.yml": "pipeline: {t: {commands: ['seq 1 200000']}}\n"})
+    run_cli("repo", "add", "alice/hello", "--url", repo, "--data", data)
+    assert run_cli("build", "alice/hello", "--wait", "--data", data).returncode == 0
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CIRUNNER_")}
+    result = subprocess.run(
+        ["bash", "-c", ('"$0" "$1" logs alice/hello latest --data "$2" | head -1; '
+                       'echo "status ${PIPESTATUS[0]}" >&2'), sys.executable, CIRUNNER, data],
+        capture_output=True, text=True, timeout=60, env=env, check=False)
+    assert result.stdout == "--- job 1: success\n"
+    assert result.stderr == "status 141\n"  # as `seq 1 200000 | head -1` ends: SIGPIPE's status
+
+
+def test_cli_matrix_takes_a_directory_and_names_a_missing_file(tmp_path):
+    commit_files(str(tmp_path / "repo"), {".cirunner.yml": MATRIX_2X3})
+    result = run_cli("matrix", str(tmp_path / "repo"))
+    assert result.returncode == 0 and len(result.stdout.splitlines()) == 6
+    result = run_cli("matrix", str(tmp_path / "nope.yml"))
+    assert result.returncode == 1
+    assert result.stderr == f"cirunner: no such file: {tmp_path / 'nope.yml'}\n"
+    result = run_cli("secret", "add", "a/b", "X", "--from-file", str(tmp_path / "nope"),
+                     "--data", new_store(tmp_path / "data"))
+    assert "[Errno" not in result.stderr
+
+
+def test_cli_says_why_a_build_errored(tmp_path):
+    data = new_store(tmp_path / "data")
+    empty = str(tmp_path / "empty.git")
+    git(str(tmp_path), "init", "-q", "--bare", empty)
+    run_cli("repo", "add", "alice/empty", "--url", empty, "--data", data)
+    result = run_cli("build", "alice/empty", "--data", data)
+    assert result.returncode == 1
+    assert "alice/empty has no commits yet: push a commit, then build" in result.stderr
+    url = f"http://127.0.0.1:{free_port()}/alice/gone.git"
+    run_cli("repo", "add", "alice/gone", "--url", url, "--data", data)
+    assert run_cli("build", "alice/gone", "--data", data).returncode == 1
+    logs = run_cli("logs", "alice/gone", "latest", "--data", data)
+    assert logs.returncode == 1 and logs.stdout == ""
+    assert logs.stderr.startswith(f"cirunner: build 1 has no jobs: error: cannot fetch {url}: "
+                                  "git fetch failed: ") and "127.0.0.1" in logs.stderr
+    assert "git -C" not in logs.stderr and "Failed to connect" in logs.stderr, logs.stderr
+    listed = run_cli("builds", "alice/gone", "--data", data).stdout
+    assert listed.startswith("1\terror\t") and "error: cannot fetch" in listed
+
+
+def test_serve_on_a_port_in_use_says_so_in_one_line(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_cli("serve", "--data", str(tmp_path / "data"), "--port", str(port),
+                         timeout=30)
+    assert result.returncode == 1
+    lines = [line for line in result.stderr.splitlines() if "WARNING" not in line]
+    assert lines == [(f"cirunner: cannot listen on 127.0.0.1:{port}: Address already in use; "
+                     "stop what uses it, or choose another address with --host/--port")], lines
+
+
+def test_the_cli_drives_a_server_over_http_as_it_drives_a_store(tmp_path, servers, git_daemon):
+    server = servers(tmp_path / "data")
+    url = git_daemon.repo("hello", {".cirunner.yml": (
+        "pipeline:\n  t:\n    commands:\n      - 'for i in 1 2 3; do echo tick $i; sleep 0.3; done'\n"
+        "      - 'test -z \"$WAIT\" || sleep 60'\n")})
+    home = {"XDG_CONFIG_HOME": str(tmp_path / "config")}
+
+    def cli(*args, **options):
+        return run_cli(*args, cwd=str(tmp_path), env=home, **options)
+
+    result = cli("login", server.url, "--token", server.token)
+    assert result.returncode == 0 and f"signed in to {server.url} as admin" in result.stdout
+    config = tmp_path / "config" / "cirunner" / "cli.json"
+    assert os.stat(config).st_mode & 0o777 == 0o600
+    assert cli("login", server.url, "--token", "cir_wrong").returncode == 1
+    assert json.loads(config.read_text())["token"] == server.token  # a bad token is not kept
+    result = cli("repo", "add", "alice/hello", "--url", url)
+    assert result.returncode == 0 and f"added alice/hello ({url})" in result.stdout
+    assert f"{server.url}/hook" in result.stdout
+    assert cli("repo", "list").stdout == f"alice/hello\t{url}\t(remote default)\n"
+    built = cli("build", "alice/hello", "--wait")
+    assert built.returncode == 0, built.stderr
+    assert "[1] tick 3\n" in built.stdout and "build 1: success" in built.stderr
+    # follow a running build live, by `latest`
+    assert cli("build", "alice/hello").returncode == 0
+    follower = subprocess.Popen(
+        [sys.executable, CIRUNNER, "logs", "alice/hello", "latest", "--follow"], cwd=str(tmp_path),
+        env={**os.environ, **home}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = follower.communicate(timeout=30)
+    assert follower.returncode == 0, err
+    assert out.startswith("--- job 1: ") and "tick 1\ntick 2\ntick 3\n" in out
+    assert out.endswith('+ test -z "$WAIT" || sleep 60\n')  # to the job's end, then stops
+    # cancel a running one; restart an old one and wait for it
+    assert cli("build", "alice/hello", "--var", "WAIT=1").returncode == 0
+    wait_for(lambda: "tick 3" in http_text(server.url + "/api/repos/alice/hello/logs/3/1"),
+             timeout=30)
+    cancelled = cli("cancel", "alice/hello", "latest")
+    assert cancelled.stdout == "build 3: cancel requested (killed)\n", cancelled.stderr
+    restarted = cli("restart", "alice/hello", "1", "--fork", "--wait")
+    assert restarted.returncode == 0 and "build 4: success" in restarted.stderr
+    # secrets and schedules, through the API too
+    assert cli("secret", "add", "alice/hello", "TOKEN", "--value", "s3cret").returncode == 0
+    assert cli("secret", "list", "alice/hello").stdout == "TOKEN\tpush,tag,cron,manual,deployment\n"
+    assert cli("cron", "add", "alice/hello", "nightly", "0 3 * * *").returncode == 0
+    assert cli("cron", "list").stdout.startswith("alice/hello\tnightly\t0 3 * * *\t(default)")
+    # the same output as on the server's own store; flags and variables work as well
+    remote = cli("builds", "alice/hello").stdout
+    assert remote.count("\n") == 4 and "3\tkilled\t" in remote
+    assert cli("builds", "alice/hello", "--data", str(tmp_path / "data")).stdout == remote
+    flags = run_cli("--server", server.url, "--token", server.token, "builds", "alice/hello")
+    variables = run_cli("builds", "alice/hello", env={"CIRUNNER_SERVER": server.url,
+                                                      "CIRUNNER_TOKEN": server.token})
+    assert flags.stdout == variables.stdout == remote
+    wrong = run_cli("builds", "alice/hello", "--server", server.url, "--token", "cir_nope")
+    assert wrong.returncode == 1
+    assert wrong.stderr == f"cirunner: invalid or revoked token (HTTP 401 from {server.url})\n"
+    assert cli("logout").returncode == 0 and not config.exists()
