@@ -5987,11 +5987,41 @@ font-size="11"><text x="{{left / 2}}" y="14">build</text>\
 
 _ANSI_COLOUR = re.compile(r"\x1b\[([0-9;]*)m")
 _ANSI_OTHER = re.compile(r"\x1b\[[0-9;?]*[A-Za-ln-z]")
-_LOG_ROWS_TEMPLATE = """\\
+_STEP_SUMMARY_TEMPLATE = ('<span class="status s-{{status}}">{{status}}</span> <b>{{name}}</b> '
+                          '<span class=muted>{{detail}}</span>')
+
+_LOG_ROWS_TEMPLATE = """\
 % for number, line in rows:
 <div id='L{{number}}'><a href='#L{{number}}'>{{number}}</a><span>{{!line}}</span></div>
 % end
 """
+
+
+class _StreamSlots:
+    """How many live streams (logs, live pages) may be open at once: each
+    holds a server thread, so there are fewer slots than threads (503 beyond)."""
+
+    def __init__(self, limit):
+        self.limit = limit
+        self._open = 0
+        self._lock = threading.Lock()
+
+    def take(self, events):
+        """`events` as a response body that holds a slot until it is closed."""
+        with self._lock:
+            if self._open >= self.limit:
+                raise Unavailable("too many open live streams; try again later")
+            self._open += 1
+        return _Stream(events, self._give_back)
+
+    def _give_back(self):
+        with self._lock:
+            self._open -= 1
+
+
+def _sse_reply(body):
+    return _Reply(body, content_type="text/event-stream; charset=utf-8",
+                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 class _Stream:
@@ -6014,12 +6044,59 @@ class _Stream:
             self._release()
 
 
+def _section_starts(steps):
+    """Where each section of a job's log begins, [(offset, number)] in order:
+    section 0 is what comes before the first step (the checkout), then each
+    step that has started. A section ends where the next one begins."""
+    started = [(step["log_start"], step["number"]) for step in steps
+               if step["started_at"] or step["log_end"]]
+    return [(0, 0), *sorted(started)]
+
+
+def _split_by_section(starts, offset, data):
+    """[(section number, bytes)] of `data`, which lies at `offset` of the log."""
+    pieces, end = [], offset + len(data)
+    for index, (start, number) in enumerate(starts):
+        stop = starts[index + 1][0] if index + 1 < len(starts) else end
+        low, high = max(start, offset), min(stop, end)
+        if low < high:
+            pieces.append((number, data[low - offset:high - offset]))
+    return pieces or [(starts[-1][1], data)]
+
+
+_FAILED_STATUSES = (FAILURE, ERROR, KILLED)
+
+
 class _LogHtml:
     """The one renderer of log text as HTML (pages and live pages alike):
-    numbered rows with anchors, text escaped, ANSI colours as spans."""
+    numbered rows with anchors, text escaped, ANSI colours as spans; and the
+    summaries of a job's sections (its steps)."""
 
     def __init__(self):
         self._rows = bottle.SimpleTemplate(_LOG_ROWS_TEMPLATE)
+        self._summary = bottle.SimpleTemplate(_STEP_SUMMARY_TEMPLATE)
+
+    def sections(self, job, steps):
+        """[{number, summary, failing}] for section 0 (the checkout) and each
+        step: status, name, kind, duration; `failing` marks the section the
+        job failed in (the first failed step, else the checkout)."""
+        failing = next((step["number"] for step in steps if step["status"] in _FAILED_STATUSES),
+                       0 if job["status"] in _FAILED_STATUSES else None)
+        clone_status = (job["status"] if failing == 0 else SUCCESS if steps and any(
+            step["started_at"] for step in steps) else job["status"])
+        sections = [{"number": 0, "failing": failing == 0, "summary": self._summary.render(
+            status=clone_status, name="clone", detail="")}]
+        for step in steps:
+            detail = [] if step["kind"] == "step" else [step["kind"]]
+            if step["started_at"]:
+                detail.append(_duration(step["started_at"], step["finished_at"]))
+            if step["exit_code"]:
+                detail.append(f"exit {step['exit_code']}")
+            sections.append({"number": step["number"], "failing": failing == step["number"],
+                             "summary": self._summary.render(status=step["status"],
+                                                             name=step["name"],
+                                                             detail=", ".join(detail))})
+        return sections
 
     @staticmethod
     def line(text):
@@ -6067,12 +6144,10 @@ class _Api:
         self.closing = closing
         self.max_body = max_body
         self.max_webhook_body = max_webhook_body
-        self.max_streams = max_streams
+        self.streams = _StreamSlots(max_streams)
         self.heartbeat = heartbeat
         self.max_jobs = max_jobs
         self.cancel_wait = cancel_wait
-        self._streams = 0
-        self._streams_lock = threading.Lock()
         self._badge = bottle.SimpleTemplate(_BADGE_TEMPLATE)
         self.log_html = _LogHtml()
         self.openapi_document = None  # set by make_app, from the routes it serves
@@ -6387,11 +6462,9 @@ class _Api:
             offset, _, resumed_line = last_id.partition(":")
             offset = int(offset)
             line = int(resumed_line) if line is not None and resumed_line else line
-        self._open_stream()
         events = (self._log_events(job["id"], offset) if line is None
                   else self._html_events(job["id"], offset, line))
-        return _Reply(self._counted(events), content_type="text/event-stream; charset=utf-8",
-                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return _sse_reply(self.streams.take(events))
 
     def _log_parts(self, job):
         """(name, start, end, step) covering a job's log: each step's bytes under
@@ -6465,20 +6538,6 @@ class _Api:
         self.store.cut_log(job["id"], step["log_start"], step["log_end"])
         return _Reply(None, 204)
 
-    def _open_stream(self):
-        with self._streams_lock:
-            if self._streams >= self.max_streams:
-                raise Unavailable("too many open log streams; try again later")
-            self._streams += 1
-
-    def _counted(self, events):
-        """`events`, then the stream's slot given back (however the stream ends)."""
-        return _Stream(events, self._close_stream)
-
-    def _close_stream(self):
-        with self._streams_lock:
-            self._streams -= 1
-
     def _follow(self, job_id, offset):
         return _follow_log(self.store, job_id, offset, heartbeat=self.heartbeat,
                            closing=self.closing)
@@ -6506,9 +6565,15 @@ class _Api:
 
     def _html_events(self, job_id, offset, line):
         """The same stream for a web page: complete lines as rendered rows,
-        `{"line", "html"}`, with ``OFFSET:LINE`` as the event id."""
-        pending = b""
-        for chunk, _ in self._follow(job_id, offset):
+        `{"line", "html", "step"}` (the section of the job's log they are in:
+        0 before the first step), with ``OFFSET:LINE`` as the event id; a
+        `steps` event with every step's summary whenever one changes."""
+        pending, shown = b"", None
+        for chunk, job in self._follow(job_id, offset):
+            steps = self.store.list_steps([job_id])[job_id]
+            shown, event = self._steps_event(job, steps, shown)
+            if event:
+                yield event
             if chunk is None:
                 yield b": heartbeat\n\n"
                 continue
@@ -6517,17 +6582,33 @@ class _Api:
             if not cut and len(pending) > LOG_PAGE_BYTES:
                 cut = len(pending)  # a line too long to wait for: shown in parts
             if cut:
-                offset += cut
-                html, count = self.log_html.rows(pending[:cut].decode("utf-8", "replace"), line)
-                data = json.dumps({"line": line, "html": html})
-                yield f"id: {offset}:{line + count}\ndata: {data}\n\n".encode()
-                pending, line = pending[cut:], line + count
+                for number, piece in _split_by_section(_section_starts(steps), offset,
+                                                       pending[:cut]):
+                    html, count = self.log_html.rows(piece.decode("utf-8", "replace"), line)
+                    offset, line = offset + len(piece), line + count
+                    data = json.dumps({"line": line - count, "html": html, "step": number})
+                    yield f"id: {offset}:{line}\ndata: {data}\n\n".encode()
+                pending = pending[cut:]
         if self.closing.is_set():
             return
+        job = self.store.get_job_by_id(job_id)
+        steps = self.store.list_steps([job_id])[job_id]
         if pending:
-            html, count = self.log_html.rows(pending.decode("utf-8", "replace"), line)
-            yield f"data: {json.dumps({'line': line, 'html': html})}\n\n".encode()
+            number = _split_by_section(_section_starts(steps), offset, pending)[-1][0]
+            html, _ = self.log_html.rows(pending.decode("utf-8", "replace"), line)
+            yield (f"data: {json.dumps({'line': line, 'html': html, 'step': number})}"
+                   "\n\n").encode()
+        _, event = self._steps_event(job, steps, shown)
+        if event:
+            yield event
         yield self._end_event(job_id)
+
+    def _steps_event(self, job, steps, shown):
+        """(what the page now shows, a `steps` event if that changed)."""
+        summaries = self.log_html.sections(job, steps)
+        if summaries == shown:
+            return shown, b""
+        return summaries, f"event: steps\ndata: {json.dumps(summaries)}\n\n".encode()
 
     # -- project dialect (/api/v1) ------------------------------------------
 
@@ -6978,11 +7059,13 @@ table{border-collapse:collapse;width:100%;background:#fff}th,td{text-align:left;
 th{background:#eaeef2}.status{display:inline-block;padding:0 .5em;border-radius:1em;color:#fff;font-weight:600;font-size:12px}
 .s-success{background:#1a7f37}.s-failure{background:#cf222e}.s-running,.s-pending{background:#9a6700}
 .s-error,.s-killed{background:#6e7781}.s-skipped{background:#8c959f}.s-none{background:#afb8c1}
-.log{background:#0d1117;color:#e6edf3;font:12px/1.5 ui-monospace,Menlo,Consolas,monospace;padding:.5em 0;overflow-x:auto}
-.log div{white-space:pre-wrap;word-break:break-all;padding:0 .8em 0 4.5em;text-indent:-3.7em}
-.log a{color:#6e7681;display:inline-block;width:3.2em;text-align:right;margin-right:.5em;text-indent:0;text-decoration:none}
-.log div:target{background:#264f78}.muted{color:#57606a}form.inline{display:inline}button{cursor:pointer}
-input{max-width:100%;box-sizing:border-box}
+.log{background:#0d1117;color:#e6edf3;font:12px/1.5 ui-monospace,Menlo,Consolas,monospace;padding:.2em 0;overflow-x:auto}
+.rows div{white-space:pre-wrap;word-break:break-all;padding:0 .8em 0 4.5em;text-indent:-3.7em}
+.rows a{color:#6e7681;display:inline-block;width:3.2em;text-align:right;margin-right:.5em;text-indent:0;text-decoration:none}
+.rows div:target{background:#264f78}.muted{color:#57606a}form.inline{display:inline}button{cursor:pointer}
+.log summary{cursor:pointer;padding:.25em .8em;background:#161b22;border-top:1px solid #30363d;font-family:system-ui,sans-serif}
+.log summary .muted{color:#8b949e}.failed{color:#cf222e;font-weight:600}
+.wide{overflow-x:auto}.id{word-break:break-all}pre.message{white-space:pre-wrap;word-break:break-word;margin:0}input{max-width:100%;box-sizing:border-box}input[type=password]{width:22em}
 .a1{font-weight:700}.a30{color:#8b949e}.a31{color:#ff7b72}.a32{color:#3fb950}.a33{color:#d29922}
 .a34{color:#58a6ff}.a35{color:#bc8cff}.a36{color:#39c5cf}.a37{color:#e6edf3}
 """
@@ -6990,12 +7073,36 @@ input{max-width:100%;box-sizing:border-box}
 _LIVE_LOG_SCRIPT = """
 (function(){
   var log=document.getElementById('log'), state=document.getElementById('job-status');
+  function focus(){var failing=document.querySelector('.step[data-failing]');
+    if(!failing)return;
+    document.querySelectorAll('.step').forEach(function(s){s.open=(s===failing);});
+    failing.scrollIntoView();}
+  focus();
   if(!log||!window.EventSource||log.dataset.done==='1')return;
+  function section(number){var s=document.getElementById('step-'+number);
+    if(!s){s=document.createElement('details');s.className='step';s.id='step-'+number;s.open=true;
+      s.innerHTML='<summary></summary><div class=rows></div>';log.appendChild(s);}
+    return s;}
   var source=new EventSource(log.dataset.stream);
-  source.onmessage=function(e){log.insertAdjacentHTML('beforeend',JSON.parse(e.data).html);
+  source.onmessage=function(e){var d=JSON.parse(e.data);
+    section(d.step).querySelector('.rows').insertAdjacentHTML('beforeend',d.html);
     if(document.getElementById('follow').checked)window.scrollTo(0,document.body.scrollHeight);};
+  source.addEventListener('steps',function(e){JSON.parse(e.data).forEach(function(d){
+    var s=section(d.number);s.querySelector('summary').innerHTML=d.summary;
+    if(d.failing)s.dataset.failing='1';});});
   source.addEventListener('end',function(e){var end=JSON.parse(e.data);source.close();
-    state.textContent=end.status;state.className='status s-'+end.status;});
+    state.textContent=end.status;state.className='status s-'+end.status;focus();});
+})();
+"""
+
+# A page whose live part (#live) follows its server-sent `update` events.
+_LIVE_PAGE_SCRIPT = """
+(function(){
+  var live=document.getElementById('live');
+  if(!live||!window.EventSource||live.dataset.done==='1')return;
+  var source=new EventSource(live.dataset.stream);
+  source.addEventListener('update',function(e){live.innerHTML=JSON.parse(e.data).html;});
+  source.addEventListener('end',function(){source.close();});
 })();
 """
 
@@ -7005,7 +7112,7 @@ _TEMPLATES = {
 <title>{{title}} - cirunner</title><style>{{!style}}</style></head>
 <body><header><a href='/'>cirunner</a>
 % if user:
-<form class=account method="post" action="/logout"><span>{{user['login']}}</span> \\\\
+<form class=account method="post" action="/logout"><span>{{user['login']}}</span> \
 <input type="hidden" name="csrf" value="{{csrf}}"><button>Sign out</button></form>
 % else:
 <span class=account><a href="/login?next={{quote(path)}}">Sign in</a></span>
@@ -7025,16 +7132,21 @@ _TEMPLATES = {
 % end
 """,
 
-    "home": """<h1>Repositories</h1><table><tr><th>repository</th><th>latest build</th><th>#</th>\\\\
-<th>when</th></tr>
+    "home": """<h1>Repositories</h1><div class=wide><table><tr><th>repository</th>\
+<th>latest build</th><th>#</th><th>branch</th><th>commit</th><th>when</th></tr>
 % for repo, build in rows:
-<tr><td><a href='/{{repo['owner']}}/{{repo['name']}}'>{{repo['owner']}}/{{repo['name']}}</a>\\\\
+<tr><td><a href='/{{repo['owner']}}/{{repo['name']}}'>{{repo['owner']}}/{{repo['name']}}</a>\
 {{' (private)' if repo['private'] else ''}}</td>
 <td>{{!label(build['status'] if build else None)}}</td>\\\\
-<td>{{'#' + str(build['number']) if build else ''}}</td>\\\\
-<td>{{!ago(build['created_at']) if build else ''}}</td></tr>
+% if build:
+<td><a href='/{{repo['owner']}}/{{repo['name']}}/{{build['number']}}'>#{{build['number']}}</a>\
+</td><td>{{build['branch']}}</td><td><code>{{build['commit_sha'][:8]}}</code> \
+{{(build['message'].splitlines() or [''])[0][:60]}}</td><td>{{!ago(build['created_at'])}}</td></tr>
+% else:
+<td></td><td></td><td></td><td></td></tr>
 % end
-</table>
+% end
+</table></div>
 % if not rows:
 <p class=muted>No repositories you may see.</p>
 % end
@@ -7042,7 +7154,7 @@ _TEMPLATES = {
 
     "login": """<h1>Sign in</h1><form method=post action=/login>
 <input type=hidden name=csrf value='{{csrf}}'><input type=hidden name=next value='{{next_path}}'>
-<p><label>API token <input name=token type=password size=50 autofocus></label> \\\\
+<p><label>API token<br><input name=token type=password autofocus></label> \
 <button>Sign in</button></p></form>
 <p class=muted>Make one with <code>cirunner token create LOGIN</code>.</p>""",
 
@@ -7053,22 +7165,24 @@ _TEMPLATES = {
 """,
 
     "repo": """<h1>{{repo['owner']}}/{{repo['name']}}</h1>
-<form method=get><label>branch <input name=branch value='{{branch}}'></label> \\\\
+<form method=get><label>branch <input name=branch value='{{branch}}'></label> \
 <label>status <select name=status>
 % for choice in ("",) + statuses:
 <option{{' selected' if choice == status else ''}}>{{choice}}</option>
 % end
 </select></label> <button>Filter</button></form>
-<table><tr><th>#</th><th>status</th><th>event</th><th>branch</th><th>commit</th><th>author</th>\\\\
-<th>started</th><th>duration</th></tr>
+<div id=live data-stream='{{stream}}'>{{!live}}</div>""",
+
+    "repo_builds": """<div class=wide><table><tr><th>#</th><th>status</th><th>event</th>\
+<th>branch</th><th>commit</th><th>author</th><th>started</th><th>duration</th></tr>
 % for build in builds:
-<tr><td><a href='{{base}}/{{build['number']}}'>#{{build['number']}}</a></td>\\\\
-<td>{{!label(build['status'])}}</td><td>{{build['event']}}</td><td>{{build['branch']}}</td>\\\\
-<td><code>{{build['commit_sha'][:8]}}</code> {{(build['message'].splitlines() or [''])[0][:100]}}</td>\\\\
-<td>{{build['author']}}</td><td>{{!ago(build['started_at'])}}</td>\\\\
+<tr><td><a href='{{base}}/{{build['number']}}'>#{{build['number']}}</a></td>\
+<td>{{!label(build['status'])}}</td><td>{{build['event']}}</td><td>{{build['branch']}}</td>\
+<td><code>{{build['commit_sha'][:8]}}</code> {{(build['message'].splitlines() or [''])[0][:100]}}</td>\
+<td>{{build['author']}}</td><td>{{!ago(build['started_at'])}}</td>\
 <td>{{duration(build['started_at'], build['finished_at'])}}</td></tr>
 % end
-</table><p>
+</table></div><p>
 % if newer:
 <a href='{{newer}}'>newer</a>
 % end
@@ -7077,16 +7191,18 @@ _TEMPLATES = {
 % end
 </p>""",
 
-    "build": """<h1><a href='{{repo_url}}'>{{repo['owner']}}/{{repo['name']}}</a> \\\\
+    "build": """<div id=live data-stream='{{stream}}' data-done='{{done}}'>{{!live}}</div>""",
+
+    "build_live": """<h1><a href='{{repo_url}}'>{{repo['owner']}}/{{repo['name']}}</a> \
 #{{build['number']}} {{!label(build['status'], 'build-status')}}</h1>
 <p>
 % if action:
-<form class=inline method=post action='{{base}}/{{action}}'>\\\\
+<form class=inline method=post action='{{base}}/{{action}}'>\
 <input type=hidden name=csrf value='{{csrf}}'><button id={{action}}>{{action.title()}}</button></form>
 % end
 </p><table>
-<tr><th>commit</th><td><code>{{build['commit_sha']}}</code></td></tr>
-<tr><th>message</th><td><pre>{{build['message']}}</pre></td></tr>
+<tr><th>commit</th><td><code class=id>{{build['commit_sha']}}</code></td></tr>
+<tr><th>message</th><td><pre class=message>{{build['message']}}</pre></td></tr>
 <tr><th>branch</th><td>{{build['branch']}}</td></tr>
 <tr><th>event</th><td>{{build['event']}}</td></tr>
 <tr><th>author</th><td>{{build['author']}} &lt;{{build['author_email']}}&gt;</td></tr>
@@ -7095,30 +7211,42 @@ _TEMPLATES = {
 % if build['error']:
 <tr><th>error</th><td>{{build['error']}}</td></tr>
 % end
-</table><h2>Jobs</h2><table><tr><th>job</th><th>matrix</th><th>status</th><th>exit</th>\\\\
-<th>duration</th><th>error</th></tr>
+</table><h2>Jobs</h2><div class=wide><table><tr><th>job</th><th>matrix</th><th>status</th>\
+<th>steps</th><th>exit</th><th>duration</th><th>error</th></tr>
 % for job in jobs:
-<tr><td><a href='{{base}}/{{job['number']}}'>job {{job['number']}}</a></td>\\\\
-<td>{{axis(job) or '-'}}</td><td>{{!label(job['status'])}}</td><td>{{job['exit_code']}}</td>\\\\
+<tr><td><a href='{{base}}/{{job['number']}}' id='job-{{job['number']}}'>job {{job['number']}}</a>\
+</td><td>{{axis(job) or '-'}}</td><td>{{!label(job['status'])}}</td>\
+<td>{{steps(job)}}</td><td>{{job['exit_code']}}</td>\
 <td>{{duration(job['started_at'], job['finished_at'])}}</td><td>{{job['error']}}</td></tr>
 % end
-</table><h2>History</h2><table><tr><th>when</th><th>job</th><th>status</th><th>message</th></tr>
+</table></div><h2>History</h2><div class=wide><table><tr><th>when</th><th>job</th>\
+<th>status</th><th>message</th></tr>
 % for row in history:
-<tr><td>{{!ago(row['created_at'])}}</td><td>{{row['job_number'] or 'build'}}</td>\\\\
+<tr><td>{{!ago(row['created_at'])}}</td><td>{{row['job_number'] or 'build'}}</td>\
 <td>{{!label(row['status'])}}</td><td>{{row['message']}}</td></tr>
 % end
-</table>""",
+</table></div>""",
 
-    "job": """<h1><a href='{{base}}'>{{repo['owner']}}/{{repo['name']}} #{{build['number']}}</a> \\\\
+    "job": """<h1><a href='{{base}}'>{{repo['owner']}}/{{repo['name']}} #{{build['number']}}</a> \
 job {{job['number']}} {{!label(job['status'], 'job-status')}}</h1>
-<p>{{axis}} <a href='{{raw}}'>raw log</a> \\\\
+% if failing:
+<p class=failed id=failed>failed in <a href='#step-{{failing['number']}}'>{{failing['name']}}</a>\
+{{failing['detail']}}</p>
+% end
+<p>{{axis}} <a href='{{raw}}'>raw log</a> \
 <label><input type=checkbox id=follow checked> follow</label></p>
 % if start > 0:
-<p><a id=earlier href='?to={{start}}'>load earlier output</a> \\\\
+<p><a id=earlier href='?to={{start}}'>load earlier output</a> \
 (showing bytes {{start}}-{{end}} of {{size}})</p>
 % end
-<div class=log id=log data-done='{{0 if live else 1}}' \\\\
-data-stream='{{raw}}?follow=1&format=html&offset={{end}}&line={{next_line}}'>{{!rows}}</div>""",
+<div class=log id=log data-done='{{0 if live else 1}}' \
+data-stream='{{raw}}?follow=1&format=html&offset={{end}}&line={{next_line}}'>
+% for section in sections:
+<details class=step id='step-{{section['number']}}'{{!' data-failing=1' if section['failing'] else ''}}\
+{{!' open' if section['open'] else ''}}><summary>{{!section['summary']}}</summary>\
+<div class=rows>{{!section['rows']}}</div></details>
+% end
+</div>""",
 }
 
 
@@ -7135,6 +7263,20 @@ def _duration(start, end):
         return "-"
     seconds = max(0, (end or int(time.time())) - start)
     return f"{seconds // 60} min {seconds % 60} s" if seconds >= 60 else f"{seconds} s"
+
+
+def _steps_text(steps):
+    """A job's steps in a few words, for the build page: how many, and the
+    first that failed or the one running."""
+    if not steps:
+        return "-"
+    failed = next((step for step in steps if step["status"] in _FAILED_STATUSES), None)
+    running = next((step for step in steps if step["status"] == RUNNING), None)
+    done = sum(step["status"] in DONE_STATUSES for step in steps)
+    text = f"{done}/{len(steps)}"
+    if failed:
+        return f"{text}, {failed['status']} in {failed['name']}"
+    return f"{text}, running {running['name']}" if running else text
 
 
 def _same_server_path(value):
@@ -7156,10 +7298,14 @@ class _Pages:
     in with an API token and gets a signed session cookie naming that token.
     """
 
-    def __init__(self, store, access, log_html, *, max_jobs=DEFAULT_MAX_JOBS):
+    def __init__(self, store, access, log_html, *, streams, closing,
+                 heartbeat=SSE_HEARTBEAT_SECONDS, max_jobs=DEFAULT_MAX_JOBS):
         self.store = store
         self.access = access
         self.log_html = log_html
+        self.streams = streams
+        self.closing = closing
+        self.heartbeat = heartbeat
         self.max_jobs = max_jobs
         self.csrf = _Signer(store.sealer.derive("csrf"))
         self._templates = {name: bottle.SimpleTemplate(source)
@@ -7259,32 +7405,79 @@ class _Pages:
         if status is not None and status not in STATUSES:
             raise BadRequest(f"status must be one of {', '.join(STATUSES)}")
         branch = params.get("branch") or None
-        builds = self.store.list_builds(repo["id"], offset=(page - 1) * DEFAULT_PER_PAGE,
-                                        limit=DEFAULT_PER_PAGE + 1, branch=branch, status=status)
         query = "&".join(f"{key}={quote(value)}" for key, value in (("branch", branch),
                                                                      ("status", status)) if value)
-        body = self.render(
-            "repo", repo=repo, builds=builds[:DEFAULT_PER_PAGE], branch=branch or "",
-            status=status, statuses=STATUSES, base=f"/{owner}/{name}", label=self.label,
-            ago=self.ago, duration=_duration,
-            newer=f"?page={page - 1}&{query}" if page > 1 else "",
-            older=f"?page={page + 1}&{query}" if len(builds) > DEFAULT_PER_PAGE else "")
-        return self.page(f"{owner}/{name}", body)
+
+        def live():
+            builds = self.store.list_builds(repo["id"], offset=(page - 1) * DEFAULT_PER_PAGE,
+                                            limit=DEFAULT_PER_PAGE + 1, branch=branch,
+                                            status=status)
+            return builds, lambda: self.render(
+                "repo_builds", builds=builds[:DEFAULT_PER_PAGE], base=f"/{owner}/{name}",
+                label=self.label, ago=self.ago, duration=_duration,
+                newer=f"?page={page - 1}&{query}" if page > 1 else "",
+                older=f"?page={page + 1}&{query}" if len(builds) > DEFAULT_PER_PAGE else "")
+
+        if bottle.request.query.get("events"):
+            return self.updates(live, lambda: False)
+        body = self.render("repo", repo=repo, branch=branch or "", status=status,
+                           statuses=STATUSES, live=live()[1](),
+                           stream=f"?events=1&page={page}&{query}")
+        return self.page(f"{owner}/{name}", body, script=_LIVE_PAGE_SCRIPT)
 
     def build_page(self, owner, name, number):
         repo = self.readable_repo(owner, name)
-        user = self.access.user(bottle.request)
-        build = self.find_build(repo, number)
-        action = ""
-        if self.access.may_write(user, owner):
-            action = "cancel" if build["status"] in ACTIVE_STATUSES else "restart"
-        body = self.render(
-            "build", repo=repo, build=build, jobs=self.store.list_jobs(build["id"]),
-            history=self.store.list_statuses(build["id"]), action=action,
-            csrf=self.csrf_token(), base=f"/{owner}/{name}/{build['number']}",
-            repo_url=f"/{owner}/{name}", label=self.label, ago=self.ago, duration=_duration,
-            axis=lambda job: _axis_text(json.loads(job["environment"])))
-        return self.page(f"{owner}/{name} #{build['number']}", body)
+        may_write = self.access.may_write(self.access.user(bottle.request), owner)
+        build_id = self.find_build(repo, number)["id"]
+        csrf = self.csrf_token()
+
+        def live():
+            build = self.store.get_build_by_id(build_id)
+            jobs = self.store.list_jobs(build_id)
+            steps = self.store.list_steps([job["id"] for job in jobs])
+            history = self.store.list_statuses(build_id)
+            action = ("" if not may_write else "cancel" if build["status"] in ACTIVE_STATUSES
+                      else "restart")
+            return (build, jobs, steps, len(history), action), lambda: self.render(
+                "build_live", repo=repo, build=build, jobs=jobs, history=history,
+                action=action, csrf=csrf, base=f"/{owner}/{name}/{build['number']}",
+                repo_url=f"/{owner}/{name}", label=self.label, ago=self.ago,
+                duration=_duration, steps=lambda job: _steps_text(steps[job["id"]]),
+                axis=lambda job: _axis_text(json.loads(job["environment"])))
+
+        def done():
+            return self.store.get_build_by_id(build_id)["status"] in DONE_STATUSES
+
+        if bottle.request.query.get("events"):
+            return self.updates(live, done)
+        (build, *_), render = live()
+        body = self.render("build", live=render(), stream="?events=1",
+                           done=int(build["status"] in DONE_STATUSES))
+        return self.page(f"{owner}/{name} #{build['number']}", body, script=_LIVE_PAGE_SCRIPT)
+
+    def updates(self, live, done):
+        """A live page's Server-Sent Events: `update` with the HTML of its live
+        part whenever what it shows changed (looked at when the store says
+        something happened, at least every half second), a heartbeat comment
+        when quiet, and `end` once `done()`."""
+        def events():
+            shown, quiet_since = None, time.monotonic()
+            while not self.closing.is_set():
+                seen = self.store.log_events_seen()
+                finished = done()
+                state, render = live()
+                if state != shown:
+                    shown, quiet_since = state, time.monotonic()
+                    yield f"event: update\ndata: {json.dumps({'html': render()})}\n\n".encode()
+                elif time.monotonic() - quiet_since >= self.heartbeat:
+                    quiet_since = time.monotonic()
+                    yield b": heartbeat\n\n"
+                if finished:
+                    yield b"event: end\ndata: {}\n\n"
+                    return
+                self.store.wait_for_log(0.5, seen)
+
+        return _send(_sse_reply(self.streams.take(events())))
 
     def build_action(self, owner, name, number, action):
         """Cancel or restart a build from its page (a form with the CSRF token)."""
@@ -7318,14 +7511,32 @@ class _Pages:
             data = data[:data.rfind(b"\n") + 1]
             end = start + len(data)
         first_line = 1 + self._newlines_before(job["id"], start)
-        rows, count = self.log_html.rows(data.decode("utf-8", errors="replace"), first_line)
+        steps = self.store.list_steps([job["id"]])[job["id"]]
+        rows, line = {}, first_line
+        for section, piece in _split_by_section(_section_starts(steps), start, data):
+            html, count = self.log_html.rows(piece.decode("utf-8", errors="replace"), line)
+            rows[section], line = rows.get(section, "") + html, line + count
+        sections = self.log_html.sections(job, steps)
+        failing = next((section for section in sections if section["failing"]), None)
+        for section in sections:
+            section["rows"] = rows.get(section["number"], "")
+            section["open"] = failing is None or section is failing
+        if not rows.get(0) and not sections[0]["failing"] and steps:
+            sections.pop(0)  # nothing before the first step (no checkout)
+        failed = None
+        if failing is not None:
+            step = next((step for step in steps if step["number"] == failing["number"]), None)
+            failed = {"number": failing["number"], "name": step["name"] if step else "clone",
+                      "detail": f" (exit {step['exit_code']})" if step and step["exit_code"]
+                      else f": {job['error']}" if job["error"] else ""}
         body = self.render(
-            "job", repo=repo, build=build, job=job, label=self.label, rows=rows,
-            axis=_axis_text(json.loads(job["environment"])), start=start, end=end, size=size,
-            live=live, next_line=first_line + count, base=f"/{owner}/{name}/{build['number']}",
+            "job", repo=repo, build=build, job=job, label=self.label, sections=sections,
+            failing=failed, axis=_axis_text(json.loads(job["environment"])), start=start,
+            end=end, size=size, live=live, next_line=line,
+            base=f"/{owner}/{name}/{build['number']}",
             raw=f"/api/repos/{owner}/{name}/logs/{build['number']}/{job['number']}")
         return self.page(f"{owner}/{name} #{build['number']} job {job['number']}", body,
-                         script=_LIVE_LOG_SCRIPT if live else "")
+                         script=_LIVE_LOG_SCRIPT)
 
     def _newlines_before(self, job_id, offset):
         """How many lines end before byte `offset` of a job's log (chunk by chunk)."""
@@ -7454,7 +7665,8 @@ def make_app(store, executor=None, *, max_body=DEFAULT_MAX_BODY,
                max_webhook_body=max_webhook_body, max_streams=max_streams,
                heartbeat=heartbeat, max_jobs=max_jobs,
                cancel_wait=executor.grace + 2 if executor is not None else 0.0)
-    pages = _Pages(store, access, api.log_html, max_jobs=max_jobs)
+    pages = _Pages(store, access, api.log_html, streams=api.streams, closing=app.closing,
+                   heartbeat=heartbeat, max_jobs=max_jobs)
     routes = _API_ROUTES + _WEBHOOK_ROUTES
     api.openapi_document = _openapi_document(routes)
     for route in routes:

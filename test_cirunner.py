@@ -3666,3 +3666,14 @@ def test_the_cli_drives_a_server_over_http_as_it_drives_a_store(tmp_path, server
     assert wrong.returncode == 1
     assert wrong.stderr == f"cirunner: invalid or revoked token (HTTP 401 from {server.url})\n"
     assert cli("logout").returncode == 0 and not config.exists()
+
+
+def test_pages_show_no_template_debris(store, executor, make_repo, app):
+    make_repo({".cirunner.yml": "pipeline: {a: {commands: [echo one]}, b: {commands: [echo two]}}\n"})
+    app.post_json("/api/repos/alice/hello/builds", {}, status=201)
+    executor.run_until_idle()
+    for path in ("/", "/login", "/alice/hello", "/alice/hello/1", "/alice/hello/1/1"):
+        body = app.get(path).text
+        assert "\\" not in body.split("<style>")[0] + body.split("</style>")[1], path
+    job = app.get("/alice/hello/1/1").text
+    assert job.count("<details class=step") == 3 and "<b>a</b>" in job and "<b>b</b>" in job

@@ -6,6 +6,7 @@ Set CIRUNNER_SCREENSHOTS=DIR to keep the screenshots (the README's come from her
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -161,8 +162,8 @@ def test_a_50_mb_log_page_opens_fast_and_memory_stays_flat(server, page, tmp_pat
     elapsed = time.monotonic() - started
     print(f"\n50 MB log page interactive after {elapsed:.2f} s")
     assert elapsed < 5
-    assert page.evaluate("document.querySelectorAll('#log div').length") < 5000
-    last = page.evaluate("document.getElementById('log').lastElementChild.id")
+    assert page.evaluate("document.querySelectorAll('#log .rows div').length") < 5000
+    last = page.evaluate("[...document.querySelectorAll('#log .rows div')].pop().id")
     # numbered as in the whole log: the echoed command, the full lines, the cut last one
     assert int(last[1:]) == 1 + 52428800 // (len(line) + 1) + 1
     page.click("#earlier")
@@ -172,3 +173,81 @@ def test_a_50_mb_log_page_opens_fast_and_memory_stays_flat(server, page, tmp_pat
     assert grown < 16
     status, _ = http_json("GET", server.url + "/healthz")
     assert status == 200
+
+
+def test_a_two_step_build_is_watched_live_and_its_failing_step_is_shown(server, page, tmp_path):
+    repo = str(tmp_path / "repo")
+    commit_files(repo, {".cirunner.yml": (
+        "pipeline:\n"
+        "  compile:\n    commands:\n"
+        "      - echo compiling\n"
+        "      - for i in $(seq 1200); do [ -e gate ] && break; sleep 0.05; done\n"
+        "  test:\n    commands:\n"
+        "      - echo testing\n"
+        "      - test -z \"$FAIL\" || exit 3\n")})
+    server.api("POST", "/api/repos/alice/hello", {"url": repo})
+    server.api("POST", "/api/repos/alice/hello/builds", {})
+    gate = workspace_of(server.data_dir, "alice/hello", 1, 1) / "gate"
+    wait_for(lambda: server.api("GET", "/api/repos/alice/hello/builds/1")[1]["jobs"][0]
+             ["status"] == "running")
+    page.goto(server.url + "/alice/hello")  # the repository page, open all along
+    repo_page = page.context.new_page()
+    repo_page.goto(server.url + "/alice/hello")
+    page.goto(server.url + "/alice/hello/1")
+    assert page.inner_text("#build-status") == "running"
+    assert repo_page.inner_text("#live tr:nth-child(2) .status") == "running"
+    gate.touch()
+    # no reload: the page's one EventSource brings the change
+    page.wait_for_function("document.getElementById('build-status').textContent === 'success'",
+                           timeout=10000)
+    repo_page.wait_for_function(
+        "document.querySelector('#live tr:nth-child(2) .status').textContent === 'success'",
+        timeout=10000)
+    assert page.evaluate("performance.getEntriesByType('navigation').length") == 1
+    assert "2/2" in page.inner_text("#live")
+    page.click("#job-1")
+    summaries = page.eval_on_selector_all("#log details summary", "s => s.map(e => e.innerText)")
+    assert [text.split()[:2] for text in summaries] == [
+        ["success", "clone"], ["success", "compile"], ["success", "test"]], summaries
+    assert all(re.search(r"\d+ s$", text) for text in summaries[1:]), summaries  # durations
+    screenshot(page, "job-log.png")
+    # a failing second step: opened, named, scrolled to; the others closed
+    server.api("POST", "/api/repos/alice/hello/builds", {"variables": {"FAIL": "1"}})
+    wait_for(lambda: (workspace_of(server.data_dir, "alice/hello", 2, 1)).is_dir())
+    (workspace_of(server.data_dir, "alice/hello", 2, 1) / "gate").touch()
+    page.goto(server.url + "/alice/hello/2/1")
+    page.wait_for_function("document.getElementById('job-status').textContent === 'failure'",
+                           timeout=10000)
+    assert page.evaluate("document.getElementById('step-2').open") is True
+    assert page.evaluate("document.getElementById('step-1').open") is False
+    page.reload()  # as a finished job's page opens
+    assert page.inner_text("#failed") == "failed in test (exit 3)"
+    assert page.evaluate("document.getElementById('step-2').open") is True
+    assert page.evaluate("document.getElementById('step-1').open") is False
+    assert "failure" in page.inner_text("#step-2 summary")
+    assert page.evaluate("document.getElementById('step-2').getBoundingClientRect().top") < 800
+    screenshot(page, "job-failed.png")
+    page.goto(server.url + "/alice/hello/2")
+    screenshot(page, "build.png")
+    page.goto(server.url + "/")
+    assert "main" in page.inner_text("main") and "#2" in page.inner_text("main")
+    screenshot(page, "repositories.png")
+    repo_page.close()
+
+
+@pytest.mark.parametrize("path", ["/login", "/", "/alice/hello", "/alice/hello/1",
+                                  "/alice/hello/1/1"])
+def test_pages_fit_a_phone(server, browser, tmp_path, path):
+    repo = str(tmp_path / "repo")
+    commit_files(repo, {".cirunner.yml": "pipeline: {t: {commands: ['echo a long line "
+                                         + "x" * 300 + "']}}\n"})
+    server.api("POST", "/api/repos/alice/hello", {"url": repo})
+    server.api("POST", "/api/repos/alice/hello/builds", {})
+    wait_for(lambda: server.api("GET", "/api/repos/alice/hello/builds/1")[1]["status"]
+             == "success")
+    context = browser.new_context(viewport={"width": 360, "height": 740}, is_mobile=True)
+    phone = context.new_page()
+    phone.goto(server.url + path)
+    width = phone.evaluate("document.documentElement.scrollWidth")
+    assert width <= 360, f"{path} is {width} px wide on a 360 px screen"
+    context.close()
