@@ -228,6 +228,14 @@ DEFAULT_DATA_DIR = "cirunner-data"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
 DEFAULT_HTTP_THREADS = 32       # each open live-log stream holds one
+DEFAULT_KEEP_BUILDS = 500       # builds kept per repository (retention; 0: no limit)
+DEFAULT_KEEP_DAYS = 90          # days a build is kept (retention; 0: no limit)
+DEFAULT_MAX_LOG_BYTES = 100 * 1024 * 1024  # a job's log keeps its start and its last part
+LOG_TAIL_BYTES = 1024 * 1024    # the last part a capped log keeps
+PRUNE_SECONDS = 60.0            # the executor prunes this often
+PRUNE_BATCH_BUILDS = 20         # builds deleted per transaction...
+PRUNE_BATCH_LOG_BYTES = 8 * 1024 * 1024  # ...or fewer, if their logs are this big
+VACUUM_BATCH_PAGES = 512        # free pages given back to the file system per transaction
 DEFAULT_CONNECTION_LIMIT = 1000  # open connections (each an idle socket, not a thread)
 IDLE_CONNECTION_SECONDS = 30    # a connection silent this long between requests is closed
 DEFAULT_TIMEOUT_MINUTES = 60
@@ -2418,12 +2426,20 @@ _MIGRATIONS = [
     _reseal_with_aes_gcm,
     # 9: a runner's process is its pid and its start time (a pid is reused).
     "ALTER TABLE runners ADD COLUMN pid_start INTEGER NOT NULL DEFAULT 0",
+    # 10: retention and the log cap per repository (0: the server's), and how
+    # many workers a runner has (for the queue's explanations).
+    """
+    ALTER TABLE repos ADD COLUMN keep_builds INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE repos ADD COLUMN keep_days INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE repos ADD COLUMN max_log_bytes INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE runners ADD COLUMN workers INTEGER NOT NULL DEFAULT 0;
+    """,
 ]
 
 _SEALED_REPO_FIELDS = ("webhook_secret", "forge_token")
 _REPO_FIELDS = ("url", "default_branch", "config_path", "private", "timeout", "max_builds",
                 "events", "webhook_secret", "forge", "forge_url", "forge_token", "forge_project",
-                "trusted")
+                "trusted", "keep_builds", "keep_days", "max_log_bytes")
 _BUILD_FIELDS = ("parent", "event", "commit_sha", "branch", "ref", "remote", "message",
                  "timestamp", "author", "author_avatar", "author_email", "link_url",
                  "pipeline_id", "pipeline_file", "variables", "fail_fast", "max_parallel",
@@ -3051,6 +3067,62 @@ class Store:
                 tx.execute(f"UPDATE builds SET {assignments} WHERE id = ?",
                            (*values.values(), build_id))
         return self.get_build_by_id(build_id)
+
+    def prunable_builds(self, keep_builds, keep_days, *, now=None, limit=100):
+        """Builds past retention, oldest first: beyond each repository's newest
+        `keep_builds`, or older than `keep_days` (a repository's own settings
+        win; 0 is no limit). Pinned builds and pending or running ones never
+        are. [{id, owner, name, number, status, created_at, log_bytes}]."""
+        now = time.time() if now is None else now
+        found = []
+        for repo in self._query("SELECT id, owner, name, keep_builds, keep_days FROM repos "
+                                "ORDER BY id"):
+            keep, days = repo["keep_builds"] or keep_builds, repo["keep_days"] or keep_days
+            clauses, params = [], [repo["id"], PENDING, RUNNING]
+            if keep:
+                cutoff = self._query_one("SELECT number FROM builds WHERE repo_id = ? "
+                                         "ORDER BY number DESC LIMIT 1 OFFSET ?",
+                                         (repo["id"], keep))
+                if cutoff is not None:
+                    clauses.append("b.number <= ?")
+                    params.append(cutoff["number"])
+            if days:
+                clauses.append("b.created_at < ?")
+                params.append(int(now - days * 86400))
+            if not clauses or len(found) >= limit:
+                continue
+            found += [dict(row, owner=repo["owner"], name=repo["name"]) for row in self._query(
+                "SELECT b.id, b.number, b.status, b.created_at, (SELECT COALESCE(SUM("
+                "length(c.data)), 0) FROM log_chunks c JOIN jobs j ON j.id = c.job_id "
+                "WHERE j.build_id = b.id) AS log_bytes FROM builds b WHERE b.repo_id = ? "
+                "AND b.pinned = 0 AND b.status NOT IN (?, ?) "
+                f"AND ({' OR '.join(clauses)}) ORDER BY b.number LIMIT ?",
+                (*params, limit - len(found)))]
+        return found
+
+    def delete_builds(self, build_ids):
+        """Delete finished builds (with their jobs, statuses and logs) in one
+        transaction; active ones are left alone. Returns how many went."""
+        with self._write() as tx:
+            deleted = 0
+            for build_id in build_ids:
+                tx.execute("INSERT INTO deleted_builds (repo_id, number) SELECT repo_id, number "
+                           "FROM builds WHERE id = ? AND status NOT IN (?, ?) "
+                           "ON CONFLICT DO NOTHING", (build_id, PENDING, RUNNING))
+                deleted += tx.execute("DELETE FROM builds WHERE id = ? AND status NOT IN (?, ?)",
+                                      (build_id, PENDING, RUNNING)).rowcount
+        return deleted
+
+    def give_back_space(self, pages=VACUUM_BATCH_PAGES):
+        """Return up to `pages` free pages to the file system (incremental
+        vacuum, one short write); True while more are left."""
+        conn = self._connection()
+        if not conn.execute("PRAGMA freelist_count").fetchone()[0]:
+            return False
+        with self._write_lock:
+            # execute() steps this pragma once; a script runs it to the end.
+            conn.executescript(f"PRAGMA incremental_vacuum({int(pages)});")
+        return bool(conn.execute("PRAGMA freelist_count").fetchone()[0])
 
     def delete_build(self, build_id):
         """Delete a finished build with its jobs, statuses and logs."""
@@ -4350,9 +4422,13 @@ class _LogWriter:
     memory longer than `flush_seconds`, so the log is readable live. Secret
     values are masked before anything reaches the store, also when a value
     arrives split across two reads.
+
+    With a `cap` (bytes), a log that passes it keeps its start (up to the cap
+    less LOG_TAIL_BYTES) and, once the job ends, one marker line saying how
+    much was dropped and the last LOG_TAIL_BYTES (held in memory meanwhile).
     """
 
-    def __init__(self, store, job_id, flush_seconds=LOG_FLUSH_SECONDS):
+    def __init__(self, store, job_id, flush_seconds=LOG_FLUSH_SECONDS, *, cap=0):
         self.store = store
         self.job_id = job_id
         self.flush_seconds = flush_seconds
@@ -4361,6 +4437,12 @@ class _LogWriter:
         self.buffer = bytearray()
         self.first_at = None
         self.masked = []
+        self.cap = cap
+        self.head_limit = max(0, cap - LOG_TAIL_BYTES) if cap else 0
+        self.tail = collections.deque()  # chunks past the head, at most LOG_TAIL_BYTES
+        self.tail_bytes = 0
+        self.dropped = 0
+        self.written = 0                 # every byte the job printed (for metrics)
 
     def mask(self, values):
         """Replace these secret values (and each line of a multi-line one) by
@@ -4423,8 +4505,38 @@ class _LogWriter:
             del self.buffer[:len(chunk)]
         self.buffer += held
         self.first_at = None
+        if final and (self.tail or self.dropped):
+            self._store_tail()
 
     def _store_chunk(self, chunk):
+        self.written += len(chunk)
+        if self.cap and self.offset + len(chunk) > self.head_limit:
+            room = max(0, self.head_limit - self.offset)
+            if room:
+                self._append(chunk[:room])
+            self.tail.append(chunk[room:])
+            self.tail_bytes += len(chunk) - room
+            while self.tail_bytes - len(self.tail[0]) >= LOG_TAIL_BYTES:
+                first = self.tail.popleft()  # older than the last LOG_TAIL_BYTES
+                self.tail_bytes -= len(first)
+                self.dropped += len(first)
+            return
+        self._append(chunk)
+
+    def _store_tail(self):
+        """The end of a capped log: the marker, then the last bytes kept."""
+        tail = b"".join(self.tail)
+        cut = max(0, len(tail) - LOG_TAIL_BYTES)
+        dropped, tail = self.dropped + cut, tail[cut:]
+        self.tail.clear()
+        self.tail_bytes = self.dropped = 0
+        marker = (f"\n[cirunner: {dropped} bytes of output dropped here: the log passed its cap "
+                  f"of {self.cap} bytes; its last {len(tail)} bytes follow]\n").encode()
+        self._append(marker)
+        for start in range(0, len(tail), LOG_CHUNK_BYTES):
+            self._append(tail[start:start + LOG_CHUNK_BYTES])
+
+    def _append(self, chunk):
         for attempt in range(5):
             try:
                 self.store.append_log(self.job_id, self.seq, self.offset, chunk)
@@ -4554,7 +4666,7 @@ class _JobRun:
         self.engine = executor.engine
         self.job = job
         self.token = f"{executor.store_key}-{job['id']}-{secrets.token_hex(6)}"
-        self.log = _LogWriter(self.store, job["id"])
+        self.log = _LogWriter(self.store, job["id"], cap=executor.max_log_bytes)
         self.stop_requested = threading.Event()
         self.reason = ""
         self.workspace = None
@@ -4609,6 +4721,8 @@ class _JobRun:
         """Read what the job needs, plan its steps and make its workspace."""
         self.build = self.store.get_build_by_id(self.job["build_id"])
         self.repo = self.store.get_repo_by_id(self.build["repo_id"])
+        if self.repo["max_log_bytes"]:
+            self.log = _LogWriter(self.store, self.job["id"], cap=self.repo["max_log_bytes"])
         self.secrets = self.store.secrets_for(self.repo["id"], self.build["event"])
         self.log.mask(self.secrets.values())
         self.pipeline = self._pipeline()
@@ -5014,6 +5128,41 @@ class _Task:
         return now - self.last >= self.every or bool(self.urgent and self.urgent())
 
 
+def prune(store, *, keep_builds=DEFAULT_KEEP_BUILDS, keep_days=DEFAULT_KEEP_DAYS,
+          dry_run=False, seconds=None):
+    """Delete the builds past retention (see `Store.prunable_builds`) in short
+    transactions, each at most PRUNE_BATCH_BUILDS builds or about
+    PRUNE_BATCH_LOG_BYTES of log, and give the freed pages back to the file
+    system between them; for at most `seconds` if given. Returns (the builds
+    pruned, or that would be with `dry_run`; each transaction's seconds)."""
+    if dry_run:
+        return store.prunable_builds(keep_builds, keep_days, limit=10 ** 9), []
+    started, pruned, times = time.monotonic(), [], []
+    while seconds is None or time.monotonic() - started < seconds:
+        candidates = store.prunable_builds(keep_builds, keep_days, limit=PRUNE_BATCH_BUILDS)
+        if not candidates:
+            break
+        batch, size = [], 0
+        for build in candidates:
+            if batch and size + build["log_bytes"] > PRUNE_BATCH_LOG_BYTES:
+                break
+            batch.append(build)
+            size += build["log_bytes"]
+        clock = time.perf_counter()
+        store.delete_builds([build["id"] for build in batch])
+        times.append(time.perf_counter() - clock)
+        pruned += batch
+        for build in batch:  # what --keep-workspaces left of them
+            shutil.rmtree(os.path.join(store.data_dir, "workspaces", build["owner"],
+                                       build["name"], str(build["number"])), ignore_errors=True)
+        more = True
+        while more:
+            clock = time.perf_counter()
+            more = store.give_back_space()
+            times.append(time.perf_counter() - clock)
+    return pruned, times
+
+
 class Executor:
     """Worker threads that take jobs from the store's queue and run them.
 
@@ -5026,7 +5175,9 @@ class Executor:
     fixed directory to run every job in without checkout (``cirunner exec``);
     `keep_workspaces` to leave job directories behind for inspection;
     `public_url`, this server's address for links in commit statuses;
-    `report_backoff`, seconds before the first retry of a failed status post.
+    `report_backoff`, seconds before the first retry of a failed status post;
+    `keep_builds`, `keep_days`: retention (see `prune`), `max_log_bytes`: a
+    job's log cap (a repository's own settings win; 0: none).
 
     A started executor also runs maintenance tasks (noticing work from other
     processes, heartbeats, recovering jobs of dead runners, WAL checkpoints,
@@ -5036,8 +5187,11 @@ class Executor:
     def __init__(self, store, *, workers=None, grace=DEFAULT_GRACE_SECONDS, workspace=None,
                  keep_workspaces=False, poll_interval=0.25, runner_id=None,
                  max_jobs=DEFAULT_MAX_JOBS, public_url="", report_backoff=2.0,
-                 sandbox="auto", engine="auto", runner=None):
+                 sandbox="auto", engine="auto", runner=None, keep_builds=DEFAULT_KEEP_BUILDS,
+                 keep_days=DEFAULT_KEEP_DAYS, max_log_bytes=DEFAULT_MAX_LOG_BYTES):
         self.store = store
+        self.keep_builds, self.keep_days = keep_builds, keep_days
+        self.max_log_bytes = max_log_bytes
         self.workers = workers or os.cpu_count() or 1
         self.grace = grace
         self.workspace = workspace
@@ -5078,6 +5232,9 @@ class Executor:
                   urgent=lambda: self.store.wal_bytes() >= WAL_CHECKPOINT_BYTES),
             _Task("reap orphans", 1.0, self.runner.reap),
             _Task("fire crons", 1.0, self._fire_crons),
+            # Briefly, in batches: the maintenance thread also keeps the heartbeat.
+            _Task("prune", PRUNE_SECONDS, lambda: prune(
+                self.store, keep_builds=self.keep_builds, keep_days=self.keep_days, seconds=1.0)),
         ]
         self._last_version = None
 
@@ -5623,6 +5780,19 @@ _REPO = _Resource("repository", [
            _shown("max_builds"),
            lambda value: _check_int(value, "max_builds", default=0, minimum=0, maximum=1000),
            help="most builds running at once (0: no limit)"),
+    _Field("keep_builds", {"type": "integer", "minimum": 0, "maximum": 10 ** 6},
+           _shown("keep_builds"),
+           lambda value: _check_int(value, "keep_builds", default=0, minimum=0, maximum=10 ** 6),
+           help="builds to keep (older ones are pruned; 0: the server's --keep-builds)"),
+    _Field("keep_days", {"type": "integer", "minimum": 0, "maximum": 36500},
+           _shown("keep_days"),
+           lambda value: _check_int(value, "keep_days", default=0, minimum=0, maximum=36500),
+           help="days to keep a build (0: the server's --keep-days)"),
+    _Field("max_log_bytes", {"type": "integer", "minimum": 0, "maximum": 2 ** 40},
+           _shown("max_log_bytes"),
+           lambda value: _check_int(value, "max_log_bytes", default=0, minimum=0,
+                                    maximum=2 ** 40),
+           help="a job's log cap in bytes (0: the server's --max-log-bytes)"),
     _Field("last_build_number", _INTEGER, _shown("last_number")),
     _Field("events", {"type": "array", "items": {"type": "string", "enum": list(EVENTS)}},
            _shown("events", json.loads), _parse_events,
@@ -8298,7 +8468,8 @@ def _command_serve(args, stdout, stderr):
     store = Store.open(args.data)
     executor = Executor(store, workers=args.workers, grace=args.grace,
                         keep_workspaces=args.keep_workspaces, sandbox=args.sandbox,
-                        engine=args.engine,
+                        engine=args.engine, keep_builds=args.keep_builds,
+                        keep_days=args.keep_days, max_log_bytes=args.max_log_bytes,
                         public_url=args.public_url or f"http://{args.host}:{args.port}")
     app = make_app(store, executor, max_streams=max(1, args.threads - 4))
 
@@ -8515,6 +8686,25 @@ def _command_builds(client, args, stdout, stderr):
     return 0
 
 
+def _command_prune(args, stdout, stderr):
+    """Prune by hand what a server prunes as it goes (or, --dry-run, show it)."""
+    with _open_store(args.data) as store:
+        before = os.path.getsize(store.path)
+        builds, times = prune(store, keep_builds=args.keep_builds, keep_days=args.keep_days,
+                              dry_run=args.dry_run)
+        for build in builds:
+            day = time.strftime("%Y-%m-%d", time.gmtime(build["created_at"]))
+            print(f"{'would prune' if args.dry_run else 'pruned'} {build['owner']}/"
+                  f"{build['name']} #{build['number']} ({build['status']}, {day}, "
+                  f"{build['log_bytes']} log bytes)", file=stdout)
+        store.checkpoint()
+        after = os.path.getsize(store.path)
+        longest = f"; longest transaction {max(times) * 1000:.1f} ms" if times else ""
+        print(f"{len(builds)} build(s) {'to prune' if args.dry_run else 'pruned'}; "
+              f"{os.path.basename(store.path)} {before} -> {after} bytes{longest}", file=stderr)
+    return 0
+
+
 def _command_login(args, stdout, stderr):
     """Check a token against a server, then keep both for later commands (0600)."""
     token = args.token or args.environ.get("CIRUNNER_TOKEN")
@@ -8615,6 +8805,11 @@ def _make_parser(environ):
     _add_repo_parser(commands, common, env)
     _add_admin_parsers(commands, common)
     _add_build_parsers(commands, common, workers, env)
+    prune_parser = commands.add_parser("prune", parents=[common],
+                                       help="delete the builds past retention now")
+    _add_retention_options(prune_parser, env)
+    prune_parser.add_argument("--dry-run", action="store_true", help="only show them")
+    prune_parser.set_defaults(handler=_command_prune)
     login = commands.add_parser("login", help="check a token against a server and keep both "
                                               "for the commands that follow")
     login.add_argument("url", metavar="URL", help="the server, e.g. https://ci.example.org")
@@ -8665,10 +8860,26 @@ def _add_serve_parser(commands, common, workers, env):
     serve_parser.add_argument("--public-url", dest="public_url", default=env("PUBLIC_URL", ""),
                               help="this server's address for links in commit statuses "
                                    "(env CIRUNNER_PUBLIC_URL; default http://HOST:PORT)")
+    _add_retention_options(serve_parser, env)
+    serve_parser.add_argument("--max-log-bytes", dest="max_log_bytes", type=int,
+                              default=int(env("MAX_LOG_BYTES", DEFAULT_MAX_LOG_BYTES)),
+                              help="a job's log keeps its start and its last MiB past this "
+                                   "(env CIRUNNER_MAX_LOG_BYTES, default 100 MiB; 0: no cap)")
     serve_parser.add_argument("--keep-workspaces", action="store_true",
                               default=env("KEEP_WORKSPACES", "") in _TRUE_WORDS,
                               help="leave job workspaces on disk after the job")
     serve_parser.set_defaults(handler=_command_serve)
+
+
+def _add_retention_options(parser, env):
+    parser.add_argument("--keep-builds", dest="keep_builds", type=int,
+                        default=int(env("KEEP_BUILDS", DEFAULT_KEEP_BUILDS)),
+                        help="builds kept per repository; older ones are pruned (env "
+                             f"CIRUNNER_KEEP_BUILDS, default {DEFAULT_KEEP_BUILDS}; 0: all)")
+    parser.add_argument("--keep-days", dest="keep_days", type=int,
+                        default=int(env("KEEP_DAYS", DEFAULT_KEEP_DAYS)),
+                        help="days a build is kept (env CIRUNNER_KEEP_DAYS, default "
+                             f"{DEFAULT_KEEP_DAYS}; 0: forever)")
 
 
 def _add_repo_parser(commands, common, env):

@@ -3401,17 +3401,24 @@ def test_sealed_values_are_aes_gcm_bound_to_their_row_and_field(store, make_repo
 
 def test_migration_reseals_old_secrets_and_seals_webhook_secrets(tmp_path):
     data = tmp_path / "data"
-    with cirunner.Store.open(str(data)) as store:
-        repo = store.create_repo("alice", "hello", "https://git.example/alice/hello.git")
-        key = store.sealer.key.hex()
-    raw = sqlite3.connect(data / "cirunner.db")
-    with raw:  # the store as version 7 left it
-        raw.execute("ALTER TABLE runners DROP COLUMN pid_start")
-        raw.execute("PRAGMA user_version = 7")
-        raw.execute("UPDATE repos SET webhook_secret = 'plain-hook', forge_token = ? "
-                    "WHERE id = ?", (seal_v1(key, "forge-token"), repo["id"]))
-        raw.execute("INSERT INTO secrets (repo_id, name, value) VALUES (?, 'TOKEN', ?)",
-                    (repo["id"], seal_v1(key, "a secret value with ünïcode, 40+ bytes long")))
+    data.mkdir()
+    key = os.urandom(32).hex()
+    (data / "secret.key").write_text(key + "\n")
+    raw = sqlite3.connect(data / "cirunner.db", isolation_level=None)
+    for number, migration in enumerate(cirunner._MIGRATIONS[:7], start=1):  # a version-7 store
+        raw.execute("BEGIN")
+        if callable(migration):
+            migration(raw, None)
+        else:
+            for statement in migration.split(";"):
+                raw.execute(statement)
+        raw.execute(f"PRAGMA user_version = {number}")
+        raw.execute("COMMIT")
+    raw.execute("INSERT INTO repos (owner, name, url, webhook_secret, forge_token, created_at) "
+                "VALUES ('alice', 'hello', 'https://git.example/alice/hello.git', 'plain-hook', "
+                "?, 0)", (seal_v1(key, "forge-token"),))
+    raw.execute("INSERT INTO secrets (repo_id, name, value) VALUES (1, 'TOKEN', ?)",
+                (seal_v1(key, "a secret value with ünïcode, 40+ bytes long"),))
     raw.close()
     with cirunner.Store.open(str(data)) as store:
         assert store.schema_version() == len(cirunner._MIGRATIONS)
@@ -3677,3 +3684,82 @@ def test_pages_show_no_template_debris(store, executor, make_repo, app):
         assert "\\" not in body.split("<style>")[0] + body.split("</style>")[1], path
     job = app.get("/alice/hello/1/1").text
     assert job.count("<details class=step") == 3 and "<b>a</b>" in job and "<b>b</b>" in job
+
+
+# -- day-two operations ---------------------------------------------------------
+
+
+def test_retention_prunes_old_builds_but_never_pinned_or_active_ones(store, executor, make_repo,
+                                                                     app, tmp_path):
+    repo = make_repo({".cirunner.yml": "clone: false\npipeline: {t: {commands: "
+                                       "['head -c 1048576 /dev/zero | tr \"\\\\0\" x']}}\n"})
+    for _ in range(12):
+        cirunner.create_build(store, repo)
+    executor.run_until_idle()
+    app.patch_json("/api/v1/alice/hello/builds/"
+                   f"{store.get_build(repo['id'], 2)['id']}", {"pinned": True})
+    pending = cirunner.create_build(store, repo)  # 13: never run here
+    with sqlite3.connect(store.path) as raw:  # build 11 is from long ago
+        raw.execute("UPDATE builds SET created_at = 1000 WHERE repo_id = ? AND number = 11",
+                    (repo["id"],))
+    store.checkpoint()
+    before = os.path.getsize(store.path)
+    shown, _ = cirunner.prune(store, keep_builds=4, keep_days=30, dry_run=True)
+    assert [build["number"] for build in shown] == [1, 3, 4, 5, 6, 7, 8, 9, 11]
+    assert len(store.list_builds(repo["id"], limit=100)) == 13  # a dry run changes nothing
+    pruned, times = cirunner.prune(store, keep_builds=4, keep_days=30)
+    assert [build["number"] for build in pruned] == [1, 3, 4, 5, 6, 7, 8, 9, 11]
+    left = sorted(build["number"] for build in store.list_builds(repo["id"], limit=100))
+    assert left == [2, 10, 12, 13] and pending["status"] == "pending"
+    store.checkpoint()
+    after = os.path.getsize(store.path)
+    assert after < before - 8 * 1024 * 1024, (before, after)  # the logs' space given back
+    assert times and max(times) < 1.0  # short transactions (figures: bench and closing note)
+    # a repository's own setting wins; numbers are never reused
+    app.patch_json("/api/repos/alice/hello", {"keep_builds": 1})
+    cirunner.prune(store, keep_builds=500, keep_days=0)
+    assert sorted(b["number"] for b in store.list_builds(repo["id"], limit=100)) == [2, 13]
+    assert cirunner.create_build(store, repo)["number"] == 14
+
+
+def test_serve_prunes_at_start_and_the_cli_by_hand(tmp_path, servers):
+    data = new_store(tmp_path / "data")
+    repo = str(tmp_path / "repo")
+    commit_files(repo, {".cirunner.yml": "clone: false\npipeline: {t: {commands: [true]}}\n"})
+    run_cli("repo", "add", "alice/hello", "--url", repo, "--data", data)
+    for _ in range(5):
+        assert run_cli("build", "alice/hello", "--wait", "--data", data).returncode == 0
+    dry = run_cli("prune", "--keep-builds", "3", "--dry-run", "--data", data)
+    assert dry.stdout.splitlines()[0].startswith("would prune alice/hello #1 (success, ")
+    assert "2 build(s) to prune" in dry.stderr
+    pruned = run_cli("prune", "--keep-builds", "4", "--data", data)
+    assert pruned.stdout.startswith("pruned alice/hello #1 (success") and "1 build(s) pruned" \
+        in pruned.stderr
+    server = servers(data, "--keep-builds", "2")
+    wait_for(lambda: [b["number"] for b in server.api("GET", "/api/repos/alice/hello/builds")[1]]
+             == [5, 4])
+
+
+def test_a_log_past_its_cap_keeps_its_start_and_its_end(store, executor, make_repo, app):
+    repo = make_repo({".cirunner.yml": "clone: false\npipeline: {t: {commands: ['seq 1 1000000']}}\n"})
+    app.patch_json("/api/repos/alice/hello", {"max_log_bytes": 3 * 1024 * 1024})
+    cirunner.create_build(store, repo)
+    executor.run_until_idle()
+    build = app.get("/api/repos/alice/hello/builds/1").json
+    assert build["status"] == "success"  # the cap does not fail the job
+    log = app.get("/api/repos/alice/hello/logs/1/1").body
+    printed = b"+ seq 1 1000000\n" + subprocess.run(["seq", "1", "1000000"], capture_output=True,
+                                                    check=True).stdout
+    head, tail = 2 * 1024 * 1024, 1024 * 1024
+    marker = (f"\n[cirunner: {len(printed) - head - tail} bytes of output dropped here: the log "
+              f"passed its cap of {3 * 1024 * 1024} bytes; its last {tail} bytes follow]\n")
+    assert log == printed[:head] + marker.encode() + printed[-tail:]
+    # followed, and on the page, the same
+    events = app.get("/api/repos/alice/hello/logs/1/1?follow=1").text
+    followed = "".join(json.loads(line[6:]) for line in events.splitlines()
+                       if line.startswith("data: \""))
+    assert followed.encode() == log
+    page = app.get("/alice/hello/1/1").text  # its last 256 KiB, and earlier parts on request
+    assert "1000000" in page and "id=earlier" in page
+    marker_end = log.index(b"follow]\n") + len(b"follow]\n")
+    assert "bytes of output dropped here" in app.get(f"/alice/hello/1/1?to={marker_end}").text
