@@ -116,6 +116,7 @@ import contextlib
 import ctypes
 import dataclasses
 import difflib
+import errno
 import fcntl
 import functools
 import getpass
@@ -362,6 +363,26 @@ class Unavailable(CIRunnerError):
 
     status = 503
     code = "unavailable"
+
+
+class StorageFull(CIRunnerError):
+    """The store (or the data directory's disk) has no room for a write."""
+
+    status = 507
+    code = "insufficient_storage"
+
+
+def _is_disk_full(exc):
+    """Whether `exc` is SQLite's or the file system's "no space left"."""
+    if isinstance(exc, sqlite3.OperationalError):
+        return (getattr(exc, "sqlite_errorcode", None) == getattr(sqlite3, "SQLITE_FULL", 13)
+                or "disk is full" in str(exc))
+    return isinstance(exc, OSError) and exc.errno == errno.ENOSPC
+
+
+def _disk_full_message(exc):
+    return (f"disk full: the data directory has no space left ({exc}); free some and the "
+            "server goes on by itself")
 
 
 class _GitError(CIRunnerError):
@@ -4709,9 +4730,13 @@ class _JobRun:
             status, error = ERROR, exc.message
             self.log.write(f"cirunner: {exc.message}\n")
         except Exception as exc:  # noqa: BLE001 - any runner fault ends the job as error
-            _log.exception("job %s failed inside the runner", self.job["id"])
-            status, error = ERROR, f"runner error: {exc}"
-            self.log.write(f"cirunner: runner error: {exc}\n")
+            if _is_disk_full(exc):
+                _log.warning("job %s: %s", self.job["id"], exc)
+                status, error = ERROR, _disk_full_message(exc)
+            else:
+                _log.exception("job %s failed inside the runner", self.job["id"])
+                status, error = ERROR, f"runner error: {exc}"
+                self.log.write(f"cirunner: runner error: {exc}\n")
         finally:
             self.finish(status, exit_code, error)
 
@@ -5031,15 +5056,31 @@ class _JobRun:
         self._stop_background()
         try:
             self.log.flush()
-        except Exception:  # noqa: BLE001 - the job must still be finished
-            _log.exception("could not store the end of job %s's log", self.job["id"])
+        except Exception as exc:  # noqa: BLE001 - the job must still be finished
+            if not _is_disk_full(exc):
+                _log.exception("could not store the end of job %s's log", self.job["id"])
+            elif status != ERROR:  # its log lacks its end: say why
+                status, error = ERROR, _disk_full_message(exc)
         self.runner.end_job(self)  # before the job is finished: nothing of it runs on
         if self.engine is not None and self.prepared_engine:
             self.engine.end_job(self, grace=self.executor.grace)
         self._close_records(status)
         self.executor.forget(self)
-        self.store.finish_job(self.job["id"], status, exit_code=exit_code, error=error)
+        self._record_end(status, exit_code, error)
         self.executor.remove_workspace(self.workspace)
+
+    def _record_end(self, status, exit_code, error):
+        """Finish the job in the store; on a full disk, try again each second
+        until there is room (or the executor stops, and a restart recovers it)."""
+        while True:
+            try:
+                self.store.finish_job(self.job["id"], status, exit_code=exit_code, error=error)
+                return
+            except (sqlite3.OperationalError, OSError) as exc:
+                if not _is_disk_full(exc) or self.executor.stopping():
+                    raise
+                _log.warning("job %s: cannot record its end yet: %s", self.job["id"], exc)
+                self.executor.wait_stopping(1.0)
 
     def _stop_background(self):
         """End services and detached steps (the engine stops their containers),
@@ -5338,6 +5379,12 @@ class Executor:
             self.run_job(job)
             count += 1
 
+    def stopping(self):
+        return self._stopping.is_set()
+
+    def wait_stopping(self, seconds):
+        return self._stopping.wait(seconds)
+
     def run_job(self, job):
         """Run one claimed job to its end and record the result."""
         run = _JobRun(self, job)
@@ -5399,12 +5446,18 @@ class Executor:
                 self._work_hint = False
             try:
                 job = self.store.claim_next_job(self.runner_id)
-            except Exception:  # noqa: BLE001 - the worker logs and keeps running
-                _log.exception("claiming a job failed")
+            except Exception as exc:  # noqa: BLE001 - the worker logs and keeps running
+                if _is_disk_full(exc):
+                    _log.warning("claiming a job: %s; trying again", exc)
+                else:
+                    _log.exception("claiming a job failed")
                 job = None
                 self._stopping.wait(1.0)
             if job is not None:
-                self.run_job(job)
+                try:
+                    self.run_job(job)
+                except Exception:  # noqa: BLE001 - a worker outlives any one job
+                    _log.exception("job %s ended badly", job["id"])
                 continue
             self.store.release_connection()  # idle workers share one
             with self._wakeup:
@@ -5424,8 +5477,11 @@ class Executor:
                 task.last = now
                 try:
                     task.run()
-                except Exception:  # noqa: BLE001 - the loop logs and keeps running
-                    _log.exception("executor task %r failed; continuing", task.name)
+                except Exception as exc:  # noqa: BLE001 - the loop logs and keeps running
+                    if _is_disk_full(exc):  # the store says it once a job ends
+                        _log.warning("executor task %r: %s; trying again", task.name, exc)
+                    else:
+                        _log.exception("executor task %r failed; continuing", task.name)
 
     def _notice_changes(self):
         """New jobs and cancels made by other processes: any commit by another
@@ -6019,11 +6075,12 @@ class _Route:
 
 
 _ACCESS_ERRORS = {"public": (), "user": (401,), "read": (400, 401, 404),
-                  "write": (400, 401, 403, 404, 409, 413), "owner": (400, 401, 403, 409, 413),
-                  "signed": (400, 403, 404, 413)}
+                  "write": (400, 401, 403, 404, 409, 413, 507),
+                  "owner": (400, 401, 403, 409, 413, 507), "signed": (400, 403, 404, 413, 507)}
 _ERROR_DESCRIPTIONS = {400: "bad input", 401: "no or bad credentials", 403: "not allowed",
                        404: "unknown", 409: "conflict with the current state",
-                       413: "body too large", 503: "too many live streams"}
+                       413: "body too large", 503: "too many live streams",
+                       507: "no space left in the data directory"}
 _NAME_SCHEMA = {"type": "string", "pattern": "^[A-Za-z0-9._-]{1,100}$"}
 _POSITIVE = {"type": "integer", "minimum": 1}
 _PATH_PARAMETERS = {
@@ -7756,6 +7813,11 @@ def _api_callback(api, route):
             return _send(route.handler(api, **params))
         except CIRunnerError as error:
             return _error_reply(error)
+        except (sqlite3.OperationalError, OSError) as error:
+            if _is_disk_full(error):
+                return _error_reply(StorageFull(_disk_full_message(error)))
+            _log.exception("unhandled error in %s %s", request.method, request.path)
+            return _error_reply(CIRunnerError("internal server error"))
         except Exception:  # noqa: BLE001 - a bug answers 500 JSON, never HTML
             _log.exception("unhandled error in %s %s", request.method, request.path)
             return _error_reply(CIRunnerError("internal server error"))
@@ -7771,7 +7833,12 @@ def _page_callback(pages, handler):
     def callback(**params):
         request = bottle.request
         try:
-            return handler(pages, **params)
+            try:
+                return handler(pages, **params)
+            except (sqlite3.OperationalError, OSError) as error:
+                if _is_disk_full(error):
+                    raise StorageFull(_disk_full_message(error)) from None
+                raise
         except Unauthorized:
             bottle.redirect(f"/login?next={quote(request.path)}", 303)
         except CIRunnerError as error:

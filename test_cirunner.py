@@ -3763,3 +3763,71 @@ def test_a_log_past_its_cap_keeps_its_start_and_its_end(store, executor, make_re
     assert "1000000" in page and "id=earlier" in page
     marker_end = log.index(b"follow]\n") + len(b"follow]\n")
     assert "bytes of output dropped here" in app.get(f"/alice/hello/1/1?to={marker_end}").text
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 24 MiB tmpfs: a disk that fills up (mounting needs root, as CI has)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root (CI runs the suite as root)")
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mount)], check=True)
+    yield mount
+    subprocess.run(["umount", "--lazy", str(mount)], check=False)
+
+
+def free_bytes(path):
+    stat = os.statvfs(path)
+    return stat.f_bavail * stat.f_frsize
+
+
+def fill(path, leave=0):
+    """A file that takes all the free space of `path`'s disk but `leave` bytes."""
+    with open(path, "wb") as handle, contextlib.suppress(OSError):
+        while free_bytes(os.path.dirname(path)) > leave:
+            handle.write(b"x" * min(1 << 20, max(4096, free_bytes(os.path.dirname(path)) - leave)))
+            handle.flush()
+
+
+def test_a_full_disk_fails_the_job_and_writes_with_507_and_the_server_recovers(tmp_path, servers,
+                                                                             small_disk):
+    repo = str(tmp_path / "repo")
+    commit_files(repo, {".cirunner.yml": "clone: false\npipeline: {t: {commands: "
+                                         "['test -z \"$BIG\" || seq 1 3000000', 'echo done']}}\n"})
+    server = servers(small_disk / "data")
+    server.api("POST", "/api/repos/alice/hello", {"url": repo})
+    server.api("POST", "/api/repos/alice/hello/builds", {})
+    wait_for(lambda: server.api("GET", "/api/repos/alice/hello/builds/1")[1]["status"]
+             == "success")
+    fill(str(small_disk / "filler-a"), leave=4 << 20)
+    fill(str(small_disk / "filler-b"), leave=2 << 20)
+    before = free_bytes(small_disk)  # what was free before the failure
+    server.api("POST", "/api/repos/alice/hello/builds", {"variables": {"BIG": "1"}})
+    wait_for(lambda: server.api("GET", "/api/repos/alice/hello/builds/2")[1]["status"]
+             not in ("pending", "running"), timeout=60)
+    job = server.api("GET", "/api/repos/alice/hello/builds/2")[1]["jobs"][0]
+    assert job["status"] == "error" and job["error"].startswith("disk full: "), job
+    fill(str(small_disk / "filler-c"))
+    statuses = []
+    for _ in range(200):  # big writes until the store has no room left
+        status, answer = server.api("POST", "/api/repos/alice/hello/builds",
+                                    {"variables": {"V": "x" * 60_000}})
+        statuses.append(status)
+        if status != 201:
+            break
+    assert statuses[-1] == 507 and set(statuses) <= {201, 507}, statuses
+    assert answer["error"] == "insufficient_storage" and "disk full" in answer["message"]
+    assert server.api("GET", "/api/repos/alice/hello/builds/1")[0] == 200  # reads go on
+    assert "done" in http_text(server.url + "/api/repos/alice/hello/logs/1/1")
+    # free what was free before the failure, no more: the server goes on by itself
+    os.unlink(small_disk / "filler-c")
+    os.unlink(small_disk / "filler-b")
+    assert free_bytes(small_disk) <= before + (1 << 20)
+    status, build = server.api("POST", "/api/repos/alice/hello/builds", {})
+    assert status == 201, build
+    wait_for(lambda: server.api("GET", f"/api/repos/alice/hello/builds/{build['number']}")[1]
+             ["status"] not in ("pending", "running"), timeout=30)
+    finished = server.api("GET", f"/api/repos/alice/hello/builds/{build['number']}")[1]
+    assert finished["status"] == "success", finished
+    assert "Traceback" not in server.output(), server.output()[-3000:]
