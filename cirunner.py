@@ -138,12 +138,14 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import tarfile
 import tempfile
 import threading
 import time
 import urllib.error
 import urllib.request
 import uuid
+import zlib
 from datetime import datetime, timezone
 from urllib.parse import parse_qsl, quote, urlsplit
 from xml.sax.saxutils import quoteattr
@@ -8772,6 +8774,123 @@ def _command_prune(args, stdout, stderr):
     return 0
 
 
+_BACKUP_MEMBERS = ("cirunner-backup.json", "cirunner.db", "secret.key")
+
+
+def backup(store, path):
+    """Write a consistent copy of `store` (SQLite's online backup API: one
+    snapshot, while the store is in use) and its key file to `path`, a
+    gzipped tar file made 0600 and put in place whole. Returns its manifest."""
+    directory = os.path.dirname(os.path.abspath(path))
+    with tempfile.TemporaryDirectory(dir=directory, prefix=".cirunner-backup-") as work:
+        copy = os.path.join(work, "cirunner.db")
+        source, target = sqlite3.connect(store.path), sqlite3.connect(copy)
+        try:
+            source.backup(target)  # all pages in one step: one consistent snapshot
+            builds = target.execute("SELECT COUNT(*) FROM builds").fetchone()[0]
+            version = target.execute("PRAGMA user_version").fetchone()[0]
+        finally:
+            source.close()
+            target.close()
+        manifest = {"cirunner": __version__, "schema_version": version, "builds": builds,
+                    "created_at": _now()}
+        with open(os.path.join(work, _BACKUP_MEMBERS[0]), "w") as handle:
+            json.dump(manifest, handle)
+        temporary = os.path.join(work, "backup.tar.gz")
+        with os.fdopen(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") \
+                as raw, tarfile.open(fileobj=raw, mode="w:gz") as archive:
+            archive.add(os.path.join(work, _BACKUP_MEMBERS[0]), _BACKUP_MEMBERS[0])
+            archive.add(copy, "cirunner.db")
+            if os.path.exists(store.sealer.key_path):
+                archive.add(store.sealer.key_path, "secret.key")
+            raw.flush()
+            os.fsync(raw.fileno())
+        os.replace(temporary, path)
+    return manifest
+
+
+def _running_servers(data_dir):
+    """The pids of live runners on this host that use the store in `data_dir`."""
+    path = os.path.join(data_dir, "cirunner.db")
+    if not os.path.exists(path):
+        return []
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(runners)")}
+        start = "pid_start" if "pid_start" in columns else "0"
+        rows = conn.execute(f"SELECT pid, {start} FROM runners WHERE hostname = ?",
+                            (socket.gethostname(),)).fetchall()
+    finally:
+        conn.close()
+    return [pid for pid, started in rows if _same_process(pid, started)]
+
+
+def restore(path, data_dir, *, force=False):
+    """Bring a `backup` back into `data_dir`: refused while a server runs on
+    it, and over an existing store unless `force` (which moves that store
+    aside). Returns the backup's manifest."""
+    if _running_servers(data_dir):
+        raise Conflict(f"a cirunner process (pid {_running_servers(data_dir)[0]}) uses the store "
+                       f"in {os.path.abspath(data_dir)}: stop it first")
+    existing = os.path.join(data_dir, "cirunner.db")
+    if os.path.exists(existing) and not force:
+        raise Conflict(f"{os.path.abspath(data_dir)} already holds a store: restore into another "
+                       "directory, or --force to move it aside first")
+    for directory in (data_dir, os.path.join(data_dir, "mirrors"),
+                      os.path.join(data_dir, "workspaces")):
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=data_dir, prefix=".cirunner-restore-") as work:
+        try:
+            with tarfile.open(path, "r:gz") as archive:
+                members = {member.name: member for member in archive.getmembers()}
+                if set(members) - set(_BACKUP_MEMBERS) or "cirunner.db" not in members or any(
+                        not member.isfile() for member in members.values()):
+                    raise BadRequest(f"{path} is not a cirunner backup")
+                for name, member in members.items():
+                    with archive.extractfile(member) as source, os.fdopen(os.open(
+                            os.path.join(work, name), os.O_WRONLY | os.O_CREAT, 0o600), "wb") \
+                            as target:
+                        shutil.copyfileobj(source, target)
+        except (tarfile.TarError, EOFError, zlib.error) as exc:
+            raise BadRequest(f"{path} is not a cirunner backup: {exc}") from None
+        check = sqlite3.connect(os.path.join(work, "cirunner.db"))
+        try:
+            if check.execute("PRAGMA integrity_check").fetchone()[0] != "ok":
+                raise BadRequest(f"the store in {path} is damaged")
+        finally:
+            check.close()
+        with open(os.path.join(work, _BACKUP_MEMBERS[0])) as handle:
+            manifest = json.load(handle)
+        aside = f".before-restore-{time.strftime('%Y%m%d-%H%M%S')}"
+        for name in ("cirunner.db", "cirunner.db-wal", "cirunner.db-shm", "secret.key"):
+            current = os.path.join(data_dir, name)
+            if os.path.exists(current):
+                os.replace(current, current + aside)
+        for name in ("cirunner.db", "secret.key"):
+            if os.path.exists(os.path.join(work, name)):
+                os.replace(os.path.join(work, name), os.path.join(data_dir, name))
+        _fsync_directory(data_dir)
+    return manifest
+
+
+def _command_backup(args, stdout, stderr):
+    with _open_store(args.data) as store:
+        manifest = backup(store, args.file)
+    print(f"backed up {os.path.abspath(args.data)} ({manifest['builds']} builds, schema "
+          f"{manifest['schema_version']}) and its key to {args.file}; keep it as safe as the "
+          "key: it opens the secrets", file=stdout)
+    return 0
+
+
+def _command_restore(args, stdout, stderr):
+    manifest = restore(args.file, args.data, force=args.force)
+    print(f"restored {args.file} ({manifest['builds']} builds, made "
+          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(manifest['created_at']))}) into "
+          f"{os.path.abspath(args.data)}; start it with `cirunner serve --data {args.data}`",
+          file=stdout)
+    return 0
+
+
 def _command_login(args, stdout, stderr):
     """Check a token against a server, then keep both for later commands (0600)."""
     token = args.token or args.environ.get("CIRUNNER_TOKEN")
@@ -8872,6 +8991,17 @@ def _make_parser(environ):
     _add_repo_parser(commands, common, env)
     _add_admin_parsers(commands, common)
     _add_build_parsers(commands, common, workers, env)
+    backup_parser = commands.add_parser("backup", parents=[common],
+                                        help="write a consistent copy of the store and its "
+                                             "key, also while serve runs")
+    backup_parser.add_argument("file", metavar="FILE", help="the backup to write (.tar.gz)")
+    backup_parser.set_defaults(handler=_command_backup)
+    restore_parser = commands.add_parser("restore", parents=[common],
+                                         help="bring a backup back into a data directory")
+    restore_parser.add_argument("file", metavar="FILE")
+    restore_parser.add_argument("--force", action="store_true",
+                                help="move a store already there aside first")
+    restore_parser.set_defaults(handler=_command_restore)
     prune_parser = commands.add_parser("prune", parents=[common],
                                        help="delete the builds past retention now")
     _add_retention_options(prune_parser, env)

@@ -3831,3 +3831,54 @@ def test_a_full_disk_fails_the_job_and_writes_with_507_and_the_server_recovers(t
     finished = server.api("GET", f"/api/repos/alice/hello/builds/{build['number']}")[1]
     assert finished["status"] == "success", finished
     assert "Traceback" not in server.output(), server.output()[-3000:]
+
+
+def test_backup_while_serving_and_restore_on_a_new_machine(tmp_path, servers):
+    repo = str(tmp_path / "repo")
+    commit_files(repo, {".cirunner.yml": "clone: false\npipeline: {t: {commands: "
+                                         "['echo token=$TOKEN', 'seq 1 200000 | tail -1']}}\n"})
+    data = tmp_path / "data"
+    server = servers(data)
+    server.api("POST", "/api/repos/alice/hello", {"url": repo})
+    server.api("POST", "/api/repos/alice/hello/secrets", {"name": "TOKEN", "value": "s3cret-42"})
+    for _ in range(3):
+        server.api("POST", "/api/repos/alice/hello/builds", {})
+    # taken while builds run and log
+    result = run_cli("backup", str(tmp_path / "ci.tar.gz"), "--data", str(data))
+    assert result.returncode == 0, result.stderr
+    assert os.stat(tmp_path / "ci.tar.gz").st_mode & 0o777 == 0o600
+    refused = run_cli("restore", str(tmp_path / "ci.tar.gz"), "--data", str(data), "--force")
+    assert refused.returncode == 1 and "stop it first" in refused.stderr
+    wait_for(lambda: all(build["status"] == "success" for build in
+                         server.api("GET", "/api/repos/alice/hello/builds")[1]), timeout=30)
+    later = run_cli("backup", str(tmp_path / "later.tar.gz"), "--data", str(data))
+    assert later.returncode == 0 and "(3 builds" in later.stdout
+    server.stop()
+    # a new machine: an empty directory
+    fresh = tmp_path / "new-machine"
+    restored = run_cli("restore", str(tmp_path / "later.tar.gz"), "--data", str(fresh))
+    assert restored.returncode == 0, restored.stderr
+    assert os.stat(fresh / "cirunner.db").st_mode & 0o777 == 0o600
+    again = run_cli("restore", str(tmp_path / "ci.tar.gz"), "--data", str(fresh))
+    assert again.returncode == 1 and "--force" in again.stderr
+    with cirunner.Store.open(str(fresh)) as store:
+        repo_row = store.get_repo("alice", "hello")
+        assert store.secrets_for(repo_row["id"], "push") == {"TOKEN": "s3cret-42"}
+        assert [b["status"] for b in store.list_builds(repo_row["id"])] == ["success"] * 3
+        log = b"".join(store.read_log(store.list_jobs(store.get_build(repo_row["id"], 3)["id"])
+                                      [0]["id"]))
+        assert b"token=********" in log and b"200000" in log
+    # the first backup, taken mid-run, is a consistent store too
+    assert run_cli("restore", str(tmp_path / "ci.tar.gz"), "--data", str(fresh),
+                   "--force").returncode == 0
+    assert any(name.startswith("cirunner.db.before-restore-") for name in os.listdir(fresh))
+    with cirunner.Store.open(str(fresh)) as store:
+        assert store.schema_version() == len(cirunner._MIGRATIONS)
+    restarted = servers(fresh)  # a restored store serves; what ran at backup time is recovered
+    builds = http_json("GET", restarted.url + "/api/repos/alice/hello/builds")[1]
+    assert len(builds) == 3 and all(build["status"] in ("success", "error", "pending",
+                                                        "running") for build in builds)
+    bad = tmp_path / "bad.tar.gz"
+    bad.write_bytes(b"not a backup")
+    result = run_cli("restore", str(bad), "--data", str(tmp_path / "other"))
+    assert result.returncode == 1 and "is not a cirunner backup" in result.stderr
