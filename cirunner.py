@@ -164,6 +164,12 @@ except ImportError:  # pragma: no cover - only cron schedules need it
     cronsim = None
 
 try:
+    import prometheus_client
+    from prometheus_client.core import GaugeMetricFamily
+except ImportError:  # pragma: no cover - only /metrics needs it: pip install 'cirunner[metrics]'
+    prometheus_client = GaugeMetricFamily = None
+
+try:
     from cryptography.exceptions import InvalidTag
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 except ImportError:  # pragma: no cover - only sealed secrets need it
@@ -3503,15 +3509,16 @@ class Store:
 
     # -- runners ------------------------------------------------------------
 
-    def register_runner(self, runner_id, hostname, pid):
-        """Record a runner: its host, and its process by pid and start time,
-        so that a restart knows at once whether that process still runs."""
+    def register_runner(self, runner_id, hostname, pid, workers=0):
+        """Record a runner: its host, its process by pid and start time (so
+        that a restart knows at once whether that process still runs), and
+        how many jobs it runs at once."""
         now = _now()
         with self._write() as tx:
-            tx.execute("INSERT INTO runners (id, hostname, pid, pid_start, started_at, "
-                       "heartbeat_at) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET "
-                       "heartbeat_at = excluded.heartbeat_at",
-                       (runner_id, hostname, pid, _process_start(pid), now, now))
+            tx.execute("INSERT INTO runners (id, hostname, pid, pid_start, workers, started_at, "
+                       "heartbeat_at) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE "
+                       "SET heartbeat_at = excluded.heartbeat_at",
+                       (runner_id, hostname, pid, _process_start(pid), workers, now, now))
 
     def unregister_runner(self, runner_id):
         with self._write() as tx:
@@ -3524,6 +3531,66 @@ class Store:
             tx.execute("UPDATE runners SET heartbeat_at = ? WHERE id = ?", (now, runner_id))
             tx.execute("UPDATE jobs SET heartbeat_at = ? WHERE status = ? AND claimed_by = ?",
                        (now, RUNNING, runner_id))
+
+    def queue(self):
+        """Every pending job, in the order runners take them, with why it
+        waits; and the running jobs. ({"pending": [...], "running": [...],
+        "workers": how many all live runners have, "busy": running jobs})."""
+        now = _now()
+        runners = self.active_runners()
+        workers = sum(runner["workers"] for runner in runners)
+        running = self._query(
+            "SELECT j.id, j.number AS job, j.started_at, j.claimed_by, j.build_id, "
+            "b.number AS build, b.repo_id, r.owner, r.name FROM jobs j JOIN builds b ON b.id = j.build_id "
+            "JOIN repos r ON r.id = b.repo_id WHERE j.status = ? ORDER BY j.id", (RUNNING,))
+        pending = self._query(
+            "SELECT j.id, j.number AS job, j.enqueued_at, j.build_id, b.number AS build, "
+            "b.status AS build_status, b.max_parallel, b.repo_id, r.owner, r.name, "
+            "r.max_builds FROM jobs j JOIN builds b ON b.id = j.build_id "
+            "JOIN repos r ON r.id = b.repo_id WHERE j.status = ? ORDER BY j.id", (PENDING,))
+        by_build = collections.Counter(job["build_id"] for job in running)
+        running_builds = collections.Counter(
+            row["repo_id"] for row in self._query("SELECT repo_id FROM builds WHERE status = ?",
+                                                  (RUNNING,)))
+        queue = []
+        for position, job in enumerate(pending, start=1):
+            if not runners:
+                reason = "no runner is running: start `cirunner serve` (or `build --wait`)"
+            elif job["max_parallel"] and by_build[job["build_id"]] >= job["max_parallel"]:
+                reason = (f"its build runs {job['max_parallel']} jobs at once (max_parallel) "
+                          "and they are all running")
+            elif (job["max_builds"] and job["build_status"] == PENDING
+                  and running_builds[job["repo_id"]] >= job["max_builds"]):
+                reason = (f"{job['owner']}/{job['name']} runs {job['max_builds']} build(s) at "
+                          "once (max_builds) and that many are running")
+            elif len(running) >= workers:
+                reason = f"every worker is busy ({len(running)} of {workers})"
+            else:
+                reason = "next: a worker takes it now"
+            queue.append({"position": position, "repo": f"{job['owner']}/{job['name']}",
+                          "build": job["build"], "job": job["job"],
+                          "waiting_seconds": max(0, now - job["enqueued_at"]),
+                          "reason": reason, "repo_id": job["repo_id"]})
+        return {"pending": queue, "workers": workers, "busy": len(running), "running": [
+            {"repo": f"{job['owner']}/{job['name']}", "build": job["build"], "job": job["job"],
+             "runner": job["claimed_by"], "running_seconds": max(0, now - job["started_at"]),
+             "job_id": job["id"], "repo_id": job["repo_id"]} for job in running]}
+
+    def running_jobs_of(self, runner_id):
+        return self._scalar("SELECT COUNT(*) FROM jobs WHERE status = ? AND claimed_by = ?",
+                            (RUNNING, runner_id))
+
+    def count_by_status(self, table):
+        """{status: how many} of the builds or jobs."""
+        assert table in ("builds", "jobs")
+        return {row["status"]: row["n"] for row in self._query(
+            f"SELECT status, COUNT(*) AS n FROM {table} GROUP BY status")}
+
+    def queue_summary(self):
+        """(how many jobs wait, when the oldest of them was enqueued or 0)."""
+        row = self._query_one("SELECT COUNT(*) AS n, MIN(enqueued_at) AS oldest FROM jobs "
+                              "WHERE status = ?", (PENDING,))
+        return row["n"], row["oldest"] or 0
 
     def builds_queued_before(self, build_id):
         """Builds with pending jobs that were made before `build_id`: what a
@@ -4704,6 +4771,7 @@ class _JobRun:
         self.background_done = threading.Event()
         self.ended_cleanly = True   # every container's engine process ended by itself
         self.status = SUCCESS       # the status so far, as DRONE_BUILD_STATUS tells steps
+        self.activity = "preparing"  # what it does now, for the queue
         self.services = self.steps = []
 
     def readable_paths(self):
@@ -4722,6 +4790,7 @@ class _JobRun:
 
     def run(self):
         """Run the job and record its result; never raises."""
+        self.began = time.monotonic()
         status, exit_code, error = ERROR, 0, ""
         try:
             self.prepare()
@@ -4846,6 +4915,7 @@ class _JobRun:
         if not self.pipeline.clone or self.executor.workspace is not None:
             return
         commit = self.build["commit_sha"]
+        self.activity = "checking out the commit"
         self.log.write(f"+ git checkout {commit}\n")
         try:
             self.store.git.check_out(self.repo, commit, self.workspace,
@@ -4898,6 +4968,8 @@ class _JobRun:
 
     def start_services(self):
         """Start every service (and detached step later) in the background."""
+        if self.services:
+            self.activity = "starting services"
         for service in self.services:
             self._start_background(service)
 
@@ -4983,6 +5055,7 @@ class _JobRun:
     def _run_into(self, step, sink, deadline, minutes, results, index):
         """Run one step with its output into `sink`; its result in `results`."""
         record = self.records[id(step)]
+        self.activity = f"step {step.name}" + (f" in {step.image}" if step.image else "")
         start = self.log.offset + len(self.log.buffer) if sink is self.log else 0
         self.store.update_step(record, status=RUNNING, started_at=_now(), log_start=start)
         code, stopped = 0, ""
@@ -5069,6 +5142,8 @@ class _JobRun:
         self._close_records(status)
         self.executor.forget(self)
         self._record_end(status, exit_code, error)
+        if self.executor.metrics is not None:
+            self.executor.metrics.job_done(status, time.monotonic() - self.began, self.log.written)
         self.executor.remove_workspace(self.workspace)
 
     def _record_end(self, status, exit_code, error):
@@ -5235,6 +5310,7 @@ class Executor:
         self.store = store
         self.keep_builds, self.keep_days = keep_builds, keep_days
         self.max_log_bytes = max_log_bytes
+        self.metrics = None  # a _Metrics, when a server with metrics runs this executor
         self.workers = workers or os.cpu_count() or 1
         self.grace = grace
         self.workspace = workspace
@@ -5259,6 +5335,7 @@ class Executor:
         self.base_environment = _job_base_environment(os.environ)
         self._registered = False
         self._stopping = threading.Event()
+        self._drain = threading.Event()
         self._wakeup = threading.Condition()
         self._work_hint = False
         self._report_wakeup = threading.Event()
@@ -5336,7 +5413,7 @@ class Executor:
         if self._registered:
             return
         self._start_runner()
-        self.store.register_runner(self.runner_id, self.hostname, os.getpid())
+        self.store.register_runner(self.runner_id, self.hostname, os.getpid(), self.workers)
         self._recover()
         self.store.add_listener(self._on_store_event)
         self._registered = True
@@ -5380,6 +5457,24 @@ class Executor:
                 return count
             self.run_job(job)
             count += 1
+
+    def activity(self, job_id):
+        """What a job this executor runs is doing now, or ""."""
+        with self._running_lock:
+            run = self._running.get(job_id)
+        return run.activity if run is not None else ""
+
+    def draining(self):
+        return self._drain.is_set()
+
+    def drain(self):
+        """Take no new jobs; the running ones go on. Returns at once."""
+        self._drain.set()
+        self._wake()
+
+    def busy_workers(self):
+        with self._running_lock:
+            return len(self._running)
 
     def stopping(self):
         return self._stopping.is_set()
@@ -5446,6 +5541,9 @@ class Executor:
         while not self._stopping.is_set():
             with self._wakeup:
                 self._work_hint = False
+            if self._drain.is_set():
+                self._stopping.wait(0.5)
+                continue
             try:
                 job = self.store.claim_next_job(self.runner_id)
             except Exception as exc:  # noqa: BLE001 - the worker logs and keeps running
@@ -6380,6 +6478,7 @@ class _Api:
         self._badge = bottle.SimpleTemplate(_BADGE_TEMPLATE)
         self.log_html = _LogHtml()
         self.openapi_document = None  # set by make_app, from the routes it serves
+        self.executor = self.metrics = None  # set by make_app
 
     # -- request input ------------------------------------------------------
 
@@ -6474,7 +6573,8 @@ class _Api:
 
     def health(self):
         self.store.data_version()
-        return {"status": "ok"}
+        draining = self.executor is not None and self.executor.draining()
+        return {"status": "draining" if draining else "ok"}
 
     def openapi(self):
         return self.openapi_document
@@ -6599,6 +6699,35 @@ class _Api:
     def delete_cron(self, repo, cron):
         self.store.delete_cron(repo["id"], cron)
         return {"deleted": cron}
+
+    def queue(self):
+        """The queue: each pending job with its position and why it waits, and
+        what the running ones do (as far as the caller may read them)."""
+        user, repos = self.user(), {repo["id"]: repo for repo in self.store.list_repos()}
+        queue = self.store.queue()
+        for key in ("pending", "running"):
+            queue[key] = [item for item in queue[key]
+                          if self.access.may_read(user, repos[item.pop("repo_id")])]
+        executor = self.executor
+        for item in queue["running"]:
+            job_id = item.pop("job_id")
+            item["activity"] = executor.activity(job_id) if executor is not None else ""
+        queue["draining"] = bool(executor is not None and executor.draining())
+        return queue
+
+    def metrics_page(self):
+        """Prometheus metrics: for admin tokens, and the addresses of --metrics-from."""
+        if self.metrics is None:
+            raise NotFound("metrics need the prometheus_client package: "
+                           "pip install 'cirunner[metrics]'")
+        if bottle.request.environ.get("REMOTE_ADDR") not in self.metrics_from:
+            user = self.user()
+            if user is None:
+                raise Unauthorized("the metrics are for admin tokens (or --metrics-from)")
+            if not user["admin"]:
+                raise Forbidden("the metrics are for admins")
+        return _Reply(self.metrics.render().decode(),
+                      content_type="text/plain; version=0.0.4; charset=utf-8")
 
     def current_user(self):
         """The caller (401 for a guest): what `cirunner login` checks a token with."""
@@ -6996,6 +7125,11 @@ _API_ROUTES = [
            "remove a build schedule", {200: (_OK, {"type": "object"})}),
     _Route("GET", "/api/user", _Api.current_user, "user", "the caller: login, admin, "
            "token scope", {200: (_OK, _ref("User"))}),
+    _Route("GET", "/api/queue", _Api.queue, "user", "the pending jobs in order, each with why "
+           "it waits, and the running ones", {200: (_OK, {"type": "object"})}),
+    _Route("GET", "/metrics", _Api.metrics_page, "user", "Prometheus metrics (admins, or "
+           "--metrics-from addresses; needs cirunner[metrics])",
+           {200: ("the metrics", _STRING)}, media=("text/plain",), errors=(403, 404)),
     _Route("GET", "/api/badges/<owner>/<name>/status.svg", _Api.badge, "read",
            "the latest build's status as an SVG badge", {200: ("the badge", _STRING)},
            query=(("branch", _STRING, ""),), media=("image/svg+xml",)),
@@ -7795,6 +7929,84 @@ _PAGE_ROUTES = [
 ###############################################################################
 
 
+class _Metrics:
+    """The server's Prometheus metrics, in a registry of their own (an app
+    that embeds cirunner keeps its own): counters and a histogram the server
+    updates as it goes, and gauges read from the store at each scrape."""
+
+    def __init__(self, store, executor):
+        self.registry = prometheus_client.CollectorRegistry()
+        self.requests = prometheus_client.Counter(
+            "cirunner_http_requests", "HTTP requests answered, by route and status code",
+            ["route", "code"], registry=self.registry)
+        self.job_seconds = prometheus_client.Histogram(
+            "cirunner_job_duration_seconds", "How long jobs ran, by how they ended",
+            ["status"], registry=self.registry,
+            buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, float("inf")))
+        self.log_bytes = prometheus_client.Counter(
+            "cirunner_log_bytes", "Bytes of output jobs printed (before any log cap)",
+            registry=self.registry)
+        self.registry.register(_StoreCollector(store, executor))
+
+    def job_done(self, status, seconds, log_bytes):
+        self.job_seconds.labels(status).observe(seconds)
+        self.log_bytes.inc(log_bytes)
+
+    def render(self):
+        return prometheus_client.generate_latest(self.registry)
+
+
+class _StoreCollector:
+    """Gauges read from the store at each scrape: builds and jobs by status,
+    the queue, and this process's busy workers."""
+
+    def __init__(self, store, executor):
+        self.store = store
+        self.executor = executor
+
+    def describe(self):
+        return []  # only collected at scrape time
+
+    def collect(self):
+        gauge = GaugeMetricFamily
+        for table in ("builds", "jobs"):
+            family = gauge(f"cirunner_{table}", f"{table.title()} in the store, by status",
+                           labels=["status"])
+            counts = self.store.count_by_status(table)
+            for status in STATUSES:
+                family.add_metric([status], counts.get(status, 0))
+            yield family
+        length, oldest = self.store.queue_summary()
+        yield gauge("cirunner_queue_length", "Jobs waiting to start", value=length)
+        yield gauge("cirunner_queue_oldest_seconds", "How long the oldest waiting job has "
+                    "waited", value=max(0, time.time() - oldest) if oldest else 0)
+        if self.executor is not None:
+            yield gauge("cirunner_workers", "Job worker threads", value=self.executor.workers)
+            yield gauge("cirunner_workers_busy", "Worker threads running a job",
+                        value=self.executor.busy_workers())
+
+
+def _metrics_plugin(metrics):
+    """A Bottle plugin: counts each answer by its route's rule and status."""
+
+    def apply(callback):
+        @functools.wraps(callback)
+        def counted(*args, **kwargs):
+            try:
+                out = callback(*args, **kwargs)
+            except bottle.HTTPResponse as response:  # redirects
+                metrics.requests.labels(bottle.request.route.rule, response.status_code).inc()
+                raise
+            code = (out.status_code if isinstance(out, bottle.HTTPResponse)
+                    else bottle.response.status_code)
+            metrics.requests.labels(bottle.request.route.rule, code).inc()
+            return out
+
+        return counted
+
+    return apply
+
+
 def _api_callback(api, route):
     """The Bottle callback of an API route: access first, then the handler;
     every CIRunnerError (and any bug, as a 500) answered as the JSON error."""
@@ -7883,7 +8095,7 @@ def _bottle_error_handler(response):
     return json.dumps({"error": codes.get(status, "error"), "message": message, "status": status})
 
 
-def make_app(store, executor=None, *, max_body=DEFAULT_MAX_BODY,
+def make_app(store, executor=None, *, max_body=DEFAULT_MAX_BODY, metrics_from=(),
              max_webhook_body=MAX_WEBHOOK_BODY, max_streams=DEFAULT_HTTP_THREADS - 4, heartbeat=SSE_HEARTBEAT_SECONDS,
              max_jobs=DEFAULT_MAX_JOBS):
     """Build the Bottle WSGI app: both API dialects, webhooks and pages over `store`.
@@ -7894,6 +8106,8 @@ def make_app(store, executor=None, *, max_body=DEFAULT_MAX_BODY,
     live log streams may be open at once (503 beyond), each holding a server
     thread; `heartbeat` seconds between keep-alive comments on streams.
     The app's ``closing`` event ends open streams (set it before shutdown).
+    ``GET /metrics`` (with prometheus_client installed) is for admin tokens
+    and the addresses in `metrics_from`.
     """
     app = bottle.Bottle()
     app.closing = threading.Event()
@@ -7906,6 +8120,13 @@ def make_app(store, executor=None, *, max_body=DEFAULT_MAX_BODY,
                cancel_wait=executor.grace + 2 if executor is not None else 0.0)
     pages = _Pages(store, access, api.log_html, streams=api.streams, closing=app.closing,
                    heartbeat=heartbeat, max_jobs=max_jobs)
+    api.executor = executor
+    api.metrics = _Metrics(store, executor) if prometheus_client is not None else None
+    api.metrics_from = frozenset(metrics_from)
+    if executor is not None:
+        executor.metrics = api.metrics
+    if api.metrics is not None:
+        app.install(_metrics_plugin(api.metrics))
     routes = _API_ROUTES + _WEBHOOK_ROUTES
     api.openapi_document = _openapi_document(routes)
     for route in routes:
@@ -8046,6 +8267,20 @@ class _Shutdown:
         self.serving = True
         self.requested = False
 
+    def drain(self, signum, frame):
+        """SIGUSR1: take no new jobs, and stop serving once the running ones end."""
+        if self.executor.draining():
+            return
+        _log.warning("draining: no new jobs; exiting when the running ones end")
+        self.executor.drain()
+        threading.Thread(target=self._stop_when_idle, name="cirunner-drain", daemon=True).start()
+
+    def _stop_when_idle(self):
+        while self.executor.busy_workers() or self.executor.store.running_jobs_of(
+                self.executor.runner_id):
+            time.sleep(0.2)
+        signal.raise_signal(signal.SIGTERM)  # the usual way out, with nothing left to stop
+
     def __call__(self, signum, frame):
         if self.requested and self.executor is not None:
             self.executor.grace = 0  # a second signal: do not wait for jobs to exit
@@ -8102,6 +8337,8 @@ def serve(app, *, host=DEFAULT_HOST, port=DEFAULT_PORT, threads=DEFAULT_HTTP_THR
                             "uses it, or choose another address with --host/--port") from None
     shutdown = _Shutdown(app.closing, app.executor)
     previous = {sig: signal.signal(sig, shutdown) for sig in (signal.SIGTERM, signal.SIGINT)}
+    if app.executor is not None:
+        previous[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, shutdown.drain)
     try:
         if ready is not None:
             ready(f"http://{host}:{server.effective_port}")
@@ -8334,6 +8571,13 @@ class _LocalClient:
                 executor.stop()
         return _full_build_json(self.store, finished)
 
+    def queue(self):
+        queue = self.store.queue()
+        for item in queue["pending"] + queue["running"]:
+            item.pop("repo_id")
+            item.pop("job_id", None)
+        return queue
+
     def list_secrets(self, full_name):
         return self.store.list_secrets(self._repo(full_name)["id"])
 
@@ -8487,6 +8731,9 @@ class _RemoteClient:
                 return finished
             time.sleep(0.1)
 
+    def queue(self):
+        return self.request("GET", "/api/queue")
+
     def list_secrets(self, full_name):
         return self.request("GET", self._path(full_name, "secrets"))
 
@@ -8540,7 +8787,9 @@ def _command_serve(args, stdout, stderr):
                         engine=args.engine, keep_builds=args.keep_builds,
                         keep_days=args.keep_days, max_log_bytes=args.max_log_bytes,
                         public_url=args.public_url or f"http://{args.host}:{args.port}")
-    app = make_app(store, executor, max_streams=max(1, args.threads - 4))
+    app = make_app(store, executor, max_streams=max(1, args.threads - 4),
+                   metrics_from=[address.strip() for address in args.metrics_from.split(",")
+                                 if address.strip()])
 
     def ready(url):
         _bootstrap_admin(store, stdout)
@@ -8891,6 +9140,40 @@ def _command_restore(args, stdout, stderr):
     return 0
 
 
+@_with_client
+def _command_queue(client, args, stdout, stderr):
+    queue = client.queue()
+    for item in queue["running"]:
+        activity = f": {item['activity']}" if item.get("activity") else ""
+        print(f"running\t{item['repo']} #{item['build']} job {item['job']}\t"
+              f"{item['running_seconds']} s{activity}", file=stdout)
+    for item in queue["pending"]:
+        print(f"{item['position']}\t{item['repo']} #{item['build']} job {item['job']}\t"
+              f"waiting {item['waiting_seconds']} s: {item['reason']}", file=stdout)
+    print(f"{len(queue['pending'])} waiting, {queue['busy']} running on {queue['workers']} "
+          "worker(s)" + (" (draining)" if queue.get("draining") else ""), file=stderr)
+    return 0
+
+
+def _command_drain(args, stdout, stderr):
+    """Ask the servers on a store to take no new jobs and exit once their
+    running jobs end (SIGUSR1); wait for that unless --no-wait."""
+    pids = _running_servers(args.data)
+    if not pids:
+        raise NotFound(f"no cirunner serve runs on {os.path.abspath(args.data)} here")
+    for pid in pids:
+        os.kill(pid, signal.SIGUSR1)
+        print(f"draining pid {pid}: no new jobs; it exits when its running jobs end",
+              file=stdout, flush=True)
+    if args.no_wait:
+        return 0
+    starts = {pid: _process_start(pid) for pid in pids}
+    while any(_same_process(pid, start) for pid, start in starts.items()):
+        time.sleep(0.2)
+    print("drained: every server on the store has exited", file=stdout)
+    return 0
+
+
 def _command_login(args, stdout, stderr):
     """Check a token against a server, then keep both for later commands (0600)."""
     token = args.token or args.environ.get("CIRUNNER_TOKEN")
@@ -9002,6 +9285,14 @@ def _make_parser(environ):
     restore_parser.add_argument("--force", action="store_true",
                                 help="move a store already there aside first")
     restore_parser.set_defaults(handler=_command_restore)
+    queue_parser = commands.add_parser("queue", parents=[common],
+                                       help="the waiting jobs in order, and why each waits")
+    queue_parser.set_defaults(handler=_command_queue)
+    drain_parser = commands.add_parser("drain", parents=[common],
+                                       help="servers on this store take no new jobs and exit "
+                                            "when their running jobs end (for upgrades)")
+    drain_parser.add_argument("--no-wait", action="store_true", help="do not wait for them")
+    drain_parser.set_defaults(handler=_command_drain)
     prune_parser = commands.add_parser("prune", parents=[common],
                                        help="delete the builds past retention now")
     _add_retention_options(prune_parser, env)
@@ -9057,6 +9348,10 @@ def _add_serve_parser(commands, common, workers, env):
     serve_parser.add_argument("--public-url", dest="public_url", default=env("PUBLIC_URL", ""),
                               help="this server's address for links in commit statuses "
                                    "(env CIRUNNER_PUBLIC_URL; default http://HOST:PORT)")
+    serve_parser.add_argument("--metrics-from", dest="metrics_from",
+                              default=env("METRICS_FROM", ""), metavar="ADDRESSES",
+                              help="comma-separated client addresses that may read /metrics "
+                                   "without an admin token (env CIRUNNER_METRICS_FROM)")
     _add_retention_options(serve_parser, env)
     serve_parser.add_argument("--max-log-bytes", dest="max_log_bytes", type=int,
                               default=int(env("MAX_LOG_BYTES", DEFAULT_MAX_LOG_BYTES)),

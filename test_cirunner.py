@@ -1887,7 +1887,8 @@ def test_openapi_document_is_valid_and_covers_every_route(store, app):
                   for method in item if method != "parameters"}
     routes = {(route.method, re.sub(r"<[^>]+>", "{}", route.rule))
               for route in cirunner.make_app(store).routes}
-    pages = {route for route in routes if not route[1].startswith(("/api/", "/hook", "/healthz"))}
+    pages = {route for route in routes
+             if not route[1].startswith(("/api/", "/hook", "/healthz", "/metrics"))}
     assert pages == {("GET", "/"), ("GET", "/login"), ("POST", "/login"), ("POST", "/logout"),
                      ("GET", "/{}/{}"), ("GET", "/{}/{}/{}"), ("GET", "/{}/{}/{}/{}"),
                      ("POST", "/{}/{}/{}/cancel"), ("POST", "/{}/{}/{}/restart")}
@@ -3882,3 +3883,112 @@ def test_backup_while_serving_and_restore_on_a_new_machine(tmp_path, servers):
     bad.write_bytes(b"not a backup")
     result = run_cli("restore", str(bad), "--data", str(tmp_path / "other"))
     assert result.returncode == 1 and "is not a cirunner backup" in result.stderr
+
+
+def test_metrics_for_admins_and_listed_addresses_in_prometheus_format(tmp_path, servers):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    repo = str(tmp_path / "repo")
+    commit_files(repo, {".cirunner.yml": "clone: false\npipeline: {t: {commands: "
+                                         "['seq 1 1000', 'test -z \"$FAIL\"']}}\n"})
+    server = servers(tmp_path / "data")
+    server.api("POST", "/api/repos/alice/hello", {"url": repo})
+    server.api("POST", "/api/repos/alice/hello/builds", {})
+    server.api("POST", "/api/repos/alice/hello/builds", {"variables": {"FAIL": "1"}})
+    wait_for(lambda: all(build["status"] in ("success", "failure") for build in
+                         server.api("GET", "/api/repos/alice/hello/builds")[1]), timeout=30)
+    assert http_json("GET", server.url + "/metrics")[0] == 401  # never anonymous
+    request = urllib.request.Request(server.url + "/metrics", headers=server.auth)
+    with urllib.request.urlopen(request, timeout=10) as response:
+        assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        text = response.read().decode()
+    samples = {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+               for family in text_string_to_metric_families(text) for sample in family.samples}
+    assert samples[("cirunner_builds", (("status", "success"),))] == 1
+    assert samples[("cirunner_builds", (("status", "failure"),))] == 1
+    assert samples[("cirunner_jobs", (("status", "failure"),))] == 1
+    assert samples[("cirunner_queue_length", ())] == 0
+    assert samples[("cirunner_workers", ())] == 2 and ("cirunner_workers_busy", ()) in samples
+    assert samples[("cirunner_job_duration_seconds_count", (("status", "success"),))] == 1
+    assert samples[("cirunner_log_bytes_total", ())] >= 2 * len("".join(
+        f"{n}\n" for n in range(1, 1001)))
+    routes = {labels: value for (name, labels), value in samples.items()
+              if name == "cirunner_http_requests_total"}
+    assert routes[(("code", "201"), ("route", "/api/repos/<owner>/<name>/builds"))] == 2
+    # an address on the list needs no token
+    listed = servers(tmp_path / "data2", "--metrics-from", "127.0.0.1")
+    with urllib.request.urlopen(listed.url + "/metrics", timeout=10) as response:
+        assert "cirunner_queue_length" in response.read().decode()
+
+
+def test_metrics_without_the_extra_say_which_to_install(tmp_path):
+    data = new_store(tmp_path / "data")
+    script = ("import sys; sys.modules['prometheus_client'] = None\n"
+              "import cirunner, webtest\n"
+              f"store = cirunner.Store.open({data!r})\n"
+              "app = webtest.TestApp(cirunner.make_app(store))\n"
+              "answer = app.get('/metrics', expect_errors=True)\n"
+              "print(answer.status_int, answer.json['message'])\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            cwd=HERE, timeout=60, check=False)
+    assert result.stdout.strip() == ("404 metrics need the prometheus_client package: "
+                                     "pip install 'cirunner[metrics]'"), result.stderr
+
+
+def test_the_queue_says_why_each_job_waits(tmp_path, servers):
+    data = new_store(tmp_path / "data")
+    repo = str(tmp_path / "repo")
+    commit_files(repo, {".cirunner.yml": (
+        "clone: false\npipeline: {t: {commands: ['while [ ! -e \"$GATE\" ]; do sleep 0.05; "
+        "done']}}\nmatrix: {N: [a, b]}\n")})
+    gate = tmp_path / "gate"
+    run_cli("repo", "add", "alice/hello", "--url", repo, "--max-builds", "1", "--data", data)
+    run_cli("build", "alice/hello", "--var", f"GATE={gate}", "--data", data)
+    queued = run_cli("queue", "--data", data)
+    assert "1\talice/hello #1 job 1\twaiting " in queued.stdout
+    assert "no runner is running: start `cirunner serve`" in queued.stdout
+    server = servers(data, "--workers", "1", "--sandbox", "none")
+    run_cli("build", "alice/hello", "--var", f"GATE={gate}", "--data", data)
+    wait_for(lambda: server.api("GET", "/api/queue")[1]["busy"] == 1)
+    queue = server.api("GET", "/api/queue")[1]
+    assert queue["workers"] == 1 and queue["draining"] is False
+    assert [(item["build"], item["job"]) for item in queue["running"]] == [(1, 1)]
+    assert queue["running"][0]["activity"] == "step t"
+    reasons = {(item["build"], item["job"]): item["reason"] for item in queue["pending"]}
+    assert reasons[(1, 2)] == "every worker is busy (1 of 1)"
+    assert reasons[(2, 1)].startswith("alice/hello runs 1 build(s) at once (max_builds)")
+    assert [item["position"] for item in queue["pending"]] == [1, 2, 3]
+    remote = run_cli("queue", "--server", server.url, "--token", server.token)
+    assert "1\talice/hello #1 job 2\twaiting " in remote.stdout and "3 waiting" in remote.stderr
+    gate.touch()
+
+
+def test_drain_lets_running_jobs_finish_then_serve_exits(tmp_path, servers):
+    data = new_store(tmp_path / "data")
+    repo = str(tmp_path / "repo")
+    commit_files(repo, {".cirunner.yml": (
+        "clone: false\npipeline: {t: {commands: ['while [ ! -e \"$GATE\" ]; do sleep 0.05; "
+        "done', 'echo finished']}}\n")})
+    gate = tmp_path / "gate"
+    run_cli("repo", "add", "alice/hello", "--url", repo, "--data", data)
+    server = servers(data, "--sandbox", "none")
+    server.api("POST", "/api/repos/alice/hello/builds", {"variables": {"GATE": str(gate)}})
+    wait_for(lambda: server.api("GET", "/api/repos/alice/hello/builds/1")[1]["status"]
+             == "running")
+    drain = subprocess.Popen([sys.executable, CIRUNNER, "drain", "--data", data],
+                             stdout=subprocess.PIPE, text=True)
+    wait_for(lambda: http_json("GET", server.url + "/healthz")[1]["status"] == "draining")
+    server.api("POST", "/api/repos/alice/hello/builds", {"variables": {"GATE": str(gate)}})
+    time.sleep(1)
+    assert server.api("GET", "/api/repos/alice/hello/builds/2")[1]["status"] == "pending"
+    assert server.process.poll() is None  # the running job holds it up
+    gate.touch()
+    assert server.process.wait(timeout=30) == 0
+    out, _ = drain.communicate(timeout=30)
+    assert drain.returncode == 0 and "drained" in out
+    with cirunner.Store.open(data) as store:
+        repo_row = store.get_repo("alice", "hello")
+        first = store.get_build(repo_row["id"], 1)
+        assert first["status"] == "success"  # not killed
+        assert "finished" in log_text(store, first, 1)
+        assert store.get_build(repo_row["id"], 2)["status"] == "pending"  # for the next server
