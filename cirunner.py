@@ -242,8 +242,8 @@ DEFAULT_KEEP_DAYS = 90          # days a build is kept (retention; 0: no limit)
 DEFAULT_MAX_LOG_BYTES = 100 * 1024 * 1024  # a job's log keeps its start and its last part
 LOG_TAIL_BYTES = 1024 * 1024    # the last part a capped log keeps
 PRUNE_SECONDS = 60.0            # the executor prunes this often
-PRUNE_BATCH_BUILDS = 20         # builds deleted per transaction...
-PRUNE_BATCH_LOG_BYTES = 8 * 1024 * 1024  # ...or fewer, if their logs are this big
+PRUNE_BATCH_BUILDS = 10         # builds deleted per transaction...
+PRUNE_BATCH_LOG_BYTES = 4 * 1024 * 1024  # ...or fewer, if their logs are this big
 VACUUM_BATCH_PAGES = 512        # free pages given back to the file system per transaction
 DEFAULT_CONNECTION_LIMIT = 1000  # open connections (each an idle socket, not a thread)
 IDLE_CONNECTION_SECONDS = 30    # a connection silent this long between requests is closed
@@ -2455,13 +2455,15 @@ _MIGRATIONS = [
     _reseal_with_aes_gcm,
     # 9: a runner's process is its pid and its start time (a pid is reused).
     "ALTER TABLE runners ADD COLUMN pid_start INTEGER NOT NULL DEFAULT 0",
-    # 10: retention and the log cap per repository (0: the server's), and how
-    # many workers a runner has (for the queue's explanations).
+    # 10: retention and the log cap per repository (0: the server's), how
+    # many workers a runner has (for the queue's explanations), and an index
+    # for pruning (deleting a build deletes its reports).
     """
     ALTER TABLE repos ADD COLUMN keep_builds INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE repos ADD COLUMN keep_days INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE repos ADD COLUMN max_log_bytes INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE runners ADD COLUMN workers INTEGER NOT NULL DEFAULT 0;
+    CREATE INDEX IF NOT EXISTS reports_build ON reports(build_id);
     """,
 ]
 
@@ -5306,7 +5308,8 @@ class Executor:
                  keep_workspaces=False, poll_interval=0.25, runner_id=None,
                  max_jobs=DEFAULT_MAX_JOBS, public_url="", report_backoff=2.0,
                  sandbox="auto", engine="auto", runner=None, keep_builds=DEFAULT_KEEP_BUILDS,
-                 keep_days=DEFAULT_KEEP_DAYS, max_log_bytes=DEFAULT_MAX_LOG_BYTES):
+                 keep_days=DEFAULT_KEEP_DAYS, max_log_bytes=DEFAULT_MAX_LOG_BYTES,
+                 prune_every=PRUNE_SECONDS):
         self.store = store
         self.keep_builds, self.keep_days = keep_builds, keep_days
         self.max_log_bytes = max_log_bytes
@@ -5353,7 +5356,7 @@ class Executor:
             _Task("reap orphans", 1.0, self.runner.reap),
             _Task("fire crons", 1.0, self._fire_crons),
             # Briefly, in batches: the maintenance thread also keeps the heartbeat.
-            _Task("prune", PRUNE_SECONDS, lambda: prune(
+            _Task("prune", prune_every, lambda: prune(
                 self.store, keep_builds=self.keep_builds, keep_days=self.keep_days, seconds=1.0)),
         ]
         self._last_version = None
@@ -8786,6 +8789,7 @@ def _command_serve(args, stdout, stderr):
                         keep_workspaces=args.keep_workspaces, sandbox=args.sandbox,
                         engine=args.engine, keep_builds=args.keep_builds,
                         keep_days=args.keep_days, max_log_bytes=args.max_log_bytes,
+                        prune_every=args.prune_every,
                         public_url=args.public_url or f"http://{args.host}:{args.port}")
     app = make_app(store, executor, max_streams=max(1, args.threads - 4),
                    metrics_from=[address.strip() for address in args.metrics_from.split(",")
@@ -9372,6 +9376,11 @@ def _add_retention_options(parser, env):
                         default=int(env("KEEP_DAYS", DEFAULT_KEEP_DAYS)),
                         help="days a build is kept (env CIRUNNER_KEEP_DAYS, default "
                              f"{DEFAULT_KEEP_DAYS}; 0: forever)")
+    if parser.prog.endswith("serve"):
+        parser.add_argument("--prune-every", dest="prune_every", type=float,
+                            default=float(env("PRUNE_EVERY", PRUNE_SECONDS)),
+                            help="seconds between two prunings (env CIRUNNER_PRUNE_EVERY, "
+                                 f"default {PRUNE_SECONDS:g})")
 
 
 def _add_repo_parser(commands, common, env):

@@ -13,6 +13,7 @@ ratios, not absolute numbers, across machines.
 """
 
 import argparse
+import collections
 import contextlib
 import http.client
 import json
@@ -85,7 +86,7 @@ class Server:
     """A real `cirunner serve` on 127.0.0.1, talking over one keep-alive connection."""
 
     def __init__(self, data_dir, workers=2, threads=32, sandbox="none", engine="none",
-                 environ=None):
+                 environ=None, extra=()):
         self.data_dir = data_dir
         self.port = free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("CIRUNNER_")}
@@ -98,7 +99,7 @@ class Server:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "cirunner", "serve", "--data", data_dir,
              "--port", str(self.port), "--workers", str(workers), "--threads", str(threads),
-             "--sandbox", sandbox, "--engine", engine],
+             "--sandbox", sandbox, "--engine", engine, *extra],
             stdout=self.out, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + 20
         while True:
@@ -119,8 +120,15 @@ class Server:
         if body is not None:
             body = json.dumps(body)
             headers["Content-Type"] = "application/json"
-        self.connection.request(method, path, body=body, headers=headers)
-        response = self.connection.getresponse()
+        try:
+            self.connection.request(method, path, body=body, headers=headers)
+            response = self.connection.getresponse()
+        except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+            # serve closes a keep-alive connection idle for 30 s: open another
+            self.connection.close()
+            self.connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+            self.connection.request(method, path, body=body, headers=headers)
+            response = self.connection.getresponse()
         data = response.read()
         if response.status >= 400:
             raise RuntimeError(f"{method} {path}: {response.status} {data[:200]!r}")
@@ -727,8 +735,149 @@ def trigger_at_once(server, count):
     return times, statuses
 
 
+class SoakClients:
+    """The clients of a soak run, each in its own thread: triggers, API
+    readers, live-log followers, and a sampler of file size and memory."""
+
+    READS = ("/api/repos/bench/s/builds?per_page=25", "/api/v1/bench/s/builds?limit=20",
+             "/api/version", "/api/repos/bench/s/builds/latest?branch=main", "/api/queue",
+             "/api/repos/bench/s")
+
+    def __init__(self, server, database):
+        self.server, self.database = server, database
+        self.errors, self.lock, self.done = collections.Counter(), threading.Lock(), \
+            threading.Event()
+        self.samples, self.made = [], 0
+
+    def fail(self, kind):
+        with self.lock:
+            self.errors[kind] += 1
+
+    def connection(self):
+        return http.client.HTTPConnection("127.0.0.1", self.server.port, timeout=60)
+
+    def call(self, conn, method, path):
+        headers = {"Authorization": f"Token {self.server.token}",
+                   "Content-Type": "application/json"}
+        conn.request(method, path, body=b"{}" if method == "POST" else None, headers=headers)
+        response = conn.getresponse()
+        return response.status, response.read()
+
+    def trigger(self, count):
+        conn = self.connection()
+        for _ in range(count):
+            try:
+                status, _ = self.call(conn, "POST", "/api/repos/bench/s/builds")
+            except OSError as exc:
+                self.fail(f"trigger: {exc}")
+                conn = self.connection()
+                continue
+            if status != 201:
+                self.fail(f"trigger {status}")
+            with self.lock:
+                self.made += 1
+
+    def read(self, index):
+        conn, turn = self.connection(), index
+        while not self.done.is_set():
+            turn += 1
+            try:
+                status, _ = self.call(conn, "GET", self.READS[turn % len(self.READS)])
+            except OSError as exc:
+                self.fail(f"read: {exc}")
+                conn = self.connection()
+                continue
+            if status not in (200, 404):  # latest: none at first
+                self.fail(f"read {status}")
+
+    def follow(self):
+        conn = self.connection()
+        while not self.done.is_set():
+            try:
+                status, body = self.call(conn, "GET", "/api/repos/bench/s/builds?per_page=1")
+                newest = json.loads(body) if status == 200 else []
+                if not newest:
+                    time.sleep(0.05)
+                    continue
+                stream = self.connection()
+                stream.request("GET", f"/api/repos/bench/s/logs/{newest[0]['number']}/1"
+                                      "?follow=1", headers={"Accept": "text/event-stream"})
+                response = stream.getresponse()
+                if response.status not in (200, 404, 503):  # 404: pruned meanwhile
+                    self.fail(f"follow {response.status}")
+                response.read()  # to the end event
+                stream.close()
+            except OSError as exc:
+                self.fail(f"follow: {exc}")
+                conn = self.connection()
+
+    def sample(self):
+        while not self.done.wait(0.5):
+            self.samples.append((self.made, os.path.getsize(self.database),
+                                 rss_kib(self.server.process.pid) / 1024))
+
+    def run(self, builds):
+        """Start everyone, make `builds` builds, wait for the queue to empty."""
+        threads = [threading.Thread(target=self.read, args=(index,)) for index in range(20)]
+        threads += [threading.Thread(target=self.follow) for _ in range(10)]
+        threads.append(threading.Thread(target=self.sample))
+        triggers = [threading.Thread(target=self.trigger, args=(builds // 4,)) for _ in range(4)]
+        for thread in threads + triggers:
+            thread.start()
+        for thread in triggers:
+            thread.join()
+        self.server.wait_idle("bench", "s", poll=0.1)
+        self.done.set()
+        for thread in threads:
+            thread.join(30)
+
+
+def bench_soak(work, builds=2000, keep=200):
+    """A long unattended run, shortened: `builds` builds over 8 workers while
+    20 clients read the API and 10 follow live logs, with retention (the
+    newest `keep` builds) pruning as it goes, every second."""
+    data = os.path.join(work, "soak")
+    os.makedirs(data)
+    repo_path = os.path.join(work, "repo-soak")
+    make_repo(repo_path, "clone: false\npipeline: {t: {commands: ['seq 1 300']}}\n")
+    server = Server(data, workers=8, extra=["--keep-builds", str(keep), "--prune-every", "1"])
+    clients = SoakClients(server, os.path.join(data, "cirunner.db"))
+    try:
+        server.request("POST", "/api/repos/bench/s", {"url": repo_path})
+        server.request("POST", "/api/repos/bench/s/builds", {})
+        server.wait_idle("bench", "s")
+        start_rss = rss_kib(server.process.pid) / 1024
+        started = time.monotonic()
+        clients.run(builds)
+        elapsed = time.monotonic() - started
+        time.sleep(2)  # one more pruning round after the last build
+        end_rss = rss_kib(server.process.pid) / 1024
+        kept = len(server.request("GET", "/api/repos/bench/s/builds?per_page=100&page=3"))
+    finally:
+        clients.done.set()
+        server.stop()
+    applied = [size for count, size, _ in clients.samples if count >= builds // 4]
+    growth = applied[-1] / applied[0] if applied else None
+    # Memory growth from the moment every thread, connection and cache has been
+    # used (a tenth of the builds in) to the end: what would go on growing.
+    warm_rss = next((rss for count, _, rss in clients.samples if count >= builds // 10),
+                    start_rss)
+    errors = sum(clients.errors.values())
+    print(f"  soak: {builds} builds in {elapsed:.1f} s ({builds / elapsed:.0f} builds/s); "
+          f"{dict(clients.errors) or 'no errors'}; file {applied[0] if applied else 0} -> "
+          f"{applied[-1] if applied else 0} bytes; builds beyond the newest 200: {kept}",
+          file=sys.stderr)
+    record(f"soak: {builds} builds, 8 workers, 30 clients: errors", [errors], "errors", None,
+           "0", errors == 0, "20 API readers, 10 live followers")
+    record("soak: db file, end / once retention applies", [growth or 0], "x", None,
+           "<= 1.25x", growth is not None and growth <= 1.25, f"keep-builds {keep}")
+    record("soak: serve RSS growth, warm to end", [end_rss - warm_rss], "MiB", None,
+           "<= 20 MiB", end_rss - warm_rss <= 20,
+           f"from {warm_rss:.0f} MiB at {builds // 10} builds (idle before: {start_rss:.0f})")
+
+
 SECTIONS = ("dispatch", "latency", "biglog", "api", "throughput", "triggers", "sandbox",
-            "containers", "footprint")
+            "containers", "footprint", "soak")
 
 
 def main():
@@ -766,6 +915,8 @@ def main():
             bench_triggers(work, 1 if args.quick else 3)
         if "footprint" in wanted:
             bench_footprint(work, 50 if args.quick else 200)
+        if "soak" in wanted and not args.quick:
+            bench_soak(work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     targets = [row for row in RESULTS if row["pass"] is not None]
