@@ -4006,7 +4006,7 @@ def test_logs_are_stored_compressed_and_old_raw_chunks_still_read(store, executo
             "SELECT SUM(length(data)), SUM(size), GROUP_CONCAT(DISTINCT codec) FROM log_chunks "
             "WHERE job_id = ?", (job["id"],)).fetchone()
     assert size == store.log_size(job["id"]) > 20_000_000 and stored < 100_000, (stored, size)
-    assert codecs == "zstd"
+    assert "zstd" in codecs.split(",") and set(codecs.split(",")) <= {"zstd", ""}  # tiny: raw
     whole = app.get("/api/repos/alice/hello/logs/1/1").body
     assert len(whole) == size and whole.startswith(b"+ yes 0123456789")
     assert app.get("/api/repos/alice/hello/logs/1/1?offset=10000005").body == whole[10000005:]
