@@ -122,6 +122,7 @@ import functools
 import getpass
 import hashlib
 import hmac
+import importlib
 import io
 import itertools
 import json
@@ -142,8 +143,6 @@ import tarfile
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 import uuid
 import zlib
 from datetime import datetime, timezone
@@ -163,23 +162,18 @@ try:
 except ImportError:  # pragma: no cover - only cron schedules need it
     cronsim = None
 
-try:
-    import zstandard
-except ImportError:  # pragma: no cover - logs are then compressed with zlib
-    zstandard = None
+# Imported when first needed, not at start: cryptography (sealed secrets),
+# zstandard (log chunks) and prometheus_client (/metrics) together would add
+# 25 MiB to every process, also those that never use them.
 
-try:
-    import prometheus_client
-    from prometheus_client.core import GaugeMetricFamily
-except ImportError:  # pragma: no cover - only /metrics needs it: pip install 'cirunner[metrics]'
-    prometheus_client = GaugeMetricFamily = None
 
-try:
-    from cryptography.exceptions import InvalidTag
-    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-except ImportError:  # pragma: no cover - only sealed secrets need it
-    AESGCM = None
-    InvalidTag = ValueError
+def _optional(module, purpose, install):
+    """`module` imported, or CIRunnerError saying what needs it and how to get it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise CIRunnerError(f"{purpose} needs the {module.split('.')[0]} package: "
+                            f"pip install {install}") from None
 
 _log = logging.getLogger("cirunner")
 
@@ -1780,10 +1774,9 @@ class _Sealer:
 
     def _cipher(self):
         if self._aead is None:
-            if AESGCM is None:
-                raise CIRunnerError("sealing secrets needs the cryptography package: "
-                                    "pip install cryptography")
-            self._aead = AESGCM(self.derive("seal with AES-GCM"))
+            aead = _optional("cryptography.hazmat.primitives.ciphers.aead", "sealing secrets",
+                             "cryptography")
+            self._aead = aead.AESGCM(self.derive("seal with AES-GCM"))
         return self._aead
 
     def seal(self, text, context):
@@ -1803,7 +1796,8 @@ class _Sealer:
             if not sealed.startswith(self.PREFIX) or len(raw) < 12 + 16:
                 raise ValueError(sealed[:3])
             return self._cipher().decrypt(raw[:12], raw[12:], context.encode()).decode()
-        except (ValueError, InvalidTag):
+        except (ValueError, _optional("cryptography.exceptions", "sealing secrets",
+                                      "cryptography").InvalidTag):
             raise CIRunnerError(f"the sealed value of {context} does not open with "
                                 f"{self.key_path}: it was changed, copied from elsewhere, or "
                                 "sealed with another key") from None
@@ -2214,11 +2208,16 @@ def _commit_fields(sha, raw):
     author = _AUTHOR_PATTERN.search(headers)
     name, email, timestamp = author.groups() if author else (b"", b"", b"0")
     email = email.decode(errors="replace")
-    avatar = ("https://www.gravatar.com/avatar/"
-              + hashlib.md5(email.strip().lower().encode()).hexdigest() if email else "")
     return {"commit_sha": sha, "author": name.decode(errors="replace"), "author_email": email,
             "timestamp": int(timestamp), "message": message.decode(errors="replace").strip(),
-            "author_avatar": avatar}
+            "author_avatar": _gravatar(email)}
+
+
+def _gravatar(email):
+    """The Gravatar address of an e-mail address ("" for none)."""
+    email = (email or "").strip().lower()
+    return ("https://www.gravatar.com/avatar/" + hashlib.md5(email.encode()).hexdigest()
+            if email else "")
 
 ###############################################################################
 # Store #######################################################################
@@ -2476,6 +2475,25 @@ _MIGRATIONS = [
     ALTER TABLE log_chunks ADD COLUMN codec TEXT NOT NULL DEFAULT '';
     ALTER TABLE log_chunks ADD COLUMN size INTEGER;
     """,
+    # 12: a build's status history is stored by build (its rows side by side,
+    # no index of their own); a status is numbered within its build, and names
+    # its job without a foreign key (a restart deletes the old jobs' statuses).
+    # Existing numbers are kept.
+    """
+    CREATE TABLE statuses_12 (
+        build_id INTEGER NOT NULL REFERENCES builds(id) ON DELETE CASCADE,
+        id INTEGER NOT NULL,
+        job_id INTEGER,
+        status TEXT NOT NULL,
+        message TEXT NOT NULL DEFAULT '',
+        created_at INTEGER NOT NULL,
+        PRIMARY KEY (build_id, id)
+    ) WITHOUT ROWID;
+    INSERT INTO statuses_12 SELECT build_id, id, job_id, status, message, created_at
+        FROM statuses;
+    DROP TABLE statuses;
+    ALTER TABLE statuses_12 RENAME TO statuses;
+    """,
 ]
 
 _SEALED_REPO_FIELDS = ("webhook_secret", "forge_token")
@@ -2528,6 +2546,21 @@ _REPORT_DESCRIPTIONS = {PENDING: "the build is queued", RUNNING: "the build is r
                         SUCCESS: "the build succeeded", FAILURE: "the build failed",
                         KILLED: "the build was cancelled", ERROR: "the build errored",
                         SKIPPED: "the build was skipped"}
+
+
+# A status's usual words by (for the build as a whole, status): stored as "",
+# shown when read (five rows of history per build, most of them these).
+_DEFAULT_MESSAGES = {(True, PENDING): "build created", (True, RUNNING): "build running",
+                     (True, SUCCESS): "build finished: every job succeeded",
+                     (False, SUCCESS): "exit code 0", (False, RUNNING): "started by runner {}"}
+
+
+def _with_message(row):
+    if not row["message"]:
+        words = _DEFAULT_MESSAGES.get((row["job_id"] is None, row["status"]), "")
+        row["message"] = words.format(row.pop("claimed_by", "") or "?")
+    row.pop("claimed_by", None)
+    return row
 
 
 class Store:
@@ -2990,7 +3023,7 @@ class Store:
             row = tx.execute("SELECT last_number FROM repos WHERE id = ?", (repo_id,)).fetchone()
             if row is None:
                 raise NotFound(f"repository {repo_id} not found")
-            values = {key: fields[key] for key in _BUILD_FIELDS if key in fields}
+            values = self._stored_build_fields(tx, repo_id, fields)
             values.update(repo_id=repo_id, number=row[0], status=PENDING, created_at=now,
                           enqueued_at=now)
             build_id = tx.execute(f"INSERT INTO builds ({', '.join(values)}) "
@@ -3022,8 +3055,12 @@ class Store:
                 raise NotFound(f"build {build_id} not found")
             if row[0] in ACTIVE_STATUSES:
                 raise Conflict(f"the build is {row[0]}; wait for it to finish or cancel it")
+            tx.execute("DELETE FROM statuses WHERE build_id = ? AND job_id IS NOT NULL",
+                       (build_id,))
             tx.execute("DELETE FROM jobs WHERE build_id = ?", (build_id,))
-            values = {key: fields[key] for key in _BUILD_FIELDS if key in fields}
+            repo_id = tx.execute("SELECT repo_id FROM builds WHERE id = ?",
+                                 (build_id,)).fetchone()[0]
+            values = self._stored_build_fields(tx, repo_id, fields)
             values.update(status=PENDING, error="", enqueued_at=now, started_at=0, finished_at=0)
             assignments = ", ".join(f"{key} = ?" for key in values)
             tx.execute(f"UPDATE builds SET {assignments} WHERE id = ?", (*values.values(), build_id))
@@ -3031,21 +3068,69 @@ class Store:
             self._insert_jobs(tx, build_id, environments, error, now)
         return self.get_build_by_id(build_id)
 
+    @staticmethod
+    def _stored_build_fields(tx, repo_id, fields):
+        """A build's fields as stored: a full commit id as its bytes, and what
+        can be told from the rest (the Gravatar of the author's address,
+        refs/heads/BRANCH, the repository's URL, the pipeline's file name) as
+        "", all given back as before by `_complete_builds`."""
+        values = {key: fields[key] for key in _BUILD_FIELDS if key in fields}
+        commit = values.get("commit_sha")
+        if isinstance(commit, str) and re.fullmatch(r"[0-9a-f]{40}|[0-9a-f]{64}", commit):
+            values["commit_sha"] = bytes.fromhex(commit)  # 20 bytes, not 40 characters
+        if values.get("author_avatar") == _gravatar(values.get("author_email", "")):
+            values["author_avatar"] = ""
+        if values.get("branch") and values.get("ref") == f"refs/heads/{values['branch']}":
+            values["ref"] = ""
+        url = tx.execute("SELECT url FROM repos WHERE id = ?", (repo_id,)).fetchone()
+        if url is not None and values.get("remote") == url[0]:
+            values["remote"] = ""
+        if values.get("pipeline_id") and values.get("pipeline_file") == tx.execute(
+                "SELECT filename FROM pipelines WHERE id = ?", (values["pipeline_id"],)
+        ).fetchone()[0]:
+            values["pipeline_file"] = ""
+        return values
+
+    def _complete_builds(self, rows):
+        """Builds as read: with the fields `_stored_build_fields` left out put back."""
+        urls, filenames = {}, {}
+        for row in rows:
+            if row is None:
+                continue
+            if isinstance(row["commit_sha"], bytes):
+                row["commit_sha"] = row["commit_sha"].hex()
+            if not row["pipeline_file"] and row["pipeline_id"]:
+                if row["pipeline_id"] not in filenames:
+                    filenames[row["pipeline_id"]] = self._scalar(
+                        "SELECT filename FROM pipelines WHERE id = ?", (row["pipeline_id"],))
+                row["pipeline_file"] = filenames[row["pipeline_id"]] or ""
+            if not row["author_avatar"]:
+                row["author_avatar"] = _gravatar(row["author_email"])
+            if not row["ref"] and row["branch"]:
+                row["ref"] = f"refs/heads/{row['branch']}"
+            if not row["remote"]:
+                if row["repo_id"] not in urls:
+                    urls[row["repo_id"]] = self._scalar("SELECT url FROM repos WHERE id = ?",
+                                                        (row["repo_id"],)) or ""
+                row["remote"] = urls[row["repo_id"]]
+        return rows
+
     def get_build_by_id(self, build_id):
-        return self._one("SELECT * FROM builds WHERE id = ?", (build_id,),
-                         f"build {build_id} not found")
+        return self._complete_builds([self._one(
+            "SELECT * FROM builds WHERE id = ?", (build_id,), f"build {build_id} not found")])[0]
 
     def get_build(self, repo_id, number):
         """Build `number` of a repository; raises NotFound."""
-        return self._one("SELECT * FROM builds WHERE repo_id = ? AND number = ?",
-                         (repo_id, number), f"build {number} not found")
+        return self._complete_builds([self._one(
+            "SELECT * FROM builds WHERE repo_id = ? AND number = ?", (repo_id, number),
+            f"build {number} not found")])[0]
 
     def previous_build(self, build):
         """The newest finished build of the same repository and branch before `build`."""
-        return self._query_one(
+        return self._complete_builds([self._query_one(
             "SELECT * FROM builds WHERE repo_id = ? AND branch = ? AND number < ? "
             "AND status NOT IN ('pending', 'running') ORDER BY number DESC LIMIT 1",
-            (build["repo_id"], build["branch"], build["number"]))
+            (build["repo_id"], build["branch"], build["number"]))])[0]
 
     def latest_build(self, repo_id, branch=None, event=None):
         """The newest build of a repository (on `branch`, of `event`); raises NotFound."""
@@ -3056,19 +3141,21 @@ class Store:
         if event:
             sql += " AND event = ?"
             params.append(event)
-        return self._one(sql + " ORDER BY number DESC LIMIT 1", params,
-                         "no build yet" + (f" on branch {branch}" if branch else ""))
+        return self._complete_builds([self._one(
+            sql + " ORDER BY number DESC LIMIT 1", params,
+            "no build yet" + (f" on branch {branch}" if branch else ""))])[0]
 
     def list_builds(self, repo_id, *, offset=0, limit=DEFAULT_PER_PAGE, branch=None,
                     status=None):
         """Builds of a repository, newest first."""
         if offset and not branch and not status:
-            return self._query("SELECT * FROM builds WHERE repo_id = ? AND number <= ? "
-                               "ORDER BY number DESC LIMIT ?",
-                               (repo_id, self._number_at_offset(repo_id, offset), limit))
+            return self._complete_builds(self._query(
+                "SELECT * FROM builds WHERE repo_id = ? AND number <= ? ORDER BY number DESC "
+                "LIMIT ?", (repo_id, self._number_at_offset(repo_id, offset), limit)))
         where, params = self._build_filter(repo_id, branch, status)
-        return self._query(f"SELECT * FROM builds WHERE {where} ORDER BY number DESC "
-                           "LIMIT ? OFFSET ?", (*params, limit, offset))
+        return self._complete_builds(self._query(
+            f"SELECT * FROM builds WHERE {where} ORDER BY number DESC LIMIT ? OFFSET ?",
+            (*params, limit, offset)))
 
     def _number_at_offset(self, repo_id, offset):
         """The largest number with exactly `offset` existing builds above it: the
@@ -3234,8 +3321,8 @@ class Store:
                              (job_id,)).fetchone()
             if job is None or job["status"] in DONE_STATUSES:
                 return  # deleted, or already finished by recovery
-            tx.execute("UPDATE jobs SET status = ?, exit_code = ?, error = ?, finished_at = ? "
-                       "WHERE id = ?", (status, exit_code, error, now, job_id))
+            tx.execute("UPDATE jobs SET status = ?, exit_code = ?, error = ?, finished_at = ?, "
+                       "heartbeat_at = 0 WHERE id = ?", (status, exit_code, error, now, job_id))
             self._record_status(tx, job["build_id"], job_id, status,
                                 message or error or f"exit code {exit_code}", now)
             fail_fast = tx.execute("SELECT fail_fast FROM builds WHERE id = ?",
@@ -3339,8 +3426,12 @@ class Store:
     # -- status history and roll-up -----------------------------------------
 
     def _record_status(self, tx, build_id, job_id, status, message, now):
-        tx.execute("INSERT INTO statuses (build_id, job_id, status, message, created_at) "
-                   "VALUES (?, ?, ?, ?, ?)", (build_id, job_id, status, message, now))
+        usual = _DEFAULT_MESSAGES.get((job_id is None, status), "")
+        if message == usual or usual.endswith("{}") and message.startswith(usual[:-2]):
+            message = ""  # the usual words are not stored: they are shown when read
+        tx.execute("INSERT INTO statuses (build_id, id, job_id, status, message, created_at) "
+                   "VALUES (?, (SELECT COALESCE(MAX(id), 0) + 1 FROM statuses WHERE build_id = ?), "
+                   "?, ?, ?, ?)", (build_id, build_id, job_id, status, message, now))
         if job_id is None:
             self._enqueue_report(tx, build_id, status)
 
@@ -3358,7 +3449,7 @@ class Store:
         _, active, started_at, finished_at = totals
         if active:
             status = RUNNING if started_at or build["status"] == RUNNING else PENDING
-            finished_at, message = 0, "build running"
+            finished_at, message = 0, ""
         else:
             failed = tx.execute(
                 "SELECT number, status FROM jobs WHERE build_id = ? "
@@ -3370,23 +3461,27 @@ class Store:
                        else "build finished: every job succeeded")
         tx.execute("UPDATE builds SET status = ?, started_at = ?, finished_at = ? WHERE id = ?",
                    (status, started_at or 0, finished_at, build_id))
-        if status != build["status"]:
+        if status == RUNNING and build["status"] == PENDING:
+            # Implied by the job's own "running" just before: reported, not stored.
+            self._enqueue_report(tx, build_id, status)
+        elif status != build["status"]:
             self._record_status(tx, build_id, None, status, message, now)
 
     def list_statuses(self, build_id, *, offset=0, limit=-1):
         """The build's status history, oldest first."""
-        return self._query("SELECT s.*, j.number AS job_number FROM statuses s "
-                           "LEFT JOIN jobs j ON j.id = s.job_id WHERE s.build_id = ? "
-                           "ORDER BY s.id LIMIT ? OFFSET ?", (build_id, limit, offset))
+        return [_with_message(row) for row in self._query(
+            "SELECT s.*, j.number AS job_number, j.claimed_by FROM statuses s LEFT JOIN jobs j "
+            "ON j.id = s.job_id WHERE s.build_id = ? ORDER BY s.build_id, s.id LIMIT ? OFFSET ?",
+            (build_id, limit, offset))]
 
     def count_statuses(self, build_id):
         return self._scalar("SELECT count(*) FROM statuses WHERE build_id = ?", (build_id,))
 
     def get_status(self, build_id, status_id):
-        return self._one("SELECT s.*, j.number AS job_number FROM statuses s "
-                         "LEFT JOIN jobs j ON j.id = s.job_id "
-                         "WHERE s.build_id = ? AND s.id = ?", (build_id, status_id),
-                         f"status {status_id} not found")
+        return _with_message(self._one(
+            "SELECT s.*, j.number AS job_number, j.claimed_by FROM statuses s LEFT JOIN jobs j "
+            "ON j.id = s.job_id WHERE s.build_id = ? AND s.id = ?", (build_id, status_id),
+            f"status {status_id} not found"))
 
     # -- secrets ------------------------------------------------------------
 
@@ -3758,20 +3853,32 @@ class _LogCodec:
 
     def __init__(self):
         self._local = threading.local()  # a zstandard (de)compressor per thread
+        self._zstd_ok = None              # whether zstandard is installed, once asked
 
     def _zstd(self, kind):
         tool = getattr(self._local, kind, None)
         if tool is None:
-            tool = (zstandard.ZstdCompressor(level=1) if kind == "compressor"
-                    else zstandard.ZstdDecompressor())
+            zstd = _optional("zstandard", "reading a log stored with zstandard", "zstandard")
+            tool = zstd.ZstdCompressor(level=1) if kind == "compressor" else \
+                zstd.ZstdDecompressor()
             setattr(self._local, kind, tool)
         return tool
+
+    @staticmethod
+    def _have_zstd():
+        try:
+            importlib.import_module("zstandard")
+        except ImportError:
+            return False
+        return True
 
     def encode(self, data):
         """(codec, stored bytes) for a chunk of log."""
         if len(data) < 64:
             return "", data
-        if zstandard is not None:
+        if self._zstd_ok is None:
+            self._zstd_ok = self._have_zstd()
+        if self._zstd_ok:
             codec, packed = "zstd", self._zstd("compressor").compress(data)
         else:
             codec, packed = "zlib", zlib.compress(data, 1)
@@ -3783,9 +3890,6 @@ class _LogCodec:
         if codec == "zlib":
             return zlib.decompress(stored)
         if codec == "zstd":
-            if zstandard is None:
-                raise CIRunnerError("this log was stored compressed with zstandard: "
-                                    "pip install zstandard")
             return self._zstd("decompressor").decompress(stored)
         raise CIRunnerError(f"a log chunk is stored as {codec!r}, which this cirunner "
                             "cannot read")
@@ -5310,6 +5414,22 @@ class _Task:
         return now - self.last >= self.every or bool(self.urgent and self.urgent())
 
 
+def _workspace_path(data_dir, repo, build_number, job_number):
+    """Where a job runs: ``DATA/workspaces/OWNER/NAME/BUILD-JOB``, one folder
+    per job and none per build, so that removing it leaves nothing behind."""
+    return os.path.join(os.path.abspath(data_dir), "workspaces", repo["owner"], repo["name"],
+                        f"{build_number}-{job_number}")
+
+
+def _remove_build_workspaces(data_dir, repo, build_number):
+    """What --keep-workspaces left of a build's jobs."""
+    folder = os.path.dirname(_workspace_path(data_dir, repo, build_number, 0))
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(folder):
+            if entry.name.startswith(f"{build_number}-"):
+                shutil.rmtree(entry.path, ignore_errors=True)
+
+
 def prune(store, *, keep_builds=DEFAULT_KEEP_BUILDS, keep_days=DEFAULT_KEEP_DAYS,
           dry_run=False, seconds=None):
     """Delete the builds past retention (see `Store.prunable_builds`) in short
@@ -5334,9 +5454,8 @@ def prune(store, *, keep_builds=DEFAULT_KEEP_BUILDS, keep_days=DEFAULT_KEEP_DAYS
         store.delete_builds([build["id"] for build in batch])
         times.append(time.perf_counter() - clock)
         pruned += batch
-        for build in batch:  # what --keep-workspaces left of them
-            shutil.rmtree(os.path.join(store.data_dir, "workspaces", build["owner"],
-                                       build["name"], str(build["number"])), ignore_errors=True)
+        for build in batch:
+            _remove_build_workspaces(store.data_dir, build, build["number"])
         more = True
         while more:
             clock = time.perf_counter()
@@ -5402,7 +5521,7 @@ class Executor:
         self._stopping = threading.Event()
         self._drain = threading.Event()
         self._wakeup = threading.Condition()
-        self._work_hint = False
+        self._wakes = 0  # wake-ups not yet taken by a worker
         self._report_wakeup = threading.Event()
         self._running = {}
         self._running_lock = threading.Lock()
@@ -5565,8 +5684,7 @@ class Executor:
         """A new, empty directory for the job (or the fixed `workspace`)."""
         if self.workspace is not None:
             return self.workspace
-        path = os.path.join(os.path.abspath(self.store.data_dir), "workspaces", repo["owner"],
-                            repo["name"], str(build["number"]), str(job["number"]))
+        path = _workspace_path(self.store.data_dir, repo, build["number"], job["number"])
         try:
             if os.path.exists(path):
                 shutil.rmtree(path)
@@ -5576,19 +5694,28 @@ class Executor:
         return path
 
     def remove_workspace(self, path):
-        if path and self.workspace is None and not self.keep_workspaces:
+        """Remove a job's workspace: nothing of a finished build stays on disk
+        (unless --keep-workspaces)."""
+        if not path or self.workspace is not None or self.keep_workspaces:
+            return
+        try:
+            os.rmdir(path)  # the usual case with `clone: false`: an empty folder
+        except OSError:
             shutil.rmtree(path, ignore_errors=True)
 
     # -- wake-ups -----------------------------------------------------------
 
-    def _wake(self):
+    def _wake(self, jobs=None):
+        """Wake as many idle workers as there are new jobs (all of them when
+        the count is not known): no herd queueing for the write lock."""
+        jobs = self.workers if jobs is None else min(jobs, self.workers)
         with self._wakeup:
-            self._work_hint = True
-            self._wakeup.notify_all()
+            self._wakes = min(self._wakes + jobs, self.workers)
+            self._wakeup.notify(jobs)
 
     def _on_store_event(self, event, ids):
         if event == "enqueued":
-            self._wake()
+            self._wake(len(ids))
         elif event == "report":
             self._report_wakeup.set()
         elif event == "cancel":
@@ -5604,8 +5731,6 @@ class Executor:
 
     def _worker_loop(self):
         while not self._stopping.is_set():
-            with self._wakeup:
-                self._work_hint = False
             if self._drain.is_set():
                 self._stopping.wait(0.5)
                 continue
@@ -5626,8 +5751,10 @@ class Executor:
                 continue
             self.store.release_connection()  # idle workers share one
             with self._wakeup:
-                if not self._work_hint and not self._stopping.is_set():
+                if not self._wakes and not self._stopping.is_set():
                     self._wakeup.wait(5.0)
+                if self._wakes:
+                    self._wakes -= 1  # this worker answers one wake-up
 
     # -- maintenance ----------------------------------------------------------
 
@@ -5654,7 +5781,9 @@ class Executor:
         version = self.store.data_version()
         if version != self._last_version:
             self._last_version = version
-            self._wake()
+            waiting = self.store.queue_summary()[0]
+            if waiting:
+                self._wake(waiting)
             self._report_wakeup.set()
             self._stop_jobs(self.store.cancel_requested_jobs(self.runner_id))
 
@@ -6543,7 +6672,8 @@ class _Api:
         self._badge = bottle.SimpleTemplate(_BADGE_TEMPLATE)
         self.log_html = _LogHtml()
         self.openapi_document = None  # set by make_app, from the routes it serves
-        self.executor = self.metrics = None  # set by make_app
+        self.executor = self.metrics = None  # set by make_app; metrics at the first scrape
+        self._metrics_lock = threading.Lock()
 
     # -- request input ------------------------------------------------------
 
@@ -6781,16 +6911,24 @@ class _Api:
         return queue
 
     def metrics_page(self):
-        """Prometheus metrics: for admin tokens, and the addresses of --metrics-from."""
-        if self.metrics is None:
-            raise NotFound("metrics need the prometheus_client package: "
-                           "pip install 'cirunner[metrics]'")
+        """Prometheus metrics: for admin tokens, and the addresses of --metrics-from.
+        They are made at the first scrape (prometheus_client is 14 MiB of
+        memory a server that is never scraped does without): counters count
+        from there."""
         if bottle.request.environ.get("REMOTE_ADDR") not in self.metrics_from:
             user = self.user()
             if user is None:
                 raise Unauthorized("the metrics are for admin tokens (or --metrics-from)")
             if not user["admin"]:
                 raise Forbidden("the metrics are for admins")
+        with self._metrics_lock:
+            if self.metrics is None:
+                try:
+                    self.metrics = _Metrics(self.store, self.executor)
+                except CIRunnerError as error:
+                    raise NotFound(error.message) from None
+                if self.executor is not None:
+                    self.executor.metrics = self.metrics
         return _Reply(self.metrics.render().decode(),
                       content_type="text/plain; version=0.0.4; charset=utf-8")
 
@@ -7063,8 +7201,7 @@ class _Api:
     def v1_delete_build(self, repo, build_id):
         build = self.find_build_by_id(repo, build_id)
         self.store.delete_build(build["id"])
-        shutil.rmtree(os.path.join(self.store.data_dir, "workspaces", repo["owner"],
-                                   repo["name"], str(build["number"])), ignore_errors=True)
+        _remove_build_workspaces(self.store.data_dir, repo, build["number"])
         return {"id": build["id"], "number": build["number"], "deleted": True}
 
     def v1_stop_build(self, repo, build_id):
@@ -8000,6 +8137,8 @@ class _Metrics:
     updates as it goes, and gauges read from the store at each scrape."""
 
     def __init__(self, store, executor):
+        prometheus_client = self.prometheus = _optional("prometheus_client", "/metrics",
+                                                        "'cirunner[metrics]'")
         self.registry = prometheus_client.CollectorRegistry()
         self.requests = prometheus_client.Counter(
             "cirunner_http_requests", "HTTP requests answered, by route and status code",
@@ -8011,29 +8150,31 @@ class _Metrics:
         self.log_bytes = prometheus_client.Counter(
             "cirunner_log_bytes", "Bytes of output jobs printed (before any log cap)",
             registry=self.registry)
-        self.registry.register(_StoreCollector(store, executor))
+        self.registry.register(_StoreCollector(store, executor, _optional(
+            "prometheus_client.core", "/metrics", "'cirunner[metrics]'").GaugeMetricFamily))
 
     def job_done(self, status, seconds, log_bytes):
         self.job_seconds.labels(status).observe(seconds)
         self.log_bytes.inc(log_bytes)
 
     def render(self):
-        return prometheus_client.generate_latest(self.registry)
+        return self.prometheus.generate_latest(self.registry)
 
 
 class _StoreCollector:
     """Gauges read from the store at each scrape: builds and jobs by status,
     the queue, and this process's busy workers."""
 
-    def __init__(self, store, executor):
+    def __init__(self, store, executor, gauge):
         self.store = store
         self.executor = executor
+        self.gauge = gauge
 
     def describe(self):
         return []  # only collected at scrape time
 
     def collect(self):
-        gauge = GaugeMetricFamily
+        gauge = self.gauge
         for table in ("builds", "jobs"):
             family = gauge(f"cirunner_{table}", f"{table.title()} in the store, by status",
                            labels=["status"])
@@ -8051,8 +8192,13 @@ class _StoreCollector:
                         value=self.executor.busy_workers())
 
 
-def _metrics_plugin(metrics):
-    """A Bottle plugin: counts each answer by its route's rule and status."""
+def _metrics_plugin(api):
+    """A Bottle plugin: counts each answer by its route's rule and status,
+    once the metrics exist (see _Api.metrics_page)."""
+
+    def count(code):
+        if api.metrics is not None:
+            api.metrics.requests.labels(bottle.request.route.rule, code).inc()
 
     def apply(callback):
         @functools.wraps(callback)
@@ -8060,11 +8206,10 @@ def _metrics_plugin(metrics):
             try:
                 out = callback(*args, **kwargs)
             except bottle.HTTPResponse as response:  # redirects
-                metrics.requests.labels(bottle.request.route.rule, response.status_code).inc()
+                count(response.status_code)
                 raise
-            code = (out.status_code if isinstance(out, bottle.HTTPResponse)
-                    else bottle.response.status_code)
-            metrics.requests.labels(bottle.request.route.rule, code).inc()
+            count(out.status_code if isinstance(out, bottle.HTTPResponse)
+                  else bottle.response.status_code)
             return out
 
         return counted
@@ -8172,7 +8317,7 @@ def make_app(store, executor=None, *, max_body=DEFAULT_MAX_BODY, metrics_from=()
     thread; `heartbeat` seconds between keep-alive comments on streams.
     The app's ``closing`` event ends open streams (set it before shutdown).
     ``GET /metrics`` (with prometheus_client installed) is for admin tokens
-    and the addresses in `metrics_from`.
+    and the addresses in `metrics_from`; the metrics count from its first call.
     """
     app = bottle.Bottle()
     app.closing = threading.Event()
@@ -8186,12 +8331,8 @@ def make_app(store, executor=None, *, max_body=DEFAULT_MAX_BODY, metrics_from=()
     pages = _Pages(store, access, api.log_html, streams=api.streams, closing=app.closing,
                    heartbeat=heartbeat, max_jobs=max_jobs)
     api.executor = executor
-    api.metrics = _Metrics(store, executor) if prometheus_client is not None else None
     api.metrics_from = frozenset(metrics_from)
-    if executor is not None:
-        executor.metrics = api.metrics
-    if api.metrics is not None:
-        app.install(_metrics_plugin(api.metrics))
+    app.install(_metrics_plugin(api))
     routes = _API_ROUTES + _WEBHOOK_ROUTES
     api.openapi_document = _openapi_document(routes)
     for route in routes:
@@ -8681,6 +8822,9 @@ class _RemoteClient:
     def request(self, method, path, body=None, *, stream=False, accept=_JSON):
         """The answer's JSON (or the open response, to `stream`); an API error
         is a CIRunnerError with the server's message."""
+        import urllib.error  # here, not at the top: with ssl it costs megabytes
+        import urllib.request
+
         headers = {"Accept": accept, "User-Agent": f"cirunner/{__version__}"}
         if self.token:
             headers["Authorization"] = f"Token {self.token}"

@@ -83,8 +83,7 @@ def wait_for(predicate, timeout=10.0, interval=0.02):
 def workspace_of(data_dir, full_name, build_number, job_number):
     """Where a job runs: a test touches a file there for a (sandboxed) step to see."""
     owner, name = full_name.split("/")
-    return (pathlib.Path(data_dir) / "workspaces" / owner / name / str(build_number)
-            / str(job_number))
+    return pathlib.Path(data_dir) / "workspaces" / owner / name / f"{build_number}-{job_number}"
 
 
 def log_text(store, build, number):
@@ -596,7 +595,7 @@ def test_clone_false_gives_an_empty_workspace(store, executor, make_repo):
     executor.run_until_idle()
     text = log_text(store, build, 1)
     assert "git checkout" not in text and ".cirunner.yml" not in text
-    assert os.path.join("workspaces", "alice", "hello", "1", "1") in text
+    assert os.path.join("workspaces", "alice", "hello", "1-1") in text
 
 
 def test_a_follower_does_not_sleep_through_what_happened_while_it_read(store, make_repo):
@@ -1798,7 +1797,10 @@ def test_v1_get_list_statuses_and_logs(v1, store, make_repo):
     assert ids == sorted(ids) and statuses["count"] == len(ids)
     one = app.get(f"/api/v1/alice/hello/builds/{first}/statuses/{ids[1]}").json
     assert one == statuses["results"][1]
-    app.get(f"/api/v1/alice/hello/builds/{second}/statuses/{ids[1]}", status=404)
+    assert ids == list(range(1, len(ids) + 1))  # numbered within the build
+    app.get(f"/api/v1/alice/hello/builds/{first}/statuses/{len(ids) + 1}", status=404)
+    other = app.get(f"/api/v1/alice/hello/builds/{second}/statuses/{ids[0]}").json
+    assert other["status"] == "pending"  # the second build's own first status
     logs = app.get(f"/api/v1/alice/hello/builds/{first}/logs").text
     assert "=== job 1 (N=1): success ===\n" in logs and "job 1\n" in logs
     assert logs.index("=== job 2 (N=2)") > logs.index("job 1\n")
@@ -1834,7 +1836,7 @@ def test_v1_delete_leaves_nothing_and_numbers_are_not_reused(store, make_repo, a
     executor = cirunner.Executor(store, workers=1, keep_workspaces=True)
     build = cirunner.create_build(store, repo)
     executor.run_until_idle()
-    workspace = os.path.join(data_dir, "workspaces", "alice", "hello", "1")
+    workspace = os.path.join(data_dir, "workspaces", "alice", "hello", "1-1")
     assert os.path.isdir(workspace)
     deleted = app.delete(f"/api/v1/alice/hello/builds/{build['id']}").json
     assert (deleted["id"], deleted["number"]) == (build["id"], 1)
@@ -2568,7 +2570,7 @@ def test_a_form_post_without_the_csrf_token_is_403_and_changes_nothing(site, sto
     browser.post("/alice/hello/1/restart", {}, status=403)
     browser.post("/alice/hello/1/restart", {"csrf": "forged-value-000000000000"}, status=403)
     assert store.get_build(store.get_repo("alice", "hello")["id"], 1)["status"] == "success"
-    assert len(store.list_statuses(1)) == 5  # no "restarted" entry
+    assert len(store.list_statuses(1)) == 4  # no "restarted" entry
     form = browser.get("/alice/hello/1").forms[1]  # [0] is sign out
     form.submit(status=303)
     assert store.get_build(store.get_repo("alice", "hello")["id"], 1)["status"] == "pending"
@@ -3893,12 +3895,14 @@ def test_metrics_for_admins_and_listed_addresses_in_prometheus_format(tmp_path, 
                                          "['seq 1 1000', 'test -z \"$FAIL\"']}}\n"})
     server = servers(tmp_path / "data")
     server.api("POST", "/api/repos/alice/hello", {"url": repo})
+    assert http_json("GET", server.url + "/metrics")[0] == 401  # never anonymous
+    request = urllib.request.Request(server.url + "/metrics", headers=server.auth)
+    with urllib.request.urlopen(request, timeout=10) as response:  # counting starts here
+        assert "cirunner_queue_length 0.0" in response.read().decode()
     server.api("POST", "/api/repos/alice/hello/builds", {})
     server.api("POST", "/api/repos/alice/hello/builds", {"variables": {"FAIL": "1"}})
     wait_for(lambda: all(build["status"] in ("success", "failure") for build in
                          server.api("GET", "/api/repos/alice/hello/builds")[1]), timeout=30)
-    assert http_json("GET", server.url + "/metrics")[0] == 401  # never anonymous
-    request = urllib.request.Request(server.url + "/metrics", headers=server.auth)
     with urllib.request.urlopen(request, timeout=10) as response:
         assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
         text = response.read().decode()
@@ -3926,12 +3930,14 @@ def test_metrics_without_the_extra_say_which_to_install(tmp_path):
     script = ("import sys; sys.modules['prometheus_client'] = None\n"
               "import cirunner, webtest\n"
               f"store = cirunner.Store.open({data!r})\n"
-              "app = webtest.TestApp(cirunner.make_app(store))\n"
+              "store.create_user('root', admin=True)\n"
+              "app = webtest.TestApp(cirunner.make_app(store), extra_environ={"
+              "'HTTP_AUTHORIZATION': 'Token ' + store.create_token('root')[1]})\n"
               "answer = app.get('/metrics', expect_errors=True)\n"
               "print(answer.status_int, answer.json['message'])\n")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                             cwd=HERE, timeout=60, check=False)
-    assert result.stdout.strip() == ("404 metrics need the prometheus_client package: "
+    assert result.stdout.strip() == ("404 /metrics needs the prometheus_client package: "
                                      "pip install 'cirunner[metrics]'"), result.stderr
 
 
