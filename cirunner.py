@@ -2536,6 +2536,10 @@ class _Transaction:
     def execute(self, sql, params=()):
         return self.conn.execute(sql, params)
 
+    def insert(self, sql, params=()):
+        """Run an INSERT; the new row's id."""
+        return self.conn.execute(sql, params).lastrowid
+
     def notify(self, event, ids):
         """Tell the store's listeners about `ids` (jobs, or a report) after COMMIT."""
         if ids:
@@ -2579,6 +2583,7 @@ class Store:
         self.data_dir = data_dir or os.path.dirname(os.path.abspath(path))
         self.busy_timeout = busy_timeout
         self.sealer = _Sealer(os.path.join(self.data_dir, "secret.key"))
+        self.IntegrityError = sqlite3.IntegrityError  # a constraint refused a write
         self._local = threading.local()
         self._connections = []
         self._idle_connections = []
@@ -2821,7 +2826,7 @@ class Store:
             with self._write() as tx:
                 tx.execute("INSERT INTO users (login, email, admin, created_at) "
                            "VALUES (?, ?, ?, ?)", (login, email, int(admin), _now()))
-        except sqlite3.IntegrityError:
+        except self.IntegrityError:
             raise Conflict(f"user {login} already exists") from None
         return self.get_user(login)
 
@@ -2849,9 +2854,9 @@ class Store:
         user = self.get_user(login)
         secret = TOKEN_PREFIX + secrets.token_urlsafe(32)
         with self._write() as tx:
-            token_id = tx.execute(
+            token_id = tx.insert(
                 "INSERT INTO tokens (user_id, name, hash, scope, created_at) VALUES (?, ?, ?, ?, ?)",
-                (user["id"], name, _token_hash(secret), scope, _now())).lastrowid
+                (user["id"], name, _token_hash(secret), scope, _now()))
         return self._query_one("SELECT * FROM tokens WHERE id = ?", (token_id,)), secret
 
     def list_tokens(self, login=None):
@@ -2914,11 +2919,11 @@ class Store:
         values.update(owner=owner, name=name, url=url, created_at=_now())
         try:
             with self._write() as tx:
-                repo_id = tx.execute(f"INSERT INTO repos ({', '.join(values)}) "
-                                     f"VALUES ({', '.join('?' for _ in values)})",
-                                     tuple(values.values())).lastrowid
+                repo_id = tx.insert(f"INSERT INTO repos ({', '.join(values)}) "
+                                    f"VALUES ({', '.join('?' for _ in values)})",
+                                    tuple(values.values()))
                 self._seal_repo_fields(tx, repo_id, fields)
-        except sqlite3.IntegrityError:
+        except self.IntegrityError:
             raise Conflict(f"repository {owner}/{name} already exists") from None
         return self.get_repo(owner, name)
 
@@ -3026,9 +3031,9 @@ class Store:
             values = self._stored_build_fields(tx, repo_id, fields)
             values.update(repo_id=repo_id, number=row[0], status=PENDING, created_at=now,
                           enqueued_at=now)
-            build_id = tx.execute(f"INSERT INTO builds ({', '.join(values)}) "
-                                  f"VALUES ({', '.join('?' for _ in values)})",
-                                  tuple(values.values())).lastrowid
+            build_id = tx.insert(f"INSERT INTO builds ({', '.join(values)}) "
+                                 f"VALUES ({', '.join('?' for _ in values)})",
+                                 tuple(values.values()))
             self._record_status(tx, build_id, None, PENDING, "build created", now)
             self._insert_jobs(tx, build_id, environments, error, now)
         return self.get_build_by_id(build_id)
@@ -3039,9 +3044,9 @@ class Store:
                        "WHERE id = ?", (ERROR, error, now, now, build_id))
             self._record_status(tx, build_id, None, ERROR, error, now)
             return
-        job_ids = [tx.execute("INSERT INTO jobs (build_id, number, status, environment, "
-                              "enqueued_at) VALUES (?, ?, ?, ?, ?)",
-                              (build_id, number, PENDING, json.dumps(environment), now)).lastrowid
+        job_ids = [tx.insert("INSERT INTO jobs (build_id, number, status, environment, "
+                             "enqueued_at) VALUES (?, ?, ?, ?, ?)",
+                             (build_id, number, PENDING, json.dumps(environment), now))
                    for number, environment in enumerate(environments, start=1)]
         tx.notify("enqueued", job_ids)
 
@@ -3396,8 +3401,8 @@ class Store:
         """Record a job's steps, pending, in order: [(name, kind), ...]; returns their ids."""
         with self._write() as tx:
             tx.execute("DELETE FROM steps WHERE job_id = ?", (job_id,))
-            return [tx.execute("INSERT INTO steps (job_id, number, name, kind) "
-                               "VALUES (?, ?, ?, ?)", (job_id, number, name, kind)).lastrowid
+            return [tx.insert("INSERT INTO steps (job_id, number, name, kind) "
+                              "VALUES (?, ?, ?, ?)", (job_id, number, name, kind))
                     for number, (name, kind) in enumerate(steps, start=1)]
 
     def update_step(self, step_id, **fields):
@@ -3441,7 +3446,8 @@ class Store:
         A build `cancelled` before any job failed ends killed, not success."""
         build = tx.execute("SELECT status FROM builds WHERE id = ?", (build_id,)).fetchone()
         totals = tx.execute(
-            "SELECT count(*), sum(status IN ('pending', 'running')), "
+            "SELECT count(*), "
+            "sum(CASE WHEN status IN ('pending', 'running') THEN 1 ELSE 0 END), "
             "min(CASE WHEN started_at > 0 THEN started_at END), max(finished_at) "
             "FROM jobs WHERE build_id = ?", (build_id,)).fetchone()
         if build is None or not totals[0]:
@@ -3532,7 +3538,7 @@ class Store:
                 tx.execute("INSERT INTO crons (repo_id, name, expression, branch, next_at, "
                            "created_at) VALUES (?, ?, ?, ?, ?, ?)",
                            (repo_id, name, expression, branch, next_at, _now()))
-        except sqlite3.IntegrityError:
+        except self.IntegrityError:
             raise Conflict(f"cron {name} already exists") from None
         return self._query_one("SELECT * FROM crons WHERE repo_id = ? AND name = ?",
                                (repo_id, name))
