@@ -261,6 +261,7 @@ LOG_FLUSH_SECONDS = 0.05        # longest a byte waits in memory before the stor
 STRAGGLER_SECONDS = 0.5         # read on this long after a step's leader exits
 HEARTBEAT_SECONDS = 10.0        # a runner stamps itself (and its jobs) this often
 RUNNER_LOST_SECONDS = 60.0      # a runner silent this long is gone
+MAX_RUNNER_LABELS = 9           # a claim matches every subset of them: 2**9 at most
 CHECKPOINT_SECONDS = 5.0        # the executor checkpoints the WAL at least this often
 SANDBOXES = ("auto", "bwrap", "none")  # how steps run on the host (see _SandboxRunner)
 ENGINES = ("auto", "podman", "docker", "none")  # how steps with an image run
@@ -792,7 +793,7 @@ class _YamlList(list):
 _RAW_SCALAR_KEYS = ("matrix", "environment", "commands")
 _MAX_YAML_DEPTH = 50
 _MAX_YAML_NODES = 200_000  # aliases can make a small file huge ("billion laughs")
-_DRONE_1_KEYS = ("kind", "steps", "trigger", "depends_on", "node", "concurrency",
+_DRONE_1_KEYS = ("kind", "steps", "trigger", "depends_on", "concurrency",
                  "image_pull_secrets", "type")
 
 
@@ -1120,6 +1121,11 @@ class Pipeline:
         matrix = matrix if self.drone04 else None
         return [step.with_variables(variables, matrix) for step in self.steps]
 
+    def runner_labels(self):
+        """The labels a runner must have to run this pipeline's jobs, as stored."""
+        labels = dict(self.labels, **({"platform": self.platform} if self.platform else {}))
+        return json.dumps(labels, sort_keys=True)
+
     def builds_branch(self, branch):
         """Whether the top-level `branches` filter lets `branch` build."""
         return self.branches is None or _constraint_matches(self.branches, branch)
@@ -1160,7 +1166,7 @@ _UNSUPPORTED_STEP_KEYS = {
 }
 _SERVICE_IGNORED = ("ports",)  # services are reached by name: no ports to publish
 _TOP_LEVEL_KEYS = ("pipeline", "services", "matrix", "workspace", "clone", "branches",
-                   "platform", "labels", "fail_fast", "max_parallel", "timeout",
+                   "platform", "labels", "node", "fail_fast", "max_parallel", "timeout",
                    "build", "compose", "publish", "deploy", "notify",
                    "plugin")  # Drone 0.4 plugins' own metadata (for its plugin index): unused
 _UNSUPPORTED_TOP_LEVEL = {
@@ -1268,8 +1274,9 @@ class _PipelineParser:
             self.add(_line_of(document, "platform"), "'platform' must be like linux/amd64")
         else:
             pipeline.platform = platform
-        labels = document.get("labels", {})
-        pipeline.labels = self._string_map(labels, "'labels'", _line_of(document, "labels"))
+        for key in ("labels", "node"):  # Drone 0.8's agent labels; Drone 1's node
+            pipeline.labels.update(self._string_map(document.get(key, {}), f"'{key}'",
+                                                    _line_of(document, key)))
 
     def _clone(self, document, pipeline):
         """`clone: false`, clone settings (0.4, 0.5), or 0.8's map of clone steps."""
@@ -2494,6 +2501,12 @@ _MIGRATIONS = [
     DROP TABLE statuses;
     ALTER TABLE statuses_12 RENAME TO statuses;
     """,
+    # 13: the labels a job requires of its runner and those a runner has, as
+    # JSON objects with sorted keys ({"platform": "linux/arm64"}).
+    """
+    ALTER TABLE jobs ADD COLUMN labels TEXT NOT NULL DEFAULT '{}';
+    ALTER TABLE runners ADD COLUMN labels TEXT NOT NULL DEFAULT '{}';
+    """,
 ]
 
 _SEALED_REPO_FIELDS = ("webhook_secret", "forge_token")
@@ -2525,6 +2538,26 @@ def _token_hash(secret):
     return hashlib.sha256(secret.encode("utf-8", "surrogateescape")).hexdigest()
 
 
+_RUNNER_STOPPED = "runner stopped: the runner running this job is gone (crash or kill)"
+
+
+def _label_subsets(labels):
+    """Every set of labels a runner with `labels` may run, as stored (JSON
+    with sorted keys): a job requires a subset of its runner's labels."""
+    items = sorted(labels.items())
+    return [json.dumps(dict(chosen), sort_keys=True)
+            for size in range(len(items) + 1)
+            for chosen in itertools.combinations(items, size)]
+
+
+def _make_data_dir(data_dir):
+    """A data directory private to this user (0700, as are its mirrors/ and workspaces/)."""
+    for directory in (data_dir, os.path.join(data_dir, "mirrors"),
+                      os.path.join(data_dir, "workspaces")):
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        os.chmod(directory, 0o700)
+
+
 class _Transaction:
     """An open write transaction: its statements, and the notifications that
     go out once it has committed (never for a transaction rolled back)."""
@@ -2532,6 +2565,7 @@ class _Transaction:
     def __init__(self, conn):
         self.conn = conn
         self.events = []
+        self.locked_builds = set()  # builds whose rows this transaction holds
 
     def execute(self, sql, params=()):
         return self.conn.execute(sql, params)
@@ -2580,11 +2614,20 @@ class Store:
 
     def __init__(self, path, *, data_dir=None, busy_timeout=5.0):
         self.path = path
-        self.data_dir = data_dir or os.path.dirname(os.path.abspath(path))
         self.busy_timeout = busy_timeout
+        self._setup(data_dir or os.path.dirname(os.path.abspath(path)))
+        # The database holds webhook secrets and token hashes: private to this
+        # user (SQLite gives the WAL and shared-memory files the same mode).
+        for name in (path, path + "-wal", path + "-shm"):
+            _make_private(name, create=name == path)
+        self._migrate()
+
+    def _setup(self, data_dir):
+        """What every store has, whatever its database."""
+        self.data_dir = data_dir
         self.sealer = _Sealer(os.path.join(self.data_dir, "secret.key"))
-        self.IntegrityError = sqlite3.IntegrityError  # a constraint refused a write
         self._local = threading.local()
+        self._pipeline_filenames = _LRU(256)
         self._connections = []
         self._idle_connections = []
         self._connections_lock = threading.Lock()
@@ -2599,21 +2642,13 @@ class Store:
         self._log_events = 0
         self._git = None
         self._git_lock = threading.Lock()
-        # The database holds webhook secrets and token hashes: private to this
-        # user (SQLite gives the WAL and shared-memory files the same mode).
-        for name in (path, path + "-wal", path + "-shm"):
-            _make_private(name, create=name == path)
-        self._migrate()
 
     @classmethod
     def open(cls, data_dir, **options):
         """Open (creating if needed) the store ``cirunner.db`` in `data_dir`,
         a directory private to this user (0700, as are its mirrors/ and
         workspaces/)."""
-        for directory in (data_dir, os.path.join(data_dir, "mirrors"),
-                          os.path.join(data_dir, "workspaces")):
-            os.makedirs(directory, mode=0o700, exist_ok=True)
-            os.chmod(directory, 0o700)
+        _make_data_dir(data_dir)
         return cls(os.path.join(data_dir, "cirunner.db"), data_dir=data_dir, **options)
 
     @property
@@ -2681,21 +2716,46 @@ class Store:
                     self._idle_connections.append(conn)
 
     @contextlib.contextmanager
-    def _write(self):
-        """A write transaction. BEGIN IMMEDIATE: a deferred BEGIN that reads and
-        then writes fails at once under contention, whatever the busy timeout."""
+    def _write(self, *, rows_only=False):
+        """A write transaction. With `rows_only`, it changes rows of its own
+        and locks them (a claim, a step, a heartbeat): PostgreSQL runs such
+        ones side by side; SQLite runs every write in turn."""
         conn = self._connection()
-        with self._write_lock:
-            conn.execute("BEGIN IMMEDIATE")
-            transaction = _Transaction(conn)
+        with self._begin(conn, rows_only):
+            transaction = self._transaction_class(conn)
             try:
                 yield transaction
+                self._publish(conn, transaction.events)
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
             conn.execute("COMMIT")
         for event, ids in transaction.events:
             self._notify(event, ids)
+
+    _transaction_class = _Transaction
+
+    def _write_one(self, sql, params=()):
+        """A write that is one statement, committed alone (in turn, on SQLite)."""
+        conn = self._connection()
+        with self._write_lock:
+            return conn.execute(sql, params)
+
+    @contextlib.contextmanager
+    def _begin(self, conn, rows_only):
+        """Open a write transaction. BEGIN IMMEDIATE: a deferred BEGIN that reads
+        and then writes fails at once under contention, whatever the busy timeout."""
+        with self._write_lock:
+            conn.execute("BEGIN IMMEDIATE")
+            yield
+
+    def _publish(self, conn, events):
+        """Tell other processes of a transaction's events (SQLite: they notice
+        the file's data_version change)."""
+
+    def _lock_build(self, tx, build_id):
+        """Hold a build's row for the rest of the transaction (SQLite: every
+        write already holds the whole file)."""
 
     def _query(self, sql, params=()):
         cursor = self._connection().execute(sql, params)
@@ -2737,36 +2797,52 @@ class Store:
             conn.execute(f"PRAGMA page_size = {PAGE_BYTES}")
             conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
             conn.execute("PRAGMA journal_mode = WAL")
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            for number, migration in enumerate(_MIGRATIONS[version:], start=version + 1):
-                self._apply_migration(conn, number, migration, self.sealer)
+            self._apply_migrations(conn)
         finally:
             conn.close()
 
+    def _apply_migrations(self, conn):
+        version = self._version_of(conn)
+        for number, migration in enumerate(_MIGRATIONS[version:], start=version + 1):
+            with self._begin(conn, False):
+                try:
+                    # Read again inside the lock: another process may have migrated.
+                    if self._version_of(conn) >= number:
+                        conn.execute("ROLLBACK")
+                        continue
+                    if callable(migration):
+                        migration(conn, self.sealer)
+                    else:
+                        # Statement by statement: executescript() would commit first.
+                        for statement in migration.split(";"):
+                            if statement.strip():
+                                conn.execute(self._ddl(statement))
+                    self._set_version(conn, number)
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+                conn.execute("COMMIT")
+
     @staticmethod
-    def _apply_migration(conn, number, migration, sealer):
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            # Read again inside the lock: another process may have migrated.
-            if conn.execute("PRAGMA user_version").fetchone()[0] >= number:
-                conn.execute("ROLLBACK")
-                return
-            if callable(migration):
-                migration(conn, sealer)
-            else:
-                # Statement by statement: executescript() would commit first.
-                for statement in migration.split(";"):
-                    if statement.strip():
-                        conn.execute(statement)
-            conn.execute(f"PRAGMA user_version = {number}")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
+    def _version_of(conn):
+        return conn.execute("PRAGMA user_version").fetchone()[0]
+
+    @staticmethod
+    def _set_version(conn, number):
+        conn.execute(f"PRAGMA user_version = {int(number)}")
+
+    @staticmethod
+    def _ddl(statement):
+        """A migration's statement as this database reads it."""
+        return statement
+
+    def identity(self):
+        """What names this store among others on this host (the file's path)."""
+        return os.path.abspath(self.path)
 
     def schema_version(self):
         """The schema version this store is at (PRAGMA user_version)."""
-        return self._scalar("PRAGMA user_version")
+        return self._version_of(self._connection())
 
     def close(self):
         """Close every connection of every thread."""
@@ -2826,7 +2902,7 @@ class Store:
             with self._write() as tx:
                 tx.execute("INSERT INTO users (login, email, admin, created_at) "
                            "VALUES (?, ?, ?, ?)", (login, email, int(admin), _now()))
-        except self.IntegrityError:
+        except sqlite3.IntegrityError:
             raise Conflict(f"user {login} already exists") from None
         return self.get_user(login)
 
@@ -2923,7 +2999,7 @@ class Store:
                                     f"VALUES ({', '.join('?' for _ in values)})",
                                     tuple(values.values()))
                 self._seal_repo_fields(tx, repo_id, fields)
-        except self.IntegrityError:
+        except sqlite3.IntegrityError:
             raise Conflict(f"repository {owner}/{name} already exists") from None
         return self.get_repo(owner, name)
 
@@ -3035,18 +3111,19 @@ class Store:
                                  f"VALUES ({', '.join('?' for _ in values)})",
                                  tuple(values.values()))
             self._record_status(tx, build_id, None, PENDING, "build created", now)
-            self._insert_jobs(tx, build_id, environments, error, now)
+            self._insert_jobs(tx, build_id, environments, error, now, fields.get("labels"))
         return self.get_build_by_id(build_id)
 
-    def _insert_jobs(self, tx, build_id, environments, error, now):
+    def _insert_jobs(self, tx, build_id, environments, error, now, labels=None):
         if error:
             tx.execute("UPDATE builds SET status = ?, error = ?, started_at = ?, finished_at = ? "
                        "WHERE id = ?", (ERROR, error, now, now, build_id))
             self._record_status(tx, build_id, None, ERROR, error, now)
             return
         job_ids = [tx.insert("INSERT INTO jobs (build_id, number, status, environment, "
-                             "enqueued_at) VALUES (?, ?, ?, ?, ?)",
-                             (build_id, number, PENDING, json.dumps(environment), now))
+                             "enqueued_at, labels) VALUES (?, ?, ?, ?, ?, ?)",
+                             (build_id, number, PENDING, json.dumps(environment), now,
+                              labels or "{}"))
                    for number, environment in enumerate(environments, start=1)]
         tx.notify("enqueued", job_ids)
 
@@ -3055,6 +3132,7 @@ class Store:
         job statuses are replaced. Raises Conflict while it is pending or running."""
         now = _now()
         with self._write() as tx:
+            self._lock_build(tx, build_id)
             row = tx.execute("SELECT status FROM builds WHERE id = ?", (build_id,)).fetchone()
             if row is None:
                 raise NotFound(f"build {build_id} not found")
@@ -3070,7 +3148,7 @@ class Store:
             assignments = ", ".join(f"{key} = ?" for key in values)
             tx.execute(f"UPDATE builds SET {assignments} WHERE id = ?", (*values.values(), build_id))
             self._record_status(tx, build_id, None, PENDING, message, now)
-            self._insert_jobs(tx, build_id, environments, error, now)
+            self._insert_jobs(tx, build_id, environments, error, now, fields.get("labels"))
         return self.get_build_by_id(build_id)
 
     @staticmethod
@@ -3096,19 +3174,25 @@ class Store:
             values["pipeline_file"] = ""
         return values
 
+    def _pipeline_filename(self, pipeline_id):
+        """A stored pipeline's file name (a pipeline row never changes)."""
+        filename = self._pipeline_filenames.get(pipeline_id)
+        if filename is None:
+            filename = self._scalar("SELECT filename FROM pipelines WHERE id = ?",
+                                    (pipeline_id,)) or ""
+            self._pipeline_filenames.put(pipeline_id, filename)
+        return filename
+
     def _complete_builds(self, rows):
         """Builds as read: with the fields `_stored_build_fields` left out put back."""
-        urls, filenames = {}, {}
+        urls = {}
         for row in rows:
             if row is None:
                 continue
             if isinstance(row["commit_sha"], bytes):
                 row["commit_sha"] = row["commit_sha"].hex()
             if not row["pipeline_file"] and row["pipeline_id"]:
-                if row["pipeline_id"] not in filenames:
-                    filenames[row["pipeline_id"]] = self._scalar(
-                        "SELECT filename FROM pipelines WHERE id = ?", (row["pipeline_id"],))
-                row["pipeline_file"] = filenames[row["pipeline_id"]] or ""
+                row["pipeline_file"] = self._pipeline_filename(row["pipeline_id"])
             if not row["author_avatar"]:
                 row["author_avatar"] = _gravatar(row["author_email"])
             if not row["ref"] and row["branch"]:
@@ -3282,20 +3366,25 @@ class Store:
     def get_job_by_id(self, job_id):
         return self._one("SELECT * FROM jobs WHERE id = ?", (job_id,), f"job {job_id} not found")
 
-    def claim_next_job(self, runner_id):
-        """Atomically take the oldest runnable pending job for `runner_id`.
+    def claim_next_job(self, runner_id, labels=None):
+        """Atomically take the oldest runnable pending job for `runner_id`,
+        whose `labels` ({name: value}) hold every label the job requires.
 
         Respects each build's ``max_parallel`` and each repository's
         ``max_builds``. Returns the job dict (now running), or None.
         """
         now = _now()
-        with self._write() as tx:
+        accepted = _label_subsets(labels or {})
+        with self._write(rows_only=True) as tx:
             candidates = tx.execute(
                 "SELECT j.id, j.build_id, b.status AS build_status, b.max_parallel, b.repo_id, "
                 "r.max_builds FROM jobs j JOIN builds b ON b.id = j.build_id "
-                "JOIN repos r ON r.id = b.repo_id WHERE j.status = ? ORDER BY j.id LIMIT 64",
-                (PENDING,)).fetchall()
-            candidate = next((row for row in candidates if self._may_start(tx, row)), None)
+                "JOIN repos r ON r.id = b.repo_id WHERE j.status = ? "
+                f"AND j.labels IN ({', '.join('?' for _ in accepted)}) ORDER BY j.id LIMIT 64",
+                (PENDING, *accepted)).fetchall()
+            candidate = next((row for index, row in enumerate(candidates)
+                              if self._take(tx, row, wait=index == 0)
+                              and self._may_start(tx, row)), None)
             if candidate is None:
                 return None
             tx.execute("UPDATE jobs SET status = ?, started_at = ?, claimed_by = ?, "
@@ -3306,6 +3395,12 @@ class Store:
             self._roll_up(tx, candidate["build_id"], now)
             return dict(tx.execute("SELECT * FROM jobs WHERE id = ?",
                                    (candidate["id"],)).fetchone())
+
+    @staticmethod
+    def _take(tx, candidate, *, wait):
+        """Lock a candidate job for this claim; False if another claim has it
+        (SQLite: the claim already holds the whole file)."""
+        return True
 
     @staticmethod
     def _may_start(tx, candidate):
@@ -3321,7 +3416,11 @@ class Store:
     def finish_job(self, job_id, status, *, exit_code=0, error="", message=""):
         """Record a job's end, apply fail_fast and roll the build's status up."""
         now = _now()
-        with self._write() as tx:
+        with self._write(rows_only=True) as tx:
+            job = tx.execute("SELECT build_id FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if job is None:
+                return  # deleted
+            self._lock_build(tx, job["build_id"])  # the build first, as every writer of its jobs
             job = tx.execute("SELECT build_id, number, status FROM jobs WHERE id = ?",
                              (job_id,)).fetchone()
             if job is None or job["status"] in DONE_STATUSES:
@@ -3364,6 +3463,7 @@ class Store:
 
     def _cancel_jobs(self, tx, build_id, job_number, pending_status, message, now,
                      require_active=False):
+        self._lock_build(tx, build_id)
         sql = "SELECT id, number, status FROM jobs WHERE build_id = ? AND status IN (?, ?)"
         params = [build_id, PENDING, RUNNING]
         if job_number is not None:
@@ -3399,7 +3499,7 @@ class Store:
 
     def add_steps(self, job_id, steps):
         """Record a job's steps, pending, in order: [(name, kind), ...]; returns their ids."""
-        with self._write() as tx:
+        with self._write(rows_only=True) as tx:
             tx.execute("DELETE FROM steps WHERE job_id = ?", (job_id,))
             return [tx.insert("INSERT INTO steps (job_id, number, name, kind) "
                               "VALUES (?, ?, ?, ?)", (job_id, number, name, kind))
@@ -3412,9 +3512,7 @@ class Store:
         if unknown:
             raise BadRequest(f"unknown step field {min(unknown)!r}")
         assignments = ", ".join(f"{key} = ?" for key in fields)
-        with self._write() as tx:
-            tx.execute(f"UPDATE steps SET {assignments} WHERE id = ?",
-                       (*fields.values(), step_id))
+        self._write_one(f"UPDATE steps SET {assignments} WHERE id = ?", (*fields.values(), step_id))
 
     def list_steps(self, job_ids):
         """{job id: [steps in order]} for the given jobs."""
@@ -3431,6 +3529,7 @@ class Store:
     # -- status history and roll-up -----------------------------------------
 
     def _record_status(self, tx, build_id, job_id, status, message, now):
+        self._lock_build(tx, build_id)  # statuses are numbered within their build
         usual = _DEFAULT_MESSAGES.get((job_id is None, status), "")
         if message == usual or usual.endswith("{}") and message.startswith(usual[:-2]):
             message = ""  # the usual words are not stored: they are shown when read
@@ -3444,6 +3543,7 @@ class Store:
         """Derive the build's status from its jobs (DESIGN.md section 3), with
         aggregates: a 256-job matrix costs one pass in SQLite, not 256 rows.
         A build `cancelled` before any job failed ends killed, not success."""
+        self._lock_build(tx, build_id)
         build = tx.execute("SELECT status FROM builds WHERE id = ?", (build_id,)).fetchone()
         totals = tx.execute(
             "SELECT count(*), "
@@ -3478,7 +3578,7 @@ class Store:
         return [_with_message(row) for row in self._query(
             "SELECT s.*, j.number AS job_number, j.claimed_by FROM statuses s LEFT JOIN jobs j "
             "ON j.id = s.job_id WHERE s.build_id = ? ORDER BY s.build_id, s.id LIMIT ? OFFSET ?",
-            (build_id, limit, offset))]
+            (build_id, limit if limit >= 0 else 2 ** 62, offset))]
 
     def count_statuses(self, build_id):
         return self._scalar("SELECT count(*) FROM statuses WHERE build_id = ?", (build_id,))
@@ -3538,7 +3638,7 @@ class Store:
                 tx.execute("INSERT INTO crons (repo_id, name, expression, branch, next_at, "
                            "created_at) VALUES (?, ?, ?, ?, ?, ?)",
                            (repo_id, name, expression, branch, next_at, _now()))
-        except self.IntegrityError:
+        except sqlite3.IntegrityError:
             raise Conflict(f"cron {name} already exists") from None
         return self._query_one("SELECT * FROM crons WHERE repo_id = ? AND name = ?",
                                (repo_id, name))
@@ -3601,8 +3701,8 @@ class Store:
 
     def next_report_due(self):
         """When (time.time()) the next undelivered report is due, or None."""
-        return self._scalar("SELECT min(max(next_at, claimed_until)) FROM reports "
-                            "WHERE done = 0")
+        return self._scalar("SELECT min(CASE WHEN next_at > claimed_until THEN next_at "
+                            "ELSE claimed_until END) FROM reports WHERE done = 0")
 
     def finish_report(self, report_id, *, error="", retry_in=None):
         """Record a delivery: done, or (with `retry_in` seconds) tried again
@@ -3623,28 +3723,33 @@ class Store:
 
     # -- runners ------------------------------------------------------------
 
-    def register_runner(self, runner_id, hostname, pid, workers=0):
+    def register_runner(self, runner_id, hostname, pid, workers=0, labels=None):
         """Record a runner: its host, its process by pid and start time (so
-        that a restart knows at once whether that process still runs), and
-        how many jobs it runs at once."""
+        that a restart knows at once whether that process still runs), how
+        many jobs it runs at once and its labels."""
         now = _now()
         with self._write() as tx:
             tx.execute("INSERT INTO runners (id, hostname, pid, pid_start, workers, started_at, "
-                       "heartbeat_at) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE "
-                       "SET heartbeat_at = excluded.heartbeat_at",
-                       (runner_id, hostname, pid, _process_start(pid), workers, now, now))
+                       "heartbeat_at, labels) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) "
+                       "DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
+                       (runner_id, hostname, pid, _process_start(pid), workers, now, now,
+                        json.dumps(labels or {}, sort_keys=True)))
 
     def unregister_runner(self, runner_id):
         with self._write() as tx:
             tx.execute("DELETE FROM runners WHERE id = ?", (runner_id,))
 
     def heartbeat(self, runner_id):
-        """Stamp a runner and its running jobs as alive."""
+        """Stamp a runner and its running jobs as alive. False if the runner
+        is not registered (any more: another process found it lost)."""
         now = _now()
-        with self._write() as tx:
-            tx.execute("UPDATE runners SET heartbeat_at = ? WHERE id = ?", (now, runner_id))
-            tx.execute("UPDATE jobs SET heartbeat_at = ? WHERE status = ? AND claimed_by = ?",
-                       (now, RUNNING, runner_id))
+        with self._write(rows_only=True) as tx:
+            known = tx.execute("UPDATE runners SET heartbeat_at = ? WHERE id = ?",
+                               (now, runner_id)).rowcount
+            tx.execute(self._STAMP_JOBS, (now, RUNNING, runner_id))
+        return bool(known)
+
+    _STAMP_JOBS = "UPDATE jobs SET heartbeat_at = ? WHERE status = ? AND claimed_by = ?"
 
     def queue(self):
         """Every pending job, in the order runners take them, with why it
@@ -3658,7 +3763,7 @@ class Store:
             "b.number AS build, b.repo_id, r.owner, r.name FROM jobs j JOIN builds b ON b.id = j.build_id "
             "JOIN repos r ON r.id = b.repo_id WHERE j.status = ? ORDER BY j.id", (RUNNING,))
         pending = self._query(
-            "SELECT j.id, j.number AS job, j.enqueued_at, j.build_id, b.number AS build, "
+            "SELECT j.id, j.number AS job, j.enqueued_at, j.build_id, b.number AS build, j.labels, "
             "b.status AS build_status, b.max_parallel, b.repo_id, r.owner, r.name, "
             "r.max_builds FROM jobs j JOIN builds b ON b.id = j.build_id "
             "JOIN repos r ON r.id = b.repo_id WHERE j.status = ? ORDER BY j.id", (PENDING,))
@@ -3666,10 +3771,16 @@ class Store:
         running_builds = collections.Counter(
             row["repo_id"] for row in self._query("SELECT repo_id FROM builds WHERE status = ?",
                                                   (RUNNING,)))
+        offered = [json.loads(runner["labels"]).items() for runner in runners]
         queue = []
         for position, job in enumerate(pending, start=1):
+            required = json.loads(job["labels"]).items()
             if not runners:
                 reason = "no runner is running: start `cirunner serve` (or `build --wait`)"
+            elif not any(required <= labels for labels in offered):
+                reason = ("no runner has the labels it requires: "
+                          + ",".join(f"{key}={value}" for key, value in sorted(required))
+                          + " (start `cirunner agent --labels ...` on a machine that has them)")
             elif job["max_parallel"] and by_build[job["build_id"]] >= job["max_parallel"]:
                 reason = (f"its build runs {job['max_parallel']} jobs at once (max_parallel) "
                           "and they are all running")
@@ -3711,34 +3822,43 @@ class Store:
         runner starting now takes first. [{owner, name, number, jobs}], oldest first."""
         return self._query("SELECT r.owner, r.name, b.number, COUNT(*) AS jobs FROM jobs j "
                            "JOIN builds b ON b.id = j.build_id JOIN repos r ON r.id = b.repo_id "
-                           "WHERE j.status = ? AND b.id < ? GROUP BY b.id ORDER BY b.id",
+                           "WHERE j.status = ? AND b.id < ? GROUP BY b.id, r.owner, r.name, b.number "
+                           "ORDER BY b.id",
                            (PENDING, build_id))
 
     def active_runners(self, max_age=RUNNER_LOST_SECONDS):
         return self._query("SELECT * FROM runners WHERE heartbeat_at >= ?", (_now() - max_age,))
 
-    def recover_lost_jobs(self, runner_id, hostname, pid, *, max_age=RUNNER_LOST_SECONDS):
+    def recover_lost_jobs(self, runner_id, hostname, pid, *, max_age=RUNNER_LOST_SECONDS,
+                          here=None):
         """Mark as error the running jobs of runners that are gone.
 
         A runner is gone when it is on this host and its process has ended
         (dead, a zombie, or its pid now another process's), or is this process
         under another runner id (as after a restart in a container), or when
         its heartbeat is older than `max_age` seconds.
-        Returns the ids of the jobs recovered.
+        Returns the ids of the jobs recovered; those whose runner was on this
+        host (where what is left of them may still run) are added to `here`.
         """
         now = _now()
         with self._write() as tx:
             runners = tx.execute("SELECT * FROM runners WHERE id != ?", (runner_id,)).fetchall()
-            lost = {runner["id"] for runner in runners if (
-                runner["hostname"] == hostname and (
-                    runner["pid"] == pid or not _same_process(runner["pid"], runner["pid_start"]))
-                or runner["heartbeat_at"] < now - max_age)}
+            lost = {}  # runner id -> what its jobs say
+            for runner in runners:
+                if runner["hostname"] == hostname and (
+                        runner["pid"] == pid or not _same_process(runner["pid"],
+                                                                  runner["pid_start"])):
+                    lost[runner["id"]] = _RUNNER_STOPPED
+                elif runner["heartbeat_at"] < now - max_age:
+                    lost[runner["id"]] = (f"agent lost: runner {runner['id']} sent no heartbeat "
+                                          f"for {now - runner['heartbeat_at']} s")
             known = {runner["id"] for runner in runners} | {runner_id}
             jobs = [job for job in tx.execute(
                 "SELECT id, build_id, claimed_by FROM jobs WHERE status = ?", (RUNNING,))
                 if job["claimed_by"] in lost or job["claimed_by"] not in known]
-            message = "runner stopped: the runner running this job is gone (crash or kill)"
             for job in jobs:
+                message = lost.get(job["claimed_by"], _RUNNER_STOPPED)
+                self._lock_build(tx, job["build_id"])
                 tx.execute("UPDATE jobs SET status = ?, error = ?, exit_code = 0, "
                            "finished_at = ? WHERE id = ?", (ERROR, message, now, job["id"]))
                 self._record_status(tx, job["build_id"], job["id"], ERROR, message, now)
@@ -3746,6 +3866,9 @@ class Store:
                 self._roll_up(tx, build_id, now)
             for lost_id in lost:
                 tx.execute("DELETE FROM runners WHERE id = ?", (lost_id,))
+        hosts = {runner["id"]: runner["hostname"] for runner in runners}
+        if here is not None:
+            here += [job["id"] for job in jobs if hosts.get(job["claimed_by"], hostname) == hostname]
         return [job["id"] for job in jobs]
 
     # -- logs ---------------------------------------------------------------
@@ -3754,11 +3877,9 @@ class Store:
         """Store one chunk of a job's log (seq and offset kept by the one writer),
         compressed (see _LogCodec); offsets count the log's own bytes."""
         codec, stored = _CODEC.encode(data)  # outside the lock: others write meanwhile
-        conn = self._connection()
-        with self._write_lock:
-            conn.execute("INSERT INTO log_chunks (job_id, seq, offset, data, codec, size) "
-                         "VALUES (?, ?, ?, ?, ?, ?)", (job_id, seq, offset, stored, codec,
-                                                       len(data)))
+        self._write_one("INSERT INTO log_chunks (job_id, seq, offset, data, codec, size) "
+                        "VALUES (?, ?, ?, ?, ?, ?)", (job_id, seq, offset, stored, codec,
+                                                      len(data)))
         self._wake_log_followers()
 
     def log_size(self, job_id):
@@ -3962,6 +4083,330 @@ class _LogReader(io.RawIOBase):
         return len(data)
 
 
+# -- PostgreSQL ------------------------------------------------------------------
+
+# One lock (pg_advisory_xact_lock) stands for SQLite's one writer: every write
+# transaction that is not `rows_only` holds it; migrations hold another.
+_PG_WRITE_LOCK = 0x63697275  # "ciru"
+_PG_MIGRATE_LOCK = 0x63697276
+_PG_CHANNEL = "cirunner"
+_PG_TYPES = ((re.compile(r"\bINTEGER PRIMARY KEY\b"),
+              "BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY"),
+             (re.compile(r"\bINTEGER\b"), "BIGINT"), (re.compile(r"\bBLOB\b"), "BYTEA"),
+             (re.compile(r"\bREAL\b"), "DOUBLE PRECISION"),
+             (re.compile(r"\)\s*WITHOUT ROWID"), ")"))
+
+
+@functools.lru_cache(maxsize=1024)
+def _pg_sql(sql):
+    """The store's SQL as PostgreSQL reads it: %s placeholders (a literal %
+    doubled), and the log chunks' `offset` column quoted (a keyword there).
+    The statements are the store's own: no user text is in them."""
+    sql = re.sub(r"\boffset\b", '"offset"', sql.replace("%", "%%"))
+    return sql.replace("?", "%s")
+
+
+class _PgRow(tuple):
+    """A row read by position or by name, as sqlite3.Row."""
+
+    def __new__(cls, values, index):
+        row = super().__new__(cls, values)
+        row.index_of = index
+        return row
+
+    def __getitem__(self, key):
+        return super().__getitem__(self.index_of[key] if isinstance(key, str) else key)
+
+    def keys(self):
+        return list(self.index_of)
+
+
+def _pg_row_factory(cursor):
+    index = {column.name: number for number, column in enumerate(cursor.description or ())}
+    return lambda values: _PgRow(values, index)
+
+
+class _PgConnection:
+    """A psycopg connection that speaks as the store's sqlite3 connections do:
+    the same SQL (see _pg_sql), rows by name and position, and errors as the
+    DB-API classes of the sqlite3 module, which the store's callers handle
+    (a constraint: IntegrityError; an outage, a lock or a full disk:
+    OperationalError)."""
+
+    def __init__(self, psycopg, url):
+        self.psycopg = psycopg
+        try:
+            self.conn = psycopg.connect(url, autocommit=True, row_factory=_pg_row_factory)
+        except psycopg.Error as exc:
+            raise sqlite3.OperationalError(f"cannot reach PostgreSQL: {exc}") from exc
+
+    def execute(self, sql, params=()):
+        params = [int(value) if isinstance(value, bool) else value for value in params]
+        try:
+            return self.conn.execute(_pg_sql(sql), params)
+        except self.psycopg.errors.IntegrityError as exc:
+            raise sqlite3.IntegrityError(str(exc)) from exc
+        except self.psycopg.errors.DiskFull as exc:
+            raise sqlite3.OperationalError(f"disk is full: {exc}") from exc
+        except (self.psycopg.OperationalError, self.psycopg.errors.LockNotAvailable,
+                self.psycopg.errors.DeadlockDetected,
+                self.psycopg.errors.SerializationFailure) as exc:
+            raise sqlite3.OperationalError(str(exc)) from exc
+        except self.psycopg.Error as exc:
+            raise sqlite3.DatabaseError(str(exc)) from exc
+
+    @property
+    def in_transaction(self):
+        return self.conn.info.transaction_status != self.psycopg.pq.TransactionStatus.IDLE
+
+    @property
+    def broken(self):
+        return self.conn.closed or self.conn.broken
+
+    def close(self):
+        self.conn.close()
+
+
+class _PgTransaction(_Transaction):
+    def insert(self, sql, params=()):
+        return self.conn.execute(sql + " RETURNING id", params).fetchone()[0]
+
+
+class PostgresStore(Store):
+    """The store on PostgreSQL, shared by every `serve` and `agent` process on
+    every machine (DESIGN.md section 8): the same schema, migrations and
+    methods as the SQLite store.
+
+    Writes run side by side where they only lock rows of their own (claims
+    with ``FOR UPDATE SKIP LOCKED``, steps, heartbeats, log chunks); the
+    others take one advisory lock, in turn, as on SQLite. Commits tell the
+    other processes through ``LISTEN/NOTIFY`` (new jobs, cancels, reports,
+    log chunks), which reach this store's listeners as local commits do.
+
+    The key that seals secrets is the file ``DATA/secret.key``: every machine
+    needs the same one (copied, mode 0600).
+    """
+
+    _transaction_class = _PgTransaction
+
+    def __init__(self, url, *, data_dir):
+        self.url = url
+        self.path = None
+        self.busy_timeout = 0
+        self._psycopg = _optional("psycopg", "a PostgreSQL store",
+                                  "'cirunner[postgres]'  (or: pip install 'psycopg[binary]')")
+        self._setup(data_dir)
+        self._instance = uuid.uuid4().hex[:12]  # notifications of this store are not news to it
+        self._version = 0                       # notifications from other processes so far
+        self._listener = None
+        self._listening = threading.Event()
+        self._migrate()
+
+    @classmethod
+    def open(cls, data_dir, url=None, **options):
+        _make_data_dir(data_dir)
+        return cls(url, data_dir=data_dir, **options)
+
+    def identity(self):
+        """The database's address, without its password."""
+        return re.sub(r"://([^:/@]*):[^@/]*@", r"://\1@", self.url)
+
+    def _connect(self):
+        return _PgConnection(self._psycopg, self.url)
+
+    def _connection(self):
+        conn = getattr(self._local, "conn", None)
+        if conn is not None and conn.broken:  # the server restarted, or the network went
+            self._local.conn = None
+            with self._connections_lock, contextlib.suppress(ValueError):
+                self._connections.remove(conn)
+        return super()._connection()
+
+    @contextlib.contextmanager
+    def _begin(self, conn, rows_only):
+        conn.execute("BEGIN")
+        if not rows_only:
+            conn.execute("SELECT pg_advisory_xact_lock(?)", (_PG_WRITE_LOCK,))
+        yield
+
+    def _publish(self, conn, events):
+        for event, ids in events:
+            for start in range(0, len(ids), 500):  # a notification holds < 8000 bytes
+                conn.execute("SELECT pg_notify(?, ?)", (_PG_CHANNEL, json.dumps(
+                    {"from": self._instance, "event": event, "ids": ids[start:start + 500]})))
+
+    def _write_one(self, sql, params=()):
+        return self._connection().execute(sql, params)
+
+    def _lock_build(self, tx, build_id):
+        # Every transaction that changes a build's jobs or statuses holds its
+        # row first (jobs after builds: no two wait for each other). NO KEY:
+        # rows that refer to the build (log chunks, reports) are still added.
+        if build_id not in tx.locked_builds:
+            tx.execute("SELECT 1 FROM builds WHERE id = ? FOR NO KEY UPDATE", (build_id,))
+            tx.locked_builds.add(build_id)
+
+    # A job being finished is not stamped (nor waited for).
+    _STAMP_JOBS = ("UPDATE jobs SET heartbeat_at = ? WHERE id IN (SELECT id FROM jobs "
+                   "WHERE status = ? AND claimed_by = ? FOR NO KEY UPDATE SKIP LOCKED)")
+
+    def _stamp_token(self, token_id):
+        # One row, in a statement of its own: nothing else waits for it.
+        with contextlib.suppress(sqlite3.OperationalError):
+            self._connection().execute("UPDATE tokens SET last_used_at = ? WHERE id = ?",
+                                       (_now(), token_id))
+
+    @staticmethod
+    def _take(tx, candidate, *, wait):
+        # The build's row first (its statuses are numbered in it), and the
+        # repository's for max_builds: waited for only while holding nothing,
+        # so that two claims never wait for each other.
+        mode = "" if wait else " SKIP LOCKED"
+        if tx.execute(f"SELECT 1 FROM builds WHERE id = ? FOR NO KEY UPDATE{mode}",
+                      (candidate["build_id"],)).fetchone() is None:
+            return False
+        tx.locked_builds.add(candidate["build_id"])
+        if candidate["max_builds"] and tx.execute(
+                f"SELECT 1 FROM repos WHERE id = ? FOR NO KEY UPDATE{mode}",
+                (candidate["repo_id"],)).fetchone() is None:
+            return False
+        return tx.execute("SELECT 1 FROM jobs WHERE id = ? AND status = ? "
+                          "FOR UPDATE SKIP LOCKED", (candidate["id"], PENDING)
+                          ).fetchone() is not None
+
+    # -- schema -------------------------------------------------------------
+
+    def _migrate(self):
+        conn = self._connect()
+        try:
+            conn.execute("BEGIN")
+            conn.execute("SELECT pg_advisory_xact_lock(?)", (_PG_MIGRATE_LOCK,))
+            conn.execute("CREATE TABLE IF NOT EXISTS cirunner_schema (version BIGINT NOT NULL, "
+                         "key_check TEXT NOT NULL DEFAULT '')")
+            conn.execute("INSERT INTO cirunner_schema (version) SELECT 0 WHERE NOT EXISTS "
+                         "(SELECT 1 FROM cirunner_schema)")
+            conn.execute("COMMIT")
+            self._apply_migrations(conn)
+            self._check_key(conn)
+        finally:
+            conn.close()
+
+    def _check_key(self, conn):
+        """Every process on the store seals with one key, the first one's: a
+        machine without it, or with another, is stopped before it seals a
+        secret nobody else can open (or fails every build that has one)."""
+        known = conn.execute("SELECT key_check FROM cirunner_schema").fetchone()[0]
+        where = (f"copy DATA/secret.key of the machine that first served this database to "
+                 f"{self.sealer.key_path} (mode 0600; see the README, More than one machine)")
+        if known and not os.path.exists(self.sealer.key_path):
+            raise CIRunnerError(f"this machine has no key for the secrets of the store: {where}")
+        check = self.sealer.derive("key check").hex()[:32]
+        if not known:
+            conn.execute("UPDATE cirunner_schema SET key_check = ? WHERE key_check = ''",
+                         (check,))
+            known = conn.execute("SELECT key_check FROM cirunner_schema").fetchone()[0]
+        if known != check:
+            raise CIRunnerError(f"{self.sealer.key_path} is not the key the store's secrets "
+                                f"are sealed with: {where}")
+
+    @staticmethod
+    def _version_of(conn):
+        return conn.execute("SELECT version FROM cirunner_schema").fetchone()[0]
+
+    @staticmethod
+    def _set_version(conn, number):
+        conn.execute("UPDATE cirunner_schema SET version = ?", (number,))
+
+    @staticmethod
+    def _ddl(statement):
+        for pattern, replacement in _PG_TYPES:
+            statement = pattern.sub(replacement, statement)
+        return statement
+
+    # -- what SQLite needs and PostgreSQL does itself --------------------------
+
+    def checkpoint(self):
+        """Nothing to do: PostgreSQL checkpoints and vacuums by itself."""
+
+    def wal_bytes(self):
+        return 0
+
+    def give_back_space(self, pages=VACUUM_BATCH_PAGES):
+        return False  # autovacuum's work
+
+    @staticmethod
+    def _stored_build_fields(tx, repo_id, fields):
+        values = Store._stored_build_fields(tx, repo_id, fields)
+        if isinstance(values.get("commit_sha"), bytes):  # a TEXT column here: kept as hex
+            values["commit_sha"] = values["commit_sha"].hex()
+        return values
+
+    def close(self):
+        super().close()
+        listener = self._listener
+        if listener is not None:
+            listener.join(2.0)
+
+    # -- other processes: LISTEN/NOTIFY ----------------------------------------
+
+    def data_version(self):
+        """How many commits of other processes this one has heard of."""
+        self._start_listening()
+        return self._version
+
+    def add_listener(self, callback):
+        self._start_listening()
+        super().add_listener(callback)
+
+    def log_events_seen(self):
+        self._start_listening()
+        return super().log_events_seen()
+
+    def _wake_log_followers(self):
+        super()._wake_log_followers()
+        # Followers in other processes too (one short statement per chunk).
+        with contextlib.suppress(sqlite3.Error):
+            self._connection().execute("SELECT pg_notify(?, ?)", (_PG_CHANNEL, json.dumps(
+                {"from": self._instance, "event": "log", "ids": []})))
+
+    def _start_listening(self):
+        with self._connections_lock:
+            if self._listener is None and not self._closed:
+                self._listener = threading.Thread(target=self._listen, daemon=True,
+                                                  name="cirunner-pg-listener")
+                self._listener.start()
+        self._listening.wait(10.0)
+
+    def _listen(self):
+        """Hear the other processes' commits until the store closes; after an
+        outage, everything counts as changed (what was said meanwhile is lost)."""
+        while not self._closed:
+            try:
+                with self._psycopg.connect(self.url, autocommit=True) as conn:
+                    conn.execute(f"LISTEN {_PG_CHANNEL}")
+                    self._heard("", "")  # listening (again): whatever happened before counts
+                    self._listening.set()
+                    while not self._closed:
+                        for note in conn.notifies(timeout=0.5):
+                            self._heard(note.channel, note.payload)
+            except self._psycopg.Error as exc:
+                self._listening.set()  # no one waits for a listener that cannot listen
+                _log.warning("listening for PostgreSQL notifications: %s; trying again", exc)
+                time.sleep(1.0)
+
+    def _heard(self, channel, payload):
+        try:
+            note = json.loads(payload) if payload else {"event": "", "ids": []}
+        except ValueError:
+            return
+        if note.get("from") == self._instance:
+            return  # this process's own: its listeners heard it at commit
+        self._version += 1
+        if note["event"] in ("enqueued", "cancel", "report"):
+            self._notify(note["event"], note["ids"])
+        Store._wake_log_followers(self)
+
+
 ###############################################################################
 # Builds ######################################################################
 ###############################################################################
@@ -4089,7 +4534,8 @@ def _make_build(store, repo, request, *, max_jobs=DEFAULT_MAX_JOBS, resolve=_res
             if pipeline is not None:
                 environments = pipeline.matrix
                 fields.update(fail_fast=int(pipeline.fail_fast),
-                              max_parallel=pipeline.max_parallel)
+                              max_parallel=pipeline.max_parallel,
+                              labels=pipeline.runner_labels())
     except _GitError as exc:
         error = f"cannot fetch {_redact_url(repo['url'])}: {exc.message}"
     fields.update({key: value for key, value in request.fields.items()
@@ -5496,8 +5942,19 @@ class Executor:
                  max_jobs=DEFAULT_MAX_JOBS, public_url="", report_backoff=2.0,
                  sandbox="auto", engine="auto", runner=None, keep_builds=DEFAULT_KEEP_BUILDS,
                  keep_days=DEFAULT_KEEP_DAYS, max_log_bytes=DEFAULT_MAX_LOG_BYTES,
-                 prune_every=PRUNE_SECONDS):
+                 prune_every=PRUNE_SECONDS, labels=None, agent_timeout=RUNNER_LOST_SECONDS,
+                 serving=True):
         self.store = store
+        # An agent (not `serving`) only runs jobs: crons, commit statuses and
+        # pruning are the servers' (each done once, whichever server takes it).
+        self.serving = serving
+        # What this runner offers the jobs that require labels: its platform,
+        # and any the operator gives (`--labels`).
+        self.labels = {"platform": f"linux/{_machine()}", **(labels or {})}
+        if len(self.labels) > MAX_RUNNER_LABELS:
+            raise BadRequest(f"a runner has at most {MAX_RUNNER_LABELS} labels, its platform "
+                             "included")
+        self.agent_timeout = agent_timeout
         self.keep_builds, self.keep_days = keep_builds, keep_days
         self.max_log_bytes = max_log_bytes
         self.metrics = None  # a _Metrics, when a server with metrics runs this executor
@@ -5521,7 +5978,7 @@ class Executor:
         self.hostname = socket.gethostname()
         self.runner_id = runner_id or f"{self.hostname}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         # Job tokens start with this, so that a restart finds what a dead runner left.
-        self.store_key = hashlib.sha1(os.path.abspath(store.path).encode()).hexdigest()[:10]
+        self.store_key = hashlib.sha1(store.identity().encode()).hexdigest()[:10]
         self.base_environment = _job_base_environment(os.environ)
         self._registered = False
         self._stopping = threading.Event()
@@ -5534,8 +5991,8 @@ class Executor:
         self._threads = []
         self._tasks = [
             _Task("notice changes", 0.0, self._notice_changes),
-            _Task("heartbeat", HEARTBEAT_SECONDS, lambda: self.store.heartbeat(self.runner_id)),
-            _Task("recover lost jobs", RUNNER_LOST_SECONDS / 2, self._recover),
+            _Task("heartbeat", min(HEARTBEAT_SECONDS, agent_timeout / 4), self._heartbeat),
+            _Task("recover lost jobs", agent_timeout / 2, self._recover),
             # Also as soon as the WAL is big: a writer that reaches the
             # backstop checkpoints in line and stalls whoever logs fast.
             _Task("checkpoint", CHECKPOINT_SECONDS, self.store.checkpoint,
@@ -5546,6 +6003,9 @@ class Executor:
             _Task("prune", prune_every, lambda: prune(
                 self.store, keep_builds=self.keep_builds, keep_days=self.keep_days, seconds=1.0)),
         ]
+        if not serving:
+            self._tasks = [task for task in self._tasks
+                           if task.name not in ("fire crons", "prune", "checkpoint")]
         self._last_version = None
 
     # -- lifecycle ----------------------------------------------------------
@@ -5556,7 +6016,8 @@ class Executor:
         for index in range(self.workers):
             self._spawn_thread(self._worker_loop, f"cirunner-worker-{index + 1}")
         self._spawn_thread(self._maintenance_loop, "cirunner-maintenance")
-        self._spawn_thread(self._report_loop, "cirunner-reporter")
+        if self.serving:
+            self._spawn_thread(self._report_loop, "cirunner-reporter")
 
     def _spawn_thread(self, target, name):
         thread = threading.Thread(target=target, name=name, daemon=True)
@@ -5603,18 +6064,40 @@ class Executor:
         if self._registered:
             return
         self._start_runner()
-        self.store.register_runner(self.runner_id, self.hostname, os.getpid(), self.workers)
+        self.store.register_runner(self.runner_id, self.hostname, os.getpid(), self.workers,
+                                   self.labels)
         self._recover()
         self.store.add_listener(self._on_store_event)
         self._registered = True
 
+    def _heartbeat(self):
+        if self.store.heartbeat(self.runner_id):
+            return
+        # Another process found this runner lost (no heartbeat for the agent
+        # timeout: a network or database outage) and ended its jobs: stop
+        # what is left of them here, and come back as a runner.
+        with self._running_lock:
+            running = list(self._running.values())
+        for run in running:
+            with contextlib.suppress(NotFound):
+                job = self.store.get_job_by_id(run.job["id"])
+                if job["status"] != RUNNING or job["claimed_by"] != self.runner_id:
+                    run.request_stop(job["error"] or "agent lost")
+        _log.warning("this runner was found lost (no heartbeat for %g s); its jobs were "
+                     "ended elsewhere; registering again", self.agent_timeout)
+        self.store.register_runner(self.runner_id, self.hostname, os.getpid(), self.workers,
+                                   self.labels)
+
     def _recover(self):
-        recovered = self.store.recover_lost_jobs(self.runner_id, self.hostname, os.getpid())
+        here = []  # a lost runner on another machine cleans up when it comes back
+        recovered = self.store.recover_lost_jobs(self.runner_id, self.hostname, os.getpid(),
+                                                 max_age=self.agent_timeout, here=here)
         if recovered:
-            _log.warning("marked %d job(s) of stopped runners as error", len(recovered))
-            self.runner.recover([f"{self.store_key}-{job_id}-" for job_id in recovered])
+            _log.warning("marked %d job(s) of stopped or lost runners as error", len(recovered))
+        if here:
+            self.runner.recover([f"{self.store_key}-{job_id}-" for job_id in here])
             if self.engine is not None:
-                self.engine.recover(recovered)
+                self.engine.recover(here)
 
     def stop(self, reason="server shut down", timeout=None):
         """Stop taking jobs, kill running ones (recorded as killed with
@@ -5642,7 +6125,7 @@ class Executor:
         self._register()
         count = 0
         while True:
-            job = self.store.claim_next_job(self.runner_id)
+            job = self.store.claim_next_job(self.runner_id, self.labels)
             if job is None:
                 return count
             self.run_job(job)
@@ -5741,7 +6224,7 @@ class Executor:
                 self._stopping.wait(0.5)
                 continue
             try:
-                job = self.store.claim_next_job(self.runner_id)
+                job = self.store.claim_next_job(self.runner_id, self.labels)
             except Exception as exc:  # noqa: BLE001 - the worker logs and keeps running
                 if _is_disk_full(exc):
                     _log.warning("claiming a job: %s; trying again", exc)
@@ -8427,6 +8910,9 @@ class _ReadCache:
 
     def __call__(self, environ, start_response):
         method, path = environ.get("REQUEST_METHOD", ""), environ.get("PATH_INFO", "")
+        if self.store_path is None:
+            # PostgreSQL: no counter of every commit to tell a stale answer by.
+            return self.app(environ, start_response)
         # Not with cookies: a browser's session also ends with time, not only
         # with a commit.
         if not _is_cacheable_request(method, path) or "HTTP_COOKIE" in environ:
@@ -8642,8 +9128,21 @@ def _write_prefixed(chunks, prefix, out):
 # -- where the command line works: the local store, or a server over HTTP ----------
 
 
-def _open_store(data_dir):
-    """The store in `data_dir`: only `serve` and `exec` make one."""
+def open_store(data_dir, db=None):
+    """The store of `data_dir`: its SQLite file, or the PostgreSQL database
+    at `db` (postgresql://user:password@host/database) that several machines share."""
+    if not db:
+        return Store.open(data_dir)
+    if not db.startswith(("postgresql://", "postgres://")):
+        raise BadRequest(f"--db expects postgresql://user:password@host/database, not "
+                         f"{_redact_url(db)!r}")
+    return PostgresStore.open(data_dir, db)
+
+
+def _open_store(data_dir, db=None):
+    """The store in `data_dir` (or at `db`): only `serve` and `exec` make a file."""
+    if db:
+        return open_store(data_dir, db)
     if not os.path.exists(os.path.join(data_dir, "cirunner.db")):
         raise CIRunnerError(
             f"no cirunner store in {os.path.abspath(data_dir)}: point at one with --data DIR "
@@ -8682,7 +9181,7 @@ def _client(args, environ):
         server, token = config.get("server"), token or config.get("token")
     if server:
         return _RemoteClient(server, token)
-    return _LocalClient(_open_store(args.data), args)
+    return _LocalClient(_open_store(args.data, args.db), args)
 
 
 def _build_number(client, full_name, text):
@@ -8996,12 +9495,12 @@ def _warn_unisolated(executor, stderr):
 
 
 def _command_serve(args, stdout, stderr):
-    store = Store.open(args.data)
+    store = open_store(args.data, args.db)
     executor = Executor(store, workers=args.workers, grace=args.grace,
                         keep_workspaces=args.keep_workspaces, sandbox=args.sandbox,
                         engine=args.engine, keep_builds=args.keep_builds,
                         keep_days=args.keep_days, max_log_bytes=args.max_log_bytes,
-                        prune_every=args.prune_every,
+                        prune_every=args.prune_every, agent_timeout=args.agent_timeout,
                         public_url=args.public_url or f"http://{args.host}:{args.port}")
     app = make_app(store, executor, max_streams=max(1, args.threads - 4),
                    metrics_from=[address.strip() for address in args.metrics_from.split(",")
@@ -9015,7 +9514,8 @@ def _command_serve(args, stdout, stderr):
         engine = executor.engine.name if executor.engine else f"none ({executor.engine_problem})"
         print(f"cirunner {__version__}: serving {url}/ with {executor.workers} worker(s), "
               f"steps in {executor.isolation}, images in {engine}, "
-              f"data in {os.path.abspath(args.data)}", file=stderr, flush=True)
+              f"data in {os.path.abspath(args.data)}"
+              f"{f', store {store.identity()}' if args.db else ''}", file=stderr, flush=True)
 
     def stop():
         print("cirunner: shutting down: stopping running jobs", file=stderr, flush=True)
@@ -9025,6 +9525,51 @@ def _command_serve(args, stdout, stderr):
         serve(app, host=args.host, port=args.port, threads=args.threads,
               connection_limit=args.connection_limit, ready=ready, stop=stop)
     finally:
+        store.close()
+    return 0
+
+
+def _parse_labels(text):
+    """{name: value} from "k=v,k2=v2"."""
+    labels = {}
+    for pair in filter(None, (item.strip() for item in (text or "").split(","))):
+        name, equals, value = pair.partition("=")
+        if not equals or not name.strip():
+            raise BadRequest(f"--labels expects NAME=VALUE,..., not {pair!r}")
+        labels[name.strip()] = value.strip()
+    return labels
+
+
+def _command_agent(args, stdout, stderr):
+    """Run jobs from the shared store until SIGTERM or SIGINT (a second one
+    skips the jobs' grace period); SIGUSR1 drains, as for `serve`."""
+    if not args.db:
+        raise BadRequest("agent runs jobs from a store that servers share: give it "
+                         "--db postgresql://user:password@host/database (or CIRUNNER_DB)")
+    store = open_store(args.data, args.db)
+    executor = Executor(store, workers=args.workers, grace=args.grace, sandbox=args.sandbox,
+                        engine=args.engine, labels=_parse_labels(args.labels),
+                        agent_timeout=args.agent_timeout, serving=False)
+    closing = threading.Event()
+    shutdown = _Shutdown(closing, executor)
+    shutdown.serving = False  # no HTTP loop to leave: the flag is enough
+    handlers = {signal.SIGTERM: shutdown, signal.SIGINT: shutdown, signal.SIGUSR1: shutdown.drain}
+    previous = {sig: signal.signal(sig, handler) for sig, handler in handlers.items()}
+    try:
+        executor.start()
+        _warn_unisolated(executor, stderr)
+        engine = executor.engine.name if executor.engine else f"none ({executor.engine_problem})"
+        labels = ",".join(f"{key}={value}" for key, value in sorted(executor.labels.items()))
+        print(f"cirunner {__version__}: agent {executor.runner_id} runs jobs from "
+              f"{store.identity()} with {executor.workers} worker(s), labels {labels}, "
+              f"steps in {executor.isolation}, images in {engine}", file=stderr, flush=True)
+        while not closing.wait(0.5):
+            pass
+        print("cirunner: shutting down: stopping running jobs", file=stderr, flush=True)
+        executor.stop(reason="agent shut down")
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         store.close()
     return 0
 
@@ -9073,7 +9618,7 @@ def _command_repo(client, args, stdout, stderr):
 
 
 def _command_user(args, stdout, stderr):
-    with _open_store(args.data) as store:
+    with _open_store(args.data, args.db) as store:
         if args.user_command == "add":
             user = store.create_user(args.login, email=args.email or "", admin=args.admin)
             print(f"added user {user['login']}{' (admin)' if user['admin'] else ''}", file=stdout)
@@ -9088,7 +9633,7 @@ def _command_user(args, stdout, stderr):
 
 
 def _command_token(args, stdout, stderr):
-    with _open_store(args.data) as store:
+    with _open_store(args.data, args.db) as store:
         if args.token_command == "create":
             token, secret = store.create_token(args.login, name=args.name or "",
                                                scope=args.scope)
@@ -9222,8 +9767,9 @@ def _command_builds(client, args, stdout, stderr):
 
 def _command_prune(args, stdout, stderr):
     """Prune by hand what a server prunes as it goes (or, --dry-run, show it)."""
-    with _open_store(args.data) as store:
-        before = os.path.getsize(store.path)
+    with _open_store(args.data, args.db) as store:
+        size = (lambda: os.path.getsize(store.path)) if store.path else (lambda: 0)
+        before = size()
         builds, times = prune(store, keep_builds=args.keep_builds, keep_days=args.keep_days,
                               dry_run=args.dry_run)
         for build in builds:
@@ -9232,10 +9778,12 @@ def _command_prune(args, stdout, stderr):
                   f"{build['name']} #{build['number']} ({build['status']}, {day}, "
                   f"{build['log_bytes']} log bytes)", file=stdout)
         store.checkpoint()
-        after = os.path.getsize(store.path)
+        after = size()
         longest = f"; longest transaction {max(times) * 1000:.1f} ms" if times else ""
-        print(f"{len(builds)} build(s) {'to prune' if args.dry_run else 'pruned'}; "
-              f"{os.path.basename(store.path)} {before} -> {after} bytes{longest}", file=stderr)
+        where = (f"; {os.path.basename(store.path)} {before} -> {after} bytes" if store.path
+                 else "")
+        print(f"{len(builds)} build(s) {'to prune' if args.dry_run else 'pruned'}"
+              f"{where}{longest}", file=stderr)
     return 0
 
 
@@ -9246,6 +9794,9 @@ def backup(store, path):
     """Write a consistent copy of `store` (SQLite's online backup API: one
     snapshot, while the store is in use) and its key file to `path`, a
     gzipped tar file made 0600 and put in place whole. Returns its manifest."""
+    if store.path is None:
+        raise BadRequest("backup copies a SQLite store; back a PostgreSQL store up with "
+                         "pg_dump (and keep DATA/secret.key with it)")
     directory = os.path.dirname(os.path.abspath(path))
     with tempfile.TemporaryDirectory(dir=directory, prefix=".cirunner-backup-") as work:
         copy = os.path.join(work, "cirunner.db")
@@ -9339,7 +9890,7 @@ def restore(path, data_dir, *, force=False):
 
 
 def _command_backup(args, stdout, stderr):
-    with _open_store(args.data) as store:
+    with _open_store(args.data, args.db) as store:
         manifest = backup(store, args.file)
     print(f"backed up {os.path.abspath(args.data)} ({manifest['builds']} builds, schema "
           f"{manifest['schema_version']}) and its key to {args.file}; keep it as safe as the "
@@ -9348,6 +9899,9 @@ def _command_backup(args, stdout, stderr):
 
 
 def _command_restore(args, stdout, stderr):
+    if args.db:
+        raise BadRequest("restore brings back a SQLite store; restore a PostgreSQL store "
+                         "with pg_restore or psql")
     manifest = restore(args.file, args.data, force=args.force)
     print(f"restored {args.file} ({manifest['builds']} builds, made "
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(manifest['created_at']))}) into "
@@ -9475,6 +10029,10 @@ def _make_parser(environ):
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--data", default=None,
                         help="data directory (env CIRUNNER_DATA, default ./cirunner-data)")
+    common.add_argument("--db", default=None, metavar="URL",
+                        help="a PostgreSQL store shared by several machines, "
+                             "postgresql://user:password@host/database (env CIRUNNER_DB; "
+                             "default: the SQLite file in the data directory)")
     _add_server_options(common, default=argparse.SUPPRESS)  # also after the command
     workers = argparse.ArgumentParser(add_help=False)  # the commands that may run jobs
     workers.add_argument("--workers", type=int, default=int(env("WORKERS", 0)) or None,
@@ -9487,6 +10045,7 @@ def _make_parser(environ):
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
     _add_serve_parser(commands, common, workers, env)
+    _add_agent_parser(commands, common, workers, env)
     _add_repo_parser(commands, common, env)
     _add_admin_parsers(commands, common)
     _add_build_parsers(commands, common, workers, env)
@@ -9569,6 +10128,7 @@ def _add_serve_parser(commands, common, workers, env):
                               help="comma-separated client addresses that may read /metrics "
                                    "without an admin token (env CIRUNNER_METRICS_FROM)")
     _add_retention_options(serve_parser, env)
+    _add_agent_timeout_option(serve_parser, env)
     serve_parser.add_argument("--max-log-bytes", dest="max_log_bytes", type=int,
                               default=int(env("MAX_LOG_BYTES", DEFAULT_MAX_LOG_BYTES)),
                               help="a job's log keeps its start and its last MiB past this "
@@ -9577,6 +10137,28 @@ def _add_serve_parser(commands, common, workers, env):
                               default=env("KEEP_WORKSPACES", "") in _TRUE_WORDS,
                               help="leave job workspaces on disk after the job")
     serve_parser.set_defaults(handler=_command_serve)
+
+
+def _add_agent_timeout_option(parser, env):
+    parser.add_argument("--agent-timeout", dest="agent_timeout", type=float,
+                        default=float(env("AGENT_TIMEOUT", RUNNER_LOST_SECONDS)),
+                        help="seconds without a heartbeat after which another runner's jobs "
+                             "end as error, agent lost: the same on every machine (env "
+                             "CIRUNNER_AGENT_TIMEOUT, default 60)")
+
+
+def _add_agent_parser(commands, common, workers, env):
+    agent = commands.add_parser("agent", parents=[common, workers],
+                                help="run jobs from a PostgreSQL store (--db) on this machine, "
+                                     "without serving HTTP")
+    agent.add_argument("--labels", default=env("LABELS", ""), metavar="K=V,...",
+                       help="labels jobs may require of this machine, besides its platform "
+                            "(env CIRUNNER_LABELS), e.g. gpu=yes,location=attic")
+    _add_agent_timeout_option(agent, env)
+    agent.add_argument("--grace", type=float, default=float(env("GRACE", DEFAULT_GRACE_SECONDS)),
+                       help="seconds between SIGTERM and SIGKILL of a stopped job "
+                            "(env CIRUNNER_GRACE, default 10)")
+    agent.set_defaults(handler=_command_agent)
 
 
 def _add_retention_options(parser, env):
@@ -9731,6 +10313,7 @@ def main(argv=None, *, environ=None, stdout=None, stderr=None):
     args.environ = environ
     args.data_given = getattr(args, "data", None) is not None or "CIRUNNER_DATA" in environ
     args.data = getattr(args, "data", None) or environ.get("CIRUNNER_DATA") or DEFAULT_DATA_DIR
+    args.db = getattr(args, "db", None) or environ.get("CIRUNNER_DB") or None
     try:
         return args.handler(args, stdout, stderr)
     except BrokenPipeError:

@@ -130,6 +130,17 @@ def http_text(url):
         return response.read().decode()
 
 
+def stop_process(process, timeout=15):
+    """SIGTERM, and SIGKILL if it has not exited within `timeout` seconds."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 class Server:
     """A real `cirunner serve` process on 127.0.0.1 with a free port."""
 
@@ -175,13 +186,7 @@ class Server:
             return handle.read()
 
     def stop(self):
-        if self.process.poll() is None:
-            self.process.terminate()  # a clean stop ends the jobs it runs as well
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)  # a clean stop ends the jobs it runs as well
         self.log.close()
         self.out.close()
 
@@ -1165,8 +1170,15 @@ def test_live_log_line_reaches_an_sse_client_within_a_second(tmp_path, servers):
     status, _ = server.api("POST", "/api/repos/alice/hello/builds", {})
     assert status == 201
     gate = workspace_of(tmp_path / "data", "alice/hello", 1, 1) / "gate"  # seen by the step
+    assert 0 <= live_line_delay(server, gate) < 1_000_000_000
+
+
+def live_line_delay(server, gate, headers=None):
+    """Follow build 1, job 1 of alice/hello live through `server`, let its step
+    print the time (it waits for the file `gate`), and return how many ns
+    after it was printed the line arrived."""
     connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
-    connection.request("GET", "/api/repos/alice/hello/logs/1/1?follow=1")
+    connection.request("GET", "/api/repos/alice/hello/logs/1/1?follow=1", headers=headers or {})
     response = connection.getresponse()
     assert response.status == 200
     assert response.getheader("Content-Type").startswith("text/event-stream")
@@ -1186,12 +1198,12 @@ def test_live_log_line_reaches_an_sse_client_within_a_second(tmp_path, servers):
     reader = threading.Thread(target=read_events)
     reader.start()
     time.sleep(0.3)  # the client is connected and waiting
-    wait_for(gate.parent.is_dir)
+    wait_for(gate.parent.is_dir, timeout=20)
     gate.touch()
     reader.join(10)
     connection.close()
     printed_ns = int(received["text"].split("LIVE-LINE-", 2)[-1].split()[0])
-    assert 0 <= received["at"] - printed_ns < 1_000_000_000
+    return received["at"] - printed_ns
 
 
 @pytest.mark.parametrize(("method", "path", "quick"), [
@@ -4025,3 +4037,13 @@ def test_logs_are_stored_compressed_and_old_raw_chunks_still_read(store, executo
     assert app.get(f"/api/repos/alice/hello/logs/1/1?offset={size - 4}").body == \
         whole[-4:] + b"an old raw chunk\n"
     assert app.get("/api/repos/alice/hello/logs/1/1").body == whole + b"an old raw chunk\n"
+
+
+def test_a_postgresql_store_without_psycopg_names_the_extra(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "psycopg", None)  # as if not installed
+    with pytest.raises(cirunner.CIRunnerError, match=r"pip install 'cirunner\[postgres\]'"):
+        cirunner.open_store(str(tmp_path / "data"), "postgresql://ci@127.0.0.1:1/ci")
+    result = run_cli("agent", "--data", str(tmp_path / "data"))
+    assert result.returncode == 1 and "--db postgresql://" in result.stderr
+    result = run_cli("repo", "list", "--db", "mysql://x", "--data", str(tmp_path / "data"))
+    assert result.returncode == 1 and "--db expects postgresql://" in result.stderr

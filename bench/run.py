@@ -83,6 +83,17 @@ def reset_peak_rss(pid):
         handle.write("5")
 
 
+def stop_process(process, timeout=20):
+    """SIGTERM, and SIGKILL if it has not exited within `timeout` seconds."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 class Server:
     """A real `cirunner serve` on 127.0.0.1, talking over one keep-alive connection."""
 
@@ -151,12 +162,7 @@ class Server:
 
     def stop(self):
         self.connection.close()
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
+        stop_process(self.process)
         self.out.close()
 
 
@@ -281,25 +287,10 @@ def bench_latency(work, samples):
     server = Server(data)
     try:
         server.request("POST", "/api/repos/bench/r", {"url": repo_path})
-        times = []
-        for attempt in range(samples + 5):
-            started = time.perf_counter()
-            build = server.request("POST", "/api/repos/bench/r/builds", {"commit": sha})
-            # Follow the job's live log, as a viewer would: the stream ends with
-            # the job, committed in the same transaction as the build's status.
-            stream = server.request("GET", f"/api/repos/bench/r/logs/{build['number']}/1"
-                                    "?follow=1", raw=True)
-            elapsed = time.perf_counter() - started
-            assert b"event: end" in stream and b'"status": "success"' in stream, stream
-            if attempt >= 5:  # warm-up
-                times.append(elapsed)
+        times = trigger_to_success(server, sha, samples)
     finally:
         server.stop()
-    floor = []
-    for _ in range(samples):
-        started = time.perf_counter()
-        subprocess.run(["true"], check=True)
-        floor.append(time.perf_counter() - started)
+    floor = spawn_times(samples)
     times.sort()
     p95 = times[int(len(times) * 0.95) - 1]
     p50 = statistics.median(times)
@@ -307,6 +298,33 @@ def bench_latency(work, samples):
            "<= 10 ms", p50 <= 0.010, "baseline: spawn+wait of `true`")
     record("latency: API trigger -> success, p95", [p95], "s", statistics.median(floor),
            "<= 25 ms", p95 <= 0.025)
+
+
+def trigger_to_success(server, sha, samples, warm_up=5):
+    """Seconds from an API trigger of bench/r to its job's success, each."""
+    times = []
+    for attempt in range(samples + warm_up):
+        started = time.perf_counter()
+        build = server.request("POST", "/api/repos/bench/r/builds", {"commit": sha})
+        # Follow the job's live log, as a viewer would: the stream ends with
+        # the job, committed in the same transaction as the build's status.
+        stream = server.request("GET", f"/api/repos/bench/r/logs/{build['number']}/1"
+                                "?follow=1", raw=True)
+        elapsed = time.perf_counter() - started
+        assert b"event: end" in stream and b'"status": "success"' in stream, stream
+        if attempt >= warm_up:
+            times.append(elapsed)
+    return times
+
+
+def spawn_times(samples):
+    """Seconds to spawn and wait for `true`, each."""
+    floor = []
+    for _ in range(samples):
+        started = time.perf_counter()
+        subprocess.run(["true"], check=True)
+        floor.append(time.perf_counter() - started)
+    return floor
 
 
 def bench_big_log(work, repeats):
@@ -1005,8 +1023,159 @@ def bench_soak(work, builds=2000, keep=200):
            f"from {warm_rss:.0f} MiB at {builds // 10} builds (idle before: {start_rss:.0f})")
 
 
+class Agent:
+    """A real `cirunner agent` on a PostgreSQL store."""
+
+    def __init__(self, data_dir, db, workers=2, labels=""):
+        os.makedirs(data_dir, exist_ok=True)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CIRUNNER_")}
+        env.update(CIRUNNER_LOG_LEVEL="WARNING", PYTHONPATH=ROOT)
+        self.out = open(os.path.join(data_dir, "agent.out"), "w")  # noqa: SIM115
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "cirunner", "agent", "--data", data_dir, "--db", db,
+             "--workers", str(workers), "--sandbox", "none", "--engine", "none",
+             *(("--labels", labels) if labels else ())],
+            stdout=self.out, stderr=subprocess.STDOUT, env=env)
+
+    def stop(self):
+        stop_process(self.process)
+        self.out.close()
+
+
+def bench_postgres(work, repeats, jobs=200, claims=10_000):
+    """The store on PostgreSQL (a cluster of its own, default settings: fsync
+    on): dispatch over three agents, trigger-to-success through a server with
+    the job on an agent, and claim contention."""
+    sys.path.insert(0, ROOT)
+    from test_postgres import PostgresCluster
+    try:
+        cluster = PostgresCluster(fsync=True)
+    except FileNotFoundError as exc:
+        print(f"  (postgres: skipped, {exc})", file=sys.stderr)
+        return
+    try:
+        _bench_pg_dispatch(work, cluster, repeats, jobs)
+        _bench_pg_latency(work, cluster, 20 if repeats == 1 else 50)
+        _bench_pg_claims(work, cluster, claims)
+    finally:
+        cluster.stop()
+
+
+def _wait_jobs_done(store, build_ids, poll=POLL):
+    while store._scalar(  # the bench reads the store directly, as the SQLite one reads its API
+            "SELECT count(*) FROM jobs WHERE status IN ('pending', 'running') AND build_id "
+            f"BETWEEN {min(build_ids)} AND {max(build_ids)}"):
+        time.sleep(poll)
+
+
+def _bench_pg_dispatch(work, cluster, repeats, jobs):
+    db = cluster.create_database()
+    data = os.path.join(work, "pg-dispatch")
+    store = cirunner.open_store(data, db)
+    repo_path = os.path.join(work, "repo-pg-dispatch")
+    pipeline = "clone: false\npipeline: {t: {commands: [true]}}\n"
+    sha = make_repo(repo_path, pipeline)
+    repo = store.create_repo("bench", "r", repo_path)
+    pipeline_id = store.save_pipeline(".cirunner.yml", pipeline,
+                                      cirunner.parse_pipeline(pipeline).to_json())
+    fields = {"event": "manual", "branch": "main", "commit_sha": sha,
+              "pipeline_id": pipeline_id, "pipeline_file": ".cirunner.yml"}
+    agents = [Agent(os.path.join(work, f"pg-agent-{n}"), db) for n in range(3)]
+    try:
+        while len(store.active_runners()) < 3:
+            time.sleep(0.05)
+        rates = []
+        for attempt in range(repeats + 1):  # the first is a warm-up
+            started = time.perf_counter()
+            ids = [store.create_build(repo["id"], fields, [{}])["id"] for _ in range(jobs)]
+            _wait_jobs_done(store, ids)
+            if attempt:
+                rates.append(jobs / (time.perf_counter() - started))
+        counts = collections.Counter(row["claimed_by"] for row in store._query(
+            "SELECT claimed_by FROM jobs"))
+    finally:
+        for agent in agents:
+            agent.stop()
+        store.close()
+    floor = [jobs / popen_floor(jobs) for _ in range(repeats)]
+    median = statistics.median(rates)
+    record(f"postgres: {jobs} jobs over 3 agents x 2 workers", rates, "jobs/s",
+           statistics.median(floor), ">= 200 jobs/s", median >= 200,
+           f"baseline: Popen loop of `true`, 2 threads; jobs per agent {sorted(counts.values())}")
+
+
+def _bench_pg_latency(work, cluster, samples):
+    db = cluster.create_database()
+    data = os.path.join(work, "pg-latency")
+    os.makedirs(data)
+    repo_path = os.path.join(work, "repo-pg-latency")
+    # Only the agents have the label: the job always crosses processes.
+    sha = make_repo(repo_path, "labels: {pool: agents}\nclone: false\n"
+                               "pipeline: {t: {commands: [true]}}\n")
+    server = Server(data, extra=("--db", db))
+    agents = [Agent(os.path.join(work, f"pg-lat-agent-{n}"), db, labels="pool=agents")
+              for n in range(3)]
+    try:
+        server.request("POST", "/api/repos/bench/r", {"url": repo_path})
+        time.sleep(1.0)  # the agents are up
+        times = trigger_to_success(server, sha, samples)
+    finally:
+        for agent in agents:
+            agent.stop()
+        server.stop()
+    floor = spawn_times(samples)
+    p50 = statistics.median(times)
+    record("postgres: API trigger -> success on an agent, p50", times, "s",
+           statistics.median(floor), "<= 20 ms", p50 <= 0.020,
+           "baseline: spawn+wait of `true`; the job requires an agent's label")
+
+
+def _bench_pg_claims(work, cluster, claims, workers=12):
+    db = cluster.create_database()
+    store = cirunner.open_store(os.path.join(work, "pg-claims"), db)
+    repo_path = os.path.join(work, "repo-pg-claims")
+    make_repo(repo_path, "pipeline: {t: {commands: [true]}}\n")
+    repo = store.create_repo("bench", "r", repo_path)
+    per_build = 1000
+    for _ in range(claims // per_build):
+        store.create_build(repo["id"], {"event": "manual"}, [{"N": str(n)}
+                                                              for n in range(per_build)])
+    claimed, errors = [], []
+    lock = threading.Lock()
+
+    def worker(index):
+        runner = f"bench-{index}"
+        while True:
+            try:
+                job = store.claim_next_job(runner)
+            except Exception as exc:  # noqa: BLE001 - counted: a deadlock would show here
+                with lock:
+                    errors.append(repr(exc))
+                continue
+            if job is None:
+                return
+            store.finish_job(job["id"], cirunner.SUCCESS)
+            with lock:
+                claimed.append(job["id"])
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(workers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - started
+    twice = len(claimed) - len(set(claimed))
+    store.close()
+    ok = twice == 0 and not errors and len(claimed) == claims
+    record(f"postgres: {claims} claims by {workers} workers", [len(claimed) / elapsed],
+           "jobs/s", None, "none twice, no deadlock", ok,
+           f"claimed {len(claimed)}, twice {twice}, errors {len(errors)} "
+           f"{errors[:1] if errors else ''}")
+
+
 SECTIONS = ("dispatch", "latency", "biglog", "api", "throughput", "triggers", "sandbox",
-            "containers", "footprint", "soak", "logs", "wakeups")
+            "containers", "footprint", "soak", "logs", "wakeups", "postgres")
 
 
 def main():
@@ -1054,6 +1223,8 @@ def main():
             bench_wakeups(work)
         if "soak" in wanted and not args.quick:
             bench_soak(work)
+        if "postgres" in wanted:
+            bench_postgres(work, repeats)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     targets = [row for row in RESULTS if row["pass"] is not None]
