@@ -1026,8 +1026,9 @@ def bench_soak(work, builds=2000, keep=200):
 class Agent:
     """A real `cirunner agent` on a PostgreSQL store."""
 
-    def __init__(self, data_dir, db, workers=2, labels=""):
-        os.makedirs(data_dir, exist_ok=True)
+    def __init__(self, data_dir, db, key_from, workers=2, labels=""):
+        from test_postgres import share_key
+        share_key(key_from, data_dir)  # as an operator copies the first server's key
         env = {k: v for k, v in os.environ.items() if not k.startswith("CIRUNNER_")}
         env.update(CIRUNNER_LOG_LEVEL="WARNING", PYTHONPATH=ROOT)
         self.out = open(os.path.join(data_dir, "agent.out"), "w")  # noqa: SIM115
@@ -1080,9 +1081,11 @@ def _bench_pg_dispatch(work, cluster, repeats, jobs):
                                       cirunner.parse_pipeline(pipeline).to_json())
     fields = {"event": "manual", "branch": "main", "commit_sha": sha,
               "pipeline_id": pipeline_id, "pipeline_file": ".cirunner.yml"}
-    agents = [Agent(os.path.join(work, f"pg-agent-{n}"), db) for n in range(3)]
+    agents = [Agent(os.path.join(work, f"pg-agent-{n}"), db, data) for n in range(3)]
     try:
         while len(store.active_runners()) < 3:
+            if any(agent.process.poll() is not None for agent in agents):
+                raise RuntimeError("an agent exited: see its agent.out")
             time.sleep(0.05)
         rates = []
         for attempt in range(repeats + 1):  # the first is a warm-up
@@ -1113,7 +1116,7 @@ def _bench_pg_latency(work, cluster, samples):
     sha = make_repo(repo_path, "labels: {pool: agents}\nclone: false\n"
                                "pipeline: {t: {commands: [true]}}\n")
     server = Server(data, extra=("--db", db))
-    agents = [Agent(os.path.join(work, f"pg-lat-agent-{n}"), db, labels="pool=agents")
+    agents = [Agent(os.path.join(work, f"pg-lat-agent-{n}"), db, data, labels="pool=agents")
               for n in range(3)]
     try:
         server.request("POST", "/api/repos/bench/r", {"url": repo_path})
