@@ -516,7 +516,9 @@ def fill_store(data, builds):
     store = cirunner.Store.open(data)
     store.create_user("admin", admin=True)
     token = store.create_token("admin", name="bench")[1]
-    repo = store.create_repo("bench", "r", "/nonexistent")
+    # A path that exists (a repository path is checked when it is added);
+    # the builds are written directly and never fetch from it.
+    repo = store.create_repo("bench", "r", os.path.dirname(os.path.abspath(data)))
     store.close()
     conn = sqlite3.connect(os.path.join(data, "cirunner.db"))
     now = int(time.time())
