@@ -2880,6 +2880,10 @@ class Store:
         except OSError:
             return 0
 
+    def check(self):
+        """Raise if the database cannot be read (for /healthz)."""
+        self.data_version()
+
     def data_version(self):
         """A number that changes whenever another connection commits a change."""
         return self._scalar("PRAGMA data_version")
@@ -3853,24 +3857,36 @@ class Store:
                 if runner["hostname"] == hostname and (
                         runner["pid"] == pid or not _same_process(runner["pid"],
                                                                   runner["pid_start"])):
-                    lost[runner["id"]] = _RUNNER_STOPPED
-                elif runner["heartbeat_at"] < now - max_age:
-                    lost[runner["id"]] = (f"agent lost: runner {runner['id']} sent no heartbeat "
-                                          f"for {now - runner['heartbeat_at']} s")
+                    deleted = tx.execute("DELETE FROM runners WHERE id = ?", (runner["id"],))
+                    message = _RUNNER_STOPPED
+                else:
+                    # Unless it stamped itself meanwhile (heartbeats do not wait
+                    # for this transaction on PostgreSQL).
+                    deleted = tx.execute("DELETE FROM runners WHERE id = ? AND heartbeat_at < ?",
+                                         (runner["id"], now - max_age))
+                    message = (f"agent lost: runner {runner['id']} sent no heartbeat for "
+                               f"{now - runner['heartbeat_at']} s")
+                if deleted.rowcount:
+                    lost[runner["id"]] = message
             known = {runner["id"] for runner in runners} | {runner_id}
             jobs = [job for job in tx.execute(
                 "SELECT id, build_id, claimed_by FROM jobs WHERE status = ?", (RUNNING,))
                 if job["claimed_by"] in lost or job["claimed_by"] not in known]
+            ended = []
             for job in jobs:
                 message = lost.get(job["claimed_by"], _RUNNER_STOPPED)
                 self._lock_build(tx, job["build_id"])
-                tx.execute("UPDATE jobs SET status = ?, error = ?, exit_code = 0, "
-                           "finished_at = ? WHERE id = ?", (ERROR, message, now, job["id"]))
+                # Still running, by the same runner: it may have ended meanwhile.
+                if not tx.execute("UPDATE jobs SET status = ?, error = ?, exit_code = 0, "
+                                  "finished_at = ? WHERE id = ? AND status = ? AND claimed_by = ?",
+                                  (ERROR, message, now, job["id"], RUNNING,
+                                   job["claimed_by"])).rowcount:
+                    continue
                 self._record_status(tx, job["build_id"], job["id"], ERROR, message, now)
+                ended.append(job)
+            jobs = ended
             for build_id in {job["build_id"] for job in jobs}:
                 self._roll_up(tx, build_id, now)
-            for lost_id in lost:
-                tx.execute("DELETE FROM runners WHERE id = ?", (lost_id,))
         hosts = {runner["id"]: runner["hostname"] for runner in runners}
         if here is not None:
             here += [job["id"] for job in jobs if hosts.get(job["claimed_by"], hostname) == hostname]
@@ -4095,6 +4111,14 @@ class _LogReader(io.RawIOBase):
 _PG_WRITE_LOCK = 0x63697275  # "ciru"
 _PG_MIGRATE_LOCK = 0x63697276
 _PG_CHANNEL = "cirunner"
+# A process that stops (a paused VM, SIGSTOP, a network partition) in the
+# middle of a transaction must not hold its locks for everyone else: the
+# server ends such a session, and a wait for a lock ends with an error (a
+# retry later) rather than never. Keepalives find a vanished peer in ~1 min.
+# The URL's own parameters win over these defaults.
+_PG_SESSION = {"connect_timeout": 10, "keepalives": 1, "keepalives_idle": 30,
+               "keepalives_interval": 10, "keepalives_count": 3,
+               "options": "-c lock_timeout=30s -c idle_in_transaction_session_timeout=60s"}
 # Log chunks and job ends: heard only by processes with followers of live logs.
 _PG_LOG_CHANNEL = "cirunner_log"
 _PG_TYPES = ((re.compile(r"\bINTEGER PRIMARY KEY\b"),
@@ -4102,6 +4126,12 @@ _PG_TYPES = ((re.compile(r"\bINTEGER PRIMARY KEY\b"),
              (re.compile(r"\bINTEGER\b"), "BIGINT"), (re.compile(r"\bBLOB\b"), "BYTEA"),
              (re.compile(r"\bREAL\b"), "DOUBLE PRECISION"),
              (re.compile(r"\)\s*WITHOUT ROWID"), ")"))
+
+
+def _pg_session(psycopg, url):
+    """The session defaults the URL does not set itself (its own win)."""
+    given = psycopg.conninfo.conninfo_to_dict(url)
+    return {key: value for key, value in _PG_SESSION.items() if key not in given}
 
 
 @functools.lru_cache(maxsize=1024)
@@ -4143,7 +4173,8 @@ class _PgConnection:
     def __init__(self, psycopg, url):
         self.psycopg = psycopg
         try:
-            self.conn = psycopg.connect(url, autocommit=True, row_factory=_pg_row_factory)
+            self.conn = psycopg.connect(url, autocommit=True, row_factory=_pg_row_factory,
+                                        **_pg_session(psycopg, url))
         except psycopg.Error as exc:
             raise sqlite3.OperationalError(f"cannot reach PostgreSQL: {exc}") from exc
 
@@ -4285,8 +4316,10 @@ class PostgresStore(Store):
     @staticmethod
     def _take(tx, candidate, *, wait):
         # The build's row first (its statuses are numbered in it), and the
-        # repository's for max_builds: waited for only while holding nothing,
-        # so that two claims never wait for each other.
+        # repository's for max_builds: waited for only for the first
+        # candidate, while the claim holds nothing else but that build (no
+        # holder of a repository's row waits for a build), so that two claims
+        # never wait for each other.
         mode = "" if wait else " SKIP LOCKED"
         if tx.execute(f"SELECT 1 FROM builds WHERE id = ? FOR NO KEY UPDATE{mode}",
                       (candidate["build_id"],)).fetchone() is None:
@@ -4375,6 +4408,9 @@ class PostgresStore(Store):
 
     # -- other processes: LISTEN/NOTIFY ----------------------------------------
 
+    def check(self):
+        self._scalar("SELECT 1")
+
     def data_version(self):
         """How many commits of other processes this one has heard of."""
         self._start_listening()
@@ -4411,7 +4447,8 @@ class PostgresStore(Store):
         outage, everything counts as changed (what was said meanwhile is lost)."""
         while not self._closed:
             try:
-                with self._psycopg.connect(self.url, autocommit=True) as conn:
+                with self._psycopg.connect(self.url, autocommit=True,
+                                           **_pg_session(self._psycopg, self.url)) as conn:
                     conn.execute(f"LISTEN {_PG_CHANNEL}")
                     logs = False
                     self._heard("", "")  # listening (again): whatever happened before counts
@@ -4426,7 +4463,7 @@ class PostgresStore(Store):
                             self._heard(note.channel, note.payload)
                             if self._want_logs.is_set() and not logs:
                                 break
-            except self._psycopg.Error as exc:
+            except Exception as exc:  # noqa: BLE001 - the listener outlives any one failure
                 self._listening.set()  # no one waits for a listener that cannot listen
                 self._logs_heard.set()
                 _log.warning("listening for PostgreSQL notifications: %s; trying again", exc)
@@ -4437,11 +4474,13 @@ class PostgresStore(Store):
             note = json.loads(payload) if payload else {"event": "", "ids": []}
         except ValueError:
             return
-        if note.get("from") == self._instance:
-            return  # this process's own: its listeners heard it at commit
-        self._version += 1
-        if note["event"] in ("enqueued", "cancel", "report"):
-            self._notify(note["event"], note["ids"])
+        if not isinstance(note, dict) or note.get("from") == self._instance:
+            return  # not ours to read, or this process's own (heard at commit)
+        event, ids = note.get("event"), note.get("ids")
+        if event != "log":  # log chunks change nothing a runner or the queue looks at
+            self._version += 1
+        if event in ("enqueued", "cancel", "report") and isinstance(ids, list):
+            self._notify(event, ids)
         Store._wake_log_followers(self)
 
 
@@ -5805,14 +5844,16 @@ class _JobRun:
         self.executor.remove_workspace(self.workspace)
 
     def _record_end(self, status, exit_code, error):
-        """Finish the job in the store; on a full disk, try again each second
-        until there is room (or the executor stops, and a restart recovers it)."""
+        """Finish the job in the store; on a full disk, or while the database
+        cannot be reached or stays locked, try again each second (until the
+        executor stops, and a restart recovers it)."""
         while True:
             try:
                 self.store.finish_job(self.job["id"], status, exit_code=exit_code, error=error)
                 return
             except (sqlite3.OperationalError, OSError) as exc:
-                if not _is_disk_full(exc) or self.executor.stopping():
+                if not (_is_disk_full(exc) or isinstance(exc, sqlite3.OperationalError)) or (
+                        self.executor.stopping()):
                     raise
                 _log.warning("job %s: cannot record its end yet: %s", self.job["id"], exc)
                 self.executor.wait_stopping(1.0)
@@ -6110,6 +6151,8 @@ class Executor:
 
     def _heartbeat(self):
         if self.store.heartbeat(self.runner_id):
+            # Cancels are also heard at once; this catches one whose word was lost.
+            self._stop_jobs(self.store.cancel_requested_jobs(self.runner_id))
             return
         # Another process found this runner lost (no heartbeat for the agent
         # timeout: a network or database outage) and ended its jobs: stop
@@ -7294,7 +7337,7 @@ class _Api:
         return {"version": __version__}
 
     def health(self):
-        self.store.data_version()
+        self.store.check()
         draining = self.executor is not None and self.executor.draining()
         return {"status": "draining" if draining else "ok"}
 
@@ -9310,8 +9353,10 @@ class _LocalClient:
                 print(f"cirunner: no server runs this store's jobs: running them here, "
                       f"oldest first; before build {build['number']}: {names}", file=err,
                       flush=True)
+            # On a shared store, crons, reports and pruning are the servers'.
             executor = Executor(self.store, workers=self.args.workers,
-                                sandbox=self.args.sandbox, engine=self.args.engine)
+                                sandbox=self.args.sandbox, engine=self.args.engine,
+                                serving=not self.args.db)
             executor.start()
         try:
             finished = _follow_build(self.store, build["id"], out)
