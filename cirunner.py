@@ -3736,8 +3736,8 @@ class Store:
         """Record a runner: its host, its process by pid and start time (so
         that a restart knows at once whether that process still runs), how
         many jobs it runs at once and its labels."""
-        now = _now()
         with self._write() as tx:
+            now = self._clock(tx)
             tx.execute("INSERT INTO runners (id, hostname, pid, pid_start, workers, started_at, "
                        "heartbeat_at, labels) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) "
                        "DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
@@ -3751,8 +3751,8 @@ class Store:
     def heartbeat(self, runner_id):
         """Stamp a runner and its running jobs as alive. False if the runner
         is not registered (any more: another process found it lost)."""
-        now = _now()
         with self._write(rows_only=True) as tx:
+            now = self._clock(tx)
             known = tx.execute("UPDATE runners SET heartbeat_at = ? WHERE id = ?",
                                (now, runner_id)).rowcount
             tx.execute(self._STAMP_JOBS, (now, RUNNING, runner_id))
@@ -3836,7 +3836,12 @@ class Store:
                            (PENDING, build_id))
 
     def active_runners(self, max_age=RUNNER_LOST_SECONDS):
-        return self._query("SELECT * FROM runners WHERE heartbeat_at >= ?", (_now() - max_age,))
+        return self._query("SELECT * FROM runners WHERE heartbeat_at >= ?",
+                           (self._clock() - max_age,))
+
+    def _clock(self, tx=None):
+        """Now, for heartbeats and their ages (SQLite: this machine's one clock)."""
+        return _now()
 
     def recover_lost_jobs(self, runner_id, hostname, pid, *, max_age=RUNNER_LOST_SECONDS,
                           here=None):
@@ -3849,8 +3854,8 @@ class Store:
         Returns the ids of the jobs recovered; those whose runner was on this
         host (where what is left of them may still run) are added to `here`.
         """
-        now = _now()
         with self._write() as tx:
+            now = self._clock(tx)
             runners = tx.execute("SELECT * FROM runners WHERE id != ?", (runner_id,)).fetchall()
             lost = {}  # runner id -> what its jobs say
             for runner in runners:
@@ -4278,6 +4283,12 @@ class PostgresStore(Store):
 
     def _write_one(self, sql, params=()):
         return self._connection().execute(sql, params)
+
+    def _clock(self, tx=None):
+        # The database's clock: runners on machines whose clocks differ still
+        # compare their heartbeats with one another's rightly.
+        return (tx or self._connection()).execute(
+            "SELECT CAST(extract(epoch FROM now()) AS BIGINT)").fetchone()[0]
 
     def _lock_build_of_job(self, tx, job_id):
         row = tx.execute("SELECT b.id FROM builds b JOIN jobs j ON j.build_id = b.id "
