@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 
@@ -445,3 +446,30 @@ def test_each_commit_status_reaches_the_forge_once_from_two_servers(tmp_path, fl
         assert len({(body["target_url"], body["description"]) for body in sent}) == 18
     finally:
         forge.close()
+
+
+def test_recovery_never_overwrites_a_job_that_ended_while_it_waited(store, pg_url,
+                                                                   make_repo):  # noqa: F811
+    repo = make_repo({".cirunner.yml": "pipeline: {t: {commands: [true]}}\n"})
+    build = cirunner.create_build(store, store.get_repo_by_id(repo["id"]))
+    store.register_runner("far:1:a", "far", 1)
+    job = store.claim_next_job("far:1:a")
+    with psycopg.connect(pg_url, autocommit=True) as runner, \
+            psycopg.connect(pg_url, autocommit=True) as watcher:
+        runner.execute("UPDATE runners SET heartbeat_at = 0 WHERE id = 'far:1:a'")  # silent
+        # The runner ends its job, holding the build's row as every writer does ...
+        runner.execute("BEGIN")
+        runner.execute("SELECT 1 FROM builds WHERE id = %s FOR NO KEY UPDATE", (build["id"],))
+        recovery = threading.Thread(target=store.recover_lost_jobs,
+                                    args=("here:2:b", "here", 2), kwargs={"max_age": 5})
+        recovery.start()  # ... while recovery, which has read the job as running, waits
+        wait_for(lambda: watcher.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+        ).fetchone()[0] == 1)
+        runner.execute("UPDATE jobs SET status = 'success', finished_at = 1 WHERE id = %s",
+                       (job["id"],))
+        runner.execute("COMMIT")
+    recovery.join(10)
+    assert store.get_job_by_id(job["id"])["status"] == "success"
+    assert [status["status"] for status in store.list_statuses(build["id"])
+            if status["job_id"] == job["id"]] == ["running"]
