@@ -3163,15 +3163,18 @@ class Store:
             self._insert_jobs(tx, build_id, environments, error, now, fields.get("labels"))
         return self.get_build_by_id(build_id)
 
-    @staticmethod
-    def _stored_build_fields(tx, repo_id, fields):
+    _COMMITS_AS_BYTES = True  # PostgreSQL's commit_sha is TEXT: ids stay hex there
+
+    @classmethod
+    def _stored_build_fields(cls, tx, repo_id, fields):
         """A build's fields as stored: a full commit id as its bytes, and what
         can be told from the rest (the Gravatar of the author's address,
         refs/heads/BRANCH, the repository's URL, the pipeline's file name) as
         "", all given back as before by `_complete_builds`."""
         values = {key: fields[key] for key in _BUILD_FIELDS if key in fields}
         commit = values.get("commit_sha")
-        if isinstance(commit, str) and re.fullmatch(r"[0-9a-f]{40}|[0-9a-f]{64}", commit):
+        if cls._COMMITS_AS_BYTES and isinstance(commit, str) and re.fullmatch(
+                r"[0-9a-f]{40}|[0-9a-f]{64}", commit):
             values["commit_sha"] = bytes.fromhex(commit)  # 20 bytes, not 40 characters
         if values.get("author_avatar") == _gravatar(values.get("author_email", "")):
             values["author_avatar"] = ""
@@ -4231,13 +4234,13 @@ class PostgresStore(Store):
     """
 
     _transaction_class = _PgTransaction
+    _COMMITS_AS_BYTES = False
 
     def __init__(self, url, *, data_dir):
         self.url = url
         self.path = None
-        self.busy_timeout = 0
         self._psycopg = _optional("psycopg", "a PostgreSQL store",
-                                  "'cirunner[postgres]'  (or: pip install 'psycopg[binary]')")
+                                  "'cirunner[postgres]' (or: pip install 'psycopg[binary]')")
         self._setup(data_dir)
         self._instance = uuid.uuid4().hex[:12]  # notifications of this store are not news to it
         self._log_note = json.dumps({"from": self._instance, "event": "log", "ids": []})
@@ -4254,8 +4257,8 @@ class PostgresStore(Store):
         return cls(url, data_dir=data_dir, **options)
 
     def identity(self):
-        """The database's address, without its password."""
-        return re.sub(r"://([^:/@]*):[^@/]*@", r"://\1@", self.url)
+        """The database's address, without its credentials."""
+        return _redact_url(self.url)
 
     def _connect(self):
         return _PgConnection(self._psycopg, self.url)
@@ -4404,13 +4407,6 @@ class PostgresStore(Store):
     def give_back_space(self, pages=VACUUM_BATCH_PAGES):
         return False  # autovacuum's work
 
-    @staticmethod
-    def _stored_build_fields(tx, repo_id, fields):
-        values = Store._stored_build_fields(tx, repo_id, fields)
-        if isinstance(values.get("commit_sha"), bytes):  # a TEXT column here: kept as hex
-            values["commit_sha"] = values["commit_sha"].hex()
-        return values
-
     def close(self):
         super().close()
         listener = self._listener
@@ -4469,11 +4465,8 @@ class PostgresStore(Store):
                             conn.execute(f"LISTEN {_PG_LOG_CHANNEL}")
                             logs = True
                             self._logs_heard.set()
-                        for note in conn.notifies(timeout=0.2 if self._want_logs.is_set()
-                                                  and not logs else 0.5):
+                        for note in conn.notifies(timeout=0.25):
                             self._heard(note.channel, note.payload)
-                            if self._want_logs.is_set() and not logs:
-                                break
             except Exception as exc:  # noqa: BLE001 - the listener outlives any one failure
                 self._listening.set()  # no one waits for a listener that cannot listen
                 self._logs_heard.set()

@@ -272,6 +272,12 @@ def test_two_servers_and_three_agents_run_each_of_300_jobs_once(tmp_path, fleet)
     listed = test_cirunner.run_cli("builds", "alice/hello", "--data", str(tmp_path / "cli"),
                                    "--db", fleet.db)
     assert listed.returncode == 0 and "30\tsuccess" in listed.stdout, listed.stderr
+    # An agent stops on SIGTERM as serve does, and drains on SIGUSR1.
+    for agent, sig in ((fleet.agents[1], signal.SIGTERM), (fleet.agents[2], signal.SIGUSR1)):
+        agent.process.send_signal(sig)
+        assert agent.process.wait(timeout=15) == 0, agent.output()
+    assert "shutting down" in fleet.agents[1].output()
+    assert "draining" in fleet.agents[2].output()
 
 
 def _running_job(fleet, number, full_name="alice/hello"):

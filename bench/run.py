@@ -684,13 +684,7 @@ def bench_footprint(work, builds):
         db = os.path.join(data, "cirunner.db")
 
         def size():
-            conn = sqlite3.connect(db)
-            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            pages = conn.execute("PRAGMA page_count").fetchone()[0]
-            free = conn.execute("PRAGMA freelist_count").fetchone()[0]
-            page = conn.execute("PRAGMA page_size").fetchone()[0]
-            conn.close()
-            return (pages - free) * page, os.path.getsize(db)
+            return used_bytes(db), os.path.getsize(db)
 
         used_before, _ = size()
         numbers = []
@@ -1064,10 +1058,9 @@ def bench_postgres(work, repeats, jobs=200, claims=10_000):
         cluster.stop()
 
 
-def _wait_jobs_done(store, build_ids, poll=POLL):
-    while store._scalar(  # the bench reads the store directly, as the SQLite one reads its API
-            "SELECT count(*) FROM jobs WHERE status IN ('pending', 'running') AND build_id "
-            f"BETWEEN {min(build_ids)} AND {max(build_ids)}"):
+def _wait_jobs_done(store, poll=POLL):
+    """Wait until no job of the store is pending or running."""
+    while any(store.count_by_status("jobs").get(status) for status in cirunner.ACTIVE_STATUSES):
         time.sleep(poll)
 
 
@@ -1092,12 +1085,15 @@ def _bench_pg_dispatch(work, cluster, repeats, jobs):
         rates = []
         for attempt in range(repeats + 1):  # the first is a warm-up
             started = time.perf_counter()
-            ids = [store.create_build(repo["id"], fields, [{}])["id"] for _ in range(jobs)]
-            _wait_jobs_done(store, ids)
+            for _ in range(jobs):
+                store.create_build(repo["id"], fields, [{}])
+            _wait_jobs_done(store)
             if attempt:
                 rates.append(jobs / (time.perf_counter() - started))
-        counts = collections.Counter(row["claimed_by"] for row in store._query(
-            "SELECT claimed_by FROM jobs"))
+        import psycopg  # as an operator reads the shared database
+        with psycopg.connect(db) as conn:
+            counts = dict(conn.execute("SELECT claimed_by, count(*) FROM jobs "
+                                       "GROUP BY claimed_by").fetchall())
     finally:
         for agent in agents:
             agent.stop()
