@@ -124,10 +124,12 @@ import hashlib
 import hmac
 import importlib
 import io
+import ipaddress
 import itertools
 import json
 import logging
 import os
+import pwd
 import re
 import resource
 import secrets
@@ -146,7 +148,7 @@ import time
 import uuid
 import zlib
 from datetime import datetime, timezone
-from urllib.parse import parse_qsl, quote, urlsplit
+from urllib.parse import parse_qsl, quote, unquote, urlsplit
 from xml.sax.saxutils import quoteattr
 
 import bottle
@@ -193,7 +195,13 @@ ERROR = "error"
 SKIPPED = "skipped"
 STATUSES = (PENDING, RUNNING, SUCCESS, FAILURE, KILLED, ERROR, SKIPPED)
 ACTIVE_STATUSES = (PENDING, RUNNING)
-DONE_STATUSES = (SUCCESS, FAILURE, KILLED, ERROR, SKIPPED)
+# A build also waits for approval (a fork's pull request: nothing is cloned or
+# run until someone with write access approves it) or was declined.
+BLOCKED = "blocked"
+DECLINED = "declined"
+BUILD_STATUSES = STATUSES + (BLOCKED, DECLINED)
+DONE_STATUSES = (SUCCESS, FAILURE, KILLED, ERROR, SKIPPED, DECLINED)
+APPROVALS = ("never", "forks", "always")  # which builds of a repository wait for approval
 
 # Build events.
 EVENT_PUSH = "push"
@@ -264,6 +272,7 @@ RUNNER_LOST_SECONDS = 60.0      # a runner silent this long is gone
 MAX_RUNNER_LABELS = 9           # a claim matches every subset of them: 2**9 at most
 CHECKPOINT_SECONDS = 5.0        # the executor checkpoints the WAL at least this often
 SANDBOXES = ("auto", "bwrap", "none")  # how steps run on the host (see _SandboxRunner)
+SANDBOX_NETWORKS = ("private", "none", "host")  # a sandboxed step's network
 ENGINES = ("auto", "podman", "docker", "none")  # how steps with an image run
 
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,100}$")
@@ -443,15 +452,30 @@ def _check_variables(variables):
     return checked
 
 
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def _parse_json(raw, what):
-    """JSON text as Python values; 400 for malformed JSON, NaN or Infinity, and
-    nesting too deep for the parser (its RecursionError is a clean stop)."""
+    """JSON text as Python values; 400 for malformed JSON, NaN or Infinity, text
+    with a lone surrogate (no UTF-8 can carry it), and nesting too deep for the
+    parser (its RecursionError is a clean stop)."""
     try:
-        return json.loads(raw, parse_constant=_no_json_constant)
+        value = json.loads(raw, parse_constant=_no_json_constant)
     except ValueError as exc:
         raise BadRequest(f"the {what} is not valid JSON: {exc}") from None
     except RecursionError:
         raise BadRequest(f"the {what} nests too deeply to be read") from None
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str) and _LONE_SURROGATE.search(item):
+            raise BadRequest(f"the {what} holds a lone surrogate (\\ud800-\\udfff), which is "
+                             "not text")
+        if isinstance(item, dict):
+            pending += [*item.keys(), *item.values()]
+        elif isinstance(item, list):
+            pending += item
+    return value
 
 
 def _no_json_constant(name):
@@ -1881,6 +1905,27 @@ _SCP_LIKE_URL = re.compile(r"^[\w.-]+@[\w.-]+:")  # git@host:path
 _AUTHOR_PATTERN = re.compile(rb"^author (.*) <(.*)> (\d+) [+-]\d{4}$", re.MULTILINE)
 _PULL_REF_PREFIXES = ("refs/pull/", "refs/merge-requests/")
 
+# What a host process may keep of the server's environment: the settings of
+# the tool itself, which the operator made. Nothing else of the server's, and
+# never a pipeline's, reaches bwrap, git or an engine.
+_HOST_KEEPS = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "LC_MESSAGES", "TZ", "HOME", "USER",
+               "LOGNAME", "TMPDIR")
+_GIT_KEEPS = _HOST_KEEPS + ("SSH_AUTH_SOCK", "GIT_SSH_COMMAND", "GIT_SSH", "GIT_SSL_CAINFO",
+                            "SSL_CERT_FILE", "SSL_CERT_DIR", "http_proxy", "https_proxy",
+                            "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY")
+def _host_environment(environ, keep):
+    """The names of `keep` from the server's `environ`, with PATH less the
+    virtual environment cirunner runs in (a job's `pip install` must not
+    write into it, nor its tools shadow the system's)."""
+    environment = {name: environ[name] for name in keep if name in environ}
+    if sys.prefix != sys.base_prefix and "PATH" in environment:
+        own = os.path.realpath(os.path.join(sys.prefix, "bin"))
+        environment["PATH"] = os.pathsep.join(
+            part for part in environment["PATH"].split(os.pathsep)
+            if part and os.path.realpath(part) != own)
+    environment.setdefault("PATH", os.defpath)
+    return environment
+
 
 def normalize_repo_url(url):
     """Return the clone URL to store: a URL as given, a local path made absolute.
@@ -1970,9 +2015,11 @@ class _GitMirrors:
 
     def __init__(self, root, *, environ=None, cache_size=256):
         self.root = root
-        # git never asks for a password on a terminal, and speaks plain English.
-        self.env = dict(os.environ if environ is None else environ, GIT_TERMINAL_PROMPT="0",
-                        LC_ALL="C", GIT_ASKPASS="/bin/true")
+        # Only the operator's settings for git (never a pipeline's, nor the rest of
+        # the server's); git never asks for a password, and speaks plain English.
+        self.env = dict(_host_environment(os.environ if environ is None else environ,
+                                          _GIT_KEEPS),
+                        GIT_TERMINAL_PROMPT="0", LC_ALL="C", GIT_ASKPASS="/bin/true")
         self._commits = _LRU(cache_size)
         self._states = {}
         self._states_lock = threading.Lock()
@@ -2168,17 +2215,20 @@ class _GitMirrors:
 
     # -- workspaces ------------------------------------------------------------
 
-    def check_out(self, repo, commit, workspace, pull_ref=""):
+    def check_out(self, repo, commit, workspace, pull_ref="", *, group=None):
         """Check `commit` out into `workspace` with one git process: a .git that
         borrows the mirror's objects (what `clone --shared` makes), HEAD at the
         commit, then `read-tree -u`. A mirror that lacks the commit is fetched
-        once and the checkout tried again."""
+        once and the checkout tried again. With `group`, the mirror's objects
+        are shared with that group (steps that run as another user read them)."""
         mirror = self.path(repo)
         dot_git = os.path.join(workspace, ".git")
         for attempt in range(2):
             try:
                 if attempt or not os.path.isdir(mirror):
                     self.fetch_commit(repo, commit, pull_ref)
+                if group is not None:
+                    self._share_objects(mirror, group)
                 for folder in ("objects/info", "refs/heads", "refs/tags"):
                     os.makedirs(os.path.join(dot_git, folder), exist_ok=True)
                 with open(os.path.join(dot_git, "objects", "info", "alternates"), "w") as handle:
@@ -2193,6 +2243,24 @@ class _GitMirrors:
             except (_GitError, OSError):
                 if attempt:
                     raise
+
+
+    def _share_objects(self, mirror, group):
+        """Let `group` read the mirror's objects, now and as they are fetched
+        (git's core.sharedRepository, setgid folders); others still cannot."""
+        objects = os.path.join(mirror, "objects")
+        info = os.stat(objects)
+        if info.st_gid == group and info.st_mode & 0o2050 == 0o2050:
+            return
+        with self._locked(mirror):
+            self.run(["-C", mirror, "config", "core.sharedRepository", "0640"])
+            for root, folders, files in os.walk(objects):
+                os.chown(root, -1, group)
+                os.chmod(root, (os.stat(root).st_mode & 0o777) | 0o2050)
+                for name in files:
+                    path = os.path.join(root, name)
+                    os.chown(path, -1, group, follow_symlinks=False)
+                    os.chmod(path, (os.stat(path).st_mode & 0o777) | 0o040)
 
 
 def _update_submodules(git, workspace, overrides):
@@ -2507,16 +2575,25 @@ _MIGRATIONS = [
     ALTER TABLE jobs ADD COLUMN labels TEXT NOT NULL DEFAULT '{}';
     ALTER TABLE runners ADD COLUMN labels TEXT NOT NULL DEFAULT '{}';
     """,
+    # 14: which builds wait for approval, per repository; whether a build's
+    # pipeline came from a fork (and which), and who approved or declined it.
+    """
+    ALTER TABLE repos ADD COLUMN approval TEXT NOT NULL DEFAULT 'forks';
+    ALTER TABLE builds ADD COLUMN fork INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE builds ADD COLUMN source_repo TEXT NOT NULL DEFAULT '';
+    ALTER TABLE builds ADD COLUMN reviewed_by TEXT NOT NULL DEFAULT '';
+    ALTER TABLE builds ADD COLUMN reviewed_at INTEGER NOT NULL DEFAULT 0;
+    """,
 ]
 
 _SEALED_REPO_FIELDS = ("webhook_secret", "forge_token")
 _REPO_FIELDS = ("url", "default_branch", "config_path", "private", "timeout", "max_builds",
                 "events", "webhook_secret", "forge", "forge_url", "forge_token", "forge_project",
-                "trusted", "keep_builds", "keep_days", "max_log_bytes")
+                "trusted", "keep_builds", "keep_days", "max_log_bytes", "approval")
 _BUILD_FIELDS = ("parent", "event", "commit_sha", "branch", "ref", "remote", "message",
                  "timestamp", "author", "author_avatar", "author_email", "link_url",
                  "pipeline_id", "pipeline_file", "variables", "fail_fast", "max_parallel",
-                 "deploy_to")
+                 "deploy_to", "fork", "source_repo")
 
 
 def _now():
@@ -2848,6 +2925,11 @@ class Store:
         """What names this store among others on this host (the file's path)."""
         return os.path.abspath(self.path)
 
+    def socket_directories(self):
+        """Folders of this store's unix sockets, which sandboxed steps must not
+        reach (none for a file)."""
+        return ()
+
     def schema_version(self):
         """The schema version this store is at (PRAGMA user_version)."""
         return self._version_of(self._connection())
@@ -3106,10 +3188,11 @@ class Store:
 
     # -- builds -------------------------------------------------------------
 
-    def create_build(self, repo_id, fields, environments, *, error=""):
+    def create_build(self, repo_id, fields, environments, *, error="", blocked=""):
         """Insert a build numbered next for its repository, with one job per
         environment of `environments`. With `error`, the build is created
-        finished with status error and no jobs. Returns the build dict."""
+        finished with status error and no jobs; with `blocked` (the reason),
+        it waits for approval and no job may be claimed. Returns the build dict."""
         now = _now()
         with self._write() as tx:
             tx.execute("UPDATE repos SET last_number = last_number + 1 WHERE id = ?", (repo_id,))
@@ -3117,16 +3200,50 @@ class Store:
             if row is None:
                 raise NotFound(f"repository {repo_id} not found")
             values = self._stored_build_fields(tx, repo_id, fields)
-            values.update(repo_id=repo_id, number=row[0], status=PENDING, created_at=now,
+            status = BLOCKED if blocked and not error else PENDING
+            values.update(repo_id=repo_id, number=row[0], status=status, created_at=now,
                           enqueued_at=now)
             build_id = tx.insert(f"INSERT INTO builds ({', '.join(values)}) "
                                  f"VALUES ({', '.join('?' for _ in values)})",
                                  tuple(values.values()))
-            self._record_status(tx, build_id, None, PENDING, "build created", now)
-            self._insert_jobs(tx, build_id, environments, error, now, fields.get("labels"))
+            self._record_status(tx, build_id, None, status,
+                                f"waiting for approval: {blocked}" if status == BLOCKED
+                                else "build created", now)
+            self._insert_jobs(tx, build_id, environments, error, now, fields.get("labels"),
+                              enqueue=status != BLOCKED)
         return self.get_build_by_id(build_id)
 
-    def _insert_jobs(self, tx, build_id, environments, error, now, labels=None):
+    def review_build(self, build_id, login, *, approve):
+        """Approve a blocked build (its jobs may run from now on) or decline it
+        (they never will: skipped, the build declined). Conflict unless blocked."""
+        now = _now()
+        with self._write() as tx:
+            self._lock_build(tx, build_id)
+            row = tx.execute("SELECT status FROM builds WHERE id = ?", (build_id,)).fetchone()
+            if row is None:
+                raise NotFound(f"build {build_id} not found")
+            if row[0] != BLOCKED:
+                raise Conflict(f"the build is {row[0]}, not waiting for approval")
+            status = PENDING if approve else DECLINED
+            tx.execute("UPDATE builds SET status = ?, reviewed_by = ?, reviewed_at = ?, "
+                       "finished_at = ? WHERE id = ?",
+                       (status, login, now, 0 if approve else now, build_id))
+            self._record_status(tx, build_id, None, status,
+                                f"{'approved' if approve else 'declined'} by {login}", now)
+            jobs = [job[0] for job in tx.execute(
+                "SELECT id FROM jobs WHERE build_id = ? AND status = ?", (build_id, PENDING))]
+            if approve:
+                tx.notify("enqueued", jobs)
+            else:
+                for job_id in jobs:
+                    tx.execute("UPDATE jobs SET status = ?, error = ?, finished_at = ? "
+                               "WHERE id = ?", (SKIPPED, f"declined by {login}", now, job_id))
+                    self._record_status(tx, build_id, job_id, SKIPPED, f"declined by {login}",
+                                        now)
+        return self.get_build_by_id(build_id)
+
+    def _insert_jobs(self, tx, build_id, environments, error, now, labels=None, *,
+                     enqueue=True):
         if error:
             tx.execute("UPDATE builds SET status = ?, error = ?, started_at = ?, finished_at = ? "
                        "WHERE id = ?", (ERROR, error, now, now, build_id))
@@ -3137,7 +3254,8 @@ class Store:
                              (build_id, number, PENDING, json.dumps(environment), now,
                               labels or "{}"))
                    for number, environment in enumerate(environments, start=1)]
-        tx.notify("enqueued", job_ids)
+        if enqueue:
+            tx.notify("enqueued", job_ids)
 
     def reset_build(self, build_id, fields, environments, *, error="", message="build restarted"):
         """Run a finished build again under the same number: its jobs, logs and
@@ -3148,7 +3266,7 @@ class Store:
             row = tx.execute("SELECT status FROM builds WHERE id = ?", (build_id,)).fetchone()
             if row is None:
                 raise NotFound(f"build {build_id} not found")
-            if row[0] in ACTIVE_STATUSES:
+            if row[0] in ACTIVE_STATUSES or row[0] == BLOCKED:
                 raise Conflict(f"the build is {row[0]}; wait for it to finish or cancel it")
             tx.execute("DELETE FROM statuses WHERE build_id = ? AND job_id IS NOT NULL",
                        (build_id,))
@@ -3394,7 +3512,7 @@ class Store:
             candidates = tx.execute(
                 "SELECT j.id, j.build_id, b.status AS build_status, b.max_parallel, b.repo_id, "
                 "r.max_builds FROM jobs j JOIN builds b ON b.id = j.build_id "
-                "JOIN repos r ON r.id = b.repo_id WHERE j.status = ? "
+                "JOIN repos r ON r.id = b.repo_id WHERE j.status = ? AND b.status <> 'blocked' "
                 f"AND j.labels IN ({', '.join('?' for _ in accepted)}) ORDER BY j.id LIMIT 64",
                 (PENDING, *accepted)).fetchall()
             candidate = next((row for index, row in enumerate(candidates)
@@ -3787,7 +3905,10 @@ class Store:
         queue = []
         for position, job in enumerate(pending, start=1):
             required = json.loads(job["labels"]).items()
-            if not runners:
+            if job["build_status"] == BLOCKED:
+                reason = ("its build waits for approval by someone with write access "
+                          f"(`cirunner approve {job['owner']}/{job['name']} {job['build']}`)")
+            elif not runners:
                 reason = "no runner is running: start `cirunner serve` (or `build --wait`)"
             elif not any(required <= labels for labels in offered):
                 reason = ("no runner has the labels it requires: "
@@ -3824,9 +3945,11 @@ class Store:
             f"SELECT status, COUNT(*) AS n FROM {table} GROUP BY status")}
 
     def queue_summary(self):
-        """(how many jobs wait, when the oldest of them was enqueued or 0)."""
-        row = self._query_one("SELECT COUNT(*) AS n, MIN(enqueued_at) AS oldest FROM jobs "
-                              "WHERE status = ?", (PENDING,))
+        """(how many jobs wait for a runner, when the oldest of them was enqueued
+        or 0); not those of builds that wait for approval."""
+        row = self._query_one("SELECT COUNT(*) AS n, MIN(j.enqueued_at) AS oldest FROM jobs j "
+                              "JOIN builds b ON b.id = j.build_id "
+                              "WHERE j.status = ? AND b.status <> ?", (PENDING, BLOCKED))
         return row["n"], row["oldest"] or 0
 
     def builds_queued_before(self, build_id):
@@ -4260,6 +4383,17 @@ class PostgresStore(Store):
         """The database's address, without its credentials."""
         return _redact_url(self.url)
 
+    def socket_directories(self):
+        """The folders where this database's unix sockets may be: any `host`
+        given as a path in the URL, and libpq's default folders."""
+        parts = urlsplit(self.url)
+        hosts = [value for key, value in parse_qsl(parts.query) if key == "host"]
+        hosts += [unquote(host) for host in parts.netloc.rpartition("@")[2].split(",")
+                  if unquote(host).startswith("/")]
+        return tuple(dict.fromkeys(
+            path for host in hosts for path in host.split(",") if path.startswith("/")
+        )) + ("/var/run/postgresql", "/run/postgresql")
+
     def _connect(self):
         return _PgConnection(self._psycopg, self.url)
 
@@ -4529,6 +4663,7 @@ class _BuildRequest:
     fields: dict = dataclasses.field(default_factory=dict)  # a forge's fields win over git's
     parent: int = 0         # a restart as a new build: the number it restarts
     replaces: dict = None   # a restart under the same number: the build it replaces
+    gated: bool = False     # sent by a forge, not started by someone with write access
 
 
 def _resolve_from_git(store, repo, request):
@@ -4589,11 +4724,24 @@ def _clip(text, limit):
     return text if len(text) <= limit else text[:limit] + f"… ({len(text) - limit} more cut)"
 
 
+def _approval_reason(repo, request):
+    """Why a build must wait for approval before anything is cloned or run
+    (the repository's `approval`: never, forks, always), or ""."""
+    fork = request.fields.get("fork")
+    if request.gated and fork and repo["approval"] in ("forks", "always"):
+        source = request.fields.get("source_repo") or "another repository"
+        return f"a pull request from the fork {source}"
+    if request.gated and repo["approval"] == "always":
+        return f"every {request.event} build of {repo['owner']}/{repo['name']} needs approval"
+    return ""
+
+
 def _make_build(store, repo, request, *, max_jobs=DEFAULT_MAX_JOBS, resolve=_resolve_from_git):
     """The one path that makes a build: resolve the commit and its pipeline
     file, parse the file once, and insert the build with one job per matrix
     entry. An unusable pipeline or an unreachable repository still makes the
-    build, finished as `error` with the reason, so that the failure is seen."""
+    build, finished as `error` with the reason, so that the failure is seen.
+    A build that needs approval (see `_approval_reason`) is made blocked."""
     fields = {"event": request.event, "branch": request.branch, "remote": repo["url"],
               "variables": json.dumps(request.variables), "parent": request.parent}
     environments, error = [], ""
@@ -4624,19 +4772,23 @@ def _make_build(store, repo, request, *, max_jobs=DEFAULT_MAX_JOBS, resolve=_res
     for key in ("message", "author", "author_email", "author_avatar", "link_url", "remote"):
         if isinstance(fields.get(key), str):  # from git or a forge: kept at a bounded size
             fields[key] = _clip(fields[key], MAX_MESSAGE if key == "message" else MAX_FIELD)
+    fields["fork"] = int(bool(fields.get("fork")))
     if request.replaces:
         return store.reset_build(request.replaces["id"], fields, environments, error=error,
                                  message=f"build {request.replaces['number']} restarted")
-    return store.create_build(repo["id"], fields, environments, error=error)
+    return store.create_build(repo["id"], fields, environments, error=error,
+                              blocked=_approval_reason(repo, request))
 
 
 def create_build(store, repo, *, branch="", commit="", variables=None, event=EVENT_MANUAL,
-                 max_jobs=DEFAULT_MAX_JOBS, pull_ref="", **fields):
+                 max_jobs=DEFAULT_MAX_JOBS, pull_ref="", gated=False, **fields):
     """Start a build of `repo` (a dict from the store) and return it.
 
     The commit is `commit`, else the head of `branch`, else of the default
     branch. `variables` reach every job's environment and ``${VAR}``. Extra
-    `fields` (message, author, link_url, ref...) override what git says.
+    `fields` (message, author, link_url, ref, fork, source_repo...) override
+    what git says. A `gated` build (a forge's webhook, not a user with write
+    access) waits for approval as the repository's `approval` says.
     Raises BadRequest for bad input or an unknown branch or commit.
     """
     if event not in EVENTS:
@@ -4644,7 +4796,7 @@ def create_build(store, repo, *, branch="", commit="", variables=None, event=EVE
     request = _BuildRequest(branch=_check_branch(branch) if branch else "",
                             commit=_check_commit(commit) if commit else "", event=event,
                             variables=_check_variables(variables or {}), pull_ref=pull_ref,
-                            fields=fields)
+                            fields=fields, gated=gated)
     return _make_build(store, repo, request, max_jobs=max_jobs)
 
 
@@ -4658,12 +4810,14 @@ def restart_build(store, repo, number, *, fork=False, variables=None, max_jobs=D
     if deploy_to and event != EVENT_DEPLOYMENT:
         raise BadRequest("deploy_to goes with event=deployment")
     build = store.get_build(repo["id"], number)
-    if build["status"] in ACTIVE_STATUSES:
-        raise Conflict(f"build {number} is {build['status']}; wait for it or cancel it first")
+    if build["status"] in ACTIVE_STATUSES or build["status"] == BLOCKED:
+        raise Conflict(f"build {number} is {build['status']}; "
+                       + ("approve or decline it first" if build["status"] == BLOCKED
+                          else "wait for it or cancel it first"))
     merged = json.loads(build["variables"] or "{}")
     merged.update(_check_variables(variables or {}))
     kept = {key: build[key] for key in ("link_url", "message", "author", "author_email",
-                                        "author_avatar", "ref")}
+                                        "author_avatar", "ref", "fork", "source_repo")}
     if deploy_to:
         kept["deploy_to"] = deploy_to
     request = _BuildRequest(branch=build["branch"], commit=build["commit_sha"],
@@ -4678,9 +4832,27 @@ def restart_build(store, repo, number, *, fork=False, variables=None, max_jobs=D
 ###############################################################################
 
 # Every Linux-specific call lives in this section.
+#
+# The boundary: no value a pipeline controls reaches a host process. bwrap,
+# podman, docker, slirp4netns and git start with an environment built here from
+# an allow-list of the server's own settings; a step's variables go in *inside*
+# the boundary (bwrap's --setenv through --args FD, an engine's env file through
+# a file descriptor), never on a command line and never in a host process's
+# environment. Engine arguments are validated, and `--` precedes the image.
 
 _PR_SET_CHILD_SUBREAPER = 36
+_NS_GET_USERNS = 0xB701  # ioctl: the user namespace that owns a namespace
 _JOB_TOKEN_NAME = "CIRUNNER_JOB_TOKEN"
+
+_ENGINE_KEEPS = _HOST_KEEPS + (
+    "XDG_RUNTIME_DIR", "XDG_CONFIG_HOME", "XDG_DATA_HOME", "DBUS_SESSION_BUS_ADDRESS",
+    "CONTAINERS_CONF", "CONTAINERS_REGISTRIES_CONF", "CONTAINERS_STORAGE_CONF",
+    "REGISTRY_AUTH_FILE", "DOCKER_HOST", "DOCKER_CONFIG", "DOCKER_CERT_PATH",
+    "DOCKER_TLS_VERIFY", "http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY",
+    "NO_PROXY")
+# What a step on the host starts from, before Drone's variables and its own.
+_STEP_KEEPS = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "LC_MESSAGES", "TZ", "HOME", "USER",
+               "LOGNAME")
 
 
 def _become_subreaper():
@@ -4736,6 +4908,15 @@ def _proc_stat(pid):
         return None
 
 
+def _process_name(pid):
+    """The command name of `pid` (as /proc/PID/stat gives it), or ""."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().split(" (", 1)[1].rsplit(")", 1)[0]
+    except (OSError, IndexError):
+        return ""
+
+
 def _process_state(pid):
     """(state letter, process group) of `pid` from /proc, or (None, None)."""
     fields = _proc_stat(pid)
@@ -4765,11 +4946,132 @@ def _same_process(pid, start):
     return bool(now) and (not start or now == start)
 
 
+def _group_members(pgid):
+    """Pids of the processes in process group `pgid` (from /proc)."""
+    members = []
+    for pid in _all_pids():
+        _, group = _process_state(pid)
+        if group == pgid:
+            members.append(pid)
+    return members
+
+
+def _memory_file(name, data):
+    """A file descriptor of an unnamed in-memory file holding `data`, at its
+    start: handed to a child, it is on no disk and in no command line."""
+    fd = os.memfd_create(name, 0)  # not close-on-exec: made to be inherited
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.lseek(fd, 0, os.SEEK_SET)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _close_quietly(*fds):
+    for fd in fds:
+        if fd is not None and fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+@dataclasses.dataclass(frozen=True)
+class _StepUser:
+    """Who a step on the host runs as: the server's own user, or (for a server
+    run as root) an unprivileged one, so that no step is ever uid 0."""
+
+    uid: int
+    gid: int
+    name: str
+
+    @classmethod
+    def for_server(cls, name=""):
+        """The server's user, unless it is root: then `name` (default nobody)."""
+        if os.geteuid() != 0:
+            return cls(os.geteuid(), os.getegid(), getpass.getuser())
+        try:
+            entry = pwd.getpwnam(name or "nobody")
+        except KeyError:
+            raise CIRunnerError(f"--sandbox-user {name or 'nobody'}: no such user") from None
+        if entry.pw_uid == 0:
+            raise CIRunnerError(f"--sandbox-user {entry.pw_name} is uid 0: steps never run "
+                                "as root; name an unprivileged user")
+        return cls(entry.pw_uid, entry.pw_gid, entry.pw_name)
+
+    @property
+    def other(self):
+        """Whether steps run as another user than the server (it is root)."""
+        return self.uid != os.geteuid()
+
+    def popen_options(self):
+        """Popen's arguments that start a process as this user."""
+        if not self.other:
+            return {}
+        return {"user": self.uid, "group": self.gid, "extra_groups": []}
+
+    def give(self, path):
+        """Hand a job's workspace to this user (the server, as root, made it)."""
+        if not self.other:
+            return
+        os.chown(path, self.uid, self.gid)
+        for root, folders, files in os.walk(path):
+            for name in folders + files:
+                os.chown(os.path.join(root, name), self.uid, self.gid, follow_symlinks=False)
+
+    def unreachable(self, path):
+        """The first folder above `path` that this user may not pass through
+        (when it is another user than the server), or ""."""
+        if not self.other:
+            return ""
+        folder = os.path.dirname(os.path.abspath(path))
+        while True:
+            info = os.stat(folder)
+            if not (info.st_mode & 0o001 or info.st_gid == self.gid and info.st_mode & 0o010):
+                return folder
+            if os.path.dirname(folder) == folder:
+                return ""
+            folder = os.path.dirname(folder)
+
+    def open_path(self, top, path):
+        """Let this user's group pass through (not list) the folders from `top`
+        down to `path`, when it is another user than the server: its steps
+        reach their workspace and their mirror's objects, and nothing else of
+        the data directory (whose files stay the server's alone)."""
+        if not self.other:
+            return
+        top, folder = os.path.abspath(top), os.path.abspath(path)
+        while True:
+            info = os.stat(folder)
+            if info.st_gid != self.gid or not info.st_mode & 0o010:
+                os.chown(folder, -1, self.gid)
+                os.chmod(folder, (info.st_mode & 0o7777) | 0o010)
+            if folder == top or os.path.dirname(folder) == folder:
+                return
+            folder = os.path.dirname(folder)
+
+
+class _StepStartError(_JobError):
+    """The sandbox or engine could not start a step: the runner's fault (error),
+    never the step's; tried once more."""
+
+
 @dataclasses.dataclass
 class _StepProcess:
-    """A running step: the leader of its own process group, and its output pipe."""
+    """A running step: the leader of its own process group, and its output pipe.
+    `status` is bwrap's status pipe (it tells whether the step ever ran),
+    `network` the user-mode network stack of its namespace, `container` the
+    engine's name for it."""
 
     popen: subprocess.Popen
+    status: int = -1
+    network: object = None
+    container: str = ""
+    ended_cleanly: bool = True
+    started: bool = True      # False: the sandbox or engine never ran the step
+    start_error: str = ""     # then: why
 
     @property
     def pid(self):
@@ -4781,47 +5083,87 @@ class _StepProcess:
         return self.popen.stdout.fileno()
 
 
+def _start_process(argv, *, env, cwd=None, pass_fds=(), user=None):
+    """Start a step's leader in a new session, stdin from /dev/null, stdout and
+    stderr in one pipe. Raises _StepStartError when it cannot be started."""
+    try:
+        popen = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                 start_new_session=True, close_fds=True, pass_fds=pass_fds,
+                                 **(user.popen_options() if user else {}))
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise _StepStartError(f"cannot start {os.path.basename(argv[0])}: {exc}") from None
+    with contextlib.suppress(OSError, AttributeError):
+        fcntl.fcntl(popen.stdout.fileno(), fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+    return popen
+
+
 class _HostRunner:
-    """Runs steps as processes on the host, with no isolation.
+    """Runs steps as processes on the host, with no isolation (``--sandbox none``).
 
     The interface every runner keeps: `start` once, `spawn` a step, `signal`
     its processes, `end_step` when its leader is done, `end_job` to kill what
     the job left behind, `recover` after a crash, `reap` now and then.
 
-    Each step is ``/bin/sh -e -c SCRIPT`` in a new session, stdin from
-    /dev/null, stdout and stderr in one pipe. Every process of a job carries
-    the job's token in its environment; at the end of the job, whatever still
-    carries it is killed. The runner is a child subreaper, so a process that
-    detached (setsid, double fork) is adopted and reaped here.
+    Each step is ``/bin/sh -e -c SCRIPT`` in a new session, as the step user,
+    stdin from /dev/null, stdout and stderr in one pipe. Every process of a
+    job carries the job's token in its environment; at the end of the job,
+    whatever still carries it is killed. The runner is a child subreaper, so
+    a process that detached (setsid, double fork) is adopted and reaped here.
     """
 
     name = "none"
 
-    def __init__(self):
+    def __init__(self, *, user=None, environ=None, data_dir=None):
+        self.user = user or _StepUser.for_server()
+        self.environ = os.environ if environ is None else environ
+        self.data_dir = os.path.realpath(data_dir) if data_dir else None
         self.subreaper = False
+        self.problem = None
         self._leaders = set()
         self._lock = threading.Lock()
 
     def start(self):
         self.subreaper = _become_subreaper()
+        if self.problem is None:
+            self.problem = self.user_problem(self.data_dir) if self.data_dir else ""
 
-    def command(self, script, job):
-        """The argv that runs a step's `script` for `job` (a `_JobRun`)."""
-        return ["/bin/sh", "-e", "-c", script]
+    def user_problem(self, data_dir):
+        """Why the step user cannot reach the workspaces in `data_dir`, or ""."""
+        folder = self.user.unreachable(data_dir)
+        if not folder:
+            return ""
+        return (f"steps run as {self.user.name} (serve runs as root), who may not pass "
+                f"through {folder}: keep the data directory where others may pass (e.g. "
+                f"--data /var/lib/cirunner), or run serve as another user")
 
-    def spawn(self, script, *, env, job):
-        """Start a step; returns a `_StepProcess`. Raises _JobError if it cannot."""
+    def describe(self):
+        """How steps run, in a few words (the log header, /healthz)."""
+        return f"none (unsandboxed, as {self.user.name})"
+
+    def base_environment(self):
+        """What a step's environment starts from: the server's locale, PATH and home."""
+        environment = _host_environment(self.environ, _STEP_KEEPS)
+        if self.user.other:
+            environment.update(USER=self.user.name, LOGNAME=self.user.name)
+        return environment
+
+    def prepare_job(self, job):
+        """When steps run as another user than the server: hand it the job's
+        workspace, and the way to it and to its mirror's objects."""
+        if not self.user.other or job.executor.workspace is not None:
+            return
+        self.user.open_path(job.store.data_dir, os.path.dirname(job.workspace))
+        self.user.give(job.workspace)
+        for path in job.readable_paths():
+            self.user.open_path(job.store.data_dir, os.path.dirname(path))
+
+    def spawn(self, step, *, env, job, name=""):
+        """Start a step; returns a `_StepProcess`. Raises _StepStartError if it cannot."""
         with self._lock:
-            try:
-                popen = subprocess.Popen(
-                    self.command(script, job), cwd=job.workspace, env=env,
-                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                    start_new_session=True, close_fds=True)
-            except OSError as exc:
-                raise _JobError(f"cannot start a step: {exc}") from None
+            popen = _start_process(["/bin/sh", "-e", "-c", step.script()], env=env,
+                                   cwd=job.workspace, user=self.user)
             self._leaders.add(popen.pid)
-        with contextlib.suppress(OSError, AttributeError):
-            fcntl.fcntl(popen.stdout.fileno(), fcntl.F_SETPIPE_SZ, PIPE_BYTES)
         return _StepProcess(popen)
 
     def signal(self, process, signum):
@@ -4897,14 +5239,110 @@ class _HostRunner:
                     with contextlib.suppress(ChildProcessError):
                         os.waitpid(pid, os.WNOHANG)
 
-def _group_members(pgid):
-    """Pids of the processes in process group `pgid` (from /proc)."""
-    members = []
-    for pid in _all_pids():
-        _, group = _process_state(pid)
-        if group == pgid:
-            members.append(pid)
-    return members
+
+class _Unsandboxed(_HostRunner):
+    """Stands in for a sandbox that cannot work here (`--sandbox auto` without
+    a working bubblewrap): every step on the host is refused, naming the fix.
+    Isolation fails closed; only an explicit `--sandbox none` runs steps bare."""
+
+    name = "unavailable"
+
+    def __init__(self, problem, **options):
+        super().__init__(**options)
+        self.problem = problem
+
+    def start(self):
+        self.subreaper = _become_subreaper()
+
+    def describe(self):
+        return f"unavailable ({self.problem})"
+
+    def spawn(self, step, *, env, job, name=""):
+        raise _JobError(f"steps on the host run only in a sandbox, and {self.problem}; "
+                        "fix that and restart serve, or accept the risk with --sandbox none")
+
+
+def _await_loopback(pid, timeout=10.0):
+    """Wait until the new network namespace of `pid` has its loopback up, as
+    bwrap sets it up: slirp4netns also raises it, and if it came first, the
+    kernel's own 127.0.0.1 would make bwrap's request for it fail."""
+    deadline, pause = time.monotonic() + timeout, 0.0005
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/net/fib_trie") as handle:
+                if "127.255.255.255" in handle.read():  # lo is up, its address set
+                    return
+        except OSError:
+            return  # gone: bwrap failed, and says why
+        time.sleep(pause)
+        pause = min(pause * 2, 0.01)
+
+
+class _UserNetwork:
+    """A step's own network namespace's way out: slirp4netns, a user-mode
+    network stack, joined to the namespace of the sandbox's first process.
+    Outbound connections work; the host's loopback (127.0.0.1, where the
+    API, PostgreSQL or a local admin panel may listen) is not reachable."""
+
+    ADDRESS = "10.0.2.100"      # the step's address, slirp4netns's default
+    DNS = "10.0.2.3"            # its DNS forwarder to the host's resolver
+
+    def __init__(self, slirp, child_pid, env):
+        # The namespace, and the user namespace that owns it, as bwrap made them
+        # at the sandbox's start (bwrap nests another user namespace later).
+        try:
+            netns = os.open(f"/proc/{child_pid}/ns/net", os.O_RDONLY)
+        except OSError as exc:
+            raise _StepStartError(f"the sandbox's network namespace is gone: {exc}") from None
+        try:
+            owner = fcntl.ioctl(netns, _NS_GET_USERNS)
+        except OSError as exc:
+            os.close(netns)
+            raise _StepStartError(f"cannot find who owns the sandbox's network: {exc}") from None
+        ready_read, ready_write = os.pipe()
+        self._exit_read, self._exit_write = os.pipe()
+        self._errors = tempfile.TemporaryFile(prefix="cirunner-slirp-")  # noqa: SIM115 - closed in close
+        try:
+            self.process = subprocess.Popen(
+                [slirp, "--configure", "--mtu=65520", "--disable-host-loopback",
+                 "--ready-fd", str(ready_write), "--exit-fd", str(self._exit_read),
+                 "--netns-type=path", f"--userns-path=/proc/self/fd/{owner}",
+                 f"/proc/self/fd/{netns}", "tap0"],
+                env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=self._errors, pass_fds=(ready_write, self._exit_read, netns, owner),
+                close_fds=True)
+        except OSError as exc:
+            _close_quietly(ready_read, ready_write, self._exit_read, self._exit_write)
+            self._errors.close()
+            raise _StepStartError(f"cannot start slirp4netns: {exc}") from None
+        finally:
+            _close_quietly(netns, owner)
+        _close_quietly(ready_write, self._exit_read)
+        try:
+            ready = os.read(ready_read, 1)
+        finally:
+            os.close(ready_read)
+        if ready != b"1":
+            error = self.error
+            self.close()
+            raise _StepStartError(f"slirp4netns could not set up the step's network: "
+                                  f"{error or 'exit ' + str(self.process.returncode)}")
+
+    @property
+    def error(self):
+        self._errors.seek(0)
+        return self._errors.read(4096).decode(errors="replace").strip()
+
+    def close(self):
+        """End the network stack (its namespace is gone, or going)."""
+        _close_quietly(self._exit_write)
+        self._exit_write = -1
+        try:
+            self.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self._errors.close()
 
 
 class _SandboxRunner(_HostRunner):
@@ -4913,95 +5351,350 @@ class _SandboxRunner(_HostRunner):
     The step sees a read-only root; its workspace is the only writable place
     besides a private /tmp, /dev/shm and HOME; the data directory (store, WAL,
     key file, mirrors, other workspaces) is hidden, except the objects of the
-    job's own repository's mirror, which its checkout borrows, read-only. It
-    runs in new PID and IPC namespaces with their own /proc, without
-    capabilities, and dies with the server: whatever a step leaves running,
-    however it detached, ends with the step's namespace. The network and the
-    host's kernel are shared.
+    job's own repository's mirror, which its checkout borrows, read-only; so
+    are /run and /var/run (the host's unix sockets: PostgreSQL, docker,
+    podman, dbus) and `hidden` paths (a store's socket directory). It runs in
+    new PID, IPC and network namespaces, with no capabilities and no
+    environment but its own, as the step user (never root), and dies with the
+    server. With `network` "private" (the default) a user-mode network stack
+    gives it outbound access but not the host's loopback; "none" leaves it
+    only its own loopback; "host" shares the host's network. The host's
+    kernel is shared.
     """
 
     name = "bwrap"
 
-    def __init__(self, data_dir, *, bwrap="bwrap", home=None):
-        super().__init__()
-        self.data_dir = os.path.abspath(data_dir)
+    def __init__(self, data_dir, *, bwrap="bwrap", home=None, network="private",
+                 slirp=None, hidden=(), **options):
+        super().__init__(data_dir=data_dir, **options)
         self.bwrap = bwrap
         self.home = home if home is not None else os.path.expanduser("~")
-        self.problem = None  # why bubblewrap cannot be used here, once start() tried it
+        self.network = network
+        self.slirp = slirp
+        self.hidden = tuple(os.path.abspath(path) for path in hidden)
+        self.resolv_conf = b""
 
     def start(self):
-        """Check once that bubblewrap works here (it needs namespaces)."""
-        super().start()
-        if self.problem is None:
-            self.problem = self.probe(self.bwrap)
+        """Check once that a sandbox works here, made as a step's is (three
+        tries: under load, bwrap's own set-up of the loopback now and then fails
+        once, which a step's start survives by its retry)."""
+        _HostRunner.start(self)
+        for _ in range(3 if not self.problem else 0):
+            self.problem = self.probe()
+            if not self.problem:
+                break
 
-    @staticmethod
-    def probe(bwrap):
-        """"" if `bwrap` can make a sandbox here, else what it said."""
+    def describe(self):
+        network = {"private": "own network, outbound through slirp4netns",
+                   "none": "own network, no outbound", "host": "host network"}[self.network]
+        return f"bwrap ({network}, as {self.user.name})"
+
+    def probe(self):
+        """"" if a sandbox as steps get it can be made here, else why not."""
+        if self.network == "private" and not self.slirp:
+            return ("slirp4netns is not installed (apt-get install slirp4netns), which gives "
+                    "sandboxed steps their own network; or choose --sandbox-network host")
         try:
-            result = subprocess.run(
-                [bwrap, "--ro-bind", "/", "/", "--proc", "/proc", "--unshare-pid",
-                 "--die-with-parent", "--", "/bin/true"], capture_output=True, timeout=30,
-                check=False)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            return str(exc)
-        return "" if result.returncode == 0 else (
-            result.stderr.decode(errors="replace").strip() or f"exit {result.returncode}")
+            process = self._launch(["/bin/true"], env={}, binds=[])
+        except CIRunnerError as exc:
+            return exc.message
+        output = process.popen.stdout.read()
+        process.popen.stdout.close()
+        process.popen.wait()
+        self._finish(process)
+        if not process.started:
+            return output.decode(errors="replace").strip() or process.start_error
+        return ""
 
-    def command(self, script, job):
-        """bwrap's argv for a step of `job`: mounts ordered so that a parent
-        directory is set up before what is bound inside it."""
+    def base_environment(self):
+        environment = super().base_environment()
+        environment.setdefault("HOME", self.home or "/tmp")
+        return environment
+
+    def spawn(self, step, *, env, job, name=""):
         workspace = os.path.abspath(job.workspace)
-        mounts = [(self.data_dir, ("--tmpfs", self.data_dir)), ("/tmp", ("--tmpfs", "/tmp")),
-                  ("/dev/shm", ("--tmpfs", "/dev/shm")),
-                  (workspace, ("--bind", workspace, workspace))]
-        if self.home and self.home != "/":
-            mounts.append((self.home, ("--tmpfs", self.home)))
-        for path in job.readable_paths():
-            mounts.append((path, ("--ro-bind", path, path)))
+        binds = [(workspace, True)] + [(path, False) for path in job.readable_paths()]
+        with self._lock:
+            process = self._launch(["/bin/sh", "-e", "-c", step.script()], env=env,
+                                   binds=binds, chdir=workspace)
+            self._leaders.add(process.pid)
+        return process
+
+    def _hidden_paths(self):
+        """What the sandbox covers with an empty tmpfs: the data directory, the
+        host's /tmp, /dev/shm and HOME, its unix sockets' folders (/run,
+        /var/run, a store's socket directory)."""
+        # The data directory and HOME must be there (empty), whatever covers
+        # them; a socket folder covered by another's tmpfs is hidden already.
+        kept = {self.data_dir}
+        if self.home and self.home != "/" and os.path.isdir(self.home):
+            kept.add(os.path.realpath(self.home))
+        paths = sorted(kept | {os.path.realpath(path) for path in (
+            "/tmp", "/dev/shm", "/run", "/var/run", *self.hidden) if os.path.isdir(path)})
+        return [path for path in paths if path in kept or not any(
+            path.startswith(other.rstrip("/") + "/") for other in paths if other != path)]
+
+    def _mounts(self, binds, fds):
+        """bwrap's mount options: the hidden places, then `binds` ([(path,
+        writable)], each at its own path), ordered so that a parent directory
+        is set up before what is bound inside it; `fds` gets the descriptors
+        the options name."""
+        mounts = [(path, ["--tmpfs", path]) for path in self._hidden_paths()]
+        mounts += [(path, ["--bind" if writable else "--ro-bind", path, path])
+                   for path, writable in binds]
         mounts.sort(key=lambda mount: mount[0].rstrip("/").count("/"))
-        argv = [self.bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
-        for _, options in mounts:
-            argv += options
+        options = ["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
+        for _, mount in mounts:
+            options += mount
+        options += self._resolver_options(fds)
         # The data directory's stand-in only holds the mount points of what
         # was bound inside it: read-only, so nothing can be written there.
-        argv += ["--remount-ro", self.data_dir, "--unshare-pid", "--unshare-ipc", "--die-with-parent", "--cap-drop", "ALL",
-                 "--chdir", workspace, "--", "/bin/sh", "-e", "-c", script]
-        return argv
+        if os.path.isdir(self.data_dir):
+            options += ["--remount-ro", self.data_dir]
+        return options
+
+    def _launch(self, command, *, env, binds, chdir="/"):
+        """Start bwrap with the sandbox's mounts and `binds`, `env` set inside
+        and nothing else, and `command`: every option from an in-memory file
+        (--args), none on its command line; as the step user."""
+        fds, kept = [], []
+        try:
+            options = self._mounts(binds, fds)
+            status_read, status_write = os.pipe()
+            fds.append(status_write)
+            kept.append(status_read)
+            options += ["--unshare-pid", "--unshare-ipc", "--die-with-parent", "--cap-drop", "ALL",
+                        "--json-status-fd", str(status_write)]
+            if self.network != "host":
+                options.append("--unshare-net")
+            block = -1
+            if self.network == "private":
+                block_read, block = os.pipe()
+                fds.append(block_read)
+                kept.append(block)
+                options += ["--block-fd", str(block_read)]
+            options += ["--clearenv", "--chdir", chdir]
+            for variable, value in env.items():
+                options += ["--setenv", variable, value]
+            fds.append(_memory_file("bwrap-args", b"\0".join(
+                option.encode("utf-8", "surrogateescape") for option in options) + b"\0"))
+            # Options only come from --args; the command (no secret in it) follows.
+            popen = _start_process([self.bwrap, "--args", str(fds[-1]), "--", *command],
+                                   env=_host_environment(self.environ, _HOST_KEEPS),
+                                   cwd="/", pass_fds=tuple(fds), user=self.user)
+        except (ValueError, UnicodeEncodeError) as exc:  # a NUL or a lone surrogate
+            _close_quietly(*fds, *kept)
+            raise _JobError(f"cannot start the step: {exc}") from None
+        except OSError as exc:
+            _close_quietly(*fds, *kept)
+            raise _StepStartError(f"cannot start bwrap: {exc}") from None
+        except CIRunnerError:
+            _close_quietly(*fds, *kept)
+            raise
+        _close_quietly(*fds)
+        process = _StepProcess(popen, status=status_read)
+        if block >= 0:
+            self._connect(process, block)
+        return process
+
+    def _connect(self, process, block):
+        """Give the sandbox its way out, then let its command start. When that
+        fails, the sandbox is ended: its step never started (see `_finish`)."""
+        try:
+            line = b""
+            while not line.endswith(b"\n"):
+                data = os.read(process.status, 4096)
+                if not data:
+                    break
+                line += data
+            try:
+                child = json.loads(line.split(b"\n", 1)[0])["child-pid"]
+            except (ValueError, KeyError, TypeError):
+                return  # bwrap ended before making it: `_finish` says so
+            _await_loopback(child)
+            process.network = _UserNetwork(self.slirp, child,
+                                           _host_environment(self.environ, _HOST_KEEPS))
+            os.write(block, b"1")
+        except (OSError, _StepStartError) as exc:
+            _signal_group(process.pid, signal.SIGKILL)
+            process.start_error = getattr(exc, "message", None) or (
+                f"the sandbox could not start the step ({exc})")
+        finally:
+            os.close(block)
+
+    def _resolver_options(self, fds):
+        """DNS inside: through the user-mode stack's forwarder when the step has
+        its own network; the host's resolver file when it shares the host's and
+        that file lives under /run, which the sandbox hides."""
+        resolv = os.path.realpath("/etc/resolv.conf")
+        if self.network == "host":
+            hidden = resolv.startswith(("/run/", "/var/run/"))
+            return ["--ro-bind", resolv, resolv] if hidden and os.path.isfile(resolv) else []
+        if self.network == "none" or not os.path.isfile(resolv):
+            return []
+        if not self.resolv_conf:
+            with contextlib.suppress(OSError), open(resolv, "rb") as handle:
+                kept = [line for line in handle.read().splitlines()
+                        if line.split()[:1] in ([b"search"], [b"domain"], [b"options"])]
+                self.resolv_conf = b"\n".join(
+                    kept + [f"nameserver {_UserNetwork.DNS}".encode()]) + b"\n"
+        fds.append(_memory_file("resolv.conf", self.resolv_conf))
+        return ["--ro-bind-data", str(fds[-1]), resolv]
 
     def signal(self, process, signum):
         """SIGTERM reaches the step's processes, not bwrap itself, which would
         end the sandbox at once; SIGKILL ends the sandbox and all in it. A
-        sandbox whose step has not started yet is ended at once too: no
-        process of the step could have heard the SIGTERM."""
+        sandbox whose step has not started yet (only bwrap's own processes in
+        it: the namespace's first process ignores SIGTERM) is ended at once
+        too: no process of the step could have heard the SIGTERM."""
         inside = [pid for pid in _group_members(process.pid) if pid != process.pid]
-        if signum == signal.SIGKILL or not inside:
+        if signum == signal.SIGKILL or all(_process_name(pid) == "bwrap" for pid in inside):
             _signal_group(process.pid, signum)
             return
         for pid in inside:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signum)
 
+    def end_step(self, process):
+        """The step's exit code; `process.started` says whether the sandbox
+        ever ran it (bwrap reports an exit code only for a command it started)."""
+        code = super().end_step(process)
+        self._finish(process)
+        return code
 
-def _make_runner(sandbox, data_dir):
-    """The process runner for `sandbox` ("auto", "bwrap" or "none")."""
+    def _finish(self, process):
+        if process.network is not None:
+            process.network.close()
+            process.network = None
+        status = b""
+        if process.status >= 0:
+            with contextlib.suppress(OSError):
+                while True:
+                    data = os.read(process.status, 4096)
+                    if not data:
+                        break
+                    status += data
+            os.close(process.status)
+            process.status = -1
+        if b'"exit-code"' not in status:
+            process.popen.wait()
+            process.started = False
+            process.start_error = process.start_error or (
+                f"the sandbox could not start the step (bwrap exit {process.popen.returncode})")
+
+
+def _make_runner(sandbox, data_dir, *, network="private", user=None, hidden=(), environ=None):
+    """The process runner for `sandbox` ("auto", "bwrap" or "none"). `auto`
+    without bubblewrap is a runner that refuses host steps, naming the fix."""
     if sandbox not in SANDBOXES:
         raise BadRequest(f"sandbox must be one of {', '.join(SANDBOXES)}, not {sandbox!r}")
+    if network not in SANDBOX_NETWORKS:
+        raise BadRequest(f"sandbox network must be one of {', '.join(SANDBOX_NETWORKS)}, "
+                         f"not {network!r}")
+    options = {"user": user or _StepUser.for_server(), "environ": environ}
     if sandbox == "none":
-        return _HostRunner()
+        return _HostRunner(data_dir=data_dir, **options)
     bwrap = shutil.which("bwrap")
     if bwrap is None:
         if sandbox == "bwrap":
             raise CIRunnerError("--sandbox bwrap needs bubblewrap: apt-get install bubblewrap")
-        return _HostRunner()
-    return _SandboxRunner(data_dir, bwrap=bwrap)
+        return _Unsandboxed("bubblewrap is not installed (apt-get install bubblewrap)",
+                            **options)
+    return _SandboxRunner(data_dir, bwrap=bwrap, network=network, hidden=hidden,
+                          slirp=shutil.which("slirp4netns"), **options)
 
 
-_ENGINE_KEEPS = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "TMPDIR", "XDG_RUNTIME_DIR",
-                 "XDG_CONFIG_HOME", "XDG_DATA_HOME", "DBUS_SESSION_BUS_ADDRESS",
-                 "CONTAINERS_CONF", "CONTAINERS_REGISTRIES_CONF", "CONTAINERS_STORAGE_CONF",
-                 "REGISTRY_AUTH_FILE", "DOCKER_HOST", "DOCKER_CONFIG", "DOCKER_CERT_PATH",
-                 "DOCKER_TLS_VERIFY")
+# -- containers -----------------------------------------------------------------
+# The Docker reference grammar (distribution/reference): an image name can never
+# be read as an option, and nothing but a name is taken as one.
+_IMAGE_REFERENCE = re.compile(
+    r"(?:(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
+    r"(?:\.(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9]))*(?::[0-9]+)?/)?"
+    r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*"
+    r"(?::[\w][\w.-]{0,127})?"
+    r"(?:@[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,})?")
+_VOLUME_NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]*"
+_CONTAINER_PATH = r"/[^,:\x00-\x1f]*"
+_VOLUME_SPEC = re.compile(rf"(?:{_CONTAINER_PATH}|{_VOLUME_NAME}):{_CONTAINER_PATH}"
+                          r"(?::(?:ro|rw|z|Z|O|U|shared|slave|private|rshared|rslave|rprivate|"
+                          r"nocopy|noexec|exec|nodev|dev|nosuid|suid)(?:,[a-zA-Z]+)*)?")
+_DEVICE_SPEC = re.compile(rf"/dev/[^,:\x00-\x1f]+(?::{_CONTAINER_PATH})?(?::[rwm]{{1,3}})?")
+_NETWORK_MODE = re.compile(r"(?:host|none|bridge|default|container:[A-Za-z0-9][\w.-]*|"
+                           r"[A-Za-z0-9][\w.-]*)")
+_SHM_SIZE = re.compile(r"[0-9]+[bkmgBKMG]?")
+_HOST_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+                        r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")
+_LABEL_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,127}")
+
+
+def _is_image_reference(text):
+    """Whether `text` is an image reference as docker reads one: its first part
+    is a registry only with a dot, a port or as localhost; else it is a path,
+    in lower case."""
+    if len(text) > 255 or not _IMAGE_REFERENCE.fullmatch(text):
+        return False
+    first, slash, _ = text.partition("/")
+    registry = slash and ("." in first or ":" in first or first == "localhost")
+    return bool(registry) or first == first.lower()
+
+
+def _is_ip(text):
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _container_problems(step):
+    """Why `step` (with its variables substituted) cannot be handed to an
+    engine: each value that would become an engine argument is checked, so
+    that none can be read as an option or reach further than it says."""
+    problems = []
+
+    def check(key, values, valid):
+        for value in values:
+            if not isinstance(value, str) or not valid(value):
+                problems.append(f"{key} {value!r} is not valid")
+
+    check("image", [step.image], _is_image_reference)
+    check("volume", step.volumes, lambda value: bool(_VOLUME_SPEC.fullmatch(value)))
+    check("device", step.devices, lambda value: bool(_DEVICE_SPEC.fullmatch(value)))
+    check("network_mode", [step.network_mode] if step.network_mode else [],
+          lambda value: bool(_NETWORK_MODE.fullmatch(value)))
+    check("dns", step.dns, _is_ip)
+    check("dns_search", step.dns_search, lambda value: bool(_HOST_NAME.fullmatch(value)))
+    check("extra_hosts", step.extra_hosts, lambda value: ":" in value and bool(
+        _HOST_NAME.fullmatch(value.split(":", 1)[0])) and _is_ip(value.split(":", 1)[1]))
+    check("shm_size", [step.shm_size] if step.shm_size else [],
+          lambda value: bool(_SHM_SIZE.fullmatch(value)))
+    check("working_dir", [step.working_dir] if step.working_dir else [],
+          lambda value: value.startswith("/") and "\x00" not in value)
+    check("label", list(step.labels), lambda value: bool(_LABEL_KEY.fullmatch(value)))
+    check("entrypoint or command", [*step.entrypoint, *step.command, *step.labels.values()],
+          lambda value: "\x00" not in value)
+    return problems
+
+
+def _env_file(environment, *, multiline_allowed):
+    """(the lines of an engine's env file, {name: value} of values an env file
+    cannot carry: those with a line break). Raises _JobError for a name an env
+    file cannot hold."""
+    lines, multiline = [], {}
+    for name, value in environment.items():
+        if not name or "=" in name or name[0] == "#" or any(
+                char.isspace() or char == "\x00" for char in name):
+            raise _JobError(f"the variable name {name!r} cannot be passed to a container")
+        if "\x00" in value:
+            raise _JobError(f"the value of {name} holds a NUL byte, which no process can take")
+        if "\n" in value or "\r" in value:
+            if not multiline_allowed:
+                raise _JobError(f"the value of {name} spans several lines, which docker's env "
+                                "file cannot carry: use podman (--engine podman)")
+            multiline[name] = value
+        else:
+            lines.append(f"{name}={value}")
+    return "\n".join(lines) + "\n", multiline
 
 
 class _ContainerRunner:
@@ -5011,42 +5704,58 @@ class _ContainerRunner:
     Each job gets a network of its own (services are reached by their names)
     and, when the pipeline's workspace base differs from its path, a volume
     at the base that its steps share. The checkout is mounted at the Drone
-    workspace path, the working directory. Values reach a container only as
-    environment variables (``--env NAME``, taken from the engine's own
-    environment, never the command line). Every container, network and
-    volume carries labels naming the store, the job and the runner, and goes
-    at the end of its job; what a dead runner left goes at the next start.
+    workspace path, the working directory. A step's variables reach its
+    container through an env file the engine reads from a file descriptor
+    (on no disk, in no command line, never in the engine's own environment);
+    a value with line breaks, which env files cannot carry, through a podman
+    secret of the job. Every container, network, volume and secret carries
+    labels naming the store, the job and the runner, and goes at the end of
+    its job; what a dead runner left goes at the next start.
     """
 
-    def __init__(self, engine, path, *, store_key, runner_id):
+    def __init__(self, engine, path, *, store_key, runner_id, environ=None):
         self.name = engine
         self.path = path
         self.store_key = store_key
         self.runner_id = runner_id
         self.problem = None
-        self.base_environment = {}
+        self.environment = _host_environment(os.environ if environ is None else environ,
+                                             _ENGINE_KEEPS)
 
     def start(self):
-        """Check once that the engine answers (docker needs its daemon)."""
-        self.base_environment = {name: value for name, value in os.environ.items()
-                                 if name in _ENGINE_KEEPS}
-        if self.problem is None:
+        """Check once that the engine runs a container here (docker: that its
+        daemon answers): a podman that cannot is reported at start."""
+        if self.problem is not None:
+            return
+        if self.name != "podman":
             result = self._run(["version"], timeout=60)
             self.problem = "" if result.returncode == 0 else (
                 result.stderr.strip() or f"`{self.name} version` failed")
+            return
+        with tempfile.TemporaryDirectory(prefix="cirunner-probe-") as root:
+            # An empty root and a command that is not there: the runtime makes
+            # the whole container (namespaces, mounts, limits), then cannot exec.
+            result = self._run(["run", "--rm", "--network=none", "--rootfs", "--", root,
+                                "/cirunner-probe"], timeout=120)
+        found = result.returncode == 127 and "/cirunner-probe" in result.stderr
+        self.problem = "" if found else (result.stderr.strip().splitlines() or [
+            f"exit {result.returncode}"])[-1]
 
-    def _run(self, args, *, timeout=120, env=None):
+    def describe(self):
+        return self.name
+
+    def _run(self, args, *, timeout=120, stdin=None):
         try:
             return subprocess.run([self.path, *args], capture_output=True, text=True,
-                                  timeout=timeout, check=False,
-                                  env=env or self.base_environment or None)
+                                  timeout=timeout, check=False, env=self.environment,
+                                  input=stdin)
         except (OSError, subprocess.TimeoutExpired) as exc:
             return subprocess.CompletedProcess(args, 255, "", str(exc))
 
     def labels(self, job):
-        return ["--label", f"cirunner.store={self.store_key}",
-                "--label", f"cirunner.job={self.store_key}-{job.job['id']}",
-                "--label", f"cirunner.runner={self.runner_id}"]
+        return [f"--label=cirunner.store={self.store_key}",
+                f"--label=cirunner.job={self.store_key}-{job.job['id']}",
+                f"--label=cirunner.runner={self.runner_id}"]
 
     def prefix(self, job):
         """The name every container, network and volume of `job` starts with."""
@@ -5057,48 +5766,45 @@ class _ContainerRunner:
         shared workspace volume when it needs one."""
         prefix = self.prefix(job)
         if job.services:
-            result = self._run(["network", "create", *self.labels(job), prefix])
+            result = self._run(["network", "create", *self.labels(job), "--", prefix])
             if result.returncode != 0:
                 raise _JobError(f"{self.name} could not make the job's network: "
                                 f"{result.stderr.strip()}")
             job.network = prefix
         base, path = job.container_workspace
         if base != path:
-            result = self._run(["volume", "create", *self.labels(job), prefix])
+            result = self._run(["volume", "create", *self.labels(job), "--", prefix])
             if result.returncode != 0:
                 raise _JobError(f"{self.name} could not make the job's volume: "
                                 f"{result.stderr.strip()}")
             job.volume = prefix
 
-    def command(self, step, env, job, *, name, detach=False):
-        """The engine's argv that runs `step` (environment names only)."""
+    def command(self, step, job, *, name, env_file, secrets=(), detach=False):
+        """The engine's argv that runs `step` (its variables from `env_file`)."""
         base, path = job.container_workspace
-        argv = [self.path, "run", "--rm", "--name", name, *self.labels(job),
-                "--workdir", step.working_dir or path]
+        argv = [self.path, "run", "--rm", f"--name={name}", *self.labels(job),
+                f"--workdir={step.working_dir or path}"]
         if step.network_mode or job.network:
-            argv += ["--network", step.network_mode or job.network]
-        if job.network and not step.network_mode:
-            argv += ["--network-alias", step.name]
+            argv.append(f"--network={step.network_mode or job.network}")
+        if job.network and not step.network_mode and _HOST_NAME.fullmatch(step.name):
+            argv.append(f"--network-alias={step.name}")
         if job.volume:
-            argv += ["--volume", f"{job.volume}:{base}"]
-        argv += ["--volume", f"{os.path.abspath(job.workspace)}:{path}"]
+            argv.append(f"--volume={job.volume}:{base}")
+        argv.append(f"--volume={os.path.abspath(job.workspace)}:{path}")
         for readable in job.readable_paths():
-            argv += ["--volume", f"{readable}:{readable}:ro"]
-        argv += ["--pull", "always" if step.pull else "missing"]
+            argv.append(f"--volume={readable}:{readable}:ro")
+        argv.append("--pull=always" if step.pull else "--pull=missing")
         if detach:
             argv.append("--detach")
         argv += self._options(step)
-        for variable, value in env.items():
-            # The value from the engine's own environment, never this command
-            # line; but the engine needs its own PATH, HOME... left as they are.
-            argv += ["--env", f"{variable}={value}" if variable in _ENGINE_KEEPS else variable]
+        argv.append(f"--env-file={env_file}")
+        for secret, variable in secrets:
+            argv.append(f"--secret={secret},type=env,target={variable}")
         if step.kind == "step":
-            argv += ["--entrypoint", "/bin/sh", step.image, "-e", "-c", step.script()]
-        else:
-            if step.entrypoint:
-                argv += ["--entrypoint", step.entrypoint[0]]
-            argv += [step.image, *step.entrypoint[1:], *step.command]
-        return argv
+            return argv + ["--entrypoint=/bin/sh", "--", step.image, "-e", "-c", step.script()]
+        if step.entrypoint:
+            argv.append(f"--entrypoint={step.entrypoint[0]}")
+        return argv + ["--", step.image, *step.entrypoint[1:], *step.command]
 
     @staticmethod
     def _options(step):
@@ -5108,65 +5814,96 @@ class _ContainerRunner:
         for flag, values in (("--volume", step.volumes), ("--device", step.devices),
                              ("--dns", step.dns), ("--dns-search", step.dns_search),
                              ("--add-host", step.extra_hosts)):
-            for value in values:
-                options += [flag, value]
+            options += [f"{flag}={value}" for value in values]
         if step.shm_size:
-            options += ["--shm-size", step.shm_size]
-        for key, value in step.labels.items():
-            options += ["--label", f"{key}={value}"]
+            options.append(f"--shm-size={step.shm_size}")
+        options += [f"--label={key}={value}" for key, value in step.labels.items()]
         return options
 
     def spawn(self, step, *, env, job, name, detach=False):
         """Start a container for `step`; its output comes from the returned process."""
-        environment = {**{name: value for name, value in env.items()
-                          if name not in _ENGINE_KEEPS}, **self.base_environment}
+        problems = _container_problems(step)
+        if problems:
+            raise _JobError(f"{step.kind} {step.name!r}: {'; '.join(problems)}")
+        text, multiline = _env_file(env, multiline_allowed=self.name == "podman")
+        secrets = [(self._secret(job, name, index, value), variable)
+                   for index, (variable, value) in enumerate(multiline.items())]
+        env_fd = _memory_file("env-file", text.encode("utf-8", "surrogateescape"))
         try:
-            popen = subprocess.Popen(
-                self.command(step, env, job, name=name, detach=detach), env=environment,
-                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                start_new_session=True, close_fds=True)
-        except OSError as exc:
-            raise _JobError(f"cannot run {self.name}: {exc}") from None
-        process = _StepProcess(popen)
-        process.container = name
-        return process
+            popen = _start_process(
+                self.command(step, job, name=name, env_file=f"/dev/fd/{env_fd}",
+                             secrets=secrets, detach=detach),
+                env=self.environment, pass_fds=(env_fd,))
+        except ValueError as exc:  # a NUL in an argument
+            raise _JobError(f"{step.kind} {step.name!r}: {exc}") from None
+        finally:
+            os.close(env_fd)
+        return _StepProcess(popen, container=name)
+
+    def _secret(self, job, name, index, value):
+        """A podman secret holding one multi-line value of a step, removed with the job."""
+        secret = f"{name}-env-{index}"
+        result = self._run(["secret", "create", *self.labels(job), "--", secret, "-"],
+                           stdin=value)
+        if result.returncode != 0:
+            raise _StepStartError(f"podman could not hold a multi-line value: "
+                                  f"{result.stderr.strip()}")
+        return secret
 
     def signal(self, process, signum):
         """SIGTERM and SIGKILL to the container, which the engine delivers."""
         sig = "KILL" if signum == signal.SIGKILL else "TERM"
-        self._run(["kill", "--signal", sig, process.container], timeout=30)
+        self._run(["kill", f"--signal={sig}", "--", process.container], timeout=30)
 
     def end_step(self, process):
-        """The container's exit code, once it and the engine's process are gone."""
+        """The container's exit code, once it and the engine's process are gone.
+        Exit code 125 is the engine's own: it could not start the container
+        (`process.started` is then False)."""
         try:
             process.popen.wait(timeout=5)
         except subprocess.TimeoutExpired:
             process.ended_cleanly = False
-            self._run(["rm", "--force", process.container], timeout=60)
+            self._run(["rm", "--force", "--", process.container], timeout=60)
             process.popen.kill()
             process.popen.wait()
         process.popen.stdout.close()
         code = process.popen.returncode
+        if code == 125:
+            process.started = False
+            process.start_error = f"{self.name} could not start the container (exit 125)"
         return 128 - code if code < 0 else code
 
     def stop_containers(self, job, grace):
         """Stop (engine stop, grace, then kill) and remove every container of `job`."""
         names = self._job_objects(["ps", "--all", "--quiet"], job)
         if names:
-            self._run(["stop", "--time", str(int(max(0, grace))), *names],
+            self._run(["stop", f"--time={int(max(0, grace))}", "--", *names],
                       timeout=grace + 60)
-            self._run(["rm", "--force", *names], timeout=120)
+            self._run(["rm", "--force", "--", *names], timeout=120)
 
     def end_job(self, job, grace=0):
-        """Remove what the job left: containers, then its volume and network.
-        (Each container removes itself when it ends; only a job that ended
-        abnormally can leave one, and only then are they listed.)"""
+        """Remove what the job left: containers, then its volume, network and
+        secrets. (Each container removes itself when it ends; only a job that
+        ended abnormally can leave one, and only then are they listed.)"""
         if job.background or not job.ended_cleanly:
             self.stop_containers(job, grace)
         if job.volume:
-            self._run(["volume", "rm", "--force", job.volume])
+            self._run(["volume", "rm", "--force", "--", job.volume])
         if job.network:
-            self._run(["network", "rm", "--force", job.network])
+            self._run(["network", "rm", "--force", "--", job.network])
+        self._remove_secrets([job.job["id"]])
+
+    def _remove_secrets(self, job_ids):
+        """Remove the podman secrets of these jobs (found by name: podman's
+        `secret ls` cannot filter by label)."""
+        if self.name != "podman":
+            return
+        result = self._run(["secret", "ls", "--format={{.Name}}"])
+        prefixes = tuple(f"cirunner-{self.store_key}-{job_id}-" for job_id in job_ids)
+        found = [name for name in result.stdout.split() if name.startswith(prefixes)] \
+            if result.returncode == 0 else []
+        if found:
+            self._run(["secret", "rm", "--", *found])
 
     def _job_objects(self, listing, job):
         result = self._run([*listing, "--filter",
@@ -5174,16 +5911,18 @@ class _ContainerRunner:
         return result.stdout.split() if result.returncode == 0 else []
 
     def recover(self, job_ids):
-        """Remove containers, networks and volumes of jobs whose runner died."""
+        """Remove containers, networks, volumes and secrets of jobs whose runner died."""
+        listings = [(["ps", "--all", "--quiet"], ["rm", "--force"]),
+                    (["network", "ls", "--quiet"], ["network", "rm", "--force"]),
+                    (["volume", "ls", "--quiet"], ["volume", "rm", "--force"])]
+        self._remove_secrets(job_ids)
         for job_id in job_ids:
             label = f"label=cirunner.job={self.store_key}-{job_id}"
-            for listing, remove in ((["ps", "--all", "--quiet"], ["rm", "--force"]),
-                                    (["network", "ls", "--quiet"], ["network", "rm", "--force"]),
-                                    (["volume", "ls", "--quiet"], ["volume", "rm", "--force"])):
+            for listing, remove in listings:
                 result = self._run([*listing, "--filter", label])
                 found = result.stdout.split() if result.returncode == 0 else []
                 if found:
-                    self._run([*remove, *found])
+                    self._run([*remove, "--", *found])
 
 
 def _make_engine(engine, *, store_key, runner_id):
@@ -5341,7 +6080,12 @@ class _LogWriter:
         self.offset += len(chunk)
 
 
-_TRUSTED_KEYS = ("privileged", "volumes", "devices", "network_mode")
+# Container keys that reach the host (its devices, files, network): only a
+# trusted repository's own pipelines may use the first four; a pipeline a
+# fork wrote may use none of them (Drone 0.8's linter lists them all).
+_TRUSTED_KEYS = ("privileged", "volumes", "devices", "network_mode", "dns", "dns_search",
+                 "extra_hosts", "shm_size")
+_TRUSTED_ONLY_KEYS = _TRUSTED_KEYS[:4]
 
 
 def _url_host(url):
@@ -5496,6 +6240,7 @@ class _JobRun:
         try:
             self.prepare()
             self.check_out()
+            self.runner.prepare_job(self)
             self.start_services()
             status, exit_code, error = self.run_steps()
         except CIRunnerError as exc:
@@ -5520,7 +6265,10 @@ class _JobRun:
         self.repo = self.store.get_repo_by_id(self.build["repo_id"])
         if self.repo["max_log_bytes"]:
             self.log = _LogWriter(self.store, self.job["id"], cap=self.repo["max_log_bytes"])
-        self.secrets = self.store.secrets_for(self.repo["id"], self.build["event"])
+        # A pipeline a fork wrote gets only the secrets marked for pull
+        # requests, whatever event it runs as (a restart may change it).
+        self.secrets = self.store.secrets_for(
+            self.repo["id"], EVENT_PULL_REQUEST if self.build["fork"] else self.build["event"])
         self.log.mask(self.secrets.values())
         self.pipeline = self._pipeline()
         self.workspace = self.executor.workspace_for(self.repo, self.build, self.job)
@@ -5535,6 +6283,7 @@ class _JobRun:
         self.services = [self._substituted(step) for step in self.pipeline.services]
         self.steps = [self._substituted(step) for step in self.pipeline.steps]
         self._check_plan()
+        self.log.write(f"cirunner: {self._isolation()}\n")
         ids = self.store.add_steps(self.job["id"], [(step.name, step.kind) for step in
                                                     self.services + self.steps])
         self.records = {id(step): record for step, record in zip(self.services + self.steps, ids)}
@@ -5588,26 +6337,49 @@ class _JobRun:
         return step
 
     def _check_plan(self):
-        """Refuse what this repository or this server cannot run, naming why."""
+        """Refuse what this repository, this build or this server cannot run,
+        naming why: trusted keys on an untrusted repository or in a pipeline
+        a fork wrote, engine arguments that are not what they say, a step
+        that needs isolation this server cannot give."""
         for step in self.services + self.steps:
             where = f"{step.kind} {step.name!r}"
             used = [key for key in _TRUSTED_KEYS if getattr(step, key)]
+            if used and self.build["fork"]:
+                raise _JobError(f"{where} uses {', '.join(repr(key) for key in used)}, which a "
+                                "pipeline from a fork may never use, even on a trusted "
+                                "repository")
+            used = [key for key in used if key in _TRUSTED_ONLY_KEYS]
             if used and not self.repo["trusted"]:
                 raise _JobError(f"{where} uses {', '.join(repr(key) for key in used)}, which "
                                 "only trusted repositories may use: an admin marks this one "
                                 "with `cirunner repo update "
                                 f"{self.repo['owner']}/{self.repo['name']} --trusted true`")
-            if step.kind in ("plugin", "service") and self.engine is None:
-                raise _JobError(f"{where} runs an image ({step.image}) and needs a container "
-                                f"engine, which this server has not "
+            if self._runner_for(step) is self.engine:
+                problems = _container_problems(step)
+                if problems:
+                    raise _JobError(f"{where}: {'; '.join(problems)}")
+            elif step.image and (self.executor.engine_choice != "none" or step.kind != "step"):
+                raise _JobError(f"{where} runs in an image ({step.image}) and needs a "
+                                f"container engine, which this server has not "
                                 f"({self.executor.engine_problem}): install podman "
                                 "(apt-get install podman) and restart serve")
+            elif step.kind == "step" and self.runner.name == "unavailable":
+                self.runner.spawn(step, env={}, job=self)  # raises, naming the fix
         if self.engine is None:
             for step in self.steps:
                 if step.image:
                     self.log.write(f"cirunner: image {step.image} not used for step "
                                    f"{step.name!r}: {self.executor.engine_problem}; it runs on "
                                    "the host\n")
+
+    def _isolation(self):
+        """How this job's steps are isolated, for the head of its log."""
+        places = []
+        if any(self._runner_for(step) is self.runner for step in self.steps):
+            places.append(f"steps on the host run in {self.runner.describe()}")
+        if self.engine is not None and any(step.image for step in self.services + self.steps):
+            places.append(f"steps with an image run in {self.engine.describe()}")
+        return "; ".join(places) or "no steps to run"
 
     # -- check out -------------------------------------------------------------
 
@@ -5619,8 +6391,10 @@ class _JobRun:
         self.activity = "checking out the commit"
         self.log.write(f"+ git checkout {commit}\n")
         try:
+            user = self.runner.user
             self.store.git.check_out(self.repo, commit, self.workspace,
-                                     _pull_ref(self.build["ref"]))
+                                     _pull_ref(self.build["ref"]),
+                                     group=user.gid if user.other else None)
             if self.pipeline.clone_settings.get("recursive"):
                 self.log.write("+ git submodule update --init --recursive\n")
                 _update_submodules(self.store.git, self.workspace,
@@ -5635,12 +6409,14 @@ class _JobRun:
         return self.engine if (step.image and self.engine is not None) else self.runner
 
     def _environment(self, step, runner):
-        """A step's environment: on the host the server's too; then build
-        variables, the step's own, the matrix and Drone's (which win, as in
-        Drone), its secrets, a plugin's settings."""
+        """A step's environment: on the host the server's locale, PATH and home
+        (nothing else of the server's); then build variables, the step's own,
+        the matrix and Drone's (which win, as in Drone), its secrets, a
+        plugin's settings. It reaches the step inside its sandbox or
+        container only, never a host process."""
         environment = {}
         if runner is self.runner:
-            environment.update(self.executor.base_environment)
+            environment.update(self.runner.base_environment())
         environment.update(self.variables)
         environment.update(step.environment)
         environment.update(self.matrix)
@@ -5659,7 +6435,7 @@ class _JobRun:
         runner = self._runner_for(step)
         environment = self._environment(step, runner)
         if runner is self.runner:
-            return runner.spawn(step.script(), env=environment, job=self), runner
+            return runner.spawn(step, env=environment, job=self), runner
         with self.engine_lock:  # the steps of a group start at once
             if not self.prepared_engine:
                 self.engine.prepare_job(self)
@@ -5707,7 +6483,9 @@ class _JobRun:
                 if step not in runnable:
                     self.store.update_step(self.records[id(step)], status=SKIPPED)
             results = self._run_unit(runnable, deadline, minutes)
-            for step, (code, stopped) in zip(runnable, results):
+            for step, (code, stopped, fault) in zip(runnable, results):
+                if fault:
+                    return ERROR, code, fault
                 if stopped:
                     return KILLED, code, stopped
                 if code != 0 and step.ignore_failure:
@@ -5735,7 +6513,7 @@ class _JobRun:
         for index, step in enumerate(unit):
             if step.detach:
                 self._start_background(step)
-                results[index] = (0, "")
+                results[index] = (0, "", "")
             elif index:
                 thread = threading.Thread(target=self._run_into, args=(
                     step, spools[index], deadline, minutes, results, index), daemon=True)
@@ -5759,24 +6537,37 @@ class _JobRun:
         self.activity = f"step {step.name}" + (f" in {step.image}" if step.image else "")
         start = self.log.offset + len(self.log.buffer) if sink is self.log else 0
         self.store.update_step(record, status=RUNNING, started_at=_now(), log_start=start)
-        code, stopped = 0, ""
+        code, stopped, fault = 0, "", ""
         try:
-            process, runner = self._spawn(step)
-            try:
-                stopped = self._pump(process, runner, sink, (deadline, minutes))
-            finally:
-                code = runner.end_step(process)
-                if stopped or not getattr(process, "ended_cleanly", True):
-                    self.ended_cleanly = False
-        except CIRunnerError as exc:
+            code, stopped = self._run_step(step, sink, (deadline, minutes))
+        except CIRunnerError as exc:  # the runner's fault, not the step's: the job is error
             sink.write(f"cirunner: {exc.message}\n")
-            code, stopped = 255, ""
-        results[index] = (code, stopped)
-        status = (KILLED if stopped else SUCCESS if code == 0 else FAILURE)
+            code, fault = 255, f"step {step.name!r}: {exc.message}"
+        results[index] = (code, stopped, fault)
+        status = KILLED if stopped else ERROR if fault else SUCCESS if code == 0 else FAILURE
         fields = {"status": status, "exit_code": code, "finished_at": _now()}
         if sink is self.log:
             fields["log_end"] = self.log.offset + len(self.log.buffer)
         self.store.update_step(record, **fields)
+
+    def _run_step(self, step, sink, limits):
+        """(exit code, why it was stopped or "") of a step run to its end. A
+        sandbox or engine that could not start it (a mount gone while bwrap
+        built its view, an engine failure) is tried once more, then raised."""
+        for attempt in (1, 2):
+            process, runner = self._spawn(step)
+            stopped = ""
+            try:
+                stopped = self._pump(process, runner, sink, limits)
+            finally:
+                code = runner.end_step(process)
+                if stopped or not process.ended_cleanly:
+                    self.ended_cleanly = False
+            if stopped or process.started:
+                return code, stopped
+            if attempt == 1:
+                sink.write(f"cirunner: {process.start_error}; trying once more\n")
+        raise _StepStartError(process.start_error)
 
     def _pump(self, process, runner, sink, limits):
         """Copy a process's output into `sink` until it ends; stop it when asked
@@ -5892,9 +6683,11 @@ class _JobRun:
 
 
 _GITHUB_STATES = {PENDING: "pending", RUNNING: "pending", SUCCESS: "success",
-                  FAILURE: "failure", KILLED: "error", ERROR: "error", SKIPPED: "success"}
+                  FAILURE: "failure", KILLED: "error", ERROR: "error", SKIPPED: "success",
+                  BLOCKED: "pending", DECLINED: "error"}
 _GITLAB_STATES = {PENDING: "pending", RUNNING: "running", SUCCESS: "success",
-                  FAILURE: "failed", KILLED: "canceled", ERROR: "failed", SKIPPED: "success"}
+                  FAILURE: "failed", KILLED: "canceled", ERROR: "failed", SKIPPED: "success",
+                  BLOCKED: "pending", DECLINED: "canceled"}
 
 
 def _forge_status_request(repo, build, state, description, target_url, token):
@@ -5921,20 +6714,6 @@ def _forge_status_request(repo, build, state, description, target_url, token):
                                 "Content-Type": "application/json", "User-Agent": "cirunner"})
 
 
-def _job_base_environment(environ):
-    """What every job's environment starts from: the server's, less cirunner's
-    own settings and less the virtual environment cirunner runs in (a job's
-    `pip install` must not write into it)."""
-    environment = {name: value for name, value in environ.items()
-                   if not name.startswith("CIRUNNER_") and name != "VIRTUAL_ENV"}
-    if sys.prefix != sys.base_prefix:
-        own = os.path.join(sys.prefix, "bin")
-        environment["PATH"] = os.pathsep.join(
-            part for part in environment.get("PATH", "").split(os.pathsep)
-            if part and os.path.realpath(part) != os.path.realpath(own))
-    return environment
-
-
 @dataclasses.dataclass
 class _Task:
     """A maintenance task: run every `every` seconds, or sooner when `urgent()`."""
@@ -5956,13 +6735,33 @@ def _workspace_path(data_dir, repo, build_number, job_number):
                         f"{build_number}-{job_number}")
 
 
+def _remove_tree(path):
+    """Remove a folder and all in it, whatever modes a step left there (a
+    `chmod 000` folder, a read-only tree): its folders are opened first."""
+    try:
+        shutil.rmtree(path)
+        return
+    except FileNotFoundError:
+        return
+    except OSError:
+        pass
+    pending = [path]
+    while pending:
+        folder = pending.pop()
+        with contextlib.suppress(OSError):
+            os.chmod(folder, 0o700)
+        with contextlib.suppress(OSError), os.scandir(folder) as entries:
+            pending += [entry.path for entry in entries if entry.is_dir(follow_symlinks=False)]
+    shutil.rmtree(path, ignore_errors=True)
+
+
 def _remove_build_workspaces(data_dir, repo, build_number):
     """What --keep-workspaces left of a build's jobs."""
     folder = os.path.dirname(_workspace_path(data_dir, repo, build_number, 0))
     with contextlib.suppress(OSError):
         for entry in os.scandir(folder):
             if entry.name.startswith(f"{build_number}-"):
-                shutil.rmtree(entry.path, ignore_errors=True)
+                _remove_tree(entry.path)
 
 
 def prune(store, *, keep_builds=DEFAULT_KEEP_BUILDS, keep_days=DEFAULT_KEEP_DAYS,
@@ -6026,7 +6825,7 @@ class Executor:
                  sandbox="auto", engine="auto", runner=None, keep_builds=DEFAULT_KEEP_BUILDS,
                  keep_days=DEFAULT_KEEP_DAYS, max_log_bytes=DEFAULT_MAX_LOG_BYTES,
                  prune_every=PRUNE_SECONDS, labels=None, agent_timeout=RUNNER_LOST_SECONDS,
-                 serving=True):
+                 serving=True, sandbox_network="private", sandbox_user=""):
         self.store = store
         # An agent (not `serving`) only runs jobs: crons, commit statuses and
         # pruning are the servers' (each done once, whichever server takes it).
@@ -6050,11 +6849,13 @@ class Executor:
         self.public_url = public_url.rstrip("/")
         self.report_backoff = report_backoff
         self.sandbox = sandbox
-        self.runner = runner or _make_runner(sandbox, store.data_dir)
+        self.runner = runner or _make_runner(
+            sandbox, store.data_dir, network=sandbox_network,
+            user=_StepUser.for_server(sandbox_user), hidden=store.socket_directories())
         self.engine_choice = engine
         self.engine = None  # the container runner, once started (None: steps run on the host)
-        self.engine_problem = ""  # why steps with an image run on the host, if they do
-        self.isolation = self.runner.name  # "bwrap" or "none", known for sure once started
+        self.engine_problem = ""  # why steps with an image cannot run in one, if they cannot
+        self.isolation = self.runner.name  # "bwrap", "none" or "unavailable", once started
         self.isolation_problem = ""        # why steps run without a sandbox, if they do
         self._runner_started = False
         self.pipelines = _LRU(64)  # parsed pipelines by id, shared by the jobs of a build
@@ -6062,7 +6863,6 @@ class Executor:
         self.runner_id = runner_id or f"{self.hostname}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         # Job tokens start with this, so that a restart finds what a dead runner left.
         self.store_key = hashlib.sha1(store.identity().encode()).hexdigest()[:10]
-        self.base_environment = _job_base_environment(os.environ)
         self._registered = False
         self._stopping = threading.Event()
         self._drain = threading.Event()
@@ -6108,21 +6908,26 @@ class Executor:
         self._threads.append(thread)
 
     def _start_runner(self):
-        """Start the process runner once; a sandbox that cannot work here is an
-        error if it was asked for by name, else steps run on the host."""
+        """Start the process runner once. A sandbox that cannot work here is an
+        error if it was asked for by name; with `auto`, steps on the host are
+        refused (each such job ends error, naming the fix): isolation fails
+        closed, and only `--sandbox none` runs steps bare."""
         if self._runner_started:
             return
         self.runner.start()
-        problem = getattr(self.runner, "problem", "")
-        if problem:
+        problem = self.runner.problem
+        if problem and self.runner.name == "none":
+            raise CIRunnerError(f"--sandbox none: {problem}")
+        if problem and self.runner.name == "bwrap":
             if self.sandbox == "bwrap":
                 raise CIRunnerError(f"bubblewrap cannot make a sandbox here: {problem}")
-            self.runner = _HostRunner()
+            self.runner = _Unsandboxed(f"no sandbox can be made here: {problem}",
+                                       user=self.runner.user, environ=self.runner.environ)
             self.runner.start()
-            self.isolation_problem = f"bubblewrap cannot make a sandbox here: {problem}"
-        elif self.runner.name == "none":
-            self.isolation_problem = ("--sandbox none" if self.sandbox == "none"
-                                      else "bubblewrap is not installed")
+        if self.runner.name == "none":
+            self.isolation_problem = "--sandbox none"
+        elif self.runner.name == "unavailable":
+            self.isolation_problem = self.runner.problem
         self.isolation = self.runner.name
         self._start_engine()
         self._runner_started = True
@@ -6204,6 +7009,14 @@ class Executor:
                 self.store.unregister_runner(self.runner_id)
             self._registered = False
 
+    def isolation_summary(self):
+        """How steps are isolated: steps on the host ("bwrap", "none" or
+        "unavailable"), their network, the user they run as, and the engine
+        of steps with an image ("none" without one)."""
+        return {"steps": self.isolation, "network": getattr(self.runner, "network", "host"),
+                "user": self.runner.user.name,
+                "images": self.engine.name if self.engine is not None else "none"}
+
     def run_until_idle(self):
         """Run queued jobs in the calling thread until none is left (for
         tests and scripts: no threads, no sleeps). Returns how many ran."""
@@ -6261,7 +7074,7 @@ class Executor:
         path = _workspace_path(self.store.data_dir, repo, build["number"], job["number"])
         try:
             if os.path.exists(path):
-                shutil.rmtree(path)
+                _remove_tree(path)
             os.makedirs(path)
         except OSError as exc:
             raise _JobError(f"cannot make the workspace {path}: {exc}") from None
@@ -6275,7 +7088,7 @@ class Executor:
         try:
             os.rmdir(path)  # the usual case with `clone: false`: an empty folder
         except OSError:
-            shutil.rmtree(path, ignore_errors=True)
+            _remove_tree(path)
 
     # -- wake-ups -----------------------------------------------------------
 
@@ -6568,6 +7381,7 @@ _BOOLEAN = {"type": "boolean"}
 _STRING_LIST = {"type": "array", "items": _STRING}
 _STRING_MAP = {"type": "object", "additionalProperties": _STRING}
 _STATUS_SCHEMA = {"type": "string", "enum": list(STATUSES)}
+_BUILD_STATUS_SCHEMA = {"type": "string", "enum": list(BUILD_STATUSES)}
 
 
 @dataclasses.dataclass
@@ -6679,6 +7493,12 @@ def _parse_forge_url(value):
     return value
 
 
+def _parse_approval(value):
+    if value not in APPROVALS:
+        raise BadRequest(f"approval must be one of {', '.join(APPROVALS)}")
+    return value
+
+
 _REPO = _Resource("repository", [
     _Field("id", _INTEGER, _shown("id"), required=True),
     _Field("owner", _STRING, _shown("owner"), required=True),
@@ -6736,6 +7556,10 @@ _REPO = _Resource("repository", [
     _Field("trusted", _BOOLEAN, _shown("trusted", bool),
            lambda value: int(_check_bool(value, "trusted")),
            help="may use privileged container keys (admins only)"),
+    _Field("approval", {"type": "string", "enum": list(APPROVALS)}, _shown("approval"),
+           _parse_approval,
+           help="which webhook builds wait for approval: never, forks (pull requests from "
+                "forks, the default) or always"),
     _Field("created_at", _TIME_SCHEMA, _shown("created_at")),
 ])
 
@@ -6797,10 +7621,14 @@ _BUILD = _Resource("build", [
     _Field("number", _INTEGER, _shown("number"), required=True),
     _Field("parent", _INTEGER, _shown("parent")),
     _Field("event", _STRING, _shown("event"), required=True),
-    _Field("status", _STATUS_SCHEMA, _shown("status"), required=True),
+    _Field("status", _BUILD_STATUS_SCHEMA, _shown("status"), required=True),
     _Field("error", _STRING, _shown("error")),
     *(_Field(name, _TIME_SCHEMA, _shown(name), required=True)
       for name in ("created_at", "enqueued_at", "started_at", "finished_at")),
+    _Field("fork", _BOOLEAN, _shown("fork", bool)),
+    _Field("source_repo", _STRING, _shown("source_repo")),
+    _Field("reviewed_by", _STRING, _shown("reviewed_by")),
+    _Field("reviewed_at", _TIME_SCHEMA, _shown("reviewed_at")),
     _Field("commit", _STRING, _shown("commit_sha"), required=True),
     *(_Field(name, _STRING, _shown(name), required=True)
       for name in ("branch", "ref", "message")),
@@ -6822,7 +7650,7 @@ _BUILD = _Resource("build", [
 
 _STATUS = _Resource("status", [
     _Field("id", _INTEGER, _shown("id"), required=True),
-    _Field("status", _STATUS_SCHEMA, _shown("status"), required=True),
+    _Field("status", _BUILD_STATUS_SCHEMA, _shown("status"), required=True),
     _Field("message", _STRING, _shown("message"), required=True),
     _Field("created_at", _TIME_SCHEMA, _shown("created_at"), required=True),
     _Field("job", {"type": ["integer", "null"]}, _shown("job_number"), required=True),
@@ -7331,8 +8159,8 @@ class _Api:
 
     def build_filters(self, params):
         status = params.get("status") or None
-        if status is not None and status not in STATUSES:
-            raise BadRequest(f"status must be one of {', '.join(STATUSES)}")
+        if status is not None and status not in BUILD_STATUSES:
+            raise BadRequest(f"status must be one of {', '.join(BUILD_STATUSES)}")
         return {"branch": params.get("branch") or None, "status": status}
 
     # -- meta ---------------------------------------------------------------
@@ -7341,9 +8169,19 @@ class _Api:
         return {"version": __version__}
 
     def health(self):
+        """The store answers; how this server's steps are isolated (and, for an
+        admin, why a part of it cannot work)."""
         self.store.check()
-        draining = self.executor is not None and self.executor.draining()
-        return {"status": "draining" if draining else "ok"}
+        executor = self.executor
+        answer = {"status": "draining" if executor is not None and executor.draining()
+                  else "ok"}
+        if executor is not None:
+            answer["isolation"] = executor.isolation_summary()
+            user = self.user()
+            if user and user["admin"]:
+                answer["problems"] = {"steps": executor.isolation_problem,
+                                      "images": executor.engine_problem}
+        return answer
 
     def openapi(self):
         return self.openapi_document
@@ -7390,8 +8228,8 @@ class _Api:
     def delete_repo(self, repo):
         self.store.delete_repo(repo["id"])
         self.store.git.remove(repo)
-        shutil.rmtree(os.path.join(self.store.data_dir, "workspaces", repo["owner"],
-                                   repo["name"]), ignore_errors=True)
+        _remove_tree(os.path.join(self.store.data_dir, "workspaces", repo["owner"],
+                                  repo["name"]))
         return {"deleted": f"{repo['owner']}/{repo['name']}"}
 
     # -- badges -------------------------------------------------------------
@@ -7566,6 +8404,16 @@ class _Api:
         build, job = self.find_job(repo, number, job)
         return self.build_reply(self.store.cancel_jobs(
             build["id"], job["number"], message=f"cancelled by {self.who()} over the API"))
+
+    def approve_build(self, repo, number):
+        """Let a blocked build (a fork's pull request) run."""
+        build = self.find_build(repo, number)
+        return self.build_reply(self.store.review_build(build["id"], self.who(), approve=True))
+
+    def decline_build(self, repo, number):
+        """Decline a blocked build: it never runs."""
+        build = self.find_build(repo, number)
+        return self.build_reply(self.store.review_build(build["id"], self.who(), approve=False))
 
     # -- logs ---------------------------------------------------------------
 
@@ -7818,12 +8666,14 @@ def _object(**properties):
 
 _OK = "success"
 _BUILD_REPLY = {200: (_OK, _ref("Build"))}
-_READ_QUERY = (("branch", _STRING, ""), ("status", _STATUS_SCHEMA, ""))
+_READ_QUERY = (("branch", _STRING, ""), ("status", _BUILD_STATUS_SCHEMA, ""))
 _API_ROUTES = [
     _Route("GET", "/api/version", _Api.version, "public", "server version",
            {200: (_OK, _object(version=_STRING))}),
-    _Route("GET", "/healthz", _Api.health, "public", "health check",
-           {200: (_OK, _object(status=_STRING))}),
+    _Route("GET", "/healthz", _Api.health, "public", "health check, and how steps are isolated",
+           {200: (_OK, _object(status=_STRING, isolation=_object(
+               steps=_STRING, network=_STRING, user=_STRING, images=_STRING),
+               problems=_object(steps=_STRING, images=_STRING)))}),
     _Route("GET", "/api/openapi.json", _Api.openapi, "public", "this document",
            {200: (_OK, {"type": "object"})}),
     _Route("GET", "/api/repos", _Api.list_repos, "user", "repositories the caller may read",
@@ -7858,6 +8708,11 @@ _API_ROUTES = [
                   ("deploy_to", _STRING, "with event=deployment: the deploy target"))),
     _Route("DELETE", "/api/repos/<owner>/<name>/builds/<number>", _Api.cancel_build, "write",
            "cancel the build's active jobs", _BUILD_REPLY),
+    _Route("POST", "/api/repos/<owner>/<name>/builds/<number>/approve", _Api.approve_build,
+           "write", "approve a build that waits for approval (blocked): its jobs may run",
+           _BUILD_REPLY),
+    _Route("POST", "/api/repos/<owner>/<name>/builds/<number>/decline", _Api.decline_build,
+           "write", "decline a build that waits for approval: it never runs", _BUILD_REPLY),
     _Route("DELETE", "/api/repos/<owner>/<name>/builds/<number>/<job>", _Api.cancel_job, "write",
            "cancel one job", _BUILD_REPLY),
     _Route("GET", "/api/repos/<owner>/<name>/logs/<number>/<job>", _Api.get_log, "read",
@@ -8053,6 +8908,9 @@ def _parse_webhook(forge, event, payload):
         if action not in ("opened", "synchronize", "synchronized", "reopened"):
             return None
         number = _require(payload, "pull_request", "number", kind=int)
+        head = _dig(payload, "pull_request", "head", "repo", "full_name")
+        base = (_dig(payload, "pull_request", "base", "repo", "full_name")
+                or _dig(payload, "repository", "full_name"))
         return {
             "event": EVENT_PULL_REQUEST, "commit": _require(payload, "pull_request", "head", "sha"),
             "ref": f"refs/pull/{number}/head",
@@ -8062,6 +8920,9 @@ def _parse_webhook(forge, event, payload):
             "author_avatar": _dig(payload, "pull_request", "user", "avatar_url") or "",
             "link_url": _dig(payload, "pull_request", "html_url") or "",
             "remote": _dig(payload, "pull_request", "head", "repo", "clone_url") or "",
+            # A fork's pipeline file is its author's: approval, no trusted keys.
+            # A head repository that is gone (a deleted fork) counts as a fork.
+            "fork": not head or head != base, "source_repo": head or "",
         }
     return None
 
@@ -8107,6 +8968,9 @@ def _parse_gitlab_hook(event, payload):
             "author_avatar": _dig(payload, "user", "avatar_url") or "",
             "link_url": attributes.get("url", ""),
             "remote": _dig(payload, "object_attributes", "source", "git_http_url") or "",
+            "fork": attributes.get("source_project_id") != attributes.get("target_project_id"),
+            "source_repo": _dig(payload, "object_attributes", "source",
+                                "path_with_namespace") or "",
         }
     if kind is None and event not in ("Push Hook", "Tag Push Hook", "Merge Request Hook"):
         return None
@@ -8154,7 +9018,8 @@ def _receive_webhook(api):
     fields = _parse_webhook(forge, event, payload)
     if fields is None:
         return _Reply(None, 204)
-    fields = {key: value if key == "timestamp" else _text(value) for key, value in fields.items()}
+    fields = {key: value if key in ("timestamp", "fork") else _text(value)
+              for key, value in fields.items()}
     if _SKIP_PATTERN.search(fields["message"] or ""):
         return _Reply(None, 204)
     if fields["event"] not in json.loads(repo["events"]):
@@ -8166,7 +9031,7 @@ def _receive_webhook(api):
         build = create_build(
             api.store, repo, branch=branch, commit=commit, event=event_name,
             max_jobs=api.max_jobs, pull_ref=fields["ref"] if event_name == EVENT_PULL_REQUEST
-            else "", **fields)
+            else "", gated=True, **fields)
     except NoBuild:
         return _Reply(None, 204)  # the pipeline's branches filter: Drone answers the same
     return api.build_reply(build)
@@ -8197,7 +9062,8 @@ main{max-width:1100px;margin:1.2em auto;padding:0 1em}
 table{border-collapse:collapse;width:100%;background:#fff}th,td{text-align:left;padding:.35em .6em;border-bottom:1px solid #d0d7de}
 th{background:#eaeef2}.status{display:inline-block;padding:0 .5em;border-radius:1em;color:#fff;font-weight:600;font-size:12px}
 .s-success{background:#1a7f37}.s-failure{background:#cf222e}.s-running,.s-pending{background:#9a6700}
-.s-error,.s-killed{background:#6e7781}.s-skipped{background:#8c959f}.s-none{background:#afb8c1}
+.s-error,.s-killed,.s-declined{background:#6e7781}.s-skipped{background:#8c959f}.s-none{background:#afb8c1}
+.s-blocked{background:#8250df}.blocked{background:#fbefff;border:1px solid #8250df;padding:.6em}
 .log{background:#0d1117;color:#e6edf3;font:12px/1.5 ui-monospace,Menlo,Consolas,monospace;padding:.2em 0;overflow-x:auto}
 .rows div{white-space:pre-wrap;word-break:break-all;padding:0 .8em 0 4.5em;text-indent:-3.7em}
 .rows a{color:#6e7681;display:inline-block;width:3.2em;text-align:right;margin-right:.5em;text-indent:0;text-decoration:none}
@@ -8334,8 +9200,13 @@ _TEMPLATES = {
 
     "build_live": """<h1><a href='{{repo_url}}'>{{repo['owner']}}/{{repo['name']}}</a> \
 #{{build['number']}} {{!label(build['status'], 'build-status')}}</h1>
+% if build['status'] == 'blocked':
+<p class=blocked id=blocked>This build waits for approval: {{blocked}}. \
+Read its pipeline file (<code>{{build['pipeline_file']}}</code>) before you approve it: \
+it runs as written.</p>
+% end
 <p>
-% if action:
+% for action in actions:
 <form class=inline method=post action='{{base}}/{{action}}'>\
 <input type=hidden name=csrf value='{{csrf}}'><button id={{action}}>{{action.title()}}</button></form>
 % end
@@ -8438,7 +9309,8 @@ class _Pages:
     """
 
     def __init__(self, store, access, log_html, *, streams, closing,
-                 heartbeat=SSE_HEARTBEAT_SECONDS, max_jobs=DEFAULT_MAX_JOBS):
+                 heartbeat=SSE_HEARTBEAT_SECONDS, max_jobs=DEFAULT_MAX_JOBS,
+                 secure_cookies=False):
         self.store = store
         self.access = access
         self.log_html = log_html
@@ -8447,6 +9319,8 @@ class _Pages:
         self.heartbeat = heartbeat
         self.max_jobs = max_jobs
         self.csrf = _Signer(store.sealer.derive("csrf"))
+        self.csrf_key = store.sealer.derive("csrf token")
+        self.secure_cookies = secure_cookies
         self._templates = {name: bottle.SimpleTemplate(source)
                            for name, source in _TEMPLATES.items()}
 
@@ -8462,31 +9336,56 @@ class _Pages:
         exact = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(stamp)) if stamp else ""
         return self.render("time", stamp=stamp, exact=exact, ago=_ago_text(stamp or 0))
 
-    def csrf_token(self):
-        """The browser's CSRF token (a signed cookie the forms repeat), made on first need."""
+    def secure(self):
+        """Whether cookies must only travel over HTTPS: the server's public URL
+        is https://, or this request came over HTTPS."""
+        return self.secure_cookies or bottle.request.urlparts.scheme == "https"
+
+    def _browser(self):
+        """This browser's signed id (a cookie), made on first need."""
         request = bottle.request
-        token = request.environ.get("cirunner.csrf") or request.get_cookie(CSRF_COOKIE) or ""
-        if self.csrf.verify(token) != "csrf":
-            token = self.csrf.sign("csrf", 10 * 365 * 86400)
-            bottle.response.set_cookie(CSRF_COOKIE, token, httponly=True, samesite="strict",
-                                       path="/")
-        request.environ["cirunner.csrf"] = token
-        return token
+        cookie = request.environ.get("cirunner.csrf") or request.get_cookie(CSRF_COOKIE) or ""
+        if not (self.csrf.verify(cookie) or "").startswith("browser-"):
+            cookie = self.csrf.sign(f"browser-{secrets.token_urlsafe(16)}", 10 * 365 * 86400)
+            bottle.response.set_cookie(CSRF_COOKIE, cookie, httponly=True, samesite="strict",
+                                       path="/", secure=self.secure())
+        request.environ["cirunner.csrf"] = cookie
+        return cookie
+
+    def csrf_token(self):
+        """The token this browser's forms carry: bound to its id and to its
+        session, so that a form made before a sign-in or a sign-out, or for
+        another session, is refused."""
+        session = bottle.request.get_cookie(SESSION_COOKIE) or ""
+        return hmac.new(self.csrf_key, f"{self._browser()}|{session}".encode(),
+                        hashlib.sha256).hexdigest()
 
     def check_csrf(self):
-        """The posted form, if it carries the browser's CSRF token; else Forbidden."""
-        form = bottle.request.forms.decode()
+        """The posted form, if it carries this browser's CSRF token for its
+        session; else Forbidden, saying what to do."""
+        try:
+            form = bottle.request.forms.decode()
+            posted = form.get("csrf", "")
+        except UnicodeError:
+            raise BadRequest("the form is not UTF-8 text") from None
         cookie = bottle.request.get_cookie(CSRF_COOKIE) or ""
-        if (self.csrf.verify(cookie) != "csrf"
-                or not hmac.compare_digest(cookie, form.get("csrf", ""))):
-            raise Forbidden("missing or wrong CSRF token: reload the page and try again")
+        if not (self.csrf.verify(cookie) or "").startswith("browser-"):
+            raise Forbidden("this form came without this site's cookie: let your browser keep "
+                            "cookies from this site, reload the page and try again")
+        if not hmac.compare_digest(posted, self.csrf_token()):
+            raise Forbidden("this form is out of date (you signed in or out since it was "
+                            "shown, perhaps in another tab): reload the page and try again")
         return form
 
     def page(self, title, body, status=200, script=""):
         bottle.response.status = status
         bottle.response.content_type = "text/html; charset=utf-8"
+        try:
+            user = self.access.user(bottle.request)
+        except Unauthorized:  # an error page for bad credentials shows as for a guest
+            user = None
         return self.render("layout", title=title, style=_PAGE_STYLE, body=body,
-                           user=self.access.user(bottle.request), csrf=self.csrf_token(),
+                           user=user, csrf=self.csrf_token(),
                            path=bottle.request.path, quote=quote,
                            script=f"<script>{script}</script>" if script else "")
 
@@ -8528,7 +9427,7 @@ class _Pages:
                 link_text="Try again"), 401)
         bottle.response.set_cookie(SESSION_COOKIE, self.access.session_cookie(user),
                                    httponly=True, samesite="strict", path="/",
-                                   max_age=SESSION_SECONDS)
+                                   max_age=SESSION_SECONDS, secure=self.secure())
         bottle.redirect(_same_server_path(form.get("next", "/")), 303)
 
     def logout(self):
@@ -8541,8 +9440,8 @@ class _Pages:
         params = dict(bottle.request.query.decode().items())
         page = _check_int(params.get("page"), "page", default=1, minimum=1, maximum=10 ** 9)
         status = params.get("status") or None
-        if status is not None and status not in STATUSES:
-            raise BadRequest(f"status must be one of {', '.join(STATUSES)}")
+        if status is not None and status not in BUILD_STATUSES:
+            raise BadRequest(f"status must be one of {', '.join(BUILD_STATUSES)}")
         branch = params.get("branch") or None
         query = "&".join(f"{key}={quote(value)}" for key, value in (("branch", branch),
                                                                      ("status", status)) if value)
@@ -8560,7 +9459,7 @@ class _Pages:
         if bottle.request.query.get("events"):
             return self.updates(live, lambda: False)
         body = self.render("repo", repo=repo, branch=branch or "", status=status,
-                           statuses=STATUSES, live=live()[1](),
+                           statuses=BUILD_STATUSES, live=live()[1](),
                            stream=f"?events=1&page={page}&{query}")
         return self.page(f"{owner}/{name}", body, script=_LIVE_PAGE_SCRIPT)
 
@@ -8575,11 +9474,15 @@ class _Pages:
             jobs = self.store.list_jobs(build_id)
             steps = self.store.list_steps([job["id"] for job in jobs])
             history = self.store.list_statuses(build_id)
-            action = ("" if not may_write else "cancel" if build["status"] in ACTIVE_STATUSES
-                      else "restart")
-            return (build, jobs, steps, len(history), action), lambda: self.render(
+            actions = (() if not may_write else ("approve", "decline")
+                       if build["status"] == BLOCKED else ("cancel",)
+                       if build["status"] in ACTIVE_STATUSES else ("restart",))
+            blocked = next((row["message"].partition(": ")[2] for row in reversed(history)
+                            if row["status"] == BLOCKED and row["job_id"] is None), "")
+            return (build, jobs, steps, len(history), actions), lambda: self.render(
                 "build_live", repo=repo, build=build, jobs=jobs, history=history,
-                action=action, csrf=csrf, base=f"/{owner}/{name}/{build['number']}",
+                actions=actions, blocked=blocked, csrf=csrf,
+                base=f"/{owner}/{name}/{build['number']}",
                 repo_url=f"/{owner}/{name}", label=self.label, ago=self.ago,
                 duration=_duration, steps=lambda job: _steps_text(steps[job["id"]]),
                 axis=lambda job: _axis_text(json.loads(job["environment"])))
@@ -8619,13 +9522,16 @@ class _Pages:
         return _send(_sse_reply(self.streams.take(events())))
 
     def build_action(self, owner, name, number, action):
-        """Cancel or restart a build from its page (a form with the CSRF token)."""
+        """Cancel, restart, approve or decline a build from its page (a form
+        with the CSRF token)."""
         self.check_csrf()
         repo = self.readable_repo(owner, name)
         user = self.access.require_write(bottle.request, owner, repo, via_api=False)
         build = self.find_build(repo, number)
         if action == "cancel":
             self.store.cancel_jobs(build["id"], message=f"cancelled by {user['login']} on the web")
+        elif action in ("approve", "decline"):
+            self.store.review_build(build["id"], user["login"], approve=action == "approve")
         else:
             restart_build(self.store, repo, build["number"], max_jobs=self.max_jobs)
         bottle.redirect(f"/{owner}/{name}/{build['number']}", 303)
@@ -8635,6 +9541,12 @@ class _Pages:
 
     def restart(self, owner, name, number):
         return self.build_action(owner, name, number, "restart")
+
+    def approve(self, owner, name, number):
+        return self.build_action(owner, name, number, "approve")
+
+    def decline(self, owner, name, number):
+        return self.build_action(owner, name, number, "decline")
 
     def job_page(self, owner, name, number, job):
         repo = self.readable_repo(owner, name)
@@ -8697,6 +9609,8 @@ _PAGE_ROUTES = [
     ("GET", "/<owner>/<name>/<number>", _Pages.build_page),
     ("POST", "/<owner>/<name>/<number>/cancel", _Pages.cancel),
     ("POST", "/<owner>/<name>/<number>/restart", _Pages.restart),
+    ("POST", "/<owner>/<name>/<number>/approve", _Pages.approve),
+    ("POST", "/<owner>/<name>/<number>/decline", _Pages.decline),
     ("GET", "/<owner>/<name>/<number>/<job>", _Pages.job_page),
 ]
 
@@ -8753,7 +9667,7 @@ class _StoreCollector:
             family = gauge(f"cirunner_{table}", f"{table.title()} in the store, by status",
                            labels=["status"])
             counts = self.store.count_by_status(table)
-            for status in STATUSES:
+            for status in BUILD_STATUSES if table == "builds" else STATUSES:
                 family.add_metric([status], counts.get(status, 0))
             yield family
         length, oldest = self.store.queue_summary()
@@ -8881,7 +9795,7 @@ def _bottle_error_handler(response):
 
 def make_app(store, executor=None, *, max_body=DEFAULT_MAX_BODY, metrics_from=(),
              max_webhook_body=MAX_WEBHOOK_BODY, max_streams=DEFAULT_HTTP_THREADS - 4, heartbeat=SSE_HEARTBEAT_SECONDS,
-             max_jobs=DEFAULT_MAX_JOBS):
+             max_jobs=DEFAULT_MAX_JOBS, public_url=None):
     """Build the Bottle WSGI app: both API dialects, webhooks and pages over `store`.
 
     `executor` is optional: jobs run wherever an executor shares the store.
@@ -8890,6 +9804,8 @@ def make_app(store, executor=None, *, max_body=DEFAULT_MAX_BODY, metrics_from=()
     live log streams may be open at once (503 beyond), each holding a server
     thread; `heartbeat` seconds between keep-alive comments on streams.
     The app's ``closing`` event ends open streams (set it before shutdown).
+    With a `public_url` (default: the executor's) that is https://, cookies
+    are sent over HTTPS only.
     ``GET /metrics`` (with prometheus_client installed) is for admin tokens
     and the addresses in `metrics_from`; the metrics count from its first call.
     """
@@ -8902,8 +9818,11 @@ def make_app(store, executor=None, *, max_body=DEFAULT_MAX_BODY, metrics_from=()
                max_webhook_body=max_webhook_body, max_streams=max_streams,
                heartbeat=heartbeat, max_jobs=max_jobs,
                cancel_wait=executor.grace + 2 if executor is not None else 0.0)
+    if public_url is None:
+        public_url = executor.public_url if executor is not None else ""
     pages = _Pages(store, access, api.log_html, streams=api.streams, closing=app.closing,
-                   heartbeat=heartbeat, max_jobs=max_jobs)
+                   heartbeat=heartbeat, max_jobs=max_jobs,
+                   secure_cookies=public_url.startswith("https://"))
     api.executor = executor
     api.metrics_from = frozenset(metrics_from)
     app.install(_metrics_plugin(api))
@@ -9329,6 +10248,12 @@ class _LocalClient:
                                        message="cancelled from the command line")
         return _full_build_json(self.store, build)
 
+    def review(self, full_name, number, approve):
+        build = self.store.get_build(self._repo(full_name)["id"], number)
+        build = self.store.review_build(build["id"], f"{getpass.getuser()} (command line)",
+                                        approve=approve)
+        return _full_build_json(self.store, build)
+
     def builds(self, full_name, limit):
         return [_build_json(build, listed=True)
                 for build in self.store.list_builds(self._repo(full_name)["id"], limit=limit)]
@@ -9359,8 +10284,7 @@ class _LocalClient:
                       flush=True)
             # On a shared store, crons, reports and pruning are the servers'.
             executor = Executor(self.store, workers=self.args.workers,
-                                sandbox=self.args.sandbox, engine=self.args.engine,
-                                serving=not self.args.db)
+                                serving=not self.args.db, **_isolation_options(self.args))
             executor.start()
         try:
             finished = _follow_build(self.store, build["id"], out)
@@ -9477,6 +10401,10 @@ class _RemoteClient:
         return self.request("DELETE", self._path(full_name, "builds", number,
                                                  *([job] if job else [])))
 
+    def review(self, full_name, number, approve):
+        return self.request("POST", self._path(full_name, "builds", number,
+                                               "approve" if approve else "decline"))
+
     def builds(self, full_name, limit):
         return self.request("GET", self._path(full_name, "builds")
                             + f"?per_page={min(max(limit, 1), MAX_PER_PAGE)}")
@@ -9573,19 +10501,32 @@ def _bootstrap_admin(store, stdout):
 
 
 def _warn_unisolated(executor, stderr):
-    """Say once, at start, when builds run without a sandbox, and what to do."""
+    """Say once, at start, how steps are isolated when it is less than the
+    default, and what to do; and who steps run as when the server is root."""
+    runner = executor.runner
     if executor.isolation == "none":
-        print(f"cirunner: WARNING: steps run without a sandbox ({executor.isolation_problem}): "
-              "every user who can start a build can read and change this server's data, "
-              "secrets included; install bubblewrap (apt-get install bubblewrap) and use "
-              "--sandbox auto", file=stderr, flush=True)
+        print("cirunner: WARNING: steps run without a sandbox (--sandbox none): every user "
+              "who can start a build can read and change this server's data, secrets "
+              "included; install bubblewrap (apt-get install bubblewrap) and use --sandbox "
+              "auto", file=stderr, flush=True)
+    elif executor.isolation == "unavailable":
+        print(f"cirunner: WARNING: {executor.isolation_problem}: jobs with steps on the host "
+              "will end error until you install bubblewrap (apt-get install bubblewrap) and "
+              "restart, or accept the risk with --sandbox none", file=stderr, flush=True)
+    elif getattr(runner, "network", "") == "host":
+        print("cirunner: WARNING: --sandbox-network host: sandboxed steps share this "
+              "machine's network, its loopback services (the API, databases) included",
+              file=stderr, flush=True)
+    if runner.user.other:
+        print(f"cirunner: running as root: steps on the host run as {runner.user.name} "
+              f"(uid {runner.user.uid}), never as root", file=stderr, flush=True)
 
 
 def _command_serve(args, stdout, stderr):
     store = open_store(args.data, args.db)
     executor = Executor(store, workers=args.workers, grace=args.grace,
-                        keep_workspaces=args.keep_workspaces, sandbox=args.sandbox,
-                        engine=args.engine, keep_builds=args.keep_builds,
+                        keep_workspaces=args.keep_workspaces, keep_builds=args.keep_builds,
+                        **_isolation_options(args),
                         keep_days=args.keep_days, max_log_bytes=args.max_log_bytes,
                         prune_every=args.prune_every, agent_timeout=args.agent_timeout,
                         public_url=args.public_url or f"http://{args.host}:{args.port}")
@@ -9634,8 +10575,8 @@ def _command_agent(args, stdout, stderr):
         raise BadRequest("agent runs jobs from a store that servers share: give it "
                          "--db postgresql://user:password@host/database (or CIRUNNER_DB)")
     store = open_store(args.data, args.db)
-    executor = Executor(store, workers=args.workers, grace=args.grace, sandbox=args.sandbox,
-                        engine=args.engine, labels=_parse_labels(args.labels),
+    executor = Executor(store, workers=args.workers, grace=args.grace,
+                        labels=_parse_labels(args.labels), **_isolation_options(args),
                         agent_timeout=args.agent_timeout, serving=False)
     closing = threading.Event()
     shutdown = _Shutdown(closing, executor)
@@ -9815,6 +10756,15 @@ def _command_cancel(client, args, stdout, stderr):
     number = _build_number(client, args.full_name, args.number)
     build = client.cancel(args.full_name, number, args.job)
     print(f"build {build['number']}: cancel requested ({build['status']})", file=stdout)
+    return 0
+
+
+@_with_client
+def _command_review(client, args, stdout, stderr):
+    number = _build_number(client, args.full_name, args.number)
+    build = client.review(args.full_name, number, args.approve)
+    print(f"build {build['number']}: {'approved' if args.approve else 'declined'} "
+          f"({build['status']})", file=stdout)
     return 0
 
 
@@ -10063,8 +11013,7 @@ def _command_exec(args, stdout, stderr):
     read_pipeline_file(directory, config)  # no file: say so before making anything
     with tempfile.TemporaryDirectory(prefix="cirunner-exec-") as data_dir:
         store = Store.open(data_dir)
-        executor = Executor(store, workers=1, workspace=directory, sandbox=args.sandbox,
-                            engine=args.engine)
+        executor = Executor(store, workers=1, workspace=directory, **_isolation_options(args))
         try:
             name = re.sub(r"[^A-Za-z0-9._-]", "-", os.path.basename(directory)).strip(".")
             repo = store.create_repo("local", name[:100] or "local", directory)
@@ -10178,10 +11127,27 @@ def _add_server_options(parser, *, default):
                                                          "(env CIRUNNER_TOKEN)")
 
 
+def _isolation_options(args):
+    """The Executor's isolation settings from the command line."""
+    return {"sandbox": args.sandbox, "engine": args.engine,
+            "sandbox_network": args.sandbox_network, "sandbox_user": args.sandbox_user}
+
+
 def _add_sandbox_option(parser, env):
     parser.add_argument("--sandbox", choices=SANDBOXES, default=env("SANDBOX", "auto"),
-                        help="how steps run on the host: bwrap (bubblewrap), none, or auto "
-                             "(bwrap when installed) (env CIRUNNER_SANDBOX, default auto)")
+                        help="how steps run on the host: bwrap (bubblewrap), none (no "
+                             "isolation: every build can read the server's data), or auto "
+                             "(bwrap; without a working bwrap, jobs with steps on the host "
+                             "end error) (env CIRUNNER_SANDBOX, default auto)")
+    parser.add_argument("--sandbox-network", choices=SANDBOX_NETWORKS,
+                        default=env("SANDBOX_NETWORK", "private"),
+                        help="a sandboxed step's network: private (its own, outbound through "
+                             "slirp4netns; the host's loopback is not reachable), none (its "
+                             "own loopback only) or host (this machine's, loopback services "
+                             "included) (env CIRUNNER_SANDBOX_NETWORK, default private)")
+    parser.add_argument("--sandbox-user", default=env("SANDBOX_USER", ""), metavar="USER",
+                        help="when serve runs as root: the user steps on the host run as "
+                             "(env CIRUNNER_SANDBOX_USER, default nobody)")
     parser.add_argument("--engine", choices=ENGINES, default=env("ENGINE", "auto"),
                         help="how steps that name an image run: podman, docker, none (on the "
                              "host), or auto (podman, else docker, when installed) "
@@ -10361,6 +11327,14 @@ def _add_build_parsers(commands, common, workers, env):
             command.add_argument("--follow", "-f", action="store_true",
                                  help="follow a running job's log until it ends")
         command.set_defaults(handler=handler)
+
+    for name, approve in (("approve", True), ("decline", False)):
+        review = commands.add_parser(name, parents=[common], help=(
+            "let a build that waits for approval (a fork's pull request) run" if approve
+            else "decline a build that waits for approval: it never runs"))
+        review.add_argument("full_name", metavar="OWNER/NAME")
+        review.add_argument("number", metavar="NUMBER", help="a build number, or latest")
+        review.set_defaults(handler=_command_review, approve=approve)
 
     restart = commands.add_parser("restart", parents=[common, workers],
                                   help="run a finished build again")

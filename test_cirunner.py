@@ -6,9 +6,11 @@ import contextlib
 import hashlib
 import hmac
 import http.client
+import io
 import json
 import os
 import pathlib
+import pwd
 import re
 import signal
 import socket
@@ -80,10 +82,26 @@ def wait_for(predicate, timeout=10.0, interval=0.02):
         time.sleep(interval)
 
 
+def step_writable(path):
+    """An empty file outside the sandbox that steps may write (a server run as
+    root runs them as nobody): where a test's step leaves its pid."""
+    path.touch()
+    path.chmod(0o666)
+    return path
+
+
 def workspace_of(data_dir, full_name, build_number, job_number):
     """Where a job runs: a test touches a file there for a (sandboxed) step to see."""
     owner, name = full_name.split("/")
     return pathlib.Path(data_dir) / "workspaces" / owner / name / f"{build_number}-{job_number}"
+
+
+def without_header(log):
+    """A job's log less its first line, which says how its steps were isolated."""
+    first, sep, rest = log.partition(b"\n" if isinstance(log, bytes) else "\n")
+    marker = b"cirunner: " if isinstance(log, bytes) else "cirunner: "
+    assert first.startswith(marker) and sep, log[:200]
+    return rest
 
 
 def log_text(store, build, number):
@@ -220,6 +238,15 @@ class GitDaemon:
     def stop(self):
         self.process.terminate()
         self.process.wait(timeout=10)
+
+
+@pytest.fixture(autouse=True)
+def steps_reach_tmp_path(tmp_path):
+    """A server run as root (as CI runs the tests) runs steps as nobody, who must
+    pass through the folders above its data directory; pytest makes them 0700."""
+    if os.geteuid() == 0:
+        for folder in (tmp_path.parent.parent, tmp_path.parent, tmp_path):
+            folder.chmod(folder.stat().st_mode | 0o001)
 
 
 @pytest.fixture
@@ -396,7 +423,8 @@ def test_matrix_build_runs_six_jobs_each_with_its_axis(store, executor, make_rep
     build = cirunner.create_build(store, repo)
     assert executor.run_until_idle() == 6
     build = store.get_build_by_id(build["id"])
-    assert build["status"] == cirunner.SUCCESS
+    assert build["status"] == cirunner.SUCCESS, [
+        (job["error"], log_text(store, build, job["number"])) for job in store.list_jobs(build["id"])]
     jobs = store.list_jobs(build["id"])
     assert [job["number"] for job in jobs] == [1, 2, 3, 4, 5, 6]
     expected = cirunner.parse_pipeline(MATRIX_2X3).matrix
@@ -766,7 +794,7 @@ def test_request_threads_share_connections_instead_of_one_each(store, executor, 
 
 
 def test_cancel_kills_the_job_and_a_setsid_grandchild(store, make_repo, app, tmp_path):
-    pidfile = tmp_path / "pids"
+    pidfile = step_writable(tmp_path / "pids")
     repo = make_repo({".cirunner.yml": (
         "pipeline:\n  t:\n    commands:\n"
         "      - sleep 600 & echo $! >> \"$PIDFILE\"; setsid sleep 600 & echo $! >> \"$PIDFILE\"; "
@@ -1395,7 +1423,7 @@ def test_malformed_requests_get_an_answer_and_the_server_goes_on(tmp_path, serve
 @pytest.mark.parametrize("reaped", [True, False], ids=["reaped", "zombie"])
 def test_kill_9_of_serve_then_restart_recovers_the_job(tmp_path, servers, reaped):
     repo = str(tmp_path / "repo")
-    pidfile = tmp_path / "pid"
+    pidfile = step_writable(tmp_path / "pid")
     commit_files(repo, {".cirunner.yml": (
         "pipeline:\n  t:\n    commands:\n      - echo before-the-crash\n"
         "      - echo $$ > \"$PIDFILE\"; sleep 600\n")})
@@ -1449,7 +1477,7 @@ def test_a_runner_whose_pid_is_now_another_process_is_gone(store, make_repo):
 
 def test_sigterm_of_serve_kills_running_job_and_exits_zero(tmp_path, servers):
     repo = str(tmp_path / "repo")
-    pidfile = tmp_path / "pid"
+    pidfile = step_writable(tmp_path / "pid")
     commit_files(repo, {".cirunner.yml": (
         "pipeline:\n  t:\n    commands:\n      - sleep 600 & echo $! > \"$PIDFILE\"; wait\n")})
     server = servers(tmp_path / "data", "--sandbox", "none")  # the host runner's pids
@@ -1862,7 +1890,7 @@ def test_v1_delete_leaves_nothing_and_numbers_are_not_reused(store, make_repo, a
 
 
 def test_v1_stop_kills_running_and_skips_pending(store, make_repo, app, tmp_path):
-    pidfile = tmp_path / "pid"
+    pidfile = step_writable(tmp_path / "pid")
     repo = make_repo({".cirunner.yml": "pipeline: {t: {commands: ['echo $$ > \"$PIDFILE\"; "
                                        "sleep 600 & wait']}}\nmatrix: {N: ['1', '2']}\n"
                                        "max_parallel: 1\n"})
@@ -1905,7 +1933,8 @@ def test_openapi_document_is_valid_and_covers_every_route(store, app):
              if not route[1].startswith(("/api/", "/hook", "/healthz", "/metrics"))}
     assert pages == {("GET", "/"), ("GET", "/login"), ("POST", "/login"), ("POST", "/logout"),
                      ("GET", "/{}/{}"), ("GET", "/{}/{}/{}"), ("GET", "/{}/{}/{}/{}"),
-                     ("POST", "/{}/{}/{}/cancel"), ("POST", "/{}/{}/{}/restart")}
+                     ("POST", "/{}/{}/{}/cancel"), ("POST", "/{}/{}/{}/restart"),
+                     ("POST", "/{}/{}/{}/approve"), ("POST", "/{}/{}/{}/decline")}
     assert routes - pages == documented  # every API route is in the document
 
 
@@ -2247,36 +2276,147 @@ def test_webhooks_that_start_no_build(case, status, store, hook_repo):
     assert store.list_builds(hook_repo["repo"]["id"]) == []
 
 
-def test_pull_request_from_a_fork_runs_its_head_without_secrets(store, executor, hook_repo,
-                                                                tmp_path):
-    store.set_secret(hook_repo["repo"]["id"], "DEPLOY_KEY", "deploy-key-value")
-    store.set_secret(hook_repo["repo"]["id"], "PR_OK", "visible-to-prs",
-                     events=["push", "pull_request"])
-    fork = str(tmp_path / "fork")
+def fork_pull_request(hook_repo, tmp_path, files, number=7, head_repo="mallory/hello"):
+    """A commit of a fork, kept by the forge under refs/pull/N/head, and the
+    signed GitHub webhook that announces it: (body, headers, head commit)."""
+    fork = str(tmp_path / f"fork-{number}")
     git(str(tmp_path), "clone", "-q", hook_repo["bare"], fork)
-    head = commit_files(fork, {"version": "from the fork\n", ".cirunner.yml": (
-        "pipeline: {t: {commands: [cat version, 'echo \"key=${DEPLOY_KEY:-none} ok=$PR_OK\"']}}\n")},
-        message="Fork change")
-    # the forge keeps a pull request's head under refs/pull/N/head, on no branch
-    git(fork, "push", "-q", hook_repo["bare"], "HEAD:refs/pull/7/head")
-    payload = {"action": "opened", "number": 7, "pull_request": {
-        "number": 7, "title": "Make it better", "html_url": "https://github.com/alice/hello/pull/7",
-        "head": {"ref": "feature", "sha": head, "repo": {"clone_url": "https://github.com/mallory/hello.git"}},
-        "base": {"ref": "main", "sha": "2" * 40},
+    head = commit_files(fork, files, message="Fork change")
+    git(fork, "push", "-q", hook_repo["bare"], f"HEAD:refs/pull/{number}/head")
+    payload = {"action": "opened", "number": number, "pull_request": {
+        "number": number, "title": "Make it better",
+        "html_url": f"https://github.com/alice/hello/pull/{number}",
+        "head": {"ref": "feature", "sha": head, "repo": {
+            "full_name": head_repo, "clone_url": f"https://github.com/{head_repo}.git"}},
+        "base": {"ref": "main", "sha": "2" * 40, "repo": {"full_name": "alice/hello"}},
         "user": {"login": "mallory", "avatar_url": "https://avatars.example/m"}},
         "repository": {"full_name": "alice/hello"}}
     body = json.dumps(payload).encode()
-    app = webtest.TestApp(cirunner.make_app(store, executor))
-    build = app.post("/hook", body, headers={"X-GitHub-Event": "pull_request",
-                                             "Content-Type": "application/json",
-                                             **sign(body, "github")}).json
+    headers = {"X-GitHub-Event": "pull_request", "Content-Type": "application/json",
+               **sign(body, "github")}
+    return body, headers, head
+
+
+def test_pull_request_from_a_fork_waits_for_approval_then_runs_without_secrets(
+        store, executor, hook_repo, tmp_path, app, data_dir):
+    store.set_secret(hook_repo["repo"]["id"], "DEPLOY_KEY", "deploy-key-value")
+    store.set_secret(hook_repo["repo"]["id"], "PR_OK", "visible-to-prs",
+                     events=["push", "pull_request"])
+    body, headers, head = fork_pull_request(hook_repo, tmp_path, {
+        "version": "from the fork\n", ".cirunner.yml": (
+            "pipeline: {t: {commands: [cat version, 'echo \"key=${DEPLOY_KEY:-none} "
+            "ok=$PR_OK\"']}}\n")})
+    build = app.post("/hook", body, headers=headers).json
     assert (build["event"], build["commit"], build["ref"], build["branch"]) == (
         "pull_request", head, "refs/pull/7/head", "main")
     assert (build["author"], build["message"]) == ("mallory", "Make it better")
-    executor.run_until_idle()
-    text = log_text(store, build, 1)
+    assert (build["status"], build["fork"], build["source_repo"]) == (
+        "blocked", True, "mallory/hello")
+    # Nothing is cloned or run before approval: no job is claimed, no workspace made.
+    assert executor.run_until_idle() == 0
+    assert not (pathlib.Path(data_dir) / "workspaces" / "alice" / "hello").exists()
+    waiting = app.get("/api/queue").json["pending"]
+    assert [item["reason"] for item in waiting] == [(
+        "its build waits for approval by someone with write access "
+        "(`cirunner approve alice/hello 1`)")]
+    assert store.queue_summary()[0] == 0
+    history = app.get("/api/v1/alice/hello/builds/1/statuses").json["results"]
+    assert history[-1]["message"] == "waiting for approval: a pull request from the fork " \
+                                     "mallory/hello"
+    approved = app.post("/api/repos/alice/hello/builds/1/approve").json
+    assert (approved["status"], approved["reviewed_by"]) == ("pending", "admin")
+    assert approved["reviewed_at"] > 0
+    assert executor.run_until_idle() == 1
+    build = app.get("/api/repos/alice/hello/builds/1").json
+    assert build["status"] == "success"
+    text = log_text(store, store.get_build_by_id(build["id"]), 1)
     assert "from the fork\n" in text
     assert "key=none ok=********" in text
+    # Approving twice, or a build that does not wait, is a conflict.
+    assert app.post("/api/repos/alice/hello/builds/1/approve", status=409).json["status"] == 409
+
+
+def test_a_forks_pipeline_never_gets_trusted_keys_even_on_a_trusted_repository(
+        store, executor, hook_repo, tmp_path, app):
+    app.patch_json("/api/repos/alice/hello", {"trusted": True})
+    body, headers, _ = fork_pull_request(hook_repo, tmp_path, {".cirunner.yml": (
+        "pipeline:\n  t:\n    image: alpine\n    volumes: ['/var/lib/cirunner:/loot:ro']\n"
+        "    commands: [cat /loot/secret.key]\n")})
+    app.post("/hook", body, headers=headers)
+    app.post("/api/repos/alice/hello/builds/1/approve")
+    executor.run_until_idle()
+    build = app.get("/api/repos/alice/hello/builds/1").json
+    assert build["status"] == "error"
+    assert "a pipeline from a fork may never use" in build["jobs"][0]["error"]
+    assert "'volumes'" in build["jobs"][0]["error"]
+    # A restart by someone with write access keeps who wrote the pipeline.
+    restarted = app.post("/api/repos/alice/hello/builds/1?fork=true").json
+    assert restarted["fork"] is True and restarted["status"] == "pending"
+    executor.run_until_idle()
+    assert app.get(f"/api/repos/alice/hello/builds/{restarted['number']}").json[
+        "status"] == "error"
+
+
+def test_a_declined_fork_build_never_runs(store, executor, hook_repo, tmp_path, app):
+    body, headers, _ = fork_pull_request(hook_repo, tmp_path, {"version": "evil\n"})
+    app.post("/hook", body, headers=headers)
+    declined = app.post("/api/repos/alice/hello/builds/1/decline").json
+    assert (declined["status"], declined["reviewed_by"]) == ("declined", "admin")
+    assert [job["status"] for job in declined["jobs"]] == ["skipped"]
+    assert executor.run_until_idle() == 0
+    assert app.post("/api/repos/alice/hello/builds/1/approve", status=409)
+    assert store.get_build_by_id(declined["id"])["status"] == "declined"
+    # Only someone who may write to the repository approves: a read token may not.
+    store.create_user("bob")
+    reader = store.create_token("bob", scope="read")[1]
+    app.post("/hook", *fork_pull_request(hook_repo, tmp_path, {"version": "x\n"}, number=8)[:2])
+    status = app.post("/api/repos/alice/hello/builds/2/approve",
+                      headers={"Authorization": f"Token {reader}"}, expect_errors=True)
+    assert status.status_int in (403, 404) and status.json["status"] in (403, 404)
+    assert store.get_build(hook_repo["repo"]["id"], 2)["status"] == "blocked"
+
+
+@pytest.mark.parametrize("approval, head_repo, event, blocked", [
+    ("forks", "alice/hello", "pull_request", False),   # a branch of the repository itself
+    ("never", "mallory/hello", "pull_request", False),
+    ("always", "alice/hello", "pull_request", True),
+    ("always", None, "push", True),
+    ("forks", None, "push", False),
+])
+def test_which_webhook_builds_wait_for_approval(store, executor, hook_repo, tmp_path, app,
+                                                approval, head_repo, event, blocked):
+    app.patch_json("/api/repos/alice/hello", {"approval": approval})
+    if event == "push":
+        sha = push(hook_repo, {"version": "two\n"}, "second")
+        body = json.dumps(github_push(sha, "second")).encode()
+        headers = {"X-GitHub-Event": "push", **sign(body, "github")}
+    else:
+        body, headers, _ = fork_pull_request(hook_repo, tmp_path, {"version": "x\n"},
+                                             head_repo=head_repo)
+    build = app.post("/hook", body, headers=headers).json
+    assert build["status"] == ("blocked" if blocked else "pending")
+    assert executor.run_until_idle() == (0 if blocked else 1)
+    # A build someone with write access starts never waits.
+    assert app.post_json("/api/repos/alice/hello/builds", {}).json["status"] == "pending"
+
+
+def test_approve_and_decline_from_the_command_line(store, executor, hook_repo, tmp_path, app,
+                                                   data_dir):
+    app.post("/hook", *fork_pull_request(hook_repo, tmp_path, {"version": "x\n"})[:2])
+    app.post("/hook", *fork_pull_request(hook_repo, tmp_path, {"version": "y\n"},
+                                         number=8)[:2])
+    out = io.StringIO()
+    assert cirunner.main(["approve", "alice/hello", "1", "--data", data_dir], environ={},
+                         stdout=out, stderr=io.StringIO()) == 0
+    assert out.getvalue() == "build 1: approved (pending)\n"
+    out = io.StringIO()
+    assert cirunner.main(["decline", "alice/hello", "2", "--data", data_dir], environ={},
+                         stdout=out, stderr=io.StringIO()) == 0
+    assert out.getvalue() == "build 2: declined (declined)\n"
+    errors = io.StringIO()
+    assert cirunner.main(["approve", "alice/hello", "2", "--data", data_dir], environ={},
+                         stdout=io.StringIO(), stderr=errors) == 1
+    assert "not waiting for approval" in errors.getvalue()
 
 
 def test_secret_printed_byte_by_byte_is_masked_in_store_and_stream(store, make_repo, data_dir):
@@ -2588,6 +2728,61 @@ def test_a_form_post_without_the_csrf_token_is_403_and_changes_nothing(site, sto
     assert store.get_build(store.get_repo("alice", "hello")["id"], 1)["status"] == "pending"
 
 
+def test_a_form_made_before_signing_in_is_stale_after_it(site, store):
+    browser, token = site
+    stale = browser.get("/login").forms[0]["csrf"].value
+    sign_in(browser, token)
+    # The CSRF token is bound to the session: one made for the guest is refused.
+    answer = browser.post("/alice/hello/1/restart", {"csrf": stale}, status=403)
+    assert "out of date" in answer.text and "reload the page" in answer.text
+    assert store.get_build(store.get_repo("alice", "hello")["id"], 1)["status"] == "success"
+
+
+def test_cookies_are_secure_when_the_public_url_is_https(store, executor, admin_token):
+    browser = webtest.TestApp(cirunner.make_app(store, executor,
+                                                public_url="https://ci.example.org"),
+                              extra_environ={"wsgi.url_scheme": "https"})  # a proxy's TLS
+    page = browser.get("/login")
+    assert all("secure" in cookie.lower() for cookie in page.headers.getall("Set-Cookie"))
+    form = page.forms[0]
+    form["token"] = admin_token
+    cookies = form.submit(status=303).headers.getall("Set-Cookie")
+    session = next(c for c in cookies if c.startswith("cirunner_session="))
+    assert "secure" in session.lower()
+    plain = webtest.TestApp(cirunner.make_app(store, executor, public_url="http://ci.local"))
+    first = plain.get("/login").headers.getall("Set-Cookie")
+    assert first and all("secure" not in cookie.lower() for cookie in first)
+
+
+@pytest.mark.parametrize("method, path", [
+    ("POST", "/api/repos/alice/other"), ("PATCH", "/api/repos/alice/hello"),
+    ("POST", "/api/repos/alice/hello/builds"), ("POST", "/api/repos/alice/hello/secrets"),
+    ("POST", "/api/repos/alice/hello/crons"), ("PATCH", "/api/v1/alice/hello/builds/1"),
+])
+def test_a_lone_surrogate_in_json_is_a_400_never_a_500(app, store, make_repo, method, path):
+    cirunner.create_build(store, make_repo({".cirunner.yml": "pipeline: {t: {commands: [true]}}\n"}))
+    body = (b'{"url": "https://example.org/x.git", "default_branch": "\\ud800", '
+            b'"name": "\\udfff", "value": "x", "expression": "* * * * *", '
+            b'"variables": {"A": "\\ud800"}}')
+    answer = app.request(path, method=method, body=body, expect_errors=True,
+                         headers={"Content-Type": "application/json"})
+    assert answer.status_int == 400, answer.text
+    assert "lone surrogate" in answer.json["message"]
+
+
+def test_page_posts_with_bad_credentials_or_bad_text_are_never_a_500(site):
+    browser, _ = site
+    csrf = browser.get("/login").forms[0]["csrf"].value
+    for path in ("/login", "/logout", "/alice/hello/1/restart", "/alice/hello/1/approve"):
+        for headers, body in (({"Authorization": "Token cir_bad"}, f"csrf={csrf}"),
+                              ({"Authorization": "Bearer"}, f"csrf={csrf}"),
+                              ({}, b"csrf=\xff\xfe&token=\xff"),
+                              ({"Authorization": "Token cir_bad"}, b"csrf=wrong\xff")):
+            answer = browser.post(path, body, expect_errors=True, headers={
+                "Content-Type": "application/x-www-form-urlencoded", **headers})
+            assert answer.status_int < 500, (path, headers, body, answer.status)
+
+
 @pytest.mark.parametrize("target, landing", [
     ("/alice/hello", "/alice/hello"), ("//evil.example/x", "/"), ("/\\evil.example", "/"),
     ("https://evil.example/", "/"), ("/\t/evil.example", "/"), ("/\n/evil.example", "/"),
@@ -2600,6 +2795,9 @@ def test_sign_in_returns_only_to_this_server(site, target, landing):
     form = browser.get(f"/login?next={quote(target, safe='/?=')}").forms[0]
     form["token"] = token
     assert form.submit(status=303).location == "http://localhost:80" + landing
+    form = next(form for form in browser.get("/login").forms.values()
+                if form.action == "/login")  # signed in now: a form made for this session
+    form["token"] = token
     form["next"] = target  # a form posted with its own next, not the one the page gave
     location = form.submit(status=303).location
     assert location == "http://localhost:80" + landing, location
@@ -3461,12 +3659,22 @@ def test_the_data_directory_is_private_to_the_servers_user(tmp_path, servers, gi
     modes = {name: os.stat(data / name).st_mode & 0o777 for name in (
         ".", "mirrors", "workspaces", "cirunner.db", "cirunner.db-wal", "cirunner.db-shm",
         "secret.key", "mirrors/alice/hello.git", "mirrors/alice/hello.git.lock")}
-    assert modes == {".": 0o700, "mirrors": 0o700, "workspaces": 0o700, "cirunner.db": 0o600,
-                     "cirunner.db-wal": 0o600, "cirunner.db-shm": 0o600, "secret.key": 0o600,
-                     "mirrors/alice/hello.git": 0o700, "mirrors/alice/hello.git.lock": 0o600}
+    # A server run as root runs steps as nobody: its group may pass through the
+    # folders to a workspace and read the mirror's objects; nobody else may.
+    steps = os.geteuid() == 0
+    passable = 0o710 if steps else 0o700
+    assert modes == {".": passable, "mirrors": passable, "workspaces": passable,
+                     "cirunner.db": 0o600, "cirunner.db-wal": 0o600, "cirunner.db-shm": 0o600,
+                     "secret.key": 0o600, "mirrors/alice/hello.git": passable,
+                     "mirrors/alice/hello.git.lock": 0o600}
+    for name in ("cirunner.db", "secret.key"):
+        assert os.stat(data / name).st_gid == os.getegid()
     objects = [os.path.join(root, name) for root, _, names in os.walk(data / "mirrors")
                for name in names if "/objects/" in os.path.join(root, name)]
-    assert objects and all(os.stat(path).st_mode & 0o077 == 0 for path in objects)
+    assert objects and all(os.stat(path).st_mode & 0o007 == 0 for path in objects)
+    nobody = pwd.getpwnam("nobody").pw_gid
+    assert all((os.stat(path).st_mode & 0o070 == 0) != (steps and os.stat(path).st_gid == nobody)
+               for path in objects)
 
 
 EXISTENCE_PROBES = [
@@ -3763,8 +3971,9 @@ def test_a_log_past_its_cap_keeps_its_start_and_its_end(store, executor, make_re
     build = app.get("/api/repos/alice/hello/builds/1").json
     assert build["status"] == "success"  # the cap does not fail the job
     log = app.get("/api/repos/alice/hello/logs/1/1").body
-    printed = b"+ seq 1 1000000\n" + subprocess.run(["seq", "1", "1000000"], capture_output=True,
-                                                    check=True).stdout
+    header = log[:len(log) - len(without_header(log))]
+    printed = header + b"+ seq 1 1000000\n" + subprocess.run(
+        ["seq", "1", "1000000"], capture_output=True, check=True).stdout
     head, tail = 2 * 1024 * 1024, 1024 * 1024
     marker = (f"\n[cirunner: {len(printed) - head - tail} bytes of output dropped here: the log "
               f"passed its cap of {3 * 1024 * 1024} bytes; its last {tail} bytes follow]\n")
@@ -4026,7 +4235,7 @@ def test_logs_are_stored_compressed_and_old_raw_chunks_still_read(store, executo
     assert size == store.log_size(job["id"]) > 20_000_000 and stored < 100_000, (stored, size)
     assert "zstd" in codecs.split(",") and set(codecs.split(",")) <= {"zstd", ""}  # tiny: raw
     whole = app.get("/api/repos/alice/hello/logs/1/1").body
-    assert len(whole) == size and whole.startswith(b"+ yes 0123456789")
+    assert len(whole) == size and without_header(whole).startswith(b"+ yes 0123456789")
     assert app.get("/api/repos/alice/hello/logs/1/1?offset=10000005").body == whole[10000005:]
     # a chunk written before compression (raw, no size) reads as before, and after it
     with sqlite3.connect(store.path) as raw:

@@ -21,8 +21,16 @@ import time
 import pytest
 
 import cirunner
-from test_cirunner import Server, commit_files, http_json, http_text, wait_for, workspace_of
-from test_isolation import DETACHED, growing, host_pids
+from test_cirunner import (
+    Server,
+    commit_files,
+    http_json,
+    http_text,
+    steps_reach_tmp_path,  # noqa: F401 - autouse
+    wait_for,
+    workspace_of,
+)
+from test_isolation import DETACHED, build_evil_library, growing, host_pids
 
 pytestmark = pytest.mark.skipif(shutil.which("podman") is None or shutil.which("busybox") is None,
                                 reason="needs podman and busybox-static: apt-get install "
@@ -288,6 +296,123 @@ def test_privileged_needs_a_trusted_repository(tmp_path, servers):
     build = finished(server, "alice/hello", 2)
     assert build["status"] == "success", build
     assert "privileged-ran" in http_text(server.url + "/api/repos/alice/hello/logs/2/1")
+
+
+# -- the boundary: no value a pipeline controls reaches podman on the host -----------
+
+
+@pytest.mark.parametrize("where", ["step", "service"])
+def test_ld_preload_of_a_container_step_never_loads_into_podman(tmp_path, servers, where):
+    data = tmp_path / "data"
+    server = servers(data)
+    library, markers = build_evil_library(tmp_path, data / "secret.key")
+    repo = str(tmp_path / "repo")
+    # The library's host path: podman would load it, the busybox image cannot.
+    preload = f"    environment:\n      LD_PRELOAD: {library}\n"
+    if where == "step":
+        pipeline = (f"pipeline:\n  t:\n    image: localhost/cirunner-test:1\n{preload}"
+                    "    commands: [echo step-ran]\n")
+    else:
+        pipeline = ("pipeline:\n  t:\n    image: localhost/cirunner-test:1\n"
+                    "    commands: [echo step-ran]\nservices:\n  db:\n"
+                    f"    image: localhost/cirunner-test:1\n{preload}"
+                    "    command: [sleep, '600']\n")
+    commit_files(repo, {".drone.yml": pipeline})
+    server.api("POST", "/api/repos/alice/hello", {"url": repo})
+    server.api("POST", "/api/repos/alice/hello/secrets", {"name": "LD_PRELOAD",
+                                                          "value": str(library)})
+    server.api("POST", "/api/repos/alice/hello/builds", {"variables": {
+        "GCONV_PATH": str(tmp_path), "CONTAINERS_CONF": str(tmp_path / "evil.conf")}})
+    build = finished(server, "alice/hello", 1)
+    log = http_text(server.url + "/api/repos/alice/hello/logs/1/1")
+    assert build["status"] == "success", log
+    assert "step-ran" in log
+    assert list(markers.iterdir()) == []  # podman did not load it
+    assert "STOLEN-KEY" not in log
+
+
+def test_a_multi_line_secret_reaches_the_container_whole(tmp_path, servers, engine_env):
+    data = tmp_path / "data"
+    server = servers(data)
+    repo = str(tmp_path / "repo")
+    commit_files(repo, {".drone.yml": (
+        "pipeline:\n  t:\n    image: localhost/cirunner-test:1\n"
+        "    commands: ['printf \"%s\" \"$KEY\" | wc -l', 'printf \"[%s]\" \"$SPACED\"']\n")})
+    server.api("POST", "/api/repos/alice/hello", {"url": repo})
+    server.api("POST", "/api/repos/alice/hello/secrets",
+               {"name": "KEY", "value": "-----BEGIN KEY-----\nline two\nline three\n"})
+    server.api("POST", "/api/repos/alice/hello/builds",
+               {"variables": {"SPACED": "  two  spaces = and # hash "}})
+    build = finished(server, "alice/hello", 1)
+    log = http_text(server.url + "/api/repos/alice/hello/logs/1/1")
+    assert build["status"] == "success", log
+    assert re.search(r"^\s*3$", log, re.MULTILINE), log
+    assert "[  two  spaces = and # hash ]" in log
+    # The secret held the value only for the job's life.
+    assert [name for name in podman(engine_env, "secret", "ls", "--format",
+                                    "{{.Name}}").stdout.split()
+            if name.startswith("cirunner-")] == []
+
+
+@pytest.mark.parametrize("image", ["--volume=/:/host", "--privileged", "-v/:/host",
+                                   "localhost/cirunner-test:1 --privileged", "UPPER/case"])
+def test_an_image_name_is_never_read_as_an_engine_option(tmp_path, servers, image):
+    data = tmp_path / "data"
+    server = servers(data)
+    repo = str(tmp_path / "repo")
+    commit_files(repo, {".drone.yml": (
+        f"pipeline:\n  t:\n    image: {json.dumps(image)}\n"
+        "    entrypoint: [/bin/sh, localhost/cirunner-test:1, -c]\n"
+        f"    command: ['cat /host{data}/secret.key; echo escaped']\n")})
+    server.api("POST", "/api/repos/alice/hello", {"url": repo})
+    server.api("POST", "/api/repos/alice/hello/builds", {})
+    build = finished(server, "alice/hello", 1)
+    log = http_text(server.url + "/api/repos/alice/hello/logs/1/1")
+    assert build["status"] == "error"
+    assert f"image {image!r} is not valid" in build["jobs"][0]["error"]
+    assert "escaped" not in log.replace("echo escaped", "")
+
+
+def test_engine_arguments_that_are_not_what_they_say_are_refused(tmp_path, servers):
+    server = servers(tmp_path / "data")
+    repo = str(tmp_path / "repo")
+    commit_files(repo, {".drone.yml": (
+        "pipeline:\n  t:\n    image: localhost/cirunner-test:1\n"
+        "    volumes: ['--privileged']\n    dns: ['--net=host']\n"
+        "    shm_size: '--device=/dev/sda'\n    commands: [echo ran]\n")})
+    server.api("POST", "/api/repos/alice/hello", {"url": repo})
+    server.api("PATCH", "/api/repos/alice/hello", {"trusted": True})
+    server.api("POST", "/api/repos/alice/hello/builds", {})
+    build = finished(server, "alice/hello", 1)
+    error = build["jobs"][0]["error"]
+    assert build["status"] == "error"
+    for problem in ("volume '--privileged' is not valid", "dns '--net=host' is not valid",
+                    "shm_size '--device=/dev/sda' is not valid"):
+        assert problem in error
+
+
+def test_an_image_step_without_a_working_engine_is_an_error_not_exit_125(tmp_path):
+    broken = tmp_path / "bin"
+    broken.mkdir()
+    (broken / "podman").write_text("#!/bin/sh\necho 'Error: cannot set up the runtime' >&2\n"
+                                   "exit 125\n")
+    (broken / "podman").chmod(0o755)
+    server = Server(tmp_path / "data", "--engine", "auto",
+                    env={"PATH": f"{broken}:{os.environ['PATH']}"})
+    try:
+        repo = str(tmp_path / "repo")
+        commit_files(repo, {".drone.yml": (
+            "pipeline:\n  t:\n    image: localhost/cirunner-test:1\n    commands: [echo x]\n")})
+        server.api("POST", "/api/repos/alice/hello", {"url": repo})
+        server.api("POST", "/api/repos/alice/hello/builds", {})
+        build = finished(server, "alice/hello", 1)
+        assert build["status"] == "error"
+        error = build["jobs"][0]["error"]
+        assert "needs a container engine" in error and "cannot set up the runtime" in error
+        health = http_json("GET", server.url + "/healthz")[1]
+        assert health["isolation"]["images"] == "none"
+    finally:
+        server.stop()
 
 
 def test_without_an_engine_images_run_on_the_host_and_services_fail_clearly(tmp_path):

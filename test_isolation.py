@@ -12,18 +12,23 @@ import pathlib
 import re
 import shutil
 import signal
+import socket
+import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
 
 import cirunner
-from test_cirunner import (
+import test_cirunner
+from test_cirunner import (  # noqa: F401 - steps_reach_tmp_path is autouse
     GitDaemon,
     Server,
     commit_files,
     http_json,
     http_text,
+    steps_reach_tmp_path,
     wait_for,
     workspace_of,
 )
@@ -39,12 +44,15 @@ GRACE = 2  # the Server fixture's --grace
 def servers():
     started = []
 
-    def start(data_dir, *extra):
+    def start(data_dir, *extra, env_path=None):
         # The server's own HOME holds a file a step must not read.
         home = pathlib.Path(data_dir).parent / "server-home"
         home.mkdir(exist_ok=True)
         (home / ".netrc").write_text("machine forge login bob password hunter3\n")
-        server = Server(data_dir, "--sandbox", "bwrap", *extra, env={"HOME": str(home)})
+        env = {"HOME": str(home)}
+        if env_path:
+            env["PATH"] = f"{env_path}:{os.environ['PATH']}"
+        server = Server(data_dir, "--sandbox", "bwrap", *extra, env=env)
         started.append(server)
         return server
 
@@ -274,3 +282,289 @@ def test_serve_names_its_isolation_and_warns_without_a_sandbox(tmp_path):
     finally:
         server.stop()
         unsandboxed.stop()
+
+
+# -- the boundary: nothing a pipeline writes reaches a host process ------------------
+
+EVIL_C = r"""
+#include <fcntl.h>
+#include <stdio.h>
+#include <unistd.h>
+/* Runs in every process that loads it: leaves a marker in a folder of the
+   host (where a sandboxed process cannot write) and prints the server's key
+   if it can read it. */
+__attribute__((constructor)) static void evil(void) {
+    char path[4096];
+    unsigned char key[64];
+    snprintf(path, sizeof path, "%s/ran-uid%d-pid%d", MARKERS, (int)getuid(), (int)getpid());
+    int fd = open(path, O_WRONLY | O_CREAT, 0666);
+    if (fd >= 0) close(fd);
+    fd = open(KEY, O_RDONLY);
+    if (fd >= 0) {
+        ssize_t n = read(fd, key, sizeof key);
+        close(fd);
+        fprintf(stderr, "STOLEN-KEY ");
+        for (ssize_t i = 0; i < n; i++) fprintf(stderr, "%02x", key[i]);
+        fprintf(stderr, "\n");
+    }
+    fprintf(stderr, "EVIL-RAN uid=%d\n", (int)getuid());
+}
+"""
+
+
+def build_evil_library(tmp_path, key_path):
+    """evil.so, made with the C compiler, and the host folder it marks."""
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    markers.chmod(0o777)
+    source = tmp_path / "evil.c"
+    source.write_text(EVIL_C)
+    library = tmp_path / "evil.so"
+    subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(library), str(source),
+                    f'-DMARKERS="{markers}"', f'-DKEY="{key_path}"'], check=True)
+    # It works: loaded into a host process, it leaves its marker.
+    subprocess.run(["/bin/true"], env={"LD_PRELOAD": str(library)}, check=True,
+                   stderr=subprocess.DEVNULL)
+    assert list(markers.iterdir())
+    for marker in markers.iterdir():
+        marker.unlink()
+    return library, markers
+
+
+def commit_binary(repo, name, data):
+    path = pathlib.Path(repo) / name
+    path.write_bytes(data)
+    test_cirunner.git(repo, "add", "-A")
+    test_cirunner.git(repo, "commit", "-q", "-m", f"add {name}")
+
+
+@pytest.mark.parametrize("route", ["step environment", "build variable", "secret"])
+def test_ld_preload_from_a_pipeline_never_loads_into_a_host_process(tmp_path, servers, route):
+    data = tmp_path / "data"
+    server = servers(data)
+    library, markers = build_evil_library(tmp_path, data / "secret.key")
+    repo = str(tmp_path / "repo")
+    in_workspace = str(workspace_of(data, "alice/hello", 1, 1) / "evil.so")
+    environment = ("    environment:\n      LD_PRELOAD: ${CI_WORKSPACE}/evil.so\n"
+                   if route == "step environment" else "")
+    commit_files(repo, {".cirunner.yml": f"pipeline:\n  t:\n{environment}"
+                                         "    commands: [echo step-ran]\n"})
+    commit_binary(repo, "evil.so", library.read_bytes())
+    server.api("POST", "/api/repos/alice/hello", {"url": repo})
+    body = {}
+    if route == "build variable":
+        body = {"variables": {"LD_PRELOAD": in_workspace}}
+    elif route == "secret":
+        assert server.api("POST", "/api/repos/alice/hello/secrets",
+                          {"name": "LD_PRELOAD", "value": in_workspace})[0] == 201
+    build = run_build(server, server.auth, "alice/hello", body)
+    log = http_text(server.url + "/api/repos/alice/hello/logs/1/1")
+    assert build["status"] == "success", log
+    assert "step-ran" in log
+    assert "EVIL-RAN" in log  # it reached the step, inside the sandbox...
+    assert "STOLEN-KEY" not in log  # ...where the key is out of reach
+    assert (data / "secret.key").read_bytes().hex() not in log
+    assert list(markers.iterdir()) == []  # and no host process loaded it
+
+
+def test_a_secret_is_on_no_command_line_nor_in_a_host_process_environment(tmp_path, servers):
+    server = servers(tmp_path / "data")
+    repo = str(tmp_path / "repo")
+    commit_files(repo, {".cirunner.yml": "pipeline: {t: {commands: ['echo started', "
+                                         "'sleep 600']}}\n"})
+    server.api("POST", "/api/repos/alice/hello", {"url": repo})
+    server.api("POST", "/api/repos/alice/hello/secrets", {"name": "TOKEN", "value": SECRET})
+    server.api("POST", "/api/repos/alice/hello/builds", {})
+    wait_for(lambda: "started" in http_text(server.url + "/api/repos/alice/hello/logs/1/1"))
+    hosts = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            command = pathlib.Path(f"/proc/{entry}/cmdline").read_bytes()
+            environ = pathlib.Path(f"/proc/{entry}/environ").read_bytes()
+        except OSError:
+            continue
+        assert SECRET.encode() not in command
+        if command.split(b"\0")[0].endswith((b"bwrap", b"slirp4netns")):
+            hosts += 1
+            assert SECRET.encode() not in environ  # the step's own processes hold it
+    assert hosts >= 2
+    server.api("DELETE", "/api/repos/alice/hello/builds/1")
+
+
+# -- the sandbox hides the host's doors ---------------------------------------------
+
+DOORS = """\
+import socket, sys
+def attempt(name, family, address):
+    try:
+        sock = socket.socket(family)
+        sock.settimeout(3)
+        sock.connect(address)
+        print("DOOR", name, "open")
+    except OSError:
+        print("DOOR", name, "closed")
+attempt("api-loopback", socket.AF_INET, ("127.0.0.1", int(sys.argv[1])))
+attempt("unix-socket", socket.AF_UNIX, sys.argv[2])
+attempt("outbound", socket.AF_INET, (sys.argv[3], int(sys.argv[4])))
+"""
+
+
+def host_address():
+    """An address of this machine that is not loopback (as the network sees it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.1", 9))  # no packet is sent
+            return probe.getsockname()[0]
+        except OSError:
+            return None
+
+
+def test_a_sandboxed_step_reaches_neither_the_hosts_loopback_nor_its_unix_sockets(
+        tmp_path, servers):
+    server = servers(tmp_path / "data")
+    # A unix socket where services keep theirs (/run), and a service that
+    # listens on every address, which outbound connections may reach.
+    run = pathlib.Path(os.environ.get("XDG_RUNTIME_DIR") or "/run")
+    folder = pathlib.Path(tempfile.mkdtemp(dir=run, prefix="cirunner-test-"))
+    listeners = [socket.socket(socket.AF_UNIX), socket.socket(socket.AF_INET)]
+    try:
+        listeners[0].bind(str(folder / "db.sock"))
+        folder.chmod(0o755)
+        (folder / "db.sock").chmod(0o777)
+        listeners[1].bind(("0.0.0.0", 0))
+        for listener in listeners:
+            listener.listen(8)
+        address = host_address()
+        repo = str(tmp_path / "repo")
+        commit_files(repo, {"doors.py": DOORS, ".cirunner.yml": (
+            "pipeline: {t: {commands: ['id -u', 'python3 doors.py $API_PORT $SOCKET $HOST_IP "
+            "$OUT_PORT', 'cat /etc/shadow || echo shadow-closed']}}\n")})
+        server.api("POST", "/api/repos/alice/hello", {"url": repo})
+        build = run_build(server, server.auth, "alice/hello", {"variables": {
+            "API_PORT": str(server.port), "SOCKET": str(folder / "db.sock"),
+            "HOST_IP": address or "127.0.0.1",
+            "OUT_PORT": str(listeners[1].getsockname()[1])}})
+    finally:
+        for listener in listeners:
+            listener.close()
+        shutil.rmtree(folder, ignore_errors=True)
+    log = http_text(server.url + "/api/repos/alice/hello/logs/1/1")
+    doors = dict(re.findall(r"^DOOR (\S+) (open|closed)$", log, re.MULTILINE))
+    assert doors["api-loopback"] == "closed", log
+    assert doors["unix-socket"] == "closed", log
+    if address:  # a machine with a network: the way out works
+        assert doors["outbound"] == "open", log
+    uid = int(re.search(r"^\+ id -u\n(\d+)$", log, re.MULTILINE).group(1))
+    assert uid != 0  # never root, even when serve is
+    assert "shadow-closed" in log and "root:" not in log
+    assert build["status"] == "success"
+
+
+def test_sandbox_network_host_is_an_opt_out_with_a_warning(tmp_path, servers):
+    server = servers(tmp_path / "data", "--sandbox-network", "host")
+    assert "WARNING: --sandbox-network host" in server.output()
+    repo = str(tmp_path / "repo")
+    commit_files(repo, {"doors.py": DOORS, ".cirunner.yml": (
+        "pipeline: {t: {commands: ['python3 doors.py $API_PORT /nowhere 127.0.0.1 1']}}\n")})
+    server.api("POST", "/api/repos/alice/hello", {"url": repo})
+    run_build(server, server.auth, "alice/hello",
+              {"variables": {"API_PORT": str(server.port)}})
+    log = http_text(server.url + "/api/repos/alice/hello/logs/1/1")
+    assert "DOOR api-loopback open" in log
+
+
+# -- isolation fails closed, and says how it is ---------------------------------------
+
+
+def fake_tool(folder, name, script):
+    folder.mkdir(exist_ok=True)
+    tool = folder / name
+    tool.write_text("#!/bin/sh\n" + script)
+    tool.chmod(0o755)
+    return folder
+
+
+def test_auto_without_a_working_sandbox_refuses_host_steps_naming_the_fix(tmp_path):
+    broken = fake_tool(tmp_path / "bin", "bwrap",
+                       'echo "bwrap: No permissions to create a new namespace" >&2; exit 1\n')
+    server = Server(tmp_path / "data", "--sandbox", "auto",
+                    env={"PATH": f"{broken}:{os.environ['PATH']}"})
+    try:
+        assert "WARNING: no sandbox can be made here" in server.output()
+        repo = str(tmp_path / "repo")
+        commit_files(repo, {".cirunner.yml": "pipeline: {t: {commands: [echo never]}}\n"})
+        server.api("POST", "/api/repos/alice/hello", {"url": repo})
+        build = run_build(server, server.auth, "alice/hello")
+        log = http_text(server.url + "/api/repos/alice/hello/logs/1/1")
+        assert build["status"] == "error"
+        error = build["jobs"][0]["error"]
+        assert "No permissions to create a new namespace" in error
+        assert "--sandbox none" in error
+        assert "never" not in log.replace("echo never", "")
+        health = http_json("GET", server.url + "/healthz")[1]
+        assert health["isolation"]["steps"] == "unavailable"
+    finally:
+        server.stop()
+
+
+def test_a_sandbox_that_fails_to_start_a_step_is_tried_once_more_then_an_error(tmp_path,
+                                                                                servers):
+    flags = tmp_path / "flags"  # the wrapper runs as the step user (nobody, for root)
+    flags.mkdir(mode=0o777)
+    flags.chmod(0o777)
+    flag = flags / "fail"
+    real = shutil.which("bwrap")
+    wrapper = fake_tool(tmp_path / "bin", "bwrap", (
+        f'if [ -e {flag} ]; then n=$(cat {flag}); echo $((n - 1)) > {flag}; '
+        f'[ "$n" -gt 1 ] || rm -f {flag}; '
+        'echo "bwrap: Can\'t mount tmpfs on /newroot/x: No such file or directory" >&2; '
+        f'exit 1; fi\nexec {real} "$@"\n'))
+    server = servers(tmp_path / "data", env_path=str(wrapper))
+    repo = str(tmp_path / "repo")
+    commit_files(repo, {".cirunner.yml": "pipeline: {t: {commands: [echo ran]}}\n"})
+    server.api("POST", "/api/repos/alice/hello", {"url": repo})
+    flag.write_text("1")  # the next start fails once
+    flag.chmod(0o666)
+    build = run_build(server, server.auth, "alice/hello")
+    log = http_text(server.url + "/api/repos/alice/hello/logs/1/1")
+    assert build["status"] == "success", log
+    assert "could not start the step (bwrap exit 1); trying once more" in log
+    flag.write_text("2")  # both tries fail: the runner's fault, never the step's
+    flag.chmod(0o666)
+    build = run_build(server, server.auth, "alice/hello")
+    assert build["status"] == "error"
+    assert "could not start the step" in build["jobs"][0]["error"]
+
+
+def test_healthz_and_each_log_say_how_steps_are_isolated(tmp_path, servers):
+    server = servers(tmp_path / "data")
+    health = http_json("GET", server.url + "/healthz")[1]
+    assert health["isolation"]["steps"] == "bwrap"
+    assert health["isolation"]["network"] == "private"
+    repo = str(tmp_path / "repo")
+    commit_files(repo, {".cirunner.yml": "pipeline: {t: {commands: [echo hi]}}\n"})
+    server.api("POST", "/api/repos/alice/hello", {"url": repo})
+    run_build(server, server.auth, "alice/hello")
+    log = http_text(server.url + "/api/repos/alice/hello/logs/1/1")
+    assert log.startswith("cirunner: steps on the host run in bwrap (own network")
+
+
+# -- workspaces --------------------------------------------------------------------
+
+
+def test_a_workspace_a_step_locked_up_is_removed_and_the_build_restarts(tmp_path, servers):
+    data = tmp_path / "data"
+    server = servers(data)
+    repo = str(tmp_path / "repo")
+    commit_files(repo, {".cirunner.yml": (
+        "pipeline: {t: {commands: ['mkdir -p locked/inner/deeper', 'touch locked/inner/f', "
+        "'chmod 000 locked/inner/deeper', 'chmod 500 locked/inner', 'chmod 000 locked']}}\n")})
+    server.api("POST", "/api/repos/alice/hello", {"url": repo})
+    assert run_build(server, server.auth, "alice/hello")["status"] == "success"
+    wait_for(lambda: not workspace_of(data, "alice/hello", 1, 1).exists())
+    assert server.api("POST", "/api/repos/alice/hello/builds/1")[0] == 202
+    wait_for(lambda: server.api("GET", "/api/repos/alice/hello/builds/1")[1]["status"]
+             == "success")
+    wait_for(lambda: not workspace_of(data, "alice/hello", 1, 1).exists())

@@ -24,7 +24,7 @@ import pytest
 
 import cirunner
 import test_cirunner
-from test_cirunner import CIRUNNER, commit_files, free_port, wait_for
+from test_cirunner import CIRUNNER, commit_files, free_port, step_writable, wait_for
 
 psycopg = pytest.importorskip("psycopg", reason="the postgres extra is not installed")
 
@@ -93,7 +93,7 @@ def pg_url(pg_cluster):
 # -- the store tests of test_cirunner.py, on PostgreSQL ------------------------
 
 # Fixtures of test_cirunner.py, with `store` replaced below.
-from test_cirunner import (  # noqa: F401
+from test_cirunner import (  # noqa: F401 - steps_reach_tmp_path is autouse
     admin_token,
     app,
     data_dir,
@@ -103,6 +103,7 @@ from test_cirunner import (  # noqa: F401
     make_repo,
     servers,
     site,
+    steps_reach_tmp_path,
     v1,
 )
 
@@ -137,6 +138,7 @@ _SQLITE_ONLY = {
     "test_secrets_cli_and_api_never_show_values",
     "test_only_admins_point_a_repository_at_local_files_and_never_into_the_data_dir",
     "test_what_a_caller_makes_the_server_keep_and_list_is_bounded",
+    "test_approve_and_decline_from_the_command_line",
 }
 _STORE_TESTS = [name for name, function in vars(test_cirunner).items()
                 if name.startswith("test_") and callable(function)
@@ -246,7 +248,7 @@ def _add_repo(tmp_path, fleet, pipeline, name="hello"):
 
 
 def test_two_servers_and_three_agents_run_each_of_300_jobs_once(tmp_path, fleet):
-    ran = tmp_path / "ran.txt"
+    ran = step_writable(tmp_path / "ran.txt")
     _add_repo(tmp_path, fleet, (
         "matrix:\n  N: [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]\n"
         "pipeline:\n  t:\n    commands:\n"
@@ -287,7 +289,7 @@ def _running_job(fleet, number, full_name="alice/hello"):
 
 
 def test_a_cancel_on_one_server_kills_the_job_on_an_agent_within_a_second(tmp_path, fleet):
-    pidfile = tmp_path / "step.pid"
+    pidfile = step_writable(tmp_path / "step.pid")
     _add_repo(tmp_path, fleet, "labels: {pool: a1}\npipeline:\n  t:\n    commands:\n"
                                f"      - echo $$ > {pidfile}; exec sleep 60\n")
     fleet.servers[0].api("POST", "/api/repos/alice/hello/builds", {})
@@ -319,13 +321,13 @@ def test_a_live_log_is_followed_through_the_other_server(tmp_path, fleet):
 
 
 def test_a_killed_agent_loses_its_job_and_the_others_go_on(tmp_path, fleet):
-    ran = tmp_path / "ran.txt"
-    pidfile = tmp_path / "step.pid"
+    ran = step_writable(tmp_path / "ran.txt")
+    pidfile = step_writable(tmp_path / "step.pid")
     _add_repo(tmp_path, fleet, "labels: {pool: a1}\npipeline:\n  t:\n    commands:\n"
                                f"      - echo once >> {ran}; echo $$ > {pidfile}; "
                                "exec sleep 60\n", name="pinned")
     _add_repo(tmp_path, fleet, "matrix:\n  N: [1, 2, 3, 4, 5, 6]\npipeline:\n  t:\n"
-                               f"    commands:\n      - echo $N >> {tmp_path / 'others.txt'}\n",
+                               f"    commands:\n      - echo $N >> {step_writable(tmp_path / 'others.txt')}\n",
               name="others")
     fleet.servers[0].api("POST", "/api/repos/alice/pinned/builds", {})
     wait_for(lambda: _running_job(fleet, 1, "alice/pinned") and pidfile.exists()
@@ -381,7 +383,7 @@ def test_only_an_agent_with_the_labels_a_job_requires_claims_it(tmp_path, fleet)
 
 def test_an_agent_that_stops_answering_is_lost_and_cleans_up_when_it_comes_back(tmp_path,
                                                                              pg_url):
-    pidfile = tmp_path / "step.pid"
+    pidfile = step_writable(tmp_path / "step.pid")
     server = test_cirunner.Server(tmp_path / "serve", "--db", pg_url, "--agent-timeout", "3")
     share_key(tmp_path / "serve", tmp_path / "agent", tmp_path / "observer")
     agent = Agent(tmp_path / "agent", pg_url, "--agent-timeout", "3", "--labels", "pool=far",

@@ -14,7 +14,16 @@ import time
 
 import pytest
 
-from test_cirunner import XSS, Server, commit_files, http_json, wait_for, workspace_of
+from test_cirunner import (
+    XSS,
+    Server,
+    commit_files,
+    http_json,
+    http_text,
+    steps_reach_tmp_path,  # noqa: F401 - autouse
+    wait_for,
+    workspace_of,
+)
 
 playwright_api = pytest.importorskip("playwright.sync_api")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -164,8 +173,10 @@ def test_a_50_mb_log_page_opens_fast_and_memory_stays_flat(server, page, tmp_pat
     assert elapsed < 5
     assert page.evaluate("document.querySelectorAll('#log .rows div').length") < 5000
     last = page.evaluate("[...document.querySelectorAll('#log .rows div')].pop().id")
-    # numbered as in the whole log: the echoed command, the full lines, the cut last one
-    assert int(last[1:]) == 1 + 52428800 // (len(line) + 1) + 1
+    # numbered as in the whole log: the isolation line, the echoed command, the full
+    # lines, the cut last one
+    head = http_text(server.url + "/api/repos/alice/big/logs/1/1")[:400]
+    assert int(last[1:]) == 2 + 52428800 // (len(line) + 1) + 1, head
     page.click("#earlier")
     page.wait_for_selector("#log div")
     grown = rss_mib(server.process.pid) - before

@@ -716,8 +716,9 @@ def bench_footprint(work, builds):
 
 
 def bench_sandbox(work, samples, steps=10):
-    """What the bubblewrap sandbox adds to each step: the same job of
-    `steps` trivial steps, on a server with and one without the sandbox."""
+    """What the bubblewrap sandbox adds to each step, with its own network
+    namespace and user-mode network stack: the same job of `steps` trivial
+    steps, on a server with and one without the sandbox."""
     pipeline = "clone: false\npipeline:\n" + "".join(
         f"  s{index}: {{commands: [true]}}\n" for index in range(steps))
     durations = {}
@@ -744,8 +745,8 @@ def bench_sandbox(work, samples, steps=10):
     per_step = [(sandboxed - bare) / steps
                 for sandboxed, bare in zip(durations["bwrap"], durations["none"])]
     record(f"sandbox: overhead per step ({steps}-step job)", per_step, "s",
-           statistics.median(durations["none"]) / steps, "<= 15 ms p50",
-           statistics.median(per_step) <= 0.015,
+           statistics.median(durations["none"]) / steps, "<= 25 ms p50",
+           statistics.median(per_step) <= 0.025,
            "baseline: a step without the sandbox (the same job on --sandbox none)")
 
 
@@ -1193,6 +1194,8 @@ def main():
     wanted = set(args.only or SECTIONS)
     repeats = 1 if args.quick else 3
     work = tempfile.mkdtemp(prefix="cirunner-bench-")
+    if os.geteuid() == 0:  # a server run as root runs steps as nobody, who must pass through
+        os.chmod(work, 0o711)
     print(f"cirunner {cirunner.__version__} benchmarks, {os.cpu_count()} CPUs, "
           f"Python {sys.version.split()[0]}, SQLite {sqlite3.sqlite_version}"
           f"{' (quick)' if args.quick else ''}")
