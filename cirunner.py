@@ -5185,14 +5185,15 @@ class _HostRunner:
     def _await_group_exit(self, pgid, timeout=2.0):
         """Wait until no process of the group is left, not even a zombie: its
         members may have been adopted by us and need reaping."""
-        deadline = time.monotonic() + timeout
+        deadline, pause = time.monotonic() + timeout, 0.0005
         while time.monotonic() < deadline:
             try:
                 os.killpg(pgid, 0)
             except (ProcessLookupError, PermissionError):
                 return
             self.reap()
-            time.sleep(0.005)
+            time.sleep(pause)
+            pause = min(pause * 2, 0.005)
 
     def end_job(self, job):
         """Kill every process that still carries the job's token, however it
@@ -5333,16 +5334,26 @@ class _UserNetwork:
         self._errors.seek(0)
         return self._errors.read(4096).decode(errors="replace").strip()
 
-    def close(self):
-        """End the network stack (its namespace is gone, or going)."""
+    def stop(self):
+        """End the network stack (its namespace is gone, or going): it holds
+        nothing to keep. Returns at once; `ended` tells when it is gone (its
+        exit tears the network device down, which takes the kernel tens of ms)."""
         _close_quietly(self._exit_write)
         self._exit_write = -1
-        try:
-            self.process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        self.process.kill()
+
+    def ended(self):
+        """Whether the stopped stack has exited (and is reaped)."""
+        if self.process.poll() is None:
+            return False
         self._errors.close()
+        return True
+
+    def close(self):
+        """Stop it and wait until it has exited."""
+        self.stop()
+        self.process.wait()
+        self.ended()
 
 
 class _SandboxRunner(_HostRunner):
@@ -5373,6 +5384,17 @@ class _SandboxRunner(_HostRunner):
         self.slirp = slirp
         self.hidden = tuple(os.path.abspath(path) for path in hidden)
         self.resolv_conf = b""
+        self.setpriv = shutil.which("setpriv")
+        self._networks = []  # stopped network stacks not reaped yet
+
+    def reap(self):
+        super().reap()
+        self.reap_networks()
+
+    def reap_networks(self):
+        """Reap the network stacks of ended steps that have exited."""
+        with self._lock:
+            self._networks = [network for network in self._networks if not network.ended()]
 
     def start(self):
         """Check once that a sandbox works here, made as a step's is (three
@@ -5479,9 +5501,15 @@ class _SandboxRunner(_HostRunner):
             fds.append(_memory_file("bwrap-args", b"\0".join(
                 option.encode("utf-8", "surrogateescape") for option in options) + b"\0"))
             # Options only come from --args; the command (no secret in it) follows.
-            popen = _start_process([self.bwrap, "--args", str(fds[-1]), "--", *command],
-                                   env=_host_environment(self.environ, _HOST_KEEPS),
-                                   cwd="/", pass_fds=tuple(fds), user=self.user)
+            argv, user = [self.bwrap, "--args", str(fds[-1]), "--", *command], self.user
+            if self.user.other and self.setpriv:
+                # The same user switch, by a tool: Python forks without vfork to
+                # switch users itself, which costs a big server milliseconds.
+                argv = [self.setpriv, f"--reuid={user.uid}", f"--regid={user.gid}",
+                        "--clear-groups", "--", *argv]
+                user = None
+            popen = _start_process(argv, env=_host_environment(self.environ, _HOST_KEEPS),
+                                   cwd="/", pass_fds=tuple(fds), user=user)
         except (ValueError, UnicodeEncodeError) as exc:  # a NUL or a lone surrogate
             _close_quietly(*fds, *kept)
             raise _JobError(f"cannot start the step: {exc}") from None
@@ -5564,8 +5592,11 @@ class _SandboxRunner(_HostRunner):
 
     def _finish(self, process):
         if process.network is not None:
-            process.network.close()
+            process.network.stop()
+            with self._lock:
+                self._networks.append(process.network)
             process.network = None
+        self.reap_networks()
         status = b""
         if process.status >= 0:
             with contextlib.suppress(OSError):
