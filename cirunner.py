@@ -2315,6 +2315,28 @@ def _move_pipelines_out_of_builds(conn, _sealer):
                      "pipeline = '' WHERE id = ?", (digest, build_id))
 
 
+def _store_builds_as_they_happened(conn, _sealer):
+    """Migration 15: builds keep every field as it was made. Until now a field
+    that equalled what could be derived was stored empty and derived again on
+    read; each is filled with what was read for it until now: refs/heads/
+    BRANCH, the Gravatar of the author's address, the pipeline row's file name
+    (all fixed when the build was made) and the repository's URL (the one
+    field that may have changed since: the value shown until this upgrade)."""
+    conn.execute("UPDATE builds SET ref = 'refs/heads/' || branch "
+                 "WHERE ref = '' AND branch != ''")
+    conn.execute("UPDATE builds SET pipeline_file = (SELECT filename FROM pipelines "
+                 "WHERE pipelines.id = builds.pipeline_id) "
+                 "WHERE pipeline_file = '' AND pipeline_id IS NOT NULL")
+    for repo_id, url in conn.execute("SELECT id, url FROM repos").fetchall():
+        conn.execute("UPDATE builds SET remote = ? WHERE repo_id = ? AND remote = ''",
+                     (_redact_url(url), repo_id))
+    emails = conn.execute("SELECT DISTINCT author_email FROM builds "
+                          "WHERE author_avatar = '' AND author_email != ''").fetchall()
+    for (email,) in emails:
+        conn.execute("UPDATE builds SET author_avatar = ? WHERE author_avatar = '' "
+                     "AND author_email = ?", (_gravatar(email), email))
+
+
 def _reseal_with_aes_gcm(conn, sealer):
     """Migration 8: secrets and forge tokens sealed the old way (HMAC-CTR, no
     associated data) are sealed again with AES-GCM for their row and field;
@@ -2584,6 +2606,7 @@ _MIGRATIONS = [
     ALTER TABLE builds ADD COLUMN reviewed_by TEXT NOT NULL DEFAULT '';
     ALTER TABLE builds ADD COLUMN reviewed_at INTEGER NOT NULL DEFAULT 0;
     """,
+    _store_builds_as_they_happened,
 ]
 
 _SEALED_REPO_FIELDS = ("webhook_secret", "forge_token")
@@ -2704,7 +2727,6 @@ class Store:
         self.data_dir = data_dir
         self.sealer = _Sealer(os.path.join(self.data_dir, "secret.key"))
         self._local = threading.local()
-        self._pipeline_filenames = _LRU(256)
         self._connections = []
         self._idle_connections = []
         self._connections_lock = threading.Lock()
@@ -3199,7 +3221,7 @@ class Store:
             row = tx.execute("SELECT last_number FROM repos WHERE id = ?", (repo_id,)).fetchone()
             if row is None:
                 raise NotFound(f"repository {repo_id} not found")
-            values = self._stored_build_fields(tx, repo_id, fields)
+            values = self._stored_build_fields(fields)
             status = BLOCKED if blocked and not error else PENDING
             values.update(repo_id=repo_id, number=row[0], status=status, created_at=now,
                           enqueued_at=now)
@@ -3271,9 +3293,7 @@ class Store:
             tx.execute("DELETE FROM statuses WHERE build_id = ? AND job_id IS NOT NULL",
                        (build_id,))
             tx.execute("DELETE FROM jobs WHERE build_id = ?", (build_id,))
-            repo_id = tx.execute("SELECT repo_id FROM builds WHERE id = ?",
-                                 (build_id,)).fetchone()[0]
-            values = self._stored_build_fields(tx, repo_id, fields)
+            values = self._stored_build_fields(fields)
             values.update(status=PENDING, error="", enqueued_at=now, started_at=0, finished_at=0)
             assignments = ", ".join(f"{key} = ?" for key in values)
             tx.execute(f"UPDATE builds SET {assignments} WHERE id = ?", (*values.values(), build_id))
@@ -3284,57 +3304,24 @@ class Store:
     _COMMITS_AS_BYTES = True  # PostgreSQL's commit_sha is TEXT: ids stay hex there
 
     @classmethod
-    def _stored_build_fields(cls, tx, repo_id, fields):
-        """A build's fields as stored: a full commit id as its bytes, and what
-        can be told from the rest (the Gravatar of the author's address,
-        refs/heads/BRANCH, the repository's URL, the pipeline's file name) as
-        "", all given back as before by `_complete_builds`."""
+    def _stored_build_fields(cls, fields):
+        """A build's fields as stored: as they were when it was made, its
+        remote's credentials shown as ***, a full commit id as its bytes."""
         values = {key: fields[key] for key in _BUILD_FIELDS if key in fields}
+        if isinstance(values.get("remote"), str):
+            values["remote"] = _redact_url(values["remote"])
         commit = values.get("commit_sha")
         if cls._COMMITS_AS_BYTES and isinstance(commit, str) and re.fullmatch(
                 r"[0-9a-f]{40}|[0-9a-f]{64}", commit):
             values["commit_sha"] = bytes.fromhex(commit)  # 20 bytes, not 40 characters
-        if values.get("author_avatar") == _gravatar(values.get("author_email", "")):
-            values["author_avatar"] = ""
-        if values.get("branch") and values.get("ref") == f"refs/heads/{values['branch']}":
-            values["ref"] = ""
-        url = tx.execute("SELECT url FROM repos WHERE id = ?", (repo_id,)).fetchone()
-        if url is not None and values.get("remote") == url[0]:
-            values["remote"] = ""
-        if values.get("pipeline_id") and values.get("pipeline_file") == tx.execute(
-                "SELECT filename FROM pipelines WHERE id = ?", (values["pipeline_id"],)
-        ).fetchone()[0]:
-            values["pipeline_file"] = ""
         return values
 
-    def _pipeline_filename(self, pipeline_id):
-        """A stored pipeline's file name (a pipeline row never changes)."""
-        filename = self._pipeline_filenames.get(pipeline_id)
-        if filename is None:
-            filename = self._scalar("SELECT filename FROM pipelines WHERE id = ?",
-                                    (pipeline_id,)) or ""
-            self._pipeline_filenames.put(pipeline_id, filename)
-        return filename
-
-    def _complete_builds(self, rows):
-        """Builds as read: with the fields `_stored_build_fields` left out put back."""
-        urls = {}
+    @staticmethod
+    def _complete_builds(rows):
+        """Builds as read: a commit id stored as bytes shown in hex."""
         for row in rows:
-            if row is None:
-                continue
-            if isinstance(row["commit_sha"], bytes):
+            if row is not None and isinstance(row["commit_sha"], bytes):
                 row["commit_sha"] = row["commit_sha"].hex()
-            if not row["pipeline_file"] and row["pipeline_id"]:
-                row["pipeline_file"] = self._pipeline_filename(row["pipeline_id"])
-            if not row["author_avatar"]:
-                row["author_avatar"] = _gravatar(row["author_email"])
-            if not row["ref"] and row["branch"]:
-                row["ref"] = f"refs/heads/{row['branch']}"
-            if not row["remote"]:
-                if row["repo_id"] not in urls:
-                    urls[row["repo_id"]] = self._scalar("SELECT url FROM repos WHERE id = ?",
-                                                        (row["repo_id"],)) or ""
-                row["remote"] = urls[row["repo_id"]]
         return rows
 
     def get_build_by_id(self, build_id):

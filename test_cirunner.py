@@ -724,6 +724,50 @@ def test_schema_is_versioned_and_reopening_keeps_data(data_dir, make_repo, store
         again.close()
 
 
+def test_a_build_keeps_what_it_was_made_with_when_its_repository_changes(
+        store, executor, make_repo, tmp_path, app):
+    repo = make_repo({".cirunner.yml": "pipeline: {t: {commands: [true]}}\n"})
+    first = app.post_json("/api/repos/alice/hello/builds", {}).json
+    moved = str(tmp_path / "moved")
+    git(str(tmp_path), "clone", "-q", "--bare", repo["url"], moved)
+    git(moved, "branch", "-m", "main", "trunk")
+    app.patch_json("/api/repos/alice/hello", {"url": moved, "default_branch": "trunk"})
+    again = app.get("/api/repos/alice/hello/builds/1").json
+    assert (again["remote"], again["ref"], again["branch"]) == (repo["url"], "refs/heads/main",
+                                                                 "main")
+    assert again == first | {"status": again["status"], "started_at": again["started_at"],
+                             "finished_at": again["finished_at"], "jobs": again["jobs"]}
+    second = app.post_json("/api/repos/alice/hello/builds", {}).json
+    assert (second["remote"], second["ref"]) == (moved, "refs/heads/trunk")
+    with sqlite3.connect(store.path) as raw:  # stored whole, not derived on read
+        stored = raw.execute("SELECT remote, ref, author_avatar, pipeline_file FROM builds "
+                             "WHERE number = 1").fetchone()
+    assert stored == (repo["url"], "refs/heads/main", first["author_avatar"], ".cirunner.yml")
+
+
+def test_builds_stored_before_are_filled_with_what_was_shown_for_them(tmp_path):
+    """A store made before migration 15 kept derivable fields empty."""
+    (tmp_path / "data").mkdir()
+    path = str(tmp_path / "data" / "old.db")
+    store = cirunner.Store(path)
+    repo_dir = str(tmp_path / "repo")
+    commit_files(repo_dir, {".cirunner.yml": "pipeline: {t: {commands: [true]}}\n"})
+    repo = store.create_repo("alice", "hello", repo_dir)
+    build = cirunner.create_build(store, repo)
+    store.close()
+    with sqlite3.connect(path) as raw:
+        raw.execute("UPDATE builds SET remote = '', ref = '', author_avatar = '', "
+                    "pipeline_file = ''")
+        raw.execute(f"PRAGMA user_version = {len(cirunner._MIGRATIONS) - 1}")
+    store = cirunner.Store(path)
+    try:
+        again = store.get_build_by_id(build["id"])
+        assert {key: again[key] for key in ("remote", "ref", "author_avatar", "pipeline_file")} \
+            == {key: build[key] for key in ("remote", "ref", "author_avatar", "pipeline_file")}
+    finally:
+        store.close()
+
+
 def test_a_new_store_has_4_kib_pages_and_an_old_store_keeps_its_own(tmp_path):
     old_path = str(tmp_path / "old.db")
     conn = sqlite3.connect(old_path)  # a store made with other pages: 16 KiB
