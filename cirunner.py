@@ -123,6 +123,7 @@ import getpass
 import hashlib
 import hmac
 import importlib
+import inspect
 import io
 import ipaddress
 import itertools
@@ -148,7 +149,7 @@ import time
 import uuid
 import zlib
 from datetime import datetime, timezone
-from urllib.parse import parse_qsl, quote, unquote, urlsplit
+from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 from xml.sax.saxutils import quoteattr
 
 import bottle
@@ -387,6 +388,19 @@ class StorageFull(CIRunnerError):
 
     status = 507
     code = "insufficient_storage"
+
+
+_ERRORS = (BadRequest, Unauthorized, Forbidden, NotFound, Conflict, NoBuild, TooLarge,
+           Unavailable, StorageFull)
+
+
+def _error_of_answer(code, status, message):
+    """The CIRunnerError that an API error answer (its `error` code and HTTP
+    status) stands for: the command line on a server raises what the server
+    raised, with its message."""
+    kind = next((error for error in _ERRORS if error.code == code), None) or next(
+        (error for error in _ERRORS if error.status == status), CIRunnerError)
+    return kind(message)
 
 
 def _is_disk_full(exc):
@@ -3102,9 +3116,11 @@ class Store:
     # -- repositories --------------------------------------------------------
 
     def create_repo(self, owner, name, url, **fields):
-        """Add a repository; raises Conflict if `owner/name` exists."""
+        """Add a repository; raises Conflict if `owner/name` exists. A local
+        path is made absolute (`normalize_repo_url`), and must exist."""
         _check_name(owner, "owner")
         _check_name(name, "repository name")
+        url = normalize_repo_url(url)
         self.check_repo_url(url)
         values = {key: value for key, value in self._repo_values(fields).items()
                   if key not in _SEALED_REPO_FIELDS}
@@ -3137,6 +3153,7 @@ class Store:
         if unknown:
             raise BadRequest(f"unknown repository field {min(unknown)!r}")
         if "url" in fields:
+            fields["url"] = normalize_repo_url(fields["url"])
             self.check_repo_url(fields["url"])
         values = {key: value for key, value in self._repo_values(fields).items()
                   if key not in _SEALED_REPO_FIELDS}
@@ -7348,42 +7365,16 @@ class _Access:
         return bool(user and user["scope"] == "write" and (user["admin"]
                                                            or user["login"] == owner))
 
-    def require_read(self, request, repo):
-        """The caller, if they may read `repo`; else 401 (guest) or 404."""
-        user = self.user(request)
-        if not self.may_read(user, repo):
-            if user is None:
-                raise _guest_not_found(repo["owner"], repo["name"])
-            raise NotFound(f"repository {repo['owner']}/{repo['name']} not found")
-        return user
-
-    def require_write(self, request, owner, repo=None, *, via_api=True):
-        """The caller, if they may change `owner`'s repository `repo`."""
-        user = self.require_read(request, repo) if repo is not None else self.user(request)
-        if user is None or (via_api and user.get("via_cookie")):
-            # A session cookie never writes through the API: no cross-site forgery.
+    @staticmethod
+    def require_write(user, owner):
+        """Unless `user` may change `owner`'s repositories: 401 for a guest,
+        403 for a read-only token or another user."""
+        if user is None:
             raise Unauthorized("this action needs a token")
         if user["scope"] != "write":
             raise Forbidden("this token is read-only")
-        if not self.may_write(user, owner):
+        if not _Access.may_write(user, owner):
             raise Forbidden(f"only {owner} or an admin may change this")
-        return user
-
-    def find_repo(self, request, owner, name, *, write=False):
-        """The repository `owner/name` if the caller may read (or write) it."""
-        _check_name(owner, "owner")
-        _check_name(name, "repository name")
-        try:
-            repo = self.store.get_repo(owner, name)
-        except NotFound:
-            if self.user(request) is None:  # bad credentials are 401 here too
-                raise _guest_not_found(owner, name) from None
-            raise
-        if write:
-            self.require_write(request, owner, repo)
-        else:
-            self.require_read(request, repo)
-        return repo
 
 ###############################################################################
 # Resources ###################################################################
@@ -7701,6 +7692,23 @@ _USER = _Resource("user", [
            required=True),
 ])
 
+_ACCOUNT = _Resource("account", [
+    _Field("login", _STRING, _shown("login"), required=True),
+    _Field("email", _STRING, _shown("email"), required=True),
+    _Field("admin", _BOOLEAN, _shown("admin", bool), required=True),
+    _Field("created_at", _TIME_SCHEMA, _shown("created_at")),
+])
+
+_TOKEN = _Resource("token", [
+    _Field("id", _INTEGER, _shown("id"), required=True),
+    _Field("login", _STRING, _shown("login"), required=True),
+    _Field("name", _STRING, _shown("name"), required=True),
+    _Field("scope", {"type": "string", "enum": list(TOKEN_SCOPES)}, _shown("scope"),
+           required=True),
+    _Field("created_at", _TIME_SCHEMA, _shown("created_at"), required=True),
+    _Field("last_used_at", _TIME_SCHEMA, _shown("last_used_at"), required=True),
+])
+
 
 def _build_json(build, jobs=None, steps=None, *, listed=False):
     """A build in the Drone dialect's shape, with its jobs (and their steps)
@@ -7743,8 +7751,353 @@ def _schemas():
             "error": _STRING, "message": _STRING, "status": _INTEGER}},
         "Repo": _REPO.schema(), "Job": job, "Step": _STEP.schema(), "Build": build,
         "Status": _STATUS.schema(), "Secret": _SECRET.schema(), "Cron": _CRON.schema(),
-        "User": _USER.schema(), "BuildPage": page_of("Build"), "StatusPage": page_of("Status"),
+        "User": _USER.schema(), "Account": _ACCOUNT.schema(), "Token": _TOKEN.schema(),
+        "BuildPage": page_of("Build"), "StatusPage": page_of("Status"),
     }
+
+###############################################################################
+# Operations ##################################################################
+###############################################################################
+
+
+def local_admin():
+    """The caller the command line on the machine itself acts as: an admin
+    (who can read the data directory can do anything anyway)."""
+    return {"id": 0, "login": f"{getpass.getuser()} (command line)", "admin": 1,
+            "scope": "write", "email": ""}
+
+
+class Operations:
+    """Every operation on the store, written once: each checks its input and
+    the caller's access, changes the store, and returns what the API answers
+    (the resource as JSON). The HTTP API, the pages and the command line on
+    the store all call these; the command line on a server calls them through
+    the API's routes (`_OPERATIONS` names the route of each). Embedders call
+    them too::
+
+        ops = cirunner.Operations(store)
+        ops.add_repo(cirunner.local_admin(), "alice", "hello", {"url": "~/src/hello"})
+
+    A caller is a user from the store (what `Store.authenticate` gives, with
+    its token's scope) or None for a guest. A repository the caller may not
+    read answers as a missing one: 401 to a guest (who should sign in), 404
+    to anyone else. `params` is a dict of the operation's input, as the API
+    takes it (JSON body and query together).
+    """
+
+    def __init__(self, store, executor=None, *, max_jobs=DEFAULT_MAX_JOBS, public_url="",
+                 cancel_wait=0.0):
+        self.store = store
+        self.executor = executor
+        self.max_jobs = max_jobs
+        self.public_url = public_url.rstrip("/")
+        self.cancel_wait = cancel_wait
+
+    # -- access ---------------------------------------------------------------
+
+    def find_repo(self, caller, owner, name, *, write=False):
+        """The repository `owner/name` if `caller` may read it (or write to it)."""
+        _check_name(owner, "owner")
+        _check_name(name, "repository name")
+        try:
+            repo = self.store.get_repo(owner, name)
+        except NotFound:
+            if caller is None:
+                raise _guest_not_found(owner, name) from None
+            raise
+        if not _Access.may_read(caller, repo):
+            if caller is None:
+                raise _guest_not_found(owner, name)
+            raise NotFound(f"repository {owner}/{name} not found")
+        if write:
+            _Access.require_write(caller, owner)
+        return repo
+
+    def find_build(self, repo, number, branch=None):
+        """Build `number`, or for "latest" as Drone answers it: the newest build
+        of any event on `branch`, else the newest push of the default branch."""
+        if number == "latest":
+            if branch:
+                return self.store.latest_build(repo["id"], branch)
+            default = repo["default_branch"] or self.store.git.remembered_default_branch(repo)
+            return self.store.latest_build(repo["id"], default or None, EVENT_PUSH)
+        return self.store.get_build(repo["id"], _check_positive(number, "build number"))
+
+    def _build(self, caller, owner, name, number, *, write=False):
+        repo = self.find_repo(caller, owner, name, write=write)
+        return repo, self.find_build(repo, number)
+
+    @staticmethod
+    def _admin_only(caller, fields):
+        """Trusting a repository, or pointing it at the server's own files, is
+        for admins."""
+        if caller["admin"]:
+            return
+        if "trusted" in fields:
+            raise Forbidden("only an admin may mark a repository trusted")
+        if "url" in fields and not is_remote_url(fields["url"]):
+            raise Forbidden("only an admin may point a repository at a local path or a "
+                            "file:// URL; use https://, http://, ssh://, git:// or git@host:path")
+
+    @staticmethod
+    def _require_admin(caller, what):
+        if caller is None:
+            raise Unauthorized(f"{what} is for admins: send an admin's token")
+        if not caller["admin"]:
+            raise Forbidden(f"{what} is for admins")
+
+    def build_json(self, build):
+        return _full_build_json(self.store, build)
+
+    # -- repositories -------------------------------------------------------------
+
+    def list_repos(self, caller):
+        return [_REPO.to_json(repo) for repo in self.store.list_repos()
+                if _Access.may_read(caller, repo)]
+
+    def add_repo(self, caller, owner, name, params, *, base_url=""):
+        """Add a repository; the answer shows its webhook secret this once."""
+        _check_name(owner, "owner")
+        _check_name(name, "repository name")
+        _Access.require_write(caller, owner)
+        fields = _REPO.parse(params, ignore=_RESERVED_PARAMS)
+        self._admin_only(caller, fields)
+        if "url" not in fields:
+            raise BadRequest("url is required: a clone URL or a local path")
+        fields.setdefault("webhook_secret", secrets.token_urlsafe(24))
+        repo = _REPO.to_json(self.store.create_repo(owner, name, fields.pop("url"), **fields))
+        return dict(repo, webhook_secret=fields["webhook_secret"],
+                    webhook_url=f"{(base_url or self.public_url).rstrip('/')}/hook")
+
+    def get_repo(self, caller, owner, name):
+        return _REPO.to_json(self.find_repo(caller, owner, name))
+
+    def update_repo(self, caller, owner, name, params):
+        repo = self.find_repo(caller, owner, name, write=True)
+        fields = _REPO.parse(params, ignore=_RESERVED_PARAMS)
+        self._admin_only(caller, fields)
+        return _REPO.to_json(self.store.update_repo(repo["id"], **fields))
+
+    def delete_repo(self, caller, owner, name):
+        repo = self.find_repo(caller, owner, name, write=True)
+        self.store.delete_repo(repo["id"])
+        self.store.git.remove(repo)
+        _remove_tree(os.path.join(self.store.data_dir, "workspaces", repo["owner"],
+                                  repo["name"]))
+        return {"deleted": f"{repo['owner']}/{repo['name']}"}
+
+    # -- builds ---------------------------------------------------------------------
+
+    @staticmethod
+    def build_filters(params):
+        status = params.get("status") or None
+        if status is not None and status not in BUILD_STATUSES:
+            raise BadRequest(f"status must be one of {', '.join(BUILD_STATUSES)}")
+        return {"branch": params.get("branch") or None, "status": status}
+
+    def list_builds(self, caller, owner, name, params):
+        """Builds, newest first: `page` (from 1) of `per_page`, on `branch`, of `status`."""
+        repo = self.find_repo(caller, owner, name)
+        per_page = _check_int(params.get("per_page"), "per_page", default=DEFAULT_PER_PAGE,
+                              minimum=1, maximum=MAX_PER_PAGE)
+        page = _check_int(params.get("page"), "page", default=1, minimum=1, maximum=10 ** 9)
+        builds = self.store.list_builds(repo["id"], offset=(page - 1) * per_page,
+                                        limit=per_page, **self.build_filters(params))
+        return [_build_json(build, listed=True) for build in builds]
+
+    def start_build(self, caller, owner, name, params):
+        """Start a build: `branch`, `commit`, `event`, `deploy_to`, `variables`
+        (and, as Drone takes them, any other parameter as a variable)."""
+        repo = self.find_repo(caller, owner, name, write=True)
+        params = dict(params)
+        variables = params.pop("variables", None) or {}
+        if not isinstance(variables, dict):
+            raise BadRequest("variables must be an object of NAME: value")
+        branch = params.pop("branch", "") or ""
+        commit = params.pop("commit", "") or ""
+        event = params.pop("event", EVENT_MANUAL) or EVENT_MANUAL
+        deploy_to = params.pop("deploy_to", "") or ""
+        variables = {**params, **variables}  # any other key is a variable, as in Drone
+        build = create_build(self.store, repo, branch=branch, commit=commit,
+                             variables=variables, event=event, max_jobs=self.max_jobs,
+                             deploy_to=_check_text(deploy_to, "deploy_to", 255))
+        return self.build_json(build)
+
+    def get_build(self, caller, owner, name, number, params=None):
+        repo = self.find_repo(caller, owner, name)
+        return self.build_json(self.find_build(repo, number, (params or {}).get("branch")))
+
+    def restart_build(self, caller, owner, name, number, params):
+        """Run a finished build again: under its number, or with `fork` as a new
+        one (`event=deployment&deploy_to=T` makes it a deployment, what `drone
+        deploy` sends); any other parameter is a variable."""
+        repo, build = self._build(caller, owner, name, number, write=True)
+        params = dict(params)
+        fork = _check_bool(params.pop("fork", "false"), "fork")
+        event = params.pop("event", "") or None
+        deploy_to = params.pop("deploy_to", "") or ""
+        variables = params.pop("variables", None) or {}
+        if not isinstance(variables, dict):
+            raise BadRequest("variables must be an object of NAME: value")
+        build = restart_build(self.store, repo, build["number"], fork=fork,
+                              variables={**params, **variables}, max_jobs=self.max_jobs,
+                              event=event, deploy_to=deploy_to)
+        return self.build_json(build)
+
+    def cancel_build(self, caller, owner, name, number, *, wait=True):
+        """Cancel a build: pending jobs are skipped, running ones killed; the
+        answer is the build once they have stopped (or the grace period ran
+        out), or at once without `wait`."""
+        _, build = self._build(caller, owner, name, number, write=True)
+        build = self.store.cancel_jobs(build["id"], pending_status=SKIPPED,
+                                       message=f"cancelled by {caller['login']}")
+        if wait:
+            build = self.store.wait_until_done(build["id"], self.cancel_wait)
+        return self.build_json(build)
+
+    def cancel_job(self, caller, owner, name, number, job):
+        _, build = self._build(caller, owner, name, number, write=True)
+        job = self.store.get_job(build["id"], _check_positive(job, "job number"))
+        return self.build_json(self.store.cancel_jobs(
+            build["id"], job["number"], message=f"cancelled by {caller['login']}"))
+
+    def approve_build(self, caller, owner, name, number):
+        """Let a build that waits for approval (a fork's pull request) run."""
+        _, build = self._build(caller, owner, name, number, write=True)
+        return self.build_json(self.store.review_build(build["id"], caller["login"],
+                                                       approve=True))
+
+    def decline_build(self, caller, owner, name, number):
+        """Decline a build that waits for approval: it never runs."""
+        _, build = self._build(caller, owner, name, number, write=True)
+        return self.build_json(self.store.review_build(build["id"], caller["login"],
+                                                       approve=False))
+
+    # -- secrets and schedules ----------------------------------------------------
+
+    def list_secrets(self, caller, owner, name):
+        """Secret names and events, never values (for those who may write)."""
+        repo = self.find_repo(caller, owner, name, write=True)
+        return self.store.list_secrets(repo["id"])
+
+    def add_secret(self, caller, owner, name, params):
+        """Add or replace a secret: `name`, `value`, `events` (a list, or one
+        comma-separated text)."""
+        repo = self.find_repo(caller, owner, name, write=True)
+        fields = _SECRET.parse(params)
+        events = fields.get("events")
+        if events is not None and not isinstance(events, list):
+            raise BadRequest("events must be a list")
+        self.store.set_secret(repo["id"], fields.get("name"), fields.get("value"), events)
+        return next(item for item in self.store.list_secrets(repo["id"])
+                    if item["name"] == fields["name"])
+
+    def delete_secret(self, caller, owner, name, secret):
+        repo = self.find_repo(caller, owner, name, write=True)
+        self.store.delete_secret(repo["id"], secret)
+        return {"deleted": secret}
+
+    def list_crons(self, caller, owner, name):
+        repo = self.find_repo(caller, owner, name)
+        return [_CRON.to_json(cron) for cron in self.store.list_crons(repo["id"])]
+
+    def add_cron(self, caller, owner, name, params):
+        """Add a build schedule: `name`, `expression` (five fields, UTC), `branch`."""
+        repo = self.find_repo(caller, owner, name, write=True)
+        fields = _CRON.parse(params)
+        for field in ("name", "expression"):
+            if not isinstance(fields.get(field), str) or not fields[field]:
+                raise BadRequest(f"{field} is required")
+        cron = self.store.add_cron(repo["id"], fields["name"], fields["expression"],
+                                   fields.get("branch", ""))
+        return _CRON.to_json(cron)
+
+    def delete_cron(self, caller, owner, name, cron):
+        repo = self.find_repo(caller, owner, name, write=True)
+        self.store.delete_cron(repo["id"], cron)
+        return {"deleted": cron}
+
+    # -- the queue, users and tokens ------------------------------------------------
+
+    def queue(self, caller):
+        """Each pending job with its position and why it waits, and what the
+        running ones do (as far as the caller may read them)."""
+        repos = {repo["id"]: repo for repo in self.store.list_repos()}
+        queue = self.store.queue()
+        for key in ("pending", "running"):
+            queue[key] = [item for item in queue[key]
+                          if _Access.may_read(caller, repos[item.pop("repo_id")])]
+        executor = self.executor
+        for item in queue["running"]:
+            job_id = item.pop("job_id")
+            item["activity"] = executor.activity(job_id) if executor is not None else ""
+        queue["draining"] = bool(executor is not None and executor.draining())
+        return queue
+
+    def current_user(self, caller):
+        """The caller (401 for a guest): what `cirunner login` checks a token with."""
+        if caller is None:
+            raise Unauthorized("no credentials: send 'Authorization: Token <token>'")
+        return _USER.to_json(caller)
+
+    def list_users(self, caller):
+        self._require_admin(caller, "the list of users")
+        return [_ACCOUNT.to_json(user) for user in self.store.list_users()]
+
+    def add_user(self, caller, params):
+        """Add a user (admins): `login`, `email`, `admin`."""
+        self._require_admin(caller, "adding a user")
+        login = params.get("login")
+        if not isinstance(login, str):
+            raise BadRequest("login is required")
+        user = self.store.create_user(
+            login, email=_check_text(params.get("email") or "", "email", 254),
+            admin=_check_bool(params.get("admin", False), "admin"))
+        return _ACCOUNT.to_json(user)
+
+    def delete_user(self, caller, login):
+        self._require_admin(caller, "removing a user")
+        self.store.delete_user(login)
+        return {"deleted": login}
+
+    def _token_owner(self, caller, login):
+        """Whose tokens the caller acts on: their own; anyone's for an admin."""
+        if caller is None:
+            raise Unauthorized("no credentials: send 'Authorization: Token <token>'")
+        login = _check_name(login, "login") if login else caller["login"]
+        if login != caller["login"]:
+            self._require_admin(caller, "another user's tokens")
+        return login
+
+    def list_tokens(self, caller, params=None):
+        """Tokens (never their secrets): the caller's, or `login`'s or everyone's
+        for an admin (`login` empty with `all`)."""
+        params = params or {}
+        if params.get("all") and caller is not None and caller["admin"]:
+            rows = self.store.list_tokens()
+        else:
+            rows = self.store.list_tokens(self._token_owner(caller, params.get("login")))
+        return [_TOKEN.to_json(row) for row in rows]
+
+    def create_token(self, caller, params):
+        """Make a token (`name`, `scope`) for the caller, or for `login` (admins);
+        the answer shows its secret this once. A read-only token makes none."""
+        login = self._token_owner(caller, params.get("login"))
+        if caller["scope"] != "write":
+            raise Forbidden("a read-only token cannot make tokens")
+        token, secret = self.store.create_token(
+            login, name=_check_text(params.get("name") or "", "name", 100),
+            scope=params.get("scope") or "write")
+        return dict(_TOKEN.to_json({**token, "login": login}), token=secret)
+
+    def revoke_token(self, caller, token_id):
+        token_id = _check_positive(token_id, "token id")
+        owner = self.store.user_for_token(token_id)
+        if owner is None or (owner["login"] != self._token_owner(caller, None)
+                             and not caller["admin"]):
+            raise NotFound(f"token {token_id} not found")
+        self.store.revoke_token(token_id)
+        return {"deleted": token_id}
 
 ###############################################################################
 # HTTP API ####################################################################
@@ -7804,7 +8157,8 @@ _PATH_PARAMETERS = {
     "job": (_POSITIVE, "job number"),
     "build_id": (_POSITIVE, "the build's global id"), "status_id": (_POSITIVE, "status id"),
     "secret": (_STRING, "secret name"), "step": (_POSITIVE, "step number, in its job"),
-    "cron": (_NAME_SCHEMA, "schedule name"),
+    "cron": (_NAME_SCHEMA, "schedule name"), "token_id": (_POSITIVE, "token id"),
+    "login": (_NAME_SCHEMA, "a user's login"),
 }
 
 
@@ -8070,30 +8424,49 @@ class _LogHtml:
 
 
 class _Api:
-    """The handlers of the JSON API (both dialects), badges and logs.
+    """The API's adapters from requests to operations, and the views that are
+    HTTP's own (both dialects' shapes, logs and live streams, badges, metrics).
 
-    Each handler takes the request's path parameters (with `repo` resolved by
-    the route's access rule) and returns a value to send as JSON, or a
-    `_Reply`. Errors are raised as CIRunnerError and answered in one place.
+    An operation's route answers with `Operations` (see `operation`); a view
+    takes the request's path parameters (with `repo` resolved by the route's
+    access rule) and returns a value to send as JSON, or a `_Reply`. Errors
+    are raised as CIRunnerError and answered in one place.
     """
 
-    def __init__(self, store, access, *, closing, max_body=DEFAULT_MAX_BODY,
-                 max_webhook_body=MAX_WEBHOOK_BODY, max_streams=DEFAULT_HTTP_THREADS - 4, heartbeat=SSE_HEARTBEAT_SECONDS,
-                 max_jobs=DEFAULT_MAX_JOBS, cancel_wait=0.0):
+    def __init__(self, store, access, ops, *, closing, max_body=DEFAULT_MAX_BODY,
+                 max_webhook_body=MAX_WEBHOOK_BODY, max_streams=DEFAULT_HTTP_THREADS - 4,
+                 heartbeat=SSE_HEARTBEAT_SECONDS, metrics_from=()):
         self.store = store
         self.access = access
+        self.ops = ops
+        self.executor = ops.executor
         self.closing = closing
         self.max_body = max_body
         self.max_webhook_body = max_webhook_body
         self.streams = _StreamSlots(max_streams)
         self.heartbeat = heartbeat
-        self.max_jobs = max_jobs
-        self.cancel_wait = cancel_wait
+        self.metrics_from = frozenset(metrics_from)
         self._badge = bottle.SimpleTemplate(_BADGE_TEMPLATE)
         self.log_html = _LogHtml()
         self.openapi_document = None  # set by make_app, from the routes it serves
-        self.executor = self.metrics = None  # set by make_app; metrics at the first scrape
+        self.metrics = None  # made at the first scrape
         self._metrics_lock = threading.Lock()
+
+    def operation(self, route, name, path):
+        """Answer `route` with operation `name`: the caller, the path's
+        parameters, the request's parameters (query and body together) when
+        the operation takes them, and the status code the route declares. A
+        browser's session cookie never changes anything through the API (no
+        cross-site forgery): that takes a token."""
+        caller = self.caller(route)
+        function = getattr(self.ops, name)
+        arguments = inspect.signature(function).parameters
+        if "params" in arguments:
+            path["params"] = self.params()
+        if "base_url" in arguments:
+            parts = bottle.request.urlparts
+            path["base_url"] = f"{parts.scheme}://{parts.netloc}"
+        return _Reply(function(caller, **path), next(iter(route.replies)))
 
     # -- request input ------------------------------------------------------
 
@@ -8104,9 +8477,15 @@ class _Api:
     def user(self):
         return self.access.user(bottle.request)
 
-    def who(self):
-        user = self.user()
-        return user["login"] if user else "someone"
+    def caller(self, route):
+        """Who calls `route`: a browser's session cookie reads the API but
+        never changes anything through it (no cross-site forgery): that takes
+        a token."""
+        caller = self.user()
+        if (route.method not in ("GET", "HEAD") or route.access == "write") and caller \
+                and caller.get("via_cookie"):
+            raise Unauthorized("this action needs a token")
+        return caller
 
     def read_body(self):
         """The raw request body, at most `body_limit()` bytes (413 beyond)."""
@@ -8151,35 +8530,18 @@ class _Api:
 
     # -- finding things -------------------------------------------------------
 
-    def find_build(self, repo, number):
-        """Build `number`, or for "latest" as Drone answers it: the newest build
-        of any event on ``?branch=``, else the newest push of the default branch."""
-        if number == "latest":
-            branch = self.query().get("branch")
-            if branch:
-                return self.store.latest_build(repo["id"], branch)
-            default = repo["default_branch"] or self.store.git.remembered_default_branch(repo)
-            return self.store.latest_build(repo["id"], default or None, EVENT_PUSH)
-        return self.store.get_build(repo["id"], _check_positive(number, "build number"))
+    def find_job(self, repo, number, job):
+        build = self.ops.find_build(repo, number, self.query().get("branch"))
+        return build, self.store.get_job(build["id"], _check_positive(job, "job number"))
+
+    def build_reply(self, build, status=200):
+        return _Reply(_full_build_json(self.store, build), status)
 
     def find_build_by_id(self, repo, build_id):
         build = self.store.get_build_by_id(_check_positive(build_id, "build id"))
         if build["repo_id"] != repo["id"]:
             raise NotFound(f"build {build_id} not found")
         return build
-
-    def find_job(self, repo, number, job):
-        build = self.find_build(repo, number)
-        return build, self.store.get_job(build["id"], _check_positive(job, "job number"))
-
-    def build_reply(self, build, status=200):
-        return _Reply(_full_build_json(self.store, build), status)
-
-    def build_filters(self, params):
-        status = params.get("status") or None
-        if status is not None and status not in BUILD_STATUSES:
-            raise BadRequest(f"status must be one of {', '.join(BUILD_STATUSES)}")
-        return {"branch": params.get("branch") or None, "status": status}
 
     # -- meta ---------------------------------------------------------------
 
@@ -8203,52 +8565,6 @@ class _Api:
 
     def openapi(self):
         return self.openapi_document
-
-    # -- repositories -------------------------------------------------------
-
-    def list_repos(self):
-        user = self.user()
-        return [_REPO.to_json(repo) for repo in self.store.list_repos()
-                if self.access.may_read(user, repo)]
-
-    def _admin_only(self, fields):
-        """Trusting a repository, or pointing it at the server's own files, is
-        for admins."""
-        if self.user()["admin"]:
-            return
-        if "trusted" in fields:
-            raise Forbidden("only an admin may mark a repository trusted")
-        if "url" in fields and not is_remote_url(fields["url"]):
-            raise Forbidden("only an admin may point a repository at a local path or a "
-                            "file:// URL; use https://, http://, ssh://, git:// or git@host:path")
-
-    def add_repo(self, owner, name):
-        fields = _REPO.parse(self.params(), ignore=_RESERVED_PARAMS)
-        self._admin_only(fields)
-        if "url" not in fields:
-            raise BadRequest("url is required: a clone URL or a local path")
-        fields.setdefault("webhook_secret", secrets.token_urlsafe(24))
-        repo = _REPO.to_json(self.store.create_repo(owner, name, fields.pop("url"), **fields))
-        # The only time the secret is shown: configure the forge with it now.
-        parts = bottle.request.urlparts
-        repo.update(webhook_secret=fields["webhook_secret"],
-                    webhook_url=f"{parts.scheme}://{parts.netloc}/hook")
-        return _Reply(repo, 201)
-
-    def get_repo(self, repo):
-        return _REPO.to_json(repo)
-
-    def update_repo(self, repo):
-        fields = _REPO.parse(self.body(), ignore=_RESERVED_PARAMS)
-        self._admin_only(fields)
-        return _REPO.to_json(self.store.update_repo(repo["id"], **fields))
-
-    def delete_repo(self, repo):
-        self.store.delete_repo(repo["id"])
-        self.store.git.remove(repo)
-        _remove_tree(os.path.join(self.store.data_dir, "workspaces", repo["owner"],
-                                  repo["name"]))
-        return {"deleted": f"{repo['owner']}/{repo['name']}"}
 
     # -- badges -------------------------------------------------------------
 
@@ -8289,56 +8605,7 @@ class _Api:
         return _Reply(feed, content_type="application/xml",
                       headers={"Cache-Control": "no-cache, max-age=0"})
 
-    # -- secrets ------------------------------------------------------------
-
-    def list_secrets(self, repo):
-        return self.store.list_secrets(repo["id"])
-
-    def add_secret(self, repo):
-        fields = _SECRET.parse(self.body())
-        events = fields.get("events")
-        if events is not None and not isinstance(events, list):
-            raise BadRequest("events must be a list")
-        self.store.set_secret(repo["id"], fields.get("name"), fields.get("value"), events)
-        return _Reply(next(item for item in self.store.list_secrets(repo["id"])
-                           if item["name"] == fields["name"]), 201)
-
-    def delete_secret(self, repo, secret):
-        self.store.delete_secret(repo["id"], secret)
-        return {"deleted": secret}
-
-    # -- schedules and the caller ---------------------------------------------
-
-    def list_crons(self, repo):
-        return [_CRON.to_json(cron) for cron in self.store.list_crons(repo["id"])]
-
-    def add_cron(self, repo):
-        fields = _CRON.parse(self.body())
-        for name in ("name", "expression"):
-            if not isinstance(fields.get(name), str) or not fields[name]:
-                raise BadRequest(f"{name} is required")
-        cron = self.store.add_cron(repo["id"], fields["name"], fields["expression"],
-                                   fields.get("branch", ""))
-        return _Reply(_CRON.to_json(cron), 201)
-
-    def delete_cron(self, repo, cron):
-        self.store.delete_cron(repo["id"], cron)
-        return {"deleted": cron}
-
-    def queue(self):
-        """The queue: each pending job with its position and why it waits, and
-        what the running ones do (as far as the caller may read them)."""
-        user, repos = self.user(), {repo["id"]: repo for repo in self.store.list_repos()}
-        queue = self.store.queue()
-        for key in ("pending", "running"):
-            queue[key] = [item for item in queue[key]
-                          if self.access.may_read(user, repos[item.pop("repo_id")])]
-        executor = self.executor
-        for item in queue["running"]:
-            job_id = item.pop("job_id")
-            item["activity"] = executor.activity(job_id) if executor is not None else ""
-        queue["draining"] = bool(executor is not None and executor.draining())
-        return queue
+    # -- metrics --------------------------------------------------------------
 
     def metrics_page(self):
         """Prometheus metrics: for admin tokens, and the addresses of --metrics-from.
@@ -8361,77 +8628,6 @@ class _Api:
                     self.executor.metrics = self.metrics
         return _Reply(self.metrics.render().decode(),
                       content_type="text/plain; version=0.0.4; charset=utf-8")
-
-    def current_user(self):
-        """The caller (401 for a guest): what `cirunner login` checks a token with."""
-        user = self.user()
-        if user is None:
-            raise Unauthorized("no credentials: send 'Authorization: Token <token>'")
-        return _USER.to_json(user)
-
-    # -- builds (Drone dialect) ---------------------------------------------
-
-    def list_builds(self, repo):
-        params = self.query()
-        per_page = _check_int(params.get("per_page"), "per_page", default=DEFAULT_PER_PAGE,
-                              minimum=1, maximum=MAX_PER_PAGE)
-        page = _check_int(params.get("page"), "page", default=1, minimum=1, maximum=10 ** 9)
-        builds = self.store.list_builds(repo["id"], offset=(page - 1) * per_page,
-                                        limit=per_page, **self.build_filters(params))
-        return [_build_json(build, listed=True) for build in builds]
-
-    def start_build(self, repo):
-        params = self.params()
-        variables = params.pop("variables", None) or {}
-        if not isinstance(variables, dict):
-            raise BadRequest("variables must be an object of NAME: value")
-        branch = params.pop("branch", "") or ""
-        commit = params.pop("commit", "") or ""
-        event = params.pop("event", EVENT_MANUAL) or EVENT_MANUAL
-        deploy_to = params.pop("deploy_to", "") or ""
-        variables = {**params, **variables}  # any other key is a variable, as in Drone
-        build = create_build(self.store, repo, branch=branch, commit=commit,
-                             variables=variables, event=event, max_jobs=self.max_jobs,
-                             deploy_to=_check_text(deploy_to, "deploy_to", 255))
-        return self.build_reply(build, 201)
-
-    def get_build(self, repo, number):
-        return self.build_reply(self.find_build(repo, number))
-
-    def restart_build(self, repo, number):
-        """Run a build again; with ``fork``, ``event=deployment&deploy_to=T``
-        makes it a deployment (what `drone deploy` sends)."""
-        build = self.find_build(repo, number)
-        params = self.params()
-        fork = _check_bool(params.pop("fork", "false"), "fork")
-        event = params.pop("event", "") or None
-        deploy_to = params.pop("deploy_to", "") or ""
-        build = restart_build(self.store, repo, build["number"], fork=fork, variables=params,
-                              max_jobs=self.max_jobs, event=event, deploy_to=deploy_to)
-        return self.build_reply(build, 202)
-
-    def cancel_build(self, repo, number):
-        """Cancel a build: pending jobs are skipped, running ones killed; the
-        answer is the build once they have stopped (or the grace period ran out)."""
-        build = self.find_build(repo, number)
-        self.store.cancel_jobs(build["id"], pending_status=SKIPPED,
-                               message=f"cancelled by {self.who()} over the API")
-        return self.build_reply(self.store.wait_until_done(build["id"], self.cancel_wait))
-
-    def cancel_job(self, repo, number, job):
-        build, job = self.find_job(repo, number, job)
-        return self.build_reply(self.store.cancel_jobs(
-            build["id"], job["number"], message=f"cancelled by {self.who()} over the API"))
-
-    def approve_build(self, repo, number):
-        """Let a blocked build (a fork's pull request) run."""
-        build = self.find_build(repo, number)
-        return self.build_reply(self.store.review_build(build["id"], self.who(), approve=True))
-
-    def decline_build(self, repo, number):
-        """Decline a blocked build: it never runs."""
-        build = self.find_build(repo, number)
-        return self.build_reply(self.store.review_build(build["id"], self.who(), approve=False))
 
     # -- logs ---------------------------------------------------------------
 
@@ -8621,7 +8817,7 @@ class _Api:
 
     def v1_list_builds(self, repo):
         offset, limit = self.page_params()
-        filters = self.build_filters(self.query())
+        filters = self.ops.build_filters(self.query())
         builds = self.store.list_builds(repo["id"], offset=offset, limit=limit, **filters)
         return _paginated([_build_json(build, listed=True) for build in builds],
                           self.store.count_builds(repo["id"], **filters), offset, limit)
@@ -8649,7 +8845,7 @@ class _Api:
         if build["status"] not in ACTIVE_STATUSES:
             raise Conflict(f"build {build['number']} has already finished ({build['status']})")
         return self.build_reply(self.store.cancel_jobs(
-            build["id"], pending_status=SKIPPED, message=f"stopped by {self.who()}"))
+            build["id"], pending_status=SKIPPED, message=f"stopped by {self.user()['login']}"))
 
     def v1_statuses(self, repo, build_id):
         build = self.find_build_by_id(repo, build_id)
@@ -8694,44 +8890,44 @@ _API_ROUTES = [
                problems=_object(steps=_STRING, images=_STRING)))}),
     _Route("GET", "/api/openapi.json", _Api.openapi, "public", "this document",
            {200: (_OK, {"type": "object"})}),
-    _Route("GET", "/api/repos", _Api.list_repos, "user", "repositories the caller may read",
+    _Route("GET", "/api/repos", "list_repos", "user", "repositories the caller may read",
            {200: (_OK, {"type": "array", "items": _ref("Repo")})}),
-    _Route("POST", "/api/repos/<owner>/<name>", _Api.add_repo, "owner",
+    _Route("POST", "/api/repos/<owner>/<name>", "add_repo", "owner",
            "add a repository (the webhook secret is shown this once)",
            {201: (_OK, {"allOf": [_ref("Repo"), _object(webhook_secret=_STRING,
                                                         webhook_url=_STRING)]})},
            body={**_REPO.write_schema(), "required": ["url"]}),
-    _Route("GET", "/api/repos/<owner>/<name>", _Api.get_repo, "read", "a repository",
+    _Route("GET", "/api/repos/<owner>/<name>", "get_repo", "read", "a repository",
            {200: (_OK, _ref("Repo"))}),
-    _Route("PATCH", "/api/repos/<owner>/<name>", _Api.update_repo, "write",
+    _Route("PATCH", "/api/repos/<owner>/<name>", "update_repo", "write",
            "change repository settings", {200: (_OK, _ref("Repo"))}, body=_REPO.write_schema()),
-    _Route("DELETE", "/api/repos/<owner>/<name>", _Api.delete_repo, "write",
+    _Route("DELETE", "/api/repos/<owner>/<name>", "delete_repo", "write",
            "remove a repository and its builds", {200: (_OK, {"type": "object"})}),
-    _Route("GET", "/api/repos/<owner>/<name>/builds", _Api.list_builds, "read",
+    _Route("GET", "/api/repos/<owner>/<name>/builds", "list_builds", "read",
            "builds, newest first", {200: (_OK, {"type": "array", "items": _ref("Build")})},
            query=(("page", _POSITIVE, ""),
                   ("per_page", {"type": "integer", "minimum": 1, "maximum": MAX_PER_PAGE}, ""),
                   *_READ_QUERY)),
-    _Route("POST", "/api/repos/<owner>/<name>/builds", _Api.start_build, "write", "start a build",
+    _Route("POST", "/api/repos/<owner>/<name>/builds", "start_build", "write", "start a build",
            {201: (_OK, _ref("Build"))},
            body=_object(branch=_STRING, commit=_STRING, event=_STRING, deploy_to=_STRING,
                         variables=_STRING_MAP)),
-    _Route("GET", "/api/repos/<owner>/<name>/builds/<number>", _Api.get_build, "read",
+    _Route("GET", "/api/repos/<owner>/<name>/builds/<number>", "get_build", "read",
            "a build with its jobs", _BUILD_REPLY, query=(("branch", _STRING, "with 'latest'"),)),
-    _Route("POST", "/api/repos/<owner>/<name>/builds/<number>", _Api.restart_build, "write",
+    _Route("POST", "/api/repos/<owner>/<name>/builds/<number>", "restart_build", "write",
            "restart a finished build", {202: (_OK, _ref("Build"))},
            query=(("fork", _BOOLEAN, "as a new build number"),
                   ("event", {"type": "string", "enum": list(EVENTS)},
                    "with fork: the new build's event (deployment, as `drone deploy` sends)"),
                   ("deploy_to", _STRING, "with event=deployment: the deploy target"))),
-    _Route("DELETE", "/api/repos/<owner>/<name>/builds/<number>", _Api.cancel_build, "write",
+    _Route("DELETE", "/api/repos/<owner>/<name>/builds/<number>", "cancel_build", "write",
            "cancel the build's active jobs", _BUILD_REPLY),
-    _Route("POST", "/api/repos/<owner>/<name>/builds/<number>/approve", _Api.approve_build,
+    _Route("POST", "/api/repos/<owner>/<name>/builds/<number>/approve", "approve_build",
            "write", "approve a build that waits for approval (blocked): its jobs may run",
            _BUILD_REPLY),
-    _Route("POST", "/api/repos/<owner>/<name>/builds/<number>/decline", _Api.decline_build,
+    _Route("POST", "/api/repos/<owner>/<name>/builds/<number>/decline", "decline_build",
            "write", "decline a build that waits for approval: it never runs", _BUILD_REPLY),
-    _Route("DELETE", "/api/repos/<owner>/<name>/builds/<number>/<job>", _Api.cancel_job, "write",
+    _Route("DELETE", "/api/repos/<owner>/<name>/builds/<number>/<job>", "cancel_job", "write",
            "cancel one job", _BUILD_REPLY),
     _Route("GET", "/api/repos/<owner>/<name>/logs/<number>/<job>", _Api.get_log, "read",
            "a job's log (text; Server-Sent Events with follow)",
@@ -8747,7 +8943,7 @@ _API_ROUTES = [
                                                         type=_INTEGER, pos=_INTEGER,
                                                         out=_STRING)}},
            errors=(503,)),
-    _Route("DELETE", "/api/repos/<owner>/<name>/logs/<number>/<job>", _Api.cancel_job, "write",
+    _Route("DELETE", "/api/repos/<owner>/<name>/logs/<number>/<job>", "cancel_job", "write",
            "cancel one job", _BUILD_REPLY),
     _Route("GET", "/api/repos/<owner>/<name>/builds/<number>/logs/<job>/<step>", _Api.step_log,
            "read", "a step's log, as Drone 1.x's lines (job = Drone's stage)",
@@ -8756,25 +8952,47 @@ _API_ROUTES = [
     _Route("DELETE", "/api/repos/<owner>/<name>/builds/<number>/logs/<job>/<step>",
            _Api.delete_step_log, "write", "delete a step's output from its job's log",
            {204: ("deleted", None)}),
-    _Route("GET", "/api/repos/<owner>/<name>/secrets", _Api.list_secrets, "write",
+    _Route("GET", "/api/repos/<owner>/<name>/secrets", "list_secrets", "write",
            "secret names and events (never values)",
            {200: (_OK, {"type": "array", "items": _ref("Secret")})}),
-    _Route("POST", "/api/repos/<owner>/<name>/secrets", _Api.add_secret, "write",
+    _Route("POST", "/api/repos/<owner>/<name>/secrets", "add_secret", "write",
            "add or replace a secret", {201: (_OK, _ref("Secret"))},
            body={**_SECRET.write_schema(), "required": ["name", "value"]}),
-    _Route("DELETE", "/api/repos/<owner>/<name>/secrets/<secret>", _Api.delete_secret, "write",
+    _Route("DELETE", "/api/repos/<owner>/<name>/secrets/<secret>", "delete_secret", "write",
            "remove a secret", {200: (_OK, {"type": "object"})}),
-    _Route("GET", "/api/repos/<owner>/<name>/crons", _Api.list_crons, "read",
+    _Route("GET", "/api/repos/<owner>/<name>/crons", "list_crons", "read",
            "the repository's build schedules",
            {200: (_OK, {"type": "array", "items": _ref("Cron")})}),
-    _Route("POST", "/api/repos/<owner>/<name>/crons", _Api.add_cron, "write",
+    _Route("POST", "/api/repos/<owner>/<name>/crons", "add_cron", "write",
            "add a build schedule (UTC)", {201: (_OK, _ref("Cron"))},
            body={**_CRON.write_schema(), "required": ["name", "expression"]}),
-    _Route("DELETE", "/api/repos/<owner>/<name>/crons/<cron>", _Api.delete_cron, "write",
+    _Route("DELETE", "/api/repos/<owner>/<name>/crons/<cron>", "delete_cron", "write",
            "remove a build schedule", {200: (_OK, {"type": "object"})}),
-    _Route("GET", "/api/user", _Api.current_user, "user", "the caller: login, admin, "
+    _Route("GET", "/api/user", "current_user", "user", "the caller: login, admin, "
            "token scope", {200: (_OK, _ref("User"))}),
-    _Route("GET", "/api/queue", _Api.queue, "user", "the pending jobs in order, each with why "
+    _Route("GET", "/api/user/tokens", "list_tokens", "user",
+           "the caller's tokens (an admin's: `login`'s, or with `all` everyone's), never "
+           "their secrets", {200: (_OK, {"type": "array", "items": _ref("Token")})},
+           query=(("login", _STRING, "another user's (admins)"),
+                  ("all", _BOOLEAN, "every user's (admins)")), errors=(400, 403, 404)),
+    _Route("POST", "/api/user/tokens", "create_token", "user",
+           "make a token for the caller (or, for an admin, for `login`); its secret is "
+           "shown this once", {201: (_OK, {"allOf": [_ref("Token"), _object(token=_STRING)]})},
+           body=_object(name=_STRING, scope={"type": "string", "enum": list(TOKEN_SCOPES)},
+                        login=_STRING), errors=(400, 403, 404, 413, 507)),
+    _Route("DELETE", "/api/user/tokens/<token_id>", "revoke_token", "user",
+           "revoke a token of the caller's (an admin's: anyone's)",
+           {200: (_OK, {"type": "object"})}, errors=(400, 403, 404, 507)),
+    _Route("GET", "/api/users", "list_users", "user", "every user (admins)",
+           {200: (_OK, {"type": "array", "items": _ref("Account")})}, errors=(403,)),
+    _Route("POST", "/api/users", "add_user", "user", "add a user (admins)",
+           {201: (_OK, _ref("Account"))},
+           body={**_object(login=_NAME_SCHEMA, email=_STRING, admin=_BOOLEAN),
+                 "required": ["login"]}, errors=(400, 403, 409, 413, 507)),
+    _Route("DELETE", "/api/users/<login>", "delete_user", "user",
+           "remove a user and their tokens (admins)", {200: (_OK, {"type": "object"})},
+           errors=(400, 403, 404, 507)),
+    _Route("GET", "/api/queue", "queue", "user", "the pending jobs in order, each with why "
            "it waits, and the running ones", {200: (_OK, {"type": "object"})}),
     _Route("GET", "/metrics", _Api.metrics_page, "user", "Prometheus metrics (admins, or "
            "--metrics-from addresses; needs cirunner[metrics])",
@@ -8812,6 +9030,11 @@ _API_ROUTES = [
            "every job's log under a header", {200: ("text", {"type": "string"})},
            media=("text/plain",)),
 ]
+
+# The route of each operation (the first that answers with it): what the
+# command line on a server calls.
+_OPERATIONS = {route.handler: route for route in reversed(_API_ROUTES)
+               if isinstance(route.handler, str)}
 
 ###############################################################################
 # Webhooks ####################################################################
@@ -9048,7 +9271,7 @@ def _receive_webhook(api):
     try:
         build = create_build(
             api.store, repo, branch=branch, commit=commit, event=event_name,
-            max_jobs=api.max_jobs, pull_ref=fields["ref"] if event_name == EVENT_PULL_REQUEST
+            max_jobs=api.ops.max_jobs, pull_ref=fields["ref"] if event_name == EVENT_PULL_REQUEST
             else "", gated=True, **fields)
     except NoBuild:
         return _Reply(None, 204)  # the pipeline's branches filter: Drone answers the same
@@ -9326,16 +9549,15 @@ class _Pages:
     in with an API token and gets a signed session cookie naming that token.
     """
 
-    def __init__(self, store, access, log_html, *, streams, closing,
-                 heartbeat=SSE_HEARTBEAT_SECONDS, max_jobs=DEFAULT_MAX_JOBS,
-                 secure_cookies=False):
+    def __init__(self, store, access, ops, log_html, *, streams, closing,
+                 heartbeat=SSE_HEARTBEAT_SECONDS, secure_cookies=False):
         self.store = store
         self.access = access
+        self.ops = ops
         self.log_html = log_html
         self.streams = streams
         self.closing = closing
         self.heartbeat = heartbeat
-        self.max_jobs = max_jobs
         self.csrf = _Signer(store.sealer.derive("csrf"))
         self.csrf_key = store.sealer.derive("csrf token")
         self.secure_cookies = secure_cookies
@@ -9411,8 +9633,11 @@ class _Pages:
         return self.page(error.code, self.render("message", heading=str(error.status),
                                                  text=error.message, link=""), error.status)
 
+    def caller(self):
+        return self.access.user(bottle.request)
+
     def readable_repo(self, owner, name):
-        return self.access.find_repo(bottle.request, owner, name)
+        return self.ops.find_repo(self.caller(), owner, name)
 
     def find_build(self, repo, number):
         return self.store.get_build(repo["id"], _check_positive(number, "build number"))
@@ -9543,16 +9768,15 @@ class _Pages:
         """Cancel, restart, approve or decline a build from its page (a form
         with the CSRF token)."""
         self.check_csrf()
-        repo = self.readable_repo(owner, name)
-        user = self.access.require_write(bottle.request, owner, repo, via_api=False)
-        build = self.find_build(repo, number)
+        caller = self.caller()
+        number = _check_positive(number, "build number")
         if action == "cancel":
-            self.store.cancel_jobs(build["id"], message=f"cancelled by {user['login']} on the web")
-        elif action in ("approve", "decline"):
-            self.store.review_build(build["id"], user["login"], approve=action == "approve")
+            self.ops.cancel_build(caller, owner, name, number, wait=False)
+        elif action == "restart":
+            self.ops.restart_build(caller, owner, name, number, {})
         else:
-            restart_build(self.store, repo, build["number"], max_jobs=self.max_jobs)
-        bottle.redirect(f"/{owner}/{name}/{build['number']}", 303)
+            getattr(self.ops, f"{action}_build")(caller, owner, name, number)
+        bottle.redirect(f"/{owner}/{name}/{number}", 303)
 
     def cancel(self, owner, name, number):
         return self.build_action(owner, name, number, "cancel")
@@ -9730,16 +9954,15 @@ def _api_callback(api, route):
     def callback(**params):
         request = bottle.request
         try:
+            if isinstance(route.handler, str):  # an operation: it checks access itself
+                return _send(api.operation(route, route.handler, params))
             if route.access in ("read", "write"):
-                params["repo"] = api.access.find_repo(request, params.pop("owner"),
-                                                      params.pop("name"),
-                                                      write=route.access == "write")
-            elif route.access == "owner":
-                _check_name(params["owner"], "owner")
-                _check_name(params["name"], "repository name")
-                api.access.require_write(request, params["owner"])
+                caller = api.caller(route)
+                params["repo"] = api.ops.find_repo(caller, params.pop("owner"),
+                                                   params.pop("name"),
+                                                   write=route.access == "write")
             elif route.access == "user":
-                api.access.user(request)
+                api.user()
             return _send(route.handler(api, **params))
         except CIRunnerError as error:
             return _error_reply(error)
@@ -9799,16 +10022,37 @@ def _check_request_text(environ):
         raise BadRequest("the query string is not UTF-8 text") from None
 
 
-def _bottle_error_handler(response):
-    """Bottle's own errors (no such route, wrong method) as the JSON error body."""
-    codes = {404: "not_found", 405: "method_not_allowed", 400: "bad_request",
-             413: "too_large", 500: "internal_error"}
-    status = response.status_code
-    message = {404: f"no route for {bottle.request.path}",
-               405: f"method {bottle.request.method} not allowed on {bottle.request.path}",
-               }.get(status, str(response.body) if status < 500 else "internal server error")
-    bottle.response.content_type = _JSON
-    return json.dumps({"error": codes.get(status, "error"), "message": message, "status": status})
+class _Bottle(bottle.Bottle):
+    """Bottle, with its own errors (no such route, wrong method) answered as
+    the JSON error body."""
+
+    def default_error_handler(self, res):
+        codes = {404: "not_found", 405: "method_not_allowed", 400: "bad_request",
+                 413: "too_large", 500: "internal_error"}
+        status = res.status_code
+        message = {404: f"no route for {bottle.request.path}",
+                   405: f"method {bottle.request.method} not allowed on {bottle.request.path}",
+                   }.get(status, str(res.body) if status < 500 else "internal server error")
+        bottle.response.content_type = _JSON
+        return json.dumps({"error": codes.get(status, "error"), "message": message,
+                           "status": status})
+
+
+class App:
+    """The WSGI app `make_app` makes: call it as any WSGI app. `ops` are the
+    operations it answers with; set `closing` before a shutdown, and open
+    streams end; `store`, `executor`, `max_body` and `max_webhook_body` are
+    what it was made with."""
+
+    def __init__(self, wsgi, *, ops, closing, max_body, max_webhook_body):
+        self.wsgi = wsgi
+        self.ops = ops
+        self.store, self.executor = ops.store, ops.executor
+        self.closing = closing
+        self.max_body, self.max_webhook_body = max_body, max_webhook_body
+
+    def __call__(self, environ, start_response):
+        return self.wsgi(environ, start_response)
 
 
 def make_app(store, executor=None, *, max_body=DEFAULT_MAX_BODY, metrics_from=(),
@@ -9827,22 +10071,17 @@ def make_app(store, executor=None, *, max_body=DEFAULT_MAX_BODY, metrics_from=()
     ``GET /metrics`` (with prometheus_client installed) is for admin tokens
     and the addresses in `metrics_from`; the metrics count from its first call.
     """
-    app = bottle.Bottle()
-    app.closing = threading.Event()
-    app.store, app.executor = store, executor
-    app.max_body, app.max_webhook_body = max_body, max_webhook_body
+    app, closing = _Bottle(), threading.Event()
     access = _Access(store)
-    api = _Api(store, access, closing=app.closing, max_body=max_body,
-               max_webhook_body=max_webhook_body, max_streams=max_streams,
-               heartbeat=heartbeat, max_jobs=max_jobs,
-               cancel_wait=executor.grace + 2 if executor is not None else 0.0)
     if public_url is None:
         public_url = executor.public_url if executor is not None else ""
-    pages = _Pages(store, access, api.log_html, streams=api.streams, closing=app.closing,
-                   heartbeat=heartbeat, max_jobs=max_jobs,
-                   secure_cookies=public_url.startswith("https://"))
-    api.executor = executor
-    api.metrics_from = frozenset(metrics_from)
+    ops = Operations(store, executor, max_jobs=max_jobs, public_url=public_url,
+                     cancel_wait=executor.grace + 2 if executor is not None else 0.0)
+    api = _Api(store, access, ops, closing=closing, max_body=max_body,
+               max_webhook_body=max_webhook_body, max_streams=max_streams,
+               heartbeat=heartbeat, metrics_from=metrics_from)
+    pages = _Pages(store, access, ops, api.log_html, streams=api.streams, closing=closing,
+                   heartbeat=heartbeat, secure_cookies=public_url.startswith("https://"))
     app.install(_metrics_plugin(api))
     routes = _API_ROUTES + _WEBHOOK_ROUTES
     api.openapi_document = _openapi_document(routes)
@@ -9850,7 +10089,6 @@ def make_app(store, executor=None, *, max_body=DEFAULT_MAX_BODY, metrics_from=()
         app.route(route.path, route.method, _api_callback(api, route))
     for method, path, handler in _PAGE_ROUTES:
         app.route(path, method, _page_callback(pages, handler))
-    app.default_error_handler = _bottle_error_handler
 
     def before_request():
         environ = bottle.request.environ
@@ -9871,7 +10109,8 @@ def make_app(store, executor=None, *, max_body=DEFAULT_MAX_BODY, metrics_from=()
     app.add_hook("before_request", before_request)
     # A streamed body reads on after this, taking a connection back if it must.
     app.add_hook("after_request", store.release_connection)
-    return app
+    return App(app, ops=ops, closing=closing, max_body=max_body,
+               max_webhook_body=max_webhook_body)
 
 ###############################################################################
 # Server ######################################################################
@@ -10206,88 +10445,41 @@ def _client(args, environ):
     return _LocalClient(_open_store(args.data, args.db), args)
 
 
-def _build_number(client, full_name, text):
+def _build_number(client, owner, name, text):
     """A build number from the command line: a number, or `latest` (the newest build)."""
     if text == "latest":
-        builds = client.builds(full_name, 1)
+        builds = client.call("list_builds", owner=owner, name=name, params={"per_page": 1})
         if not builds:
-            raise NotFound(f"{full_name} has no builds yet")
+            raise NotFound(f"{owner}/{name} has no builds yet")
         return builds[0]["number"]
     return _check_positive(text, "build number")
 
 
 class _LocalClient:
-    """The command line on the store in --data, as the machine's user: an admin.
-    Every answer is shaped as the API's, so that both print alike."""
+    """The command line on the store in --data, as the machine's admin: the
+    operations, called here."""
 
     def __init__(self, store, args):
         self.store = store
         self.args = args
+        self.ops = Operations(store, public_url=getattr(args, "public_url", "") or "")
+        self.caller = local_admin()
 
     def close(self):
         self.store.close()
 
-    def _repo(self, full_name):
-        return self.store.get_repo(*_split_full_name(full_name))
+    def call(self, operation, **arguments):
+        """Operation `operation` of `Operations`, for the admin of this machine."""
+        return getattr(self.ops, operation)(self.caller, **arguments)
 
-    def list_repos(self):
-        return [_REPO.to_json(repo) for repo in self.store.list_repos()]
-
-    def add_repo(self, full_name, params):
-        owner, name = _split_full_name(full_name)
-        params.setdefault("webhook_secret", secrets.token_urlsafe(24))
-        fields = _REPO.parse(params)
-        repo = _REPO.to_json(self.store.create_repo(owner, name, fields.pop("url"), **fields))
-        return dict(repo, webhook_secret=fields["webhook_secret"],
-                    webhook_url=f"{self.args.public_url.rstrip('/')}/hook")
-
-    def update_repo(self, full_name, params):
-        repo = self._repo(full_name)
-        return _REPO.to_json(self.store.update_repo(repo["id"], **_REPO.parse(params)))
-
-    def remove_repo(self, full_name):
-        repo = self._repo(full_name)
-        self.store.delete_repo(repo["id"])
-        self.store.git.remove(repo)
-
-    def start_build(self, full_name, branch, commit, variables):
-        build = create_build(self.store, self._repo(full_name), branch=branch, commit=commit,
-                             variables=variables)
-        return _full_build_json(self.store, build)
-
-    def restart(self, full_name, number, fork, variables):
-        build = restart_build(self.store, self._repo(full_name), number, fork=fork,
-                              variables=variables)
-        return _full_build_json(self.store, build)
-
-    def cancel(self, full_name, number, job):
-        build = self.store.get_build(self._repo(full_name)["id"], number)
-        build = self.store.cancel_jobs(build["id"], job,
-                                       message="cancelled from the command line")
-        return _full_build_json(self.store, build)
-
-    def review(self, full_name, number, approve):
-        build = self.store.get_build(self._repo(full_name)["id"], number)
-        build = self.store.review_build(build["id"], f"{getpass.getuser()} (command line)",
-                                        approve=approve)
-        return _full_build_json(self.store, build)
-
-    def builds(self, full_name, limit):
-        return [_build_json(build, listed=True)
-                for build in self.store.list_builds(self._repo(full_name)["id"], limit=limit)]
-
-    def build(self, full_name, number):
-        build = self.store.get_build(self._repo(full_name)["id"], number)
-        return _full_build_json(self.store, build)
-
-    def log(self, full_name, number, job_number, *, follow=False):
-        build = self.store.get_build(self._repo(full_name)["id"], number)
+    def log(self, owner, name, number, job_number, *, follow=False):
+        build = self.ops.find_build(self.ops.find_repo(self.caller, owner, name), number)
         job = self.store.get_job(build["id"], job_number)
         if not follow:
             return self.store.read_log(job["id"])
         return (chunk for chunk, _ in _follow_log(self.store, job["id"], 0) if chunk)
 
-    def wait(self, full_name, build, out, err):
+    def wait(self, owner, name, build, out, err):
         """Stream a build's logs, job by job prefixed, until it ends; its jobs
         run here if no runner shares the store (after the builds queued
         before it, which it names). Returns the finished build."""
@@ -10311,37 +10503,10 @@ class _LocalClient:
                 executor.stop()
         return _full_build_json(self.store, finished)
 
-    def queue(self):
-        queue = self.store.queue()
-        for item in queue["pending"] + queue["running"]:
-            item.pop("repo_id")
-            item.pop("job_id", None)
-        return queue
-
-    def list_secrets(self, full_name):
-        return self.store.list_secrets(self._repo(full_name)["id"])
-
-    def add_secret(self, full_name, name, value, events):
-        self.store.set_secret(self._repo(full_name)["id"], name, value, events)
-
-    def remove_secret(self, full_name, name):
-        self.store.delete_secret(self._repo(full_name)["id"], name)
-
-    def list_crons(self, full_name=None):
-        repo_id = self._repo(full_name)["id"] if full_name else None
-        return [dict(_CRON.to_json(cron), repo=f"{cron['owner']}/{cron['repo_name']}")
-                for cron in self.store.list_crons(repo_id)]
-
-    def add_cron(self, full_name, name, expression, branch):
-        return _CRON.to_json(self.store.add_cron(self._repo(full_name)["id"], name, expression,
-                                                 _check_branch(branch) if branch else ""))
-
-    def remove_cron(self, full_name, name):
-        self.store.delete_cron(self._repo(full_name)["id"], name)
-
 
 class _RemoteClient:
-    """The command line on a server, through its HTTP API with a token."""
+    """The command line on a server: one generic client of the API, which
+    calls each operation through its route (`_OPERATIONS`) with a token."""
 
     def __init__(self, server, token, *, timeout=60):
         if not server.startswith(("http://", "https://")):
@@ -10352,6 +10517,19 @@ class _RemoteClient:
 
     def close(self):
         pass
+
+    def call(self, operation, **arguments):
+        """Operation `operation` through its route: path parameters in the
+        path, `params` as the JSON body (as the query of a GET)."""
+        route = _OPERATIONS[operation]
+        params = arguments.pop("params", None)
+        path = re.sub(r"<(\w+)>", lambda match: quote(str(arguments.pop(match.group(1))),
+                                                      safe=""), route.path)
+        if arguments:
+            raise TypeError(f"{operation} takes no {', '.join(arguments)}")
+        if params and route.method == "GET":
+            return self.request("GET", f"{path}?{urlencode(params)}")
+        return self.request(route.method, path, params)
 
     def request(self, method, path, body=None, *, stream=False, accept=_JSON):
         """The answer's JSON (or the open response, to `stream`); an API error
@@ -10372,10 +10550,15 @@ class _RemoteClient:
         except urllib.error.HTTPError as error:
             with error:
                 try:
-                    message = json.loads(error.read())["message"]
-                except (ValueError, KeyError, TypeError):
-                    message = error.reason
-            raise CIRunnerError(f"{message} (HTTP {error.code} from {self.server})") from None
+                    answer = json.loads(error.read())
+                except ValueError:
+                    answer = None
+            answer = answer if isinstance(answer, dict) else {}
+            message = str(answer.get("message") or error.reason)
+            if error.code == 401 or "status" not in answer:
+                # Credentials, or an answer that is not cirunner's: say whose it was.
+                message = f"{message} (HTTP {error.code} from {self.server})"
+            raise _error_of_answer(answer.get("error"), error.code, message) from None
         except (urllib.error.URLError, OSError) as error:
             reason = getattr(error, "reason", error)
             raise CIRunnerError(f"cannot reach {self.server}: {reason}") from None
@@ -10385,53 +10568,8 @@ class _RemoteClient:
             answer = response.read()
         return json.loads(answer) if answer else None
 
-    @staticmethod
-    def _path(full_name, *parts):
-        owner, name = _split_full_name(full_name)
-        return "/".join(["/api/repos", owner, name, *(quote(str(part), safe="")
-                                                      for part in parts)])
-
-    def user(self):
-        return self.request("GET", "/api/user")
-
-    def list_repos(self):
-        return self.request("GET", "/api/repos")
-
-    def add_repo(self, full_name, params):
-        return self.request("POST", self._path(full_name), params)
-
-    def update_repo(self, full_name, params):
-        return self.request("PATCH", self._path(full_name), params)
-
-    def remove_repo(self, full_name):
-        self.request("DELETE", self._path(full_name))
-
-    def start_build(self, full_name, branch, commit, variables):
-        body = {"variables": variables, **{key: value for key, value in (
-            ("branch", branch), ("commit", commit)) if value}}
-        return self.request("POST", self._path(full_name, "builds"), body)
-
-    def restart(self, full_name, number, fork, variables):
-        return self.request("POST", self._path(full_name, "builds", number) + (
-            "?fork=true" if fork else ""), variables)
-
-    def cancel(self, full_name, number, job):
-        return self.request("DELETE", self._path(full_name, "builds", number,
-                                                 *([job] if job else [])))
-
-    def review(self, full_name, number, approve):
-        return self.request("POST", self._path(full_name, "builds", number,
-                                               "approve" if approve else "decline"))
-
-    def builds(self, full_name, limit):
-        return self.request("GET", self._path(full_name, "builds")
-                            + f"?per_page={min(max(limit, 1), MAX_PER_PAGE)}")
-
-    def build(self, full_name, number):
-        return self.request("GET", self._path(full_name, "builds", number))
-
-    def log(self, full_name, number, job_number, *, follow=False):
-        path = self._path(full_name, "logs", number, job_number)
+    def log(self, owner, name, number, job_number, *, follow=False):
+        path = f"/api/repos/{owner}/{name}/logs/{number}/{job_number}"
         if not follow:
             response = self.request("GET", path, stream=True, accept="text/plain")
             return self._read_all(response)
@@ -10466,42 +10604,17 @@ class _RemoteClient:
                         yield json.loads("\n".join(data)).encode("utf-8")
                     event, data = "message", []
 
-    def wait(self, full_name, build, out, err):
+    def wait(self, owner, name, build, out, err):
         """Follow each job's log over Server-Sent Events, in job order, prefixed
         as a local wait prints them; then the finished build."""
         for job in build["jobs"]:
-            _write_prefixed(self.log(full_name, build["number"], job["number"], follow=True),
+            _write_prefixed(self.log(owner, name, build["number"], job["number"], follow=True),
                             f"[{job['number']}] ".encode(), out)
         while True:  # the last job's end can precede the build's roll-up by a moment
-            finished = self.build(full_name, build["number"])
+            finished = self.call("get_build", owner=owner, name=name, number=build["number"])
             if finished["status"] in DONE_STATUSES:
                 return finished
             time.sleep(0.1)
-
-    def queue(self):
-        return self.request("GET", "/api/queue")
-
-    def list_secrets(self, full_name):
-        return self.request("GET", self._path(full_name, "secrets"))
-
-    def add_secret(self, full_name, name, value, events):
-        body = {"name": name, "value": value, **({"events": events} if events else {})}
-        self.request("POST", self._path(full_name, "secrets"), body)
-
-    def remove_secret(self, full_name, name):
-        self.request("DELETE", self._path(full_name, "secrets", name))
-
-    def list_crons(self, full_name=None):
-        names = [full_name] if full_name else [repo["full_name"] for repo in self.list_repos()]
-        return [dict(cron, repo=name) for name in names
-                for cron in self.request("GET", self._path(name, "crons"))]
-
-    def add_cron(self, full_name, name, expression, branch):
-        return self.request("POST", self._path(full_name, "crons"),
-                            {"name": name, "expression": expression, "branch": branch or ""})
-
-    def remove_cron(self, full_name, name):
-        self.request("DELETE", self._path(full_name, "crons", name))
 
 
 def _bootstrap_admin(store, stdout):
@@ -10643,64 +10756,68 @@ def _with_client(command):
 @_with_client
 def _command_repo(client, args, stdout, stderr):
     if args.repo_command == "list":
-        for repo in client.list_repos():
+        for repo in client.call("list_repos"):
             print(f"{repo['full_name']}\t{repo['clone_url']}\t"
                   f"{repo['default_branch'] or '(remote default)'}", file=stdout)
         return 0
-    full_name = "/".join(_split_full_name(args.full_name))
+    owner, name = _split_full_name(args.full_name)
+    full_name = f"{owner}/{name}"
     if args.repo_command == "add":
-        repo = client.add_repo(full_name, _repo_params(args))
+        repo = client.call("add_repo", owner=owner, name=name, params=_repo_params(args))
         print(f"added {full_name} ({repo['clone_url']})", file=stdout)
         print(f"webhook: point the forge at {repo['webhook_url']} (content type "
               f"application/json) with the secret, shown once:\n{repo['webhook_secret']}",
               file=stdout)
     elif args.repo_command == "update":
-        client.update_repo(full_name, _repo_params(args))
+        client.call("update_repo", owner=owner, name=name, params=_repo_params(args))
         print(f"updated {full_name}", file=stdout)
     elif args.repo_command == "remove":
-        client.remove_repo(full_name)
+        client.call("delete_repo", owner=owner, name=name)
         print(f"removed {full_name}", file=stdout)
     return 0
 
 
-def _command_user(args, stdout, stderr):
-    with _open_store(args.data, args.db) as store:
-        if args.user_command == "add":
-            user = store.create_user(args.login, email=args.email or "", admin=args.admin)
-            print(f"added user {user['login']}{' (admin)' if user['admin'] else ''}", file=stdout)
-        elif args.user_command == "list":
-            for user in store.list_users():
-                print(f"{user['login']}\t{'admin' if user['admin'] else 'user'}\t{user['email']}",
-                      file=stdout)
-        else:
-            store.delete_user(args.login)
-            print(f"removed user {args.login} and their tokens", file=stdout)
-        return 0
+@_with_client
+def _command_user(client, args, stdout, stderr):
+    if args.user_command == "add":
+        user = client.call("add_user", params={"login": args.login, "email": args.email or "",
+                                               "admin": args.admin})
+        print(f"added user {user['login']}{' (admin)' if user['admin'] else ''}", file=stdout)
+    elif args.user_command == "list":
+        for user in client.call("list_users"):
+            print(f"{user['login']}\t{'admin' if user['admin'] else 'user'}\t{user['email']}",
+                  file=stdout)
+    else:
+        client.call("delete_user", login=args.login)
+        print(f"removed user {args.login} and their tokens", file=stdout)
+    return 0
 
 
-def _command_token(args, stdout, stderr):
-    with _open_store(args.data, args.db) as store:
-        if args.token_command == "create":
-            token, secret = store.create_token(args.login, name=args.name or "",
-                                               scope=args.scope)
-            print(f"token {token['id']} for {args.login} ({token['scope']}), shown once:",
-                  file=stderr)
-            print(secret, file=stdout)
-        elif args.token_command == "list":
-            for token in store.list_tokens(args.login):
-                used = (time.strftime("%Y-%m-%d %H:%M", time.gmtime(token["last_used_at"]))
-                        if token["last_used_at"] else "never")
-                created = time.strftime("%Y-%m-%d %H:%M", time.gmtime(token["created_at"]))
-                print(f"{token['id']}\t{token['login']}\t{token['name'] or '-'}\t"
-                      f"{token['scope']}\tcreated {created}\tlast used {used}", file=stdout)
-        else:
-            store.revoke_token(args.id)
-            print(f"revoked token {args.id}", file=stdout)
-        return 0
+@_with_client
+def _command_token(client, args, stdout, stderr):
+    if args.token_command == "create":
+        token = client.call("create_token", params={
+            "login": args.login, "name": args.name or "", "scope": args.scope})
+        print(f"token {token['id']} for {token['login']} ({token['scope']}), shown once:",
+              file=stderr)
+        print(token["token"], file=stdout)
+    elif args.token_command == "list":
+        params = {"login": args.login} if args.login else {"all": True}
+        for token in client.call("list_tokens", params=params):
+            used = (time.strftime("%Y-%m-%d %H:%M", time.gmtime(token["last_used_at"]))
+                    if token["last_used_at"] else "never")
+            created = time.strftime("%Y-%m-%d %H:%M", time.gmtime(token["created_at"]))
+            print(f"{token['id']}\t{token['login']}\t{token['name'] or '-'}\t"
+                  f"{token['scope']}\tcreated {created}\tlast used {used}", file=stdout)
+    else:
+        client.call("revoke_token", token_id=args.id)
+        print(f"revoked token {args.id}", file=stdout)
+    return 0
 
 
 @_with_client
 def _command_secret(client, args, stdout, stderr):
+    owner, name = _split_full_name(args.full_name)
     if args.secret_command == "add":
         if (args.value is None) == (args.from_file is None):
             raise BadRequest("give the value with exactly one of --value or --from-file")
@@ -10708,14 +10825,15 @@ def _command_secret(client, args, stdout, stderr):
         if args.from_file is not None:
             with open(args.from_file, encoding="utf-8") as handle:
                 value = handle.read()
-        events = args.event.split(",") if args.event else None
-        client.add_secret(args.full_name, args.name, value, events)
+        params = {"name": args.name, "value": value,
+                  **({"events": args.event.split(",")} if args.event else {})}
+        client.call("add_secret", owner=owner, name=name, params=params)
         print(f"secret {args.name} set for {args.full_name}", file=stdout)
     elif args.secret_command == "list":
-        for secret in client.list_secrets(args.full_name):
+        for secret in client.call("list_secrets", owner=owner, name=name):
             print(f"{secret['name']}\t{','.join(secret['events'])}", file=stdout)
     else:
-        client.remove_secret(args.full_name, args.name)
+        client.call("delete_secret", owner=owner, name=name, secret=args.name)
         print(f"secret {args.name} removed", file=stdout)
     return 0
 
@@ -10727,15 +10845,21 @@ def _due_text(stamp):
 @_with_client
 def _command_cron(client, args, stdout, stderr):
     if args.cron_command == "list":
-        for cron in client.list_crons(args.full_name):
-            print(f"{cron['repo']}\t{cron['name']}\t{cron['expression']}\t"
-                  f"{cron['branch'] or '(default)'}\tnext {_due_text(cron['next_at'])}",
-                  file=stdout)
-    elif args.cron_command == "add":
-        cron = client.add_cron(args.full_name, args.name, args.expression, args.branch)
+        names = ([_split_full_name(args.full_name)] if args.full_name else
+                 [(repo["owner"], repo["name"]) for repo in client.call("list_repos")])
+        for owner, name in names:
+            for cron in client.call("list_crons", owner=owner, name=name):
+                print(f"{owner}/{name}\t{cron['name']}\t{cron['expression']}\t"
+                      f"{cron['branch'] or '(default)'}\tnext {_due_text(cron['next_at'])}",
+                      file=stdout)
+        return 0
+    owner, name = _split_full_name(args.full_name)
+    if args.cron_command == "add":
+        cron = client.call("add_cron", owner=owner, name=name, params={
+            "name": args.name, "expression": args.expression, "branch": args.branch or ""})
         print(f"cron {args.name} added; next build {_due_text(cron['next_at'])}", file=stdout)
     else:
-        client.remove_cron(args.full_name, args.name)
+        client.call("delete_cron", owner=owner, name=name, cron=args.name)
         print(f"cron {args.name} removed", file=stdout)
     return 0
 
@@ -10744,15 +10868,17 @@ def _finish_command(client, args, build, stdout, stderr):
     """After a build or restart: with --wait, stream it and answer its outcome."""
     if not args.wait:
         return 1 if build["status"] == ERROR else 0
-    build = client.wait(args.full_name, build, stdout.buffer, stderr)
+    build = client.wait(*_split_full_name(args.full_name), build, stdout.buffer, stderr)
     _print_summary(build, stderr)
     return 0 if build["status"] == SUCCESS else 1
 
 
 @_with_client
 def _command_build(client, args, stdout, stderr):
-    build = client.start_build(args.full_name, args.branch or "", args.commit or "",
-                               _parse_vars(args.var))
+    owner, name = _split_full_name(args.full_name)
+    params = {"variables": _parse_vars(args.var), **{key: value for key, value in (
+        ("branch", args.branch), ("commit", args.commit)) if value}}
+    build = client.call("start_build", owner=owner, name=name, params=params)
     print(f"build {build['number']} of {args.full_name}: {build['status']} "
           f"(commit {build['commit'][:12] or '?'}, {len(build['jobs'])} job(s))", file=stderr,
           flush=True)
@@ -10763,24 +10889,32 @@ def _command_build(client, args, stdout, stderr):
 
 @_with_client
 def _command_restart(client, args, stdout, stderr):
-    number = _build_number(client, args.full_name, args.number)
-    build = client.restart(args.full_name, number, args.fork, _parse_vars(args.var))
+    owner, name = _split_full_name(args.full_name)
+    number = _build_number(client, owner, name, args.number)
+    build = client.call("restart_build", owner=owner, name=name, number=number, params={
+        "variables": _parse_vars(args.var), **({"fork": True} if args.fork else {})})
     print(f"build {build['number']} of {args.full_name}: {build['status']}", file=stderr)
     return _finish_command(client, args, build, stdout, stderr)
 
 
 @_with_client
 def _command_cancel(client, args, stdout, stderr):
-    number = _build_number(client, args.full_name, args.number)
-    build = client.cancel(args.full_name, number, args.job)
+    owner, name = _split_full_name(args.full_name)
+    number = _build_number(client, owner, name, args.number)
+    if args.job:
+        build = client.call("cancel_job", owner=owner, name=name, number=number, job=args.job)
+    else:
+        build = client.call("cancel_build", owner=owner, name=name, number=number)
     print(f"build {build['number']}: cancel requested ({build['status']})", file=stdout)
     return 0
 
 
 @_with_client
 def _command_review(client, args, stdout, stderr):
-    number = _build_number(client, args.full_name, args.number)
-    build = client.review(args.full_name, number, args.approve)
+    owner, name = _split_full_name(args.full_name)
+    number = _build_number(client, owner, name, args.number)
+    build = client.call("approve_build" if args.approve else "decline_build", owner=owner,
+                        name=name, number=number)
     print(f"build {build['number']}: {'approved' if args.approve else 'declined'} "
           f"({build['status']})", file=stdout)
     return 0
@@ -10788,7 +10922,9 @@ def _command_review(client, args, stdout, stderr):
 
 @_with_client
 def _command_logs(client, args, stdout, stderr):
-    build = client.build(args.full_name, _build_number(client, args.full_name, args.number))
+    owner, name = _split_full_name(args.full_name)
+    build = client.call("get_build", owner=owner, name=name,
+                        number=_build_number(client, owner, name, args.number))
     if not build["jobs"]:
         print(f"cirunner: build {build['number']} has no jobs: {build['status']}"
               + (f": {build['error']}" if build["error"] else ""), file=stderr)
@@ -10803,7 +10939,7 @@ def _command_logs(client, args, stdout, stderr):
             stdout.write(f"--- job {job['number']}{' ' + axis if axis else ''}: "
                          f"{job['status']}\n")
             stdout.flush()
-        for chunk in client.log(args.full_name, build["number"], job["number"],
+        for chunk in client.log(owner, name, build["number"], job["number"],
                                 follow=args.follow):
             stdout.buffer.write(chunk)
             stdout.buffer.flush()
@@ -10812,7 +10948,10 @@ def _command_logs(client, args, stdout, stderr):
 
 @_with_client
 def _command_builds(client, args, stdout, stderr):
-    for build in client.builds(args.full_name, args.limit):
+    owner, name = _split_full_name(args.full_name)
+    builds = client.call("list_builds", owner=owner, name=name,
+                         params={"per_page": min(max(args.limit, 1), MAX_PER_PAGE)})
+    for build in builds:
         message = build["message"].splitlines()[0] if build["message"] else ""
         error = f"\terror: {build['error']}" if build["error"] else ""
         print(f"{build['number']}\t{build['status']}\t{build['branch']}\t"
@@ -10967,7 +11106,7 @@ def _command_restore(args, stdout, stderr):
 
 @_with_client
 def _command_queue(client, args, stdout, stderr):
-    queue = client.queue()
+    queue = client.call("queue")
     for item in queue["running"]:
         activity = f": {item['activity']}" if item.get("activity") else ""
         print(f"running\t{item['repo']} #{item['build']} job {item['job']}\t"
@@ -11005,7 +11144,7 @@ def _command_login(args, stdout, stderr):
     if not token:
         token = (getpass.getpass(f"token for {args.url}: ") if sys.stdin.isatty()
                  else sys.stdin.readline()).strip()
-    user = _RemoteClient(args.url, token).request("GET", "/api/user")
+    user = _RemoteClient(args.url, token).call("current_user")
     path = _cli_config_path(args.environ)
     os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
     descriptor, temporary = tempfile.mkstemp(prefix=".cli.json.", dir=os.path.dirname(path))

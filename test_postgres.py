@@ -134,6 +134,7 @@ _SQLITE_ONLY = {
     "test_sealed_values_are_aes_gcm_bound_to_their_row_and_field",
     "test_retention_prunes_old_builds_but_never_pinned_or_active_ones",
     "test_logs_are_stored_compressed_and_old_raw_chunks_still_read",
+    "test_a_build_keeps_what_it_was_made_with_when_its_repository_changes",
     # the command line with --data only:
     "test_secrets_cli_and_api_never_show_values",
     "test_only_admins_point_a_repository_at_local_files_and_never_into_the_data_dir",
