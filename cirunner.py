@@ -5102,12 +5102,18 @@ def _start_process(argv, *, env, cwd=None, pass_fds=(), user=None):
     return popen
 
 
-class _HostRunner:
+class _HostBackend:
     """Runs steps as processes on the host, with no isolation (``--sandbox none``).
 
-    The interface every runner keeps: `start` once, `spawn` a step, `signal`
-    its processes, `end_step` when its leader is done, `end_job` to kill what
-    the job left behind, `recover` after a crash, `reap` now and then.
+    The interface every backend keeps (the job run never asks which one it
+    holds): `check` once, whether it works here (`problem` says why not);
+    `check_step` before a job runs, whether it can run a step; `environment`,
+    `workspace` and `marks` of a job's steps; `prepare` once per job, before
+    its first step here; `start` a step (a `_StepProcess`, whose `output`
+    streams); `signal` its processes (the job run stops a step with SIGTERM,
+    the grace period, then SIGKILL); `finish` it once its leader is done (its
+    exit code); `sweep` what the job left at its end; `recover` what the jobs
+    of a dead runner left; `reap` now and then.
 
     Each step is ``/bin/sh -e -c SCRIPT`` in a new session, as the step user,
     stdin from /dev/null, stdout and stderr in one pipe. Every process of a
@@ -5116,18 +5122,20 @@ class _HostRunner:
     a process that detached (setsid, double fork) is adopted and reaped here.
     """
 
-    name = "none"
-
-    def __init__(self, *, user=None, environ=None, data_dir=None):
+    def __init__(self, name="none", *, user=None, environ=None, data_dir=None, store_key="",
+                 **_):
+        self.name = name
         self.user = user or _StepUser.for_server()
         self.environ = os.environ if environ is None else environ
         self.data_dir = os.path.realpath(data_dir) if data_dir else None
+        self.store_key = store_key
         self.subreaper = False
         self.problem = None
         self._leaders = set()
         self._lock = threading.Lock()
 
-    def start(self):
+    def check(self):
+        """Check once that steps can run here; `problem` then says why not ("")."""
         self.subreaper = _become_subreaper()
         if self.problem is None:
             self.problem = self.user_problem(self.data_dir) if self.data_dir else ""
@@ -5145,14 +5153,26 @@ class _HostRunner:
         """How steps run, in a few words (the log header, /healthz)."""
         return f"none (unsandboxed, as {self.user.name})"
 
-    def base_environment(self):
+    def check_step(self, step):
+        """Raise _JobError, naming the fix, if this backend cannot run `step`."""
+
+    def environment(self, job):
         """What a step's environment starts from: the server's locale, PATH and home."""
         environment = _host_environment(self.environ, _STEP_KEEPS)
         if self.user.other:
             environment.update(USER=self.user.name, LOGNAME=self.user.name)
         return environment
 
-    def prepare_job(self, job):
+    def workspace(self, job):
+        """Where a step finds the job's checkout."""
+        return job.workspace
+
+    def marks(self, job):
+        """What a step's environment ends with, whatever it set: the job's
+        token, by which every process of the job is found at its end."""
+        return {_JOB_TOKEN_NAME: job.token}
+
+    def prepare(self, job):
         """When steps run as another user than the server: hand it the job's
         workspace, and the way to it and to its mirror's objects."""
         if not self.user.other or job.executor.workspace is not None:
@@ -5162,7 +5182,7 @@ class _HostRunner:
         for path in job.readable_paths():
             self.user.open_path(job.store.data_dir, os.path.dirname(path))
 
-    def spawn(self, step, *, env, job, name=""):
+    def start(self, step, *, env, job):
         """Start a step; returns a `_StepProcess`. Raises _StepStartError if it cannot."""
         with self._lock:
             popen = _start_process(["/bin/sh", "-e", "-c", step.script()], env=env,
@@ -5174,7 +5194,7 @@ class _HostRunner:
         """Send `signum` to every process of the step's group."""
         _signal_group(process.pid, signum)
 
-    def end_step(self, process):
+    def finish(self, process):
         """Kill what is left of the step's group, collect its exit code (128 +
         signal when a signal ended it) and reap its members."""
         _signal_group(process.pid, signal.SIGKILL)
@@ -5199,7 +5219,7 @@ class _HostRunner:
             time.sleep(pause)
             pause = min(pause * 2, 0.005)
 
-    def end_job(self, job):
+    def sweep(self, job, grace=0):
         """Kill every process that still carries the job's token, however it
         detached (setsid, double fork), and reap those that were adopted."""
         marker = f"{_JOB_TOKEN_NAME}={job.token}".encode()
@@ -5221,10 +5241,11 @@ class _HostRunner:
             time.sleep(0.01)  # let their own children be re-parented to us
         self.reap()
 
-    def recover(self, token_prefixes):
+    def recover(self, job_ids):
         """Kill processes of jobs whose runner died, found by their token: after
         a crash, nothing of a lost job keeps running."""
-        prefixes = tuple(f"{_JOB_TOKEN_NAME}={prefix}".encode() for prefix in token_prefixes)
+        prefixes = tuple(f"{_JOB_TOKEN_NAME}={self.store_key}-{job_id}-".encode()
+                         for job_id in job_ids)
         for pid in _all_pids():
             if any(entry.startswith(prefixes) for entry in _environment_of(pid)):
                 with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -5245,26 +5266,28 @@ class _HostRunner:
                         os.waitpid(pid, os.WNOHANG)
 
 
-class _Unsandboxed(_HostRunner):
-    """Stands in for a sandbox that cannot work here (`--sandbox auto` without
-    a working bubblewrap): every step on the host is refused, naming the fix.
-    Isolation fails closed; only an explicit `--sandbox none` runs steps bare."""
+class _UnavailableBackend(_HostBackend):
+    """Stands in for isolation that cannot work here (`--sandbox auto` without
+    a working bubblewrap, `--engine auto` without a working engine): every
+    step it would run is refused, naming the fix. Isolation fails closed;
+    only an explicit `none` runs steps with nothing in between."""
 
-    name = "unavailable"
-
-    def __init__(self, problem, **options):
-        super().__init__(**options)
+    def __init__(self, problem, refusal, **options):
+        super().__init__("unavailable", **options)
         self.problem = problem
+        self.refusal = refusal  # what a refused step says: format(step=..., problem=...)
 
-    def start(self):
+    def check(self):
         self.subreaper = _become_subreaper()
 
     def describe(self):
         return f"unavailable ({self.problem})"
 
-    def spawn(self, step, *, env, job, name=""):
-        raise _JobError(f"steps on the host run only in a sandbox, and {self.problem}; "
-                        "fix that and restart serve, or accept the risk with --sandbox none")
+    def check_step(self, step):
+        raise _JobError(self.refusal.format(step=step, problem=self.problem))
+
+    def start(self, step, *, env, job):
+        self.check_step(step)
 
 
 def _await_loopback(pid, timeout=10.0):
@@ -5360,7 +5383,7 @@ class _UserNetwork:
         self.ended()
 
 
-class _SandboxRunner(_HostRunner):
+class _BwrapBackend(_HostBackend):
     """Runs each step in a bubblewrap sandbox on the host.
 
     The step sees a read-only root; its workspace is the only writable place
@@ -5377,11 +5400,9 @@ class _SandboxRunner(_HostRunner):
     kernel is shared.
     """
 
-    name = "bwrap"
-
-    def __init__(self, data_dir, *, bwrap="bwrap", home=None, network="private",
+    def __init__(self, name="bwrap", *, bwrap="bwrap", home=None, network="private",
                  slirp=None, hidden=(), **options):
-        super().__init__(data_dir=data_dir, **options)
+        super().__init__(name, **options)
         self.bwrap = bwrap
         self.home = home if home is not None else os.path.expanduser("~")
         self.network = network
@@ -5400,11 +5421,11 @@ class _SandboxRunner(_HostRunner):
         with self._lock:
             self._networks = [network for network in self._networks if not network.ended()]
 
-    def start(self):
+    def check(self):
         """Check once that a sandbox works here, made as a step's is (three
         tries: under load, bwrap's own set-up of the loopback now and then fails
         once, which a step's start survives by its retry)."""
-        _HostRunner.start(self)
+        _HostBackend.check(self)
         for _ in range(3 if not self.problem else 0):
             self.problem = self.probe()
             if not self.problem:
@@ -5432,12 +5453,12 @@ class _SandboxRunner(_HostRunner):
             return output.decode(errors="replace").strip() or process.start_error
         return ""
 
-    def base_environment(self):
-        environment = super().base_environment()
+    def environment(self, job):
+        environment = super().environment(job)
         environment.setdefault("HOME", self.home or "/tmp")
         return environment
 
-    def spawn(self, step, *, env, job, name=""):
+    def start(self, step, *, env, job):
         workspace = os.path.abspath(job.workspace)
         binds = [(workspace, True)] + [(path, False) for path in job.readable_paths()]
         with self._lock:
@@ -5587,10 +5608,10 @@ class _SandboxRunner(_HostRunner):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signum)
 
-    def end_step(self, process):
+    def finish(self, process):
         """The step's exit code; `process.started` says whether the sandbox
         ever ran it (bwrap reports an exit code only for a command it started)."""
-        code = super().end_step(process)
+        code = super().finish(process)
         self._finish(process)
         return code
 
@@ -5616,27 +5637,6 @@ class _SandboxRunner(_HostRunner):
             process.started = False
             process.start_error = process.start_error or (
                 f"the sandbox could not start the step (bwrap exit {process.popen.returncode})")
-
-
-def _make_runner(sandbox, data_dir, *, network="private", user=None, hidden=(), environ=None):
-    """The process runner for `sandbox` ("auto", "bwrap" or "none"). `auto`
-    without bubblewrap is a runner that refuses host steps, naming the fix."""
-    if sandbox not in SANDBOXES:
-        raise BadRequest(f"sandbox must be one of {', '.join(SANDBOXES)}, not {sandbox!r}")
-    if network not in SANDBOX_NETWORKS:
-        raise BadRequest(f"sandbox network must be one of {', '.join(SANDBOX_NETWORKS)}, "
-                         f"not {network!r}")
-    options = {"user": user or _StepUser.for_server(), "environ": environ}
-    if sandbox == "none":
-        return _HostRunner(data_dir=data_dir, **options)
-    bwrap = shutil.which("bwrap")
-    if bwrap is None:
-        if sandbox == "bwrap":
-            raise CIRunnerError("--sandbox bwrap needs bubblewrap: apt-get install bubblewrap")
-        return _Unsandboxed("bubblewrap is not installed (apt-get install bubblewrap)",
-                            **options)
-    return _SandboxRunner(data_dir, bwrap=bwrap, network=network, hidden=hidden,
-                          slirp=shutil.which("slirp4netns"), **options)
 
 
 # -- containers -----------------------------------------------------------------
@@ -5732,7 +5732,7 @@ def _env_file(environment, *, multiline_allowed):
     return "\n".join(lines) + "\n", multiline
 
 
-class _ContainerRunner:
+class _EngineBackend:
     """Runs steps, plugins and services that name an image in that image,
     through the podman or docker command line (the subset both share).
 
@@ -5748,16 +5748,16 @@ class _ContainerRunner:
     its job; what a dead runner left goes at the next start.
     """
 
-    def __init__(self, engine, path, *, store_key, runner_id, environ=None):
-        self.name = engine
-        self.path = path
+    def __init__(self, name, *, path=None, store_key, runner_id, environ=None, **_):
+        self.name = name
+        self.path = path or shutil.which(name) or name
         self.store_key = store_key
         self.runner_id = runner_id
         self.problem = None
-        self.environment = _host_environment(os.environ if environ is None else environ,
-                                             _ENGINE_KEEPS)
+        self.host_environment = _host_environment(
+            os.environ if environ is None else environ, _ENGINE_KEEPS)
 
-    def start(self):
+    def check(self):
         """Check once that the engine runs a container here (docker: that its
         daemon answers): a podman that cannot is reported at start."""
         if self.problem is not None:
@@ -5779,10 +5779,29 @@ class _ContainerRunner:
     def describe(self):
         return self.name
 
+    def check_step(self, step):
+        """Refuse a step whose engine arguments would not be what they say."""
+        problems = _container_problems(step)
+        if problems:
+            raise _JobError(f"{step.kind} {step.name!r}: {'; '.join(problems)}")
+
+    def environment(self, job):
+        """Nothing of the host's: a container starts from its image's."""
+        return {}
+
+    def workspace(self, job):
+        return job.container_workspace[1]
+
+    def marks(self, job):
+        return {}
+
+    def reap(self):
+        """Nothing to reap: the engine's processes are waited for by their step."""
+
     def _run(self, args, *, timeout=120, stdin=None):
         try:
             return subprocess.run([self.path, *args], capture_output=True, text=True,
-                                  timeout=timeout, check=False, env=self.environment,
+                                  timeout=timeout, check=False, env=self.host_environment,
                                   input=stdin)
         except (OSError, subprocess.TimeoutExpired) as exc:
             return subprocess.CompletedProcess(args, 255, "", str(exc))
@@ -5796,7 +5815,7 @@ class _ContainerRunner:
         """The name every container, network and volume of `job` starts with."""
         return f"cirunner-{self.store_key}-{job.job['id']}-{job.token[-6:]}"
 
-    def prepare_job(self, job):
+    def prepare(self, job):
         """The job's network (when it has services to reach by name), and its
         shared workspace volume when it needs one."""
         prefix = self.prefix(job)
@@ -5814,7 +5833,7 @@ class _ContainerRunner:
                                 f"{result.stderr.strip()}")
             job.volume = prefix
 
-    def command(self, step, job, *, name, env_file, secrets=(), detach=False):
+    def command(self, step, job, *, name, env_file, secrets=()):
         """The engine's argv that runs `step` (its variables from `env_file`)."""
         base, path = job.container_workspace
         argv = [self.path, "run", "--rm", f"--name={name}", *self.labels(job),
@@ -5829,8 +5848,6 @@ class _ContainerRunner:
         for readable in job.readable_paths():
             argv.append(f"--volume={readable}:{readable}:ro")
         argv.append("--pull=always" if step.pull else "--pull=missing")
-        if detach:
-            argv.append("--detach")
         argv += self._options(step)
         argv.append(f"--env-file={env_file}")
         for secret, variable in secrets:
@@ -5855,11 +5872,10 @@ class _ContainerRunner:
         options += [f"--label={key}={value}" for key, value in step.labels.items()]
         return options
 
-    def spawn(self, step, *, env, job, name, detach=False):
+    def start(self, step, *, env, job):
         """Start a container for `step`; its output comes from the returned process."""
-        problems = _container_problems(step)
-        if problems:
-            raise _JobError(f"{step.kind} {step.name!r}: {'; '.join(problems)}")
+        self.check_step(step)
+        name = f"{self.prefix(job)}-{job.records[id(step)]}"
         text, multiline = _env_file(env, multiline_allowed=self.name == "podman")
         secrets = [(self._secret(job, name, index, value), variable)
                    for index, (variable, value) in enumerate(multiline.items())]
@@ -5867,8 +5883,8 @@ class _ContainerRunner:
         try:
             popen = _start_process(
                 self.command(step, job, name=name, env_file=f"/dev/fd/{env_fd}",
-                             secrets=secrets, detach=detach),
-                env=self.environment, pass_fds=(env_fd,))
+                             secrets=secrets),
+                env=self.host_environment, pass_fds=(env_fd,))
         except ValueError as exc:  # a NUL in an argument
             raise _JobError(f"{step.kind} {step.name!r}: {exc}") from None
         finally:
@@ -5890,7 +5906,7 @@ class _ContainerRunner:
         sig = "KILL" if signum == signal.SIGKILL else "TERM"
         self._run(["kill", f"--signal={sig}", "--", process.container], timeout=30)
 
-    def end_step(self, process):
+    def finish(self, process):
         """The container's exit code, once it and the engine's process are gone.
         Exit code 125 is the engine's own: it could not start the container
         (`process.started` is then False)."""
@@ -5916,7 +5932,7 @@ class _ContainerRunner:
                       timeout=grace + 60)
             self._run(["rm", "--force", "--", *names], timeout=120)
 
-    def end_job(self, job, grace=0):
+    def sweep(self, job, grace=0):
         """Remove what the job left: containers, then its volume, network and
         secrets. (Each container removes itself when it ends; only a job that
         ended abnormally can leave one, and only then are they listed.)"""
@@ -5960,19 +5976,57 @@ class _ContainerRunner:
                     self._run([*remove, "--", *found])
 
 
-def _make_engine(engine, *, store_key, runner_id):
-    """The container runner for `engine` ("auto", "podman", "docker" or "none"), or None."""
+# The backends by name, as bottle picks a server adapter by its name.
+_BACKENDS = {"none": _HostBackend, "bwrap": _BwrapBackend, "podman": _EngineBackend,
+             "docker": _EngineBackend}
+
+_NO_SANDBOX = ("steps on the host run only in a sandbox, and {problem}; fix that and restart "
+               "serve, or accept the risk with --sandbox none")
+_NO_ENGINE = ("{step.kind} {step.name!r} runs in an image ({step.image}) and needs a container "
+              "engine, which this server has not ({problem}): install podman (apt-get install "
+              "podman) and restart serve")
+
+
+def _make_backend(name, **settings):
+    """The backend called `name` (see _BACKENDS), made with the settings it takes."""
+    return _BACKENDS[name](name, **settings)
+
+
+def _host_backend(sandbox, *, network="private", **settings):
+    """The backend of steps on the host for `sandbox` ("auto", "bwrap" or
+    "none"). `auto` without bubblewrap refuses host steps, naming the fix."""
+    if sandbox not in SANDBOXES:
+        raise BadRequest(f"sandbox must be one of {', '.join(SANDBOXES)}, not {sandbox!r}")
+    if network not in SANDBOX_NETWORKS:
+        raise BadRequest(f"sandbox network must be one of {', '.join(SANDBOX_NETWORKS)}, "
+                         f"not {network!r}")
+    if sandbox == "none":
+        return _make_backend("none", **settings)
+    bwrap = shutil.which("bwrap")
+    if bwrap is None:
+        if sandbox == "bwrap":
+            raise CIRunnerError("--sandbox bwrap needs bubblewrap: apt-get install bubblewrap")
+        return _UnavailableBackend("bubblewrap is not installed (apt-get install bubblewrap)",
+                                   _NO_SANDBOX, **settings)
+    return _make_backend("bwrap", bwrap=bwrap, network=network,
+                         slirp=shutil.which("slirp4netns"), **settings)
+
+
+def _image_backend(engine, **settings):
+    """The backend of steps with an image for `engine` ("auto", "podman",
+    "docker" or "none": None, and such steps run on the host). With `auto`
+    and no engine, steps with an image are refused, naming the fix."""
     if engine not in ENGINES:
         raise BadRequest(f"engine must be one of {', '.join(ENGINES)}, not {engine!r}")
     if engine == "none":
         return None
     for name in ("podman", "docker") if engine == "auto" else (engine,):
-        path = shutil.which(name)
-        if path:
-            return _ContainerRunner(name, path, store_key=store_key, runner_id=runner_id)
+        if shutil.which(name):
+            return _make_backend(name, **settings)
     if engine != "auto":
         raise CIRunnerError(f"--engine {engine} needs {engine}: apt-get install {engine}")
-    return None
+    return _UnavailableBackend("no container engine (podman or docker) is installed",
+                               _NO_ENGINE, **settings)
 
 
 ###############################################################################
@@ -6217,7 +6271,7 @@ class _Running:
 
     step: Step
     process: object
-    runner: object
+    backend: object
     spool: _Spool
     thread: threading.Thread
     record: int
@@ -6246,8 +6300,8 @@ class _JobRun:
         self.background = []        # _Running: services and detached steps
         self.network = self.volume = None
         self.container_workspace = ("", "")
-        self.prepared_engine = False
-        self.engine_lock = threading.Lock()
+        self.prepared = []          # the backends prepared for this job, in order
+        self.prepare_lock = threading.Lock()
         self.background_done = threading.Event()
         self.ended_cleanly = True   # every container's engine process ended by itself
         self.status = SUCCESS       # the status so far, as DRONE_BUILD_STATUS tells steps
@@ -6275,7 +6329,6 @@ class _JobRun:
         try:
             self.prepare()
             self.check_out()
-            self.runner.prepare_job(self)
             self.start_services()
             status, exit_code, error = self.run_steps()
         except CIRunnerError as exc:
@@ -6389,17 +6442,9 @@ class _JobRun:
                                 "only trusted repositories may use: an admin marks this one "
                                 "with `cirunner repo update "
                                 f"{self.repo['owner']}/{self.repo['name']} --trusted true`")
-            if self._runner_for(step) is self.engine:
-                problems = _container_problems(step)
-                if problems:
-                    raise _JobError(f"{where}: {'; '.join(problems)}")
-            elif step.image and (self.executor.engine_choice != "none" or step.kind != "step"):
-                raise _JobError(f"{where} runs in an image ({step.image}) and needs a "
-                                f"container engine, which this server has not "
-                                f"({self.executor.engine_problem}): install podman "
-                                "(apt-get install podman) and restart serve")
-            elif step.kind == "step" and self.runner.name == "unavailable":
-                self.runner.spawn(step, env={}, job=self)  # raises, naming the fix
+            if step.kind != "step" and self.engine is None:
+                raise _JobError(_NO_ENGINE.format(step=step, problem="--engine none"))
+            self._backend_for(step).check_step(step)
         if self.engine is None:
             for step in self.steps:
                 if step.image:
@@ -6410,7 +6455,7 @@ class _JobRun:
     def _isolation(self):
         """How this job's steps are isolated, for the head of its log."""
         places = []
-        if any(self._runner_for(step) is self.runner for step in self.steps):
+        if any(self._backend_for(step) is self.runner for step in self.steps):
             places.append(f"steps on the host run in {self.runner.describe()}")
         if self.engine is not None and any(step.image for step in self.services + self.steps):
             places.append(f"steps with an image run in {self.engine.describe()}")
@@ -6440,43 +6485,39 @@ class _JobRun:
 
     # -- services and steps ------------------------------------------------------------
 
-    def _runner_for(self, step):
-        return self.engine if (step.image and self.engine is not None) else self.runner
+    def _backend_for(self, step):
+        """The backend that runs `step`: its image's engine, else the host's
+        (with --engine none, an image is not used)."""
+        return self.engine if step.image and self.engine is not None else self.runner
 
-    def _environment(self, step, runner):
-        """A step's environment: on the host the server's locale, PATH and home
-        (nothing else of the server's); then build variables, the step's own,
-        the matrix and Drone's (which win, as in Drone), its secrets, a
-        plugin's settings. It reaches the step inside its sandbox or
-        container only, never a host process."""
-        environment = {}
-        if runner is self.runner:
-            environment.update(self.runner.base_environment())
+    def _environment(self, step, backend):
+        """A step's environment: what its backend starts from (on the host the
+        server's locale, PATH and home, nothing else of the server's); then
+        build variables, the step's own, the matrix and Drone's (which win, as
+        in Drone, with the workspace where the step sees it), its secrets, a
+        plugin's settings, and the backend's marks. It reaches the step inside
+        its sandbox or container only, never a host process."""
+        environment = backend.environment(self)
         environment.update(self.variables)
         environment.update(step.environment)
         environment.update(self.matrix)
         environment.update(self.drone)
-        if runner is not self.runner:
-            environment["DRONE_WORKSPACE"] = environment["CI_WORKSPACE"] = \
-                self.container_workspace[1]
+        environment["DRONE_WORKSPACE"] = environment["CI_WORKSPACE"] = backend.workspace(self)
         environment.update(self._step_secrets(step))
         environment.update(step.plugin_environment())
         environment["DRONE_BUILD_STATUS"] = self.status
-        if runner is self.runner:
-            environment[_JOB_TOKEN_NAME] = self.token
+        environment.update(backend.marks(self))
         return environment
 
-    def _spawn(self, step, *, detach=False):
-        runner = self._runner_for(step)
-        environment = self._environment(step, runner)
-        if runner is self.runner:
-            return runner.spawn(step, env=environment, job=self), runner
-        with self.engine_lock:  # the steps of a group start at once
-            if not self.prepared_engine:
-                self.engine.prepare_job(self)
-                self.prepared_engine = True
-        name = f"{self.engine.prefix(self)}-{self.records[id(step)]}"
-        return runner.spawn(step, env=environment, job=self, name=name), runner
+    def _spawn(self, step):
+        """Start `step` on its backend, prepared for this job first; (the
+        running step, its backend)."""
+        backend = self._backend_for(step)
+        with self.prepare_lock:  # the steps of a group start at once
+            if backend not in self.prepared:
+                backend.prepare(self)
+                self.prepared.append(backend)
+        return backend.start(step, env=self._environment(step, backend), job=self), backend
 
     def start_services(self):
         """Start every service (and detached step later) in the background."""
@@ -6487,10 +6528,10 @@ class _JobRun:
 
     def _start_background(self, step):
         spool = _Spool()
-        process, runner = self._spawn(step)
-        running = _Running(step, process, runner, spool, None, self.records[id(step)])
+        process, backend = self._spawn(step)
+        running = _Running(step, process, backend, spool, None, self.records[id(step)])
         self.store.update_step(running.record, status=RUNNING, started_at=_now())
-        running.thread = threading.Thread(target=self._pump, args=(process, runner, spool, None),
+        running.thread = threading.Thread(target=self._pump, args=(process, backend, spool, None),
                                           name=f"cirunner-{step.kind}-{step.name}", daemon=True)
         running.thread.start()
         self.background.append(running)
@@ -6590,12 +6631,12 @@ class _JobRun:
         sandbox or engine that could not start it (a mount gone while bwrap
         built its view, an engine failure) is tried once more, then raised."""
         for attempt in (1, 2):
-            process, runner = self._spawn(step)
+            process, backend = self._spawn(step)
             stopped = ""
             try:
-                stopped = self._pump(process, runner, sink, limits)
+                stopped = self._pump(process, backend, sink, limits)
             finally:
-                code = runner.end_step(process)
+                code = backend.finish(process)
                 if stopped or not process.ended_cleanly:
                     self.ended_cleanly = False
             if stopped or process.started:
@@ -6604,7 +6645,7 @@ class _JobRun:
                 sink.write(f"cirunner: {process.start_error}; trying once more\n")
         raise _StepStartError(process.start_error)
 
-    def _pump(self, process, runner, sink, limits):
+    def _pump(self, process, backend, sink, limits):
         """Copy a process's output into `sink` until it ends; stop it when asked
         or at the deadline (SIGTERM, grace, SIGKILL). `limits` is (deadline,
         minutes), or None for a background step, which runs until the job ends."""
@@ -6619,10 +6660,10 @@ class _JobRun:
                 if stopped:
                     if limits is not None:
                         sink.write(f"\ncirunner: {stopped}: stopping the job\n")
-                    runner.signal(process, signal.SIGTERM)
+                    backend.signal(process, signal.SIGTERM)
                     term_at = now
             elif killed_at is None and now - term_at >= self.executor.grace:
-                runner.signal(process, signal.SIGKILL)
+                backend.signal(process, signal.SIGKILL)
                 killed_at = now
             if exited_at is None and process.popen.poll() is not None:
                 exited_at = now
@@ -6663,9 +6704,8 @@ class _JobRun:
                 _log.exception("could not store the end of job %s's log", self.job["id"])
             elif status != ERROR:  # its log lacks its end: say why
                 status, error = ERROR, _disk_full_message(exc)
-        self.runner.end_job(self)  # before the job is finished: nothing of it runs on
-        if self.engine is not None and self.prepared_engine:
-            self.engine.end_job(self, grace=self.executor.grace)
+        for backend in self.prepared:  # before the job is finished: nothing of it runs on
+            backend.sweep(self, grace=self.executor.grace)
         self._close_records(status)
         self.executor.forget(self)
         self._record_end(status, exit_code, error)
@@ -6694,7 +6734,7 @@ class _JobRun:
         self.background_done.set()
         for running in self.background:
             running.thread.join(self.executor.grace + 5)
-            code = running.runner.end_step(running.process)
+            code = running.backend.finish(running.process)
             start = self.log.offset + len(self.log.buffer)
             self.log.write(f"--- {running.step.kind} {running.step.name} ---\n")
             running.spool.copy_to(self.log)
@@ -6884,20 +6924,23 @@ class Executor:
         self.public_url = public_url.rstrip("/")
         self.report_backoff = report_backoff
         self.sandbox = sandbox
-        self.runner = runner or _make_runner(
-            sandbox, store.data_dir, network=sandbox_network,
-            user=_StepUser.for_server(sandbox_user), hidden=store.socket_directories())
-        self.engine_choice = engine
-        self.engine = None  # the container runner, once started (None: steps run on the host)
-        self.engine_problem = ""  # why steps with an image cannot run in one, if they cannot
-        self.isolation = self.runner.name  # "bwrap", "none" or "unavailable", once started
-        self.isolation_problem = ""        # why steps run without a sandbox, if they do
-        self._runner_started = False
         self.pipelines = _LRU(64)  # parsed pipelines by id, shared by the jobs of a build
         self.hostname = socket.gethostname()
         self.runner_id = runner_id or f"{self.hostname}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         # Job tokens start with this, so that a restart finds what a dead runner left.
         self.store_key = hashlib.sha1(store.identity().encode()).hexdigest()[:10]
+        # The two backends: steps on the host (`runner`), steps with an image
+        # (`engine`; None with --engine none: they run on the host).
+        settings = {"data_dir": store.data_dir, "store_key": self.store_key,
+                    "runner_id": self.runner_id, "user": _StepUser.for_server(sandbox_user)}
+        self.runner = runner or _host_backend(sandbox, network=sandbox_network,
+                                              hidden=store.socket_directories(), **settings)
+        self.engine_choice = engine
+        self.engine = _image_backend(engine, **settings)
+        self.engine_problem = ""  # why steps with an image cannot run in one, if they cannot
+        self.isolation = self.runner.name  # "bwrap", "none" or "unavailable", once started
+        self.isolation_problem = ""        # why steps run without a sandbox, if they do
+        self._runner_started = False
         self._registered = False
         self._stopping = threading.Event()
         self._drain = threading.Event()
@@ -6949,16 +6992,17 @@ class Executor:
         closed, and only `--sandbox none` runs steps bare."""
         if self._runner_started:
             return
-        self.runner.start()
+        self.runner.check()
         problem = self.runner.problem
         if problem and self.runner.name == "none":
             raise CIRunnerError(f"--sandbox none: {problem}")
         if problem and self.runner.name == "bwrap":
             if self.sandbox == "bwrap":
                 raise CIRunnerError(f"bubblewrap cannot make a sandbox here: {problem}")
-            self.runner = _Unsandboxed(f"no sandbox can be made here: {problem}",
-                                       user=self.runner.user, environ=self.runner.environ)
-            self.runner.start()
+            self.runner = _UnavailableBackend(f"no sandbox can be made here: {problem}",
+                                              _NO_SANDBOX, user=self.runner.user,
+                                              environ=self.runner.environ)
+            self.runner.check()
         if self.runner.name == "none":
             self.isolation_problem = "--sandbox none"
         elif self.runner.name == "unavailable":
@@ -6968,20 +7012,20 @@ class Executor:
         self._runner_started = True
 
     def _start_engine(self):
-        """Find and check the container engine; without one, images are not used."""
-        engine = _make_engine(self.engine_choice, store_key=self.store_key,
-                              runner_id=self.runner_id)
+        """Check the container engine. One that cannot run containers here is
+        an error if it was asked for by name; with `auto`, steps with an image
+        are refused (each such job ends error, naming the fix)."""
+        engine = self.engine
         if engine is None:
-            self.engine_problem = ("--engine none" if self.engine_choice == "none" else
-                                   "no container engine (podman or docker) is installed")
+            self.engine_problem = "--engine none"
             return
-        engine.start()
-        if engine.problem:
+        engine.check()
+        if engine.problem and engine.name != "unavailable":
             if self.engine_choice != "auto":
                 raise CIRunnerError(f"{engine.name} does not work here: {engine.problem}")
-            self.engine_problem = f"{engine.name} does not work here: {engine.problem}"
-            return
-        self.engine = engine
+            self.engine = _UnavailableBackend(f"{engine.name} does not work here: "
+                                              f"{engine.problem}", _NO_ENGINE)
+        self.engine_problem = self.engine.problem
 
     def _register(self):
         if self._registered:
@@ -7020,9 +7064,9 @@ class Executor:
         if recovered:
             _log.warning("marked %d job(s) of stopped or lost runners as error", len(recovered))
         if here:
-            self.runner.recover([f"{self.store_key}-{job_id}-" for job_id in here])
-            if self.engine is not None:
-                self.engine.recover(here)
+            for backend in (self.runner, self.engine):
+                if backend is not None:
+                    backend.recover(here)
 
     def stop(self, reason="server shut down", timeout=None):
         """Stop taking jobs, kill running ones (recorded as killed with

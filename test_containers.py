@@ -410,7 +410,7 @@ def test_an_image_step_without_a_working_engine_is_an_error_not_exit_125(tmp_pat
         error = build["jobs"][0]["error"]
         assert "needs a container engine" in error and "cannot set up the runtime" in error
         health = http_json("GET", server.url + "/healthz")[1]
-        assert health["isolation"]["images"] == "none"
+        assert health["isolation"]["images"] == "unavailable"
     finally:
         server.stop()
 
