@@ -32,19 +32,31 @@ __version__ = "0.2.0"
 
 __all__ = [
     "ACTIVE_STATUSES",
+    "APPROVALS",
+    "BLOCKED",
+    "BUILD_STATUSES",
+    "CHECKPOINT_SECONDS",
+    "CSRF_COOKIE",
+    "DECLINED",
+    "DEFAULT_CONNECTION_LIMIT",
     "DEFAULT_DATA_DIR",
     "DEFAULT_GRACE_SECONDS",
     "DEFAULT_HOST",
     "DEFAULT_HTTP_THREADS",
+    "DEFAULT_KEEP_BUILDS",
+    "DEFAULT_KEEP_DAYS",
     "DEFAULT_MAX_BODY",
     "DEFAULT_MAX_JOBS",
+    "DEFAULT_MAX_LOG_BYTES",
     "DEFAULT_PER_PAGE",
     "DEFAULT_PORT",
     "DEFAULT_TIMEOUT_MINUTES",
     "DONE_STATUSES",
+    "ENGINES",
     "ERROR",
     "EVENTS",
     "EVENT_CRON",
+    "EVENT_DEPLOYMENT",
     "EVENT_MANUAL",
     "EVENT_PULL_REQUEST",
     "EVENT_PUSH",
@@ -52,22 +64,38 @@ __all__ = [
     "FAILURE",
     "FORGES",
     "HEARTBEAT_SECONDS",
+    "IDLE_CONNECTION_SECONDS",
     "KILLED",
     "LOG_CHUNK_BYTES",
     "LOG_FLUSH_SECONDS",
+    "LOG_PAGE_BYTES",
+    "LOG_TAIL_BYTES",
     "MASK",
     "MAX_DESCRIPTION",
+    "MAX_FIELD",
+    "MAX_MESSAGE",
     "MAX_PER_PAGE",
+    "MAX_RUNNER_LABELS",
     "MAX_SCRIPT_BYTES",
+    "MAX_VARIABLES_BYTES",
+    "MAX_WEBHOOK_BODY",
     "MIN_MASKED_LENGTH",
     "PAGE_BYTES",
     "PENDING",
     "PIPELINE_FILES",
     "PIPE_BYTES",
+    "PRUNE_BATCH_BUILDS",
+    "PRUNE_BATCH_LOG_BYTES",
+    "PRUNE_SECONDS",
     "REPORT_ATTEMPTS",
     "REPORT_CONTEXT",
     "RUNNER_LOST_SECONDS",
     "RUNNING",
+    "SANDBOXES",
+    "SANDBOX_NETWORKS",
+    "SECRET_EVENTS",
+    "SESSION_COOKIE",
+    "SESSION_SECONDS",
     "SKIPPED",
     "SSE_HEARTBEAT_SECONDS",
     "STATUSES",
@@ -76,8 +104,10 @@ __all__ = [
     "TOKEN_PREFIX",
     "TOKEN_SCOPES",
     "V1_PAGE_SIZE",
+    "VACUUM_BATCH_PAGES",
     "WAL_BACKSTOP_BYTES",
     "WAL_CHECKPOINT_BYTES",
+    "App",
     "BadRequest",
     "CIRunnerError",
     "ConfigError",
@@ -86,20 +116,29 @@ __all__ = [
     "Forbidden",
     "NoBuild",
     "NotFound",
+    "Operations",
     "Pipeline",
+    "PostgresStore",
     "Step",
+    "StorageFull",
     "Store",
     "TooLarge",
     "Unauthorized",
     "Unavailable",
+    "backup",
     "create_build",
     "expand_matrix",
+    "is_remote_url",
+    "local_admin",
     "main",
     "make_app",
     "normalize_repo_url",
+    "open_store",
     "parse_pipeline",
+    "prune",
     "read_pipeline_file",
     "restart_build",
+    "restore",
     "serve",
     "substitute",
 ]
@@ -2715,6 +2754,43 @@ def _with_message(row):
     return row
 
 
+class _LogCodec:
+    """How a store keeps log chunks: zstandard at level 1 (faster than zlib at
+    a better ratio on build logs; the figures are in the README's performance
+    section), imported when the first chunk is written or read; a chunk that
+    does not shrink is kept raw. Chunks are read whatever they were written
+    with (zlib, by cirunners of before)."""
+
+    def __init__(self):
+        self._local = threading.local()  # a zstandard (de)compressor per thread
+
+    def _zstd(self, kind):
+        tool = getattr(self._local, kind, None)
+        if tool is None:
+            zstd = _optional("zstandard", "storing logs", "zstandard")
+            tool = zstd.ZstdCompressor(level=1) if kind == "compressor" else \
+                zstd.ZstdDecompressor()
+            setattr(self._local, kind, tool)
+        return tool
+
+    def encode(self, data):
+        """(codec, stored bytes) for a chunk of log."""
+        if len(data) < 64:
+            return "", data
+        packed = self._zstd("compressor").compress(data)
+        return ("zstd", packed) if len(packed) < len(data) else ("", data)
+
+    def decode(self, codec, stored):
+        if not codec:
+            return stored
+        if codec == "zlib":
+            return zlib.decompress(stored)
+        if codec == "zstd":
+            return self._zstd("decompressor").decompress(stored)
+        raise CIRunnerError(f"a log chunk is stored as {codec!r}, which this cirunner "
+                            "cannot read")
+
+
 class Store:
     """The SQLite store: users, repositories, builds, jobs, status history and logs.
 
@@ -2755,6 +2831,8 @@ class Store:
         self._log_events = 0
         self._git = None
         self._git_lock = threading.Lock()
+        self.codec = _LogCodec()
+        self._counter, self._counter_lock = None, threading.Lock()  # see commit_counter
 
     @classmethod
     def open(cls, data_dir, **options):
@@ -2976,6 +3054,10 @@ class Store:
         with self._connections_lock:
             connections, self._connections = self._connections, []
             self._idle_connections = []
+        with self._counter_lock:
+            if self._counter is not None:
+                connections.append(self._counter)
+                self._counter = None
         for conn in connections:
             with contextlib.suppress(sqlite3.Error):
                 conn.close()
@@ -3005,6 +3087,16 @@ class Store:
     def data_version(self):
         """A number that changes whenever another connection commits a change."""
         return self._scalar("PRAGMA data_version")
+
+    def commit_counter(self):
+        """A number that changes whenever anything is committed to the store,
+        by any connection of any process (read on a connection of its own that
+        never writes); None where the database keeps none (PostgreSQL)."""
+        with self._counter_lock:
+            if self._counter is None:
+                self._counter = sqlite3.connect(self.path, isolation_level=None,
+                                                check_same_thread=False)
+            return self._counter.execute("PRAGMA data_version").fetchone()[0]
 
     # -- change listeners (same process) ------------------------------------
 
@@ -4032,7 +4124,7 @@ class Store:
     def append_log(self, job_id, seq, offset, data):
         """Store one chunk of a job's log (seq and offset kept by the one writer),
         compressed (see _LogCodec); offsets count the log's own bytes."""
-        codec, stored = _CODEC.encode(data)  # outside the lock: others write meanwhile
+        codec, stored = self.codec.encode(data)  # outside the lock: others write meanwhile
         self._write_one("INSERT INTO log_chunks (job_id, seq, offset, data, codec, size) "
                         "VALUES (?, ?, ?, ?, ?, ?)", (job_id, seq, offset, stored, codec,
                                                       len(data)))
@@ -4056,7 +4148,7 @@ class Store:
             for row_seq, start, size, stored, codec in rows:
                 seq = row_seq + 1
                 if start + size > offset:
-                    yield _CODEC.decode(codec, stored)[max(0, offset - start):]
+                    yield self.codec.decode(codec, stored)[max(0, offset - start):]
             if len(rows) < 4:
                 return
 
@@ -4088,12 +4180,12 @@ class Store:
             if not rows:
                 return
             first_seq, first_offset = rows[0][0], rows[0][1]
-            tail = b"".join(_CODEC.decode(row[3], row[2]) for row in rows)
+            tail = b"".join(self.codec.decode(row[3], row[2]) for row in rows)
             kept = tail[:start - first_offset] + tail[end - first_offset:]
             tx.execute("DELETE FROM log_chunks WHERE job_id = ? AND seq >= ?", (job_id, first_seq))
             for index in range(0, len(kept), LOG_CHUNK_BYTES):
                 piece = kept[index:index + LOG_CHUNK_BYTES]
-                codec, stored = _CODEC.encode(piece)
+                codec, stored = self.codec.encode(piece)
                 tx.execute("INSERT INTO log_chunks (job_id, seq, offset, data, codec, size) "
                            "VALUES (?, ?, ?, ?, ?, ?)",
                            (job_id, first_seq + index // LOG_CHUNK_BYTES, first_offset + index,
@@ -4119,7 +4211,7 @@ class Store:
                                              (job_id, offset)).fetchone()
         if row is None or offset >= row[1] + row[2]:
             return None
-        return row[0], row[1], _CODEC.decode(row[4], row[3])
+        return row[0], row[1], self.codec.decode(row[4], row[3])
 
     def open_log(self, job_id, offset=0, size=None):
         """The job's log from byte `offset` to `size` (default: its end now) as a
@@ -4128,57 +4220,6 @@ class Store:
         return _LogReader(self, job_id, min(offset, end), end)
 
 
-class _LogCodec:
-    """How log chunks are stored: zstandard at level 1 (on real build logs
-    three times zlib-1's speed at a better ratio, and ~7000:1 on repeated
-    lines), or zlib where the zstandard package is missing; a chunk that does
-    not shrink is stored raw. Chunks are read whatever they were written with."""
-
-    def __init__(self):
-        self._local = threading.local()  # a zstandard (de)compressor per thread
-        self._zstd_ok = None              # whether zstandard is installed, once asked
-
-    def _zstd(self, kind):
-        tool = getattr(self._local, kind, None)
-        if tool is None:
-            zstd = _optional("zstandard", "reading a log stored with zstandard", "zstandard")
-            tool = zstd.ZstdCompressor(level=1) if kind == "compressor" else \
-                zstd.ZstdDecompressor()
-            setattr(self._local, kind, tool)
-        return tool
-
-    @staticmethod
-    def _have_zstd():
-        try:
-            importlib.import_module("zstandard")
-        except ImportError:
-            return False
-        return True
-
-    def encode(self, data):
-        """(codec, stored bytes) for a chunk of log."""
-        if len(data) < 64:
-            return "", data
-        if self._zstd_ok is None:
-            self._zstd_ok = self._have_zstd()
-        if self._zstd_ok:
-            codec, packed = "zstd", self._zstd("compressor").compress(data)
-        else:
-            codec, packed = "zlib", zlib.compress(data, 1)
-        return (codec, packed) if len(packed) < len(data) else ("", data)
-
-    def decode(self, codec, stored):
-        if not codec:
-            return stored
-        if codec == "zlib":
-            return zlib.decompress(stored)
-        if codec == "zstd":
-            return self._zstd("decompressor").decompress(stored)
-        raise CIRunnerError(f"a log chunk is stored as {codec!r}, which this cirunner "
-                            "cannot read")
-
-
-_CODEC = _LogCodec()
 _CHUNK_SIZE = "COALESCE(size, length(data))"  # bytes of log a chunk holds
 
 
@@ -4440,7 +4481,7 @@ class PostgresStore(Store):
 
     def append_log(self, job_id, seq, offset, data):
         # The chunk and the word to other processes' followers in one statement.
-        codec, stored = _CODEC.encode(data)
+        codec, stored = self.codec.encode(data)
         self._connection().execute(
             "WITH chunk AS (INSERT INTO log_chunks (job_id, seq, offset, data, codec, size) "
             "VALUES (?, ?, ?, ?, ?, ?) RETURNING job_id) SELECT pg_notify(?, ?) FROM chunk",
@@ -4560,6 +4601,10 @@ class PostgresStore(Store):
         """How many commits of other processes this one has heard of."""
         self._start_listening()
         return self._version
+
+    def commit_counter(self):
+        """None: PostgreSQL keeps no counter of every commit."""
+        return
 
     def add_listener(self, callback):
         self._start_listening()
@@ -4687,12 +4732,12 @@ def _resolve_from_git(store, repo, request):
         heads = git.fetch(repo)
         if not any(ref.startswith("refs/heads/") for ref in heads):
             raise BadRequest(f"{where} has no commits yet: push a commit, then build")
-        branch = branch or repo["default_branch"] or git.default_branch(repo)
+    branch = branch or repo["default_branch"] or git.default_branch(repo)
+    if not commit:
         head = heads.get(f"refs/heads/{branch}")
         found = git.read_commit(repo, head) if head else None
         if found is None:
             raise BadRequest(f"branch {branch!r} not found in {where}")
-    branch = branch or repo["default_branch"] or git.default_branch(repo)
     return branch, found[0], found[1]
 
 
@@ -6892,6 +6937,10 @@ class Executor:
     A started executor also runs maintenance tasks (noticing work from other
     processes, heartbeats, recovering jobs of dead runners, WAL checkpoints,
     reaping orphans, cron schedules) and posts commit statuses to forges.
+
+    What it changes of the process (and nothing else): on Linux, the first
+    `start` or `run_until_idle` makes it a child subreaper (PR_SET_CHILD_SUBREAPER),
+    so that what a step detached is adopted and reaped here.
     """
 
     def __init__(self, store, *, workers=None, grace=DEFAULT_GRACE_SECONDS, workspace=None,
@@ -8467,6 +8516,13 @@ class _LogHtml:
         return self._rows.render(rows=numbered), len(lines)
 
 
+def _url(path):
+    """The address of `path` of this app as the browser must ask for it: under
+    the prefix the app is mounted at (SCRIPT_NAME), if any. Every link, form
+    and redirect of the pages goes through here."""
+    return bottle.request.script_name.rstrip("/") + path
+
+
 class _Api:
     """The API's adapters from requests to operations, and the views that are
     HTTP's own (both dialects' shapes, logs and live streams, badges, metrics).
@@ -8509,7 +8565,7 @@ class _Api:
             path["params"] = self.params()
         if "base_url" in arguments:
             parts = bottle.request.urlparts
-            path["base_url"] = f"{parts.scheme}://{parts.netloc}"
+            path["base_url"] = f"{parts.scheme}://{parts.netloc}{_url('')}"
         return _Reply(function(caller, **path), next(iter(route.replies)))
 
     # -- request input ------------------------------------------------------
@@ -8635,7 +8691,7 @@ class _Api:
         attributes = {"name": f"{repo['owner']}/{repo['name']}", "activity": "Sleeping",
                       "lastBuildStatus": "Unknown", "lastBuildLabel": "", "lastBuildTime": "",
                       "webUrl": f"{parts.scheme}://{parts.netloc}"
-                                f"/api/repos/{repo['owner']}/{repo['name']}/builds"}
+                                + _url(f"/api/repos/{repo['owner']}/{repo['name']}/builds")}
         if build:
             stamp = build["finished_at"] or build["started_at"] or build["created_at"]
             attributes.update(
@@ -9262,15 +9318,10 @@ def _parse_gitlab_hook(event, payload):
     raise BadRequest(f"the payload is not a GitLab {event!r} of a known shape")
 
 
-def _load_json_body(body):
-    return _parse_json(body, "webhook body")
-
-
-def _webhook_repo(api, forge, body):
+def _webhook_repo(api, forge, payload):
     """The repository a webhook is for: ?repo=OWNER/NAME, else the payload's name."""
     full_name = api.query().get("repo")
     if not full_name:
-        payload = _load_json_body(body)
         full_name = _webhook_repo_name(forge, payload) if isinstance(payload, dict) else None
         if not full_name:
             raise BadRequest("the payload names no repository (or pass ?repo=OWNER/NAME)")
@@ -9289,13 +9340,16 @@ def _receive_webhook(api):
         raise BadRequest("not a webhook: no X-GitHub-Event, X-Gitea-Event, "
                          "X-Forgejo-Event or X-Gitlab-Event header")
     body = api.read_body()
-    repo = _webhook_repo(api, forge, body)
+    # Read once: before the signature is checked only when it must name the repository.
+    payload = None if api.query().get("repo") else _parse_json(body, "webhook body")
+    repo = _webhook_repo(api, forge, payload)
     try:
         _verify_webhook(forge, bottle.request.headers, body, api.store.webhook_secret(repo))
     except Forbidden as refusal:  # the reason goes to the log, not to the sender
         _log.info("webhook for %s/%s refused: %s", repo["owner"], repo["name"], refusal.message)
         raise _webhook_refused() from None
-    payload = _load_json_body(body)
+    if payload is None:
+        payload = _parse_json(body, "webhook body")
     if not isinstance(payload, dict):
         raise BadRequest("the webhook body must be a JSON object")
     if event == "ping" or forge == "gitlab" and event == "System Hook":
@@ -9400,12 +9454,12 @@ _TEMPLATES = {
     "layout": """<!doctype html><html lang=en><head><meta charset=utf-8>
 <meta name=viewport content='width=device-width,initial-scale=1'>
 <title>{{title}} - cirunner</title><style>{{!style}}</style></head>
-<body><header><a href='/'>cirunner</a>
+<body><header><a href='{{url("/")}}'>cirunner</a>
 % if user:
-<form class=account method="post" action="/logout"><span>{{user['login']}}</span> \
+<form class=account method="post" action="{{url('/logout')}}"><span>{{user['login']}}</span> \
 <input type="hidden" name="csrf" value="{{csrf}}"><button>Sign out</button></form>
 % else:
-<span class=account><a href="/login?next={{quote(path)}}">Sign in</a></span>
+<span class=account><a href="{{url('/login')}}?next={{quote(path)}}">Sign in</a></span>
 % end
 </header><main>{{!body}}</main>{{!script}}</body></html>""",
 
@@ -9425,11 +9479,11 @@ _TEMPLATES = {
     "home": """<h1>Repositories</h1><div class=wide><table><tr><th>repository</th>\
 <th>latest build</th><th>#</th><th>branch</th><th>commit</th><th>when</th></tr>
 % for repo, build in rows:
-<tr><td><a href='/{{repo['owner']}}/{{repo['name']}}'>{{repo['owner']}}/{{repo['name']}}</a>\
+<tr><td><a href='{{url(f"/{repo['owner']}/{repo['name']}")}}'>{{repo['owner']}}/{{repo['name']}}</a>\
 {{' (private)' if repo['private'] else ''}}</td>
 <td>{{!label(build['status'] if build else None)}}</td>\\\\
 % if build:
-<td><a href='/{{repo['owner']}}/{{repo['name']}}/{{build['number']}}'>#{{build['number']}}</a>\
+<td><a href='{{url(f"/{repo['owner']}/{repo['name']}/{build['number']}")}}'>#{{build['number']}}</a>\
 </td><td>{{build['branch']}}</td><td><code>{{build['commit_sha'][:8]}}</code> \
 {{(build['message'].splitlines() or [''])[0][:60]}}</td><td>{{!ago(build['created_at'])}}</td></tr>
 % else:
@@ -9442,7 +9496,7 @@ _TEMPLATES = {
 % end
 """,
 
-    "login": """<h1>Sign in</h1><form method=post action=/login>
+    "login": """<h1>Sign in</h1><form method=post action='{{url("/login")}}'>
 <input type=hidden name=csrf value='{{csrf}}'><input type=hidden name=next value='{{next_path}}'>
 <p><label>API token<br><input name=token type=password autofocus></label> \
 <button>Sign in</button></p></form>
@@ -9611,7 +9665,7 @@ class _Pages:
     # -- helpers --------------------------------------------------------------
 
     def render(self, name, **values):
-        return self._templates[name].render(**values)
+        return self._templates[name].render(url=_url, **values)
 
     def label(self, status, ident=""):
         return self.render("status", status=status or "none", ident=ident)
@@ -9710,17 +9764,17 @@ class _Pages:
         user = self.store.authenticate(form.get("token", "").strip())
         if user is None:
             return self.page("Sign in", self.render(
-                "message", heading="Sign in", text="That token is not valid.", link="/login",
+                "message", heading="Sign in", text="That token is not valid.", link=_url("/login"),
                 link_text="Try again"), 401)
         bottle.response.set_cookie(SESSION_COOKIE, self.access.session_cookie(user),
                                    httponly=True, samesite="strict", path="/",
                                    max_age=SESSION_SECONDS, secure=self.secure())
-        bottle.redirect(_same_server_path(form.get("next", "/")), 303)
+        bottle.redirect(_url(_same_server_path(form.get("next", "/"))), 303)
 
     def logout(self):
         self.check_csrf()
         bottle.response.delete_cookie(SESSION_COOKIE, path="/")
-        bottle.redirect("/", 303)
+        bottle.redirect(_url("/"), 303)
 
     def repo_page(self, owner, name):
         repo = self.readable_repo(owner, name)
@@ -9738,7 +9792,7 @@ class _Pages:
                                             limit=DEFAULT_PER_PAGE + 1, branch=branch,
                                             status=status)
             return builds, lambda: self.render(
-                "repo_builds", builds=builds[:DEFAULT_PER_PAGE], base=f"/{owner}/{name}",
+                "repo_builds", builds=builds[:DEFAULT_PER_PAGE], base=_url(f"/{owner}/{name}"),
                 label=self.label, ago=self.ago, duration=_duration,
                 newer=f"?page={page - 1}&{query}" if page > 1 else "",
                 older=f"?page={page + 1}&{query}" if len(builds) > DEFAULT_PER_PAGE else "")
@@ -9769,8 +9823,8 @@ class _Pages:
             return (build, jobs, steps, len(history), actions), lambda: self.render(
                 "build_live", repo=repo, build=build, jobs=jobs, history=history,
                 actions=actions, blocked=blocked, csrf=csrf,
-                base=f"/{owner}/{name}/{build['number']}",
-                repo_url=f"/{owner}/{name}", label=self.label, ago=self.ago,
+                base=_url(f"/{owner}/{name}/{build['number']}"),
+                repo_url=_url(f"/{owner}/{name}"), label=self.label, ago=self.ago,
                 duration=_duration, steps=lambda job: _steps_text(steps[job["id"]]),
                 axis=lambda job: _axis_text(json.loads(job["environment"])))
 
@@ -9820,7 +9874,7 @@ class _Pages:
             self.ops.restart_build(caller, owner, name, number, {})
         else:
             getattr(self.ops, f"{action}_build")(caller, owner, name, number)
-        bottle.redirect(f"/{owner}/{name}/{number}", 303)
+        bottle.redirect(_url(f"/{owner}/{name}/{number}"), 303)
 
     def cancel(self, owner, name, number):
         return self.build_action(owner, name, number, "cancel")
@@ -9870,8 +9924,8 @@ class _Pages:
             "job", repo=repo, build=build, job=job, label=self.label, sections=sections,
             failing=failed, axis=_axis_text(json.loads(job["environment"])), start=start,
             end=end, size=size, live=live, next_line=line,
-            base=f"/{owner}/{name}/{build['number']}",
-            raw=f"/api/repos/{owner}/{name}/logs/{build['number']}/{job['number']}")
+            base=_url(f"/{owner}/{name}/{build['number']}"),
+            raw=_url(f"/api/repos/{owner}/{name}/logs/{build['number']}/{job['number']}"))
         return self.page(f"{owner}/{name} #{build['number']} job {job['number']}", body,
                          script=_LIVE_LOG_SCRIPT)
 
@@ -10037,7 +10091,7 @@ def _page_callback(pages, handler):
                     raise StorageFull(_disk_full_message(error)) from None
                 raise
         except Unauthorized:
-            bottle.redirect(f"/login?next={quote(request.path)}", 303)
+            bottle.redirect(_url(f"/login?next={quote(request.path)}"), 303)
         except CIRunnerError as error:
             if request.path.startswith("/api/"):
                 return _error_reply(error)
@@ -10173,12 +10227,12 @@ class _ReadCache:
     is unchanged.
 
     Each entry is keyed by everything in the request that its answer can
-    depend on, and carries SQLite's `data_version` from before it was made.
-    Every request asks for the current one on a connection of its own that
-    never writes: any commit by any connection, in this process or another,
-    changes it, and the entry is made again. So an answer is never stale (a
-    token revoked with the CLI is refused at once); polling an unchanged build
-    costs a lookup and one pragma.
+    depend on, and carries the store's commit counter from before it was made
+    (`Store.commit_counter`): any commit by any connection, in this process or
+    another, changes it, and the entry is made again. So an answer is never
+    stale (a token revoked with the CLI is refused at once); polling an
+    unchanged build costs a lookup and one pragma. A store without a counter
+    (PostgreSQL) is not cached.
     """
 
     MAX_BYTES = 4 * 1024 * 1024  # all answers kept, together; then it starts afresh
@@ -10187,37 +10241,19 @@ class _ReadCache:
     # the token's last-used stamp (at most one a minute, see Store.authenticate).
     MAX_AGE = 60.0
 
-    def __init__(self, app, store_path):
+    def __init__(self, app, store):
         self.app = app
-        self.store_path = store_path
+        self.store = store
         self._lock = threading.Lock()
-        self._connection = None
         self._entries = {}
         self._bytes = 0
-
-    def data_version(self):
-        """The store's change counter, read on the cache's own connection."""
-        with self._lock:
-            if self._connection is None:
-                self._connection = sqlite3.connect(self.store_path, isolation_level=None,
-                                                   check_same_thread=False)
-            return self._connection.execute("PRAGMA data_version").fetchone()[0]
 
     def cached_bytes(self):
         """How many bytes of answers the cache holds."""
         return self._bytes
 
-    def close(self):
-        with self._lock:
-            if self._connection is not None:
-                self._connection.close()
-                self._connection = None
-
     def __call__(self, environ, start_response):
         method, path = environ.get("REQUEST_METHOD", ""), environ.get("PATH_INFO", "")
-        if self.store_path is None:
-            # PostgreSQL: no counter of every commit to tell a stale answer by.
-            return self.app(environ, start_response)
         # Not with cookies: a browser's session also ends with time, not only
         # with a commit.
         if not _is_cacheable_request(method, path) or "HTTP_COOKIE" in environ:
@@ -10226,9 +10262,11 @@ class _ReadCache:
                environ.get("HTTP_AUTHORIZATION"), environ.get("HTTP_HOST"),
                environ.get("wsgi.url_scheme"))
         try:
-            version = self.data_version()  # before the answer: a commit during it voids it
+            version = self.store.commit_counter()  # before the answer: a commit voids it
         except sqlite3.Error:
             return self.app(environ, start_response)  # the answer itself reports what is wrong
+        if version is None:
+            return self.app(environ, start_response)
         now = time.monotonic()
         entry = self._entries.get(key)
         if entry is not None and entry[0] == version and now - entry[1] < self.MAX_AGE:
@@ -10304,17 +10342,24 @@ def _raise_open_file_limit(wanted):
 
 
 def serve(app, *, host=DEFAULT_HOST, port=DEFAULT_PORT, threads=DEFAULT_HTTP_THREADS,
-          connection_limit=DEFAULT_CONNECTION_LIMIT,
+          connection_limit=DEFAULT_CONNECTION_LIMIT, url_prefix="",
           ready=None, stop=None):
     """Serve a `make_app` app on waitress until SIGTERM or SIGINT, answering
-    repeated API reads from the read cache. `ready(url)` is called once the
-    socket listens; `stop()` after the server stopped, while a second signal
-    still skips the jobs' grace period. Run it in the main thread (signals
-    are delivered there). Raises CIRunnerError when the address cannot be used.
+    repeated API reads from the read cache; under `url_prefix` (e.g. "/ci",
+    where a reverse proxy passes the path on as it came). `ready(url)` is
+    called once the socket listens; `stop()` after the server stopped, while a
+    second signal still skips the jobs' grace period. Run it in the main thread
+    (signals are delivered there). Raises CIRunnerError when the address
+    cannot be used.
+
+    What it changes of the process, while it serves: handlers of SIGTERM,
+    SIGINT and SIGUSR1 (given back at its end); the soft limit on open files,
+    raised towards the connection limit (kept); the level of waitress's
+    "waitress.queue" logger, to errors only (a burst of requests is normal).
     """
     if waitress is None:
         raise CIRunnerError("serve needs waitress: pip install waitress")
-    cached = _ReadCache(app, app.store.path)
+    cached = _ReadCache(app, app.store)
     # A burst of requests (a push to many repositories) is normal for a CI
     # server: no warning per request queued behind the busy threads.
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)
@@ -10332,10 +10377,9 @@ def serve(app, *, host=DEFAULT_HOST, port=DEFAULT_PORT, threads=DEFAULT_HTTP_THR
             cached, host=host, port=port, threads=threads, ident="cirunner",
             asyncore_use_poll=True, clear_untrusted_proxy_headers=True,
             outbuf_high_watermark=1024 * 1024, connection_limit=connection_limit,
-            channel_timeout=IDLE_CONNECTION_SECONDS,
+            channel_timeout=IDLE_CONNECTION_SECONDS, url_prefix=url_prefix,
             max_request_body_size=max(app.max_body, app.max_webhook_body) + 1)
     except OSError as exc:
-        cached.close()
         raise CIRunnerError(f"cannot listen on {host}:{port}: {exc.strerror or exc}; stop what "
                             "uses it, or choose another address with --host/--port") from None
     shutdown = _Shutdown(app.closing, app.executor)
@@ -10344,7 +10388,7 @@ def serve(app, *, host=DEFAULT_HOST, port=DEFAULT_PORT, threads=DEFAULT_HTTP_THR
         previous[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, shutdown.drain)
     try:
         if ready is not None:
-            ready(f"http://{host}:{server.effective_port}")
+            ready(f"http://{host}:{server.effective_port}{url_prefix.rstrip('/')}")
         server.run()  # returns once a signal raised SystemExit in it
     finally:
         shutdown.serving = False
@@ -10354,7 +10398,6 @@ def serve(app, *, host=DEFAULT_HOST, port=DEFAULT_PORT, threads=DEFAULT_HTTP_THR
                 stop()
         finally:
             server.close()
-            cached.close()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
 
@@ -10379,31 +10422,6 @@ def _parse_vars(pairs):
     return _check_variables(variables)
 
 
-def _follow_build(store, build_id, out, *, poll=0.1):
-    """Print the logs of a build's jobs as they grow, each line prefixed with
-    its job number, until the build ends. Returns the finished build."""
-    offsets, partial = {}, {}
-    while True:
-        seen = store.log_events_seen()
-        build = store.get_build_by_id(build_id)
-        jobs = store.list_jobs(build_id)
-        for job in jobs:
-            offset = offsets.get(job["id"], 0)
-            for chunk in store.read_log(job["id"], offset):
-                offset += len(chunk)
-                lines = (partial.pop(job["id"], b"") + chunk).split(b"\n")
-                partial[job["id"]] = lines.pop()
-                for line in lines:
-                    out.write(f"[{job['number']}] ".encode() + line + b"\n")
-            offsets[job["id"]] = offset
-            if job["status"] in DONE_STATUSES and partial.get(job["id"]):
-                out.write(f"[{job['number']}] ".encode() + partial.pop(job["id"]) + b"\n")
-        out.flush()
-        if build["status"] in DONE_STATUSES:
-            return build
-        store.wait_for_log(poll, seen)
-
-
 def _print_summary(build, err):
     """The jobs' and the build's outcome (from the build's JSON), on stderr."""
     for job in build.get("jobs", []):
@@ -10413,6 +10431,18 @@ def _print_summary(build, err):
               file=err)
     detail = f": {build['error']}" if build["error"] else ""
     print(f"build {build['number']}: {build['status']}{detail}", file=err)
+
+
+def _follow_build(store, build_id, out):
+    """Print the logs of a build's jobs, job after job, each line prefixed with
+    its job number, as they grow, until the build ends. Returns the build."""
+    for job in store.list_jobs(build_id):
+        _write_prefixed((chunk for chunk, _ in _follow_log(store, job["id"], 0) if chunk),
+                        f"[{job['number']}] ".encode(), out)
+    build = store.wait_until_done(build_id, 60)
+    while build["status"] in ACTIVE_STATUSES:
+        build = store.wait_until_done(build_id, 60)
+    return build
 
 
 def _write_prefixed(chunks, prefix, out):
@@ -10704,7 +10734,8 @@ def _command_serve(args, stdout, stderr):
                         **_isolation_options(args),
                         keep_days=args.keep_days, max_log_bytes=args.max_log_bytes,
                         prune_every=args.prune_every, agent_timeout=args.agent_timeout,
-                        public_url=args.public_url or f"http://{args.host}:{args.port}")
+                        public_url=args.public_url or
+                        f"http://{args.host}:{args.port}{args.url_prefix.rstrip('/')}")
     app = make_app(store, executor, max_streams=max(1, args.threads - 4),
                    metrics_from=[address.strip() for address in args.metrics_from.split(",")
                                  if address.strip()])
@@ -10726,7 +10757,8 @@ def _command_serve(args, stdout, stderr):
 
     try:
         serve(app, host=args.host, port=args.port, threads=args.threads,
-              connection_limit=args.connection_limit, ready=ready, stop=stop)
+              connection_limit=args.connection_limit, url_prefix=args.url_prefix,
+              ready=ready, stop=stop)
     finally:
         store.close()
     return 0
@@ -11231,6 +11263,8 @@ def _command_exec(args, stdout, stderr):
         finally:
             executor.stop()
             store.close()
+
+
 def _command_matrix(args, stdout, stderr):
     path = args.file or os.getcwd()
     if os.path.isdir(path):
@@ -11377,6 +11411,10 @@ def _add_serve_parser(commands, common, workers, env):
     serve_parser.add_argument("--public-url", dest="public_url", default=env("PUBLIC_URL", ""),
                               help="this server's address for links in commit statuses "
                                    "(env CIRUNNER_PUBLIC_URL; default http://HOST:PORT)")
+    serve_parser.add_argument("--url-prefix", dest="url_prefix",
+                              default=env("URL_PREFIX", ""), metavar="PREFIX",
+                              help="serve under this path, e.g. /ci, for a reverse proxy that "
+                                   "passes it on (env CIRUNNER_URL_PREFIX)")
     serve_parser.add_argument("--metrics-from", dest="metrics_from",
                               default=env("METRICS_FROM", ""), metavar="ADDRESSES",
                               help="comma-separated client addresses that may read /metrics "

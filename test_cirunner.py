@@ -162,10 +162,10 @@ def stop_process(process, timeout=15):
 class Server:
     """A real `cirunner serve` process on 127.0.0.1 with a free port."""
 
-    def __init__(self, data_dir, *extra, env=None):
+    def __init__(self, data_dir, *extra, env=None, prefix=""):
         self.data_dir = str(data_dir)
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"http://127.0.0.1:{self.port}{prefix}"
         self.log_path = os.path.join(self.data_dir, "serve.log")   # stderr: the log stream
         self.out_path = os.path.join(self.data_dir, "serve.out")   # stdout: the bootstrap token
         os.makedirs(self.data_dir, exist_ok=True)
@@ -1303,7 +1303,7 @@ def test_read_cache_answers_a_repeat_until_anything_is_committed(store, executor
         made.append(environ["PATH_INFO"])
         return bottle_app(environ, start_response)
 
-    cache = cirunner._ReadCache(counting_app, store.path)
+    cache = cirunner._ReadCache(counting_app, store)
     client = webtest.TestApp(cache)
     auth = {"Authorization": f"Token {admin_token}"}
     _, other = store.create_token("admin", name="other")
@@ -1356,11 +1356,11 @@ def test_read_cache_answers_a_repeat_until_anything_is_committed(store, executor
         def unreadable():
             raise sqlite3.OperationalError("database is locked")
 
-        cache.data_version = unreadable
+        store.commit_counter = unreadable
         assert client.get("/api/repos/alice/hello", headers=auth).json["name"] == "hello"
         assert len(made) == count + 1
     finally:
-        cache.close()
+        del store.commit_counter
 
 
 def test_a_running_server_refuses_a_token_the_cli_revoked_at_once(tmp_path, servers):

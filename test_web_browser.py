@@ -262,3 +262,49 @@ def test_pages_fit_a_phone(server, browser, tmp_path, path):
     width = phone.evaluate("document.documentElement.scrollWidth")
     assert width <= 360, f"{path} is {width} px wide on a 360 px screen"
     context.close()
+
+
+def test_the_pages_work_mounted_under_a_prefix(tmp_path, page):
+    server = Server(tmp_path / "data", "--url-prefix", "/ci", prefix="/ci")
+    try:
+        repo = str(tmp_path / "repo")
+        commit_files(repo, {".cirunner.yml": "pipeline: {t: {commands: [echo mounted]}}\n"})
+        assert server.api("POST", "/api/repos/alice/hello", {"url": repo})[0] == 201
+        server.api("POST", "/api/repos/alice/hello/builds", {})
+        wait_for(lambda: server.api("GET", "/api/repos/alice/hello/builds/1")[1]["status"]
+                 == "success", timeout=30)
+
+        def links_stay_under_the_prefix():
+            targets = page.evaluate(
+                "[...document.querySelectorAll('a[href], form[action]')]"
+                ".map(e => e.getAttribute('href') ?? e.getAttribute('action'))")
+            outside = [target for target in targets if target.startswith("/")
+                       and not target.startswith("/ci/") and target != "/ci"]
+            assert outside == [], outside
+
+        page.goto(server.url + "/login")
+        links_stay_under_the_prefix()
+        page.fill("input[name=token]", server.token)
+        page.click("button:has-text('Sign in')")
+        page.wait_for_url(server.url + "/")
+        links_stay_under_the_prefix()
+        page.click("text=alice/hello")
+        page.wait_for_url(server.url + "/alice/hello")
+        links_stay_under_the_prefix()
+        page.click("a:has-text('#1')")
+        page.wait_for_url(server.url + "/alice/hello/1")
+        links_stay_under_the_prefix()
+        page.click("text=job 1")
+        page.wait_for_url(server.url + "/alice/hello/1/1")
+        links_stay_under_the_prefix()
+        assert "mounted" in page.inner_text("#log")
+        page.click("text=raw log")
+        assert "mounted" in page.inner_text("body")
+        page.goto(server.url + "/alice/hello/1")
+        page.click("#restart")
+        page.wait_for_url(server.url + "/alice/hello/1")
+        page.click("button:has-text('Sign out')")
+        page.wait_for_url(server.url + "/")
+        assert "Sign in" in page.inner_text("header")
+    finally:
+        server.stop()

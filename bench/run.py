@@ -15,6 +15,7 @@ ratios, not absolute numbers, across machines.
 import argparse
 import collections
 import contextlib
+import glob
 import http.client
 import json
 import os
@@ -30,6 +31,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+import uuid
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -1020,12 +1022,55 @@ def bench_soak(work, builds=2000, keep=200):
            f"from {warm_rss:.0f} MiB at {builds // 10} builds (idle before: {start_rss:.0f})")
 
 
+class PostgresCluster:
+    """A PostgreSQL server of the bench's own (Debian's binaries), on 127.0.0.1,
+    with its default settings (fsync on); as `postgres` when run as root."""
+
+    def __init__(self):
+        binaries = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+        initdb = binaries[-1] if binaries else shutil.which("initdb")
+        if initdb is None:
+            raise FileNotFoundError("initdb (apt-get install postgresql)")
+        self.bin = os.path.dirname(initdb)
+        self.base = tempfile.mkdtemp(prefix="cirunner-bench-pg-")
+        self.port = free_port()
+        self.as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        if self.as_user:
+            shutil.chown(self.base, "postgres")
+        self.data = os.path.join(self.base, "data")
+        self._run("initdb", "-D", self.data, "-A", "trust", "-U", "postgres", "-E", "UTF8")
+        options = (f"-p {self.port} -k {self.base} -c listen_addresses=127.0.0.1 "
+                   "-c max_connections=300")
+        self._run("pg_ctl", "-D", self.data, "-o", options, "-l",
+                  os.path.join(self.base, "server.log"), "-w", "start")
+        self.url = f"postgresql://postgres@127.0.0.1:{self.port}"
+
+    def _run(self, program, *args):
+        subprocess.run([*self.as_user, os.path.join(self.bin, program), *args], check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=self.base)
+
+    def create_database(self):
+        import psycopg  # only this section needs it
+
+        name = "bench_" + uuid.uuid4().hex[:12]
+        with psycopg.connect(f"{self.url}/postgres", autocommit=True) as conn:
+            conn.execute(f"CREATE DATABASE {name}")
+        return f"{self.url}/{name}"
+
+    def stop(self):
+        with contextlib.suppress(subprocess.CalledProcessError):
+            self._run("pg_ctl", "-D", self.data, "-m", "immediate", "-w", "stop")
+        shutil.rmtree(self.base, ignore_errors=True)
+
+
 class Agent:
     """A real `cirunner agent` on a PostgreSQL store."""
 
     def __init__(self, data_dir, db, key_from, workers=2, labels=""):
-        from test_postgres import share_key
-        share_key(key_from, data_dir)  # as an operator copies the first server's key
+        # As an operator copies the first server's key to the agent's machine.
+        os.makedirs(data_dir, mode=0o700, exist_ok=True)
+        shutil.copy(os.path.join(key_from, "secret.key"), os.path.join(data_dir, "secret.key"))
+        os.chmod(os.path.join(data_dir, "secret.key"), 0o600)
         env = {k: v for k, v in os.environ.items() if not k.startswith("CIRUNNER_")}
         env.update(CIRUNNER_LOG_LEVEL="WARNING", PYTHONPATH=ROOT)
         self.out = open(os.path.join(data_dir, "agent.out"), "w")  # noqa: SIM115
@@ -1044,10 +1089,8 @@ def bench_postgres(work, repeats, jobs=200, claims=10_000):
     """The store on PostgreSQL (a cluster of its own, default settings: fsync
     on): dispatch over three agents, trigger-to-success through a server with
     the job on an agent, and claim contention."""
-    sys.path.insert(0, ROOT)
-    from test_postgres import PostgresCluster
     try:
-        cluster = PostgresCluster(fsync=True)
+        cluster = PostgresCluster()
     except FileNotFoundError as exc:
         print(f"  (postgres: skipped, {exc})", file=sys.stderr)
         return
