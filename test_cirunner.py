@@ -2035,7 +2035,9 @@ def _property_based_test():
               response_schema_conformance]
 
     @schemathesis.pytest.from_fixture("api_schema").parametrize()
-    @hypothesis.settings(max_examples=30, deadline=None, derandomize=True,
+    # 20 examples per operation (derandomized: the same ones each run) still
+    # find the 500s found so far (checked by putting one back).
+    @hypothesis.settings(max_examples=20, deadline=None, derandomize=True,
                          suppress_health_check=list(hypothesis.HealthCheck))
     def test_property_based_run_finds_no_5xx_and_no_schema_violation(case, api_world):
         for credential in ("admin", "none"):
@@ -2099,7 +2101,7 @@ def test_stateful_sequences_find_no_5xx_and_keep_resources_honest(tmp_path, shar
 
     try:
         Workflow.run(settings=hypothesis.settings(
-            max_examples=100, stateful_step_count=10, deadline=None, derandomize=True,
+            max_examples=60, stateful_step_count=10, deadline=None, derandomize=True,
             suppress_health_check=list(hypothesis.HealthCheck)))
     finally:
         worlds[-1].close()
