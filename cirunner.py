@@ -179,12 +179,14 @@ import shutil
 import signal
 import socket
 import sqlite3
+import string
 import subprocess
 import sys
 import tarfile
 import tempfile
 import threading
 import time
+import types
 import uuid
 import zlib
 from datetime import datetime, timezone
@@ -443,11 +445,21 @@ def _error_of_answer(code, status, message):
 
 
 def _is_disk_full(exc):
-    """Whether `exc` is SQLite's or the file system's "no space left"."""
+    """Whether `exc` is a database's or the file system's "no space left"."""
     if isinstance(exc, sqlite3.OperationalError):
         return (getattr(exc, "sqlite_errorcode", None) == getattr(sqlite3, "SQLITE_FULL", 13)
                 or "disk is full" in str(exc))
+    psycopg = sys.modules.get("psycopg")
+    if psycopg is not None and isinstance(exc, psycopg.errors.DiskFull):
+        return True
     return isinstance(exc, OSError) and exc.errno == errno.ENOSPC
+
+
+def _database_errors():
+    """The base error classes of the databases this process has loaded
+    (sqlite3, and psycopg once a PostgreSQL store imported it)."""
+    psycopg = sys.modules.get("psycopg")
+    return (sqlite3.Error,) if psycopg is None else (sqlite3.Error, psycopg.Error)
 
 
 def _disk_full_message(exc):
@@ -2362,10 +2374,10 @@ def _move_pipelines_out_of_builds(conn, _sealer):
                         "WHERE pipeline != ''").fetchall()
     for build_id, filename, text in rows:
         digest = _pipeline_digest(filename, text)
-        conn.execute("INSERT INTO pipelines (digest, filename, text) VALUES (?, ?, ?) "
+        conn.execute("INSERT INTO pipelines (digest, filename, text) VALUES ($1, $2, $3) "
                      "ON CONFLICT (digest) DO NOTHING", (digest, filename, text))
-        conn.execute("UPDATE builds SET pipeline_id = (SELECT id FROM pipelines WHERE digest = ?), "
-                     "pipeline = '' WHERE id = ?", (digest, build_id))
+        conn.execute("UPDATE builds SET pipeline = '', pipeline_id = (SELECT id FROM pipelines "
+                     "WHERE digest = $1) WHERE id = $2", (digest, build_id))
 
 
 def _store_builds_as_they_happened(conn, _sealer):
@@ -2381,13 +2393,13 @@ def _store_builds_as_they_happened(conn, _sealer):
                  "WHERE pipelines.id = builds.pipeline_id) "
                  "WHERE pipeline_file = '' AND pipeline_id IS NOT NULL")
     for repo_id, url in conn.execute("SELECT id, url FROM repos").fetchall():
-        conn.execute("UPDATE builds SET remote = ? WHERE repo_id = ? AND remote = ''",
+        conn.execute("UPDATE builds SET remote = $1 WHERE repo_id = $2 AND remote = ''",
                      (_redact_url(url), repo_id))
     emails = conn.execute("SELECT DISTINCT author_email FROM builds "
                           "WHERE author_avatar = '' AND author_email != ''").fetchall()
     for (email,) in emails:
-        conn.execute("UPDATE builds SET author_avatar = ? WHERE author_avatar = '' "
-                     "AND author_email = ?", (_gravatar(email), email))
+        conn.execute("UPDATE builds SET author_avatar = $1 WHERE author_avatar = '' "
+                     "AND author_email = $2", (_gravatar(email), email))
 
 
 def _reseal_with_aes_gcm(conn, sealer):
@@ -2397,7 +2409,7 @@ def _reseal_with_aes_gcm(conn, sealer):
     for secret_id, repo_id, name, value in conn.execute(
             "SELECT id, repo_id, name, value FROM secrets").fetchall():
         text = sealer.unseal_v1(value) if value.startswith("v1:") else value
-        conn.execute("UPDATE secrets SET value = ? WHERE id = ?",
+        conn.execute("UPDATE secrets SET value = $1 WHERE id = $2",
                      (sealer.seal(text, f"repo {repo_id} secret {name}"), secret_id))
     for repo_id, webhook_secret, forge_token in conn.execute(
             "SELECT id, webhook_secret, forge_token FROM repos").fetchall():
@@ -2405,117 +2417,120 @@ def _reseal_with_aes_gcm(conn, sealer):
                   "forge_token": sealer.unseal_v1(forge_token) if forge_token else ""}
         for key, text in values.items():
             if text:
-                conn.execute(f"UPDATE repos SET {key} = ? WHERE id = ?",
+                conn.execute(f"UPDATE repos SET {key} = $1 WHERE id = $2",
                              (sealer.seal(text, f"repo {repo_id} {key}"), repo_id))
 
 
 # Each entry upgrades the schema by one version (PRAGMA user_version) and runs
 # in one transaction: SQL text, or a function of the open connection and the
-# store's sealer. Append new entries; never edit a released one.
+# store's sealer. Append new entries; never change what a released one does.
+# The text is what SQLite and PostgreSQL both read (BIGINT, DOUBLE PRECISION)
+# but for three words each says its own way (Store._DIALECT): $row_id (an
+# integer key the database numbers), $bytes and $without_rowid.
 _MIGRATIONS = [
     """
     CREATE TABLE users (
-        id INTEGER PRIMARY KEY,
+        id $row_id,
         login TEXT NOT NULL UNIQUE,
         email TEXT NOT NULL DEFAULT '',
-        admin INTEGER NOT NULL DEFAULT 0,
-        created_at INTEGER NOT NULL
+        admin BIGINT NOT NULL DEFAULT 0,
+        created_at BIGINT NOT NULL
     );
     CREATE TABLE tokens (
-        id INTEGER PRIMARY KEY,
-        user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+        id $row_id,
+        user_id BIGINT NOT NULL REFERENCES users(id) ON DELETE CASCADE,
         name TEXT NOT NULL DEFAULT '',
         hash TEXT NOT NULL UNIQUE,
         scope TEXT NOT NULL DEFAULT 'write',
-        created_at INTEGER NOT NULL,
-        last_used_at INTEGER NOT NULL DEFAULT 0
+        created_at BIGINT NOT NULL,
+        last_used_at BIGINT NOT NULL DEFAULT 0
     );
     CREATE TABLE repos (
-        id INTEGER PRIMARY KEY,
+        id $row_id,
         owner TEXT NOT NULL,
         name TEXT NOT NULL,
         url TEXT NOT NULL,
         default_branch TEXT NOT NULL DEFAULT '',
         config_path TEXT NOT NULL DEFAULT '',
-        private INTEGER NOT NULL DEFAULT 0,
-        timeout INTEGER NOT NULL DEFAULT 60,
+        private BIGINT NOT NULL DEFAULT 0,
+        timeout BIGINT NOT NULL DEFAULT 60,
         webhook_secret TEXT NOT NULL DEFAULT '',
-        max_builds INTEGER NOT NULL DEFAULT 0,
-        last_number INTEGER NOT NULL DEFAULT 0,
-        created_at INTEGER NOT NULL,
+        max_builds BIGINT NOT NULL DEFAULT 0,
+        last_number BIGINT NOT NULL DEFAULT 0,
+        created_at BIGINT NOT NULL,
         UNIQUE (owner, name)
     );
     CREATE TABLE builds (
-        id INTEGER PRIMARY KEY,
-        repo_id INTEGER NOT NULL REFERENCES repos(id) ON DELETE CASCADE,
-        number INTEGER NOT NULL,
-        parent INTEGER NOT NULL DEFAULT 0,
+        id $row_id,
+        repo_id BIGINT NOT NULL REFERENCES repos(id) ON DELETE CASCADE,
+        number BIGINT NOT NULL,
+        parent BIGINT NOT NULL DEFAULT 0,
         event TEXT NOT NULL,
         status TEXT NOT NULL,
         error TEXT NOT NULL DEFAULT '',
-        created_at INTEGER NOT NULL,
-        enqueued_at INTEGER NOT NULL,
-        started_at INTEGER NOT NULL DEFAULT 0,
-        finished_at INTEGER NOT NULL DEFAULT 0,
+        created_at BIGINT NOT NULL,
+        enqueued_at BIGINT NOT NULL,
+        started_at BIGINT NOT NULL DEFAULT 0,
+        finished_at BIGINT NOT NULL DEFAULT 0,
         commit_sha TEXT NOT NULL DEFAULT '',
         branch TEXT NOT NULL DEFAULT '',
         ref TEXT NOT NULL DEFAULT '',
         remote TEXT NOT NULL DEFAULT '',
         message TEXT NOT NULL DEFAULT '',
-        timestamp INTEGER NOT NULL DEFAULT 0,
+        timestamp BIGINT NOT NULL DEFAULT 0,
         author TEXT NOT NULL DEFAULT '',
         author_avatar TEXT NOT NULL DEFAULT '',
         author_email TEXT NOT NULL DEFAULT '',
         link_url TEXT NOT NULL DEFAULT '',
         description TEXT NOT NULL DEFAULT '',
         tags TEXT NOT NULL DEFAULT '[]',
-        pinned INTEGER NOT NULL DEFAULT 0,
+        pinned BIGINT NOT NULL DEFAULT 0,
         pipeline TEXT NOT NULL DEFAULT '',
         pipeline_file TEXT NOT NULL DEFAULT '',
         variables TEXT NOT NULL DEFAULT '{}',
-        fail_fast INTEGER NOT NULL DEFAULT 0,
-        max_parallel INTEGER NOT NULL DEFAULT 0,
+        fail_fast BIGINT NOT NULL DEFAULT 0,
+        max_parallel BIGINT NOT NULL DEFAULT 0,
         UNIQUE (repo_id, number)
     );
     CREATE INDEX builds_active ON builds(repo_id) WHERE status IN ('pending', 'running');
     CREATE TABLE jobs (
-        id INTEGER PRIMARY KEY,
-        build_id INTEGER NOT NULL REFERENCES builds(id) ON DELETE CASCADE,
-        number INTEGER NOT NULL,
+        id $row_id,
+        build_id BIGINT NOT NULL REFERENCES builds(id) ON DELETE CASCADE,
+        number BIGINT NOT NULL,
         status TEXT NOT NULL,
         error TEXT NOT NULL DEFAULT '',
-        exit_code INTEGER NOT NULL DEFAULT 0,
+        exit_code BIGINT NOT NULL DEFAULT 0,
         environment TEXT NOT NULL DEFAULT '{}',
-        enqueued_at INTEGER NOT NULL,
-        started_at INTEGER NOT NULL DEFAULT 0,
-        finished_at INTEGER NOT NULL DEFAULT 0,
+        enqueued_at BIGINT NOT NULL,
+        started_at BIGINT NOT NULL DEFAULT 0,
+        finished_at BIGINT NOT NULL DEFAULT 0,
         claimed_by TEXT NOT NULL DEFAULT '',
-        heartbeat_at INTEGER NOT NULL DEFAULT 0,
-        cancel_requested INTEGER NOT NULL DEFAULT 0,
+        heartbeat_at BIGINT NOT NULL DEFAULT 0,
+        cancel_requested BIGINT NOT NULL DEFAULT 0,
         UNIQUE (build_id, number)
     );
     CREATE INDEX jobs_queue ON jobs(id) WHERE status = 'pending';
     CREATE INDEX jobs_running ON jobs(claimed_by) WHERE status = 'running';
     CREATE TABLE statuses (
-        id INTEGER PRIMARY KEY,
-        build_id INTEGER NOT NULL REFERENCES builds(id) ON DELETE CASCADE,
-        job_id INTEGER REFERENCES jobs(id) ON DELETE CASCADE,
+        id $row_id,
+        build_id BIGINT NOT NULL REFERENCES builds(id) ON DELETE CASCADE,
+        job_id BIGINT REFERENCES jobs(id) ON DELETE CASCADE,
         status TEXT NOT NULL,
         message TEXT NOT NULL DEFAULT '',
-        created_at INTEGER NOT NULL
+        created_at BIGINT NOT NULL
     );
     CREATE INDEX statuses_build ON statuses(build_id);
     CREATE INDEX statuses_job ON statuses(job_id) WHERE job_id IS NOT NULL;
     CREATE TABLE log_chunks (
-        job_id INTEGER NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
-        seq INTEGER NOT NULL,
-        offset INTEGER NOT NULL,
-        data BLOB NOT NULL,
+        job_id BIGINT NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
+        seq BIGINT NOT NULL,
+        "offset" BIGINT NOT NULL,
+        data $bytes NOT NULL,
         PRIMARY KEY (job_id, seq)
     );
     CREATE TABLE secrets (
-        id INTEGER PRIMARY KEY,
-        repo_id INTEGER NOT NULL REFERENCES repos(id) ON DELETE CASCADE,
+        id $row_id,
+        repo_id BIGINT NOT NULL REFERENCES repos(id) ON DELETE CASCADE,
         name TEXT NOT NULL,
         value TEXT NOT NULL,
         events TEXT NOT NULL DEFAULT '["push", "tag", "cron", "manual"]',
@@ -2524,9 +2539,9 @@ _MIGRATIONS = [
     CREATE TABLE runners (
         id TEXT PRIMARY KEY,
         hostname TEXT NOT NULL,
-        pid INTEGER NOT NULL,
-        started_at INTEGER NOT NULL,
-        heartbeat_at INTEGER NOT NULL
+        pid BIGINT NOT NULL,
+        started_at BIGINT NOT NULL,
+        heartbeat_at BIGINT NOT NULL
     );
     """,
     # 2: which events a repository builds (webhooks of other events are ignored).
@@ -2538,13 +2553,13 @@ _MIGRATIONS = [
     # so a crash or a forge outage delays a report but never loses it).
     """
     CREATE TABLE crons (
-        id INTEGER PRIMARY KEY,
-        repo_id INTEGER NOT NULL REFERENCES repos(id) ON DELETE CASCADE,
+        id $row_id,
+        repo_id BIGINT NOT NULL REFERENCES repos(id) ON DELETE CASCADE,
         name TEXT NOT NULL,
         expression TEXT NOT NULL,
         branch TEXT NOT NULL DEFAULT '',
-        next_at INTEGER NOT NULL,
-        created_at INTEGER NOT NULL,
+        next_at BIGINT NOT NULL,
+        created_at BIGINT NOT NULL,
         UNIQUE (repo_id, name)
     );
     ALTER TABLE repos ADD COLUMN forge TEXT NOT NULL DEFAULT '';
@@ -2553,14 +2568,14 @@ _MIGRATIONS = [
     ALTER TABLE repos ADD COLUMN forge_project TEXT NOT NULL DEFAULT '';
     ALTER TABLE builds ADD COLUMN report_error TEXT NOT NULL DEFAULT '';
     CREATE TABLE reports (
-        id INTEGER PRIMARY KEY,
-        build_id INTEGER NOT NULL REFERENCES builds(id) ON DELETE CASCADE,
+        id $row_id,
+        build_id BIGINT NOT NULL REFERENCES builds(id) ON DELETE CASCADE,
         state TEXT NOT NULL,
         description TEXT NOT NULL DEFAULT '',
-        attempts INTEGER NOT NULL DEFAULT 0,
-        next_at REAL NOT NULL,
-        claimed_until REAL NOT NULL DEFAULT 0,
-        done INTEGER NOT NULL DEFAULT 0
+        attempts BIGINT NOT NULL DEFAULT 0,
+        next_at DOUBLE PRECISION NOT NULL,
+        claimed_until DOUBLE PRECISION NOT NULL DEFAULT 0,
+        done BIGINT NOT NULL DEFAULT 0
     );
     CREATE INDEX reports_due ON reports(next_at) WHERE done = 0;
     """,
@@ -2568,62 +2583,62 @@ _MIGRATIONS = [
     # deep in a long history is found by arithmetic, not by an OFFSET walk.
     """
     CREATE TABLE deleted_builds (
-        repo_id INTEGER NOT NULL REFERENCES repos(id) ON DELETE CASCADE,
-        number INTEGER NOT NULL,
+        repo_id BIGINT NOT NULL REFERENCES repos(id) ON DELETE CASCADE,
+        number BIGINT NOT NULL,
         PRIMARY KEY (repo_id, number)
-    ) WITHOUT ROWID;
+    ) $without_rowid;
     """,
     # 5: pipeline files, each stored once with its parsed form however many
     # builds run it; builds refer to theirs.
     """
     CREATE TABLE pipelines (
-        id INTEGER PRIMARY KEY,
+        id $row_id,
         digest TEXT NOT NULL UNIQUE,
         filename TEXT NOT NULL,
         text TEXT NOT NULL,
         parsed TEXT NOT NULL DEFAULT ''
     );
-    ALTER TABLE builds ADD COLUMN pipeline_id INTEGER REFERENCES pipelines(id);
+    ALTER TABLE builds ADD COLUMN pipeline_id BIGINT REFERENCES pipelines(id);
     """,
     _move_pipelines_out_of_builds,
     # 7: trusted repositories (privileged container keys); each step of a job
     # as a record, with where its output lies in the job's log.
     """
-    ALTER TABLE repos ADD COLUMN trusted INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE repos ADD COLUMN trusted BIGINT NOT NULL DEFAULT 0;
     ALTER TABLE builds ADD COLUMN deploy_to TEXT NOT NULL DEFAULT '';
     CREATE TABLE steps (
-        id INTEGER PRIMARY KEY,
-        job_id INTEGER NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
-        number INTEGER NOT NULL,
+        id $row_id,
+        job_id BIGINT NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
+        number BIGINT NOT NULL,
         name TEXT NOT NULL,
         kind TEXT NOT NULL DEFAULT 'step',
         status TEXT NOT NULL DEFAULT 'pending',
-        exit_code INTEGER NOT NULL DEFAULT 0,
-        started_at INTEGER NOT NULL DEFAULT 0,
-        finished_at INTEGER NOT NULL DEFAULT 0,
-        log_start INTEGER NOT NULL DEFAULT 0,
-        log_end INTEGER NOT NULL DEFAULT 0,
+        exit_code BIGINT NOT NULL DEFAULT 0,
+        started_at BIGINT NOT NULL DEFAULT 0,
+        finished_at BIGINT NOT NULL DEFAULT 0,
+        log_start BIGINT NOT NULL DEFAULT 0,
+        log_end BIGINT NOT NULL DEFAULT 0,
         UNIQUE (job_id, number)
     );
     """,
     _reseal_with_aes_gcm,
     # 9: a runner's process is its pid and its start time (a pid is reused).
-    "ALTER TABLE runners ADD COLUMN pid_start INTEGER NOT NULL DEFAULT 0",
+    "ALTER TABLE runners ADD COLUMN pid_start BIGINT NOT NULL DEFAULT 0",
     # 10: retention and the log cap per repository (0: the server's), how
     # many workers a runner has (for the queue's explanations), and an index
     # for pruning (deleting a build deletes its reports).
     """
-    ALTER TABLE repos ADD COLUMN keep_builds INTEGER NOT NULL DEFAULT 0;
-    ALTER TABLE repos ADD COLUMN keep_days INTEGER NOT NULL DEFAULT 0;
-    ALTER TABLE repos ADD COLUMN max_log_bytes INTEGER NOT NULL DEFAULT 0;
-    ALTER TABLE runners ADD COLUMN workers INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE repos ADD COLUMN keep_builds BIGINT NOT NULL DEFAULT 0;
+    ALTER TABLE repos ADD COLUMN keep_days BIGINT NOT NULL DEFAULT 0;
+    ALTER TABLE repos ADD COLUMN max_log_bytes BIGINT NOT NULL DEFAULT 0;
+    ALTER TABLE runners ADD COLUMN workers BIGINT NOT NULL DEFAULT 0;
     CREATE INDEX IF NOT EXISTS reports_build ON reports(build_id);
     """,
     # 11: a log chunk says how it is stored ('' raw, 'zstd', 'zlib') and how
     # many bytes of log it holds; older chunks stay raw, their size their length.
     """
     ALTER TABLE log_chunks ADD COLUMN codec TEXT NOT NULL DEFAULT '';
-    ALTER TABLE log_chunks ADD COLUMN size INTEGER;
+    ALTER TABLE log_chunks ADD COLUMN size BIGINT;
     """,
     # 12: a build's status history is stored by build (its rows side by side,
     # no index of their own); a status is numbered within its build, and names
@@ -2631,14 +2646,14 @@ _MIGRATIONS = [
     # Existing numbers are kept.
     """
     CREATE TABLE statuses_12 (
-        build_id INTEGER NOT NULL REFERENCES builds(id) ON DELETE CASCADE,
-        id INTEGER NOT NULL,
-        job_id INTEGER,
+        build_id BIGINT NOT NULL REFERENCES builds(id) ON DELETE CASCADE,
+        id BIGINT NOT NULL,
+        job_id BIGINT,
         status TEXT NOT NULL,
         message TEXT NOT NULL DEFAULT '',
-        created_at INTEGER NOT NULL,
+        created_at BIGINT NOT NULL,
         PRIMARY KEY (build_id, id)
-    ) WITHOUT ROWID;
+    ) $without_rowid;
     INSERT INTO statuses_12 SELECT build_id, id, job_id, status, message, created_at
         FROM statuses;
     DROP TABLE statuses;
@@ -2654,12 +2669,14 @@ _MIGRATIONS = [
     # pipeline came from a fork (and which), and who approved or declined it.
     """
     ALTER TABLE repos ADD COLUMN approval TEXT NOT NULL DEFAULT 'forks';
-    ALTER TABLE builds ADD COLUMN fork INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE builds ADD COLUMN fork BIGINT NOT NULL DEFAULT 0;
     ALTER TABLE builds ADD COLUMN source_repo TEXT NOT NULL DEFAULT '';
     ALTER TABLE builds ADD COLUMN reviewed_by TEXT NOT NULL DEFAULT '';
-    ALTER TABLE builds ADD COLUMN reviewed_at INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE builds ADD COLUMN reviewed_at BIGINT NOT NULL DEFAULT 0;
     """,
     _store_builds_as_they_happened,
+    # 16: the log chunks' "offset" (a keyword in SQL) is their start.
+    'ALTER TABLE log_chunks RENAME COLUMN "offset" TO start',
 ]
 
 _SEALED_REPO_FIELDS = ("webhook_secret", "forge_token")
@@ -2791,6 +2808,26 @@ class _LogCodec:
                             "cannot read")
 
 
+def _marks(count, first=1):
+    """`count` numbered marks from `first` on: "$1, $2, $3"."""
+    return ", ".join(f"${number}" for number in range(first, first + count))
+
+
+def _assignments(columns):
+    """An UPDATE's "a = $1, b = $2" for `columns`, in their order."""
+    return ", ".join(f"{column} = ${number}" for number, column in enumerate(columns, 1))
+
+
+class _SqliteConnection(sqlite3.Connection):
+    """A SQLite connection that binds numbered marks from a sequence, as
+    PostgreSQL does: SQLite reads ``$1`` as the parameter named "1"."""
+
+    def execute(self, sql, parameters=()):
+        if not isinstance(parameters, dict):
+            parameters = {str(number): value for number, value in enumerate(parameters, 1)}
+        return super().execute(sql, parameters)
+
+
 class Store:
     """The SQLite store: users, repositories, builds, jobs, status history and logs.
 
@@ -2800,7 +2837,17 @@ class Store:
 
     Listeners (`add_listener`) hear of committed changes in this process:
     ``("enqueued", job_ids)``, ``("cancel", job_ids)`` and ``("report", [0])``.
+
+    Statements are written once, in the form both SQLite and PostgreSQL read:
+    numbered marks ``$1, $2, …`` bound from a sequence of values. Errors are
+    the database's own, by their DB-API names on the store: ``Error``,
+    ``IntegrityError`` (a constraint) and ``OperationalError`` (busy, locked,
+    unreachable, full).
     """
+
+    Error = sqlite3.Error
+    IntegrityError = sqlite3.IntegrityError
+    OperationalError = sqlite3.OperationalError
 
     def __init__(self, path, *, data_dir=None, busy_timeout=5.0):
         self.path = path
@@ -2862,7 +2909,7 @@ class Store:
     def _connect(self):
         """A new connection with every pragma the store relies on."""
         conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None,
-                               check_same_thread=False)
+                               check_same_thread=False, factory=_SqliteConnection)
         conn.row_factory = sqlite3.Row
         conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
         conn.execute("PRAGMA foreign_keys = ON")
@@ -2947,7 +2994,7 @@ class Store:
     def _lock_build_of_job(self, tx, job_id):
         """Hold the row of a job's build (the build first, as every writer of
         its jobs does); its id, or None if there is no such job."""
-        row = tx.execute("SELECT build_id FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        row = tx.execute("SELECT build_id FROM jobs WHERE id = $1", (job_id,)).fetchone()
         if row is not None:
             self._lock_build(tx, row[0])
         return row[0] if row is not None else None
@@ -3030,10 +3077,13 @@ class Store:
     def _set_version(conn, number):
         conn.execute(f"PRAGMA user_version = {int(number)}")
 
-    @staticmethod
-    def _ddl(statement):
-        """A migration's statement as this database reads it."""
-        return statement
+    _DIALECT = types.MappingProxyType({"row_id": "INTEGER PRIMARY KEY", "bytes": "BLOB",
+                                       "without_rowid": "WITHOUT ROWID"})
+
+    @classmethod
+    def _ddl(cls, statement):
+        """A migration's statement with this database's words (see _MIGRATIONS)."""
+        return string.Template(statement).substitute(cls._DIALECT)
 
     def identity(self):
         """What names this store among others on this host (the file's path)."""
@@ -3059,7 +3109,7 @@ class Store:
                 connections.append(self._counter)
                 self._counter = None
         for conn in connections:
-            with contextlib.suppress(sqlite3.Error):
+            with contextlib.suppress(self.Error):
                 conn.close()
 
     def checkpoint(self):
@@ -3123,13 +3173,13 @@ class Store:
         try:
             with self._write() as tx:
                 tx.execute("INSERT INTO users (login, email, admin, created_at) "
-                           "VALUES (?, ?, ?, ?)", (login, email, int(admin), _now()))
-        except sqlite3.IntegrityError:
+                           "VALUES ($1, $2, $3, $4)", (login, email, int(admin), _now()))
+        except self.IntegrityError:
             raise Conflict(f"user {login} already exists") from None
         return self.get_user(login)
 
     def get_user(self, login):
-        return self._one("SELECT * FROM users WHERE login = ?", (login,),
+        return self._one("SELECT * FROM users WHERE login = $1", (login,),
                          f"user {login} not found")
 
     def list_users(self):
@@ -3141,7 +3191,7 @@ class Store:
     def delete_user(self, login):
         """Remove a user and every token of theirs."""
         with self._write() as tx:
-            if not tx.execute("DELETE FROM users WHERE login = ?", (login,)).rowcount:
+            if not tx.execute("DELETE FROM users WHERE login = $1", (login,)).rowcount:
                 raise NotFound(f"user {login} not found")
 
     def create_token(self, login, *, name="", scope="write"):
@@ -3153,9 +3203,10 @@ class Store:
         secret = TOKEN_PREFIX + secrets.token_urlsafe(32)
         with self._write() as tx:
             token_id = tx.insert(
-                "INSERT INTO tokens (user_id, name, hash, scope, created_at) VALUES (?, ?, ?, ?, ?)",
+                "INSERT INTO tokens (user_id, name, hash, scope, created_at) "
+                "VALUES ($1, $2, $3, $4, $5)",
                 (user["id"], name, _token_hash(secret), scope, _now()))
-        return self._query_one("SELECT * FROM tokens WHERE id = ?", (token_id,)), secret
+        return self._query_one("SELECT * FROM tokens WHERE id = $1", (token_id,)), secret
 
     def list_tokens(self, login=None):
         """Tokens (never their secrets), with their user's login."""
@@ -3163,17 +3214,17 @@ class Store:
                "FROM tokens t JOIN users u ON u.id = t.user_id")
         if login:
             self.get_user(login)
-            return self._query(sql + " WHERE u.login = ? ORDER BY t.id", (login,))
+            return self._query(sql + " WHERE u.login = $1 ORDER BY t.id", (login,))
         return self._query(sql + " ORDER BY t.id")
 
     def user_for_token(self, token_id):
         """The user owning token `token_id` (with the token's scope), or None if revoked."""
         return self._query_one("SELECT u.*, t.id AS token_id, t.scope FROM tokens t "
-                               "JOIN users u ON u.id = t.user_id WHERE t.id = ?", (token_id,))
+                               "JOIN users u ON u.id = t.user_id WHERE t.id = $1", (token_id,))
 
     def revoke_token(self, token_id):
         with self._write() as tx:
-            if not tx.execute("DELETE FROM tokens WHERE id = ?", (token_id,)).rowcount:
+            if not tx.execute("DELETE FROM tokens WHERE id = $1", (token_id,)).rowcount:
                 raise NotFound(f"token {token_id} not found")
 
     def authenticate(self, secret):
@@ -3181,7 +3232,7 @@ class Store:
         digest = _token_hash(secret)
         row = self._query_one(
             "SELECT u.*, t.id AS token_id, t.scope, t.hash, t.last_used_at FROM tokens t "
-            "JOIN users u ON u.id = t.user_id WHERE t.hash = ?", (digest,))
+            "JOIN users u ON u.id = t.user_id WHERE t.hash = $1", (digest,))
         # The lookup is by hash, so its timing says nothing about the secret;
         # the comparison is constant-time all the same.
         if row is None or not hmac.compare_digest(row.pop("hash"), digest):
@@ -3198,8 +3249,8 @@ class Store:
         conn = self._connection()
         try:
             conn.execute("PRAGMA busy_timeout = 0")
-            with contextlib.suppress(sqlite3.OperationalError):
-                conn.execute("UPDATE tokens SET last_used_at = ? WHERE id = ?",
+            with contextlib.suppress(self.OperationalError):
+                conn.execute("UPDATE tokens SET last_used_at = $1 WHERE id = $2",
                              (_now(), token_id))
         finally:
             conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
@@ -3220,20 +3271,20 @@ class Store:
         try:
             with self._write() as tx:
                 repo_id = tx.insert(f"INSERT INTO repos ({', '.join(values)}) "
-                                    f"VALUES ({', '.join('?' for _ in values)})",
+                                    f"VALUES ({_marks(len(values))})",
                                     tuple(values.values()))
                 self._seal_repo_fields(tx, repo_id, fields)
-        except sqlite3.IntegrityError:
+        except self.IntegrityError:
             raise Conflict(f"repository {owner}/{name} already exists") from None
         return self.get_repo(owner, name)
 
     def get_repo(self, owner, name):
         """The repository `owner/name` as a dict; raises NotFound."""
-        return self._one("SELECT * FROM repos WHERE owner = ? AND name = ?", (owner, name),
+        return self._one("SELECT * FROM repos WHERE owner = $1 AND name = $2", (owner, name),
                          f"repository {owner}/{name} not found")
 
     def get_repo_by_id(self, repo_id):
-        return self._one("SELECT * FROM repos WHERE id = ?", (repo_id,),
+        return self._one("SELECT * FROM repos WHERE id = $1", (repo_id,),
                          f"repository {repo_id} not found")
 
     def list_repos(self):
@@ -3251,8 +3302,7 @@ class Store:
                   if key not in _SEALED_REPO_FIELDS}
         with self._write() as tx:
             if values:
-                assignments = ", ".join(f"{key} = ?" for key in values)
-                tx.execute(f"UPDATE repos SET {assignments} WHERE id = ?",
+                tx.execute(f"UPDATE repos SET {_assignments(values)} WHERE id = ${len(values) + 1}",
                            (*values.values(), repo_id))
             self._seal_repo_fields(tx, repo_id, fields)
         return self.get_repo_by_id(repo_id)
@@ -3279,7 +3329,7 @@ class Store:
         for key in _SEALED_REPO_FIELDS:
             if key in fields:
                 value = fields[key] and self.sealer.seal(fields[key], f"repo {repo_id} {key}")
-                tx.execute(f"UPDATE repos SET {key} = ? WHERE id = ?", (value, repo_id))
+                tx.execute(f"UPDATE repos SET {key} = $1 WHERE id = $2", (value, repo_id))
 
     def forge_token(self, repo):
         """The repository's forge API token, unsealed."""
@@ -3292,10 +3342,10 @@ class Store:
     def delete_repo(self, repo_id):
         """Delete a repository with all its builds; Conflict while one is active."""
         with self._write() as tx:
-            if tx.execute("SELECT 1 FROM builds WHERE repo_id = ? AND status IN (?, ?)",
+            if tx.execute("SELECT 1 FROM builds WHERE repo_id = $1 AND status IN ($2, $3)",
                           (repo_id, PENDING, RUNNING)).fetchone():
                 raise Conflict("the repository has pending or running builds")
-            tx.execute("DELETE FROM repos WHERE id = ?", (repo_id,))
+            tx.execute("DELETE FROM repos WHERE id = $1", (repo_id,))
 
     # -- pipelines ------------------------------------------------------------
 
@@ -3303,18 +3353,18 @@ class Store:
         """Store a pipeline file (once, however many builds run it); returns its id."""
         digest = _pipeline_digest(filename, text)
         with self._write() as tx:
-            tx.execute("INSERT INTO pipelines (digest, filename, text, parsed) VALUES (?, ?, ?, ?) "
-                       "ON CONFLICT (digest) DO NOTHING", (digest, filename, text, parsed))
-            return tx.execute("SELECT id FROM pipelines WHERE digest = ?",
+            tx.execute("INSERT INTO pipelines (digest, filename, text, parsed) "
+                       "VALUES ($1, $2, $3, $4) ON CONFLICT (digest) DO NOTHING", (digest, filename, text, parsed))
+            return tx.execute("SELECT id FROM pipelines WHERE digest = $1",
                               (digest,)).fetchone()[0]
 
     def find_pipeline(self, digest):
         """The stored pipeline with this digest, or None."""
-        return self._query_one("SELECT * FROM pipelines WHERE digest = ?", (digest,))
+        return self._query_one("SELECT * FROM pipelines WHERE digest = $1", (digest,))
 
     def get_pipeline(self, pipeline_id):
         """The pipeline row: filename, text, and its parsed form as JSON text."""
-        return self._one("SELECT * FROM pipelines WHERE id = ?", (pipeline_id,),
+        return self._one("SELECT * FROM pipelines WHERE id = $1", (pipeline_id,),
                          f"pipeline {pipeline_id} not found")
 
     # -- builds -------------------------------------------------------------
@@ -3326,8 +3376,8 @@ class Store:
         it waits for approval and no job may be claimed. Returns the build dict."""
         now = _now()
         with self._write() as tx:
-            tx.execute("UPDATE repos SET last_number = last_number + 1 WHERE id = ?", (repo_id,))
-            row = tx.execute("SELECT last_number FROM repos WHERE id = ?", (repo_id,)).fetchone()
+            tx.execute("UPDATE repos SET last_number = last_number + 1 WHERE id = $1", (repo_id,))
+            row = tx.execute("SELECT last_number FROM repos WHERE id = $1", (repo_id,)).fetchone()
             if row is None:
                 raise NotFound(f"repository {repo_id} not found")
             values = self._stored_build_fields(fields)
@@ -3335,7 +3385,7 @@ class Store:
             values.update(repo_id=repo_id, number=row[0], status=status, created_at=now,
                           enqueued_at=now)
             build_id = tx.insert(f"INSERT INTO builds ({', '.join(values)}) "
-                                 f"VALUES ({', '.join('?' for _ in values)})",
+                                 f"VALUES ({_marks(len(values))})",
                                  tuple(values.values()))
             self._record_status(tx, build_id, None, status,
                                 f"waiting for approval: {blocked}" if status == BLOCKED
@@ -3350,25 +3400,25 @@ class Store:
         now = _now()
         with self._write() as tx:
             self._lock_build(tx, build_id)
-            row = tx.execute("SELECT status FROM builds WHERE id = ?", (build_id,)).fetchone()
+            row = tx.execute("SELECT status FROM builds WHERE id = $1", (build_id,)).fetchone()
             if row is None:
                 raise NotFound(f"build {build_id} not found")
             if row[0] != BLOCKED:
                 raise Conflict(f"the build is {row[0]}, not waiting for approval")
             status = PENDING if approve else DECLINED
-            tx.execute("UPDATE builds SET status = ?, reviewed_by = ?, reviewed_at = ?, "
-                       "finished_at = ? WHERE id = ?",
+            tx.execute("UPDATE builds SET status = $1, reviewed_by = $2, reviewed_at = $3, "
+                       "finished_at = $4 WHERE id = $5",
                        (status, login, now, 0 if approve else now, build_id))
             self._record_status(tx, build_id, None, status,
                                 f"{'approved' if approve else 'declined'} by {login}", now)
             jobs = [job[0] for job in tx.execute(
-                "SELECT id FROM jobs WHERE build_id = ? AND status = ?", (build_id, PENDING))]
+                "SELECT id FROM jobs WHERE build_id = $1 AND status = $2", (build_id, PENDING))]
             if approve:
                 tx.notify("enqueued", jobs)
             else:
                 for job_id in jobs:
-                    tx.execute("UPDATE jobs SET status = ?, error = ?, finished_at = ? "
-                               "WHERE id = ?", (SKIPPED, f"declined by {login}", now, job_id))
+                    tx.execute("UPDATE jobs SET status = $1, error = $2, finished_at = $3 "
+                               "WHERE id = $4", (SKIPPED, f"declined by {login}", now, job_id))
                     self._record_status(tx, build_id, job_id, SKIPPED, f"declined by {login}",
                                         now)
         return self.get_build_by_id(build_id)
@@ -3376,12 +3426,13 @@ class Store:
     def _insert_jobs(self, tx, build_id, environments, error, now, labels=None, *,
                      enqueue=True):
         if error:
-            tx.execute("UPDATE builds SET status = ?, error = ?, started_at = ?, finished_at = ? "
-                       "WHERE id = ?", (ERROR, error, now, now, build_id))
+            tx.execute("UPDATE builds SET status = $1, error = $2, started_at = $3, finished_at "
+                       "= $4 "
+                       "WHERE id = $5", (ERROR, error, now, now, build_id))
             self._record_status(tx, build_id, None, ERROR, error, now)
             return
         job_ids = [tx.insert("INSERT INTO jobs (build_id, number, status, environment, "
-                             "enqueued_at, labels) VALUES (?, ?, ?, ?, ?, ?)",
+                             "enqueued_at, labels) VALUES ($1, $2, $3, $4, $5, $6)",
                              (build_id, number, PENDING, json.dumps(environment), now,
                               labels or "{}"))
                    for number, environment in enumerate(environments, start=1)]
@@ -3394,18 +3445,18 @@ class Store:
         now = _now()
         with self._write() as tx:
             self._lock_build(tx, build_id)
-            row = tx.execute("SELECT status FROM builds WHERE id = ?", (build_id,)).fetchone()
+            row = tx.execute("SELECT status FROM builds WHERE id = $1", (build_id,)).fetchone()
             if row is None:
                 raise NotFound(f"build {build_id} not found")
             if row[0] in ACTIVE_STATUSES or row[0] == BLOCKED:
                 raise Conflict(f"the build is {row[0]}; wait for it to finish or cancel it")
-            tx.execute("DELETE FROM statuses WHERE build_id = ? AND job_id IS NOT NULL",
+            tx.execute("DELETE FROM statuses WHERE build_id = $1 AND job_id IS NOT NULL",
                        (build_id,))
-            tx.execute("DELETE FROM jobs WHERE build_id = ?", (build_id,))
+            tx.execute("DELETE FROM jobs WHERE build_id = $1", (build_id,))
             values = self._stored_build_fields(fields)
             values.update(status=PENDING, error="", enqueued_at=now, started_at=0, finished_at=0)
-            assignments = ", ".join(f"{key} = ?" for key in values)
-            tx.execute(f"UPDATE builds SET {assignments} WHERE id = ?", (*values.values(), build_id))
+            tx.execute(f"UPDATE builds SET {_assignments(values)} WHERE id = ${len(values) + 1}",
+                       (*values.values(), build_id))
             self._record_status(tx, build_id, None, PENDING, message, now)
             self._insert_jobs(tx, build_id, environments, error, now, fields.get("labels"))
         return self.get_build_by_id(build_id)
@@ -3435,30 +3486,30 @@ class Store:
 
     def get_build_by_id(self, build_id):
         return self._complete_builds([self._one(
-            "SELECT * FROM builds WHERE id = ?", (build_id,), f"build {build_id} not found")])[0]
+            "SELECT * FROM builds WHERE id = $1", (build_id,), f"build {build_id} not found")])[0]
 
     def get_build(self, repo_id, number):
         """Build `number` of a repository; raises NotFound."""
         return self._complete_builds([self._one(
-            "SELECT * FROM builds WHERE repo_id = ? AND number = ?", (repo_id, number),
+            "SELECT * FROM builds WHERE repo_id = $1 AND number = $2", (repo_id, number),
             f"build {number} not found")])[0]
 
     def previous_build(self, build):
         """The newest finished build of the same repository and branch before `build`."""
         return self._complete_builds([self._query_one(
-            "SELECT * FROM builds WHERE repo_id = ? AND branch = ? AND number < ? "
+            "SELECT * FROM builds WHERE repo_id = $1 AND branch = $2 AND number < $3 "
             "AND status NOT IN ('pending', 'running') ORDER BY number DESC LIMIT 1",
             (build["repo_id"], build["branch"], build["number"]))])[0]
 
     def latest_build(self, repo_id, branch=None, event=None):
         """The newest build of a repository (on `branch`, of `event`); raises NotFound."""
-        sql, params = "SELECT * FROM builds WHERE repo_id = ?", [repo_id]
+        sql, params = "SELECT * FROM builds WHERE repo_id = $1", [repo_id]
         if branch:
-            sql += " AND branch = ?"
             params.append(branch)
+            sql += f" AND branch = ${len(params)}"
         if event:
-            sql += " AND event = ?"
             params.append(event)
+            sql += f" AND event = ${len(params)}"
         return self._complete_builds([self._one(
             sql + " ORDER BY number DESC LIMIT 1", params,
             "no build yet" + (f" on branch {branch}" if branch else ""))])[0]
@@ -3468,21 +3519,22 @@ class Store:
         """Builds of a repository, newest first."""
         if offset and not branch and not status:
             return self._complete_builds(self._query(
-                "SELECT * FROM builds WHERE repo_id = ? AND number <= ? ORDER BY number DESC "
-                "LIMIT ?", (repo_id, self._number_at_offset(repo_id, offset), limit)))
+                "SELECT * FROM builds WHERE repo_id = $1 AND number <= $2 ORDER BY number DESC "
+                "LIMIT $3", (repo_id, self._number_at_offset(repo_id, offset), limit)))
         where, params = self._build_filter(repo_id, branch, status)
         return self._complete_builds(self._query(
-            f"SELECT * FROM builds WHERE {where} ORDER BY number DESC LIMIT ? OFFSET ?",
+            f"SELECT * FROM builds WHERE {where} ORDER BY number DESC "
+            f"LIMIT ${len(params) + 1} OFFSET ${len(params) + 2}",
             (*params, limit, offset)))
 
     def _number_at_offset(self, repo_id, offset):
         """The largest number with exactly `offset` existing builds above it: the
         builds above `x` are the numbers above it less the deleted ones."""
-        last = self._scalar("SELECT last_number FROM repos WHERE id = ?", (repo_id,)) or 0
+        last = self._scalar("SELECT last_number FROM repos WHERE id = $1", (repo_id,)) or 0
         number = last - offset
         for _ in range(1000):
-            deleted = self._scalar("SELECT count(*) FROM deleted_builds WHERE repo_id = ? "
-                                   "AND number > ?", (repo_id, number))
+            deleted = self._scalar("SELECT count(*) FROM deleted_builds WHERE repo_id = $1 "
+                                   "AND number > $2", (repo_id, number))
             if last - offset - deleted == number:
                 break
             number = last - offset - deleted
@@ -3494,13 +3546,13 @@ class Store:
 
     @staticmethod
     def _build_filter(repo_id, branch, status):
-        where, params = "repo_id = ?", [repo_id]
+        where, params = "repo_id = $1", [repo_id]
         if branch:
-            where += " AND branch = ?"
             params.append(branch)
+            where += f" AND branch = ${len(params)}"
         if status:
-            where += " AND status = ?"
             params.append(status)
+            where += f" AND status = ${len(params)}"
         return where, params
 
     def update_build(self, build_id, *, description=None, tags=None, pinned=None):
@@ -3509,9 +3561,9 @@ class Store:
             ("description", description), ("tags", None if tags is None else json.dumps(tags)),
             ("pinned", None if pinned is None else int(pinned))) if value is not None}
         if values:
-            assignments = ", ".join(f"{key} = ?" for key in values)
             with self._write() as tx:
-                tx.execute(f"UPDATE builds SET {assignments} WHERE id = ?",
+                tx.execute(f"UPDATE builds SET {_assignments(values)} WHERE id = "
+                           f"${len(values) + 1}",
                            (*values.values(), build_id))
         return self.get_build_by_id(build_id)
 
@@ -3527,23 +3579,23 @@ class Store:
             keep, days = repo["keep_builds"] or keep_builds, repo["keep_days"] or keep_days
             clauses, params = [], [repo["id"], PENDING, RUNNING]
             if keep:
-                cutoff = self._query_one("SELECT number FROM builds WHERE repo_id = ? "
-                                         "ORDER BY number DESC LIMIT 1 OFFSET ?",
+                cutoff = self._query_one("SELECT number FROM builds WHERE repo_id = $1 "
+                                         "ORDER BY number DESC LIMIT 1 OFFSET $2",
                                          (repo["id"], keep))
                 if cutoff is not None:
-                    clauses.append("b.number <= ?")
                     params.append(cutoff["number"])
+                    clauses.append(f"b.number <= ${len(params)}")
             if days:
-                clauses.append("b.created_at < ?")
                 params.append(int(now - days * 86400))
+                clauses.append(f"b.created_at < ${len(params)}")
             if not clauses or len(found) >= limit:
                 continue
             found += [dict(row, owner=repo["owner"], name=repo["name"]) for row in self._query(
                 "SELECT b.id, b.number, b.status, b.created_at, (SELECT COALESCE(SUM("
                 "length(c.data)), 0) FROM log_chunks c JOIN jobs j ON j.id = c.job_id "
-                "WHERE j.build_id = b.id) AS log_bytes FROM builds b WHERE b.repo_id = ? "
-                "AND b.pinned = 0 AND b.status NOT IN (?, ?) "
-                f"AND ({' OR '.join(clauses)}) ORDER BY b.number LIMIT ?",
+                "WHERE j.build_id = b.id) AS log_bytes FROM builds b WHERE b.repo_id = $1 "
+                "AND b.pinned = 0 AND b.status NOT IN ($2, $3) "
+                f"AND ({' OR '.join(clauses)}) ORDER BY b.number LIMIT ${len(params) + 1}",
                 (*params, limit - len(found)))]
         return found
 
@@ -3554,9 +3606,9 @@ class Store:
             deleted = 0
             for build_id in build_ids:
                 tx.execute("INSERT INTO deleted_builds (repo_id, number) SELECT repo_id, number "
-                           "FROM builds WHERE id = ? AND status NOT IN (?, ?) "
+                           "FROM builds WHERE id = $1 AND status NOT IN ($2, $3) "
                            "ON CONFLICT DO NOTHING", (build_id, PENDING, RUNNING))
-                deleted += tx.execute("DELETE FROM builds WHERE id = ? AND status NOT IN (?, ?)",
+                deleted += tx.execute("DELETE FROM builds WHERE id = $1 AND status NOT IN ($2, $3)",
                                       (build_id, PENDING, RUNNING)).rowcount
         return deleted
 
@@ -3574,26 +3626,26 @@ class Store:
     def delete_build(self, build_id):
         """Delete a finished build with its jobs, statuses and logs."""
         with self._write() as tx:
-            row = tx.execute("SELECT status FROM builds WHERE id = ?", (build_id,)).fetchone()
+            row = tx.execute("SELECT status FROM builds WHERE id = $1", (build_id,)).fetchone()
             if row is None:
                 raise NotFound(f"build {build_id} not found")
             if row[0] in ACTIVE_STATUSES:
                 raise Conflict(f"the build is {row[0]}; cancel it first")
             tx.execute("INSERT INTO deleted_builds (repo_id, number) SELECT repo_id, number "
-                       "FROM builds WHERE id = ? ON CONFLICT DO NOTHING", (build_id,))
-            tx.execute("DELETE FROM builds WHERE id = ?", (build_id,))
+                       "FROM builds WHERE id = $1 ON CONFLICT DO NOTHING", (build_id,))
+            tx.execute("DELETE FROM builds WHERE id = $1", (build_id,))
 
     # -- jobs ---------------------------------------------------------------
 
     def list_jobs(self, build_id):
-        return self._query("SELECT * FROM jobs WHERE build_id = ? ORDER BY number", (build_id,))
+        return self._query("SELECT * FROM jobs WHERE build_id = $1 ORDER BY number", (build_id,))
 
     def get_job(self, build_id, number):
-        return self._one("SELECT * FROM jobs WHERE build_id = ? AND number = ?",
+        return self._one("SELECT * FROM jobs WHERE build_id = $1 AND number = $2",
                          (build_id, number), f"job {number} not found")
 
     def get_job_by_id(self, job_id):
-        return self._one("SELECT * FROM jobs WHERE id = ?", (job_id,), f"job {job_id} not found")
+        return self._one("SELECT * FROM jobs WHERE id = $1", (job_id,), f"job {job_id} not found")
 
     def claim_next_job(self, runner_id, labels=None):
         """Atomically take the oldest runnable pending job for `runner_id`,
@@ -3608,21 +3660,21 @@ class Store:
             candidates = tx.execute(
                 "SELECT j.id, j.build_id, b.status AS build_status, b.max_parallel, b.repo_id, "
                 "r.max_builds FROM jobs j JOIN builds b ON b.id = j.build_id "
-                "JOIN repos r ON r.id = b.repo_id WHERE j.status = ? AND b.status <> 'blocked' "
-                f"AND j.labels IN ({', '.join('?' for _ in accepted)}) ORDER BY j.id LIMIT 64",
+                "JOIN repos r ON r.id = b.repo_id WHERE j.status = $1 AND b.status <> 'blocked' "
+                f"AND j.labels IN ({_marks(len(accepted), 2)}) ORDER BY j.id LIMIT 64",
                 (PENDING, *accepted)).fetchall()
             candidate = next((row for index, row in enumerate(candidates)
                               if self._take(tx, row, wait=index == 0)
                               and self._may_start(tx, row)), None)
             if candidate is None:
                 return None
-            tx.execute("UPDATE jobs SET status = ?, started_at = ?, claimed_by = ?, "
-                       "heartbeat_at = ? WHERE id = ?",
+            tx.execute("UPDATE jobs SET status = $1, started_at = $2, claimed_by = $3, "
+                       "heartbeat_at = $4 WHERE id = $5",
                        (RUNNING, now, runner_id, now, candidate["id"]))
             self._record_status(tx, candidate["build_id"], candidate["id"], RUNNING,
                                 f"started by runner {runner_id}", now)
             self._roll_up(tx, candidate["build_id"], now)
-            return dict(tx.execute("SELECT * FROM jobs WHERE id = ?",
+            return dict(tx.execute("SELECT * FROM jobs WHERE id = $1",
                                    (candidate["id"],)).fetchone())
 
     @staticmethod
@@ -3635,11 +3687,11 @@ class Store:
     def _may_start(tx, candidate):
         """Whether a pending job fits its build's max_parallel and its repository's max_builds."""
         if candidate["max_parallel"] and tx.execute(
-                "SELECT count(*) FROM jobs WHERE build_id = ? AND status = ?",
+                "SELECT count(*) FROM jobs WHERE build_id = $1 AND status = $2",
                 (candidate["build_id"], RUNNING)).fetchone()[0] >= candidate["max_parallel"]:
             return False
         return not (candidate["max_builds"] and candidate["build_status"] == PENDING and tx.execute(
-            "SELECT count(*) FROM builds WHERE repo_id = ? AND status = ?",
+            "SELECT count(*) FROM builds WHERE repo_id = $1 AND status = $2",
             (candidate["repo_id"], RUNNING)).fetchone()[0] >= candidate["max_builds"])
 
     def finish_job(self, job_id, status, *, exit_code=0, error="", message=""):
@@ -3649,12 +3701,12 @@ class Store:
             if self._lock_build_of_job(tx, job_id) is None:
                 return  # deleted
             job = tx.execute("SELECT j.build_id, j.number, j.status, b.fail_fast FROM jobs j "
-                             "JOIN builds b ON b.id = j.build_id WHERE j.id = ?",
+                             "JOIN builds b ON b.id = j.build_id WHERE j.id = $1",
                              (job_id,)).fetchone()
             if job is None or job["status"] in DONE_STATUSES:
                 return  # deleted, or already finished by recovery
-            tx.execute("UPDATE jobs SET status = ?, exit_code = ?, error = ?, finished_at = ?, "
-                       "heartbeat_at = 0 WHERE id = ?", (status, exit_code, error, now, job_id))
+            tx.execute("UPDATE jobs SET status = $1, exit_code = $2, error = $3, finished_at = $4, "
+                       "heartbeat_at = 0 WHERE id = $5", (status, exit_code, error, now, job_id))
             self._record_status(tx, job["build_id"], job_id, status,
                                 message or error or f"exit code {exit_code}", now)
             if job["fail_fast"] and status not in (SUCCESS, SKIPPED):
@@ -3690,15 +3742,15 @@ class Store:
     def _cancel_jobs(self, tx, build_id, job_number, pending_status, message, now,
                      require_active=False):
         self._lock_build(tx, build_id)
-        sql = "SELECT id, number, status FROM jobs WHERE build_id = ? AND status IN (?, ?)"
+        sql = "SELECT id, number, status FROM jobs WHERE build_id = $1 AND status IN ($2, $3)"
         params = [build_id, PENDING, RUNNING]
         if job_number is not None:
-            sql += " AND number = ?"
             params.append(job_number)
+            sql += f" AND number = ${len(params)}"
         jobs = tx.execute(sql, params).fetchall()
         if require_active and not jobs:
             if job_number is not None:
-                if not tx.execute("SELECT 1 FROM jobs WHERE build_id = ? AND number = ?",
+                if not tx.execute("SELECT 1 FROM jobs WHERE build_id = $1 AND number = $2",
                                   (build_id, job_number)).fetchone():
                     raise NotFound(f"job {job_number} not found")
                 raise Conflict(f"job {job_number} is not pending or running")
@@ -3706,11 +3758,11 @@ class Store:
         running = []
         for job in jobs:
             if job["status"] == PENDING:
-                tx.execute("UPDATE jobs SET status = ?, error = ?, finished_at = ? WHERE id = ?",
-                           (pending_status, message, now, job["id"]))
+                tx.execute("UPDATE jobs SET status = $1, error = $2, finished_at = $3 "
+                           "WHERE id = $4", (pending_status, message, now, job["id"]))
                 self._record_status(tx, build_id, job["id"], pending_status, message, now)
             else:
-                tx.execute("UPDATE jobs SET cancel_requested = 1, error = ? WHERE id = ?",
+                tx.execute("UPDATE jobs SET cancel_requested = 1, error = $1 WHERE id = $2",
                            (message, job["id"]))
                 running.append(job["id"])
         tx.notify("cancel", running)
@@ -3718,7 +3770,7 @@ class Store:
     def cancel_requested_jobs(self, runner_id):
         """Ids of `runner_id`'s running jobs that someone asked to stop."""
         return [row[0] for row in self._connection().execute(
-            "SELECT id FROM jobs WHERE status = ? AND claimed_by = ? AND cancel_requested = 1",
+            "SELECT id FROM jobs WHERE status = $1 AND claimed_by = $2 AND cancel_requested = 1",
             (RUNNING, runner_id))]
 
     # -- steps --------------------------------------------------------------
@@ -3726,9 +3778,9 @@ class Store:
     def add_steps(self, job_id, steps):
         """Record a job's steps, pending, in order: [(name, kind), ...]; returns their ids."""
         with self._write(rows_only=True) as tx:
-            tx.execute("DELETE FROM steps WHERE job_id = ?", (job_id,))
+            tx.execute("DELETE FROM steps WHERE job_id = $1", (job_id,))
             return [tx.insert("INSERT INTO steps (job_id, number, name, kind) "
-                              "VALUES (?, ?, ?, ?)", (job_id, number, name, kind))
+                              "VALUES ($1, $2, $3, $4)", (job_id, number, name, kind))
                     for number, (name, kind) in enumerate(steps, start=1)]
 
     def update_step(self, step_id, **fields):
@@ -3737,8 +3789,8 @@ class Store:
                                  "log_start", "log_end"}
         if unknown:
             raise BadRequest(f"unknown step field {min(unknown)!r}")
-        assignments = ", ".join(f"{key} = ?" for key in fields)
-        self._write_one(f"UPDATE steps SET {assignments} WHERE id = ?", (*fields.values(), step_id))
+        self._write_one(f"UPDATE steps SET {_assignments(fields)} WHERE id = ${len(fields) + 1}",
+                        (*fields.values(), step_id))
 
     def list_steps(self, job_ids):
         """{job id: [steps in order]} for the given jobs."""
@@ -3747,7 +3799,7 @@ class Store:
         for start in range(0, len(job_ids), 500):
             batch = job_ids[start:start + 500]
             for row in self._query(f"SELECT * FROM steps WHERE job_id IN "
-                                   f"({', '.join('?' for _ in batch)}) ORDER BY job_id, number",
+                                   f"({_marks(len(batch))}) ORDER BY job_id, number",
                                    batch):
                 steps[row["job_id"]].append(row)
         return steps
@@ -3760,8 +3812,8 @@ class Store:
         if message == usual or usual.endswith("{}") and message.startswith(usual[:-2]):
             message = ""  # the usual words are not stored: they are shown when read
         tx.execute("INSERT INTO statuses (build_id, id, job_id, status, message, created_at) "
-                   "VALUES (?, (SELECT COALESCE(MAX(id), 0) + 1 FROM statuses WHERE build_id = ?), "
-                   "?, ?, ?, ?)", (build_id, build_id, job_id, status, message, now))
+                   "VALUES ($1, (SELECT COALESCE(MAX(id), 0) + 1 FROM statuses WHERE "
+                   "build_id = $1), $2, $3, $4, $5)", (build_id, job_id, status, message, now))
         if job_id is None:
             self._enqueue_report(tx, build_id, status)
 
@@ -3770,12 +3822,12 @@ class Store:
         aggregates: a 256-job matrix costs one pass in SQLite, not 256 rows.
         A build `cancelled` before any job failed ends killed, not success."""
         self._lock_build(tx, build_id)
-        build = tx.execute("SELECT status FROM builds WHERE id = ?", (build_id,)).fetchone()
+        build = tx.execute("SELECT status FROM builds WHERE id = $1", (build_id,)).fetchone()
         totals = tx.execute(
             "SELECT count(*), "
             "sum(CASE WHEN status IN ('pending', 'running') THEN 1 ELSE 0 END), "
             "min(CASE WHEN started_at > 0 THEN started_at END), max(finished_at) "
-            "FROM jobs WHERE build_id = ?", (build_id,)).fetchone()
+            "FROM jobs WHERE build_id = $1", (build_id,)).fetchone()
         if build is None or not totals[0]:
             return
         _, active, started_at, finished_at = totals
@@ -3784,14 +3836,14 @@ class Store:
             finished_at, message = 0, ""
         else:
             failed = tx.execute(
-                "SELECT number, status FROM jobs WHERE build_id = ? "
+                "SELECT number, status FROM jobs WHERE build_id = $1 "
                 "AND status NOT IN ('success', 'skipped') ORDER BY number LIMIT 1",
                 (build_id,)).fetchone()
             status = failed["status"] if failed else KILLED if cancelled else SUCCESS
             message = (f"build finished: job {failed['number']} ended {status}" if failed
                        else "build finished: cancelled" if cancelled
                        else "build finished: every job succeeded")
-        tx.execute("UPDATE builds SET status = ?, started_at = ?, finished_at = ? WHERE id = ?",
+        tx.execute("UPDATE builds SET status = $1, started_at = $2, finished_at = $3 WHERE id = $4",
                    (status, started_at or 0, finished_at, build_id))
         if status == RUNNING and build["status"] == PENDING:
             # Implied by the job's own "running" just before: reported, not stored.
@@ -3803,16 +3855,16 @@ class Store:
         """The build's status history, oldest first."""
         return [_with_message(row) for row in self._query(
             "SELECT s.*, j.number AS job_number, j.claimed_by FROM statuses s LEFT JOIN jobs j "
-            "ON j.id = s.job_id WHERE s.build_id = ? ORDER BY s.build_id, s.id LIMIT ? OFFSET ?",
+            "ON j.id = s.job_id WHERE s.build_id = $1 ORDER BY s.build_id, s.id LIMIT $2 OFFSET $3",
             (build_id, limit if limit >= 0 else 2 ** 62, offset))]
 
     def count_statuses(self, build_id):
-        return self._scalar("SELECT count(*) FROM statuses WHERE build_id = ?", (build_id,))
+        return self._scalar("SELECT count(*) FROM statuses WHERE build_id = $1", (build_id,))
 
     def get_status(self, build_id, status_id):
         return _with_message(self._one(
             "SELECT s.*, j.number AS job_number, j.claimed_by FROM statuses s LEFT JOIN jobs j "
-            "ON j.id = s.job_id WHERE s.build_id = ? AND s.id = ?", (build_id, status_id),
+            "ON j.id = s.job_id WHERE s.build_id = $1 AND s.id = $2", (build_id, status_id),
             f"status {status_id} not found"))
 
     # -- secrets ------------------------------------------------------------
@@ -3827,7 +3879,7 @@ class Store:
         if not all(event in EVENTS for event in events):
             raise BadRequest(f"events must be among {', '.join(EVENTS)}")
         with self._write() as tx:
-            tx.execute("INSERT INTO secrets (repo_id, name, value, events) VALUES (?, ?, ?, ?) "
+            tx.execute("INSERT INTO secrets (repo_id, name, value, events) VALUES ($1, $2, $3, $4) "
                        "ON CONFLICT (repo_id, name) DO UPDATE SET value = excluded.value, "
                        "events = excluded.events",
                        (repo_id, name, self.sealer.seal(value, f"repo {repo_id} secret {name}"),
@@ -3836,12 +3888,12 @@ class Store:
     def list_secrets(self, repo_id):
         """Names and events of a repository's secrets (never the values)."""
         return [{"name": row["name"], "events": json.loads(row["events"])}
-                for row in self._query("SELECT name, events FROM secrets WHERE repo_id = ? "
+                for row in self._query("SELECT name, events FROM secrets WHERE repo_id = $1 "
                                        "ORDER BY name", (repo_id,))]
 
     def delete_secret(self, repo_id, name):
         with self._write() as tx:
-            if not tx.execute("DELETE FROM secrets WHERE repo_id = ? AND name = ?",
+            if not tx.execute("DELETE FROM secrets WHERE repo_id = $1 AND name = $2",
                               (repo_id, name)).rowcount:
                 raise NotFound(f"secret {name} not found")
 
@@ -3850,7 +3902,7 @@ class Store:
         return {row["name"]: self.sealer.unseal(row["value"],
                                                 f"repo {repo_id} secret {row['name']}")
                 for row in self._query("SELECT name, value, events FROM secrets "
-                                       "WHERE repo_id = ?", (repo_id,))
+                                       "WHERE repo_id = $1", (repo_id,))
                 if event in json.loads(row["events"])}
 
     # -- cron schedules -----------------------------------------------------
@@ -3862,23 +3914,23 @@ class Store:
         try:
             with self._write() as tx:
                 tx.execute("INSERT INTO crons (repo_id, name, expression, branch, next_at, "
-                           "created_at) VALUES (?, ?, ?, ?, ?, ?)",
+                           "created_at) VALUES ($1, $2, $3, $4, $5, $6)",
                            (repo_id, name, expression, branch, next_at, _now()))
-        except sqlite3.IntegrityError:
+        except self.IntegrityError:
             raise Conflict(f"cron {name} already exists") from None
-        return self._query_one("SELECT * FROM crons WHERE repo_id = ? AND name = ?",
+        return self._query_one("SELECT * FROM crons WHERE repo_id = $1 AND name = $2",
                                (repo_id, name))
 
     def list_crons(self, repo_id=None):
         sql = ("SELECT c.*, r.owner, r.name AS repo_name FROM crons c "
                "JOIN repos r ON r.id = c.repo_id")
         if repo_id is not None:
-            return self._query(sql + " WHERE c.repo_id = ? ORDER BY c.name", (repo_id,))
+            return self._query(sql + " WHERE c.repo_id = $1 ORDER BY c.name", (repo_id,))
         return self._query(sql + " ORDER BY r.owner, r.name, c.name")
 
     def delete_cron(self, repo_id, name):
         with self._write() as tx:
-            if not tx.execute("DELETE FROM crons WHERE repo_id = ? AND name = ?",
+            if not tx.execute("DELETE FROM crons WHERE repo_id = $1 AND name = $2",
                               (repo_id, name)).rowcount:
                 raise NotFound(f"cron {name} not found")
 
@@ -3888,10 +3940,10 @@ class Store:
         schedule missed during downtime runs once, not once per missed slot."""
         now = time.time() if now is None else now
         with self._write() as tx:
-            due = [dict(cron) for cron in tx.execute("SELECT * FROM crons WHERE next_at <= ?",
+            due = [dict(cron) for cron in tx.execute("SELECT * FROM crons WHERE next_at <= $1",
                                                      (now,)).fetchall()]
             for cron in due:
-                tx.execute("UPDATE crons SET next_at = ? WHERE id = ?",
+                tx.execute("UPDATE crons SET next_at = $1 WHERE id = $2",
                            (_next_cron_time(cron["expression"], now), cron["id"]))
         return due
 
@@ -3899,10 +3951,10 @@ class Store:
 
     def _enqueue_report(self, tx, build_id, status):
         forge = tx.execute("SELECT r.forge FROM builds b JOIN repos r ON r.id = b.repo_id "
-                           "WHERE b.id = ?", (build_id,)).fetchone()
+                           "WHERE b.id = $1", (build_id,)).fetchone()
         if forge and forge[0]:
             tx.execute("INSERT INTO reports (build_id, state, description, next_at) "
-                       "VALUES (?, ?, ?, ?)",
+                       "VALUES ($1, $2, $3, $4)",
                        (build_id, status, _REPORT_DESCRIPTIONS[status], time.time()))
             tx.notify("report", [build_id])
 
@@ -3911,17 +3963,17 @@ class Store:
         (so a forge sees pending before success); None if there is none."""
         now = time.time()
         # A read first: an idle server should not take the write lock for nothing.
-        if self._query_one("SELECT 1 FROM reports WHERE done = 0 AND next_at <= ? "
-                           "AND claimed_until < ? LIMIT 1", (now, now)) is None:
+        if self._query_one("SELECT 1 FROM reports WHERE done = 0 AND next_at <= $1 "
+                           "AND claimed_until < $2 LIMIT 1", (now, now)) is None:
             return None
         with self._write() as tx:
             row = tx.execute(
-                "SELECT * FROM reports r WHERE done = 0 AND next_at <= ? AND claimed_until < ? "
+                "SELECT * FROM reports r WHERE done = 0 AND next_at <= $1 AND claimed_until < $2 "
                 "AND NOT EXISTS (SELECT 1 FROM reports o WHERE o.build_id = r.build_id "
                 "AND o.done = 0 AND o.id < r.id) ORDER BY id LIMIT 1", (now, now)).fetchone()
             if row is None:
                 return None
-            tx.execute("UPDATE reports SET claimed_until = ? WHERE id = ?",
+            tx.execute("UPDATE reports SET claimed_until = $1 WHERE id = $2",
                        (now + lease, row["id"]))
             return dict(row)
 
@@ -3934,17 +3986,17 @@ class Store:
         """Record a delivery: done, or (with `retry_in` seconds) tried again
         later; a final failure is shown on the build as report_error."""
         with self._write() as tx:
-            report = tx.execute("SELECT build_id FROM reports WHERE id = ?",
+            report = tx.execute("SELECT build_id FROM reports WHERE id = $1",
                                 (report_id,)).fetchone()
             if report is None:
                 return
             if retry_in is not None:
-                tx.execute("UPDATE reports SET attempts = attempts + 1, next_at = ?, "
-                           "claimed_until = 0 WHERE id = ?", (time.time() + retry_in, report_id))
+                tx.execute("UPDATE reports SET attempts = attempts + 1, next_at = $1, "
+                           "claimed_until = 0 WHERE id = $2", (time.time() + retry_in, report_id))
             else:
-                tx.execute("UPDATE reports SET attempts = attempts + 1, done = 1 WHERE id = ?",
+                tx.execute("UPDATE reports SET attempts = attempts + 1, done = 1 WHERE id = $1",
                            (report_id,))
-            tx.execute("UPDATE builds SET report_error = ? WHERE id = ?",
+            tx.execute("UPDATE builds SET report_error = $1 WHERE id = $2",
                        (error, report["build_id"]))
 
     # -- runners ------------------------------------------------------------
@@ -3956,26 +4008,27 @@ class Store:
         with self._write() as tx:
             now = self._clock(tx)
             tx.execute("INSERT INTO runners (id, hostname, pid, pid_start, workers, started_at, "
-                       "heartbeat_at, labels) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) "
+                       "heartbeat_at, labels) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON "
+                       "CONFLICT (id) "
                        "DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
                        (runner_id, hostname, pid, _process_start(pid), workers, now, now,
                         json.dumps(labels or {}, sort_keys=True)))
 
     def unregister_runner(self, runner_id):
         with self._write() as tx:
-            tx.execute("DELETE FROM runners WHERE id = ?", (runner_id,))
+            tx.execute("DELETE FROM runners WHERE id = $1", (runner_id,))
 
     def heartbeat(self, runner_id):
         """Stamp a runner and its running jobs as alive. False if the runner
         is not registered (any more: another process found it lost)."""
         with self._write(rows_only=True) as tx:
             now = self._clock(tx)
-            known = tx.execute("UPDATE runners SET heartbeat_at = ? WHERE id = ?",
+            known = tx.execute("UPDATE runners SET heartbeat_at = $1 WHERE id = $2",
                                (now, runner_id)).rowcount
             tx.execute(self._STAMP_JOBS, (now, RUNNING, runner_id))
         return bool(known)
 
-    _STAMP_JOBS = "UPDATE jobs SET heartbeat_at = ? WHERE status = ? AND claimed_by = ?"
+    _STAMP_JOBS = "UPDATE jobs SET heartbeat_at = $1 WHERE status = $2 AND claimed_by = $3"
 
     def queue(self):
         """Every pending job, in the order runners take them, with why it
@@ -3986,16 +4039,16 @@ class Store:
         workers = sum(runner["workers"] for runner in runners)
         running = self._query(
             "SELECT j.id, j.number AS job, j.started_at, j.claimed_by, j.build_id, "
-            "b.number AS build, b.repo_id, r.owner, r.name FROM jobs j JOIN builds b ON b.id = j.build_id "
-            "JOIN repos r ON r.id = b.repo_id WHERE j.status = ? ORDER BY j.id", (RUNNING,))
+            "b.number AS build, b.repo_id, r.owner, r.name FROM jobs j "
+            "JOIN builds b ON b.id = j.build_id JOIN repos r ON r.id = b.repo_id WHERE j.status = $1 ORDER BY j.id", (RUNNING,))
         pending = self._query(
             "SELECT j.id, j.number AS job, j.enqueued_at, j.build_id, b.number AS build, j.labels, "
             "b.status AS build_status, b.max_parallel, b.repo_id, r.owner, r.name, "
             "r.max_builds FROM jobs j JOIN builds b ON b.id = j.build_id "
-            "JOIN repos r ON r.id = b.repo_id WHERE j.status = ? ORDER BY j.id", (PENDING,))
+            "JOIN repos r ON r.id = b.repo_id WHERE j.status = $1 ORDER BY j.id", (PENDING,))
         by_build = collections.Counter(job["build_id"] for job in running)
         running_builds = collections.Counter(
-            row["repo_id"] for row in self._query("SELECT repo_id FROM builds WHERE status = ?",
+            row["repo_id"] for row in self._query("SELECT repo_id FROM builds WHERE status = $1",
                                                   (RUNNING,)))
         offered = [json.loads(runner["labels"]).items() for runner in runners]
         queue = []
@@ -4031,7 +4084,7 @@ class Store:
              "job_id": job["id"], "repo_id": job["repo_id"]} for job in running]}
 
     def running_jobs_of(self, runner_id):
-        return self._scalar("SELECT COUNT(*) FROM jobs WHERE status = ? AND claimed_by = ?",
+        return self._scalar("SELECT COUNT(*) FROM jobs WHERE status = $1 AND claimed_by = $2",
                             (RUNNING, runner_id))
 
     def count_by_status(self, table):
@@ -4045,7 +4098,7 @@ class Store:
         or 0); not those of builds that wait for approval."""
         row = self._query_one("SELECT COUNT(*) AS n, MIN(j.enqueued_at) AS oldest FROM jobs j "
                               "JOIN builds b ON b.id = j.build_id "
-                              "WHERE j.status = ? AND b.status <> ?", (PENDING, BLOCKED))
+                              "WHERE j.status = $1 AND b.status <> $2", (PENDING, BLOCKED))
         return row["n"], row["oldest"] or 0
 
     def builds_queued_before(self, build_id):
@@ -4053,12 +4106,12 @@ class Store:
         runner starting now takes first. [{owner, name, number, jobs}], oldest first."""
         return self._query("SELECT r.owner, r.name, b.number, COUNT(*) AS jobs FROM jobs j "
                            "JOIN builds b ON b.id = j.build_id JOIN repos r ON r.id = b.repo_id "
-                           "WHERE j.status = ? AND b.id < ? GROUP BY b.id, r.owner, r.name, b.number "
-                           "ORDER BY b.id",
+                           "WHERE j.status = $1 AND b.id < $2 "
+                           "GROUP BY b.id, r.owner, r.name, b.number ORDER BY b.id",
                            (PENDING, build_id))
 
     def active_runners(self, max_age=RUNNER_LOST_SECONDS):
-        return self._query("SELECT * FROM runners WHERE heartbeat_at >= ?",
+        return self._query("SELECT * FROM runners WHERE heartbeat_at >= $1",
                            (self._clock() - max_age,))
 
     def _clock(self, tx=None):
@@ -4078,18 +4131,18 @@ class Store:
         """
         with self._write() as tx:
             now = self._clock(tx)
-            runners = tx.execute("SELECT * FROM runners WHERE id != ?", (runner_id,)).fetchall()
+            runners = tx.execute("SELECT * FROM runners WHERE id != $1", (runner_id,)).fetchall()
             lost = {}  # runner id -> what its jobs say
             for runner in runners:
                 if runner["hostname"] == hostname and (
                         runner["pid"] == pid or not _same_process(runner["pid"],
                                                                   runner["pid_start"])):
-                    deleted = tx.execute("DELETE FROM runners WHERE id = ?", (runner["id"],))
+                    deleted = tx.execute("DELETE FROM runners WHERE id = $1", (runner["id"],))
                     message = _RUNNER_STOPPED
                 else:
                     # Unless it stamped itself meanwhile (heartbeats do not wait
                     # for this transaction on PostgreSQL).
-                    deleted = tx.execute("DELETE FROM runners WHERE id = ? AND heartbeat_at < ?",
+                    deleted = tx.execute("DELETE FROM runners WHERE id = $1 AND heartbeat_at < $2",
                                          (runner["id"], now - max_age))
                     message = (f"agent lost: runner {runner['id']} sent no heartbeat for "
                                f"{now - runner['heartbeat_at']} s")
@@ -4097,15 +4150,16 @@ class Store:
                     lost[runner["id"]] = message
             known = {runner["id"] for runner in runners} | {runner_id}
             jobs = [job for job in tx.execute(
-                "SELECT id, build_id, claimed_by FROM jobs WHERE status = ?", (RUNNING,))
+                "SELECT id, build_id, claimed_by FROM jobs WHERE status = $1", (RUNNING,))
                 if job["claimed_by"] in lost or job["claimed_by"] not in known]
             ended = []
             for job in jobs:
                 message = lost.get(job["claimed_by"], _RUNNER_STOPPED)
                 self._lock_build(tx, job["build_id"])
                 # Still running, by the same runner: it may have ended meanwhile.
-                if not tx.execute("UPDATE jobs SET status = ?, error = ?, exit_code = 0, "
-                                  "finished_at = ? WHERE id = ? AND status = ? AND claimed_by = ?",
+                if not tx.execute("UPDATE jobs SET status = $1, error = $2, exit_code = 0, "
+                                  "finished_at = $3 WHERE id = $4 AND status = $5 "
+                                  "AND claimed_by = $6",
                                   (ERROR, message, now, job["id"], RUNNING,
                                    job["claimed_by"])).rowcount:
                     continue
@@ -4125,26 +4179,26 @@ class Store:
         """Store one chunk of a job's log (seq and offset kept by the one writer),
         compressed (see _LogCodec); offsets count the log's own bytes."""
         codec, stored = self.codec.encode(data)  # outside the lock: others write meanwhile
-        self._write_one("INSERT INTO log_chunks (job_id, seq, offset, data, codec, size) "
-                        "VALUES (?, ?, ?, ?, ?, ?)", (job_id, seq, offset, stored, codec,
+        self._write_one("INSERT INTO log_chunks (job_id, seq, start, data, codec, size) "
+                        "VALUES ($1, $2, $3, $4, $5, $6)", (job_id, seq, offset, stored, codec,
                                                       len(data)))
         self._wake_log_followers()
 
     def log_size(self, job_id):
         """Bytes in a job's log so far."""
-        return self._scalar(f"SELECT offset + {_CHUNK_SIZE} FROM log_chunks WHERE job_id = ? "
+        return self._scalar(f"SELECT start + {_CHUNK_SIZE} FROM log_chunks WHERE job_id = $1 "
                             "ORDER BY seq DESC LIMIT 1", (job_id,)) or 0
 
     def read_log(self, job_id, offset=0):
         """Yield the job's log from byte `offset` on, chunk by chunk (never whole)."""
-        seq = self._scalar("SELECT max(seq) FROM log_chunks WHERE job_id = ? AND offset <= ?",
+        seq = self._scalar("SELECT max(seq) FROM log_chunks WHERE job_id = $1 AND start <= $2",
                            (job_id, offset)) or 0
         while True:
             # A few chunks per query: memory stays flat however long the log,
             # and no statement stays open between yields.
             rows = self._connection().execute(
-                f"SELECT seq, offset, {_CHUNK_SIZE}, data, codec FROM log_chunks "
-                "WHERE job_id = ? AND seq >= ? ORDER BY seq LIMIT 4", (job_id, seq)).fetchall()
+                f"SELECT seq, start, {_CHUNK_SIZE}, data, codec FROM log_chunks "
+                "WHERE job_id = $1 AND seq >= $2 ORDER BY seq LIMIT 4", (job_id, seq)).fetchall()
             for row_seq, start, size, stored, codec in rows:
                 seq = row_seq + 1
                 if start + size > offset:
@@ -4174,40 +4228,41 @@ class Store:
         if end <= start:
             return
         with self._write() as tx:
-            rows = tx.execute("SELECT seq, offset, data, codec FROM log_chunks WHERE job_id = ? "
-                              f"AND offset + {_CHUNK_SIZE} > ? ORDER BY seq",
+            rows = tx.execute("SELECT seq, start, data, codec FROM log_chunks WHERE job_id = $1 "
+                              f"AND start + {_CHUNK_SIZE} > $2 ORDER BY seq",
                               (job_id, start)).fetchall()
             if not rows:
                 return
             first_seq, first_offset = rows[0][0], rows[0][1]
             tail = b"".join(self.codec.decode(row[3], row[2]) for row in rows)
             kept = tail[:start - first_offset] + tail[end - first_offset:]
-            tx.execute("DELETE FROM log_chunks WHERE job_id = ? AND seq >= ?", (job_id, first_seq))
+            tx.execute("DELETE FROM log_chunks WHERE job_id = $1 AND seq >= $2",
+                       (job_id, first_seq))
             for index in range(0, len(kept), LOG_CHUNK_BYTES):
                 piece = kept[index:index + LOG_CHUNK_BYTES]
                 codec, stored = self.codec.encode(piece)
-                tx.execute("INSERT INTO log_chunks (job_id, seq, offset, data, codec, size) "
-                           "VALUES (?, ?, ?, ?, ?, ?)",
+                tx.execute("INSERT INTO log_chunks (job_id, seq, start, data, codec, size) "
+                           "VALUES ($1, $2, $3, $4, $5, $6)",
                            (job_id, first_seq + index // LOG_CHUNK_BYTES, first_offset + index,
                             stored, codec, len(piece)))
             for column in ("log_start", "log_end"):
-                tx.execute(f"UPDATE steps SET {column} = CASE WHEN {column} <= ? THEN {column} "
-                           f"WHEN {column} <= ? THEN ? ELSE {column} - ? END WHERE job_id = ?",
+                tx.execute(f"UPDATE steps SET {column} = CASE WHEN {column} <= $1 THEN {column} "
+                           f"WHEN {column} <= $2 THEN $3 ELSE {column} - $4 END WHERE job_id = $5",
                            (start, end, start, end - start, job_id))
         self._wake_log_followers()
 
     def log_chunk_at(self, job_id, offset, seq=None):
         """(seq, start offset, data) of the chunk holding byte `offset` (looked
         up by `seq` first when the caller can guess it), or None past the end."""
-        query = (f"SELECT seq, offset, {_CHUNK_SIZE}, data, codec FROM log_chunks "
-                 "WHERE job_id = ? AND ")
+        query = (f"SELECT seq, start, {_CHUNK_SIZE}, data, codec FROM log_chunks "
+                 "WHERE job_id = $1 AND ")
         row = None
         if seq is not None:
-            row = self._connection().execute(query + "seq = ?", (job_id, seq)).fetchone()
+            row = self._connection().execute(query + "seq = $2", (job_id, seq)).fetchone()
             if row is not None and not row[1] <= offset < row[1] + row[2]:
                 row = None
         if row is None:
-            row = self._connection().execute(query + "offset <= ? ORDER BY seq DESC LIMIT 1",
+            row = self._connection().execute(query + "start <= $2 ORDER BY seq DESC LIMIT 1",
                                              (job_id, offset)).fetchone()
         if row is None or offset >= row[1] + row[2]:
             return None
@@ -4297,26 +4352,12 @@ _PG_SESSION = {"connect_timeout": 10, "keepalives": 1, "keepalives_idle": 30,
                "options": "-c lock_timeout=30s -c idle_in_transaction_session_timeout=60s"}
 # Log chunks and job ends: heard only by processes with followers of live logs.
 _PG_LOG_CHANNEL = "cirunner_log"
-_PG_TYPES = ((re.compile(r"\bINTEGER PRIMARY KEY\b"),
-              "BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY"),
-             (re.compile(r"\bINTEGER\b"), "BIGINT"), (re.compile(r"\bBLOB\b"), "BYTEA"),
-             (re.compile(r"\bREAL\b"), "DOUBLE PRECISION"),
-             (re.compile(r"\)\s*WITHOUT ROWID"), ")"))
 
 
 def _pg_session(psycopg, url):
     """The session defaults the URL does not set itself (its own win)."""
     given = psycopg.conninfo.conninfo_to_dict(url)
     return {key: value for key, value in _PG_SESSION.items() if key not in given}
-
-
-@functools.lru_cache(maxsize=1024)
-def _pg_sql(sql):
-    """The store's SQL as PostgreSQL reads it: %s placeholders (a literal %
-    doubled), and the log chunks' `offset` column quoted (a keyword there).
-    The statements are the store's own: no user text is in them."""
-    sql = re.sub(r"\boffset\b", '"offset"', sql.replace("%", "%%"))
-    return sql.replace("?", "%s")
 
 
 class _PgRow(tuple):
@@ -4340,34 +4381,22 @@ def _pg_row_factory(cursor):
 
 
 class _PgConnection:
-    """A psycopg connection that speaks as the store's sqlite3 connections do:
-    the same SQL (see _pg_sql), rows by name and position, and errors as the
-    DB-API classes of the sqlite3 module, which the store's callers handle
-    (a constraint: IntegrityError; an outage, a lock or a full disk:
-    OperationalError)."""
+    """A psycopg connection with the store's statements as they are written
+    ($1 marks, sent as they are: a raw cursor), rows by name and position."""
 
     def __init__(self, psycopg, url):
         self.psycopg = psycopg
         try:
             self.conn = psycopg.connect(url, autocommit=True, row_factory=_pg_row_factory,
+                                        cursor_factory=psycopg.RawCursor,
                                         **_pg_session(psycopg, url))
-        except psycopg.Error as exc:
-            raise sqlite3.OperationalError(f"cannot reach PostgreSQL: {exc}") from exc
+        except psycopg.OperationalError as exc:
+            raise psycopg.OperationalError(f"cannot reach PostgreSQL: {exc}") from exc
 
     def execute(self, sql, params=()):
-        params = [int(value) if isinstance(value, bool) else value for value in params]
-        try:
-            return self.conn.execute(_pg_sql(sql), params)
-        except self.psycopg.errors.IntegrityError as exc:
-            raise sqlite3.IntegrityError(str(exc)) from exc
-        except self.psycopg.errors.DiskFull as exc:
-            raise sqlite3.OperationalError(f"disk is full: {exc}") from exc
-        except (self.psycopg.OperationalError, self.psycopg.errors.LockNotAvailable,
-                self.psycopg.errors.DeadlockDetected,
-                self.psycopg.errors.SerializationFailure) as exc:
-            raise sqlite3.OperationalError(str(exc)) from exc
-        except self.psycopg.Error as exc:
-            raise sqlite3.DatabaseError(str(exc)) from exc
+        # The schema's flags are integers (0/1), as on SQLite.
+        return self.conn.execute(sql, [int(value) if isinstance(value, bool) else value
+                                       for value in params])
 
     @property
     def in_transaction(self):
@@ -4409,6 +4438,9 @@ class PostgresStore(Store):
         self.path = None
         self._psycopg = _optional("psycopg", "a PostgreSQL store",
                                   "'cirunner[postgres]' (or: pip install 'psycopg[binary]')")
+        self.Error = self._psycopg.Error
+        self.IntegrityError = self._psycopg.IntegrityError
+        self.OperationalError = self._psycopg.OperationalError
         self._setup(data_dir)
         self._instance = uuid.uuid4().hex[:12]  # notifications of this store are not news to it
         self._log_note = json.dumps({"from": self._instance, "event": "log", "ids": []})
@@ -4454,13 +4486,13 @@ class PostgresStore(Store):
     def _begin(self, conn, rows_only):
         conn.execute("BEGIN")
         if not rows_only:
-            conn.execute("SELECT pg_advisory_xact_lock(?)", (_PG_WRITE_LOCK,))
+            conn.execute("SELECT pg_advisory_xact_lock($1)", (_PG_WRITE_LOCK,))
         yield
 
     def _publish(self, conn, events):
         for event, ids in events:
             for start in range(0, len(ids), 500):  # a notification holds < 8000 bytes
-                conn.execute("SELECT pg_notify(?, ?)", (_PG_CHANNEL, json.dumps(
+                conn.execute("SELECT pg_notify($1, $2)", (_PG_CHANNEL, json.dumps(
                     {"from": self._instance, "event": event, "ids": ids[start:start + 500]})))
 
     def _write_one(self, sql, params=()):
@@ -4474,7 +4506,7 @@ class PostgresStore(Store):
 
     def _lock_build_of_job(self, tx, job_id):
         row = tx.execute("SELECT b.id FROM builds b JOIN jobs j ON j.build_id = b.id "
-                         "WHERE j.id = ? FOR NO KEY UPDATE OF b", (job_id,)).fetchone()
+                         "WHERE j.id = $1 FOR NO KEY UPDATE OF b", (job_id,)).fetchone()
         if row is not None:
             tx.locked_builds.add(row[0])
         return row[0] if row is not None else None
@@ -4483,8 +4515,8 @@ class PostgresStore(Store):
         # The chunk and the word to other processes' followers in one statement.
         codec, stored = self.codec.encode(data)
         self._connection().execute(
-            "WITH chunk AS (INSERT INTO log_chunks (job_id, seq, offset, data, codec, size) "
-            "VALUES (?, ?, ?, ?, ?, ?) RETURNING job_id) SELECT pg_notify(?, ?) FROM chunk",
+            "WITH chunk AS (INSERT INTO log_chunks (job_id, seq, start, data, codec, size) "
+            "VALUES ($1, $2, $3, $4, $5, $6) RETURNING job_id) SELECT pg_notify($7, $8) FROM chunk",
             (job_id, seq, offset, stored, codec, len(data), _PG_LOG_CHANNEL, self._log_note))
         Store._wake_log_followers(self)
 
@@ -4493,17 +4525,17 @@ class PostgresStore(Store):
         # row first (jobs after builds: no two wait for each other). NO KEY:
         # rows that refer to the build (log chunks, reports) are still added.
         if build_id not in tx.locked_builds:
-            tx.execute("SELECT 1 FROM builds WHERE id = ? FOR NO KEY UPDATE", (build_id,))
+            tx.execute("SELECT 1 FROM builds WHERE id = $1 FOR NO KEY UPDATE", (build_id,))
             tx.locked_builds.add(build_id)
 
     # A job being finished is not stamped (nor waited for).
-    _STAMP_JOBS = ("UPDATE jobs SET heartbeat_at = ? WHERE id IN (SELECT id FROM jobs "
-                   "WHERE status = ? AND claimed_by = ? FOR NO KEY UPDATE SKIP LOCKED)")
+    _STAMP_JOBS = ("UPDATE jobs SET heartbeat_at = $1 WHERE id IN (SELECT id FROM jobs "
+                   "WHERE status = $2 AND claimed_by = $3 FOR NO KEY UPDATE SKIP LOCKED)")
 
     def _stamp_token(self, token_id):
         # One row, in a statement of its own: nothing else waits for it.
-        with contextlib.suppress(sqlite3.OperationalError):
-            self._connection().execute("UPDATE tokens SET last_used_at = ? WHERE id = ?",
+        with contextlib.suppress(self.OperationalError):
+            self._connection().execute("UPDATE tokens SET last_used_at = $1 WHERE id = $2",
                                        (_now(), token_id))
 
     @staticmethod
@@ -4514,15 +4546,15 @@ class PostgresStore(Store):
         # holder of a repository's row waits for a build), so that two claims
         # never wait for each other.
         mode = "" if wait else " SKIP LOCKED"
-        if tx.execute(f"SELECT 1 FROM builds WHERE id = ? FOR NO KEY UPDATE{mode}",
+        if tx.execute(f"SELECT 1 FROM builds WHERE id = $1 FOR NO KEY UPDATE{mode}",
                       (candidate["build_id"],)).fetchone() is None:
             return False
         tx.locked_builds.add(candidate["build_id"])
         if candidate["max_builds"] and tx.execute(
-                f"SELECT 1 FROM repos WHERE id = ? FOR NO KEY UPDATE{mode}",
+                f"SELECT 1 FROM repos WHERE id = $1 FOR NO KEY UPDATE{mode}",
                 (candidate["repo_id"],)).fetchone() is None:
             return False
-        return tx.execute("SELECT 1 FROM jobs WHERE id = ? AND status = ? "
+        return tx.execute("SELECT 1 FROM jobs WHERE id = $1 AND status = $2 "
                           "FOR UPDATE SKIP LOCKED", (candidate["id"], PENDING)
                           ).fetchone() is not None
 
@@ -4532,7 +4564,7 @@ class PostgresStore(Store):
         conn = self._connect()
         try:
             conn.execute("BEGIN")
-            conn.execute("SELECT pg_advisory_xact_lock(?)", (_PG_MIGRATE_LOCK,))
+            conn.execute("SELECT pg_advisory_xact_lock($1)", (_PG_MIGRATE_LOCK,))
             conn.execute("CREATE TABLE IF NOT EXISTS cirunner_schema (version BIGINT NOT NULL, "
                          "key_check TEXT NOT NULL DEFAULT '')")
             conn.execute("INSERT INTO cirunner_schema (version) SELECT 0 WHERE NOT EXISTS "
@@ -4554,7 +4586,7 @@ class PostgresStore(Store):
             raise CIRunnerError(f"this machine has no key for the secrets of the store: {where}")
         check = self.sealer.derive("key check").hex()[:32]
         if not known:
-            conn.execute("UPDATE cirunner_schema SET key_check = ? WHERE key_check = ''",
+            conn.execute("UPDATE cirunner_schema SET key_check = $1 WHERE key_check = ''",
                          (check,))
             known = conn.execute("SELECT key_check FROM cirunner_schema").fetchone()[0]
         if known != check:
@@ -4567,13 +4599,11 @@ class PostgresStore(Store):
 
     @staticmethod
     def _set_version(conn, number):
-        conn.execute("UPDATE cirunner_schema SET version = ?", (number,))
+        conn.execute("UPDATE cirunner_schema SET version = $1", (number,))
 
-    @staticmethod
-    def _ddl(statement):
-        for pattern, replacement in _PG_TYPES:
-            statement = pattern.sub(replacement, statement)
-        return statement
+    _DIALECT = types.MappingProxyType({
+        "row_id": "BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY", "bytes": "BYTEA",
+        "without_rowid": ""})
 
     # -- what SQLite needs and PostgreSQL does itself --------------------------
 
@@ -4620,8 +4650,8 @@ class PostgresStore(Store):
     def _wake_log_followers(self):
         super()._wake_log_followers()
         # Followers in other processes too (a job's end, a log cut).
-        with contextlib.suppress(sqlite3.Error):
-            self._connection().execute("SELECT pg_notify(?, ?)",
+        with contextlib.suppress(self.Error):
+            self._connection().execute("SELECT pg_notify($1, $2)",
                                        (_PG_LOG_CHANNEL, self._log_note))
 
     def _start_listening(self):
@@ -6205,7 +6235,7 @@ class _LogWriter:
             try:
                 self.store.append_log(self.job_id, self.seq, self.offset, chunk)
                 break
-            except sqlite3.OperationalError:
+            except self.store.OperationalError:
                 # Busy beyond the busy timeout: retry rather than lose output.
                 if attempt == 4:
                     raise
@@ -6766,8 +6796,8 @@ class _JobRun:
             try:
                 self.store.finish_job(self.job["id"], status, exit_code=exit_code, error=error)
                 return
-            except (sqlite3.OperationalError, OSError) as exc:
-                if not (_is_disk_full(exc) or isinstance(exc, sqlite3.OperationalError)) or (
+            except (self.store.OperationalError, OSError) as exc:
+                if not (_is_disk_full(exc) or isinstance(exc, self.store.OperationalError)) or (
                         self.executor.stopping()):
                     raise
                 _log.warning("job %s: cannot record its end yet: %s", self.job["id"], exc)
@@ -6790,7 +6820,7 @@ class _JobRun:
 
     def _close_records(self, status):
         """Steps never reached: skipped, or killed with the job."""
-        with contextlib.suppress(CIRunnerError, sqlite3.Error):
+        with contextlib.suppress(CIRunnerError, self.store.Error):
             for row in self.store.list_steps([self.job["id"]])[self.job["id"]]:
                 if row["status"] in ACTIVE_STATUSES:
                     self.store.update_step(row["id"], status=KILLED if (
@@ -7133,7 +7163,7 @@ class Executor:
         self._threads = [thread for thread in self._threads if thread.is_alive()]
         if self._registered:
             self.store.remove_listener(self._on_store_event)
-            with contextlib.suppress(sqlite3.Error, CIRunnerError):
+            with contextlib.suppress(self.store.Error, CIRunnerError):
                 self.store.unregister_runner(self.runner_id)
             self._registered = False
 
@@ -7334,7 +7364,7 @@ class Executor:
         those of other processes are noticed within `longest`."""
         try:
             due = self.store.next_report_due()
-        except sqlite3.Error:
+        except self.store.Error:
             due = None
         self.store.release_connection()
         return longest if due is None else min(longest, max(0.0, due - time.time()))
@@ -10064,7 +10094,7 @@ def _api_callback(api, route):
             return _send(route.handler(api, **params))
         except CIRunnerError as error:
             return _error_reply(error)
-        except (sqlite3.OperationalError, OSError) as error:
+        except (api.store.OperationalError, OSError) as error:
             if _is_disk_full(error):
                 return _error_reply(StorageFull(_disk_full_message(error)))
             _log.exception("unhandled error in %s %s", request.method, request.path)
@@ -10086,7 +10116,7 @@ def _page_callback(pages, handler):
         try:
             try:
                 return handler(pages, **params)
-            except (sqlite3.OperationalError, OSError) as error:
+            except (pages.store.OperationalError, OSError) as error:
                 if _is_disk_full(error):
                     raise StorageFull(_disk_full_message(error)) from None
                 raise
@@ -10263,7 +10293,7 @@ class _ReadCache:
                environ.get("wsgi.url_scheme"))
         try:
             version = self.store.commit_counter()  # before the answer: a commit voids it
-        except sqlite3.Error:
+        except self.store.Error:
             return self.app(environ, start_response)  # the answer itself reports what is wrong
         if version is None:
             return self.app(environ, start_response)
@@ -11629,7 +11659,7 @@ def main(argv=None, *, environ=None, stdout=None, stderr=None):
         where = f": {error.filename}" if error.filename else ""
         print(f"cirunner: {(error.strerror or str(error)).lower()}{where}", file=stderr)
         return 1
-    except sqlite3.Error as error:
+    except _database_errors() as error:
         print(f"cirunner: {error}", file=stderr)
         return 1
     except KeyboardInterrupt:

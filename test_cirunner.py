@@ -758,7 +758,9 @@ def test_builds_stored_before_are_filled_with_what_was_shown_for_them(tmp_path):
     with sqlite3.connect(path) as raw:
         raw.execute("UPDATE builds SET remote = '', ref = '', author_avatar = '', "
                     "pipeline_file = ''")
-        raw.execute(f"PRAGMA user_version = {len(cirunner._MIGRATIONS) - 1}")
+        raw.execute('ALTER TABLE log_chunks RENAME COLUMN start TO "offset"')  # as it was then
+        version = cirunner._MIGRATIONS.index(cirunner._store_builds_as_they_happened)
+        raw.execute(f"PRAGMA user_version = {version}")
     store = cirunner.Store(path)
     try:
         again = store.get_build_by_id(build["id"])
@@ -2153,7 +2155,7 @@ def test_cli_repo_update_and_users(tmp_path):
 def test_migrations_upgrade_an_older_store(tmp_path):
     path = str(tmp_path / "old.db")
     conn = sqlite3.connect(path)
-    conn.executescript(cirunner._MIGRATIONS[0] + "; PRAGMA user_version = 1;")
+    conn.executescript(cirunner.Store._ddl(cirunner._MIGRATIONS[0]) + "; PRAGMA user_version = 1;")
     conn.execute("INSERT INTO repos (owner, name, url, created_at) VALUES ('a', 'b', '/x', 1)")
     conn.commit()
     conn.close()
@@ -3663,20 +3665,22 @@ def test_migration_reseals_old_secrets_and_seals_webhook_secrets(tmp_path):
     data.mkdir()
     key = os.urandom(32).hex()
     (data / "secret.key").write_text(key + "\n")
-    raw = sqlite3.connect(data / "cirunner.db", isolation_level=None)
+    # The store's own connection class: its migrations bind numbered marks.
+    raw = sqlite3.connect(data / "cirunner.db", isolation_level=None,
+                          factory=cirunner._SqliteConnection)
     for number, migration in enumerate(cirunner._MIGRATIONS[:7], start=1):  # a version-7 store
         raw.execute("BEGIN")
         if callable(migration):
             migration(raw, None)
         else:
             for statement in migration.split(";"):
-                raw.execute(statement)
+                raw.execute(cirunner.Store._ddl(statement))
         raw.execute(f"PRAGMA user_version = {number}")
         raw.execute("COMMIT")
     raw.execute("INSERT INTO repos (owner, name, url, webhook_secret, forge_token, created_at) "
                 "VALUES ('alice', 'hello', 'https://git.example/alice/hello.git', 'plain-hook', "
-                "?, 0)", (seal_v1(key, "forge-token"),))
-    raw.execute("INSERT INTO secrets (repo_id, name, value) VALUES (1, 'TOKEN', ?)",
+                "$1, 0)", (seal_v1(key, "forge-token"),))
+    raw.execute("INSERT INTO secrets (repo_id, name, value) VALUES (1, 'TOKEN', $1)",
                 (seal_v1(key, "a secret value with ünïcode, 40+ bytes long"),))
     raw.close()
     with cirunner.Store.open(str(data)) as store:
@@ -4344,7 +4348,7 @@ def test_logs_are_stored_compressed_and_old_raw_chunks_still_read(store, executo
     assert app.get("/api/repos/alice/hello/logs/1/1?offset=10000005").body == whole[10000005:]
     # a chunk written before compression (raw, no size) reads as before, and after it
     with sqlite3.connect(store.path) as raw:
-        raw.execute("INSERT INTO log_chunks (job_id, seq, offset, data) "
+        raw.execute("INSERT INTO log_chunks (job_id, seq, start, data) "
                     "SELECT job_id, MAX(seq) + 1, ?, ? FROM log_chunks WHERE job_id = ?",
                     (size, b"an old raw chunk\n", job["id"]))
     assert store.log_size(job["id"]) == size + 17
