@@ -258,6 +258,7 @@ SECRET_EVENTS = (EVENT_PUSH, EVENT_TAG, EVENT_CRON, EVENT_MANUAL, EVENT_DEPLOYME
 FORGES = ("github", "gitea", "gitlab")
 TOKEN_SCOPES = ("read", "write")
 TOKEN_PREFIX = "cir_"           # lets secret scanners recognise a leaked token
+AGENT_TOKEN_PREFIX = "cia_"     # an agent's token (it works on the agent routes only)
 MASK = "********"
 REPORT_CONTEXT = "cirunner/build"
 PIPELINE_FILES = (".cirunner.yml", ".drone.yml")
@@ -311,6 +312,11 @@ LOG_FLUSH_SECONDS = 0.05        # longest a byte waits in memory before the stor
 STRAGGLER_SECONDS = 0.5         # read on this long after a step's leader exits
 HEARTBEAT_SECONDS = 10.0        # a runner stamps itself (and its jobs) this often
 RUNNER_LOST_SECONDS = 60.0      # a runner silent this long is gone
+RECOVER_SECONDS = 5.0           # servers look for lost runners at least this often
+RETRY_AFTER_SECONDS = 5         # what a 503 tells the client to wait
+AGENT_PROTOCOL = 1              # what `agent --server` and the server speak (see _AgentService)
+AGENT_POLL_SECONDS = 20.0       # the longest an agent's poll waits for work
+AGENT_MAX_BODY = 16 * 1024 * 1024  # an agent's report (log chunks) or git request
 MAX_RUNNER_LABELS = 9           # a claim matches every subset of them: 2**9 at most
 CHECKPOINT_SECONDS = 5.0        # the executor checkpoints the WAL at least this often
 SANDBOXES = ("auto", "bwrap", "none")  # how steps run on the host (see _SandboxRunner)
@@ -403,6 +409,13 @@ class Conflict(CIRunnerError):
     code = "conflict"
 
 
+class RunnerLost(Conflict):
+    """An agent's runner is not registered (any more): found lost, or never
+    connected. The agent connects again."""
+
+    code = "runner_lost"
+
+
 class NoBuild(CIRunnerError):
     """The pipeline asks for no build here (its `branches` filter excludes the branch)."""
 
@@ -431,8 +444,8 @@ class StorageFull(CIRunnerError):
     code = "insufficient_storage"
 
 
-_ERRORS = (BadRequest, Unauthorized, Forbidden, NotFound, Conflict, NoBuild, TooLarge,
-           Unavailable, StorageFull)
+_ERRORS = (BadRequest, Unauthorized, Forbidden, NotFound, RunnerLost, Conflict, NoBuild,
+           TooLarge, Unavailable, StorageFull)
 
 
 def _error_of_answer(code, status, message):
@@ -460,6 +473,14 @@ def _database_errors():
     (sqlite3, and psycopg once a PostgreSQL store imported it)."""
     psycopg = sys.modules.get("psycopg")
     return (sqlite3.Error,) if psycopg is None else (sqlite3.Error, psycopg.Error)
+
+
+def _store_away(error):
+    """What a request hears while the store cannot be reached (or stays
+    locked): 503, try again shortly. Logged once per kind of error."""
+    _log.warning("the store cannot be reached: %s", error)
+    return Unavailable(f"the store cannot be reached now ({str(error).strip()}); "
+                       f"try again in {RETRY_AFTER_SECONDS} s")
 
 
 def _disk_full_message(exc):
@@ -573,6 +594,30 @@ def _check_positive(value, name):
     if isinstance(value, str) and not re.fullmatch(r"[0-9]{1,15}", value):
         raise BadRequest(f"{name} must be a positive whole number, not {value!r}")
     return _check_int(value, name, minimum=1)
+
+
+def _parse_labels(text):
+    """{name: value} from "k=v,k2=v2"."""
+    labels = {}
+    for pair in filter(None, (item.strip() for item in (text or "").split(","))):
+        name, equals, value = pair.partition("=")
+        if not equals or not name.strip():
+            raise BadRequest(f"--labels expects NAME=VALUE,..., not {pair!r}")
+        labels[name.strip()] = value.strip()
+    return labels
+
+
+def _check_labels(value, name="labels"):
+    """Labels as {name: value}, both short strings; BadRequest otherwise."""
+    if not isinstance(value, dict) or len(value) >= MAX_RUNNER_LABELS:
+        raise BadRequest(f"{name} must be an object of at most {MAX_RUNNER_LABELS - 1} "
+                         "name: value pairs")
+    for key, item in value.items():
+        if not (isinstance(key, str) and _ENV_NAME_PATTERN.match(key) and isinstance(item, str)
+                and len(key) <= 64 and len(item) <= 200 and "\x00" not in item):
+            raise BadRequest(f"invalid label {key!r}: a name of letters, digits and _, "
+                             "and a string value")
+    return value
 
 
 def _check_bool(value, name):
@@ -2078,13 +2123,23 @@ class _GitMirrors:
     file never change, so what was read for a commit id is remembered.
     """
 
-    def __init__(self, root, *, environ=None, cache_size=256):
+    def __init__(self, root, *, environ=None, cache_size=256, source=None, config=None):
         self.root = root
         # Only the operator's settings for git (never a pipeline's, nor the rest of
         # the server's); git never asks for a password, and speaks plain English.
         self.env = dict(_host_environment(os.environ if environ is None else environ,
                                           _GIT_KEEPS),
                         GIT_TERMINAL_PROMPT="0", LC_ALL="C", GIT_ASKPASS="/bin/true")
+        # Settings of this process's own (an agent's token for its server's
+        # URL): in the environment, not on command lines other users can see.
+        first = int(self.env.get("GIT_CONFIG_COUNT") or 0)
+        for number, (key, value) in enumerate((config or {}).items(), start=first):
+            self.env[f"GIT_CONFIG_KEY_{number}"], self.env[f"GIT_CONFIG_VALUE_{number}"] = \
+                key, value
+            self.env["GIT_CONFIG_COUNT"] = str(number + 1)
+        # Where a repository's mirror fetches from: its URL, or (an agent's)
+        # the server's mirror of it.
+        self.source = source or (lambda repo: repo["url"])
         self._commits = _LRU(cache_size)
         self._states = {}
         self._states_lock = threading.Lock()
@@ -2167,7 +2222,8 @@ class _GitMirrors:
                 # Files 0600 and directories 0700, whatever the umask.
                 self.run(["init", "--bare", "--quiet", "--shared=0600", mirror])
             self.run(["-C", mirror, "fetch", "--quiet", "--prune", "--force", "--end-of-options",
-                      repo["url"], "+refs/heads/*:refs/heads/*", "+refs/tags/*:refs/tags/*"])
+                      self.source(repo), "+refs/heads/*:refs/heads/*",
+                      "+refs/tags/*:refs/tags/*"])
             listing = self.run(["-C", mirror, "for-each-ref",
                                 "--format=%(objectname) %(refname)", "refs/heads/", "refs/tags/"])
         return dict(reversed(line.split(" ", 1)) for line in listing.decode().splitlines())
@@ -2185,7 +2241,7 @@ class _GitMirrors:
                     return
                 with contextlib.suppress(_GitError):
                     self.run(["-C", mirror, "fetch", "--quiet", "--force", "--end-of-options",
-                              repo["url"], ref])
+                              self.source(repo), ref])
 
     def has_commit(self, mirror, commit):
         if not os.path.isdir(mirror):
@@ -2677,6 +2733,23 @@ _MIGRATIONS = [
     _store_builds_as_they_happened,
     # 16: the log chunks' "offset" (a keyword in SQL) is their start.
     'ALTER TABLE log_chunks RENAME COLUMN "offset" TO start',
+    # 17: agents (build machines that join over HTTP with a token of their
+    # own), the agent a runner is, and each claim's lease: what a runner must
+    # show to write a job's log, steps and end (a job ended elsewhere refuses).
+    """
+    CREATE TABLE agents (
+        id $row_id,
+        name TEXT NOT NULL UNIQUE,
+        hash TEXT NOT NULL UNIQUE,
+        labels TEXT NOT NULL DEFAULT '{}',
+        created_at BIGINT NOT NULL,
+        last_seen_at BIGINT NOT NULL DEFAULT 0,
+        version TEXT NOT NULL DEFAULT '',
+        address TEXT NOT NULL DEFAULT ''
+    );
+    ALTER TABLE runners ADD COLUMN agent TEXT NOT NULL DEFAULT '';
+    ALTER TABLE jobs ADD COLUMN lease TEXT NOT NULL DEFAULT '';
+    """,
 ]
 
 _SEALED_REPO_FIELDS = ("webhook_secret", "forge_token")
@@ -3652,7 +3725,9 @@ class Store:
         whose `labels` ({name: value}) hold every label the job requires.
 
         Respects each build's ``max_parallel`` and each repository's
-        ``max_builds``. Returns the job dict (now running), or None.
+        ``max_builds``. Returns the job dict (now running), or None. Its
+        ``lease`` is what the runner shows to write the job's log, steps and
+        end (see `append_log`): a job ended elsewhere refuses them.
         """
         now = _now()
         accepted = _label_subsets(labels or {})
@@ -3669,8 +3744,8 @@ class Store:
             if candidate is None:
                 return None
             tx.execute("UPDATE jobs SET status = $1, started_at = $2, claimed_by = $3, "
-                       "heartbeat_at = $4 WHERE id = $5",
-                       (RUNNING, now, runner_id, now, candidate["id"]))
+                       "heartbeat_at = $4, lease = $5 WHERE id = $6",
+                       (RUNNING, now, runner_id, now, secrets.token_hex(12), candidate["id"]))
             self._record_status(tx, candidate["build_id"], candidate["id"], RUNNING,
                                 f"started by runner {runner_id}", now)
             self._roll_up(tx, candidate["build_id"], now)
@@ -3694,16 +3769,22 @@ class Store:
             "SELECT count(*) FROM builds WHERE repo_id = $1 AND status = $2",
             (candidate["repo_id"], RUNNING)).fetchone()[0] >= candidate["max_builds"])
 
-    def finish_job(self, job_id, status, *, exit_code=0, error="", message=""):
-        """Record a job's end, apply fail_fast and roll the build's status up."""
+    def finish_job(self, job_id, status, *, exit_code=0, error="", message="", lease=None):
+        """Record a job's end, apply fail_fast and roll the build's status up.
+        With the claim's `lease`: Conflict if the job was ended meanwhile."""
         now = _now()
         with self._write(rows_only=True) as tx:
             if self._lock_build_of_job(tx, job_id) is None:
                 return  # deleted
-            job = tx.execute("SELECT j.build_id, j.number, j.status, b.fail_fast FROM jobs j "
-                             "JOIN builds b ON b.id = j.build_id WHERE j.id = $1",
-                             (job_id,)).fetchone()
+            job = tx.execute("SELECT j.build_id, j.number, j.status, j.lease, j.error, "
+                             "b.fail_fast FROM jobs j JOIN builds b ON b.id = j.build_id "
+                             "WHERE j.id = $1", (job_id,)).fetchone()
+            if lease is not None and (job is None or job["lease"] != lease):
+                raise Conflict(f"job {job_id} is not this runner's")
             if job is None or job["status"] in DONE_STATUSES:
+                if lease is not None and job is not None and job["status"] != status:
+                    raise Conflict(f"job {job_id} ended {job['status']} meanwhile: "
+                                   f"{job['error']}")
                 return  # deleted, or already finished by recovery
             tx.execute("UPDATE jobs SET status = $1, exit_code = $2, error = $3, finished_at = $4, "
                        "heartbeat_at = 0 WHERE id = $5", (status, exit_code, error, now, job_id))
@@ -3775,22 +3856,54 @@ class Store:
 
     # -- steps --------------------------------------------------------------
 
-    def add_steps(self, job_id, steps):
-        """Record a job's steps, pending, in order: [(name, kind), ...]; returns their ids."""
+    def add_steps(self, job_id, steps, *, lease=None):
+        """Record a job's steps, pending, in order: [(name, kind), ...]; returns
+        their ids. With the claim's `lease`: Conflict if the job has ended."""
         with self._write(rows_only=True) as tx:
+            if lease is not None:
+                self._check_lease(tx, job_id, lease)
             tx.execute("DELETE FROM steps WHERE job_id = $1", (job_id,))
             return [tx.insert("INSERT INTO steps (job_id, number, name, kind) "
                               "VALUES ($1, $2, $3, $4)", (job_id, number, name, kind))
                     for number, (name, kind) in enumerate(steps, start=1)]
 
-    def update_step(self, step_id, **fields):
-        """Change a step's status, exit_code, started_at, finished_at, log_start or log_end."""
-        unknown = set(fields) - {"status", "exit_code", "started_at", "finished_at",
-                                 "log_start", "log_end"}
+    _STEP_FIELDS = frozenset(("status", "exit_code", "started_at", "finished_at", "log_start",
+                              "log_end"))
+
+    def update_step(self, step_id, *, lease=None, **fields):
+        """Change a step's status, exit_code, started_at, finished_at, log_start
+        or log_end. With its job's `lease`: Conflict if the job has ended."""
+        unknown = set(fields) - self._STEP_FIELDS
         if unknown:
             raise BadRequest(f"unknown step field {min(unknown)!r}")
-        self._write_one(f"UPDATE steps SET {_assignments(fields)} WHERE id = ${len(fields) + 1}",
-                        (*fields.values(), step_id))
+        sql = f"UPDATE steps SET {_assignments(fields)} WHERE id = ${len(fields) + 1}"
+        if lease is None:
+            self._write_one(sql, (*fields.values(), step_id))
+        elif not self._write_one(sql + _LEASED.format(job="steps.job_id", lease=len(fields) + 2),
+                                 (*fields.values(), step_id, lease)).rowcount:
+            raise self._ended(self._scalar("SELECT job_id FROM steps WHERE id = $1",
+                                           (step_id,)))
+
+    def update_job_step(self, job_id, number, lease, **fields):
+        """`update_step` by the step's number in its job (what an agent knows)."""
+        step_id = self._scalar("SELECT id FROM steps WHERE job_id = $1 AND number = $2",
+                               (job_id, number))
+        if step_id is None:
+            raise self._ended(job_id)
+        self.update_step(step_id, lease=lease, **fields)
+
+    def _check_lease(self, tx, job_id, lease):
+        if tx.execute("SELECT 1 FROM jobs WHERE id = $1" + _LEASED.format(job="$1", lease=2),
+                      (job_id, lease)).fetchone() is None:
+            raise self._ended(job_id)
+
+    def _ended(self, job_id):
+        """Conflict: the job is no longer running under this claim, and why."""
+        job = self._query_one("SELECT status, error FROM jobs WHERE id = $1", (job_id,))
+        if job is None:
+            return Conflict(f"job {job_id} was deleted")
+        return Conflict(f"job {job_id} has ended ({job['status']}"
+                        + (f": {job['error']})" if job["error"] else ")"))
 
     def list_steps(self, job_ids):
         """{job id: [steps in order]} for the given jobs."""
@@ -4001,18 +4114,138 @@ class Store:
 
     # -- runners ------------------------------------------------------------
 
-    def register_runner(self, runner_id, hostname, pid, workers=0, labels=None):
+    def register_runner(self, runner_id, hostname, pid, workers=0, labels=None, *, agent="",
+                        pid_start=None):
         """Record a runner: its host, its process by pid and start time (so
         that a restart knows at once whether that process still runs), how
-        many jobs it runs at once and its labels."""
+        many jobs it runs at once, its labels, and the agent it is (if it
+        joined over HTTP: then `pid_start` is what the agent said)."""
         with self._write() as tx:
             now = self._clock(tx)
             tx.execute("INSERT INTO runners (id, hostname, pid, pid_start, workers, started_at, "
-                       "heartbeat_at, labels) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON "
-                       "CONFLICT (id) "
-                       "DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
-                       (runner_id, hostname, pid, _process_start(pid), workers, now, now,
-                        json.dumps(labels or {}, sort_keys=True)))
+                       "heartbeat_at, labels, agent) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) "
+                       "ON CONFLICT (id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
+                       (runner_id, hostname, pid,
+                        _process_start(pid) if pid_start is None else pid_start, workers, now,
+                        now, json.dumps(labels or {}, sort_keys=True), agent))
+
+    def get_runner(self, runner_id):
+        return self._one("SELECT * FROM runners WHERE id = $1", (runner_id,),
+                         f"runner {runner_id} not found")
+
+    # -- agents -------------------------------------------------------------
+
+    def create_agent(self, name, labels=None):
+        """Make an agent's credential; returns (agent row, token). Only the
+        token's SHA-256 is stored: the token is shown this once."""
+        _check_name(name, "agent name")
+        secret = AGENT_TOKEN_PREFIX + secrets.token_urlsafe(32)
+        try:
+            with self._write() as tx:
+                tx.insert("INSERT INTO agents (name, hash, labels, created_at) "
+                          "VALUES ($1, $2, $3, $4)",
+                          (name, _token_hash(secret), json.dumps(labels or {}, sort_keys=True),
+                           _now()))
+        except self.IntegrityError:
+            raise Conflict(f"agent {name} already exists") from None
+        return self.get_agent(name), secret
+
+    def get_agent(self, name):
+        return self._one("SELECT id, name, labels, created_at, last_seen_at, version, address "
+                         "FROM agents WHERE name = $1", (name,), f"agent {name} not found")
+
+    def list_agents(self):
+        """Agents (never their tokens), each with its live runners and running jobs."""
+        agents = self._query("SELECT id, name, labels, created_at, last_seen_at, version, "
+                             "address FROM agents ORDER BY name")
+        runners = self._query("SELECT r.agent, r.id, r.workers, (SELECT count(*) FROM jobs j "
+                              "WHERE j.claimed_by = r.id AND j.status = $1) AS running "
+                              "FROM runners r WHERE r.agent <> ''", (RUNNING,))
+        for agent in agents:
+            mine = [runner for runner in runners if runner["agent"] == agent["name"]]
+            agent["runners"] = [runner["id"] for runner in mine]
+            agent["workers"] = sum(runner["workers"] for runner in mine)
+            agent["running"] = sum(runner["running"] for runner in mine)
+        return agents
+
+    def delete_agent(self, name):
+        """Revoke an agent at once: its token no longer works, its runners are
+        gone and the jobs they ran end as error."""
+        with self._write() as tx:
+            if not tx.execute("DELETE FROM agents WHERE name = $1", (name,)).rowcount:
+                raise NotFound(f"agent {name} not found")
+            runners = [row[0] for row in tx.execute("SELECT id FROM runners WHERE agent = $1",
+                                                    (name,))]
+            tx.execute("DELETE FROM runners WHERE agent = $1", (name,))
+            self._end_jobs_of(tx, runners, f"agent {name} was removed")
+
+    def _end_jobs_of(self, tx, runner_ids, message):
+        """End as error the running jobs of these runners; their ids."""
+        now, ended = self._clock(tx), []
+        for runner_id in runner_ids:
+            for job in tx.execute("SELECT id, build_id FROM jobs WHERE status = $1 "
+                                  "AND claimed_by = $2", (RUNNING, runner_id)).fetchall():
+                self._lock_build(tx, job["build_id"])
+                if tx.execute("UPDATE jobs SET status = $1, error = $2, finished_at = $3 "
+                              "WHERE id = $4 AND status = $5",
+                              (ERROR, message, now, job["id"], RUNNING)).rowcount:
+                    self._record_status(tx, job["build_id"], job["id"], ERROR, message, now)
+                    self._roll_up(tx, job["build_id"], now)
+                    ended.append(job["id"])
+        return ended
+
+    def agent_for_token(self, secret):
+        """The agent a token belongs to, or None (a constant-time comparison,
+        as for users' tokens)."""
+        digest = _token_hash(secret)
+        row = self._query_one("SELECT id, name, labels, hash, last_seen_at FROM agents "
+                              "WHERE hash = $1", (digest,))
+        if row is None or not hmac.compare_digest(row.pop("hash"), digest):
+            return None
+        return row
+
+    def agent_connected(self, name, runner_id, *, hostname, version, address, previous="",
+                        max_age=RUNNER_LOST_SECONDS):
+        """An agent's process connected as `runner_id`: note it, and end the
+        jobs of its `previous` run on that host (a restart: what they ran is
+        gone) and of the agent's silent runners there. Conflict if another
+        process of the agent still runs there (one process per agent token).
+        Returns the ids of the jobs ended."""
+        with self._write() as tx:
+            now = self._clock(tx)
+            others = tx.execute("SELECT id, pid, heartbeat_at FROM runners WHERE agent = $1 "
+                                "AND hostname = $2 AND id <> $3",
+                                (name, hostname, runner_id)).fetchall()
+            alive = [runner for runner in others if runner["id"] != previous
+                     and runner["heartbeat_at"] >= now - max_age]
+            if alive:
+                raise Conflict(f"agent {name} already runs on {hostname} (pid "
+                               f"{alive[0]['pid']}): one process per agent token; make "
+                               "another agent for another process")
+            tx.execute("UPDATE agents SET last_seen_at = $1, version = $2, address = $3 "
+                       "WHERE name = $4", (_now(), version, address, name))
+            earlier = [runner["id"] for runner in others]
+            for runner in earlier:
+                tx.execute("DELETE FROM runners WHERE id = $1", (runner,))
+            return self._end_jobs_of(tx, earlier, _RUNNER_STOPPED)
+
+    def running_jobs(self, runner_id):
+        """Ids of the jobs `runner_id` runs."""
+        return [row[0] for row in self._connection().execute(
+            "SELECT id FROM jobs WHERE status = $1 AND claimed_by = $2", (RUNNING, runner_id))]
+
+    def agent_builds_in_repo(self, name, repo_id):
+        """The builds of `repo_id` whose jobs agent `name` runs now."""
+        return [self.get_build_by_id(row[0]) for row in self._connection().execute(
+            "SELECT DISTINCT j.build_id FROM jobs j JOIN runners r ON r.id = j.claimed_by "
+            "JOIN builds b ON b.id = j.build_id WHERE j.status = $1 AND r.agent = $2 "
+            "AND b.repo_id = $3", (RUNNING, name, repo_id))]
+
+    def agent_seen(self, name):
+        """Stamp an agent's last contact (at most once a minute is written)."""
+        with contextlib.suppress(self.OperationalError):
+            self._write_one("UPDATE agents SET last_seen_at = $1 WHERE name = $2 "
+                            "AND last_seen_at < $3", (_now(), name, _now() - 60))
 
     def unregister_runner(self, runner_id):
         with self._write() as tx:
@@ -4175,14 +4408,32 @@ class Store:
 
     # -- logs ---------------------------------------------------------------
 
-    def append_log(self, job_id, seq, offset, data):
+    def append_log(self, job_id, seq, offset, data, *, lease=None):
         """Store one chunk of a job's log (seq and offset kept by the one writer),
-        compressed (see _LogCodec); offsets count the log's own bytes."""
+        compressed (see _LogCodec); offsets count the log's own bytes.
+
+        With the claim's `lease`, only while the job runs under that claim
+        (Conflict otherwise: an ended job's log never grows); a chunk stored
+        already (a retry whose first answer was lost) is not stored twice.
+        """
         codec, stored = self.codec.encode(data)  # outside the lock: others write meanwhile
-        self._write_one("INSERT INTO log_chunks (job_id, seq, start, data, codec, size) "
-                        "VALUES ($1, $2, $3, $4, $5, $6)", (job_id, seq, offset, stored, codec,
-                                                      len(data)))
+        values = (job_id, seq, offset, stored, codec, len(data))
+        try:
+            if lease is None:
+                self._write_one(_INSERT_CHUNK + "VALUES ($1, $2, $3, $4, $5, $6)", values)
+            elif not self._write_one(_INSERT_CHUNK + "SELECT $1, $2, $3, $4, $5, $6 WHERE TRUE"
+                                     + _LEASED.format(job="$1", lease=7),
+                                     (*values, lease)).rowcount:
+                raise self._ended(job_id)
+        except self.IntegrityError:
+            if not self._has_chunk(job_id, seq, offset, len(data)):
+                raise
         self._wake_log_followers()
+
+    def _has_chunk(self, job_id, seq, offset, size):
+        return self._query_one(f"SELECT 1 FROM log_chunks WHERE job_id = $1 AND seq = $2 "
+                               f"AND start = $3 AND {_CHUNK_SIZE} = $4",
+                               (job_id, seq, offset, size)) is not None
 
     def log_size(self, job_id):
         """Bytes in a job's log so far."""
@@ -4276,6 +4527,10 @@ class Store:
 
 
 _CHUNK_SIZE = "COALESCE(size, length(data))"  # bytes of log a chunk holds
+_INSERT_CHUNK = "INSERT INTO log_chunks (job_id, seq, start, data, codec, size) "
+# A write under a claim: only while the job runs with the lease it was given.
+_LEASED = (" AND EXISTS (SELECT 1 FROM jobs WHERE jobs.id = {job} AND jobs.status = 'running' "
+           "AND jobs.lease = ${lease})")
 
 
 class _LogReader(io.RawIOBase):
@@ -4511,13 +4766,24 @@ class PostgresStore(Store):
             tx.locked_builds.add(row[0])
         return row[0] if row is not None else None
 
-    def append_log(self, job_id, seq, offset, data):
+    def append_log(self, job_id, seq, offset, data, *, lease=None):
         # The chunk and the word to other processes' followers in one statement.
         codec, stored = self.codec.encode(data)
-        self._connection().execute(
-            "WITH chunk AS (INSERT INTO log_chunks (job_id, seq, start, data, codec, size) "
-            "VALUES ($1, $2, $3, $4, $5, $6) RETURNING job_id) SELECT pg_notify($7, $8) FROM chunk",
-            (job_id, seq, offset, stored, codec, len(data), _PG_LOG_CHANNEL, self._log_note))
+        values = (job_id, seq, offset, stored, codec, len(data), _PG_LOG_CHANNEL, self._log_note)
+        source = "VALUES ($1, $2, $3, $4, $5, $6)"
+        if lease is not None:
+            source = "SELECT $1, $2, $3, $4, $5, $6 WHERE TRUE" + _LEASED.format(job="$1", lease=9)
+            values += (lease,)
+        try:
+            row = self._connection().execute(
+                f"WITH chunk AS ({_INSERT_CHUNK}{source} RETURNING job_id) "
+                "SELECT pg_notify($7, $8) FROM chunk", values).fetchone()
+        except self.IntegrityError:
+            if not self._has_chunk(job_id, seq, offset, len(data)):
+                raise
+            row = ()
+        if row is None:
+            raise self._ended(job_id)
         Store._wake_log_followers(self)
 
     def _lock_build(self, tx, build_id):
@@ -6122,9 +6388,17 @@ class _LogWriter:
     much was dropped and the last LOG_TAIL_BYTES (held in memory meanwhile).
     """
 
-    def __init__(self, store, job_id, flush_seconds=LOG_FLUSH_SECONDS, *, cap=0):
+    def __init__(self, store, job_id, flush_seconds=LOG_FLUSH_SECONDS, *, cap=0, lease=None,
+                 wait_out=None, refused=None):
         self.store = store
         self.job_id = job_id
+        # The claim's lease; `wait_out(error)` says whether to try a store
+        # that cannot be reached again (after waiting); `refused(message)` is
+        # told once if the store refuses (the job was ended elsewhere).
+        self.lease = lease
+        self.wait_out = wait_out or _BriefRetries()
+        self.refused = refused
+        self.refusal = ""
         self.flush_seconds = flush_seconds
         self.seq = 0
         self.offset = 0
@@ -6231,17 +6505,37 @@ class _LogWriter:
             self._append(tail[start:start + LOG_CHUNK_BYTES])
 
     def _append(self, chunk):
-        for attempt in range(5):
+        while not self.refusal:
             try:
-                self.store.append_log(self.job_id, self.seq, self.offset, chunk)
+                self.store.append_log(self.job_id, self.seq, self.offset, chunk,
+                                      lease=self.lease)
                 break
-            except self.store.OperationalError:
-                # Busy beyond the busy timeout: retry rather than lose output.
-                if attempt == 4:
+            except Conflict as exc:  # the job was ended elsewhere: its log stays as it is
+                self.refusal = exc.message
+                if self.refused is not None:
+                    self.refused(exc.message)
+                return
+            except self.store.OperationalError as exc:
+                # Busy beyond the busy timeout, or the database is away: retry
+                # rather than lose output (the step waits on its pipe meanwhile).
+                if _is_disk_full(exc) or not self.wait_out(exc):
                     raise
-                time.sleep(0.2 * (attempt + 1))
         self.seq += 1
         self.offset += len(chunk)
+
+
+class _BriefRetries:
+    """A store that cannot be reached is tried four times more, 0.2 to 0.8 s apart."""
+
+    def __init__(self):
+        self.tries = 0
+
+    def __call__(self, _error):
+        self.tries += 1
+        if self.tries > 4:
+            return False
+        time.sleep(0.2 * self.tries)
+        return True
 
 
 # Container keys that reach the host (its devices, files, network): only a
@@ -6365,7 +6659,8 @@ class _JobRun:
         self.engine = executor.engine
         self.job = job
         self.token = f"{executor.store_key}-{job['id']}-{secrets.token_hex(6)}"
-        self.log = _LogWriter(self.store, job["id"], cap=executor.max_log_bytes)
+        self.lease = job.get("lease")
+        self.log = self._log_writer(executor.max_log_bytes)
         self.stop_requested = threading.Event()
         self.reason = ""
         self.workspace = None
@@ -6382,6 +6677,8 @@ class _JobRun:
         self.status = SUCCESS       # the status so far, as DRONE_BUILD_STATUS tells steps
         self.activity = "preparing"  # what it does now, for the queue
         self.services = self.steps = []
+        self.ended_elsewhere = ""   # why the store refused this claim's writes, if it did
+        self.store_away = False     # the store could not be reached at the last write
 
     def readable_paths(self):
         """What a step may read beyond its workspace: the objects of its own
@@ -6396,6 +6693,46 @@ class _JobRun:
         if not self.stop_requested.is_set():
             self.reason = reason
             self.stop_requested.set()
+
+    # -- what it records -----------------------------------------------------------
+
+    def _log_writer(self, cap):
+        return _LogWriter(self.store, self.job["id"], cap=cap, lease=self.lease,
+                          wait_out=self._wait_out, refused=self._refused)
+
+    def _refused(self, message):
+        """The store refused a write under this job's claim: the job was ended
+        elsewhere (found lost, its build deleted). Stop what is left of it."""
+        self.ended_elsewhere = message
+        self.request_stop(message)
+
+    def _wait_out(self, error):
+        """Wait a moment for a store that cannot be reached (a restart, a
+        network blip): True to try again, False once the executor stops."""
+        if not self.store_away:
+            _log.warning("job %s: the store cannot be reached (%s); holding its output "
+                         "until it can", self.job["id"], error)
+        self.store_away = True
+        return not self.executor.wait_stopping(0.5)
+
+    def _through_outage(self, call, *args, **fields):
+        """`call` under the job's claim, tried again through a store outage;
+        None (and the job asked to stop) once the store refuses."""
+        while not self.ended_elsewhere:
+            try:
+                result = call(*args, **fields)
+                self.store_away = False
+                return result
+            except Conflict as exc:
+                self._refused(exc.message)
+            except self.store.OperationalError as exc:
+                if _is_disk_full(exc) or not self._wait_out(exc):
+                    raise
+        return None
+
+    def _step(self, record, **fields):
+        """Record a step's progress."""
+        self._through_outage(self.store.update_step, record, lease=self.lease, **fields)
 
     def run(self):
         """Run the job and record its result; never raises."""
@@ -6427,7 +6764,7 @@ class _JobRun:
         self.build = self.store.get_build_by_id(self.job["build_id"])
         self.repo = self.store.get_repo_by_id(self.build["repo_id"])
         if self.repo["max_log_bytes"]:
-            self.log = _LogWriter(self.store, self.job["id"], cap=self.repo["max_log_bytes"])
+            self.log = self._log_writer(self.repo["max_log_bytes"])
         # A pipeline a fork wrote gets only the secrets marked for pull
         # requests, whatever event it runs as (a restart may change it).
         self.secrets = self.store.secrets_for(
@@ -6447,8 +6784,10 @@ class _JobRun:
         self.steps = [self._substituted(step) for step in self.pipeline.steps]
         self._check_plan()
         self.log.write(f"cirunner: {self._isolation()}\n")
-        ids = self.store.add_steps(self.job["id"], [(step.name, step.kind) for step in
-                                                    self.services + self.steps])
+        ids = self._through_outage(self.store.add_steps, self.job["id"], [
+            (step.name, step.kind) for step in self.services + self.steps], lease=self.lease)
+        if ids is None:
+            raise _JobError(self.reason)
         self.records = {id(step): record for step, record in zip(self.services + self.steps, ids)}
 
     def _pipeline(self):
@@ -6605,7 +6944,7 @@ class _JobRun:
         spool = _Spool()
         process, backend = self._spawn(step)
         running = _Running(step, process, backend, spool, None, self.records[id(step)])
-        self.store.update_step(running.record, status=RUNNING, started_at=_now())
+        self._step(running.record, status=RUNNING, started_at=_now())
         running.thread = threading.Thread(target=self._pump, args=(process, backend, spool, None),
                                           name=f"cirunner-{step.kind}-{step.name}", daemon=True)
         running.thread.start()
@@ -6632,7 +6971,7 @@ class _JobRun:
             runnable = [step for step in unit if self._applies(step)]
             for step in unit:
                 if step not in runnable:
-                    self.store.update_step(self.records[id(step)], status=SKIPPED)
+                    self._step(self.records[id(step)], status=SKIPPED)
             results = self._run_unit(runnable, deadline, minutes)
             for step, (code, stopped, fault) in zip(runnable, results):
                 if fault:
@@ -6678,7 +7017,7 @@ class _JobRun:
             if spool is not None and not unit[index].detach:
                 start = self.log.offset + len(self.log.buffer)
                 spool.copy_to(self.log)
-                self.store.update_step(self.records[id(unit[index])], log_start=start,
+                self._step(self.records[id(unit[index])], log_start=start,
                                        log_end=self.log.offset + len(self.log.buffer))
         return results
 
@@ -6687,7 +7026,7 @@ class _JobRun:
         record = self.records[id(step)]
         self.activity = f"step {step.name}" + (f" in {step.image}" if step.image else "")
         start = self.log.offset + len(self.log.buffer) if sink is self.log else 0
-        self.store.update_step(record, status=RUNNING, started_at=_now(), log_start=start)
+        self._step(record, status=RUNNING, started_at=_now(), log_start=start)
         code, stopped, fault = 0, "", ""
         try:
             code, stopped = self._run_step(step, sink, (deadline, minutes))
@@ -6699,7 +7038,7 @@ class _JobRun:
         fields = {"status": status, "exit_code": code, "finished_at": _now()}
         if sink is self.log:
             fields["log_end"] = self.log.offset + len(self.log.buffer)
-        self.store.update_step(record, **fields)
+        self._step(record, **fields)
 
     def _run_step(self, step, sink, limits):
         """(exit code, why it was stopped or "") of a step run to its end. A
@@ -6792,9 +7131,13 @@ class _JobRun:
         """Finish the job in the store; on a full disk, or while the database
         cannot be reached or stays locked, try again each second (until the
         executor stops, and a restart recovers it)."""
-        while True:
+        while not self.ended_elsewhere:
             try:
-                self.store.finish_job(self.job["id"], status, exit_code=exit_code, error=error)
+                self.store.finish_job(self.job["id"], status, exit_code=exit_code, error=error,
+                                      lease=self.lease)
+                return
+            except Conflict as exc:  # ended elsewhere meanwhile: that end stands
+                _log.warning("job %s: %s", self.job["id"], exc.message)
                 return
             except (self.store.OperationalError, OSError) as exc:
                 if not (_is_disk_full(exc) or isinstance(exc, self.store.OperationalError)) or (
@@ -6813,7 +7156,7 @@ class _JobRun:
             start = self.log.offset + len(self.log.buffer)
             self.log.write(f"--- {running.step.kind} {running.step.name} ---\n")
             running.spool.copy_to(self.log)
-            self.store.update_step(running.record, status=SUCCESS if code in (0, 137, 143)
+            self._step(running.record, status=SUCCESS if code in (0, 137, 143)
                                    else FAILURE, exit_code=code, finished_at=_now(),
                                    log_start=start,
                                    log_end=self.log.offset + len(self.log.buffer))
@@ -6823,7 +7166,7 @@ class _JobRun:
         with contextlib.suppress(CIRunnerError, self.store.Error):
             for row in self.store.list_steps([self.job["id"]])[self.job["id"]]:
                 if row["status"] in ACTIVE_STATUSES:
-                    self.store.update_step(row["id"], status=KILLED if (
+                    self._step(row["id"], status=KILLED if (
                         row["status"] == RUNNING) else SKIPPED, finished_at=_now())
 
 
@@ -6994,7 +7337,8 @@ class Executor:
         self.keep_builds, self.keep_days = keep_builds, keep_days
         self.max_log_bytes = max_log_bytes
         self.metrics = None  # a _Metrics, when a server with metrics runs this executor
-        self.workers = workers or os.cpu_count() or 1
+        # 0: none (a server whose jobs all run on agents still does the upkeep)
+        self.workers = (os.cpu_count() or 1) if workers is None else workers
         self.grace = grace
         self.workspace = workspace
         self.keep_workspaces = keep_workspaces
@@ -7032,20 +7376,23 @@ class Executor:
         self._tasks = [
             _Task("notice changes", 0.0, self._notice_changes),
             _Task("heartbeat", min(HEARTBEAT_SECONDS, agent_timeout / 4), self._heartbeat),
-            _Task("recover lost jobs", agent_timeout / 2, self._recover),
-            # Also as soon as the WAL is big: a writer that reaches the
-            # backstop checkpoints in line and stalls whoever logs fast.
-            _Task("checkpoint", CHECKPOINT_SECONDS, self.store.checkpoint,
-                  urgent=lambda: self.store.wal_bytes() >= WAL_CHECKPOINT_BYTES),
+            # Often enough that a lost runner's jobs end within its timeout plus
+            # a few seconds (one query, cheap).
+            _Task("recover lost jobs", min(agent_timeout / 2, RECOVER_SECONDS), self._recover),
             _Task("reap orphans", 1.0, self.runner.reap),
-            _Task("fire crons", 1.0, self._fire_crons),
-            # Briefly, in batches: the maintenance thread also keeps the heartbeat.
-            _Task("prune", prune_every, lambda: prune(
-                self.store, keep_builds=self.keep_builds, keep_days=self.keep_days, seconds=1.0)),
         ]
-        if not serving:
-            self._tasks = [task for task in self._tasks
-                           if task.name not in ("fire crons", "prune", "checkpoint")]
+        if serving:  # an agent only runs jobs: these are the servers' (done once, by any)
+            self._tasks += [
+                # Also as soon as the WAL is big: a writer that reaches the
+                # backstop checkpoints in line and stalls whoever logs fast.
+                _Task("checkpoint", CHECKPOINT_SECONDS, self.store.checkpoint,
+                      urgent=lambda: self.store.wal_bytes() >= WAL_CHECKPOINT_BYTES),
+                _Task("fire crons", 1.0, self._fire_crons),
+                # Briefly, in batches: the maintenance thread also keeps the heartbeat.
+                _Task("prune", prune_every, lambda: prune(
+                    self.store, keep_builds=self.keep_builds, keep_days=self.keep_days,
+                    seconds=1.0)),
+            ]
         self._last_version = None
 
     # -- lifecycle ----------------------------------------------------------
@@ -7460,6 +7807,10 @@ class _Access:
             request.query.get("access_token") or None)
         if secret is not None:
             user = self.store.authenticate(secret)
+            if user is None and secret.startswith(AGENT_TOKEN_PREFIX) and \
+                    self.store.agent_for_token(secret) is not None:
+                raise Forbidden("an agent's token works on the agent routes only "
+                                "(/api/agent/...)")
             if user is None:
                 raise Unauthorized("invalid or revoked token")
             return user
@@ -7883,6 +8234,16 @@ def _schemas():
 ###############################################################################
 
 
+def _agent_json(agent):
+    """An agent as the API shows it (no token, labels as an object)."""
+    labels = agent["labels"]
+    return {**{key: agent[key] for key in ("name", "created_at", "last_seen_at", "version",
+                                          "address") if key in agent},
+            "labels": json.loads(labels) if isinstance(labels, str) else labels,
+            "workers": agent.get("workers", 0), "running": agent.get("running", 0),
+            "runners": agent.get("runners", [])}
+
+
 def local_admin():
     """The caller the command line on the machine itself acts as: an admin
     (who can read the data directory can do anything anyway)."""
@@ -8183,6 +8544,29 @@ class Operations:
         self.store.delete_user(login)
         return {"deleted": login}
 
+    def list_agents(self, caller):
+        """Agents (never their tokens): labels, version, address, last seen,
+        workers and running jobs (admins)."""
+        self._require_admin(caller, "the list of agents")
+        return [_agent_json(agent) for agent in self.store.list_agents()]
+
+    def add_agent(self, caller, params):
+        """Make an agent's credential (admins): `name`, `labels` ({name: value},
+        or "k=v,..."); the answer shows its token this once."""
+        self._require_admin(caller, "adding an agent")
+        labels = params.get("labels") or {}
+        if isinstance(labels, str):
+            labels = _parse_labels(labels)
+        agent, token = self.store.create_agent(
+            _check_name(params.get("name"), "agent name"), _check_labels(labels))
+        return dict(_agent_json(agent), token=token)
+
+    def remove_agent(self, caller, agent):
+        """Revoke an agent at once (admins): its token stops working, its jobs end error."""
+        self._require_admin(caller, "removing an agent")
+        self.store.delete_agent(agent)
+        return {"deleted": agent}
+
     def _token_owner(self, caller, login):
         """Whose tokens the caller acts on: their own; anyone's for an admin."""
         if caller is None:
@@ -8281,7 +8665,7 @@ _PATH_PARAMETERS = {
     "build_id": (_POSITIVE, "the build's global id"), "status_id": (_POSITIVE, "status id"),
     "secret": (_STRING, "secret name"), "step": (_POSITIVE, "step number, in its job"),
     "cron": (_NAME_SCHEMA, "schedule name"), "token_id": (_POSITIVE, "token id"),
-    "login": (_NAME_SCHEMA, "a user's login"),
+    "login": (_NAME_SCHEMA, "a user's login"), "agent": (_NAME_SCHEMA, "an agent's name"),
 }
 
 
@@ -8349,6 +8733,8 @@ def _error_reply(error):
     headers = {"Content-Type": _JSON, "Cache-Control": "no-store"}
     if isinstance(error, Unauthorized):
         headers["WWW-Authenticate"] = 'Token realm="cirunner"'
+    if isinstance(error, Unavailable):
+        headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
     return bottle.HTTPResponse(json.dumps(error.to_json()), status=error.status, headers=headers)
 
 
@@ -8629,8 +9015,10 @@ class _Api:
         return raw
 
     def body_limit(self):
-        """The largest body of this request: a webhook's, or an API call's."""
+        """The largest body of this request: a webhook's, an agent's, or an API call's."""
         path = bottle.request.environ.get("PATH_INFO", "")
+        if path.startswith("/api/agent/"):
+            return AGENT_MAX_BODY
         return self.max_webhook_body if path in _WEBHOOK_PATHS else self.max_body
 
     def body(self):
@@ -9122,6 +9510,16 @@ _API_ROUTES = [
     _Route("DELETE", "/api/users/<login>", "delete_user", "user",
            "remove a user and their tokens (admins)", {200: (_OK, {"type": "object"})},
            errors=(400, 403, 404, 507)),
+    _Route("GET", "/api/agents", "list_agents", "user", "every agent (admins)",
+           {200: (_OK, {"type": "array", "items": {"type": "object"}})}, errors=(403,)),
+    _Route("POST", "/api/agents", "add_agent", "user",
+           "make an agent's credential (admins); its token is shown this once",
+           {201: (_OK, {"type": "object"})},
+           body={**_object(name=_NAME_SCHEMA, labels={"type": "object"}), "required": ["name"]},
+           errors=(400, 403, 409, 413, 507)),
+    _Route("DELETE", "/api/agents/<agent>", "remove_agent", "user",
+           "revoke an agent at once; its running jobs end error (admins)",
+           {200: (_OK, {"type": "object"})}, errors=(400, 403, 404, 507)),
     _Route("GET", "/api/queue", "queue", "user", "the pending jobs in order, each with why "
            "it waits, and the running ones", {200: (_OK, {"type": "object"})}),
     _Route("GET", "/metrics", _Api.metrics_page, "user", "Prometheus metrics (admins, or "
@@ -9439,7 +9837,7 @@ th{background:#eaeef2}.status{display:inline-block;padding:0 .5em;border-radius:
 .rows div:target{background:#264f78}.muted{color:#57606a}form.inline{display:inline}button{cursor:pointer}
 .log summary{cursor:pointer;padding:.25em .8em;background:#161b22;border-top:1px solid #30363d;font-family:system-ui,sans-serif}
 .log summary .muted{color:#8b949e}.failed{color:#cf222e;font-weight:600}
-.wide{overflow-x:auto}.id{word-break:break-all}pre.message{white-space:pre-wrap;word-break:break-word;margin:0}input{max-width:100%;box-sizing:border-box}input[type=password]{width:22em}
+.wide{overflow-x:auto}.made{background:#dafbe1;border:1px solid #1a7f37;padding:.6em}.id{word-break:break-all}pre.message{white-space:pre-wrap;word-break:break-word;margin:0}input{max-width:100%;box-sizing:border-box}input[type=password]{width:22em}
 .a1{font-weight:700}.a30{color:#8b949e}.a31{color:#ff7b72}.a32{color:#3fb950}.a33{color:#d29922}
 .a34{color:#58a6ff}.a35{color:#bc8cff}.a36{color:#39c5cf}.a37{color:#e6edf3}
 """
@@ -9485,6 +9883,9 @@ _TEMPLATES = {
 <meta name=viewport content='width=device-width,initial-scale=1'>
 <title>{{title}} - cirunner</title><style>{{!style}}</style></head>
 <body><header><a href='{{url("/")}}'>cirunner</a>
+% if user and user['admin']:
+<a href='{{url("/agents")}}'>agents</a>
+% end
 % if user:
 <form class=account method="post" action="{{url('/logout')}}"><span>{{user['login']}}</span> \
 <input type="hidden" name="csrf" value="{{csrf}}"><button>Sign out</button></form>
@@ -9605,6 +10006,35 @@ it runs as written.</p>
 <td>{{!label(row['status'])}}</td><td>{{row['message']}}</td></tr>
 % end
 </table></div>""",
+
+    "agents": """<h1>Agents</h1>
+% if made:
+<p class=made>Agent <b>{{made['name']}}</b> is made. Its token, shown this once: \
+<code class=id id=agent-token>{{made['token']}}</code><br>Run on the build machine: \
+<code>CIRUNNER_TOKEN=&lt;the token&gt; cirunner agent --server {{server}}</code></p>
+% end
+<div class=wide><table><tr><th>agent</th><th>labels</th><th>version</th><th>address</th>\
+<th>last seen</th><th>workers</th><th>running jobs</th><th></th></tr>
+% for agent in agents:
+<tr><td>{{agent['name']}}</td>\
+<td>{{', '.join(f'{key}={value}' for key, value in agent['labels'].items()) or '-'}}</td>\
+<td>{{agent['version'] or '-'}}</td><td>{{agent['address'] or '-'}}</td>\
+<td>{{!ago(agent['last_seen_at']) if agent['last_seen_at'] else 'never'}}</td>\
+<td>{{agent['workers']}}</td><td>{{agent['running']}}</td><td><form class=inline method=post \
+id='revoke-{{agent['name']}}' action='{{url(f"/agents/{agent['name']}/revoke")}}' \
+onsubmit="return confirm('Revoke {{agent['name']}}? Its token stops working and its running \
+jobs end as error.')"><input type=hidden name=csrf value='{{csrf}}'><button>Revoke</button>\
+</form></td></tr>
+% end
+</table></div>
+% if not agents:
+<p class=muted>No agents yet: add one, then start <code>cirunner agent</code> with its token \
+on the build machine.</p>
+% end
+<h2>Add an agent</h2><form method=post id=add-agent action='{{url("/agents")}}'>\
+<input type=hidden name=csrf value='{{csrf}}'><label>name <input name=name required></label> \
+<label>labels <input name=labels placeholder='arch=arm64,disk=ssd'></label> \
+<button>Add</button></form>""",
 
     "job": """<h1><a href='{{base}}'>{{repo['owner']}}/{{repo['name']}} #{{build['number']}}</a> \
 job {{job['number']}} {{!label(job['status'], 'job-status')}}</h1>
@@ -9918,6 +10348,27 @@ class _Pages:
     def decline(self, owner, name, number):
         return self.build_action(owner, name, number, "decline")
 
+    def agents_page(self, made=None):
+        """The agents (admins): name, labels, version, address, last seen,
+        workers and running jobs; a form to add one (its token shown once) and
+        a button to revoke each."""
+        agents = self.ops.list_agents(self.caller())
+        bottle.response.status = 201 if made else 200
+        body = self.render("agents", agents=agents, made=made, csrf=self.csrf_token(),
+                           ago=self.ago, server=bottle.request.url.rsplit("/agents", 1)[0])
+        return self.page("Agents", body, status=bottle.response.status_code)
+
+    def add_agent(self):
+        form = self.check_csrf()
+        made = self.ops.add_agent(self.caller(), {"name": form.get("name", "").strip(),
+                                                  "labels": form.get("labels", "").strip()})
+        return self.agents_page(made)
+
+    def revoke_agent(self, agent):
+        self.check_csrf()
+        self.ops.remove_agent(self.caller(), agent)
+        bottle.redirect(_url("/agents"), 303)
+
     def job_page(self, owner, name, number, job):
         repo = self.readable_repo(owner, name)
         build = self.find_build(repo, number)
@@ -9975,6 +10426,9 @@ _PAGE_ROUTES = [
     ("GET", "/login", _Pages.login_form),
     ("POST", "/login", _Pages.login),
     ("POST", "/logout", _Pages.logout),
+    ("GET", "/agents", _Pages.agents_page),
+    ("POST", "/agents", _Pages.add_agent),
+    ("POST", "/agents/<agent>/revoke", _Pages.revoke_agent),
     ("GET", "/<owner>/<name>", _Pages.repo_page),
     ("GET", "/<owner>/<name>/<number>", _Pages.build_page),
     ("POST", "/<owner>/<name>/<number>/cancel", _Pages.cancel),
@@ -10097,6 +10551,8 @@ def _api_callback(api, route):
         except (api.store.OperationalError, OSError) as error:
             if _is_disk_full(error):
                 return _error_reply(StorageFull(_disk_full_message(error)))
+            if isinstance(error, api.store.OperationalError):
+                return _error_reply(_store_away(error))
             _log.exception("unhandled error in %s %s", request.method, request.path)
             return _error_reply(CIRunnerError("internal server error"))
         except Exception:  # noqa: BLE001 - a bug answers 500 JSON, never HTML
@@ -10119,6 +10575,8 @@ def _page_callback(pages, handler):
             except (pages.store.OperationalError, OSError) as error:
                 if _is_disk_full(error):
                     raise StorageFull(_disk_full_message(error)) from None
+                if isinstance(error, pages.store.OperationalError):
+                    raise _store_away(error) from None
                 raise
         except Unauthorized:
             bottle.redirect(_url(f"/login?next={quote(request.path)}"), 303)
@@ -10164,6 +10622,920 @@ class _Bottle(bottle.Bottle):
         bottle.response.content_type = _JSON
         return json.dumps({"error": codes.get(status, "error"), "message": message,
                            "status": status})
+
+
+
+###############################################################################
+# Agents: the server's side ###################################################
+###############################################################################
+
+
+def _pkt_line(text):
+    """`text` as one git pkt-line (its length, four hex digits, first)."""
+    data = text.encode()
+    return b"%04x" % (len(data) + 4) + data
+
+
+class _AgentService:
+    """The server's side of agents that join over HTTP (`cirunner agent
+    --server URL --token TOKEN`). An agent holds a token of its own (made by
+    an admin, see `Store.create_agent`) that works on these routes only, and
+    gets one job at a time per worker with only what that job needs. Each
+    call is JSON, and carries the agent's runner id:
+
+    - ``POST /api/agent/connect`` {protocol, version, runner, hostname, pid,
+      pid_start, workers, labels}: register the runner (the admin's labels win
+      over the agent's); the jobs of the agent's earlier runners on that host
+      end (``recovered``: what the agent kills of them). A protocol other than
+      AGENT_PROTOCOL is refused with both versions named.
+    - ``POST /api/agent/poll`` {runner, stopping, wait}: a heartbeat that
+      waits (long-poll, at most AGENT_POLL_SECONDS) until there is news: jobs
+      claimed for it (as many as it has free workers; each with its build,
+      repository without sealed fields, pipeline, the previous build and the
+      secrets its event and origin allow) or cancels of its jobs (besides
+      those it says it is `stopping`). 409 ``runner_lost`` once it was found
+      lost: the agent connects again.
+    - ``POST /api/agent/report`` {runner, messages}: a job's steps, step
+      changes, log chunks and end, in order, each under the claim's lease; a
+      job ended elsewhere refuses them (``ended``: {job: why}) and the agent
+      stops it. Sent again after a lost answer, a report changes nothing.
+    - ``/api/agent/git/OWNER/NAME/…``: git's smart HTTP (upload-pack) from the
+      server's mirror, for a repository whose job the agent runs.
+
+    The store's outages answer 503 (the agent keeps what it has and tries again)."""
+
+    def __init__(self, store, *, agent_timeout, closing, max_polls):
+        self.store = store
+        self.agent_timeout = agent_timeout
+        self.poll_seconds = min(AGENT_POLL_SECONDS, agent_timeout / 4)
+        self.closing = closing
+        self.polls = threading.BoundedSemaphore(max(1, max_polls))
+        self.changed = threading.Condition()
+        self.changes = 0
+        store.add_listener(self._on_event)
+
+    def _on_event(self, event, _ids):
+        if event in ("enqueued", "cancel"):
+            self.notify()
+
+    def notify(self):
+        with self.changed:
+            self.changes += 1
+            self.changed.notify_all()
+
+    # -- who calls -------------------------------------------------------------
+
+    def agent(self, request):
+        """The agent whose token `request` carries; 401 for anything else."""
+        header = request.get_header("Authorization")
+        if header is None:
+            raise Unauthorized("an agent sends 'Authorization: Bearer <agent token>'")
+        agent = self.store.agent_for_token(_parse_authorization(header))
+        if agent is None:
+            raise Unauthorized("invalid or revoked agent token (an admin makes one with "
+                               "`cirunner agents add NAME`)")
+        return agent
+
+    def _runner(self, agent, runner_id):
+        if not isinstance(runner_id, str) or not runner_id:
+            raise BadRequest("runner is required")
+        try:
+            runner = self.store.get_runner(runner_id)
+        except NotFound:
+            raise RunnerLost(f"runner {runner_id} is not registered (found lost, or never "
+                             "connected): connect again") from None
+        if runner["agent"] != agent["name"]:
+            raise Forbidden(f"runner {runner_id} is not agent {agent['name']}'s")
+        return runner
+
+    # -- connect and poll ----------------------------------------------------------
+
+    def connect(self, agent, body, address):
+        protocol = body.get("protocol")
+        if protocol != AGENT_PROTOCOL:
+            raise Conflict(f"this server (cirunner {__version__}) speaks agent protocol "
+                           f"{AGENT_PROTOCOL}; the agent (cirunner {body.get('version', '?')}) "
+                           f"speaks {protocol!r}: run the same cirunner version on both")
+        runner_id = body.get("runner")
+        if not isinstance(runner_id, str) or not 0 < len(runner_id) <= 200:
+            raise BadRequest("runner must be a string")
+        with contextlib.suppress(NotFound):
+            if self.store.get_runner(runner_id)["agent"] != agent["name"]:
+                raise Forbidden(f"runner {runner_id} is not agent {agent['name']}'s")
+        hostname = _check_text(body.get("hostname") or "", "hostname", 255)
+        workers = body.get("workers")
+        if not isinstance(workers, int) or isinstance(workers, bool) or not 0 <= workers <= 1024:
+            raise BadRequest("workers must be a whole number from 0 to 1024")
+        labels = {**_check_labels(body.get("labels") or {}), **json.loads(agent["labels"])}
+        pid, pid_start = body.get("pid"), body.get("pid_start")
+        if not all(isinstance(value, int) and not isinstance(value, bool)
+                   for value in (pid, pid_start)):
+            raise BadRequest("pid and pid_start must be whole numbers")
+        recovered = self.store.agent_connected(
+            agent["name"], runner_id, hostname=hostname, address=address,
+            version=_check_text(str(body.get("version") or ""), "version", 40),
+            previous=str(body.get("previous") or ""), max_age=self.agent_timeout)
+        self.store.register_runner(runner_id, hostname, pid, workers, labels,
+                                   agent=agent["name"], pid_start=pid_start)
+        self.notify()
+        return {"protocol": AGENT_PROTOCOL, "version": __version__, "agent": agent["name"],
+                "labels": labels, "timeout": self.agent_timeout, "poll": self.poll_seconds,
+                "recovered": recovered}
+
+    def disconnect(self, agent, body):
+        runner = self._runner(agent, body.get("runner"))
+        self.store.unregister_runner(runner["id"])
+        return {"disconnected": runner["id"]}
+
+    def poll(self, agent, body):
+        """Wait for news for the agent's runner (see the class docstring)."""
+        runner = self._runner(agent, body.get("runner"))
+        stopping = set(body.get("stopping") or [])
+        wait = body.get("wait", self.poll_seconds)
+        wait = min(float(wait), self.poll_seconds) if isinstance(wait, (int, float)) else 0.0
+        self.store.agent_seen(agent["name"])
+        labels = json.loads(runner["labels"])
+        waits = self.polls.acquire(blocking=False)  # beyond max_polls: answer at once
+        try:
+            deadline = time.monotonic() + wait
+            stamped = 0.0
+            while True:
+                seen = self.changes
+                now = time.monotonic()
+                if now - stamped >= self.poll_seconds / 2:
+                    if not self.store.heartbeat(runner["id"]):
+                        raise RunnerLost(f"runner {runner['id']} was found lost: connect again")
+                    stamped = now
+                answer = self._news(runner, labels, stopping)
+                if answer["jobs"] or answer["cancel"] or not waits or now >= deadline \
+                        or self.closing.is_set():
+                    return answer
+                with self.changed:
+                    # Woken by new jobs, cancels and job ends in this process;
+                    # each second for those of other processes.
+                    self.changed.wait_for(
+                        lambda seen=seen: self.changes != seen or self.closing.is_set(),
+                        min(1.0, deadline - now))
+        finally:
+            if waits:
+                self.polls.release()
+
+    def _news(self, runner, labels, stopping):
+        cancels = {job_id: self.store.get_job_by_id(job_id)["error"] or "cancelled"
+                   for job_id in self.store.cancel_requested_jobs(runner["id"])
+                   if job_id not in stopping}
+        jobs = []
+        free = runner["workers"] - len(self.store.running_jobs(runner["id"]))
+        if free > 0 and self.store.queue_summary()[0]:
+            while len(jobs) < free:
+                job = self.store.claim_next_job(runner["id"], labels)
+                if job is None:
+                    break
+                jobs.append(self._payload(job))
+        return {"jobs": jobs, "cancel": cancels}
+
+    def _payload(self, job):
+        """What an agent needs to run `job`, and nothing more: no other job's
+        secrets, no sealed field of its repository."""
+        build = self.store.get_build_by_id(job["build_id"])
+        repo = {key: value for key, value in self.store.get_repo_by_id(build["repo_id"]).items()
+                if key not in _SEALED_REPO_FIELDS}
+        event = EVENT_PULL_REQUEST if build["fork"] else build["event"]
+        pipeline = self.store.get_pipeline(build["pipeline_id"]) if build["pipeline_id"] \
+            else None
+        return {"job": job, "build": build, "repo": repo, "pipeline": pipeline,
+                "previous": self.store.previous_build(build), "event": event,
+                "secrets": self.store.secrets_for(repo["id"], event)}
+
+    # -- reports -------------------------------------------------------------------
+
+    def report(self, agent, body):
+        """Apply a runner's messages in order (see the class docstring)."""
+        messages = body.get("messages")
+        if not isinstance(messages, list):
+            raise BadRequest("messages must be a list")
+        self._check_holder(agent, {message.get("job") for message in messages
+                                   if isinstance(message, dict)})
+        ended, finished = {}, False
+        for message in messages:
+            job_id = message.get("job") if isinstance(message, dict) else None
+            if job_id in ended:
+                continue
+            try:
+                finished |= self._apply(job_id, message)
+            except Conflict as exc:
+                ended[job_id] = exc.message
+        if finished:
+            self.notify()  # a worker is free: a waiting poll may take a job for it
+        return {"ended": ended}
+
+    def _check_holder(self, agent, job_ids):
+        """Refuse a report about a job that another agent (or a server) holds."""
+        for job_id in job_ids:
+            if not isinstance(job_id, int) or isinstance(job_id, bool):
+                raise BadRequest("each message names its job by id")
+            job = self.store.get_job_by_id(job_id)
+            with contextlib.suppress(NotFound):
+                if self.store.get_runner(job["claimed_by"])["agent"] != agent["name"]:
+                    raise Forbidden(f"job {job_id} is not this agent's")
+
+    def _apply(self, job_id, message):
+        """One message; True if it ended its job."""
+        lease, kind = message.get("lease"), message.get("type")
+        if not isinstance(lease, str):
+            raise BadRequest("each message carries its claim's lease")
+        if kind == "steps":
+            steps = message.get("steps")
+            if not isinstance(steps, list) or not all(
+                    isinstance(step, list) and len(step) == 2 for step in steps):
+                raise BadRequest("steps must be a list of [name, kind]")
+            self.store.add_steps(job_id, [(str(name), str(step_kind))
+                                          for name, step_kind in steps], lease=lease)
+        elif kind == "step":
+            fields = message.get("fields")
+            if not isinstance(fields, dict):
+                raise BadRequest("a step message carries its fields")
+            self.store.update_job_step(job_id, _check_positive(message.get("number"), "step"),
+                                       lease, **fields)
+        elif kind == "log":
+            data = base64.b64decode(message.get("data") or "", validate=True)
+            if len(data) > LOG_CHUNK_BYTES:
+                raise BadRequest(f"a log chunk holds at most {LOG_CHUNK_BYTES} bytes")
+            self.store.append_log(job_id, _check_count(message.get("seq"), "seq"),
+                                  _check_count(message.get("offset"), "offset"), data,
+                                  lease=lease)
+        elif kind == "end":
+            status = message.get("status")
+            if status not in (SUCCESS, FAILURE, KILLED, ERROR):
+                raise BadRequest(f"invalid job status {status!r}")
+            self.store.finish_job(job_id, status, exit_code=_check_int(message.get("exit_code"), "exit_code",
+                                                          default=0, minimum=-(2 ** 31)),
+                                  error=_check_text(message.get("error") or "", "error", 4000),
+                                  lease=lease)
+            return True
+        else:
+            raise BadRequest(f"unknown message type {kind!r}")
+        return False
+
+    # -- git -------------------------------------------------------------------------
+
+    def git_repo(self, agent, owner, name):
+        """(the repository, its mirror) if the agent runs a job of it now; the
+        mirror has every commit those jobs need (fetched with the server's
+        credentials, which never leave it)."""
+        repo = self.store.get_repo(owner, name)
+        builds = self.store.agent_builds_in_repo(agent["name"], repo["id"])
+        if not builds:
+            raise Forbidden(f"agent {agent['name']} runs no job of {owner}/{name}")
+        return repo, builds
+
+    def advertise(self, agent, owner, name):
+        repo, builds = self.git_repo(agent, owner, name)
+        for build in builds:
+            self.store.git.fetch_commit(repo, build["commit_sha"], _pull_ref(build["ref"]))
+        refs = self.store.git.run(["upload-pack", "--stateless-rpc", "--advertise-refs",
+                                   self.store.git.path(repo)])
+        return _pkt_line("# service=git-upload-pack\n") + b"0000" + refs
+
+    def upload_pack(self, agent, owner, name, request_body):
+        """Yield git-upload-pack's answer to a fetch's request, as it comes."""
+        repo, _ = self.git_repo(agent, owner, name)
+        spool = tempfile.TemporaryFile(prefix="cirunner-git-")  # noqa: SIM115 - closed below
+        spool.write(request_body)
+        spool.seek(0)
+        process = subprocess.Popen(
+            ["git", "-c", "uploadpack.allowAnySHA1InWant=true", "upload-pack", "--stateless-rpc",
+             self.store.git.path(repo)], stdin=spool, stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL, env=self.store.git.env)
+        spool.close()
+
+        def answer():
+            try:
+                while True:
+                    data = process.stdout.read(LOG_CHUNK_BYTES)
+                    if not data:
+                        return
+                    yield data
+            finally:
+                process.stdout.close()
+                process.kill()
+                process.wait()
+
+        return answer()
+
+
+def _check_count(value, name):
+    """A whole number >= 0, else BadRequest."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise BadRequest(f"{name} must be a whole number >= 0")
+    return value
+
+
+def _agent_callback(service, handler):
+    """The Bottle callback of an agent route: the agent's token first, then
+    the handler; errors answered as the API's JSON errors (503 while the
+    store cannot be reached)."""
+
+    def callback(**params):
+        request = bottle.request
+        try:
+            return handler(service, service.agent(request), **params)
+        except CIRunnerError as error:
+            return _error_reply(error)
+        except (service.store.OperationalError, OSError) as error:
+            if _is_disk_full(error):
+                return _error_reply(StorageFull(_disk_full_message(error)))
+            if isinstance(error, service.store.OperationalError):
+                return _error_reply(_store_away(error))
+            _log.exception("unhandled error in %s %s", request.method, request.path)
+            return _error_reply(CIRunnerError("internal server error"))
+        except Exception:  # noqa: BLE001 - a bug answers 500 JSON, never HTML
+            _log.exception("unhandled error in %s %s", request.method, request.path)
+            return _error_reply(CIRunnerError("internal server error"))
+
+    return callback
+
+
+def _agent_body(api):
+    body = _parse_json(api.read_body(), "body") if bottle.request.content_length else {}
+    if not isinstance(body, dict):
+        raise BadRequest("the JSON body must be an object")
+    return body
+
+
+def _agent_git_body(api):
+    """A git request's body, gunzipped if git sent it compressed."""
+    raw = api.read_body()
+    if (bottle.request.get_header("Content-Encoding") or "").lower() != "gzip":
+        return raw
+    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    data = inflater.decompress(raw, AGENT_MAX_BODY)
+    if inflater.unconsumed_tail:
+        raise TooLarge(f"a git request larger than {AGENT_MAX_BODY} bytes")
+    return data
+
+
+def _agent_routes(service, api):
+    """(method, path, handler(service, agent, **params)) of the agent protocol."""
+
+    def connect(service, agent):
+        return _send(service.connect(agent, _agent_body(api), bottle.request.remote_addr or ""))
+
+    def poll(service, agent):
+        return _send(service.poll(agent, _agent_body(api)))
+
+    def report(service, agent):
+        return _send(service.report(agent, _agent_body(api)))
+
+    def disconnect(service, agent):
+        return _send(service.disconnect(agent, _agent_body(api)))
+
+    def info_refs(service, agent, owner, name):
+        if bottle.request.query.get("service") != "git-upload-pack":
+            raise Forbidden("agents only fetch (git-upload-pack)")
+        return _send(_Reply(service.advertise(agent, owner, name),
+                            content_type="application/x-git-upload-pack-advertisement",
+                            headers={"Cache-Control": "no-cache"}))
+
+    def upload_pack(service, agent, owner, name):
+        answer = service.upload_pack(agent, owner, name, _agent_git_body(api))
+        bottle.response.content_type = "application/x-git-upload-pack-result"
+        bottle.response.set_header("Cache-Control", "no-cache")
+        return answer
+
+    return [("POST", "/api/agent/connect", connect), ("POST", "/api/agent/poll", poll),
+            ("POST", "/api/agent/report", report),
+            ("POST", "/api/agent/disconnect", disconnect),
+            ("GET", "/api/agent/git/<owner>/<name>/info/refs", info_refs),
+            ("POST", "/api/agent/git/<owner>/<name>/git-upload-pack", upload_pack)]
+
+
+
+###############################################################################
+# Agents: the build machine's side ############################################
+###############################################################################
+
+OUTBOX_MEMORY_BYTES = 64 * 1024 * 1024   # log an agent holds in memory for the server
+OUTBOX_DISK_BYTES = 1024 * 1024 * 1024   # then in its data directory; then it drops
+
+
+class _ServerAway(CIRunnerError):
+    """The server cannot be reached, or cannot answer now (503): try again."""
+
+    status = 503
+    code = "unavailable"
+
+
+class _AgentLink:
+    """JSON calls from an agent to its server: one kept-alive connection per
+    thread, the agent's token on each call. A server that cannot be reached
+    or answers 5xx raises _ServerAway; its 4xx, the error it names."""
+
+    def __init__(self, server, token):
+        if not server.startswith(("http://", "https://")):
+            raise BadRequest(f"--server must be an http(s) URL, not {server!r}")
+        if not token:
+            raise BadRequest("an agent needs its token: --token or CIRUNNER_TOKEN (an admin "
+                             "makes one with `cirunner agents add NAME`)")
+        self.server = server.rstrip("/")
+        self.parts = urlsplit(self.server)
+        self.token = token
+        self.local = threading.local()
+
+    def _connection(self, timeout):
+        import http.client  # here: an agent's import, not the server's
+
+        conn = getattr(self.local, "conn", None)
+        if conn is None:
+            kind = (http.client.HTTPSConnection if self.parts.scheme == "https"
+                    else http.client.HTTPConnection)
+            conn = self.local.conn = kind(self.parts.hostname, self.parts.port, timeout=timeout)
+        conn.timeout = timeout
+        if conn.sock is not None:
+            conn.sock.settimeout(timeout)
+        return conn
+
+    def reset(self):
+        conn = getattr(self.local, "conn", None)
+        self.local.conn = None
+        if conn is not None:
+            conn.close()
+
+    def call(self, path, body, *, timeout=60.0):
+        """POST `body` as JSON to the agent route `path`; the answer's JSON."""
+        data = json.dumps(body).encode()
+        headers = {"Content-Type": _JSON, "Accept": _JSON,
+                   "Authorization": f"Bearer {self.token}",
+                   "User-Agent": f"cirunner-agent/{__version__}"}
+        try:
+            conn = self._connection(timeout)
+            conn.request("POST", self.parts.path + path, body=data, headers=headers)
+            response = conn.getresponse()
+            answer = response.read()
+        except (OSError, ValueError) as exc:  # refused, reset, timed out, a bad answer
+            self.reset()
+            raise _ServerAway(f"cannot reach {self.server}: {exc}") from None
+        if response.getheader("Connection", "").lower() == "close":
+            self.reset()
+        if response.status >= 500:
+            raise _ServerAway(f"{self.server} answered {response.status}: "
+                              f"{answer[:200].decode(errors='replace')}")
+        try:
+            parsed = json.loads(answer) if answer else {}
+        except ValueError:
+            raise _ServerAway(f"{self.server} answered {response.status} without JSON: "
+                              "is it a cirunner server?") from None
+        if response.status >= 400:
+            parsed = parsed if isinstance(parsed, dict) else {}
+            raise _error_of_answer(parsed.get("error"), response.status,
+                                   str(parsed.get("message") or response.reason))
+        return parsed
+
+
+def _filler(size):
+    """`size` bytes that stand where an agent had to drop output."""
+    marker = (b"\n[cirunner: the agent dropped output here: the server could not be reached "
+              b"and its buffer was full]")
+    return (marker + b" " * size)[:max(0, size - 1)] + b"\n"[:size]
+
+
+class _Outbox:
+    """An agent's messages to its server, in order, until the server has
+    them: log bytes in memory up to `memory`, then in a file in `directory`
+    up to `disk`; past that a chunk's bytes are dropped (its place in the log
+    kept, filled with a marker) rather than the job stopped."""
+
+    def __init__(self, directory, *, memory=OUTBOX_MEMORY_BYTES, disk=OUTBOX_DISK_BYTES):
+        self.directory, self.memory, self.disk = directory, memory, disk
+        self.items = collections.deque()  # [message, bytes | ("spill", at, size) | size]
+        self.changed = threading.Condition()
+        self.in_memory = 0
+        self.spill = None
+        self.spilled = 0
+        self.dropped = 0
+
+    def put(self, message, data=None):
+        with self.changed:
+            if data is not None and self.in_memory + len(data) > self.memory:
+                data = self._set_aside(data)
+            elif data is not None:
+                self.in_memory += len(data)
+            self.items.append([message, data])
+            self.changed.notify_all()
+
+    def _set_aside(self, data):
+        if self.spilled + len(data) > self.disk:
+            self.dropped += len(data)
+            return len(data)
+        if self.spill is None:
+            self.spill = tempfile.TemporaryFile(  # noqa: SIM115 - closed in done and close
+                prefix="cirunner-outbox-", dir=self.directory)
+        os.pwrite(self.spill.fileno(), data, self.spilled)
+        self.spilled += len(data)
+        return ("spill", self.spilled - len(data), len(data))
+
+    def __len__(self):
+        return len(self.items)
+
+    def take(self, *, max_bytes, wait):
+        """The first messages (at most about `max_bytes` of log), with their
+        log as base64, left in place until `done`; [] if none came in `wait` s."""
+        with self.changed:
+            if not self.items:
+                self.changed.wait(wait)
+            items = list(itertools.islice(self.items, 0, 1000))
+        batch, size = [], 0
+        for message, data in items:
+            if data is not None:
+                data = self._read(data)
+                if batch and size + len(data) > max_bytes:
+                    break
+                size += len(data)
+                message = dict(message, data=base64.b64encode(data).decode())
+            batch.append(message)
+        return batch
+
+    def _read(self, data):
+        if isinstance(data, bytes):
+            return data
+        if isinstance(data, int):
+            return _filler(data)
+        _, at, size = data
+        return os.pread(self.spill.fileno(), size, at)
+
+    def done(self, count, *, drop_jobs=()):
+        """The first `count` messages reached the server; forget them, and any
+        message of `drop_jobs` (jobs ended elsewhere)."""
+        with self.changed:
+            for _ in range(count):
+                self._forget(self.items.popleft())
+            if drop_jobs:
+                kept = collections.deque()
+                for item in self.items:
+                    if item[0]["job"] in drop_jobs:
+                        self._forget(item)
+                    else:
+                        kept.append(item)
+                self.items = kept
+            if not self.items and self.spill is not None:
+                self.spill.close()
+                self.spill, self.spilled = None, 0
+            self.changed.notify_all()
+
+    def _forget(self, item):
+        if isinstance(item[1], bytes):
+            self.in_memory -= len(item[1])
+
+    def wait_empty(self, timeout):
+        """Wait until every message reached the server; whether they did."""
+        with self.changed:
+            return self.changed.wait_for(lambda: not self.items, timeout)
+
+    def close(self):
+        with self.changed:
+            if self.spill is not None:
+                self.spill.close()
+                self.spill = None
+
+
+class _AgentStore:
+    """What an agent's Executor works with in place of a store: its server,
+    over HTTP (see _AgentService).
+
+    Jobs come through a poll that one thread keeps open; the steps, log chunks
+    and end of each job go out in order through an outbox that a second
+    thread delivers in batches, and keeps while the server cannot be reached
+    (a restart, a network blip): the jobs run on meanwhile. What a job reads
+    (its build, repository, pipeline, previous build, secrets) is what its
+    claim brought; nothing else of the store is here. The job's checkout
+    comes from the server's mirror (git over HTTP, with the agent's token for
+    that server only)."""
+
+    Error = OperationalError = IntegrityError = _ServerAway
+
+    def __init__(self, server, token, data_dir):
+        self.link = _AgentLink(server, token)
+        self.data_dir = data_dir
+        _make_data_dir(data_dir)
+        base = f"{self.link.server}/api/agent/"
+        self.git = _GitMirrors(
+            os.path.join(data_dir, "mirrors"), config={f"http.{base}.extraHeader":
+                                                       f"Authorization: Bearer {token}"},
+            source=lambda repo: f"{base}git/{repo['owner']}/{repo['name']}")
+        self.outbox = _Outbox(data_dir)
+        self.runner = None        # what register_runner was told, to connect again
+        self.name = ""            # the agent's name, as the server knows it
+        self.refusal = ""         # why the server refused this agent, if it did
+        self.lost = False         # the server found this runner lost: connect again
+        self.jobs = {}            # job id -> its claim (job, build, repo, ...)
+        self.queue = collections.deque()  # claimed, not yet taken by a worker
+        self.ended = {}           # job id -> why the server ended it elsewhere
+        self.steps = {}           # job id -> [its steps, as told to the server]
+        self.recovered = []
+        self._listeners = []
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self._connected = threading.Event()
+        self._threads = []
+        self.poll_seconds = AGENT_POLL_SECONDS
+
+    def identity(self):
+        return f"{self.link.server} {os.path.abspath(self.data_dir)}"
+
+    def socket_directories(self):
+        return ()
+
+    def release_connection(self):
+        pass
+
+    def add_listener(self, callback):
+        self._listeners.append(callback)
+
+    def remove_listener(self, callback):
+        with contextlib.suppress(ValueError):
+            self._listeners.remove(callback)
+
+    def _tell(self, event, ids):
+        for callback in list(self._listeners):
+            callback(event, ids)
+
+    # -- connecting ---------------------------------------------------------------
+
+    def register_runner(self, runner_id, hostname, pid, workers=0, labels=None):
+        """Connect to the server (trying again while it cannot be reached),
+        then start polling it and delivering the outbox."""
+        self.runner = {"runner": runner_id, "hostname": hostname, "pid": pid,
+                       "pid_start": _process_start(pid), "workers": workers,
+                       "labels": labels or {}}
+        # The runner this data directory ran as before (a restart): the
+        # server ends what it ran, and the executor kills what is left here.
+        remembered = os.path.join(self.data_dir, "agent-runner")
+        with contextlib.suppress(OSError), open(remembered) as handle:
+            self.runner["previous"] = handle.read().strip()
+        self._connect()
+        with open(remembered, "w") as handle:
+            handle.write(runner_id + "\n")
+        if not self._threads:
+            for target, name in ((self._poll_loop, "cirunner-agent-poll"),
+                                 (self._send_loop, "cirunner-agent-send")):
+                thread = threading.Thread(target=target, name=name, daemon=True)
+                thread.start()
+                self._threads.append(thread)
+
+    def _connect(self):
+        delay = 0.2
+        while not self._closed.is_set():
+            try:
+                answer = self.link.call("/api/agent/connect", dict(
+                    self.runner, protocol=AGENT_PROTOCOL, version=__version__))
+                break
+            except _ServerAway as exc:
+                _log.warning("agent: %s; trying again in %g s", exc.message, delay)
+                self._closed.wait(delay)
+                delay = min(delay * 2, 5.0)
+            except CIRunnerError as exc:  # revoked, another version, another process
+                self.refusal = exc.message
+                raise
+        else:
+            return
+        self.name = answer["agent"]
+        self.poll_seconds = float(answer.get("poll") or AGENT_POLL_SECONDS)
+        self.recovered += answer.get("recovered") or []
+        self.lost = False
+        self._connected.set()
+
+    def unregister_runner(self, runner_id):
+        """Deliver what is left (a while), then say goodbye."""
+        if not self.outbox.wait_empty(30.0):
+            _log.warning("agent: %d message(s) for the server were not delivered",
+                         len(self.outbox))
+        with contextlib.suppress(CIRunnerError):
+            self.link.call("/api/agent/disconnect", {"runner": runner_id}, timeout=5.0)
+
+    def heartbeat(self, _runner_id):
+        """False once the server found this runner lost (the poll keeps it alive)."""
+        return not self.lost
+
+    def data_version(self):
+        return 0  # news come with the poll (see _news)
+
+    def queue_summary(self):
+        return len(self.queue), 0
+
+    def recover_lost_jobs(self, runner_id, hostname, pid, *, max_age=None, here=None):
+        """The jobs this data directory ran before this process (a crash, a
+        kill -9): the server ended them (now, or when it found the runner
+        lost), and what is left of them here is for the executor to kill."""
+        recovered, self.recovered = self.recovered, []
+        with contextlib.suppress(OSError, ValueError), open(self._journal()) as handle:
+            recovered = sorted(set(recovered) | set(json.load(handle)) - set(self.jobs))
+        self._write_journal()
+        if here is not None:
+            here += recovered
+        return recovered
+
+    def _journal(self):
+        return os.path.join(self.data_dir, "agent-jobs.json")
+
+    def _write_journal(self):
+        """The ids of the jobs this agent runs, on disk (for its next start)."""
+        with self._lock:
+            ids = sorted(self.jobs)
+        temporary = self._journal() + ".new"
+        with open(temporary, "w") as handle:
+            json.dump(ids, handle)
+        os.replace(temporary, self._journal())
+
+    def close(self):
+        self._closed.set()
+        self._connected.set()
+        with self.outbox.changed:
+            self.outbox.changed.notify_all()
+        for thread in self._threads:
+            thread.join(5.0)
+        self.link.reset()
+        self.outbox.close()
+
+    # -- polling ------------------------------------------------------------------
+
+    def _poll_loop(self):
+        delay = 0.2
+        while not self._closed.is_set():
+            self._connected.wait()
+            if self._closed.is_set() or self.refusal:
+                return
+            try:
+                answer = self.link.call("/api/agent/poll", {
+                    "runner": self.runner["runner"], "wait": self.poll_seconds,
+                    "stopping": [job_id for job_id, job in self.jobs.items()
+                                 if job["job"].get("stopping")]},
+                    timeout=self.poll_seconds + 30)
+                delay = 0.2
+            except _ServerAway as exc:
+                _log.warning("agent: %s; trying again in %g s", exc.message, delay)
+                self._closed.wait(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            except RunnerLost as exc:
+                self._found_lost(exc.message)
+                continue
+            except CIRunnerError as exc:
+                self._refused(exc.message)
+                return
+            self._news(answer)
+
+    def _news(self, answer):
+        jobs = answer.get("jobs") or []
+        with self._lock:
+            for payload in jobs:
+                self.jobs[payload["job"]["id"]] = payload
+                self.steps[payload["job"]["id"]] = []
+                self.queue.append(payload["job"])
+        if jobs:
+            self._write_journal()
+            self._tell("enqueued", [payload["job"]["id"] for payload in jobs])
+        cancels = {int(job_id): reason for job_id, reason in (answer.get("cancel") or {}).items()}
+        for job_id, reason in cancels.items():
+            payload = self.jobs.get(job_id)
+            if payload is not None:
+                payload["job"].update(stopping=True, error=reason)
+        if cancels:
+            self._tell("cancel", list(cancels))
+
+    def _found_lost(self, message):
+        """The server ended this runner's jobs (it was silent too long): stop
+        them here; the executor connects again (see Executor._heartbeat)."""
+        _log.warning("agent: %s", message)
+        self._connected.clear()
+        with self._lock:
+            for job_id in self.jobs:
+                self.ended.setdefault(job_id, f"agent lost: {message}")
+                self.jobs[job_id]["job"].update(status=ERROR, error=self.ended[job_id])
+        self.lost = True
+
+    def _refused(self, message):
+        _log.error("agent: the server refused this agent: %s", message)
+        self.refusal = message
+        self._found_lost(message)
+
+    # -- delivering ------------------------------------------------------------------
+
+    def _send_loop(self):
+        delay = 0.2
+        while True:
+            batch = self.outbox.take(max_bytes=4 * LOG_CHUNK_BYTES, wait=1.0)
+            if not batch:
+                if self._closed.is_set():
+                    return
+                continue
+            try:
+                answer = self.link.call("/api/agent/report",
+                                        {"runner": self.runner["runner"], "messages": batch})
+                delay = 0.2
+            except _ServerAway as exc:
+                if self._closed.wait(delay):
+                    return
+                delay = min(delay * 2, 5.0)
+                _log.warning("agent: %s; %d message(s) kept", exc.message, len(self.outbox))
+                continue
+            except CIRunnerError as exc:  # a message the server cannot take: not again
+                _log.error("agent: the server refused a report: %s", exc.message)
+                answer = {"ended": {str(message["job"]): exc.message for message in batch}}
+            ended = {int(job_id): reason for job_id, reason in answer.get("ended", {}).items()}
+            for job_id, reason in ended.items():
+                _log.warning("agent: job %s was ended elsewhere (%s): stopping it", job_id,
+                             reason)
+            with self._lock:
+                self.ended.update(ended)
+                for job_id, reason in ended.items():
+                    if job_id in self.jobs:
+                        self.jobs[job_id]["job"].update(status=ERROR, error=reason)
+            self.outbox.done(len(batch), drop_jobs=set(ended))
+            if ended:
+                self._tell("cancel", list(ended))
+
+    # -- what the executor reads -----------------------------------------------------
+
+    def claim_next_job(self, _runner_id, _labels=None):
+        with self._lock:
+            return dict(self.queue.popleft()) if self.queue else None
+
+    def cancel_requested_jobs(self, _runner_id):
+        return [job_id for job_id, payload in list(self.jobs.items())
+                if payload["job"].get("stopping")]
+
+    def _claim(self, key, value):
+        for payload in list(self.jobs.values()):
+            if payload[key]["id"] == value:
+                return payload
+        raise NotFound(f"no job of this agent has {key} {value}")
+
+    def get_job_by_id(self, job_id):
+        payload = self.jobs.get(job_id)
+        if payload is None:
+            raise NotFound(f"job {job_id} not found")
+        return dict(payload["job"])
+
+    def get_build_by_id(self, build_id):
+        return dict(self._claim("build", build_id)["build"])
+
+    def get_repo_by_id(self, repo_id):
+        return dict(self._claim("repo", repo_id)["repo"])
+
+    def get_pipeline(self, pipeline_id):
+        for payload in list(self.jobs.values()):
+            if payload["pipeline"] and payload["pipeline"]["id"] == pipeline_id:
+                return payload["pipeline"]
+        raise NotFound(f"pipeline {pipeline_id} not found")
+
+    def previous_build(self, build):
+        return self._claim("build", build["id"])["previous"]
+
+    def secrets_for(self, repo_id, event):
+        for payload in list(self.jobs.values()):
+            if payload["repo"]["id"] == repo_id and payload["event"] == event:
+                return dict(payload["secrets"])
+        return {}
+
+    def list_steps(self, job_ids):
+        return {job_id: [dict(step) for step in self.steps.get(job_id, [])]
+                for job_id in job_ids}
+
+    # -- what the executor writes ------------------------------------------------------
+
+    def _check(self, job_id):
+        if job_id in self.ended:
+            raise Conflict(self.ended[job_id])
+
+    def _put(self, job_id, lease, message, data=None):
+        self._check(job_id)
+        self.outbox.put(dict(message, job=job_id, lease=lease), data)
+
+    def add_steps(self, job_id, steps, *, lease=None):
+        self._put(job_id, lease, {"type": "steps", "steps": [list(step) for step in steps]})
+        self.steps[job_id] = [{"id": (job_id, number), "number": number, "name": name,
+                               "kind": kind, "status": PENDING}
+                              for number, (name, kind) in enumerate(steps, start=1)]
+        return [step["id"] for step in self.steps[job_id]]
+
+    def update_step(self, step_id, *, lease=None, **fields):
+        job_id, number = step_id
+        self._put(job_id, lease, {"type": "step", "number": number, "fields": fields})
+        self.steps[job_id][number - 1].update(fields)
+
+    def append_log(self, job_id, seq, offset, data, *, lease=None):
+        self._put(job_id, lease, {"type": "log", "seq": seq, "offset": offset}, bytes(data))
+
+    def finish_job(self, job_id, status, *, exit_code=0, error="", message="", lease=None):
+        try:
+            self._put(job_id, lease, {"type": "end", "status": status, "exit_code": exit_code,
+                                      "error": error})
+        finally:
+            with self._lock:
+                self.jobs.pop(job_id, None)
+                self.steps.pop(job_id, None)
+                self.ended.pop(job_id, None)
+            self._write_journal()
 
 
 class App:
@@ -10215,6 +11587,11 @@ def make_app(store, executor=None, *, max_body=DEFAULT_MAX_BODY, metrics_from=()
     api.openapi_document = _openapi_document(routes)
     for route in routes:
         app.route(route.path, route.method, _api_callback(api, route))
+    agents = _AgentService(store, closing=closing, max_polls=max_streams,
+                           agent_timeout=executor.agent_timeout if executor is not None
+                           else RUNNER_LOST_SECONDS)
+    for method, path, handler in _agent_routes(agents, api):
+        app.route(path, method, _agent_callback(agents, handler))
     for method, path, handler in _PAGE_ROUTES:
         app.route(path, method, _page_callback(pages, handler))
 
@@ -10408,7 +11785,7 @@ def serve(app, *, host=DEFAULT_HOST, port=DEFAULT_PORT, threads=DEFAULT_HTTP_THR
             asyncore_use_poll=True, clear_untrusted_proxy_headers=True,
             outbuf_high_watermark=1024 * 1024, connection_limit=connection_limit,
             channel_timeout=IDLE_CONNECTION_SECONDS, url_prefix=url_prefix,
-            max_request_body_size=max(app.max_body, app.max_webhook_body) + 1)
+            max_request_body_size=max(app.max_body, app.max_webhook_body, AGENT_MAX_BODY) + 1)
     except OSError as exc:
         raise CIRunnerError(f"cannot listen on {host}:{port}: {exc.strerror or exc}; stop what "
                             "uses it, or choose another address with --host/--port") from None
@@ -10794,24 +12171,20 @@ def _command_serve(args, stdout, stderr):
     return 0
 
 
-def _parse_labels(text):
-    """{name: value} from "k=v,k2=v2"."""
-    labels = {}
-    for pair in filter(None, (item.strip() for item in (text or "").split(","))):
-        name, equals, value = pair.partition("=")
-        if not equals or not name.strip():
-            raise BadRequest(f"--labels expects NAME=VALUE,..., not {pair!r}")
-        labels[name.strip()] = value.strip()
-    return labels
-
-
 def _command_agent(args, stdout, stderr):
-    """Run jobs from the shared store until SIGTERM or SIGINT (a second one
-    skips the jobs' grace period); SIGUSR1 drains, as for `serve`."""
-    if not args.db:
-        raise BadRequest("agent runs jobs from a store that servers share: give it "
-                         "--db postgresql://user:password@host/database (or CIRUNNER_DB)")
-    store = open_store(args.data, args.db)
+    """Run jobs of a server (--server and an agent's --token) or of a shared
+    PostgreSQL store (--db) until SIGTERM or SIGINT (a second one skips the
+    jobs' grace period); SIGUSR1 drains, as for `serve`."""
+    server = getattr(args, "server", None) or args.environ.get("CIRUNNER_SERVER")
+    token = getattr(args, "token", None) or args.environ.get("CIRUNNER_TOKEN")
+    if server and args.db:
+        raise BadRequest("an agent works for a server (--server) or from a shared store "
+                         "(--db), not both")
+    if not server and not args.db:
+        raise BadRequest("agent runs jobs for a server: give it --server URL --token TOKEN "
+                         "(an admin makes the token with `cirunner agents add NAME`), or, on "
+                         "a machine trusted as much as the servers, --db postgresql://...")
+    store = _AgentStore(server, token, args.data) if server else open_store(args.data, args.db)
     executor = Executor(store, workers=args.workers, grace=args.grace,
                         labels=_parse_labels(args.labels), **_isolation_options(args),
                         agent_timeout=args.agent_timeout, serving=False)
@@ -10825,11 +12198,16 @@ def _command_agent(args, stdout, stderr):
         _warn_unisolated(executor, stderr)
         engine = executor.engine.name if executor.engine else f"none ({executor.engine_problem})"
         labels = ",".join(f"{key}={value}" for key, value in sorted(executor.labels.items()))
+        source = f"server {server} as agent {store.name}" if server else store.identity()
         print(f"cirunner {__version__}: agent {executor.runner_id} runs jobs from "
-              f"{store.identity()} with {executor.workers} worker(s), labels {labels}, "
+              f"{source} with {executor.workers} worker(s), labels {labels}, "
               f"steps in {executor.isolation}, images in {engine}", file=stderr, flush=True)
         while not closing.wait(0.5):
-            pass
+            if getattr(store, "refusal", ""):
+                print(f"cirunner: the server refused this agent: {store.refusal}",
+                      file=stderr, flush=True)
+                executor.stop(reason="the server refused the agent")
+                return 1
         print("cirunner: shutting down: stopping running jobs", file=stderr, flush=True)
         executor.stop(reason="agent shut down")
     finally:
@@ -10896,6 +12274,28 @@ def _command_user(client, args, stdout, stderr):
     else:
         client.call("delete_user", login=args.login)
         print(f"removed user {args.login} and their tokens", file=stdout)
+    return 0
+
+
+@_with_client
+def _command_agents(client, args, stdout, stderr):
+    if args.agents_command == "add":
+        agent = client.call("add_agent", params={"name": args.name,
+                                                 "labels": _parse_labels(args.labels)})
+        print(f"agent {agent['name']}: its token, shown once (cirunner agent --server URL "
+              "--token TOKEN):", file=stderr)
+        print(agent["token"], file=stdout)
+    elif args.agents_command == "list":
+        for agent in client.call("list_agents"):
+            seen = (time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(agent["last_seen_at"]))
+                    if agent["last_seen_at"] else "never")
+            labels = ",".join(f"{key}={value}" for key, value in sorted(agent["labels"].items()))
+            print(f"{agent['name']}	{labels or '-'}	{agent['version'] or '-'}	"
+                  f"{agent['address'] or '-'}	last seen {seen}	{agent['running']}/"
+                  f"{agent['workers']} running", file=stdout)
+    else:
+        client.call("remove_agent", agent=args.name)
+        print(f"removed agent {args.name}: its token no longer works", file=stdout)
     return 0
 
 
@@ -11336,8 +12736,10 @@ def _make_parser(environ):
                              "default: the SQLite file in the data directory)")
     _add_server_options(common, default=argparse.SUPPRESS)  # also after the command
     workers = argparse.ArgumentParser(add_help=False)  # the commands that may run jobs
-    workers.add_argument("--workers", type=int, default=int(env("WORKERS", 0)) or None,
-                         help="job worker threads (env CIRUNNER_WORKERS, default: CPUs)")
+    workers.add_argument("--workers", type=_count_of("--workers"),
+                         default=_count_of("CIRUNNER_WORKERS")(env("WORKERS", "")),
+                         help="job worker threads (env CIRUNNER_WORKERS, default: CPUs; "
+                              "0: none, every job runs on agents)")
     _add_sandbox_option(workers, env)
 
     parser = argparse.ArgumentParser(prog="cirunner", description="A CI build runner in one file.")
@@ -11461,6 +12863,20 @@ def _add_serve_parser(commands, common, workers, env):
     serve_parser.set_defaults(handler=_command_serve)
 
 
+def _count_of(what):
+    """An argparse type: a whole number >= 0 ("" is None: the default)."""
+
+    def count(text):
+        if text == "":
+            return None
+        if not text.isdigit():
+            raise argparse.ArgumentTypeError(f"{what} must be a whole number >= 0, "
+                                             f"not {text!r}")
+        return int(text)
+
+    return count
+
+
 def _add_agent_timeout_option(parser, env):
     parser.add_argument("--agent-timeout", dest="agent_timeout", type=float,
                         default=float(env("AGENT_TIMEOUT", RUNNER_LOST_SECONDS)),
@@ -11560,6 +12976,17 @@ def _add_admin_parsers(commands, common):
         "list": ("list schedules", [(("full_name",), {"metavar": "OWNER/NAME", "nargs": "?"})],
                  [common]),
         "remove": ("remove a schedule", [full_name, (("name",), {"metavar": "NAME"})], [common]),
+    })
+    _add_subcommands(commands, "agents", "add, list or remove the agents (build machines) "
+                     "that may join", _command_agents, {
+        "add": ("make an agent's token; printed once", [
+            (("name",), {"metavar": "NAME"}),
+            (("--labels",), {"default": "", "metavar": "K=V,...",
+                             "help": "labels its jobs may require (they win over the "
+                                     "agent's own)"})], [common]),
+        "list": ("agents: labels, version, address, last seen, running jobs", [], [common]),
+        "remove": ("revoke an agent at once (its running jobs end error)",
+                   [(("name",), {"metavar": "NAME"})], [common]),
     })
     _add_subcommands(commands, "token", "create, list or revoke API tokens", _command_token, {
         "create": ("make a token; printed once", [

@@ -162,9 +162,9 @@ def stop_process(process, timeout=15):
 class Server:
     """A real `cirunner serve` process on 127.0.0.1 with a free port."""
 
-    def __init__(self, data_dir, *extra, env=None, prefix=""):
+    def __init__(self, data_dir, *extra, env=None, prefix="", port=None):
         self.data_dir = str(data_dir)
-        self.port = free_port()
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}{prefix}"
         self.log_path = os.path.join(self.data_dir, "serve.log")   # stderr: the log stream
         self.out_path = os.path.join(self.data_dir, "serve.out")   # stdout: the bootstrap token
@@ -243,10 +243,13 @@ class GitDaemon:
 @pytest.fixture(autouse=True)
 def steps_reach_tmp_path(tmp_path):
     """A server run as root (as CI runs the tests) runs steps as nobody, who must
-    pass through the folders above its data directory; pytest makes them 0700."""
+    pass through the folders above its data directory; pytest makes them 0700
+    (up to pytest-of-root: a worker of pytest-xdist has a level of its own)."""
     if os.geteuid() == 0:
-        for folder in (tmp_path.parent.parent, tmp_path.parent, tmp_path):
+        for folder in (tmp_path, *tmp_path.parents):
             folder.chmod(folder.stat().st_mode | 0o001)
+            if folder.name.startswith("pytest-of-"):
+                break
 
 
 @pytest.fixture
@@ -759,6 +762,8 @@ def test_builds_stored_before_are_filled_with_what_was_shown_for_them(tmp_path):
         raw.execute("UPDATE builds SET remote = '', ref = '', author_avatar = '', "
                     "pipeline_file = ''")
         raw.execute('ALTER TABLE log_chunks RENAME COLUMN start TO "offset"')  # as it was then
+        raw.executescript("DROP TABLE agents; ALTER TABLE runners DROP COLUMN agent; "
+                          "ALTER TABLE jobs DROP COLUMN lease")  # made by migration 17
         version = cirunner._MIGRATIONS.index(cirunner._store_builds_as_they_happened)
         raw.execute(f"PRAGMA user_version = {version}")
     store = cirunner.Store(path)
@@ -1980,8 +1985,12 @@ def test_openapi_document_is_valid_and_covers_every_route(store, app):
     assert pages == {("GET", "/"), ("GET", "/login"), ("POST", "/login"), ("POST", "/logout"),
                      ("GET", "/{}/{}"), ("GET", "/{}/{}/{}"), ("GET", "/{}/{}/{}/{}"),
                      ("POST", "/{}/{}/{}/cancel"), ("POST", "/{}/{}/{}/restart"),
-                     ("POST", "/{}/{}/{}/approve"), ("POST", "/{}/{}/{}/decline")}
-    assert routes - pages == documented  # every API route is in the document
+                     ("POST", "/{}/{}/{}/approve"), ("POST", "/{}/{}/{}/decline"),
+                     ("GET", "/agents"), ("POST", "/agents"), ("POST", "/agents/{}/revoke")}
+    # Every API route is in the document, but the agents' own protocol (it
+    # has a version of its own, checked when an agent connects).
+    assert {route for route in routes - pages
+            if not route[1].startswith("/api/agent/")} == documented
 
 
 def test_real_responses_conform_to_the_openapi_document(v1):
@@ -2077,7 +2086,10 @@ def test_stateful_sequences_find_no_5xx_and_keep_resources_honest(tmp_path, shar
     def current_app(environ, start_response):  # the newest world's app
         return worlds[-1].app.app(environ, start_response)
 
-    schema = schemathesis.openapi.from_wsgi("/api/openapi.json", current_app)
+    # Agents are no resource of a repository's (and a made agent's token is
+    # all the agent routes take): their own tests attack them.
+    schema = schemathesis.openapi.from_wsgi("/api/openapi.json", current_app).exclude(
+        path_regex="^/api/agents?(/|$)")
     calls = []
 
     class Workflow(schema.as_state_machine()):
@@ -4365,3 +4377,32 @@ def test_a_postgresql_store_without_psycopg_names_the_extra(tmp_path, monkeypatc
     assert result.returncode == 1 and "--db postgresql://" in result.stderr
     result = run_cli("repo", "list", "--db", "mysql://x", "--data", str(tmp_path / "data"))
     assert result.returncode == 1 and "--db expects postgresql://" in result.stderr
+
+
+def test_the_agents_page_lists_makes_and_revokes_agents_for_admins_only(site, store):
+    browser, alice = site
+    store.create_user("root", admin=True)
+    root = store.create_token("root")[1]
+    store.create_agent("pi", {"arch": "arm64"})
+    assert browser.get("/agents").location.endswith("/login?next=/agents")
+    sign_in(browser, alice)
+    assert "admins" in browser.get("/agents", status=403).text
+    assert "href='/agents'" not in browser.get("/").text  # no link for non-admins
+    browser.get("/").forms[0].submit(status=303)  # sign out
+    sign_in(browser, root)
+    assert "href='/agents'" in browser.get("/").text
+    page = browser.get("/agents")
+    assert "pi" in page.text and "arch=arm64" in page.text and "never" in page.text
+    form = page.forms["add-agent"]
+    form["name"], form["labels"] = "x86", "arch=amd64,disk=ssd"
+    made = form.submit(status=201)
+    token = made.html.find(id="agent-token").text
+    assert token.startswith("cia_") and store.agent_for_token(token)["name"] == "x86"
+    assert token not in browser.get("/agents").text  # shown once
+    form = browser.get("/agents").forms["add-agent"]
+    form["name"] = "x86"
+    assert "already exists" in form.submit(status=409).text
+    browser.post("/agents/pi/revoke", {"csrf": "forged"}, status=403)
+    assert [agent["name"] for agent in store.list_agents()] == ["pi", "x86"]
+    browser.get("/agents").forms["revoke-pi"].submit(status=303)
+    assert [agent["name"] for agent in store.list_agents()] == ["x86"]

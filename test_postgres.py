@@ -18,6 +18,8 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
+import urllib.request
 import uuid
 
 import pytest
@@ -49,8 +51,8 @@ class PostgresCluster:
                   "-E", "UTF8")
         options = (f"-p {self.port} -k {self.base} -c listen_addresses=127.0.0.1 "
                    f"-c max_connections=300 -c fsync={'on' if fsync else 'off'}")
-        self._run("pg_ctl", "-D", self.data, "-o", options, "-l",
-                  os.path.join(self.base, "server.log"), "-w", "start")
+        self.options = options
+        self.resume()
         self.admin_url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
 
     def _run(self, program, *args):
@@ -66,6 +68,14 @@ class PostgresCluster:
     def drop_database(self, url):
         with psycopg.connect(self.admin_url, autocommit=True) as conn:
             conn.execute(f"DROP DATABASE IF EXISTS {url.rsplit('/', 1)[1]} WITH (FORCE)")
+
+    def pause(self):
+        """Stop the server (an outage); `resume` starts it again as it was."""
+        self._run("pg_ctl", "-D", self.data, "-m", "fast", "-w", "stop")
+
+    def resume(self):
+        self._run("pg_ctl", "-D", self.data, "-o", self.options, "-l",
+                  os.path.join(self.base, "server.log"), "-w", "start")
 
     def stop(self):
         with contextlib.suppress(subprocess.CalledProcessError):
@@ -487,3 +497,65 @@ def test_recovery_never_overwrites_a_job_that_ended_while_it_waited(store, pg_ur
     assert store.get_job_by_id(job["id"])["status"] == "success"
     assert [status["status"] for status in store.list_statuses(build["id"])
             if status["job_id"] == job["id"]] == ["running"]
+
+
+def test_a_postgresql_outage_ends_no_job_and_the_api_answers_503(tmp_path, pg_cluster, pg_url):
+    """Two servers (one runs jobs itself) and an HTTP agent; PostgreSQL stops
+    for 10 s while three jobs log."""
+    import test_agents
+
+    common = ("--db", pg_url, "--sandbox", "none", "--agent-timeout", "60")
+    first = test_cirunner.Server(tmp_path / "serve-a", *common, "--workers", "1")
+    share_key(tmp_path / "serve-a", tmp_path / "serve-b")
+    second = test_cirunner.Server(tmp_path / "serve-b", *common, "--workers", "0")
+    second.token = first.token
+    agent = None
+    try:
+        status, made = first.api("POST", "/api/agents", {"name": "builder"})
+        assert status == 201, made
+        agent = test_agents.Agent(tmp_path / "agent", second, made["token"], "--sandbox", "none")
+        path = str(tmp_path / "repo")
+        commit_files(path, {".cirunner.yml": (
+            "matrix:\n  N: [1, 2, 3]\npipeline:\n  t:\n    commands:\n"
+            "      - for i in $(seq 1 300); do echo line-$i; sleep 0.05; done\n")})
+        assert first.api("POST", "/api/repos/alice/hello", {"url": path})[0] == 201
+        assert first.api("POST", "/api/repos/alice/hello/builds", {})[0] == 201
+
+        def running():
+            build = first.api("GET", "/api/repos/alice/hello/builds/1")[1]
+            return all(job["status"] == "running" for job in build["jobs"])
+
+        wait_for(running, timeout=30)
+        time.sleep(1.0)  # each job logs a while before the outage
+        pg_cluster.pause()
+        try:
+            answers = [server.api("GET", "/api/repos/alice/hello/builds/1")
+                       for server in (first, second)]
+            for status, body in answers:
+                assert status == 503, body
+                assert "store cannot be reached" in body["message"]
+            request = urllib.request.Request(first.url + "/api/repos/alice/hello/builds/1",
+                                             headers=first.auth)
+            with pytest.raises(urllib.error.HTTPError) as raised:
+                urllib.request.urlopen(request, timeout=10)
+            assert raised.value.code == 503 and raised.value.headers["Retry-After"]
+            time.sleep(10.0)  # the outage lasts 10 s
+        finally:
+            pg_cluster.resume()
+        wait_for(lambda: first.api("GET", "/api/repos/alice/hello/builds/1")[1].get("status")
+                 in ("success", "failure", "error", "killed"), timeout=90, interval=0.5)
+        build = first.api("GET", "/api/repos/alice/hello/builds/1")[1]
+        assert build["status"] == "success", [(job["status"], job["error"])
+                                              for job in build["jobs"]]
+        for job in build["jobs"]:
+            request = urllib.request.Request(
+                f"{first.url}/api/repos/alice/hello/logs/1/{job['number']}", headers=first.auth)
+            with urllib.request.urlopen(request, timeout=10) as response:
+                lines = [line for line in response.read().decode().splitlines()
+                         if line.startswith("line-")]
+            assert lines == [f"line-{n}" for n in range(1, 301)], job["number"]
+    finally:
+        if agent is not None:
+            agent.stop()
+        second.stop()
+        first.stop()

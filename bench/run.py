@@ -19,6 +19,7 @@ import glob
 import http.client
 import json
 import os
+import pathlib
 import py_compile
 import re
 import shutil
@@ -302,15 +303,15 @@ def bench_latency(work, samples):
            "<= 25 ms", p95 <= 0.025)
 
 
-def trigger_to_success(server, sha, samples, warm_up=5):
-    """Seconds from an API trigger of bench/r to its job's success, each."""
+def trigger_to_success(server, sha, samples, warm_up=5, repo="r"):
+    """Seconds from an API trigger of bench/`repo` to its job's success, each."""
     times = []
     for attempt in range(samples + warm_up):
         started = time.perf_counter()
-        build = server.request("POST", "/api/repos/bench/r/builds", {"commit": sha})
+        build = server.request("POST", f"/api/repos/bench/{repo}/builds", {"commit": sha})
         # Follow the job's live log, as a viewer would: the stream ends with
         # the job, committed in the same transaction as the build's status.
-        stream = server.request("GET", f"/api/repos/bench/r/logs/{build['number']}/1"
+        stream = server.request("GET", f"/api/repos/bench/{repo}/logs/{build['number']}/1"
                                 "?follow=1", raw=True)
         elapsed = time.perf_counter() - started
         assert b"event: end" in stream and b'"status": "success"' in stream, stream
@@ -1219,8 +1220,142 @@ def _bench_pg_claims(work, cluster, claims, workers=12):
            f"{errors[:1] if errors else ''}")
 
 
-SECTIONS = ("dispatch", "latency", "biglog", "api", "throughput", "triggers", "sandbox",
-            "containers", "footprint", "soak", "logs", "wakeups", "postgres")
+class HttpAgent:
+    """A real `cirunner agent --server URL --token TOKEN` (no database, no key)."""
+
+    def __init__(self, data_dir, server, name, workers=2, sandbox="none"):
+        os.makedirs(data_dir, exist_ok=True)
+        token = server.request("POST", "/api/agents", {"name": name})["token"]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CIRUNNER_")}
+        env.update(CIRUNNER_LOG_LEVEL="WARNING", PYTHONPATH=ROOT)
+        self.log_path = os.path.join(data_dir, "agent.out")
+        self.out = open(self.log_path, "w")  # noqa: SIM115
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "cirunner", "agent", "--server",
+             f"http://127.0.0.1:{server.port}", "--token", token, "--data", data_dir,
+             "--workers", str(workers), "--sandbox", sandbox, "--engine", "none"],
+            stdout=self.out, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + 20
+        while "runs jobs from" not in pathlib.Path(self.log_path).read_text():
+            if time.monotonic() > deadline or self.process.poll() is not None:
+                raise RuntimeError(f"the agent did not start: see {self.log_path}")
+            time.sleep(0.05)
+
+    def stop(self):
+        stop_process(self.process)
+        self.out.close()
+
+
+def bench_agents(work, repeats, jobs=200):
+    """Agents over HTTP against a SQLite `serve --workers 0`: dispatch over two
+    agents, trigger-to-success of a job on an agent, a 50 MB log produced on
+    an agent (against the same job run by serve itself), an idle agent's RSS."""
+    data = os.path.join(work, "agents")
+    os.makedirs(data)
+    server = Server(data, workers=0)
+    agents = []
+    try:
+        agents = [HttpAgent(os.path.join(work, f"http-agent-{n}"), server, f"bench-{n}")
+                  for n in range(2)]
+        time.sleep(1.0)
+        idle = [rss_kib(agent.process.pid) / 1024 for agent in agents]
+        _bench_agent_dispatch(work, server, repeats, jobs, data)
+        repo_path = os.path.join(work, "repo-agents-latency")
+        sha = make_repo(repo_path, "clone: false\npipeline: {t: {commands: [true]}}\n")
+        server.request("POST", "/api/repos/bench/lat", {"url": repo_path})
+        times = trigger_to_success(server, sha, 20 if repeats == 1 else 50, repo="lat")
+        on_agents = _big_log_runs(work, server, "agent", repeats)
+    finally:
+        for agent in agents:
+            agent.stop()
+        server.stop()
+    floor = spawn_times(50)
+    record("agents: API trigger -> success on an agent, p50", times, "s",
+           statistics.median(floor), "<= 20 ms", statistics.median(times) <= 0.020,
+           "baseline: spawn+wait of `true`; serve --workers 0, 2 HTTP agents")
+    local_data = os.path.join(work, "agents-local")
+    os.makedirs(local_data)
+    local = Server(local_data, workers=2)
+    try:
+        by_serve = _big_log_runs(work, local, "serve", repeats)
+    finally:
+        local.stop()
+    base = statistics.median(by_serve)
+    record("agents: 50 MB log produced on an agent", on_agents, "s", base,
+           "<= 2x serve itself", statistics.median(on_agents) <= 2 * base,
+           "baseline: the same job run by serve itself")
+    record("agents: idle agent RSS", idle, "MiB", None, "<= 30 MiB", max(idle) <= 30,
+           "absolute: rests on the machine's Python")
+
+
+def _bench_agent_dispatch(work, server, repeats, jobs, data):
+    repo_path = os.path.join(work, "repo-agents-dispatch")
+    pipeline = "clone: false\npipeline: {t: {commands: [true]}}\n"
+    sha = make_repo(repo_path, pipeline)
+    server.request("POST", "/api/repos/bench/r", {"url": repo_path})
+    store = cirunner.Store.open(data)
+    repo = store.get_repo("bench", "r")
+    pipeline_id = store.save_pipeline(".cirunner.yml", pipeline,
+                                      cirunner.parse_pipeline(pipeline).to_json())
+    fields = {"event": "manual", "branch": "main", "commit_sha": sha,
+              "pipeline_id": pipeline_id, "pipeline_file": ".cirunner.yml"}
+    rates = []
+    try:
+        for attempt in range(repeats + 1):  # the first is a warm-up
+            started = time.perf_counter()
+            last = None
+            for _ in range(jobs):
+                last = store.create_build(repo["id"], fields, [{}])
+            server.wait_finished("bench", "r", last["number"], POLL)
+            server.wait_idle("bench", "r", POLL)
+            if attempt:
+                rates.append(jobs / (time.perf_counter() - started))
+    finally:
+        store.close()
+    floor = [jobs / popen_floor(jobs) for _ in range(repeats)]
+    record(f"agents: {jobs} jobs over 2 HTTP agents x 2 workers", rates, "jobs/s",
+           statistics.median(floor), ">= 200 jobs/s", statistics.median(rates) >= 200,
+           "baseline: Popen loop of `true`, 2 threads; SQLite serve --workers 0")
+
+
+def _big_log_runs(work, server, where, repeats):
+    """Seconds from trigger to success of a job printing 50 MB, each run."""
+    command = f"yes {LINE} | head -c {FIFTY_MB}"
+    repo_path = os.path.join(work, f"repo-agents-biglog-{where}")
+    sha = make_repo(repo_path, f"clone: false\npipeline: {{t: {{commands: ['{command}']}}}}\n")
+    server.request("POST", "/api/repos/bench/big", {"url": repo_path})
+    runs = []
+    for attempt in range(repeats + 1):  # the first is a warm-up
+        started = time.perf_counter()
+        build = server.request("POST", "/api/repos/bench/big/builds", {"commit": sha})
+        finished = server.wait_finished("bench", "big", build["number"], POLL)
+        assert finished["status"] == "success", finished
+        if attempt:
+            runs.append(time.perf_counter() - started)
+    return runs
+
+
+# Each section, in the order they run: (name, run(work, repeats, quick)).
+SECTION_RUNS = (
+    ("dispatch", lambda work, repeats, quick: bench_dispatch(work, repeats)),
+    ("latency", lambda work, repeats, quick: bench_latency(work, 20 if quick else 50)),
+    ("biglog", lambda work, repeats, quick: bench_big_log(work, repeats)),
+    ("api", lambda work, repeats, quick: bench_api_scale(work, 50 if quick else 300,
+                                                         10_000 if quick else 100_000)),
+    ("throughput", lambda work, repeats, quick: bench_throughput(work, 3 if quick else 4,
+                                                                 repeats)),
+    ("sandbox", lambda work, repeats, quick: bench_sandbox(work, 10 if quick else 30)),
+    ("containers", lambda work, repeats, quick: bench_containers(work, 5 if quick else 15)),
+    ("triggers", lambda work, repeats, quick: bench_triggers(work, 1 if quick else 3)),
+    ("footprint", lambda work, repeats, quick: bench_footprint(work, 50 if quick else 600)),
+    ("logs", lambda work, repeats, quick: bench_log_storage(work)),
+    ("wakeups", lambda work, repeats, quick: bench_wakeups(work)),
+    ("soak", lambda work, repeats, quick: bench_soak(work)),
+    ("postgres", lambda work, repeats, quick: bench_postgres(work, repeats)),
+    ("agents", lambda work, repeats, quick: bench_agents(work, repeats)),
+)
+SECTIONS = tuple(name for name, _ in SECTION_RUNS)
+SLOW_SECTIONS = ("biglog", "logs", "soak")  # not with --quick
 
 
 def main():
@@ -1246,32 +1381,9 @@ def main():
           f"{'target':<22} result")
     started = time.monotonic()
     try:
-        if "dispatch" in wanted:
-            bench_dispatch(work, repeats)
-        if "latency" in wanted:
-            bench_latency(work, 20 if args.quick else 50)
-        if "biglog" in wanted and not args.quick:
-            bench_big_log(work, repeats)
-        if "api" in wanted:
-            bench_api_scale(work, 50 if args.quick else 300, 10_000 if args.quick else 100_000)
-        if "throughput" in wanted:
-            bench_throughput(work, 3 if args.quick else 4, repeats)
-        if "sandbox" in wanted:
-            bench_sandbox(work, 10 if args.quick else 30)
-        if "containers" in wanted:
-            bench_containers(work, 5 if args.quick else 15)
-        if "triggers" in wanted:
-            bench_triggers(work, 1 if args.quick else 3)
-        if "footprint" in wanted:
-            bench_footprint(work, 50 if args.quick else 600)
-        if "logs" in wanted and not args.quick:
-            bench_log_storage(work)
-        if "wakeups" in wanted:
-            bench_wakeups(work)
-        if "soak" in wanted and not args.quick:
-            bench_soak(work)
-        if "postgres" in wanted:
-            bench_postgres(work, repeats)
+        for name, run in SECTION_RUNS:
+            if name in wanted and (name not in SLOW_SECTIONS or not args.quick):
+                run(work, repeats, args.quick)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     targets = [row for row in RESULTS if row["pass"] is not None]
