@@ -314,6 +314,7 @@ HEARTBEAT_SECONDS = 10.0        # a runner stamps itself (and its jobs) this oft
 RUNNER_LOST_SECONDS = 60.0      # a runner silent this long is gone
 RECOVER_SECONDS = 5.0           # servers look for lost runners at least this often
 RETRY_AFTER_SECONDS = 5         # what a 503 tells the client to wait
+AGENT_RETRY_SECONDS = 2         # an agent tries an unreachable server again at least this often
 AGENT_PROTOCOL = 1              # what `agent --server` and the server speak (see _AgentService)
 AGENT_POLL_SECONDS = 20.0       # the longest an agent's poll waits for work
 AGENT_MAX_BODY = 16 * 1024 * 1024  # an agent's report (log chunks) or git request
@@ -700,16 +701,19 @@ class _Substitution:
     ``${X+w}``, ``${X:?m}``, ``${#X}``, ``${X:o}``, ``${X:o:l}``, ``${X^}``,
     ``${X^^}``, ``${X,}``, ``${X,,}``, ``${X/a/b}``, ``${X//a/b}``,
     ``${X/#a/b}``, ``${X/%a/b}``, ``${X#p}``, ``${X##p}``, ``${X%p}``,
-    ``${X%%p}``; arguments may hold expressions. ``$${`` is a literal ``${``.
+    ``${X%%p}``; arguments may hold expressions. ``$$`` is a literal ``$``
+    (``$${X}`` is ``${X}``, ``$$HOME`` is ``$HOME``), as in Drone's envsubst;
+    with `dollars` unset only ``$${`` is (the shell keeps its ``$$``).
     An expression whose variable has no value is left as written, for the
     shell. With `shell` set, an expression is replaced only when its value is
     inert in a shell word; any other is left for the shell, which reads the
     value from the job's environment, so that no value becomes code.
     """
 
-    def __init__(self, variables, *, shell=False):
+    def __init__(self, variables, *, shell=False, dollars=True):
         self.variables = variables
         self.shell = shell
+        self.dollars = dollars
 
     def __call__(self, text):
         out, index = [], 0
@@ -719,7 +723,10 @@ class _Substitution:
                 out.append(text[index:])
                 return "".join(out)
             out.append(text[index:found])
-            if text.startswith("$${", found):
+            if self.dollars and text.startswith("$$", found):
+                out.append("$")
+                index = found + 2
+            elif text.startswith("$${", found):
                 out.append("${")
                 index = found + 3
             elif text.startswith("${", found):
@@ -876,15 +883,17 @@ def _trim_longest_suffix(value, pattern):
     return value
 
 
-def substitute(text, variables, *, shell=False):
+def substitute(text, variables, *, shell=False, dollars=True):
     """Replace ``${VAR}`` expressions (Drone's envsubst forms) in `text`.
 
-    ``$${VAR}`` stays literal (as ``${VAR}``). A ``${VAR}`` with no value and
+    ``$$`` is a literal ``$`` (``$$HOME`` is ``$HOME``); with `dollars` false
+    only ``$${VAR}`` is (as ``${VAR}``), the shell's ``$$`` kept (Drone 0.4
+    files and .cirunner.yml). A ``${VAR}`` with no value and
     no default is left as it is, so the shell can still expand it from the
     job's environment. With `shell`, only values inert in a shell word are
     pasted in (see `_Substitution`). Raises ConfigError for a malformed one.
     """
-    return _Substitution(variables, shell=shell)(text)
+    return _Substitution(variables, shell=shell, dollars=dollars)(text)
 
 
 def _substitute_04(text, matrix, *, shell=False):
@@ -935,9 +944,10 @@ class _YamlReader:
     """Reads pipeline YAML into `_YamlMap`/`_YamlList` values, noting problems
     (duplicate keys first of all) instead of stopping at the first."""
 
-    def __init__(self, filename, problems):
+    def __init__(self, filename, problems, *, drone=False):
         self.filename = filename
         self.problems = problems
+        self.drone = drone  # duplicate keys are read as Drone read them, with a warning
         self.nodes = 0
 
     def read(self, text):
@@ -990,7 +1000,7 @@ class _YamlReader:
         problem = getattr(exc, "problem", None) or str(exc)
         self.problems.add(mark.line + 1 if mark else None, f"invalid YAML: {problem}")
 
-    def _convert(self, loader, node, raw, depth):
+    def _convert(self, loader, node, raw, depth, key=None):
         self.nodes += 1
         if self.nodes > _MAX_YAML_NODES:
             raise _YamlBudget()
@@ -1008,9 +1018,10 @@ class _YamlReader:
                 items.append(self._convert(loader, child, raw, depth + 1))
                 items.lines.append(child.start_mark.line + 1)
             return items
-        return self._convert_mapping(loader, node, raw, depth, line)
+        return self._convert_mapping(loader, node, raw, depth, line,
+                                     steps=depth == 1 and key in ("pipeline", "services"))
 
-    def _convert_mapping(self, loader, node, raw, depth, line):
+    def _convert_mapping(self, loader, node, raw, depth, line, *, steps=False):
         mapping = _YamlMap(line)
         explicit = set()
         for key_node, value_node in node.value:
@@ -1021,14 +1032,28 @@ class _YamlReader:
                 raise yaml.constructor.ConstructorError(
                     None, None, "mapping keys must be plain scalars", key_node.start_mark)
             key, key_line = key_node.value, key_node.start_mark.line + 1
+            value = self._convert(loader, value_node, raw or key in _RAW_SCALAR_KEYS,
+                                  depth + 1, key)
             if key in explicit:
-                self.problems.add(key_line, f"duplicate key {key!r} (first on line "
-                                            f"{mapping.lines[key]}): keys must be unique; "
-                                            "give each step a name of its own")
-                continue
+                first = mapping.lines[key]
+                if not self.drone:
+                    self.problems.add(key_line, f"duplicate key {key!r} (first on line {first}): "
+                                                "keys must be unique; give each step a name "
+                                                "of its own")
+                    continue
+                if steps and isinstance(value, _YamlMap):
+                    # Drone kept a pipeline's steps in order (yaml.MapSlice): both run.
+                    self.problems.warn(key_line, f"duplicate step {key!r} (first on line "
+                                                 f"{first}): both run, as in Drone")
+                    value.setdefault("name", key)
+                    value.lines.setdefault("name", key_line)
+                    key = f"{key} (line {key_line})"
+                else:  # a Go struct field or map: the last one wins
+                    self.problems.warn(key_line, f"duplicate key {key!r} (first on line "
+                                                 f"{first}): this one is used, as in Drone")
+                    del mapping[key]
             explicit.add(key)
-            mapping[key] = self._convert(loader, value_node, raw or key in _RAW_SCALAR_KEYS,
-                                         depth + 1)
+            mapping[key] = value
             mapping.lines[key] = key_line
         return mapping
 
@@ -1066,9 +1091,19 @@ class _Problems:
     def __init__(self, filename):
         self.filename = filename
         self.found = []
+        self.warnings = []
 
     def add(self, line, message):
         self.found.append((line, message))
+
+    def warn(self, line, message):
+        """Something Drone accepted and cirunner does as Drone did, said."""
+        self.warnings.append((line or 0, f"{self.filename} line {line}: {message}" if line
+                              else f"{self.filename}: {message}"))
+
+    def warning_texts(self):
+        """The warnings in the order of their lines."""
+        return [text for _, text in sorted(self.warnings, key=lambda warning: warning[0])]
 
     def raise_any(self):
         if self.found:
@@ -1140,7 +1175,9 @@ class Step:
     def applies(self, *, branch, event, environment, job_status=SUCCESS, deploy_to="",
                 platform="linux/amd64", ref="", repo="", instance="", local=False):
         """True if the step's ``when`` lets it run for this job (the status
-        constraint defaults to success; ``changed`` is resolved beforehand)."""
+        constraint defaults to success; ``changed`` is resolved beforehand;
+        a `job_status` of None leaves the status out, as Drone does when it
+        plans a job before it runs)."""
         when = self.when
         for key, value in (("branch", branch), ("event", event), ("environment", deploy_to),
                            ("platform", platform), ("ref", ref), ("repo", repo),
@@ -1151,22 +1188,24 @@ class Step:
             return False
         if local and when.get("local") is False:
             return False
-        return _constraint_matches(when.get("status", ([SUCCESS], [])), job_status)
+        return job_status is None or _constraint_matches(when.get("status", ([SUCCESS], [])),
+                                                         job_status)
 
-    def with_variables(self, variables, matrix=None, *, shell_variables=None):
+    def with_variables(self, variables, matrix=None, *, shell_variables=None, dollars=False):
         """A copy with ``${VAR}`` (and, for a Drone 0.4 file, ``$$VAR`` from
         `matrix`) substituted; in commands only where the value is inert, and
-        from `shell_variables` if given (secrets stay out of shell text)."""
+        from `shell_variables` if given (secrets stay out of shell text);
+        ``$$`` made ``$`` with `dollars` (see Pipeline.dollars)."""
         def plain(text):
             if matrix is not None:
                 text = _substitute_04(text, matrix)
-            return substitute(text, variables)
+            return substitute(text, variables, dollars=dollars)
 
         def shell(text):
             if matrix is not None:
                 text = _substitute_04(text, matrix, shell=True)
             return substitute(text, variables if shell_variables is None else shell_variables,
-                              shell=True)
+                              shell=True, dollars=dollars)
 
         return dataclasses.replace(
             self, image=plain(self.image), commands=[shell(command) for command in self.commands],
@@ -1247,13 +1286,22 @@ class Pipeline:
     workspace: dict = dataclasses.field(default_factory=dict)       # base, path
     branches: list = None   # [include, exclude] globs of the branches that build, or None
     drone04: bool = False   # a Drone 0.4 file: $$VAR is a matrix value
+    era: str = "0.5"        # whose rules the file gets: Drone 0.4, 0.5 or 0.8 (see _drone_era)
+    warnings: list = dataclasses.field(default_factory=list)  # what Drone accepted, said
     platform: str = ""
     labels: dict = dataclasses.field(default_factory=dict)
 
     def steps_for(self, variables, matrix=None):
         """The steps with ``${VAR}`` substituted from `variables`."""
         matrix = matrix if self.drone04 else None
-        return [step.with_variables(variables, matrix) for step in self.steps]
+        return [step.with_variables(variables, matrix, dollars=self.dollars())
+                for step in self.steps]
+
+    def dollars(self):
+        """Whether ``$$`` is a literal ``$`` (Drone's envsubst): in Drone 0.5
+        and 0.8 files; a .cirunner.yml keeps the shell's ``$$``, and a 0.4
+        file its ``$$NAME`` matrix values."""
+        return not self.drone04 and not os.path.basename(self.filename).endswith(".cirunner.yml")
 
     def runner_labels(self):
         """The labels a runner must have to run this pipeline's jobs, as stored."""
@@ -1300,6 +1348,7 @@ _UNSUPPORTED_STEP_KEYS = {
 }
 _SERVICE_IGNORED = ("ports",)  # services are reached by name: no ports to publish
 _TOP_LEVEL_KEYS = ("pipeline", "services", "matrix", "workspace", "clone", "branches",
+                   "drone_version",
                    "platform", "labels", "node", "fail_fast", "max_parallel", "timeout",
                    "build", "compose", "publish", "deploy", "notify",
                    "plugin")  # Drone 0.4 plugins' own metadata (for its plugin index): unused
@@ -1324,6 +1373,27 @@ class _AnyValue(dict):
         return "x"
 
 
+def _drone_era(document):
+    """"0.8" if a key only Drone 0.8 reads is in the file, else "0.5": a
+    step's `secrets` (0.8's per-step secrets), a service's `when`, a `when`
+    on `ref` or `instance`, clone as named clone steps, agent `labels`."""
+    def bodies(key):
+        node = document.get(key)
+        return [body for body in node.values() if isinstance(body, dict)] \
+            if isinstance(node, dict) else []
+
+    steps, services = bodies("pipeline"), bodies("services")
+    clone = document.get("clone")
+    return "0.8" if (
+        any("secrets" in body for body in steps + services)
+        or any("when" in body for body in services)
+        or any(isinstance(body.get("when"), dict) and {"ref", "instance"} & set(body["when"])
+               for body in steps)
+        or (isinstance(clone, dict) and clone
+            and all(isinstance(item, dict) for item in clone.values()))
+        or "labels" in document) else "0.5"
+
+
 class _PipelineParser:
     """Turns a pipeline document into a `Pipeline`, noting every problem."""
 
@@ -1331,12 +1401,25 @@ class _PipelineParser:
         self.filename = filename
         self.max_jobs = max_jobs
         self.problems = _Problems(filename)
+        self.era = "0.5"
+        # A Drone file gets what Drone's parser did (unknown keys ignored,
+        # duplicate keys kept as Drone kept them), each said in a warning; a
+        # .cirunner.yml gets errors, so that a typo never passes.
+        self.drone = not os.path.basename(filename).endswith(".cirunner.yml")
 
     def add(self, line, message):
         self.problems.add(line, message)
 
+    def unknown(self, line, message):
+        """An unknown key: ignored in a Drone file (as yaml.v2 ignored it), with
+        a warning; an error in a .cirunner.yml."""
+        if self.drone:
+            self.problems.warn(line, f"{message}: ignored, as Drone ignored it")
+        else:
+            self.add(line, message)
+
     def parse(self, text):
-        document = _YamlReader(self.filename, self.problems).read(text)
+        document = _YamlReader(self.filename, self.problems, drone=self.drone).read(text)
         if document is None:
             self.problems.raise_any()
             self.add(1, "the pipeline file is empty: it needs a 'pipeline' mapping of steps")
@@ -1346,6 +1429,7 @@ class _PipelineParser:
         else:
             pipeline = self._document(document)
             self.problems.raise_any()
+            pipeline.warnings = self.problems.warning_texts()
             return pipeline
         self.problems.raise_any()
         return None
@@ -1356,8 +1440,9 @@ class _PipelineParser:
                 self.add(_line_of(document, key), f"{key!r} is a Drone key this server does "
                                                   f"not support: {_UNSUPPORTED_TOP_LEVEL[key]}")
             elif key not in _TOP_LEVEL_KEYS:
-                self.add(_line_of(document, key), f"unknown top-level key {key!r} (expected "
-                                                  f"one of {', '.join(_TOP_LEVEL_KEYS)})")
+                self.unknown(_line_of(document, key), f"unknown top-level key {key!r} "
+                                                      f"(expected one of "
+                                                      f"{', '.join(_TOP_LEVEL_KEYS)})")
         drone04 = "pipeline" not in document and any(
             key in document for key in ("build", "compose") + _DRONE_04_SECTIONS)
         if "pipeline" in document:
@@ -1366,8 +1451,9 @@ class _PipelineParser:
                     self.add(_line_of(document, key), f"{key!r} is a section of Drone 0.4 "
                                                       "files; beside 'pipeline', make it "
                                                       "steps (plugins) or services")
+        self.era = self._era(document, drone04)
         pipeline = Pipeline(steps=self._steps(document, drone04), matrix=[{}],
-                            filename=self.filename, drone04=drone04)
+                            filename=self.filename, drone04=drone04, era=self.era)
         pipeline.services = self._services(document, "compose" if drone04 else "services")
         self._options(document, pipeline)
         self._clone(document, pipeline)
@@ -1384,6 +1470,22 @@ class _PipelineParser:
                 for line, message in exc.problems:
                     self.add(line, message)
         return pipeline
+
+    def _era(self, document, drone04):
+        """Whose rules this file gets: "0.4" for Drone 0.4's sections, else
+        what `drone_version` says, else "0.8" where a key only Drone 0.8 reads
+        marks it (see _drone_era), else "0.5"."""
+        if drone04:
+            return "0.4"
+        if "drone_version" not in document:
+            return _drone_era(document)
+        said = str(document["drone_version"])
+        if said not in ("0.5", "0.8"):
+            self.add(_line_of(document, "drone_version"),
+                     "'drone_version' must be 0.5 or 0.8 (the Drone whose rules the file "
+                     "follows)")
+            return "0.5"
+        return said
 
     # -- options ------------------------------------------------------------------
 
@@ -1530,19 +1632,20 @@ class _PipelineParser:
                 hint = (f"did you mean {close[0]!r}?" if close else
                         f"a step with commands takes {', '.join(_STEP_KEYWORDS)}; settings "
                         "belong to plugin steps, which have an image and no commands")
-                self.add(key_line, f"{where}: unknown key {key!r} ({hint})")
+                self.unknown(key_line, f"{where}: unknown key {key!r} ({hint})")
         step.settings = _plain(settings)
-        if kind == "plugin" and "event" not in step.when:
-            step.when["event"] = [[], [EVENT_PULL_REQUEST]]  # Drone's default for plugins
+        if kind == "plugin" and "event" not in step.when and self.era != "0.8":
+            step.when["event"] = [[], [EVENT_PULL_REQUEST]]  # 0.4's and 0.5's, not 0.8's
         self._check_step(step, body, where, line, unknown)
         return step
 
     def _check_step(self, step, body, where, line, unknown):
         misspelt = difflib.get_close_matches("commands", [str(key) for key in unknown], n=1)
-        if step.kind == "step" and not step.commands and not misspelt:
+        if step.kind == "step" and not step.commands and not (misspelt and not self.drone):
             self.add(_line_of(body, "commands") if "commands" in body else line,
-                     f"{where}: 'commands' must be a list of strings (a plugin step needs "
-                     "an image)")
+                     f"{where}: 'commands' must be a list of strings (" + (
+                         f"is {misspelt[0]!r} a misspelling?)" if misspelt
+                         else "a plugin step needs an image)"))
         if step.kind == "service" and not step.image:
             self.add(line, f"{where}: a service needs an image")
         if len(step.script().encode()) > MAX_SCRIPT_BYTES:
@@ -2419,8 +2522,13 @@ def _gravatar(email):
 # Store #######################################################################
 ###############################################################################
 
+# Raised when parsing gives a file another meaning (its era's rules, its
+# warnings): a file parsed before is parsed again, not read from the store.
+_PIPELINE_RULES = 2
+
+
 def _pipeline_digest(filename, text):
-    return hashlib.sha256(f"{filename}\x00{text}".encode()).hexdigest()
+    return hashlib.sha256(f"{_PIPELINE_RULES}\x00{filename}\x00{text}".encode()).hexdigest()
 
 
 def _move_pipelines_out_of_builds(conn, _sealer):
@@ -2750,6 +2858,9 @@ _MIGRATIONS = [
     ALTER TABLE runners ADD COLUMN agent TEXT NOT NULL DEFAULT '';
     ALTER TABLE jobs ADD COLUMN lease TEXT NOT NULL DEFAULT '';
     """,
+    # 18: what a build's pipeline file did that Drone accepted and cirunner
+    # does as Drone did (an unknown key ignored...): a JSON list of strings.
+    "ALTER TABLE builds ADD COLUMN warnings TEXT NOT NULL DEFAULT '[]'",
 ]
 
 _SEALED_REPO_FIELDS = ("webhook_secret", "forge_token")
@@ -2759,7 +2870,7 @@ _REPO_FIELDS = ("url", "default_branch", "config_path", "private", "timeout", "m
 _BUILD_FIELDS = ("parent", "event", "commit_sha", "branch", "ref", "remote", "message",
                  "timestamp", "author", "author_avatar", "author_email", "link_url",
                  "pipeline_id", "pipeline_file", "variables", "fail_fast", "max_parallel",
-                 "deploy_to", "fork", "source_repo")
+                 "deploy_to", "fork", "source_repo", "warnings")
 
 
 def _now():
@@ -4352,13 +4463,15 @@ class Store:
         return _now()
 
     def recover_lost_jobs(self, runner_id, hostname, pid, *, max_age=RUNNER_LOST_SECONDS,
-                          here=None):
+                          here=None, listening_since=0):
         """Mark as error the running jobs of runners that are gone.
 
         A runner is gone when it is on this host and its process has ended
         (dead, a zombie, or its pid now another process's), or is this process
         under another runner id (as after a restart in a container), or when
-        its heartbeat is older than `max_age` seconds.
+        its heartbeat is older than `max_age` seconds. An HTTP agent stamps
+        its heartbeat through a server: one that has listened only since
+        `listening_since` (a restart) gives it `max_age` from then.
         Returns the ids of the jobs recovered; those whose runner was on this
         host (where what is left of them may still run) are added to `here`.
         """
@@ -4375,6 +4488,8 @@ class Store:
                 else:
                     # Unless it stamped itself meanwhile (heartbeats do not wait
                     # for this transaction on PostgreSQL).
+                    if runner["agent"] and now - listening_since < max_age:
+                        continue  # it had no server to stamp through
                     deleted = tx.execute("DELETE FROM runners WHERE id = $1 AND heartbeat_at < $2",
                                          (runner["id"], now - max_age))
                     message = (f"agent lost: runner {runner['id']} sent no heartbeat for "
@@ -5109,7 +5224,8 @@ def _make_build(store, repo, request, *, max_jobs=DEFAULT_MAX_JOBS, resolve=_res
                 environments = pipeline.matrix
                 fields.update(fail_fast=int(pipeline.fail_fast),
                               max_parallel=pipeline.max_parallel,
-                              labels=pipeline.runner_labels())
+                              labels=pipeline.runner_labels(),
+                              warnings=json.dumps(pipeline.warnings))
     except _GitError as exc:
         error = f"cannot fetch {_redact_url(repo['url'])}: {exc.message}"
     fields.update({key: value for key, value in request.fields.items()
@@ -6157,10 +6273,11 @@ class _EngineBackend:
         return f"cirunner-{self.store_key}-{job.job['id']}-{job.token[-6:]}"
 
     def prepare(self, job):
-        """The job's network (when it has services to reach by name), and its
-        shared workspace volume when it needs one."""
+        """The job's network (when it has services or detached steps, which
+        later steps reach by name), and its shared workspace volume when it
+        needs one."""
         prefix = self.prefix(job)
-        if job.services:
+        if job.services or any(step.detach and step.image for step in job.steps):
             result = self._run(["network", "create", *self.labels(job), "--", prefix])
             if result.returncode != 0:
                 raise _JobError(f"{self.name} could not make the job's network: "
@@ -6543,7 +6660,7 @@ class _BriefRetries:
 # fork wrote may use none of them (Drone 0.8's linter lists them all).
 _TRUSTED_KEYS = ("privileged", "volumes", "devices", "network_mode", "dns", "dns_search",
                  "extra_hosts", "shm_size")
-_TRUSTED_ONLY_KEYS = _TRUSTED_KEYS[:4]
+_TRUSTED_ONLY_KEYS = _TRUSTED_KEYS[:4]  # 0.5's; Drone 0.8's linter refuses them all untrusted
 
 
 def _url_host(url):
@@ -6780,15 +6897,23 @@ class _JobRun:
             self.repo, self.build, self.job, previous, link=self.executor.public_url,
             workspace=self.workspace, host=_url_host(self.repo["url"]))
         self.changed_means = SUCCESS if previous and previous["status"] == FAILURE else FAILURE
-        self.services = [self._substituted(step) for step in self.pipeline.services]
+        if os.path.basename(self.pipeline.filename) == ".drone.yml":
+            self.drone["CI"] = "drone"  # as Drone 0.5 and 0.8 set it
+        services = [self._substituted(step) for step in self.pipeline.services]
+        # Drone 0.8 starts a service only where its `when` matches.
+        self.services = [service for service in services
+                         if self.pipeline.era != "0.8" or self._applies(service, planning=True)]
         self.steps = [self._substituted(step) for step in self.pipeline.steps]
         self._check_plan()
         self.log.write(f"cirunner: {self._isolation()}\n")
         ids = self._through_outage(self.store.add_steps, self.job["id"], [
-            (step.name, step.kind) for step in self.services + self.steps], lease=self.lease)
+            (step.name, step.kind) for step in services + self.steps], lease=self.lease)
         if ids is None:
             raise _JobError(self.reason)
-        self.records = {id(step): record for step, record in zip(self.services + self.steps, ids)}
+        self.records = {id(step): record for step, record in zip(services + self.steps, ids)}
+        for service in services:
+            if not any(service is started for started in self.services):
+                self._step(self.records[id(service)], status=SKIPPED)
 
     def _pipeline(self):
         pipeline_id = self.build["pipeline_id"]
@@ -6817,10 +6942,11 @@ class _JobRun:
         return base, path if path.startswith("/") else f"{base.rstrip('/')}/{path}"
 
     def _step_secrets(self, step):
-        """The secrets a step gets: all the event allows, or those it names
-        (Drone 0.8's `secrets:`, matched without case, the target upper case)."""
+        """The secrets a step gets: those it names (Drone 0.8's `secrets:`,
+        matched without case, the target upper case); with no `secrets:`,
+        none in a 0.8 file and all the event allows in older ones (0.5's rule)."""
         if step.secrets is None:
-            return dict(self.secrets)
+            return {} if self.pipeline.era == "0.8" else dict(self.secrets)
         by_name = {name.lower(): value for name, value in self.secrets.items()}
         return {target.upper(): by_name[source.lower()] for source, target in step.secrets
                 if source.lower() in by_name}
@@ -6830,7 +6956,7 @@ class _JobRun:
         variables = {**self.variables, **self.matrix, **self.drone}
         step = step.with_variables({**variables, **secrets_of_step},
                                    self.matrix if self.pipeline.drone04 else None,
-                                   shell_variables=variables)
+                                   shell_variables=variables, dollars=self.pipeline.dollars())
         if "status" in step.when:  # a copy: the parsed pipeline is shared by every job
             include, exclude = step.when["status"]
             step.when = {**step.when, "status": [
@@ -6850,7 +6976,8 @@ class _JobRun:
                 raise _JobError(f"{where} uses {', '.join(repr(key) for key in used)}, which a "
                                 "pipeline from a fork may never use, even on a trusted "
                                 "repository")
-            used = [key for key in used if key in _TRUSTED_ONLY_KEYS]
+            used = [key for key in used if key in (
+                _TRUSTED_KEYS if self.pipeline.era == "0.8" else _TRUSTED_ONLY_KEYS)]
             if used and not self.repo["trusted"]:
                 raise _JobError(f"{where} uses {', '.join(repr(key) for key in used)}, which "
                                 "only trusted repositories may use: an admin marks this one "
@@ -6965,7 +7092,13 @@ class _JobRun:
         minutes = self.pipeline.timeout or self.repo["timeout"] or DEFAULT_TIMEOUT_MINUTES
         deadline = time.monotonic() + minutes * 60
         exit_code, error = 0, ""
-        for unit in self._units(self.steps):
+        # As Drone plans a job: the steps whose `when` cannot match (the status
+        # aside) are left out before the groups are formed.
+        planned = [step for step in self.steps if self._applies(step, planning=True)]
+        for step in self.steps:
+            if not any(step is kept for kept in planned):
+                self._step(self.records[id(step)], status=SKIPPED)
+        for unit in self._units(planned):
             if self.stop_requested.is_set():
                 return KILLED, exit_code, self.reason
             runnable = [step for step in unit if self._applies(step)]
@@ -6986,10 +7119,13 @@ class _JobRun:
                     error = f"step {step.name!r} failed with exit code {code}"
         return self.status, exit_code, error
 
-    def _applies(self, step):
+    def _applies(self, step, *, planning=False):
+        """Whether `step`'s `when` lets it run now (when planning: at all, the
+        status aside, which only the run will tell)."""
         build = self.build
         return step.applies(branch=build["branch"], event=build["event"],
-                            environment=self.matrix, job_status=self.status,
+                            environment=self.matrix,
+                            job_status=None if planning else self.status,
                             deploy_to=build["deploy_to"], platform=self.drone["DRONE_ARCH"],
                             ref=build["ref"], repo=self.drone["DRONE_REPO"],
                             instance=self.executor.hostname,
@@ -7334,6 +7470,7 @@ class Executor:
             raise BadRequest(f"a runner has at most {MAX_RUNNER_LABELS} labels, its platform "
                              "included")
         self.agent_timeout = agent_timeout
+        self.started_at = _now()
         self.keep_builds, self.keep_days = keep_builds, keep_days
         self.max_log_bytes = max_log_bytes
         self.metrics = None  # a _Metrics, when a server with metrics runs this executor
@@ -7485,8 +7622,9 @@ class Executor:
 
     def _recover(self):
         here = []  # a lost runner on another machine cleans up when it comes back
-        recovered = self.store.recover_lost_jobs(self.runner_id, self.hostname, os.getpid(),
-                                                 max_age=self.agent_timeout, here=here)
+        recovered = self.store.recover_lost_jobs(
+            self.runner_id, self.hostname, os.getpid(), max_age=self.agent_timeout, here=here,
+            listening_since=self.started_at if self.serving else 0)
         if recovered:
             _log.warning("marked %d job(s) of stopped or lost runners as error", len(recovered))
         if here:
@@ -8129,6 +8267,9 @@ _BUILD = _Resource("build", [
     _Field("pinned", _BOOLEAN, _shown("pinned", bool), _parse_flag_value("pinned")),
     _Field("variables", _STRING_MAP, _shown("variables", json.loads)),
     _Field("report_error", _STRING, _shown("report_error")),
+    _Field("warnings", {"type": "array", "items": _STRING, "description": (
+        "what the pipeline file did that Drone accepted and cirunner does as Drone did, "
+        "each with its file and line")}, _shown("warnings", json.loads)),
 ])
 
 _STATUS = _Resource("status", [
@@ -9837,7 +9978,7 @@ th{background:#eaeef2}.status{display:inline-block;padding:0 .5em;border-radius:
 .rows div:target{background:#264f78}.muted{color:#57606a}form.inline{display:inline}button{cursor:pointer}
 .log summary{cursor:pointer;padding:.25em .8em;background:#161b22;border-top:1px solid #30363d;font-family:system-ui,sans-serif}
 .log summary .muted{color:#8b949e}.failed{color:#cf222e;font-weight:600}
-.wide{overflow-x:auto}.made{background:#dafbe1;border:1px solid #1a7f37;padding:.6em}.id{word-break:break-all}pre.message{white-space:pre-wrap;word-break:break-word;margin:0}input{max-width:100%;box-sizing:border-box}input[type=password]{width:22em}
+.wide{overflow-x:auto}.warnings{background:#fff8c5;border:1px solid #9a6700;padding:.2em .6em;margin:.6em 0}.made{background:#dafbe1;border:1px solid #1a7f37;padding:.6em}.id{word-break:break-all}pre.message{white-space:pre-wrap;word-break:break-word;margin:0}input{max-width:100%;box-sizing:border-box}input[type=password]{width:22em}
 .a1{font-weight:700}.a30{color:#8b949e}.a31{color:#ff7b72}.a32{color:#3fb950}.a33{color:#d29922}
 .a34{color:#58a6ff}.a35{color:#bc8cff}.a36{color:#39c5cf}.a37{color:#e6edf3}
 """
@@ -9991,7 +10132,15 @@ it runs as written.</p>
 % if build['error']:
 <tr><th>error</th><td>{{build['error']}}</td></tr>
 % end
-</table><h2>Jobs</h2><div class=wide><table><tr><th>job</th><th>matrix</th><th>status</th>\
+</table>
+% if warnings:
+<div class=warnings id=warnings><b>The pipeline file did what Drone accepted:</b><ul>
+% for warning in warnings:
+<li>{{warning}}</li>
+% end
+</ul></div>
+% end
+<h2>Jobs</h2><div class=wide><table><tr><th>job</th><th>matrix</th><th>status</th>\
 <th>steps</th><th>exit</th><th>duration</th><th>error</th></tr>
 % for job in jobs:
 <tr><td><a href='{{base}}/{{job['number']}}' id='job-{{job['number']}}'>job {{job['number']}}</a>\
@@ -10283,6 +10432,7 @@ class _Pages:
             return (build, jobs, steps, len(history), actions), lambda: self.render(
                 "build_live", repo=repo, build=build, jobs=jobs, history=history,
                 actions=actions, blocked=blocked, csrf=csrf,
+                warnings=json.loads(build["warnings"] or "[]"),
                 base=_url(f"/{owner}/{name}/{build['number']}"),
                 repo_url=_url(f"/{owner}/{name}"), label=self.label, ago=self.ago,
                 duration=_duration, steps=lambda job: _steps_text(steps[job["id"]]),
@@ -11292,7 +11442,7 @@ class _AgentStore:
             except _ServerAway as exc:
                 _log.warning("agent: %s; trying again in %g s", exc.message, delay)
                 self._closed.wait(delay)
-                delay = min(delay * 2, 5.0)
+                delay = min(delay * 2, AGENT_RETRY_SECONDS)
             except CIRunnerError as exc:  # revoked, another version, another process
                 self.refusal = exc.message
                 raise
@@ -11322,7 +11472,8 @@ class _AgentStore:
     def queue_summary(self):
         return len(self.queue), 0
 
-    def recover_lost_jobs(self, runner_id, hostname, pid, *, max_age=None, here=None):
+    def recover_lost_jobs(self, runner_id, hostname, pid, *, max_age=None, here=None,
+                          listening_since=0):
         """The jobs this data directory ran before this process (a crash, a
         kill -9): the server ended them (now, or when it found the runner
         lost), and what is left of them here is for the executor to kill."""
@@ -11374,7 +11525,7 @@ class _AgentStore:
             except _ServerAway as exc:
                 _log.warning("agent: %s; trying again in %g s", exc.message, delay)
                 self._closed.wait(delay)
-                delay = min(delay * 2, 5.0)
+                delay = min(delay * 2, AGENT_RETRY_SECONDS)
                 continue
             except RunnerLost as exc:
                 self._found_lost(exc.message)
@@ -12390,6 +12541,8 @@ def _command_build(client, args, stdout, stderr):
           flush=True)
     if build["error"]:
         print(f"cirunner: {build['error']}", file=stderr)
+    for warning in build.get("warnings", ()):
+        print(f"cirunner: warning: {warning}", file=stderr)
     return _finish_command(client, args, build, stdout, stderr)
 
 
@@ -12695,18 +12848,38 @@ def _command_exec(args, stdout, stderr):
             store.close()
 
 
-def _command_matrix(args, stdout, stderr):
-    path = args.file or os.getcwd()
+def _pipeline_file_at(path):
+    """(filename, text) of the pipeline file at `path`: a file, or a folder's."""
+    path = path or os.getcwd()
     if os.path.isdir(path):
-        filename, text = read_pipeline_file(path)
-    elif not os.path.exists(path):
+        return read_pipeline_file(path)
+    if not os.path.exists(path):
         raise CIRunnerError(f"no such file: {path}")
-    else:
-        with open(path, encoding="utf-8") as handle:
-            filename, text = os.path.basename(path), handle.read()
+    with open(path, encoding="utf-8") as handle:
+        return os.path.basename(path), handle.read()
+
+
+def _command_matrix(args, stdout, stderr):
+    filename, text = _pipeline_file_at(args.file)
     pipeline = parse_pipeline(text, filename)
     for number, environment in enumerate(pipeline.matrix, start=1):
         print(f"{number}\t{_axis_text(environment) or '(no matrix)'}", file=stdout)
+    return 0
+
+
+def _command_lint(args, stdout, stderr):
+    """Every problem of a pipeline file (exit 1) and every warning (exit 0)."""
+    filename, text = _pipeline_file_at(args.file)
+    try:
+        pipeline = parse_pipeline(text, filename)
+    except ConfigError as exc:
+        for line, problem in exc.problems:
+            print(f"{filename}{f' line {line}' if line else ''}: error: {problem}", file=stdout)
+        return 1
+    for warning in pipeline.warnings:
+        print(f"{warning.replace(': ', ': warning: ', 1)}", file=stdout)
+    print(f"{filename}: Drone {pipeline.era} rules, {len(pipeline.steps)} step(s), "
+          f"{len(pipeline.matrix)} job(s), {len(pipeline.warnings)} warning(s)", file=stdout)
     return 0
 
 
@@ -13054,6 +13227,10 @@ def _add_build_parsers(commands, common, workers, env):
     matrix = commands.add_parser("matrix", help="print the jobs a pipeline file expands to")
     matrix.add_argument("file", nargs="?", metavar="FILE")
     matrix.set_defaults(handler=_command_matrix)
+
+    lint = commands.add_parser("lint", help="check a pipeline file: its errors and warnings")
+    lint.add_argument("file", nargs="?", metavar="FILE", help="a file or a folder (default: .)")
+    lint.set_defaults(handler=_command_lint)
 
 
 def main(argv=None, *, environ=None, stdout=None, stderr=None):

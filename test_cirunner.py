@@ -390,10 +390,10 @@ def test_substitution_of_variables_defaults_and_escapes():
     ("- just\n- a list\n", "must be a mapping", 1),
 ])
 def test_invalid_pipeline_names_file_line_and_problem(text, problem, line):
-    with pytest.raises(cirunner.ConfigError) as caught:
-        cirunner.parse_pipeline(text, ".drone.yml")
+    with pytest.raises(cirunner.ConfigError) as caught:  # (.drone.yml: see the warnings test)
+        cirunner.parse_pipeline(text, ".cirunner.yml")
     assert problem in caught.value.message
-    assert caught.value.message.startswith(f".drone.yml line {line}:")
+    assert caught.value.message.startswith(f".cirunner.yml line {line}:")
 
 
 def test_when_filters_branch_event_matrix_and_status():
@@ -556,16 +556,16 @@ def test_pipeline_errors_fail_only_that_build(store, executor, make_repo, tmp_pa
         "key": "pipeline: {t: {commands: [true]}}\nnotfy: {}\n",
     }
     builds = {}
-    for name, text in cases.items():
-        repo = make_repo({".drone.yml": text}, f"alice/bad-{name}")
+    for name, text in cases.items():  # (an unknown key in a .drone.yml is a warning)
+        repo = make_repo({".cirunner.yml": text}, f"alice/bad-{name}")
         builds[name] = cirunner.create_build(store, repo)
     good_build = cirunner.create_build(store, good)
     executor.run_until_idle()
     assert builds["yaml"]["status"] == cirunner.ERROR
-    assert builds["yaml"]["error"].startswith(".drone.yml line 4: invalid YAML")
+    assert builds["yaml"]["error"].startswith(".cirunner.yml line 4: invalid YAML")
     assert "'image' must be a string" in builds["steps"]["error"]
-    assert builds["key"]["error"].startswith(".drone.yml line 2: unknown top-level key 'notfy' "
-                                             "(expected one of pipeline, services, matrix,")
+    assert builds["key"]["error"].startswith(".cirunner.yml line 2: unknown top-level key "
+                                             "'notfy' (expected one of pipeline, services,")
     for build in builds.values():
         assert store.list_jobs(build["id"]) == []
         assert store.list_statuses(build["id"])[-1]["status"] == cirunner.ERROR
@@ -763,7 +763,8 @@ def test_builds_stored_before_are_filled_with_what_was_shown_for_them(tmp_path):
                     "pipeline_file = ''")
         raw.execute('ALTER TABLE log_chunks RENAME COLUMN start TO "offset"')  # as it was then
         raw.executescript("DROP TABLE agents; ALTER TABLE runners DROP COLUMN agent; "
-                          "ALTER TABLE jobs DROP COLUMN lease")  # made by migration 17
+                          "ALTER TABLE jobs DROP COLUMN lease; "  # made by migration 17
+                          "ALTER TABLE builds DROP COLUMN warnings")  # and 18
         version = cirunner._MIGRATIONS.index(cirunner._store_builds_as_they_happened)
         raw.execute(f"PRAGMA user_version = {version}")
     store = cirunner.Store(path)
@@ -3102,9 +3103,46 @@ def test_duplicate_keys_are_errors_naming_both_lines():
     text = ("pipeline:\n  test:\n    commands: [go test]\n  codecov:\n    commands: [true]\n"
             "  test:\n    commands: [go build]\n")
     with pytest.raises(cirunner.ConfigError) as caught:
-        cirunner.parse_pipeline(text, ".drone.yml")
-    assert caught.value.message.startswith(".drone.yml line 6: duplicate key 'test' (first on "
-                                           "line 2)")
+        cirunner.parse_pipeline(text, ".cirunner.yml")
+    assert caught.value.message.startswith(".cirunner.yml line 6: duplicate key 'test' (first "
+                                           "on line 2)")
+
+
+def test_what_drone_accepted_runs_as_drone_ran_it_with_a_warning_each(
+        store, executor, make_repo, app, tmp_path):
+    text = ("pipeline:\n  test:\n    commands: [echo first-test]\n"
+            "  test:\n    commands: [echo second-test]\n"       # line 4: both run (MapSlice)
+            "    group: a\n    group: b\n"                      # line 7: the last wins
+            "    coverage: true\n"                              # line 8: unknown step key
+            "matrix:\n  GO: [1]\ncodecov:\n  token: x\n")       # line 11: unknown top level
+    pipeline = cirunner.parse_pipeline(text, ".drone.yml")
+    assert [(step.name, step.group) for step in pipeline.steps] == [("test", ""), ("test", "b")]
+    assert pipeline.warnings == [
+        ".drone.yml line 4: duplicate step 'test' (first on line 2): both run, as in Drone",
+        (".drone.yml line 7: duplicate key 'group' (first on line 6): this one is used, as "
+         "in Drone"),
+        ".drone.yml line 8: step 'test (line 4)': unknown key 'coverage' (a step with commands "
+        "takes " + ", ".join(cirunner._STEP_KEYWORDS) + "; settings belong to plugin steps, which have "
+        "an image and no commands): ignored, as Drone ignored it",
+        ".drone.yml line 11: unknown top-level key 'codecov' (expected one of "
+        + ", ".join(cirunner._TOP_LEVEL_KEYS) + "): ignored, as Drone ignored it"]
+    repo = make_repo({".drone.yml": text})
+    build = cirunner.create_build(store, repo)
+    executor.run_until_idle()
+    log = log_text(store, build, 1)
+    assert "\nfirst-test\n" in log and "\nsecond-test\n" in log
+    for answer in (app.get("/api/repos/alice/hello/builds/1").json,
+                   app.get(f"/api/v1/alice/hello/builds/{build['id']}").json):
+        assert answer["warnings"] == pipeline.warnings
+        assert answer["status"] == "success"
+    page = webtest.TestApp(cirunner.make_app(store)).get("/alice/hello/1")
+    assert page.html.find(id="warnings").text.count("ignored, as Drone ignored it") == 2
+    (tmp_path / ".drone.yml").write_text(text)
+    status, out, _ = in_process_cli("lint", str(tmp_path / ".drone.yml"))
+    assert status == 0 and out.count(": warning: ") == 4 and "Drone 0.5 rules" in out
+    (tmp_path / ".cirunner.yml").write_text(text)
+    status, out, _ = in_process_cli("lint", str(tmp_path / ".cirunner.yml"))
+    assert status == 1 and out.count(": error: ") == 3  # the second test is not read
 
 
 def test_every_problem_is_named_at_once():
@@ -3208,7 +3246,7 @@ def test_steps_get_drone_variables_with_their_meanings(store, make_repo, app):
     assert env["DRONE_PREV_BUILD_NUMBER"] == "1"
     assert env["DRONE_PREV_COMMIT_SHA"] == first["commit_sha"]
     assert env["AXIS"] == "from-matrix"  # a matrix value wins over the step's, as in Drone
-    assert env["CI"] == "true"  # cirunner keeps true (Drone 0.5/0.8: drone; 1.x: true)
+    assert env["CI"] == "true"  # a .cirunner.yml (a .drone.yml's steps see drone)
     executor.stop()
 
 
@@ -4406,3 +4444,124 @@ def test_the_agents_page_lists_makes_and_revokes_agents_for_admins_only(site, st
     assert [agent["name"] for agent in store.list_agents()] == ["pi", "x86"]
     browser.get("/agents").forms["revoke-pi"].submit(status=303)
     assert [agent["name"] for agent in store.list_agents()] == ["x86"]
+
+
+# -- Drone's rules by the era of the file ---------------------------------------------
+
+
+def era_of(text):
+    return cirunner.parse_pipeline(text, ".drone.yml").era
+
+
+def test_a_drone_files_era_is_read_from_its_markers():
+    plain = "pipeline:\n  t: {image: golang, commands: [go test]}\n"
+    assert era_of("build:\n  image: golang\n  commands: [go test]\n") == "0.4"
+    assert era_of(plain) == "0.5"
+    assert era_of("pipeline:\n  t: {image: x, commands: [true], secrets: [a]}\n") == "0.8"
+    assert era_of(plain + "services:\n  db: {image: pg, when: {event: tag}}\n") == "0.8"
+    assert era_of("pipeline:\n  t: {commands: [true], when: {ref: refs/tags/*}}\n") == "0.8"
+    assert era_of("pipeline:\n  t: {commands: [true], when: {instance: ci.example}}\n") == "0.8"
+    assert era_of("clone:\n  git: {image: plugins/git, depth: 5}\n" + plain) == "0.8"
+    assert era_of("drone_version: '0.8'\n" + plain) == "0.8"
+    assert era_of("drone_version: 0.5\npipeline:\n  t: {commands: [true], secrets: [a]}\n") \
+        == "0.5"  # said outright, it wins
+    with pytest.raises(cirunner.ConfigError, match="'drone_version' must be"):
+        era_of("drone_version: 1.0\n" + plain)
+
+
+def test_plugins_skip_pull_requests_by_default_in_05_files_only():
+    pull = {"branch": "main", "event": "pull_request", "environment": {}}
+    plugin = "pipeline:\n  notify: {image: plugins/slack, channel: dev}\n"
+    assert not cirunner.parse_pipeline(plugin, ".drone.yml").steps[0].applies(**pull)
+    assert cirunner.parse_pipeline("drone_version: 0.8\n" + plugin,
+                                   ".drone.yml").steps[0].applies(**pull)
+    said = plugin.replace("dev}", "dev, when: {event: [push, pull_request]}}")
+    assert cirunner.parse_pipeline(said, ".drone.yml").steps[0].applies(**pull)
+
+
+def secret_probe(name):
+    return (f"  {name}:\n    commands:\n      - echo {name}-ci=$CI\n"
+            + "".join(f"      - 'test -n \"${var}\" && echo {name}-has-{var} || "
+                      f"echo {name}-no-{var}'\n" for var in ("TOKEN", "OTHER", "RENAMED")))
+
+
+def test_a_08_step_gets_only_the_secrets_it_lists_and_05_steps_get_all(
+        store, executor, make_repo):
+    repo = make_repo({".drone.yml": (
+        "pipeline:\n" + secret_probe("listed") + "    secrets: [token]\n"
+        + secret_probe("none") + secret_probe("target")
+        + "    secrets: [{source: other, target: renamed}]\n")})
+    for name in ("TOKEN", "OTHER"):
+        store.set_secret(repo["id"], name, f"value-of-{name}")
+    build = cirunner.create_build(store, repo)
+    executor.run_until_idle()
+    log = log_text(store, build, 1)
+    assert "listed-has-TOKEN" in log and "listed-no-OTHER" in log
+    assert "none-no-TOKEN" in log and "none-no-OTHER" in log
+    assert "target-has-RENAMED" in log and "target-no-OTHER" in log
+    assert "listed-ci=drone" in log  # Drone 0.5 and 0.8 say CI=drone
+    old = make_repo({".drone.yml": "pipeline:\n" + secret_probe("all")}, "alice/old")
+    store.set_secret(old["id"], "TOKEN", "value-of-TOKEN")
+    build = cirunner.create_build(store, old)
+    executor.run_until_idle()
+    assert "all-has-TOKEN" in log_text(store, build, 1)  # 0.5: every secret the event allows
+
+
+def test_a_08_service_runs_only_where_its_when_matches(store, executor, make_repo):
+    # No engine here: a service that must start errors the job, one skipped does not.
+    repo = make_repo({".drone.yml": (
+        "pipeline:\n  t: {commands: [echo tested]}\n"
+        "services:\n  db: {image: localhost/postgres, when: {event: tag}}\n")})
+    pushed = cirunner.create_build(store, repo)
+    executor.run_until_idle()
+    job = store.list_jobs(pushed["id"])[0]
+    assert store.get_build_by_id(pushed["id"])["status"] == "success", job["error"]
+    steps = store.list_steps([job["id"]])[job["id"]]
+    assert [(step["name"], step["status"]) for step in steps] == [
+        ("db", "skipped"), ("t", "success")]
+    tagged = cirunner.create_build(store, repo, event="tag", ref="refs/tags/v1")
+    executor.run_until_idle()
+    assert "engine" in store.list_jobs(tagged["id"])[0]["error"]
+
+
+def test_double_dollars_are_single_dollars_as_drones_envsubst_makes_them(
+        store, executor, make_repo):
+    repo = make_repo({".drone.yml": (
+        "pipeline:\n  t:\n    environment: {NAME: world}\n    commands:\n"
+        "      - echo \"[$$NAME] [$${NAME}] [$$(echo sub)] [$$$$]\"\n")})
+    build = cirunner.create_build(store, repo)
+    executor.run_until_idle()
+    assert "[world] [world] [sub] [" in log_text(store, build, 1)
+    assert cirunner.substitute("$$HOME $${X} $$$$", {}) == "$HOME ${X} $$"
+    native = cirunner.parse_pipeline("pipeline: {t: {commands: ['echo $$ $${X}']}}\n")
+    assert native.steps_for({})[0].commands == ["echo $$ ${X}"]  # .cirunner.yml: the shell's
+
+
+def test_a_step_skipped_by_its_when_does_not_split_its_group(store, executor, make_repo):
+    # Each of the two waits for the other's file: they pass only if run at once.
+    def waiter(mine, theirs):
+        return (f"      - touch {mine}\n      - for i in $(seq 300); do test -f {theirs} "
+                "&& exit 0; sleep 0.1; done; exit 1\n")
+    repo = make_repo({".drone.yml": (
+        "pipeline:\n  a:\n    group: both\n    commands:\n" + waiter("A", "C")
+        + "  b:\n    commands: [echo only on tags]\n    when: {event: tag}\n"
+        + "  c:\n    group: both\n    commands:\n" + waiter("C", "A"))})
+    build = cirunner.create_build(store, repo)
+    executor.run_until_idle()
+    job = store.list_jobs(build["id"])[0]
+    steps = store.list_steps([job["id"]])[job["id"]]
+    assert [(step["name"], step["status"]) for step in steps] == [
+        ("a", "success"), ("b", "skipped"), ("c", "success")], job["error"]
+
+
+def test_drone_08_refuses_dns_extra_hosts_and_shm_size_on_untrusted_repositories(
+        store, executor, make_repo):
+    step = "pipeline:\n  t:\n    image: localhost/x\n    commands: [true]\n    dns: [10.0.0.1]\n"
+    errors = {}
+    for era in ("0.5", "0.8"):
+        repo = make_repo({".drone.yml": f"drone_version: {era}\n{step}"}, f"alice/r{era[-1]}")
+        build = cirunner.create_build(store, repo)
+        executor.run_until_idle()
+        errors[era] = store.list_jobs(build["id"])[0]["error"]
+    assert "'dns', which only trusted repositories may use" in errors["0.8"]
+    assert "only trusted" not in errors["0.5"]  # 0.5 let it through (no engine here)

@@ -181,6 +181,22 @@ def test_a_drone_pipeline_runs_in_its_images_with_a_service_and_a_plugin(tmp_pat
             ("announce", "plugin", "success")]
 
 
+def test_a_detached_step_is_reached_by_its_name_in_a_job_without_services(tmp_path, servers):
+    server = servers(tmp_path / "data")
+    repo = str(tmp_path / "repo")
+    commit_files(repo, {".drone.yml": (
+        "pipeline:\n  web:\n    image: localhost/cirunner-test:1\n    detach: true\n"
+        "    commands: [httpd -f -p 80 -h /www]\n"
+        "  fetch:\n    image: localhost/cirunner-test:1\n    commands:\n"
+        "      - for i in $(seq 100); do wget -q -O - http://web/index.html && exit 0; "
+        "sleep 0.1; done; exit 1\n")})
+    server.api("POST", "/api/repos/alice/hello", {"url": repo})
+    server.api("POST", "/api/repos/alice/hello/builds", {})
+    build = finished(server, "alice/hello", 1)
+    assert build["status"] == "success", build
+    assert "served-by-httpd-1" in http_text(server.url + "/api/repos/alice/hello/logs/1/1")
+
+
 def test_nothing_of_a_container_job_is_left_behind(tmp_path, servers, engine_env):
     data = tmp_path / "data"
     server = servers(data)
