@@ -555,7 +555,8 @@ def _parse_json(raw, what):
     pending = [value]
     while pending:
         item = pending.pop()
-        if isinstance(item, str) and _LONE_SURROGATE.search(item):
+        # (an ASCII text, say the base64 of an agent's log chunk, holds none)
+        if isinstance(item, str) and not item.isascii() and _LONE_SURROGATE.search(item):
             raise BadRequest(f"the {what} holds a lone surrogate (\\ud800-\\udfff), which is "
                              "not text")
         if isinstance(item, dict):
@@ -3684,6 +3685,14 @@ class Store:
             "SELECT * FROM builds WHERE repo_id = $1 AND branch = $2 AND number < $3 "
             "AND status NOT IN ('pending', 'running') ORDER BY number DESC LIMIT 1",
             (build["repo_id"], build["branch"], build["number"]))])[0]
+
+    def newest_builds(self, *, active=False, limit=50):
+        """The newest builds of every repository, newest first (only pending
+        and running ones with `active`), each with its repository's id."""
+        where = "WHERE status IN ($1, $2) " if active else ""
+        return self._complete_builds(self._query(
+            f"SELECT * FROM builds {where}ORDER BY id DESC LIMIT {int(limit)}",
+            (PENDING, RUNNING) if active else ()))
 
     def latest_build(self, repo_id, branch=None, event=None):
         """The newest build of a repository (on `branch`, of `event`); raises NotFound."""
@@ -8280,12 +8289,24 @@ _STATUS = _Resource("status", [
     _Field("job", {"type": ["integer", "null"]}, _shown("job_number"), required=True),
 ])
 
+def _no_image_rule(value):
+    """Drone 0.5's `image` list on a secret: none (or every image) is all
+    cirunner keeps; a narrower rule is refused rather than widened."""
+    if value not in (None, "", [], ["*"]):
+        raise BadRequest("secrets limited to images are not supported: cirunner gives a "
+                         "secret to the steps its events allow (in Drone 0.8 files, to the "
+                         "steps that list it in `secrets:`)")
+
+
 _SECRET = _Resource("secret", [
     _Field("name", _STRING, _shown("name"), lambda value: value, required=True),
     _Field("value", _STRING, None, lambda value: value),
     _Field("events", {"type": "array", "items": {"type": "string", "enum": list(EVENTS)}},
            _shown("events"), lambda value: value.split(",") if isinstance(value, str) else value,
-           required=True),
+           required=True, aliases=("event",)),  # Drone 0.5's `drone secret add` says event
+    # Drone 0.5's other secret fields: masking is always on; no image rule is kept.
+    *(_Field(name, _BOOLEAN, None, lambda value: None) for name in ("skip_verify", "conceal")),
+    _Field("image", {"type": ["array", "null"], "items": _STRING}, None, _no_image_rule),
 ])
 
 
@@ -8383,6 +8404,19 @@ def _agent_json(agent):
             "labels": json.loads(labels) if isinstance(labels, str) else labels,
             "workers": agent.get("workers", 0), "running": agent.get("running", 0),
             "runners": agent.get("runners", [])}
+
+
+def _feed_json(repo, build):
+    """A build as an item of Drone 0.5's feed (its `model.Feed`)."""
+    owner, name = repo["owner"], repo["name"]
+    return {"owner": owner, "name": name, "full_name": f"{owner}/{name}",
+            "number": build["number"], "event": build["event"], "status": build["status"],
+            "created_at": build["created_at"], "started_at": build["started_at"],
+            "finished_at": build["finished_at"], "commit": build["commit_sha"],
+            "branch": build["branch"], "ref": build["ref"], "refspec": "",
+            "remote": _redact_url(build["remote"]), "title": "", "message": build["message"],
+            "author": build["author"], "author_avatar": build["author_avatar"],
+            "author_email": build["author_email"]}
 
 
 def local_admin():
@@ -8609,7 +8643,8 @@ class Operations:
         """Add or replace a secret: `name`, `value`, `events` (a list, or one
         comma-separated text)."""
         repo = self.find_repo(caller, owner, name, write=True)
-        fields = _SECRET.parse(params)
+        fields = {key: value for key, value in _SECRET.parse(params).items()
+                  if value is not None}
         events = fields.get("events")
         if events is not None and not isinstance(events, list):
             raise BadRequest("events must be a list")
@@ -8658,6 +8693,24 @@ class Operations:
             item["activity"] = executor.activity(job_id) if executor is not None else ""
         queue["draining"] = bool(executor is not None and executor.draining())
         return queue
+
+    def feed(self, caller):
+        """The newest builds of the repositories the caller may read, in Drone
+        0.5's feed shape (`drone build queue` and the user's feed)."""
+        return self._feed(caller, active=False)
+
+    def build_queue(self, caller):
+        """The pending and running builds the caller may read, in Drone 0.5's
+        feed shape (`drone build queue`)."""
+        return self._feed(caller, active=True)
+
+    def _feed(self, caller, *, active):
+        repos = {repo["id"]: repo for repo in self.store.list_repos()
+                 if _Access.may_read(caller, repo)}
+        return [_feed_json(repos[build["repo_id"]], build)
+                for build in self.store.newest_builds(active=active, limit=50 if not active
+                                                      else 1000)
+                if build["repo_id"] in repos]
 
     def current_user(self, caller):
         """The caller (401 for a guest): what `cirunner login` checks a token with."""
@@ -9551,6 +9604,8 @@ _API_ROUTES = [
            {200: (_OK, {"type": "object"})}),
     _Route("GET", "/api/repos", "list_repos", "user", "repositories the caller may read",
            {200: (_OK, {"type": "array", "items": _ref("Repo")})}),
+    _Route("GET", "/api/user/repos", "list_repos", "user", "repositories the caller may "
+           "read (Drone 0.5's path)", {200: (_OK, {"type": "array", "items": _ref("Repo")})}),
     _Route("POST", "/api/repos/<owner>/<name>", "add_repo", "owner",
            "add a repository (the webhook secret is shown this once)",
            {201: (_OK, {"allOf": [_ref("Repo"), _object(webhook_secret=_STRING,
@@ -9663,6 +9718,13 @@ _API_ROUTES = [
            {200: (_OK, {"type": "object"})}, errors=(400, 403, 404, 507)),
     _Route("GET", "/api/queue", "queue", "user", "the pending jobs in order, each with why "
            "it waits, and the running ones", {200: (_OK, {"type": "object"})}),
+    # Drone 0.5's client: `drone build queue`, `drone repo ls`, the user's feed.
+    _Route("GET", "/api/builds", "build_queue", "user", "the pending and running builds "
+           "the caller may read, as Drone 0.5's feed items",
+           {200: (_OK, {"type": "array", "items": {"type": "object"}})}),
+    _Route("GET", "/api/user/feed", "feed", "user", "the newest builds (50) of the "
+           "repositories the caller may read, as Drone 0.5's feed items",
+           {200: (_OK, {"type": "array", "items": {"type": "object"}})}),
     _Route("GET", "/metrics", _Api.metrics_page, "user", "Prometheus metrics (admins, or "
            "--metrics-from addresses; needs cirunner[metrics])",
            {200: ("the metrics", _STRING)}, media=("text/plain",), errors=(403, 404)),
@@ -11384,6 +11446,7 @@ class _AgentStore:
         self.recovered = []
         self._listeners = []
         self._lock = threading.Lock()
+        self._journal_lock = threading.Lock()
         self._closed = threading.Event()
         self._connected = threading.Event()
         self._threads = []
@@ -11489,13 +11552,18 @@ class _AgentStore:
         return os.path.join(self.data_dir, "agent-jobs.json")
 
     def _write_journal(self):
-        """The ids of the jobs this agent runs, on disk (for its next start)."""
-        with self._lock:
-            ids = sorted(self.jobs)
-        temporary = self._journal() + ".new"
-        with open(temporary, "w") as handle:
-            json.dump(ids, handle)
-        os.replace(temporary, self._journal())
+        """The ids of the jobs this agent runs, on disk (for its next start).
+        The poll and the workers write it: one at a time, each the whole list."""
+        with self._journal_lock:
+            with self._lock:
+                ids = sorted(self.jobs)
+            temporary = self._journal() + ".new"
+            try:
+                with open(temporary, "w") as handle:
+                    json.dump(ids, handle)
+                os.replace(temporary, self._journal())
+            except OSError as exc:  # a help for the next start, not a reason to stop
+                _log.error("agent: cannot write %s: %s", self._journal(), exc)
 
     def close(self):
         self._closed.set()
@@ -11533,7 +11601,12 @@ class _AgentStore:
             except CIRunnerError as exc:
                 self._refused(exc.message)
                 return
-            self._news(answer)
+            try:
+                self._news(answer)
+            except Exception:  # noqa: BLE001 - a bug: stop the agent loudly, not silently
+                _log.exception("agent: the poll failed")
+                self._refused("the agent's poll failed (see the error above); restart it")
+                return
 
     def _news(self, answer):
         jobs = answer.get("jobs") or []

@@ -387,3 +387,31 @@ def test_agents_are_made_listed_and_removed_by_admins_only(fleet, tmp_path):
                      fleet.server.token)
     assert result.returncode == 0, result.stderr
     assert connect(fleet.server, token, "r")[0] == 401  # revoked at once
+
+
+def test_the_agents_journal_is_written_whole_by_many_threads_at_once(tmp_path):
+    """The poll and every worker write the journal of running jobs; at once,
+    they once broke each other's rename and stopped the agent's poll."""
+    import threading
+
+    import cirunner
+
+    store = cirunner._AgentStore("http://127.0.0.1:9", "cia_unused", str(tmp_path / "agent"))
+    store.jobs = {number: {} for number in range(50)}
+    failures = []
+
+    def write():
+        try:
+            for _ in range(50):
+                store._write_journal()
+        except Exception as exc:  # noqa: BLE001 - what the test looks for
+            failures.append(exc)
+
+    threads = [threading.Thread(target=write) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == []
+    assert json.loads((tmp_path / "agent" / "agent-jobs.json").read_text()) == list(range(50))
+    store.close()

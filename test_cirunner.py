@@ -2088,9 +2088,10 @@ def test_stateful_sequences_find_no_5xx_and_keep_resources_honest(tmp_path, shar
         return worlds[-1].app.app(environ, start_response)
 
     # Agents are no resource of a repository's (and a made agent's token is
-    # all the agent routes take): their own tests attack them.
+    # all the agent routes take): their own tests attack them. Drone 0.5's
+    # read-only lists (/api/builds, /api/user/feed, /api/user/repos) add no state.
     schema = schemathesis.openapi.from_wsgi("/api/openapi.json", current_app).exclude(
-        path_regex="^/api/agents?(/|$)")
+        path_regex="^/api/(agents?(/|$)|builds$|user/(feed|repos)$)")
     calls = []
 
     class Workflow(schema.as_state_machine()):
@@ -4565,3 +4566,34 @@ def test_drone_08_refuses_dns_extra_hosts_and_shm_size_on_untrusted_repositories
         errors[era] = store.list_jobs(build["id"])[0]["error"]
     assert "'dns', which only trusted repositories may use" in errors["0.8"]
     assert "only trusted" not in errors["0.5"]  # 0.5 let it through (no engine here)
+
+
+def test_the_drone_05_clients_queue_feed_repos_and_secrets_answer_in_its_shapes(
+        store, executor, make_repo, app):
+    repo = make_repo({".cirunner.yml": "pipeline: {t: {commands: [true]}}\n"})
+    hidden = store.create_repo("alice", "hidden", repo["url"], private=True)
+    first = cirunner.create_build(store, repo)
+    executor.run_until_idle()
+    cirunner.create_build(store, repo, event="push")   # pending: no executor runs it
+    cirunner.create_build(store, hidden)
+    assert app.get("/api/user/repos").json == app.get("/api/repos").json
+    feed = app.get("/api/user/feed").json
+    assert [(item["full_name"], item["number"]) for item in feed] == [
+        ("alice/hidden", 1), ("alice/hello", 2), ("alice/hello", 1)]
+    assert feed[2] | {"owner": "alice", "name": "hello", "status": "success",
+                      "commit": first["commit_sha"], "event": "manual"} == feed[2]
+    queue = app.get("/api/builds").json
+    assert [(item["full_name"], item["number"], item["status"]) for item in queue] == [
+        ("alice/hidden", 1, "pending"), ("alice/hello", 2, "pending")]
+    guest = webtest.TestApp(cirunner.make_app(store))
+    assert [item["full_name"] for item in guest.get("/api/builds").json] == ["alice/hello"]
+    # `drone secret add --event push --event tag` (no --image): image is null
+    added = app.post_json("/api/repos/alice/hello/secrets", {
+        "name": "TOKEN", "value": "s3cret", "event": ["push", "tag"], "image": None,
+        "skip_verify": False, "conceal": True}).json
+    assert added["events"] == ["push", "tag"]
+    refused = app.post_json("/api/repos/alice/hello/secrets", {
+        "name": "OTHER", "value": "x", "image": ["plugins/*"]}, status=400).json
+    assert "images are not supported" in refused["message"]
+    assert [secret["name"] for secret in app.get("/api/repos/alice/hello/secrets").json] \
+        == ["TOKEN"]
