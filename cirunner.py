@@ -2982,6 +2982,28 @@ class _LogCodec:
         packed = self._zstd("compressor").compress(data)
         return ("zstd", packed) if len(packed) < len(data) else ("", data)
 
+    def decode_at_most(self, codec, stored, limit):
+        """A chunk as another process sent it, (codec, stored); ValueError if
+        it is not one, or would be longer than `limit` (never decompressed
+        past it: a zstd frame states its size first)."""
+        if codec == "zstd":
+            zstd = _optional("zstandard", "storing logs", "zstandard")
+            try:
+                size = zstd.frame_content_size(stored)
+            except zstd.ZstdError as exc:
+                raise ValueError(f"not a zstd frame: {exc}") from None
+            if not 0 <= size <= limit:
+                raise ValueError(f"a chunk of at most {limit} bytes, stating its size")
+        elif codec:
+            raise ValueError(f"unknown codec {codec!r}")
+        try:
+            data = self.decode(codec, stored)
+        except Exception as exc:  # noqa: BLE001 - zstandard's own error: bad input
+            raise ValueError(f"cannot decode the chunk: {exc}") from None
+        if len(data) > limit:
+            raise ValueError(f"a chunk of at most {limit} bytes")
+        return data
+
     def decode(self, codec, stored):
         if not codec:
             return stored
@@ -10878,6 +10900,7 @@ class _AgentService:
 
     def __init__(self, store, *, agent_timeout, closing, max_polls):
         self.store = store
+        self.codec = _LogCodec()
         self.agent_timeout = agent_timeout
         self.poll_seconds = min(AGENT_POLL_SECONDS, agent_timeout / 4)
         self.closing = closing
@@ -11070,9 +11093,12 @@ class _AgentService:
             self.store.update_job_step(job_id, _check_positive(message.get("number"), "step"),
                                        lease, **fields)
         elif kind == "log":
-            data = base64.b64decode(message.get("data") or "", validate=True)
-            if len(data) > LOG_CHUNK_BYTES:
-                raise BadRequest(f"a log chunk holds at most {LOG_CHUNK_BYTES} bytes")
+            try:
+                data = self.codec.decode_at_most(
+                    message.get("codec") or "",
+                    base64.b64decode(message.get("data") or "", validate=True), LOG_CHUNK_BYTES)
+            except ValueError as exc:  # binascii.Error is one
+                raise BadRequest(f"a log chunk that cannot be read: {exc}") from None
             self.store.append_log(job_id, _check_count(message.get("seq"), "seq"),
                                   _check_count(message.get("offset"), "offset"), data,
                                   lease=lease)
@@ -11319,6 +11345,7 @@ class _Outbox:
 
     def __init__(self, directory, *, memory=OUTBOX_MEMORY_BYTES, disk=OUTBOX_DISK_BYTES):
         self.directory, self.memory, self.disk = directory, memory, disk
+        self.codec = _LogCodec()  # log goes out as the store keeps it: zstd, where it shrinks
         self.items = collections.deque()  # [message, bytes | ("spill", at, size) | size]
         self.changed = threading.Condition()
         self.in_memory = 0
@@ -11351,7 +11378,8 @@ class _Outbox:
 
     def take(self, *, max_bytes, wait):
         """The first messages (at most about `max_bytes` of log), with their
-        log as base64, left in place until `done`; [] if none came in `wait` s."""
+        log compressed and in base64, left in place until `done`; [] if none
+        came in `wait` s."""
         with self.changed:
             if not self.items:
                 self.changed.wait(wait)
@@ -11363,7 +11391,8 @@ class _Outbox:
                 if batch and size + len(data) > max_bytes:
                     break
                 size += len(data)
-                message = dict(message, data=base64.b64encode(data).decode())
+                codec, packed = self.codec.encode(data)
+                message = dict(message, data=base64.b64encode(packed).decode(), codec=codec)
             batch.append(message)
         return batch
 

@@ -315,6 +315,17 @@ def test_an_agent_token_reaches_nothing_but_the_agent_routes(fleet):
                                               "type": "log", "seq": 0, "offset": 0,
                                               "data": base64.b64encode(b"x").decode()}]})
     assert status == 200 and str(job["id"]) in answer["ended"], answer
+    # A chunk that would grow past a chunk's size (a zstd "bomb"), or that is
+    # not what its codec says: refused before anything is decompressed.
+    import zstandard
+
+    bomb = zstandard.ZstdCompressor().compress(b"\0" * (4 * 1024 * 1024))
+    for codec, data in (("zstd", bomb), ("zstd", b"not zstd"), ("xz", b"x")):
+        status, body = agent_call(fleet.server, token, "/api/agent/report", {
+            "runner": "one-runner", "messages": [{
+                "job": job["id"], "lease": job["lease"], "type": "log", "seq": 0, "offset": 0,
+                "codec": codec, "data": base64.b64encode(data).decode()}]})
+        assert status == 400 and "cannot be read" in body["message"], body
     # A user's token is not an agent's.
     status, _ = agent_call(fleet.server, fleet.server.token, "/api/agent/poll",
                            {"runner": "one-runner"})
