@@ -315,7 +315,7 @@ RUNNER_LOST_SECONDS = 60.0      # a runner silent this long is gone
 RECOVER_SECONDS = 5.0           # servers look for lost runners at least this often
 RETRY_AFTER_SECONDS = 5         # what a 503 tells the client to wait
 AGENT_RETRY_SECONDS = 2         # an agent tries an unreachable server again at least this often
-AGENT_PROTOCOL = 1              # what `agent --server` and the server speak (see _AgentService)
+AGENT_PROTOCOL = 2              # what `agent --server` and the server speak (see _AgentService)
 AGENT_POLL_SECONDS = 20.0       # the longest an agent's poll waits for work
 AGENT_MAX_BODY = 16 * 1024 * 1024  # an agent's report (log chunks) or git request
 MAX_RUNNER_LABELS = 9           # a claim matches every subset of them: 2**9 at most
@@ -777,7 +777,7 @@ class _Substitution:
 
     def _argument(self, text):
         """An argument of a function, with its own expressions substituted."""
-        return _Substitution(self.variables)(text)
+        return _Substitution(self.variables, dollars=self.dollars)(text)
 
     def _apply(self, name, rest):
         value = self.variables.get(name)
@@ -1102,9 +1102,12 @@ class _Problems:
         self.warnings.append((line or 0, f"{self.filename} line {line}: {message}" if line
                               else f"{self.filename}: {message}"))
 
-    def warning_texts(self):
-        """The warnings in the order of their lines."""
-        return [text for _, text in sorted(self.warnings, key=lambda warning: warning[0])]
+    def warning_texts(self, limit=50):
+        """The warnings in the order of their lines, each once, at most `limit`."""
+        texts = list(dict.fromkeys(text for _, text in sorted(
+            self.warnings, key=lambda warning: warning[0])))
+        return texts[:limit] + ([f"{self.filename}: and {len(texts) - limit} more warnings"]
+                                if len(texts) > limit else [])
 
     def raise_any(self):
         if self.found:
@@ -1302,7 +1305,7 @@ class Pipeline:
         """Whether ``$$`` is a literal ``$`` (Drone's envsubst): in Drone 0.5
         and 0.8 files; a .cirunner.yml keeps the shell's ``$$``, and a 0.4
         file its ``$$NAME`` matrix values."""
-        return not self.drone04 and not os.path.basename(self.filename).endswith(".cirunner.yml")
+        return not self.drone04 and _is_drone_file(self.filename)
 
     def runner_labels(self):
         """The labels a runner must have to run this pipeline's jobs, as stored."""
@@ -1321,7 +1324,8 @@ class Pipeline:
     @classmethod
     def from_json(cls, text):
         """The pipeline `to_json` wrote."""
-        data = json.loads(text)
+        known = {field.name for field in dataclasses.fields(cls)}
+        data = {key: value for key, value in json.loads(text).items() if key in known}
         data["steps"] = [Step(**step) for step in data["steps"]]
         data["services"] = [Step(**step) for step in data.get("services", [])]
         return cls(**data)
@@ -1374,10 +1378,17 @@ class _AnyValue(dict):
         return "x"
 
 
+def _is_drone_file(filename):
+    """Whether a pipeline file is Drone's (its name says drone: `.drone.yml`,
+    `ci/drone.yml`): read as Drone read it. Any other is cirunner's own,
+    read strictly (an unknown key is an error, `$$` is the shell's)."""
+    return "drone" in os.path.basename(filename).lower()
+
+
 def _drone_era(document):
     """"0.8" if a key only Drone 0.8 reads is in the file, else "0.5": a
     step's `secrets` (0.8's per-step secrets), a service's `when`, a `when`
-    on `ref` or `instance`, clone as named clone steps, agent `labels`."""
+    on `ref` or `instance`, clone as named clone steps."""
     def bodies(key):
         node = document.get(key)
         return [body for body in node.values() if isinstance(body, dict)] \
@@ -1391,8 +1402,7 @@ def _drone_era(document):
         or any(isinstance(body.get("when"), dict) and {"ref", "instance"} & set(body["when"])
                for body in steps)
         or (isinstance(clone, dict) and clone
-            and all(isinstance(item, dict) for item in clone.values()))
-        or "labels" in document) else "0.5"
+            and all(isinstance(item, dict) for item in clone.values()))) else "0.5"
 
 
 class _PipelineParser:
@@ -1406,7 +1416,7 @@ class _PipelineParser:
         # A Drone file gets what Drone's parser did (unknown keys ignored,
         # duplicate keys kept as Drone kept them), each said in a warning; a
         # .cirunner.yml gets errors, so that a typo never passes.
-        self.drone = not os.path.basename(filename).endswith(".cirunner.yml")
+        self.drone = _is_drone_file(filename)
 
     def add(self, line, message):
         self.problems.add(line, message)
@@ -1475,11 +1485,12 @@ class _PipelineParser:
     def _era(self, document, drone04):
         """Whose rules this file gets: "0.4" for Drone 0.4's sections, else
         what `drone_version` says, else "0.8" where a key only Drone 0.8 reads
-        marks it (see _drone_era), else "0.5"."""
+        marks a Drone file (see _drone_era), else "0.5" (cirunner's own files
+        too: their rules are 0.5's unless they say otherwise)."""
         if drone04:
             return "0.4"
         if "drone_version" not in document:
-            return _drone_era(document)
+            return _drone_era(document) if self.drone else "0.5"
         said = str(document["drone_version"])
         if said not in ("0.5", "0.8"):
             self.add(_line_of(document, "drone_version"),
@@ -1653,7 +1664,7 @@ class _PipelineParser:
             self.add(line, f"{where}: commands longer than {MAX_SCRIPT_BYTES} bytes")
         for text in self._strings_of(step):
             try:
-                substitute(text, _AnyValue())
+                substitute(text, _AnyValue(), dollars=self.drone and self.era != "0.4")
             except ConfigError as exc:
                 self.add(line, f"{where}: {exc.message}")
 
@@ -6928,7 +6939,7 @@ class _JobRun:
             self.repo, self.build, self.job, previous, link=self.executor.public_url,
             workspace=self.workspace, host=_url_host(self.repo["url"]))
         self.changed_means = SUCCESS if previous and previous["status"] == FAILURE else FAILURE
-        if os.path.basename(self.pipeline.filename) == ".drone.yml":
+        if _is_drone_file(self.pipeline.filename):
             self.drone["CI"] = "drone"  # as Drone 0.5 and 0.8 set it
         services = [self._substituted(step) for step in self.pipeline.services]
         # Drone 0.8 starts a service only where its `when` matches.
@@ -10768,7 +10779,6 @@ def _api_callback(api, route):
     every CIRunnerError (and any bug, as a 500) answered as the JSON error."""
 
     def callback(**params):
-        request = bottle.request
         try:
             if isinstance(route.handler, str):  # an operation: it checks access itself
                 return _send(api.operation(route, route.handler, params))
@@ -10780,20 +10790,24 @@ def _api_callback(api, route):
             elif route.access == "user":
                 api.user()
             return _send(route.handler(api, **params))
-        except CIRunnerError as error:
-            return _error_reply(error)
-        except (api.store.OperationalError, OSError) as error:
-            if _is_disk_full(error):
-                return _error_reply(StorageFull(_disk_full_message(error)))
-            if isinstance(error, api.store.OperationalError):
-                return _error_reply(_store_away(error))
-            _log.exception("unhandled error in %s %s", request.method, request.path)
-            return _error_reply(CIRunnerError("internal server error"))
-        except Exception:  # noqa: BLE001 - a bug answers 500 JSON, never HTML
-            _log.exception("unhandled error in %s %s", request.method, request.path)
-            return _error_reply(CIRunnerError("internal server error"))
+        except Exception as error:  # noqa: BLE001 - each answered as JSON, a bug too
+            return _json_error(api.store, error)
 
     return callback
+
+
+def _json_error(store, error):
+    """The JSON error answer of an API or agent route that raised `error`: a
+    CIRunnerError as it is, a full disk 507, a store that cannot be reached
+    503, anything else (a bug) 500, logged. Called in the `except` block."""
+    if isinstance(error, CIRunnerError):
+        return _error_reply(error)
+    if isinstance(error, (store.OperationalError, OSError)) and _is_disk_full(error):
+        return _error_reply(StorageFull(_disk_full_message(error)))
+    if isinstance(error, store.OperationalError):
+        return _error_reply(_store_away(error))
+    _log.exception("unhandled error in %s %s", bottle.request.method, bottle.request.path)
+    return _error_reply(CIRunnerError("internal server error"))
 
 
 def _page_callback(pages, handler):
@@ -11175,21 +11189,10 @@ def _agent_callback(service, handler):
     store cannot be reached)."""
 
     def callback(**params):
-        request = bottle.request
         try:
-            return handler(service, service.agent(request), **params)
-        except CIRunnerError as error:
-            return _error_reply(error)
-        except (service.store.OperationalError, OSError) as error:
-            if _is_disk_full(error):
-                return _error_reply(StorageFull(_disk_full_message(error)))
-            if isinstance(error, service.store.OperationalError):
-                return _error_reply(_store_away(error))
-            _log.exception("unhandled error in %s %s", request.method, request.path)
-            return _error_reply(CIRunnerError("internal server error"))
-        except Exception:  # noqa: BLE001 - a bug answers 500 JSON, never HTML
-            _log.exception("unhandled error in %s %s", request.method, request.path)
-            return _error_reply(CIRunnerError("internal server error"))
+            return handler(service, service.agent(bottle.request), **params)
+        except Exception as error:  # noqa: BLE001 - each answered as JSON, a bug too
+            return _json_error(service.store, error)
 
     return callback
 
@@ -11613,11 +11616,12 @@ class _AgentStore:
             if self._closed.is_set() or self.refusal:
                 return
             try:
+                with self._lock:  # workers remove the jobs they end
+                    stopping = [job_id for job_id, job in self.jobs.items()
+                                if job["job"].get("stopping")]
                 answer = self.link.call("/api/agent/poll", {
                     "runner": self.runner["runner"], "wait": self.poll_seconds,
-                    "stopping": [job_id for job_id, job in self.jobs.items()
-                                 if job["job"].get("stopping")]},
-                    timeout=self.poll_seconds + 30)
+                    "stopping": stopping}, timeout=self.poll_seconds + 30)
                 delay = 0.2
             except _ServerAway as exc:
                 _log.warning("agent: %s; trying again in %g s", exc.message, delay)

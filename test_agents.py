@@ -17,6 +17,7 @@ import urllib.request
 
 import pytest
 
+import cirunner
 import test_cirunner
 from test_cirunner import (  # noqa: F401 - steps_reach_tmp_path is autouse
     CIRUNNER,
@@ -143,7 +144,7 @@ def agent_call(server, token, path, body):
 
 def connect(server, token, runner, **fields):
     return agent_call(server, token, "/api/agent/connect", {
-        "protocol": 1, "version": "test", "runner": runner, "hostname": "test-host",
+        "protocol": cirunner.AGENT_PROTOCOL, "version": "test", "runner": runner, "hostname": "test-host",
         "pid": os.getpid(), "pid_start": 1, "workers": 1, "labels": {}, **fields})
 
 
@@ -359,7 +360,8 @@ def test_a_jobs_secrets_reach_only_the_agent_that_claimed_it(fleet):
 def test_an_agent_of_another_protocol_is_told_what_to_do(fleet):
     status, body = connect(fleet.server, fleet.token("one"), "one-runner", protocol=99)
     assert status == 409
-    assert "agent protocol 1" in body["message"] and "99" in body["message"]
+    assert f"agent protocol {cirunner.AGENT_PROTOCOL}" in body["message"]
+    assert "99" in body["message"]
     assert "same cirunner version" in body["message"]
 
 
@@ -404,8 +406,6 @@ def test_the_agents_journal_is_written_whole_by_many_threads_at_once(tmp_path):
     """The poll and every worker write the journal of running jobs; at once,
     they once broke each other's rename and stopped the agent's poll."""
     import threading
-
-    import cirunner
 
     store = cirunner._AgentStore("http://127.0.0.1:9", "cia_unused", str(tmp_path / "agent"))
     store.jobs = {number: {} for number in range(50)}

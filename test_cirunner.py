@@ -4468,6 +4468,19 @@ def test_a_drone_files_era_is_read_from_its_markers():
         == "0.5"  # said outright, it wins
     with pytest.raises(cirunner.ConfigError, match="'drone_version' must be"):
         era_of("drone_version: 1.0\n" + plain)
+    # cirunner's own files keep 0.5's rules (every step its event's secrets)
+    # unless they say otherwise; top-level labels route jobs in any file.
+    own = "pipeline:\n  t: {commands: [true], secrets: [a]}\nlabels: {disk: ssd}\n"
+    assert cirunner.parse_pipeline(own, ".cirunner.yml").era == "0.5"
+    assert cirunner.parse_pipeline("drone_version: 0.8\n" + own, ".cirunner.yml").era == "0.8"
+    assert era_of("labels: {disk: ssd}\n" + plain) == "0.5"
+
+
+def test_warnings_are_said_once_each_and_at_most_fifty():
+    text = "pipeline:\n  t: {commands: [true]}\n" + "".join(
+        f"unknown{number}: x\n" for number in range(60)) + "same: &a {}\nother: *a\n"
+    warnings = cirunner.parse_pipeline(text, ".drone.yml").warnings
+    assert len(warnings) == 51 and warnings[-1] == ".drone.yml: and 12 more warnings"
 
 
 def test_plugins_skip_pull_requests_by_default_in_05_files_only():
