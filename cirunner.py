@@ -1274,6 +1274,13 @@ def _map_strings(value, function):
     return value
 
 
+def _is_drone_file(filename):
+    """Whether a pipeline file is Drone's (its name says drone: `.drone.yml`,
+    `ci/drone.yml`): read as Drone read it. Any other is cirunner's own,
+    read strictly (an unknown key is an error, `$$` is the shell's)."""
+    return "drone" in os.path.basename(filename).lower()
+
+
 @dataclasses.dataclass
 class Pipeline:
     """A parsed pipeline file: ordered steps and services, matrix jobs, options."""
@@ -1376,13 +1383,6 @@ class _AnyValue(dict):
 
     def get(self, key, default=None):
         return "x"
-
-
-def _is_drone_file(filename):
-    """Whether a pipeline file is Drone's (its name says drone: `.drone.yml`,
-    `ci/drone.yml`): read as Drone read it. Any other is cirunner's own,
-    read strictly (an unknown key is an error, `$$` is the shell's)."""
-    return "drone" in os.path.basename(filename).lower()
 
 
 def _drone_era(document):
@@ -10774,6 +10774,20 @@ def _metrics_plugin(api):
     return apply
 
 
+def _json_error(store, error):
+    """The JSON error answer of an API or agent route that raised `error`: a
+    CIRunnerError as it is, a full disk 507, a store that cannot be reached
+    503, anything else (a bug) 500, logged. Called in the `except` block."""
+    if isinstance(error, CIRunnerError):
+        return _error_reply(error)
+    if isinstance(error, (store.OperationalError, OSError)) and _is_disk_full(error):
+        return _error_reply(StorageFull(_disk_full_message(error)))
+    if isinstance(error, store.OperationalError):
+        return _error_reply(_store_away(error))
+    _log.exception("unhandled error in %s %s", bottle.request.method, bottle.request.path)
+    return _error_reply(CIRunnerError("internal server error"))
+
+
 def _api_callback(api, route):
     """The Bottle callback of an API route: access first, then the handler;
     every CIRunnerError (and any bug, as a 500) answered as the JSON error."""
@@ -10794,20 +10808,6 @@ def _api_callback(api, route):
             return _json_error(api.store, error)
 
     return callback
-
-
-def _json_error(store, error):
-    """The JSON error answer of an API or agent route that raised `error`: a
-    CIRunnerError as it is, a full disk 507, a store that cannot be reached
-    503, anything else (a bug) 500, logged. Called in the `except` block."""
-    if isinstance(error, CIRunnerError):
-        return _error_reply(error)
-    if isinstance(error, (store.OperationalError, OSError)) and _is_disk_full(error):
-        return _error_reply(StorageFull(_disk_full_message(error)))
-    if isinstance(error, store.OperationalError):
-        return _error_reply(_store_away(error))
-    _log.exception("unhandled error in %s %s", bottle.request.method, bottle.request.path)
-    return _error_reply(CIRunnerError("internal server error"))
 
 
 def _page_callback(pages, handler):
@@ -10870,7 +10870,6 @@ class _Bottle(bottle.Bottle):
         bottle.response.content_type = _JSON
         return json.dumps({"error": codes.get(status, "error"), "message": message,
                            "status": status})
-
 
 
 ###############################################################################
@@ -11249,7 +11248,6 @@ def _agent_routes(service, api):
             ("POST", "/api/agent/disconnect", disconnect),
             ("GET", "/api/agent/git/<owner>/<name>/info/refs", info_refs),
             ("POST", "/api/agent/git/<owner>/<name>/git-upload-pack", upload_pack)]
-
 
 
 ###############################################################################
@@ -13002,83 +13000,6 @@ def _add_repo_options(parser, *, adding):
                                 metavar=field.name.upper())
 
 
-def _make_parser(environ):
-    def env(name, default):
-        return environ.get("CIRUNNER_" + name, default)
-
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--data", default=None,
-                        help="data directory (env CIRUNNER_DATA, default ./cirunner-data)")
-    common.add_argument("--db", default=None, metavar="URL",
-                        help="a PostgreSQL store shared by several machines, "
-                             "postgresql://user:password@host/database (env CIRUNNER_DB; "
-                             "default: the SQLite file in the data directory)")
-    _add_server_options(common, default=argparse.SUPPRESS)  # also after the command
-    workers = argparse.ArgumentParser(add_help=False)  # the commands that may run jobs
-    workers.add_argument("--workers", type=_count_of("--workers"),
-                         default=_count_of("CIRUNNER_WORKERS")(env("WORKERS", "")),
-                         help="job worker threads (env CIRUNNER_WORKERS, default: CPUs; "
-                              "0: none, every job runs on agents)")
-    _add_sandbox_option(workers, env)
-
-    parser = argparse.ArgumentParser(prog="cirunner", description="A CI build runner in one file.")
-    parser.add_argument("--version", action="version", version=f"cirunner {__version__}")
-    _add_server_options(parser, default=None)
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    commands.required = True
-    _add_serve_parser(commands, common, workers, env)
-    _add_agent_parser(commands, common, workers, env)
-    _add_repo_parser(commands, common, env)
-    _add_admin_parsers(commands, common)
-    _add_build_parsers(commands, common, workers, env)
-    backup_parser = commands.add_parser("backup", parents=[common],
-                                        help="write a consistent copy of the store and its "
-                                             "key, also while serve runs")
-    backup_parser.add_argument("file", metavar="FILE", help="the backup to write (.tar.gz)")
-    backup_parser.set_defaults(handler=_command_backup)
-    restore_parser = commands.add_parser("restore", parents=[common],
-                                         help="bring a backup back into a data directory")
-    restore_parser.add_argument("file", metavar="FILE")
-    restore_parser.add_argument("--force", action="store_true",
-                                help="move a store already there aside first")
-    restore_parser.set_defaults(handler=_command_restore)
-    queue_parser = commands.add_parser("queue", parents=[common],
-                                       help="the waiting jobs in order, and why each waits")
-    queue_parser.set_defaults(handler=_command_queue)
-    drain_parser = commands.add_parser("drain", parents=[common],
-                                       help="servers on this store take no new jobs and exit "
-                                            "when their running jobs end (for upgrades)")
-    drain_parser.add_argument("--no-wait", action="store_true", help="do not wait for them")
-    drain_parser.set_defaults(handler=_command_drain)
-    prune_parser = commands.add_parser("prune", parents=[common],
-                                       help="delete the builds past retention now")
-    _add_retention_options(prune_parser, env)
-    prune_parser.add_argument("--dry-run", action="store_true", help="only show them")
-    prune_parser.set_defaults(handler=_command_prune)
-    login = commands.add_parser("login", help="check a token against a server and keep both "
-                                              "for the commands that follow")
-    login.add_argument("url", metavar="URL", help="the server, e.g. https://ci.example.org")
-    login.add_argument("--token", help="the API token (default: env CIRUNNER_TOKEN, or asked)")
-    login.set_defaults(handler=_command_login)
-    logout = commands.add_parser("logout", help="forget the server and token of `login`")
-    logout.set_defaults(handler=_command_logout)
-    return parser
-
-
-def _add_server_options(parser, *, default):
-    parser.add_argument("--server", default=default, metavar="URL",
-                        help="work through this server's API instead of the local store "
-                             "(env CIRUNNER_SERVER, or the file `cirunner login` writes)")
-    parser.add_argument("--token", default=default, help="API token for --server "
-                                                         "(env CIRUNNER_TOKEN)")
-
-
-def _isolation_options(args):
-    """The Executor's isolation settings from the command line."""
-    return {"sandbox": args.sandbox, "engine": args.engine,
-            "sandbox_network": args.sandbox_network, "sandbox_user": args.sandbox_user}
-
-
 def _add_sandbox_option(parser, env):
     parser.add_argument("--sandbox", choices=SANDBOXES, default=env("SANDBOX", "auto"),
                         help="how steps run on the host: bwrap (bubblewrap), none (no "
@@ -13098,120 +13019,6 @@ def _add_sandbox_option(parser, env):
                         help="how steps that name an image run: podman, docker, none (on the "
                              "host), or auto (podman, else docker, when installed) "
                              "(env CIRUNNER_ENGINE, default auto)")
-
-
-def _add_serve_parser(commands, common, workers, env):
-    serve_parser = commands.add_parser("serve", parents=[common, workers],
-                                       help="run the HTTP API and the executor")
-    serve_parser.add_argument("--host", default=env("HOST", DEFAULT_HOST),
-                              help="address to bind (env CIRUNNER_HOST, default 127.0.0.1)")
-    serve_parser.add_argument("--port", type=int, default=int(env("PORT", DEFAULT_PORT)),
-                              help="port (env CIRUNNER_PORT, default 8080; 0 picks a free one)")
-    serve_parser.add_argument("--threads", type=int,
-                              default=int(env("THREADS", DEFAULT_HTTP_THREADS)),
-                              help="HTTP threads, each live log viewer holds one "
-                                   "(env CIRUNNER_THREADS, default 32)")
-    serve_parser.add_argument("--connection-limit", dest="connection_limit", type=int,
-                              default=int(env("CONNECTION_LIMIT", DEFAULT_CONNECTION_LIMIT)),
-                              help="open connections at most; more wait to be accepted "
-                                   "(env CIRUNNER_CONNECTION_LIMIT, default 1000)")
-    serve_parser.add_argument("--grace", type=float,
-                              default=float(env("GRACE", DEFAULT_GRACE_SECONDS)),
-                              help="seconds between SIGTERM and SIGKILL of a stopped job "
-                                   "(env CIRUNNER_GRACE, default 10)")
-    serve_parser.add_argument("--public-url", dest="public_url", default=env("PUBLIC_URL", ""),
-                              help="this server's address for links in commit statuses "
-                                   "(env CIRUNNER_PUBLIC_URL; default http://HOST:PORT)")
-    serve_parser.add_argument("--url-prefix", dest="url_prefix",
-                              default=env("URL_PREFIX", ""), metavar="PREFIX",
-                              help="serve under this path, e.g. /ci, for a reverse proxy that "
-                                   "passes it on (env CIRUNNER_URL_PREFIX)")
-    serve_parser.add_argument("--metrics-from", dest="metrics_from",
-                              default=env("METRICS_FROM", ""), metavar="ADDRESSES",
-                              help="comma-separated client addresses that may read /metrics "
-                                   "without an admin token (env CIRUNNER_METRICS_FROM)")
-    _add_retention_options(serve_parser, env)
-    _add_agent_timeout_option(serve_parser, env)
-    serve_parser.add_argument("--max-log-bytes", dest="max_log_bytes", type=int,
-                              default=int(env("MAX_LOG_BYTES", DEFAULT_MAX_LOG_BYTES)),
-                              help="a job's log keeps its start and its last MiB past this "
-                                   "(env CIRUNNER_MAX_LOG_BYTES, default 100 MiB; 0: no cap)")
-    serve_parser.add_argument("--keep-workspaces", action="store_true",
-                              default=env("KEEP_WORKSPACES", "") in _TRUE_WORDS,
-                              help="leave job workspaces on disk after the job")
-    serve_parser.set_defaults(handler=_command_serve)
-
-
-def _count_of(what):
-    """An argparse type: a whole number >= 0 ("" is None: the default)."""
-
-    def count(text):
-        if text == "":
-            return None
-        if not text.isdigit():
-            raise argparse.ArgumentTypeError(f"{what} must be a whole number >= 0, "
-                                             f"not {text!r}")
-        return int(text)
-
-    return count
-
-
-def _add_agent_timeout_option(parser, env):
-    parser.add_argument("--agent-timeout", dest="agent_timeout", type=float,
-                        default=float(env("AGENT_TIMEOUT", RUNNER_LOST_SECONDS)),
-                        help="seconds without a heartbeat after which another runner's jobs "
-                             "end as error, agent lost: the same on every machine (env "
-                             "CIRUNNER_AGENT_TIMEOUT, default 60)")
-
-
-def _add_agent_parser(commands, common, workers, env):
-    agent = commands.add_parser("agent", parents=[common, workers],
-                                help="run jobs from a PostgreSQL store (--db) on this machine, "
-                                     "without serving HTTP")
-    agent.add_argument("--labels", default=env("LABELS", ""), metavar="K=V,...",
-                       help="labels jobs may require of this machine, besides its platform "
-                            "(env CIRUNNER_LABELS), e.g. gpu=yes,location=attic")
-    _add_agent_timeout_option(agent, env)
-    agent.add_argument("--grace", type=float, default=float(env("GRACE", DEFAULT_GRACE_SECONDS)),
-                       help="seconds between SIGTERM and SIGKILL of a stopped job "
-                            "(env CIRUNNER_GRACE, default 10)")
-    agent.set_defaults(handler=_command_agent)
-
-
-def _add_retention_options(parser, env):
-    parser.add_argument("--keep-builds", dest="keep_builds", type=int,
-                        default=int(env("KEEP_BUILDS", DEFAULT_KEEP_BUILDS)),
-                        help="builds kept per repository; older ones are pruned (env "
-                             f"CIRUNNER_KEEP_BUILDS, default {DEFAULT_KEEP_BUILDS}; 0: all)")
-    parser.add_argument("--keep-days", dest="keep_days", type=int,
-                        default=int(env("KEEP_DAYS", DEFAULT_KEEP_DAYS)),
-                        help="days a build is kept (env CIRUNNER_KEEP_DAYS, default "
-                             f"{DEFAULT_KEEP_DAYS}; 0: forever)")
-    if parser.prog.endswith("serve"):
-        parser.add_argument("--prune-every", dest="prune_every", type=float,
-                            default=float(env("PRUNE_EVERY", PRUNE_SECONDS)),
-                            help="seconds between two prunings (env CIRUNNER_PRUNE_EVERY, "
-                                 f"default {PRUNE_SECONDS:g})")
-
-
-def _add_repo_parser(commands, common, env):
-    repo = commands.add_parser("repo", help="add, list, change or remove repositories")
-    actions = repo.add_subparsers(dest="repo_command", metavar="ACTION")
-    actions.required = True
-    add = actions.add_parser("add", parents=[common], help="add a repository")
-    add.add_argument("full_name", metavar="OWNER/NAME")
-    _add_repo_options(add, adding=True)
-    add.add_argument("--public-url", dest="public_url",
-                     default=env("PUBLIC_URL", f"http://{DEFAULT_HOST}:{DEFAULT_PORT}"),
-                     help="this server's address as the forge sees it (env CIRUNNER_PUBLIC_URL)")
-    actions.add_parser("list", parents=[common], help="list repositories")
-    update = actions.add_parser("update", parents=[common], help="change a repository's settings")
-    update.add_argument("full_name", metavar="OWNER/NAME")
-    _add_repo_options(update, adding=False)
-    remove = actions.add_parser("remove", parents=[common],
-                                help="remove a repository and its builds")
-    remove.add_argument("full_name", metavar="OWNER/NAME")
-    repo.set_defaults(handler=_command_repo)
 
 
 def _add_subcommands(commands, name, help_text, handler, actions):
@@ -13337,6 +13144,197 @@ def _add_build_parsers(commands, common, workers, env):
     lint = commands.add_parser("lint", help="check a pipeline file: its errors and warnings")
     lint.add_argument("file", nargs="?", metavar="FILE", help="a file or a folder (default: .)")
     lint.set_defaults(handler=_command_lint)
+
+
+def _make_parser(environ):
+    def env(name, default):
+        return environ.get("CIRUNNER_" + name, default)
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--data", default=None,
+                        help="data directory (env CIRUNNER_DATA, default ./cirunner-data)")
+    common.add_argument("--db", default=None, metavar="URL",
+                        help="a PostgreSQL store shared by several machines, "
+                             "postgresql://user:password@host/database (env CIRUNNER_DB; "
+                             "default: the SQLite file in the data directory)")
+    _add_server_options(common, default=argparse.SUPPRESS)  # also after the command
+    workers = argparse.ArgumentParser(add_help=False)  # the commands that may run jobs
+    workers.add_argument("--workers", type=_count_of("--workers"),
+                         default=_count_of("CIRUNNER_WORKERS")(env("WORKERS", "")),
+                         help="job worker threads (env CIRUNNER_WORKERS, default: CPUs; "
+                              "0: none, every job runs on agents)")
+    _add_sandbox_option(workers, env)
+
+    parser = argparse.ArgumentParser(prog="cirunner", description="A CI build runner in one file.")
+    parser.add_argument("--version", action="version", version=f"cirunner {__version__}")
+    _add_server_options(parser, default=None)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.required = True
+    _add_serve_parser(commands, common, workers, env)
+    _add_agent_parser(commands, common, workers, env)
+    _add_repo_parser(commands, common, env)
+    _add_admin_parsers(commands, common)
+    _add_build_parsers(commands, common, workers, env)
+    backup_parser = commands.add_parser("backup", parents=[common],
+                                        help="write a consistent copy of the store and its "
+                                             "key, also while serve runs")
+    backup_parser.add_argument("file", metavar="FILE", help="the backup to write (.tar.gz)")
+    backup_parser.set_defaults(handler=_command_backup)
+    restore_parser = commands.add_parser("restore", parents=[common],
+                                         help="bring a backup back into a data directory")
+    restore_parser.add_argument("file", metavar="FILE")
+    restore_parser.add_argument("--force", action="store_true",
+                                help="move a store already there aside first")
+    restore_parser.set_defaults(handler=_command_restore)
+    queue_parser = commands.add_parser("queue", parents=[common],
+                                       help="the waiting jobs in order, and why each waits")
+    queue_parser.set_defaults(handler=_command_queue)
+    drain_parser = commands.add_parser("drain", parents=[common],
+                                       help="servers on this store take no new jobs and exit "
+                                            "when their running jobs end (for upgrades)")
+    drain_parser.add_argument("--no-wait", action="store_true", help="do not wait for them")
+    drain_parser.set_defaults(handler=_command_drain)
+    prune_parser = commands.add_parser("prune", parents=[common],
+                                       help="delete the builds past retention now")
+    _add_retention_options(prune_parser, env)
+    prune_parser.add_argument("--dry-run", action="store_true", help="only show them")
+    prune_parser.set_defaults(handler=_command_prune)
+    login = commands.add_parser("login", help="check a token against a server and keep both "
+                                              "for the commands that follow")
+    login.add_argument("url", metavar="URL", help="the server, e.g. https://ci.example.org")
+    login.add_argument("--token", help="the API token (default: env CIRUNNER_TOKEN, or asked)")
+    login.set_defaults(handler=_command_login)
+    logout = commands.add_parser("logout", help="forget the server and token of `login`")
+    logout.set_defaults(handler=_command_logout)
+    return parser
+
+
+def _add_server_options(parser, *, default):
+    parser.add_argument("--server", default=default, metavar="URL",
+                        help="work through this server's API instead of the local store "
+                             "(env CIRUNNER_SERVER, or the file `cirunner login` writes)")
+    parser.add_argument("--token", default=default, help="API token for --server "
+                                                         "(env CIRUNNER_TOKEN)")
+
+
+def _isolation_options(args):
+    """The Executor's isolation settings from the command line."""
+    return {"sandbox": args.sandbox, "engine": args.engine,
+            "sandbox_network": args.sandbox_network, "sandbox_user": args.sandbox_user}
+
+
+def _add_serve_parser(commands, common, workers, env):
+    serve_parser = commands.add_parser("serve", parents=[common, workers],
+                                       help="run the HTTP API and the executor")
+    serve_parser.add_argument("--host", default=env("HOST", DEFAULT_HOST),
+                              help="address to bind (env CIRUNNER_HOST, default 127.0.0.1)")
+    serve_parser.add_argument("--port", type=int, default=int(env("PORT", DEFAULT_PORT)),
+                              help="port (env CIRUNNER_PORT, default 8080; 0 picks a free one)")
+    serve_parser.add_argument("--threads", type=int,
+                              default=int(env("THREADS", DEFAULT_HTTP_THREADS)),
+                              help="HTTP threads, each live log viewer holds one "
+                                   "(env CIRUNNER_THREADS, default 32)")
+    serve_parser.add_argument("--connection-limit", dest="connection_limit", type=int,
+                              default=int(env("CONNECTION_LIMIT", DEFAULT_CONNECTION_LIMIT)),
+                              help="open connections at most; more wait to be accepted "
+                                   "(env CIRUNNER_CONNECTION_LIMIT, default 1000)")
+    serve_parser.add_argument("--grace", type=float,
+                              default=float(env("GRACE", DEFAULT_GRACE_SECONDS)),
+                              help="seconds between SIGTERM and SIGKILL of a stopped job "
+                                   "(env CIRUNNER_GRACE, default 10)")
+    serve_parser.add_argument("--public-url", dest="public_url", default=env("PUBLIC_URL", ""),
+                              help="this server's address for links in commit statuses "
+                                   "(env CIRUNNER_PUBLIC_URL; default http://HOST:PORT)")
+    serve_parser.add_argument("--url-prefix", dest="url_prefix",
+                              default=env("URL_PREFIX", ""), metavar="PREFIX",
+                              help="serve under this path, e.g. /ci, for a reverse proxy that "
+                                   "passes it on (env CIRUNNER_URL_PREFIX)")
+    serve_parser.add_argument("--metrics-from", dest="metrics_from",
+                              default=env("METRICS_FROM", ""), metavar="ADDRESSES",
+                              help="comma-separated client addresses that may read /metrics "
+                                   "without an admin token (env CIRUNNER_METRICS_FROM)")
+    _add_retention_options(serve_parser, env)
+    _add_agent_timeout_option(serve_parser, env)
+    serve_parser.add_argument("--max-log-bytes", dest="max_log_bytes", type=int,
+                              default=int(env("MAX_LOG_BYTES", DEFAULT_MAX_LOG_BYTES)),
+                              help="a job's log keeps its start and its last MiB past this "
+                                   "(env CIRUNNER_MAX_LOG_BYTES, default 100 MiB; 0: no cap)")
+    serve_parser.add_argument("--keep-workspaces", action="store_true",
+                              default=env("KEEP_WORKSPACES", "") in _TRUE_WORDS,
+                              help="leave job workspaces on disk after the job")
+    serve_parser.set_defaults(handler=_command_serve)
+
+
+def _count_of(what):
+    """An argparse type: a whole number >= 0 ("" is None: the default)."""
+
+    def count(text):
+        if text == "":
+            return None
+        if not text.isdigit():
+            raise argparse.ArgumentTypeError(f"{what} must be a whole number >= 0, "
+                                             f"not {text!r}")
+        return int(text)
+
+    return count
+
+
+def _add_agent_timeout_option(parser, env):
+    parser.add_argument("--agent-timeout", dest="agent_timeout", type=float,
+                        default=float(env("AGENT_TIMEOUT", RUNNER_LOST_SECONDS)),
+                        help="seconds without a heartbeat after which another runner's jobs "
+                             "end as error, agent lost: the same on every machine (env "
+                             "CIRUNNER_AGENT_TIMEOUT, default 60)")
+
+
+def _add_agent_parser(commands, common, workers, env):
+    agent = commands.add_parser("agent", parents=[common, workers],
+                                help="run jobs from a PostgreSQL store (--db) on this machine, "
+                                     "without serving HTTP")
+    agent.add_argument("--labels", default=env("LABELS", ""), metavar="K=V,...",
+                       help="labels jobs may require of this machine, besides its platform "
+                            "(env CIRUNNER_LABELS), e.g. gpu=yes,location=attic")
+    _add_agent_timeout_option(agent, env)
+    agent.add_argument("--grace", type=float, default=float(env("GRACE", DEFAULT_GRACE_SECONDS)),
+                       help="seconds between SIGTERM and SIGKILL of a stopped job "
+                            "(env CIRUNNER_GRACE, default 10)")
+    agent.set_defaults(handler=_command_agent)
+
+
+def _add_retention_options(parser, env):
+    parser.add_argument("--keep-builds", dest="keep_builds", type=int,
+                        default=int(env("KEEP_BUILDS", DEFAULT_KEEP_BUILDS)),
+                        help="builds kept per repository; older ones are pruned (env "
+                             f"CIRUNNER_KEEP_BUILDS, default {DEFAULT_KEEP_BUILDS}; 0: all)")
+    parser.add_argument("--keep-days", dest="keep_days", type=int,
+                        default=int(env("KEEP_DAYS", DEFAULT_KEEP_DAYS)),
+                        help="days a build is kept (env CIRUNNER_KEEP_DAYS, default "
+                             f"{DEFAULT_KEEP_DAYS}; 0: forever)")
+    if parser.prog.endswith("serve"):
+        parser.add_argument("--prune-every", dest="prune_every", type=float,
+                            default=float(env("PRUNE_EVERY", PRUNE_SECONDS)),
+                            help="seconds between two prunings (env CIRUNNER_PRUNE_EVERY, "
+                                 f"default {PRUNE_SECONDS:g})")
+
+
+def _add_repo_parser(commands, common, env):
+    repo = commands.add_parser("repo", help="add, list, change or remove repositories")
+    actions = repo.add_subparsers(dest="repo_command", metavar="ACTION")
+    actions.required = True
+    add = actions.add_parser("add", parents=[common], help="add a repository")
+    add.add_argument("full_name", metavar="OWNER/NAME")
+    _add_repo_options(add, adding=True)
+    add.add_argument("--public-url", dest="public_url",
+                     default=env("PUBLIC_URL", f"http://{DEFAULT_HOST}:{DEFAULT_PORT}"),
+                     help="this server's address as the forge sees it (env CIRUNNER_PUBLIC_URL)")
+    actions.add_parser("list", parents=[common], help="list repositories")
+    update = actions.add_parser("update", parents=[common], help="change a repository's settings")
+    update.add_argument("full_name", metavar="OWNER/NAME")
+    _add_repo_options(update, adding=False)
+    remove = actions.add_parser("remove", parents=[common],
+                                help="remove a repository and its builds")
+    remove.add_argument("full_name", metavar="OWNER/NAME")
+    repo.set_defaults(handler=_command_repo)
 
 
 def main(argv=None, *, environ=None, stdout=None, stderr=None):
