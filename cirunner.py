@@ -3046,7 +3046,27 @@ class _SqliteConnection(sqlite3.Connection):
         return super().execute(sql, parameters)
 
 
-class Store:
+class _Listeners:
+    """Change listeners in this process: ``callback(event, ids)`` after a
+    change (a store's commits; an agent's news from its server). One that
+    fails is logged and never breaks the change or the others."""
+
+    def add_listener(self, callback):
+        self._listeners.append(callback)
+
+    def remove_listener(self, callback):
+        with contextlib.suppress(ValueError):
+            self._listeners.remove(callback)
+
+    def _notify(self, event, ids):
+        for callback in list(self._listeners):
+            try:
+                callback(event, ids)
+            except Exception:  # noqa: BLE001 - one bad listener must not break a change
+                _log.exception("store listener failed")
+
+
+class Store(_Listeners):
     """The SQLite store: users, repositories, builds, jobs, status history and logs.
 
     One connection per thread (threads that come and go lend theirs back), WAL
@@ -3365,23 +3385,6 @@ class Store:
                 self._counter = sqlite3.connect(self.path, isolation_level=None,
                                                 check_same_thread=False)
             return self._counter.execute("PRAGMA data_version").fetchone()[0]
-
-    # -- change listeners (same process) ------------------------------------
-
-    def add_listener(self, callback):
-        """Call ``callback(event, ids)`` after commits (see the class docstring)."""
-        self._listeners.append(callback)
-
-    def remove_listener(self, callback):
-        with contextlib.suppress(ValueError):
-            self._listeners.remove(callback)
-
-    def _notify(self, event, ids):
-        for callback in list(self._listeners):
-            try:
-                callback(event, ids)
-            except Exception:  # noqa: BLE001 - one bad listener must not break a commit
-                _log.exception("store listener failed")
 
     # -- users and tokens ---------------------------------------------------
 
@@ -11440,7 +11443,7 @@ class _Outbox:
                 self.spill = None
 
 
-class _AgentStore:
+class _AgentStore(_Listeners):
     """What an agent's Executor works with in place of a store: its server,
     over HTTP (see _AgentService).
 
@@ -11490,17 +11493,6 @@ class _AgentStore:
 
     def release_connection(self):
         pass
-
-    def add_listener(self, callback):
-        self._listeners.append(callback)
-
-    def remove_listener(self, callback):
-        with contextlib.suppress(ValueError):
-            self._listeners.remove(callback)
-
-    def _tell(self, event, ids):
-        for callback in list(self._listeners):
-            callback(event, ids)
 
     # -- connecting ---------------------------------------------------------------
 
@@ -11648,14 +11640,14 @@ class _AgentStore:
                 self.queue.append(payload["job"])
         if jobs:
             self._write_journal()
-            self._tell("enqueued", [payload["job"]["id"] for payload in jobs])
+            self._notify("enqueued", [payload["job"]["id"] for payload in jobs])
         cancels = {int(job_id): reason for job_id, reason in (answer.get("cancel") or {}).items()}
         for job_id, reason in cancels.items():
             payload = self.jobs.get(job_id)
             if payload is not None:
                 payload["job"].update(stopping=True, error=reason)
         if cancels:
-            self._tell("cancel", list(cancels))
+            self._notify("cancel", list(cancels))
 
     def _found_lost(self, message):
         """The server ended this runner's jobs (it was silent too long): stop
@@ -11707,7 +11699,7 @@ class _AgentStore:
                         self.jobs[job_id]["job"].update(status=ERROR, error=reason)
             self.outbox.done(len(batch), drop_jobs=set(ended))
             if ended:
-                self._tell("cancel", list(ended))
+                self._notify("cancel", list(ended))
 
     # -- what the executor reads -----------------------------------------------------
 
