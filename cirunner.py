@@ -4759,12 +4759,15 @@ _PG_MIGRATE_LOCK = 0x63697276
 _PG_CHANNEL = "cirunner"
 # A process that stops (a paused VM, SIGSTOP, a network partition) in the
 # middle of a transaction must not hold its locks for everyone else: the
-# server ends such a session, and a wait for a lock ends with an error (a
-# retry later) rather than never. Keepalives find a vanished peer in ~1 min.
-# The URL's own parameters win over these defaults.
+# server ends such a session after a few idle seconds (no transaction here
+# waits on anything between its statements; holding the one write lock
+# longer would stall every writer past the agent timeout, and with it the
+# very recovery that finds the stopped process lost), and a wait for a lock
+# ends with an error (a retry later) rather than never. Keepalives find a
+# vanished peer in ~1 min. The URL's own parameters win over these defaults.
 _PG_SESSION = {"connect_timeout": 10, "keepalives": 1, "keepalives_idle": 30,
                "keepalives_interval": 10, "keepalives_count": 3,
-               "options": "-c lock_timeout=30s -c idle_in_transaction_session_timeout=60s"}
+               "options": "-c lock_timeout=30s -c idle_in_transaction_session_timeout=5s"}
 # Log chunks and job ends: heard only by processes with followers of live logs.
 _PG_LOG_CHANNEL = "cirunner_log"
 

@@ -418,8 +418,10 @@ def test_an_agent_that_stops_answering_is_lost_and_cleans_up_when_it_comes_back(
         assert store.get_job(build["id"], 1)["claimed_by"].startswith("far-away:")
         os.kill(agent.process.pid, signal.SIGSTOP)  # alive, but silent: a network outage
         stopped_at = time.monotonic()
-        wait_for(lambda: store.get_build_by_id(build["id"])["status"] == "error", timeout=15)
-        assert time.monotonic() - stopped_at < 3 + 3 + 2  # the timeout, and a recovery round
+        wait_for(lambda: store.get_build_by_id(build["id"])["status"] == "error", timeout=20)
+        # The timeout, the seconds a session stopped inside a write keeps the
+        # write lock (the stop may land there), and a recovery round.
+        assert time.monotonic() - stopped_at < 3 + 5 + 3 + 2
         assert "agent lost" in store.get_job(build["id"], 1)["error"]
         assert not test_cirunner.process_gone(step_pid)  # on "another machine": left to its agent
         os.kill(agent.process.pid, signal.SIGCONT)  # back: it stops what it still runs
@@ -497,6 +499,22 @@ def test_recovery_never_overwrites_a_job_that_ended_while_it_waited(store, pg_ur
     assert store.get_job_by_id(job["id"])["status"] == "success"
     assert [status["status"] for status in store.list_statuses(build["id"])
             if status["job_id"] == job["id"]] == ["running"]
+
+
+def test_a_process_stopped_inside_a_write_holds_the_write_lock_for_seconds_only(store,
+                                                                                pg_url):
+    # As an agent SIGSTOPped (or a VM paused) between two statements of a
+    # write: with the store's own session settings, it holds the one lock.
+    holder = cirunner._PgConnection(psycopg, pg_url)
+    try:
+        holder.execute("BEGIN")
+        holder.execute("SELECT pg_advisory_xact_lock($1)", (cirunner._PG_WRITE_LOCK,))
+        user = store.create_user("waited")  # a write: it waits, then gets the lock
+        assert store.get_user("waited")["id"] == user["id"]
+        with pytest.raises(psycopg.Error):  # the silent holder's session ended
+            holder.execute("SELECT 1")
+    finally:
+        holder.close()
 
 
 def test_a_postgresql_outage_ends_no_job_and_the_api_answers_503(tmp_path, pg_cluster, pg_url):
