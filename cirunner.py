@@ -311,6 +311,8 @@ WAL_BACKSTOP_BYTES = 256 * 1024 * 1024    # ...and a writer itself past this
 LOG_FLUSH_SECONDS = 0.05        # longest a byte waits in memory before the store
 STRAGGLER_SECONDS = 0.5         # read on this long after a step's leader exits
 HEARTBEAT_SECONDS = 10.0        # a runner stamps itself (and its jobs) this often
+MIRROR_LOCK_SECONDS = 600.0     # the longest wait for another process's fetch (git's timeout)
+WATCHDOG_SECONDS = 660.0        # a job outside its steps this long is reported stuck
 RUNNER_LOST_SECONDS = 60.0      # a runner silent this long is gone
 RECOVER_SECONDS = 5.0           # servers look for lost runners at least this often
 RETRY_AFTER_SECONDS = 5         # what a 503 tells the client to wait
@@ -2295,11 +2297,29 @@ class _GitMirrors:
     # -- fetching -------------------------------------------------------------
 
     @contextlib.contextmanager
-    def _locked(self, mirror):
-        """Hold the mirror's lock file: one fetch at a time across processes too."""
-        os.makedirs(os.path.dirname(mirror), mode=0o700, exist_ok=True)
-        with os.fdopen(os.open(mirror + ".lock", os.O_WRONLY | os.O_CREAT, 0o600), "w") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
+    def _locked(self, mirror, timeout=MIRROR_LOCK_SECONDS):
+        """Hold the mirror's lock file: one fetch at a time across processes
+        too. A lock that cannot be opened, or that another process holds
+        for `timeout` seconds, is a _GitError that names it."""
+        lock = mirror + ".lock"
+        try:
+            os.makedirs(os.path.dirname(mirror), mode=0o700, exist_ok=True)
+            handle = os.fdopen(os.open(lock, os.O_WRONLY | os.O_CREAT, 0o600), "w")
+        except OSError as exc:
+            raise _GitError(f"cannot open the mirror's lock {lock}: {exc} (was it made by "
+                            "another user? remove it, or run cirunner as the user that owns "
+                            "the data directory)") from None
+        with handle:
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise _GitError(f"another process has held the mirror's lock {lock} "
+                                        f"for {timeout:g} s") from None
+                    time.sleep(0.05)
             yield
 
     def fetch(self, repo):
@@ -2316,16 +2336,23 @@ class _GitMirrors:
                 state.started += 1
                 state.running = True
         if leader:
-            error, heads = None, {}
+            # Whatever ends the fetch (a lock file of another user, a full disk,
+            # a bug) ends it for everyone waiting on it, and the next caller
+            # fetches again: the mark is never left set.
+            error, heads = _GitError("the fetch was interrupted"), {}
             try:
                 heads = self._fetch(repo, mirror)
+                error = None
             except _GitError as exc:
                 error = exc
-            with state.changed:
-                state.done, state.running, state.error = state.started, False, error
-                if error is None:
-                    state.heads = heads
-                state.changed.notify_all()
+            except Exception as exc:  # noqa: BLE001 - named to every caller, never a hang
+                error = _GitError(f"cannot update the mirror {mirror}: {exc}")
+            finally:
+                with state.changed:
+                    state.done, state.running, state.error = state.started, False, error
+                    if error is None:
+                        state.heads = heads
+                    state.changed.notify_all()
         with state.changed:
             if state.error is not None:
                 raise state.error
@@ -6827,6 +6854,7 @@ class _JobRun:
         self.lease = job.get("lease")
         self.log = self._log_writer(executor.max_log_bytes)
         self.stop_requested = threading.Event()
+        self.stop_requested_at = None  # time.monotonic() of the first request
         self.reason = ""
         self.workspace = None
         self.repo = self.build = self.pipeline = None
@@ -6853,10 +6881,31 @@ class _JobRun:
         objects = os.path.abspath(os.path.join(self.store.git.path(self.repo), "objects"))
         return [objects] if os.path.isdir(objects) else []
 
+    @property
+    def activity(self):
+        """What the job does now (for the queue and the watchdog)."""
+        return self._activity
+
+    @activity.setter
+    def activity(self, text):
+        self._activity, self.activity_since = text, time.monotonic()
+
+    def stuck_for(self, now, bound, grace):
+        """Seconds this job has made no progress of cirunner's own past
+        `bound`, or 0: outside its steps (a step's silence is the pipeline's,
+        and its timeout's), or asked to stop and not stopped after `grace`."""
+        late = 0.0
+        if not self.activity.startswith("step "):
+            late = now - self.activity_since - bound
+        if self.stop_requested_at is not None:
+            late = max(late, now - self.stop_requested_at - grace - bound)
+        return now - self.activity_since if late > 0 else 0.0
+
     def request_stop(self, reason):
         """Ask the job to stop (cancel, shutdown): SIGTERM, grace, SIGKILL."""
         if not self.stop_requested.is_set():
             self.reason = reason
+            self.stop_requested_at = time.monotonic()
             self.stop_requested.set()
 
     # -- what it records -----------------------------------------------------------
@@ -7069,8 +7118,10 @@ class _JobRun:
                 _update_submodules(self.store.git, self.workspace,
                                    self.pipeline.clone_settings.get("submodule_override", {}))
         except (_GitError, OSError) as exc:
-            self.log.write(f"{getattr(exc, 'message', exc)}\n")
-            raise _JobError(f"checkout of {commit[:12]} failed") from None
+            message = str(getattr(exc, "message", exc))
+            self.log.write(f"{message}\n")
+            first = (message.strip().splitlines() or [""])[0]
+            raise _JobError(f"checkout of {commit[:12]} failed: {_clip(first, 300)}") from None
 
     # -- services and steps ------------------------------------------------------------
 
@@ -7506,6 +7557,7 @@ class Executor:
                  sandbox="auto", engine="auto", runner=None, keep_builds=DEFAULT_KEEP_BUILDS,
                  keep_days=DEFAULT_KEEP_DAYS, max_log_bytes=DEFAULT_MAX_LOG_BYTES,
                  prune_every=PRUNE_SECONDS, labels=None, agent_timeout=RUNNER_LOST_SECONDS,
+                 watchdog=WATCHDOG_SECONDS,
                  serving=True, sandbox_network="private", sandbox_user=""):
         self.store = store
         # An agent (not `serving`) only runs jobs: crons, commit statuses and
@@ -7518,6 +7570,8 @@ class Executor:
             raise BadRequest(f"a runner has at most {MAX_RUNNER_LABELS} labels, its platform "
                              "included")
         self.agent_timeout = agent_timeout
+        self.watchdog = watchdog
+        self._reported_stuck = set()
         self.started_at = _now()
         self.keep_builds, self.keep_days = keep_builds, keep_days
         self.max_log_bytes = max_log_bytes
@@ -7565,6 +7619,7 @@ class Executor:
             # a few seconds (one query, cheap).
             _Task("recover lost jobs", min(agent_timeout / 2, RECOVER_SECONDS), self._recover),
             _Task("reap orphans", 1.0, self.runner.reap),
+            _Task("watchdog", min(30.0, max(0.5, watchdog / 4)), self._watch),
         ]
         if serving:  # an agent only runs jobs: these are the servers' (done once, by any)
             self._tasks += [
@@ -7725,6 +7780,31 @@ class Executor:
         with self._running_lock:
             run = self._running.get(job_id)
         return run.activity if run is not None else ""
+
+    def stuck(self):
+        """The jobs whose workers have made no progress of cirunner's own
+        for longer than the watchdog allows: [{job, doing, seconds, stopping}]."""
+        now = time.monotonic()
+        with self._running_lock:
+            running = list(self._running.items())
+        found = []
+        for job_id, run in running:
+            seconds = run.stuck_for(now, self.watchdog, self.grace)
+            if seconds:
+                found.append({"job": job_id, "doing": run.activity, "seconds": int(seconds),
+                              "stopping": run.stop_requested.is_set()})
+        return found
+
+    def _watch(self):
+        """Report (once per job and activity) a worker that stopped making progress."""
+        stuck = self.stuck()
+        for item in stuck:
+            if (item["job"], item["doing"], item["stopping"]) not in self._reported_stuck:
+                _log.warning("watchdog: job %s has been %s for %d s%s; its worker makes no "
+                             "progress", item["job"], item["doing"], item["seconds"],
+                             " after it was asked to stop" if item["stopping"] else "")
+        self._reported_stuck = {(item["job"], item["doing"], item["stopping"])
+                                for item in stuck}
 
     def draining(self):
         return self._drain.is_set()
@@ -9308,10 +9388,14 @@ class _Api:
                   else "ok"}
         if executor is not None:
             answer["isolation"] = executor.isolation_summary()
+            stuck = executor.stuck()
+            if stuck:  # up, but a worker makes no progress: what a probe should alert on
+                answer["status"] = "degraded"
+                answer["stuck_workers"] = len(stuck)
             user = self.user()
             if user and user["admin"]:
                 answer["problems"] = {"steps": executor.isolation_problem,
-                                      "images": executor.engine_problem}
+                                      "images": executor.engine_problem, "stuck": stuck}
         return answer
 
     def openapi(self):
@@ -10753,6 +10837,8 @@ class _StoreCollector:
             yield gauge("cirunner_workers", "Job worker threads", value=self.executor.workers)
             yield gauge("cirunner_workers_busy", "Worker threads running a job",
                         value=self.executor.busy_workers())
+            yield gauge("cirunner_workers_stuck", "Worker threads the watchdog finds making "
+                        "no progress", value=len(self.executor.stuck()))
 
 
 def _metrics_plugin(api):
@@ -12391,7 +12477,7 @@ def _command_serve(args, stdout, stderr):
                         **_isolation_options(args),
                         keep_days=args.keep_days, max_log_bytes=args.max_log_bytes,
                         prune_every=args.prune_every, agent_timeout=args.agent_timeout,
-                        public_url=args.public_url or
+                        watchdog=args.watchdog, public_url=args.public_url or
                         f"http://{args.host}:{args.port}{args.url_prefix.rstrip('/')}")
     app = make_app(store, executor, max_streams=max(1, args.threads - 4),
                    metrics_from=[address.strip() for address in args.metrics_from.split(",")
@@ -12437,7 +12523,8 @@ def _command_agent(args, stdout, stderr):
     store = _AgentStore(server, token, args.data) if server else open_store(args.data, args.db)
     executor = Executor(store, workers=args.workers, grace=args.grace,
                         labels=_parse_labels(args.labels), **_isolation_options(args),
-                        agent_timeout=args.agent_timeout, serving=False)
+                        agent_timeout=args.agent_timeout, watchdog=args.watchdog,
+                        serving=False)
     closing = threading.Event()
     shutdown = _Shutdown(closing, executor)
     shutdown.serving = False  # no HTTP loop to leave: the flag is enough
@@ -13280,6 +13367,12 @@ def _add_agent_timeout_option(parser, env):
                         help="seconds without a heartbeat after which another runner's jobs "
                              "end as error, agent lost: the same on every machine (env "
                              "CIRUNNER_AGENT_TIMEOUT, default 60)")
+    parser.add_argument("--watchdog", type=float,
+                        default=float(env("WATCHDOG", WATCHDOG_SECONDS)),
+                        help="seconds a job may spend outside its steps (checking out, "
+                             "starting services, finishing) or not stopping after its grace "
+                             "period before its worker is reported stuck (log, /healthz, "
+                             f"metrics; env CIRUNNER_WATCHDOG, default {WATCHDOG_SECONDS:g})")
 
 
 def _add_agent_parser(commands, common, workers, env):

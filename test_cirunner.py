@@ -1,8 +1,10 @@
 """Tests for cirunner: real git repositories, real processes, the real SQLite
 file, WebTest for the routes and a real `serve` process for end-to-end cases."""
 
+import concurrent.futures
 import configparser
 import contextlib
+import fcntl
 import hashlib
 import hmac
 import http.client
@@ -12,6 +14,7 @@ import os
 import pathlib
 import pwd
 import re
+import shutil
 import signal
 import socket
 import sqlite3
@@ -623,6 +626,56 @@ def test_a_commit_built_again_is_read_without_git(store, make_repo, tmp_path, mo
     store.update_repo(repo["id"], url=str(other))
     cirunner.create_build(store, store.get_repo_by_id(repo["id"]), commit=head)
     assert sum("cat-file" in line for line in calls.read_text().splitlines()) == 2
+
+
+def test_a_mirror_lock_that_cannot_be_taken_fails_each_build_by_name_and_hangs_nothing(
+        store, executor, make_repo):
+    repo = make_repo({".cirunner.yml": "pipeline: {t: {commands: [true]}}\n"})
+    built = cirunner.create_build(store, repo)
+    mirror = store.git.path(repo)
+    shutil.rmtree(mirror)  # the job's checkout must fetch again ...
+    os.unlink(mirror + ".lock")
+    os.mkdir(mirror + ".lock")  # ... through a lock it cannot open (as another user's)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        for _ in range(2):  # once the first fetch failed, the second waited forever
+            failed = pool.submit(cirunner.create_build, store, repo).result(timeout=60)
+            assert failed["status"] == "error", failed
+            assert "cannot open the mirror's lock" in failed["error"], failed
+        assert pool.submit(executor.run_until_idle).result(timeout=60) == 1
+    job = store.get_job(built["id"], 1)
+    assert job["status"] == "error" and "the mirror's lock" in job["error"], job
+    os.rmdir(mirror + ".lock")
+    cirunner.restart_build(store, repo, built["number"])
+    executor.run_until_idle()
+    assert store.get_build_by_id(built["id"])["status"] == "success"
+
+
+def test_the_watchdog_reports_a_worker_that_makes_no_progress(store, make_repo, caplog):
+    repo = make_repo({".cirunner.yml": "pipeline: {t: {commands: [true]}}\n"})
+    build = cirunner.create_build(store, repo)
+    mirror = store.git.path(repo)
+    shutil.rmtree(mirror)  # the checkout fetches again, and waits for the lock held here
+    executor = cirunner.Executor(store, workers=1, grace=1.0, engine="none", watchdog=0.5)
+    api = webtest.TestApp(cirunner.make_app(store, executor))
+    with open(mirror + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # as another process's long fetch
+        try:
+            executor.start()
+            stuck = wait_for(executor.stuck)
+            assert stuck[0]["job"] == store.get_job(build["id"], 1)["id"]
+            assert stuck[0]["doing"] == "checking out the commit"
+            health = wait_for(lambda: api.get("/healthz").json.get("stuck_workers") and
+                              api.get("/healthz").json)
+            assert health["status"] == "degraded", health
+            wait_for(lambda: "watchdog: job" in caplog.text)
+            assert "checking out the commit" in caplog.text
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    try:
+        wait_for(lambda: store.get_build_by_id(build["id"])["status"] == "success")
+        assert executor.stuck() == [] and api.get("/healthz").json["status"] == "ok"
+    finally:
+        executor.stop()
 
 
 def test_clone_false_gives_an_empty_workspace(store, executor, make_repo):
