@@ -6595,6 +6595,7 @@ class _LogWriter:
         self.seq = 0
         self.offset = 0
         self.buffer = bytearray()
+        self.settled = 0  # the buffer's first bytes, masked already: nothing spans past them
         self.first_at = None
         self.masked = []
         self.cap = cap
@@ -6613,12 +6614,29 @@ class _LogWriter:
                          if len(line.strip()) >= MIN_MASKED_LENGTH)
         self.masked = sorted((text.encode() for text in texts), key=len, reverse=True)
 
+    def position(self):
+        """Where the next byte will be in the stored log (a step's section
+        starts or ends here): what is buffered counts as masked, and is
+        settled, so no later masking moves it."""
+        if self.masked and len(self.buffer) > self.settled:
+            self._mask_unsettled()
+        self.settled = len(self.buffer)
+        return self.offset + len(self.buffer)
+
+    def _mask_unsettled(self):
+        rest = bytes(self.buffer[self.settled:])
+        for secret in self.masked:
+            if secret in rest:
+                rest = rest.replace(secret, MASK.encode())
+        del self.buffer[self.settled:]
+        self.buffer += rest
+
     def _held_back(self):
         """Bytes at the buffer's end that could be the start of a secret whose
         rest has not been read yet: kept until the next read or the end."""
         held = 0
         for secret in self.masked:
-            for length in range(min(len(secret) - 1, len(self.buffer)), held, -1):
+            for length in range(min(len(secret) - 1, len(self.buffer) - self.settled), held, -1):
                 if self.buffer.endswith(secret[:length]):
                     held = length
                     break
@@ -6652,9 +6670,7 @@ class _LogWriter:
         """Store the buffer; with `final` False, keep back a possible secret's start."""
         held = b""
         if self.masked:
-            for secret in self.masked:
-                if secret in self.buffer:
-                    self.buffer = bytearray(bytes(self.buffer).replace(secret, MASK.encode()))
+            self._mask_unsettled()
             keep = 0 if final else self._held_back()
             if keep:
                 held = bytes(self.buffer[-keep:])
@@ -6664,6 +6680,7 @@ class _LogWriter:
             self._store_chunk(chunk)
             del self.buffer[:len(chunk)]
         self.buffer += held
+        self.settled = 0
         self.first_at = None
         if final and (self.tail or self.dropped):
             self._store_tail()
@@ -7250,17 +7267,17 @@ class _JobRun:
             thread.join()
         for index, spool in enumerate(spools):
             if spool is not None and not unit[index].detach:
-                start = self.log.offset + len(self.log.buffer)
+                start = self.log.position()
                 spool.copy_to(self.log)
                 self._step(self.records[id(unit[index])], log_start=start,
-                                       log_end=self.log.offset + len(self.log.buffer))
+                                       log_end=self.log.position())
         return results
 
     def _run_into(self, step, sink, deadline, minutes, results, index):
         """Run one step with its output into `sink`; its result in `results`."""
         record = self.records[id(step)]
         self.activity = f"step {step.name}" + (f" in {step.image}" if step.image else "")
-        start = self.log.offset + len(self.log.buffer) if sink is self.log else 0
+        start = self.log.position() if sink is self.log else 0
         self._step(record, status=RUNNING, started_at=_now(), log_start=start)
         code, stopped, fault = 0, "", ""
         try:
@@ -7272,7 +7289,7 @@ class _JobRun:
         status = KILLED if stopped else ERROR if fault else SUCCESS if code == 0 else FAILURE
         fields = {"status": status, "exit_code": code, "finished_at": _now()}
         if sink is self.log:
-            fields["log_end"] = self.log.offset + len(self.log.buffer)
+            fields["log_end"] = self.log.position()
         self._step(record, **fields)
 
     def _run_step(self, step, sink, limits):
@@ -7388,13 +7405,13 @@ class _JobRun:
         for running in self.background:
             running.thread.join(self.executor.grace + 5)
             code = running.backend.finish(running.process)
-            start = self.log.offset + len(self.log.buffer)
+            start = self.log.position()
             self.log.write(f"--- {running.step.kind} {running.step.name} ---\n")
             running.spool.copy_to(self.log)
             self._step(running.record, status=SUCCESS if code in (0, 137, 143)
                                    else FAILURE, exit_code=code, finished_at=_now(),
                                    log_start=start,
-                                   log_end=self.log.offset + len(self.log.buffer))
+                                   log_end=self.log.position())
 
     def _close_records(self, status):
         """Steps never reached: skipped, or killed with the job."""

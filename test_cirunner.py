@@ -2583,6 +2583,31 @@ def test_log_writer_masks_a_secret_split_across_reads_and_flushes(store, make_re
         b"before ******** after, ********! and s3c"  # a lone prefix is not the secret
 
 
+def test_a_masked_secret_leaves_each_steps_section_where_its_output_is(store, app,
+                                                                        make_repo):
+    # A 16-character secret masked to 8: the sections after it must not move.
+    repo = make_repo({".cirunner.yml": (
+        "pipeline:\n"
+        "  first: {commands: ['echo \"key=$KEY\"; echo \"$KEY $KEY\"']}\n"
+        "  second: {commands: [echo second-output]}\n"
+        "  third: {commands: ['echo \"third $KEY\"', 'false']}\n")})
+    store.set_secret(repo["id"], "KEY", "0123456789abcdef")
+    build = cirunner.create_build(store, repo)
+    cirunner.Executor(store, workers=1, engine="none").run_until_idle()
+    text = log_text(store, build, 1)
+    assert "0123456789abcdef" not in text and "key=********" in text
+    job = store.get_job(build["id"], 1)
+    numbers = {step["name"]: str(step["number"])
+               for step in store.list_steps([job["id"]])[job["id"]]}
+    def section(name):  # Drone's lines of one step
+        return "".join(line["out"] for line in
+                       app.get(f"/api/repos/alice/hello/builds/1/logs/1/{numbers[name]}").json)
+
+    assert section("first").endswith("key=********\n******** ********\n")
+    assert section("second") == "+ echo second-output\nsecond-output\n"
+    assert section("third").startswith("+ echo \"third $KEY\"\nthird ********\n+ false\n")
+
+
 def test_secrets_cli_and_api_never_show_values(tmp_path, store, app, make_repo):
     repo = make_repo({".cirunner.yml": "pipeline: {t: {commands: [true]}}\n"})
     created = app.post_json("/api/repos/alice/hello/secrets",
