@@ -3219,12 +3219,15 @@ class Store(_Listeners):
                     self._idle_connections.append(conn)
 
     @contextlib.contextmanager
-    def _write(self, *, rows_only=False):
+    def _write(self, *, rows_only=False, durable=False):
         """A write transaction. With `rows_only`, it changes rows of its own
         and locks them (a claim, a step, a heartbeat): PostgreSQL runs such
-        ones side by side; SQLite runs every write in turn."""
+        ones side by side; SQLite runs every write in turn. A `durable` one
+        (what an answer acknowledges: a build made, restarted or cancelled,
+        a job's end) is on disk when it commits, a power cut included; the
+        rest (log chunks, steps, heartbeats) at the next one or checkpoint."""
         conn = self._connection()
-        with self._begin(conn, rows_only):
+        with self._durably(conn, durable), self._begin(conn, rows_only):
             transaction = self._transaction_class(conn)
             try:
                 yield transaction
@@ -3237,6 +3240,19 @@ class Store(_Listeners):
             self._notify(event, ids)
 
     _transaction_class = _Transaction
+
+    @contextlib.contextmanager
+    def _durably(self, conn, durable):
+        """SQLite in WAL mode syncs the log at each commit only with
+        synchronous=FULL; NORMAL (the default here) syncs it at checkpoints."""
+        if not durable:
+            yield
+            return
+        conn.execute("PRAGMA synchronous = FULL")
+        try:
+            yield
+        finally:
+            conn.execute("PRAGMA synchronous = NORMAL")
 
     def _write_one(self, sql, params=()):
         """A write that is one statement, committed alone (in turn, on SQLite)."""
@@ -3623,7 +3639,7 @@ class Store(_Listeners):
         finished with status error and no jobs; with `blocked` (the reason),
         it waits for approval and no job may be claimed. Returns the build dict."""
         now = _now()
-        with self._write() as tx:
+        with self._write(durable=True) as tx:
             tx.execute("UPDATE repos SET last_number = last_number + 1 WHERE id = $1", (repo_id,))
             row = tx.execute("SELECT last_number FROM repos WHERE id = $1", (repo_id,)).fetchone()
             if row is None:
@@ -3646,7 +3662,7 @@ class Store(_Listeners):
         """Approve a blocked build (its jobs may run from now on) or decline it
         (they never will: skipped, the build declined). Conflict unless blocked."""
         now = _now()
-        with self._write() as tx:
+        with self._write(durable=True) as tx:
             self._lock_build(tx, build_id)
             row = tx.execute("SELECT status FROM builds WHERE id = $1", (build_id,)).fetchone()
             if row is None:
@@ -3691,7 +3707,7 @@ class Store(_Listeners):
         """Run a finished build again under the same number: its jobs, logs and
         job statuses are replaced. Raises Conflict while it is pending or running."""
         now = _now()
-        with self._write() as tx:
+        with self._write(durable=True) as tx:
             self._lock_build(tx, build_id)
             row = tx.execute("SELECT status FROM builds WHERE id = $1", (build_id,)).fetchone()
             if row is None:
@@ -3956,7 +3972,7 @@ class Store(_Listeners):
         """Record a job's end, apply fail_fast and roll the build's status up.
         With the claim's `lease`: Conflict if the job was ended meanwhile."""
         now = _now()
-        with self._write(rows_only=True) as tx:
+        with self._write(rows_only=True, durable=True) as tx:
             if self._lock_build_of_job(tx, job_id) is None:
                 return  # deleted
             job = tx.execute("SELECT j.build_id, j.number, j.status, j.lease, j.error, "
@@ -3986,7 +4002,7 @@ class Store(_Listeners):
         `pending_status` at once, running ones are asked to stop and end as
         killed. Raises Conflict if nothing is active. Returns the build."""
         now = _now()
-        with self._write() as tx:
+        with self._write(durable=True) as tx:
             self._cancel_jobs(tx, build_id, job_number, pending_status, message, now,
                               require_active=True)
             self._roll_up(tx, build_id, now, cancelled=job_number is None)
@@ -4926,6 +4942,10 @@ class PostgresStore(Store):
             with self._connections_lock, contextlib.suppress(ValueError):
                 self._connections.remove(conn)
         return super()._connection()
+
+    @contextlib.contextmanager
+    def _durably(self, conn, durable):
+        yield  # every commit waits for the database's own sync (synchronous_commit)
 
     @contextlib.contextmanager
     def _begin(self, conn, rows_only):

@@ -1525,6 +1525,37 @@ def test_malformed_requests_get_an_answer_and_the_server_goes_on(tmp_path, serve
     assert server.api("GET", "/api/version")[0] == 200
 
 
+_SYNC_PROBE = """
+import os, sys
+import cirunner
+store = cirunner.Store.open(sys.argv[1])
+job = store.list_jobs(int(sys.argv[3]))[0]
+if sys.argv[2] == "log":  # what a running job writes most: synced at the next checkpoint
+    for seq in range(1, 11):
+        store.append_log(job["id"], seq, seq, b"x")
+else:                     # what an answer acknowledges: synced as it commits
+    store.create_build(store.get_build_by_id(job["build_id"])["repo_id"],
+                       {"event": "manual"}, [{}])
+    store.finish_job(job["id"], "success")
+os._exit(0)  # no close: a last close would checkpoint (and sync) anyway
+"""
+
+
+@pytest.mark.skipif(not shutil.which("strace"), reason="needs strace (.ci/run installs it)")
+def test_what_an_answer_acknowledges_is_on_disk_when_it_commits(tmp_path, store, make_repo):
+    repo = make_repo({".cirunner.yml": "pipeline: {t: {commands: [true]}}\n"})
+    build = store.create_build(repo["id"], {"event": "manual"}, [{}])
+    synced = {}
+    for kind in ("log", "acknowledged"):
+        trace = tmp_path / f"{kind}.strace"
+        subprocess.run(["strace", "-f", "-y", "-e", "trace=fsync,fdatasync", "-o", str(trace),
+                        sys.executable, "-c", _SYNC_PROBE, store.data_dir, kind,
+                        str(build["id"])], check=True, cwd=os.path.dirname(CIRUNNER))
+        synced[kind] = sum("cirunner.db-wal" in line for line in trace.read_text().splitlines())
+    assert synced["log"] == 0, synced  # ten commits, no sync: a power cut may lose them
+    assert synced["acknowledged"] >= 2, synced  # the build, then the job's end
+
+
 @pytest.mark.parametrize("reaped", [True, False], ids=["reaped", "zombie"])
 def test_kill_9_of_serve_then_restart_recovers_the_job(tmp_path, servers, reaped):
     repo = str(tmp_path / "repo")
