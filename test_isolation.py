@@ -486,6 +486,36 @@ def fake_tool(folder, name, script):
     return folder
 
 
+def _zombie_children(names):
+    """Our own children that have exited and wait to be reaped, by pid."""
+    found = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as handle:
+                    stat = handle.read()
+            except OSError:
+                continue
+            name = stat[stat.index("(") + 1:stat.rindex(")")]
+            state, parent = stat[stat.rindex(")") + 2:].split()[:2]
+            if state == "Z" and int(parent) == os.getpid() and name in names:
+                found.add(int(entry))
+    return found
+
+
+def test_checking_the_sandbox_leaves_no_zombie_behind(tmp_path):
+    store = cirunner.Store.open(str(tmp_path / "data"))
+    try:
+        before = _zombie_children({"bwrap", "slirp4netns"})
+        for _ in range(3):  # as an embedder (or a test suite) making executors
+            executor = cirunner.Executor(store, workers=1, engine="none")
+            executor.runner.check()
+            assert executor.runner.problem == "", executor.runner.problem
+        assert _zombie_children({"bwrap", "slirp4netns"}) - before == set()
+    finally:
+        store.close()
+
+
 def test_auto_without_a_working_sandbox_refuses_host_steps_naming_the_fix(tmp_path):
     broken = fake_tool(tmp_path / "bin", "bwrap",
                        'echo "bwrap: No permissions to create a new namespace" >&2; exit 1\n')
