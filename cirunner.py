@@ -310,6 +310,7 @@ WAL_CHECKPOINT_BYTES = 128 * 1024 * 1024  # the executor checkpoints past this..
 WAL_BACKSTOP_BYTES = 256 * 1024 * 1024    # ...and a writer itself past this
 LOG_FLUSH_SECONDS = 0.05        # longest a byte waits in memory before the store
 STRAGGLER_SECONDS = 0.5         # read on this long after a step's leader exits
+BACKGROUND_GRACE_SECONDS = 1.0  # a service's SIGTERM -> SIGKILL at its job's end
 HEARTBEAT_SECONDS = 10.0        # a runner stamps itself (and its jobs) this often
 MIRROR_LOCK_SECONDS = 600.0     # the longest wait for another process's fetch (git's timeout)
 WATCHDOG_SECONDS = 660.0        # a job outside its steps this long is reported stuck
@@ -6881,7 +6882,7 @@ class _Running:
     spool: _Spool
     thread: threading.Thread
     record: int
-    stopped: str = ""
+    stopped: str = ""  # why it was stopped ("the job ended"), or "" if it ended by itself
 
 
 class _JobRun:
@@ -7216,8 +7217,12 @@ class _JobRun:
         process, backend = self._spawn(step)
         running = _Running(step, process, backend, spool, None, self.records[id(step)])
         self._step(running.record, status=RUNNING, started_at=_now())
-        running.thread = threading.Thread(target=self._pump, args=(process, backend, spool, None),
-                                          name=f"cirunner-{step.kind}-{step.name}", daemon=True)
+
+        def pump():
+            running.stopped = self._pump(process, backend, spool, None)
+
+        running.thread = threading.Thread(target=pump, name=f"cirunner-{step.kind}-{step.name}",
+                                          daemon=True)
         running.thread.start()
         self.background.append(running)
 
@@ -7345,6 +7350,10 @@ class _JobRun:
         minutes), or None for a background step, which runs until the job ends."""
         poller = select.poll()
         poller.register(process.output, select.POLLIN | select.POLLHUP | select.POLLERR)
+        # A service or detached step is done with at its job's end: as Drone
+        # removes their containers, it gets a moment, not the whole grace.
+        grace = self.executor.grace if limits is not None else min(
+            self.executor.grace, BACKGROUND_GRACE_SECONDS)
         term_at = killed_at = exited_at = None
         stopped = ""
         while True:
@@ -7356,7 +7365,7 @@ class _JobRun:
                         sink.write(f"\ncirunner: {stopped}: stopping the job\n")
                     backend.signal(process, signal.SIGTERM)
                     term_at = now
-            elif killed_at is None and now - term_at >= self.executor.grace:
+            elif killed_at is None and now - term_at >= grace:
                 backend.signal(process, signal.SIGKILL)
                 killed_at = now
             if exited_at is None and process.popen.poll() is not None:
@@ -7436,10 +7445,14 @@ class _JobRun:
             start = self.log.position()
             self.log.write(f"--- {running.step.kind} {running.step.name} ---\n")
             running.spool.copy_to(self.log)
-            self._step(running.record, status=SUCCESS if code in (0, 137, 143)
-                                   else FAILURE, exit_code=code, finished_at=_now(),
-                                   log_start=start,
-                                   log_end=self.log.position())
+            status = SUCCESS if code == 0 else FAILURE
+            if running.stopped:  # it ran until the job was done with it
+                self.log.write(f"cirunner: {running.step.kind} {running.step.name} stopped: "
+                               f"{running.stopped}\n")
+                status = KILLED if self.stop_requested.is_set() else SUCCESS
+                code = code if self.stop_requested.is_set() else 0
+            self._step(running.record, status=status, exit_code=code, finished_at=_now(),
+                       log_start=start, log_end=self.log.position())
 
     def _close_records(self, status):
         """Steps never reached: skipped, or killed with the job."""

@@ -181,6 +181,26 @@ def test_a_drone_pipeline_runs_in_its_images_with_a_service_and_a_plugin(tmp_pat
             ("announce", "plugin", "success")]
 
 
+def test_a_service_that_ignores_sigterm_is_done_with_at_the_jobs_end_not_after_the_grace(
+        tmp_path, servers):
+    server = servers(tmp_path / "data", "--grace", "60")  # a step's grace: not a service's
+    repo = str(tmp_path / "repo")
+    commit_files(repo, {".drone.yml": (  # busybox httpd ignores SIGTERM
+        "pipeline:\n  test:\n    image: localhost/cirunner-test:1\n    commands: [true]\n"
+        "services:\n  web:\n    image: localhost/cirunner-test:1\n"
+        "    command: [httpd, -f, -p, \"80\", -h, /www]\n")})
+    server.api("POST", "/api/repos/alice/hello", {"url": repo})
+    server.api("POST", "/api/repos/alice/hello/builds", {})
+    build = finished(server, "alice/hello", 1)
+    job = build["jobs"][0]
+    assert build["status"] == "success", build
+    assert job["finished_at"] - job["started_at"] < 30, job  # not the 60 s grace
+    service = next(step for step in job["steps"] if step["name"] == "web")
+    assert (service["status"], service["exit_code"]) == ("success", 0), service
+    assert "cirunner: service web stopped: the job ended" in http_text(
+        server.url + "/api/repos/alice/hello/logs/1/1")
+
+
 def test_a_detached_step_is_reached_by_its_name_in_a_job_without_services(tmp_path, servers):
     server = servers(tmp_path / "data")
     repo = str(tmp_path / "repo")
