@@ -12895,6 +12895,8 @@ def backup(store, path):
         raise BadRequest("backup copies a SQLite store; back a PostgreSQL store up with "
                          "pg_dump (and keep DATA/secret.key with it)")
     directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise BadRequest(f"cannot write {path}: there is no folder {directory} (make it first)")
     with tempfile.TemporaryDirectory(dir=directory, prefix=".cirunner-backup-") as work:
         copy = os.path.join(work, "cirunner.db")
         source, target = sqlite3.connect(store.path), sqlite3.connect(copy)
@@ -12912,18 +12914,25 @@ def backup(store, path):
         temporary = os.path.join(work, "backup.tar.gz")
         with os.fdopen(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") \
                 as raw, tarfile.open(fileobj=raw, mode="w:gz") as archive:
-            archive.add(os.path.join(work, _BACKUP_MEMBERS[0]), _BACKUP_MEMBERS[0])
-            archive.add(copy, "cirunner.db")
-            if os.path.exists(store.sealer.key_path):
-                archive.add(store.sealer.key_path, "secret.key")
+            for source, name in ((os.path.join(work, _BACKUP_MEMBERS[0]), _BACKUP_MEMBERS[0]),
+                                 (copy, "cirunner.db"), (store.sealer.key_path, "secret.key")):
+                if os.path.exists(source):  # each member 0600, as the store's own files
+                    archive.add(source, name, filter=_private_member)
             raw.flush()
             os.fsync(raw.fileno())
         os.replace(temporary, path)
     return manifest
 
 
+def _private_member(info):
+    info.mode, info.uid, info.gid, info.uname, info.gname = 0o600, 0, 0, "", ""
+    return info
+
+
 def _running_servers(data_dir):
-    """The pids of live runners on this host that use the store in `data_dir`."""
+    """The pids of live runners on this host that use the store in `data_dir`
+    (a runner row names a live process that has the store's file open: a
+    copy of a store names the processes of its source, which do not)."""
     path = os.path.join(data_dir, "cirunner.db")
     if not os.path.exists(path):
         return []
@@ -12935,7 +12944,26 @@ def _running_servers(data_dir):
                             (socket.gethostname(),)).fetchall()
     finally:
         conn.close()
-    return [pid for pid, started in rows if _same_process(pid, started)]
+    return [pid for pid, started in rows
+            if _same_process(pid, started) and _may_have_open(pid, path)]
+
+
+def _may_have_open(pid, path):
+    """Whether process `pid` has the file at `path` open (True when its files
+    cannot be looked at: another user's process, or no /proc)."""
+    wanted = os.stat(path)
+    try:
+        descriptors = os.listdir(f"/proc/{pid}/fd")
+    except FileNotFoundError:
+        return not os.path.exists("/proc/self/fd")
+    except PermissionError:
+        return True
+    for descriptor in descriptors:
+        with contextlib.suppress(OSError):
+            info = os.stat(f"/proc/{pid}/fd/{descriptor}")
+            if (info.st_dev, info.st_ino) == (wanted.st_dev, wanted.st_ino):
+                return True
+    return False
 
 
 def restore(path, data_dir, *, force=False):
@@ -12970,6 +12998,12 @@ def restore(path, data_dir, *, force=False):
         try:
             if check.execute("PRAGMA integrity_check").fetchone()[0] != "ok":
                 raise BadRequest(f"the store in {path} is damaged")
+            # The runners the backup names are the source's processes, some
+            # perhaps alive beside this copy: none of them runs its jobs, so
+            # the first start here ends those at once, not after a timeout.
+            if check.execute("SELECT 1 FROM sqlite_master WHERE name = 'runners'").fetchone():
+                check.execute("DELETE FROM runners")
+                check.commit()
         finally:
             check.close()
         with open(os.path.join(work, _BACKUP_MEMBERS[0])) as handle:

@@ -20,6 +20,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import tarfile
 import threading
 import time
 import urllib.error
@@ -4375,6 +4376,33 @@ def test_backup_while_serving_and_restore_on_a_new_machine(tmp_path, servers):
     bad.write_bytes(b"not a backup")
     result = run_cli("restore", str(bad), "--data", str(tmp_path / "other"))
     assert result.returncode == 1 and "is not a cirunner backup" in result.stderr
+
+
+def test_a_store_restored_beside_its_live_source_inherits_none_of_its_runners(
+        tmp_path, store, make_repo):
+    repo = make_repo({".cirunner.yml": "pipeline: {t: {commands: [true]}}\n"})
+    store.set_secret(repo["id"], "TOKEN", "kept-secret")  # makes the key file
+    build = cirunner.create_build(store, repo)
+    # The source's runner is this very process: alive, on this host, running a job.
+    store.register_runner("source:1:a", socket.gethostname(), os.getpid())
+    job = store.claim_next_job("source:1:a")
+    with tarfile.open(cirunner.backup(store, str(tmp_path / "b.tar.gz")) and
+                      tmp_path / "b.tar.gz") as archive:
+        assert {member.name: member.mode for member in archive.getmembers()} == {
+            "cirunner-backup.json": 0o600, "cirunner.db": 0o600, "secret.key": 0o600}
+    copy = tmp_path / "copy"
+    cirunner.restore(str(tmp_path / "b.tar.gz"), str(copy))
+    again = run_cli("restore", str(tmp_path / "b.tar.gz"), "--data", str(copy))
+    assert again.returncode == 1 and "already holds a store" in again.stderr, again.stderr
+    with cirunner.Store.open(str(copy)) as restored:
+        assert restored.active_runners() == []
+        # its first start ends the job the source was running, at once
+        assert restored.recover_lost_jobs("copy:2:b", socket.gethostname(), 1) == [job["id"]]
+        assert restored.get_build_by_id(build["id"])["status"] == "error"
+    missing = run_cli("backup", str(tmp_path / "no" / "such" / "b.tar.gz"), "--data",
+                      store.data_dir)
+    assert missing.returncode == 1
+    assert f"there is no folder {tmp_path / 'no' / 'such'}" in missing.stderr, missing.stderr
 
 
 def test_metrics_for_admins_and_listed_addresses_in_prometheus_format(tmp_path, servers):
