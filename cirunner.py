@@ -291,7 +291,7 @@ DEFAULT_KEEP_BUILDS = 500       # builds kept per repository (retention; 0: no l
 DEFAULT_KEEP_DAYS = 90          # days a build is kept (retention; 0: no limit)
 DEFAULT_MAX_LOG_BYTES = 100 * 1024 * 1024  # a job's log keeps its start and its last part
 LOG_TAIL_BYTES = 1024 * 1024    # the last part a capped log keeps
-PRUNE_SECONDS = 60.0            # the executor prunes this often
+PRUNE_SECONDS = 10.0            # the executor prunes this often (and at once while behind)
 PRUNE_BATCH_BUILDS = 10         # builds deleted per transaction...
 PRUNE_BATCH_LOG_BYTES = 4 * 1024 * 1024  # ...or fewer, if their logs are this big
 VACUUM_BATCH_PAGES = 512        # free pages given back to the file system per transaction
@@ -7630,6 +7630,7 @@ class Executor:
         self.agent_timeout = agent_timeout
         self.watchdog = watchdog
         self._reported_stuck = set()
+        self._pruning_behind = False
         self.started_at = _now()
         self.keep_builds, self.keep_days = keep_builds, keep_days
         self.max_log_bytes = max_log_bytes
@@ -7686,10 +7687,10 @@ class Executor:
                 _Task("checkpoint", CHECKPOINT_SECONDS, self.store.checkpoint,
                       urgent=lambda: self.store.wal_bytes() >= WAL_CHECKPOINT_BYTES),
                 _Task("fire crons", 1.0, self._fire_crons),
-                # Briefly, in batches: the maintenance thread also keeps the heartbeat.
-                _Task("prune", prune_every, lambda: prune(
-                    self.store, keep_builds=self.keep_builds, keep_days=self.keep_days,
-                    seconds=1.0)),
+                # Briefly, in batches: the maintenance thread also keeps the
+                # heartbeat. While behind, again at its next turn: the work
+                # follows the backlog, however fast builds come.
+                _Task("prune", prune_every, self._prune, urgent=lambda: self._pruning_behind),
             ]
         self._last_version = None
 
@@ -8002,6 +8003,14 @@ class Executor:
                 self._wake(waiting)
             self._report_wakeup.set()
             self._stop_jobs(self.store.cancel_requested_jobs(self.runner_id))
+
+    def _prune(self):
+        """Delete builds past retention for about a second; note whether more
+        are left (then the next turn of the maintenance loop goes on)."""
+        pruned, _ = prune(self.store, keep_builds=self.keep_builds, keep_days=self.keep_days,
+                          seconds=1.0)
+        self._pruning_behind = bool(pruned) and bool(self.store.prunable_builds(
+            self.keep_builds, self.keep_days, limit=1))
 
     def _fire_crons(self):
         """Start a build for each due schedule (taken atomically in the store)."""

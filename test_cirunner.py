@@ -4215,6 +4215,38 @@ def test_retention_prunes_old_builds_but_never_pinned_or_active_ones(store, exec
     assert cirunner.create_build(store, repo)["number"] == 14
 
 
+def test_retention_keeps_the_store_near_its_limit_under_a_steady_stream(store, make_repo):
+    keep, rate, count, every = 20, 8, 120, 0.5  # a turn's worth of builds: 1 + 8*0.5/20 = 1.2
+    repo = make_repo({".cirunner.yml": "clone: false\npipeline: {t: {commands: "
+                                       "['head -c 60000 /dev/urandom | base64']}}\n"})
+    executor = cirunner.Executor(store, workers=2, grace=1.0, engine="none", keep_builds=keep,
+                                 keep_days=0, prune_every=every)
+    sizes, done = [], threading.Event()
+
+    def watch():
+        while not done.wait(0.05):
+            sizes.append(os.path.getsize(store.path))
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    executor.start()
+    try:
+        for _ in range(count):
+            cirunner.create_build(store, repo)
+            time.sleep(1 / rate)  # pacing a steady stream, as the bench's soak does
+        wait_for(lambda: store.count_builds(repo["id"]) == keep and all(
+            build["status"] == "success" for build in store.list_builds(repo["id"])),
+            timeout=120)
+        wait_for(lambda: not store.give_back_space())
+        store.checkpoint()
+    finally:
+        done.set()
+        watcher.join()
+        executor.stop()
+    at_the_limit = os.path.getsize(store.path)  # the store holding just the kept builds
+    assert max(sizes) <= 1.25 * at_the_limit, (max(sizes), at_the_limit)
+
+
 def test_serve_prunes_at_start_and_the_cli_by_hand(tmp_path, servers):
     data = new_store(tmp_path / "data")
     repo = str(tmp_path / "repo")
