@@ -6,11 +6,11 @@ one SQLite file, expands each build's pipeline matrix into jobs, runs their
 steps as isolated processes in worker threads, and serves a Drone-style REST
 API and web pages over them.
 
-Quick start::
+Quick start, in a checkout (cirunner is not on PyPI)::
 
-    python3 -m venv .venv && .venv/bin/pip install . && .venv/bin/cirunner serve
-    cirunner repo add alice/hello --url ~/src/hello
-    cirunner build alice/hello --wait          # streams the log, exits 0 on success
+    python3 -m venv .venv && .venv/bin/pip install -c constraints.txt . && .venv/bin/cirunner serve
+    .venv/bin/cirunner repo add alice/hello --url ~/src/hello
+    .venv/bin/cirunner build alice/hello --wait   # streams the log, exits 0 on success
 
 Embedding::
 
@@ -211,13 +211,18 @@ except ImportError:  # pragma: no cover - only cron schedules need it
 # 25 MiB to every process, also those that never use them.
 
 
-def _optional(module, purpose, install):
-    """`module` imported, or CIRunnerError saying what needs it and how to get it."""
+def _optional(module, purpose, install, extra=""):
+    """`module` imported, or CIRunnerError saying what needs it and how to get
+    it: cirunner's `extra` (installed from its checkout: it is not on PyPI),
+    or the package itself."""
     try:
         return importlib.import_module(module)
     except ImportError:
+        how = (f"install cirunner's {extra} extra from its checkout (.venv/bin/pip install "
+               f"-c constraints.txt '.[{extra}]'), or pip install {install}" if extra
+               else f"pip install {install}")
         raise CIRunnerError(f"{purpose} needs the {module.split('.')[0]} package: "
-                            f"pip install {install}") from None
+                            f"{how}") from None
 
 _log = logging.getLogger("cirunner")
 
@@ -4898,8 +4903,8 @@ class PostgresStore(Store):
     def __init__(self, url, *, data_dir):
         self.url = url
         self.path = None
-        self._psycopg = _optional("psycopg", "a PostgreSQL store",
-                                  "'cirunner[postgres]' (or: pip install 'psycopg[binary]')")
+        self._psycopg = _optional("psycopg", "a PostgreSQL store", "'psycopg[binary]'",
+                                  "postgres")
         self.Error = self._psycopg.Error
         self.IntegrityError = self._psycopg.IntegrityError
         self.OperationalError = self._psycopg.OperationalError
@@ -9916,7 +9921,7 @@ _API_ROUTES = [
            "repositories the caller may read, as Drone 0.5's feed items",
            {200: (_OK, {"type": "array", "items": {"type": "object"}})}),
     _Route("GET", "/metrics", _Api.metrics_page, "user", "Prometheus metrics (admins, or "
-           "--metrics-from addresses; needs cirunner[metrics])",
+           "--metrics-from addresses; needs the metrics extra)",
            {200: ("the metrics", _STRING)}, media=("text/plain",), errors=(403, 404)),
     _Route("GET", "/api/badges/<owner>/<name>/status.svg", _Api.badge, "read",
            "the latest build's status as an SVG badge", {200: ("the badge", _STRING)},
@@ -10852,7 +10857,7 @@ class _Metrics:
 
     def __init__(self, store, executor):
         prometheus_client = self.prometheus = _optional("prometheus_client", "/metrics",
-                                                        "'cirunner[metrics]'")
+                                                        "prometheus-client", "metrics")
         self.registry = prometheus_client.CollectorRegistry()
         self.requests = prometheus_client.Counter(
             "cirunner_http_requests", "HTTP requests answered, by route and status code",
@@ -10865,7 +10870,8 @@ class _Metrics:
             "cirunner_log_bytes", "Bytes of output jobs printed (before any log cap)",
             registry=self.registry)
         self.registry.register(_StoreCollector(store, executor, _optional(
-            "prometheus_client.core", "/metrics", "'cirunner[metrics]'").GaugeMetricFamily))
+            "prometheus_client.core", "/metrics", "prometheus-client",
+            "metrics").GaugeMetricFamily))
 
     def job_done(self, status, seconds, log_bytes):
         self.job_seconds.labels(status).observe(seconds)
