@@ -2906,6 +2906,9 @@ _MIGRATIONS = [
     # 18: what a build's pipeline file did that Drone accepted and cirunner
     # does as Drone did (an unknown key ignored...): a JSON list of strings.
     "ALTER TABLE builds ADD COLUMN warnings TEXT NOT NULL DEFAULT '[]'",
+    # 19: where a serving runner answers (its public URL): the command line
+    # on the same data directory links to it.
+    "ALTER TABLE runners ADD COLUMN url TEXT NOT NULL DEFAULT ''",
 ]
 
 _SEALED_REPO_FIELDS = ("webhook_secret", "forge_token")
@@ -4320,19 +4323,28 @@ class Store(_Listeners):
     # -- runners ------------------------------------------------------------
 
     def register_runner(self, runner_id, hostname, pid, workers=0, labels=None, *, agent="",
-                        pid_start=None):
+                        pid_start=None, url=""):
         """Record a runner: its host, its process by pid and start time (so
         that a restart knows at once whether that process still runs), how
-        many jobs it runs at once, its labels, and the agent it is (if it
-        joined over HTTP: then `pid_start` is what the agent said)."""
+        many jobs it runs at once, its labels, the agent it is (if it joined
+        over HTTP: then `pid_start` is what the agent said), and the URL it
+        answers at if it serves."""
         with self._write() as tx:
             now = self._clock(tx)
             tx.execute("INSERT INTO runners (id, hostname, pid, pid_start, workers, started_at, "
-                       "heartbeat_at, labels, agent) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) "
+                       "heartbeat_at, labels, agent, url) "
+                       "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) "
                        "ON CONFLICT (id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
                        (runner_id, hostname, pid,
                         _process_start(pid) if pid_start is None else pid_start, workers, now,
-                        now, json.dumps(labels or {}, sort_keys=True), agent))
+                        now, json.dumps(labels or {}, sort_keys=True), agent, url))
+
+    def serving_url(self):
+        """The public URL of a live server on this store ("" if none serves)."""
+        row = self._query_one("SELECT url FROM runners WHERE url != '' AND heartbeat_at >= $1 "
+                              "ORDER BY heartbeat_at DESC LIMIT 1",
+                              (self._clock() - RUNNER_LOST_SECONDS,))
+        return row["url"] if row is not None else ""
 
     def get_runner(self, runner_id):
         return self._one("SELECT * FROM runners WHERE id = $1", (runner_id,),
@@ -5631,6 +5643,7 @@ class _StepProcess:
     status: int = -1
     network: object = None
     container: str = ""
+    image: str = ""           # a container's image
     ended_cleanly: bool = True
     started: bool = True      # False: the sandbox or engine never ran the step
     start_error: str = ""     # then: why
@@ -6456,7 +6469,7 @@ class _EngineBackend:
             raise _JobError(f"{step.kind} {step.name!r}: {exc}") from None
         finally:
             os.close(env_fd)
-        return _StepProcess(popen, container=name)
+        return _StepProcess(popen, container=name, image=step.image)
 
     def _secret(self, job, name, index, value):
         """A podman secret holding one multi-line value of a step, removed with the job."""
@@ -6489,6 +6502,11 @@ class _EngineBackend:
         if code == 125:
             process.started = False
             process.start_error = f"{self.name} could not start the container (exit 125)"
+            if process.image and self._run(["image", "inspect", "--format", "{{.Id}}", "--",
+                                            process.image], timeout=60).returncode != 0:
+                process.start_error = (f"could not pull {process.image}: it is not among "
+                                       f"{self.name}'s images and {self.name} could not fetch "
+                                       "it (its words are in the log)")
         return 128 - code if code < 0 else code
 
     def stop_containers(self, job, grace):
@@ -7762,10 +7780,15 @@ class Executor:
             return
         self._start_runner()
         self.store.register_runner(self.runner_id, self.hostname, os.getpid(), self.workers,
-                                   self.labels)
+                                   self.labels, **self._serving_url())
         self._recover()
         self.store.add_listener(self._on_store_event)
         self._registered = True
+
+    def _serving_url(self):
+        """Where this server answers, for the command line on its store (an
+        agent serves nothing, and its store does not take it)."""
+        return {"url": self.public_url} if self.serving and self.public_url else {}
 
     def _heartbeat(self):
         if self.store.heartbeat(self.runner_id):
@@ -7785,7 +7808,7 @@ class Executor:
         _log.warning("this runner was found lost (no heartbeat for %g s); its jobs were "
                      "ended elsewhere; registering again", self.agent_timeout)
         self.store.register_runner(self.runner_id, self.hostname, os.getpid(), self.workers,
-                                   self.labels)
+                                   self.labels, **self._serving_url())
 
     def _recover(self):
         here = []  # a lost runner on another machine cleans up when it comes back
@@ -12352,11 +12375,18 @@ class _LocalClient:
     def __init__(self, store, args):
         self.store = store
         self.args = args
-        self.ops = Operations(store, public_url=getattr(args, "public_url", "") or "")
+        # Links and the webhook URL: the address given, else the one of the
+        # server running on this store, else serve's default.
+        self.ops = Operations(store, public_url=getattr(args, "public_url", "") or
+                              store.serving_url() or f"http://{DEFAULT_HOST}:{DEFAULT_PORT}")
         self.caller = local_admin()
 
     def close(self):
         self.store.close()
+
+    def page(self, owner, name, number):
+        """The address of a build's page."""
+        return f"{self.ops.public_url}/{owner}/{name}/{number}"
 
     def call(self, operation, **arguments):
         """Operation `operation` of `Operations`, for the admin of this machine."""
@@ -12407,6 +12437,10 @@ class _RemoteClient:
 
     def close(self):
         pass
+
+    def page(self, owner, name, number):
+        """The address of a build's page."""
+        return f"{self.server}/{owner}/{name}/{number}"
 
     def call(self, operation, **arguments):
         """Operation `operation` through its route: path parameters in the
@@ -12795,9 +12829,11 @@ def _command_build(client, args, stdout, stderr):
     params = {"variables": _parse_vars(args.var), **{key: value for key, value in (
         ("branch", args.branch), ("commit", args.commit)) if value}}
     build = client.call("start_build", owner=owner, name=name, params=params)
+    if not args.wait:  # for scripts: N=$(cirunner build OWNER/NAME)
+        print(build["number"], file=stdout, flush=True)
     print(f"build {build['number']} of {args.full_name}: {build['status']} "
-          f"(commit {build['commit'][:12] or '?'}, {len(build['jobs'])} job(s))", file=stderr,
-          flush=True)
+          f"(commit {build['commit'][:12] or '?'}, {len(build['jobs'])} job(s)): "
+          f"{client.page(owner, name, build['number'])}", file=stderr, flush=True)
     if build["error"]:
         print(f"cirunner: {build['error']}", file=stderr)
     for warning in build.get("warnings", ()):
@@ -12811,7 +12847,10 @@ def _command_restart(client, args, stdout, stderr):
     number = _build_number(client, owner, name, args.number)
     build = client.call("restart_build", owner=owner, name=name, number=number, params={
         "variables": _parse_vars(args.var), **({"fork": True} if args.fork else {})})
-    print(f"build {build['number']} of {args.full_name}: {build['status']}", file=stderr)
+    if not args.wait:
+        print(build["number"], file=stdout, flush=True)
+    print(f"build {build['number']} of {args.full_name}: {build['status']}: "
+          f"{client.page(owner, name, build['number'])}", file=stderr, flush=True)
     return _finish_command(client, args, build, stdout, stderr)
 
 
@@ -12852,16 +12891,26 @@ def _command_logs(client, args, stdout, stderr):
     if jobs[0] is None:
         raise NotFound(f"job {args.job} not found")
     for job in jobs:
-        if not args.job:
+        if not args.job:  # followed, its status is known at its end: in the summary
             axis = _axis_text(job["environment"] or {})
-            stdout.write(f"--- job {job['number']}{' ' + axis if axis else ''}: "
-                         f"{job['status']}\n")
+            status = "" if args.follow else f": {job['status']}"
+            stdout.write(f"--- job {job['number']}{' ' + axis if axis else ''}{status}\n")
             stdout.flush()
         for chunk in client.log(owner, name, build["number"], job["number"],
                                 follow=args.follow):
             stdout.buffer.write(chunk)
             stdout.buffer.flush()
-    return 0
+    if not args.follow:
+        return 0
+    # Followed to its end: its outcome, and an exit status a script can test.
+    build = client.call("get_build", owner=owner, name=name, number=build["number"])
+    if args.job:
+        job = next(job for job in build["jobs"] if job["number"] == args.job)
+        print(f"job {job['number']}: {job['status']}"
+              + (f": {job['error']}" if job["error"] else ""), file=stderr)
+        return 0 if job["status"] == SUCCESS else 1
+    _print_summary(build, stderr)
+    return 0 if build["status"] == SUCCESS else 1
 
 
 @_with_client
@@ -13126,6 +13175,8 @@ def _command_exec(args, stdout, stderr):
         try:
             name = re.sub(r"[^A-Za-z0-9._-]", "-", os.path.basename(directory)).strip(".")
             repo = store.create_repo("local", name[:100] or "local", directory)
+            for secret, value in _exec_secrets(args.secret or [], args.environ).items():
+                store.set_secret(repo["id"], secret, value, events=list(EVENTS))
             request = _BuildRequest(branch=args.branch, event=args.event,
                                     variables=_parse_vars(args.var))
             build = _make_build(store, repo, request,
@@ -13139,6 +13190,21 @@ def _command_exec(args, stdout, stderr):
         finally:
             executor.stop()
             store.close()
+
+
+def _exec_secrets(given, environ):
+    """`exec`'s secrets: NAME=VALUE, or NAME alone for the caller's variable
+    NAME (so that the value is on no command line)."""
+    found = {}
+    for item in given:
+        name, sep, value = item.partition("=")
+        if not sep:
+            if name not in environ:
+                raise BadRequest(f"--secret {name}: no variable {name} in the environment "
+                                 f"(give {name}=VALUE, or export {name})")
+            value = environ[name]
+        found[name] = value
+    return found
 
 
 def _pipeline_file_at(path):
@@ -13323,6 +13389,9 @@ def _add_build_parsers(commands, common, workers, env):
     run.add_argument("--branch", default="", help="branch for `when` filters")
     run.add_argument("--event", default=EVENT_MANUAL, choices=EVENTS)
     run.add_argument("--var", action="append", metavar="NAME=VALUE")
+    run.add_argument("--secret", action="append", metavar="NAME[=VALUE]",
+                     help="a secret for the steps (masked in the output): NAME=VALUE, or NAME "
+                          "to take the value of the variable NAME of this environment")
     _add_sandbox_option(run, env)
     run.set_defaults(handler=_command_exec)
 
@@ -13335,18 +13404,24 @@ def _add_build_parsers(commands, common, workers, env):
     lint.set_defaults(handler=_command_lint)
 
 
+def _add_store_options(parser, *, default):
+    parser.add_argument("--data", default=default,
+                        help="data directory (env CIRUNNER_DATA, default ./cirunner-data)")
+    parser.add_argument("--db", default=default, metavar="URL",
+                        help="a PostgreSQL store shared by several machines, "
+                             "postgresql://user:password@host/database (env CIRUNNER_DB; "
+                             "default: the SQLite file in the data directory)")
+
+
 def _make_parser(environ):
     def env(name, default):
         return environ.get("CIRUNNER_" + name, default)
 
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--data", default=None,
-                        help="data directory (env CIRUNNER_DATA, default ./cirunner-data)")
-    common.add_argument("--db", default=None, metavar="URL",
-                        help="a PostgreSQL store shared by several machines, "
-                             "postgresql://user:password@host/database (env CIRUNNER_DB; "
-                             "default: the SQLite file in the data directory)")
-    _add_server_options(common, default=argparse.SUPPRESS)  # also after the command
+    # Before the command or after it (`cirunner --data D build ...`, or
+    # `cirunner build ... --data D`): given after it, it wins.
+    _add_store_options(common, default=argparse.SUPPRESS)
+    _add_server_options(common, default=argparse.SUPPRESS)
     workers = argparse.ArgumentParser(add_help=False)  # the commands that may run jobs
     workers.add_argument("--workers", type=_count_of("--workers"),
                          default=_count_of("CIRUNNER_WORKERS")(env("WORKERS", "")),
@@ -13356,6 +13431,7 @@ def _make_parser(environ):
 
     parser = argparse.ArgumentParser(prog="cirunner", description="A CI build runner in one file.")
     parser.add_argument("--version", action="version", version=f"cirunner {__version__}")
+    _add_store_options(parser, default=None)
     _add_server_options(parser, default=None)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
@@ -13519,9 +13595,10 @@ def _add_repo_parser(commands, common, env):
     add = actions.add_parser("add", parents=[common], help="add a repository")
     add.add_argument("full_name", metavar="OWNER/NAME")
     _add_repo_options(add, adding=True)
-    add.add_argument("--public-url", dest="public_url",
-                     default=env("PUBLIC_URL", f"http://{DEFAULT_HOST}:{DEFAULT_PORT}"),
-                     help="this server's address as the forge sees it (env CIRUNNER_PUBLIC_URL)")
+    add.add_argument("--public-url", dest="public_url", default=env("PUBLIC_URL", ""),
+                     help="this server's address as the forge sees it (env "
+                          "CIRUNNER_PUBLIC_URL; default: the --public-url of the server "
+                          "running on the store, else http://127.0.0.1:8080)")
     actions.add_parser("list", parents=[common], help="list repositories")
     update = actions.add_parser("update", parents=[common], help="change a repository's settings")
     update.add_argument("full_name", metavar="OWNER/NAME")

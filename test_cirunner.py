@@ -1244,6 +1244,16 @@ def test_cli_exec_runs_a_working_directory_without_a_store(tmp_path):
     (work / ".cirunner.yml").write_text("pipeline: {t: {commands: [cat uncommitted.txt]}}\n")
     ok = run_cli("exec", cwd=str(work))
     assert ok.returncode == 0 and "[1] seen" in ok.stdout
+    (work / ".cirunner.yml").write_text(
+        "pipeline: {t: {commands: ['echo \"$FROM_ENV/$GIVEN\" | tr a-z A-Z']}}\n")
+    secret = run_cli("exec", str(work), "--secret", "FROM_ENV", "--secret", "GIVEN=given-value",
+                     env={"FROM_ENV": "exported-value"})
+    assert secret.returncode == 0 and "[1] EXPORTED-VALUE/GIVEN-VALUE" in secret.stdout
+    (work / ".cirunner.yml").write_text("pipeline: {t: {commands: ['echo \"$FROM_ENV\"']}}\n")
+    masked = run_cli("exec", str(work), "--secret", "FROM_ENV=exported-value")
+    assert "[1] ********" in masked.stdout and "exported-value" not in masked.stdout
+    missing = run_cli("exec", str(work), "--secret", "NOT_EXPORTED")
+    assert missing.returncode == 1 and "no variable NOT_EXPORTED" in missing.stderr
 
 
 def test_cli_matrix_prints_the_jobs(tmp_path):
@@ -1291,6 +1301,34 @@ def test_cli_build_is_picked_up_promptly_by_a_running_server(tmp_path, servers):
         assert any(f":{server.process.pid}:" in message for message in runner_messages)
     finally:
         store.close()
+
+
+def test_cli_beside_a_server_prints_for_scripts_links_and_tells_how_it_ended(tmp_path, servers):
+    data = str(tmp_path / "data")
+    repo = str(tmp_path / "repo")
+    commit_files(repo, {".cirunner.yml": "pipeline: {t: {commands: ['echo out', 'exit $CODE']}}\n"})
+    server = servers(data, "--public-url", "http://ci.example.org:8123")
+    # --data before the command works as after it; the webhook URL is the server's
+    added = run_cli("--data", data, "repo", "add", "alice/hello", "--url", repo)
+    assert added.returncode == 0, added.stderr
+    assert "point the forge at http://ci.example.org:8123/hook " in added.stdout, added.stdout
+    # for scripts: the number alone on stdout; a link to its page on stderr
+    built = run_cli("build", "alice/hello", "--var", "CODE=3", "--data", data)
+    assert built.returncode == 0 and built.stdout == "1\n", built
+    assert "http://ci.example.org:8123/alice/hello/1" in built.stderr, built.stderr
+    followed = run_cli("--data", data, "logs", "alice/hello", "latest", "--follow")
+    assert followed.returncode == 1, followed  # it failed: a script can tell
+    assert "--- job 1\n" in followed.stdout and "out\n" in followed.stdout
+    assert "job 1: failure" in followed.stderr and "build 1: failure" in followed.stderr
+    one = run_cli("logs", "alice/hello", "1", "1", "--follow", "--data", data)
+    assert one.returncode == 1 and "job 1: failure" in one.stderr, one
+    built = run_cli("build", "alice/hello", "--var", "CODE=0", "--data", data)
+    assert built.stdout == "2\n"
+    assert run_cli("logs", "alice/hello", "2", "--follow", "--data", data).returncode == 0
+    # the same through the API: the link is the server's own address
+    through = run_cli("build", "alice/hello", "--var", "CODE=0", "--server", server.url,
+                      "--token", server.token)
+    assert through.stdout == "3\n" and f"{server.url}/alice/hello/3" in through.stderr, through
 
 
 def test_live_log_line_reaches_an_sse_client_within_a_second(tmp_path, servers):

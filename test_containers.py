@@ -201,6 +201,18 @@ def test_a_service_that_ignores_sigterm_is_done_with_at_the_jobs_end_not_after_t
         server.url + "/api/repos/alice/hello/logs/1/1")
 
 
+def test_an_image_that_cannot_be_pulled_is_named_not_an_exit_code(tmp_path, servers):
+    server = servers(tmp_path / "data")
+    repo = str(tmp_path / "repo")
+    commit_files(repo, {".drone.yml": "pipeline:\n  test:\n    image: "
+                                      "localhost:1/nowhere/none:1\n    commands: [true]\n"})
+    server.api("POST", "/api/repos/alice/hello", {"url": repo})
+    server.api("POST", "/api/repos/alice/hello/builds", {})
+    job = finished(server, "alice/hello", 1)["jobs"][0]
+    assert job["status"] == "error", job
+    assert "could not pull localhost:1/nowhere/none:1" in job["error"], job
+
+
 def test_a_detached_step_is_reached_by_its_name_in_a_job_without_services(tmp_path, servers):
     server = servers(tmp_path / "data")
     repo = str(tmp_path / "repo")
