@@ -145,6 +145,9 @@ _SQLITE_ONLY = {
     "test_retention_prunes_old_builds_but_never_pinned_or_active_ones",
     "test_logs_are_stored_compressed_and_old_raw_chunks_still_read",
     "test_a_build_keeps_what_it_was_made_with_when_its_repository_changes",
+    "test_what_an_answer_acknowledges_is_on_disk_when_it_commits",  # the WAL's syncs
+    "test_retention_keeps_the_store_near_its_limit_under_a_steady_stream",  # the file's size
+    "test_a_store_restored_beside_its_live_source_inherits_none_of_its_runners",  # backup
     # the command line with --data only:
     "test_secrets_cli_and_api_never_show_values",
     "test_only_admins_point_a_repository_at_local_files_and_never_into_the_data_dir",
