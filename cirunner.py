@@ -5746,7 +5746,7 @@ class _HostBackend:
     def prepare(self, job):
         """When steps run as another user than the server: hand it the job's
         workspace, and the way to it and to its mirror's objects."""
-        if not self.user.other or job.executor.workspace is not None:
+        if not self.user.other or job.executor.workspace == job.workspace:
             return
         self.user.open_path(job.store.data_dir, os.path.dirname(job.workspace))
         self.user.give(job.workspace)
@@ -7616,7 +7616,8 @@ class Executor:
     executors, in this or other processes, can share one store.
 
     Parameters: `grace` seconds between SIGTERM and SIGKILL; `workspace`, a
-    fixed directory to run every job in without checkout (``cirunner exec``);
+    fixed directory to run every job in without checkout (``cirunner exec``),
+    or with `copy_workspace` a copy of it for each job (jobs side by side);
     `keep_workspaces` to leave job directories behind for inspection;
     `public_url`, this server's address for links in commit statuses;
     `report_backoff`, seconds before the first retry of a failed status post;
@@ -7639,7 +7640,8 @@ class Executor:
                  keep_days=DEFAULT_KEEP_DAYS, max_log_bytes=DEFAULT_MAX_LOG_BYTES,
                  prune_every=PRUNE_SECONDS, labels=None, agent_timeout=RUNNER_LOST_SECONDS,
                  watchdog=WATCHDOG_SECONDS,
-                 serving=True, sandbox_network="private", sandbox_user=""):
+                 serving=True, sandbox_network="private", sandbox_user="",
+                 copy_workspace=False):
         self.store = store
         # An agent (not `serving`) only runs jobs: crons, commit statuses and
         # pruning are the servers' (each done once, whichever server takes it).
@@ -7662,6 +7664,7 @@ class Executor:
         self.workers = (os.cpu_count() or 1) if workers is None else workers
         self.grace = grace
         self.workspace = workspace
+        self.copy_workspace = copy_workspace
         self.keep_workspaces = keep_workspaces
         self.poll_interval = poll_interval
         self.max_jobs = max_jobs
@@ -7926,22 +7929,26 @@ class Executor:
     # -- workspaces -----------------------------------------------------------
 
     def workspace_for(self, repo, build, job):
-        """A new, empty directory for the job (or the fixed `workspace`)."""
-        if self.workspace is not None:
+        """A new, empty directory for the job (or the fixed `workspace`, or,
+        with `copy_workspace`, a copy of it of the job's own)."""
+        if self.workspace is not None and not self.copy_workspace:
             return self.workspace
         path = _workspace_path(self.store.data_dir, repo, build["number"], job["number"])
         try:
             if os.path.exists(path):
                 _remove_tree(path)
-            os.makedirs(path)
-        except OSError as exc:
+            if self.workspace is not None:
+                shutil.copytree(self.workspace, path, symlinks=True)
+            else:
+                os.makedirs(path)
+        except (OSError, shutil.Error) as exc:
             raise _JobError(f"cannot make the workspace {path}: {exc}") from None
         return path
 
     def remove_workspace(self, path):
         """Remove a job's workspace: nothing of a finished build stays on disk
         (unless --keep-workspaces)."""
-        if not path or self.workspace is not None or self.keep_workspaces:
+        if not path or path == self.workspace or self.keep_workspaces:
             return
         try:
             os.rmdir(path)  # the usual case with `clone: false`: an empty folder
@@ -13171,7 +13178,11 @@ def _command_exec(args, stdout, stderr):
     read_pipeline_file(directory, config)  # no file: say so before making anything
     with tempfile.TemporaryDirectory(prefix="cirunner-exec-") as data_dir:
         store = Store.open(data_dir)
-        executor = Executor(store, workers=1, workspace=directory, **_isolation_options(args))
+        # One job at a time in the directory itself; side by side, each in a
+        # copy of it (a matrix's jobs would otherwise share one folder).
+        parallel = max(1, args.parallel)
+        executor = Executor(store, workers=parallel, workspace=directory,
+                            copy_workspace=parallel > 1, **_isolation_options(args))
         try:
             name = re.sub(r"[^A-Za-z0-9._-]", "-", os.path.basename(directory)).strip(".")
             repo = store.create_repo("local", name[:100] or "local", directory)
@@ -13389,6 +13400,9 @@ def _add_build_parsers(commands, common, workers, env):
     run.add_argument("--branch", default="", help="branch for `when` filters")
     run.add_argument("--event", default=EVENT_MANUAL, choices=EVENTS)
     run.add_argument("--var", action="append", metavar="NAME=VALUE")
+    run.add_argument("--parallel", type=_count_of("--parallel"), default=1, metavar="N",
+                     help="run up to N jobs of the matrix at once, each in a copy of DIR "
+                          "(default 1: one after another, in DIR itself)")
     run.add_argument("--secret", action="append", metavar="NAME[=VALUE]",
                      help="a secret for the steps (masked in the output): NAME=VALUE, or NAME "
                           "to take the value of the variable NAME of this environment")

@@ -1254,6 +1254,16 @@ def test_cli_exec_runs_a_working_directory_without_a_store(tmp_path):
     assert "[1] ********" in masked.stdout and "exported-value" not in masked.stdout
     missing = run_cli("exec", str(work), "--secret", "NOT_EXPORTED")
     assert missing.returncode == 1 and "no variable NOT_EXPORTED" in missing.stderr
+    # side by side: each job of the matrix in a copy of the directory of its own
+    (work / ".cirunner.yml").write_text(
+        "pipeline: {t: {commands: ['touch made-by-$V', 'echo \"mine: $(ls | grep made-by)\"', "
+        "'cat uncommitted.txt']}}\nmatrix: {V: [a, b, c]}\n")
+    parallel = run_cli("exec", str(work), "--parallel", "2")
+    assert parallel.returncode == 0, parallel.stderr
+    assert sorted(re.findall(r"\] mine: (.*)", parallel.stdout)) == [
+        "made-by-a", "made-by-b", "made-by-c"], parallel.stdout
+    assert parallel.stdout.count("] seen") == 3
+    assert sorted(os.listdir(work)) == [".cirunner.yml", "uncommitted.txt"]  # DIR untouched
 
 
 def test_cli_matrix_prints_the_jobs(tmp_path):
