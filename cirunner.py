@@ -3533,9 +3533,11 @@ class Store(_Listeners):
 
     def create_repo(self, owner, name, url, **fields):
         """Add a repository; raises Conflict if `owner/name` exists. A local
-        path is made absolute (`normalize_repo_url`), and must exist."""
+        path is made absolute (`normalize_repo_url`), and must exist. It is
+        private (readable only by those with access) unless `private=False`."""
         _check_name(owner, "owner")
         _check_name(name, "repository name")
+        fields.setdefault("private", True)
         url = normalize_repo_url(url)
         self.check_repo_url(url)
         values = {key: value for key, value in self._repo_values(fields).items()
@@ -13256,8 +13258,12 @@ def _command_lint(args, stdout, stderr):
 def _add_repo_options(parser, *, adding):
     """The repository settings as flags, from the declaration of its fields."""
     for field in _REPO.writable():
-        if field.name == "private" and adding:
-            parser.add_argument("--private", action="store_true", help=field.help)
+        if field.name == "private" and adding:  # private unless --public
+            visibility = parser.add_mutually_exclusive_group()
+            visibility.add_argument("--private", dest="private", action="store_const",
+                                    const=True, help=field.help + " (the default)")
+            visibility.add_argument("--public", dest="private", action="store_const",
+                                    const=False, help="readable by anyone, signed in or not")
         elif field.name == "private":
             parser.add_argument("--private", choices=("true", "false"), help=field.help)
         else:

@@ -300,12 +300,15 @@ def app(store, executor, admin_token):
 
 @pytest.fixture
 def make_repo(tmp_path, store):
-    """Make a git repository holding `files` and register it as OWNER/NAME."""
+    """Make a git repository holding `files` and register it as OWNER/NAME:
+    public unless `private=True` (new repositories are private; most tests
+    read without a token, and privacy has tests of its own)."""
 
     def make(files, full_name="alice/hello", **options):
         owner, name = full_name.split("/")
         path = str(tmp_path / "repos" / name)
         commit_files(path, files, message="first commit")
+        options.setdefault("private", False)
         return store.create_repo(owner, name, path, **options)
 
     return make
@@ -819,7 +822,8 @@ def test_builds_stored_before_are_filled_with_what_was_shown_for_them(tmp_path):
         raw.execute('ALTER TABLE log_chunks RENAME COLUMN start TO "offset"')  # as it was then
         raw.executescript("DROP TABLE agents; ALTER TABLE runners DROP COLUMN agent; "
                           "ALTER TABLE jobs DROP COLUMN lease; "  # made by migration 17
-                          "ALTER TABLE builds DROP COLUMN warnings")  # and 18
+                          "ALTER TABLE builds DROP COLUMN warnings; "  # 18
+                          "ALTER TABLE runners DROP COLUMN url")  # and 19
         version = cirunner._MIGRATIONS.index(cirunner._store_builds_as_they_happened)
         raw.execute(f"PRAGMA user_version = {version}")
     store = cirunner.Store(path)
@@ -1349,7 +1353,7 @@ def test_live_log_line_reaches_an_sse_client_within_a_second(tmp_path, servers):
         " echo LIVE-LINE-$(date +%s%N)\n"
         "      - sleep 1\n")})
     server = servers(tmp_path / "data")
-    server.api("POST", "/api/repos/alice/hello", {"url": repo})
+    server.api("POST", "/api/repos/alice/hello", {"url": repo, "private": False})
     status, _ = server.api("POST", "/api/repos/alice/hello/builds", {})
     assert status == 201
     gate = workspace_of(tmp_path / "data", "alice/hello", 1, 1) / "gate"  # seen by the step
@@ -1494,7 +1498,7 @@ def test_a_big_log_downloads_whole_from_a_running_server(tmp_path, servers):
     repo = str(tmp_path / "repo")
     commit_files(repo, {".cirunner.yml": f"pipeline: {{t: {{commands: ['{command}']}}}}\n"})
     server = servers(tmp_path / "data")
-    server.api("POST", "/api/repos/alice/hello", {"url": repo})
+    server.api("POST", "/api/repos/alice/hello", {"url": repo, "private": False})
     server.api("POST", "/api/repos/alice/hello/builds", {})
     wait_for(lambda: server.api("GET", "/api/repos/alice/hello/builds/1")[1]["status"]
              == cirunner.SUCCESS, timeout=30)
@@ -1514,7 +1518,7 @@ def test_api_answers_ten_clients_while_live_logs_stream(tmp_path, servers):
         "pipeline:\n  t:\n    commands:\n"
         "      - echo started; for i in $(seq 3000); do [ -e gate ] && break; sleep 0.02; done; echo finished\n")})
     server = servers(tmp_path / "data")
-    server.api("POST", "/api/repos/alice/hello", {"url": repo})
+    server.api("POST", "/api/repos/alice/hello", {"url": repo, "private": False})
     server.api("POST", "/api/repos/alice/hello/builds", {})
     gate = workspace_of(tmp_path / "data", "alice/hello", 1, 1) / "gate"  # seen by the step
     wait_for(lambda: server.api("GET", "/api/repos/alice/hello/builds/1")[1]["status"]
@@ -1615,7 +1619,7 @@ def test_kill_9_of_serve_then_restart_recovers_the_job(tmp_path, servers, reaped
         "      - echo $$ > \"$PIDFILE\"; sleep 600\n")})
     data = tmp_path / "data"
     server = servers(data, "--sandbox", "none")  # the host runner: test_isolation.py has bwrap's
-    server.api("POST", "/api/repos/alice/hello", {"url": repo})
+    server.api("POST", "/api/repos/alice/hello", {"url": repo, "private": False})
     server.api("POST", "/api/repos/alice/hello/builds", {"variables": {"PIDFILE": str(pidfile)}})
     wait_for(lambda: "before-the-crash\n" in http_text(
         server.url + "/api/repos/alice/hello/logs/1/1").replace("echo before-the-crash", ""))
@@ -1667,7 +1671,7 @@ def test_sigterm_of_serve_kills_running_job_and_exits_zero(tmp_path, servers):
     commit_files(repo, {".cirunner.yml": (
         "pipeline:\n  t:\n    commands:\n      - sleep 600 & echo $! > \"$PIDFILE\"; wait\n")})
     server = servers(tmp_path / "data", "--sandbox", "none")  # the host runner's pids
-    server.api("POST", "/api/repos/alice/hello", {"url": repo})
+    server.api("POST", "/api/repos/alice/hello", {"url": repo, "private": False})
     server.api("POST", "/api/repos/alice/hello/builds", {"variables": {"PIDFILE": str(pidfile)}})
     wait_for(lambda: pidfile.exists() and pidfile.read_text().strip())
     sleeper = int(pidfile.read_text())
@@ -2891,8 +2895,8 @@ def site(store, executor, tmp_path):
                  message=f"fix {XSS}")
     store.create_user("alice")
     token = store.create_token("alice")[1]
-    repo = store.create_repo("alice", "hello", path)
-    store.create_repo("alice", "secret", path, private=True)
+    repo = store.create_repo("alice", "hello", path, private=False)
+    store.create_repo("alice", "secret", path)  # private, as new repositories are
     cirunner.create_build(store, repo)
     executor.run_until_idle()
     browser = webtest.TestApp(cirunner.make_app(store, executor))
@@ -3548,7 +3552,7 @@ def test_slow_and_stalled_clients_leave_the_server_answering(tmp_path, servers):
                                          "'head -c 16777216 /dev/zero | tr \"\\\\0\" x', "
                                          "'test -n \"$WAIT\" && sleep 60 || true']}}\n"})
     server = servers(tmp_path / "data")
-    server.api("POST", "/api/repos/alice/hello", {"url": repo})
+    server.api("POST", "/api/repos/alice/hello", {"url": repo, "private": False})
     server.api("POST", "/api/repos/alice/hello/builds", {})
     wait_for(lambda: server.api("GET", "/api/repos/alice/hello/builds/1")[1]["status"]
              == cirunner.SUCCESS, timeout=60)
@@ -3752,7 +3756,8 @@ def test_credentials_in_a_repository_url_are_never_shown(store, executor, app, t
                                                          data_dir):
     token = "ghp_" + "S3cr3t" * 6
     url = f"https://ci-bot:{token}@127.0.0.1:{free_port()}/alice/hello.git"  # nobody listens
-    shown = app.post_json("/api/repos/alice/hello", {"url": url}, status=201).json
+    shown = app.post_json("/api/repos/alice/hello", {"url": url, "private": False},
+                          status=201).json
     assert shown["clone_url"] == url.replace(f"ci-bot:{token}", "***")
     assert store.get_repo("alice", "hello")["url"] == url  # kept as given, for fetching
     app.post_json("/api/repos/alice/hello/builds", {}, status=201)
@@ -3911,7 +3916,7 @@ def test_the_data_directory_is_private_to_the_servers_user(tmp_path, servers, gi
     os.chmod(data / "cirunner.db", 0o644)
     server = servers(data)
     repo = git_daemon.repo("hello", {".cirunner.yml": "pipeline: {t: {commands: [true]}}\n"})
-    server.api("POST", "/api/repos/alice/hello", {"url": repo})
+    server.api("POST", "/api/repos/alice/hello", {"url": repo, "private": False})
     server.api("POST", "/api/repos/alice/hello/secrets", {"name": "TOKEN", "value": "s3cret"})
     server.api("POST", "/api/repos/alice/hello/builds", {})
     wait_for(lambda: server.api("GET", "/api/repos/alice/hello/builds/1")[1]["status"]
@@ -4125,7 +4130,7 @@ def test_one_operation_answers_alike_through_api_local_and_remote_cli(tmp_path, 
     server = servers(tmp_path / "data")
     repo = str(tmp_path / "repo")
     commit_files(repo, {".cirunner.yml": "pipeline: {t: {commands: [true]}}\n"})
-    server.api("POST", "/api/repos/alice/hello", {"url": repo})
+    server.api("POST", "/api/repos/alice/hello", {"url": repo, "private": False})
     server.api("POST", "/api/repos/alice/hello/builds", {})
     wait_for(lambda: server.api("GET", "/api/repos/alice/hello/builds/1")[1]["status"]
              in cirunner.DONE_STATUSES, timeout=30)
@@ -4158,6 +4163,23 @@ def test_an_embedders_relative_path_is_made_absolute(tmp_path, monkeypatch):
         store.close()
 
 
+def test_a_new_repository_is_private_unless_made_public(tmp_path, servers):
+    data = tmp_path / "data"
+    server = servers(data)
+    repo = str(tmp_path / "repo")
+    commit_files(repo, {".cirunner.yml": "pipeline: {t: {commands: [true]}}\n"})
+    assert server.api("POST", "/api/repos/alice/api", {"url": repo})[0] == 201
+    assert run_cli("repo", "add", "alice/cli", "--url", repo, "--data", str(data)).returncode == 0
+    assert run_cli("repo", "add", "alice/open", "--url", repo, "--public",
+                   "--data", str(data)).returncode == 0
+    for name, private in (("api", True), ("cli", True), ("open", False)):
+        assert server.api("GET", f"/api/repos/alice/{name}")[1]["private"] is private
+        status, _ = http_json("GET", f"{server.url}/api/repos/alice/{name}")  # a guest
+        assert status == (401 if private else 200), (name, status)
+    guest_sees = [repo["full_name"] for repo in http_json("GET", server.url + "/api/repos")[1]]
+    assert guest_sees == ["alice/open"]
+
+
 def test_the_cli_drives_a_server_over_http_as_it_drives_a_store(tmp_path, servers, git_daemon):
     server = servers(tmp_path / "data")
     url = git_daemon.repo("hello", {".cirunner.yml": (
@@ -4174,7 +4196,7 @@ def test_the_cli_drives_a_server_over_http_as_it_drives_a_store(tmp_path, server
     assert os.stat(config).st_mode & 0o777 == 0o600
     assert cli("login", server.url, "--token", "cir_wrong").returncode == 1
     assert json.loads(config.read_text())["token"] == server.token  # a bad token is not kept
-    result = cli("repo", "add", "alice/hello", "--url", url)
+    result = cli("repo", "add", "alice/hello", "--url", url, "--public")
     assert result.returncode == 0 and f"added alice/hello ({url})" in result.stdout
     assert f"{server.url}/hook" in result.stdout
     assert cli("repo", "list").stdout == f"alice/hello\t{url}\t(remote default)\n"
@@ -4188,7 +4210,8 @@ def test_the_cli_drives_a_server_over_http_as_it_drives_a_store(tmp_path, server
         env={**os.environ, **home}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     out, err = follower.communicate(timeout=30)
     assert follower.returncode == 0, err
-    assert out.startswith("--- job 1: ") and "tick 1\ntick 2\ntick 3\n" in out
+    assert out.startswith("--- job 1\n") and "tick 1\ntick 2\ntick 3\n" in out
+    assert "build 2: success" in err
     assert out.endswith('+ test -z "$WAIT" || sleep 60\n')  # to the job's end, then stops
     # cancel a running one; restart an old one and wait for it
     assert cli("build", "alice/hello", "--var", "WAIT=1").returncode == 0
@@ -4371,7 +4394,7 @@ def test_a_full_disk_fails_the_job_and_writes_with_507_and_the_server_recovers(t
     commit_files(repo, {".cirunner.yml": "clone: false\npipeline: {t: {commands: "
                                          "['test -z \"$BIG\" || seq 1 3000000', 'echo done']}}\n"})
     server = servers(small_disk / "data")
-    server.api("POST", "/api/repos/alice/hello", {"url": repo})
+    server.api("POST", "/api/repos/alice/hello", {"url": repo, "private": False})
     server.api("POST", "/api/repos/alice/hello/builds", {})
     wait_for(lambda: server.api("GET", "/api/repos/alice/hello/builds/1")[1]["status"]
              == "success")
@@ -4414,7 +4437,7 @@ def test_backup_while_serving_and_restore_on_a_new_machine(tmp_path, servers):
                                          "['echo token=$TOKEN', 'seq 1 200000 | tail -1']}}\n"})
     data = tmp_path / "data"
     server = servers(data)
-    server.api("POST", "/api/repos/alice/hello", {"url": repo})
+    server.api("POST", "/api/repos/alice/hello", {"url": repo, "private": False})
     server.api("POST", "/api/repos/alice/hello/secrets", {"name": "TOKEN", "value": "s3cret-42"})
     for _ in range(3):
         server.api("POST", "/api/repos/alice/hello/builds", {})
@@ -4493,7 +4516,7 @@ def test_metrics_for_admins_and_listed_addresses_in_prometheus_format(tmp_path, 
     commit_files(repo, {".cirunner.yml": "clone: false\npipeline: {t: {commands: "
                                          "['seq 1 1000', 'test -z \"$FAIL\"']}}\n"})
     server = servers(tmp_path / "data")
-    server.api("POST", "/api/repos/alice/hello", {"url": repo})
+    server.api("POST", "/api/repos/alice/hello", {"url": repo, "private": False})
     assert http_json("GET", server.url + "/metrics")[0] == 401  # never anonymous
     request = urllib.request.Request(server.url + "/metrics", headers=server.auth)
     with urllib.request.urlopen(request, timeout=10) as response:  # counting starts here

@@ -160,7 +160,7 @@ def test_a_drone_pipeline_runs_in_its_images_with_a_service_and_a_plugin(tmp_pat
     server = servers(data)
     repo = str(tmp_path / "repo")
     commit_files(repo, {".drone.yml": DRONE_05, "README": "hello\n"})
-    server.api("POST", "/api/repos/alice/hello", {"url": repo})
+    server.api("POST", "/api/repos/alice/hello", {"url": repo, "private": False})
     status, _ = server.api("POST", "/api/repos/alice/hello/builds",
                            {"variables": {"DATA_DIR": str(data)}})
     assert status == 201
@@ -189,7 +189,7 @@ def test_a_service_that_ignores_sigterm_is_done_with_at_the_jobs_end_not_after_t
         "pipeline:\n  test:\n    image: localhost/cirunner-test:1\n    commands: [true]\n"
         "services:\n  web:\n    image: localhost/cirunner-test:1\n"
         "    command: [httpd, -f, -p, \"80\", -h, /www]\n")})
-    server.api("POST", "/api/repos/alice/hello", {"url": repo})
+    server.api("POST", "/api/repos/alice/hello", {"url": repo, "private": False})
     server.api("POST", "/api/repos/alice/hello/builds", {})
     build = finished(server, "alice/hello", 1)
     job = build["jobs"][0]
@@ -206,7 +206,7 @@ def test_an_image_that_cannot_be_pulled_is_named_not_an_exit_code(tmp_path, serv
     repo = str(tmp_path / "repo")
     commit_files(repo, {".drone.yml": "pipeline:\n  test:\n    image: "
                                       "localhost:1/nowhere/none:1\n    commands: [true]\n"})
-    server.api("POST", "/api/repos/alice/hello", {"url": repo})
+    server.api("POST", "/api/repos/alice/hello", {"url": repo, "private": False})
     server.api("POST", "/api/repos/alice/hello/builds", {})
     job = finished(server, "alice/hello", 1)["jobs"][0]
     assert job["status"] == "error", job
@@ -222,7 +222,7 @@ def test_a_detached_step_is_reached_by_its_name_in_a_job_without_services(tmp_pa
         "  fetch:\n    image: localhost/cirunner-test:1\n    commands:\n"
         "      - for i in $(seq 100); do wget -q -O - http://web/index.html && exit 0; "
         "sleep 0.1; done; exit 1\n")})
-    server.api("POST", "/api/repos/alice/hello", {"url": repo})
+    server.api("POST", "/api/repos/alice/hello", {"url": repo, "private": False})
     server.api("POST", "/api/repos/alice/hello/builds", {})
     build = finished(server, "alice/hello", 1)
     assert build["status"] == "success", build
@@ -234,7 +234,7 @@ def test_nothing_of_a_container_job_is_left_behind(tmp_path, servers, engine_env
     server = servers(data)
     repo = str(tmp_path / "repo")
     commit_files(repo, {".drone.yml": DRONE_05, "README": "hello\n"})
-    server.api("POST", "/api/repos/alice/hello", {"url": repo})
+    server.api("POST", "/api/repos/alice/hello", {"url": repo, "private": False})
     server.api("POST", "/api/repos/alice/hello/builds", {})
     assert finished(server, "alice/hello", 1)["status"] == "success"
     assert leftovers(engine_env, data) == []
@@ -256,7 +256,7 @@ def test_every_process_of_a_container_step_ends_with_the_job(tmp_path, servers, 
     repo = str(tmp_path / "repo")
     then = "sleep 0.5" if ending == "job end" else "sleep 600"
     commit_files(repo, {".drone.yml": container_detach_pipeline(n, then)})
-    server.api("POST", "/api/repos/alice/hello", {"url": repo})
+    server.api("POST", "/api/repos/alice/hello", {"url": repo, "private": False})
     server.api("POST", "/api/repos/alice/hello/builds", {})
     wait_for(lambda: "\ndetached\n" in http_text(server.url + "/api/repos/alice/hello/logs/1/1"),
              timeout=30)
@@ -285,7 +285,7 @@ def test_cancel_of_a_container_step_kills_it_within_the_grace_period(tmp_path, s
     commit_files(repo, {".drone.yml": (
         "pipeline:\n  t:\n    image: localhost/cirunner-test:1\n    commands:\n"
         "      - echo started\n      - trap '' TERM; sleep 600\n")})
-    server.api("POST", "/api/repos/alice/hello", {"url": repo})
+    server.api("POST", "/api/repos/alice/hello", {"url": repo, "private": False})
     server.api("POST", "/api/repos/alice/hello/builds", {})
     wait_for(lambda: "started\n" in http_text(server.url + "/api/repos/alice/hello/logs/1/1")
              .replace("echo started", ""), timeout=30)
@@ -305,7 +305,7 @@ def test_kill_9_of_serve_during_a_container_step_then_restart_cleans_up(tmp_path
     commit_files(repo, {".drone.yml": (
         "pipeline:\n  t:\n    image: localhost/cirunner-test:1\n    commands:\n"
         "      - echo started\n      - sleep 600\n")})
-    server.api("POST", "/api/repos/alice/hello", {"url": repo})
+    server.api("POST", "/api/repos/alice/hello", {"url": repo, "private": False})
     server.api("POST", "/api/repos/alice/hello/builds", {})
     wait_for(lambda: "started\n" in http_text(server.url + "/api/repos/alice/hello/logs/1/1")
              .replace("echo started", ""), timeout=30)
@@ -324,7 +324,7 @@ def test_privileged_needs_a_trusted_repository(tmp_path, servers):
     commit_files(repo, {".drone.yml": (
         "pipeline:\n  t:\n    image: localhost/cirunner-test:1\n    privileged: true\n"
         "    commands: [echo privileged-ran]\n")})
-    server.api("POST", "/api/repos/alice/hello", {"url": repo})
+    server.api("POST", "/api/repos/alice/hello", {"url": repo, "private": False})
     server.api("POST", "/api/repos/alice/hello/builds", {})
     build = finished(server, "alice/hello", 1)
     assert build["status"] == "error"
@@ -366,7 +366,7 @@ def test_ld_preload_of_a_container_step_never_loads_into_podman(tmp_path, server
                     f"    image: localhost/cirunner-test:1\n{preload}"
                     "    command: [sleep, '600']\n")
     commit_files(repo, {".drone.yml": pipeline})
-    server.api("POST", "/api/repos/alice/hello", {"url": repo})
+    server.api("POST", "/api/repos/alice/hello", {"url": repo, "private": False})
     server.api("POST", "/api/repos/alice/hello/secrets", {"name": "LD_PRELOAD",
                                                           "value": str(library)})
     server.api("POST", "/api/repos/alice/hello/builds", {"variables": {
@@ -386,7 +386,7 @@ def test_a_multi_line_secret_reaches_the_container_whole(tmp_path, servers, engi
     commit_files(repo, {".drone.yml": (
         "pipeline:\n  t:\n    image: localhost/cirunner-test:1\n"
         "    commands: ['printf \"%s\" \"$KEY\" | wc -l', 'printf \"[%s]\" \"$SPACED\"']\n")})
-    server.api("POST", "/api/repos/alice/hello", {"url": repo})
+    server.api("POST", "/api/repos/alice/hello", {"url": repo, "private": False})
     server.api("POST", "/api/repos/alice/hello/secrets",
                {"name": "KEY", "value": "-----BEGIN KEY-----\nline two\nline three\n"})
     server.api("POST", "/api/repos/alice/hello/builds",
@@ -412,7 +412,7 @@ def test_an_image_name_is_never_read_as_an_engine_option(tmp_path, servers, imag
         f"pipeline:\n  t:\n    image: {json.dumps(image)}\n"
         "    entrypoint: [/bin/sh, localhost/cirunner-test:1, -c]\n"
         f"    command: ['cat /host{data}/secret.key; echo escaped']\n")})
-    server.api("POST", "/api/repos/alice/hello", {"url": repo})
+    server.api("POST", "/api/repos/alice/hello", {"url": repo, "private": False})
     server.api("POST", "/api/repos/alice/hello/builds", {})
     build = finished(server, "alice/hello", 1)
     log = http_text(server.url + "/api/repos/alice/hello/logs/1/1")
@@ -428,7 +428,7 @@ def test_engine_arguments_that_are_not_what_they_say_are_refused(tmp_path, serve
         "pipeline:\n  t:\n    image: localhost/cirunner-test:1\n"
         "    volumes: ['--privileged']\n    dns: ['--net=host']\n"
         "    shm_size: '--device=/dev/sda'\n    commands: [echo ran]\n")})
-    server.api("POST", "/api/repos/alice/hello", {"url": repo})
+    server.api("POST", "/api/repos/alice/hello", {"url": repo, "private": False})
     server.api("PATCH", "/api/repos/alice/hello", {"trusted": True})
     server.api("POST", "/api/repos/alice/hello/builds", {})
     build = finished(server, "alice/hello", 1)
@@ -451,7 +451,7 @@ def test_an_image_step_without_a_working_engine_is_an_error_not_exit_125(tmp_pat
         repo = str(tmp_path / "repo")
         commit_files(repo, {".drone.yml": (
             "pipeline:\n  t:\n    image: localhost/cirunner-test:1\n    commands: [echo x]\n")})
-        server.api("POST", "/api/repos/alice/hello", {"url": repo})
+        server.api("POST", "/api/repos/alice/hello", {"url": repo, "private": False})
         server.api("POST", "/api/repos/alice/hello/builds", {})
         build = finished(server, "alice/hello", 1)
         assert build["status"] == "error"
@@ -469,7 +469,7 @@ def test_without_an_engine_images_run_on_the_host_and_services_fail_clearly(tmp_
         repo = str(tmp_path / "repo")
         commit_files(repo, {".drone.yml": (
             "pipeline:\n  t:\n    image: golang:1.8\n    commands: [echo on-the-host]\n")})
-        server.api("POST", "/api/repos/alice/hello", {"url": repo})
+        server.api("POST", "/api/repos/alice/hello", {"url": repo, "private": False})
         server.api("POST", "/api/repos/alice/hello/builds", {})
         build = finished(server, "alice/hello", 1)
         log = http_text(server.url + "/api/repos/alice/hello/logs/1/1")
@@ -477,7 +477,7 @@ def test_without_an_engine_images_run_on_the_host_and_services_fail_clearly(tmp_
         assert log.startswith("cirunner: image golang:1.8 not used for step 't'")
         other = str(tmp_path / "other")
         commit_files(other, {".drone.yml": DRONE_05, "README": "x\n"})
-        server.api("POST", "/api/repos/alice/other", {"url": other})
+        server.api("POST", "/api/repos/alice/other", {"url": other, "private": False})
         server.api("POST", "/api/repos/alice/other/builds", {})
         build = finished(server, "alice/other", 1)
         assert build["status"] == "error"
@@ -888,7 +888,7 @@ def test_real_drone_files_run_green_in_local_images(tmp_path, servers):
         repo = str(tmp_path / f"repo{index}")
         commit_files(repo, {".drone.yml": localize(REAL_DRONE_FILES[source])})
         name = f"alice/real{index}"
-        assert server.api("POST", f"/api/repos/{name}", {"url": repo})[0] == 201
+        assert server.api("POST", f"/api/repos/{name}", {"url": repo, "private": False})[0] == 201
         assert server.api("POST", f"/api/repos/{name}/builds", {"event": "push"})[0] == 201
     for index, source in enumerate(sorted(REAL_DRONE_FILES), start=1):
         build = finished(server, f"alice/real{index}", 1, timeout=120)
@@ -909,7 +909,7 @@ def test_commit_message_text_never_runs_in_a_container(tmp_path, servers):
         "pipeline:\n  t:\n    image: localhost/cirunner-test:1\n"
         "    commands: ['echo \"${CI_COMMIT_MESSAGE}\"', 'echo \"$DRONE_COMMIT_MESSAGE\"']\n")},
         message=message)
-    server.api("POST", "/api/repos/alice/hello", {"url": repo})
+    server.api("POST", "/api/repos/alice/hello", {"url": repo, "private": False})
     server.api("POST", "/api/repos/alice/hello/builds", {})
     assert finished(server, "alice/hello", 1)["status"] == "success"
     assert http_text(server.url + "/api/repos/alice/hello/logs/1/1").count(message) >= 2

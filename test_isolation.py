@@ -144,7 +144,8 @@ def test_a_sandboxed_step_cannot_read_or_change_the_server(tmp_path, servers, gi
     # alice: her own repository, whose step tries everything
     alice_repo = git_daemon.repo("alice", {
         "probe.sh": PROBE, ".cirunner.yml": "pipeline: {t: {commands: ['sh probe.sh']}}\n"})
-    assert api(server, alice, "POST", "/api/repos/alice/attack", {"url": alice_repo})[0] == 201
+    assert api(server, alice, "POST", "/api/repos/alice/attack",
+               {"url": alice_repo, "private": False})[0] == 201
     variables = {"DATA": str(data), "VENV": sys.prefix,
                  "SERVER_HOME": str(tmp_path / "server-home")}
     build = run_build(server, alice, "alice/attack", {"variables": variables, "event": event})
@@ -165,7 +166,7 @@ def test_a_job_path_leaves_out_the_servers_virtual_environment(tmp_path, servers
     repo = str(tmp_path / "repo")
     commit_files(repo, {".cirunner.yml": "pipeline: {t: {commands: ['echo \"PATH=$PATH\"', "
                                          "'echo \"VENV=${VIRTUAL_ENV:-none}\"']}}\n"})
-    server.api("POST", "/api/repos/alice/hello", {"url": repo})
+    server.api("POST", "/api/repos/alice/hello", {"url": repo, "private": False})
     build = run_build(server, server.auth, "alice/hello")
     log = http_text(server.url + f"/api/repos/alice/hello/logs/{build['number']}/1")
     path = re.search(r"^PATH=(.*)$", log, re.MULTILINE).group(1).split(os.pathsep)
@@ -223,7 +224,7 @@ def test_every_detached_process_of_a_sandboxed_job_dies_with_it(tmp_path, server
     repo = str(tmp_path / "repo")
     then = "sleep 0.5" if ending == "job end" else "sleep 600"
     commit_files(repo, {".cirunner.yml": detach_pipeline(n, then)})
-    server.api("POST", "/api/repos/alice/hello", {"url": repo})
+    server.api("POST", "/api/repos/alice/hello", {"url": repo, "private": False})
     assert server.api("POST", "/api/repos/alice/hello/builds", {})[0] == 201
     daemon_log = workspace_of(server.data_dir, "alice/hello", 1, 1) / "daemon.log"
     wait_for(lambda: "\ndetached\n" in http_text(server.url + "/api/repos/alice/hello/logs/1/1"))
@@ -258,7 +259,7 @@ def test_kill_9_of_serve_ends_a_sandboxed_job_and_restart_records_it(tmp_path, s
     server = servers(data)
     repo = str(tmp_path / "repo")
     commit_files(repo, {".cirunner.yml": detach_pipeline(74, "sleep 600")})
-    server.api("POST", "/api/repos/alice/hello", {"url": repo})
+    server.api("POST", "/api/repos/alice/hello", {"url": repo, "private": False})
     server.api("POST", "/api/repos/alice/hello/builds", {})
     wait_for(lambda: len(host_pids(74)) >= 7)
     server.process.send_signal(signal.SIGKILL)
@@ -350,7 +351,7 @@ def test_ld_preload_from_a_pipeline_never_loads_into_a_host_process(tmp_path, se
     commit_files(repo, {".cirunner.yml": f"pipeline:\n  t:\n{environment}"
                                          "    commands: [echo step-ran]\n"})
     commit_binary(repo, "evil.so", library.read_bytes())
-    server.api("POST", "/api/repos/alice/hello", {"url": repo})
+    server.api("POST", "/api/repos/alice/hello", {"url": repo, "private": False})
     body = {}
     if route == "build variable":
         body = {"variables": {"LD_PRELOAD": in_workspace}}
@@ -372,7 +373,7 @@ def test_a_secret_is_on_no_command_line_nor_in_a_host_process_environment(tmp_pa
     repo = str(tmp_path / "repo")
     commit_files(repo, {".cirunner.yml": "pipeline: {t: {commands: ['echo started', "
                                          "'sleep 600']}}\n"})
-    server.api("POST", "/api/repos/alice/hello", {"url": repo})
+    server.api("POST", "/api/repos/alice/hello", {"url": repo, "private": False})
     server.api("POST", "/api/repos/alice/hello/secrets", {"name": "TOKEN", "value": SECRET})
     server.api("POST", "/api/repos/alice/hello/builds", {})
     wait_for(lambda: "started" in http_text(server.url + "/api/repos/alice/hello/logs/1/1"))
@@ -441,7 +442,7 @@ def test_a_sandboxed_step_reaches_neither_the_hosts_loopback_nor_its_unix_socket
         commit_files(repo, {"doors.py": DOORS, ".cirunner.yml": (
             "pipeline: {t: {commands: ['id -u', 'python3 doors.py $API_PORT $SOCKET $HOST_IP "
             "$OUT_PORT', 'cat /etc/shadow || echo shadow-closed']}}\n")})
-        server.api("POST", "/api/repos/alice/hello", {"url": repo})
+        server.api("POST", "/api/repos/alice/hello", {"url": repo, "private": False})
         build = run_build(server, server.auth, "alice/hello", {"variables": {
             "API_PORT": str(server.port), "SOCKET": str(folder / "db.sock"),
             "HOST_IP": address or "127.0.0.1",
@@ -468,7 +469,7 @@ def test_sandbox_network_host_is_an_opt_out_with_a_warning(tmp_path, servers):
     repo = str(tmp_path / "repo")
     commit_files(repo, {"doors.py": DOORS, ".cirunner.yml": (
         "pipeline: {t: {commands: ['python3 doors.py $API_PORT /nowhere 127.0.0.1 1']}}\n")})
-    server.api("POST", "/api/repos/alice/hello", {"url": repo})
+    server.api("POST", "/api/repos/alice/hello", {"url": repo, "private": False})
     run_build(server, server.auth, "alice/hello",
               {"variables": {"API_PORT": str(server.port)}})
     log = http_text(server.url + "/api/repos/alice/hello/logs/1/1")
@@ -525,7 +526,7 @@ def test_auto_without_a_working_sandbox_refuses_host_steps_naming_the_fix(tmp_pa
         assert "WARNING: no sandbox can be made here" in server.output()
         repo = str(tmp_path / "repo")
         commit_files(repo, {".cirunner.yml": "pipeline: {t: {commands: [echo never]}}\n"})
-        server.api("POST", "/api/repos/alice/hello", {"url": repo})
+        server.api("POST", "/api/repos/alice/hello", {"url": repo, "private": False})
         build = run_build(server, server.auth, "alice/hello")
         log = http_text(server.url + "/api/repos/alice/hello/logs/1/1")
         assert build["status"] == "error"
@@ -554,7 +555,7 @@ def test_a_sandbox_that_fails_to_start_a_step_is_tried_once_more_then_an_error(t
     server = servers(tmp_path / "data", env_path=str(wrapper))
     repo = str(tmp_path / "repo")
     commit_files(repo, {".cirunner.yml": "pipeline: {t: {commands: [echo ran]}}\n"})
-    server.api("POST", "/api/repos/alice/hello", {"url": repo})
+    server.api("POST", "/api/repos/alice/hello", {"url": repo, "private": False})
     flag.write_text("1")  # the next start fails once
     flag.chmod(0o666)
     build = run_build(server, server.auth, "alice/hello")
@@ -575,7 +576,7 @@ def test_healthz_and_each_log_say_how_steps_are_isolated(tmp_path, servers):
     assert health["isolation"]["network"] == "private"
     repo = str(tmp_path / "repo")
     commit_files(repo, {".cirunner.yml": "pipeline: {t: {commands: [echo hi]}}\n"})
-    server.api("POST", "/api/repos/alice/hello", {"url": repo})
+    server.api("POST", "/api/repos/alice/hello", {"url": repo, "private": False})
     run_build(server, server.auth, "alice/hello")
     log = http_text(server.url + "/api/repos/alice/hello/logs/1/1")
     assert log.startswith("cirunner: steps on the host run in bwrap (own network")
@@ -591,7 +592,7 @@ def test_a_workspace_a_step_locked_up_is_removed_and_the_build_restarts(tmp_path
     commit_files(repo, {".cirunner.yml": (
         "pipeline: {t: {commands: ['mkdir -p locked/inner/deeper', 'touch locked/inner/f', "
         "'chmod 000 locked/inner/deeper', 'chmod 500 locked/inner', 'chmod 000 locked']}}\n")})
-    server.api("POST", "/api/repos/alice/hello", {"url": repo})
+    server.api("POST", "/api/repos/alice/hello", {"url": repo, "private": False})
     assert run_build(server, server.auth, "alice/hello")["status"] == "success"
     wait_for(lambda: not workspace_of(data, "alice/hello", 1, 1).exists())
     assert server.api("POST", "/api/repos/alice/hello/builds/1")[0] == 202

@@ -413,7 +413,7 @@ def test_an_agent_that_stops_answering_is_lost_and_cleans_up_when_it_comes_back(
         commit_files(path, {".cirunner.yml": "labels: {pool: far}\npipeline:\n  t:\n"
                                              "    commands:\n"
                                              f"      - echo $$ > {pidfile}; exec sleep 60\n"})
-        server.api("POST", "/api/repos/alice/hello", {"url": path})
+        server.api("POST", "/api/repos/alice/hello", {"url": path, "private": False})
         server.api("POST", "/api/repos/alice/hello/builds", {})
         wait_for(lambda: pidfile.exists() and pidfile.read_text(), timeout=20)
         step_pid = int(pidfile.read_text())
@@ -539,7 +539,7 @@ def test_a_postgresql_outage_ends_no_job_and_the_api_answers_503(tmp_path, pg_cl
         commit_files(path, {".cirunner.yml": (
             "matrix:\n  N: [1, 2, 3]\npipeline:\n  t:\n    commands:\n"
             "      - for i in $(seq 1 300); do echo line-$i; sleep 0.05; done\n")})
-        assert first.api("POST", "/api/repos/alice/hello", {"url": path})[0] == 201
+        assert first.api("POST", "/api/repos/alice/hello", {"url": path, "private": False})[0] == 201
         assert first.api("POST", "/api/repos/alice/hello/builds", {})[0] == 201
 
         def running():

@@ -93,7 +93,7 @@ def test_live_log_cancel_and_restart_in_a_browser(server, page, tmp_path):
         "pipeline:\n  t:\n    commands:\n"
         "      - for i in $(seq 1200); do [ -e gate ] && break; sleep 0.05; done; echo \"LIVE-$((6*7))\"\n"
         "      - sleep 600\n")}, message=f"Try the web {XSS}")
-    server.api("POST", "/api/repos/alice/hello", {"url": repo})
+    server.api("POST", "/api/repos/alice/hello", {"url": repo, "private": False})
     status, _ = server.api("POST", "/api/repos/alice/hello/builds", {})
     assert status == 201
     gate = workspace_of(server.data_dir, "alice/hello", 1, 1) / "gate"  # the step sees it
@@ -145,7 +145,7 @@ def test_log_line_with_a_script_tag_stays_text(server, page, tmp_path):
     repo = str(tmp_path / "repo")
     commit_files(repo, {".cirunner.yml": (
         "clone: false\npipeline: {t: {commands: ['printf \"%s\\\\n\" \"$PAYLOAD\"']}}\n")})
-    server.api("POST", "/api/repos/alice/xss", {"url": repo})
+    server.api("POST", "/api/repos/alice/xss", {"url": repo, "private": False})
     server.api("POST", "/api/repos/alice/xss/builds", {"variables": {"PAYLOAD": XSS}})
     wait_for(lambda: server.api("GET", "/api/repos/alice/xss/builds/1")[1]["status"] == "success")
     page.goto(server.url + "/alice/xss/1/1")  # a public repo: no sign-in needed
@@ -159,7 +159,7 @@ def test_a_50_mb_log_page_opens_fast_and_memory_stays_flat(server, page, tmp_pat
     line = "0123456789" * 10
     commit_files(repo, {".cirunner.yml": (
         f"clone: false\npipeline: {{t: {{commands: ['yes {line} | head -c 52428800']}}}}\n")})
-    server.api("POST", "/api/repos/alice/big", {"url": repo})
+    server.api("POST", "/api/repos/alice/big", {"url": repo, "private": False})
     server.api("POST", "/api/repos/alice/big/builds", {})
     wait_for(lambda: server.api("GET", "/api/repos/alice/big/builds/1")[1]["status"] == "success",
              timeout=60)
@@ -196,7 +196,7 @@ def test_a_two_step_build_is_watched_live_and_its_failing_step_is_shown(server, 
         "  test:\n    commands:\n"
         "      - echo testing\n"
         "      - test -z \"$FAIL\" || exit 3\n")})
-    server.api("POST", "/api/repos/alice/hello", {"url": repo})
+    server.api("POST", "/api/repos/alice/hello", {"url": repo, "private": False})
     server.api("POST", "/api/repos/alice/hello/builds", {})
     gate = workspace_of(server.data_dir, "alice/hello", 1, 1) / "gate"
     wait_for(lambda: server.api("GET", "/api/repos/alice/hello/builds/1")[1]["jobs"][0]
@@ -252,7 +252,7 @@ def test_pages_fit_a_phone(server, browser, tmp_path, path):
     repo = str(tmp_path / "repo")
     commit_files(repo, {".cirunner.yml": "pipeline: {t: {commands: ['echo a long line "
                                          + "x" * 300 + "']}}\n"})
-    server.api("POST", "/api/repos/alice/hello", {"url": repo})
+    server.api("POST", "/api/repos/alice/hello", {"url": repo, "private": False})
     server.api("POST", "/api/repos/alice/hello/builds", {})
     wait_for(lambda: server.api("GET", "/api/repos/alice/hello/builds/1")[1]["status"]
              == "success")
@@ -269,7 +269,7 @@ def test_the_pages_work_mounted_under_a_prefix(tmp_path, page):
     try:
         repo = str(tmp_path / "repo")
         commit_files(repo, {".cirunner.yml": "pipeline: {t: {commands: [echo mounted]}}\n"})
-        assert server.api("POST", "/api/repos/alice/hello", {"url": repo})[0] == 201
+        assert server.api("POST", "/api/repos/alice/hello", {"url": repo, "private": False})[0] == 201
         server.api("POST", "/api/repos/alice/hello/builds", {})
         wait_for(lambda: server.api("GET", "/api/repos/alice/hello/builds/1")[1]["status"]
                  == "success", timeout=30)
