@@ -319,6 +319,7 @@ BACKGROUND_GRACE_SECONDS = 1.0  # a service's SIGTERM -> SIGKILL at its job's en
 HEARTBEAT_SECONDS = 10.0        # a runner stamps itself (and its jobs) this often
 MIRROR_LOCK_SECONDS = 600.0     # the longest wait for another process's fetch (git's timeout)
 WATCHDOG_SECONDS = 660.0        # a job outside its steps this long is reported stuck
+MIN_FREE_BYTES = 1024 * 1024    # less free space than this is a full disk (at start)
 RUNNER_LOST_SECONDS = 60.0      # a runner silent this long is gone
 RECOVER_SECONDS = 5.0           # servers look for lost runners at least this often
 RETRY_AFTER_SECONDS = 5         # what a 503 tells the client to wait
@@ -3123,7 +3124,10 @@ class Store(_Listeners):
     IntegrityError = sqlite3.IntegrityError
     OperationalError = sqlite3.OperationalError
 
-    def __init__(self, path, *, data_dir=None, busy_timeout=5.0):
+    read_only = ""   # why every write is refused (a full disk at start), or ""
+    _generation = 0  # connections of an older one are not used again
+
+    def __init__(self, path, *, data_dir=None, busy_timeout=5.0, read_only_if_full=False):
         self.path = path
         self.busy_timeout = busy_timeout
         self._setup(data_dir or os.path.dirname(os.path.abspath(path)))
@@ -3131,7 +3135,58 @@ class Store(_Listeners):
         # user (SQLite gives the WAL and shared-memory files the same mode).
         for name in (path, path + "-wal", path + "-shm"):
             _make_private(name, create=name == path)
-        self._migrate()
+        try:
+            self._migrate()
+        except sqlite3.OperationalError as exc:
+            if not read_only_if_full or not self._no_room(exc):
+                raise
+            self._open_read_only(exc)
+
+    def _no_room(self, exc):
+        """Whether `exc` comes of a full disk (opening a WAL store on one
+        fails as a disk I/O error: its shared-memory file cannot be made)."""
+        return (_is_disk_full(exc) or "disk I/O error" in str(exc)) and \
+            shutil.disk_usage(self.data_dir).free < MIN_FREE_BYTES
+
+    def _open_read_only(self, exc):
+        """Serve what is stored, writing nothing, until `try_writable`: only
+        a store at this version, whose log (WAL) holds nothing unsaved."""
+        self.read_only = f"the disk is full ({exc})"
+        try:
+            version = self._connect().execute("PRAGMA user_version").fetchone()[0]
+        except sqlite3.Error:
+            self.read_only = ""
+            raise exc from None
+        if version != len(_MIGRATIONS):
+            self.read_only = ""
+            raise CIRunnerError(f"the disk is full and the store needs upgrading first: free "
+                                f"some space in {self.data_dir} ({exc})") from None
+
+    def try_writable(self):
+        """After a read-only start: whether the store can be written again
+        (there is room, and it opens as usual); from then on it is."""
+        if not self.read_only:
+            return True
+        if shutil.disk_usage(self.data_dir).free < MIN_FREE_BYTES:
+            return False
+        try:
+            self.read_only, previous = "", self.read_only
+            self._migrate()
+        except sqlite3.OperationalError:
+            self.read_only = previous
+            return False
+        with self._connections_lock:  # the read-only connections go as they are let go
+            self._generation += 1
+            stale, self._idle_connections = self._idle_connections, []
+        for conn in stale:
+            self._forget(conn)
+        return True
+
+    def _forget(self, conn):
+        with self._connections_lock, contextlib.suppress(ValueError):
+            self._connections.remove(conn)
+        with contextlib.suppress(sqlite3.Error):
+            conn.close()
 
     def _setup(self, data_dir):
         """What every store has, whatever its database."""
@@ -3181,9 +3236,18 @@ class Store(_Listeners):
     # -- connections and transactions ---------------------------------------
 
     def _connect(self):
-        """A new connection with every pragma the store relies on."""
+        """A new connection with every pragma the store relies on (read-only:
+        the file as it is, with no WAL index to make)."""
+        if self.read_only:
+            conn = sqlite3.connect(f"file:{quote(os.path.abspath(self.path))}?mode=ro&immutable=1",
+                                   uri=True, isolation_level=None, check_same_thread=False,
+                                   factory=_SqliteConnection)
+            conn.row_factory = sqlite3.Row
+            conn.generation = self._generation
+            return conn
         conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None,
                                check_same_thread=False, factory=_SqliteConnection)
+        conn.generation = self._generation
         conn.row_factory = sqlite3.Row
         conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
         conn.execute("PRAGMA foreign_keys = ON")
@@ -3199,6 +3263,10 @@ class Store(_Listeners):
 
     def _connection(self):
         conn = getattr(self._local, "conn", None)
+        if conn is not None and conn.generation != self._generation and not conn.in_transaction:
+            self._local.conn = None
+            self._forget(conn)
+            conn = None
         if conn is None:
             if self._closed:
                 raise CIRunnerError("the store is closed")
@@ -3263,8 +3331,14 @@ class Store(_Listeners):
         finally:
             conn.execute("PRAGMA synchronous = NORMAL")
 
+    def _check_writable(self):
+        if self.read_only:  # a full disk's error: the API answers 507
+            raise sqlite3.OperationalError(f"database or disk is full: serving read-only until "
+                                           f"there is room: {self.read_only}")
+
     def _write_one(self, sql, params=()):
         """A write that is one statement, committed alone (in turn, on SQLite)."""
+        self._check_writable()
         conn = self._connection()
         with self._write_lock:
             return conn.execute(sql, params)
@@ -3273,6 +3347,7 @@ class Store(_Listeners):
     def _begin(self, conn, rows_only):
         """Open a write transaction. BEGIN IMMEDIATE: a deferred BEGIN that reads
         and then writes fails at once under contention, whatever the busy timeout."""
+        self._check_writable()
         with self._write_lock:
             conn.execute("BEGIN IMMEDIATE")
             yield
@@ -4864,6 +4939,8 @@ def _pg_row_factory(cursor):
 class _PgConnection:
     """A psycopg connection with the store's statements as they are written
     ($1 marks, sent as they are: a raw cursor), rows by name and position."""
+
+    generation = 0  # as a SQLite connection's (see Store._connection)
 
     def __init__(self, psycopg, url):
         self.psycopg = psycopg
@@ -9490,6 +9567,8 @@ class _Api:
         executor = self.executor
         answer = {"status": "draining" if executor is not None and executor.draining()
                   else "ok"}
+        if self.store.read_only:  # up, for reads: a full disk refuses every write
+            answer.update(status="read-only", problem=self.store.read_only)
         if executor is not None:
             answer["isolation"] = executor.isolation_summary()
             stuck = executor.stuck()
@@ -12550,6 +12629,17 @@ class _RemoteClient:
             time.sleep(0.1)
 
 
+def _await_room(store, executor, start, stderr, every=2.0):
+    """A read-only server (its disk was full at start): once the store can be
+    written again, start what serving starts."""
+    while not executor.wait_stopping(every):
+        if store.try_writable():
+            print("cirunner: there is room again: serving, and running jobs", file=stderr,
+                  flush=True)
+            start()
+            return
+
+
 def _bootstrap_admin(store, stdout):
     """On a store with no users, make an admin and print its token, once, on
     stdout (never into the log stream)."""
@@ -12587,7 +12677,10 @@ def _warn_unisolated(executor, stderr):
 
 
 def _command_serve(args, stdout, stderr):
-    store = open_store(args.data, args.db)
+    # On a full disk, serve what is stored (reads, pages, /healthz; writes
+    # answer 507) rather than not at all, and start for real once there is room.
+    store = open_store(args.data, args.db) if args.db else Store.open(args.data,
+                                                                       read_only_if_full=True)
     executor = Executor(store, workers=args.workers, grace=args.grace,
                         keep_workspaces=args.keep_workspaces, keep_builds=args.keep_builds,
                         **_isolation_options(args),
@@ -12599,9 +12692,19 @@ def _command_serve(args, stdout, stderr):
                    metrics_from=[address.strip() for address in args.metrics_from.split(",")
                                  if address.strip()])
 
-    def ready(url):
+    def start():
         _bootstrap_admin(store, stdout)
         executor.start()
+
+    def ready(url):
+        if store.read_only:
+            print(f"cirunner: WARNING: {store.read_only}: serving read-only (reads and "
+                  "/healthz answer, writes 507) until there is room again; jobs start then",
+                  file=stderr, flush=True)
+            threading.Thread(target=_await_room, args=(store, executor, start, stderr),
+                             name="cirunner-await-room", daemon=True).start()
+        else:
+            start()
         store.release_connection()  # from here, lent out between requests like the pool's
         _warn_unisolated(executor, stderr)
         engine = executor.engine.name if executor.engine else f"none ({executor.engine_problem})"

@@ -167,13 +167,15 @@ def stop_process(process, timeout=15):
 class Server:
     """A real `cirunner serve` process on 127.0.0.1 with a free port."""
 
-    def __init__(self, data_dir, *extra, env=None, prefix="", port=None):
+    def __init__(self, data_dir, *extra, env=None, prefix="", port=None, logs=None):
         self.data_dir = str(data_dir)
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}{prefix}"
-        self.log_path = os.path.join(self.data_dir, "serve.log")   # stderr: the log stream
-        self.out_path = os.path.join(self.data_dir, "serve.out")   # stdout: the bootstrap token
+        logs = str(logs or data_dir)  # elsewhere than a disk a test fills up
+        self.log_path = os.path.join(logs, "serve.log")   # stderr: the log stream
+        self.out_path = os.path.join(logs, "serve.out")   # stdout: the bootstrap token
         os.makedirs(self.data_dir, exist_ok=True)
+        os.makedirs(logs, exist_ok=True)
         env = {k: v for k, v in {**os.environ, **(env or {})}.items()
                if not k.startswith("CIRUNNER_")}
         self.log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
@@ -318,8 +320,8 @@ def make_repo(tmp_path, store):
 def servers():
     started = []
 
-    def start(data_dir, *extra):
-        server = Server(data_dir, *extra)
+    def start(data_dir, *extra, **options):
+        server = Server(data_dir, *extra, **options)
         started.append(server)
         return server
 
@@ -4428,6 +4430,38 @@ def test_a_full_disk_fails_the_job_and_writes_with_507_and_the_server_recovers(t
              ["status"] not in ("pending", "running"), timeout=30)
     finished = server.api("GET", f"/api/repos/alice/hello/builds/{build['number']}")[1]
     assert finished["status"] == "success", finished
+    assert "Traceback" not in server.output(), server.output()[-3000:]
+
+
+def test_serve_on_a_full_disk_starts_read_only_and_recovers_when_room_returns(tmp_path, servers,
+                                                                            small_disk):
+    repo = str(tmp_path / "repo")
+    commit_files(repo, {".cirunner.yml": "clone: false\npipeline: {t: {commands: [echo done]}}\n"})
+    data = small_disk / "data"
+    server = servers(data, logs=tmp_path / "logs")
+    server.api("POST", "/api/repos/alice/hello", {"url": repo, "private": False})
+    server.api("POST", "/api/repos/alice/hello/builds", {})
+    wait_for(lambda: server.api("GET", "/api/repos/alice/hello/builds/1")[1]["status"]
+             == "success")
+    token = server.token
+    server.stop()
+    fill(str(small_disk / "filler"))  # nothing left: not even for the WAL's index
+    server = servers(data, logs=tmp_path / "logs")  # it starts, for reads
+    server.token = token
+    status, health = http_json("GET", server.url + "/healthz")
+    assert status == 200 and health["status"] == "read-only", health
+    assert "disk is full" in health["problem"], health
+    assert server.api("GET", "/api/repos/alice/hello/builds/1")[1]["status"] == "success"
+    assert "done" in http_text(server.url + "/api/repos/alice/hello/logs/1/1")
+    status, answer = server.api("POST", "/api/repos/alice/hello/builds", {})
+    assert status == 507 and answer["error"] == "insufficient_storage", answer
+    assert "serving read-only" in server.output()
+    os.unlink(small_disk / "filler")  # room again: it goes on by itself
+    wait_for(lambda: http_json("GET", server.url + "/healthz")[1]["status"] == "ok", timeout=30)
+    status, build = server.api("POST", "/api/repos/alice/hello/builds", {})
+    assert status == 201, build
+    wait_for(lambda: server.api("GET", "/api/repos/alice/hello/builds/2")[1]["status"]
+             == "success", timeout=30)
     assert "Traceback" not in server.output(), server.output()[-3000:]
 
 
