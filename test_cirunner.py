@@ -1307,7 +1307,7 @@ def test_cli_build_is_picked_up_promptly_by_a_running_server(tmp_path, servers):
     assert result.returncode == 0, result.stderr
     assert "[1] picked-up" in result.stdout
     assert time.monotonic() - started < 10
-    status, build = http_json("GET", server.url + "/api/repos/alice/hello/builds/1")
+    status, build = server.api("GET", "/api/repos/alice/hello/builds/1")
     # the server's runner ran it, not the CLI
     assert status == 200 and build["status"] == "success"
     store = cirunner.Store.open(data)
