@@ -7735,6 +7735,7 @@ class Executor:
         self.watchdog = watchdog
         self._reported_stuck = set()
         self._pruning_behind = False
+        self._ended_since_prune = 0  # jobs ended here since the last pruning
         self.started_at = _now()
         self.keep_builds, self.keep_days = keep_builds, keep_days
         self.max_log_bytes = max_log_bytes
@@ -7793,9 +7794,9 @@ class Executor:
                       urgent=lambda: self.store.wal_bytes() >= WAL_CHECKPOINT_BYTES),
                 _Task("fire crons", 1.0, self._fire_crons),
                 # Briefly, in batches: the maintenance thread also keeps the
-                # heartbeat. While behind, again at its next turn: the work
-                # follows the backlog, however fast builds come.
-                _Task("prune", prune_every, self._prune, urgent=lambda: self._pruning_behind),
+                # heartbeat. Sooner as jobs end, and while behind at the loop's
+                # next turn: the work follows the builds, however fast they come.
+                _Task("prune", prune_every, self._prune, urgent=self._prune_due),
             ]
         self._last_version = None
 
@@ -8004,6 +8005,7 @@ class Executor:
         """A job's processes are gone: cancels no longer reach it."""
         with self._running_lock:
             self._running.pop(run.job["id"], None)
+            self._ended_since_prune += 1
 
     # -- workspaces -----------------------------------------------------------
 
@@ -8118,9 +8120,17 @@ class Executor:
             self._report_wakeup.set()
             self._stop_jobs(self.store.cancel_requested_jobs(self.runner_id))
 
+    def _prune_due(self):
+        """Prune before the interval: while behind, or once a twentieth of the
+        builds a repository keeps have ended since (about 5% over the limit)."""
+        keep = self.keep_builds or 0
+        return self._pruning_behind or bool(keep) and self._ended_since_prune >= max(
+            1, keep // 20)
+
     def _prune(self):
         """Delete builds past retention for about a second; note whether more
         are left (then the next turn of the maintenance loop goes on)."""
+        self._ended_since_prune = 0
         pruned, _ = prune(self.store, keep_builds=self.keep_builds, keep_days=self.keep_days,
                           seconds=1.0)
         self._pruning_behind = bool(pruned) and bool(self.store.prunable_builds(

@@ -4290,11 +4290,12 @@ def test_retention_prunes_old_builds_but_never_pinned_or_active_ones(store, exec
 
 
 def test_retention_keeps_the_store_near_its_limit_under_a_steady_stream(store, make_repo):
-    keep, rate, count, every = 20, 8, 120, 0.5  # a turn's worth of builds: 1 + 8*0.5/20 = 1.2
+    # At the default interval: pruning follows the jobs that end (every 10 here)
+    keep, rate, count = 50, 10, 120
     repo = make_repo({".cirunner.yml": "clone: false\npipeline: {t: {commands: "
                                        "['head -c 60000 /dev/urandom | base64']}}\n"})
     executor = cirunner.Executor(store, workers=2, grace=1.0, engine="none", keep_builds=keep,
-                                 keep_days=0, prune_every=every)
+                                 keep_days=0)
     sizes, done = [], threading.Event()
 
     def watch():

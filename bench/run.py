@@ -979,15 +979,51 @@ class SoakClients:
             thread.join(30)
 
 
+class _NormalSyncStore(cirunner.Store):
+    """The store as it was before acknowledged commits were synced: every
+    commit with synchronous=NORMAL (the baseline of the durability figure)."""
+
+    @contextlib.contextmanager
+    def _durably(self, conn, durable):
+        yield
+
+
+def bench_durability(work, builds=300, rounds=5):
+    """What syncing each acknowledged commit (synchronous=FULL for a build's
+    creation and each job's end) costs a trivial build, against the same
+    store with every commit NORMAL: the store's own calls, no HTTP."""
+    samples = {"full": [], "normal": []}
+    for round_number in range(rounds):
+        for kind, store_class in (("full", cirunner.Store), ("normal", _NormalSyncStore)):
+            data = os.path.join(work, f"durability-{kind}-{round_number}")
+            os.makedirs(data)
+            store = store_class.open(data)
+            try:
+                repo = store.create_repo("bench", "d", work, private=False)
+                store.register_runner("bench:1:a", "bench", os.getpid())
+                started = time.perf_counter()
+                for _ in range(builds):
+                    store.create_build(repo["id"], {"event": "manual"}, [{}])
+                    job = store.claim_next_job("bench:1:a")
+                    store.finish_job(job["id"], cirunner.SUCCESS)
+                samples[kind].append((time.perf_counter() - started) / builds * 1000)
+            finally:
+                store.close()
+    full, normal = statistics.median(samples["full"]), statistics.median(samples["normal"])
+    record("durability: ms per trivial build, FULL sync", samples["full"], "ms", normal,
+           "<= +2 ms per build", full - normal <= 2.0,
+           "baseline: every commit NORMAL; two synced commits per build (made, job end)")
+
+
 def bench_soak(work, builds=2000, keep=200):
     """A long unattended run, shortened: `builds` builds over 8 workers while
     20 clients read the API and 10 follow live logs, with retention (the
-    newest `keep` builds) pruning as it goes, every second."""
+    newest `keep` builds) pruning as it goes, at its default pace."""
     data = os.path.join(work, "soak")
     os.makedirs(data)
     repo_path = os.path.join(work, "repo-soak")
     make_repo(repo_path, "clone: false\npipeline: {t: {commands: ['seq 1 300']}}\n")
-    server = Server(data, workers=8, extra=["--keep-builds", str(keep), "--prune-every", "1"])
+    server = Server(data, workers=8, extra=["--keep-builds", str(keep)])
     clients = SoakClients(server, os.path.join(data, "cirunner.db"))
     try:
         server.request("POST", "/api/repos/bench/s", {"url": repo_path})
@@ -1350,6 +1386,7 @@ SECTION_RUNS = (
     ("footprint", lambda work, repeats, quick: bench_footprint(work, 50 if quick else 600)),
     ("logs", lambda work, repeats, quick: bench_log_storage(work)),
     ("wakeups", lambda work, repeats, quick: bench_wakeups(work)),
+    ("durability", lambda work, repeats, quick: bench_durability(work, 100 if quick else 300)),
     ("soak", lambda work, repeats, quick: bench_soak(work)),
     ("postgres", lambda work, repeats, quick: bench_postgres(work, repeats)),
     ("agents", lambda work, repeats, quick: bench_agents(work, repeats)),
