@@ -3887,12 +3887,16 @@ class Store(_Listeners):
 
     def _number_at_offset(self, repo_id, offset):
         """The largest number with exactly `offset` existing builds above it: the
-        builds above `x` are the numbers above it less the deleted ones."""
+        builds above `x` are the numbers above it less the deleted ones (those
+        listed, and every number below the oldest build, which are not)."""
         last = self._scalar("SELECT last_number FROM repos WHERE id = $1", (repo_id,)) or 0
+        floor = (self._scalar("SELECT min(number) FROM builds WHERE repo_id = $1",
+                              (repo_id,)) or last + 1) - 1  # every number up to it is deleted
         number = last - offset
         for _ in range(1000):
             deleted = self._scalar("SELECT count(*) FROM deleted_builds WHERE repo_id = $1 "
-                                   "AND number > $2", (repo_id, number))
+                                   "AND number > $2", (repo_id, max(number, floor))) + max(
+                0, floor - max(number, 0))
             if last - offset - deleted == number:
                 break
             number = last - offset - deleted
@@ -3961,14 +3965,27 @@ class Store(_Listeners):
         """Delete finished builds (with their jobs, statuses and logs) in one
         transaction; active ones are left alone. Returns how many went."""
         with self._write() as tx:
-            deleted = 0
+            deleted, repos = 0, set()
             for build_id in build_ids:
+                repo = tx.execute("SELECT repo_id FROM builds WHERE id = $1",
+                                  (build_id,)).fetchone()
                 tx.execute("INSERT INTO deleted_builds (repo_id, number) SELECT repo_id, number "
                            "FROM builds WHERE id = $1 AND status NOT IN ($2, $3) "
                            "ON CONFLICT DO NOTHING", (build_id, PENDING, RUNNING))
                 deleted += tx.execute("DELETE FROM builds WHERE id = $1 AND status NOT IN ($2, $3)",
                                       (build_id, PENDING, RUNNING)).rowcount
+                if repo is not None:
+                    repos.add(repo[0])
+            for repo_id in repos:
+                self._forget_deleted_below_oldest(tx, repo_id)
         return deleted
+
+    @staticmethod
+    def _forget_deleted_below_oldest(tx, repo_id):
+        """Every number below a repository's oldest build is a deleted one:
+        no row needs to say so (retention would add one per build forever)."""
+        tx.execute("DELETE FROM deleted_builds WHERE repo_id = $1 AND number < (SELECT "
+                   "min(number) FROM builds WHERE repo_id = $1)", (repo_id,))
 
     def give_back_space(self, pages=VACUUM_BATCH_PAGES):
         """Return up to `pages` free pages to the file system (incremental

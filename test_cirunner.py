@@ -1074,6 +1074,20 @@ def test_deep_pages_stay_right_after_deletions(store, make_repo, app):
             assert got == alive[(page - 1) * per_page:page * per_page], (page, per_page)
     got = app.get("/api/v1/alice/hello/builds?offset=12&limit=5").json
     assert [b["number"] for b in got["results"]] == alive[12:17] and got["count"] == 26
+    # Retention deletes from the oldest, and keeps no row for numbers below the
+    # oldest build (they are all deleted): the pages stay right.
+    assert store.delete_builds([ids[number - 1] for number in (1, 2, 4, 5)]) == 4
+    alive = [n for n in alive if n not in (1, 2, 4, 5)]
+    for per_page in (1, 4, 7):
+        for page in range(1, 30 // per_page + 2):
+            got = [b["number"] for b in app.get(
+                f"/api/repos/alice/hello/builds?page={page}&per_page={per_page}").json]
+            assert got == alive[(page - 1) * per_page:page * per_page], (page, per_page)
+    store.delete_builds([build_id for build_id in ids if build_id != ids[9]])  # all but 10
+    assert [b["number"] for b in app.get("/api/repos/alice/hello/builds?page=1").json] == [10]
+    store.delete_builds([ids[9]])
+    assert app.get("/api/repos/alice/hello/builds?page=1").json == []
+    assert cirunner.create_build(store, repo)["number"] == 31  # numbers are never reused
 
 
 def test_logs_offset_and_trailing_slash(store, executor, make_repo, app):
@@ -4278,6 +4292,9 @@ def test_retention_prunes_old_builds_but_never_pinned_or_active_ones(store, exec
     assert [build["number"] for build in pruned] == [1, 3, 4, 5, 6, 7, 8, 9, 11]
     left = sorted(build["number"] for build in store.list_builds(repo["id"], limit=100))
     assert left == [2, 10, 12, 13] and pending["status"] == "pending"
+    with sqlite3.connect(store.path) as raw:  # below the oldest build (2), no row is kept
+        assert [row[0] for row in raw.execute("SELECT number FROM deleted_builds ORDER BY "
+                                              "number")] == [3, 4, 5, 6, 7, 8, 9, 11]
     store.checkpoint()
     after = os.path.getsize(store.path)
     assert after < before - 8 * 1024 * 1024, (before, after)  # the logs' space given back

@@ -249,7 +249,7 @@ def bench_dispatch(work, repeats, jobs=200):
         sha = make_repo(repo_path, pipeline)
         server = Server(data, sandbox=sandbox)
         try:
-            server.request("POST", "/api/repos/bench/r", {"url": repo_path})
+            server.request("POST", "/api/repos/bench/r", {"url": repo_path, "private": False})
             rates = []
             for attempt in range(repeats + 1):  # the first is a warm-up
                 started = time.perf_counter()
@@ -289,7 +289,7 @@ def bench_latency(work, samples):
     sha = make_repo(repo_path, "clone: false\npipeline: {t: {commands: [true]}}\n")
     server = Server(data)
     try:
-        server.request("POST", "/api/repos/bench/r", {"url": repo_path})
+        server.request("POST", "/api/repos/bench/r", {"url": repo_path, "private": False})
         times = trigger_to_success(server, sha, samples)
     finally:
         server.stop()
@@ -338,7 +338,7 @@ def bench_big_log(work, repeats):
     sha = make_repo(repo_path, f"clone: false\npipeline: {{t: {{commands: ['{command}']}}}}\n")
     server = Server(data)
     try:
-        server.request("POST", "/api/repos/bench/r", {"url": repo_path})
+        server.request("POST", "/api/repos/bench/r", {"url": repo_path, "private": False})
         # Warm up with one unmeasured run: the first build of a commit reads it
         # from git and loads the YAML parser (60-70 ms that no later build pays).
         build = server.request("POST", "/api/repos/bench/r/builds", {"commit": sha})
@@ -491,7 +491,7 @@ def bench_wakeups(work, jobs=32):
     server = Server(data, workers=jobs)
     lasts, walls = [], []
     try:
-        server.request("POST", "/api/repos/bench/r", {"url": repo_path})
+        server.request("POST", "/api/repos/bench/r", {"url": repo_path, "private": False})
         for attempt in range(4):
             time.sleep(0.5)  # every worker idle again
             started = time.time()
@@ -521,7 +521,8 @@ def fill_store(data, builds):
     token = store.create_token("admin", name="bench")[1]
     # A path that exists (a repository path is checked when it is added);
     # the builds are written directly and never fetch from it.
-    repo = store.create_repo("bench", "r", os.path.dirname(os.path.abspath(data)))
+    repo = store.create_repo("bench", "r", os.path.dirname(os.path.abspath(data)),
+                             private=False)
     store.close()
     conn = sqlite3.connect(os.path.join(data, "cirunner.db"))
     now = int(time.time())
@@ -595,7 +596,7 @@ def bench_throughput(work, seconds, repeats):
         "sleep 0.01; done']}}\nmatrix: {N: ['1', '2']}\n"))
     server = Server(data)
     try:
-        server.request("POST", "/api/repos/bench/r", {"url": repo_path})
+        server.request("POST", "/api/repos/bench/r", {"url": repo_path, "private": False})
         build = server.request("POST", "/api/repos/bench/r/builds", {"commit": sha})
         time.sleep(0.5)
         path = f"/api/repos/bench/r/builds/{build['number']}"
@@ -679,11 +680,11 @@ def bench_footprint(work, builds):
     os.makedirs(data)
     repo_path = os.path.join(work, "repo-footprint")
     sha = make_repo(repo_path, "clone: false\npipeline: {t: {commands: [true]}}\n")
-    server = Server(data)
+    server = Server(data, extra=["--keep-builds", "0"])  # every build stays, to be counted
     try:
         time.sleep(1.0)
         idle = rss_kib(server.process.pid) / 1024
-        server.request("POST", "/api/repos/bench/r", {"url": repo_path})
+        server.request("POST", "/api/repos/bench/r", {"url": repo_path, "private": False})
         db = os.path.join(data, "cirunner.db")
 
         def size():
@@ -732,7 +733,7 @@ def bench_sandbox(work, samples, steps=10):
         sha = make_repo(repo_path, pipeline)
         server = Server(data, sandbox=sandbox)
         try:
-            server.request("POST", "/api/repos/bench/r", {"url": repo_path})
+            server.request("POST", "/api/repos/bench/r", {"url": repo_path, "private": False})
             times = []
             for attempt in range(samples + 3):
                 started = time.perf_counter()
@@ -801,7 +802,7 @@ def bench_containers(work, samples):
     server = Server(data, engine="podman", environ=engine_env)
     times = []
     try:
-        server.request("POST", "/api/repos/bench/r", {"url": repo_path})
+        server.request("POST", "/api/repos/bench/r", {"url": repo_path, "private": False})
         for attempt in range(samples + 2):
             started = time.perf_counter()
             build = server.request("POST", "/api/repos/bench/r/builds", {"commit": sha})
@@ -829,7 +830,7 @@ def bench_triggers(work, repeats, count=500):
     server = Server(data)
     rates, p99s, singles = [], [], []
     try:
-        server.request("POST", "/api/repos/bench/r", {"url": repo_path})
+        server.request("POST", "/api/repos/bench/r", {"url": repo_path, "private": False})
         for _ in range(3):  # one trigger alone, the baseline (the first also warms up)
             started = time.perf_counter()
             server.request("POST", "/api/repos/bench/r/builds", {"branch": "main"})
@@ -1026,7 +1027,7 @@ def bench_soak(work, builds=2000, keep=200):
     server = Server(data, workers=8, extra=["--keep-builds", str(keep)])
     clients = SoakClients(server, os.path.join(data, "cirunner.db"))
     try:
-        server.request("POST", "/api/repos/bench/s", {"url": repo_path})
+        server.request("POST", "/api/repos/bench/s", {"url": repo_path, "private": False})
         server.request("POST", "/api/repos/bench/s/builds", {})
         server.wait_idle("bench", "s")
         start_rss = rss_kib(server.process.pid) / 1024
@@ -1198,7 +1199,7 @@ def _bench_pg_latency(work, cluster, samples):
     agents = [Agent(os.path.join(work, f"pg-lat-agent-{n}"), db, data, labels="pool=agents")
               for n in range(3)]
     try:
-        server.request("POST", "/api/repos/bench/r", {"url": repo_path})
+        server.request("POST", "/api/repos/bench/r", {"url": repo_path, "private": False})
         time.sleep(1.0)  # the agents are up
         times = trigger_to_success(server, sha, samples)
     finally:
@@ -1298,7 +1299,7 @@ def bench_agents(work, repeats, jobs=200):
         _bench_agent_dispatch(work, server, repeats, jobs, data)
         repo_path = os.path.join(work, "repo-agents-latency")
         sha = make_repo(repo_path, "clone: false\npipeline: {t: {commands: [true]}}\n")
-        server.request("POST", "/api/repos/bench/lat", {"url": repo_path})
+        server.request("POST", "/api/repos/bench/lat", {"url": repo_path, "private": False})
         times = trigger_to_success(server, sha, 20 if repeats == 1 else 50, repo="lat")
         on_agents = _big_log_runs(work, server, "agent", repeats)
     finally:
@@ -1328,7 +1329,7 @@ def _bench_agent_dispatch(work, server, repeats, jobs, data):
     repo_path = os.path.join(work, "repo-agents-dispatch")
     pipeline = "clone: false\npipeline: {t: {commands: [true]}}\n"
     sha = make_repo(repo_path, pipeline)
-    server.request("POST", "/api/repos/bench/r", {"url": repo_path})
+    server.request("POST", "/api/repos/bench/r", {"url": repo_path, "private": False})
     store = cirunner.Store.open(data)
     repo = store.get_repo("bench", "r")
     pipeline_id = store.save_pipeline(".cirunner.yml", pipeline,
@@ -1359,7 +1360,7 @@ def _big_log_runs(work, server, where, repeats):
     command = f"yes {LINE} | head -c {FIFTY_MB}"
     repo_path = os.path.join(work, f"repo-agents-biglog-{where}")
     sha = make_repo(repo_path, f"clone: false\npipeline: {{t: {{commands: ['{command}']}}}}\n")
-    server.request("POST", "/api/repos/bench/big", {"url": repo_path})
+    server.request("POST", "/api/repos/bench/big", {"url": repo_path, "private": False})
     runs = []
     for attempt in range(repeats + 1):  # the first is a warm-up
         started = time.perf_counter()
