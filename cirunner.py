@@ -179,6 +179,7 @@ import shutil
 import signal
 import socket
 import sqlite3
+import stat
 import string
 import subprocess
 import sys
@@ -318,7 +319,8 @@ STRAGGLER_SECONDS = 0.5         # read on this long after a step's leader exits
 BACKGROUND_GRACE_SECONDS = 1.0  # a service's SIGTERM -> SIGKILL at its job's end
 HEARTBEAT_SECONDS = 10.0        # a runner stamps itself (and its jobs) this often
 MIRROR_LOCK_SECONDS = 600.0     # the longest wait for another process's fetch (git's timeout)
-WATCHDOG_SECONDS = 660.0        # a job outside its steps this long is reported stuck
+WATCHDOG_SECONDS = 1260.0       # a job outside its steps this long is reported stuck (two
+                                # waits for a mirror's lock and a fetch fit in it)
 MIN_FREE_BYTES = 1024 * 1024    # less free space than this is a full disk (at start)
 RUNNER_LOST_SECONDS = 60.0      # a runner silent this long is gone
 RECOVER_SECONDS = 5.0           # servers look for lost runners at least this often
@@ -3125,6 +3127,7 @@ class Store(_Listeners):
     OperationalError = sqlite3.OperationalError
 
     read_only = ""   # why every write is refused (a full disk at start), or ""
+    _read_only_uri = ""
     _generation = 0  # connections of an older one are not used again
 
     def __init__(self, path, *, data_dir=None, busy_timeout=5.0, read_only_if_full=False):
@@ -3150,13 +3153,22 @@ class Store(_Listeners):
 
     def _open_read_only(self, exc):
         """Serve what is stored, writing nothing, until `try_writable`: only
-        a store at this version, whose log (WAL) holds nothing unsaved."""
+        a store at this version. With commits still in its log (the WAL: a
+        crash, or a last checkpoint the full disk cut short), it is read with
+        them, through the index files already there; without those files it
+        is not served at all (the main file alone would be stale)."""
+        wal = self.path + "-wal"
+        pending = os.path.exists(wal) and os.path.getsize(wal) > 0
+        self._read_only_uri = f"file:{quote(os.path.abspath(self.path))}?mode=ro" + (
+            "" if pending else "&immutable=1")
         self.read_only = f"the disk is full ({exc})"
         try:
             version = self._connect().execute("PRAGMA user_version").fetchone()[0]
         except sqlite3.Error:
             self.read_only = ""
-            raise exc from None
+            raise CIRunnerError(f"the disk is full and the store's last commits cannot be read "
+                                f"without room for its index: free some space in "
+                                f"{self.data_dir} ({exc})") from None
         if version != len(_MIGRATIONS):
             self.read_only = ""
             raise CIRunnerError(f"the disk is full and the store needs upgrading first: free "
@@ -3164,19 +3176,19 @@ class Store(_Listeners):
 
     def try_writable(self):
         """After a read-only start: whether the store can be written again
-        (there is room, and it opens as usual); from then on it is."""
+        (there is room, and it opens as usual); from then on it is: the
+        read-only connections are dropped as their threads let them go."""
         if not self.read_only:
             return True
         if shutil.disk_usage(self.data_dir).free < MIN_FREE_BYTES:
             return False
         try:
-            self.read_only, previous = "", self.read_only
-            self._migrate()
-        except sqlite3.OperationalError:
-            self.read_only = previous
+            self._migrate(writable=True)
+        except sqlite3.Error:
             return False
-        with self._connections_lock:  # the read-only connections go as they are let go
+        with self._connections_lock:
             self._generation += 1
+            self.read_only = ""
             stale, self._idle_connections = self._idle_connections, []
         for conn in stale:
             self._forget(conn)
@@ -3235,19 +3247,19 @@ class Store(_Listeners):
 
     # -- connections and transactions ---------------------------------------
 
-    def _connect(self):
-        """A new connection with every pragma the store relies on (read-only:
-        the file as it is, with no WAL index to make)."""
-        if self.read_only:
-            conn = sqlite3.connect(f"file:{quote(os.path.abspath(self.path))}?mode=ro&immutable=1",
-                                   uri=True, isolation_level=None, check_same_thread=False,
-                                   factory=_SqliteConnection)
+    def _connect(self, writable=False):
+        """A new connection with every pragma the store relies on (read-only,
+        after a start on a full disk: nothing made, nothing written)."""
+        generation = self._generation  # before read_only: a switch makes it stale
+        if self.read_only and not writable:
+            conn = sqlite3.connect(self._read_only_uri, uri=True, isolation_level=None,
+                                   check_same_thread=False, factory=_SqliteConnection)
             conn.row_factory = sqlite3.Row
-            conn.generation = self._generation
+            conn.generation = generation
             return conn
         conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None,
                                check_same_thread=False, factory=_SqliteConnection)
-        conn.generation = self._generation
+        conn.generation = generation
         conn.row_factory = sqlite3.Row
         conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
         conn.execute("PRAGMA foreign_keys = ON")
@@ -3272,6 +3284,9 @@ class Store(_Listeners):
                 raise CIRunnerError("the store is closed")
             with self._connections_lock:
                 conn = self._idle_connections.pop() if self._idle_connections else None
+            if conn is not None and conn.generation != self._generation:
+                self._forget(conn)
+                conn = None
             if conn is None:
                 conn = self._connect()
                 with self._connections_lock:
@@ -3291,6 +3306,9 @@ class Store(_Listeners):
         conn = getattr(self._local, "conn", None)
         if conn is not None and not conn.in_transaction:
             self._local.conn = None
+            if conn.generation != self._generation:
+                self._forget(conn)
+                return
             with self._connections_lock:
                 if not self._closed:
                     self._idle_connections.append(conn)
@@ -3400,8 +3418,8 @@ class Store(_Listeners):
             raise NotFound(missing)
         return row
 
-    def _migrate(self):
-        conn = self._connect()
+    def _migrate(self, writable=False):
+        conn = self._connect(writable)
         try:
             # auto_vacuum only takes effect before the first table exists, and
             # journal_mode=WAL cannot change inside a transaction.
@@ -3886,21 +3904,37 @@ class Store(_Listeners):
             (*params, limit, offset)))
 
     def _number_at_offset(self, repo_id, offset):
-        """The largest number with exactly `offset` existing builds above it: the
-        builds above `x` are the numbers above it less the deleted ones (those
-        listed, and every number below the oldest build, which are not)."""
+        """A number with exactly `offset` existing builds above it (the builds
+        at or below it are the page): the builds above `x` are the numbers
+        above it less the deleted ones (those listed, and every number below
+        the oldest build, which are not). A few steps of x = last - offset -
+        deleted(x) find it near the top; a bisection anywhere else."""
         last = self._scalar("SELECT last_number FROM repos WHERE id = $1", (repo_id,)) or 0
         floor = (self._scalar("SELECT min(number) FROM builds WHERE repo_id = $1",
                               (repo_id,)) or last + 1) - 1  # every number up to it is deleted
+
+        def above(number):  # the existing builds above `number`
+            number = max(number, 0)
+            return last - number - self._scalar(
+                "SELECT count(*) FROM deleted_builds WHERE repo_id = $1 AND number > $2",
+                (repo_id, max(number, floor))) - max(0, floor - number)
+
         number = last - offset
-        for _ in range(1000):
-            deleted = self._scalar("SELECT count(*) FROM deleted_builds WHERE repo_id = $1 "
-                                   "AND number > $2", (repo_id, max(number, floor))) + max(
-                0, floor - max(number, 0))
-            if last - offset - deleted == number:
-                break
-            number = last - offset - deleted
-        return number
+        for _ in range(4):
+            if number <= floor:
+                return number  # past the oldest build: an empty page
+            missing = offset - above(number)
+            if not missing:
+                return number
+            number -= missing
+        low, high = 0, last  # above() only falls as the number grows
+        while low < high:
+            middle = (low + high) // 2
+            if above(middle) <= offset:
+                high = middle
+            else:
+                low = middle + 1
+        return low if above(low) == offset else 0
 
     def count_builds(self, repo_id, *, branch=None, status=None):
         where, params = self._build_filter(repo_id, branch, status)
@@ -6765,10 +6799,14 @@ class _LogWriter:
     def position(self):
         """Where the next byte will be in the stored log (a step's section
         starts or ends here): what is buffered counts as masked, and is
-        settled, so no later masking moves it."""
+        settled, so no later masking moves it; all but a tail that could be
+        a secret's start, which the next output may complete (masked then,
+        across the boundary: the secret before the exact place)."""
         if self.masked and len(self.buffer) > self.settled:
             self._mask_unsettled()
-        self.settled = len(self.buffer)
+            self.settled = len(self.buffer) - self._held_back()
+        else:
+            self.settled = len(self.buffer)
         return self.offset + len(self.buffer)
 
     def _mask_unsettled(self):
@@ -7518,6 +7556,13 @@ class _JobRun:
     def finish(self, status, exit_code, error):
         """Stop what runs in the background, store the end of the log, kill what
         the job left, record the result, then remove the workspace."""
+        self.activity = "finishing"
+        try:
+            self._finish(status, exit_code, error)
+        finally:
+            self.executor.forget(self)  # until here the watchdog sees it
+
+    def _finish(self, status, exit_code, error):
         self._stop_background()
         try:
             self.log.flush()
@@ -7529,7 +7574,6 @@ class _JobRun:
         for backend in self.prepared:  # before the job is finished: nothing of it runs on
             backend.sweep(self, grace=self.executor.grace)
         self._close_records(status)
-        self.executor.forget(self)
         self._record_end(status, exit_code, error)
         if self.executor.metrics is not None:
             self.executor.metrics.job_done(status, time.monotonic() - self.began, self.log.written)
@@ -7631,6 +7675,14 @@ class _Task:
 
     def due(self, now):
         return now - self.last >= self.every or bool(self.urgent and self.urgent())
+
+
+def _special_files(folder, names):
+    """What a copy of a working directory leaves out: sockets, pipes and
+    devices (opening a pipe to copy it would wait forever)."""
+    return [name for name in names if not stat.S_ISREG(mode := os.lstat(
+        os.path.join(folder, name)).st_mode) and not stat.S_ISDIR(mode) and
+        not stat.S_ISLNK(mode)]
 
 
 def _workspace_path(data_dir, repo, build_number, job_number):
@@ -7753,6 +7805,7 @@ class Executor:
         self._reported_stuck = set()
         self._pruning_behind = False
         self._ended_since_prune = 0  # jobs ended here since the last pruning
+        self._pruned_at = 0.0
         self.started_at = _now()
         self.keep_builds, self.keep_days = keep_builds, keep_days
         self.max_log_bytes = max_log_bytes
@@ -7832,6 +7885,11 @@ class Executor:
         thread = threading.Thread(target=target, name=name, daemon=True)
         thread.start()
         self._threads.append(thread)
+
+    def check(self):
+        """Check (once) that the sandbox and the engine work here, as `start`
+        does first: CIRunnerError if what was asked for cannot."""
+        self._start_runner()
 
     def _start_runner(self):
         """Start the process runner once. A sandbox that cannot work here is an
@@ -7971,6 +8029,8 @@ class Executor:
     def stuck(self):
         """The jobs whose workers have made no progress of cirunner's own
         for longer than the watchdog allows: [{job, doing, seconds, stopping}]."""
+        if self.watchdog <= 0:  # --watchdog 0: off
+            return []
         now = time.monotonic()
         with self._running_lock:
             running = list(self._running.items())
@@ -8036,7 +8096,7 @@ class Executor:
             if os.path.exists(path):
                 _remove_tree(path)
             if self.workspace is not None:
-                shutil.copytree(self.workspace, path, symlinks=True)
+                shutil.copytree(self.workspace, path, symlinks=True, ignore=_special_files)
             else:
                 os.makedirs(path)
         except (OSError, shutil.Error) as exc:
@@ -8138,16 +8198,19 @@ class Executor:
             self._stop_jobs(self.store.cancel_requested_jobs(self.runner_id))
 
     def _prune_due(self):
-        """Prune before the interval: while behind, or once a twentieth of the
-        builds a repository keeps have ended since (about 5% over the limit)."""
+        """Prune before the interval: while behind, or (at most once a second)
+        once a twentieth of the builds a repository keeps have ended since
+        (about 5% over the limit)."""
         keep = self.keep_builds or 0
         return self._pruning_behind or bool(keep) and self._ended_since_prune >= max(
-            1, keep // 20)
+            1, keep // 20) and time.monotonic() - self._pruned_at >= 1.0
 
     def _prune(self):
         """Delete builds past retention for about a second; note whether more
-        are left (then the next turn of the maintenance loop goes on)."""
-        self._ended_since_prune = 0
+        are left (then the next turn of the maintenance loop goes on; not
+        after a failure, which waits for its next turn)."""
+        self._ended_since_prune, self._pruning_behind = 0, False
+        self._pruned_at = time.monotonic()
         pruned, _ = prune(self.store, keep_builds=self.keep_builds, keep_days=self.keep_days,
                           seconds=1.0)
         self._pruning_behind = bool(pruned) and bool(self.store.prunable_builds(
@@ -12658,13 +12721,22 @@ class _RemoteClient:
 
 def _await_room(store, executor, start, stderr, every=2.0):
     """A read-only server (its disk was full at start): once the store can be
-    written again, start what serving starts."""
+    written again, start what serving starts (tried again while it fails)."""
+    failed = ""
     while not executor.wait_stopping(every):
-        if store.try_writable():
-            print("cirunner: there is room again: serving, and running jobs", file=stderr,
-                  flush=True)
+        if not store.try_writable():
+            continue
+        try:
             start()
-            return
+        except Exception as exc:  # noqa: BLE001 - said once, tried again: the server stays up
+            if str(exc) != failed:
+                failed = str(exc)
+                print(f"cirunner: room again, but starting failed: {exc}; trying again",
+                      file=stderr, flush=True)
+            continue
+        print("cirunner: there is room again: serving, and running jobs", file=stderr,
+              flush=True)
+        return
 
 
 def _bootstrap_admin(store, stdout):
@@ -12725,6 +12797,7 @@ def _command_serve(args, stdout, stderr):
 
     def ready(url):
         if store.read_only:
+            executor.check()  # what cannot work here fails now, as on any start
             print(f"cirunner: WARNING: {store.read_only}: serving read-only (reads and "
                   "/healthz answer, writes 507) until there is room again; jobs start then",
                   file=stderr, flush=True)
@@ -13309,6 +13382,10 @@ def _command_exec(args, stdout, stderr):
     config = args.config or ""
     read_pipeline_file(directory, config)  # no file: say so before making anything
     with tempfile.TemporaryDirectory(prefix="cirunner-exec-") as data_dir:
+        if args.parallel > 1 and os.path.commonpath([directory, data_dir]) == directory:
+            raise BadRequest(f"--parallel copies {directory} for each job, into "
+                             f"{os.path.dirname(data_dir)}, which is inside it: run it on a "
+                             "folder that does not hold the temporary directory (TMPDIR)")
         store = Store.open(data_dir)
         # One job at a time in the directory itself; side by side, each in a
         # copy of it (a matrix's jobs would otherwise share one folder).
@@ -13705,7 +13782,8 @@ def _add_agent_timeout_option(parser, env):
                         help="seconds a job may spend outside its steps (checking out, "
                              "starting services, finishing) or not stopping after its grace "
                              "period before its worker is reported stuck (log, /healthz, "
-                             f"metrics; env CIRUNNER_WATCHDOG, default {WATCHDOG_SECONDS:g})")
+                             f"metrics; env CIRUNNER_WATCHDOG, default {WATCHDOG_SECONDS:g}; "
+                             "0: off)")
 
 
 def _add_agent_parser(commands, common, workers, env):

@@ -1083,6 +1083,15 @@ def test_deep_pages_stay_right_after_deletions(store, make_repo, app):
             got = [b["number"] for b in app.get(
                 f"/api/repos/alice/hello/builds?page={page}&per_page={per_page}").json]
             assert got == alive[(page - 1) * per_page:page * per_page], (page, per_page)
+    assert app.get("/api/repos/alice/hello/builds?page=9&per_page=7").json == []  # past the end
+    # an old build kept (pinned, say) below a run of deleted ones, others above
+    store.delete_builds([ids[number - 1] for number in range(7, 29) if number != 10])
+    alive = [n for n in alive if n not in range(7, 29) or n == 10]
+    for per_page in (1, 2, 3):
+        for page in range(1, 12):
+            got = [b["number"] for b in app.get(
+                f"/api/repos/alice/hello/builds?page={page}&per_page={per_page}").json]
+            assert got == alive[(page - 1) * per_page:page * per_page], (page, per_page, alive)
     store.delete_builds([build_id for build_id in ids if build_id != ids[9]])  # all but 10
     assert [b["number"] for b in app.get("/api/repos/alice/hello/builds?page=1").json] == [10]
     store.delete_builds([ids[9]])
@@ -2682,6 +2691,14 @@ def test_log_writer_masks_a_secret_split_across_reads_and_flushes(store, make_re
     writer.flush()
     assert b"".join(store.read_log(job["id"])) == \
         b"before ******** after, ********! and s3c"  # a lone prefix is not the secret
+    # split across two steps' output (a section boundary between): masked too
+    writer.write(b"\nend of one step: s3cr3t-")
+    boundary = writer.position()
+    writer.write(b"value, the next step\n")
+    writer.flush()
+    stored = b"".join(store.read_log(job["id"]))
+    assert stored.endswith(b"end of one step: ********, the next step\n"), stored
+    assert boundary <= len(stored)
 
 
 def test_a_masked_secret_leaves_each_steps_section_where_its_output_is(store, app,
@@ -4451,8 +4468,9 @@ def test_a_full_disk_fails_the_job_and_writes_with_507_and_the_server_recovers(t
     assert "Traceback" not in server.output(), server.output()[-3000:]
 
 
+@pytest.mark.parametrize("ended", ["stopped", "killed"])
 def test_serve_on_a_full_disk_starts_read_only_and_recovers_when_room_returns(tmp_path, servers,
-                                                                            small_disk):
+                                                                            small_disk, ended):
     repo = str(tmp_path / "repo")
     commit_files(repo, {".cirunner.yml": "clone: false\npipeline: {t: {commands: [echo done]}}\n"})
     data = small_disk / "data"
@@ -4462,6 +4480,10 @@ def test_serve_on_a_full_disk_starts_read_only_and_recovers_when_room_returns(tm
     wait_for(lambda: server.api("GET", "/api/repos/alice/hello/builds/1")[1]["status"]
              == "success")
     token = server.token
+    if ended == "killed":  # its last commits are in the WAL, not yet in the file
+        server.process.kill()
+        server.process.wait()
+        assert os.path.getsize(data / "cirunner.db-wal") > 0
     server.stop()
     fill(str(small_disk / "filler"))  # nothing left: not even for the WAL's index
     server = servers(data, logs=tmp_path / "logs")  # it starts, for reads
