@@ -4323,8 +4323,9 @@ def test_retention_prunes_old_builds_but_never_pinned_or_active_ones(store, exec
 
 
 def test_retention_keeps_the_store_near_its_limit_under_a_steady_stream(store, make_repo):
-    # At the default interval: pruning follows the jobs that end (every 2 here)
-    keep, rate, count = 40, 10, 90
+    # At the default interval: pruning follows the jobs that end (every 3 here,
+    # at most once a second: at most 10 builds over the limit, 1.17x)
+    keep, rate, count = 60, 10, 110
     repo = make_repo({".cirunner.yml": "clone: false\npipeline: {t: {commands: "
                                        "['head -c 60000 /dev/urandom | base64']}}\n"})
     executor = cirunner.Executor(store, workers=2, grace=1.0, engine="none", keep_builds=keep,
