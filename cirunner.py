@@ -7847,17 +7847,22 @@ class Executor:
         self._running = {}
         self._running_lock = threading.Lock()
         self._threads = []
-        self._tasks = [
+        self._tasks = self._maintenance_tasks(prune_every)
+        self._last_version = None
+
+    def _maintenance_tasks(self, prune_every):
+        """What the maintenance thread does, and how often."""
+        tasks = [
             _Task("notice changes", 0.0, self._notice_changes),
-            _Task("heartbeat", min(HEARTBEAT_SECONDS, agent_timeout / 4), self._heartbeat),
+            _Task("heartbeat", min(HEARTBEAT_SECONDS, self.agent_timeout / 4), self._heartbeat),
             # Often enough that a lost runner's jobs end within its timeout plus
             # a few seconds (one query, cheap).
-            _Task("recover lost jobs", min(agent_timeout / 2, RECOVER_SECONDS), self._recover),
+            _Task("recover lost jobs", min(self.agent_timeout / 2, RECOVER_SECONDS), self._recover),
             _Task("reap orphans", 1.0, self.runner.reap),
-            _Task("watchdog", min(30.0, max(0.5, watchdog / 4)), self._watch),
+            _Task("watchdog", min(30.0, max(0.5, self.watchdog / 4)), self._watch),
         ]
-        if serving:  # an agent only runs jobs: these are the servers' (done once, by any)
-            self._tasks += [
+        if self.serving:  # an agent only runs jobs: these are the servers' (done once, by any)
+            tasks += [
                 # Also as soon as the WAL is big: a writer that reaches the
                 # backstop checkpoints in line and stalls whoever logs fast.
                 _Task("checkpoint", CHECKPOINT_SECONDS, self.store.checkpoint,
@@ -7868,7 +7873,7 @@ class Executor:
                 # next turn: the work follows the builds, however fast they come.
                 _Task("prune", prune_every, self._prune, urgent=self._prune_due),
             ]
-        self._last_version = None
+        return tasks
 
     # -- lifecycle ----------------------------------------------------------
 
