@@ -3251,16 +3251,14 @@ class Store(_Listeners):
         """A new connection with every pragma the store relies on (read-only,
         after a start on a full disk: nothing made, nothing written)."""
         generation = self._generation  # before read_only: a switch makes it stale
-        if self.read_only and not writable:
-            conn = sqlite3.connect(self._read_only_uri, uri=True, isolation_level=None,
-                                   check_same_thread=False, factory=_SqliteConnection)
-            conn.row_factory = sqlite3.Row
-            conn.generation = generation
-            return conn
-        conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None,
+        read_only = self.read_only and not writable
+        conn = sqlite3.connect(self._read_only_uri if read_only else self.path, uri=read_only,
+                               timeout=self.busy_timeout, isolation_level=None,
                                check_same_thread=False, factory=_SqliteConnection)
         conn.generation = generation
         conn.row_factory = sqlite3.Row
+        if read_only:
+            return conn
         conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
         conn.execute("PRAGMA foreign_keys = ON")
         conn.execute("PRAGMA synchronous = NORMAL")
@@ -3284,9 +3282,6 @@ class Store(_Listeners):
                 raise CIRunnerError("the store is closed")
             with self._connections_lock:
                 conn = self._idle_connections.pop() if self._idle_connections else None
-            if conn is not None and conn.generation != self._generation:
-                self._forget(conn)
-                conn = None
             if conn is None:
                 conn = self._connect()
                 with self._connections_lock:
@@ -3306,12 +3301,12 @@ class Store(_Listeners):
         conn = getattr(self._local, "conn", None)
         if conn is not None and not conn.in_transaction:
             self._local.conn = None
-            if conn.generation != self._generation:
-                self._forget(conn)
-                return
-            with self._connections_lock:
-                if not self._closed:
+            with self._connections_lock:  # as try_writable swaps: none stale is pooled
+                current = conn.generation == self._generation
+                if current and not self._closed:
                     self._idle_connections.append(conn)
+            if not current:
+                self._forget(conn)
 
     @contextlib.contextmanager
     def _write(self, *, rows_only=False, durable=False):
@@ -3999,27 +3994,18 @@ class Store(_Listeners):
         """Delete finished builds (with their jobs, statuses and logs) in one
         transaction; active ones are left alone. Returns how many went."""
         with self._write() as tx:
-            deleted, repos = 0, set()
+            deleted = 0
             for build_id in build_ids:
-                repo = tx.execute("SELECT repo_id FROM builds WHERE id = $1",
-                                  (build_id,)).fetchone()
                 tx.execute("INSERT INTO deleted_builds (repo_id, number) SELECT repo_id, number "
                            "FROM builds WHERE id = $1 AND status NOT IN ($2, $3) "
                            "ON CONFLICT DO NOTHING", (build_id, PENDING, RUNNING))
                 deleted += tx.execute("DELETE FROM builds WHERE id = $1 AND status NOT IN ($2, $3)",
                                       (build_id, PENDING, RUNNING)).rowcount
-                if repo is not None:
-                    repos.add(repo[0])
-            for repo_id in repos:
-                self._forget_deleted_below_oldest(tx, repo_id)
+            # Every number below a repository's oldest build is a deleted one:
+            # no row needs to say so (retention would add one per build forever).
+            tx.execute("DELETE FROM deleted_builds WHERE number < (SELECT min(b.number) FROM "
+                       "builds b WHERE b.repo_id = deleted_builds.repo_id)")
         return deleted
-
-    @staticmethod
-    def _forget_deleted_below_oldest(tx, repo_id):
-        """Every number below a repository's oldest build is a deleted one:
-        no row needs to say so (retention would add one per build forever)."""
-        tx.execute("DELETE FROM deleted_builds WHERE repo_id = $1 AND number < (SELECT "
-                   "min(number) FROM builds WHERE repo_id = $1)", (repo_id,))
 
     def give_back_space(self, pages=VACUUM_BATCH_PAGES):
         """Return up to `pages` free pages to the file system (incremental
@@ -13040,17 +13026,24 @@ def _finish_command(client, args, build, stdout, stderr):
     return 0 if build["status"] == SUCCESS else 1
 
 
+def _announce(client, args, build, detail, stdout, stderr):
+    """A build started: without --wait its number alone on stdout (for scripts:
+    N=$(cirunner build OWNER/NAME)); what it is and its page on stderr."""
+    if not args.wait:
+        print(build["number"], file=stdout, flush=True)
+    owner, name = _split_full_name(args.full_name)
+    print(f"build {build['number']} of {args.full_name}: {build['status']}{detail}: "
+          f"{client.page(owner, name, build['number'])}", file=stderr, flush=True)
+
+
 @_with_client
 def _command_build(client, args, stdout, stderr):
     owner, name = _split_full_name(args.full_name)
     params = {"variables": _parse_vars(args.var), **{key: value for key, value in (
         ("branch", args.branch), ("commit", args.commit)) if value}}
     build = client.call("start_build", owner=owner, name=name, params=params)
-    if not args.wait:  # for scripts: N=$(cirunner build OWNER/NAME)
-        print(build["number"], file=stdout, flush=True)
-    print(f"build {build['number']} of {args.full_name}: {build['status']} "
-          f"(commit {build['commit'][:12] or '?'}, {len(build['jobs'])} job(s)): "
-          f"{client.page(owner, name, build['number'])}", file=stderr, flush=True)
+    _announce(client, args, build, f" (commit {build['commit'][:12] or '?'}, "
+              f"{len(build['jobs'])} job(s))", stdout, stderr)
     if build["error"]:
         print(f"cirunner: {build['error']}", file=stderr)
     for warning in build.get("warnings", ()):
@@ -13064,10 +13057,7 @@ def _command_restart(client, args, stdout, stderr):
     number = _build_number(client, owner, name, args.number)
     build = client.call("restart_build", owner=owner, name=name, number=number, params={
         "variables": _parse_vars(args.var), **({"fork": True} if args.fork else {})})
-    if not args.wait:
-        print(build["number"], file=stdout, flush=True)
-    print(f"build {build['number']} of {args.full_name}: {build['status']}: "
-          f"{client.page(owner, name, build['number'])}", file=stderr, flush=True)
+    _announce(client, args, build, "", stdout, stderr)
     return _finish_command(client, args, build, stdout, stderr)
 
 
