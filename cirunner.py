@@ -326,7 +326,7 @@ RUNNER_LOST_SECONDS = 60.0      # a runner silent this long is gone
 RECOVER_SECONDS = 5.0           # servers look for lost runners at least this often
 RETRY_AFTER_SECONDS = 5         # what a 503 tells the client to wait
 AGENT_RETRY_SECONDS = 2         # an agent tries an unreachable server again at least this often
-AGENT_PROTOCOL = 2              # what `agent --server` and the server speak (see _AgentService)
+AGENT_PROTOCOL = 3              # what `agent --server` and the server speak (see _AgentService)
 AGENT_POLL_SECONDS = 20.0       # the longest an agent's poll waits for work
 AGENT_MAX_BODY = 16 * 1024 * 1024  # an agent's report (log chunks) or git request
 MAX_RUNNER_LABELS = 9           # a claim matches every subset of them: 2**9 at most
@@ -648,17 +648,19 @@ def _check_bool(value, name):
 # -- Go's path.Match, which Drone's branch and `when` filters use ----------------
 
 
-def _go_glob(pattern):
+def _go_glob(pattern, *, slashes=False):
     """A compiled regex for Go's `path.Match(pattern)`, or None if the pattern is
-    malformed (Go then matches nothing). `*` and `?` never match `/`; `[^...]`
-    negates a class; a backslash escapes the next character."""
+    malformed (Go then matches nothing). `*` and `?` never match `/` (with
+    `slashes` they do, as in the copy of path.Match in Drone's envsubst);
+    `[^...]` negates a class; a backslash escapes the next character."""
     out, index = ["\\A"], 0
+    not_slash = "" if slashes else "/"
     while index < len(pattern):
         char = pattern[index]
         if char == "*":
-            out.append("[^/]*")
+            out.append(f"[^{not_slash}]*" if not_slash else ".*")
         elif char == "?":
-            out.append("[^/]")
+            out.append(f"[^{not_slash}]" if not_slash else ".")
         elif char == "\\":
             index += 1
             if index == len(pattern):
@@ -673,7 +675,7 @@ def _go_glob(pattern):
             body = body[1:] if negated else body
             if not body:
                 return None
-            out.append(("[^/" if negated else "[") + re.sub(r"([\]\[^])", r"\\\1", body) + "]")
+            out.append(("[^" + not_slash if negated else "[") + re.sub(r"([\]\[^])", r"\\\1", body) + "]")
             index = end
         else:
             out.append(re.escape(char))
@@ -808,23 +810,25 @@ class _Substitution:
         if rest in casing:
             return casing[rest](value)
         if rest.startswith(":"):
-            return self._substring(name, value, rest[1:])
+            return self._substring(value, rest[1:])
         if rest.startswith("/"):
             return self._replace(value, rest[1:])
-        for operator, function in (("##", _trim_longest_prefix), ("#", _trim_shortest_prefix),
-                                   ("%%", _trim_longest_suffix), ("%", _trim_shortest_suffix)):
+        for operator, suffix, longest in (("##", False, True), ("#", False, False),
+                                          ("%%", True, True), ("%", True, False)):
             if rest.startswith(operator):
-                return function(value, self._argument(rest[len(operator):]))
+                return _trim(value, self._argument(rest[len(operator):]), suffix=suffix,
+                             longest=longest)
         raise ConfigError(f"bad substitution: ${{{name}{rest}}}")
 
-    def _substring(self, name, value, spec):
-        parts = [self._argument(part).strip() for part in spec.split(":", 1)]
+    def _substring(self, value, spec):
+        """${X:offset} and ${X:offset:length}; X as it is if either is not a
+        number, as Drone's envsubst (and bash, for an unset name) answers."""
+        first, second = _split_argument(spec, ":")
         try:
-            offset = int(parts[0])
-            length = int(parts[1]) if len(parts) > 1 else None
+            offset = int(self._argument(first).strip())
+            length = None if second is None else int(self._argument(second).strip())
         except ValueError:
-            raise ConfigError(f"bad substitution: ${{{name}:{spec}}}: offset and length "
-                              "must be numbers") from None
+            return value
         start = offset if offset >= 0 else max(0, len(value) + offset)
         return value[start:] if length is None else value[start:start + max(0, length)]
 
@@ -832,9 +836,8 @@ class _Substitution:
         mode = ""
         if spec[:1] in ("/", "#", "%"):
             mode, spec = spec[0], spec[1:]
-        parts = re.split(r"(?<!\\)/", spec, maxsplit=1)
-        pattern, replacement = (parts + [""])[:2]
-        pattern, replacement = (self._argument(re.sub(r"\\([/\\])", r"\1", part))
+        pattern, replacement = _split_argument(spec, "/")
+        pattern, replacement = (self._argument(re.sub(r"\\([/\\])", r"\1", part or ""))
                                 for part in (pattern, replacement))
         if not pattern:
             return value
@@ -846,10 +849,10 @@ class _Substitution:
             return value[:-len(pattern)] + replacement if value.endswith(pattern) else value
         return value.replace(pattern, replacement, 1)
 
-    def _default(self, value, argument):        # ${X:-d}, ${X:=d}: unset or empty
+    def _default(self, value, argument):        # ${X:-d}, ${X:=d}, ${X=d}: unset or empty
         return argument if not value else value
 
-    def _unset_default(self, value, argument):  # ${X-d}, ${X=d}: unset only
+    def _unset_default(self, value, argument):  # ${X-d}: unset only (bash's)
         return argument if value is None else value
 
     def _alternate(self, value, argument):      # ${X:+w}: w if set and not empty
@@ -863,35 +866,40 @@ class _Substitution:
             raise ConfigError(f"a required variable is empty: {argument or 'no value'}")
         return value
 
-    _DEFAULTS = ((((":-", ":="), _default), ((":+",), _alternate), ((":?",), _required),
-                  (("-", "="), _unset_default), (("+",), _unset_alternate)))
+    # `=` is `:=` in Drone's envsubst (bash keeps an empty value)
+    _DEFAULTS = ((((":-", ":=", "="), _default), ((":+",), _alternate), ((":?",), _required),
+                  (("-",), _unset_default), (("+",), _unset_alternate)))
 
 
-def _trim_shortest_prefix(value, pattern):
-    for end in range(len(value) + 1):
-        if _path_match(pattern, value[:end]):
-            return value[end:]
-    return value
+def _split_argument(text, separator):
+    """(before, after) at the first `separator` of `text` outside a nested
+    ``${...}`` and not escaped by a backslash; (text, None) without one."""
+    depth, index = 0, 0
+    while index < len(text):
+        if text[index] == "\\":
+            index += 2
+            continue
+        if text.startswith("${", index):
+            depth, index = depth + 1, index + 2
+            continue
+        if text[index] == "}" and depth:
+            depth -= 1
+        elif text[index] == separator and not depth:
+            return text[:index], text[index + 1:]
+        index += 1
+    return text, None
 
 
-def _trim_longest_prefix(value, pattern):
-    for end in range(len(value), -1, -1):
-        if _path_match(pattern, value[:end]):
-            return value[end:]
-    return value
-
-
-def _trim_shortest_suffix(value, pattern):
-    for start in range(len(value), -1, -1):
-        if _path_match(pattern, value[start:]):
-            return value[:start]
-    return value
-
-
-def _trim_longest_suffix(value, pattern):
-    for start in range(len(value) + 1):
-        if _path_match(pattern, value[start:]):
-            return value[:start]
+def _trim(value, pattern, *, suffix=False, longest=False):
+    """`value` without its shortest (or longest) prefix (or suffix) matching
+    `pattern`, a glob whose `*` crosses `/` as in Drone's envsubst."""
+    compiled = _go_glob(pattern, slashes=True)
+    cuts = range(len(value) + 1)
+    if suffix != longest:  # the longest prefix, the shortest suffix: from the end
+        cuts = reversed(cuts)
+    for cut in cuts:
+        if compiled and compiled.match(value[cut:] if suffix else value[:cut]):
+            return value[:cut] if suffix else value[cut:]
     return value
 
 
@@ -1239,10 +1247,14 @@ class Step:
 
     def plugin_environment(self):
         """A plugin's settings as Drone passes them: ``PLUGIN_<KEY>`` (upper
-        case); strings as they are, lists joined with commas, the rest as JSON."""
+        case); strings as they are, lists of scalars joined with commas, the
+        rest as compact JSON with sorted keys (Drone 0.8's params.go); a null
+        setting sets nothing."""
         environment = {}
         for key, value in self.settings.items():
             name = "PLUGIN_" + re.sub(r"[^A-Za-z0-9_]", "_", key).upper()
+            if value is None:
+                continue
             if isinstance(value, str):
                 environment[name] = value
             elif isinstance(value, bool):
@@ -1250,12 +1262,11 @@ class Step:
             elif isinstance(value, list) and all(not isinstance(item, (dict, list))
                                                  for item in value):
                 environment[name] = ",".join(_setting_text(item) for item in value)
-            elif value is None:
-                environment[name] = ""
             elif isinstance(value, (int, float)):
                 environment[name] = _setting_text(value)
             else:
-                environment[name] = json.dumps(value, default=str)
+                environment[name] = json.dumps(value, default=str, sort_keys=True,
+                                               separators=(",", ":"))
         return environment
 
 
@@ -1415,6 +1426,17 @@ def _drone_era(document):
         or (isinstance(clone, dict) and clone
             and all(isinstance(item, dict) for item in clone.values()))) else "0.5"
 
+
+def _bytes_of_size(value):
+    """A size as Docker reads it (units.RAMInBytes: 1kb, 64m, 1.5GiB; binary
+    multiples), as a number of bytes in text; anything else as it was."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(int(value))
+    match = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?) ?([kmgtp])?i?b?", str(value).strip().lower())
+    if not isinstance(value, str) or not match:
+        return value
+    power = " kmgtp".index(match.group(2) or " ")
+    return str(int(float(match.group(1)) * 1024 ** power))
 
 class _PipelineParser:
     """Turns a pipeline document into a `Pipeline`, noting every problem."""
@@ -1655,7 +1677,11 @@ class _PipelineParser:
                 hint = (f"did you mean {close[0]!r}?" if close else
                         f"a step with commands takes {', '.join(_STEP_KEYWORDS)}; settings "
                         "belong to plugin steps, which have an image and no commands")
-                self.unknown(key_line, f"{where}: unknown key {key!r} ({hint})")
+                if self.era == "0.8" and not service:  # 0.8's linter refused it
+                    self.add(key_line, f"{where}: unknown key {key!r}: Drone 0.8 refused "
+                                       f"settings beside commands ({hint})")
+                else:
+                    self.unknown(key_line, f"{where}: unknown key {key!r} ({hint})")
         step.settings = _plain(settings)
         if kind == "plugin" and "event" not in step.when and self.era != "0.8":
             step.when["event"] = [[], [EVENT_PULL_REQUEST]]  # 0.4's and 0.5's, not 0.8's
@@ -1671,6 +1697,12 @@ class _PipelineParser:
                          else "a plugin step needs an image)"))
         if step.kind == "service" and not step.image:
             self.add(line, f"{where}: a service needs an image")
+        overridden = [key for key in ("entrypoint", "command") if getattr(step, key)]
+        if self.drone and step.kind != "service" and not step.detach and overridden:
+            # Drone 0.5 (transform.CheckEntrypoint) and 0.8 (its linter) refused it
+            self.add(_line_of(body, overridden[0]),
+                     f"{where}: Drone refused {overridden[0]!r} on a pipeline step (only "
+                     "services and detached steps may set it); use commands")
         if len(step.script().encode()) > MAX_SCRIPT_BYTES:
             self.add(line, f"{where}: commands longer than {MAX_SCRIPT_BYTES} bytes")
         for text in self._strings_of(step):
@@ -1709,8 +1741,8 @@ class _PipelineParser:
             if not isinstance(value, str) or not value:
                 self.add(line, f"{where}: 'name' must be a string")
         else:  # image, network_mode, shm_size, working_dir, group
-            if isinstance(value, (int, float)) and key == "shm_size":
-                value = str(value)
+            if key == "shm_size":
+                value = _bytes_of_size(value)
             if not isinstance(value, str):
                 self.add(line, f"{where}: '{key}' must be a string")
                 value = ""
@@ -1794,6 +1826,8 @@ class _PipelineParser:
     # -- when ---------------------------------------------------------------------
 
     def _when(self, when, where, line):
+        if when is None:  # `when:` with nothing under it: no condition, as Drone read it
+            return {}
         if not isinstance(when, dict):
             self.add(line, f"{where}: 'when' must be a mapping")
             return {}
@@ -1806,12 +1840,20 @@ class _PipelineParser:
             elif key == "matrix":
                 parsed["matrix"] = self._when_matrix(value, where, key_line)
             elif key == "local":
+                if not isinstance(value, bool) and value is not None:
+                    self.add(key_line, f"{where}: when.local must be true or false")
                 parsed["local"] = value is not False
             elif key in ("success", "failure"):
                 self._when_04(parsed, key, value, where, key_line)
             else:
                 parsed[key] = list(self._constraint(value, f"{where}: when.{key}", key_line))
                 self._check_words(parsed[key], key, where, key_line)
+        if self.era == "0.8" and {"changed", "change"}.intersection(
+                *parsed.get("status", [[]])[:1]):
+            # Drone 0.8 compares the word with "success" and "failure" only.
+            self.problems.warn(_line_of(when, "status"), f"{where}: when.status 'changed' is "
+                               "Drone 0.5's; Drone 0.8 matched it with no status, and so "
+                               "does cirunner for this 0.8 file")
         return parsed
 
     def _when_04(self, parsed, key, value, where, line):
@@ -1831,8 +1873,11 @@ class _PipelineParser:
             return
         for pattern in constraint[0] + constraint[1]:
             if not any(_path_match(pattern, word) for word in words):
-                self.add(line, f"{where}: when.{key} {pattern!r} matches none of "
-                               f"{', '.join(words)}")
+                message = f"{where}: when.{key} {pattern!r} matches none of {', '.join(words)}"
+                if self.drone:  # Drone accepted it, and it matched nothing there either
+                    self.problems.warn(line, message)
+                else:
+                    self.add(line, message)
 
     def _constraint(self, value, where, line):
         """([include], [exclude]) from a glob, a list, or {include, exclude}."""
@@ -2912,6 +2957,9 @@ _MIGRATIONS = [
     # 19: where a serving runner answers (its public URL): the command line
     # on the same data directory links to it.
     "ALTER TABLE runners ADD COLUMN url TEXT NOT NULL DEFAULT ''",
+    # 20: the images a secret is limited to (Drone's `image` list): a JSON
+    # list of patterns, empty for every image.
+    "ALTER TABLE secrets ADD COLUMN images TEXT NOT NULL DEFAULT '[]'",
 ]
 
 _SEALED_REPO_FIELDS = ("webhook_secret", "forge_token")
@@ -4304,27 +4352,43 @@ class Store(_Listeners):
 
     # -- secrets ------------------------------------------------------------
 
-    def set_secret(self, repo_id, name, value, events=None):
-        """Add or replace a repository secret (stored sealed)."""
+    def set_secret(self, repo_id, name, value, events=None, images=None):
+        """Add or replace a repository secret (stored sealed), given to the
+        builds of `events` and, if `images` names any, only to the steps whose
+        image matches one of them (see _image_allowed)."""
         if not isinstance(name, str) or not _ENV_NAME_PATTERN.match(name):
             raise BadRequest(f"invalid secret name {name!r}: use a variable name")
         if not isinstance(value, str) or not value or "\x00" in value:
             raise BadRequest("the secret value must be a non-empty string")
-        events = list(events) if events else list(SECRET_EVENTS)
+        events = list(dict.fromkeys(events)) if events else list(SECRET_EVENTS)
         if not all(event in EVENTS for event in events):
             raise BadRequest(f"events must be among {', '.join(EVENTS)}")
+        images = [] if images is None or list(images) == ["*"] else list(images)
+        if len(images) > 100 or not all(
+                isinstance(image, str) and 0 < len(image) <= 255 and image.isprintable()
+                and " " not in image for image in images):
+            raise BadRequest("images must be up to 100 image names or patterns, like "
+                             "plugins/docker or plugins/*")
         with self._write() as tx:
-            tx.execute("INSERT INTO secrets (repo_id, name, value, events) VALUES ($1, $2, $3, $4) "
-                       "ON CONFLICT (repo_id, name) DO UPDATE SET value = excluded.value, "
-                       "events = excluded.events",
+            tx.execute("INSERT INTO secrets (repo_id, name, value, events, images) "
+                       "VALUES ($1, $2, $3, $4, $5) ON CONFLICT (repo_id, name) DO UPDATE SET "
+                       "value = excluded.value, events = excluded.events, "
+                       "images = excluded.images",
                        (repo_id, name, self.sealer.seal(value, f"repo {repo_id} secret {name}"),
-                        json.dumps(events)))
+                        json.dumps(events), json.dumps(images)))
 
     def list_secrets(self, repo_id):
-        """Names and events of a repository's secrets (never the values)."""
-        return [{"name": row["name"], "events": json.loads(row["events"])}
-                for row in self._query("SELECT name, events FROM secrets WHERE repo_id = $1 "
-                                       "ORDER BY name", (repo_id,))]
+        """Names, events and images of a repository's secrets (never the values)."""
+        return [{"name": row["name"], "events": json.loads(row["events"]),
+                 "images": json.loads(row["images"])}
+                for row in self._query("SELECT name, events, images FROM secrets "
+                                       "WHERE repo_id = $1 ORDER BY name", (repo_id,))]
+
+    def secret_images(self, repo_id):
+        """{name: [image patterns]} of the repository's secrets limited to images."""
+        return {row["name"]: json.loads(row["images"]) for row in self._query(
+            "SELECT name, images FROM secrets WHERE repo_id = $1 AND images != '[]'",
+            (repo_id,))}
 
     def delete_secret(self, repo_id, name):
         with self._write() as tx:
@@ -7028,6 +7092,31 @@ class _Running:
     stopped: str = ""  # why it was stopped ("the job ended"), or "" if it ended by itself
 
 
+
+def _image_allowed(image, patterns):
+    """True if a step in `image` may get a secret limited to `patterns` (none:
+    every step): a pattern matches the whole image or its name without tag or
+    digest, as a glob (Drone 0.5 matched globs with the tag, 0.8 names
+    without it); a step on the host (no image) matches only none."""
+    if not patterns:
+        return True
+    if not image:
+        return False
+    name = _image_name(image)
+    return any(pattern == "*" or _path_match(pattern, image) or _path_match(pattern, name)
+               or _image_name(pattern) == name for pattern in patterns)
+
+
+def _image_name(image):
+    """An image reference without its tag or digest, and without Docker Hub's
+    implied docker.io/ and library/ (so that golang and docker.io/library/golang:1 agree)."""
+    image = image.split("@", 1)[0]
+    head, slash, last = image.rpartition("/")
+    image = head + slash + last.split(":", 1)[0]
+    for prefix in ("docker.io/", "index.docker.io/", "library/"):
+        image = image.removeprefix(prefix)
+    return image
+
 class _JobRun:
     """One claimed job, run to its end in named steps: `prepare` (build, repo,
     secrets, the plan of steps, the workspace), `check_out`, `start_services`,
@@ -7172,6 +7261,7 @@ class _JobRun:
         # requests, whatever event it runs as (a restart may change it).
         self.secrets = self.store.secrets_for(
             self.repo["id"], EVENT_PULL_REQUEST if self.build["fork"] else self.build["event"])
+        self.secret_images = self.store.secret_images(self.repo["id"])
         self.log.mask(self.secrets.values())
         self.pipeline = self._pipeline()
         self.workspace = self.executor.workspace_for(self.repo, self.build, self.job)
@@ -7185,6 +7275,11 @@ class _JobRun:
         self.changed_means = SUCCESS if previous and previous["status"] == FAILURE else FAILURE
         if _is_drone_file(self.pipeline.filename):
             self.drone["CI"] = "drone"  # as Drone 0.5 and 0.8 set it
+        if self.pipeline.era == "0.8":  # 0.8's metadata.go: CI_REPO_NAME is OWNER/NAME
+            drone = self.drone
+            drone.update(CI_REPO_NAME=drone["DRONE_REPO"], CI_REPO_LINK=drone["DRONE_REPO_LINK"],
+                         CI_REPO_REMOTE=drone["DRONE_REMOTE_URL"],
+                         CI_REPO_PRIVATE=drone["DRONE_REPO_PRIVATE"])
         services = [self._substituted(step) for step in self.pipeline.services]
         # Drone 0.8 starts a service only where its `when` matches.
         self.services = [service for service in services
@@ -7227,23 +7322,30 @@ class _JobRun:
             path = "src/" + self.pipeline.clone_settings["path"]  # Drone 0.4: under /drone/src
         return base, path if path.startswith("/") else f"{base.rstrip('/')}/{path}"
 
-    def _step_secrets(self, step):
-        """The secrets a step gets: those it names (Drone 0.8's `secrets:`,
-        matched without case, the target upper case); with no `secrets:`,
-        none in a 0.8 file and all the event allows in older ones (0.5's rule)."""
+    def _step_secrets(self, step, image):
+        """The secrets a step gets: of those its event allows and whose images
+        (if limited) match its image, the ones it names (Drone 0.8's
+        `secrets:`, matched without case, the target upper case); with no
+        `secrets:`, none in a 0.8 file and all in older ones (0.5's rule)."""
+        allowed = {name: value for name, value in self.secrets.items()
+                   if _image_allowed(image, self.secret_images.get(name))}
         if step.secrets is None:
-            return {} if self.pipeline.era == "0.8" else dict(self.secrets)
-        by_name = {name.lower(): value for name, value in self.secrets.items()}
+            return {} if self.pipeline.era == "0.8" else allowed
+        by_name = {name.lower(): value for name, value in allowed.items()}
         return {target.upper(): by_name[source.lower()] for source, target in step.secrets
                 if source.lower() in by_name}
 
     def _substituted(self, step):
-        secrets_of_step = self._step_secrets(step)
         variables = {**self.variables, **self.matrix, **self.drone}
+        image = step.image and step.with_variables(
+            variables, self.matrix if self.pipeline.drone04 else None,
+            dollars=self.pipeline.dollars()).image  # to match secrets' images
+        secrets_of_step = self._step_secrets(step, image)
         step = step.with_variables({**variables, **secrets_of_step},
                                    self.matrix if self.pipeline.drone04 else None,
                                    shell_variables=variables, dollars=self.pipeline.dollars())
-        if "status" in step.when:  # a copy: the parsed pipeline is shared by every job
+        if "status" in step.when and self.pipeline.era != "0.8":
+            # a copy: the parsed pipeline is shared by every job
             include, exclude = step.when["status"]
             step.when = {**step.when, "status": [
                 [self.changed_means if word in ("changed", "change") else word
@@ -7332,7 +7434,7 @@ class _JobRun:
         environment.update(self.matrix)
         environment.update(self.drone)
         environment["DRONE_WORKSPACE"] = environment["CI_WORKSPACE"] = backend.workspace(self)
-        environment.update(self._step_secrets(step))
+        environment.update(self._step_secrets(step, step.image))
         environment.update(step.plugin_environment())
         environment["DRONE_BUILD_STATUS"] = self.status
         environment.update(backend.marks(self))
@@ -8518,6 +8620,7 @@ _REPO = _Resource("repository", [
     _Field("url", _STRING, None, normalize_repo_url, aliases=("clone_url",),
            help="clone URL or local path"),
     _Field("clone_url", _STRING, _shown("url", _redact_url)),
+    _Field("scm", {"type": "string", "enum": ["git"]}, lambda row: "git", required=True),
     _Field("default_branch", _STRING, _shown("default_branch"),
            lambda value: _check_branch(value) if value else "", aliases=("branch",),
            help="default branch (default: the remote's HEAD)", flag="--branch"),
@@ -8670,24 +8773,25 @@ _STATUS = _Resource("status", [
     _Field("job", {"type": ["integer", "null"]}, _shown("job_number"), required=True),
 ])
 
-def _no_image_rule(value):
-    """Drone 0.5's `image` list on a secret: none (or every image) is all
-    cirunner keeps; a narrower rule is refused rather than widened."""
-    if value not in (None, "", [], ["*"]):
-        raise BadRequest("secrets limited to images are not supported: cirunner gives a "
-                         "secret to the steps its events allow (in Drone 0.8 files, to the "
-                         "steps that list it in `secrets:`)")
-
-
 _SECRET = _Resource("secret", [
     _Field("name", _STRING, _shown("name"), lambda value: value, required=True),
     _Field("value", _STRING, None, lambda value: value),
     _Field("events", {"type": "array", "items": {"type": "string", "enum": list(EVENTS)}},
            _shown("events"), lambda value: value.split(",") if isinstance(value, str) else value,
            required=True, aliases=("event",)),  # Drone 0.5's `drone secret add` says event
-    # Drone 0.5's other secret fields: masking is always on; no image rule is kept.
-    *(_Field(name, _BOOLEAN, None, lambda value: None) for name in ("skip_verify", "conceal")),
-    _Field("image", {"type": ["array", "null"], "items": _STRING}, None, _no_image_rule),
+    _Field("images", {"type": "array", "items": _STRING, "description": (
+        "the step images that get it (Drone's `image` list: names or globs; empty for "
+        "every image)")}, _shown("images"),
+        lambda value: value.split(",") if isinstance(value, str) else value,
+        required=True, aliases=("image",)),  # as Drone 0.5's `drone secret add` sends it
+    # Drone 0.5's names, for its `drone secret ls` (which reads these and filters on them)
+    _Field("event", {"type": "array", "items": _STRING}, _shown("events"), required=True),
+    _Field("image", {"type": "array", "items": _STRING}, _shown("images"), required=True),
+    # Drone 0.5's flags: every value is masked (conceal), and no build here is
+    # "unverified" (no file signatures: forks wait for approval instead), so
+    # skip_verify changes nothing. Both are accepted and shown as they act.
+    _Field("skip_verify", _BOOLEAN, lambda row: False, lambda value: None, required=True),
+    _Field("conceal", _BOOLEAN, lambda row: True, lambda value: None, required=True),
 ])
 
 
@@ -8903,7 +9007,8 @@ class Operations:
         fields = _REPO.parse(params, ignore=_RESERVED_PARAMS)
         self._admin_only(caller, fields)
         if "url" not in fields:
-            raise BadRequest("url is required: a clone URL or a local path")
+            raise BadRequest("url is required: a clone URL or a local path (cirunner has no forge "
+                             "account to look the repository up by its name)")
         fields.setdefault("webhook_secret", secrets.token_urlsafe(24))
         repo = _REPO.to_json(self.store.create_repo(owner, name, fields.pop("url"), **fields))
         return dict(repo, webhook_secret=fields["webhook_secret"],
@@ -9018,19 +9123,20 @@ class Operations:
     def list_secrets(self, caller, owner, name):
         """Secret names and events, never values (for those who may write)."""
         repo = self.find_repo(caller, owner, name, write=True)
-        return self.store.list_secrets(repo["id"])
+        return [_SECRET.to_json(secret) for secret in self.store.list_secrets(repo["id"])]
 
     def add_secret(self, caller, owner, name, params):
-        """Add or replace a secret: `name`, `value`, `events` (a list, or one
-        comma-separated text)."""
+        """Add or replace a secret: `name`, `value`, `events` and `images` (each
+        a list, or one comma-separated text)."""
         repo = self.find_repo(caller, owner, name, write=True)
         fields = {key: value for key, value in _SECRET.parse(params).items()
                   if value is not None}
-        events = fields.get("events")
-        if events is not None and not isinstance(events, list):
-            raise BadRequest("events must be a list")
-        self.store.set_secret(repo["id"], fields.get("name"), fields.get("value"), events)
-        return next(item for item in self.store.list_secrets(repo["id"])
+        for key in ("events", "images"):
+            if fields.get(key) is not None and not isinstance(fields[key], list):
+                raise BadRequest(f"{key} must be a list")
+        self.store.set_secret(repo["id"], fields.get("name"), fields.get("value"),
+                              fields.get("events"), fields.get("images"))
+        return next(_SECRET.to_json(item) for item in self.store.list_secrets(repo["id"])
                     if item["name"] == fields["name"])
 
     def delete_secret(self, caller, owner, name, secret):
@@ -9102,6 +9208,12 @@ class Operations:
     def list_users(self, caller):
         self._require_admin(caller, "the list of users")
         return [_ACCOUNT.to_json(user) for user in self.store.list_users()]
+
+    def get_user(self, caller, login):
+        """One user (admins; anyone may read their own)."""
+        if caller is None or caller["login"] != login:
+            self._require_admin(caller, "another user")
+        return _ACCOUNT.to_json(self.store.get_user(login))
 
     def add_user(self, caller, params):
         """Add a user (admins): `login`, `email`, `admin`."""
@@ -9738,7 +9850,9 @@ class _Api:
         offset = _check_int(params.get("offset"), "offset", default=0)
         follow = params.get("follow", "").lower() in _TRUE_WORDS
         accept = bottle.request.get_header("Accept", "")
-        if not follow and "application/json" in accept and "text/" not in accept:
+        # Drone 0.5's client sends no Accept and reads a JSON array of lines.
+        if not follow and (not accept.strip() or "application/json" in accept
+                           and "text/" not in accept):
             return _Reply(self._drone_05_lines(job), content_type="application/json; "
                                                                  "charset=utf-8")
         if not follow and "text/event-stream" not in accept:
@@ -9780,11 +9894,14 @@ class _Api:
 
     def _lines(self, job_id, start, end):
         """The lines of a byte range of a job's log, read a chunk at a time."""
-        pending = b""
+        pending = bytearray()  # grown in place: a long line costs its length, not its square
         for chunk in iter(functools.partial(self.store.open_log(job_id, start, end).read,
                                             LOG_CHUNK_BYTES), b""):
-            lines = (pending + chunk).split(b"\n")
-            pending = lines.pop()
+            pending += chunk
+            if b"\n" not in chunk:
+                continue
+            lines = pending.split(b"\n")
+            pending = bytearray(lines.pop())
             for line in lines:
                 yield line.decode("utf-8", "replace")
         if pending:
@@ -10090,6 +10207,8 @@ _API_ROUTES = [
            {201: (_OK, _ref("Account"))},
            body={**_object(login=_NAME_SCHEMA, email=_STRING, admin=_BOOLEAN),
                  "required": ["login"]}, errors=(400, 403, 409, 413, 507)),
+    _Route("GET", "/api/users/<login>", "get_user", "user", "one user (admins; or yourself)",
+           {200: (_OK, _ref("Account"))}, errors=(400, 403, 404)),
     _Route("DELETE", "/api/users/<login>", "delete_user", "user",
            "remove a user and their tokens (admins)", {200: (_OK, {"type": "object"})},
            errors=(400, 403, 404, 507)),
@@ -11410,7 +11529,8 @@ class _AgentService:
             else None
         return {"job": job, "build": build, "repo": repo, "pipeline": pipeline,
                 "previous": self.store.previous_build(build), "event": event,
-                "secrets": self.store.secrets_for(repo["id"], event)}
+                "secrets": self.store.secrets_for(repo["id"], event),
+                "secret_images": self.store.secret_images(repo["id"])}
 
     # -- reports -------------------------------------------------------------------
 
@@ -12098,6 +12218,12 @@ class _AgentStore(_Listeners):
                 return dict(payload["secrets"])
         return {}
 
+    def secret_images(self, repo_id):
+        for payload in list(self.jobs.values()):
+            if payload["repo"]["id"] == repo_id:
+                return dict(payload["secret_images"])
+        return {}
+
     def list_steps(self, job_ids):
         return {job_id: [dict(step) for step in self.steps.get(job_id, [])]
                 for job_id in job_ids}
@@ -12193,6 +12319,19 @@ def make_app(store, executor=None, *, max_body=DEFAULT_MAX_BODY, metrics_from=()
                            else RUNNER_LOST_SECONDS)
     for method, path, handler in _agent_routes(agents, api):
         app.route(path, method, _agent_callback(agents, handler))
+
+    known = [(re.compile(re.sub(r"<[^>]+>", "[^/]+", route.path) + r"\Z"), route.method)
+             for route in routes]
+
+    def unknown_api_route(rest):  # not a page's path: a JSON 404 or 405, never a page
+        request = bottle.request
+        allowed = sorted({method for pattern, method in known if pattern.match(request.path)})
+        if allowed:  # answered by _Bottle.default_error_handler, as Bottle's own
+            raise bottle.HTTPError(405, Allow=", ".join(allowed))
+        return _error_reply(NotFound(f"there is no API route {request.method} /api/{rest} "
+                                     "(the routes: /api/openapi.json)"))
+
+    app.route("/api/<rest:path>", ["GET", "POST", "PUT", "PATCH", "DELETE"], unknown_api_route)
     for method, path, handler in _PAGE_ROUTES:
         app.route(path, method, _page_callback(pages, handler))
 
@@ -12979,12 +13118,14 @@ def _command_secret(client, args, stdout, stderr):
             with open(args.from_file, encoding="utf-8") as handle:
                 value = handle.read()
         params = {"name": args.name, "value": value,
-                  **({"events": args.event.split(",")} if args.event else {})}
+                  **({"events": args.event.split(",")} if args.event else {}),
+                  **({"images": args.image.split(",")} if args.image else {})}
         client.call("add_secret", owner=owner, name=name, params=params)
         print(f"secret {args.name} set for {args.full_name}", file=stdout)
     elif args.secret_command == "list":
         for secret in client.call("list_secrets", owner=owner, name=name):
-            print(f"{secret['name']}\t{','.join(secret['events'])}", file=stdout)
+            print(f"{secret['name']}\t{','.join(secret['events'])}"
+                  f"\t{','.join(secret['images']) or '*'}", file=stdout)
     else:
         client.call("delete_secret", owner=owner, name=name, secret=args.name)
         print(f"secret {args.name} removed", file=stdout)
@@ -13524,8 +13665,11 @@ def _add_admin_parsers(commands, common):
             (("--from-file",), {"dest": "from_file", "metavar": "FILE"}),
             (("--event",), {"metavar": "EVENTS", "help": "comma-separated events that get it "
                                                          f"(default {','.join(SECRET_EVENTS)}: "
-                                                         "not pull_request)"})], [common]),
-        "list": ("names and events, never values", [full_name], [common]),
+                                                         "not pull_request)"}),
+            (("--image",), {"metavar": "IMAGES", "help": "comma-separated images (or globs, "
+                                                         "like plugins/*) whose steps get it "
+                                                         "(default: every step)"})], [common]),
+        "list": ("names, events and images, never values", [full_name], [common]),
         "remove": ("remove a secret", [full_name, (("name",), {"metavar": "NAME"})], [common]),
     })
     _add_subcommands(commands, "cron", "add, list or remove build schedules", _command_cron, {

@@ -96,7 +96,7 @@ class Fleet:
     def log(self, number, job=1, name="hello"):
         request = urllib.request.Request(
             f"{self.server.url}/api/repos/alice/{name}/logs/{number}/{job}",
-            headers=self.server.auth)
+            headers={**self.server.auth, "Accept": "text/plain"})
         with urllib.request.urlopen(request, timeout=10) as response:
             return response.read().decode(errors="replace")
 

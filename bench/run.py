@@ -362,8 +362,9 @@ def bench_big_log(work, repeats):
             server.wait_finished("bench", "r", build["number"], POLL)
             runs.append(time.perf_counter() - started)
             read_started = time.perf_counter()
-            with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/api/repos/bench/r/logs/"
-                                        f"{build['number']}/1") as response:
+            with urllib.request.urlopen(urllib.request.Request(
+                    f"http://127.0.0.1:{server.port}/api/repos/bench/r/logs/{build['number']}/1",
+                    headers={"Accept": "text/plain"})) as response:
                 size = 0
                 while True:
                     block = response.read(1 << 20)
