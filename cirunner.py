@@ -960,6 +960,9 @@ _DRONE_1_KEYS = ("kind", "steps", "trigger", "depends_on", "concurrency",
                  "image_pull_secrets", "type")
 
 
+_DRONE_04_SECTIONS = ("publish", "deploy", "notify")  # Drone 0.4's plugin sections
+
+
 class _YamlReader:
     """Reads pipeline YAML into `_YamlMap`/`_YamlList` values, noting problems
     (duplicate keys first of all) instead of stopping at the first."""
@@ -1038,10 +1041,14 @@ class _YamlReader:
                 items.append(self._convert(loader, child, raw, depth + 1))
                 items.lines.append(child.start_mark.line + 1)
             return items
+        steps = key in ("pipeline", "services", "compose") + _DRONE_04_SECTIONS
         return self._convert_mapping(loader, node, raw, depth, line,
-                                     steps=depth == 1 and key in ("pipeline", "services"))
+                                     steps=depth == 1 and steps, named=key in _DRONE_04_SECTIONS)
 
-    def _convert_mapping(self, loader, node, raw, depth, line, *, steps=False):
+    def _convert_mapping(self, loader, node, raw, depth, line, *, steps=False, named=False):
+        """A mapping; in a Drone file a repeated key is kept as Drone's type
+        kept it: both steps of a section of steps (`named`: whose key names
+        the plugin, the repeat then keyed "KEY (line N)"), else the last."""
         mapping = _YamlMap(line)
         explicit = set()
         for key_node, value_node in node.value:
@@ -1065,8 +1072,9 @@ class _YamlReader:
                     # Drone kept a pipeline's steps in order (yaml.MapSlice): both run.
                     self.problems.warn(key_line, f"duplicate step {key!r} (first on line "
                                                  f"{first}): both run, as in Drone")
-                    value.setdefault("name", key)
-                    value.lines.setdefault("name", key_line)
+                    if not named:
+                        value.setdefault("name", key)
+                        value.lines.setdefault("name", key_line)
                     key = f"{key} (line {key_line})"
                 else:  # a Go struct field or map: the last one wins
                     self.problems.warn(key_line, f"duplicate key {key!r} (first on line "
@@ -1138,7 +1146,7 @@ class _Problems:
 _STATUS_WORDS = (SUCCESS, FAILURE, "changed", "change")
 _EVENT_WORDS = EVENTS
 _WHEN_KEYS = ("branch", "event", "status", "matrix", "environment", "platform", "ref", "repo",
-              "instance", "local", "success", "failure")  # the last two: Drone 0.4's words
+              "instance", "local", "success", "failure", "change")  # the last three: Drone 0.4's
 
 
 def _constraint_matches(constraint, value):
@@ -1330,6 +1338,14 @@ class Pipeline:
         return [step.with_variables(variables, matrix, dollars=self.dollars())
                 for step in self.steps]
 
+    def when_branch(self, event, branch, ref):
+        """The branch a step's `when.branch` is matched with: for a tag in a
+        Drone 0.4 or 0.5 file the tag's ref (refs/tags/v1), which their
+        GitHub remote made the build's branch; else `branch`."""
+        if event == EVENT_TAG and self.era != "0.8" and _is_drone_file(self.filename):
+            return ref
+        return branch
+
     def dollars(self):
         """Whether ``$$`` is a literal ``$`` (Drone's envsubst): in Drone 0.5
         and 0.8 files; a .cirunner.yml keeps the shell's ``$$``, and a 0.4
@@ -1397,7 +1413,6 @@ _UNSUPPORTED_TOP_LEVEL = {
 }
 _CLONE_KEYS = ("depth", "tags", "recursive", "submodule_override", "submodules", "path",
                "skip_verify", "image", "pull", "when")
-_DRONE_04_SECTIONS = ("publish", "deploy", "notify")
 
 
 class _AnyValue(dict):
@@ -1446,6 +1461,7 @@ class _PipelineParser:
         self.max_jobs = max_jobs
         self.problems = _Problems(filename)
         self.era = "0.5"
+        self.clone_step = None  # a Drone 0.5 pipeline step named clone
         # A Drone file gets what Drone's parser did (unknown keys ignored,
         # duplicate keys kept as Drone kept them), each said in a warning; a
         # .cirunner.yml gets errors, so that a typo never passes.
@@ -1559,10 +1575,27 @@ class _PipelineParser:
             pipeline.labels.update(self._string_map(document.get(key, {}), f"'{key}'",
                                                     _line_of(document, key)))
 
+    def _clone_steps(self, steps, pipeline):
+        """Drone 0.8's clone steps: those with commands run first in the job
+        (after cirunner's checkout, as Drone ran them in its clone stage); the
+        first other one gives the checkout its settings (its image is not run)."""
+        first = []
+        for name, body in steps.items():
+            if "commands" in body:
+                self.problems.warn(_line_of(steps, name), f"clone step {name!r} runs as the "
+                                                          "job's first step, after cirunner's "
+                                                          "checkout")
+                step = self._step(name, body, _line_of(steps, name))
+                first += [step] if step is not None else []
+        pipeline.steps[:0] = first
+        return next((body for body in steps.values() if "commands" not in body), {})
+
     def _clone(self, document, pipeline):
         """`clone: false`, clone settings (0.4, 0.5), or 0.8's map of clone steps."""
         value = document.get("clone", True)
         line = _line_of(document, "clone")
+        if self.clone_step is not None and "clone" not in document:
+            value, line = self.clone_step, self.clone_step.line
         if isinstance(value, bool):
             pipeline.clone = value
             return
@@ -1570,11 +1603,11 @@ class _PipelineParser:
             self.add(line, "'clone' must be true, false or a mapping of clone settings")
             return
         if value and all(isinstance(item, dict) for item in value.values()):
-            value = next(iter(value.values()))  # Drone 0.8: {git: {image: ..., depth: ...}}
+            value = self._clone_steps(value, pipeline)  # Drone 0.8: {git: {image: ...}, ...}
         for key in value:
             if key not in _CLONE_KEYS:
-                self.add(_line_of(value, key), f"unknown clone setting {key!r} (expected one "
-                                               f"of {', '.join(_CLONE_KEYS)})")
+                self.unknown(_line_of(value, key), f"unknown clone setting {key!r} (expected "
+                                                   f"one of {', '.join(_CLONE_KEYS)})")
         pipeline.clone_settings = {key: value[key] for key in
                                    ("depth", "tags", "recursive", "submodule_override",
                                     "submodules", "path") if key in value}
@@ -1609,7 +1642,13 @@ class _PipelineParser:
                 self.add(_line_of(document, key) if key in document else 1,
                          "'pipeline' must be a mapping of step names to steps")
             node = {}
-        steps = [step for name, body in node.items()
+        if (self.drone and self.era == "0.5" and isinstance(node.get("clone"), dict)
+                and "commands" not in node["clone"]):
+            self.clone_step = node["clone"]  # Drone 0.5's clone step: see _clone
+            self.problems.warn(_line_of(node, "clone"), "step 'clone' is Drone 0.5's clone: "
+                                                        "its settings apply to cirunner's "
+                                                        "checkout, its image is not run")
+        steps = [step for name, body in node.items() if body is not self.clone_step
                  if (step := self._step(name, body, _line_of(node, name))) is not None]
         if drone04:
             for section in _DRONE_04_SECTIONS:
@@ -1626,15 +1665,19 @@ class _PipelineParser:
                                                   "settings")
             return []
         steps = []
-        for name, body in node.items():
-            body = body if body is not None else _YamlMap(_line_of(node, name))
+        for key, body in node.items():
+            name = re.sub(r" \(line [0-9]+\)\Z", "", key)  # a repeated key (both run)
+            body = body if body is not None else _YamlMap(_line_of(node, key))
             if isinstance(body, dict) and "image" not in body:
                 body = _YamlMap(body.line) if not body else body
                 body["image"] = f"plugins/drone-{name}"
-            step = self._step(f"{section}-{name}", body, _line_of(node, name))
+            step = self._step(f"{section}-{name}", body, _line_of(node, key))
             if step is not None:
                 if section == "notify" and "status" not in step.when:
                     step.when["status"] = [[SUCCESS, FAILURE], []]
+                if section == "notify" and not (isinstance(body, dict) and isinstance(
+                        body.get("when"), dict) and "event" in body["when"]):
+                    step.when.pop("event", None)  # 0.4 notified of pull requests too
                 steps.append(step)
         return steps
 
@@ -1659,6 +1702,10 @@ class _PipelineParser:
             return None
         commands = body.get("commands")
         image = body.get("image", "")
+        if not image and commands is None and not service and self.drone and self.era == "0.5":
+            image = str(name)
+            self.problems.warn(line, f"{where} has no image: Drone 0.5 ran the image named "
+                                     "after the step, and so does cirunner")
         kind = "service" if service else ("plugin" if image and commands is None else "step")
         step = Step(name=str(body.get("name") or name), commands=[], kind=kind)
         settings, unknown = {}, []
@@ -1683,8 +1730,19 @@ class _PipelineParser:
                 else:
                     self.unknown(key_line, f"{where}: unknown key {key!r} ({hint})")
         step.settings = _plain(settings)
-        if kind == "plugin" and "event" not in step.when and self.era != "0.8":
-            step.when["event"] = [[], [EVENT_PULL_REQUEST]]  # 0.4's and 0.5's, not 0.8's
+        if kind == "plugin" and not step.image:
+            step.image = image
+        # A plugin skips pull requests unless its when.event says otherwise: 0.4's
+        # and 0.5's rule, not 0.8's; 0.5 took a step with settings beside its
+        # commands for a plugin too.
+        taken_for_plugin = kind == "step" and unknown and self.drone and self.era == "0.5"
+        if taken_for_plugin:
+            self.problems.warn(line, f"{where}: with settings beside its commands, Drone 0.5 "
+                                     "took it for a plugin, which skips pull requests unless "
+                                     "its when.event says otherwise; so does cirunner")
+        if ((kind == "plugin" or taken_for_plugin) and "event" not in step.when
+                and self.era != "0.8"):
+            step.when["event"] = [[], [EVENT_PULL_REQUEST]]
         self._check_step(step, body, where, line, unknown)
         return step
 
@@ -1843,7 +1901,7 @@ class _PipelineParser:
                 if not isinstance(value, bool) and value is not None:
                     self.add(key_line, f"{where}: when.local must be true or false")
                 parsed["local"] = value is not False
-            elif key in ("success", "failure"):
+            elif key in ("success", "failure", "change"):
                 self._when_04(parsed, key, value, where, key_line)
             else:
                 parsed[key] = list(self._constraint(value, f"{where}: when.{key}", key_line))
@@ -1857,10 +1915,12 @@ class _PipelineParser:
         return parsed
 
     def _when_04(self, parsed, key, value, where, line):
-        """Drone 0.4's ``success: false``, ``failure: true``: a status constraint."""
+        """Drone 0.4's ``success: false``, ``failure: true``, ``change: true``
+        (the status differs from the last build's): a status constraint."""
         if not isinstance(value, bool):
             self.add(line, f"{where}: when.{key} must be true or false")
             return
+        key = "changed" if key == "change" else key
         include = parsed.setdefault("status", [[SUCCESS], []])[0]
         if value and key not in include:
             include.append(key)
@@ -7517,7 +7577,9 @@ class _JobRun:
         """Whether `step`'s `when` lets it run now (when planning: at all, the
         status aside, which only the run will tell)."""
         build = self.build
-        return step.applies(branch=build["branch"], event=build["event"],
+        return step.applies(branch=self.pipeline.when_branch(build["event"], build["branch"],
+                                                             build["ref"]),
+                            event=build["event"],
                             environment=self.matrix,
                             job_status=None if planning else self.status,
                             deploy_to=build["deploy_to"], platform=self.drone["DRONE_ARCH"],
