@@ -135,6 +135,7 @@ __all__ = [
     "normalize_repo_url",
     "open_store",
     "parse_pipeline",
+    "plan_pipeline",
     "prune",
     "read_pipeline_file",
     "restart_build",
@@ -260,6 +261,9 @@ EVENT_MANUAL = "manual"
 EVENT_DEPLOYMENT = "deployment"
 EVENTS = (EVENT_PUSH, EVENT_TAG, EVENT_PULL_REQUEST, EVENT_CRON, EVENT_MANUAL, EVENT_DEPLOYMENT)
 SECRET_EVENTS = (EVENT_PUSH, EVENT_TAG, EVENT_CRON, EVENT_MANUAL, EVENT_DEPLOYMENT)  # not forks
+# Drone's top-level `branches` filter applies to these; tags and deployments
+# always build.
+_FILTERED_EVENTS = (EVENT_PUSH, EVENT_PULL_REQUEST, EVENT_MANUAL, EVENT_CRON)
 
 FORGES = ("github", "gitea", "gitlab")
 TOKEN_SCOPES = ("read", "write")
@@ -1338,6 +1342,18 @@ class Pipeline:
         return [step.with_variables(variables, matrix, dollars=self.dollars())
                 for step in self.steps]
 
+    def status_resolved(self, step, previous_status):
+        """`step`, its `when.status` word ``changed`` made the status that
+        differs from `previous_status` (the previous build's; None: there was
+        none, and failure is the change) in 0.4 and 0.5 files (0.8 compared
+        the word with success and failure only). A copy where it changes."""
+        if "status" not in step.when or self.era == "0.8":
+            return step
+        means = SUCCESS if previous_status == FAILURE else FAILURE
+        include, exclude = step.when["status"]
+        return dataclasses.replace(step, when={**step.when, "status": [
+            [means if word in ("changed", "change") else word for word in include], exclude]})
+
     def when_branch(self, event, branch, ref):
         """The branch a step's `when.branch` is matched with: for a tag in a
         Drone 0.4 or 0.5 file the tag's ref (refs/tags/v1), which their
@@ -2075,6 +2091,36 @@ def read_pipeline_file(directory, config_path=""):
             with open(path, encoding="utf-8", errors="replace") as handle:
                 return name, handle.read()
     raise ConfigError(f"no pipeline file ({', '.join(names)}) in {directory}")
+
+
+def plan_pipeline(pipeline, *, event, branch, ref="", repo="", deploy_to="",
+                  previous_status=SUCCESS):
+    """What a build of `pipeline` would run for `event` on `branch` (`ref`:
+    default refs/heads/BRANCH, or refs/tags/BRANCH for a tag), without running
+    it, as `cirunner plan --json` prints it: {"pipelines": [{"name",
+    "depends_on", "runs", "jobs": [{"matrix", "steps": [{"name", "image",
+    "depends_on", "runs"}], "services"}]}], "warnings"}. A pipeline runs if
+    its branches filter lets the build be made; a step if its `when` matches,
+    the steps before it having succeeded (`previous_status`: the previous
+    build's, for `status: changed`)."""
+    if event not in EVENTS:
+        raise BadRequest(f"event must be one of {', '.join(EVENTS)}")
+    ref = ref or (f"refs/tags/{branch}" if event == EVENT_TAG else f"refs/heads/{branch}")
+    jobs = []
+    for axis in pipeline.matrix:
+        when = {"branch": pipeline.when_branch(event, branch, ref), "event": event,
+                "environment": axis, "ref": ref, "repo": repo, "deploy_to": deploy_to}
+        steps = [pipeline.status_resolved(step, previous_status) for step in pipeline.steps]
+        jobs.append({
+            "matrix": dict(axis),
+            "steps": [{"name": step.name, "image": step.image or None, "depends_on": [],
+                       "runs": step.applies(job_status=SUCCESS, **when)} for step in steps],
+            # Drone 0.8 starts a service only where its `when` matches (the executor's rule)
+            "services": [service.name for service in pipeline.services
+                         if pipeline.era != "0.8" or service.applies(job_status=None, **when)]})
+    runs = event not in _FILTERED_EVENTS or pipeline.builds_branch(branch)
+    return {"pipelines": [{"name": "default", "depends_on": [], "runs": runs, "jobs": jobs}],
+            "warnings": list(pipeline.warnings)}
 
 
 ###############################################################################
@@ -5527,10 +5573,6 @@ def _parse_for_build(store, filename, text, max_jobs):
     return store.save_pipeline(filename, text, pipeline.to_json()), pipeline, ""
 
 
-# Drone's top-level `branches` filter applies to these; tags and deployments
-# always build.
-_FILTERED_EVENTS = (EVENT_PUSH, EVENT_PULL_REQUEST, EVENT_MANUAL, EVENT_CRON)
-
 
 def _clip(text, limit):
     """`text`, or its first `limit` characters and a note that more was cut."""
@@ -7332,7 +7374,7 @@ class _JobRun:
         self.drone = _drone_environment(
             self.repo, self.build, self.job, previous, link=self.executor.public_url,
             workspace=self.workspace, host=_url_host(self.repo["url"]))
-        self.changed_means = SUCCESS if previous and previous["status"] == FAILURE else FAILURE
+        self.previous_status = previous["status"] if previous else None
         if _is_drone_file(self.pipeline.filename):
             self.drone["CI"] = "drone"  # as Drone 0.5 and 0.8 set it
         if self.pipeline.era == "0.8":  # 0.8's metadata.go: CI_REPO_NAME is OWNER/NAME
@@ -7404,13 +7446,7 @@ class _JobRun:
         step = step.with_variables({**variables, **secrets_of_step},
                                    self.matrix if self.pipeline.drone04 else None,
                                    shell_variables=variables, dollars=self.pipeline.dollars())
-        if "status" in step.when and self.pipeline.era != "0.8":
-            # a copy: the parsed pipeline is shared by every job
-            include, exclude = step.when["status"]
-            step.when = {**step.when, "status": [
-                [self.changed_means if word in ("changed", "change") else word
-                 for word in include], exclude]}
-        return step
+        return self.pipeline.status_resolved(step, self.previous_status)
 
     def _check_plan(self):
         """Refuse what this repository, this build or this server cannot run,
@@ -13644,6 +13680,40 @@ def _command_matrix(args, stdout, stderr):
     return 0
 
 
+def _command_plan(args, stdout, stderr):
+    """The steps and services a build would run, job by job (or `--json`)."""
+    filename, text = read_pipeline_file(args.directory, args.config or "")
+    pipeline = parse_pipeline(text, filename)
+    branch = args.branch or _checked_out_branch(args.directory) or "main"
+    plan = plan_pipeline(pipeline, event=args.event, branch=branch, ref=args.ref)
+    if args.json:
+        json.dump(plan, stdout, indent=2)
+        print(file=stdout)
+        return 0
+    print(f"{filename}: {'Drone ' + pipeline.era if _is_drone_file(filename) else 'cirunner'} "
+          f"rules; {args.event} on {branch}", file=stdout)
+    for planned in plan["pipelines"]:
+        print(f"pipeline {planned['name']}: {'runs' if planned['runs'] else 'no build'}",
+              file=stdout)
+        for number, job in enumerate(planned["jobs"] if planned["runs"] else [], start=1):
+            axis = " ".join(f"{name}={value}" for name, value in job["matrix"].items())
+            services = f": services {', '.join(job['services'])}" if job["services"] else ""
+            print(f"  job {number}{' ' + axis if axis else ''}{services}", file=stdout)
+            for step in job["steps"]:
+                print(f"    {'runs' if step['runs'] else 'skipped':8} {step['name']}"
+                      f"{'  (' + step['image'] + ')' if step['image'] else ''}", file=stdout)
+    for warning in plan["warnings"]:
+        print(f"warning: {warning}", file=stdout)
+    return 0
+
+
+def _checked_out_branch(directory):
+    """The branch checked out in `directory`'s git work tree, or ""."""
+    result = subprocess.run(["git", "-C", directory, "symbolic-ref", "--quiet", "--short",
+                             "HEAD"], capture_output=True, text=True, check=False)
+    return result.stdout.strip() if result.returncode == 0 else ""
+
+
 def _command_lint(args, stdout, stderr):
     """Every problem of a pipeline file (exit 1) and every warning (exit 0)."""
     filename, text = _pipeline_file_at(args.file)
@@ -13830,6 +13900,16 @@ def _add_build_parsers(commands, common, workers, env):
     lint = commands.add_parser("lint", help="check a pipeline file: its errors and warnings")
     lint.add_argument("file", nargs="?", metavar="FILE", help="a file or a folder (default: .)")
     lint.set_defaults(handler=_command_lint)
+
+    plan = commands.add_parser("plan", help="print what a build would run, without running it")
+    plan.add_argument("directory", nargs="?", default=".", metavar="DIR")
+    plan.add_argument("--config", help="pipeline file (default .cirunner.yml, .drone.yml)")
+    plan.add_argument("--event", default=EVENT_PUSH, choices=EVENTS)
+    plan.add_argument("--branch", default="", help="default: DIR's checked-out branch, or main")
+    plan.add_argument("--ref", default="", help="default refs/heads/BRANCH (a tag: "
+                                                "refs/tags/BRANCH)")
+    plan.add_argument("--json", action="store_true", help="the plan as JSON (a stable shape)")
+    plan.set_defaults(handler=_command_plan)
 
 
 def _add_store_options(parser, *, default):

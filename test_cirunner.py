@@ -8193,6 +8193,56 @@ def planned_as_in_drone_words(pipeline, source, event):
     return jobs
 
 
+def test_plan_prints_what_a_build_would_run_in_a_stable_shape(tmp_path):
+    import jsonschema
+
+    commit_files(str(tmp_path), {".drone.yml": (
+        "pipeline:\n  test: {image: golang, commands: [go test]}\n"
+        "  publish:\n    image: plugins/docker\n    when: {event: tag}\n"
+        "  notify:\n    image: plugins/slack\n    when: {status: [failure]}\n"
+        "services:\n  db: {image: postgres}\nmatrix: {GO: [1, 2]}\nbranches: [main]\n")})
+    step = {"type": "object", "additionalProperties": False,
+            "required": ["name", "image", "depends_on", "runs"],
+            "properties": {"name": {"type": "string"}, "image": {"type": ["string", "null"]},
+                           "depends_on": {"type": "array", "items": {"type": "string"}},
+                           "runs": {"type": "boolean"}}}
+    job = {"type": "object", "additionalProperties": False,
+           "required": ["matrix", "steps", "services"],
+           "properties": {"matrix": {"type": "object",
+                                     "additionalProperties": {"type": "string"}},
+                          "steps": {"type": "array", "items": step},
+                          "services": {"type": "array", "items": {"type": "string"}}}}
+    shape = {"type": "object", "additionalProperties": False,
+             "required": ["pipelines", "warnings"],
+             "properties": {"warnings": {"type": "array", "items": {"type": "string"}},
+                            "pipelines": {"type": "array", "items": {
+                                "type": "object", "additionalProperties": False,
+                                "required": ["name", "depends_on", "runs", "jobs"],
+                                "properties": {"name": {"type": "string"},
+                                               "depends_on": {"type": "array"},
+                                               "runs": {"type": "boolean"},
+                                               "jobs": {"type": "array", "items": job}}}}}}
+    plans = {}
+    for event, branch in (("push", "main"), ("tag", "v1"), ("push", "feature")):
+        status, out, _ = in_process_cli("plan", str(tmp_path), "--event", event, "--branch",
+                                        branch, "--json")
+        assert status == 0
+        plans[event, branch] = json.loads(out)
+        jsonschema.validate(plans[event, branch], shape)
+    pushed = plans["push", "main"]["pipelines"][0]
+    assert pushed["runs"] and [job["matrix"] for job in pushed["jobs"]] == [{"GO": "1"},
+                                                                            {"GO": "2"}]
+    assert [(step["name"], step["image"], step["runs"]) for step in pushed["jobs"][0]["steps"]] \
+        == [("test", "golang", True), ("publish", "plugins/docker", False),
+            ("notify", "plugins/slack", False)]
+    assert pushed["jobs"][0]["services"] == ["db"]
+    tagged = plans["tag", "v1"]["pipelines"][0]
+    assert [step["runs"] for step in tagged["jobs"][1]["steps"]] == [True, True, False]
+    assert plans["push", "feature"]["pipelines"][0]["runs"] is False  # branches: [main]
+    status, out, _ = in_process_cli("plan", str(tmp_path))   # the checked-out branch
+    assert status == 0 and "push on main" in out and "skipped  publish" in out
+
+
 def test_a_tag_build_matches_when_branch_with_its_ref_in_05_files_and_08_clone_steps_run(
         store, executor, make_repo):
     # Drone 0.4's and 0.5's GitHub remote made a tag's ref the build's branch
@@ -8220,3 +8270,17 @@ def test_real_drone_files_plan_as_drone_planned_them(source):
     assert pipeline.era == era
     for event, expected in plans.items():
         assert planned_as_in_drone_words(pipeline, source, event) == expected, event
+        # `cirunner plan` says the same: the steps that run, the services
+        ref = "refs/tags/v1.0.0" if event == "tag" else ""
+        plan = cirunner.plan_pipeline(pipeline, event=event, branch="master", ref=ref,
+                                      repo=source.split("@")[0])["pipelines"][0]
+        jobs = plan["jobs"] if plan["runs"] else []
+        assert len(jobs) == len(expected)
+        for job, words in zip(jobs, expected):
+            steps, _, rest = words.partition(" ; ")
+            runs = [re.sub(r"^(publish|deploy|notify)-", "", step["name"]) if era == "0.4"
+                    else step["name"] for step in job["steps"] if step["runs"]]
+            assert runs == [name for name in re.split(r" \| | \+ ", steps) if name != "-"]
+            services = re.search(r"services: ([^;]*)", rest)
+            assert job["services"] == (services.group(1).strip().split(", ") if services
+                                       else [])
