@@ -652,7 +652,7 @@ def _check_bool(value, name):
 # -- Go's path.Match, which Drone's branch and `when` filters use ----------------
 
 
-def _go_glob(pattern, *, slashes=False):
+def _go_glob(pattern, *, slashes=False, doublestar=False):
     """A compiled regex for Go's `path.Match(pattern)`, or None if the pattern is
     malformed (Go then matches nothing). `*` and `?` never match `/` (with
     `slashes` they do, as in the copy of path.Match in Drone's envsubst);
@@ -661,7 +661,10 @@ def _go_glob(pattern, *, slashes=False):
     not_slash = "" if slashes else "/"
     while index < len(pattern):
         char = pattern[index]
-        if char == "*":
+        if char == "*" and doublestar and pattern.startswith("**", index):
+            out.append(".*")
+            index += 1
+        elif char == "*":
             out.append(f"[^{not_slash}]*" if not_slash else ".*")
         elif char == "?":
             out.append(f"[^{not_slash}]" if not_slash else ".")
@@ -701,9 +704,11 @@ def _go_class_end(pattern, start):
     return None
 
 
-def _path_match(pattern, name):
-    """Whether `name` matches `pattern` as Go's path.Match decides."""
-    compiled = _go_glob(pattern)
+def _path_match(pattern, name, *, doublestar=False):
+    """Whether `name` matches `pattern` as Go's path.Match decides (with
+    `doublestar`, as bmatcuk/doublestar, which Drone 1.x uses: ``**`` also
+    matches across ``/``)."""
+    compiled = _go_glob(pattern, doublestar=doublestar)
     return bool(compiled and compiled.match(name))
 
 
@@ -965,6 +970,7 @@ _DRONE_1_KEYS = ("kind", "steps", "trigger", "depends_on", "concurrency",
 
 
 _DRONE_04_SECTIONS = ("publish", "deploy", "notify")  # Drone 0.4's plugin sections
+_RULES_08 = ("0.8", "1")  # eras whose files get Drone 0.8's rules (1: Drone 1.x and 2.x)
 
 
 class _YamlReader:
@@ -982,18 +988,21 @@ class _YamlReader:
         documents = self._compose(text)
         if documents is None:
             return None
-        if len(documents) > 1 or (documents and isinstance(documents[0], yaml.MappingNode)
-                                  and any(key.value in _DRONE_1_KEYS
-                                          for key, _ in documents[0].value
-                                          if isinstance(key, yaml.ScalarNode))):
-            self.problems.add(1, "this is a Drone 1.x pipeline (kind: pipeline, steps:, or "
-                                 "several YAML documents), which is not supported yet: write "
-                                 "it in the 0.8 form (pipeline:, services:, matrix:)")
-            return None
+        drone1 = len(documents) > 1 or (documents and isinstance(documents[0], yaml.MappingNode)
+                                        and any(key.value in _DRONE_1_KEYS
+                                                for key, _ in documents[0].value
+                                                if isinstance(key, yaml.ScalarNode)))
         if not documents:
             return None
         loader = self._loader(text)
         try:
+            if drone1:  # Drone 1.x: every document, read as a list of them
+                converted = _YamlList(1)
+                converted.drone1 = True
+                for document in documents:
+                    converted.append(self._convert(loader, document, raw=False, depth=0))
+                    converted.lines.append(document.start_mark.line + 1)
+                return converted
             return self._convert(loader, documents[0], raw=False, depth=0)
         except _YamlBudget:
             self.problems.add(1, f"the YAML expands to more than {_MAX_YAML_NODES} values "
@@ -1155,11 +1164,13 @@ _WHEN_KEYS = ("branch", "event", "status", "matrix", "environment", "platform", 
 
 def _constraint_matches(constraint, value):
     """Drone's `Constraint.Match`: excluded patterns never match; with include
-    patterns, one must match; with none, anything does."""
-    include, exclude = constraint
-    if any(_path_match(pattern, value) for pattern in exclude):
+    patterns, one must match; with none, anything does. A third item, true,
+    says the globs are Drone 1.x's (doublestar: ``**`` crosses ``/``)."""
+    include, exclude, *doublestar = constraint
+    match = functools.partial(_path_match, doublestar=bool(doublestar and doublestar[0]))
+    if any(match(pattern, value) for pattern in exclude):
         return False
-    return not include or any(_path_match(pattern, value) for pattern in include)
+    return not include or any(match(pattern, value) for pattern in include)
 
 
 def _matrix_matches(constraint, axis):
@@ -1206,6 +1217,7 @@ class Step:
     extra_hosts: list = dataclasses.field(default_factory=list)
     working_dir: str = ""
     labels: dict = dataclasses.field(default_factory=dict)
+    depends_on: list = dataclasses.field(default_factory=list)  # Drone 1.x's, as written
 
     def applies(self, *, branch, event, environment, job_status=SUCCESS, deploy_to="",
                 platform="linux/amd64", ref="", repo="", instance="", local=False):
@@ -1330,6 +1342,8 @@ class Pipeline:
     clone_settings: dict = dataclasses.field(default_factory=dict)  # depth, tags, recursive...
     workspace: dict = dataclasses.field(default_factory=dict)       # base, path
     branches: list = None   # [include, exclude] globs of the branches that build, or None
+    trigger: dict = dataclasses.field(default_factory=dict)  # Drone 1.x: when builds are made
+    name: str = "default"   # a Drone 1.x pipeline's name
     drone04: bool = False   # a Drone 0.4 file: $$VAR is a matrix value
     era: str = "0.5"        # whose rules the file gets: Drone 0.4, 0.5 or 0.8 (see _drone_era)
     warnings: list = dataclasses.field(default_factory=list)  # what Drone accepted, said
@@ -1347,18 +1361,18 @@ class Pipeline:
         differs from `previous_status` (the previous build's; None: there was
         none, and failure is the change) in 0.4 and 0.5 files (0.8 compared
         the word with success and failure only). A copy where it changes."""
-        if "status" not in step.when or self.era == "0.8":
+        if "status" not in step.when or self.era in _RULES_08:
             return step
         means = SUCCESS if previous_status == FAILURE else FAILURE
-        include, exclude = step.when["status"]
+        include, *rest = step.when["status"]
         return dataclasses.replace(step, when={**step.when, "status": [
-            [means if word in ("changed", "change") else word for word in include], exclude]})
+            [means if word in ("changed", "change") else word for word in include], *rest]})
 
     def when_branch(self, event, branch, ref):
         """The branch a step's `when.branch` is matched with: for a tag in a
         Drone 0.4 or 0.5 file the tag's ref (refs/tags/v1), which their
         GitHub remote made the build's branch; else `branch`."""
-        if event == EVENT_TAG and self.era != "0.8" and _is_drone_file(self.filename):
+        if event == EVENT_TAG and self.era not in _RULES_08 and _is_drone_file(self.filename):
             return ref
         return branch
 
@@ -1376,6 +1390,12 @@ class Pipeline:
     def builds_branch(self, branch):
         """Whether the top-level `branches` filter lets `branch` build."""
         return self.branches is None or _constraint_matches(self.branches, branch)
+
+    def triggered(self, *, event, branch, ref, repo="", deploy_to=""):
+        """Whether a Drone 1.x `trigger` lets this build be made (no trigger: yes)."""
+        return not self.trigger or Step(name="trigger", commands=[], when=self.trigger).applies(
+            branch=branch, event=event, environment={}, job_status=None, deploy_to=deploy_to,
+            ref=ref, repo=repo)
 
     def to_json(self):
         """The parsed pipeline as JSON text: kept with a build, so that its jobs
@@ -1417,7 +1437,8 @@ _TOP_LEVEL_KEYS = ("pipeline", "services", "matrix", "workspace", "clone", "bran
                    "drone_version",
                    "platform", "labels", "node", "fail_fast", "max_parallel", "timeout",
                    "build", "compose", "publish", "deploy", "notify",
-                   "plugin")  # Drone 0.4 plugins' own metadata (for its plugin index): unused
+                   "plugin",  # Drone 0.4 plugins' own metadata (for its plugin index): unused
+                   "trigger")  # a Drone 1.x pipeline's conditions (see _Drone1)
 _UNSUPPORTED_TOP_LEVEL = {
     "networks": "named networks are not supported: each job's steps and services share a "
                 "network of their own",
@@ -1469,6 +1490,229 @@ def _bytes_of_size(value):
     power = " kmgtp".index(match.group(2) or " ")
     return str(int(float(match.group(1)) * 1024 ** power))
 
+_DRONE_1_EVENTS = {"custom": EVENT_MANUAL, "promote": EVENT_DEPLOYMENT,
+                   "rollback": EVENT_DEPLOYMENT}  # Drone 1.x's event names for cirunner's
+_DRONE_1_PIPELINE_KEYS = ("kind", "type", "name", "steps", "services", "trigger", "clone",
+                          "workspace", "platform", "node", "depends_on", "concurrency",
+                          "image_pull_secrets", "volumes")
+
+
+class _Drone1:
+    """A Drone 1.x/2.x file (`kind: pipeline` documents) read into the form
+    the rest of the parser knows: its steps in order (with `depends_on`: each
+    step in a group with the others whose dependencies are as deep, the groups
+    in order), its services, clone, workspace (/drone/src) and trigger. Its
+    rules are Drone 0.8's (era "1"). One pipeline per file for now."""
+
+    def __init__(self, parser):
+        self.parser = parser
+        self.depends_on = {}  # step name: the names it depends on, as written
+        self.name = "default"
+
+    def document(self, documents):
+        parser = self.parser
+        parser.era = "1"
+        pipelines = []
+        for document, line in zip(documents, documents.lines):
+            kind = document.get("kind", "pipeline") if isinstance(document, dict) else None
+            if kind == "pipeline":
+                pipelines.append((document, line))
+            elif kind in ("secret", "signature"):
+                parser.problems.warn(line, f"a 'kind: {kind}' document is not read: " + (
+                    "secrets come from the repository's own (cirunner secret add)"
+                    if kind == "secret" else "no signature is checked: forks wait for "
+                    "approval instead"))
+            else:
+                parser.add(line, "each YAML document must be a mapping of kind pipeline, "
+                                 "secret or signature")
+        if len(pipelines) != 1:
+            names = ", ".join(repr(str(document.get("name", "default")))
+                              for document, _ in pipelines)
+            parser.add(pipelines[1][1] if pipelines else 1,
+                       f"several pipelines in one file ({names}) are not supported yet: one "
+                       "'kind: pipeline' document per file" if pipelines
+                       else "no 'kind: pipeline' document")
+            return None
+        return self._pipeline(*pipelines[0])
+
+    def _pipeline(self, document, line):
+        parser, out = self.parser, _YamlMap(line)
+        self.name = str(document.get("name") or "default")
+        kind = document.get("type", "docker")
+        if kind not in ("docker", "exec"):
+            parser.add(_line_of(document, "type"), f"pipeline type {kind!r} is not supported "
+                                                   "(docker or exec)")
+        for key, value in document.items():
+            at = _line_of(document, key)
+            if key == "steps":
+                value = self._steps(value, at, kind)
+                key = "pipeline"
+            elif key == "services":
+                value = self._named(value, at, "service", kind)
+            elif key == "trigger":
+                value = self._when(value, at)
+            elif key == "clone":
+                value = self._clone(value, at)
+            elif key == "workspace":
+                value = {"base": "/drone", "path": str(value.get("path") or "src")} \
+                    if isinstance(value, dict) else value
+            elif key == "platform" and isinstance(value, dict):
+                value = f"{value.get('os', 'linux')}/{value.get('arch', 'amd64')}"
+            elif key in ("depends_on", "volumes") and value:
+                parser.add(at, f"pipeline {key!r} is not supported yet: one pipeline per "
+                               "file, its steps' volumes none but the workspace")
+                continue
+            elif key in ("concurrency", "image_pull_secrets", "depends_on", "volumes"):
+                if value:
+                    parser.problems.warn(at, f"{key!r} is not read (no effect here)")
+                continue
+            elif key not in _DRONE_1_PIPELINE_KEYS:
+                parser.unknown(at, f"unknown pipeline key {key!r}")
+                continue
+            if key not in ("kind", "type", "name"):
+                out[key], out.lines[key] = value, at
+        out.setdefault("workspace", {"base": "/drone", "path": "src"})
+        return out
+
+    def _clone(self, value, line):
+        if not isinstance(value, dict):
+            self.parser.add(line, "'clone' takes disable, depth and skip_verify")
+            return True
+        if value.get("disable") is True:
+            return False
+        return {key: item for key, item in value.items() if key != "disable"}
+
+    def _named(self, items, line, what, kind):
+        """A list of steps (or services) as the mapping of names the parser reads."""
+        out = _YamlMap(line)
+        if not isinstance(items, list):
+            self.parser.add(line, f"'{what}s' must be a list of {what}s")
+            return out
+        for index, body in enumerate(items, start=1):
+            at = items.lines[index - 1] if isinstance(items, _YamlList) else line
+            if not isinstance(body, dict):
+                self.parser.add(at, f"{what} {index} must be a mapping")
+                continue
+            name = body.get("name")
+            if not isinstance(name, str) or not name:
+                self.parser.add(at, f"{what} {index} needs a 'name'")
+                name = f"{what}-{index}"
+            if name in out:
+                self.parser.add(at, f"two {what}s are named {name!r} (first on line "
+                                    f"{out.lines[name]})")
+                continue
+            if kind == "exec" and "image" in body:
+                self.parser.add(at, f"{what} {name!r}: an exec pipeline's steps run on the "
+                                    "host: no 'image'")
+            elif kind == "docker" and not body.get("image"):
+                self.parser.add(at, f"{what} {name!r} needs an image (a docker pipeline)")
+            out[name], out.lines[name] = self._step(body), at
+        return out
+
+    def _step(self, body):
+        out, secrets = _YamlMap(body.line), []
+        for key, value in body.items():
+            at = _line_of(body, key)
+            if key in ("name", "depends_on"):
+                continue
+            if key == "settings" and isinstance(value, dict):
+                for setting, item in value.items():
+                    if isinstance(item, dict) and set(item) == {"from_secret"}:
+                        variable = "PLUGIN_" + re.sub(r"[^A-Za-z0-9_]", "_", setting).upper()
+                        secrets.append({"source": str(item["from_secret"]), "target": variable})
+                    else:
+                        out[setting], out.lines[setting] = item, _line_of(value, setting)
+                continue
+            if key == "environment" and isinstance(value, dict):
+                plain = _YamlMap(at)
+                for variable, item in value.items():
+                    if isinstance(item, dict) and set(item) == {"from_secret"}:
+                        secrets.append({"source": str(item["from_secret"]), "target": variable})
+                    else:
+                        plain[variable], plain.lines[variable] = item, _line_of(value, variable)
+                value = plain
+            elif key == "pull":
+                value = value == "always"  # never, if-not-exists: the engine's own
+            elif key == "when":
+                value = self._when(value, at)
+            elif key == "volumes" and value:
+                self.parser.add(at, "step volumes (of the pipeline's volumes) are not "
+                                    "supported yet")
+                continue
+            out[key], out.lines[key] = value, at
+        if secrets:
+            out["secrets"], out.lines["secrets"] = secrets, body.line
+        return out
+
+    def _steps(self, items, line, kind):
+        """The steps, with `depends_on` made groups: a step's depth is one more
+        than its deepest dependency's; steps of one depth run together, after
+        every shallower one (in Drone a step starts as soon as its own
+        dependencies end: here it may wait longer, never less)."""
+        steps = self._named(items, line, "step", kind)
+        bodies = {body.get("name"): body for body in items or ()
+                  if isinstance(body, dict)} if isinstance(items, list) else {}
+        needs = {name: bodies.get(name, {}).get("depends_on") or [] for name in steps}
+        needs = {name: [need] if isinstance(need, str) else list(need) if isinstance(
+            need, list) else [] for name, need in needs.items()}
+        self.depends_on = needs
+        if not any(needs.values()):
+            return steps  # in order, one after another
+        depths = {}
+
+        def depth(name, path):
+            if name in path:
+                self.parser.add(steps.lines[name], "steps depend on each other in a cycle: "
+                                                   + " -> ".join([*path, name]))
+                return 0
+            if name not in depths:
+                known = [need for need in needs[name] if need in steps]
+                for need in set(needs[name]) - set(known):
+                    self.parser.add(steps.lines[name], f"step {name!r} depends on "
+                                                       f"{need!r}, which is no step")
+                depths[name] = 1 + max((depth(need, (*path, name)) for need in known),
+                                       default=-1)
+            return depths[name]
+
+        for name in steps:
+            depth(name, ())
+        out = _YamlMap(steps.line)
+        for name in sorted(steps, key=lambda name: depths[name]):  # stable: file order kept
+            body = steps[name]
+            body["group"], body.lines["group"] = f"depth {depths[name]}", steps.lines[name]
+            out[name], out.lines[name] = body, steps.lines[name]
+        return out
+
+    def _when(self, when, line):
+        """Drone 1.x's conditions in cirunner's words: its event names, target
+        as environment; cron, action and paths cannot be told here (warned)."""
+        if not isinstance(when, dict):
+            return when
+        out = _YamlMap(when.line)
+        for key, value in when.items():
+            at = _line_of(when, key)
+            if key == "event":
+                value = self._events(value)
+            elif key == "target":
+                key = "environment"
+            elif key in ("cron", "action", "paths"):
+                self.parser.problems.warn(at, f"when.{key} is not evaluated here: it "
+                                              "matches every build")
+                continue
+            out[key], out.lines[key] = value, at
+        return out
+
+    @staticmethod
+    def _events(value):
+        def one(name):
+            return _DRONE_1_EVENTS.get(name, name) if isinstance(name, str) else name
+
+        if isinstance(value, dict):
+            return {key: [one(item) for item in (items if isinstance(items, list) else [items])]
+                    for key, items in value.items()}
+        return [one(item) for item in value] if isinstance(value, list) else one(value)
+
+
 class _PipelineParser:
     """Turns a pipeline document into a `Pipeline`, noting every problem."""
 
@@ -1496,6 +1740,9 @@ class _PipelineParser:
 
     def parse(self, text):
         document = _YamlReader(self.filename, self.problems, drone=self.drone).read(text)
+        drone1 = _Drone1(self) if getattr(document, "drone1", False) else None
+        if drone1 is not None:
+            document = drone1.document(document)
         if document is None:
             self.problems.raise_any()
             self.add(1, "the pipeline file is empty: it needs a 'pipeline' mapping of steps")
@@ -1504,6 +1751,9 @@ class _PipelineParser:
                                          "'pipeline' key")
         else:
             pipeline = self._document(document)
+            for step in pipeline.steps if drone1 is not None else ():
+                step.depends_on = drone1.depends_on.get(step.name, [])
+            pipeline.name = drone1.name if drone1 is not None else pipeline.name
             self.problems.raise_any()
             pipeline.warnings = self.problems.warning_texts()
             return pipeline
@@ -1537,6 +1787,9 @@ class _PipelineParser:
         if "branches" in document:
             pipeline.branches = list(self._constraint(document["branches"], "branches",
                                                       _line_of(document, "branches")))
+        if "trigger" in document:
+            pipeline.trigger = self._when(document["trigger"], "trigger",
+                                          _line_of(document, "trigger"))
         if document.get("matrix") not in (None, ""):
             try:
                 pipeline.matrix = expand_matrix(document["matrix"], max_jobs=self.max_jobs,
@@ -1554,6 +1807,8 @@ class _PipelineParser:
         too: their rules are 0.5's unless they say otherwise)."""
         if drone04:
             return "0.4"
+        if self.era == "1":  # read by _Drone1
+            return "1"
         if "drone_version" not in document:
             return _drone_era(document) if self.drone else "0.5"
         said = str(document["drone_version"])
@@ -1757,7 +2012,7 @@ class _PipelineParser:
                                      "took it for a plugin, which skips pull requests unless "
                                      "its when.event says otherwise; so does cirunner")
         if ((kind == "plugin" or taken_for_plugin) and "event" not in step.when
-                and self.era != "0.8"):
+                and self.era not in _RULES_08):
             step.when["event"] = [[], [EVENT_PULL_REQUEST]]
         self._check_step(step, body, where, line, unknown)
         return step
@@ -1772,7 +2027,8 @@ class _PipelineParser:
         if step.kind == "service" and not step.image:
             self.add(line, f"{where}: a service needs an image")
         overridden = [key for key in ("entrypoint", "command") if getattr(step, key)]
-        if self.drone and step.kind != "service" and not step.detach and overridden:
+        if self.drone and self.era != "1" and step.kind != "service" and not step.detach \
+                and overridden:
             # Drone 0.5 (transform.CheckEntrypoint) and 0.8 (its linter) refused it
             self.add(_line_of(body, overridden[0]),
                      f"{where}: Drone refused {overridden[0]!r} on a pipeline step (only "
@@ -1922,7 +2178,9 @@ class _PipelineParser:
             else:
                 parsed[key] = list(self._constraint(value, f"{where}: when.{key}", key_line))
                 self._check_words(parsed[key], key, where, key_line)
-        if self.era == "0.8" and {"changed", "change"}.intersection(
+                if self.era == "1":
+                    parsed[key].append(True)  # Drone 1.x's globs: doublestar
+        if self.era in _RULES_08 and {"changed", "change"}.intersection(
                 *parsed.get("status", [[]])[:1]):
             # Drone 0.8 compares the word with "success" and "failure" only.
             self.problems.warn(_line_of(when, "status"), f"{where}: when.status 'changed' is "
@@ -2113,13 +2371,15 @@ def plan_pipeline(pipeline, *, event, branch, ref="", repo="", deploy_to="",
         steps = [pipeline.status_resolved(step, previous_status) for step in pipeline.steps]
         jobs.append({
             "matrix": dict(axis),
-            "steps": [{"name": step.name, "image": step.image or None, "depends_on": [],
+            "steps": [{"name": step.name, "image": step.image or None,
+                       "depends_on": list(step.depends_on),
                        "runs": step.applies(job_status=SUCCESS, **when)} for step in steps],
             # Drone 0.8 starts a service only where its `when` matches (the executor's rule)
             "services": [service.name for service in pipeline.services
-                         if pipeline.era != "0.8" or service.applies(job_status=None, **when)]})
-    runs = event not in _FILTERED_EVENTS or pipeline.builds_branch(branch)
-    return {"pipelines": [{"name": "default", "depends_on": [], "runs": runs, "jobs": jobs}],
+                         if pipeline.era not in _RULES_08 or service.applies(job_status=None, **when)]})
+    runs = (event not in _FILTERED_EVENTS or pipeline.builds_branch(branch)) and \
+        pipeline.triggered(event=event, branch=branch, ref=ref, repo=repo, deploy_to=deploy_to)
+    return {"pipelines": [{"name": pipeline.name, "depends_on": [], "runs": runs, "jobs": jobs}],
             "warnings": list(pipeline.warnings)}
 
 
@@ -5615,6 +5875,13 @@ def _make_build(store, repo, request, *, max_jobs=DEFAULT_MAX_JOBS, resolve=_res
                     and not pipeline.builds_branch(fields["branch"])):
                 raise NoBuild(f"the pipeline's branches filter excludes branch "
                               f"{fields['branch']!r}: no build was made")
+            ref = request.fields.get("ref") or fields["ref"]
+            if pipeline is not None and not pipeline.triggered(
+                    event=request.event, branch=fields["branch"], ref=ref,
+                    repo=f"{repo['owner']}/{repo['name']}",
+                    deploy_to=request.fields.get("deploy_to") or ""):
+                raise NoBuild(f"the pipeline's trigger excludes this {request.event} build of "
+                              f"{ref or fields['branch']!r}: no build was made")
             if pipeline is not None:
                 environments = pipeline.matrix
                 fields.update(fail_fast=int(pipeline.fail_fast),
@@ -7377,7 +7644,7 @@ class _JobRun:
         self.previous_status = previous["status"] if previous else None
         if _is_drone_file(self.pipeline.filename):
             self.drone["CI"] = "drone"  # as Drone 0.5 and 0.8 set it
-        if self.pipeline.era == "0.8":  # 0.8's metadata.go: CI_REPO_NAME is OWNER/NAME
+        if self.pipeline.era in _RULES_08:  # 0.8's metadata.go: CI_REPO_NAME is OWNER/NAME
             drone = self.drone
             drone.update(CI_REPO_NAME=drone["DRONE_REPO"], CI_REPO_LINK=drone["DRONE_REPO_LINK"],
                          CI_REPO_REMOTE=drone["DRONE_REMOTE_URL"],
@@ -7385,7 +7652,7 @@ class _JobRun:
         services = [self._substituted(step) for step in self.pipeline.services]
         # Drone 0.8 starts a service only where its `when` matches.
         self.services = [service for service in services
-                         if self.pipeline.era != "0.8" or self._applies(service, planning=True)]
+                         if self.pipeline.era not in _RULES_08 or self._applies(service, planning=True)]
         self.steps = [self._substituted(step) for step in self.pipeline.steps]
         self._check_plan()
         self.log.write(f"cirunner: {self._isolation()}\n")
@@ -7432,7 +7699,7 @@ class _JobRun:
         allowed = {name: value for name, value in self.secrets.items()
                    if _image_allowed(image, self.secret_images.get(name))}
         if step.secrets is None:
-            return {} if self.pipeline.era == "0.8" else allowed
+            return {} if self.pipeline.era in _RULES_08 else allowed
         by_name = {name.lower(): value for name, value in allowed.items()}
         return {target.upper(): by_name[source.lower()] for source, target in step.secrets
                 if source.lower() in by_name}
@@ -7461,7 +7728,7 @@ class _JobRun:
                                 "pipeline from a fork may never use, even on a trusted "
                                 "repository")
             used = [key for key in used if key in (
-                _TRUSTED_KEYS if self.pipeline.era == "0.8" else _TRUSTED_ONLY_KEYS)]
+                _TRUSTED_KEYS if self.pipeline.era in _RULES_08 else _TRUSTED_ONLY_KEYS)]
             if used and not self.repo["trusted"]:
                 raise _JobError(f"{where} uses {', '.join(repr(key) for key in used)}, which "
                                 "only trusted repositories may use: an admin marks this one "

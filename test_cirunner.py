@@ -3999,14 +3999,123 @@ def test_every_problem_is_named_at_once():
     assert "'networks' is a Drone key this server does not support" in caught.value.message
 
 
-def test_a_drone_1x_file_gets_one_clear_message():
-    for text in ("kind: pipeline\nname: default\nsteps:\n- name: t\n  image: alpine\n",
-                 "pipeline: {t: {commands: [true]}}\n---\nkind: secret\n"):
-        with pytest.raises(cirunner.ConfigError) as caught:
-            cirunner.parse_pipeline(text, ".drone.yml")
-        assert len(caught.value.problems) == 1
-        assert "Drone 1.x pipeline" in caught.value.message
-        assert "not supported yet" in caught.value.message
+DRONE_1_EXEC = """\
+kind: pipeline
+type: exec
+name: default
+
+steps:
+- name: test
+  environment:
+    TOKEN:
+      from_secret: api_token
+    PLAIN: plain-value
+  commands:
+  - echo "test sees ${#TOKEN} $PLAIN"
+- name: lint
+  commands: [echo linted]
+  depends_on: []
+- name: publish
+  commands: [echo published]
+  depends_on: [test, lint]
+  when:
+    event: [tag, promote]
+- name: notify
+  commands: [echo notified]
+  depends_on: [publish]
+  when:
+    status: [failure]
+
+trigger:
+  branch: [main]
+  event:
+    exclude: [pull_request]
+---
+kind: signature
+hmac: 0123
+"""
+
+
+def test_a_drone_1x_pipeline_runs_with_its_secrets_graph_and_trigger(store, executor,
+                                                                     make_repo):
+    pipeline = cirunner.parse_pipeline(DRONE_1_EXEC, ".drone.yml")
+    assert pipeline.era == "1"
+    assert [(step.name, step.group, step.depends_on) for step in pipeline.steps] == [
+        ("test", "depth 0", []), ("lint", "depth 0", []),
+        ("publish", "depth 1", ["test", "lint"]), ("notify", "depth 2", ["publish"])]
+    assert pipeline.warnings == [(".drone.yml line 32: a 'kind: signature' document is not "
+                                  "read: no signature is checked: forks wait for approval "
+                                  "instead")]
+    repo = make_repo({".drone.yml": DRONE_1_EXEC})
+    store.set_secret(repo["id"], "api_token", "t0k3n")
+    build = cirunner.create_build(store, repo, event="push")
+    executor.run_until_idle()
+    job = store.list_jobs(build["id"])[0]
+    assert [(step["name"], step["status"]) for step in store.list_steps([job["id"]])[job["id"]]] \
+        == [("test", "success"), ("lint", "success"), ("publish", "skipped"),
+            ("notify", "skipped")]
+    log = log_text(store, build, 1)
+    assert "test sees 5 plain-value" in log and "linted" in log
+    # a "promote" is cirunner's deployment; the trigger refuses pull requests
+    promoted = cirunner.create_build(store, repo, event="deployment",
+                                     fields={"deploy_to": "production"})
+    executor.run_until_idle()
+    assert "\npublished\n" in log_text(store, promoted, 1)
+    with pytest.raises(cirunner.NoBuild, match="trigger excludes"):
+        cirunner.create_build(store, repo, event="pull_request")
+
+
+@pytest.mark.parametrize("conf, branch, expected", [
+    # drone/drone-yaml@01fb178 yaml/cond_test.go TestConstraintMatch, every case
+    ("master", "develop", False), ("master", "master", True), ("feature/*", "feature/foo", True),
+    ("[ master, feature/* ]", "develop", False), ("[ master, feature/* ]", "master", True),
+    ("[ master, feature/* ]", "feature/foo", True),
+    ("{include: [ master ]}", "develop", False), ("{include: [ master] }", "master", True),
+    ("{include: [ feature/* ]}", "master", False),
+    ("{include: [ feature/* ]}", "feature/foo", True),
+    ("{include: [ master, feature/* ]}", "develop", False),
+    ("{include: [ master, feature/* ]}", "master", True),
+    ("{include: [ master, feature/* ]}", "feature/foo", True),
+    ("{exclude: [ master ]}", "develop", True), ("{exclude: [ master ]}", "master", False),
+    ("{exclude: [ feature/* ]}", "master", True),
+    ("{exclude: [ feature/* ]}", "feature/foo", False),
+    ("{exclude: [ master, develop ]}", "master", False),
+    ("{exclude: [ feature/*, bar ]}", "master", True),
+    ("{exclude: [ feature/*, bar ]}", "feature/foo", False),
+    ("{ include: [ master, feature/* ], exclude: [ develop ] }", "master", True),
+    ("{ include: [ master, feature/* ], exclude: [ feature/bar ] }", "feature/bar", False),
+    ("{ include: [ master, feature/* ], exclude: [ master, develop ] }", "master", False),
+    ("", "master", True),
+    ("foo/**", "foo/bar/baz/qux", True),      # double star: across /
+    ("foo/**/qux", "foo/bar/baz/qux", True),
+])
+def test_drone_1x_conditions_match_as_drone_yaml_matches_them(conf, branch, expected):
+    when = f"      branch: {conf}\n" if conf else ""
+    text = ("kind: pipeline\ntype: exec\nsteps:\n- name: t\n  commands: [true]\n"
+            f"  when:\n{when or '      event: push' + chr(10)}")
+    step = cirunner.parse_pipeline(text, ".drone.yml").steps[0]
+    assert step.applies(branch=branch, event="push", environment={}) is expected
+    trigger = text.replace("  when:\n", "trigger:\n").replace("      ", "  ")
+    assert cirunner.parse_pipeline(trigger, ".drone.yml").triggered(
+        event="push", branch=branch, ref=f"refs/heads/{branch}") is expected
+
+
+@pytest.mark.parametrize("text, message", [
+    (("kind: pipeline\nname: a\nsteps: [{name: t, image: x}]\n---\n"
+      "kind: pipeline\nname: b\nsteps: [{name: t, image: x}]\n"),
+     "several pipelines in one file ('a', 'b') are not supported yet"),
+    ("kind: pipeline\ntype: kubernetes\nsteps: [{name: t, image: x}]\n",
+     "pipeline type 'kubernetes' is not supported"),
+    ("kind: pipeline\nsteps: [{name: t, commands: [true]}]\n", "'t' needs an image"),
+    ("kind: pipeline\ntype: exec\nsteps: [{name: t, commands: [true], depends_on: [u]}]\n",
+     "step 't' depends on 'u', which is no step"),
+    (("kind: pipeline\ntype: exec\nsteps:\n- {name: a, commands: [true], depends_on: [b]}\n"
+      "- {name: b, commands: [true], depends_on: [a]}\n"), "cycle: a -> b -> a"),
+    ("kind: secret\nname: x\n", "no 'kind: pipeline' document"),
+])
+def test_a_drone_1x_file_that_cannot_run_here_says_why(text, message):
+    with pytest.raises(cirunner.ConfigError, match=re.escape(message)):
+        cirunner.parse_pipeline(text, ".drone.yml")
 
 
 def test_drone_04_sections_and_matrix_variables(store, executor, make_repo):

@@ -181,6 +181,60 @@ def test_a_drone_pipeline_runs_in_its_images_with_a_service_and_a_plugin(tmp_pat
             ("announce", "plugin", "success")]
 
 
+DRONE_1 = """\
+kind: pipeline
+type: docker
+name: default
+
+steps:
+- name: test
+  image: localhost/cirunner-test:1
+  commands:
+  - echo "workspace $(pwd)"
+  - test -f README
+  - for i in $(seq 100); do wget -q -O - http://web/index.html && break; sleep 0.1; done
+- name: lint
+  image: localhost/cirunner-test:2
+  commands: [echo "lint VERSION $(cat /VERSION)"]
+  depends_on: []
+- name: announce
+  image: localhost/cirunner-plugin:1
+  settings:
+    channel: dev
+    password:
+      from_secret: slack_password
+  depends_on: [test, lint]
+
+services:
+- name: web
+  image: localhost/cirunner-test:1
+  command: [httpd, -f, -p, "80", -h, /www]
+---
+kind: signature
+hmac: 0123
+"""
+
+
+def test_a_drone_1x_pipeline_runs_in_its_images_with_a_service_and_a_plugin(tmp_path, servers):
+    server = servers(tmp_path / "data")
+    repo = str(tmp_path / "repo")
+    commit_files(repo, {".drone.yml": DRONE_1, "README": "hello\n"})
+    server.api("POST", "/api/repos/alice/hello", {"url": repo, "private": False})
+    server.api("POST", "/api/repos/alice/hello/secrets", {"name": "slack_password",
+                                                          "value": "s3cr3t-pw"})
+    assert server.api("POST", "/api/repos/alice/hello/builds", {})[0] == 201
+    build = finished(server, "alice/hello", 1)
+    log = http_text(server.url + "/api/repos/alice/hello/logs/1/1")
+    assert build["status"] == "success", (build, log[-2000:])
+    assert "workspace /drone/src" in log and "served-by-httpd-1" in log
+    assert "lint VERSION 2" in log
+    settings = sorted(re.findall(r"^PLUGIN_\w+=.*$", log, re.MULTILINE))
+    assert settings == ["PLUGIN_CHANNEL=dev", "PLUGIN_PASSWORD=********"]
+    assert "s3cr3t-pw" not in log
+    assert [(step["name"], step["status"]) for step in build["jobs"][0]["steps"]] == [
+        ("web", "success"), ("test", "success"), ("lint", "success"), ("announce", "success")]
+
+
 def test_a_service_that_ignores_sigterm_is_done_with_at_the_jobs_end_not_after_the_grace(
         tmp_path, servers):
     server = servers(tmp_path / "data", "--grace", "60")  # a step's grace: not a service's
