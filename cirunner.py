@@ -271,7 +271,7 @@ TOKEN_PREFIX = "cir_"           # lets secret scanners recognise a leaked token
 AGENT_TOKEN_PREFIX = "cia_"     # an agent's token (it works on the agent routes only)
 MASK = "********"
 REPORT_CONTEXT = "cirunner/build"
-PIPELINE_FILES = (".cirunner.yml", ".drone.yml")
+PIPELINE_FILES = (".cirunner.yml", ".drone.yml", ".woodpecker.yml", ".woodpecker.yaml")
 
 # -- limits ----------------------------------------------------------------------
 
@@ -688,7 +688,10 @@ def _go_glob(pattern, *, slashes=False, doublestar=False):
             out.append(re.escape(char))
         index += 1
     out.append("\\Z")
-    return re.compile("".join(out), re.DOTALL)
+    try:
+        return re.compile("".join(out), re.DOTALL)
+    except re.error:  # a class Go would refuse too ([z-a]): matches nothing
+        return None
 
 
 def _go_class_end(pattern, start):
@@ -970,17 +973,18 @@ _DRONE_1_KEYS = ("kind", "steps", "trigger", "depends_on", "concurrency",
 
 
 _DRONE_04_SECTIONS = ("publish", "deploy", "notify")  # Drone 0.4's plugin sections
-_RULES_08 = ("0.8", "1")  # eras whose files get Drone 0.8's rules (1: Drone 1.x and 2.x)
+_RULES_08 = ("0.8", "1", "woodpecker")  # eras with Drone 0.8's rules (1: Drone 1.x, 2.x)
 
 
 class _YamlReader:
     """Reads pipeline YAML into `_YamlMap`/`_YamlList` values, noting problems
     (duplicate keys first of all) instead of stopping at the first."""
 
-    def __init__(self, filename, problems, *, drone=False):
+    def __init__(self, filename, problems, *, drone=False, woodpecker=False):
         self.filename = filename
         self.problems = problems
         self.drone = drone  # duplicate keys are read as Drone read them, with a warning
+        self.woodpecker = woodpecker  # one document: a workflow
         self.nodes = 0
 
     def read(self, text):
@@ -988,10 +992,13 @@ class _YamlReader:
         documents = self._compose(text)
         if documents is None:
             return None
-        drone1 = len(documents) > 1 or (documents and isinstance(documents[0], yaml.MappingNode)
-                                        and any(key.value in _DRONE_1_KEYS
-                                                for key, _ in documents[0].value
-                                                if isinstance(key, yaml.ScalarNode)))
+        if self.woodpecker and len(documents) > 1:
+            self.problems.add(1, "a Woodpecker workflow is one YAML document")
+            return None
+        drone1 = not self.woodpecker and (
+            len(documents) > 1 or bool(documents) and isinstance(documents[0], yaml.MappingNode)
+            and any(key.value in _DRONE_1_KEYS for key, _ in documents[0].value
+                    if isinstance(key, yaml.ScalarNode)))
         if not documents:
             return None
         loader = self._loader(text)
@@ -1224,8 +1231,15 @@ class Step:
         """True if the step's ``when`` lets it run for this job (the status
         constraint defaults to success; ``changed`` is resolved beforehand;
         a `job_status` of None leaves the status out, as Drone does when it
-        plans a job before it runs)."""
+        plans a job before it runs). A Woodpecker `when` list matches if any
+        of its conditions does."""
         when = self.when
+        if "any" in when:
+            arguments = {"branch": branch, "event": event, "environment": environment,
+                         "job_status": job_status, "deploy_to": deploy_to, "platform": platform,
+                         "ref": ref, "repo": repo, "instance": instance, "local": local}
+            return any(dataclasses.replace(self, when=one).applies(**arguments)
+                       for one in when["any"])
         for key, value in (("branch", branch), ("event", event), ("environment", deploy_to),
                            ("platform", platform), ("ref", ref), ("repo", repo),
                            ("instance", instance)):
@@ -1276,7 +1290,7 @@ class Step:
         setting sets nothing."""
         environment = {}
         for key, value in self.settings.items():
-            name = "PLUGIN_" + re.sub(r"[^A-Za-z0-9_]", "_", key).upper()
+            name = _plugin_variable(key)
             if value is None:
                 continue
             if isinstance(value, str):
@@ -1292,6 +1306,12 @@ class Step:
                 environment[name] = json.dumps(value, default=str, sort_keys=True,
                                                separators=(",", ":"))
         return environment
+
+
+def _plugin_variable(key):
+    """A plugin setting's variable: PLUGIN_ and its key in upper case, any
+    character a variable name cannot hold made _ (Woodpecker's rule too)."""
+    return "PLUGIN_" + re.sub(r"[^A-Za-z0-9_]", "_", str(key)).upper()
 
 
 def _setting_text(value):
@@ -1318,6 +1338,23 @@ def _map_strings(value, function):
     if isinstance(value, dict):
         return {key: _map_strings(item, function) for key, item in value.items()}
     return value
+
+
+def _tree_names(data):
+    """The names in a raw git tree object (``MODE NAME\\0`` and a SHA-1 each)."""
+    names, index = [], 0
+    while index < len(data):
+        end = data.index(b"\0", index)
+        names.append(data[index:end].split(b" ", 1)[1].decode("utf-8", errors="replace"))
+        index = end + 21
+    return sorted(names)
+
+
+def _is_woodpecker_file(filename):
+    """Whether a pipeline file is Woodpecker's: .woodpecker.yml (.yaml), or a
+    file of a .woodpecker/ folder."""
+    parts = filename.split("/")
+    return parts[-1].startswith(".woodpecker.") or ".woodpecker" in parts[:-1]
 
 
 def _is_drone_file(filename):
@@ -1380,7 +1417,8 @@ class Pipeline:
         """Whether ``$$`` is a literal ``$`` (Drone's envsubst): in Drone 0.5
         and 0.8 files; a .cirunner.yml keeps the shell's ``$$``, and a 0.4
         file its ``$$NAME`` matrix values."""
-        return not self.drone04 and _is_drone_file(self.filename)
+        return not self.drone04 and (_is_drone_file(self.filename)
+                                     or _is_woodpecker_file(self.filename))
 
     def runner_labels(self):
         """The labels a runner must have to run this pipeline's jobs, as stored."""
@@ -1490,8 +1528,8 @@ def _bytes_of_size(value):
     power = " kmgtp".index(match.group(2) or " ")
     return str(int(float(match.group(1)) * 1024 ** power))
 
-_DRONE_1_EVENTS = {"custom": EVENT_MANUAL, "promote": EVENT_DEPLOYMENT,
-                   "rollback": EVENT_DEPLOYMENT}  # Drone 1.x's event names for cirunner's
+# Drone 1.x's event names for cirunner's (a rollback has none here: it matches nothing)
+_DRONE_1_EVENTS = {"custom": EVENT_MANUAL, "promote": EVENT_DEPLOYMENT}
 _DRONE_1_PIPELINE_KEYS = ("kind", "type", "name", "steps", "services", "trigger", "clone",
                           "workspace", "platform", "node", "depends_on", "concurrency",
                           "image_pull_secrets", "volumes")
@@ -1508,12 +1546,15 @@ class _Drone1:
         self.parser = parser
         self.depends_on = {}  # step name: the names it depends on, as written
         self.name = "default"
+        self.keyed_graph = False  # Woodpecker: any depends_on (even []) makes the graph
 
     def document(self, documents):
         parser = self.parser
         parser.era = "1"
         pipelines = []
         for document, line in zip(documents, documents.lines):
+            if document is None:  # an empty document (a trailing ---)
+                continue
             kind = document.get("kind", "pipeline") if isinstance(document, dict) else None
             if kind == "pipeline":
                 pipelines.append((document, line))
@@ -1609,28 +1650,35 @@ class _Drone1:
             out[name], out.lines[name] = self._step(body), at
         return out
 
+    def _from_secret(self, values, at, secrets, variable):
+        """`values` without its {from_secret: NAME} items, each added to
+        `secrets` as the variable `variable(key)` names."""
+        plain = _YamlMap(at)
+        for key, item in values.items():
+            if isinstance(item, dict) and "from_secret" in item:
+                if set(item) != {"from_secret"} or not isinstance(item["from_secret"], str) \
+                        or not item["from_secret"]:
+                    self.parser.add(_line_of(values, key), f"{key!r}: from_secret takes the "
+                                                           "name of a secret")
+                    continue
+                secrets.append({"source": item["from_secret"], "target": variable(key)})
+            else:
+                plain[key], plain.lines[key] = item, _line_of(values, key)
+        return plain
+
     def _step(self, body):
         out, secrets = _YamlMap(body.line), []
         for key, value in body.items():
             at = _line_of(body, key)
             if key in ("name", "depends_on"):
                 continue
-            if key == "settings" and isinstance(value, dict):
-                for setting, item in value.items():
-                    if isinstance(item, dict) and set(item) == {"from_secret"}:
-                        variable = "PLUGIN_" + re.sub(r"[^A-Za-z0-9_]", "_", setting).upper()
-                        secrets.append({"source": str(item["from_secret"]), "target": variable})
-                    else:
-                        out[setting], out.lines[setting] = item, _line_of(value, setting)
-                continue
-            if key == "environment" and isinstance(value, dict):
-                plain = _YamlMap(at)
-                for variable, item in value.items():
-                    if isinstance(item, dict) and set(item) == {"from_secret"}:
-                        secrets.append({"source": str(item["from_secret"]), "target": variable})
-                    else:
-                        plain[variable], plain.lines[variable] = item, _line_of(value, variable)
-                value = plain
+            if key == "settings":  # the plugin's settings, kept apart from the step's keys
+                if not isinstance(value, dict):
+                    self.parser.add(at, "'settings' must be a mapping")
+                    continue
+                value = self._from_secret(value, at, secrets, _plugin_variable)
+            elif key == "environment" and isinstance(value, dict):
+                value = self._from_secret(value, at, secrets, str)
             elif key == "pull":
                 value = value == "always"  # never, if-not-exists: the engine's own
             elif key == "when":
@@ -1655,8 +1703,15 @@ class _Drone1:
         needs = {name: bodies.get(name, {}).get("depends_on") or [] for name in steps}
         needs = {name: [need] if isinstance(need, str) else list(need) if isinstance(
             need, list) else [] for name, need in needs.items()}
+        for name, need in needs.items():
+            if not all(isinstance(item, str) for item in need):
+                self.parser.add(steps.lines[name], f"step {name!r}: 'depends_on' must be a "
+                                                   "list of step names")
+                needs[name] = [item for item in need if isinstance(item, str)]
         self.depends_on = needs
-        if not any(needs.values()):
+        graph = any(needs.values()) or (self.keyed_graph and any(
+            "depends_on" in body for body in bodies.values()))
+        if not graph:
             return steps  # in order, one after another
         depths = {}
 
@@ -1695,7 +1750,13 @@ class _Drone1:
                 value = self._events(value)
             elif key == "target":
                 key = "environment"
-            elif key in ("cron", "action", "paths"):
+            elif key == "cron":  # no schedule names here: every cron build, none other
+                self.parser.problems.warn(at, "when.cron is not told by name here: it "
+                                              "matches every cron build")
+                if "event" not in when:
+                    out["event"], out.lines["event"] = [EVENT_CRON], at
+                continue
+            elif key in ("action", "paths", "path", "evaluate"):
                 self.parser.problems.warn(at, f"when.{key} is not evaluated here: it "
                                               "matches every build")
                 continue
@@ -1713,6 +1774,88 @@ class _Drone1:
         return [one(item) for item in value] if isinstance(value, list) else one(value)
 
 
+_WOODPECKER_WORKFLOW_KEYS = ("steps", "pipeline", "services", "when", "depends_on", "runs_on",
+                             "skip_clone", "clone", "workspace", "matrix", "labels", "platform",
+                             "variables")
+
+
+class _Woodpecker(_Drone1):
+    """A Woodpecker workflow (.woodpecker.yml, or the one file of .woodpecker/)
+    read into the parser's 0.8 form, with Woodpecker's rules (era
+    "woodpecker": a step gets the secrets it names with from_secret, plugins
+    run for every event): `steps` as a mapping or a list, `when` as a mapping
+    or a list (any one matching), `depends_on` (any step that has it, even
+    empty, makes the graph), `skip_clone`, the workspace /woodpecker/src/...
+    One workflow per build for now."""
+
+    def workflow(self, document):
+        parser, out = self.parser, _YamlMap(document.line)
+        parser.era, self.keyed_graph = "woodpecker", True
+        self.name = os.path.splitext(os.path.basename(parser.filename))[0].lstrip(".") \
+            if "/" in parser.filename else "woodpecker"
+        for key, value in document.items():
+            at = _line_of(document, key)
+            if key in ("steps", "pipeline", "services"):
+                value = self._as_list(value, at)
+                value = (self._steps(value, at, None) if key != "services"
+                         else self._named(value, at, "service", None))
+                key = "pipeline" if key == "steps" else key
+            elif key == "when":
+                key, value = "trigger", self._when(value, at)
+            elif key == "skip_clone":
+                key, value = "clone", value is not True
+            elif key == "workspace" and isinstance(value, dict):
+                value = {"base": str(value.get("base") or "/woodpecker"),
+                         **({"path": str(value["path"])} if value.get("path") else {})}
+            elif key == "depends_on" and value:
+                parser.add(at, "'depends_on' between workflows is not supported yet: one "
+                               "workflow per build")
+                continue
+            elif key in ("runs_on", "variables", "depends_on"):
+                continue  # runs_on: with one workflow, nothing runs after it; variables: anchors
+            elif key not in _WOODPECKER_WORKFLOW_KEYS:
+                parser.unknown(at, f"unknown workflow key {key!r}")
+                continue
+            out[key], out.lines[key] = value, at
+        out.setdefault("workspace", {"base": "/woodpecker"})
+        return out
+
+    @staticmethod
+    def _as_list(value, line):
+        """Steps (or services) as a mapping of names, or a list: a list, each
+        named (as Woodpecker names unnamed ones, step-N)."""
+        if not isinstance(value, dict):
+            return value
+        items = _YamlList(line)
+        for name, body in value.items():
+            if isinstance(body, dict) and "name" not in body:
+                named = _YamlMap(body.line)
+                named["name"], named.lines["name"] = str(name), value.lines.get(name, line)
+                for key, item in body.items():
+                    named[key], named.lines[key] = item, _line_of(body, key)
+                body = named
+            items.append(body)
+            items.lines.append(value.lines.get(name, line))
+        return items
+
+    def _step(self, body):
+        out = super()._step(body)
+        if "directory" in out:
+            self.parser.problems.warn(_line_of(out, "directory"), "'directory' is not "
+                                      "supported yet: the step runs in the workspace")
+            del out["directory"]
+        return out
+
+    def _when(self, when, line):
+        """Woodpecker's conditions: a mapping, or a list of them of which any
+        one matching is enough; path, cron and evaluate cannot be told here."""
+        if isinstance(when, list):
+            out = _YamlMap(line)
+            out["any"], out.lines["any"] = [self._when(one, line) for one in when], line
+            return out
+        return super()._when(when, line)
+
+
 class _PipelineParser:
     """Turns a pipeline document into a `Pipeline`, noting every problem."""
 
@@ -1726,6 +1869,7 @@ class _PipelineParser:
         # duplicate keys kept as Drone kept them), each said in a warning; a
         # .cirunner.yml gets errors, so that a typo never passes.
         self.drone = _is_drone_file(filename)
+        self.woodpecker = _is_woodpecker_file(filename)
 
     def add(self, line, message):
         self.problems.add(line, message)
@@ -1733,16 +1877,22 @@ class _PipelineParser:
     def unknown(self, line, message):
         """An unknown key: ignored in a Drone file (as yaml.v2 ignored it), with
         a warning; an error in a .cirunner.yml."""
-        if self.drone:
-            self.problems.warn(line, f"{message}: ignored, as Drone ignored it")
+        if self.drone or self.woodpecker:
+            whose = "Drone" if self.drone else "Woodpecker"
+            self.problems.warn(line, f"{message}: ignored, as {whose} ignored it")
         else:
             self.add(line, message)
 
     def parse(self, text):
-        document = _YamlReader(self.filename, self.problems, drone=self.drone).read(text)
-        drone1 = _Drone1(self) if getattr(document, "drone1", False) else None
-        if drone1 is not None:
-            document = drone1.document(document)
+        document = _YamlReader(self.filename, self.problems, drone=self.drone,
+                               woodpecker=self.woodpecker).read(text)
+        reader = None  # what read a Drone 1.x file or a Woodpecker workflow
+        if self.woodpecker and isinstance(document, dict):
+            reader = _Woodpecker(self)
+            document = reader.workflow(document)
+        elif getattr(document, "drone1", False):
+            reader = _Drone1(self)
+            document = reader.document(document)
         if document is None:
             self.problems.raise_any()
             self.add(1, "the pipeline file is empty: it needs a 'pipeline' mapping of steps")
@@ -1751,9 +1901,9 @@ class _PipelineParser:
                                          "'pipeline' key")
         else:
             pipeline = self._document(document)
-            for step in pipeline.steps if drone1 is not None else ():
-                step.depends_on = drone1.depends_on.get(step.name, [])
-            pipeline.name = drone1.name if drone1 is not None else pipeline.name
+            for step in pipeline.steps if reader is not None else ():
+                step.depends_on = reader.depends_on.get(step.name, [])
+            pipeline.name = reader.name if reader is not None else pipeline.name
             self.problems.raise_any()
             pipeline.warnings = self.problems.warning_texts()
             return pipeline
@@ -1807,8 +1957,8 @@ class _PipelineParser:
         too: their rules are 0.5's unless they say otherwise)."""
         if drone04:
             return "0.4"
-        if self.era == "1":  # read by _Drone1
-            return "1"
+        if self.era in ("1", "woodpecker"):  # read by _Drone1, _Woodpecker
+            return self.era
         if "drone_version" not in document:
             return _drone_era(document) if self.drone else "0.5"
         said = str(document["drone_version"])
@@ -1909,7 +2059,10 @@ class _PipelineParser:
             wrapper["build"], wrapper.lines["build"] = node, wrapper.line
             node = wrapper
         if not isinstance(node, dict) or not node:
-            if not (drone04 and node is None):
+            if self.era in ("1", "woodpecker"):  # said of its 'steps' already, or:
+                if not self.problems.found:
+                    self.add(1, "a pipeline needs 'steps'")
+            elif not (drone04 and node is None):
                 self.add(_line_of(document, key) if key in document else 1,
                          "'pipeline' must be a mapping of step names to steps")
             node = {}
@@ -1982,6 +2135,8 @@ class _PipelineParser:
         settings, unknown = {}, []
         for key, value in body.items():
             key_line = _line_of(body, key)
+            if key == "settings" and self.era in ("1", "woodpecker"):
+                continue  # the plugin's settings (below)
             if key in _UNSUPPORTED_STEP_KEYS:
                 self.add(key_line, f"{where}: {key!r} is a Drone key this server does not "
                                    f"support: {_UNSUPPORTED_STEP_KEYS[key]}")
@@ -2000,8 +2155,10 @@ class _PipelineParser:
                                        f"settings beside commands ({hint})")
                 else:
                     self.unknown(key_line, f"{where}: unknown key {key!r} ({hint})")
+        if self.era in ("1", "woodpecker") and isinstance(body.get("settings"), dict):
+            settings.update(body["settings"])  # Drone 1.x, Woodpecker: settings of their own
         step.settings = _plain(settings)
-        if kind == "plugin" and not step.image:
+        if kind == "plugin" and "image" not in body:  # 0.5: the step's name (see above)
             step.image = image
         # A plugin skips pull requests unless its when.event says otherwise: 0.4's
         # and 0.5's rule, not 0.8's; 0.5 took a step with settings beside its
@@ -2164,7 +2321,9 @@ class _PipelineParser:
         parsed = {}
         for key, value in when.items():
             key_line = _line_of(when, key)
-            if key not in _WHEN_KEYS:
+            if key == "any" and isinstance(value, list) and self.woodpecker:
+                parsed["any"] = [self._when(one, where, key_line) for one in value]
+            elif key not in _WHEN_KEYS:
                 self.add(key_line, f"{where}: unknown 'when' key {key!r} (expected one of "
                                    f"{', '.join(_WHEN_KEYS)})")
             elif key == "matrix":
@@ -2208,7 +2367,7 @@ class _PipelineParser:
         for pattern in constraint[0] + constraint[1]:
             if not any(_path_match(pattern, word) for word in words):
                 message = f"{where}: when.{key} {pattern!r} matches none of {', '.join(words)}"
-                if self.drone:  # Drone accepted it, and it matched nothing there either
+                if self.drone or self.woodpecker:  # accepted there, matching nothing
                     self.problems.warn(line, message)
                 else:
                     self.add(line, message)
@@ -2241,9 +2400,13 @@ class _PipelineParser:
 def parse_pipeline(text, filename=PIPELINE_FILES[0], *, max_jobs=DEFAULT_MAX_JOBS):
     """Parse and validate pipeline `text` (YAML) into a `Pipeline`.
 
-    Drone's 0.4, 0.5 and 0.8 forms are read as Drone reads them. Raises
+    Drone's 0.4, 0.5, 0.8 and 1.x forms are read as Drone reads them, a
+    Woodpecker workflow as Woodpecker does. Raises
     ConfigError naming `filename` and every problem with its line.
     """
+    if filename == ".woodpecker/":  # a folder of several workflows (text: their names)
+        raise ConfigError(f".woodpecker/ holds several workflows ({', '.join(text.split())}), "
+                          "which are not supported yet: one workflow per build")
     return _PipelineParser(filename, max_jobs).parse(text)
 
 
@@ -2340,11 +2503,19 @@ def _axis_text(environment):
 def read_pipeline_file(directory, config_path=""):
     """Return (filename, text) of the pipeline file in a working `directory`.
 
-    Looks for `config_path` if given, else ``.cirunner.yml`` then ``.drone.yml``.
+    Looks for `config_path` if given, else `PIPELINE_FILES` in order, then a
+    ``.woodpecker/`` folder's workflow.
     """
     names = (config_path,) if config_path else PIPELINE_FILES
+    folder = os.path.join(directory, ".woodpecker")
+    if not config_path and os.path.isdir(folder):
+        workflows = sorted(name for name in os.listdir(folder) if name.endswith((".yml", ".yaml")))
+        names += (".woodpecker/",) if len(workflows) > 1 else tuple(
+            f".woodpecker/{name}" for name in workflows)
     for name in names:
         path = os.path.join(directory, name)
+        if name == ".woodpecker/":
+            return name, "\n".join(workflows)
         if os.path.isfile(path):
             with open(path, encoding="utf-8", errors="replace") as handle:
                 return name, handle.read()
@@ -2870,23 +3041,33 @@ class _GitMirrors:
                                    stderr=subprocess.DEVNULL, env=self.env)
 
         def ask(spec):
+            """(sha, kind, data) of an object, or Nones."""
             process.stdin.write(spec.encode() + b"\n")
             process.stdin.flush()
             header = process.stdout.readline().split()
             if len(header) != 3 or header[1] not in (b"commit", b"blob", b"tree", b"tag"):
-                return None, None
+                return None, None, None
             data = process.stdout.read(int(header[2]))
             process.stdout.read(1)
-            return header[0].decode(), data
+            return header[0].decode(), header[1].decode(), data
 
         try:
-            sha, raw = ask(f"{revision}^{{commit}}")
+            sha, _, raw = ask(f"{revision}^{{commit}}")
             if sha is None:
                 return None
             fields = _commit_fields(sha, raw)
-            for filename in (config_path,) if config_path else PIPELINE_FILES:
-                _, text = ask(f"{sha}:{filename}")
-                if text is not None:
+            names = (config_path,) if config_path else PIPELINE_FILES
+            _, kind, tree = (None, None, None) if config_path else ask(f"{sha}:.woodpecker")
+            workflows = [name for name in _tree_names(tree) if name.endswith((".yml", ".yaml"))] \
+                if kind == "tree" else []  # Woodpecker's folder of workflows, after the files
+            if len(workflows) > 1:  # parse_pipeline says they are not supported yet
+                names += (".woodpecker/",)
+            names += tuple(f".woodpecker/{name}" for name in workflows[:1])
+            for filename in names:
+                if filename == ".woodpecker/":
+                    return fields, (filename, "\n".join(workflows))
+                _, kind, text = ask(f"{sha}:{filename}")
+                if kind == "blob":
                     return fields, (filename, text.decode("utf-8", errors="replace"))
             return fields, None
         except (OSError, ValueError) as exc:
@@ -2983,7 +3164,7 @@ def _gravatar(email):
 
 # Raised when parsing gives a file another meaning (its era's rules, its
 # warnings): a file parsed before is parsed again, not read from the store.
-_PIPELINE_RULES = 2
+_PIPELINE_RULES = 3
 
 
 def _pipeline_digest(filename, text):
@@ -4729,7 +4910,7 @@ class Store(_Listeners):
         events = list(dict.fromkeys(events)) if events else list(SECRET_EVENTS)
         if not all(event in EVENTS for event in events):
             raise BadRequest(f"events must be among {', '.join(EVENTS)}")
-        images = [] if images is None or list(images) == ["*"] else list(images)
+        images = [] if images is None or "*" in images else list(images)
         if len(images) > 100 or not all(
                 isinstance(image, str) and 0 < len(image) <= 255 and image.isprintable()
                 and " " not in image for image in images):
@@ -4750,8 +4931,9 @@ class Store(_Listeners):
                 for row in self._query("SELECT name, events, images FROM secrets "
                                        "WHERE repo_id = $1 ORDER BY name", (repo_id,))]
 
-    def secret_images(self, repo_id):
-        """{name: [image patterns]} of the repository's secrets limited to images."""
+    def secret_images(self, repo_id, *, job_id=None):
+        """{name: [image patterns]} of the repository's secrets limited to
+        images (`job_id`: the job that asks; an agent's store answers from it)."""
         return {row["name"]: json.loads(row["images"]) for row in self._query(
             "SELECT name, images FROM secrets WHERE repo_id = $1 AND images != '[]'",
             (repo_id,))}
@@ -4762,8 +4944,9 @@ class Store(_Listeners):
                               (repo_id, name)).rowcount:
                 raise NotFound(f"secret {name} not found")
 
-    def secrets_for(self, repo_id, event):
-        """{name: value} of the secrets a build of `event` may see."""
+    def secrets_for(self, repo_id, event, *, job_id=None):
+        """{name: value} of the secrets a build of `event` may see (`job_id`:
+        the job that asks; an agent's store answers from what came with it)."""
         return {row["name"]: self.sealer.unseal(row["value"],
                                                 f"repo {repo_id} secret {row['name']}")
                 for row in self._query("SELECT name, value, events FROM secrets "
@@ -7464,16 +7647,35 @@ class _Running:
 
 def _image_allowed(image, patterns):
     """True if a step in `image` may get a secret limited to `patterns` (none:
-    every step): a pattern matches the whole image or its name without tag or
-    digest, as a glob (Drone 0.5 matched globs with the tag, 0.8 names
-    without it); a step on the host (no image) matches only none."""
+    every step): a glob matches the whole image; a name without a tag or
+    digest also matches that image with any tag (Drone 0.8 compared names
+    without tags), one with a tag or digest only that exact image; a step on
+    the host (no image) matches only none."""
     if not patterns:
         return True
     if not image:
         return False
     name = _image_name(image)
-    return any(pattern == "*" or _path_match(pattern, image) or _path_match(pattern, name)
-               or _image_name(pattern) == name for pattern in patterns)
+
+    def allows(pattern):
+        if _path_match(pattern, image):
+            return True
+        if _image_name(pattern) != name:
+            return False
+        pinned = "@" in pattern or ":" in pattern.rpartition("/")[2]
+        return not pinned or _image_reference(pattern) == _image_reference(image)
+
+    return any(allows(pattern) for pattern in patterns)
+
+
+def _image_reference(image):
+    """An image reference with Docker Hub's implied parts (docker.io/,
+    library/) left out and ``:latest`` made explicit: comparable as text."""
+    name = _image_name(image)
+    rest = image[len(image.split("@", 1)[0].rpartition("/")[0]):]
+    tag = "@" + image.split("@", 1)[1] if "@" in image else (
+        ":" + rest.split(":", 1)[1] if ":" in rest else ":latest")
+    return name + tag
 
 
 def _image_name(image):
@@ -7629,8 +7831,9 @@ class _JobRun:
         # A pipeline a fork wrote gets only the secrets marked for pull
         # requests, whatever event it runs as (a restart may change it).
         self.secrets = self.store.secrets_for(
-            self.repo["id"], EVENT_PULL_REQUEST if self.build["fork"] else self.build["event"])
-        self.secret_images = self.store.secret_images(self.repo["id"])
+            self.repo["id"], EVENT_PULL_REQUEST if self.build["fork"] else self.build["event"],
+            job_id=self.job["id"])
+        self.secret_images = self.store.secret_images(self.repo["id"], job_id=self.job["id"])
         self.log.mask(self.secrets.values())
         self.pipeline = self._pipeline()
         self.workspace = self.executor.workspace_for(self.repo, self.build, self.job)
@@ -7644,7 +7847,9 @@ class _JobRun:
         self.previous_status = previous["status"] if previous else None
         if _is_drone_file(self.pipeline.filename):
             self.drone["CI"] = "drone"  # as Drone 0.5 and 0.8 set it
-        if self.pipeline.era in _RULES_08:  # 0.8's metadata.go: CI_REPO_NAME is OWNER/NAME
+        if self.pipeline.era == "woodpecker":  # the CI_* its documentation calls stable
+            self.drone.update(self._woodpecker_environment())
+        elif self.pipeline.era in _RULES_08:  # 0.8's metadata.go: CI_REPO_NAME is OWNER/NAME
             drone = self.drone
             drone.update(CI_REPO_NAME=drone["DRONE_REPO"], CI_REPO_LINK=drone["DRONE_REPO_LINK"],
                          CI_REPO_REMOTE=drone["DRONE_REMOTE_URL"],
@@ -7664,6 +7869,16 @@ class _JobRun:
         for service in services:
             if not any(service is started for started in self.services):
                 self._step(self.records[id(service)], status=SKIPPED)
+
+    def _woodpecker_environment(self):
+        build, drone = self.build, self.drone
+        tag = build["ref"][len("refs/tags/"):] if build["ref"].startswith("refs/tags/") else ""
+        return {"CI": "woodpecker", "CI_PIPELINE_NUMBER": str(build["number"]),
+                "CI_PIPELINE_EVENT": build["event"], "CI_PIPELINE_URL": drone["CI_BUILD_LINK"],
+                "CI_COMMIT_TAG": tag, "CI_REPO_URL": drone["DRONE_REPO_LINK"],
+                "CI_REPO_CLONE_URL": drone["CI_REMOTE_URL"],
+                "CI_WORKFLOW_NAME": self.pipeline.name,
+                "CI_PREV_PIPELINE_STATUS": drone.get("DRONE_PREV_BUILD_STATUS", "")}
 
     def _pipeline(self):
         pipeline_id = self.build["pipeline_id"]
@@ -8990,7 +9205,7 @@ _REPO = _Resource("repository", [
            lambda value: _check_branch(value) if value else "", aliases=("branch",),
            help="default branch (default: the remote's HEAD)", flag="--branch"),
     _Field("config_path", _STRING, _shown("config_path"), _parse_config_path,
-           aliases=("config",), help="pipeline file path (default .cirunner.yml, .drone.yml)",
+           aliases=("config",), help="pipeline file path (default .cirunner.yml, .drone.yml, .woodpecker.yml)",
            flag="--config"),
     _Field("private", _BOOLEAN, _shown("private", bool),
            lambda value: int(_check_bool(value, "private")), help="hide from guests"),
@@ -9862,13 +10077,14 @@ class _StreamSlots:
         self._open = 0
         self._lock = threading.Lock()
 
-    def take(self, events):
-        """`events` as a response body that holds a slot until it is closed."""
+    def take(self, events, *, prelude=b"retry: 2000\n\n"):
+        """`events` as a response body that holds a slot until it is closed,
+        after `prelude` (Server-Sent Events' reconnection delay)."""
         with self._lock:
             if self._open >= self.limit:
                 raise Unavailable("too many open live streams; try again later")
             self._open += 1
-        return _Stream(events, self._give_back)
+        return _Stream(events, self._give_back, prelude)
 
     def _give_back(self):
         with self._lock:
@@ -9884,13 +10100,15 @@ class _Stream:
     """A streamed body that gives its slot back exactly once, when the server
     closes it (after the last event, or when the client went away)."""
 
-    def __init__(self, events, release):
+    def __init__(self, events, release, prelude):
         self._events = events
         self._release = release
+        self._prelude = prelude
         self._open = True
 
     def __iter__(self):
-        yield b"retry: 2000\n\n"
+        if self._prelude:
+            yield self._prelude
         yield from self._events
 
     def close(self):
@@ -10218,8 +10436,8 @@ class _Api:
         # Drone 0.5's client sends no Accept and reads a JSON array of lines.
         if not follow and (not accept.strip() or "application/json" in accept
                            and "text/" not in accept):
-            return _Reply(self._drone_05_lines(job), content_type="application/json; "
-                                                                 "charset=utf-8")
+            return _Reply(self.streams.take(self._drone_05_lines(job), prelude=b""),
+                          content_type="application/json; charset=utf-8")
         if not follow and "text/event-stream" not in accept:
             log = self.store.open_log(job["id"], offset)
             return _Reply(log, content_type="text/plain; charset=utf-8",
@@ -10257,13 +10475,17 @@ class _Api:
             parts.append(("clone" if cursor == 0 else "cirunner", cursor, size, None))
         return parts
 
-    def _lines(self, job_id, start, end):
-        """The lines of a byte range of a job's log, read a chunk at a time."""
+    def _lines(self, job_id, start, end, *, cut=False):
+        """The lines of a byte range of a job's log, read a chunk at a time
+        (with `cut`, a line longer than a chunk in pieces of a chunk)."""
         pending = bytearray()  # grown in place: a long line costs its length, not its square
         for chunk in iter(functools.partial(self.store.open_log(job_id, start, end).read,
                                             LOG_CHUNK_BYTES), b""):
             pending += chunk
             if b"\n" not in chunk:
+                if cut and len(pending) >= LOG_CHUNK_BYTES:
+                    yield pending.decode("utf-8", "replace")
+                    pending = bytearray()
                 continue
             lines = pending.split(b"\n")
             pending = bytearray(lines.pop())
@@ -10277,21 +10499,23 @@ class _Api:
         pos, out}, `proc` the step; after each step its exit code (type 2).
         (No time is kept per line: `time` is 0, and the step's duration at its
         exit code.)"""
-        yield b"["
-        first = True
+        pieces, size, first = [b"["], 1, True
         for name, start, end, step in self._log_parts(job):
             number = -1
-            for number, line in enumerate(self._lines(job["id"], start, end)):
-                yield (b"" if first else b",") + json.dumps(
-                    {"proc": name, "time": 0, "type": 0, "pos": number, "out": line}).encode()
-                first = False
+            for number, line in enumerate(self._lines(job["id"], start, end, cut=True)):
+                pieces.append((b"" if first else b",") + json.dumps(
+                    {"proc": name, "time": 0, "type": 0, "pos": number, "out": line}).encode())
+                first, size = False, size + len(pieces[-1])
+                if size >= LOG_CHUNK_BYTES:  # sent a chunk at a time, not a line at a time
+                    yield b"".join(pieces)
+                    pieces, size = [], 0
             if step is not None and step["status"] in DONE_STATUSES:
                 duration = max(0, step["finished_at"] - step["started_at"])
-                yield (b"" if first else b",") + json.dumps(
+                pieces.append((b"" if first else b",") + json.dumps(
                     {"proc": name, "time": duration, "type": 2, "pos": number + 1,
-                     "out": str(step["exit_code"])}).encode()
+                     "out": str(step["exit_code"])}).encode())
                 first = False
-        yield b"]"
+        yield b"".join(pieces) + b"]"
 
     def _find_step(self, repo, number, job, step):
         _, job = self.find_job(repo, number, job)
@@ -12577,17 +12801,16 @@ class _AgentStore(_Listeners):
     def previous_build(self, build):
         return self._claim("build", build["id"])["previous"]
 
-    def secrets_for(self, repo_id, event):
-        for payload in list(self.jobs.values()):
-            if payload["repo"]["id"] == repo_id and payload["event"] == event:
-                return dict(payload["secrets"])
-        return {}
+    def secrets_for(self, repo_id, event, *, job_id=None):
+        """The secrets that came with job `job_id` (only its own)."""
+        payload = self.jobs.get(job_id)
+        same = payload is not None and payload["repo"]["id"] == repo_id \
+            and payload["event"] == event
+        return dict(payload["secrets"]) if same else {}
 
-    def secret_images(self, repo_id):
-        for payload in list(self.jobs.values()):
-            if payload["repo"]["id"] == repo_id:
-                return dict(payload["secret_images"])
-        return {}
+    def secret_images(self, repo_id, *, job_id=None):
+        payload = self.jobs.get(job_id)
+        return dict(payload["secret_images"]) if payload is not None else {}
 
     def list_steps(self, job_ids):
         return {job_id: [dict(step) for step in self.steps.get(job_id, [])]
@@ -13976,8 +14199,11 @@ def _command_plan(args, stdout, stderr):
 
 def _checked_out_branch(directory):
     """The branch checked out in `directory`'s git work tree, or ""."""
-    result = subprocess.run(["git", "-C", directory, "symbolic-ref", "--quiet", "--short",
-                             "HEAD"], capture_output=True, text=True, check=False)
+    try:
+        result = subprocess.run(["git", "-C", directory, "symbolic-ref", "--quiet", "--short",
+                                 "HEAD"], capture_output=True, text=True, check=False)
+    except OSError:  # no git here
+        return ""
     return result.stdout.strip() if result.returncode == 0 else ""
 
 
@@ -14147,7 +14373,7 @@ def _add_build_parsers(commands, common, workers, env):
     run = commands.add_parser("exec", help="run a working directory's pipeline once, "
                                            "without a server or store")
     run.add_argument("directory", nargs="?", default=".", metavar="DIR")
-    run.add_argument("--config", help="pipeline file (default .cirunner.yml, .drone.yml)")
+    run.add_argument("--config", help="pipeline file (default .cirunner.yml, .drone.yml, .woodpecker.yml)")
     run.add_argument("--branch", default="", help="branch for `when` filters")
     run.add_argument("--event", default=EVENT_MANUAL, choices=EVENTS)
     run.add_argument("--var", action="append", metavar="NAME=VALUE")
@@ -14170,7 +14396,7 @@ def _add_build_parsers(commands, common, workers, env):
 
     plan = commands.add_parser("plan", help="print what a build would run, without running it")
     plan.add_argument("directory", nargs="?", default=".", metavar="DIR")
-    plan.add_argument("--config", help="pipeline file (default .cirunner.yml, .drone.yml)")
+    plan.add_argument("--config", help="pipeline file (default .cirunner.yml, .drone.yml, .woodpecker.yml)")
     plan.add_argument("--event", default=EVENT_PUSH, choices=EVENTS)
     plan.add_argument("--branch", default="", help="default: DIR's checked-out branch, or main")
     plan.add_argument("--ref", default="", help="default refs/heads/BRANCH (a tag: "

@@ -252,11 +252,15 @@ def test_a_paused_agent_never_writes_to_the_job_it_lost(fleet):
 def test_a_server_restart_during_a_job_on_an_agent_loses_no_line(fleet):
     fleet.repo("pipeline:\n  t:\n    commands:\n"
                "      - for i in $(seq 1 120); do echo line-$i; sleep 0.05; done\n")
-    fleet.agent("one")
+    agent = fleet.agent("one")
     fleet.server.api("POST", "/api/repos/alice/hello/builds", {})
     wait_for(lambda: "line-10\n" in fleet.log(1), timeout=30)
     fleet.restart_server()
-    wait_for(lambda: finished(fleet.build(1)), timeout=60, interval=0.2)
+    try:
+        wait_for(lambda: finished(fleet.build(1)), timeout=60, interval=0.2)
+    except AssertionError:  # where it stands: the build, the agent's and server's logs
+        raise AssertionError((fleet.build(1), agent.output()[-3000:],
+                              fleet.server.output()[-3000:])) from None
     assert fleet.build(1)["status"] == "success", fleet.build(1)
     lines = [line for line in fleet.log(1).splitlines() if line.startswith("line-")]
     assert lines == [f"line-{n}" for n in range(1, 121)]

@@ -592,7 +592,8 @@ def test_missing_pipeline_file_is_a_build_error(store, make_repo):
     repo = make_repo({"README": "no pipeline here\n"})
     build = cirunner.create_build(store, repo)
     assert build["status"] == cirunner.ERROR
-    assert "no pipeline file (.cirunner.yml, .drone.yml)" in build["error"]
+    assert "no pipeline file (.cirunner.yml, .drone.yml, .woodpecker.yml, .woodpecker.yaml)" \
+        in build["error"]
 
 
 def test_build_runs_the_requested_branch_and_commit(store, executor, make_repo, tmp_path):
@@ -1747,6 +1748,8 @@ def test_log_streams_past_the_cap_get_503(store, make_repo):
     response = app.get("/api/repos/alice/hello/logs/1/1?follow=1", status=503)
     assert response.json["error"] == "unavailable"
     assert app.get("/api/repos/alice/hello/logs/1/1").status_int == 200  # plain reads still work
+    # Drone 0.5's JSON lines (asked for without Accept) hold a slot as a stream does
+    app.get("/api/repos/alice/hello/logs/1/1", extra_environ={"HTTP_ACCEPT": ""}, status=503)
 
 
 def test_cli_cancel_kills_pending_jobs(tmp_path):
@@ -4065,6 +4068,124 @@ def test_a_drone_1x_pipeline_runs_with_its_secrets_graph_and_trigger(store, exec
         cirunner.create_build(store, repo, event="pull_request")
 
 
+WOODPECKER = """\
+when:
+  - event: [push, tag, manual]
+  - event: pull_request
+    branch: main
+steps:
+  build:
+    commands:
+      - echo "built by $CI for $CI_WORKFLOW_NAME number $CI_PIPELINE_NUMBER"
+  test:
+    environment:
+      TOKEN: {from_secret: api_token}
+    commands:
+      - echo "test sees ${#TOKEN}"
+    depends_on: [build]
+  lint:
+    commands: [echo linted]
+    depends_on: [build]
+  publish:
+    image: woodpeckerci/plugin-docker-buildx
+    settings:
+      repo: alice/hello
+      docker.password: {from_secret: pw}
+    depends_on: [test, lint]
+    when:
+      - event: tag
+      - event: deployment
+  typo:
+    commands: [true]
+    depends_on: [build]
+    colour: blue
+"""
+
+
+def test_a_woodpecker_workflow_runs_with_its_graph_secrets_and_when_lists(store, executor,
+                                                                          make_repo):
+    pipeline = cirunner.parse_pipeline(WOODPECKER, ".woodpecker/build.yml")
+    assert (pipeline.era, pipeline.name, pipeline.workspace) == ("woodpecker", "build",
+                                                                 {"base": "/woodpecker"})
+    assert [(step.name, step.group) for step in pipeline.steps] == [
+        ("build", "depth 0"), ("test", "depth 1"), ("lint", "depth 1"), ("typo", "depth 1"),
+        ("publish", "depth 2")]
+    publish = pipeline.steps[-1]
+    assert (publish.secrets, publish.settings) == ([["pw", "PLUGIN_DOCKER_PASSWORD"]],
+                                                   {"repo": "alice/hello"})
+    assert pipeline.warnings == [".woodpecker/build.yml line 30: step 'typo': unknown key "
+                                 "'colour' (a step with commands takes " + ", ".join(
+                                     cirunner._STEP_KEYWORDS) + "; settings belong to plugin "
+                                 "steps, which have an image and no commands): ignored, as "
+                                 "Woodpecker ignored it"]
+
+    def runs(event, branch):
+        plan = cirunner.plan_pipeline(pipeline, event=event, branch=branch)["pipelines"][0]
+        return plan["runs"] and [step["name"] for step in plan["jobs"][0]["steps"]
+                                 if step["runs"]]
+
+    assert runs("push", "dev") == ["build", "test", "lint", "typo"]
+    assert runs("pull_request", "dev") is False     # neither of the workflow's conditions
+    assert runs("pull_request", "main") == ["build", "test", "lint", "typo"]
+    assert runs("tag", "v1") == ["build", "test", "lint", "typo", "publish"]
+    without_images = re.sub(r"  publish:\n(    .*\n)+", "", WOODPECKER)  # no engine here
+    repo = make_repo({".woodpecker/build.yml": without_images})
+    store.set_secret(repo["id"], "api_token", "t0k3n")
+    build = cirunner.create_build(store, repo)
+    executor.run_until_idle()
+    assert not build["error"], build["error"]
+    log = log_text(store, build, 1)
+    assert "built by woodpecker for build number 1" in log and "test sees 5" in log, log
+    assert store.get_build_by_id(build["id"])["status"] == "success"
+    with pytest.raises(cirunner.NoBuild, match="trigger excludes"):  # in neither condition
+        cirunner.create_build(store, repo, event="deployment", fields={"deploy_to": "prod"})
+
+
+def test_several_woodpecker_workflows_say_they_are_not_supported_yet(store, executor,
+                                                                      make_repo, tmp_path):
+    files = {".woodpecker/build.yml": "steps: {b: {commands: [true]}}\n",
+             ".woodpecker/test.yaml": "steps: {t: {commands: [true]}}\n"}
+    repo = make_repo(files)
+    build = cirunner.create_build(store, repo)
+    assert "several workflows (build.yml, test.yaml)" in build["error"]
+    commit_files(str(tmp_path / "work"), files)
+    status, _, err = in_process_cli("plan", str(tmp_path / "work"))
+    assert status == 1 and "not supported yet" in err
+
+
+@pytest.mark.parametrize("text, message", [
+    ("kind: pipeline\ntype: exec\nsteps:\n- {name: a, commands: [true], depends_on: [{a: 1}]}\n",
+     "'depends_on' must be a list of step names"),
+    ("pipeline:\n  p: {image: 3}\n", "'image' must be a string"),
+    ("kind: pipeline\nsteps: [3]\n", "step 1 must be a mapping"),
+    ("kind: pipeline\nsteps: [{name: p, image: x, settings: 3}]\n",
+     "'settings' must be a mapping"),
+    (("kind: pipeline\ntype: exec\nsteps:\n- name: a\n  commands: [true]\n  environment:\n"
+      "    X: {from_secret: null}\n"), "from_secret takes the name of a secret"),
+])
+def test_bad_drone_1x_values_are_named_never_a_crash(text, message):
+    with pytest.raises(cirunner.ConfigError, match=re.escape(message)):
+        cirunner.parse_pipeline(text, ".drone.yml")
+
+
+def test_drone_1x_settings_stay_settings_and_odd_values_fail_closed():
+    pipeline = cirunner.parse_pipeline(
+        "kind: pipeline\nsteps:\n- name: p\n  image: plugins/docker\n  settings:\n"
+        "    labels: [a=b]\n    volumes: [x]\n    password: {from_secret: pw}\n"
+        "  when: {event: rollback}\n"
+        "- name: nightly\n  image: x\n  commands: [true]\n  when: {cron: [nightly]}\n"
+        "---\n", ".drone.yml")   # a trailing empty document is nothing
+    plugin, nightly = pipeline.steps
+    assert (plugin.labels, plugin.volumes, plugin.secrets) == ({}, [], [["pw", "PLUGIN_PASSWORD"]])
+    assert plugin.plugin_environment() == {"PLUGIN_LABELS": "a=b", "PLUGIN_VOLUMES": "x"}
+    for event in cirunner.EVENTS:  # a rollback is no event here: it matches none
+        assert not plugin.applies(branch="main", event=event, environment={})
+        assert nightly.applies(branch="main", event=event, environment={}) is (event == "cron")
+    # a glob Go would refuse matches nothing, rather than failing the server
+    step = when_step("branch: '[z-a]'")
+    assert step.applies(branch="main", event="push", environment={}) is False
+
+
 @pytest.mark.parametrize("conf, branch, expected", [
     # drone/drone-yaml@01fb178 yaml/cond_test.go TestConstraintMatch, every case
     ("master", "develop", False), ("master", "master", True), ("feature/*", "feature/foo", True),
@@ -5669,7 +5790,11 @@ def test_drone_08_refuses_dns_extra_hosts_and_shm_size_on_untrusted_repositories
 
 @pytest.mark.parametrize("image, patterns, expected", [
     ("plugins/docker:latest", [], True),                     # no images: every step
-    ("plugins/docker:latest", ["*"], True),
+    ("plugins/docker:latest", ["p*/*"], True),
+    ("plugins/docker:evil", ["plugins/docker@sha256:abc"], False),  # pinned: that one only
+    ("plugins/docker@sha256:abc", ["plugins/docker@sha256:abc"], True),
+    ("plugins/docker:2", ["plugins/docker:1"], False),
+    ("localhost:5000/x:1", ["localhost:5000/x"], True),
     ("plugins/docker:latest", ["plugins/*"], True),           # Drone 0.5: a glob
     ("plugins/docker:latest", ["plugins/docker"], True),      # Drone 0.8: the name, no tag
     ("plugins/docker", ["plugins/docker:latest"], True),
