@@ -1189,6 +1189,18 @@ def _matrix_matches(constraint, axis):
     return all(axis.get(key) == value for key, value in include.items())
 
 
+def _plugin_variable(key):
+    """A plugin setting's variable: PLUGIN_ and its key in upper case, any
+    character a variable name cannot hold made _ (Woodpecker's rule too)."""
+    return "PLUGIN_" + re.sub(r"[^A-Za-z0-9_]", "_", str(key)).upper()
+
+
+def _setting_text(value):
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return "" if value is None else str(value)
+
+
 @dataclasses.dataclass
 class Step:
     """One pipeline step: commands run by ``/bin/sh -e`` (in its image, if it
@@ -1308,16 +1320,8 @@ class Step:
         return environment
 
 
-def _plugin_variable(key):
-    """A plugin setting's variable: PLUGIN_ and its key in upper case, any
-    character a variable name cannot hold made _ (Woodpecker's rule too)."""
-    return "PLUGIN_" + re.sub(r"[^A-Za-z0-9_]", "_", str(key)).upper()
 
 
-def _setting_text(value):
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return "" if value is None else str(value)
 
 
 def _plain(value):
@@ -7645,39 +7649,6 @@ class _Running:
 
 
 
-def _image_allowed(image, patterns):
-    """True if a step in `image` may get a secret limited to `patterns` (none:
-    every step): a glob matches the whole image; a name without a tag or
-    digest also matches that image with any tag (Drone 0.8 compared names
-    without tags), one with a tag or digest only that exact image; a step on
-    the host (no image) matches only none."""
-    if not patterns:
-        return True
-    if not image:
-        return False
-    name = _image_name(image)
-
-    def allows(pattern):
-        if _path_match(pattern, image):
-            return True
-        if _image_name(pattern) != name:
-            return False
-        pinned = "@" in pattern or ":" in pattern.rpartition("/")[2]
-        return not pinned or _image_reference(pattern) == _image_reference(image)
-
-    return any(allows(pattern) for pattern in patterns)
-
-
-def _image_reference(image):
-    """An image reference with Docker Hub's implied parts (docker.io/,
-    library/) left out and ``:latest`` made explicit: comparable as text."""
-    name = _image_name(image)
-    rest = image[len(image.split("@", 1)[0].rpartition("/")[0]):]
-    tag = "@" + image.split("@", 1)[1] if "@" in image else (
-        ":" + rest.split(":", 1)[1] if ":" in rest else ":latest")
-    return name + tag
-
-
 def _image_name(image):
     """An image reference without its tag or digest, and without Docker Hub's
     implied docker.io/ and library/ (so that golang and docker.io/library/golang:1 agree)."""
@@ -8292,6 +8263,43 @@ class _JobRun:
                 if row["status"] in ACTIVE_STATUSES:
                     self._step(row["id"], status=KILLED if (
                         row["status"] == RUNNING) else SKIPPED, finished_at=_now())
+
+
+def _image_reference(image):
+    """An image reference with Docker Hub's implied parts (docker.io/,
+    library/) left out and ``:latest`` made explicit: comparable as text."""
+    name = _image_name(image)
+    rest = image[len(image.split("@", 1)[0].rpartition("/")[0]):]
+    tag = "@" + image.split("@", 1)[1] if "@" in image else (
+        ":" + rest.split(":", 1)[1] if ":" in rest else ":latest")
+    return name + tag
+
+
+def _image_allowed(image, patterns):
+    """True if a step in `image` may get a secret limited to `patterns` (none:
+    every step): a glob matches the whole image; a name without a tag or
+    digest also matches that image with any tag (Drone 0.8 compared names
+    without tags), one with a tag or digest only that exact image; a step on
+    the host (no image) matches only none."""
+    if not patterns:
+        return True
+    if not image:
+        return False
+    name = _image_name(image)
+
+    def allows(pattern):
+        if _path_match(pattern, image):
+            return True
+        if _image_name(pattern) != name:
+            return False
+        pinned = "@" in pattern or ":" in pattern.rpartition("/")[2]
+        return not pinned or _image_reference(pattern) == _image_reference(image)
+
+    return any(allows(pattern) for pattern in patterns)
+
+
+
+
 
 
 ###############################################################################
