@@ -141,6 +141,7 @@ __all__ = [
     "restart_build",
     "restore",
     "serve",
+    "step_units",
     "substitute",
 ]
 
@@ -2524,6 +2525,18 @@ def read_pipeline_file(directory, config_path=""):
             with open(path, encoding="utf-8", errors="replace") as handle:
                 return name, handle.read()
     raise ConfigError(f"no pipeline file ({', '.join(names)}) in {directory}")
+
+
+def step_units(steps):
+    """`steps` in the order they run: each alone, or a run of consecutive steps
+    of one group at once (as lists)."""
+    units = []
+    for step in steps:
+        if step.group and units and units[-1][0].group == step.group:
+            units[-1].append(step)
+        else:
+            units.append([step])
+    return units
 
 
 def plan_pipeline(pipeline, *, event, branch, ref="", repo="", deploy_to="",
@@ -8020,16 +8033,6 @@ class _JobRun:
         running.thread.start()
         self.background.append(running)
 
-    def _units(self, steps):
-        """The steps in the order they run: alone, or a run of one group at once."""
-        units = []
-        for step in steps:
-            if step.group and units and units[-1][0].group == step.group:
-                units[-1].append(step)
-            else:
-                units.append([step])
-        return units
-
     def run_steps(self):
         """Run the steps that apply, a unit at a time; (status, exit code, error)."""
         minutes = self.pipeline.timeout or self.repo["timeout"] or DEFAULT_TIMEOUT_MINUTES
@@ -8041,7 +8044,7 @@ class _JobRun:
         for step in self.steps:
             if not any(step is kept for kept in planned):
                 self._step(self.records[id(step)], status=SKIPPED)
-        for unit in self._units(planned):
+        for unit in step_units(planned):
             if self.stop_requested.is_set():
                 return KILLED, exit_code, self.reason
             runnable = [step for step in unit if self._applies(step)]

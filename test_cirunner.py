@@ -8407,12 +8407,7 @@ def planned_as_in_drone_words(pipeline, source, event):
                 "instance": "drone.example.com"}
         steps = [step for step in map(resolved, pipeline.steps)
                  if step.applies(job_status=None, **when)]
-        units = []
-        for step in steps:
-            if step.group and units and units[-1][0].group == step.group:
-                units[-1].append(step)
-            else:
-                units.append([step])
+        units = cirunner.step_units(steps)  # as the executor runs them
         stages = [" + ".join(name(step) for step in unit
                              if step.applies(job_status=cirunner.SUCCESS, **when))
                   for unit in units]
