@@ -327,6 +327,7 @@ MIRROR_LOCK_SECONDS = 600.0     # the longest wait for another process's fetch (
 WATCHDOG_SECONDS = 1260.0       # a job outside its steps this long is reported stuck (two
                                 # waits for a mirror's lock and a fetch fit in it)
 MIN_FREE_BYTES = 1024 * 1024    # less free space than this is a full disk (at start)
+RESERVE_BYTES = 1024 * 1024     # DATA/reserve: given back when the disk fills (see keep_reserve)
 RUNNER_LOST_SECONDS = 60.0      # a runner silent this long is gone
 RECOVER_SECONDS = 5.0           # servers look for lost runners at least this often
 RETRY_AFTER_SECONDS = 5         # what a 503 tells the client to wait
@@ -4104,7 +4105,9 @@ class Store(_Listeners):
 
     def checkpoint(self):
         """Checkpoint the WAL (PASSIVE: never waits for writers) and give back
-        free pages, so neither the WAL nor the file grows without bound."""
+        free pages, so neither the WAL nor the file grows without bound; keep
+        the disk's reserve."""
+        self.keep_reserve()
         conn = self._connection()
         conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
         if conn.execute("PRAGMA freelist_count").fetchone()[0]:
@@ -4112,6 +4115,31 @@ class Store(_Listeners):
             # it to the end. (No transaction is open here, so nothing commits.)
             with self._write_lock:
                 conn.executescript("PRAGMA incremental_vacuum(1000);")
+
+    def keep_reserve(self):
+        """Hold RESERVE_BYTES of the data directory's disk in DATA/reserve
+        while there is room for it and more: when the disk fills up,
+        `release_reserve` gives it back, so that the ends of the jobs it
+        failed can still be written."""
+        path = os.path.join(self.data_dir or "", "reserve")
+        if not self.data_dir or self.read_only or os.path.exists(path) or \
+                shutil.disk_usage(self.data_dir).free < RESERVE_BYTES + 4 * MIN_FREE_BYTES:
+            return
+        try:
+            with open(path + ".tmp", "wb") as handle:
+                os.posix_fallocate(handle.fileno(), 0, RESERVE_BYTES)
+            os.replace(path + ".tmp", path)
+        except OSError:  # no room after all, or no fallocate here: none this time
+            with contextlib.suppress(OSError):
+                os.unlink(path + ".tmp")
+
+    def release_reserve(self):
+        """Give the disk its reserve back; True if there was one to give."""
+        try:
+            os.unlink(os.path.join(self.data_dir, "reserve"))
+        except (OSError, TypeError):  # none, or a store without a data directory
+            return False
+        return True
 
     def wal_bytes(self):
         """How big the write-ahead log file is now (0 if there is none)."""
@@ -8237,6 +8265,10 @@ class _JobRun:
                 if not (_is_disk_full(exc) or isinstance(exc, self.store.OperationalError)) or (
                         self.executor.stopping()):
                     raise
+                if _is_disk_full(exc) and self.store.release_reserve():
+                    _log.warning("job %s: the disk is full: its reserve (%d bytes) given "
+                                 "back to record the job's end", self.job["id"], RESERVE_BYTES)
+                    continue
                 _log.warning("job %s: cannot record its end yet: %s", self.job["id"], exc)
                 self.executor.wait_stopping(1.0)
 
@@ -13522,6 +13554,7 @@ def _command_serve(args, stdout, stderr):
 
     def start():
         _bootstrap_admin(store, stdout)
+        store.keep_reserve()  # room to record jobs' ends if the disk fills up
         executor.start()
 
     def ready(url):

@@ -5313,6 +5313,7 @@ def test_a_full_disk_fails_the_job_and_writes_with_507_and_the_server_recovers(t
     commit_files(repo, {".cirunner.yml": "clone: false\npipeline: {t: {commands: "
                                          "['test -z \"$BIG\" || seq 1 3000000', 'echo done']}}\n"})
     server = servers(small_disk / "data", logs=tmp_path)  # its log where there is room
+    assert (small_disk / "data" / "reserve").stat().st_size == cirunner.RESERVE_BYTES
     server.api("POST", "/api/repos/alice/hello", {"url": repo, "private": False})
     server.api("POST", "/api/repos/alice/hello/builds", {})
     wait_for(lambda: server.api("GET", "/api/repos/alice/hello/builds/1")[1]["status"]
@@ -5329,6 +5330,8 @@ def test_a_full_disk_fails_the_job_and_writes_with_507_and_the_server_recovers(t
                               free_bytes(small_disk), server.output()[-3000:])) from None
     job = server.api("GET", "/api/repos/alice/hello/builds/2")[1]["jobs"][0]
     assert job["status"] == "error" and job["error"].startswith("disk full: "), job
+    # when the full disk left no room to record that end, the reserve gave it
+    assert "reserve" in server.output() or (small_disk / "data" / "reserve").exists()
     fill(str(small_disk / "filler-c"))
     statuses = []
     for _ in range(200):  # big writes until the store has no room left
