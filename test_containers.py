@@ -196,14 +196,14 @@ steps:
 - name: lint
   image: localhost/cirunner-test:2
   commands: [echo "lint VERSION $(cat /VERSION)"]
-  depends_on: []
+  depends_on: [test]
 - name: announce
   image: localhost/cirunner-plugin:1
   settings:
     channel: dev
     password:
       from_secret: slack_password
-  depends_on: [test, lint]
+  depends_on: [lint]
 
 services:
 - name: web
@@ -223,7 +223,12 @@ def test_a_drone_1x_pipeline_runs_in_its_images_with_a_service_and_a_plugin(tmp_
     server.api("POST", "/api/repos/alice/hello/secrets", {"name": "slack_password",
                                                           "value": "s3cr3t-pw"})
     assert server.api("POST", "/api/repos/alice/hello/builds", {})[0] == 201
-    build = finished(server, "alice/hello", 1)
+    try:
+        build = finished(server, "alice/hello", 1)
+    except AssertionError:  # where it stands: the steps, the log, the server's log
+        raise AssertionError((build_of(server, "alice/hello", 1)["jobs"],
+                              http_text(server.url + "/api/repos/alice/hello/logs/1/1")[-2000:],
+                              server.output()[-2000:])) from None
     log = http_text(server.url + "/api/repos/alice/hello/logs/1/1")
     assert build["status"] == "success", (build, log[-2000:])
     assert "workspace /drone/src" in log and "served-by-httpd-1" in log
