@@ -975,7 +975,8 @@ _DRONE_1_KEYS = ("kind", "steps", "trigger", "depends_on", "concurrency",
 
 
 _DRONE_04_SECTIONS = ("publish", "deploy", "notify")  # Drone 0.4's plugin sections
-_RULES_08 = ("0.8", "1", "woodpecker")  # eras with Drone 0.8's rules (1: Drone 1.x, 2.x)
+_READ_AS_STEPS = ("1", "woodpecker")  # eras of files with `steps:` (1: Drone 1.x and 2.x)
+_RULES_08 = ("0.8", *_READ_AS_STEPS)  # eras with Drone 0.8's rules
 
 
 class _YamlReader:
@@ -1322,10 +1323,6 @@ class Step:
         return environment
 
 
-
-
-
-
 def _plain(value):
     """`value` with the YAML reader's line-keeping maps and lists made plain."""
     if isinstance(value, dict):
@@ -1354,6 +1351,16 @@ def _tree_names(data):
         names.append(data[index:end].split(b" ", 1)[1].decode("utf-8", errors="replace"))
         index = end + 21
     return sorted(names)
+
+
+def _woodpecker_folder(names):
+    """The pipeline file of a .woodpecker/ folder holding `names`, as
+    (filename, None: to be read), or for several workflows (".woodpecker/",
+    their names: parse_pipeline says they are not supported yet); None for none."""
+    workflows = sorted(name for name in names if name.endswith((".yml", ".yaml")))
+    if len(workflows) > 1:
+        return ".woodpecker/", "\n".join(workflows)
+    return (f".woodpecker/{workflows[0]}", None) if workflows else None
 
 
 def _is_woodpecker_file(filename):
@@ -1534,6 +1541,7 @@ def _bytes_of_size(value):
     power = " kmgtp".index(match.group(2) or " ")
     return str(int(float(match.group(1)) * 1024 ** power))
 
+
 # Drone 1.x's event names for cirunner's (a rollback has none here: it matches nothing)
 _DRONE_1_EVENTS = {"custom": EVENT_MANUAL, "promote": EVENT_DEPLOYMENT}
 _DRONE_1_PIPELINE_KEYS = ("kind", "type", "name", "steps", "services", "trigger", "clone",
@@ -1605,11 +1613,12 @@ class _Drone1:
                     if isinstance(value, dict) else value
             elif key == "platform" and isinstance(value, dict):
                 value = f"{value.get('os', 'linux')}/{value.get('arch', 'amd64')}"
-            elif key in ("depends_on", "volumes") and value:
-                parser.add(at, f"pipeline {key!r} is not supported yet: one pipeline per "
-                               "file, its steps' volumes none but the workspace")
+            elif key in ("depends_on", "volumes"):
+                if value:
+                    parser.add(at, f"pipeline {key!r} is not supported yet: one pipeline per "
+                                   "file, its steps' volumes none but the workspace")
                 continue
-            elif key in ("concurrency", "image_pull_secrets", "depends_on", "volumes"):
+            elif key in ("concurrency", "image_pull_secrets"):
                 if value:
                     parser.problems.warn(at, f"{key!r} is not read (no effect here)")
                 continue
@@ -1963,7 +1972,7 @@ class _PipelineParser:
         too: their rules are 0.5's unless they say otherwise)."""
         if drone04:
             return "0.4"
-        if self.era in ("1", "woodpecker"):  # read by _Drone1, _Woodpecker
+        if self.era in _READ_AS_STEPS:  # read by _Drone1, _Woodpecker
             return self.era
         if "drone_version" not in document:
             return _drone_era(document) if self.drone else "0.5"
@@ -2065,7 +2074,7 @@ class _PipelineParser:
             wrapper["build"], wrapper.lines["build"] = node, wrapper.line
             node = wrapper
         if not isinstance(node, dict) or not node:
-            if self.era in ("1", "woodpecker"):  # said of its 'steps' already, or:
+            if self.era in _READ_AS_STEPS:  # said of its 'steps' already, or:
                 if not self.problems.found:
                     self.add(1, "a pipeline needs 'steps'")
             elif not (drone04 and node is None):
@@ -2141,7 +2150,7 @@ class _PipelineParser:
         settings, unknown = {}, []
         for key, value in body.items():
             key_line = _line_of(body, key)
-            if key == "settings" and self.era in ("1", "woodpecker"):
+            if key == "settings" and self.era in _READ_AS_STEPS:
                 continue  # the plugin's settings (below)
             if key in _UNSUPPORTED_STEP_KEYS:
                 self.add(key_line, f"{where}: {key!r} is a Drone key this server does not "
@@ -2161,7 +2170,7 @@ class _PipelineParser:
                                        f"settings beside commands ({hint})")
                 else:
                     self.unknown(key_line, f"{where}: unknown key {key!r} ({hint})")
-        if self.era in ("1", "woodpecker") and isinstance(body.get("settings"), dict):
+        if self.era in _READ_AS_STEPS and isinstance(body.get("settings"), dict):
             settings.update(body["settings"])  # Drone 1.x, Woodpecker: settings of their own
         step.settings = _plain(settings)
         if kind == "plugin" and "image" not in body:  # 0.5: the step's name (see above)
@@ -2513,19 +2522,18 @@ def read_pipeline_file(directory, config_path=""):
     ``.woodpecker/`` folder's workflow.
     """
     names = (config_path,) if config_path else PIPELINE_FILES
+    found = next((name for name in names if os.path.isfile(os.path.join(directory, name))),
+                 None)
     folder = os.path.join(directory, ".woodpecker")
-    if not config_path and os.path.isdir(folder):
-        workflows = sorted(name for name in os.listdir(folder) if name.endswith((".yml", ".yaml")))
-        names += (".woodpecker/",) if len(workflows) > 1 else tuple(
-            f".woodpecker/{name}" for name in workflows)
-    for name in names:
-        path = os.path.join(directory, name)
-        if name == ".woodpecker/":
-            return name, "\n".join(workflows)
-        if os.path.isfile(path):
-            with open(path, encoding="utf-8", errors="replace") as handle:
-                return name, handle.read()
-    raise ConfigError(f"no pipeline file ({', '.join(names)}) in {directory}")
+    if found is None and not config_path and os.path.isdir(folder):
+        workflow = _woodpecker_folder(os.listdir(folder)) or (None, None)
+        if workflow[1] is not None:  # several: their names
+            return workflow
+        found = workflow[0]
+    if found is None:
+        raise ConfigError(f"no pipeline file ({', '.join(names)}) in {directory}")
+    with open(os.path.join(directory, found), encoding="utf-8", errors="replace") as handle:
+        return found, handle.read()
 
 
 def step_units(steps):
@@ -2564,8 +2572,9 @@ def plan_pipeline(pipeline, *, event, branch, ref="", repo="", deploy_to="",
                        "depends_on": list(step.depends_on),
                        "runs": step.applies(job_status=SUCCESS, **when)} for step in steps],
             # Drone 0.8 starts a service only where its `when` matches (the executor's rule)
-            "services": [service.name for service in pipeline.services
-                         if pipeline.era not in _RULES_08 or service.applies(job_status=None, **when)]})
+            "services": [service.name for service in pipeline.services if
+                         pipeline.era not in _RULES_08 or service.applies(job_status=None,
+                                                                           **when)]})
     runs = (event not in _FILTERED_EVENTS or pipeline.builds_branch(branch)) and \
         pipeline.triggered(event=event, branch=branch, ref=ref, repo=repo, deploy_to=deploy_to)
     return {"pipelines": [{"name": pipeline.name, "depends_on": [], "runs": runs, "jobs": jobs}],
@@ -3074,20 +3083,19 @@ class _GitMirrors:
             if sha is None:
                 return None
             fields = _commit_fields(sha, raw)
-            names = (config_path,) if config_path else PIPELINE_FILES
-            _, kind, tree = (None, None, None) if config_path else ask(f"{sha}:.woodpecker")
-            workflows = [name for name in _tree_names(tree) if name.endswith((".yml", ".yaml"))] \
-                if kind == "tree" else []  # Woodpecker's folder of workflows, after the files
-            if len(workflows) > 1:  # parse_pipeline says they are not supported yet
-                names += (".woodpecker/",)
-            names += tuple(f".woodpecker/{name}" for name in workflows[:1])
-            for filename in names:
-                if filename == ".woodpecker/":
-                    return fields, (filename, "\n".join(workflows))
+            def blob(filename):
                 _, kind, text = ask(f"{sha}:{filename}")
-                if kind == "blob":
-                    return fields, (filename, text.decode("utf-8", errors="replace"))
-            return fields, None
+                return (filename, text.decode("utf-8", errors="replace")) if kind == "blob" \
+                    else None
+
+            found = next(filter(None, map(blob, (config_path,) if config_path
+                                          else PIPELINE_FILES)), None)
+            if found is None and not config_path:  # then a Woodpecker folder's workflow
+                _, kind, tree = ask(f"{sha}:.woodpecker")
+                found = _woodpecker_folder(_tree_names(tree) if kind == "tree" else [])
+                if found is not None and found[1] is None:
+                    found = blob(found[0])
+            return fields, found
         except (OSError, ValueError) as exc:
             raise _GitError(f"git cat-file failed: {exc}") from None
         finally:
@@ -7933,9 +7941,10 @@ class _JobRun:
 
     def _substituted(self, step):
         variables = {**self.variables, **self.matrix, **self.drone}
-        image = step.image and step.with_variables(
-            variables, self.matrix if self.pipeline.drone04 else None,
-            dollars=self.pipeline.dollars()).image  # to match secrets' images
+        image = step.image
+        if self.secret_images and "$" in image:  # the image a secret's images must match
+            image = step.with_variables(variables, self.matrix if self.pipeline.drone04 else
+                                        None, dollars=self.pipeline.dollars()).image
         secrets_of_step = self._step_secrets(step, image)
         step = step.with_variables({**variables, **secrets_of_step},
                                    self.matrix if self.pipeline.drone04 else None,
@@ -8331,10 +8340,6 @@ def _image_allowed(image, patterns):
         return not pinned or _image_reference(pattern) == _image_reference(image)
 
     return any(allows(pattern) for pattern in patterns)
-
-
-
-
 
 
 ###############################################################################
