@@ -32,7 +32,13 @@ __version__ = "0.2.0"
 
 __all__ = [
     "ACTIVE_STATUSES",
+    "AGENT_MAX_BODY",
+    "AGENT_POLL_SECONDS",
+    "AGENT_PROTOCOL",
+    "AGENT_RETRY_SECONDS",
+    "AGENT_TOKEN_PREFIX",
     "APPROVALS",
+    "BACKGROUND_GRACE_SECONDS",
     "BLOCKED",
     "BUILD_STATUSES",
     "CHECKPOINT_SECONDS",
@@ -79,7 +85,11 @@ __all__ = [
     "MAX_SCRIPT_BYTES",
     "MAX_VARIABLES_BYTES",
     "MAX_WEBHOOK_BODY",
+    "MIN_FREE_BYTES",
     "MIN_MASKED_LENGTH",
+    "MIRROR_LOCK_SECONDS",
+    "OUTBOX_DISK_BYTES",
+    "OUTBOX_MEMORY_BYTES",
     "PAGE_BYTES",
     "PENDING",
     "PIPELINE_FILES",
@@ -87,8 +97,11 @@ __all__ = [
     "PRUNE_BATCH_BUILDS",
     "PRUNE_BATCH_LOG_BYTES",
     "PRUNE_SECONDS",
+    "RECOVER_SECONDS",
     "REPORT_ATTEMPTS",
     "REPORT_CONTEXT",
+    "RESERVE_BYTES",
+    "RETRY_AFTER_SECONDS",
     "RUNNER_LOST_SECONDS",
     "RUNNING",
     "SANDBOXES",
@@ -107,6 +120,8 @@ __all__ = [
     "VACUUM_BATCH_PAGES",
     "WAL_BACKSTOP_BYTES",
     "WAL_CHECKPOINT_BYTES",
+    "WATCHDOG_SECONDS",
+    "WOODPECKER_FOLDER",
     "App",
     "BadRequest",
     "CIRunnerError",
@@ -114,11 +129,13 @@ __all__ = [
     "Conflict",
     "Executor",
     "Forbidden",
+    "JobSpec",
     "NoBuild",
     "NotFound",
     "Operations",
     "Pipeline",
     "PostgresStore",
+    "RunnerLost",
     "Step",
     "StorageFull",
     "Store",
@@ -140,6 +157,7 @@ __all__ = [
     "read_pipeline_file",
     "restart_build",
     "restore",
+    "running_pipelines",
     "serve",
     "step_units",
     "substitute",
@@ -273,6 +291,7 @@ AGENT_TOKEN_PREFIX = "cia_"     # an agent's token (it works on the agent routes
 MASK = "********"
 REPORT_CONTEXT = "cirunner/build"
 PIPELINE_FILES = (".cirunner.yml", ".drone.yml", ".woodpecker.yml", ".woodpecker.yaml")
+WOODPECKER_FOLDER = ".woodpecker/"  # the file name of a folder's several workflows
 
 # -- limits ----------------------------------------------------------------------
 
@@ -1353,14 +1372,17 @@ def _tree_names(data):
     return sorted(names)
 
 
-def _woodpecker_folder(names):
-    """The pipeline file of a .woodpecker/ folder holding `names`, as
-    (filename, None: to be read), or for several workflows (".woodpecker/",
-    their names: parse_pipeline says they are not supported yet); None for none."""
+def _woodpecker_folder(names, read):
+    """The pipeline file of a .woodpecker/ folder holding `names`, whose
+    files `read(filename)` gives as text: (filename, text) of its one
+    workflow, or for several (".woodpecker/", JSON of {filename: text}, which
+    parse_pipeline reads as one build's workflows); None for none."""
     workflows = sorted(name for name in names if name.endswith((".yml", ".yaml")))
-    if len(workflows) > 1:
-        return ".woodpecker/", "\n".join(workflows)
-    return (f".woodpecker/{workflows[0]}", None) if workflows else None
+    texts = {f".woodpecker/{name}": read(f".woodpecker/{name}") for name in workflows}
+    texts = {name: text for name, text in texts.items() if text is not None}
+    if len(texts) > 1:
+        return WOODPECKER_FOLDER, json.dumps(texts, sort_keys=True)
+    return next(iter(texts.items()), None)
 
 
 def _is_woodpecker_file(filename):
@@ -1375,6 +1397,9 @@ def _is_drone_file(filename):
     `ci/drone.yml`): read as Drone read it. Any other is cirunner's own,
     read strictly (an unknown key is an error, `$$` is the shell's)."""
     return "drone" in os.path.basename(filename).lower()
+
+
+_RUNS_ON_SUCCESS = {"success": True, "failure": False, "of": "build"}
 
 
 @dataclasses.dataclass
@@ -1399,6 +1424,20 @@ class Pipeline:
     warnings: list = dataclasses.field(default_factory=list)  # what Drone accepted, said
     platform: str = ""
     labels: dict = dataclasses.field(default_factory=dict)
+    depends_on: list = dataclasses.field(default_factory=list)  # pipelines it runs after
+    # After them, it runs if they ended as these allow: {"success": bool,
+    # "failure": bool, "of": "build" (Drone: any job of the build failed) or
+    # "needs" (Woodpecker: each job of the pipelines it depends on)}.
+    runs_on: dict = dataclasses.field(default_factory=lambda: dict(_RUNS_ON_SUCCESS))
+    pipelines: list = dataclasses.field(default_factory=list)  # a file's several pipelines
+
+    def each(self):
+        """The pipelines of the file: its several, or itself alone."""
+        return self.pipelines or [self]
+
+    def named(self, name):
+        """The file's pipeline called `name` (itself when it is one pipeline)."""
+        return next((pipeline for pipeline in self.pipelines if pipeline.name == name), self)
 
     def steps_for(self, variables, matrix=None):
         """The steps with ``${VAR}`` substituted from `variables`."""
@@ -1456,10 +1495,15 @@ class Pipeline:
     @classmethod
     def from_json(cls, text):
         """The pipeline `to_json` wrote."""
+        return cls._from_data(json.loads(text))
+
+    @classmethod
+    def _from_data(cls, data):
         known = {field.name for field in dataclasses.fields(cls)}
-        data = {key: value for key, value in json.loads(text).items() if key in known}
+        data = {key: value for key, value in data.items() if key in known}
         data["steps"] = [Step(**step) for step in data["steps"]]
         data["services"] = [Step(**step) for step in data.get("services", [])]
+        data["pipelines"] = [cls._from_data(child) for child in data.get("pipelines", [])]
         return cls(**data)
 
 
@@ -1554,7 +1598,9 @@ class _Drone1:
     the rest of the parser knows: its steps in order (with `depends_on`: each
     step in a group with the others whose dependencies are as deep, the groups
     in order), its services, clone, workspace (/drone/src) and trigger. Its
-    rules are Drone 0.8's (era "1"). One pipeline per file for now."""
+    rules are Drone 0.8's (era "1"). Each `kind: pipeline` document is read
+    on its own (`_pipeline`, `pipeline_needs`): several make one Pipeline of
+    several, run as running_pipelines and Store._release_waiting say."""
 
     def __init__(self, parser):
         self.parser = parser
@@ -1580,15 +1626,28 @@ class _Drone1:
             else:
                 parser.add(line, "each YAML document must be a mapping of kind pipeline, "
                                  "secret or signature")
-        if len(pipelines) != 1:
-            names = ", ".join(repr(str(document.get("name", "default")))
-                              for document, _ in pipelines)
-            parser.add(pipelines[1][1] if pipelines else 1,
-                       f"several pipelines in one file ({names}) are not supported yet: one "
-                       "'kind: pipeline' document per file" if pipelines
-                       else "no 'kind: pipeline' document")
-            return None
-        return self._pipeline(*pipelines[0])
+        if not pipelines:
+            parser.add(1, "no 'kind: pipeline' document")
+        return pipelines
+
+    def pipeline_needs(self, document, line):
+        """(depends_on, runs_on) of a pipeline document: the names it runs
+        after, and on which outcome (Drone's on_success and on_failure from
+        `trigger.status`: failure only when the status names it)."""
+        needs = document.get("depends_on") or []
+        needs = [needs] if isinstance(needs, str) else needs
+        if not isinstance(needs, list) or not all(isinstance(name, str) for name in needs):
+            self.parser.add(_line_of(document, "depends_on"), "'depends_on' must be a list of "
+                                                              "pipeline names")
+            needs = []
+        needs = [str(name) for name in needs]  # plain strings, not the YAML reader's
+        trigger = document.get("trigger")
+        status = trigger.get("status") if isinstance(trigger, dict) else None
+        if status is None:
+            return needs, dict(_RUNS_ON_SUCCESS)
+        status = self.parser._constraint(status, "status", _line_of(trigger, "status"))
+        return needs, {"success": _constraint_matches(status, SUCCESS),
+                       "failure": _constraint_matches(status, FAILURE), "of": "build"}
 
     def _pipeline(self, document, line):
         parser, out = self.parser, _YamlMap(line)
@@ -1613,13 +1672,13 @@ class _Drone1:
                     if isinstance(value, dict) else value
             elif key == "platform" and isinstance(value, dict):
                 value = f"{value.get('os', 'linux')}/{value.get('arch', 'amd64')}"
-            elif key in ("depends_on", "volumes"):
+            elif key == "volumes":
                 if value:
-                    parser.add(at, f"pipeline {key!r} is not supported yet: one pipeline per "
-                                   "file, its steps' volumes none but the workspace")
+                    parser.add(at, "pipeline 'volumes' are not supported yet: a step's "
+                                   "volumes are none but the workspace")
                 continue
-            elif key in ("concurrency", "image_pull_secrets"):
-                if value:
+            elif key in ("concurrency", "image_pull_secrets", "depends_on"):
+                if value and key != "depends_on":  # depends_on: read by pipeline_needs
                     parser.problems.warn(at, f"{key!r} is not read (no effect here)")
                 continue
             elif key not in _DRONE_1_PIPELINE_KEYS:
@@ -1801,7 +1860,10 @@ class _Woodpecker(_Drone1):
     run for every event): `steps` as a mapping or a list, `when` as a mapping
     or a list (any one matching), `depends_on` (any step that has it, even
     empty, makes the graph), `skip_clone`, the workspace /woodpecker/src/...
-    One workflow per build for now."""
+    A folder's several workflows are read one file at a time (see
+    parse_pipeline) and run as one build's pipelines."""
+
+    needs = ([], None)
 
     def workflow(self, document):
         parser, out = self.parser, _YamlMap(document.line)
@@ -1822,18 +1884,35 @@ class _Woodpecker(_Drone1):
             elif key == "workspace" and isinstance(value, dict):
                 value = {"base": str(value.get("base") or "/woodpecker"),
                          **({"path": str(value["path"])} if value.get("path") else {})}
-            elif key == "depends_on" and value:
-                parser.add(at, "'depends_on' between workflows is not supported yet: one "
-                               "workflow per build")
-                continue
             elif key in ("runs_on", "variables", "depends_on"):
-                continue  # runs_on: with one workflow, nothing runs after it; variables: anchors
+                continue  # depends_on, runs_on: read by _needs; variables: YAML anchors
             elif key not in _WOODPECKER_WORKFLOW_KEYS:
                 parser.unknown(at, f"unknown workflow key {key!r}")
                 continue
             out[key], out.lines[key] = value, at
         out.setdefault("workspace", {"base": "/woodpecker"})
+        self.needs = self._needs(document)
         return out
+
+    def _needs(self, document):
+        """(depends_on, runs_on) of a workflow: the workflows it runs after,
+        and on which of their outcomes (`runs_on`; a `when` that matches a
+        failure status makes it run on either, as Woodpecker's builder does)."""
+        needs, runs_on = document.get("depends_on") or [], document.get("runs_on") or []
+        needs, runs_on = ([value] if isinstance(value, str) else value
+                          for value in (needs, runs_on))
+        for key, value in (("depends_on", needs), ("runs_on", runs_on)):
+            if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+                self.parser.add(_line_of(document, key), f"'{key}' must be a list of names")
+        needs = [str(name) for name in needs if isinstance(name, str)] \
+            if isinstance(needs, list) else []
+        runs_on = runs_on if isinstance(runs_on, list) else []
+        when = document.get("when")
+        failure = any(isinstance(one, dict) and FAILURE in (
+            [one["status"]] if isinstance(one.get("status"), str) else one.get("status") or [])
+            for one in (when if isinstance(when, list) else [when]))
+        return needs, {"success": not runs_on or SUCCESS in runs_on or failure,
+                       "failure": FAILURE in runs_on or failure, "of": "needs"}
 
     @staticmethod
     def _as_list(value, line):
@@ -1871,12 +1950,42 @@ class _Woodpecker(_Drone1):
         return super()._when(when, line)
 
 
+def _pipeline_graph_problems(pipelines):
+    """What is wrong with the `depends_on` between a file's (or folder's)
+    pipelines: a name used twice, a name that is no pipeline, a cycle."""
+    problems, names = [], {}
+    for pipeline in pipelines:
+        if pipeline.name in names:
+            problems.append(f"two pipelines are named {pipeline.name!r}")
+        names[pipeline.name] = pipeline.depends_on
+    for name, needs in names.items():
+        problems += [f"pipeline {name!r} depends on {need!r}, which is no pipeline of this "
+                     "file" for need in needs if need not in names]
+    state = {}
+
+    def visit(name, path):
+        if state.get(name) == "done" or name not in names:
+            return
+        if name in path:
+            cycle = path[path.index(name):] + (name,)
+            problems.append("pipelines depend on each other in a cycle: " + " -> ".join(cycle))
+            return
+        for need in names[name]:
+            visit(need, (*path, name))
+        state[name] = "done"
+
+    for name in names:
+        visit(name, ())
+    return list(dict.fromkeys(problems))
+
+
 class _PipelineParser:
     """Turns a pipeline document into a `Pipeline`, noting every problem."""
 
-    def __init__(self, filename, max_jobs):
+    def __init__(self, filename, max_jobs, *, one_of_several=False):
         self.filename = filename
         self.max_jobs = max_jobs
+        self.one_of_several = one_of_several  # a folder's workflow: its graph is the folder's
         self.problems = _Problems(filename)
         self.era = "0.5"
         self.clone_step = None  # a Drone 0.5 pipeline step named clone
@@ -1901,29 +2010,42 @@ class _PipelineParser:
     def parse(self, text):
         document = _YamlReader(self.filename, self.problems, drone=self.drone,
                                woodpecker=self.woodpecker).read(text)
-        reader = None  # what read a Drone 1.x file or a Woodpecker workflow
+        pipelines = []
         if self.woodpecker and isinstance(document, dict):
             reader = _Woodpecker(self)
-            document = reader.workflow(document)
+            pipelines = [self._read(reader, reader.workflow(document), reader.needs)]
         elif getattr(document, "drone1", False):
             reader = _Drone1(self)
-            document = reader.document(document)
-        if document is None:
+            pipelines = [self._read(reader, reader._pipeline(body, line),
+                                    reader.pipeline_needs(body, line))
+                         for body, line in reader.document(document)]
+        elif document is None:
             self.problems.raise_any()
             self.add(1, "the pipeline file is empty: it needs a 'pipeline' mapping of steps")
         elif not isinstance(document, dict):
             self.add(_line_of(document), "the pipeline file must be a mapping with a "
                                          "'pipeline' key")
         else:
-            pipeline = self._document(document)
-            for step in pipeline.steps if reader is not None else ():
-                step.depends_on = reader.depends_on.get(step.name, [])
-            pipeline.name = reader.name if reader is not None else pipeline.name
-            self.problems.raise_any()
-            pipeline.warnings = self.problems.warning_texts()
-            return pipeline
+            pipelines = [self._document(document)]
+        for problem in () if self.one_of_several else _pipeline_graph_problems(pipelines):
+            self.add(None, problem)
         self.problems.raise_any()
-        return None
+        pipeline = pipelines[0] if len(pipelines) == 1 else Pipeline(
+            steps=[], matrix=[{}], filename=self.filename, era=self.era, pipelines=pipelines)
+        pipeline.warnings = self.problems.warning_texts()
+        return pipeline
+
+    def _read(self, reader, document, needs):
+        """The Pipeline of one Drone 1.x pipeline or Woodpecker workflow that
+        `reader` made into the parser's form: its steps' graph, its name and
+        what it runs after (`needs`: depends_on, runs_on)."""
+        self.clone_step = None
+        pipeline = self._document(document)
+        for step in pipeline.steps:
+            step.depends_on = reader.depends_on.get(step.name, [])
+        pipeline.name = reader.name
+        pipeline.depends_on, pipeline.runs_on = needs
+        return pipeline
 
     def _document(self, document):
         for key in document:
@@ -2419,10 +2541,31 @@ def parse_pipeline(text, filename=PIPELINE_FILES[0], *, max_jobs=DEFAULT_MAX_JOB
     Woodpecker workflow as Woodpecker does. Raises
     ConfigError naming `filename` and every problem with its line.
     """
-    if filename == ".woodpecker/":  # a folder of several workflows (text: their names)
-        raise ConfigError(f".woodpecker/ holds several workflows ({', '.join(text.split())}), "
-                          "which are not supported yet: one workflow per build")
+    if filename == WOODPECKER_FOLDER:  # several workflows: JSON of {filename: text}
+        return _parse_workflows(json.loads(text), max_jobs)
     return _PipelineParser(filename, max_jobs).parse(text)
+
+
+def _parse_workflows(texts, max_jobs):
+    """A .woodpecker/ folder's workflows, each file parsed as Woodpecker
+    parses it, as one Pipeline of several; a ConfigError names every
+    problem of every file."""
+    workflows, problems, warnings = [], [], []
+    for filename, text in sorted(texts.items()):
+        try:
+            workflow = _PipelineParser(filename, max_jobs, one_of_several=True).parse(text)
+        except ConfigError as exc:
+            problems += [(None, f"{filename}{f' line {line}' if line else ''}: {problem}")
+                         for line, problem in exc.problems]
+            continue
+        workflows.append(workflow)
+        warnings += workflow.warnings
+    if not problems:  # a file that failed would make the graph's problems wrong
+        problems += [(None, problem) for problem in _pipeline_graph_problems(workflows)]
+    if problems:
+        raise ConfigError.from_problems(None, problems)
+    return Pipeline(steps=[], matrix=[{}], filename=WOODPECKER_FOLDER, era="woodpecker",
+                    pipelines=workflows, warnings=warnings)
 
 
 def expand_matrix(matrix, *, max_jobs=DEFAULT_MAX_JOBS, filename=None, line=None):
@@ -2524,16 +2667,18 @@ def read_pipeline_file(directory, config_path=""):
     names = (config_path,) if config_path else PIPELINE_FILES
     found = next((name for name in names if os.path.isfile(os.path.join(directory, name))),
                  None)
+    def read(name):
+        with open(os.path.join(directory, name), encoding="utf-8", errors="replace") as handle:
+            return handle.read()
+
     folder = os.path.join(directory, ".woodpecker")
     if found is None and not config_path and os.path.isdir(folder):
-        workflow = _woodpecker_folder(os.listdir(folder)) or (None, None)
-        if workflow[1] is not None:  # several: their names
-            return workflow
-        found = workflow[0]
+        workflows = _woodpecker_folder(os.listdir(folder), read)
+        if workflows is not None:
+            return workflows
     if found is None:
         raise ConfigError(f"no pipeline file ({', '.join(names)}) in {directory}")
-    with open(os.path.join(directory, found), encoding="utf-8", errors="replace") as handle:
-        return found, handle.read()
+    return found, read(found)
 
 
 def step_units(steps):
@@ -2561,6 +2706,43 @@ def plan_pipeline(pipeline, *, event, branch, ref="", repo="", deploy_to="",
     if event not in EVENTS:
         raise BadRequest(f"event must be one of {', '.join(EVENTS)}")
     ref = ref or (f"refs/tags/{branch}" if event == EVENT_TAG else f"refs/heads/{branch}")
+    running = running_pipelines(pipeline, event=event, branch=branch, ref=ref, repo=repo,
+                                deploy_to=deploy_to)
+    return {"pipelines": [{
+        "name": one.name, "depends_on": list(one.depends_on), "runs": one.name in running,
+        "jobs": _planned_jobs(one, event=event, branch=branch, ref=ref, repo=repo,
+                              deploy_to=deploy_to, previous_status=previous_status)}
+        for one in pipeline.each()], "warnings": list(pipeline.warnings)}
+
+
+def running_pipelines(pipeline, *, event, branch, ref, repo="", deploy_to=""):
+    """{name: the names it runs after} of the file's pipelines that a build
+    for `event` on `branch` runs: those its branches filter and trigger let
+    be made; one that depends on a pipeline that does not run runs after
+    that one's own dependencies (Drone's rewiring), or, in Woodpecker, does
+    not run either."""
+    needs = {one.name: list(one.depends_on) for one in pipeline.each()}
+    runs = {one.name: (event not in _FILTERED_EVENTS or one.builds_branch(branch))
+            and one.triggered(event=event, branch=branch, ref=ref, repo=repo,
+                              deploy_to=deploy_to) for one in pipeline.each()}
+    if pipeline.era == "woodpecker":
+        while any(runs[name] and not all(runs.get(need) for need in needs[name])
+                  for name in needs):
+            runs = {name: runs[name] and all(runs.get(need) for need in needs[name])
+                    for name in needs}
+        return {name: needs[name] for name in needs if runs[name]}
+
+    def rewired(name, seen):
+        found = []
+        for need in needs.get(name, ()):
+            if need not in seen:
+                found += [need] if runs.get(need) else rewired(need, seen | {need})
+        return list(dict.fromkeys(found))
+
+    return {name: rewired(name, {name}) for name in needs if runs[name]}
+
+
+def _planned_jobs(pipeline, *, event, branch, ref, repo, deploy_to, previous_status):
     jobs = []
     for axis in pipeline.matrix:
         when = {"branch": pipeline.when_branch(event, branch, ref), "event": event,
@@ -2575,10 +2757,7 @@ def plan_pipeline(pipeline, *, event, branch, ref="", repo="", deploy_to="",
             "services": [service.name for service in pipeline.services if
                          pipeline.era not in _RULES_08 or service.applies(job_status=None,
                                                                            **when)]})
-    runs = (event not in _FILTERED_EVENTS or pipeline.builds_branch(branch)) and \
-        pipeline.triggered(event=event, branch=branch, ref=ref, repo=repo, deploy_to=deploy_to)
-    return {"pipelines": [{"name": pipeline.name, "depends_on": [], "runs": runs, "jobs": jobs}],
-            "warnings": list(pipeline.warnings)}
+    return jobs
 
 
 ###############################################################################
@@ -3090,11 +3269,10 @@ class _GitMirrors:
 
             found = next(filter(None, map(blob, (config_path,) if config_path
                                           else PIPELINE_FILES)), None)
-            if found is None and not config_path:  # then a Woodpecker folder's workflow
+            if found is None and not config_path:  # then a Woodpecker folder's workflows
                 _, kind, tree = ask(f"{sha}:.woodpecker")
-                found = _woodpecker_folder(_tree_names(tree) if kind == "tree" else [])
-                if found is not None and found[1] is None:
-                    found = blob(found[0])
+                found = _woodpecker_folder(_tree_names(tree) if kind == "tree" else [],
+                                           lambda name: (blob(name) or (None, None))[1])
             return fields, found
         except (OSError, ValueError) as exc:
             raise _GitError(f"git cat-file failed: {exc}") from None
@@ -3533,6 +3711,15 @@ _MIGRATIONS = [
     # 20: the images a secret is limited to (Drone's `image` list): a JSON
     # list of patterns, empty for every image.
     "ALTER TABLE secrets ADD COLUMN images TEXT NOT NULL DEFAULT '[]'",
+    # 21: a file's several pipelines: the one a job runs, the pipelines it
+    # runs after (a JSON list), on which of their outcomes (JSON, see
+    # Pipeline.runs_on), and whether it still waits for them (not claimed).
+    """
+    ALTER TABLE jobs ADD COLUMN pipeline TEXT NOT NULL DEFAULT '';
+    ALTER TABLE jobs ADD COLUMN depends_on TEXT NOT NULL DEFAULT '';
+    ALTER TABLE jobs ADD COLUMN runs_on TEXT NOT NULL DEFAULT '';
+    ALTER TABLE jobs ADD COLUMN waiting INTEGER NOT NULL DEFAULT 0;
+    """,
 ]
 
 _SEALED_REPO_FIELDS = ("webhook_secret", "forge_token")
@@ -3574,6 +3761,65 @@ def _label_subsets(labels):
     return [json.dumps(dict(chosen), sort_keys=True)
             for size in range(len(items) + 1)
             for chosen in itertools.combinations(items, size)]
+
+
+@dataclasses.dataclass(frozen=True)
+class JobSpec:
+    """A job of a new build: its matrix `environment`, and for a file of
+    several pipelines the `pipeline` it runs, the pipelines it runs after
+    (`depends_on`) and on which of their outcomes (`runs_on`, see
+    Pipeline.runs_on); `labels` a runner needs (JSON), if not the build's."""
+
+    environment: dict
+    pipeline: str = ""
+    depends_on: tuple = ()
+    runs_on: dict = None
+    labels: str = ""
+
+
+def _job_needs(job):
+    """The pipelines a job runs after (its build's other pipelines)."""
+    return json.loads(job["depends_on"] or "[]")
+
+
+def _in_graph_order(jobs):
+    """A build's jobs with each pipeline's after those it runs after (by
+    their depth in the graph), in their numbers' order otherwise."""
+    needs = {job["pipeline"]: _job_needs(job) for job in jobs}
+    depths = {}
+
+    def depth(name, seen=()):
+        if name not in depths:
+            depths[name] = 1 + max((depth(need, (*seen, name)) for need in needs.get(name, ())
+                                    if need in needs and need not in seen), default=-1)
+        return depths[name]
+
+    return sorted(jobs, key=lambda job: (depth(job["pipeline"]), job["number"]))
+
+
+def _runs_after(job, statuses):
+    """Whether a job that waits for other pipelines runs: (None, "") while
+    any of their jobs is active, else (True, "") or (False, why not).
+    `statuses` are (job id, pipeline, status) of every job of its build.
+    Drone asks whether any job of the build failed; Woodpecker how the jobs
+    of the pipelines it depends on ended."""
+    needs = _job_needs(job)
+    rule = json.loads(job["runs_on"] or "null") or _RUNS_ON_SUCCESS
+    theirs = [status for _, pipeline, status in statuses if pipeline in needs]
+    if any(status in (PENDING, RUNNING) for status in theirs):
+        return None, ""
+    words = " or ".join(word for word in (SUCCESS, FAILURE) if rule[word]) or "nothing"
+    if rule["of"] == "build":
+        failed = any(status in (FAILURE, KILLED, ERROR) for _, _, status in statuses)
+        runs = rule[FAILURE] if failed else rule[SUCCESS]
+        why = f"the build has {'' if failed else 'not '}failed"
+    else:
+        succeeded = [status == SUCCESS for status in theirs]
+        runs = (rule[SUCCESS] and rule[FAILURE]) or (rule[SUCCESS] and all(succeeded)) or (
+            rule[FAILURE] and not any(succeeded))
+        why = f"{', '.join(needs)} {'succeeded' if all(succeeded) else 'did not succeed'}"
+    return runs, "" if runs else f"not run: {why}, and pipeline {job['pipeline']!r} runs on " \
+                                 f"{words}"
 
 
 def _make_data_dir(data_dir):
@@ -4442,13 +4688,18 @@ class Store(_Listeners):
                        "WHERE id = $5", (ERROR, error, now, now, build_id))
             self._record_status(tx, build_id, None, ERROR, error, now)
             return
-        job_ids = [tx.insert("INSERT INTO jobs (build_id, number, status, environment, "
-                             "enqueued_at, labels) VALUES ($1, $2, $3, $4, $5, $6)",
-                             (build_id, number, PENDING, json.dumps(environment), now,
-                              labels or "{}"))
-                   for number, environment in enumerate(environments, start=1)]
+        specs = [spec if isinstance(spec, JobSpec) else JobSpec(spec) for spec in environments]
+        job_ids = [(tx.insert("INSERT INTO jobs (build_id, number, status, environment, "
+                              "enqueued_at, labels, pipeline, depends_on, runs_on, waiting) "
+                              "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+                              (build_id, number, PENDING, json.dumps(spec.environment), now,
+                               spec.labels or labels or "{}", spec.pipeline,
+                               json.dumps(list(spec.depends_on)) if spec.depends_on else "",
+                               json.dumps(spec.runs_on) if spec.depends_on else "",
+                               int(bool(spec.depends_on)))), spec.depends_on)
+                   for number, spec in enumerate(specs, start=1)]
         if enqueue:
-            tx.notify("enqueued", job_ids)
+            tx.notify("enqueued", [job_id for job_id, needs in job_ids if not needs])
 
     def reset_build(self, build_id, fields, environments, *, error="", message="build restarted"):
         """Run a finished build again under the same number: its jobs, logs and
@@ -4706,7 +4957,8 @@ class Store(_Listeners):
                 "SELECT j.id, j.build_id, b.status AS build_status, b.max_parallel, b.repo_id, "
                 "r.max_builds FROM jobs j JOIN builds b ON b.id = j.build_id "
                 "JOIN repos r ON r.id = b.repo_id WHERE j.status = $1 AND b.status <> 'blocked' "
-                f"AND j.labels IN ({_marks(len(accepted), 2)}) ORDER BY j.id LIMIT 64",
+                f"AND j.waiting = 0 AND j.labels IN ({_marks(len(accepted), 2)}) "
+                "ORDER BY j.id LIMIT 64",
                 (PENDING, *accepted)).fetchall()
             candidate = next((row for index, row in enumerate(candidates)
                               if self._take(tx, row, wait=index == 0)
@@ -4900,11 +5152,44 @@ class Store(_Listeners):
         if job_id is None:
             self._enqueue_report(tx, build_id, status)
 
+    def _release_waiting(self, tx, build_id, now):
+        """Jobs that wait for other pipelines of their build: once those have
+        all ended, each may be claimed, or ends skipped where they did not
+        end as it runs on (see `_runs_after`); a skip may end another's wait."""
+        waiting = tx.execute("SELECT id, pipeline, depends_on, runs_on FROM jobs WHERE "
+                             "build_id = $1 AND waiting = 1 AND status = $2",
+                             (build_id, PENDING)).fetchall()
+        if not waiting:
+            return
+        statuses = [(row["id"], row["pipeline"], row["status"]) for row in tx.execute(
+            "SELECT id, pipeline, status FROM jobs WHERE build_id = $1", (build_id,))]
+        released, progress = [], True
+        while progress:
+            progress = False
+            for job in list(waiting):
+                runs, why = _runs_after(job, statuses)
+                if runs is None:
+                    continue
+                waiting.remove(job)
+                progress = True
+                if runs:
+                    tx.execute("UPDATE jobs SET waiting = 0 WHERE id = $1", (job["id"],))
+                    released.append(job["id"])
+                    continue
+                tx.execute("UPDATE jobs SET status = $1, error = $2, finished_at = $3, "
+                           "waiting = 0 WHERE id = $4", (SKIPPED, why, now, job["id"]))
+                self._record_status(tx, build_id, job["id"], SKIPPED, why, now)
+                statuses = [(job_id, pipeline, SKIPPED if job_id == job["id"] else status)
+                            for job_id, pipeline, status in statuses]
+        if released:
+            tx.notify("enqueued", released)
+
     def _roll_up(self, tx, build_id, now, *, cancelled=False):
         """Derive the build's status from its jobs (DESIGN.md section 3), with
         aggregates: a 256-job matrix costs one pass in SQLite, not 256 rows.
         A build `cancelled` before any job failed ends killed, not success."""
         self._lock_build(tx, build_id)
+        self._release_waiting(tx, build_id, now)
         build = tx.execute("SELECT status FROM builds WHERE id = $1", (build_id,)).fetchone()
         totals = tx.execute(
             "SELECT count(*), "
@@ -5273,7 +5558,7 @@ class Store(_Listeners):
             "JOIN builds b ON b.id = j.build_id JOIN repos r ON r.id = b.repo_id WHERE j.status = $1 ORDER BY j.id", (RUNNING,))
         pending = self._query(
             "SELECT j.id, j.number AS job, j.enqueued_at, j.build_id, b.number AS build, j.labels, "
-            "b.status AS build_status, b.max_parallel, b.repo_id, r.owner, r.name, "
+            "j.waiting, j.depends_on, b.status AS build_status, b.max_parallel, b.repo_id, r.owner, r.name, "
             "r.max_builds FROM jobs j JOIN builds b ON b.id = j.build_id "
             "JOIN repos r ON r.id = b.repo_id WHERE j.status = $1 ORDER BY j.id", (PENDING,))
         by_build = collections.Counter(job["build_id"] for job in running)
@@ -5287,6 +5572,9 @@ class Store(_Listeners):
             if job["build_status"] == BLOCKED:
                 reason = ("its build waits for approval by someone with write access "
                           f"(`cirunner approve {job['owner']}/{job['name']} {job['build']}`)")
+            elif job["waiting"]:
+                reason = ("it runs after pipeline(s) "
+                          f"{', '.join(json.loads(job['depends_on'] or '[]'))} of its build")
             elif not runners:
                 reason = "no runner is running: start `cirunner serve` (or `build --wait`)"
             elif not any(required <= labels for labels in offered):
@@ -5328,7 +5616,8 @@ class Store(_Listeners):
         or 0); not those of builds that wait for approval."""
         row = self._query_one("SELECT COUNT(*) AS n, MIN(j.enqueued_at) AS oldest FROM jobs j "
                               "JOIN builds b ON b.id = j.build_id "
-                              "WHERE j.status = $1 AND b.status <> $2", (PENDING, BLOCKED))
+                              "WHERE j.status = $1 AND j.waiting = 0 AND b.status <> $2",
+                              (PENDING, BLOCKED))
         return row["n"], row["oldest"] or 0
 
     def builds_queued_before(self, build_id):
@@ -6087,6 +6376,19 @@ def _approval_reason(repo, request):
     return ""
 
 
+def _job_specs(pipeline, **build):
+    """The jobs a build of `pipeline` makes: each matrix entry of each
+    pipeline that runs (see running_pipelines), in the file's order.
+    NoBuild when none of a file's several pipelines runs."""
+    running = running_pipelines(pipeline, **build)
+    if not running:
+        raise NoBuild(f"no pipeline's trigger matches this {build['event']} build of "
+                      f"{build['ref'] or build['branch']!r}: no build was made")
+    return [JobSpec(environment, one.name, tuple(running[one.name]), one.runs_on,
+                    one.runner_labels())
+            for one in pipeline.each() if one.name in running for environment in one.matrix]
+
+
 def _make_build(store, repo, request, *, max_jobs=DEFAULT_MAX_JOBS, resolve=_resolve_from_git):
     """The one path that makes a build: resolve the commit and its pipeline
     file, parse the file once, and insert the build with one job per matrix
@@ -6119,7 +6421,10 @@ def _make_build(store, repo, request, *, max_jobs=DEFAULT_MAX_JOBS, resolve=_res
                 raise NoBuild(f"the pipeline's trigger excludes this {request.event} build of "
                               f"{ref or fields['branch']!r}: no build was made")
             if pipeline is not None:
-                environments = pipeline.matrix
+                environments = _job_specs(pipeline, event=request.event,
+                                          branch=fields["branch"], ref=ref,
+                                          repo=f"{repo['owner']}/{repo['name']}",
+                                          deploy_to=request.fields.get("deploy_to") or "")
                 fields.update(fail_fast=int(pipeline.fail_fast),
                               max_parallel=pipeline.max_parallel,
                               labels=pipeline.runner_labels(),
@@ -7069,7 +7374,10 @@ def _container_problems(step):
           lambda value: bool(_SHM_SIZE.fullmatch(value)))
     check("working_dir", [step.working_dir] if step.working_dir else [],
           lambda value: value.startswith("/") and "\x00" not in value)
-    check("label", list(step.labels), lambda value: bool(_LABEL_KEY.fullmatch(value)))
+    # cirunner's own labels mark its containers for the sweep after a crash: a
+    # step that set them would escape it.
+    check("label", list(step.labels), lambda value: bool(_LABEL_KEY.fullmatch(value))
+          and not value.lower().startswith("cirunner."))
     check("entrypoint or command", [*step.entrypoint, *step.command, *step.labels.values()],
           lambda value: "\x00" not in value)
     return problems
@@ -7729,6 +8037,7 @@ class _JobRun:
         self.repo = self.build = self.pipeline = None
         self.secrets = {}
         self.records = {}           # id(step) -> its row in the store's steps
+        self.step_numbers = {}      # id(step) -> its number in the job
         self.background = []        # _Running: services and detached steps
         self.network = self.volume = None
         self.container_workspace = ("", "")
@@ -7855,7 +8164,7 @@ class _JobRun:
             job_id=self.job["id"])
         self.secret_images = self.store.secret_images(self.repo["id"], job_id=self.job["id"])
         self.log.mask(self.secrets.values())
-        self.pipeline = self._pipeline()
+        self.pipeline = self._pipeline().named(self.job.get("pipeline") or "")
         self.workspace = self.executor.workspace_for(self.repo, self.build, self.job)
         self.container_workspace = self._container_workspace()
         self.matrix = json.loads(self.job["environment"] or "{}")
@@ -7869,6 +8178,8 @@ class _JobRun:
             self.drone["CI"] = "drone"  # as Drone 0.5 and 0.8 set it
         if self.pipeline.era == "woodpecker":  # the CI_* its documentation calls stable
             self.drone.update(self._woodpecker_environment())
+        elif self.pipeline.era == "1":  # drone-runner-docker's stage variables
+            self.drone.update(self._stage_environment())
         elif self.pipeline.era in _RULES_08:  # 0.8's metadata.go: CI_REPO_NAME is OWNER/NAME
             drone = self.drone
             drone.update(CI_REPO_NAME=drone["DRONE_REPO"], CI_REPO_LINK=drone["DRONE_REPO_LINK"],
@@ -7886,9 +8197,26 @@ class _JobRun:
         if ids is None:
             raise _JobError(self.reason)
         self.records = {id(step): record for step, record in zip(services + self.steps, ids)}
+        self.step_numbers = {id(step): number for number, step in
+                             enumerate(services + self.steps, start=1)}
         for service in services:
             if not any(service is started for started in self.services):
                 self._step(self.records[id(service)], status=SKIPPED)
+
+    def _stage_environment(self):
+        """DRONE_STAGE_*: the pipeline a Drone 1.x job runs, as drone-runner-docker
+        tells its steps."""
+        pipeline = self.pipeline
+        return {"DRONE_STAGE_KIND": "pipeline", "DRONE_STAGE_NAME": pipeline.name,
+                "DRONE_STAGE_TYPE": "docker" if any(step.image for step in pipeline.steps)
+                else "exec", "DRONE_STAGE_NUMBER": str(self.job["number"]),
+                "DRONE_STAGE_MACHINE": socket.gethostname(),
+                "DRONE_STAGE_OS": (pipeline.platform or "linux/").split("/")[0],
+                "DRONE_STAGE_ARCH": (pipeline.platform or "/amd64").split("/")[-1],
+                "DRONE_STAGE_DEPENDS_ON": ",".join(json.loads(self.job.get("depends_on")
+                                                              or "[]")),
+                "DRONE_STAGE_STATUS": SUCCESS, "DRONE_STAGE_STARTED":
+                str(self.job.get("started_at") or 0)}
 
     def _woodpecker_environment(self):
         build, drone = self.build, self.drone
@@ -7898,6 +8226,7 @@ class _JobRun:
                 "CI_COMMIT_TAG": tag, "CI_REPO_URL": drone["DRONE_REPO_LINK"],
                 "CI_REPO_CLONE_URL": drone["CI_REMOTE_URL"],
                 "CI_WORKFLOW_NAME": self.pipeline.name,
+                "CI_WORKFLOW_NUMBER": str(self.job["number"]),
                 "CI_PREV_PIPELINE_STATUS": drone.get("DRONE_PREV_BUILD_STATUS", "")}
 
     def _pipeline(self):
@@ -8036,6 +8365,10 @@ class _JobRun:
         environment.update(self._step_secrets(step, step.image))
         environment.update(step.plugin_environment())
         environment["DRONE_BUILD_STATUS"] = self.status
+        if self.pipeline.era in ("1", "woodpecker"):  # the step's own name and number
+            prefix = "DRONE" if self.pipeline.era == "1" else "CI"
+            environment[f"{prefix}_STEP_NAME"] = step.name
+            environment[f"{prefix}_STEP_NUMBER"] = str(self.step_numbers.get(id(step), 0))
         environment.update(backend.marks(self))
         return environment
 
@@ -8317,6 +8650,23 @@ def _image_reference(image):
     tag = "@" + image.split("@", 1)[1] if "@" in image else (
         ":" + rest.split(":", 1)[1] if ":" in rest else ":latest")
     return name + tag
+
+
+def _secrets_steps_may_get(pipeline, secrets, images):
+    """The names of `secrets` that a step or service of `pipeline` may get
+    (the rule of _JobRun._step_secrets): one limited to images only where a
+    step's image matches (an image made of ${...} may be any), in a 0.8 file
+    only where a step names it."""
+    names = set()
+    for step in pipeline.steps + pipeline.services:
+        allowed = {name for name in secrets
+                   if "$" in step.image or _image_allowed(step.image, images.get(name))}
+        if step.secrets is not None:
+            wanted = {source.lower() for source, _ in step.secrets}
+            names |= {name for name in allowed if name.lower() in wanted}
+        elif pipeline.era not in _RULES_08:
+            names |= allowed
+    return names
 
 
 def _image_allowed(image, patterns):
@@ -9339,6 +9689,8 @@ _JOB = _Resource("job", [
     _Field("started_at", _TIME_SCHEMA, _shown("started_at"), required=True),
     _Field("finished_at", _TIME_SCHEMA, _shown("finished_at"), required=True),
     _Field("environment", _STRING_MAP, _shown("environment", json.loads), required=True),
+    _Field("pipeline", _STRING, _shown("pipeline")),
+    _Field("depends_on", _STRING_LIST, _job_needs),
 ])
 
 _STEP = _Resource("step", [
@@ -11345,11 +11697,23 @@ it runs as written.</p>
 % end
 </ul></div>
 % end
-<h2>Jobs</h2><div class=wide><table><tr><th>job</th><th>matrix</th><th>status</th>\
+<h2>Jobs</h2><div class=wide><table><tr><th>job</th>\
+% if several:
+<th>pipeline</th>\
+% end
+<th>matrix</th><th>status</th>\
 <th>steps</th><th>exit</th><th>duration</th><th>error</th></tr>
 % for job in jobs:
 <tr><td><a href='{{base}}/{{job['number']}}' id='job-{{job['number']}}'>job {{job['number']}}</a>\
-</td><td>{{axis(job) or '-'}}</td><td>{{!label(job['status'])}}</td>\
+</td>\
+% if several:
+<td class=pipeline>{{job['pipeline']}}\
+% if job['depends_on']:
+ <small>after {{', '.join(needs(job))}}</small>\
+% end
+</td>\
+% end
+<td>{{axis(job) or '-'}}</td><td>{{!label(job['status'])}}</td>\
 <td>{{steps(job)}}</td><td>{{job['exit_code']}}</td>\
 <td>{{duration(job['started_at'], job['finished_at'])}}</td><td>{{job['error']}}</td></tr>
 % end
@@ -11626,7 +11990,7 @@ class _Pages:
 
         def live():
             build = self.store.get_build_by_id(build_id)
-            jobs = self.store.list_jobs(build_id)
+            jobs = _in_graph_order(self.store.list_jobs(build_id))
             steps = self.store.list_steps([job["id"] for job in jobs])
             history = self.store.list_statuses(build_id)
             actions = (() if not may_write else ("approve", "decline")
@@ -11641,7 +12005,8 @@ class _Pages:
                 base=_url(f"/{owner}/{name}/{build['number']}"),
                 repo_url=_url(f"/{owner}/{name}"), label=self.label, ago=self.ago,
                 duration=_duration, steps=lambda job: _steps_text(steps[job["id"]]),
-                axis=lambda job: _axis_text(json.loads(job["environment"])))
+                axis=lambda job: _axis_text(json.loads(job["environment"])),
+                several=len({job["pipeline"] for job in jobs}) > 1, needs=_job_needs)
 
         def done():
             return self.store.get_build_by_id(build_id)["status"] in DONE_STATUSES
@@ -12164,10 +12529,16 @@ class _AgentService:
         event = EVENT_PULL_REQUEST if build["fork"] else build["event"]
         pipeline = self.store.get_pipeline(build["pipeline_id"]) if build["pipeline_id"] \
             else None
+        found = self.store.secrets_for(repo["id"], event)
+        images = self.store.secret_images(repo["id"])
+        if pipeline is not None and pipeline["parsed"]:  # only what one of its steps may get
+            usable = _secrets_steps_may_get(Pipeline.from_json(pipeline["parsed"]).named(
+                job.get("pipeline") or ""), found, images)
+            found = {name: value for name, value in found.items() if name in usable}
+            images = {name: value for name, value in images.items() if name in usable}
         return {"job": job, "build": build, "repo": repo, "pipeline": pipeline,
                 "previous": self.store.previous_build(build), "event": event,
-                "secrets": self.store.secrets_for(repo["id"], event),
-                "secret_images": self.store.secret_images(repo["id"])}
+                "secrets": found, "secret_images": images}
 
     # -- reports -------------------------------------------------------------------
 
@@ -12245,26 +12616,28 @@ class _AgentService:
     # -- git -------------------------------------------------------------------------
 
     def git_repo(self, agent, owner, name):
-        """(the repository, its mirror) if the agent runs a job of it now; the
-        mirror has every commit those jobs need (fetched with the server's
+        """The repository, if the agent runs a job of it now, its mirror
+        holding every commit those jobs need (fetched with the server's
         credentials, which never leave it)."""
         repo = self.store.get_repo(owner, name)
         builds = self.store.agent_builds_in_repo(agent["name"], repo["id"])
         if not builds:
             raise Forbidden(f"agent {agent['name']} runs no job of {owner}/{name}")
-        return repo, builds
-
-    def advertise(self, agent, owner, name):
-        repo, builds = self.git_repo(agent, owner, name)
+        # Each of git's two requests may reach another serve (behind a load
+        # balancer), each with a mirror of its own: each fetches what it lacks.
         for build in builds:
             self.store.git.fetch_commit(repo, build["commit_sha"], _pull_ref(build["ref"]))
+        return repo
+
+    def advertise(self, agent, owner, name):
+        repo = self.git_repo(agent, owner, name)
         refs = self.store.git.run(["upload-pack", "--stateless-rpc", "--advertise-refs",
                                    self.store.git.path(repo)])
         return _pkt_line("# service=git-upload-pack\n") + b"0000" + refs
 
     def upload_pack(self, agent, owner, name, request_body):
         """Yield git-upload-pack's answer to a fetch's request, as it comes."""
-        repo, _ = self.git_repo(agent, owner, name)
+        repo = self.git_repo(agent, owner, name)
         spool = tempfile.TemporaryFile(prefix="cirunner-git-")  # noqa: SIM115 - closed below
         spool.write(request_body)
         spool.seek(0)

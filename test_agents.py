@@ -187,17 +187,23 @@ def test_two_agents_run_30_jobs_each_exactly_once_in_the_sandbox(fleet):
 def test_a_cancel_reaches_a_job_on_an_agent_at_once(fleet):
     fleet.repo("pipeline:\n  t:\n    commands:\n      - echo started\n      - sleep 60\n")
     fleet.agent("one")
-    fleet.server.api("POST", "/api/repos/alice/hello/builds", {})
-    wait_for(lambda: "+ sleep 60" in fleet.log(1), timeout=30)
-    started = time.monotonic()
-    status, _ = fleet.server.api("DELETE", "/api/repos/alice/hello/builds/1")
-    assert status == 200
-    wait_for(lambda: fleet.build(1)["jobs"][0]["status"] == "killed", timeout=30, interval=0.02)
-    elapsed = time.monotonic() - started
-    # The poll the agent holds open answers at once (not at its end, 1 s here):
-    # a generous bound, for a loaded machine; the figure is printed.
-    print(f"cancel to killed on an agent: {elapsed:.3f} s")
-    assert elapsed < 10, elapsed
+    # The poll the agent holds open answers at once (not at its end): within
+    # 1 s, as the issue asks. A loaded machine may stall one try, so the best
+    # of up to three builds counts; each figure is printed.
+    times = []
+    for number in (1, 2, 3):
+        fleet.server.api("POST", "/api/repos/alice/hello/builds", {})
+        wait_for(lambda: "+ sleep 60" in fleet.log(number), timeout=30)  # noqa: B023
+        started = time.monotonic()
+        status, _ = fleet.server.api("DELETE", f"/api/repos/alice/hello/builds/{number}")
+        assert status == 200
+        wait_for(lambda: fleet.build(number)["jobs"][0]["status"] == "killed",  # noqa: B023
+                 timeout=30, interval=0.02)
+        times.append(time.monotonic() - started)
+        print(f"cancel to killed on an agent: {times[-1]:.3f} s")
+        if times[-1] < 1:
+            break
+    assert min(times) < 1, times
 
 
 def test_a_killed_agent_has_its_job_ended_and_a_restart_cleans_up(fleet, tmp_path):
@@ -344,6 +350,10 @@ def test_a_jobs_secrets_reach_only_the_agent_that_claimed_it(fleet):
                      {"name": "DEPLOY_KEY", "value": "the-deploy-key-of-hello"})
     fleet.server.api("POST", "/api/repos/alice/other/secrets",
                      {"name": "OTHER_KEY", "value": "the-key-of-other"})
+    # limited to an image no step of the job runs: the server keeps it
+    fleet.server.api("POST", "/api/repos/alice/hello/secrets",
+                     {"name": "DOCKER_PASSWORD", "value": "the-registry-password",
+                      "images": ["plugins/docker"]})
     one, two = fleet.token("one"), fleet.token("two")
     connect(fleet.server, one, "one-runner")
     connect(fleet.server, two, "two-runner")
@@ -353,6 +363,7 @@ def test_a_jobs_secrets_reach_only_the_agent_that_claimed_it(fleet):
     assert status == 200 and len(news["jobs"]) == 1
     claim = news["jobs"][0]
     assert claim["secrets"] == {"DEPLOY_KEY": "the-deploy-key-of-hello"}
+    assert "the-registry-password" not in json.dumps(claim)
     assert "webhook_secret" not in claim["repo"] and "forge_token" not in claim["repo"]
     status, news = agent_call(fleet.server, two, "/api/agent/poll",
                               {"runner": "two-runner", "wait": 0})

@@ -553,13 +553,13 @@ def test_max_parallel_limits_jobs_of_a_build(store, make_repo):
 
 def test_timeout_kills_the_job(store, make_repo):
     repo = make_repo({".cirunner.yml": "pipeline: {t: {commands: ['echo start', 'sleep 30']}}\n"
-                                       "timeout: 0.01\n"})  # 0.6 s
+                                       "timeout: 0.05\n"})  # 3 s: past a loaded checkout
     build = cirunner.create_build(store, repo)
     executor = cirunner.Executor(store, workers=1, grace=0.5)
     executor.run_until_idle()
     job = store.get_job(build["id"], 1)
     assert job["status"] == cirunner.KILLED
-    assert "timed out after 0.01 minutes" in job["error"]
+    assert "timed out after 0.05 minutes" in job["error"], job["error"]
     assert job["exit_code"] == 143  # sh died of SIGTERM
     assert "start" in log_text(store, build, 1)
 
@@ -833,7 +833,11 @@ def test_builds_stored_before_are_filled_with_what_was_shown_for_them(tmp_path):
                           "ALTER TABLE jobs DROP COLUMN lease; "  # made by migration 17
                           "ALTER TABLE builds DROP COLUMN warnings; "  # 18
                           "ALTER TABLE runners DROP COLUMN url; "  # 19
-                          "ALTER TABLE secrets DROP COLUMN images")  # and 20
+                          "ALTER TABLE secrets DROP COLUMN images; "  # 20
+                              "ALTER TABLE jobs DROP COLUMN pipeline; "  # and 21
+                              "ALTER TABLE jobs DROP COLUMN depends_on; "
+                              "ALTER TABLE jobs DROP COLUMN runs_on; "
+                              "ALTER TABLE jobs DROP COLUMN waiting")
         version = cirunner._MIGRATIONS.index(cirunner._store_builds_as_they_happened)
         raw.execute(f"PRAGMA user_version = {version}")
     store = cirunner.Store(path)
@@ -4141,16 +4145,181 @@ def test_a_woodpecker_workflow_runs_with_its_graph_secrets_and_when_lists(store,
         cirunner.create_build(store, repo, event="deployment", fields={"deploy_to": "prod"})
 
 
-def test_several_woodpecker_workflows_say_they_are_not_supported_yet(store, executor,
-                                                                      make_repo, tmp_path):
-    files = {".woodpecker/build.yml": "steps: {b: {commands: [true]}}\n",
-             ".woodpecker/test.yaml": "steps: {t: {commands: [true]}}\n"}
-    repo = make_repo(files)
-    build = cirunner.create_build(store, repo)
-    assert "several workflows (build.yml, test.yaml)" in build["error"]
-    commit_files(str(tmp_path / "work"), files)
-    status, _, err = in_process_cli("plan", str(tmp_path / "work"))
-    assert status == 1 and "not supported yet" in err
+DRONE_1_SEVERAL = """\
+kind: pipeline
+type: exec
+name: build
+steps:
+- name: compile
+  commands: [echo "compiled in $DRONE_STAGE_NAME", "exit ${BUILD_EXIT:-0}"]
+---
+kind: pipeline
+type: exec
+name: test
+depends_on: [build]
+steps:
+- {name: unit, commands: [echo tested]}
+---
+kind: pipeline
+type: exec
+name: deploy
+depends_on: [test]
+trigger:
+  event: [tag]
+steps:
+- {name: ship, commands: [echo shipped]}
+---
+kind: pipeline
+type: exec
+name: report
+depends_on: [deploy]
+trigger:
+  status: [success, failure]
+steps:
+- {name: mail, commands: [echo reported]}
+---
+kind: pipeline
+type: exec
+name: rescue
+depends_on: [build]
+trigger:
+  status: [failure]
+steps:
+- {name: fix, commands: [echo rescued]}
+"""
+
+
+def _jobs_by_pipeline(store, build):
+    return {job["pipeline"]: job for job in store.list_jobs(build["id"])}
+
+
+def test_several_drone_1x_pipelines_run_after_what_they_depend_on(store, executor, make_repo):
+    pipeline = cirunner.parse_pipeline(DRONE_1_SEVERAL, ".drone.yml")
+    assert [(one.name, one.depends_on) for one in pipeline.pipelines] == [
+        ("build", []), ("test", ["build"]), ("deploy", ["test"]), ("report", ["deploy"]),
+        ("rescue", ["build"])]
+    repo = make_repo({".drone.yml": DRONE_1_SEVERAL})
+    build = cirunner.create_build(store, repo, event="push")
+    jobs = _jobs_by_pipeline(store, build)
+    # deploy is for tags: report runs after what deploy ran after (Drone's rewiring)
+    assert {name: (job["depends_on"], job["waiting"]) for name, job in jobs.items()} == {
+        "build": ("", 0), "test": ('["build"]', 1), "report": ('["test"]', 1),
+        "rescue": ('["build"]', 1)}
+    assert executor.run_until_idle() == 3
+    jobs = _jobs_by_pipeline(store, build)
+    assert {name: job["status"] for name, job in jobs.items()} == {
+        "build": "success", "test": "success", "report": "success", "rescue": "skipped"}
+    assert jobs["build"]["finished_at"] <= jobs["test"]["started_at"]
+    assert jobs["test"]["finished_at"] <= jobs["report"]["started_at"]
+    assert jobs["rescue"]["error"] == ("not run: the build has not failed, and pipeline "
+                                       "'rescue' runs on failure")
+    assert "compiled in build" in log_text(store, build, jobs["build"]["number"])
+    assert store.get_build_by_id(build["id"])["status"] == "success"
+
+    failed = cirunner.create_build(store, repo, event="push", variables={"BUILD_EXIT": "3"})
+    executor.run_until_idle()
+    jobs = _jobs_by_pipeline(store, failed)
+    assert {name: job["status"] for name, job in jobs.items()} == {
+        "build": "failure", "test": "skipped", "report": "success", "rescue": "success"}
+    assert "rescued" in log_text(store, failed, jobs["rescue"]["number"])
+    assert store.get_build_by_id(failed["id"])["status"] == "failure"
+
+    tagged = cirunner.create_build(store, repo, event="tag", ref="refs/tags/v1")
+    assert [job["pipeline"] for job in store.list_jobs(tagged["id"])] == [
+        "build", "test", "deploy", "report", "rescue"]
+
+
+def test_waiting_pipelines_are_never_claimed_and_a_cancel_ends_them(store, make_repo):
+    repo = make_repo({".drone.yml": DRONE_1_SEVERAL})
+    build = cirunner.create_build(store, repo, event="push")
+    store.register_runner("r1", "host", 1, workers=4)
+    first = store.claim_next_job("r1")
+    assert first["pipeline"] == "build" and store.claim_next_job("r1") is None
+    assert [item["reason"] for item in store.queue()["pending"]] == [
+        "it runs after pipeline(s) build of its build",
+        "it runs after pipeline(s) test of its build",
+        "it runs after pipeline(s) build of its build"]
+    store.finish_job(first["id"], "success")
+    assert store.claim_next_job("r1")["pipeline"] == "test"
+    store.cancel_jobs(build["id"])
+    assert {job["pipeline"]: job["status"] for job in store.list_jobs(build["id"])} == {
+        "build": "success", "test": "running", "report": "killed", "rescue": "skipped"}
+
+
+@pytest.mark.parametrize("text, message", [
+    ("kind: pipeline\nname: a\ndepends_on: [b]\nsteps: [{name: t, image: x}]\n",
+     "pipeline 'a' depends on 'b', which is no pipeline of this file"),
+    (("kind: pipeline\nname: a\ndepends_on: [b]\nsteps: [{name: t, image: x}]\n---\n"
+      "kind: pipeline\nname: b\ndepends_on: [a]\nsteps: [{name: t, image: x}]\n"),
+     "pipelines depend on each other in a cycle: a -> b -> a"),
+    (("kind: pipeline\nsteps: [{name: t, image: x}]\n---\n"
+      "kind: pipeline\nsteps: [{name: t, image: x}]\n"), "two pipelines are named 'default'"),
+])
+def test_a_graph_of_pipelines_that_cannot_run_names_both_ends(text, message):
+    with pytest.raises(cirunner.ConfigError, match=re.escape(message)):
+        cirunner.parse_pipeline(text, ".drone.yml")
+
+
+WOODPECKER_FOLDER = {
+    ".woodpecker/build.yml": "steps:\n  compile:\n    commands: [echo \"built $CI_WORKFLOW_NAME\", "
+                             "\"exit ${BUILD_EXIT:-0}\"]\n",
+    ".woodpecker/test.yml": "depends_on: [build]\nsteps:\n  unit:\n    commands: [echo tested]\n",
+    ".woodpecker/lint.yaml": "depends_on: [build]\nsteps:\n  vet:\n    commands: [echo linted]\n",
+    ".woodpecker/deploy.yml": ("depends_on: [test, lint]\nwhen:\n  event: tag\nsteps:\n"
+                               "  ship:\n    commands: [echo shipped]\n"),
+    ".woodpecker/notify.yml": ("depends_on: [deploy]\nruns_on: [success, failure]\nsteps:\n"
+                               "  mail:\n    commands: [echo notified]\n"),
+    ".woodpecker/cleanup.yml": ("depends_on: [build]\nruns_on: [failure]\nsteps:\n"
+                                "  rm:\n    commands: [echo cleaned]\n"),
+}
+
+
+def test_a_woodpecker_folder_runs_its_workflows_as_one_build(store, executor, make_repo,
+                                                             tmp_path):
+    repo = make_repo(WOODPECKER_FOLDER)
+    build = cirunner.create_build(store, repo, event="push")
+    assert build["error"] == "" and build["pipeline_file"] == ".woodpecker/"
+    # deploy is for tags, and Woodpecker drops what depends on a workflow that does not run
+    assert [(job["pipeline"], job["depends_on"]) for job in store.list_jobs(build["id"])] == [
+        ("build", ""), ("cleanup", '["build"]'), ("lint", '["build"]'), ("test", '["build"]')]
+    executor.run_until_idle()
+    jobs = _jobs_by_pipeline(store, build)
+    assert {name: job["status"] for name, job in jobs.items()} == {
+        "build": "success", "cleanup": "skipped", "lint": "success", "test": "success"}
+    assert "built build" in log_text(store, build, jobs["build"]["number"])
+
+    failed = cirunner.create_build(store, repo, event="push", variables={"BUILD_EXIT": "1"})
+    executor.run_until_idle()
+    assert {name: job["status"] for name, job in _jobs_by_pipeline(store, failed).items()} == {
+        "build": "failure", "cleanup": "success", "lint": "skipped", "test": "skipped"}
+
+    tagged = cirunner.create_build(store, repo, event="tag", ref="refs/tags/v1")
+    executor.run_until_idle()
+    assert {name: job["status"] for name, job in _jobs_by_pipeline(store, tagged).items()} == {
+        "build": "success", "cleanup": "skipped", "deploy": "success", "lint": "success",
+        "notify": "success", "test": "success"}
+
+    commit_files(str(tmp_path / "work"), WOODPECKER_FOLDER)
+    status, out, _ = in_process_cli("plan", str(tmp_path / "work"), "--json", "--event", "push")
+    assert status == 0
+    planned = {one["name"]: (one["depends_on"], one["runs"])
+               for one in json.loads(out)["pipelines"]}
+    assert planned == {"build": ([], True), "cleanup": (["build"], True),
+                       "deploy": (["test", "lint"], False), "lint": (["build"], True),
+                       "notify": (["deploy"], False), "test": (["build"], True)}
+
+
+def test_a_broken_workflow_of_a_folder_is_named_with_its_file(store, make_repo):
+    files = dict(WOODPECKER_FOLDER)
+    files[".woodpecker/lint.yaml"] = "steps:\n  vet: {commands: [true], colour: 3}\nwhen: 4\n"
+    files[".woodpecker/test.yml"] = "depends_on: [nothing]\nsteps: {u: {commands: [true]}}\n"
+    build = cirunner.create_build(store, make_repo(files))
+    assert build["status"] == "error"
+    assert ".woodpecker/lint.yaml line 3:" in build["error"]
+    files[".woodpecker/lint.yaml"] = WOODPECKER_FOLDER[".woodpecker/lint.yaml"]
+    with pytest.raises(cirunner.ConfigError, match="pipeline 'test' depends on 'nothing'"):
+        cirunner.parse_pipeline(json.dumps({name: text for name, text in files.items()}),
+                                cirunner.WOODPECKER_FOLDER)
 
 
 @pytest.mark.parametrize("text, message", [
@@ -4222,9 +4391,6 @@ def test_drone_1x_conditions_match_as_drone_yaml_matches_them(conf, branch, expe
 
 
 @pytest.mark.parametrize("text, message", [
-    (("kind: pipeline\nname: a\nsteps: [{name: t, image: x}]\n---\n"
-      "kind: pipeline\nname: b\nsteps: [{name: t, image: x}]\n"),
-     "several pipelines in one file ('a', 'b') are not supported yet"),
     ("kind: pipeline\ntype: kubernetes\nsteps: [{name: t, image: x}]\n",
      "pipeline type 'kubernetes' is not supported"),
     ("kind: pipeline\nsteps: [{name: t, commands: [true]}]\n", "'t' needs an image"),

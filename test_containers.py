@@ -486,7 +486,10 @@ def test_engine_arguments_that_are_not_what_they_say_are_refused(tmp_path, serve
     commit_files(repo, {".drone.yml": (
         "pipeline:\n  t:\n    image: localhost/cirunner-test:1\n"
         "    volumes: ['--privileged']\n    dns: ['--net=host']\n"
-        "    shm_size: '--device=/dev/sda'\n    commands: [echo ran]\n")})
+        "    shm_size: '--device=/dev/sda'\n    commands: [echo ran]\n"
+        "    devices: ['--privileged']\n    network_mode: '--pid=host'\n"
+        "    extra_hosts: ['--net=host:1.2.3.4']\n"
+        "    labels: {cirunner.store: elsewhere, cirunner.job: '1'}\n")})
     server.api("POST", "/api/repos/alice/hello", {"url": repo, "private": False})
     server.api("PATCH", "/api/repos/alice/hello", {"trusted": True})
     server.api("POST", "/api/repos/alice/hello/builds", {})
@@ -494,7 +497,11 @@ def test_engine_arguments_that_are_not_what_they_say_are_refused(tmp_path, serve
     error = build["jobs"][0]["error"]
     assert build["status"] == "error"
     for problem in ("volume '--privileged' is not valid", "dns '--net=host' is not valid",
-                    "shm_size '--device=/dev/sda' is not valid"):
+                    "shm_size '--device=/dev/sda' is not valid",
+                    "device '--privileged' is not valid",
+                    "network_mode '--pid=host' is not valid",
+                    "extra_hosts '--net=host:1.2.3.4' is not valid",
+                    "label 'cirunner.store' is not valid", "label 'cirunner.job' is not valid"):
         assert problem in error
 
 

@@ -13,12 +13,14 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 
@@ -581,5 +583,102 @@ def test_a_postgresql_outage_ends_no_job_and_the_api_answers_503(tmp_path, pg_cl
     finally:
         if agent is not None:
             agent.stop()
+        second.stop()
+        first.stop()
+
+
+class RoundRobin:
+    """A TCP load balancer on 127.0.0.1: each connection goes to the next of
+    `urls` in turn (what a proxy in front of several `serve` does)."""
+
+    def __init__(self, urls):
+        self.backends = [urllib.parse.urlsplit(url) for url in urls]
+        self.counts = [0] * len(urls)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        turn = 0
+        while not self.closed:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            backend = self.backends[turn % len(self.backends)]
+            self.counts[turn % len(self.backends)] += 1
+            turn += 1
+            try:
+                server = socket.create_connection((backend.hostname, backend.port))
+            except OSError:
+                client.close()
+                continue
+            for source, target in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(source, target), daemon=True).start()
+
+    @staticmethod
+    def _pump(source, target):
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                target.sendall(data)
+        for end in (source, target):
+            with contextlib.suppress(OSError):
+                end.shutdown(socket.SHUT_RDWR)
+
+    def close(self):
+        self.closed = True
+        self.listener.close()
+
+
+def test_an_http_agent_behind_a_load_balancer_works_with_any_server(tmp_path, pg_url):
+    """Two serves on one PostgreSQL store behind a round-robin balancer: the
+    agent's polls, reports and git fetches land on either (each serve has a
+    mirror of its own), and every job runs once, checked out and green."""
+    import test_agents
+
+    common = ("--db", pg_url, "--sandbox", "none", "--workers", "0")
+    first = test_cirunner.Server(tmp_path / "serve-a", *common)
+    share_key(tmp_path / "serve-a", tmp_path / "serve-b")
+    second = test_cirunner.Server(tmp_path / "serve-b", *common)
+    second.token = first.token
+    balancer = RoundRobin([first.url, second.url])
+    agent = None
+    try:
+        status, made = first.api("POST", "/api/agents", {"name": "builder"})
+        assert status == 201, made
+        agent = test_agents.Agent(tmp_path / "agent", balancer, made["token"], "--sandbox",
+                                  "none")
+        path = str(tmp_path / "repo")
+        commit_files(path, {".cirunner.yml": (
+            "matrix:\n  N: [1, 2]\npipeline:\n  t:\n    commands:\n"
+            "      - test -f .cirunner.yml\n      - echo job-$N-of-$CI_BUILD_NUMBER\n")})
+        assert first.api("POST", "/api/repos/alice/hello", {"url": path, "private": False})[0] \
+            == 201
+        for _ in range(4):
+            assert second.api("POST", "/api/repos/alice/hello/builds", {})[0] == 201
+
+        def ended(number):
+            return first.api("GET", f"/api/repos/alice/hello/builds/{number}")[1]["status"] \
+                in ("success", "failure", "error", "killed")
+
+        wait_for(lambda: all(ended(number) for number in (1, 2, 3, 4)), timeout=120,
+                 interval=0.2)
+        for number in (1, 2, 3, 4):
+            build = first.api("GET", f"/api/repos/alice/hello/builds/{number}")[1]
+            assert build["status"] == "success", [(job["status"], job["error"])
+                                                  for job in build["jobs"]]
+            for job in build["jobs"]:
+                request = urllib.request.Request(
+                    f"{first.url}/api/repos/alice/hello/logs/{number}/{job['number']}",
+                    headers={**first.auth, "Accept": "text/plain"})
+                with urllib.request.urlopen(request, timeout=30) as answer:
+                    log = answer.read().decode()
+                assert log.count(f"\njob-{job['environment']['N']}-of-{number}\n") == 1, log
+        assert min(balancer.counts) > 0, balancer.counts  # both serves answered the agent
+    finally:
+        if agent is not None:
+            agent.stop()
+        balancer.close()
         second.stop()
         first.stop()
