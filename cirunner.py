@@ -10098,6 +10098,55 @@ class Operations:
         return self.build_json(self.store.review_build(build["id"], caller["login"],
                                                        approve=False))
 
+    def _build_by_id(self, caller, owner, name, build_id, *, write=False):
+        """(repository, build) of a build named by its id (the project API's way)."""
+        repo = self.find_repo(caller, owner, name, write=write)
+        build = self.store.get_build_by_id(_check_positive(build_id, "build id"))
+        if build["repo_id"] != repo["id"]:
+            raise NotFound(f"build {build_id} not found")
+        return repo, build
+
+    def update_build(self, caller, owner, name, build_id, params):
+        """Change a build's description, tags (with `merge`, added to its own)
+        or pinned."""
+        _, build = self._build_by_id(caller, owner, name, build_id, write=True)
+        fields = _BUILD.parse(params)
+        if "tags" in fields and fields.pop("merge", False):
+            fields["tags"] = list(dict.fromkeys(json.loads(build["tags"] or "[]")
+                                                + fields["tags"]))
+        fields.pop("merge", None)
+        return self.build_json(self.store.update_build(build["id"], **fields))
+
+    def delete_build(self, caller, owner, name, build_id):
+        """Delete a finished build, its logs and what is left of its workspaces."""
+        repo, build = self._build_by_id(caller, owner, name, build_id, write=True)
+        self.store.delete_build(build["id"])
+        _remove_build_workspaces(self.store.data_dir, repo, build["number"])
+        return {"id": build["id"], "number": build["number"], "deleted": True}
+
+    def stop_build(self, caller, owner, name, build_id):
+        """Stop a build named by its id, as cancel_build does (without waiting)."""
+        _, build = self._build_by_id(caller, owner, name, build_id, write=True)
+        if build["status"] not in ACTIVE_STATUSES:
+            raise Conflict(f"build {build['number']} has already finished ({build['status']})")
+        return self.build_json(self.store.cancel_jobs(
+            build["id"], pending_status=SKIPPED, message=f"stopped by {caller['login']}"))
+
+    def delete_step_log(self, caller, owner, name, number, job, step):
+        """Delete a step's output from its job's log (Drone 1.x's deleteLogs),
+        once the job has finished."""
+        _, build = self._build(caller, owner, name, number, write=True)
+        job = self.store.get_job(build["id"], _check_positive(job, "job number"))
+        step = _check_positive(step, "step number")
+        found = next((row for row in self.store.list_steps([job["id"]])[job["id"]]
+                      if row["number"] == step), None)
+        if found is None:
+            raise NotFound(f"step {step} not found")
+        if job["status"] in ACTIVE_STATUSES:
+            raise Conflict(f"job {job['number']} is {job['status']}; its log can change only "
+                           "once it has finished")
+        self.store.cut_log(job["id"], found["log_start"], found["log_end"])
+
     # -- secrets and schedules ----------------------------------------------------
 
     def list_secrets(self, caller, owner, name):
@@ -10931,15 +10980,6 @@ class _Api:
         return [{"pos": position, "out": line + "\n", "time": 0} for position, line in
                 enumerate(self._lines(job["id"], step["log_start"], step["log_end"]))]
 
-    def delete_step_log(self, repo, number, job, step):
-        """Delete a step's output from its job's log (Drone 1.x's deleteLogs)."""
-        job, step = self._find_step(repo, number, job, step)
-        if job["status"] in ACTIVE_STATUSES:
-            raise Conflict(f"job {job['number']} is {job['status']}; its log can change only "
-                           "once it has finished")
-        self.store.cut_log(job["id"], step["log_start"], step["log_end"])
-        return _Reply(None, 204)
-
     def _follow(self, job_id, offset):
         return _follow_log(self.store, job_id, offset, heartbeat=self.heartbeat,
                            closing=self.closing)
@@ -11029,28 +11069,6 @@ class _Api:
 
     def v1_get_build(self, repo, build_id):
         return self.build_reply(self.find_build_by_id(repo, build_id))
-
-    def v1_update_build(self, repo, build_id):
-        build = self.find_build_by_id(repo, build_id)
-        fields = _BUILD.parse(self.body())
-        if "tags" in fields and fields.pop("merge", False):
-            fields["tags"] = list(dict.fromkeys(json.loads(build["tags"] or "[]")
-                                                + fields["tags"]))
-        fields.pop("merge", None)
-        return self.build_reply(self.store.update_build(build["id"], **fields))
-
-    def v1_delete_build(self, repo, build_id):
-        build = self.find_build_by_id(repo, build_id)
-        self.store.delete_build(build["id"])
-        _remove_build_workspaces(self.store.data_dir, repo, build["number"])
-        return {"id": build["id"], "number": build["number"], "deleted": True}
-
-    def v1_stop_build(self, repo, build_id):
-        build = self.find_build_by_id(repo, build_id)
-        if build["status"] not in ACTIVE_STATUSES:
-            raise Conflict(f"build {build['number']} has already finished ({build['status']})")
-        return self.build_reply(self.store.cancel_jobs(
-            build["id"], pending_status=SKIPPED, message=f"stopped by {self.user()['login']}"))
 
     def v1_statuses(self, repo, build_id):
         build = self.find_build_by_id(repo, build_id)
@@ -11157,7 +11175,7 @@ _API_ROUTES = [
            {200: (_OK, {"type": "array", "items": _object(pos=_INTEGER, out=_STRING,
                                                           time=_INTEGER)})}),
     _Route("DELETE", "/api/repos/<owner>/<name>/builds/<number>/logs/<job>/<step>",
-           _Api.delete_step_log, "write", "delete a step's output from its job's log",
+           "delete_step_log", "write", "delete a step's output from its job's log",
            {204: ("deleted", None)}),
     _Route("GET", "/api/repos/<owner>/<name>/secrets", "list_secrets", "write",
            "secret names and events (never values)",
@@ -11236,15 +11254,15 @@ _API_ROUTES = [
                   *_READ_QUERY)),
     _Route("GET", "/api/v1/<owner>/<name>/builds/<build_id>", _Api.v1_get_build, "read", "a build",
            _BUILD_REPLY),
-    _Route("PATCH", "/api/v1/<owner>/<name>/builds/<build_id>", _Api.v1_update_build, "write",
+    _Route("PATCH", "/api/v1/<owner>/<name>/builds/<build_id>", "update_build", "write",
            "change description, tags or pinned", _BUILD_REPLY,
            body={**_BUILD.write_schema(), "additionalProperties": False}),
-    _Route("DELETE", "/api/v1/<owner>/<name>/builds/<build_id>", _Api.v1_delete_build, "write",
+    _Route("DELETE", "/api/v1/<owner>/<name>/builds/<build_id>", "delete_build", "write",
            "delete a finished build",
            {200: (_OK, _object(id=_INTEGER, number=_INTEGER, deleted=_BOOLEAN))}),
-    _Route("POST", "/api/v1/<owner>/<name>/builds/<build_id>", _Api.v1_stop_build, "write",
+    _Route("POST", "/api/v1/<owner>/<name>/builds/<build_id>", "stop_build", "write",
            "stop the build", _BUILD_REPLY),
-    _Route("POST", "/api/v1/<owner>/<name>/builds/<build_id>/stop", _Api.v1_stop_build, "write",
+    _Route("POST", "/api/v1/<owner>/<name>/builds/<build_id>/stop", "stop_build", "write",
            "stop the build", _BUILD_REPLY),
     _Route("GET", "/api/v1/<owner>/<name>/builds/<build_id>/statuses", _Api.v1_statuses, "read",
            "status history, oldest first", {200: (_OK, _ref("StatusPage"))},

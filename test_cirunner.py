@@ -1420,8 +1420,7 @@ def live_line_delay(server, gate, headers=None):
         received["text"] = text
 
     reader = threading.Thread(target=read_events)
-    reader.start()
-    time.sleep(0.3)  # the client is connected and waiting
+    reader.start()  # connected already: the answer's headers have come
     wait_for(gate.parent.is_dir, timeout=20)
     gate.touch()
     reader.join(10)
@@ -2796,7 +2795,10 @@ def test_cron_due_soon_starts_exactly_one_build_with_two_runners(tmp_path, serve
     conn.execute("UPDATE crons SET next_at = ?", (int(time.time()) + 1,))  # due in a second
     conn.commit()
     wait_for(lambda: first.api("GET", "/api/repos/alice/hello/builds")[1], timeout=15)
-    time.sleep(2.5)  # both runners have looked again
+    # A runner takes a due cron and makes its build in one transaction that
+    # moves next_at on a year: once it has moved, no runner can fire it again.
+    wait_for(lambda: conn.execute("SELECT next_at FROM crons").fetchone()[0]
+             > time.time() + 86400, timeout=15)
     status, builds = first.api("GET", "/api/repos/alice/hello/builds")
     assert status == 200
     assert [(build["number"], build["event"]) for build in builds] == [(1, "cron")]
@@ -5753,11 +5755,17 @@ def test_drain_lets_running_jobs_finish_then_serve_exits(tmp_path, servers):
                              stdout=subprocess.PIPE, text=True)
     wait_for(lambda: http_json("GET", server.url + "/healthz")[1]["status"] == "draining")
     server.api("POST", "/api/repos/alice/hello/builds", {"variables": {"GATE": str(gate)}})
-    time.sleep(1)
     assert server.api("GET", "/api/repos/alice/hello/builds/2")[1]["status"] == "pending"
     assert server.process.poll() is None  # the running job holds it up
     gate.touch()
     assert server.process.wait(timeout=30) == 0
+    # The server has exited: build 2 was never started while it drained.
+    store = cirunner.Store.open(data)
+    try:
+        job = store.list_jobs(store.get_build(store.get_repo("alice", "hello")["id"], 2)["id"])[0]
+        assert (job["status"], job["started_at"]) == ("pending", 0)
+    finally:
+        store.close()
     out, _ = drain.communicate(timeout=30)
     assert drain.returncode == 0 and "drained" in out
     with cirunner.Store.open(data) as store:
