@@ -1223,13 +1223,24 @@ def new_store(data_dir):
     return str(data_dir)
 
 
-def run_cli(*args, cwd=None, timeout=60, env=None):
+def run_cli(*args, cwd=None, timeout=60, env=None, process=False):
+    """`cirunner ARGS` through main() in this process, the command line's seam
+    (its stdout and stderr captured, as a CompletedProcess); as a real
+    process with `process=True` or a `cwd`, where the test is about the
+    process (its exit status as a program, its signals, its directory)."""
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("CIRUNNER_")},
            # never the user's own `cirunner login`, unless a test gives one
            "XDG_CONFIG_HOME": "/nonexistent/cirunner-tests", **(env or {})}
     env.setdefault("CIRUNNER_ENGINE", "none")  # images run in test_containers.py
-    return subprocess.run([sys.executable, CIRUNNER, *args], cwd=cwd, env=env, text=True,
-                          capture_output=True, timeout=timeout, check=False)
+    if process or cwd is not None:
+        return subprocess.run([sys.executable, CIRUNNER, *args], cwd=cwd, env=env, text=True,
+                              capture_output=True, timeout=timeout, check=False)
+    out, err = (io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="replace",
+                                 write_through=True) for _ in range(2))
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):  # argparse's own
+        status = cirunner.main([str(arg) for arg in args], environ=env, stdout=out, stderr=err)
+    texts = [stream.buffer.getvalue().decode("utf-8", errors="replace") for stream in (out, err)]
+    return subprocess.CompletedProcess(["cirunner", *args], status, *texts)
 
 
 def test_cli_repo_add_build_wait_logs_and_exit_codes(tmp_path):
@@ -1241,7 +1252,8 @@ def test_cli_repo_add_build_wait_logs_and_exit_codes(tmp_path):
     assert run_cli("repo", "add", "alice/bad", "--url", bad, "--data", data).returncode == 0
     listed = run_cli("repo", "list", "--data", data).stdout
     assert "alice/good" in listed and "alice/bad" in listed
-    result = run_cli("build", "alice/good", "--wait", "--data", data)
+    # as a program: its exit status and its output streams
+    result = run_cli("build", "alice/good", "--wait", "--data", data, process=True)
     assert result.returncode == 0, result.stderr
     assert "[6] axis GO_VERSION=1.10 DB=mysql" in result.stdout
     assert "build 1: success" in result.stderr
