@@ -6670,11 +6670,18 @@ class _StepUser:
         """Whether steps run as another user than the server (it is root)."""
         return self.uid != os.geteuid()
 
-    def popen_options(self):
-        """Popen's arguments that start a process as this user."""
+    def switched(self, argv):
+        """(argv, Popen's options) that start `argv` as this user: through
+        setpriv where it is installed (Python switches users itself only in a
+        full fork, without vfork, which costs a big server milliseconds per
+        step), else by Popen's own user, group and extra_groups."""
         if not self.other:
-            return {}
-        return {"user": self.uid, "group": self.gid, "extra_groups": []}
+            return argv, {}
+        setpriv = _setpriv()
+        if setpriv:
+            return [setpriv, f"--reuid={self.uid}", f"--regid={self.gid}", "--clear-groups",
+                    "--", *argv], {}
+        return argv, {"user": self.uid, "group": self.gid, "extra_groups": []}
 
     def give(self, path):
         """Hand a job's workspace to this user (the server, as root, made it)."""
@@ -6748,14 +6755,22 @@ class _StepProcess:
         return self.popen.stdout.fileno()
 
 
+@functools.lru_cache(maxsize=1)
+def _setpriv():
+    """Where util-linux's setpriv is, or None."""
+    return shutil.which("setpriv")
+
+
 def _start_process(argv, *, env, cwd=None, pass_fds=(), user=None):
-    """Start a step's leader in a new session, stdin from /dev/null, stdout and
-    stderr in one pipe. Raises _StepStartError when it cannot be started."""
+    """Start a step's leader in a new session, as `user` if given, stdin from
+    /dev/null, stdout and stderr in one pipe. Raises _StepStartError when it
+    cannot be started."""
+    argv, options = user.switched(argv) if user else (argv, {})
     try:
         popen = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                  start_new_session=True, close_fds=True, pass_fds=pass_fds,
-                                 **(user.popen_options() if user else {}))
+                                 **options)
     except (OSError, subprocess.SubprocessError) as exc:
         raise _StepStartError(f"cannot start {os.path.basename(argv[0])}: {exc}") from None
     with contextlib.suppress(OSError, AttributeError):
@@ -7070,7 +7085,6 @@ class _BwrapBackend(_HostBackend):
         self.slirp = slirp
         self.hidden = tuple(os.path.abspath(path) for path in hidden)
         self.resolv_conf = b""
-        self.setpriv = shutil.which("setpriv")
         self._networks = []  # stopped network stacks not reaped yet
 
     def reap(self):
@@ -7195,15 +7209,9 @@ class _BwrapBackend(_HostBackend):
             fds.append(_memory_file("bwrap-args", b"\0".join(
                 option.encode("utf-8", "surrogateescape") for option in options) + b"\0"))
             # Options only come from --args; the command (no secret in it) follows.
-            argv, user = [self.bwrap, "--args", str(fds[-1]), "--", *command], self.user
-            if self.user.other and self.setpriv:
-                # The same user switch, by a tool: Python forks without vfork to
-                # switch users itself, which costs a big server milliseconds.
-                argv = [self.setpriv, f"--reuid={user.uid}", f"--regid={user.gid}",
-                        "--clear-groups", "--", *argv]
-                user = None
-            popen = _start_process(argv, env=_host_environment(self.environ, _HOST_KEEPS),
-                                   cwd="/", pass_fds=tuple(fds), user=user)
+            popen = _start_process([self.bwrap, "--args", str(fds[-1]), "--", *command],
+                                   env=_host_environment(self.environ, _HOST_KEEPS),
+                                   cwd="/", pass_fds=tuple(fds), user=self.user)
         except (ValueError, UnicodeEncodeError) as exc:  # a NUL or a lone surrogate
             _close_quietly(*fds, *kept)
             raise _JobError(f"cannot start the step: {exc}") from None

@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import pathlib
+import pwd
 import re
 import shutil
 import signal
@@ -618,3 +619,21 @@ def test_a_workspace_a_step_locked_up_is_removed_and_the_build_restarts(tmp_path
     wait_for(lambda: server.api("GET", "/api/repos/alice/hello/builds/1")[1]["status"]
              == "success")
     wait_for(lambda: not workspace_of(data, "alice/hello", 1, 1).exists())
+
+
+def test_a_root_server_runs_host_steps_as_nobody_through_setpriv(tmp_path, servers):
+    """As root, even unsandboxed steps run as the step user, with none of the
+    server's groups; the switch is setpriv's (Python's own user switch needs a
+    full fork of the server, milliseconds a step: dispatch fell 4x with it)."""
+    nobody = pwd.getpwnam("nobody")
+    user = cirunner._StepUser(nobody.pw_uid, nobody.pw_gid, "nobody")
+    argv, options = user.switched(["/bin/true"])
+    assert argv[0] == shutil.which("setpriv") and argv[-2:] == ["--", "/bin/true"]
+    assert options == {}
+    server = servers(tmp_path / "data", "--sandbox", "none")
+    repo = str(tmp_path / "repo")
+    commit_files(repo, {".cirunner.yml": "pipeline: {t: {commands: ['id -u', 'id -G']}}\n"})
+    server.api("POST", "/api/repos/alice/hello", {"url": repo, "private": False})
+    assert run_build(server, server.auth, "alice/hello")["status"] == "success"
+    log = http_text(server.url + "/api/repos/alice/hello/logs/1/1")
+    assert f"+ id -u\n{nobody.pw_uid}\n+ id -G\n{nobody.pw_gid}\n" in log, log
