@@ -190,6 +190,7 @@ import json
 import logging
 import os
 import pwd
+import queue
 import re
 import resource
 import secrets
@@ -319,6 +320,7 @@ DEFAULT_CONNECTION_LIMIT = 1000  # open connections (each an idle socket, not a 
 IDLE_CONNECTION_SECONDS = 30    # a connection silent this long between requests is closed
 DEFAULT_TIMEOUT_MINUTES = 60
 DEFAULT_GRACE_SECONDS = 10.0    # SIGTERM -> SIGKILL
+STEP_GRAPH_PARALLEL = 8         # steps of a graph (depends_on) that run at once, at most
 SSE_HEARTBEAT_SECONDS = 15.0    # keeps proxies from closing a silent stream
 SESSION_SECONDS = 12 * 3600     # a web sign-in lasts this long
 # A log is stored in chunks of at most half a step's pipe: the step goes on
@@ -1420,6 +1422,7 @@ class Pipeline:
     # "needs" (Woodpecker: each job of the pipelines it depends on)}.
     runs_on: dict = dataclasses.field(default_factory=lambda: dict(_RUNS_ON_SUCCESS))
     pipelines: list = dataclasses.field(default_factory=list)  # a file's several pipelines
+    step_graph: bool = False  # its steps' depends_on make a graph (Drone 1.x, Woodpecker)
 
     def each(self):
         """The pipelines of the file: its several, or itself alone."""
@@ -1587,7 +1590,7 @@ class _Drone1:
     """A Drone 1.x/2.x file (`kind: pipeline` documents) read into the form
     the rest of the parser knows: its steps in order (with `depends_on`: each
     step in a group with the others whose dependencies are as deep, the groups
-    in order), its services, clone, workspace (/drone/src) and trigger. Its
+    in order of depth), its services, clone, workspace (/drone/src) and trigger. Its
     rules are Drone 0.8's (era "1"). Each `kind: pipeline` document is read
     on its own (`_pipeline`, `pipeline_needs`): several make one Pipeline of
     several, run as running_pipelines and Store._release_waiting say."""
@@ -1595,6 +1598,7 @@ class _Drone1:
     def __init__(self, parser):
         self.parser = parser
         self.depends_on = {}  # step name: the names it depends on, as written
+        self.step_graph = False  # whether they make a graph
         self.name = "default"
         self.keyed_graph = False  # Woodpecker: any depends_on (even []) makes the graph
 
@@ -1757,10 +1761,10 @@ class _Drone1:
         return out
 
     def _steps(self, items, line, kind):
-        """The steps, with `depends_on` made groups: a step's depth is one more
-        than its deepest dependency's; steps of one depth run together, after
-        every shallower one (in Drone a step starts as soon as its own
-        dependencies end: here it may wait longer, never less)."""
+        """The steps, in the order of their depth in the `depends_on` graph (a
+        step's is one more than its deepest dependency's), each in the group
+        of its depth; the executor runs the graph itself (_JobRun._run_graph:
+        a step starts as soon as its own dependencies have ended)."""
         steps = self._named(items, line, "step", kind)
         bodies = {body.get("name"): body for body in items or ()
                   if isinstance(body, dict)} if isinstance(items, list) else {}
@@ -1775,6 +1779,7 @@ class _Drone1:
         self.depends_on = needs
         graph = any(needs.values()) or (self.keyed_graph and any(
             "depends_on" in body for body in bodies.values()))
+        self.step_graph = graph
         if not graph:
             return steps  # in order, one after another
         depths = {}
@@ -2033,7 +2038,7 @@ class _PipelineParser:
         pipeline = self._document(document)
         for step in pipeline.steps:
             step.depends_on = reader.depends_on.get(step.name, [])
-        pipeline.name = reader.name
+        pipeline.name, pipeline.step_graph = reader.name, reader.step_graph
         pipeline.depends_on, pipeline.runs_on = needs
         return pipeline
 
@@ -3769,6 +3774,13 @@ class JobSpec:
 def _job_needs(job):
     """The pipelines a job runs after (its build's other pipelines)."""
     return json.loads(job["depends_on"] or "[]")
+
+
+def _pipeline_cell(job):
+    """A build page's cell naming a job's pipeline and what it runs after (HTML)."""
+    needs = _job_needs(job)
+    after = f" <small>after {bottle.html_escape(', '.join(needs))}</small>" if needs else ""
+    return f"<td class=pipeline>{bottle.html_escape(job['pipeline'])}{after}</td>"
 
 
 def _in_graph_order(jobs):
@@ -8411,6 +8423,8 @@ class _JobRun:
         for step in self.steps:
             if not any(step is kept for kept in planned):
                 self._step(self.records[id(step)], status=SKIPPED)
+        if self.pipeline.step_graph:
+            return self._run_graph(planned, deadline, minutes)
         for unit in step_units(planned):
             if self.stop_requested.is_set():
                 return KILLED, exit_code, self.reason
@@ -8431,6 +8445,89 @@ class _JobRun:
                     self.status, exit_code = FAILURE, code
                     error = f"step {step.name!r} failed with exit code {code}"
         return self.status, exit_code, error
+
+    def _run_graph(self, planned, deadline, minutes):
+        """Steps that form a graph (depends_on): each starts as soon as those
+        it depends on have ended (a step left out when planned counts as
+        ended), if its `when` matches the status so far, at most
+        STEP_GRAPH_PARALLEL at once. A step started while no other runs
+        writes into the log as it prints; one started beside others into a
+        spool, added to the log once it has ended and the log is free.
+        (status, exit code, error), as run_steps."""
+        names = {step.name for step in planned}
+        waiting, running, spooled = list(planned), {}, []
+        finished = queue.SimpleQueue()
+        exit_code, error, ended_by = 0, "", None  # ended_by: (status, why) of a stop or fault
+        ended = set()
+        while waiting or running:
+            if not (ended_by or self.stop_requested.is_set()):
+                self._start_ready(waiting, running, ended, names,
+                                  lambda step, sink: threading.Thread(
+                                      target=self._graph_step, daemon=True, args=(
+                                          step, sink, deadline, minutes, finished)).start())
+            if not running:
+                break  # nothing left to start: stopped, or every step has ended
+            name, (code, stopped, fault) = finished.get()
+            step, sink = running.pop(name)
+            ended.add(name)
+            if sink is not self.log:
+                spooled.append((step, sink))
+            if not any(sink is self.log for _, sink in running.values()):
+                self._add_spooled(spooled)  # the log is free: what ended beside, in order
+                spooled = []
+            if fault or stopped:
+                ended_by = ended_by or ((ERROR, fault) if fault else (KILLED, stopped))
+                exit_code = exit_code or code
+            elif code != 0 and step.ignore_failure:
+                self.log.write(f"cirunner: step {step.name!r} failed with exit code {code} "
+                               "(failure: ignore)\n")
+            elif code != 0 and self.status == SUCCESS:
+                self.status, exit_code = FAILURE, code
+                error = f"step {step.name!r} failed with exit code {code}"
+        if ended_by:
+            return ended_by[0], exit_code, ended_by[1]
+        if self.stop_requested.is_set():
+            return KILLED, exit_code, self.reason
+        return self.status, exit_code, error
+
+    def _start_ready(self, waiting, running, ended, names, start):
+        """Start (with `start(step, sink)`) each waiting step whose dependencies
+        have ended, while fewer than STEP_GRAPH_PARALLEL run; skip one whose
+        `when` no longer matches; a detached one goes on in the background."""
+        for step in list(waiting):
+            if len(running) >= STEP_GRAPH_PARALLEL or any(
+                    need in names and need not in ended for need in step.depends_on):
+                continue
+            waiting.remove(step)
+            if step.detach and self._applies(step):
+                self._start_background(step)
+            elif not self._applies(step):
+                self._step(self.records[id(step)], status=SKIPPED)
+            else:
+                sink = _Spool() if running else self.log  # live when it runs alone
+                running[step.name] = (step, sink)
+                start(step, sink)
+                continue
+            ended.add(step.name)
+
+    def _add_spooled(self, spooled):
+        """Add the output of steps that ended beside another to the log, each
+        as its step's section."""
+        for step, spool in spooled:
+            start = self.log.position()
+            spool.copy_to(self.log)
+            self._step(self.records[id(step)], log_start=start, log_end=self.log.position())
+
+    def _graph_step(self, step, sink, deadline, minutes, finished):
+        """Run one step of a graph; tell `finished` (its name, its result)."""
+        results = [(255, "", f"step {step.name!r}: the runner failed to run it")]
+        try:
+            self._run_into(step, sink, deadline, minutes, results, 0)
+        except Exception:  # noqa: BLE001 - told as the step's fault, never lost
+            _log.exception("job %s: step %s failed inside the runner", self.job["id"],
+                           step.name)
+        finally:
+            finished.put((step.name, results[0]))
 
     def _applies(self, step, *, planning=False):
         """Whether `step`'s `when` lets it run now (when planning: at all, the
@@ -8464,12 +8561,8 @@ class _JobRun:
             self._run_into(unit[0], self.log, deadline, minutes, results, 0)
         for thread in threads:
             thread.join()
-        for index, spool in enumerate(spools):
-            if spool is not None and not unit[index].detach:
-                start = self.log.position()
-                spool.copy_to(self.log)
-                self._step(self.records[id(unit[index])], log_start=start,
-                                       log_end=self.log.position())
+        self._add_spooled([(step, spool) for step, spool in zip(unit, spools)
+                           if spool is not None and not step.detach])
         return results
 
     def _run_into(self, step, sink, deadline, minutes, results, index):
@@ -11713,23 +11806,12 @@ it runs as written.</p>
 % end
 </ul></div>
 % end
-<h2>Jobs</h2><div class=wide><table><tr><th>job</th>\
-% if several:
-<th>pipeline</th>\
-% end
+<h2>Jobs</h2><div class=wide><table><tr><th>job</th>{{!'<th>pipeline</th>' if several else ''}}\
 <th>matrix</th><th>status</th>\
 <th>steps</th><th>exit</th><th>duration</th><th>error</th></tr>
 % for job in jobs:
 <tr><td><a href='{{base}}/{{job['number']}}' id='job-{{job['number']}}'>job {{job['number']}}</a>\
-</td>\
-% if several:
-<td class=pipeline>{{job['pipeline']}}\
-% if job['depends_on']:
- <small>after {{', '.join(needs(job))}}</small>\
-% end
-</td>\
-% end
-<td>{{axis(job) or '-'}}</td><td>{{!label(job['status'])}}</td>\
+</td>{{!pipeline_cell(job) if several else ''}}<td>{{axis(job) or '-'}}</td><td>{{!label(job['status'])}}</td>\
 <td>{{steps(job)}}</td><td>{{job['exit_code']}}</td>\
 <td>{{duration(job['started_at'], job['finished_at'])}}</td><td>{{job['error']}}</td></tr>
 % end
@@ -12022,7 +12104,7 @@ class _Pages:
                 repo_url=_url(f"/{owner}/{name}"), label=self.label, ago=self.ago,
                 duration=_duration, steps=lambda job: _steps_text(steps[job["id"]]),
                 axis=lambda job: _axis_text(json.loads(job["environment"])),
-                several=len({job["pipeline"] for job in jobs}) > 1, needs=_job_needs)
+                several=len({job["pipeline"] for job in jobs}) > 1, pipeline_cell=_pipeline_cell)
 
         def done():
             return self.store.get_build_by_id(build_id)["status"] in DONE_STATUSES

@@ -4203,6 +4203,82 @@ steps:
 """
 
 
+DRONE_1_STEP_GRAPH = """\
+kind: pipeline
+type: exec
+steps:
+- name: a
+  commands:
+  - for i in $(seq 600); do [ -e gate-a ] && break; sleep 0.05; done
+  - test -e gate-a && echo a-saw-the-gate
+- name: c
+  commands: [echo c-ran]
+- name: d
+  depends_on: [c]
+  commands: [touch gate-a, echo d-opened-the-gate]
+- name: b
+  depends_on: [a]
+  commands: [echo b-ran]
+- name: fails
+  depends_on: [b, d]
+  commands: [exit 3]
+- name: after
+  depends_on: [fails]
+  commands: [echo never]
+- name: cleanup
+  depends_on: [fails]
+  when: {status: [failure]}
+  commands: [echo cleaned-up]
+"""
+
+
+def test_a_step_starts_as_soon_as_what_it_depends_on_has_ended(store, executor, make_repo):
+    """d depends on c only, and a waits for the file d makes: with steps run
+    by depth (d after every step of depth 0, a too) a would wait for ever."""
+    repo = make_repo({".drone.yml": DRONE_1_STEP_GRAPH})
+    build = cirunner.create_build(store, repo, event="push")
+    executor.run_until_idle()
+    job = store.list_jobs(build["id"])[0]
+    steps = store.list_steps([job["id"]])[job["id"]]
+    assert {step["name"]: step["status"] for step in steps} == {
+        "a": "success", "c": "success", "d": "success", "b": "success", "fails": "failure",
+        "after": "skipped", "cleanup": "success"}
+    assert (job["status"], job["exit_code"]) == ("failure", 3)
+    log = log_text(store, build, 1).encode()
+    sections = {step["name"]: log[step["log_start"]:step["log_end"]].decode() for step in steps
+                if step["status"] != "skipped"}
+    for name, text in (("a", "a-saw-the-gate"), ("c", "c-ran"), ("d", "d-opened-the-gate"),
+                       ("b", "b-ran"), ("cleanup", "cleaned-up")):
+        assert text in sections[name] and all(text not in sections[other]
+                                              for other in sections if other != name), name
+    assert "never" not in log.decode().replace("echo never", "")
+
+
+def test_a_cancel_stops_every_step_of_a_graph_that_runs_at_once(store, make_repo, app,
+                                                                 tmp_path):
+    pidfile = step_writable(tmp_path / "pids")
+    repo = make_repo({".drone.yml": (
+        "kind: pipeline\ntype: exec\nsteps:\n"
+        "- {name: one, commands: ['echo $$$$ >> \"$PIDFILE\"; exec sleep 600']}\n"
+        "- {name: two, commands: ['echo $$$$ >> \"$PIDFILE\"; exec sleep 600']}\n"
+        "- {name: three, depends_on: [one], commands: [echo never]}\n")})
+    build = cirunner.create_build(store, repo, variables={"PIDFILE": str(pidfile)})
+    executor = cirunner.Executor(store, workers=1, grace=1.0, sandbox="none")
+    executor.start()
+    try:
+        pids = wait_for(lambda: pidfile.exists() and len(pidfile.read_text().split()) == 2
+                        and [int(pid) for pid in pidfile.read_text().split()])
+        assert app.delete("/api/repos/alice/hello/builds/1").status_int == 200
+        wait_for(lambda: store.get_job(build["id"], 1)["status"] == cirunner.KILLED, timeout=15)
+        wait_for(lambda: all(process_gone(pid) for pid in pids), timeout=5)
+        job = store.get_job(build["id"], 1)
+        assert [(step["name"], step["status"]) for step in store.list_steps([job["id"]])[
+            job["id"]]] == [("one", "killed"), ("two", "killed"), ("three", "skipped")]
+        assert "never" not in log_text(store, build, 1).replace("echo never", "")
+    finally:
+        executor.stop()
+
+
 def _jobs_by_pipeline(store, build):
     return {job["pipeline"]: job for job in store.list_jobs(build["id"])}
 

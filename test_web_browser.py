@@ -5,21 +5,26 @@ Set CIRUNNER_SCREENSHOTS=DIR to keep the screenshots (the README's come from her
 """
 
 import contextlib
+import json
 import os
 import re
 import shutil
 import signal
 import subprocess
 import time
+import urllib.request
 
 import pytest
 
 from test_cirunner import (
+    WEBHOOK_SECRET,
     XSS,
     Server,
     commit_files,
+    github_push,
     http_json,
     http_text,
+    sign,
     steps_reach_tmp_path,  # noqa: F401 - autouse
     wait_for,
     workspace_of,
@@ -308,3 +313,57 @@ def test_the_pages_work_mounted_under_a_prefix(tmp_path, page):
         assert "Sign in" in page.inner_text("header")
     finally:
         server.stop()
+
+
+WOODPECKER_WORKFLOWS = {
+    ".woodpecker/build.yml": "steps:\n  compile:\n    commands: [echo compiled]\n",
+    ".woodpecker/test.yml": "depends_on: [build]\nsteps:\n  unit:\n    commands: [echo tested]\n",
+    ".woodpecker/lint.yml": "depends_on: [build]\nsteps:\n  vet:\n    commands: [echo linted]\n",
+    ".woodpecker/deploy.yml": ("depends_on: [test, lint]\nwhen:\n  event: tag\nsteps:\n"
+                               "  ship:\n    commands: [echo shipped]\n"),
+}
+
+
+def test_a_woodpecker_folder_runs_through_a_webhook_with_its_graph_on_the_page(server, page,
+                                                                              tmp_path):
+    """build -> test and lint side by side -> deploy, only for a tag: pushed
+    through a signed GitHub webhook to a real server, shown in a browser."""
+    work, bare = str(tmp_path / "work"), str(tmp_path / "hello.git")
+    sha = commit_files(work, WOODPECKER_WORKFLOWS, message="three workflows")
+    subprocess.run(["git", "clone", "-q", "--bare", work, bare], check=True)
+    status, _ = server.api("POST", "/api/repos/alice/hello", {
+        "url": "file://" + bare, "private": False, "webhook_secret": WEBHOOK_SECRET})
+    assert status == 201
+
+    def hook(ref):
+        body = json.dumps(github_push(sha, "three workflows", ref=ref)).encode()
+        request = urllib.request.Request(server.url + "/hook", body, method="POST", headers={
+            "X-GitHub-Event": "push", "Content-Type": "application/json",
+            **sign(body, "github")})
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            return json.loads(answer.read())["number"]
+
+    def finished(number):
+        build = server.api("GET", f"/api/repos/alice/hello/builds/{number}")[1]
+        return build if build["status"] not in ("pending", "running") else None
+
+    number = hook("refs/heads/main")
+    pushed = wait_for(lambda: finished(number), timeout=60)
+    assert pushed["status"] == "success"
+    assert sorted(job["pipeline"] for job in pushed["jobs"]) == ["build", "lint", "test"]
+    number = hook("refs/tags/v1")
+    tagged = wait_for(lambda: finished(number), timeout=60)
+    assert tagged["status"] == "success", tagged
+    jobs = {job["pipeline"]: job for job in tagged["jobs"]}
+    assert jobs["deploy"]["depends_on"] == ["test", "lint"]
+    assert jobs["deploy"]["started_at"] >= max(jobs["test"]["finished_at"],
+                                               jobs["lint"]["finished_at"])
+
+    sign_in(page, server)
+    page.goto(f"{server.url}/alice/hello/{tagged['number']}")
+    rows = [row.split("\t") for row in page.inner_text("table.jobs, .wide table").splitlines()]
+    pipelines = [cells[1].strip() for cells in rows[1:] if len(cells) > 2]
+    assert pipelines[0] == "build" and pipelines[-1] == "deploy after test, lint", rows
+    assert set(pipelines[1:3]) == {"test after build", "lint after build"}, rows
+    assert "% " not in page.inner_text("main")  # no template text leaks into the page
+    screenshot(page, "woodpecker-graph.png")

@@ -53,10 +53,10 @@ POLL = 0.02
 # -- fixtures ------------------------------------------------------------------
 
 
-def make_repo(path, pipeline):
+def make_repo(path, pipeline, filename=".cirunner.yml"):
     os.makedirs(path, exist_ok=True)
     subprocess.run(["git", "init", "-q", "-b", "main", path], check=True, env=GIT_ENV)
-    with open(os.path.join(path, ".cirunner.yml"), "w") as handle:
+    with open(os.path.join(path, filename), "w") as handle:
         handle.write(pipeline)
     subprocess.run(["git", "-C", path, "add", "-A"], check=True, env=GIT_ENV)
     subprocess.run(["git", "-C", path, "commit", "-qm", "bench"], check=True, env=GIT_ENV)
@@ -755,6 +755,54 @@ def bench_sandbox(work, samples, steps=10):
            "baseline: a step without the sandbox (the same job on --sandbox none)")
 
 
+def diamond_lattice(rows=10, width=5):
+    """A Drone 1.x exec pipeline of rows x width trivial steps, each step
+    depending on the one above it and the one above to the right (a lattice
+    of diamonds); and the same steps with no depends_on (back to back)."""
+    graph, serial = [], []
+    for row in range(rows):
+        for column in range(width):
+            needs = [f"s{row - 1}-{c}" for c in (column, (column + 1) % width)] if row else []
+            graph.append(f"- {{name: s{row}-{column}, commands: [true], depends_on: {needs}}}")
+            serial.append(f"- {{name: s{row}-{column}, commands: [true]}}")
+    head = "kind: pipeline\ntype: exec\nclone: {disable: true}\nsteps:\n"
+    return head + "\n".join(graph) + "\n", head + "\n".join(serial) + "\n"
+
+
+def bench_graph(work, samples, rows=10, width=5):
+    """Scheduling a step graph: a 50-step diamond lattice against the same
+    steps back to back, per step (the graph's steps may also run side by
+    side: what is left over is the scheduler's cost)."""
+    durations = {}
+    for shape, pipeline in zip(("graph", "serial"), diamond_lattice(rows, width)):
+        data = os.path.join(work, f"graph-{shape}")
+        os.makedirs(data)
+        repo_path = os.path.join(work, f"repo-graph-{shape}")
+        sha = make_repo(repo_path, pipeline, filename=".drone.yml")
+        server = Server(data, sandbox="none")
+        try:
+            server.request("POST", "/api/repos/bench/r", {"url": repo_path, "private": False})
+            times = []
+            for attempt in range(samples + 2):
+                started = time.perf_counter()
+                build = server.request("POST", "/api/repos/bench/r/builds", {"commit": sha})
+                stream = server.request("GET", f"/api/repos/bench/r/logs/{build['number']}/1"
+                                        "?follow=1", raw=True)
+                assert b'"status": "success"' in stream, stream
+                if attempt >= 2:
+                    times.append(time.perf_counter() - started)
+            durations[shape] = times
+        finally:
+            server.stop()
+    steps = rows * width
+    per_step = [(graph - serial) / steps
+                for graph, serial in zip(durations["graph"], durations["serial"])]
+    record(f"graph: scheduling per step ({steps}-step diamond lattice)", per_step, "s",
+           statistics.median(durations["serial"]) / steps, "<= 5 ms",
+           statistics.median(per_step) <= 0.005,
+           "baseline: the same steps back to back, per step")
+
+
 CONTAINERS_CONF = """[engine]
 runtime = "runc"
 
@@ -1396,6 +1444,7 @@ SECTION_RUNS = (
     ("throughput", lambda work, repeats, quick: bench_throughput(work, 3 if quick else 4,
                                                                  repeats)),
     ("sandbox", lambda work, repeats, quick: bench_sandbox(work, 10 if quick else 30)),
+    ("graph", lambda work, repeats, quick: bench_graph(work, 5 if quick else 15)),
     ("containers", lambda work, repeats, quick: bench_containers(work, 5 if quick else 15)),
     ("triggers", lambda work, repeats, quick: bench_triggers(work, 1 if quick else 3)),
     ("footprint", lambda work, repeats, quick: bench_footprint(work, 50 if quick else 600)),
