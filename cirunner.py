@@ -6971,7 +6971,7 @@ def _await_loopback(pid, timeout=10.0):
     """Wait until the new network namespace of `pid` has its loopback up, as
     bwrap sets it up: slirp4netns also raises it, and if it came first, the
     kernel's own 127.0.0.1 would make bwrap's request for it fail."""
-    deadline, pause = time.monotonic() + timeout, 0.0005
+    deadline, pause = time.monotonic() + timeout, 0.0002
     while time.monotonic() < deadline:
         try:
             with open(f"/proc/{pid}/net/fib_trie") as handle:
@@ -6980,7 +6980,7 @@ def _await_loopback(pid, timeout=10.0):
         except OSError:
             return  # gone: bwrap failed, and says why
         time.sleep(pause)
-        pause = min(pause * 2, 0.01)
+        pause = min(pause * 1.5, 0.001)  # it comes within milliseconds: look often
 
 
 class _UserNetwork:
@@ -7145,11 +7145,8 @@ class _BwrapBackend(_HostBackend):
     def start(self, step, *, env, job):
         workspace = os.path.abspath(job.workspace)
         binds = [(workspace, True)] + [(path, False) for path in job.readable_paths()]
-        with self._lock:
-            process = self._launch(["/bin/sh", "-e", "-c", step.script()], env=env,
-                                   binds=binds, chdir=workspace)
-            self._leaders.add(process.pid)
-        return process
+        return self._launch(["/bin/sh", "-e", "-c", step.script()], env=env, binds=binds,
+                            chdir=workspace, leader=True)
 
     def _hidden_paths(self):
         """What the sandbox covers with an empty tmpfs: the data directory, the
@@ -7184,10 +7181,12 @@ class _BwrapBackend(_HostBackend):
             options += ["--remount-ro", self.data_dir]
         return options
 
-    def _launch(self, command, *, env, binds, chdir="/"):
+    def _launch(self, command, *, env, binds, chdir="/", leader=False):
         """Start bwrap with the sandbox's mounts and `binds`, `env` set inside
         and nothing else, and `command`: every option from an in-memory file
-        (--args), none on its command line; as the step user."""
+        (--args), none on its command line; as the step user. A `leader` (a
+        step's) is known as one before `reap` can see it; its network is
+        joined outside the lock, so that two workers start steps side by side."""
         fds, kept = [], []
         try:
             options = self._mounts(binds, fds)
@@ -7210,9 +7209,12 @@ class _BwrapBackend(_HostBackend):
             fds.append(_memory_file("bwrap-args", b"\0".join(
                 option.encode("utf-8", "surrogateescape") for option in options) + b"\0"))
             # Options only come from --args; the command (no secret in it) follows.
-            popen = _start_process([self.bwrap, "--args", str(fds[-1]), "--", *command],
-                                   env=_host_environment(self.environ, _HOST_KEEPS),
-                                   cwd="/", pass_fds=tuple(fds), user=self.user)
+            with self._lock:
+                popen = _start_process([self.bwrap, "--args", str(fds[-1]), "--", *command],
+                                       env=_host_environment(self.environ, _HOST_KEEPS),
+                                       cwd="/", pass_fds=tuple(fds), user=self.user)
+                if leader:
+                    self._leaders.add(popen.pid)
         except (ValueError, UnicodeEncodeError) as exc:  # a NUL or a lone surrogate
             _close_quietly(*fds, *kept)
             raise _JobError(f"cannot start the step: {exc}") from None
