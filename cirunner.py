@@ -8133,6 +8133,19 @@ class _JobRun:
                     raise
         return None
 
+    def _through_outage_of_git(self, call):
+        """`call` (a checkout), tried again while the server it fetches from
+        (an agent's) cannot be reached: a restart or a network blip fails no
+        job in its checkout either."""
+        while True:
+            try:
+                return call()
+            except _GitError as exc:
+                away = getattr(self.store, "unreachable", None)
+                if (away is None or not away(exc.message) or self.stop_requested.is_set()
+                        or not self._wait_out(exc.message)):
+                    raise
+
     def _step(self, record, **fields):
         """Record a step's progress."""
         self._through_outage(self.store.update_step, record, lease=self.lease, **fields)
@@ -8340,9 +8353,9 @@ class _JobRun:
         self.log.write(f"+ git checkout {commit}\n")
         try:
             user = self.runner.user
-            self.store.git.check_out(self.repo, commit, self.workspace,
-                                     _pull_ref(self.build["ref"]),
-                                     group=user.gid if user.other else None)
+            self._through_outage_of_git(lambda: self.store.git.check_out(
+                self.repo, commit, self.workspace, _pull_ref(self.build["ref"]),
+                group=user.gid if user.other else None))
             if self.pipeline.clone_settings.get("recursive"):
                 self.log.write("+ git submodule update --init --recursive\n")
                 _update_submodules(self.store.git, self.workspace,
@@ -13071,6 +13084,16 @@ class _AgentStore(_Listeners):
 
     def identity(self):
         return f"{self.link.server} {os.path.abspath(self.data_dir)}"
+
+    # What git says when the server it fetches from is not there (or not
+    # itself: a proxy's 502/503/504), as opposed to a fetch that is refused.
+    _GIT_AWAY = ("Failed to connect to", "Could not resolve host", "Connection refused",
+                 "Connection reset", "Empty reply from server", "returned error: 502",
+                 "returned error: 503", "returned error: 504", "Operation timed out")
+
+    def unreachable(self, message):
+        """Whether a git failure says the server could not be reached."""
+        return any(sign in message for sign in self._GIT_AWAY)
 
     def socket_directories(self):
         return ()

@@ -441,3 +441,17 @@ def test_the_agents_journal_is_written_whole_by_many_threads_at_once(tmp_path):
     assert failures == []
     assert json.loads((tmp_path / "agent" / "agent-jobs.json").read_text()) == list(range(50))
     store.close()
+
+
+def test_a_checkout_from_a_server_that_is_away_is_tried_again_not_failed(tmp_path):
+    """What git says when the server an agent fetches from is not there (a
+    restart) is told from a fetch the server refused: only the first is tried
+    again, as the agent holds a job's output through an outage."""
+    port = test_cirunner.free_port()  # nothing listens there
+    store = cirunner._AgentStore(f"http://127.0.0.1:{port}", "cia_token", str(tmp_path / "a"))
+    away = subprocess.run(["git", "ls-remote", f"http://127.0.0.1:{port}/api/agent/git/a/b"],
+                          capture_output=True, text=True, check=False)
+    assert away.returncode != 0 and store.unreachable(away.stderr), away.stderr
+    refused = subprocess.run(["git", "ls-remote", str(tmp_path / "no-such-repository")],
+                             capture_output=True, text=True, check=False)
+    assert refused.returncode != 0 and not store.unreachable(refused.stderr), refused.stderr
