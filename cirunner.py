@@ -4006,6 +4006,11 @@ class Store(_Listeners):
         # user (SQLite gives the WAL and shared-memory files the same mode).
         for name in (path, path + "-wal", path + "-shm"):
             _make_private(name, create=name == path)
+        if read_only_if_full and shutil.disk_usage(self.data_dir).free < MIN_FREE_BYTES:
+            # No room to write: read-only whether or not SQLite could still open
+            # the file as usual (that depends on the index pages a crash left).
+            self._open_read_only(f"less than {MIN_FREE_BYTES} bytes free in {self.data_dir}")
+            return
         try:
             self._migrate()
         except sqlite3.OperationalError as exc:
