@@ -181,6 +181,7 @@ import functools
 import getpass
 import hashlib
 import hmac
+import http.client
 import importlib
 import inspect
 import io
@@ -12916,7 +12917,9 @@ class _AgentLink:
             conn.request("POST", self.parts.path + path, body=data, headers=headers)
             response = conn.getresponse()
             answer = response.read()
-        except (OSError, ValueError) as exc:  # refused, reset, timed out, a bad answer
+        # Refused, reset, timed out, cut off mid-answer (a server killed while
+        # it answered: http.client's IncompleteRead), a bad answer.
+        except (OSError, ValueError, http.client.HTTPException) as exc:
             self.reset()
             raise _ServerAway(f"cannot reach {self.server}: {exc}") from None
         if response.getheader("Connection", "").lower() == "close":

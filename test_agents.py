@@ -10,8 +10,10 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 
@@ -455,3 +457,25 @@ def test_a_checkout_from_a_server_that_is_away_is_tried_again_not_failed(tmp_pat
     refused = subprocess.run(["git", "ls-remote", str(tmp_path / "no-such-repository")],
                              capture_output=True, text=True, check=False)
     assert refused.returncode != 0 and not store.unreachable(refused.stderr), refused.stderr
+
+
+def test_an_answer_cut_off_by_a_dying_server_is_a_server_away_not_a_crash():
+    """A server killed while it answered (headers sent, body cut short):
+    the agent's sender thread died on http.client's IncompleteRead and the
+    job's end was never delivered. It is the server being away: tried again."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def answer_half():
+        connection, _ = listener.accept()
+        connection.recv(65536)
+        connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                           b"Content-Length: 13\r\n\r\n")
+        connection.close()
+
+    thread = threading.Thread(target=answer_half, daemon=True)
+    thread.start()
+    link = cirunner._AgentLink(f"http://127.0.0.1:{listener.getsockname()[1]}", "cia_token")
+    with pytest.raises(cirunner._ServerAway, match="cannot reach"):
+        link.call("/api/agent/report", {"messages": []}, timeout=10)
+    thread.join(10)
+    listener.close()
