@@ -9,6 +9,7 @@ import collections
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -467,9 +468,18 @@ def test_an_answer_cut_off_by_a_dying_server_is_a_server_away_not_a_crash():
 
     def answer_half():
         connection, _ = listener.accept()
-        connection.recv(65536)
+        request = b""
+        while b"\r\n\r\n" not in request:  # the whole request read: no reset
+            request += connection.recv(65536)
+        head, _, body = request.partition(b"\r\n\r\n")
+        length = int(re.search(rb"Content-Length: (\d+)", head, re.IGNORECASE).group(1))
+        while len(body) < length:
+            body += connection.recv(65536)
         connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                           b"Content-Length: 13\r\n\r\n")
+                           b"Content-Length: 13\r\n\r\n{\"ok\"")  # 5 of 13 bytes
+        connection.shutdown(socket.SHUT_WR)  # then the end: the body cut short
+        while connection.recv(65536):
+            pass
         connection.close()
 
     thread = threading.Thread(target=answer_half, daemon=True)
