@@ -8459,13 +8459,20 @@ class _JobRun:
                     return ERROR, code, fault
                 if stopped:
                     return KILLED, code, stopped
-                if code != 0 and step.ignore_failure:
-                    self.log.write(f"cirunner: step {step.name!r} failed with exit code {code} "
-                                   "(failure: ignore)\n")
-                elif code != 0 and self.status == SUCCESS:
-                    self.status, exit_code = FAILURE, code
-                    error = f"step {step.name!r} failed with exit code {code}"
+                exit_code, error = self._step_ended(step, code, exit_code, error)
         return self.status, exit_code, error
+
+    def _step_ended(self, step, code, exit_code, error):
+        """Note a step's exit `code`: a failure it may ignore is said in the
+        log; the first other failure makes the job's status failure. The
+        job's (exit code, error) so far."""
+        if code != 0 and step.ignore_failure:
+            self.log.write(f"cirunner: step {step.name!r} failed with exit code {code} "
+                           "(failure: ignore)\n")
+        elif code != 0 and self.status == SUCCESS:
+            self.status = FAILURE
+            return code, f"step {step.name!r} failed with exit code {code}"
+        return exit_code, error
 
     def _run_graph(self, planned, deadline, minutes):
         """Steps that form a graph (depends_on): each starts as soon as those
@@ -8499,12 +8506,8 @@ class _JobRun:
             if fault or stopped:
                 ended_by = ended_by or ((ERROR, fault) if fault else (KILLED, stopped))
                 exit_code = exit_code or code
-            elif code != 0 and step.ignore_failure:
-                self.log.write(f"cirunner: step {step.name!r} failed with exit code {code} "
-                               "(failure: ignore)\n")
-            elif code != 0 and self.status == SUCCESS:
-                self.status, exit_code = FAILURE, code
-                error = f"step {step.name!r} failed with exit code {code}"
+            else:
+                exit_code, error = self._step_ended(step, code, exit_code, error)
         if ended_by:
             return ended_by[0], exit_code, ended_by[1]
         if self.stop_requested.is_set():

@@ -720,6 +720,26 @@ def bench_footprint(work, builds):
            "baseline: file size with the builds")
 
 
+def timed_one_job_builds(data, repo_path, sha, samples, *, warm, sandbox="none"):
+    """Seconds from trigger to the end of the followed log of `samples`
+    one-job builds of `sha` on a server of its own (after `warm` more)."""
+    server = Server(data, sandbox=sandbox)
+    try:
+        server.request("POST", "/api/repos/bench/r", {"url": repo_path, "private": False})
+        times = []
+        for attempt in range(samples + warm):
+            started = time.perf_counter()
+            build = server.request("POST", "/api/repos/bench/r/builds", {"commit": sha})
+            stream = server.request("GET", f"/api/repos/bench/r/logs/{build['number']}/1"
+                                    "?follow=1", raw=True)
+            assert b'"status": "success"' in stream, stream
+            if attempt >= warm:
+                times.append(time.perf_counter() - started)
+        return times
+    finally:
+        server.stop()
+
+
 def bench_sandbox(work, samples, steps=10):
     """What the bubblewrap sandbox adds to each step, with its own network
     namespace and user-mode network stack: the same job of `steps` trivial
@@ -732,21 +752,8 @@ def bench_sandbox(work, samples, steps=10):
         os.makedirs(data)
         repo_path = os.path.join(work, f"repo-sandbox-{sandbox}")
         sha = make_repo(repo_path, pipeline)
-        server = Server(data, sandbox=sandbox)
-        try:
-            server.request("POST", "/api/repos/bench/r", {"url": repo_path, "private": False})
-            times = []
-            for attempt in range(samples + 3):
-                started = time.perf_counter()
-                build = server.request("POST", "/api/repos/bench/r/builds", {"commit": sha})
-                stream = server.request("GET", f"/api/repos/bench/r/logs/{build['number']}/1"
-                                        "?follow=1", raw=True)
-                assert b'"status": "success"' in stream, stream
-                if attempt >= 3:
-                    times.append(time.perf_counter() - started)
-            durations[sandbox] = times
-        finally:
-            server.stop()
+        durations[sandbox] = timed_one_job_builds(data, repo_path, sha, samples, warm=3,
+                                                  sandbox=sandbox)
     per_step = [(sandboxed - bare) / steps
                 for sandboxed, bare in zip(durations["bwrap"], durations["none"])]
     record(f"sandbox: overhead per step ({steps}-step job)", per_step, "s",
@@ -779,21 +786,7 @@ def bench_graph(work, samples, rows=10, width=5):
         os.makedirs(data)
         repo_path = os.path.join(work, f"repo-graph-{shape}")
         sha = make_repo(repo_path, pipeline, filename=".drone.yml")
-        server = Server(data, sandbox="none")
-        try:
-            server.request("POST", "/api/repos/bench/r", {"url": repo_path, "private": False})
-            times = []
-            for attempt in range(samples + 2):
-                started = time.perf_counter()
-                build = server.request("POST", "/api/repos/bench/r/builds", {"commit": sha})
-                stream = server.request("GET", f"/api/repos/bench/r/logs/{build['number']}/1"
-                                        "?follow=1", raw=True)
-                assert b'"status": "success"' in stream, stream
-                if attempt >= 2:
-                    times.append(time.perf_counter() - started)
-            durations[shape] = times
-        finally:
-            server.stop()
+        durations[shape] = timed_one_job_builds(data, repo_path, sha, samples, warm=2)
     steps = rows * width
     per_step = [(graph - serial) / steps
                 for graph, serial in zip(durations["graph"], durations["serial"])]
