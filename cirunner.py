@@ -5530,8 +5530,13 @@ class Store(_Listeners):
             "JOIN builds b ON b.id = j.build_id WHERE j.status = $1 AND r.agent = $2 "
             "AND b.repo_id = $3", (RUNNING, name, repo_id))]
 
-    def agent_seen(self, name):
-        """Stamp an agent's last contact (at most once a minute is written)."""
+    def agent_seen(self, agent):
+        """Stamp an agent's last contact (`agent` as `agent_for_token` gives
+        it): written at most once a minute, and not even tried while the row
+        read says it is fresh, so that a busy agent's calls take no write lock."""
+        name = agent["name"]
+        if (agent.get("last_seen_at") or 0) >= _now() - 60:
+            return
         with contextlib.suppress(self.OperationalError):
             self._write_one("UPDATE agents SET last_seen_at = $1 WHERE name = $2 "
                             "AND last_seen_at < $3", (_now(), name, _now() - 60))
@@ -9029,6 +9034,7 @@ class Executor:
         self._threads = []
         self._tasks = self._maintenance_tasks(prune_every)
         self._last_version = None
+        self._on_waiting = []  # callables told of jobs another process queued
 
     def _maintenance_tasks(self, prune_every):
         """What the maintenance thread does, and how often."""
@@ -9308,6 +9314,13 @@ class Executor:
             self._wakes = min(self._wakes + jobs, self.workers)
             self._wakeup.notify(jobs)
 
+    def on_waiting_jobs(self, callback):
+        """Call `callback()` (from the maintenance thread) whenever jobs are
+        found waiting after another process changed the store: the agents'
+        long polls of this server wake for them (on SQLite, another process's
+        commit sends no event)."""
+        self._on_waiting.append(callback)
+
     def _on_store_event(self, event, ids):
         if event == "enqueued":
             self._wake(len(ids))
@@ -9379,6 +9392,8 @@ class Executor:
             waiting = self.store.queue_summary()[0]
             if waiting:
                 self._wake(waiting)
+                for callback in self._on_waiting:
+                    callback()
             self._report_wakeup.set()
             self._stop_jobs(self.store.cancel_requested_jobs(self.runner_id))
 
@@ -12520,6 +12535,7 @@ class _AgentService:
         self.polls = threading.BoundedSemaphore(max(1, max_polls))
         self.changed = threading.Condition()
         self.changes = 0
+        self.stamped = {}  # runner id: when this process last stamped its heartbeat
         store.add_listener(self._on_event)
 
     def _on_event(self, event, _ids):
@@ -12550,6 +12566,7 @@ class _AgentService:
         try:
             runner = self.store.get_runner(runner_id)
         except NotFound:
+            self.stamped.pop(runner_id, None)
             raise RunnerLost(f"runner {runner_id} is not registered (found lost, or never "
                              "connected): connect again") from None
         if runner["agent"] != agent["name"]:
@@ -12593,6 +12610,7 @@ class _AgentService:
     def disconnect(self, agent, body):
         runner = self._runner(agent, body.get("runner"))
         self.store.unregister_runner(runner["id"])
+        self.stamped.pop(runner["id"], None)
         return {"disconnected": runner["id"]}
 
     def poll(self, agent, body):
@@ -12601,19 +12619,23 @@ class _AgentService:
         stopping = set(body.get("stopping") or [])
         wait = body.get("wait", self.poll_seconds)
         wait = min(float(wait), self.poll_seconds) if isinstance(wait, (int, float)) else 0.0
-        self.store.agent_seen(agent["name"])
+        self.store.agent_seen(agent)
         labels = json.loads(runner["labels"])
         waits = self.polls.acquire(blocking=False)  # beyond max_polls: answer at once
         try:
             deadline = time.monotonic() + wait
-            stamped = 0.0
+            # A busy agent's polls come back to back: each needs no write of
+            # its own (this process's clock, not the row's: servers' clocks
+            # may differ from the database's).
+            stamped = self.stamped.get(runner["id"], 0.0)
             while True:
                 seen = self.changes
                 now = time.monotonic()
                 if now - stamped >= self.poll_seconds / 2:
                     if not self.store.heartbeat(runner["id"]):
+                        self.stamped.pop(runner["id"], None)
                         raise RunnerLost(f"runner {runner['id']} was found lost: connect again")
-                    stamped = now
+                    stamped = self.stamped[runner["id"]] = now
                 answer = self._news(runner, labels, stopping)
                 if answer["jobs"] or answer["cancel"] or not waits or now >= deadline \
                         or self.closing.is_set():
@@ -12865,6 +12887,7 @@ def _agent_routes(service, api):
 
 OUTBOX_MEMORY_BYTES = 64 * 1024 * 1024   # log an agent holds in memory for the server
 OUTBOX_DISK_BYTES = 1024 * 1024 * 1024   # then in its data directory; then it drops
+OUTBOX_LINGER_SECONDS = 0.02  # a report waits this long for more of its job's messages
 
 
 class _ServerAway(CIRunnerError):
@@ -12988,13 +13011,19 @@ class _Outbox:
     def __len__(self):
         return len(self.items)
 
-    def take(self, *, max_bytes, wait):
+    def take(self, *, max_bytes, wait, linger=OUTBOX_LINGER_SECONDS):
         """The first messages (at most about `max_bytes` of log), with their
         log compressed and in base64, left in place until `done`; [] if none
-        came in `wait` s."""
+        came in `wait` s. A message that came alone waits up to `linger` s
+        for those that follow it (a short job's steps, log and end go in one
+        report, not three), unless a job's end or `max_bytes` of log is in."""
         with self.changed:
             if not self.items:
                 self.changed.wait(wait)
+            lingered = time.monotonic() + linger
+            while self.items and self.items[-1][0].get("type") != "end" \
+                    and self.in_memory < max_bytes and time.monotonic() < lingered:
+                self.changed.wait(max(0.0, lingered - time.monotonic()))
             items = list(itertools.islice(self.items, 0, 1000))
         batch, size = [], 0
         for message, data in items:
@@ -13460,6 +13489,8 @@ def make_app(store, executor=None, *, max_body=DEFAULT_MAX_BODY, metrics_from=()
     agents = _AgentService(store, closing=closing, max_polls=max_streams,
                            agent_timeout=executor.agent_timeout if executor is not None
                            else RUNNER_LOST_SECONDS)
+    if executor is not None:
+        executor.on_waiting_jobs(agents.notify)
     for method, path, handler in _agent_routes(agents, api):
         app.route(path, method, _agent_callback(agents, handler))
 

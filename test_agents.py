@@ -489,3 +489,29 @@ def test_an_answer_cut_off_by_a_dying_server_is_a_server_away_not_a_crash():
         link.call("/api/agent/report", {"messages": []}, timeout=10)
     thread.join(10)
     listener.close()
+
+
+def test_a_short_jobs_messages_go_up_in_one_report(tmp_path):
+    """The sender waits briefly after a message for those that follow it: a
+    short job's steps, log and end reach the server in one report (one round
+    trip), and its end is sent at once, never held for the rest of the wait."""
+    outbox = cirunner._Outbox(str(tmp_path))
+    outbox.put({"job": 1, "type": "step", "number": 1})
+
+    def rest_of_the_job():
+        outbox.put({"job": 1, "type": "log", "seq": 0, "offset": 0}, b"hello\n")
+        outbox.put({"job": 1, "type": "end", "status": "success"})
+
+    thread = threading.Thread(target=rest_of_the_job)
+    thread.start()
+    started = time.monotonic()
+    batch = outbox.take(max_bytes=1 << 20, wait=60, linger=600)  # ends with the end
+    thread.join()
+    assert [message["type"] for message in batch] == ["step", "log", "end"]
+    assert time.monotonic() - started < 300  # the end cut the wait short
+    outbox.done(len(batch))
+    # A message that comes alone goes up once the linger is over.
+    outbox.put({"job": 2, "type": "step", "number": 1})
+    assert [message["job"] for message in outbox.take(max_bytes=1 << 20, wait=60,
+                                                      linger=0.05)] == [2]
+    outbox.close()

@@ -903,6 +903,27 @@ def test_a_big_wal_is_checkpointed_at_once_not_at_the_next_round(store, make_rep
     assert store.log_size(store.list_jobs(build["id"])[0]["id"]) > 4194304
 
 
+def test_jobs_queued_by_another_process_are_told_to_the_agents_polls(store, data_dir,
+                                                                      make_repo):
+    """serve --workers 0 hears no event for a job that another process (the
+    CLI, a second serve) queued on SQLite: its executor notices the store's
+    change and wakes the agents' long polls (make_app registers
+    _AgentService.notify) instead of leaving them to their one-second turn."""
+    repo = make_repo({".cirunner.yml": "pipeline: {t: {commands: [true]}}\n"})
+    executor = cirunner.Executor(store, workers=0, engine="none", poll_interval=0.05)
+    told = threading.Event()
+    executor.on_waiting_jobs(told.set)
+    executor.start()
+    other = cirunner.Store.open(data_dir)  # a connection of its own: no event here
+    try:
+        assert not told.is_set()
+        other.create_build(repo["id"], {"event": "manual"}, [{}])
+        assert told.wait(60)
+    finally:
+        other.close()
+        executor.stop()
+
+
 def test_request_threads_share_connections_instead_of_one_each(store, executor, app, make_repo):
     make_repo({".cirunner.yml": "pipeline: {t: {commands: [true]}}\n"})
     app.get("/api/repos/alice/hello")

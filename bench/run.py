@@ -991,6 +991,10 @@ class SoakClients:
                 if not newest:
                     time.sleep(0.05)
                     continue
+                # A follow may wait long for its job (the queue is deep): past
+                # serve's 30 s keep-alive, the list's connection is closed on the
+                # server's side; the next list call opens a new one.
+                conn.close()
                 stream = self.connection()
                 stream.request("GET", f"/api/repos/bench/s/logs/{newest[0]['number']}/1"
                                       "?follow=1", headers={"Accept": "text/event-stream"})
