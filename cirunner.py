@@ -190,6 +190,7 @@ import itertools
 import json
 import logging
 import os
+import posixpath
 import pwd
 import queue
 import re
@@ -1250,6 +1251,7 @@ class Step:
     dns_search: list = dataclasses.field(default_factory=list)
     extra_hosts: list = dataclasses.field(default_factory=list)
     working_dir: str = ""
+    directory: str = ""         # Woodpecker's: where the step runs, in its workspace
     labels: dict = dataclasses.field(default_factory=dict)
     depends_on: list = dataclasses.field(default_factory=list)  # Drone 1.x's, as written
 
@@ -1300,7 +1302,8 @@ class Step:
             environment={name: plain(value) for name, value in self.environment.items()},
             settings=_map_strings(self.settings, plain),
             entrypoint=[plain(part) for part in self.entrypoint],
-            command=[plain(part) for part in self.command], working_dir=plain(self.working_dir))
+            command=[plain(part) for part in self.command], working_dir=plain(self.working_dir),
+            directory=plain(self.directory))
 
     def script(self):
         """The shell script for this step: each command echoed as ``+ cmd``, then run."""
@@ -1928,14 +1931,6 @@ class _Woodpecker(_Drone1):
             items.lines.append(value.lines.get(name, line))
         return items
 
-    def _step(self, body):
-        out = super()._step(body)
-        if "directory" in out:
-            self.parser.problems.warn(_line_of(out, "directory"), "'directory' is not "
-                                      "supported yet: the step runs in the workspace")
-            del out["directory"]
-        return out
-
     def _when(self, when, line):
         """Woodpecker's conditions: a mapping, or a list of them of which any
         one matching is enough; path, cron and evaluate cannot be told here."""
@@ -2275,6 +2270,8 @@ class _PipelineParser:
                                    f"support: {_UNSUPPORTED_STEP_KEYS[key]}")
             elif key in _STEP_KEYWORDS:
                 self._step_key(step, key, value, where, key_line)
+            elif key == "directory" and self.era == "woodpecker":
+                step.directory = self._directory(value, where, key_line)
             elif kind == "plugin":
                 settings[key] = value
             elif not (service and key in _SERVICE_IGNORED):
@@ -2334,7 +2331,7 @@ class _PipelineParser:
     @staticmethod
     def _strings_of(step):
         """The strings substituted outside shell text (where a bad form is an error)."""
-        strings = [step.image, step.working_dir, *step.environment.values(),
+        strings = [step.image, step.working_dir, step.directory, *step.environment.values(),
                    *step.entrypoint, *step.command]
         _map_strings(step.settings, lambda text: strings.append(text) or text)
         return [text for text in strings if "${" in text]
@@ -2367,6 +2364,17 @@ class _PipelineParser:
                 self.add(line, f"{where}: '{key}' must be a string")
                 value = ""
             setattr(step, key, value)
+
+    def _directory(self, value, where, line):
+        """Woodpecker's step `directory`: a path in the workspace (absolute:
+        a container's own path, as Woodpecker takes it)."""
+        if not isinstance(value, str) or "\x00" in value:
+            self.add(line, f"{where}: 'directory' must be a string")
+            return ""
+        if ".." in posixpath.normpath(value).split("/"):
+            self.add(line, f"{where}: 'directory' {value!r} leaves the workspace")
+            return ""
+        return value
 
     def _commands(self, value, where, line):
         value = [value] if isinstance(value, str) else value
@@ -6736,6 +6744,12 @@ class _StepUser:
             folder = os.path.dirname(folder)
 
 
+def _step_directory(step, workspace):
+    """Where `step` runs: its Woodpecker `directory` in `workspace` (or, in a
+    container, the absolute path it names), else the workspace itself."""
+    return posixpath.join(workspace, step.directory) if step.directory else workspace
+
+
 class _StepStartError(_JobError):
     """The sandbox or engine could not start a step: the runner's fault (error),
     never the step's; tried once more."""
@@ -6843,6 +6857,10 @@ class _HostBackend:
 
     def check_step(self, step):
         """Raise _JobError, naming the fix, if this backend cannot run `step`."""
+        if posixpath.isabs(step.directory):
+            raise _JobError(f"{step.kind} {step.name!r}: directory {step.directory!r} is a "
+                            "path in a container; a step on the host runs in its workspace: "
+                            "give a path relative to it")
 
     def environment(self, job):
         """What a step's environment starts from: the server's locale, PATH and home."""
@@ -6874,7 +6892,7 @@ class _HostBackend:
         """Start a step; returns a `_StepProcess`. Raises _StepStartError if it cannot."""
         with self._lock:
             popen = _start_process(["/bin/sh", "-e", "-c", step.script()], env=env,
-                                   cwd=job.workspace, user=self.user)
+                                   cwd=_step_directory(step, job.workspace), user=self.user)
             self._leaders.add(popen.pid)
         return _StepProcess(popen)
 
@@ -7157,7 +7175,7 @@ class _BwrapBackend(_HostBackend):
         workspace = os.path.abspath(job.workspace)
         binds = [(workspace, True)] + [(path, False) for path in job.readable_paths()]
         return self._launch(["/bin/sh", "-e", "-c", step.script()], env=env, binds=binds,
-                            chdir=workspace, leader=True)
+                            chdir=_step_directory(step, workspace), leader=True)
 
     def _hidden_paths(self):
         """What the sandbox covers with an empty tmpfs: the data directory, the
@@ -7532,7 +7550,7 @@ class _EngineBackend:
         """The engine's argv that runs `step` (its variables from `env_file`)."""
         base, path = job.container_workspace
         argv = [self.path, "run", "--rm", f"--name={name}", *self.labels(job),
-                f"--workdir={step.working_dir or path}"]
+                f"--workdir={step.working_dir or _step_directory(step, path)}"]
         if step.network_mode or job.network:
             argv.append(f"--network={step.network_mode or job.network}")
         if job.network and not step.network_mode and _HOST_NAME.fullmatch(step.name):

@@ -4187,6 +4187,36 @@ def test_a_woodpecker_workflow_runs_with_its_graph_secrets_and_when_lists(store,
         cirunner.create_build(store, repo, event="deployment", fields={"deploy_to": "prod"})
 
 
+def test_a_woodpecker_step_runs_in_its_directory(store, executor, make_repo):
+    """Woodpecker's step `directory`: relative to the workspace (an absolute
+    one is a container's path: refused on the host, naming why); Drone's
+    files do not have it."""
+    repo = make_repo({"web/index.txt": "hello\n", ".woodpecker.yml": (
+        "steps:\n"
+        "  - name: in-web\n    directory: web\n    commands: [pwd, cat index.txt]\n"
+        "  - name: at-top\n    commands: [pwd, ls]\n")})
+    build = cirunner.create_build(store, repo)
+    executor.run_until_idle()
+    log = log_text(store, build, 1)
+    assert store.get_build_by_id(build["id"])["status"] == "success", log
+    assert re.search(r"^/\S+/web\n\+ cat index.txt\nhello$", log, re.MULTILINE), log
+    assert re.search(r"^\+ ls\nweb$", log, re.MULTILINE), log  # the next is at the top again
+    with pytest.raises(cirunner.ConfigError, match="'directory' '../x' leaves the workspace"):
+        cirunner.parse_pipeline("steps:\n  - name: a\n    directory: ../x\n"
+                                "    commands: [true]\n", ".woodpecker.yml")
+    absolute = make_repo({".woodpecker.yml": "steps:\n  - name: a\n    directory: /src\n"
+                                             "    commands: [true]\n"}, "alice/absolute")
+    build = cirunner.create_build(store, absolute)
+    executor.run_until_idle()
+    build = store.get_build_by_id(build["id"])
+    job = store.list_jobs(build["id"])[0]
+    assert build["status"] == "error" and "directory '/src' is a path in a container" in \
+        job["error"], job
+    drone = cirunner.parse_pipeline("kind: pipeline\ntype: exec\nsteps:\n- name: a\n  directory: web\n"
+                                    "  commands: [true]\n", ".drone.yml")
+    assert drone.steps[0].directory == "" and "unknown key 'directory'" in drone.warnings[0]
+
+
 DRONE_1_SEVERAL = """\
 kind: pipeline
 type: exec

@@ -240,6 +240,26 @@ def test_a_drone_1x_pipeline_runs_in_its_images_with_a_service_and_a_plugin(tmp_
         ("web", "success"), ("test", "success"), ("lint", "success"), ("announce", "success")]
 
 
+def test_a_woodpecker_step_runs_in_its_directory_in_the_container(tmp_path, servers):
+    """Woodpecker's `directory`: relative, in the workspace; absolute, the
+    container's own path (as Woodpecker's compiler makes the working dir)."""
+    server = servers(tmp_path / "data")
+    repo = str(tmp_path / "repo")
+    commit_files(repo, {"web/index.txt": "hello\n", ".woodpecker.yml": (
+        "steps:\n"
+        "  - name: in-web\n    image: localhost/cirunner-test:1\n    directory: web\n"
+        "    commands: [echo \"in $(pwd)\", cat index.txt]\n"
+        "  - name: absolute\n    image: localhost/cirunner-test:1\n    directory: /tmp\n"
+        "    commands: [echo \"in $(pwd)\"]\n")})
+    server.api("POST", "/api/repos/alice/hello", {"url": repo, "private": False})
+    assert server.api("POST", "/api/repos/alice/hello/builds", {})[0] == 201
+    build = finished(server, "alice/hello", 1)
+    log = http_text(server.url + "/api/repos/alice/hello/logs/1/1")
+    assert build["status"] == "success", (build, log[-2000:])
+    assert re.search(r"^in /woodpecker/src/\S+/web$", log, re.MULTILINE), log
+    assert "\nhello\n" in log and "\nin /tmp\n" in log, log
+
+
 def test_a_service_that_ignores_sigterm_is_done_with_at_the_jobs_end_not_after_the_grace(
         tmp_path, servers):
     server = servers(tmp_path / "data", "--grace", "60")  # a step's grace: not a service's
