@@ -1187,10 +1187,13 @@ _WHEN_KEYS = ("branch", "event", "status", "matrix", "environment", "platform", 
 
 def _constraint_matches(constraint, value):
     """Drone's `Constraint.Match`: excluded patterns never match; with include
-    patterns, one must match; with none, anything does. A third item, true,
-    says the globs are Drone 1.x's (doublestar: ``**`` crosses ``/``)."""
-    include, exclude, *doublestar = constraint
-    match = functools.partial(_path_match, doublestar=bool(doublestar and doublestar[0]))
+    patterns, one must match; with none, anything does. A third item says how
+    they match: true, as Drone 1.x's and Woodpecker's globs (doublestar:
+    ``**`` crosses ``/``); "exact", as Woodpecker's event lists (no glob)."""
+    include, exclude, *flavour = constraint
+    if flavour and flavour[0] == "exact":
+        return value not in exclude and (not include or value in include)
+    match = functools.partial(_path_match, doublestar=bool(flavour and flavour[0]))
     if any(match(pattern, value) for pattern in exclude):
         return False
     return not include or any(match(pattern, value) for pattern in include)
@@ -1272,6 +1275,8 @@ class Step:
         for key, value in (("branch", branch), ("event", event), ("environment", deploy_to),
                            ("platform", platform), ("ref", ref), ("repo", repo),
                            ("instance", instance)):
+            if key == "branch" and event == EVENT_TAG and when.get("branch_on_tags") is False:
+                continue
             if key in when and not _constraint_matches(when[key], value):
                 return False
         if "matrix" in when and not _matrix_matches(when["matrix"], environment):
@@ -2478,8 +2483,12 @@ class _PipelineParser:
             else:
                 parsed[key] = list(self._constraint(value, f"{where}: when.{key}", key_line))
                 self._check_words(parsed[key], key, where, key_line)
-                if self.era == "1":
-                    parsed[key].append(True)  # Drone 1.x's globs: doublestar
+                if self.era == "woodpecker" and key == "event":
+                    parsed[key].append("exact")  # Woodpecker's events: a list, no glob
+                elif self.era in ("1", "woodpecker"):
+                    parsed[key].append(True)  # Drone 1.x's and Woodpecker's globs: doublestar
+        if self.era == "woodpecker" and "branch" in parsed:
+            parsed["branch_on_tags"] = False  # Woodpecker leaves branch out for a tag
         if self.era in _RULES_08 and {"changed", "change"}.intersection(
                 *parsed.get("status", [[]])[:1]):
             # Drone 0.8 compares the word with "success" and "failure" only.

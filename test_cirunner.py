@@ -4187,6 +4187,40 @@ def test_a_woodpecker_workflow_runs_with_its_graph_secrets_and_when_lists(store,
         cirunner.create_build(store, repo, event="deployment", fields={"deploy_to": "prod"})
 
 
+def test_woodpecker_conditions_match_as_woodpecker_matches_them():
+    """Woodpecker's constraint.go: events are an exact list (no glob), branch
+    and ref are doublestar globs, and a tag's build is not held to `branch`."""
+    pipeline = cirunner.parse_pipeline(
+        "when:\n  - event: [push, tag]\n    branch: main\n"
+        "steps:\n"
+        "  - name: globbed-event\n    commands: [true]\n    when: {event: 'pu*'}\n"
+        "  - name: deep\n    commands: [true]\n    when: {branch: 'release/**'}\n"
+        "  - name: shallow\n    commands: [true]\n    when: {branch: 'release/*'}\n"
+        "  - name: not-on-tags\n    commands: [true]\n    when: {branch: main, event: tag}\n",
+        ".woodpecker.yml")
+
+    def runs(event, branch, ref=""):
+        plan = cirunner.plan_pipeline(pipeline, event=event, branch=branch,
+                                      ref=ref)["pipelines"][0]
+        return plan["runs"] and [step["name"] for step in plan["jobs"][0]["steps"]
+                                 if step["runs"]]
+
+    assert runs("push", "release/a/b") is False  # the workflow's branch: main only
+    # 'pu*' is no event name: it never matches (Drone would glob it); neither
+    # release pattern matches main, and this is no tag.
+    assert runs("push", "main") == []
+    # A tag: every `branch` is left out, the workflow's and the steps'.
+    assert runs("tag", "v1.0", "refs/tags/v1.0") == ["deep", "shallow", "not-on-tags"]
+    release = cirunner.parse_pipeline(
+        "steps:\n"
+        "  - name: deep\n    commands: [true]\n    when: {branch: 'release/**'}\n"
+        "  - name: shallow\n    commands: [true]\n    when: {branch: 'release/*'}\n",
+        ".woodpecker.yml")
+    plan = cirunner.plan_pipeline(release, event="push", branch="release/a/b")
+    assert [step["name"] for step in plan["pipelines"][0]["jobs"][0]["steps"]
+            if step["runs"]] == ["deep"]  # doublestar: ** crosses '/', * does not
+
+
 def test_a_woodpecker_step_runs_in_its_directory(store, executor, make_repo):
     """Woodpecker's step `directory`: relative to the workspace (an absolute
     one is a container's path: refused on the host, naming why); Drone's
