@@ -2760,7 +2760,10 @@ def _planned_jobs(pipeline, *, event, branch, ref, repo, deploy_to, previous_sta
     for axis in pipeline.matrix:
         when = {"branch": pipeline.when_branch(event, branch, ref), "event": event,
                 "environment": axis, "ref": ref, "repo": repo, "deploy_to": deploy_to}
-        steps = [pipeline.status_resolved(step, previous_status) for step in pipeline.steps]
+        # The images as the job would pull them: the matrix's values in (a
+        # ${VAR} the build sets is left as written).
+        steps = [pipeline.status_resolved(step, previous_status)
+                 for step in pipeline.steps_for(dict(axis), dict(axis))]
         jobs.append({
             "matrix": dict(axis),
             "steps": [{"name": step.name, "image": step.image or None,

@@ -4221,6 +4221,17 @@ def test_woodpecker_conditions_match_as_woodpecker_matches_them():
             if step["runs"]] == ["deep"]  # doublestar: ** crosses '/', * does not
 
 
+def test_a_woodpecker_matrix_include_plans_each_axis_with_its_image():
+    pipeline = cirunner.parse_pipeline(
+        "matrix:\n  include:\n    - {GO: '1.20', OS: linux}\n    - {GO: '1.21', OS: linux}\n"
+        "steps:\n  - name: t\n    image: golang:${GO}\n    commands: [go test]\n"
+        "    when: {matrix: {GO: '1.21'}}\n", ".woodpecker.yml")
+    jobs = cirunner.plan_pipeline(pipeline, event="push", branch="main")["pipelines"][0]["jobs"]
+    assert [(job["matrix"], job["steps"][0]["image"], job["steps"][0]["runs"])
+            for job in jobs] == [({"GO": "1.20", "OS": "linux"}, "golang:1.20", False),
+                                 ({"GO": "1.21", "OS": "linux"}, "golang:1.21", True)]
+
+
 def test_a_woodpecker_step_runs_in_its_directory(store, executor, make_repo):
     """Woodpecker's step `directory`: relative to the workspace (an absolute
     one is a container's path: refused on the host, naming why); Drone's
