@@ -135,6 +135,8 @@ _SQLITE_ONLY = {
     "test_deleted_builds_give_their_space_back",
     "test_a_big_wal_is_checkpointed_at_once_not_at_the_next_round",
     "test_read_cache_answers_a_repeat_until_anything_is_committed",
+    # another process's commit on SQLite (on PostgreSQL its NOTIFY is the event):
+    "test_jobs_queued_by_another_process_are_told_to_the_agents_polls",
     "test_schema_is_versioned_and_reopening_keeps_data",
     # sqlite3.connect(store.path):
     "test_big_log_is_stored_in_bounded_chunks_and_reads_back_exactly",
