@@ -12540,13 +12540,14 @@ class _AgentService:
       over the agent's); the jobs of the agent's earlier runners on that host
       end (``recovered``: what the agent kills of them). A protocol other than
       AGENT_PROTOCOL is refused with both versions named.
-    - ``POST /api/agent/poll`` {runner, stopping, wait}: a heartbeat that
+    - ``POST /api/agent/poll`` {runner, stopping, holding, wait}: a heartbeat that
       waits (long-poll, at most AGENT_POLL_SECONDS) until there is news: jobs
       claimed for it (as many as it has free workers; each with its build,
       repository without sealed fields, pipeline, the previous build and the
       secrets its event and origin allow) or cancels of its jobs (besides
-      those it says it is `stopping`). 409 ``runner_lost`` once it was found
-      lost: the agent connects again.
+      those it says it is `stopping`); a job claimed for it that it does not
+      say it is `holding` (an answer that never reached it) comes again.
+      409 ``runner_lost`` once it was found lost: the agent connects again.
     - ``POST /api/agent/report`` {runner, messages}: a job's steps, step
       changes, log chunks and end, in order, each under the claim's lease; a
       job ended elsewhere refuses them (``ended``: {job: why}) and the agent
@@ -12647,6 +12648,8 @@ class _AgentService:
         """Wait for news for the agent's runner (see the class docstring)."""
         runner = self._runner(agent, body.get("runner"))
         stopping = set(body.get("stopping") or [])
+        holding = body.get("holding")
+        holding = set(holding) if isinstance(holding, list) else None
         wait = body.get("wait", self.poll_seconds)
         wait = min(float(wait), self.poll_seconds) if isinstance(wait, (int, float)) else 0.0
         self.store.agent_seen(agent)
@@ -12666,7 +12669,7 @@ class _AgentService:
                         self.stamped.pop(runner["id"], None)
                         raise RunnerLost(f"runner {runner['id']} was found lost: connect again")
                     stamped = self.stamped[runner["id"]] = now
-                answer = self._news(runner, labels, stopping)
+                answer = self._news(runner, labels, stopping, holding)
                 if answer["jobs"] or answer["cancel"] or not waits or now >= deadline \
                         or self.closing.is_set():
                     return answer
@@ -12680,12 +12683,18 @@ class _AgentService:
             if waits:
                 self.polls.release()
 
-    def _news(self, runner, labels, stopping):
+    def _news(self, runner, labels, stopping, holding=None):
         cancels = {job_id: self.store.get_job_by_id(job_id)["error"] or "cancelled"
                    for job_id in self.store.cancel_requested_jobs(runner["id"])
                    if job_id not in stopping}
-        jobs = []
-        free = runner["workers"] - len(self.store.running_jobs(runner["id"]))
+        running = self.store.running_jobs(runner["id"])
+        # Claimed for this runner, and not held by its agent (`holding`: what
+        # it runs or has yet to report the end of): an answer that never
+        # reached it. Sent again, with the claim it was given.
+        jobs = [] if holding is None else [
+            self._payload(self.store.get_job_by_id(job_id)) for job_id in running
+            if job_id not in holding and job_id not in stopping]
+        free = runner["workers"] - len(running)
         if free > 0 and self.store.queue_summary()[0]:
             while len(jobs) < free:
                 job = self.store.claim_next_job(runner["id"], labels)
@@ -13041,6 +13050,11 @@ class _Outbox:
     def __len__(self):
         return len(self.items)
 
+    def jobs(self):
+        """The ids of the jobs with messages still to send."""
+        with self.changed:
+            return {item[0]["job"] for item in self.items}
+
     def take(self, *, max_bytes, wait, linger=OUTBOX_LINGER_SECONDS):
         """The first messages (at most about `max_bytes` of log), with their
         log compressed and in base64, left in place until `done`; [] if none
@@ -13286,9 +13300,12 @@ class _AgentStore(_Listeners):
                 with self._lock:  # workers remove the jobs they end
                     stopping = [job_id for job_id, job in self.jobs.items()
                                 if job["job"].get("stopping")]
+                    # What it still runs or has to report the end of: a job
+                    # claimed for it that is in neither comes again.
+                    holding = sorted(set(self.jobs) | self.outbox.jobs())
                 answer = self.link.call("/api/agent/poll", {
                     "runner": self.runner["runner"], "wait": self.poll_seconds,
-                    "stopping": stopping}, timeout=self.poll_seconds + 30)
+                    "stopping": stopping, "holding": holding}, timeout=self.poll_seconds + 30)
                 delay = 0.2
             except _ServerAway as exc:
                 _log.warning("agent: %s; trying again in %g s", exc.message, delay)
@@ -13309,8 +13326,9 @@ class _AgentStore(_Listeners):
                 return
 
     def _news(self, answer):
-        jobs = answer.get("jobs") or []
-        with self._lock:
+        with self._lock:  # a job it has already is never taken twice
+            jobs = [payload for payload in answer.get("jobs") or []
+                    if payload["job"]["id"] not in self.jobs]
             for payload in jobs:
                 self.jobs[payload["job"]["id"]] = payload
                 self.steps[payload["job"]["id"]] = []

@@ -375,6 +375,37 @@ def test_a_jobs_secrets_reach_only_the_agent_that_claimed_it(fleet):
     assert "the-deploy-key-of-hello" not in raw and "the-key-of-other" not in raw
 
 
+def test_a_claim_whose_answer_was_lost_comes_again_not_stranded(fleet):
+    """A poll's answer can be lost after the server claimed jobs for it (the
+    connection cut, the agent's retry): the next poll says what the agent
+    holds, and a job claimed for it that it does not hold comes again with
+    the same claim, never a second one; a job it holds does not."""
+    fleet.repo("pipeline:\n  t:\n    commands: [true]\n")
+    token = fleet.token("one")
+    connect(fleet.server, token, "one-runner")
+    fleet.server.api("POST", "/api/repos/alice/hello/builds", {})
+    status, lost = agent_call(fleet.server, token, "/api/agent/poll",
+                              {"runner": "one-runner", "wait": 5, "holding": []})
+    assert status == 200 and len(lost["jobs"]) == 1, lost  # this answer "never arrived"
+    status, again = agent_call(fleet.server, token, "/api/agent/poll",
+                               {"runner": "one-runner", "wait": 0, "holding": []})
+    assert status == 200 and [claim["job"]["id"] for claim in again["jobs"]] == [
+        lost["jobs"][0]["job"]["id"]], again
+    assert again["jobs"][0]["job"]["lease"] == lost["jobs"][0]["job"]["lease"]
+    status, held = agent_call(fleet.server, token, "/api/agent/poll", {
+        "runner": "one-runner", "wait": 0, "holding": [lost["jobs"][0]["job"]["id"]]})
+    assert status == 200 and held["jobs"] == [], held
+
+
+def test_an_agent_never_takes_a_job_it_already_holds(tmp_path):
+    store = cirunner._AgentStore("http://127.0.0.1:9", "cia_unused", str(tmp_path / "agent"))
+    claim = {"job": {"id": 7, "lease": "l"}, "build": {}, "repo": {}}
+    store._news({"jobs": [claim]})
+    store._news({"jobs": [dict(claim)]})  # the same claim, sent again
+    assert [job["id"] for job in store.queue] == [7]
+    store.close()
+
+
 def test_an_agent_of_another_protocol_is_told_what_to_do(fleet):
     status, body = connect(fleet.server, fleet.token("one"), "one-runner", protocol=99)
     assert status == 409
