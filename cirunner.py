@@ -2755,18 +2755,23 @@ def running_pipelines(pipeline, *, event, branch, ref, repo="", deploy_to=""):
     return {name: rewired(name, {name}) for name in needs if runs[name]}
 
 
+def _matrix_image(image, axis):
+    """A step's image as a job of matrix `axis` pulls it: each plain
+    ``${NAME}`` of an axis replaced; any other expression (a variable the build
+    sets, a default, a check) left as written."""
+    return re.sub(r"\$\{(\w+)\}", lambda found: axis.get(found.group(1), found.group(0)),
+                  image)
+
+
 def _planned_jobs(pipeline, *, event, branch, ref, repo, deploy_to, previous_status):
     jobs = []
     for axis in pipeline.matrix:
         when = {"branch": pipeline.when_branch(event, branch, ref), "event": event,
                 "environment": axis, "ref": ref, "repo": repo, "deploy_to": deploy_to}
-        # The images as the job would pull them: the matrix's values in (a
-        # ${VAR} the build sets is left as written).
-        steps = [pipeline.status_resolved(step, previous_status)
-                 for step in pipeline.steps_for(dict(axis), dict(axis))]
+        steps = [pipeline.status_resolved(step, previous_status) for step in pipeline.steps]
         jobs.append({
             "matrix": dict(axis),
-            "steps": [{"name": step.name, "image": step.image or None,
+            "steps": [{"name": step.name, "image": _matrix_image(step.image, axis) or None,
                        "depends_on": list(step.depends_on),
                        "runs": step.applies(job_status=SUCCESS, **when)} for step in steps],
             # Drone 0.8 starts a service only where its `when` matches (the executor's rule)
@@ -6762,6 +6767,16 @@ def _step_directory(step, workspace):
     return posixpath.join(workspace, step.directory) if step.directory else workspace
 
 
+def _host_step_directory(step, workspace):
+    """`_step_directory` for a step on the host, which must be a folder of
+    its workspace (an engine makes a missing one; the host does not)."""
+    path = _step_directory(step, workspace)
+    if step.directory and not os.path.isdir(path):
+        raise _JobError(f"{step.kind} {step.name!r}: directory {step.directory!r} is no "
+                        "folder of the workspace")
+    return path
+
+
 class _StepStartError(_JobError):
     """The sandbox or engine could not start a step: the runner's fault (error),
     never the step's; tried once more."""
@@ -6904,7 +6919,8 @@ class _HostBackend:
         """Start a step; returns a `_StepProcess`. Raises _StepStartError if it cannot."""
         with self._lock:
             popen = _start_process(["/bin/sh", "-e", "-c", step.script()], env=env,
-                                   cwd=_step_directory(step, job.workspace), user=self.user)
+                                   cwd=_host_step_directory(step, job.workspace),
+                                   user=self.user)
             self._leaders.add(popen.pid)
         return _StepProcess(popen)
 
@@ -7187,7 +7203,7 @@ class _BwrapBackend(_HostBackend):
         workspace = os.path.abspath(job.workspace)
         binds = [(workspace, True)] + [(path, False) for path in job.readable_paths()]
         return self._launch(["/bin/sh", "-e", "-c", step.script()], env=env, binds=binds,
-                            chdir=_step_directory(step, workspace), leader=True)
+                            chdir=_host_step_directory(step, workspace), leader=True)
 
     def _hidden_paths(self):
         """What the sandbox covers with an empty tmpfs: the data directory, the
@@ -12669,6 +12685,9 @@ class _AgentService:
                         self.stamped.pop(runner["id"], None)
                         raise RunnerLost(f"runner {runner['id']} was found lost: connect again")
                     stamped = self.stamped[runner["id"]] = now
+                    if len(self.stamped) > 1024:  # runners of restarted agents
+                        self.stamped = {key: value for key, value in self.stamped.items()
+                                        if now - value < self.agent_timeout}
                 answer = self._news(runner, labels, stopping, holding)
                 if answer["jobs"] or answer["cancel"] or not waits or now >= deadline \
                         or self.closing.is_set():
@@ -12688,12 +12707,11 @@ class _AgentService:
                    for job_id in self.store.cancel_requested_jobs(runner["id"])
                    if job_id not in stopping}
         running = self.store.running_jobs(runner["id"])
-        # Claimed for this runner, and not held by its agent (`holding`: what
-        # it runs or has yet to report the end of): an answer that never
-        # reached it. Sent again, with the claim it was given.
-        jobs = [] if holding is None else [
-            self._payload(self.store.get_job_by_id(job_id)) for job_id in running
-            if job_id not in holding and job_id not in stopping]
+        jobs = [] if holding is None else self._not_held(
+            [job_id for job_id in running if job_id not in holding and job_id not in stopping],
+            cancels)
+        if jobs or cancels:
+            running = self.store.running_jobs(runner["id"])
         free = runner["workers"] - len(running)
         if free > 0 and self.store.queue_summary()[0]:
             while len(jobs) < free:
@@ -12702,6 +12720,30 @@ class _AgentService:
                     break
                 jobs.append(self._payload(job))
         return {"jobs": jobs, "cancel": cancels}
+
+    def _not_held(self, job_ids, cancels):
+        """Jobs claimed for a runner that its agent does not hold (`holding`:
+        what it runs or has yet to report the end of). One it never started
+        (no step told) is a claim whose answer never reached it: sent again,
+        under that claim. One cancelled meanwhile ends killed here; one it
+        started and dropped (a report the server refused) ends error: no
+        job stays running with nobody to end it."""
+        steps = self.store.list_steps(job_ids)
+        resend = []
+        for job_id in job_ids:
+            job = self.store.get_job_by_id(job_id)
+            if job_id in cancels:
+                reason = cancels.pop(job_id)
+                with contextlib.suppress(Conflict):
+                    self.store.finish_job(job_id, KILLED, error=reason, lease=job["lease"])
+            elif steps[job_id]:
+                with contextlib.suppress(Conflict):
+                    self.store.finish_job(job_id, ERROR, lease=job["lease"],
+                                          error="its agent no longer runs it (a report of it "
+                                                "was refused)")
+            else:
+                resend.append(self._payload(job))
+        return resend
 
     def _payload(self, job):
         """What an agent needs to run `job`, and nothing more: no other job's
@@ -13476,7 +13518,7 @@ class _AgentStore(_Listeners):
     def finish_job(self, job_id, status, *, exit_code=0, error="", message="", lease=None):
         try:
             self._put(job_id, lease, {"type": "end", "status": status, "exit_code": exit_code,
-                                      "error": error})
+                                      "error": _clip(error or "", 3950)})
         finally:
             with self._lock:
                 self.jobs.pop(job_id, None)

@@ -395,6 +395,33 @@ def test_a_claim_whose_answer_was_lost_comes_again_not_stranded(fleet):
     status, held = agent_call(fleet.server, token, "/api/agent/poll", {
         "runner": "one-runner", "wait": 0, "holding": [lost["jobs"][0]["job"]["id"]]})
     assert status == 200 and held["jobs"] == [], held
+    # Cancelled while its claim was lost: it ends killed here, never runs.
+    assert fleet.server.api("DELETE", "/api/repos/alice/hello/builds/1")[0] == 200
+    status, cancelled = agent_call(fleet.server, token, "/api/agent/poll",
+                                   {"runner": "one-runner", "wait": 0, "holding": []})
+    assert status == 200 and cancelled["jobs"] == [], cancelled
+    assert fleet.build(1)["status"] == "killed"
+
+
+def test_a_job_its_agent_started_and_dropped_ends_error_not_again(fleet):
+    """An agent drops a job whose report the server refused; the server
+    ends it (error), and never sends a started job again."""
+    fleet.repo("pipeline:\n  t:\n    commands: [true]\n")
+    token = fleet.token("one")
+    connect(fleet.server, token, "one-runner")
+    fleet.server.api("POST", "/api/repos/alice/hello/builds", {})
+    status, news = agent_call(fleet.server, token, "/api/agent/poll",
+                              {"runner": "one-runner", "wait": 5, "holding": []})
+    claim = news["jobs"][0]["job"]
+    status, answer = agent_call(fleet.server, token, "/api/agent/report", {
+        "runner": "one-runner", "messages": [{"job": claim["id"], "lease": claim["lease"],
+                                              "type": "steps", "steps": [["t", "step"]]}]})
+    assert status == 200 and answer["ended"] == {}, answer
+    status, news = agent_call(fleet.server, token, "/api/agent/poll",
+                              {"runner": "one-runner", "wait": 0, "holding": []})
+    assert status == 200 and news["jobs"] == [], news
+    build = fleet.build(1)
+    assert build["status"] == "error" and "no longer runs it" in build["jobs"][0]["error"], build
 
 
 def test_an_agent_never_takes_a_job_it_already_holds(tmp_path):

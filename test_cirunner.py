@@ -4225,11 +4225,14 @@ def test_a_woodpecker_matrix_include_plans_each_axis_with_its_image():
     pipeline = cirunner.parse_pipeline(
         "matrix:\n  include:\n    - {GO: '1.20', OS: linux}\n    - {GO: '1.21', OS: linux}\n"
         "steps:\n  - name: t\n    image: golang:${GO}\n    commands: [go test]\n"
-        "    when: {matrix: {GO: '1.21'}}\n", ".woodpecker.yml")
+        "    when: {matrix: {GO: '1.21'}}\n"
+        "  - name: u\n    image: app:${CI_COMMIT_TAG:-dev}\n    commands: [true]\n",
+        ".woodpecker.yml")
     jobs = cirunner.plan_pipeline(pipeline, event="push", branch="main")["pipelines"][0]["jobs"]
     assert [(job["matrix"], job["steps"][0]["image"], job["steps"][0]["runs"])
             for job in jobs] == [({"GO": "1.20", "OS": "linux"}, "golang:1.20", False),
                                  ({"GO": "1.21", "OS": "linux"}, "golang:1.21", True)]
+    assert jobs[0]["steps"][1]["image"] == "app:${CI_COMMIT_TAG:-dev}"  # the build's to say
 
 
 def test_a_woodpecker_step_runs_in_its_directory(store, executor, make_repo):
@@ -4256,6 +4259,13 @@ def test_a_woodpecker_step_runs_in_its_directory(store, executor, make_repo):
     build = store.get_build_by_id(build["id"])
     job = store.list_jobs(build["id"])[0]
     assert build["status"] == "error" and "directory '/src' is a path in a container" in \
+        job["error"], job
+    missing = make_repo({".woodpecker.yml": "steps:\n  - name: a\n    directory: nowhere\n"
+                                            "    commands: [true]\n"}, "alice/missing")
+    build = cirunner.create_build(store, missing)
+    executor.run_until_idle()
+    job = store.list_jobs(build["id"])[0]
+    assert job["status"] == "error" and "'nowhere' is no folder of the workspace" in \
         job["error"], job
     drone = cirunner.parse_pipeline("kind: pipeline\ntype: exec\nsteps:\n- name: a\n  directory: web\n"
                                     "  commands: [true]\n", ".drone.yml")
