@@ -375,51 +375,52 @@ def test_a_jobs_secrets_reach_only_the_agent_that_claimed_it(fleet):
     assert "the-deploy-key-of-hello" not in raw and "the-key-of-other" not in raw
 
 
+def poll_holding(fleet, token, holding, wait=0):
+    """One poll of runner one-runner that says it holds `holding`."""
+    status, news = agent_call(fleet.server, token, "/api/agent/poll",
+                              {"runner": "one-runner", "wait": wait, "holding": holding})
+    assert status == 200, news
+    return news
+
+
+def claimed_by_one(fleet):
+    """Agent one's token and the answer of its first poll, which claims the
+    one job of a new build."""
+    fleet.repo("pipeline:\n  t:\n    commands: [true]\n")
+    token = fleet.token("one")
+    connect(fleet.server, token, "one-runner")
+    fleet.server.api("POST", "/api/repos/alice/hello/builds", {})
+    news = poll_holding(fleet, token, [], wait=5)
+    assert len(news["jobs"]) == 1, news
+    return token, news
+
+
 def test_a_claim_whose_answer_was_lost_comes_again_not_stranded(fleet):
     """A poll's answer can be lost after the server claimed jobs for it (the
     connection cut, the agent's retry): the next poll says what the agent
     holds, and a job claimed for it that it does not hold comes again with
     the same claim, never a second one; a job it holds does not."""
-    fleet.repo("pipeline:\n  t:\n    commands: [true]\n")
-    token = fleet.token("one")
-    connect(fleet.server, token, "one-runner")
-    fleet.server.api("POST", "/api/repos/alice/hello/builds", {})
-    status, lost = agent_call(fleet.server, token, "/api/agent/poll",
-                              {"runner": "one-runner", "wait": 5, "holding": []})
-    assert status == 200 and len(lost["jobs"]) == 1, lost  # this answer "never arrived"
-    status, again = agent_call(fleet.server, token, "/api/agent/poll",
-                               {"runner": "one-runner", "wait": 0, "holding": []})
-    assert status == 200 and [claim["job"]["id"] for claim in again["jobs"]] == [
-        lost["jobs"][0]["job"]["id"]], again
+    token, lost = claimed_by_one(fleet)  # this answer "never arrived"
+    again = poll_holding(fleet, token, [])
+    assert [claim["job"]["id"] for claim in again["jobs"]] == [lost["jobs"][0]["job"]["id"]]
     assert again["jobs"][0]["job"]["lease"] == lost["jobs"][0]["job"]["lease"]
-    status, held = agent_call(fleet.server, token, "/api/agent/poll", {
-        "runner": "one-runner", "wait": 0, "holding": [lost["jobs"][0]["job"]["id"]]})
-    assert status == 200 and held["jobs"] == [], held
+    assert poll_holding(fleet, token, [lost["jobs"][0]["job"]["id"]])["jobs"] == []
     # Cancelled while its claim was lost: it ends killed here, never runs.
     assert fleet.server.api("DELETE", "/api/repos/alice/hello/builds/1")[0] == 200
-    status, cancelled = agent_call(fleet.server, token, "/api/agent/poll",
-                                   {"runner": "one-runner", "wait": 0, "holding": []})
-    assert status == 200 and cancelled["jobs"] == [], cancelled
+    assert poll_holding(fleet, token, [])["jobs"] == []
     assert fleet.build(1)["status"] == "killed"
 
 
 def test_a_job_its_agent_started_and_dropped_ends_error_not_again(fleet):
     """An agent drops a job whose report the server refused; the server
     ends it (error), and never sends a started job again."""
-    fleet.repo("pipeline:\n  t:\n    commands: [true]\n")
-    token = fleet.token("one")
-    connect(fleet.server, token, "one-runner")
-    fleet.server.api("POST", "/api/repos/alice/hello/builds", {})
-    status, news = agent_call(fleet.server, token, "/api/agent/poll",
-                              {"runner": "one-runner", "wait": 5, "holding": []})
+    token, news = claimed_by_one(fleet)
     claim = news["jobs"][0]["job"]
     status, answer = agent_call(fleet.server, token, "/api/agent/report", {
         "runner": "one-runner", "messages": [{"job": claim["id"], "lease": claim["lease"],
                                               "type": "steps", "steps": [["t", "step"]]}]})
     assert status == 200 and answer["ended"] == {}, answer
-    status, news = agent_call(fleet.server, token, "/api/agent/poll",
-                              {"runner": "one-runner", "wait": 0, "holding": []})
-    assert status == 200 and news["jobs"] == [], news
+    assert poll_holding(fleet, token, [])["jobs"] == []
     build = fleet.build(1)
     assert build["status"] == "error" and "no longer runs it" in build["jobs"][0]["error"], build
 
