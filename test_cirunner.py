@@ -946,19 +946,30 @@ def test_request_threads_share_connections_instead_of_one_each(store, executor, 
         assert store._connection() is transaction.conn
 
 
+@contextlib.contextmanager
+def running_steps(store, repo, pidfile, count):
+    """A build of `repo` on a host executor (no sandbox: its own sweep), once
+    its steps wrote `count` pids to `pidfile` (its PIDFILE): (build,
+    executor, pids); the executor stops after."""
+    build = cirunner.create_build(store, repo, variables={"PIDFILE": str(pidfile)})
+    executor = cirunner.Executor(store, workers=1, grace=1.0, sandbox="none")
+    executor.start()
+    try:
+        yield build, executor, wait_for(
+            lambda: pidfile.exists() and len(pidfile.read_text().split()) == count
+            and [int(pid) for pid in pidfile.read_text().split()])
+    finally:
+        executor.stop()
+
+
 def test_cancel_kills_the_job_and_a_setsid_grandchild(store, make_repo, app, tmp_path):
     pidfile = step_writable(tmp_path / "pids")
     repo = make_repo({".cirunner.yml": (
         "pipeline:\n  t:\n    commands:\n"
         "      - sleep 600 & echo $! >> \"$PIDFILE\"; setsid sleep 600 & echo $! >> \"$PIDFILE\"; "
         "echo $$ >> \"$PIDFILE\"; wait\n")})
-    build = cirunner.create_build(store, repo, variables={"PIDFILE": str(pidfile)})
     # The host runner's own sweep (no sandbox): test_isolation.py checks the sandbox's.
-    executor = cirunner.Executor(store, workers=1, grace=1.0, sandbox="none")
-    executor.start()
-    try:
-        pids = wait_for(lambda: pidfile.exists() and len(pidfile.read_text().split()) == 3
-                        and [int(pid) for pid in pidfile.read_text().split()])
+    with running_steps(store, repo, pidfile, 3) as (build, executor, pids):
         assert all(not process_gone(pid) for pid in pids)
         started = time.monotonic()
         response = app.delete("/api/repos/alice/hello/logs/1/1")
@@ -970,8 +981,6 @@ def test_cancel_kills_the_job_and_a_setsid_grandchild(store, make_repo, app, tmp
         wait_for(lambda: all(process_gone(pid) for pid in pids), timeout=3)
         assert store.get_build_by_id(build["id"])["status"] == cirunner.KILLED
         assert "cancelled by admin: stopping the job" in log_text(store, build, 1)
-    finally:
-        executor.stop()
 
 
 def test_cancel_pending_job_and_conflicts(store, make_repo, app):
@@ -4375,12 +4384,7 @@ def test_a_cancel_stops_every_step_of_a_graph_that_runs_at_once(store, make_repo
         "- {name: one, commands: ['echo $$$$ >> \"$PIDFILE\"; exec sleep 600']}\n"
         "- {name: two, commands: ['echo $$$$ >> \"$PIDFILE\"; exec sleep 600']}\n"
         "- {name: three, depends_on: [one], commands: [echo never]}\n")})
-    build = cirunner.create_build(store, repo, variables={"PIDFILE": str(pidfile)})
-    executor = cirunner.Executor(store, workers=1, grace=1.0, sandbox="none")
-    executor.start()
-    try:
-        pids = wait_for(lambda: pidfile.exists() and len(pidfile.read_text().split()) == 2
-                        and [int(pid) for pid in pidfile.read_text().split()])
+    with running_steps(store, repo, pidfile, 2) as (build, _, pids):
         assert app.delete("/api/repos/alice/hello/builds/1").status_int == 200
         wait_for(lambda: store.get_job(build["id"], 1)["status"] == cirunner.KILLED, timeout=15)
         wait_for(lambda: all(process_gone(pid) for pid in pids), timeout=5)
@@ -4388,8 +4392,6 @@ def test_a_cancel_stops_every_step_of_a_graph_that_runs_at_once(store, make_repo
         assert [(step["name"], step["status"]) for step in store.list_steps([job["id"]])[
             job["id"]]] == [("one", "killed"), ("two", "killed"), ("three", "skipped")]
         assert "never" not in log_text(store, build, 1).replace("echo never", "")
-    finally:
-        executor.stop()
 
 
 def _jobs_by_pipeline(store, build):
