@@ -742,20 +742,25 @@ def timed_one_job_builds(data, repo_path, sha, samples, *, warm, sandbox="none")
         server.stop()
 
 
+def timed_variant(work, name, pipeline, samples, *, warm, filename=".cirunner.yml",
+                  sandbox="none"):
+    """`timed_one_job_builds` of `pipeline` in a repository and a data
+    directory of their own, named after `name`."""
+    data = os.path.join(work, name)
+    os.makedirs(data)
+    repo_path = os.path.join(work, f"repo-{name}")
+    sha = make_repo(repo_path, pipeline, filename=filename)
+    return timed_one_job_builds(data, repo_path, sha, samples, warm=warm, sandbox=sandbox)
+
+
 def bench_sandbox(work, samples, steps=10):
     """What the bubblewrap sandbox adds to each step, with its own network
     namespace and user-mode network stack: the same job of `steps` trivial
     steps, on a server with and one without the sandbox."""
     pipeline = "clone: false\npipeline:\n" + "".join(
         f"  s{index}: {{commands: [true]}}\n" for index in range(steps))
-    durations = {}
-    for sandbox in ("none", "bwrap"):
-        data = os.path.join(work, f"sandbox-{sandbox}")
-        os.makedirs(data)
-        repo_path = os.path.join(work, f"repo-sandbox-{sandbox}")
-        sha = make_repo(repo_path, pipeline)
-        durations[sandbox] = timed_one_job_builds(data, repo_path, sha, samples, warm=3,
-                                                  sandbox=sandbox)
+    durations = {sandbox: timed_variant(work, f"sandbox-{sandbox}", pipeline, samples, warm=3,
+                                        sandbox=sandbox) for sandbox in ("none", "bwrap")}
     per_step = [(sandboxed - bare) / steps
                 for sandboxed, bare in zip(durations["bwrap"], durations["none"])]
     record(f"sandbox: overhead per step ({steps}-step job)", per_step, "s",
@@ -782,13 +787,9 @@ def bench_graph(work, samples, rows=10, width=5):
     """Scheduling a step graph: a 50-step diamond lattice against the same
     steps back to back, per step (the graph's steps may also run side by
     side: what is left over is the scheduler's cost)."""
-    durations = {}
-    for shape, pipeline in zip(("graph", "serial"), diamond_lattice(rows, width)):
-        data = os.path.join(work, f"graph-{shape}")
-        os.makedirs(data)
-        repo_path = os.path.join(work, f"repo-graph-{shape}")
-        sha = make_repo(repo_path, pipeline, filename=".drone.yml")
-        durations[shape] = timed_one_job_builds(data, repo_path, sha, samples, warm=2)
+    durations = {shape: timed_variant(work, f"graph-{shape}", pipeline, samples, warm=2,
+                                      filename=".drone.yml")
+                 for shape, pipeline in zip(("graph", "serial"), diamond_lattice(rows, width))}
     steps = rows * width
     per_step = [(graph - serial) / steps
                 for graph, serial in zip(durations["graph"], durations["serial"])]
