@@ -753,6 +753,14 @@ def timed_variant(work, name, pipeline, samples, *, warm, filename=".cirunner.ym
     return timed_one_job_builds(data, repo_path, sha, samples, warm=warm, sandbox=sandbox)
 
 
+def record_per_step(figure, slower, faster, steps, limit, target, note):
+    """What each of `steps` steps costs more in the `slower` runs than in the
+    `faster` ones (paired), against the faster run's own time per step."""
+    per_step = [(slow - fast) / steps for slow, fast in zip(slower, faster)]
+    record(figure, per_step, "s", statistics.median(faster) / steps, target,
+           statistics.median(per_step) <= limit, note)
+
+
 def bench_sandbox(work, samples, steps=10):
     """What the bubblewrap sandbox adds to each step, with its own network
     namespace and user-mode network stack: the same job of `steps` trivial
@@ -761,12 +769,9 @@ def bench_sandbox(work, samples, steps=10):
         f"  s{index}: {{commands: [true]}}\n" for index in range(steps))
     durations = {sandbox: timed_variant(work, f"sandbox-{sandbox}", pipeline, samples, warm=3,
                                         sandbox=sandbox) for sandbox in ("none", "bwrap")}
-    per_step = [(sandboxed - bare) / steps
-                for sandboxed, bare in zip(durations["bwrap"], durations["none"])]
-    record(f"sandbox: overhead per step ({steps}-step job)", per_step, "s",
-           statistics.median(durations["none"]) / steps, "<= 25 ms p50",
-           statistics.median(per_step) <= 0.025,
-           "baseline: a step without the sandbox (the same job on --sandbox none)")
+    record_per_step(f"sandbox: overhead per step ({steps}-step job)", durations["bwrap"],
+                    durations["none"], steps, 0.025, "<= 25 ms p50",
+                    "baseline: a step without the sandbox (the same job on --sandbox none)")
 
 
 def diamond_lattice(rows=10, width=5):
@@ -791,12 +796,9 @@ def bench_graph(work, samples, rows=10, width=5):
                                       filename=".drone.yml")
                  for shape, pipeline in zip(("graph", "serial"), diamond_lattice(rows, width))}
     steps = rows * width
-    per_step = [(graph - serial) / steps
-                for graph, serial in zip(durations["graph"], durations["serial"])]
-    record(f"graph: scheduling per step ({steps}-step diamond lattice)", per_step, "s",
-           statistics.median(durations["serial"]) / steps, "<= 5 ms",
-           statistics.median(per_step) <= 0.005,
-           "baseline: the same steps back to back, per step")
+    record_per_step(f"graph: scheduling per step ({steps}-step diamond lattice)",
+                    durations["graph"], durations["serial"], steps, 0.005, "<= 5 ms",
+                    "baseline: the same steps back to back, per step")
 
 
 CONTAINERS_CONF = """[engine]
