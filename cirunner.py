@@ -3850,11 +3850,16 @@ def _runs_after(job, statuses):
 
 
 def _make_data_dir(data_dir):
-    """A data directory private to this user (0700, as are its mirrors/ and workspaces/)."""
+    """A data directory private to this user (0700, as are its mirrors/ and
+    workspaces/). The passage (0710) an executor gave the step user's group
+    (`_StepUser.open_path`) stays: a store opened beside a running server
+    (`cirunner backup`, the CLI) must not lock its next steps out."""
     for directory in (data_dir, os.path.join(data_dir, "mirrors"),
                       os.path.join(data_dir, "workspaces")):
         os.makedirs(directory, mode=0o700, exist_ok=True)
-        os.chmod(directory, 0o700)
+        info = os.stat(directory)
+        passage = info.st_mode & 0o010 if info.st_gid != os.getegid() else 0
+        os.chmod(directory, 0o700 | passage)
 
 
 class _Transaction:

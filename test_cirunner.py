@@ -5221,6 +5221,11 @@ def test_the_data_directory_is_private_to_the_servers_user(tmp_path, servers, gi
                      "mirrors/alice/hello.git.lock": 0o600}
     for name in ("cirunner.db", "secret.key"):
         assert os.stat(data / name).st_gid == os.getegid()
+    # The CLI (a backup) opens the store beside the server: the step user's
+    # passage stays, or the server's next steps could not reach their workspace.
+    cirunner.Store.open(str(data)).close()
+    assert {name: os.stat(data / name).st_mode & 0o777 for name in (
+        ".", "mirrors", "workspaces")} == dict.fromkeys((".", "mirrors", "workspaces"), passable)
     objects = [os.path.join(root, name) for root, _, names in os.walk(data / "mirrors")
                for name in names if "/objects/" in os.path.join(root, name)]
     assert objects and all(os.stat(path).st_mode & 0o007 == 0 for path in objects)
