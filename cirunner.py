@@ -2514,8 +2514,10 @@ class _PipelineParser:
         words = {"event": _EVENT_WORDS, "status": _STATUS_WORDS}.get(key)
         if words is None:
             return
+        exact = key == "event" and self.era == "woodpecker"  # no glob there
         for pattern in constraint[0] + constraint[1]:
-            if not any(_path_match(pattern, word) for word in words):
+            if pattern not in words if exact else not any(_path_match(pattern, word)
+                                                          for word in words):
                 message = f"{where}: when.{key} {pattern!r} matches none of {', '.join(words)}"
                 if self.drone or self.woodpecker:  # accepted there, matching nothing
                     self.problems.warn(line, message)

@@ -4214,6 +4214,7 @@ def test_woodpecker_conditions_match_as_woodpecker_matches_them():
         return plan["runs"] and [step["name"] for step in plan["jobs"][0]["steps"]
                                  if step["runs"]]
 
+    assert any("when.event 'pu*' matches none of" in warning for warning in pipeline.warnings)
     assert runs("push", "release/a/b") is False  # the workflow's branch: main only
     # 'pu*' is no event name: it never matches (Drone would glob it); neither
     # release pattern matches main, and this is no tag.
