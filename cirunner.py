@@ -12714,12 +12714,12 @@ class _AgentService:
                    for job_id in self.store.cancel_requested_jobs(runner["id"])
                    if job_id not in stopping}
         running = self.store.running_jobs(runner["id"])
-        jobs = [] if holding is None else self._not_held(
-            [job_id for job_id in running if job_id not in holding and job_id not in stopping],
-            cancels)
-        if jobs or cancels:
-            running = self.store.running_jobs(runner["id"])
-        free = runner["workers"] - len(running)
+        jobs, ended = [], 0
+        if holding is not None:
+            jobs, ended = self._not_held([job_id for job_id in running
+                                          if job_id not in holding and job_id not in stopping],
+                                         cancels)
+        free = runner["workers"] - len(running) + ended
         if free > 0 and self.store.queue_summary()[0]:
             while len(jobs) < free:
                 job = self.store.claim_next_job(runner["id"], labels)
@@ -12734,7 +12734,8 @@ class _AgentService:
         (no step told) is a claim whose answer never reached it: sent again,
         under that claim. One cancelled meanwhile ends killed here; one it
         started and dropped (a report the server refused) ends error: no
-        job stays running with nobody to end it."""
+        job stays running with nobody to end it. (the jobs sent again, how
+        many ended)"""
         steps = self.store.list_steps(job_ids)
         resend = []
         for job_id in job_ids:
@@ -12750,7 +12751,7 @@ class _AgentService:
                                                 "was refused)")
             else:
                 resend.append(self._payload(job))
-        return resend
+        return resend, len(job_ids) - len(resend)
 
     def _payload(self, job):
         """What an agent needs to run `job`, and nothing more: no other job's
