@@ -296,6 +296,8 @@ _LAST_TIMESTAMP = 253402300799  # 9999-12-31T23:59:59Z
 MAX_DESCRIPTION = 10_000        # characters of a build's description
 MAX_MESSAGE = 16 * 1024         # characters of a commit message kept with a build
 MAX_FIELD = 2048                # characters of its other commit and forge texts
+MAX_CHANGED_FILES = 3000        # the files `when.paths` sees of one build (GitHub's compare)
+_ZERO_SHA = "0" * 40              # a push's `before` for a new branch, `after` for a deletion
 MAX_SCRIPT_BYTES = 96 * 1024    # a step's script is one argv entry (Linux allows 128 KiB)
 MIN_MASKED_LENGTH = 4           # shorter secret values would mask half the log
 DEFAULT_PER_PAGE = 25
@@ -671,12 +673,22 @@ def _go_glob(pattern, *, slashes=False, doublestar=False):
     """A compiled regex for Go's `path.Match(pattern)`, or None if the pattern is
     malformed (Go then matches nothing). `*` and `?` never match `/` (with
     `slashes` they do, as in the copy of path.Match in Drone's envsubst);
-    `[^...]` negates a class; a backslash escapes the next character."""
+    `[^...]` negates a class; a backslash escapes the next character. With
+    `doublestar`, as bmatcuk/doublestar: `**` matches across `/`, and as a
+    component of its own zero or more directories (`a/**/b` matches `a/b`)."""
     out, index = ["\\A"], 0
     not_slash = "" if slashes else "/"
     while index < len(pattern):
         char = pattern[index]
-        if char == "*" and doublestar and pattern.startswith("**", index):
+        whole = doublestar and pattern.startswith("**", index) and pattern[index - 1:index] in (
+            "", "/")  # `**` as a path component of its own: zero or more directories
+        if whole and pattern.startswith("**/", index):
+            out.append("(?:.*/)?")
+            index += 2
+        elif whole and index + 2 == len(pattern) and index:
+            out[-1] = "(?:/.*)?"  # `a/**` is `a` and all below it
+            index += 1
+        elif char == "*" and doublestar and pattern.startswith("**", index):
             out.append(".*")
             index += 1
         elif char == "*":
@@ -1182,7 +1194,8 @@ class _Problems:
 _STATUS_WORDS = (SUCCESS, FAILURE, "changed", "change")
 _EVENT_WORDS = EVENTS
 _WHEN_KEYS = ("branch", "event", "status", "matrix", "environment", "platform", "ref", "repo",
-              "instance", "local", "success", "failure", "change")  # the last three: Drone 0.4's
+              "instance", "local", "paths", "cron",
+              "success", "failure", "change")  # the last three: Drone 0.4's
 
 
 def _constraint_matches(constraint, value):
@@ -1197,6 +1210,35 @@ def _constraint_matches(constraint, value):
     if any(match(pattern, value) for pattern in exclude):
         return False
     return not include or any(match(pattern, value) for pattern in include)
+
+
+def _paths_match(paths, files, event, message):
+    """Whether a build that changes `files` (None: not known) passes a
+    `paths` condition. Drone 1.x's (as drone-convert-pathschanged, which
+    gives Drone its paths): some changed file is included and not excluded,
+    for every event. Woodpecker's (`Path.Match`), for pushes and pull
+    requests only: a commit message holding `ignore_message` passes, no
+    changed file gives `on_empty`, every file excluded fails, and with
+    include patterns one file must match one."""
+    def matches(patterns, name):
+        return any(_path_match(pattern, name, doublestar=True) for pattern in patterns)
+
+    include, exclude = paths["include"], paths["exclude"]
+    if files is None:
+        return True
+    if paths["rule"] != "woodpecker":
+        return any(not matches(exclude, name) and (not include or matches(include, name))
+                   for name in files)
+    if event not in (EVENT_PUSH, EVENT_PULL_REQUEST):
+        return True
+    ignore = paths.get("ignore_message") or ""
+    if ignore and ignore.lower() in (message or "").lower():
+        return True
+    if not files:
+        return paths.get("on_empty", True)
+    if exclude and all(matches(exclude, name) for name in files):
+        return False
+    return not include or any(matches(include, name) for name in files)
 
 
 def _matrix_matches(constraint, axis):
@@ -1259,26 +1301,34 @@ class Step:
     depends_on: list = dataclasses.field(default_factory=list)  # Drone 1.x's, as written
 
     def applies(self, *, branch, event, environment, job_status=SUCCESS, deploy_to="",
-                platform="linux/amd64", ref="", repo="", instance="", local=False):
+                platform="linux/amd64", ref="", repo="", instance="", local=False,
+                files=None, message="", cron=""):
         """True if the step's ``when`` lets it run for this job (the status
         constraint defaults to success; ``changed`` is resolved beforehand;
         a `job_status` of None leaves the status out, as Drone does when it
         plans a job before it runs). A Woodpecker `when` list matches if any
-        of its conditions does."""
+        of its conditions does. `files` are the paths the build changes (None:
+        not known, and `paths` lets it run), `message` its commit's, `cron`
+        the name of the schedule that started it."""
         when = self.when
         if "any" in when:
             arguments = {"branch": branch, "event": event, "environment": environment,
                          "job_status": job_status, "deploy_to": deploy_to, "platform": platform,
-                         "ref": ref, "repo": repo, "instance": instance, "local": local}
+                         "ref": ref, "repo": repo, "instance": instance, "local": local,
+                         "files": files, "message": message, "cron": cron}
             return any(dataclasses.replace(self, when=one).applies(**arguments)
                        for one in when["any"])
         for key, value in (("branch", branch), ("event", event), ("environment", deploy_to),
                            ("platform", platform), ("ref", ref), ("repo", repo),
-                           ("instance", instance)):
+                           ("instance", instance), ("cron", cron)):
             if key == "branch" and event == EVENT_TAG and when.get("branch_on_tags") is False:
+                continue
+            if key == "cron" and event != EVENT_CRON and when.get("cron_on_cron_only"):
                 continue
             if key in when and not _constraint_matches(when[key], value):
                 return False
+        if "paths" in when and not _paths_match(when["paths"], files, event, message):
+            return False
         if "matrix" in when and not _matrix_matches(when["matrix"], environment):
             return False
         if local and when.get("local") is False:
@@ -1483,11 +1533,20 @@ class Pipeline:
         """Whether the top-level `branches` filter lets `branch` build."""
         return self.branches is None or _constraint_matches(self.branches, branch)
 
-    def triggered(self, *, event, branch, ref, repo="", deploy_to=""):
-        """Whether a Drone 1.x `trigger` lets this build be made (no trigger: yes)."""
+    def triggered(self, *, event, branch, ref, repo="", deploy_to="", **change):
+        """Whether a Drone 1.x `trigger` lets this build be made (no trigger:
+        yes); `change`: the files, message and cron of Step.applies."""
         return not self.trigger or Step(name="trigger", commands=[], when=self.trigger).applies(
             branch=branch, event=event, environment={}, job_status=None, deploy_to=deploy_to,
-            ref=ref, repo=repo)
+            ref=ref, repo=repo, **change)
+
+    def uses_paths(self):
+        """Whether any `when` or trigger of the file looks at the changed files."""
+        def looks(when):
+            return "paths" in when or any(map(looks, when.get("any", ())))
+
+        return any(looks(one.trigger) or any(looks(step.when) for step in
+                                             one.steps + one.services) for one in self.each())
 
     def to_json(self):
         """The parsed pipeline as JSON text: kept with a build, so that its jobs
@@ -1816,9 +1875,12 @@ class _Drone1:
             out[name], out.lines[name] = body, steps.lines[name]
         return out
 
+    paths_key = "paths"  # Drone 1.x's (drone-convert-pathschanged's); Woodpecker's: path
+
     def _when(self, when, line):
         """Drone 1.x's conditions in cirunner's words: its event names, target
-        as environment; cron, action and paths cannot be told here (warned)."""
+        as environment, paths kept; action and evaluate cannot be told here
+        (warned)."""
         if not isinstance(when, dict):
             return when
         out = _YamlMap(when.line)
@@ -1828,12 +1890,8 @@ class _Drone1:
                 value = self._events(value)
             elif key == "target":
                 key = "environment"
-            elif key == "cron":  # no schedule names here: every cron build, none other
-                self.parser.problems.warn(at, "when.cron is not told by name here: it "
-                                              "matches every cron build")
-                if "event" not in when:
-                    out["event"], out.lines["event"] = [EVENT_CRON], at
-                continue
+            elif key == self.paths_key:
+                key = "paths"
             elif key in ("action", "paths", "path", "evaluate"):
                 self.parser.problems.warn(at, f"when.{key} is not evaluated here: it "
                                               "matches every build")
@@ -1868,6 +1926,7 @@ class _Woodpecker(_Drone1):
     parse_pipeline) and run as one build's pipelines."""
 
     needs = ([], None)
+    paths_key = "path"
 
     def workflow(self, document):
         parser, out = self.parser, _YamlMap(document.line)
@@ -1938,7 +1997,7 @@ class _Woodpecker(_Drone1):
 
     def _when(self, when, line):
         """Woodpecker's conditions: a mapping, or a list of them of which any
-        one matching is enough; path, cron and evaluate cannot be told here."""
+        one matching is enough; evaluate cannot be told here."""
         if isinstance(when, list):
             out = _YamlMap(line)
             out["any"], out.lines["any"] = [self._when(one, line) for one in when], line
@@ -2480,6 +2539,8 @@ class _PipelineParser:
                 parsed["local"] = value is not False
             elif key in ("success", "failure", "change"):
                 self._when_04(parsed, key, value, where, key_line)
+            elif key == "paths":
+                parsed["paths"] = self._paths(value, f"{where}: when.paths", key_line)
             else:
                 parsed[key] = list(self._constraint(value, f"{where}: when.{key}", key_line))
                 self._check_words(parsed[key], key, where, key_line)
@@ -2487,8 +2548,8 @@ class _PipelineParser:
                     parsed[key].append("exact")  # Woodpecker's events: a list, no glob
                 elif self.era in ("1", "woodpecker"):
                     parsed[key].append(True)  # Drone 1.x's and Woodpecker's globs: doublestar
-        if self.era == "woodpecker" and "branch" in parsed:
-            parsed["branch_on_tags"] = False  # Woodpecker leaves branch out for a tag
+        if self.era == "woodpecker":
+            self._woodpecker_when(parsed)
         if self.era in _RULES_08 and {"changed", "change"}.intersection(
                 *parsed.get("status", [[]])[:1]):
             # Drone 0.8 compares the word with "success" and "failure" only.
@@ -2496,6 +2557,38 @@ class _PipelineParser:
                                "Drone 0.5's; Drone 0.8 matched it with no status, and so "
                                "does cirunner for this 0.8 file")
         return parsed
+
+    @staticmethod
+    def _woodpecker_when(parsed):
+        """Woodpecker leaves a branch condition out for a tag, and looks at a
+        cron condition for cron builds only."""
+        if "branch" in parsed:
+            parsed["branch_on_tags"] = False
+        if "cron" in parsed:
+            parsed["cron_on_cron_only"] = True
+
+    def _paths(self, value, where, line):
+        """A `paths` condition: {include, exclude, rule} from a glob, a list
+        or {include, exclude} (Woodpecker's also ignore_message, on_empty);
+        see _paths_match."""
+        woodpecker = self.era == "woodpecker"
+        extra = {"ignore_message", "on_empty"} if woodpecker else set()
+        options = value if isinstance(value, dict) else {}
+        for key in set(options) - {"include", "exclude"} - extra:
+            self.add(line, f"{where}: unknown key {key!r} (expected include, exclude"
+                           f"{', ignore_message, on_empty' if woodpecker else ''})")
+        plain = {key: item for key, item in options.items() if key in ("include", "exclude")}
+        include, exclude = self._constraint(plain if isinstance(value, dict) else value,
+                                            where, line)
+        out = {"include": include, "exclude": exclude,
+               "rule": "woodpecker" if woodpecker else "drone"}
+        if "on_empty" in options:
+            if not isinstance(options["on_empty"], bool):
+                self.add(line, f"{where}.on_empty must be true or false")
+            out["on_empty"] = options["on_empty"] is not False
+        if options.get("ignore_message") is not None:
+            out["ignore_message"] = str(options["ignore_message"])
+        return out
 
     def _when_04(self, parsed, key, value, where, line):
         """Drone 0.4's ``success: false``, ``failure: true``, ``change: true``
@@ -2709,7 +2802,7 @@ def step_units(steps):
 
 
 def plan_pipeline(pipeline, *, event, branch, ref="", repo="", deploy_to="",
-                  previous_status=SUCCESS):
+                  previous_status=SUCCESS, **change):
     """What a build of `pipeline` would run for `event` on `branch` (`ref`:
     default refs/heads/BRANCH, or refs/tags/BRANCH for a tag), without running
     it, as `cirunner plan --json` prints it: {"pipelines": [{"name",
@@ -2717,20 +2810,21 @@ def plan_pipeline(pipeline, *, event, branch, ref="", repo="", deploy_to="",
     "depends_on", "runs"}], "services"}]}], "warnings"}. A pipeline runs if
     its branches filter lets the build be made; a step if its `when` matches,
     the steps before it having succeeded (`previous_status`: the previous
-    build's, for `status: changed`)."""
+    build's, for `status: changed`). `change`: the files, message and cron
+    that `paths` and `cron` conditions look at (see Step.applies)."""
     if event not in EVENTS:
         raise BadRequest(f"event must be one of {', '.join(EVENTS)}")
     ref = ref or (f"refs/tags/{branch}" if event == EVENT_TAG else f"refs/heads/{branch}")
     running = running_pipelines(pipeline, event=event, branch=branch, ref=ref, repo=repo,
-                                deploy_to=deploy_to)
+                                deploy_to=deploy_to, **change)
     return {"pipelines": [{
         "name": one.name, "depends_on": list(one.depends_on), "runs": one.name in running,
         "jobs": _planned_jobs(one, event=event, branch=branch, ref=ref, repo=repo,
-                              deploy_to=deploy_to, previous_status=previous_status)}
+                              deploy_to=deploy_to, previous_status=previous_status, **change)}
         for one in pipeline.each()], "warnings": list(pipeline.warnings)}
 
 
-def running_pipelines(pipeline, *, event, branch, ref, repo="", deploy_to=""):
+def running_pipelines(pipeline, *, event, branch, ref, repo="", deploy_to="", **change):
     """{name: the names it runs after} of the file's pipelines that a build
     for `event` on `branch` runs: those its branches filter and trigger let
     be made; one that depends on a pipeline that does not run runs after
@@ -2739,7 +2833,7 @@ def running_pipelines(pipeline, *, event, branch, ref, repo="", deploy_to=""):
     needs = {one.name: list(one.depends_on) for one in pipeline.each()}
     runs = {one.name: (event not in _FILTERED_EVENTS or one.builds_branch(branch))
             and one.triggered(event=event, branch=branch, ref=ref, repo=repo,
-                              deploy_to=deploy_to) for one in pipeline.each()}
+                              deploy_to=deploy_to, **change) for one in pipeline.each()}
     if pipeline.era == "woodpecker":
         while any(runs[name] and not all(runs.get(need) for need in needs[name])
                   for name in needs):
@@ -2765,11 +2859,12 @@ def _matrix_image(image, axis):
                   image)
 
 
-def _planned_jobs(pipeline, *, event, branch, ref, repo, deploy_to, previous_status):
+def _planned_jobs(pipeline, *, event, branch, ref, repo, deploy_to, previous_status, **change):
     jobs = []
     for axis in pipeline.matrix:
         when = {"branch": pipeline.when_branch(event, branch, ref), "event": event,
-                "environment": axis, "ref": ref, "repo": repo, "deploy_to": deploy_to}
+                "environment": axis, "ref": ref, "repo": repo, "deploy_to": deploy_to,
+                **change}
         steps = [pipeline.status_resolved(step, previous_status) for step in pipeline.steps]
         jobs.append({
             "matrix": dict(axis),
@@ -3248,6 +3343,24 @@ class _GitMirrors:
         return branch
 
     # -- reading commits ---------------------------------------------------------
+
+    def changed_files(self, repo, commit, bases=()):
+        """The paths `commit` changes (at most MAX_CHANGED_FILES, in git's
+        order): since its merge base with the first of `bases` (a push's
+        previous head, a pull request's target) that the mirror has, else
+        against its first parent (a root commit: all its files)."""
+        mirror = self.path(repo)
+        base = next((base for base in bases if base and base != _ZERO_SHA
+                     and self.has_commit(mirror, base)), None)
+        if base:
+            args = ["diff", "--name-only", "-z", "--no-renames", "--end-of-options",
+                    f"{base}...{commit}"]
+        else:
+            args = ["diff-tree", "-r", "--name-only", "-z", "--no-commit-id", "--root",
+                    "--no-renames", "--diff-merges=first-parent", "--end-of-options", commit]
+        names = self.run(["-C", mirror, *args]).decode(errors="replace").split("\0")
+        return [name for name in names if name][:MAX_CHANGED_FILES]
+
 
     def read_commit(self, repo, commit):
         """(commit fields, (filename, text) of its pipeline file or None) for a
@@ -3743,6 +3856,13 @@ _MIGRATIONS = [
     ALTER TABLE jobs ADD COLUMN runs_on TEXT NOT NULL DEFAULT '';
     ALTER TABLE jobs ADD COLUMN waiting INTEGER NOT NULL DEFAULT 0;
     """,
+    # 22: what `when.paths` and `when.cron` look at: the files a build
+    # changes (a JSON list; '' when its pipeline file has no use for them)
+    # and the schedule that started it.
+    """
+    ALTER TABLE builds ADD COLUMN changed_files TEXT NOT NULL DEFAULT '';
+    ALTER TABLE builds ADD COLUMN cron TEXT NOT NULL DEFAULT '';
+    """,
 ]
 
 _SEALED_REPO_FIELDS = ("webhook_secret", "forge_token")
@@ -3752,7 +3872,7 @@ _REPO_FIELDS = ("url", "default_branch", "config_path", "private", "timeout", "m
 _BUILD_FIELDS = ("parent", "event", "commit_sha", "branch", "ref", "remote", "message",
                  "timestamp", "author", "author_avatar", "author_email", "link_url",
                  "pipeline_id", "pipeline_file", "variables", "fail_fast", "max_parallel",
-                 "deploy_to", "fork", "source_repo", "warnings")
+                 "deploy_to", "fork", "source_repo", "warnings", "changed_files", "cron")
 
 
 def _now():
@@ -6420,6 +6540,38 @@ def _approval_reason(repo, request):
     return ""
 
 
+def _change_of(store, repo, request, fields, pipeline):
+    """What `paths` and `cron` conditions look at: {files, message, cron}.
+    The files are asked of git only where the file has a use for them (a
+    `paths` condition; Woodpecker's CI_PIPELINE_FILES of a push or pull
+    request), since a push's previous head or a pull request's target
+    branch; a restart keeps what its build saw. None where not known."""
+    change = {"files": None, "cron": request.fields.get("cron") or "",
+              "message": request.fields.get("message") or fields.get("message") or ""}
+    wanted = pipeline is not None and fields.get("commit_sha") and (
+        pipeline.uses_paths() or pipeline.era == "woodpecker"
+        and request.event in (EVENT_PUSH, EVENT_PULL_REQUEST))
+    if request.fields.get("changed_files"):
+        change["files"] = json.loads(request.fields["changed_files"])
+    elif wanted:
+        bases = [request.fields.get("before") or ""]
+        if request.event == EVENT_PULL_REQUEST:
+            bases.append(f"refs/heads/{fields['branch']}")
+        change["files"] = store.git.changed_files(repo, fields["commit_sha"],
+                                                  [_checked_base(base) for base in bases])
+    return change
+
+
+def _checked_base(base):
+    """`base` if it is a commit id or a branch's ref, else "" (a payload's word)."""
+    branch = base[len("refs/heads/"):] if base.startswith("refs/heads/") else None
+    try:
+        _check_branch(branch) if branch is not None else _check_commit(base)
+    except BadRequest:
+        return ""
+    return base
+
+
 def _job_specs(pipeline, **build):
     """The jobs a build of `pipeline` makes: each matrix entry of each
     pipeline that runs (see running_pipelines), in the file's order.
@@ -6458,17 +6610,21 @@ def _make_build(store, repo, request, *, max_jobs=DEFAULT_MAX_JOBS, resolve=_res
                 raise NoBuild(f"the pipeline's branches filter excludes branch "
                               f"{fields['branch']!r}: no build was made")
             ref = request.fields.get("ref") or fields["ref"]
+            change = _change_of(store, repo, request, fields, pipeline)
             if pipeline is not None and not pipeline.triggered(
                     event=request.event, branch=fields["branch"], ref=ref,
                     repo=f"{repo['owner']}/{repo['name']}",
-                    deploy_to=request.fields.get("deploy_to") or ""):
+                    deploy_to=request.fields.get("deploy_to") or "", **change):
                 raise NoBuild(f"the pipeline's trigger excludes this {request.event} build of "
                               f"{ref or fields['branch']!r}: no build was made")
             if pipeline is not None:
                 environments = _job_specs(pipeline, event=request.event,
                                           branch=fields["branch"], ref=ref,
                                           repo=f"{repo['owner']}/{repo['name']}",
-                                          deploy_to=request.fields.get("deploy_to") or "")
+                                          deploy_to=request.fields.get("deploy_to") or "",
+                                          **change)
+                fields["changed_files"] = ("" if change["files"] is None
+                                           else json.dumps(change["files"]))
                 fields.update(fail_fast=int(pipeline.fail_fast),
                               max_parallel=pipeline.max_parallel,
                               labels=pipeline.runner_labels(),
@@ -6525,7 +6681,8 @@ def restart_build(store, repo, number, *, fork=False, variables=None, max_jobs=D
     merged = json.loads(build["variables"] or "{}")
     merged.update(_check_variables(variables or {}))
     kept = {key: build[key] for key in ("link_url", "message", "author", "author_email",
-                                        "author_avatar", "ref", "fork", "source_repo")}
+                                        "author_avatar", "ref", "fork", "source_repo",
+                                        "changed_files", "cron")}
     if deploy_to:
         kept["deploy_to"] = deploy_to
     request = _BuildRequest(branch=build["branch"], commit=build["commit_sha"],
@@ -8306,6 +8463,14 @@ class _JobRun:
                 "DRONE_STAGE_STATUS": SUCCESS, "DRONE_STAGE_STARTED":
                 str(self.job.get("started_at") or 0)}
 
+    def _changed_files_variable(self):
+        """Woodpecker's CI_PIPELINE_FILES: the changed files as JSON ("[]" for
+        other events than push and pull request; unset past 500 files)."""
+        files = json.loads(self.build.get("changed_files") or "[]")
+        if self.build["event"] not in (EVENT_PUSH, EVENT_PULL_REQUEST):
+            files = []
+        return {"CI_PIPELINE_FILES": json.dumps(files)} if len(files) <= 500 else {}
+
     def _woodpecker_environment(self):
         build, drone = self.build, self.drone
         tag = build["ref"][len("refs/tags/"):] if build["ref"].startswith("refs/tags/") else ""
@@ -8313,6 +8478,7 @@ class _JobRun:
                 "CI_PIPELINE_EVENT": build["event"], "CI_PIPELINE_URL": drone["CI_BUILD_LINK"],
                 "CI_COMMIT_TAG": tag, "CI_REPO_URL": drone["DRONE_REPO_LINK"],
                 "CI_REPO_CLONE_URL": drone["CI_REMOTE_URL"],
+                **self._changed_files_variable(),
                 "CI_WORKFLOW_NAME": self.pipeline.name,
                 "CI_WORKFLOW_NUMBER": str(self.job["number"]),
                 "CI_PREV_PIPELINE_STATUS": drone.get("DRONE_PREV_BUILD_STATUS", "")}
@@ -8623,7 +8789,9 @@ class _JobRun:
                             deploy_to=build["deploy_to"], platform=self.drone["DRONE_ARCH"],
                             ref=build["ref"], repo=self.drone["DRONE_REPO"],
                             instance=self.executor.hostname,
-                            local=self.executor.workspace is not None)
+                            local=self.executor.workspace is not None,
+                            files=json.loads(build.get("changed_files") or "null"),
+                            message=build["message"], cron=build.get("cron") or "")
 
     def _run_unit(self, unit, deadline, minutes):
         """Run the steps of a unit at once: the first into the log as it prints,
@@ -9476,7 +9644,7 @@ class Executor:
                 repo = self.store.get_repo_by_id(cron["repo_id"])
                 if EVENT_CRON in json.loads(repo["events"]):
                     create_build(self.store, repo, branch=cron["branch"], event=EVENT_CRON,
-                                 max_jobs=self.max_jobs)
+                                 max_jobs=self.max_jobs, cron=cron["name"])
             except Exception:  # noqa: BLE001 - one bad schedule must not stop the others
                 _log.exception("cron %s could not start a build", cron["name"])
 
@@ -9913,6 +10081,11 @@ _BUILD = _Resource("build", [
     *(_Field(name, _STRING, _shown(name), required=True)
       for name in ("author", "author_avatar", "author_email", "link_url")),
     _Field("deploy_to", _STRING, _shown("deploy_to")),
+    _Field("cron", {"type": "string", "description": "the schedule that started it"},
+           _shown("cron")),
+    _Field("changed_files", {"type": ["array", "null"], "items": _STRING, "description": (
+        "the files the build changes, as `when.paths` saw them; null where its pipeline "
+        "file does not ask")}, _shown("changed_files", lambda text: json.loads(text or "null"))),
     _Field("description", {"type": "string", "maxLength": MAX_DESCRIPTION},
            _shown("description"), _parse_description),
     _Field("tags", {"type": "array", "items": {"type": "string", "minLength": 1}},
@@ -11467,7 +11640,6 @@ _OPERATIONS = {route.handler: route for route in reversed(_API_ROUTES)
 # Webhooks ####################################################################
 ###############################################################################
 
-_ZERO_SHA = "0" * 40
 _SKIP_PATTERN = re.compile(r"\[(ci skip|skip ci)\]", re.IGNORECASE)
 
 
@@ -11570,6 +11742,7 @@ def _parse_webhook(forge, event, payload):
             "author_avatar": _dig(payload, "sender", "avatar_url") or "",
             "link_url": payload.get("compare") or payload.get("compare_url") or "",
             "remote": _dig(payload, "repository", "clone_url") or "",
+            "before": payload.get("before") or "",
         }
     if event == "pull_request":
         action = _require(payload, "action")
@@ -11591,6 +11764,7 @@ def _parse_webhook(forge, event, payload):
             # A fork's pipeline file is its author's: approval, no trusted keys.
             # A head repository that is gone (a deleted fork) counts as a fork.
             "fork": not head or head != base, "source_repo": head or "",
+            "before": _dig(payload, "pull_request", "base", "sha") or "",
         }
     return None
 
@@ -11616,6 +11790,7 @@ def _parse_gitlab_hook(event, payload):
             "author_avatar": payload.get("user_avatar") or "",
             "link_url": head.get("url", ""),
             "remote": _dig(payload, "project", "git_http_url") or "",
+            "before": payload.get("before") or "",
         }
     if event == "Merge Request Hook" and kind == "merge_request":
         attributes = _require(payload, "object_attributes", kind=dict)
@@ -11636,6 +11811,7 @@ def _parse_gitlab_hook(event, payload):
             "author_avatar": _dig(payload, "user", "avatar_url") or "",
             "link_url": attributes.get("url", ""),
             "remote": _dig(payload, "object_attributes", "source", "git_http_url") or "",
+            "before": _dig(attributes, "diff_refs", "base_sha") or "",
             "fork": attributes.get("source_project_id") != attributes.get("target_project_id"),
             "source_repo": _dig(payload, "object_attributes", "source",
                                 "path_with_namespace") or "",
@@ -14859,7 +15035,8 @@ def _command_plan(args, stdout, stderr):
     filename, text = read_pipeline_file(args.directory, args.config or "")
     pipeline = parse_pipeline(text, filename)
     branch = args.branch or _checked_out_branch(args.directory) or "main"
-    plan = plan_pipeline(pipeline, event=args.event, branch=branch, ref=args.ref)
+    plan = plan_pipeline(pipeline, event=args.event, branch=branch, ref=args.ref,
+                         files=args.changed, cron=args.cron)
     if args.json:
         json.dump(plan, stdout, indent=2)
         print(file=stdout)
@@ -15085,6 +15262,11 @@ def _add_build_parsers(commands, common, workers, env):
     plan.add_argument("--branch", default="", help="default: DIR's checked-out branch, or main")
     plan.add_argument("--ref", default="", help="default refs/heads/BRANCH (a tag: "
                                                 "refs/tags/BRANCH)")
+    plan.add_argument("--changed", action="append", metavar="FILE",
+                      help="a file the build changes, for `paths` conditions (repeat it; "
+                           "none given: every `paths` matches)")
+    plan.add_argument("--cron", default="", metavar="NAME",
+                      help="the schedule that starts the build, for `cron` conditions")
     plan.add_argument("--json", action="store_true", help="the plan as JSON (a stable shape)")
     plan.set_defaults(handler=_command_plan)
 

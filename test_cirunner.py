@@ -837,7 +837,9 @@ def test_builds_stored_before_are_filled_with_what_was_shown_for_them(tmp_path):
                               "ALTER TABLE jobs DROP COLUMN pipeline; "  # and 21
                               "ALTER TABLE jobs DROP COLUMN depends_on; "
                               "ALTER TABLE jobs DROP COLUMN runs_on; "
-                              "ALTER TABLE jobs DROP COLUMN waiting")
+                              "ALTER TABLE jobs DROP COLUMN waiting; "
+                              "ALTER TABLE builds DROP COLUMN changed_files; "  # 22
+                              "ALTER TABLE builds DROP COLUMN cron")
         version = cirunner._MIGRATIONS.index(cirunner._store_builds_as_they_happened)
         raw.execute(f"PRAGMA user_version = {version}")
     store = cirunner.Store(path)
@@ -4231,6 +4233,212 @@ def test_woodpecker_conditions_match_as_woodpecker_matches_them():
             if step["runs"]] == ["deep"]  # doublestar: ** crosses '/', * does not
 
 
+# Woodpecker's constraint/path_test.go: (condition, changed files, message, runs).
+WOODPECKER_PATHS = [
+    ("''", ["CHANGELOG.md", "README.md"], "", True),
+    ("CHANGELOG.md", ["CHANGELOG.md", "README.md"], "", True),
+    ("'*.md'", ["CHANGELOG.md", "README.md"], "", True),
+    ("['*.md']", ["CHANGELOG.md", "README.md"], "", True),
+    ("'docs/*'", ["docs/README.md"], "", True),
+    ("'docs/*'", ["docs/sub/README.md"], "", False),
+    ("'docs/**'", ["docs/README.md", "docs/sub/README.md", "docs/sub-sub/README.md"], "", True),
+    ("'docs/**'", ["README.md"], "", False),
+    ("{ include: [ README.md ] }", ["CHANGELOG.md"], "", False),
+    ("{ exclude: [ README.md ] }", ["design.md"], "", True),
+    ("{ include: [ '*.md', '*.ini' ], exclude: [ CHANGELOG.md ] }", ["README.md"], "", True),
+    ("{ include: [ '*.md' ], exclude: [ CHANGELOG.md ] }", ["CHANGELOG.md"], "", False),
+    ("{ include: [ '*.md' ], exclude: [ CHANGELOG.md ] }", ["README.md", "CHANGELOG.md"], "",
+     True),
+    ("{ exclude: [ CHANGELOG.md ] }", ["README.md", "CHANGELOG.md"], "", True),
+    ("{ exclude: [ CHANGELOG.md, docs/**/*.md ] }", ["docs/main.md", "CHANGELOG.md"], "", False),
+    ("{ exclude: [ CHANGELOG.md, docs/**/*.md ] }", ["docs/main.md", "CHANGELOG.md",
+                                                     "README.md"], "", True),
+    ("{ include: [ README.md ], ignore_message: '[ALL]' }", ["CHANGELOG.md"],
+     "Build them [ALL]", True),
+    ("{ exclude: [ '*.php' ], ignore_message: '[ALL]' }", ["myfile.php"], "Build them [ALL]",
+     True),
+    ("{ ignore_message: '[ALL]' }", [], "Build them [ALL]", True),
+    ("{ include: [ README.md ] }", [], "", True),
+    ("{ include: [ README.md ], on_empty: false }", [], "", False),
+    ("{ include: [ README.md ], on_empty: true }", [], "", True),
+]
+
+
+@pytest.mark.parametrize("condition, files, message, runs", WOODPECKER_PATHS)
+def test_woodpecker_path_conditions_match_as_its_own_tests_say(condition, files, message, runs):
+    pipeline = cirunner.parse_pipeline(
+        f"steps:\n  - name: s\n    commands: [true]\n    when:\n      path: {condition}\n",
+        ".woodpecker.yml")
+    step = pipeline.steps[-1]
+    when = {"branch": "main", "environment": {}, "files": files, "message": message}
+    assert step.applies(event="push", **when) is runs
+    assert step.applies(event="pull_request", **when) is runs
+    # Woodpecker looks at the changed files of pushes and pull requests only
+    assert step.applies(event="manual", **when) is True
+    assert step.applies(event="push", **{**when, "files": None}) is True  # not known
+
+
+# drone-convert-pathschanged's testdata (the extension that gives Drone 1.x
+# its `paths`), README.md changed: (condition, runs).
+DRONE_PATHS = [
+    ("{include: [README.md]}", True), ("{exclude: [README.md]}", False),
+    ("{exclude: [README.md], include: [README.md]}", False),
+    ("{exclude: [no-match.md]}", True), ("{include: [no-match.md]}", False),
+    ("README.md", True), ("['*.md', src/**]", True), ("'docs/**'", False),
+]
+
+
+@pytest.mark.parametrize("condition, runs", DRONE_PATHS)
+def test_drone_1x_paths_match_as_the_pathschanged_extension_does(condition, runs):
+    text = ("kind: pipeline\ntype: exec\nname: p\ntrigger:\n  paths: COND\nsteps:\n"
+            "- name: s\n  commands: [true]\n  when:\n    paths: COND\n").replace("COND",
+                                                                                condition)
+    pipeline = cirunner.parse_pipeline(text, ".drone.yml")
+    assert pipeline.uses_paths() and not pipeline.warnings
+    for event in ("push", "pull_request", "tag", "manual"):  # every event, unlike Woodpecker
+        plan = cirunner.plan_pipeline(pipeline, event=event, branch="main",
+                                      files=["README.md"])["pipelines"][0]
+        assert plan["runs"] is runs
+        assert pipeline.steps[-1].applies(branch="main", event=event, environment={},
+                                          files=["README.md"]) is runs
+    # no changed file (an empty commit): no file can match, so nothing runs
+    assert pipeline.steps[-1].applies(branch="main", event="push", environment={},
+                                      files=[]) is False
+
+
+def test_plan_tells_paths_and_cron_from_its_options(tmp_path):
+    commit_files(str(tmp_path), {".drone.yml": DRONE_1_PATHS.replace(
+        "- name: always\n", "- name: nightly\n  when: {cron: nightly}\n")})
+
+    def running(*options):
+        status, out, _ = in_process_cli("plan", str(tmp_path), "--json", *options)
+        assert status == 0
+        plan = json.loads(out)["pipelines"][0]
+        return plan["runs"] and [step["name"] for step in plan["jobs"][0]["steps"]
+                                 if step["runs"]]
+
+    assert running("--changed", "src/a.go", "--changed", "web/b.js") == ["go", "web"]
+    assert running("--changed", "docs/guide.md") is False  # the trigger excludes it
+    assert running("--event", "cron", "--cron", "nightly") == ["go", "web", "nightly"]
+
+
+def test_cron_conditions_name_the_schedule_as_drone_and_woodpecker_do():
+    drone = cirunner.parse_pipeline(
+        "kind: pipeline\ntype: exec\nname: p\nsteps:\n"
+        "- name: nightly\n  commands: [true]\n  when: {cron: [nightly]}\n"
+        "- name: not-weekly\n  commands: [true]\n  when: {cron: {exclude: [weekly]}}\n",
+        ".drone.yml")
+    woodpecker = cirunner.parse_pipeline(
+        "steps:\n  - name: nightly\n    commands: [true]\n    when: {cron: nightly}\n",
+        ".woodpecker.yml")
+    assert not drone.warnings and not woodpecker.warnings
+
+    def runs(pipeline, event, cron=""):
+        plan = cirunner.plan_pipeline(pipeline, event=event, branch="main", cron=cron)
+        return [step["name"] for step in plan["pipelines"][0]["jobs"][0]["steps"]
+                if step["runs"]]
+
+    assert runs(drone, "cron", "nightly") == ["nightly", "not-weekly"]
+    assert runs(drone, "cron", "weekly") == []
+    # Drone matches a push's empty schedule name: no include matches it
+    assert runs(drone, "push") == ["not-weekly"]
+    assert runs(woodpecker, "cron", "nightly") == ["nightly"]
+    assert runs(woodpecker, "cron", "weekly") == []
+    assert runs(woodpecker, "push") == ["nightly"]  # Woodpecker: cron builds only
+
+
+DRONE_1_PATHS = """\
+kind: pipeline
+type: exec
+name: code
+trigger:
+  paths:
+    exclude: [docs/**]
+steps:
+- name: go
+  commands: [echo go-ran]
+  when:
+    paths: [src/**]
+- name: web
+  commands: [echo web-ran]
+  when:
+    paths:
+      include: [web/**]
+- name: always
+  commands: [echo always-ran]
+"""
+
+
+def test_paths_look_at_the_files_a_push_changed_since_its_previous_head(
+        store, executor, hook_repo, app):
+    git(hook_repo["work"], "rm", "-q", ".cirunner.yml")
+    first = push(hook_repo, {".drone.yml": DRONE_1_PATHS, "src/main.go": "package main\n"},
+                 "the pipeline")
+    docs = push(hook_repo, {"docs/guide.md": "how\n"}, "docs only")
+    code = push(hook_repo, {"src/main.go": "package main // two\n", "web/app.js": "1\n"},
+                "code")
+
+    def hook(before, after, message):
+        payload = {**github_push(after, message), "before": before}
+        body = json.dumps(payload).encode()
+        return app.post("/hook", body, headers={
+            "X-GitHub-Event": "push", "Content-Type": "application/json",
+            **sign(body, "github")})
+
+    # docs/guide.md alone: the trigger excludes it, no build is made
+    assert hook(first, docs, "docs only").status_int == 204
+    # since the previous head (docs), not since the commit's parent alone
+    build = hook(first, code, "code").json
+    assert build["changed_files"] == ["docs/guide.md", "src/main.go", "web/app.js"]
+    executor.run_until_idle()
+    log = log_text(store, build, 1)
+    assert "go-ran" in log and "web-ran" in log and "always-ran" in log
+    # a push whose previous head the mirror lacks (forced over): the commit's own files
+    only_web = push(hook_repo, {"web/app.js": "2\n"}, "web")
+    build = hook("3" * 40, only_web, "web").json
+    assert build["changed_files"] == ["web/app.js"]
+    executor.run_until_idle()
+    steps = store.list_steps([store.list_jobs(build["id"])[0]["id"]])
+    assert [(step["name"], step["status"]) for step in next(iter(steps.values()))] == [
+        ("go", "skipped"), ("web", "success"), ("always", "success")]
+    # a restart keeps what its build saw; a manual build looks at its commit's files
+    restarted = cirunner.restart_build(store, hook_repo["repo"], build["number"], fork=True)
+    assert json.loads(restarted["changed_files"]) == ["web/app.js"]
+    manual = cirunner.create_build(store, hook_repo["repo"], branch="main")
+    assert json.loads(manual["changed_files"]) == ["web/app.js"]
+
+
+def test_a_pull_requests_paths_are_its_changes_since_the_target_branch(
+        store, executor, hook_repo, tmp_path, app):
+    git(hook_repo["work"], "rm", "-q", ".cirunner.yml")
+    push(hook_repo, {".drone.yml": DRONE_1_PATHS, "src/main.go": "package main\n"},
+         "the pipeline")
+    body, headers, _ = fork_pull_request(hook_repo, tmp_path, {"web/app.js": "1\n"},
+                                         head_repo="alice/hello")
+    push(hook_repo, {"version": "two\n"}, "main moves on")  # after the pull request began
+    # the payload's base ("2222...") is no commit here: the target branch is the base
+    build = app.post("/hook", body, headers=headers).json
+    assert build["changed_files"] == ["web/app.js"]  # not main's own later change
+    executor.run_until_idle()
+    log = log_text(store, store.get_build_by_id(build["id"]), 1)
+    assert "web-ran" in log and "go-ran" not in log
+
+
+def test_woodpecker_steps_see_the_changed_files_and_the_schedule(store, executor, make_repo):
+    repo = make_repo({".woodpecker.yml": (
+        "steps:\n  - name: files\n    commands: ['echo \"files=$CI_PIPELINE_FILES\"']\n"
+        "  - name: nightly\n    commands: [echo nightly-ran]\n    when: {cron: nightly}\n")})
+    push_build = cirunner.create_build(store, repo, event="push")
+    cron_build = cirunner.create_build(store, repo, event="cron", cron="nightly")
+    weekly = cirunner.create_build(store, repo, event="cron", cron="weekly")
+    executor.run_until_idle()
+    assert 'files=[".woodpecker.yml"]' in log_text(store, push_build, 1)
+    assert "files=[]" in log_text(store, cron_build, 1)  # not a push or a pull request
+    assert "nightly-ran" in log_text(store, cron_build, 1)
+    assert "nightly-ran" not in log_text(store, weekly, 1)
+    assert store.get_build_by_id(cron_build["id"])["cron"] == "nightly"
+
+
 def test_a_woodpecker_matrix_include_plans_each_axis_with_its_image():
     pipeline = cirunner.parse_pipeline(
         "matrix:\n  include:\n    - {GO: '1.20', OS: linux}\n    - {GO: '1.21', OS: linux}\n"
@@ -4555,7 +4763,8 @@ def test_drone_1x_settings_stay_settings_and_odd_values_fail_closed():
     assert plugin.plugin_environment() == {"PLUGIN_LABELS": "a=b", "PLUGIN_VOLUMES": "x"}
     for event in cirunner.EVENTS:  # a rollback is no event here: it matches none
         assert not plugin.applies(branch="main", event=event, environment={})
-        assert nightly.applies(branch="main", event=event, environment={}) is (event == "cron")
+        assert nightly.applies(branch="main", event=event, environment={},
+                               cron="nightly" if event == "cron" else "") is (event == "cron")
     # a glob Go would refuse matches nothing, rather than failing the server
     step = when_step("branch: '[z-a]'")
     assert step.applies(branch="main", event="push", environment={}) is False
