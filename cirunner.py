@@ -1086,12 +1086,25 @@ class _YamlReader:
         if isinstance(node, yaml.SequenceNode):
             items = _YamlList(line)
             for child in node.value:
-                items.append(self._convert(loader, child, raw, depth + 1))
-                items.lines.append(child.start_mark.line + 1)
+                for one in self._spliced(child):  # Woodpecker's `- <<: *list`
+                    items.append(self._convert(loader, one, raw, depth + 1))
+                    items.lines.append(one.start_mark.line + 1)
             return items
         steps = key in ("pipeline", "services", "compose") + _DRONE_04_SECTIONS
         return self._convert_mapping(loader, node, raw, depth, line,
                                      steps=depth == 1 and steps, named=key in _DRONE_04_SECTIONS)
+
+    @staticmethod
+    def _spliced(node):
+        """A sequence's item, or the items it merges in: a mapping of one
+        merge key whose value is a sequence (``- <<: *anchor`` of a list) is
+        that sequence's items, as Woodpecker's YAML (xyaml) reads it."""
+        if isinstance(node, yaml.MappingNode) and len(node.value) == 1:
+            key, value = node.value[0]
+            if key.tag == "tag:yaml.org,2002:merge" and isinstance(value, yaml.SequenceNode) \
+                    and not any(isinstance(item, yaml.MappingNode) for item in value.value):
+                return value.value
+        return [node]
 
     def _convert_mapping(self, loader, node, raw, depth, line, *, steps=False, named=False):
         """A mapping; in a Drone file a repeated key is kept as Drone's type
@@ -1194,7 +1207,7 @@ class _Problems:
 _STATUS_WORDS = (SUCCESS, FAILURE, "changed", "change")
 _EVENT_WORDS = EVENTS
 _WHEN_KEYS = ("branch", "event", "status", "matrix", "environment", "platform", "ref", "repo",
-              "instance", "local", "paths", "cron",
+              "instance", "local", "paths", "cron", "evaluate",
               "success", "failure", "change")  # the last three: Drone 0.4's
 
 
@@ -1210,6 +1223,129 @@ def _constraint_matches(constraint, value):
     if any(match(pattern, value) for pattern in exclude):
         return False
     return not include or any(match(pattern, value) for pattern in include)
+
+
+_EXPR_TOKEN = re.compile(r"""\s*(?:(?P<string>"(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*')|(?P<number>\d+(?:\.\d+)?)|(?P<op>==|!=|<=|>=|&&|\|\||[()!<>\[\],])|(?P<word>[A-Za-z_][A-Za-z0-9_]*))""")
+_EXPR_WORDS = ("contains", "matches", "startsWith", "endsWith", "in")
+
+
+class _Expression:
+    """Woodpecker's `when.evaluate`: the part of the expr language that
+    conditions use (``CI_COMMIT_MESSAGE contains "[release]"``, ``not (A ==
+    "b") && C matches "^v"``): strings, numbers, true, false, nil, variables
+    (undefined ones are nil), ``== != < > <= >=``, contains, matches,
+    startsWith, endsWith, in (a list), ``! not && and || or`` and
+    parentheses. ValueError for anything else."""
+
+    def __init__(self, text):
+        self.tokens, index = [], 0
+        while index < len(text.rstrip()):
+            found = _EXPR_TOKEN.match(text, index)
+            if not found or found.end() == index:
+                raise ValueError(f"cannot read {text[index:].strip()[:20]!r}")
+            self.tokens.append((found.lastgroup, found.group(found.lastgroup)))
+            index = found.end()
+        self.text = text
+        self.evaluate({})  # reads the whole of it, or ValueError
+
+    def evaluate(self, variables):
+        self.variables, self.at = variables, 0
+        value = self._or()
+        if self.at != len(self.tokens):
+            raise ValueError(f"unexpected {self.tokens[self.at][1]!r}")
+        return bool(value)
+
+    def _peek(self, *words):
+        return self.at < len(self.tokens) and self.tokens[self.at][1] in words
+
+    def _take(self, *words):
+        if not self._peek(*words):
+            raise ValueError(f"expected {' or '.join(words)}")
+        self.at += 1
+
+    def _or(self):
+        value = self._and()
+        while self._peek("||", "or"):
+            self.at += 1
+            value = self._and() or value  # both sides read, either true
+        return value
+
+    def _and(self):
+        value = self._not()
+        while self._peek("&&", "and"):
+            self.at += 1
+            value = self._not() and value
+        return value
+
+    def _not(self):
+        if self._peek("!", "not"):
+            self.at += 1
+            return not self._not()
+        return self._compare()
+
+    def _compare(self):
+        left = self._primary()
+        if not self._peek("==", "!=", "<", ">", "<=", ">=", *_EXPR_WORDS):
+            return left
+        operator = self.tokens[self.at][1]
+        self.at += 1
+        right = self._primary()
+        text = ("" if left is None else str(left), "" if right is None else str(right))
+        if operator in ("==", "!="):
+            return (left == right) is (operator == "==")
+        if operator == "in":
+            return isinstance(right, list) and left in right
+        if operator in ("<", ">", "<=", ">="):
+            with contextlib.suppress(TypeError):
+                return {"<": left < right, ">": left > right, "<=": left <= right,
+                        ">=": left >= right}[operator]
+            return False
+        return {"contains": lambda: text[1] in text[0],
+                "matches": lambda: bool(re.search(text[1], text[0])),
+                "startsWith": lambda: text[0].startswith(text[1]),
+                "endsWith": lambda: text[0].endswith(text[1])}[operator]()
+
+    def _primary(self):
+        if self.at >= len(self.tokens):
+            raise ValueError("the expression ends too soon")
+        kind, text = self.tokens[self.at]
+        self.at += 1
+        if text == "(":
+            value = self._or()
+            self._take(")")
+            return value
+        if text == "[":
+            items = []
+            while not self._peek("]"):
+                items.append(self._primary())
+                if not self._peek("]"):
+                    self._take(",")
+            self._take("]")
+            return items
+        if kind == "string":
+            return re.sub(r"\\(.)", lambda found: {"n": "\n", "t": "\t"}.get(
+                found.group(1), found.group(1)), text[1:-1])
+        if kind == "number":
+            return float(text) if "." in text else int(text)
+        if kind == "word" and text not in _EXPR_WORDS + ("and", "or", "not"):
+            return {"true": True, "false": False, "nil": None}.get(
+                text, self.variables.get(text))
+        raise ValueError(f"unexpected {text!r}")
+
+
+def _filled(constraint, variables):
+    """A constraint's patterns with their ``${VAR}`` filled from `variables`."""
+    if not variables or not any("$" in pattern for part in constraint[:2] for pattern in part):
+        return constraint
+
+    def fill(pattern):
+        with contextlib.suppress(ConfigError):
+            return substitute(pattern, variables)
+        return pattern
+
+    include, exclude, *rest = constraint
+    return [[fill(pattern) for pattern in include], [fill(pattern) for pattern in exclude],
+            *rest]
 
 
 def _paths_match(paths, files, event, message):
@@ -1297,25 +1433,29 @@ class Step:
     extra_hosts: list = dataclasses.field(default_factory=list)
     working_dir: str = ""
     directory: str = ""         # Woodpecker's: where the step runs, in its workspace
+    temp_volumes: list = dataclasses.field(default_factory=list)  # Drone 1.x's: "NAME:PATH"
     labels: dict = dataclasses.field(default_factory=dict)
     depends_on: list = dataclasses.field(default_factory=list)  # Drone 1.x's, as written
 
     def applies(self, *, branch, event, environment, job_status=SUCCESS, deploy_to="",
                 platform="linux/amd64", ref="", repo="", instance="", local=False,
-                files=None, message="", cron=""):
+                files=None, message="", cron="", variables=None):
         """True if the step's ``when`` lets it run for this job (the status
         constraint defaults to success; ``changed`` is resolved beforehand;
         a `job_status` of None leaves the status out, as Drone does when it
         plans a job before it runs). A Woodpecker `when` list matches if any
         of its conditions does. `files` are the paths the build changes (None:
         not known, and `paths` lets it run), `message` its commit's, `cron`
-        the name of the schedule that started it."""
+        the name of the schedule that started it; `variables` fill the
+        ``${VAR}`` of a pattern (``branch: ${CI_REPO_DEFAULT_BRANCH}``), as
+        Drone 1.x and Woodpecker substitute their files before reading them."""
         when = self.when
         if "any" in when:
             arguments = {"branch": branch, "event": event, "environment": environment,
                          "job_status": job_status, "deploy_to": deploy_to, "platform": platform,
                          "ref": ref, "repo": repo, "instance": instance, "local": local,
-                         "files": files, "message": message, "cron": cron}
+                         "files": files, "message": message, "cron": cron,
+                         "variables": variables}
             return any(dataclasses.replace(self, when=one).applies(**arguments)
                        for one in when["any"])
         for key, value in (("branch", branch), ("event", event), ("environment", deploy_to),
@@ -1325,9 +1465,11 @@ class Step:
                 continue
             if key == "cron" and event != EVENT_CRON and when.get("cron_on_cron_only"):
                 continue
-            if key in when and not _constraint_matches(when[key], value):
+            if key in when and not _constraint_matches(_filled(when[key], variables), value):
                 return False
         if "paths" in when and not _paths_match(when["paths"], files, event, message):
+            return False
+        if "evaluate" in when and not _Expression(when["evaluate"]).evaluate(variables or {}):
             return False
         if "matrix" in when and not _matrix_matches(when["matrix"], environment):
             return False
@@ -1373,24 +1515,24 @@ class Step:
         case); strings as they are, lists of scalars joined with commas, the
         rest as compact JSON with sorted keys (Drone 0.8's params.go); a null
         setting sets nothing."""
-        environment = {}
-        for key, value in self.settings.items():
-            name = _plugin_variable(key)
-            if value is None:
-                continue
-            if isinstance(value, str):
-                environment[name] = value
-            elif isinstance(value, bool):
-                environment[name] = "true" if value else "false"
-            elif isinstance(value, list) and all(not isinstance(item, (dict, list))
-                                                 for item in value):
-                environment[name] = ",".join(_setting_text(item) for item in value)
-            elif isinstance(value, (int, float)):
-                environment[name] = _setting_text(value)
-            else:
-                environment[name] = json.dumps(value, default=str, sort_keys=True,
-                                               separators=(",", ":"))
-        return environment
+        return {_plugin_variable(key): _setting_variable(value)
+                for key, value in self.settings.items() if value is not None}
+
+
+def _setting_variable(value):
+    """A setting as the text of its variable: strings as they are, lists of
+    scalars joined with commas, the rest as compact JSON with sorted keys
+    (Drone 0.8's params.go; Woodpecker's ParamsToEnv, for its environment
+    values too)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list) and all(not isinstance(item, (dict, list)) for item in value):
+        return ",".join(_setting_text(item) for item in value)
+    if isinstance(value, (int, float)):
+        return _setting_text(value)
+    return json.dumps(value, default=str, sort_keys=True, separators=(",", ":"))
 
 
 def _plain(value):
@@ -1510,9 +1652,13 @@ class Pipeline:
             [means if word in ("changed", "change") else word for word in include], *rest]})
 
     def when_branch(self, event, branch, ref):
-        """The branch a step's `when.branch` is matched with: for a tag in a
-        Drone 0.4 or 0.5 file the tag's ref (refs/tags/v1), which their
-        GitHub remote made the build's branch; else `branch`."""
+        """The branch a `when.branch` or `trigger.branch` is matched with: for
+        a tag in a Drone 0.4 or 0.5 file the tag's ref (refs/tags/v1), which
+        their GitHub remote made the build's branch; in a Drone 1.x file
+        none (a tag's build has no branch there: `branch: [main]` leaves it
+        out); else `branch`."""
+        if event == EVENT_TAG and self.era == "1":
+            return ""
         if event == EVENT_TAG and self.era not in _RULES_08 and _is_drone_file(self.filename):
             return ref
         return branch
@@ -1649,6 +1795,7 @@ def _bytes_of_size(value):
 
 # Drone 1.x's event names for cirunner's (a rollback has none here: it matches nothing)
 _DRONE_1_EVENTS = {"custom": EVENT_MANUAL, "promote": EVENT_DEPLOYMENT}
+_VOLUME_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}")  # a Drone 1.x volume
 _DRONE_1_PIPELINE_KEYS = ("kind", "type", "name", "steps", "services", "trigger", "clone",
                           "workspace", "platform", "node", "depends_on", "concurrency",
                           "image_pull_secrets", "volumes")
@@ -1669,6 +1816,7 @@ class _Drone1:
         self.step_graph = False  # whether they make a graph
         self.name = "default"
         self.keyed_graph = False  # Woodpecker: any depends_on (even []) makes the graph
+        self.volumes = {}  # the pipeline's volumes: name -> host path, "" for temp
 
     def document(self, documents):
         parser = self.parser
@@ -1718,6 +1866,8 @@ class _Drone1:
         if kind not in ("docker", "exec"):
             parser.add(_line_of(document, "type"), f"pipeline type {kind!r} is not supported "
                                                    "(docker or exec)")
+        self.volumes = self._pipeline_volumes(document.get("volumes"),
+                                              _line_of(document, "volumes"), kind)
         for key, value in document.items():
             at = _line_of(document, key)
             if key == "steps":
@@ -1735,10 +1885,7 @@ class _Drone1:
             elif key == "platform" and isinstance(value, dict):
                 value = f"{value.get('os', 'linux')}/{value.get('arch', 'amd64')}"
             elif key == "volumes":
-                if value:
-                    parser.add(at, "pipeline 'volumes' are not supported yet: a step's "
-                                   "volumes are none but the workspace")
-                continue
+                continue  # read first, for the steps' volumes
             elif key in ("concurrency", "image_pull_secrets", "depends_on"):
                 if value and key != "depends_on":  # depends_on: read by pipeline_needs
                     parser.problems.warn(at, f"{key!r} is not read (no effect here)")
@@ -1786,6 +1933,54 @@ class _Drone1:
             out[name], out.lines[name] = self._step(body), at
         return out
 
+    def _pipeline_volumes(self, value, line, kind):
+        """{name: host path, or "" for a temp volume} of a pipeline's
+        `volumes` ({name, host: {path}} or {name, temp: {}})."""
+        if value is None or value == []:
+            return {}
+        if kind == "exec" or not isinstance(value, list):
+            self.parser.add(line, "'volumes' must be a list of {name, host: {path}} or "
+                                  "{name, temp: {}}" + (" (of a docker pipeline: an exec "
+                                                        "pipeline has none)" if kind == "exec"
+                                                        else ""))
+            return {}
+        volumes = {}
+        for index, item in enumerate(value):
+            at = _line_of(value, index) or line
+            host = item.get("host") if isinstance(item, dict) else None
+            name = item.get("name") if isinstance(item, dict) else None
+            path = host.get("path") if isinstance(host, dict) else None
+            if not isinstance(name, str) or not _VOLUME_NAME_PATTERN.fullmatch(name) or not (
+                    isinstance(path, str) and path.startswith("/") or "temp" in item):
+                self.parser.add(at, f"volume {index + 1}: a name ([a-z0-9_-]) and host: "
+                                    "{path: /absolute} or temp: {}")
+                continue
+            volumes[name] = path if host is not None else ""
+        return volumes
+
+    def _step_volumes(self, out, value, line):
+        """A step's `volumes` ({name, path} of the pipeline's): host paths as
+        the trusted `volumes` key ("HOST:PATH"), temp ones apart."""
+        if not isinstance(value, list) or not all(
+                isinstance(item, dict) and isinstance(item.get("path"), str)
+                and item["path"].startswith("/") for item in value):
+            self.parser.add(line, "a step's 'volumes' must be a list of {name, path: "
+                                  "/absolute} of the pipeline's volumes")
+            return
+        host, temp = _YamlList(line), _YamlList(line)
+        for item in value:
+            if item.get("name") not in self.volumes:
+                self.parser.add(line, f"volume {item.get('name')!r} is no volume of the "
+                                      "pipeline")
+            elif self.volumes[item["name"]]:
+                host.append(f"{self.volumes[item['name']]}:{item['path']}")
+            else:
+                temp.append(f"{item['name']}:{item['path']}")
+        for key, items in (("volumes", host), ("temp_volumes", temp)):
+            if items:
+                items.lines = [line] * len(items)
+                out[key], out.lines[key] = items, line
+
     def _from_secret(self, values, at, secrets, variable):
         """`values` without its {from_secret: NAME} items, each added to
         `secrets` as the variable `variable(key)` names."""
@@ -1819,9 +2014,8 @@ class _Drone1:
                 value = value == "always"  # never, if-not-exists: the engine's own
             elif key == "when":
                 value = self._when(value, at)
-            elif key == "volumes" and value:
-                self.parser.add(at, "step volumes (of the pipeline's volumes) are not "
-                                    "supported yet")
+            elif key == "volumes" and not isinstance(self, _Woodpecker):
+                self._step_volumes(out, value, at)
                 continue
             out[key], out.lines[key] = value, at
         if secrets:
@@ -1892,7 +2086,8 @@ class _Drone1:
                 key = "environment"
             elif key == self.paths_key:
                 key = "paths"
-            elif key in ("action", "paths", "path", "evaluate"):
+            elif key in ("action", "paths", "path") or key == "evaluate" and not isinstance(
+                    self, _Woodpecker):
                 self.parser.problems.warn(at, f"when.{key} is not evaluated here: it "
                                               "matches every build")
                 continue
@@ -2311,18 +2506,26 @@ class _PipelineParser:
                 services.append(service)
         return services
 
+    def _step_kind(self, name, body, where, line, service):
+        """(kind, image) of a step: a service, a plugin (an image and no
+        commands) or a step with commands."""
+        commands = body.get("commands")
+        image = body.get("image", "")
+        if commands == [] and image and self.era in _READ_AS_STEPS:
+            commands = None  # Drone 1.x, Woodpecker: no commands, the image's own (a plugin)
+        if not image and commands is None and not service and self.drone and self.era == "0.5":
+            image = str(name)
+            self.problems.warn(line, f"{where} has no image: Drone 0.5 ran the image named "
+                                     "after the step, and so does cirunner")
+        return ("service" if service else "plugin" if image and commands is None
+                else "step"), image
+
     def _step(self, name, body, line, *, service=False):
         where = f"{'service' if service else 'step'} {name!r}"
         if not isinstance(body, dict):
             self.add(line, f"{where} must be a mapping")
             return None
-        commands = body.get("commands")
-        image = body.get("image", "")
-        if not image and commands is None and not service and self.drone and self.era == "0.5":
-            image = str(name)
-            self.problems.warn(line, f"{where} has no image: Drone 0.5 ran the image named "
-                                     "after the step, and so does cirunner")
-        kind = "service" if service else ("plugin" if image and commands is None else "step")
+        kind, image = self._step_kind(name, body, where, line, service)
         step = Step(name=str(body.get("name") or name), commands=[], kind=kind)
         settings, unknown = {}, []
         for key, value in body.items():
@@ -2334,8 +2537,10 @@ class _PipelineParser:
                                    f"support: {_UNSUPPORTED_STEP_KEYS[key]}")
             elif key in _STEP_KEYWORDS:
                 self._step_key(step, key, value, where, key_line)
-            elif key == "directory" and self.era == "woodpecker":
-                step.directory = self._directory(value, where, key_line)
+            elif (key, self.era) in (("directory", "woodpecker"), ("temp_volumes", "1")):
+                # Woodpecker's step directory; Drone 1.x's temp volumes (see _Drone1)
+                setattr(step, key, self._directory(value, where, key_line) if key == "directory"
+                        else self._string_list(value, f"{where}: volumes", key_line))
             elif kind == "plugin":
                 settings[key] = value
             elif not (service and key in _SERVICE_IGNORED):
@@ -2467,6 +2672,10 @@ class _PipelineParser:
         if not isinstance(value, dict):
             self.add(line, f"{where} must be a mapping of NAME: value")
             return {}
+        if self.woodpecker:  # a list or a mapping is its text, as a setting's
+            value = {name: _setting_variable(_plain(text)) if isinstance(text, list) or (
+                isinstance(text, dict) and "from_secret" not in text) else text
+                for name, text in value.items()}
         for name, text in value.items():
             if not _ENV_NAME_PATTERN.match(str(name)):
                 self.add(_line_of(value, name) or line, f"{where}: invalid variable name "
@@ -2531,23 +2740,8 @@ class _PipelineParser:
             elif key not in _WHEN_KEYS:
                 self.add(key_line, f"{where}: unknown 'when' key {key!r} (expected one of "
                                    f"{', '.join(_WHEN_KEYS)})")
-            elif key == "matrix":
-                parsed["matrix"] = self._when_matrix(value, where, key_line)
-            elif key == "local":
-                if not isinstance(value, bool) and value is not None:
-                    self.add(key_line, f"{where}: when.local must be true or false")
-                parsed["local"] = value is not False
-            elif key in ("success", "failure", "change"):
-                self._when_04(parsed, key, value, where, key_line)
-            elif key == "paths":
-                parsed["paths"] = self._paths(value, f"{where}: when.paths", key_line)
             else:
-                parsed[key] = list(self._constraint(value, f"{where}: when.{key}", key_line))
-                self._check_words(parsed[key], key, where, key_line)
-                if self.era == "woodpecker" and key == "event":
-                    parsed[key].append("exact")  # Woodpecker's events: a list, no glob
-                elif self.era in ("1", "woodpecker"):
-                    parsed[key].append(True)  # Drone 1.x's and Woodpecker's globs: doublestar
+                self._when_key(parsed, key, value, where, key_line)
         if self.era == "woodpecker":
             self._woodpecker_when(parsed)
         if self.era in _RULES_08 and {"changed", "change"}.intersection(
@@ -2557,6 +2751,41 @@ class _PipelineParser:
                                "Drone 0.5's; Drone 0.8 matched it with no status, and so "
                                "does cirunner for this 0.8 file")
         return parsed
+
+    def _when_key(self, parsed, key, value, where, line):
+        """One known key of a `when` into `parsed`."""
+        if key == "matrix":
+            parsed["matrix"] = self._when_matrix(value, where, line)
+        elif key == "local":
+            if not isinstance(value, bool) and value is not None:
+                self.add(line, f"{where}: when.local must be true or false")
+            parsed["local"] = value is not False
+        elif key in ("success", "failure", "change"):
+            self._when_04(parsed, key, value, where, line)
+        elif key == "paths":
+            parsed["paths"] = self._paths(value, f"{where}: when.paths", line)
+        elif key == "evaluate":
+            self._evaluate(parsed, value, where, line)
+        else:
+            parsed[key] = list(self._constraint(value, f"{where}: when.{key}", line))
+            self._check_words(parsed[key], key, where, line)
+            if self.era == "woodpecker" and key == "event":
+                parsed[key].append("exact")  # Woodpecker's events: a list, no glob
+            elif self.era in ("1", "woodpecker"):
+                parsed[key].append(True)  # Drone 1.x's and Woodpecker's globs: doublestar
+
+    def _evaluate(self, parsed, value, where, line):
+        """Woodpecker's `evaluate`: an expression kept if it can be read here,
+        else a warning (it then matches every build). Woodpecker's envsubst
+        pass over the file first makes ``\\\\`` ``\\`` and ``\\/`` ``/``."""
+        value = re.sub(r"\\([\\/])", r"\1", str(value))
+        try:
+            _Expression(value)
+        except ValueError as exc:
+            self.problems.warn(line, f"{where}: when.evaluate {value!r} cannot be read here "
+                                     f"({exc}): it matches every build")
+            return
+        parsed["evaluate"] = value
 
     @staticmethod
     def _woodpecker_when(parsed):
@@ -2801,8 +3030,20 @@ def step_units(steps):
     return units
 
 
+def _condition_variables(repo, default_branch, event, branch, ref):
+    """What a condition's ``${VAR}`` may name before a job runs: Drone's and
+    Woodpecker's variables of the repository and the build."""
+    tag = ref[len("refs/tags/"):] if ref.startswith("refs/tags/") else ""
+    values = {"REPO": repo, "BRANCH": branch, "COMMIT_BRANCH": branch, "COMMIT_REF": ref,
+              "BUILD_EVENT": event, "TAG": tag}
+    return {**{prefix + name: value for name, value in values.items()
+               for prefix in ("CI_", "DRONE_")},
+            "DRONE_REPO_BRANCH": default_branch, "CI_REPO_DEFAULT_BRANCH": default_branch,
+            "CI_PIPELINE_EVENT": event, "CI_COMMIT_TAG": tag}
+
+
 def plan_pipeline(pipeline, *, event, branch, ref="", repo="", deploy_to="",
-                  previous_status=SUCCESS, **change):
+                  previous_status=SUCCESS, default_branch="main", **change):
     """What a build of `pipeline` would run for `event` on `branch` (`ref`:
     default refs/heads/BRANCH, or refs/tags/BRANCH for a tag), without running
     it, as `cirunner plan --json` prints it: {"pipelines": [{"name",
@@ -2811,10 +3052,12 @@ def plan_pipeline(pipeline, *, event, branch, ref="", repo="", deploy_to="",
     its branches filter lets the build be made; a step if its `when` matches,
     the steps before it having succeeded (`previous_status`: the previous
     build's, for `status: changed`). `change`: the files, message and cron
-    that `paths` and `cron` conditions look at (see Step.applies)."""
+    that `paths` and `cron` conditions look at (see Step.applies);
+    `default_branch` the repository's, for ``${CI_REPO_DEFAULT_BRANCH}``."""
     if event not in EVENTS:
         raise BadRequest(f"event must be one of {', '.join(EVENTS)}")
     ref = ref or (f"refs/tags/{branch}" if event == EVENT_TAG else f"refs/heads/{branch}")
+    change.setdefault("variables", _condition_variables(repo, default_branch, event, branch, ref))
     running = running_pipelines(pipeline, event=event, branch=branch, ref=ref, repo=repo,
                                 deploy_to=deploy_to, **change)
     return {"pipelines": [{
@@ -2832,8 +3075,9 @@ def running_pipelines(pipeline, *, event, branch, ref, repo="", deploy_to="", **
     not run either."""
     needs = {one.name: list(one.depends_on) for one in pipeline.each()}
     runs = {one.name: (event not in _FILTERED_EVENTS or one.builds_branch(branch))
-            and one.triggered(event=event, branch=branch, ref=ref, repo=repo,
-                              deploy_to=deploy_to, **change) for one in pipeline.each()}
+            and one.triggered(event=event, branch=one.when_branch(event, branch, ref), ref=ref,
+                              repo=repo, deploy_to=deploy_to, **change)
+            for one in pipeline.each()}
     if pipeline.era == "woodpecker":
         while any(runs[name] and not all(runs.get(need) for need in needs[name])
                   for name in needs):
@@ -6546,8 +6790,15 @@ def _change_of(store, repo, request, fields, pipeline):
     `paths` condition; Woodpecker's CI_PIPELINE_FILES of a push or pull
     request), since a push's previous head or a pull request's target
     branch; a restart keeps what its build saw. None where not known."""
+    default = repo["default_branch"] or store.git.remembered_default_branch(repo)
     change = {"files": None, "cron": request.fields.get("cron") or "",
-              "message": request.fields.get("message") or fields.get("message") or ""}
+              "message": request.fields.get("message") or fields.get("message") or "",
+              "variables": _condition_variables(
+                  f"{repo['owner']}/{repo['name']}", default, request.event,
+                  fields.get("branch") or "", request.fields.get("ref") or fields.get("ref"))}
+    change["variables"].update(CI_COMMIT_MESSAGE=change["message"],
+                               CI_COMMIT_AUTHOR=request.fields.get("author")
+                               or fields.get("author") or "")
     wanted = pipeline is not None and fields.get("commit_sha") and (
         pipeline.uses_paths() or pipeline.era == "woodpecker"
         and request.event in (EVENT_PUSH, EVENT_PULL_REQUEST))
@@ -6612,7 +6863,8 @@ def _make_build(store, repo, request, *, max_jobs=DEFAULT_MAX_JOBS, resolve=_res
             ref = request.fields.get("ref") or fields["ref"]
             change = _change_of(store, repo, request, fields, pipeline)
             if pipeline is not None and not pipeline.triggered(
-                    event=request.event, branch=fields["branch"], ref=ref,
+                    event=request.event, ref=ref,
+                    branch=pipeline.when_branch(request.event, fields["branch"], ref),
                     repo=f"{repo['owner']}/{repo['name']}",
                     deploy_to=request.fields.get("deploy_to") or "", **change):
                 raise NoBuild(f"the pipeline's trigger excludes this {request.event} build of "
@@ -7052,6 +7304,9 @@ class _HostBackend:
             raise _JobError(f"{step.kind} {step.name!r}: directory {step.directory!r} is a "
                             "path in a container; a step on the host runs in its workspace: "
                             "give a path relative to it")
+        if step.temp_volumes:
+            raise _JobError(f"{step.kind} {step.name!r}: a temp volume is a container's: "
+                            "give the step an image")
 
     def environment(self, job):
         """What a step's environment starts from: the server's locale, PATH and home."""
@@ -7595,6 +7850,8 @@ def _container_problems(step):
 
     check("image", [step.image], _is_image_reference)
     check("volume", step.volumes, lambda value: bool(_VOLUME_SPEC.fullmatch(value)))
+    check("temp volume", step.temp_volumes,
+          lambda value: bool(re.fullmatch(rf"{_VOLUME_NAME}:{_CONTAINER_PATH}", value)))
     check("device", step.devices, lambda value: bool(_DEVICE_SPEC.fullmatch(value)))
     check("network_mode", [step.network_mode] if step.network_mode else [],
           lambda value: bool(_NETWORK_MODE.fullmatch(value)))
@@ -7737,6 +7994,14 @@ class _EngineBackend:
                 raise _JobError(f"{self.name} could not make the job's volume: "
                                 f"{result.stderr.strip()}")
             job.volume = prefix
+        for name in sorted({spec.split(":", 1)[0] for step in job.steps + job.services
+                            for spec in step.temp_volumes}):  # Drone 1.x's temp: {}
+            result = self._run(["volume", "create", *self.labels(job), "--",
+                                f"{prefix}-{name}"])
+            if result.returncode != 0:
+                raise _JobError(f"{self.name} could not make the temp volume {name!r}: "
+                                f"{result.stderr.strip()}")
+            job.temp_volumes[name] = f"{prefix}-{name}"
 
     def command(self, step, job, *, name, env_file, secrets=()):
         """The engine's argv that runs `step` (its variables from `env_file`)."""
@@ -7750,6 +8015,9 @@ class _EngineBackend:
         if job.volume:
             argv.append(f"--volume={job.volume}:{base}")
         argv.append(f"--volume={os.path.abspath(job.workspace)}:{path}")
+        for spec in step.temp_volumes:
+            name, _, target = spec.partition(":")
+            argv.append(f"--volume={job.temp_volumes[name]}:{target}")
         for readable in job.readable_paths():
             argv.append(f"--volume={readable}:{readable}:ro")
         argv.append("--pull=always" if step.pull else "--pull=missing")
@@ -7848,8 +8116,9 @@ class _EngineBackend:
         ended abnormally can leave one, and only then are they listed.)"""
         if job.background or not job.ended_cleanly:
             self.stop_containers(job, grace)
-        if job.volume:
-            self._run(["volume", "rm", "--force", "--", job.volume])
+        for volume in [job.volume, *job.temp_volumes.values()]:
+            if volume:
+                self._run(["volume", "rm", "--force", "--", volume])
         if job.network:
             self._run(["network", "rm", "--force", "--", job.network])
         self._remove_secrets([job.job["id"]])
@@ -8272,6 +8541,7 @@ class _JobRun:
         self.step_numbers = {}      # id(step) -> its number in the job
         self.background = []        # _Running: services and detached steps
         self.network = self.volume = None
+        self.temp_volumes = {}  # a temp volume's name: the engine's volume
         self.container_workspace = ("", "")
         self.prepared = []          # the backends prepared for this job, in order
         self.prepare_lock = threading.Lock()
@@ -8418,6 +8688,8 @@ class _JobRun:
         self.drone = _drone_environment(
             self.repo, self.build, self.job, previous, link=self.executor.public_url,
             workspace=self.workspace, host=_url_host(self.repo["url"]))
+        self.drone["DRONE_REPO_BRANCH"] = (self.repo["default_branch"]
+                                           or self.store.git.remembered_default_branch(self.repo))
         self.previous_status = previous["status"] if previous else None
         if _is_drone_file(self.pipeline.filename):
             self.drone["CI"] = "drone"  # as Drone 0.5 and 0.8 set it
@@ -8479,6 +8751,7 @@ class _JobRun:
                 "CI_COMMIT_TAG": tag, "CI_REPO_URL": drone["DRONE_REPO_LINK"],
                 "CI_REPO_CLONE_URL": drone["CI_REMOTE_URL"],
                 **self._changed_files_variable(),
+                "CI_REPO_DEFAULT_BRANCH": drone["DRONE_REPO_BRANCH"],
                 "CI_WORKFLOW_NAME": self.pipeline.name,
                 "CI_WORKFLOW_NUMBER": str(self.job["number"]),
                 "CI_PREV_PIPELINE_STATUS": drone.get("DRONE_PREV_BUILD_STATUS", "")}
@@ -8791,7 +9064,9 @@ class _JobRun:
                             instance=self.executor.hostname,
                             local=self.executor.workspace is not None,
                             files=json.loads(build.get("changed_files") or "null"),
-                            message=build["message"], cron=build.get("cron") or "")
+                            message=build["message"], cron=build.get("cron") or "",
+                            variables={**self.drone, "CI_REPO_DEFAULT_BRANCH":
+                                       self.drone["DRONE_REPO_BRANCH"]})
 
     def _run_unit(self, unit, deadline, minutes):
         """Run the steps of a unit at once: the first into the log as it prints,
@@ -15036,7 +15311,8 @@ def _command_plan(args, stdout, stderr):
     pipeline = parse_pipeline(text, filename)
     branch = args.branch or _checked_out_branch(args.directory) or "main"
     plan = plan_pipeline(pipeline, event=args.event, branch=branch, ref=args.ref,
-                         files=args.changed, cron=args.cron)
+                         files=args.changed, cron=args.cron,
+                         default_branch=args.default_branch)
     if args.json:
         json.dump(plan, stdout, indent=2)
         print(file=stdout)
@@ -15267,6 +15543,9 @@ def _add_build_parsers(commands, common, workers, env):
                            "none given: every `paths` matches)")
     plan.add_argument("--cron", default="", metavar="NAME",
                       help="the schedule that starts the build, for `cron` conditions")
+    plan.add_argument("--default-branch", default="main", metavar="BRANCH",
+                      help="the repository's default branch, for ${CI_REPO_DEFAULT_BRANCH} "
+                           "(default main)")
     plan.add_argument("--json", action="store_true", help="the plan as JSON (a stable shape)")
     plan.set_defaults(handler=_command_plan)
 

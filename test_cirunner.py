@@ -4439,6 +4439,60 @@ def test_woodpecker_steps_see_the_changed_files_and_the_schedule(store, executor
     assert store.get_build_by_id(cron_build["id"])["cron"] == "nightly"
 
 
+REAL_PIPELINES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "testdata",
+                              "real-pipelines")
+# The files their own servers refuse, and those cirunner refuses where the
+# server would hand them to a runner cirunner does not have: (kind, file): why.
+REAL_PIPELINES_REFUSED = {
+    ("drone", "04-drone-runners__drone-runner-kube.yml"): "pipeline type 'vm' is not supported",
+    ("drone", "08-drone-plugins__drone-webhook.yml"): "pipeline type 'vm' is not supported",
+    ("drone", "07-drone-runners__drone-runner-docker.yml"):  # Drone's linter: the same
+        "pipeline 'manifest' depends on 'windows-1903', which is no pipeline",
+    ("drone", "11-photoprism__photoprism.yml"): "invalid YAML",  # Drone: the same
+    ("woodpecker", "10-Jelloeater__pyfedi.yml"):  # Woodpecker: "Invalid or missing image"
+        "'commands' must be a list of strings (a plugin step needs an image)",
+}
+
+
+def real_pipeline_cases():
+    for kind in ("drone", "woodpecker"):
+        with open(os.path.join(REAL_PIPELINES, kind, "index.json")) as handle:
+            for entry in json.load(handle):
+                yield pytest.param(kind, entry, id=f"{kind}-{entry['file'].rstrip('/')}")
+
+
+@pytest.mark.parametrize("kind, entry", list(real_pipeline_cases()))
+def test_real_pipeline_files_plan_as_drone_and_woodpecker_would(kind, entry):
+    """Each file planned for a push, a pull request and a tag, against what
+    Drone's or Woodpecker's own rules say (testdata/real-pipelines)."""
+    path = os.path.join(REAL_PIPELINES, kind, entry["file"])
+    if os.path.isdir(path):  # a .woodpecker/ folder: its files read together
+        text = json.dumps({f".woodpecker/{name}": pathlib.Path(path, name).read_text()
+                           for name in sorted(os.listdir(path))})
+        filename = cirunner.WOODPECKER_FOLDER
+    else:
+        text = pathlib.Path(path).read_text()
+        filename = ".drone.yml" if kind == "drone" else ".woodpecker.yml"
+    refused = REAL_PIPELINES_REFUSED.get((kind, entry["file"]))
+    if refused:
+        with pytest.raises(cirunner.ConfigError, match=re.escape(refused)):
+            cirunner.parse_pipeline(text, filename)
+        return
+    with open(os.path.join(REAL_PIPELINES, kind, "expected.json")) as handle:
+        expected = json.load(handle)[entry["file"]]
+    pipeline = cirunner.parse_pipeline(text, filename)
+    default = entry["default_branch"]
+    for event, ref in (("push", f"refs/heads/{default}"), ("pull_request", "refs/pull/1/head"),
+                       ("tag", "refs/tags/v1.0.0")):
+        plan = cirunner.plan_pipeline(pipeline, event=event, branch=default, ref=ref,
+                                      repo=entry["repo"], default_branch=default)
+        planned = {one["name"]: sorted(step["name"] for step in one["jobs"][0]["steps"]
+                                       if step["runs"]) if one["runs"] else None
+                   for one in plan["pipelines"]}
+        assert planned == {name: None if steps is None else sorted(steps)
+                           for name, steps in expected[event].items()}, event
+
+
 def test_a_woodpecker_matrix_include_plans_each_axis_with_its_image():
     pipeline = cirunner.parse_pipeline(
         "matrix:\n  include:\n    - {GO: '1.20', OS: linux}\n    - {GO: '1.21', OS: linux}\n"

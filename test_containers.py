@@ -240,6 +240,58 @@ def test_a_drone_1x_pipeline_runs_in_its_images_with_a_service_and_a_plugin(tmp_
         ("web", "success"), ("test", "success"), ("lint", "success"), ("announce", "success")]
 
 
+DRONE_1_VOLUMES = """\
+kind: pipeline
+type: docker
+name: default
+steps:
+- name: write
+  image: localhost/cirunner-test:1
+  volumes: [{name: cache, path: /cache}]
+  commands: [echo kept-between-steps > /cache/file]
+- name: read
+  image: localhost/cirunner-test:1
+  volumes: [{name: cache, path: /var/cache}]
+  commands: [cat /var/cache/file]
+volumes:
+- name: cache
+  temp: {}
+"""
+
+
+def test_a_drone_1x_temp_volume_is_shared_by_the_steps_and_a_host_one_needs_trust(
+        tmp_path, servers, engine_env):
+    data = tmp_path / "data"
+    server = servers(data)
+    repo = str(tmp_path / "repo")
+    host = tmp_path / "host-folder"
+    host.mkdir()
+    (host / "from-host").write_text("host-file-read\n")
+    with_host = DRONE_1_VOLUMES.replace(
+        "  temp: {}\n", f"  temp: {{}}\n- name: outside\n  host: {{path: {host}}}\n").replace(
+        "  commands: [cat /var/cache/file]\n",
+        "  commands: [cat /var/cache/file]\n- name: host\n  image: localhost/cirunner-test:1\n"
+        "  volumes: [{name: outside, path: /outside}]\n  commands: [cat /outside/from-host]\n")
+    commit_files(repo, {".drone.yml": DRONE_1_VOLUMES})
+    server.api("POST", "/api/repos/alice/hello", {"url": repo, "private": False})
+    server.api("POST", "/api/repos/alice/hello/builds", {})
+    build = finished(server, "alice/hello", 1)
+    log = http_text(server.url + "/api/repos/alice/hello/logs/1/1")
+    assert build["status"] == "success", (build, log[-2000:])
+    assert "kept-between-steps" in log
+    commit_files(repo, {".drone.yml": with_host})  # a host path: a trusted repository's only
+    server.api("POST", "/api/repos/alice/hello/builds", {})
+    build = finished(server, "alice/hello", 2)
+    assert build["status"] == "error" and "'volumes'" in build["jobs"][0]["error"], build
+    assert server.api("PATCH", "/api/repos/alice/hello", {"trusted": True})[0] == 200
+    server.api("POST", "/api/repos/alice/hello/builds", {})
+    build = finished(server, "alice/hello", 3)
+    log = http_text(server.url + "/api/repos/alice/hello/logs/3/1")
+    assert build["status"] == "success", (build, log[-2000:])
+    assert "host-file-read" in log and "kept-between-steps" in log
+    assert leftovers(engine_env, data) == []  # the temp volumes too
+
+
 def test_a_woodpecker_step_runs_in_its_directory_in_the_container(tmp_path, servers):
     """Woodpecker's `directory`: relative, in the workspace; absolute, the
     container's own path (as Woodpecker's compiler makes the working dir)."""
