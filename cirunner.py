@@ -675,8 +675,18 @@ def _go_glob(pattern, *, slashes=False, doublestar=False):
     `slashes` they do, as in the copy of path.Match in Drone's envsubst);
     `[^...]` negates a class; a backslash escapes the next character. With
     `doublestar`, as bmatcuk/doublestar: `**` matches across `/`, and as a
-    component of its own zero or more directories (`a/**/b` matches `a/b`)."""
-    out, index = ["\\A"], 0
+    component of its own zero or more directories (`a/**/b` matches `a/b`),
+    and `{a,b}` matches either."""
+    body = _go_glob_body(pattern, slashes, doublestar)
+    try:
+        return None if body is None else re.compile(f"\\A{body}\\Z", re.DOTALL)
+    except re.error:  # a class Go would refuse too ([z-a]): matches nothing
+        return None
+
+
+def _go_glob_body(pattern, slashes, doublestar):
+    """The regular expression of `pattern` (see _go_glob), or None."""
+    out, index = [], 0
     not_slash = "" if slashes else "/"
     while index < len(pattern):
         char = pattern[index]
@@ -691,6 +701,14 @@ def _go_glob(pattern, *, slashes=False, doublestar=False):
         elif char == "*" and doublestar and pattern.startswith("**", index):
             out.append(".*")
             index += 1
+        elif char == "{" and doublestar and "}" in pattern[index:]:
+            end = pattern.index("}", index)
+            options = [_go_glob_body(option, slashes, doublestar)
+                       for option in pattern[index + 1:end].split(",")]
+            if None in options:
+                return None
+            out.append("(?:" + "|".join(options) + ")")
+            index = end
         elif char == "*":
             out.append(f"[^{not_slash}]*" if not_slash else ".*")
         elif char == "?":
@@ -714,11 +732,7 @@ def _go_glob(pattern, *, slashes=False, doublestar=False):
         else:
             out.append(re.escape(char))
         index += 1
-    out.append("\\Z")
-    try:
-        return re.compile("".join(out), re.DOTALL)
-    except re.error:  # a class Go would refuse too ([z-a]): matches nothing
-        return None
+    return "".join(out)
 
 
 def _go_class_end(pattern, start):

@@ -4285,6 +4285,7 @@ DRONE_PATHS = [
     ("{exclude: [README.md], include: [README.md]}", False),
     ("{exclude: [no-match.md]}", True), ("{include: [no-match.md]}", False),
     ("README.md", True), ("['*.md', src/**]", True), ("'docs/**'", False),
+    ("'*.{md,markdown}'", True), ("'{docs,src}/**'", False),  # doublestar's alternatives
 ]
 
 

@@ -12,6 +12,7 @@ passes its environment to the engine and needs no special case.
 import hashlib
 import json
 import os
+import pathlib
 import re
 import shutil
 import signal
@@ -1036,6 +1037,109 @@ def test_real_drone_files_run_green_in_local_images(tmp_path, servers):
         ran = [step["name"] for job in build["jobs"] for step in job["steps"]
                if step["status"] == "success"]
         assert ran, source
+
+
+REAL_PIPELINES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "testdata",
+                              "real-pipelines")
+# Five of each kind (testdata/real-pipelines), run whole: graphs of pipelines
+# and of steps, services, matrices, plugins.
+REAL_RUNS = {"drone": ["09-drone-plugins__drone-hugo.yml", "10-keel-hq__keel.yml",
+                       "13-grafana__synthetic-monitoring-agent.yml", "14-grafana__tanka.yml",
+                       "18-go-vikunja__website.yml"],
+             "woodpecker": ["04-woodpecker-ci__plugin-docker-buildx/",
+                            "05-thegeeklab__wp-matrix/", "09-CatalaLang__catala.yml",
+                            "11-6543__nudge.yml", "20-woodpecker-ci__plugin-ready-release-go/"]}
+_OUT_OF_REACH = ("platform", "node", "labels", "volumes", "clone", "image_pull_secrets")
+_STEP_OUT_OF_REACH = ("privileged", "volumes", "pull", "devices", "network_mode", "entrypoint",
+                      "command", "working_dir", "directory", "dns", "extra_hosts")
+
+
+def localize_1x(text, woodpecker):
+    """A Drone 1.x file or a Woodpecker workflow made to run here, as read
+    by cirunner's own YAML reader (anchors and Woodpecker's splices): every
+    step in the stand-in image, each command an echo of itself, plugins the
+    stand-in plugin, services httpd, secrets plain text; what only a
+    trusted repository or another machine could have (volumes, privileged,
+    platform, runner labels) left out."""
+    import yaml
+
+    read = cirunner._YamlReader(".woodpecker.yml" if woodpecker else ".drone.yml",
+                                cirunner._Problems("x"), drone=not woodpecker,
+                                woodpecker=woodpecker).read(text)
+    documents = cirunner._plain(read if isinstance(read, list) else [read])
+
+    def plain_secrets(value):
+        if isinstance(value, dict):
+            return "stand-in" if "from_secret" in value else {
+                key: plain_secrets(item) for key, item in value.items()}
+        return [plain_secrets(item) for item in value] if isinstance(value, list) else value
+
+    def step(body, service=False):
+        body = plain_secrets({key: value for key, value in body.items()
+                              if key not in _STEP_OUT_OF_REACH})
+        commands = body.get("commands")
+        commands = [commands] if isinstance(commands, str) else commands
+        if service:
+            body.update(image=f"{IMAGE}:1", commands=["httpd -f -p 80 -h /www"])
+        elif commands:
+            body.update(image=f"{IMAGE}:1", commands=[
+                "echo " + cirunner.shlex.quote(str(command)) for command in commands])
+        else:
+            body["image"] = PLUGIN
+        return body
+
+    def steps(value, service=False):
+        if isinstance(value, dict):
+            return {name: step(body or {}, service) for name, body in value.items()}
+        return [step(body, service) for body in value or []]
+
+    for document in documents:
+        for key in _OUT_OF_REACH:
+            document.pop(key, None)
+        for key in ("steps", "services"):
+            if key in document:
+                document[key] = steps(document[key], key == "services")
+    return yaml.safe_dump_all(documents, sort_keys=False)
+
+
+@pytest.mark.parametrize("kind", sorted(REAL_RUNS))
+def test_real_drone_1x_and_woodpecker_files_run_the_steps_their_plans_say(tmp_path, servers,
+                                                                          kind):
+    server = servers(tmp_path / "data")
+    with open(os.path.join(REAL_PIPELINES, kind, "index.json")) as handle:
+        index = {entry["file"]: entry for entry in json.load(handle)}
+    with open(os.path.join(REAL_PIPELINES, kind, "expected.json")) as handle:
+        expected = json.load(handle)
+    for number, name in enumerate(REAL_RUNS[kind], start=1):
+        path = os.path.join(REAL_PIPELINES, kind, name)
+        if os.path.isdir(path):
+            files = {f".woodpecker/{one}": localize_1x(
+                pathlib.Path(path, one).read_text(), woodpecker=True)
+                for one in sorted(os.listdir(path))}
+        else:
+            files = {".drone.yml" if kind == "drone" else ".woodpecker.yml": localize_1x(
+                pathlib.Path(path).read_text(), woodpecker=kind == "woodpecker")}
+        repo = str(tmp_path / f"repo{number}")
+        # what their `path` conditions look for (the plans take changed files as unknown)
+        files.update({"Dockerfile": "FROM scratch\n", "README.md": "# read me\n"})
+        commit_files(repo, files, branch=index[name]["default_branch"])
+        full_name = f"{index[name]['repo'].split('/')[0]}/real{number}"
+        server.api("POST", f"/api/repos/{full_name}", {"url": repo, "private": False})
+        assert server.api("POST", f"/api/repos/{full_name}/builds", {"event": "push"})[0] == 201
+    for number, name in enumerate(REAL_RUNS[kind], start=1):
+        full_name = f"{index[name]['repo'].split('/')[0]}/real{number}"
+        build = finished(server, full_name, 1, timeout=300)
+        logs = "".join(http_text(f"{server.url}/api/repos/{full_name}/logs/1/{job['number']}")
+                       for job in build["jobs"])
+        assert build["status"] == "success", (name, build["error"], logs[-3000:])
+        ran = {}
+        for job in build["jobs"]:
+            ran.setdefault(job["pipeline"] or "default", set()).update(
+                step["name"] for step in job["steps"]
+                if step["status"] == "success" and step["kind"] != "service")
+        wanted = {pipeline: set(names) for pipeline, names in expected[name]["push"].items()
+                  if names is not None}
+        assert {pipeline: names - {"clone"} for pipeline, names in ran.items()} == wanted, name
 
 
 def test_commit_message_text_never_runs_in_a_container(tmp_path, servers):
