@@ -1034,9 +1034,6 @@ class _YamlReader:
         documents = self._compose(text)
         if documents is None:
             return None
-        if self.woodpecker and len(documents) > 1:
-            self.problems.add(1, "a Woodpecker workflow is one YAML document")
-            return None
         drone1 = not self.woodpecker and (
             len(documents) > 1 or bool(documents) and isinstance(documents[0], yaml.MappingNode)
             and any(key.value in _DRONE_1_KEYS for key, _ in documents[0].value
@@ -1073,6 +1070,8 @@ class _YamlReader:
             documents = []
             while loader.check_node():
                 documents.append(loader.get_node())
+                if self.woodpecker:  # Woodpecker reads the first document, and no further
+                    break
             return documents
         except yaml.YAMLError as exc:
             self._note_yaml_error(exc)
@@ -1221,7 +1220,7 @@ class _Problems:
 _STATUS_WORDS = (SUCCESS, FAILURE, "changed", "change")
 _EVENT_WORDS = EVENTS
 _WHEN_KEYS = ("branch", "event", "status", "matrix", "environment", "platform", "ref", "repo",
-              "instance", "local", "paths", "cron", "evaluate",
+              "instance", "local", "paths", "cron", "evaluate", "action",
               "success", "failure", "change")  # the last three: Drone 0.4's
 
 
@@ -1393,11 +1392,18 @@ def _paths_match(paths, files, event, message):
 
 def _matrix_matches(constraint, axis):
     """Drone's `ConstraintMap.Match`: excluded when every exclude pair matches;
-    else every include pair must match."""
-    include, exclude = constraint
-    if exclude and all(axis.get(key) == value for key, value in exclude.items()):
+    else every include pair must match. A third item true: values are
+    doublestar globs (Woodpecker's map.go)."""
+    include, exclude, *globs = constraint
+
+    def matches(key, value):
+        if globs and globs[0]:
+            return _path_match(value, axis.get(key, ""), doublestar=True)
+        return axis.get(key) == value
+
+    if exclude and all(matches(key, value) for key, value in exclude.items()):
         return False
-    return all(axis.get(key) == value for key, value in include.items())
+    return all(matches(key, value) for key, value in include.items())
 
 
 def _plugin_variable(key):
@@ -1453,14 +1459,15 @@ class Step:
 
     def applies(self, *, branch, event, environment, job_status=SUCCESS, deploy_to="",
                 platform="linux/amd64", ref="", repo="", instance="", local=False,
-                files=None, message="", cron="", variables=None):
+                files=None, message="", cron="", action="", variables=None):
         """True if the step's ``when`` lets it run for this job (the status
         constraint defaults to success; ``changed`` is resolved beforehand;
         a `job_status` of None leaves the status out, as Drone does when it
         plans a job before it runs). A Woodpecker `when` list matches if any
         of its conditions does. `files` are the paths the build changes (None:
         not known, and `paths` lets it run), `message` its commit's, `cron`
-        the name of the schedule that started it; `variables` fill the
+        the name of the schedule that started it, `action` a pull request's
+        (opened, synchronized, reopened) or a tag's (created); `variables` fill the
         ``${VAR}`` of a pattern (``branch: ${CI_REPO_DEFAULT_BRANCH}``), as
         Drone 1.x and Woodpecker substitute their files before reading them."""
         when = self.when
@@ -1469,12 +1476,12 @@ class Step:
                          "job_status": job_status, "deploy_to": deploy_to, "platform": platform,
                          "ref": ref, "repo": repo, "instance": instance, "local": local,
                          "files": files, "message": message, "cron": cron,
-                         "variables": variables}
+                         "action": action, "variables": variables}
             return any(dataclasses.replace(self, when=one).applies(**arguments)
                        for one in when["any"])
         for key, value in (("branch", branch), ("event", event), ("environment", deploy_to),
                            ("platform", platform), ("ref", ref), ("repo", repo),
-                           ("instance", instance), ("cron", cron)):
+                           ("instance", instance), ("cron", cron), ("action", action)):
             if key == "branch" and event == EVENT_TAG and when.get("branch_on_tags") is False:
                 continue
             if key == "cron" and event != EVENT_CRON and when.get("cron_on_cron_only"):
@@ -1638,6 +1645,7 @@ class Pipeline:
     runs_on: dict = dataclasses.field(default_factory=lambda: dict(_RUNS_ON_SUCCESS))
     pipelines: list = dataclasses.field(default_factory=list)  # a file's several pipelines
     step_graph: bool = False  # its steps' depends_on make a graph (Drone 1.x, Woodpecker)
+    concurrency: int = 0    # Drone 1.x: its jobs that may run at once in the repository
 
     def each(self):
         """The pipelines of the file: its several, or itself alone."""
@@ -1748,6 +1756,7 @@ _UNSUPPORTED_STEP_KEYS = {
         "oom_kill_disable", "ulimits", "sysctls", "tmpfs", "isolation", "ipc_mode", "cap_add",
         "cap_drop")},
 }
+_RESOURCE_KEYS = ("mem_limit", "memswap_limit", "cpu_quota", "cpu_shares", "cpuset")  # Drone 1.x
 _SERVICE_IGNORED = ("ports",)  # services are reached by name: no ports to publish
 _TOP_LEVEL_KEYS = ("pipeline", "services", "matrix", "workspace", "clone", "branches",
                    "drone_version",
@@ -1831,6 +1840,9 @@ class _Drone1:
         self.name = "default"
         self.keyed_graph = False  # Woodpecker: any depends_on (even []) makes the graph
         self.volumes = {}  # the pipeline's volumes: name -> host path, "" for temp
+        self.concurrency = 0  # the pipeline's concurrency.limit
+        self.environment = {}  # the pipeline's environment, beneath each step's
+        self.cloned = True  # the pipeline clones: a step may depend on "clone"
 
     def document(self, documents):
         parser = self.parser
@@ -1847,6 +1859,9 @@ class _Drone1:
                     "secrets come from the repository's own (cirunner secret add)"
                     if kind == "secret" else "no signature is checked: forks wait for "
                     "approval instead"))
+            elif isinstance(kind, str) and kind:  # registry, cron, template...: runner-go skips
+                parser.problems.warn(line, f"a 'kind: {kind}' document is not read: Drone's "
+                                           "runners skip it too")
             else:
                 parser.add(line, "each YAML document must be a mapping of kind pipeline, "
                                  "secret or signature")
@@ -1880,8 +1895,7 @@ class _Drone1:
         if kind not in ("docker", "exec"):
             parser.add(_line_of(document, "type"), f"pipeline type {kind!r} is not supported "
                                                    "(docker or exec)")
-        self.volumes = self._pipeline_volumes(document.get("volumes"),
-                                              _line_of(document, "volumes"), kind)
+        self._read_first(document, kind)
         for key, value in document.items():
             at = _line_of(document, key)
             if key == "steps":
@@ -1893,16 +1907,19 @@ class _Drone1:
                 value = self._when(value, at)
             elif key == "clone":
                 value = self._clone(value, at)
-            elif key == "workspace":
-                value = {"base": "/drone", "path": str(value.get("path") or "src")} \
-                    if isinstance(value, dict) else value
-            elif key == "platform" and isinstance(value, dict):
-                value = f"{value.get('os', 'linux')}/{value.get('arch', 'amd64')}"
-            elif key == "volumes":
-                continue  # read first, for the steps' volumes
-            elif key in ("concurrency", "image_pull_secrets", "depends_on"):
+            elif key in ("workspace", "platform") and isinstance(value, dict):
+                value = (self._platform(value, at, kind) if key == "platform" else
+                         {"base": str(value.get("base") or "/drone"),
+                          "path": str(value.get("path") or "src")})
+            elif key in ("volumes", "environment"):
+                continue  # read first, for the steps
+            elif key == "concurrency":
+                self.concurrency = self._concurrency(value, at)
+                continue
+            elif key in ("image_pull_secrets", "depends_on"):
                 if value and key != "depends_on":  # depends_on: read by pipeline_needs
-                    parser.problems.warn(at, f"{key!r} is not read (no effect here)")
+                    parser.problems.warn(at, f"{key!r} is not read: the engine's own login "
+                                             "(`podman login` as the server's user) is used")
                 continue
             elif key not in _DRONE_1_PIPELINE_KEYS:
                 parser.unknown(at, f"unknown pipeline key {key!r}")
@@ -1910,7 +1927,42 @@ class _Drone1:
             if key not in ("kind", "type", "name"):
                 out[key], out.lines[key] = value, at
         out.setdefault("workspace", {"base": "/drone", "path": "src"})
+        for name in set(out.get("pipeline") or ()) & set(out.get("services") or ()):
+            parser.add(line, f"a step and a service are both named {name!r}")
         return out
+
+    def _read_first(self, document, kind):
+        """What a pipeline's steps are read with: its volumes, its
+        environment, whether it clones; its concurrency starts unset."""
+        self.volumes = self._pipeline_volumes(document.get("volumes"),
+                                              _line_of(document, "volumes"), kind)
+        self.environment = self._pipeline_environment(document.get("environment"),
+                                                      _line_of(document, "environment"))
+        clone = document.get("clone")
+        self.cloned = not (isinstance(clone, dict) and clone.get("disable") is True)
+        self.concurrency = 0
+
+    def _platform(self, value, line, kind):
+        """`platform: {os, arch}` as OS/ARCH; for a docker pipeline, one Drone's
+        linter accepts."""
+        system, arch = str(value.get("os") or "linux"), str(value.get("arch") or "amd64")
+        if kind == "docker" and system not in ("linux", "windows"):
+            self.parser.add(line, f"unsupported os: {system} (linux or windows)")
+        if kind == "docker" and arch not in ("amd64", "arm", "arm64", "386", "ppc64le",
+                                             "s390x"):
+            self.parser.add(line, f"unsupported architecture: {arch}")
+        return f"{system}/{arch}"
+
+    def _pipeline_environment(self, value, line):
+        """A pipeline's `environment`: plain values every step starts from."""
+        if value is None:
+            return {}
+        if not isinstance(value, dict) or not all(isinstance(item, (str, int, float, bool))
+                                                  for item in value.values()):
+            self.parser.add(line, "a pipeline's 'environment' must be a mapping of plain "
+                                  "values")
+            return {}
+        return {str(key): _setting_variable(item) for key, item in value.items()}
 
     def _clone(self, value, line):
         if not isinstance(value, dict):
@@ -1946,6 +1998,24 @@ class _Drone1:
                 self.parser.add(at, f"{what} {name!r} needs an image (a docker pipeline)")
             out[name], out.lines[name] = self._step(body), at
         return out
+
+    def _concurrency(self, value, line):
+        """`concurrency: {limit: N}`: N (0 for no limit)."""
+        limit = value.get("limit", 0) if isinstance(value, dict) else None
+        if set(value or {}) - {"limit"} or isinstance(limit, bool) or not isinstance(
+                limit, int) or limit < 0:
+            self.parser.add(line, "'concurrency' takes {limit: a whole number}")
+            return 0
+        return limit
+
+    def _dependency(self, item, steps):
+        """A step's dependency's name; Woodpecker's {name, optional: true} of a
+        step that is not there: None (dropped, as Woodpecker drops it)."""
+        if isinstance(item, dict) and isinstance(self, _Woodpecker) and isinstance(
+                item.get("name"), str) and set(item) <= {"name", "optional"}:
+            return None if item.get("optional") is True and item["name"] not in steps \
+                else item["name"]
+        return item
 
     def _pipeline_volumes(self, value, line, kind):
         """{name: host path, or "" for a temp volume} of a pipeline's
@@ -1983,7 +2053,10 @@ class _Drone1:
             return
         host, temp = _YamlList(line), _YamlList(line)
         for item in value:
-            if item.get("name") not in self.volumes:
+            if (posixpath.normpath(item["path"]) + "/").startswith("/run/drone/"):
+                self.parser.add(line, f"cannot mount a volume at {item['path']}: /run/drone "
+                                      "is the runner's own")
+            elif item.get("name") not in self.volumes:
                 self.parser.add(line, f"volume {item.get('name')!r} is no volume of the "
                                       "pipeline")
             elif self.volumes[item["name"]]:
@@ -2024,17 +2097,40 @@ class _Drone1:
                 value = self._from_secret(value, at, secrets, _plugin_variable)
             elif key == "environment" and isinstance(value, dict):
                 value = self._from_secret(value, at, secrets, str)
-            elif key == "pull":
-                value = value == "always"  # never, if-not-exists: the engine's own
+                for name, item in self.environment.items():  # the pipeline's, beneath
+                    if name not in value:
+                        value[name], value.lines[name] = item, at
+            elif key == "devices" and not isinstance(self, _Woodpecker):
+                value = self._step_devices(value, at)
+            elif key == "pull":  # never, if-not-exists: the engine's own; Woodpecker's a flag
+                value = value == "always" or value is True and isinstance(self, _Woodpecker)
             elif key == "when":
                 value = self._when(value, at)
             elif key == "volumes" and not isinstance(self, _Woodpecker):
                 self._step_volumes(out, value, at)
                 continue
             out[key], out.lines[key] = value, at
+        if self.environment and "environment" not in out:
+            out["environment"] = _YamlMap(body.line)
+            out["environment"].update(self.environment)
+            out.lines["environment"] = body.line
         if secrets:
             out["secrets"], out.lines["secrets"] = secrets, body.line
         return out
+
+    def _step_devices(self, value, line):
+        """Drone 1.x's `devices: [{name, path}]` (a host volume of the
+        pipeline's, by name) as the trusted `devices` key ("HOST:PATH")."""
+        if not isinstance(value, list) or not all(
+                isinstance(item, dict) and isinstance(item.get("path"), str) for item in value):
+            self.parser.add(line, "'devices' must be a list of {name, path}")
+            return []
+        devices = _YamlList(line)
+        for item in value:  # a name that is no host volume: the device at that path
+            devices.append(f"{self.volumes.get(item.get('name')) or item['path']}:"
+                           f"{item['path']}")
+            devices.lines.append(line)
+        return devices
 
     def _steps(self, items, line, kind):
         """The steps, in the order of their depth in the `depends_on` graph (a
@@ -2043,15 +2139,17 @@ class _Drone1:
         a step starts as soon as its own dependencies have ended)."""
         steps = self._named(items, line, "step", kind)
         bodies = {body.get("name"): body for body in items or ()
-                  if isinstance(body, dict)} if isinstance(items, list) else {}
+                  if isinstance(body, dict) and isinstance(body.get("name"), str)} \
+            if isinstance(items, list) else {}
         needs = {name: bodies.get(name, {}).get("depends_on") or [] for name in steps}
         needs = {name: [need] if isinstance(need, str) else list(need) if isinstance(
             need, list) else [] for name, need in needs.items()}
         for name, need in needs.items():
-            if not all(isinstance(item, str) for item in need):
+            need = [self._dependency(item, steps) for item in need]
+            if not all(isinstance(item, str) for item in need if item is not None):
                 self.parser.add(steps.lines[name], f"step {name!r}: 'depends_on' must be a "
                                                    "list of step names")
-                needs[name] = [item for item in need if isinstance(item, str)]
+            needs[name] = [item for item in need if isinstance(item, str)]
         self.depends_on = needs
         graph = any(needs.values()) or (self.keyed_graph and any(
             "depends_on" in body for body in bodies.values()))
@@ -2067,7 +2165,8 @@ class _Drone1:
                 return 0
             if name not in depths:
                 known = [need for need in needs[name] if need in steps]
-                for need in set(needs[name]) - set(known):
+                cloned = {"clone"} if self.cloned else set()  # ended before any step starts
+                for need in set(needs[name]) - set(known) - cloned:
                     self.parser.add(steps.lines[name], f"step {name!r} depends on "
                                                        f"{need!r}, which is no step")
                 depths[name] = 1 + max((depth(need, (*path, name)) for need in known),
@@ -2100,8 +2199,8 @@ class _Drone1:
                 key = "environment"
             elif key == self.paths_key:
                 key = "paths"
-            elif key in ("action", "paths", "path") or key == "evaluate" and not isinstance(
-                    self, _Woodpecker):
+            elif key in ("paths", "path") or key == (  # the other format's own key
+                    "action" if isinstance(self, _Woodpecker) else "evaluate"):
                 self.parser.problems.warn(at, f"when.{key} is not evaluated here: it "
                                               "matches every build")
                 continue
@@ -2144,6 +2243,9 @@ class _Woodpecker(_Drone1):
             if "/" in parser.filename else "woodpecker"
         for key, value in document.items():
             at = _line_of(document, key)
+            if key == "pipeline" and "steps" in document:  # Woodpecker 3 reads steps alone
+                parser.unknown(at, "unknown workflow key 'pipeline' (steps are read)")
+                continue
             if key in ("steps", "pipeline", "services"):
                 value = self._as_list(value, at)
                 value = (self._steps(value, at, None) if key != "services"
@@ -2308,6 +2410,7 @@ class _PipelineParser:
         for step in pipeline.steps:
             step.depends_on = reader.depends_on.get(step.name, [])
         pipeline.name, pipeline.step_graph = reader.name, reader.step_graph
+        pipeline.concurrency = reader.concurrency
         pipeline.depends_on, pipeline.runs_on = needs
         return pipeline
 
@@ -2342,8 +2445,12 @@ class _PipelineParser:
             pipeline.trigger = self._when(document["trigger"], "trigger",
                                           _line_of(document, "trigger"))
         if document.get("matrix") not in (None, ""):
+            matrix = document["matrix"]
+            if self.era == "woodpecker" and isinstance(matrix, dict):  # matrix.go: skipped
+                matrix = {name: values for name, values in matrix.items()
+                          if values not in ([], None, "")}
             try:
-                pipeline.matrix = expand_matrix(document["matrix"], max_jobs=self.max_jobs,
+                pipeline.matrix = expand_matrix(matrix, max_jobs=self.max_jobs,
                                                 filename=self.filename,
                                                 line=_line_of(document, "matrix"))
             except ConfigError as exc:
@@ -2546,7 +2653,10 @@ class _PipelineParser:
             key_line = _line_of(body, key)
             if key == "settings" and self.era in _READ_AS_STEPS:
                 continue  # the plugin's settings (below)
-            if key in _UNSUPPORTED_STEP_KEYS:
+            if key in _RESOURCE_KEYS and self.era == "1":  # the runner applies them; none here
+                self.problems.warn(key_line, f"{where}: {key!r} is not applied: "
+                                             f"{_UNSUPPORTED_STEP_KEYS[key]}")
+            elif key in _UNSUPPORTED_STEP_KEYS:
                 self.add(key_line, f"{where}: {key!r} is a Drone key this server does not "
                                    f"support: {_UNSUPPORTED_STEP_KEYS[key]}")
             elif key in _STEP_KEYWORDS:
@@ -2587,7 +2697,20 @@ class _PipelineParser:
         self._check_step(step, body, where, line, unknown)
         return step
 
+    def _check_woodpecker_settings(self, body, where, line):
+        """Woodpecker's linter: settings are a plugin's, never beside commands
+        or an entrypoint (an error), nor beside environment (a warning)."""
+        if self.era != "woodpecker" or not body.get("settings"):
+            return
+        for key in ("commands", "entrypoint"):
+            if body.get(key):
+                self.add(line, f"{where}: cannot configure both {key} and settings")
+        if body.get("environment"):
+            self.problems.warn(line, f"{where}: should not configure both environment and "
+                                     "settings")
+
     def _check_step(self, step, body, where, line, unknown):
+        self._check_woodpecker_settings(body, where, line)
         misspelt = difflib.get_close_matches("commands", [str(key) for key in unknown], n=1)
         if step.kind == "step" and not step.commands and not (misspelt and not self.drone):
             self.add(_line_of(body, "commands") if "commands" in body else line,
@@ -2769,7 +2892,8 @@ class _PipelineParser:
     def _when_key(self, parsed, key, value, where, line):
         """One known key of a `when` into `parsed`."""
         if key == "matrix":
-            parsed["matrix"] = self._when_matrix(value, where, line)
+            parsed["matrix"] = self._when_matrix(value, where, line) + (
+                [True] if self.era == "woodpecker" else [])
         elif key == "local":
             if not isinstance(value, bool) and value is not None:
                 self.add(line, f"{where}: when.local must be true or false")
@@ -4121,6 +4245,14 @@ _MIGRATIONS = [
     ALTER TABLE builds ADD COLUMN changed_files TEXT NOT NULL DEFAULT '';
     ALTER TABLE builds ADD COLUMN cron TEXT NOT NULL DEFAULT '';
     """,
+    # 23: a pull request's action (Drone 1.x's `when.action`: opened,
+    # synchronized, reopened; a tag's: created), and how many jobs of a
+    # pipeline of that name may run at once in the repository (Drone 1.x's
+    # `concurrency: {limit}`; 0: any number).
+    """
+    ALTER TABLE builds ADD COLUMN action TEXT NOT NULL DEFAULT '';
+    ALTER TABLE jobs ADD COLUMN concurrency INTEGER NOT NULL DEFAULT 0;
+    """,
 ]
 
 _SEALED_REPO_FIELDS = ("webhook_secret", "forge_token")
@@ -4130,7 +4262,8 @@ _REPO_FIELDS = ("url", "default_branch", "config_path", "private", "timeout", "m
 _BUILD_FIELDS = ("parent", "event", "commit_sha", "branch", "ref", "remote", "message",
                  "timestamp", "author", "author_avatar", "author_email", "link_url",
                  "pipeline_id", "pipeline_file", "variables", "fail_fast", "max_parallel",
-                 "deploy_to", "fork", "source_repo", "warnings", "changed_files", "cron")
+                 "deploy_to", "fork", "source_repo", "warnings", "changed_files", "cron",
+                 "action")
 
 
 def _now():
@@ -4175,6 +4308,7 @@ class JobSpec:
     depends_on: tuple = ()
     runs_on: dict = None
     labels: str = ""
+    concurrency: int = 0    # jobs of its pipeline that may run at once in the repository
 
 
 def _job_needs(job):
@@ -5107,13 +5241,13 @@ class Store(_Listeners):
             return
         specs = [spec if isinstance(spec, JobSpec) else JobSpec(spec) for spec in environments]
         job_ids = [(tx.insert("INSERT INTO jobs (build_id, number, status, environment, "
-                              "enqueued_at, labels, pipeline, depends_on, runs_on, waiting) "
-                              "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+                              "enqueued_at, labels, pipeline, depends_on, runs_on, waiting, "
+                              "concurrency) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
                               (build_id, number, PENDING, json.dumps(spec.environment), now,
                                spec.labels or labels or "{}", spec.pipeline,
                                json.dumps(list(spec.depends_on)) if spec.depends_on else "",
                                json.dumps(spec.runs_on) if spec.depends_on else "",
-                               int(bool(spec.depends_on)))), spec.depends_on)
+                               int(bool(spec.depends_on)), spec.concurrency)), spec.depends_on)
                    for number, spec in enumerate(specs, start=1)]
         if enqueue:
             tx.notify("enqueued", [job_id for job_id, needs in job_ids if not needs])
@@ -5372,7 +5506,8 @@ class Store(_Listeners):
         with self._write(rows_only=True) as tx:
             candidates = tx.execute(
                 "SELECT j.id, j.build_id, b.status AS build_status, b.max_parallel, b.repo_id, "
-                "r.max_builds FROM jobs j JOIN builds b ON b.id = j.build_id "
+                "r.max_builds, j.pipeline, j.concurrency FROM jobs j "
+                "JOIN builds b ON b.id = j.build_id "
                 "JOIN repos r ON r.id = b.repo_id WHERE j.status = $1 AND b.status <> 'blocked' "
                 f"AND j.waiting = 0 AND j.labels IN ({_marks(len(accepted), 2)}) "
                 "ORDER BY j.id LIMIT 64",
@@ -5399,10 +5534,17 @@ class Store(_Listeners):
 
     @staticmethod
     def _may_start(tx, candidate):
-        """Whether a pending job fits its build's max_parallel and its repository's max_builds."""
+        """Whether a pending job fits its build's max_parallel, its pipeline's
+        concurrency and its repository's max_builds."""
         if candidate["max_parallel"] and tx.execute(
                 "SELECT count(*) FROM jobs WHERE build_id = $1 AND status = $2",
                 (candidate["build_id"], RUNNING)).fetchone()[0] >= candidate["max_parallel"]:
+            return False
+        if candidate["concurrency"] and tx.execute(
+                "SELECT count(*) FROM jobs j JOIN builds b ON b.id = j.build_id "
+                "WHERE b.repo_id = $1 AND j.pipeline = $2 AND j.status = $3",
+                (candidate["repo_id"], candidate["pipeline"], RUNNING)
+        ).fetchone()[0] >= candidate["concurrency"]:
             return False
         return not (candidate["max_builds"] and candidate["build_status"] == PENDING and tx.execute(
             "SELECT count(*) FROM builds WHERE repo_id = $1 AND status = $2",
@@ -5975,15 +6117,16 @@ class Store(_Listeners):
         runners = self.active_runners()
         workers = sum(runner["workers"] for runner in runners)
         running = self._query(
-            "SELECT j.id, j.number AS job, j.started_at, j.claimed_by, j.build_id, "
+            "SELECT j.id, j.number AS job, j.started_at, j.claimed_by, j.build_id, j.pipeline, "
             "b.number AS build, b.repo_id, r.owner, r.name FROM jobs j "
             "JOIN builds b ON b.id = j.build_id JOIN repos r ON r.id = b.repo_id WHERE j.status = $1 ORDER BY j.id", (RUNNING,))
         pending = self._query(
             "SELECT j.id, j.number AS job, j.enqueued_at, j.build_id, b.number AS build, j.labels, "
             "j.waiting, j.depends_on, b.status AS build_status, b.max_parallel, b.repo_id, r.owner, r.name, "
-            "r.max_builds FROM jobs j JOIN builds b ON b.id = j.build_id "
+            "r.max_builds, j.pipeline, j.concurrency FROM jobs j JOIN builds b ON b.id = j.build_id "
             "JOIN repos r ON r.id = b.repo_id WHERE j.status = $1 ORDER BY j.id", (PENDING,))
         by_build = collections.Counter(job["build_id"] for job in running)
+        by_pipeline = collections.Counter((job["repo_id"], job["pipeline"]) for job in running)
         running_builds = collections.Counter(
             row["repo_id"] for row in self._query("SELECT repo_id FROM builds WHERE status = $1",
                                                   (RUNNING,)))
@@ -6006,6 +6149,10 @@ class Store(_Listeners):
             elif job["max_parallel"] and by_build[job["build_id"]] >= job["max_parallel"]:
                 reason = (f"its build runs {job['max_parallel']} jobs at once (max_parallel) "
                           "and they are all running")
+            elif job["concurrency"] and by_pipeline[job["repo_id"], job["pipeline"]] >= \
+                    job["concurrency"]:
+                reason = (f"pipeline {job['pipeline']!r} runs {job['concurrency']} at once in "
+                          f"{job['owner']}/{job['name']} (concurrency) and that many are running")
             elif (job["max_builds"] and job["build_status"] == PENDING
                   and running_builds[job["repo_id"]] >= job["max_builds"]):
                 reason = (f"{job['owner']}/{job['name']} runs {job['max_builds']} build(s) at "
@@ -6537,7 +6684,7 @@ class PostgresStore(Store):
                       (candidate["build_id"],)).fetchone() is None:
             return False
         tx.locked_builds.add(candidate["build_id"])
-        if candidate["max_builds"] and tx.execute(
+        if (candidate["max_builds"] or candidate["concurrency"]) and tx.execute(
                 f"SELECT 1 FROM repos WHERE id = $1 FOR NO KEY UPDATE{mode}",
                 (candidate["repo_id"],)).fetchone() is None:
             return False
@@ -6806,6 +6953,7 @@ def _change_of(store, repo, request, fields, pipeline):
     branch; a restart keeps what its build saw. None where not known."""
     default = repo["default_branch"] or store.git.remembered_default_branch(repo)
     change = {"files": None, "cron": request.fields.get("cron") or "",
+              "action": request.fields.get("action") or "",
               "message": request.fields.get("message") or fields.get("message") or "",
               "variables": _condition_variables(
                   f"{repo['owner']}/{repo['name']}", default, request.event,
@@ -6846,7 +6994,7 @@ def _job_specs(pipeline, **build):
         raise NoBuild(f"no pipeline's trigger matches this {build['event']} build of "
                       f"{build['ref'] or build['branch']!r}: no build was made")
     return [JobSpec(environment, one.name, tuple(running[one.name]), one.runs_on,
-                    one.runner_labels())
+                    one.runner_labels(), one.concurrency)
             for one in pipeline.each() if one.name in running for environment in one.matrix]
 
 
@@ -6948,7 +7096,7 @@ def restart_build(store, repo, number, *, fork=False, variables=None, max_jobs=D
     merged.update(_check_variables(variables or {}))
     kept = {key: build[key] for key in ("link_url", "message", "author", "author_email",
                                         "author_avatar", "ref", "fork", "source_repo",
-                                        "changed_files", "cron")}
+                                        "changed_files", "cron", "action")}
     if deploy_to:
         kept["deploy_to"] = deploy_to
     request = _BuildRequest(branch=build["branch"], commit=build["commit_sha"],
@@ -8945,10 +9093,12 @@ class _JobRun:
         self.background.append(running)
 
     def run_steps(self):
-        """Run the steps that apply, a unit at a time; (status, exit code, error)."""
+        """Run the steps that apply, as a graph; (status, exit code, error).
+        Steps without depends_on make one too: each unit (a step, or Drone
+        0.8's consecutive steps of one group, see step_units) after every
+        step of the unit before it."""
         minutes = self.pipeline.timeout or self.repo["timeout"] or DEFAULT_TIMEOUT_MINUTES
         deadline = time.monotonic() + minutes * 60
-        exit_code, error = 0, ""
         # As Drone plans a job: the steps whose `when` cannot match (the status
         # aside) are left out before the groups are formed.
         planned = [step for step in self.steps if self._applies(step, planning=True)]
@@ -8956,22 +9106,15 @@ class _JobRun:
             if not any(step is kept for kept in planned):
                 self._step(self.records[id(step)], status=SKIPPED)
         if self.pipeline.step_graph:
-            return self._run_graph(planned, deadline, minutes)
-        for unit in step_units(planned):
-            if self.stop_requested.is_set():
-                return KILLED, exit_code, self.reason
-            runnable = [step for step in unit if self._applies(step)]
-            for step in unit:
-                if step not in runnable:
-                    self._step(self.records[id(step)], status=SKIPPED)
-            results = self._run_unit(runnable, deadline, minutes)
-            for step, (code, stopped, fault) in zip(runnable, results):
-                if fault:
-                    return ERROR, code, fault
-                if stopped:
-                    return KILLED, code, stopped
-                exit_code, error = self._step_ended(step, code, exit_code, error)
-        return self.status, exit_code, error
+            position = {step.name: index for index, step in enumerate(planned)}
+            needs = [[position[name] for name in step.depends_on if name in position]
+                     for step in planned]
+        else:  # by position: Drone 0.8 ran two steps of one name (see _YamlReader)
+            needs, before = [], []
+            for unit in step_units(planned):
+                needs += [before] * len(unit)
+                before = list(range(len(needs) - len(unit), len(needs)))
+        return self._run_graph(planned, needs, deadline, minutes)
 
     def _step_ended(self, step, code, exit_code, error):
         """Note a step's exit `code`: a failure it may ignore is said in the
@@ -8985,30 +9128,33 @@ class _JobRun:
             return code, f"step {step.name!r} failed with exit code {code}"
         return exit_code, error
 
-    def _run_graph(self, planned, deadline, minutes):
-        """Steps that form a graph (depends_on): each starts as soon as those
-        it depends on have ended (a step left out when planned counts as
-        ended), if its `when` matches the status so far, at most
-        STEP_GRAPH_PARALLEL at once. A step started while no other runs
-        writes into the log as it prints; one started beside others into a
-        spool, added to the log once it has ended and the log is free.
-        (status, exit code, error), as run_steps."""
-        names = {step.name for step in planned}
-        waiting, running, spooled = list(planned), {}, []
+    def _run_graph(self, planned, needs, deadline, minutes):
+        """Steps that form a graph (`needs[i]`: the positions in `planned` of
+        the steps the i-th waits for): each starts as soon as those it needs
+        have ended (a step left out when planned counts as ended), if its
+        `when` matches the status so far, at most STEP_GRAPH_PARALLEL at
+        once. A step started while no other runs writes into the log as it
+        prints; one started beside others into a spool, added to the log
+        once it has ended and the log is free. (status, exit code, error), as
+        run_steps; what a step's thread raised is raised here once the steps
+        running beside it have ended."""
+        waiting, running, spooled = list(range(len(planned))), {}, []
         finished = queue.SimpleQueue()
         exit_code, error, ended_by = 0, "", None  # ended_by: (status, why) of a stop or fault
-        ended = set()
+        ended, raised = set(), None
         while waiting or running:
-            if not (ended_by or self.stop_requested.is_set()):
-                self._start_ready(waiting, running, ended, names,
-                                  lambda step, sink: threading.Thread(
+            if not (ended_by or raised or self.stop_requested.is_set()):
+                self._start_ready(planned, waiting, running, ended, needs,
+                                  lambda index, sink: threading.Thread(
                                       target=self._graph_step, daemon=True, args=(
-                                          step, sink, deadline, minutes, finished)).start())
+                                          index, planned[index], sink, deadline, minutes,
+                                          finished)).start())
             if not running:
                 break  # nothing left to start: stopped, or every step has ended
-            name, (code, stopped, fault) = finished.get()
-            step, sink = running.pop(name)
-            ended.add(name)
+            index, (code, stopped, fault), exception = finished.get()
+            step, sink = running.pop(index)
+            ended.add(index)
+            raised = raised or exception
             if sink is not self.log:
                 spooled.append((step, sink))
             if not any(sink is self.log for _, sink in running.values()):
@@ -9019,31 +9165,33 @@ class _JobRun:
                 exit_code = exit_code or code
             else:
                 exit_code, error = self._step_ended(step, code, exit_code, error)
+        if raised:
+            raise raised
         if ended_by:
             return ended_by[0], exit_code, ended_by[1]
         if self.stop_requested.is_set():
             return KILLED, exit_code, self.reason
         return self.status, exit_code, error
 
-    def _start_ready(self, waiting, running, ended, names, start):
-        """Start (with `start(step, sink)`) each waiting step whose dependencies
+    def _start_ready(self, planned, waiting, running, ended, needs, start):
+        """Start (with `start(index, sink)`) each waiting step whose dependencies
         have ended, while fewer than STEP_GRAPH_PARALLEL run; skip one whose
         `when` no longer matches; a detached one goes on in the background."""
-        for step in list(waiting):
-            if len(running) >= STEP_GRAPH_PARALLEL or any(
-                    need in names and need not in ended for need in step.depends_on):
+        for index in list(waiting):
+            step = planned[index]
+            if len(running) >= STEP_GRAPH_PARALLEL or not ended.issuperset(needs[index]):
                 continue
-            waiting.remove(step)
+            waiting.remove(index)
             if step.detach and self._applies(step):
                 self._start_background(step)
             elif not self._applies(step):
                 self._step(self.records[id(step)], status=SKIPPED)
             else:
                 sink = _Spool() if running else self.log  # live when it runs alone
-                running[step.name] = (step, sink)
-                start(step, sink)
+                running[index] = (step, sink)
+                start(index, sink)
                 continue
-            ended.add(step.name)
+            ended.add(index)
 
     def _add_spooled(self, spooled):
         """Add the output of steps that ended beside another to the log, each
@@ -9053,16 +9201,17 @@ class _JobRun:
             spool.copy_to(self.log)
             self._step(self.records[id(step)], log_start=start, log_end=self.log.position())
 
-    def _graph_step(self, step, sink, deadline, minutes, finished):
-        """Run one step of a graph; tell `finished` (its name, its result)."""
-        results = [(255, "", f"step {step.name!r}: the runner failed to run it")]
+    def _graph_step(self, index, step, sink, deadline, minutes, finished):
+        """Run one step of a graph; tell `finished` (its position, its result,
+        what it raised: the job's thread raises it)."""
+        results, raised = [(255, "", f"step {step.name!r}: the runner failed to run it")], None
         try:
             self._run_into(step, sink, deadline, minutes, results, 0)
-        except Exception:  # noqa: BLE001 - told as the step's fault, never lost
-            _log.exception("job %s: step %s failed inside the runner", self.job["id"],
-                           step.name)
+        except Exception as exc:  # noqa: BLE001 - handed to the job's own thread
+            raised = exc
         finally:
-            finished.put((step.name, results[0]))
+            self.store.release_connection()  # this thread ends: the next one takes it
+            finished.put((index, results[0], raised))
 
     def _applies(self, step, *, planning=False):
         """Whether `step`'s `when` lets it run now (when planning: at all, the
@@ -9079,30 +9228,9 @@ class _JobRun:
                             local=self.executor.workspace is not None,
                             files=json.loads(build.get("changed_files") or "null"),
                             message=build["message"], cron=build.get("cron") or "",
+                            action=build.get("action") or "",
                             variables={**self.drone, "CI_REPO_DEFAULT_BRANCH":
                                        self.drone["DRONE_REPO_BRANCH"]})
-
-    def _run_unit(self, unit, deadline, minutes):
-        """Run the steps of a unit at once: the first into the log as it prints,
-        the others set aside and added after it; detached ones go on alone."""
-        results, threads = [None] * len(unit), []
-        spools = [None] + [_Spool() for _ in unit[1:]]
-        for index, step in enumerate(unit):
-            if step.detach:
-                self._start_background(step)
-                results[index] = (0, "", "")
-            elif index:
-                thread = threading.Thread(target=self._run_into, args=(
-                    step, spools[index], deadline, minutes, results, index), daemon=True)
-                thread.start()
-                threads.append(thread)
-        if unit and not unit[0].detach:
-            self._run_into(unit[0], self.log, deadline, minutes, results, 0)
-        for thread in threads:
-            thread.join()
-        self._add_spooled([(step, spool) for step, spool in zip(unit, spools)
-                           if spool is not None and not step.detach])
-        return results
 
     def _run_into(self, step, sink, deadline, minutes, results, index):
         """Run one step with its output into `sink`; its result in `results`."""
@@ -10372,6 +10500,9 @@ _BUILD = _Resource("build", [
     _Field("deploy_to", _STRING, _shown("deploy_to")),
     _Field("cron", {"type": "string", "description": "the schedule that started it"},
            _shown("cron")),
+    _Field("action", {"type": "string", "description": (
+        "a pull request's action (opened, synchronized, reopened), a tag's (created)")},
+           _shown("action")),
     _Field("changed_files", {"type": ["array", "null"], "items": _STRING, "description": (
         "the files the build changes, as `when.paths` saw them; null where its pipeline "
         "file does not ask")}, _shown("changed_files", lambda text: json.loads(text or "null"))),
@@ -12008,6 +12139,12 @@ def _verify_webhook(forge, headers, body, secret):
         raise Forbidden("bad or missing webhook signature")
 
 
+# A forge's pull request actions that start a build, in Drone's words (go-scm's).
+_PULL_REQUEST_ACTIONS = {"opened": "opened", "synchronize": "synchronized",
+                         "synchronized": "synchronized", "reopened": "reopened",
+                         "open": "opened", "update": "synchronized", "reopen": "reopened"}
+
+
 def _parse_webhook(forge, event, payload):
     """Turn a verified payload into build fields, or None for an event that
     starts no build. Raises BadRequest for a payload of the wrong shape."""
@@ -12024,6 +12161,7 @@ def _parse_webhook(forge, event, payload):
         is_tag = ref.startswith("refs/tags/")
         return {
             "event": EVENT_TAG if is_tag else EVENT_PUSH, "commit": after, "ref": ref,
+            "action": "created" if is_tag else "",
             "branch": "" if is_tag else ref[len("refs/heads/"):],
             "message": head.get("message", ""), "timestamp": _iso_time(head.get("timestamp", 0)),
             "author": _dig(head, "author", "username") or _dig(head, "author", "name") or "",
@@ -12035,7 +12173,7 @@ def _parse_webhook(forge, event, payload):
         }
     if event == "pull_request":
         action = _require(payload, "action")
-        if action not in ("opened", "synchronize", "synchronized", "reopened"):
+        if action not in _PULL_REQUEST_ACTIONS:
             return None
         number = _require(payload, "pull_request", "number", kind=int)
         head = _dig(payload, "pull_request", "head", "repo", "full_name")
@@ -12043,6 +12181,7 @@ def _parse_webhook(forge, event, payload):
                 or _dig(payload, "repository", "full_name"))
         return {
             "event": EVENT_PULL_REQUEST, "commit": _require(payload, "pull_request", "head", "sha"),
+            "action": _PULL_REQUEST_ACTIONS[action],
             "ref": f"refs/pull/{number}/head",
             "branch": _require(payload, "pull_request", "base", "ref"),
             "message": _dig(payload, "pull_request", "title") or "",
@@ -12070,7 +12209,7 @@ def _parse_gitlab_hook(event, payload):
         head = next((c for c in commits if c.get("id") == after), commits[-1] if commits else {})
         is_tag = kind == "tag_push"
         return {
-            "event": EVENT_TAG if is_tag else EVENT_PUSH,
+            "event": EVENT_TAG if is_tag else EVENT_PUSH, "action": "created" if is_tag else "",
             "commit": payload.get("checkout_sha") or after, "ref": ref,
             "branch": "" if is_tag else ref[len("refs/heads/"):],
             "message": head.get("message", ""), "timestamp": _iso_time(head.get("timestamp", 0)),
@@ -12083,13 +12222,13 @@ def _parse_gitlab_hook(event, payload):
         }
     if event == "Merge Request Hook" and kind == "merge_request":
         attributes = _require(payload, "object_attributes", kind=dict)
-        if attributes.get("action") not in ("open", "update", "reopen"):
+        if attributes.get("action") not in _PULL_REQUEST_ACTIONS:
             return None
         number = _require(payload, "object_attributes", "iid", kind=int)
         last = attributes.get("last_commit") if isinstance(attributes.get("last_commit"),
                                                              dict) else {}
         return {
-            "event": EVENT_PULL_REQUEST,
+            "event": EVENT_PULL_REQUEST, "action": _PULL_REQUEST_ACTIONS[attributes["action"]],
             "commit": _require(payload, "object_attributes", "last_commit", "id"),
             "ref": f"refs/merge-requests/{number}/head",
             "branch": _require(payload, "object_attributes", "target_branch"),

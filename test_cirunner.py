@@ -12,6 +12,7 @@ import io
 import json
 import os
 import pathlib
+import posixpath
 import pwd
 import re
 import shutil
@@ -21,8 +22,10 @@ import sqlite3
 import subprocess
 import sys
 import tarfile
+import textwrap
 import threading
 import time
+import types
 import urllib.error
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -551,6 +554,50 @@ def test_max_parallel_limits_jobs_of_a_build(store, make_repo):
     assert store.get_build_by_id(build["id"])["status"] == cirunner.RUNNING
 
 
+def test_a_drone_1x_concurrency_limit_holds_across_builds_of_the_repository(store,
+                                                                            make_repo):
+    repo = make_repo({".drone.yml": (
+        "kind: pipeline\ntype: exec\nname: deploy\nconcurrency: {limit: 1}\n"
+        "steps:\n- {name: d, commands: [true]}\n---\n"
+        "kind: pipeline\ntype: exec\nname: test\nsteps:\n- {name: t, commands: [true]}\n")})
+    first, second = (cirunner.create_build(store, repo, event="push") for _ in range(2))
+    claimed = [store.claim_next_job("test-runner") for _ in range(4)]
+    # build 1's deploy and test, build 2's test; build 2's deploy waits for build 1's
+    assert sorted((job["build_id"], job["pipeline"]) for job in claimed if job) == sorted([
+        (first["id"], "deploy"), (first["id"], "test"), (second["id"], "test")])
+    store.register_runner("test-runner", socket.gethostname(), os.getpid(), workers=4)
+    waiting = store.queue()["pending"]
+    assert len(waiting) == 1 and "runs 1 at once" in waiting[0]["reason"], waiting
+    store.finish_job(next(job for job in claimed if job and job["pipeline"] == "deploy")["id"],
+                     cirunner.SUCCESS)
+    job = store.claim_next_job("test-runner")
+    assert (job["build_id"], job["pipeline"]) == (second["id"], "deploy")
+
+
+def test_a_pull_requests_action_is_kept_and_when_action_matches_it(
+        store, executor, hook_repo, tmp_path, app):
+    git(hook_repo["work"], "rm", "-q", ".cirunner.yml")
+    push(hook_repo, {".drone.yml": (
+        "kind: pipeline\ntype: exec\nname: default\nsteps:\n"
+        "- {name: opened, commands: [echo opened-ran], when: {action: [opened]}}\n"
+        "- {name: synced, commands: [echo synced-ran], when: {action: [synchronized]}}\n")},
+         "the pipeline")
+    body, headers, _ = fork_pull_request(hook_repo, tmp_path, {"a": "1\n"},
+                                         head_repo="alice/hello")
+    build = app.post("/hook", body, headers=headers).json
+    assert build["action"] == "opened"
+    synced = body.replace(b'"action": "opened"', b'"action": "synchronize"')
+    headers = {**headers, **sign(synced, "github")}
+    second = app.post("/hook", synced, headers=headers).json
+    assert second["action"] == "synchronized"
+    executor.run_until_idle()
+    first_log = log_text(store, store.get_build_by_id(build["id"]), 1)
+    second_log = log_text(store, store.get_build_by_id(second["id"]), 1)
+    assert "opened-ran" in first_log and "synced-ran" not in first_log
+    assert "synced-ran" in second_log and "opened-ran" not in second_log
+    assert store.get_build_by_id(second["id"])["action"] == "synchronized"
+
+
 def test_timeout_kills_the_job(store, make_repo):
     repo = make_repo({".cirunner.yml": "pipeline: {t: {commands: ['echo start', 'sleep 30']}}\n"
                                        "timeout: 0.05\n"})  # 3 s: past a loaded checkout
@@ -839,7 +886,9 @@ def test_builds_stored_before_are_filled_with_what_was_shown_for_them(tmp_path):
                               "ALTER TABLE jobs DROP COLUMN runs_on; "
                               "ALTER TABLE jobs DROP COLUMN waiting; "
                               "ALTER TABLE builds DROP COLUMN changed_files; "  # 22
-                              "ALTER TABLE builds DROP COLUMN cron")
+                              "ALTER TABLE builds DROP COLUMN cron; "
+                              "ALTER TABLE builds DROP COLUMN action; "  # 23
+                              "ALTER TABLE jobs DROP COLUMN concurrency")
         version = cirunner._MIGRATIONS.index(cirunner._store_builds_as_they_happened)
         raw.execute(f"PRAGMA user_version = {version}")
     store = cirunner.Store(path)
@@ -4262,6 +4311,21 @@ WOODPECKER_PATHS = [
     ("{ include: [ README.md ], on_empty: false }", [], "", False),
     ("{ include: [ README.md ], on_empty: true }", [], "", True),
 ]
+
+
+def test_step_threads_give_their_store_connection_back(store, executor, make_repo):
+    """Each step runs in a thread of its own (a graph, or units of one): the
+    thread's store connection goes back for the next (on PostgreSQL, one
+    connection per step ran the server out of them)."""
+    repo = make_repo({".cirunner.yml": "pipeline:\n" + "".join(
+        f"  s{index}: {{commands: [true]}}\n" for index in range(5))})
+    cirunner.create_build(store, repo)
+    executor.run_until_idle()
+    before = store.connection_count()
+    for _ in range(6):
+        cirunner.create_build(store, repo)
+    executor.run_until_idle()
+    assert store.connection_count() - before <= 3  # 30 steps ran, each in its own thread
 
 
 @pytest.mark.parametrize("condition, files, message, runs", WOODPECKER_PATHS)
@@ -9178,3 +9242,2565 @@ def test_real_drone_files_plan_as_drone_planned_them(source):
             services = re.search(r"services: ([^;]*)", rest)
             assert job["services"] == (services.group(1).strip().split(", ") if services
                                        else [])
+
+
+# -- Drone's own tests, ported ---------------------------------------------------------
+# From drone/drone-yaml @ 01fb178 (DY), drone/runner-go @ d12a958 (RG) and
+# drone-runners/drone-runner-docker @ 9ea626a (RD): each case names its Go file, test
+# and case; a case cirunner departs from is an xfail naming why (strict: a fix shows).
+# What was left out, and why, is listed at the end of the section.
+
+def drone_parse(text):
+    return cirunner.parse_pipeline(text, ".drone.yml")
+
+
+def drone_untrusted_refusal(pipeline):
+    """The keys cirunner's job would refuse on an untrusted repository: the check
+    _JobRun._check_plan makes (cirunner.py ~8833), as parse_pipeline's API has no
+    `trusted` argument.  Empty: an untrusted repository may run it."""
+    used = []
+    for one in pipeline.each():
+        allowed = (cirunner._TRUSTED_KEYS if one.era in cirunner._RULES_08
+                   else cirunner._TRUSTED_ONLY_KEYS)
+        for step in one.services + one.steps:
+            used += [key for key in cirunner._TRUSTED_KEYS
+                     if getattr(step, key) and key in allowed]
+    return used
+
+
+def drone_step_text(extra, *, head="kind: pipeline\ntype: docker\nname: default\n"):
+    return (head + "steps:\n- name: s\n  image: golang\n  commands: [go build]\n" + extra)
+
+
+# ----------------------------------------------------------------------------------
+# DY yaml/linter/linter_test.go TestLint  and  RD engine/linter/linter_test.go TestLint
+# (the testdata files, verbatim).  `invalid` with trusted=False/True as the Go table.
+# A refusal that does not depend on trust must be a ConfigError; one that does must be
+# the untrusted job's refusal (and the trusted file must drone_parse).
+# ----------------------------------------------------------------------------------
+
+DRONE_LINT = {}
+
+DRONE_LINT["simple.yml"] = """---
+kind: pipeline
+name: amd64
+
+steps:
+- name: build
+  image: golang
+  commands:
+  - go build
+
+- name: test
+  image: golang
+  commands:
+  - go test
+
+services:
+- name: database
+  image: redis
+  ports:
+  - 6379
+
+---
+kind: pipeline
+name: arm
+
+platform:
+  arch: arm
+
+steps:
+- name: test
+  image: golang
+  commands:
+  - go build
+  - go test
+
+depends_on:
+- amd64
+...
+"""
+DRONE_LINT["invalid_os.yml"] = """---
+kind: pipeline
+name: linux
+
+platform:
+  os: openbsd
+
+steps:
+- name: build
+  image: golang
+  commands:
+  - go build
+  - go test
+"""
+DRONE_LINT["invalid_arch.yml"] = DRONE_LINT["invalid_os.yml"].replace(
+    "  os: openbsd\n", "  os: linux\n  arch: s390x\n")
+DRONE_LINT["missing_build_image.yml"] = """---
+kind: pipeline
+name: linux
+
+steps:
+- name: test
+  build: {}
+"""
+DRONE_LINT["missing_image.yml"] = """---
+kind: pipeline
+name: linux
+
+steps:
+- name: test
+  commands:
+  - go build
+  - go test
+"""
+DRONE_LINT["missing_name.yml"] = """---
+kind: pipeline
+name: linux
+
+steps:
+- image: golang
+  commands:
+  - go build
+  - go test
+"""
+_DRONE_VOLS = """---
+kind: pipeline
+name: linux
+
+steps:
+- name: test
+  image: golang
+  commands:
+  - go build
+  - go test
+
+services:
+- name: database
+  image: redis
+  ports:
+  - 6379
+
+volumes:
+"""
+DRONE_LINT["volume_invalid_name.yml"] = _DRONE_VOLS + "- name: _workspace\n  temp: {}\n"
+DRONE_LINT["volume_empty_dir.yml"] = _DRONE_VOLS + "- name: vol\n  temp: {}\n"
+DRONE_LINT["volume_empty_dir_memory.yml"] = _DRONE_VOLS + "- name: vol\n  temp:\n    medium: memory\n"
+DRONE_LINT["volume_host_path.yml"] = (_DRONE_VOLS + "- name: vol\n  host:\n"
+                                "    path: /any/path/it/will/be/replaced\n")
+DRONE_LINT["volume_missing_name.yml"] = """---
+kind: pipeline
+type: docker
+name: linux
+
+steps:
+- name: test
+  image: golang
+  commands:
+  - go build
+  - go test
+
+services:
+- name: database
+  image: redis
+
+volumes:
+- temp: {}
+"""
+DRONE_LINT["volume_restricted.yml"] = """---
+kind: pipeline
+type: docker
+name: linux
+
+steps:
+- name: test
+  image: golang
+  commands:
+  - go build
+  - go test
+  volumes:
+  - name: vol
+    path: /run/drone/env
+
+volumes:
+- name: vol
+  temp: {}
+"""
+DRONE_LINT["pipeline_volume_invalid_name.yml"] = """---
+kind: pipeline
+name: linux
+
+steps:
+- name: test
+  image: docker
+  volumes:
+  - name: _docker_socket
+    path: /var/run/docker.sock
+  commands:
+  - docker system prune
+"""
+DRONE_LINT["service_port_host.yml"] = """---
+kind: pipeline
+name: linux
+
+steps:
+- name: test
+  image: golang
+  commands:
+  - go build
+  - go test
+
+services:
+- name: database
+  image: redis
+  ports:
+  - port: 6379
+    host: 6379
+"""
+DRONE_LINT["pipeline_port_host.yml"] = """---
+kind: pipeline
+name: linux
+
+steps:
+- name: database
+  image: redis
+  detach: true
+  ports:
+  - port: 6379
+    host: 6379
+
+- name: test
+  image: golang
+  commands:
+  - go build
+  - go test
+"""
+DRONE_LINT["service_device.yml"] = """---
+kind: pipeline
+name: linux
+
+steps:
+- name: test
+  image: golang
+  commands:
+  - go build
+  - go test
+
+services:
+- name: database
+  image: redis
+  ports:
+  - 6379
+  devices:
+  - name: data
+    path: /dev/xvda
+"""
+DRONE_LINT["pipeline_device.yml"] = """---
+kind: pipeline
+name: linux
+
+steps:
+- name: test
+  image: golang
+  commands:
+  - go build
+  - go test
+  devices:
+  - name: data
+    path: /dev/xvda
+
+services:
+- name: database
+  image: redis
+  ports:
+  - 6379
+"""
+DRONE_LINT["pipeline_privileged.yml"] = """---
+kind: pipeline
+name: linux
+
+steps:
+- name: test
+  image: golang
+  commands:
+  - go build
+  - go test
+  privileged: true
+
+services:
+- name: database
+  image: redis
+  ports:
+  - 6379
+"""
+_DRONE_ONE = """---
+kind: pipeline
+name: linux
+
+steps:
+- name: test
+  image: golang
+  commands:
+  - go build
+  - go test
+"""
+DRONE_LINT["pipeline_dns.yml"] = _DRONE_ONE + "  dns:\n  - 8.8.8.8\n"
+DRONE_LINT["pipeline_dns_search.yml"] = _DRONE_ONE + "  dns_search:\n  - dc1.example.com\n  - dc2.example.com\n"
+DRONE_LINT["pipeline_extra_hosts.yml"] = (_DRONE_ONE + '  extra_hosts:\n  - "somehost:162.242.195.82"\n'
+                                    '  - "otherhost:50.31.209.229"\n')
+DRONE_LINT["pipeline_network_mode.yml"] = _DRONE_ONE + "  network_mode: host\n"
+DRONE_LINT["duplicate_step.yml"] = """---
+kind: pipeline
+name: default
+
+steps:
+- name: build
+  image: golang
+  commands:
+  - go build
+  - go test
+
+- name: build
+  image: golang
+  commands:
+  - go build
+  - go test"""
+DRONE_LINT["duplicate_step_service.yml"] = """---
+kind: pipeline
+name: default
+
+steps:
+- name: test
+  image: golang
+  commands:
+  - go build
+  - go test
+
+services:
+- name: test
+  image: redis
+"""
+DRONE_LINT["step_missing_dep.yml"] = """---
+kind: pipeline
+type: docker
+name: default
+
+steps:
+- name: build
+  image: golang
+  commands:
+  - go build
+
+- name: test
+  image: golang
+  commands:
+  - go build
+  - go test
+  depends_on:
+  - foo"""
+DRONE_LINT["duplicate_name.yml"] = """---
+kind: pipeline
+name: default
+
+steps:
+- name: build
+  image: golang
+  commands:
+  - go build
+  - go test
+
+---
+kind: pipeline
+name: default
+
+steps:
+- name: build
+  image: golang
+  commands:
+  - go build
+  - go test
+
+...
+"""
+DRONE_LINT["pipeline_missing_dep.yml"] = """---
+kind: pipeline
+name: amd64
+
+steps:
+- name: test
+  image: golang
+  commands:
+  - go build
+  - go test
+
+services:
+- name: database
+  image: redis
+  ports:
+  - 6379
+
+---
+kind: pipeline
+name: arm
+
+platform:
+  arch: arm
+
+steps:
+- name: test
+  image: golang
+  commands:
+  - go build
+  - go test
+
+depends_on:
+- foo
+...
+"""
+
+# (file, trusted, outcome): "ok" the file runs; "error" Drone refuses it whatever the
+# trust (a ConfigError here); "untrusted" Drone refuses it for an untrusted repository only.
+DRONE_LINT_CASES = [
+    # DY linter_test.go TestLint (and RD's own rows for the same files)
+    ("simple.yml", False, "ok"),
+    ("invalid_os.yml", False, "error"),        # linter: unsupported os: openbsd
+    # DY TestLint expects "unsupported architecture: s390x", but its own HEAD commit
+    # 01fb178 added s390x to the list (yaml/linter/linter.go:34); the test is stale and
+    # RD's linter has no platform check: ported as Drone's source behaves (accepted).
+    ("invalid_arch.yml", False, "ok"),
+    ("missing_build_image.yml", False, "error"),
+    ("missing_image.yml", False, "error"),
+    ("missing_name.yml", False, "error"),
+    ("volume_invalid_name.yml", False, "error"),
+    ("pipeline_volume_invalid_name.yml", False, "error"),
+    pytest.param("volume_host_path.yml", False, "untrusted", marks=pytest.mark.xfail(
+        strict=True, reason="departure: a host volume no step mounts is not refused (one a "
+                            "step mounts is, as a trusted key)")),
+    ("volume_host_path.yml", True, "ok"),
+    ("volume_empty_dir.yml", False, "ok"),
+    pytest.param("volume_empty_dir_memory.yml", False, "untrusted", marks=pytest.mark.xfail(
+        strict=True, reason="departure: temp {medium: memory} is an engine volume on disk, "
+                            "allowed untrusted")),
+    ("volume_empty_dir_memory.yml", True, "ok"),
+    pytest.param("service_port_host.yml", False, "untrusted", marks=pytest.mark.xfail(
+        strict=True, reason="departure, as RD: no port is ever published, so none is refused")),
+    ("service_port_host.yml", True, "ok"),
+    pytest.param("pipeline_port_host.yml", False, "untrusted", marks=pytest.mark.xfail(
+        strict=True, reason="departure, as RD: no port is ever published, so none is refused")),
+    ("pipeline_port_host.yml", True, "ok"),
+    ("service_device.yml", False, "untrusted"),
+    ("service_device.yml", True, "ok"),
+    ("pipeline_device.yml", False, "untrusted"),
+    ("pipeline_device.yml", True, "ok"),
+    ("pipeline_privileged.yml", False, "untrusted"),
+    ("pipeline_privileged.yml", True, "ok"),
+    ("pipeline_dns.yml", False, "untrusted"),
+    ("pipeline_dns.yml", True, "ok"),
+    ("pipeline_dns_search.yml", False, "untrusted"),
+    ("pipeline_dns_search.yml", True, "ok"),
+    ("pipeline_extra_hosts.yml", False, "untrusted"),
+    ("pipeline_extra_hosts.yml", True, "ok"),
+    ("pipeline_network_mode.yml", False, "untrusted"),
+    ("pipeline_network_mode.yml", True, "ok"),
+    ("duplicate_step.yml", False, "error"),
+    ("duplicate_step_service.yml", False, "error"),
+    # RD engine/linter/linter_test.go TestLint rows of its own
+    ("volume_missing_name.yml", False, "error"),
+    ("volume_restricted.yml", False, "error"),     # cannot mount volume at /run/drone
+    ("step_missing_dep.yml", False, "error"),      # RD testdata/missing_dep.yml
+    # DY yaml/linter/config_test.go TestManifest
+    ("duplicate_name.yml", False, "error"),        # duplicate pipeline names
+    ("pipeline_missing_dep.yml", False, "error"),  # DY testdata/missing_dep.yml
+]
+
+
+@pytest.mark.parametrize("name, trusted, outcome", DRONE_LINT_CASES, ids=[
+    f"{name}{'/trusted' if trusted else ''}" for name, trusted, _ in (
+        getattr(case, "values", case) for case in DRONE_LINT_CASES)])
+def test_drone_ported_lint(name, trusted, outcome):
+    text = DRONE_LINT[name]
+    if outcome == "error":
+        with pytest.raises(cirunner.ConfigError):
+            drone_parse(text)
+        return
+    if outcome == "untrusted" and not trusted:
+        # Drone refuses it here: a job-time refusal or a ConfigError both refuse it
+        try:
+            pipeline = drone_parse(text)
+        except cirunner.ConfigError:
+            return
+    else:
+        pipeline = drone_parse(text)  # "ok", and "untrusted" when trusted: the file is fine
+    refused = drone_untrusted_refusal(pipeline)
+    if outcome == "untrusted" and not trusted:
+        assert refused, "Drone refuses this file on an untrusted repository; cirunner runs it"
+    elif not trusted:
+        assert not refused
+
+
+# ----------------------------------------------------------------------------------
+# DY yaml/compiler/skip_test.go TestSkipFunc (want = skip; applies = not skip)
+# ----------------------------------------------------------------------------------
+
+DRONE_SKIP_CASES = [
+    ("branch include", "branch: {include: [master]}", {"branch": "master"}, False),
+    ("branch exclude", "branch: {exclude: [master]}", {"branch": "master"}, True),
+    ("cron include", "cron: {include: [nightly]}", {"cron": "nightly", "event": "cron"}, False),
+    ("cron exclude", "cron: {exclude: [nightly]}", {"cron": "nightly", "event": "cron"}, True),
+    ("event include", "event: {include: [push]}", {"event": "push"}, False),
+    ("event exclude", "event: {exclude: [push]}", {"event": "push"}, True),
+    ("instance include", "instance: {include: [drone.company.com]}",
+     {"instance": "drone.company.com"}, False),
+    ("instance exclude", "instance: {exclude: [drone.company.com]}",
+     {"instance": "drone.company.com"}, True),
+    ("ref include", "ref: {include: ['refs/heads/*']}", {"ref": "refs/heads/master"}, False),
+    ("ref exclude", "ref: {exclude: ['refs/heads/*']}", {"ref": "refs/heads/master"}, True),
+    ("repo include", "repo: {include: [octocat/hello-world]}",
+     {"repo": "octocat/hello-world"}, False),
+    ("repo exclude", "repo: {exclude: [octocat/hello-world]}",
+     {"repo": "octocat/hello-world"}, True),
+    ("target include", "target: {include: [prod]}",
+     {"deploy_to": "prod", "event": "deployment"}, False),
+    ("target exclude", "target: {exclude: [prod]}",
+     {"deploy_to": "prod", "event": "deployment"}, True),
+    # SkipData{Action: "opened"}
+    ("action include", "action: {include: [opened]}",
+     {"event": "pull_request", "action": "opened"}, False),
+    ("action exclude", "action: {exclude: [opened]}",
+     {"event": "pull_request", "action": "opened"}, True),
+]
+
+
+@pytest.mark.parametrize("when, data, skip", [c[1:] for c in DRONE_SKIP_CASES],
+                         ids=[c[0] for c in DRONE_SKIP_CASES])
+def test_drone_ported_skip_func(when, data, skip):
+    step = drone_parse(drone_step_text(f"  when: {{{when}}}\n")).steps[0]
+    args = {"branch": "", "event": "push", "environment": {}, "job_status": None}
+    args.update(data)
+    assert step.applies(**args) is (not skip)
+
+
+# ----------------------------------------------------------------------------------
+# Run policy: DY yaml/compiler/convert_test.go Test_toRunPolicy, RD engine/compiler/
+# util_test.go Test_isRunAlways / Test_isRunOnFailure, RD compiler_test.go
+# TestCompile_RunAlways (testdata/run_always.yml), TestCompile_RunFailure (run_failure.yml).
+# Policy as (runs after success, runs after failure).
+# ----------------------------------------------------------------------------------
+
+DRONE_RUN_POLICY = [
+    ("DY Test_toRunPolicy {} / RD isRunAlways,isRunOnFailure empty", "", (True, False)),
+    ("DY Test_toRunPolicy include success / RD when success",
+     "status: {include: [success]}", (True, False)),
+    ("DY Test_toRunPolicy include failure / RD TestCompile_RunFailure",
+     "status: [ failure ]", (False, True)),
+    ("DY Test_toRunPolicy include success,failure / RD TestCompile_RunAlways",
+     "status: [ success, failure ]", (True, True)),
+    ("DY Test_toRunPolicy exclude success,failure (RunNever)",
+     "status: {exclude: [success, failure]}", (False, False)),
+]
+
+
+@pytest.mark.parametrize("when, policy", [c[1:] for c in DRONE_RUN_POLICY],
+                         ids=[c[0] for c in DRONE_RUN_POLICY])
+def test_drone_ported_run_policy(when, policy):
+    text = drone_step_text((f"  when: {{{when}}}\n" if when else ""),
+                     head="kind: pipeline\ntype: docker\nname: default\nclone:\n  disable: true\n")
+    step = drone_parse(text).steps[0]
+    got = tuple(step.applies(branch="master", event="push", environment={}, job_status=status)
+                for status in ("success", "failure"))
+    assert got == policy
+
+
+# ----------------------------------------------------------------------------------
+# RD engine/compiler/compiler_test.go with testdata/*.yml and *.json goldens: each
+# step's name, image (as written: the golden's docker.io/library/...:latest is the
+# engine's normalisation), commands, the steps it runs after (the golden's depends_on
+# less the clone step, which cirunner does not make a step: the clone runs first when
+# `clone` is on), and whether it runs (run_policy never).  Build{Target: "master"}.
+# ----------------------------------------------------------------------------------
+
+DRONE_COMPILE = {
+    "TestCompile_Serial serial.yml": ("""kind: pipeline
+type: docker
+name: default
+
+steps:
+- name: build
+  image: golang
+  commands:
+  - go build
+
+- name: test
+  image: golang
+  commands:
+  - go test
+""", True, [("build", ["go build"], ["clone"], True), ("test", ["go test"], ["build"], True)]),
+    "TestCompile_Graph graph.yml": ("""kind: pipeline
+type: docker
+name: default
+
+steps:
+- name: build
+  image: golang
+  commands:
+  - go build
+
+- name: test
+  image: golang
+  commands:
+  - go test
+  depends_on: [ build ]
+""", True, [("build", ["go build"], ["clone"], True), ("test", ["go test"], ["build"], True)]),
+    "TestCompile_CloneDisabled_Serial noclone_serial.yml": ("""kind: pipeline
+type: docker
+name: default
+
+clone:
+  disable: true
+
+steps:
+- name: build
+  image: golang
+  commands:
+  - go build
+  - go test
+""", False, [("build", ["go build", "go test"], [], True)]),
+    "TestCompile_CloneDisabled_Graph noclone_graph.yml": ("""kind: pipeline
+type: docker
+name: default
+
+clone:
+  disable: true
+
+steps:
+- name: build
+  image: golang
+  commands:
+  - go build
+
+- name: test
+  image: golang
+  commands:
+  - go test
+  depends_on: [ build ]""", False, [("build", ["go build"], [], True),
+                                    ("test", ["go test"], ["build"], True)]),
+    "TestCompile_Match match.yml": ("""kind: pipeline
+type: docker
+name: default
+
+clone:
+  disable: true
+
+steps:
+- name: build
+  image: golang
+  commands:
+  - go build
+  when:
+    branch: [ master ]
+
+- name: test
+  image: golang
+  commands:
+  - go test
+  when:
+    branch: [ develop ]
+""", False, [("build", ["go build"], [], True), ("test", ["go test"], ["build"], False)]),
+}
+
+
+@pytest.mark.parametrize("name", list(DRONE_COMPILE))
+def test_drone_ported_compile_golden(name):
+    text, clone, want = DRONE_COMPILE[name]
+    pipeline = drone_parse(text)
+    assert pipeline.clone is clone  # the golden has a clone step iff clone is on
+    plan = cirunner.plan_pipeline(pipeline, event="push", branch="master",
+                                  ref="refs/heads/master")
+    (planned,) = plan["pipelines"]
+    (job,) = planned["jobs"]
+    got = []
+    previous = None
+    for step, planned_step in zip(pipeline.steps, job["steps"]):
+        # what it runs after: its depends_on in a graph, else the step before it
+        # (RD util.go configureSerial), else the clone step (configureCloneDeps)
+        after = list(planned_step["depends_on"]) if pipeline.step_graph else (
+            [previous] if previous else [])
+        if not after and clone:
+            after = ["clone"]
+        got.append((planned_step["name"], step.commands, after, planned_step["runs"]))
+        assert planned_step["image"] == "golang"
+        assert step.image == "golang"
+        previous = step.name
+    assert got == want
+    # the clone step's run policy is "always"; steps have the default (on success)
+    for step, (_, _, _, runs) in zip(pipeline.steps, want):
+        assert step.applies(branch="master", event="push", environment={},
+                            job_status="failure") is False
+
+
+def test_drone_ported_compile_secrets():
+    # RD compiler_test.go TestCompile_Secrets (testdata/secret.yml); the file's step has
+    # no image (the Go test compiles without the linter, which refuses that: see
+    # missing_image.yml above), so one is added here.
+    text = """kind: pipeline
+type: docker
+name: default
+
+clone:
+  disable: true
+
+steps:
+- name: build
+  image: golang
+  environment:
+    PASSWORD:
+      from_secret: my_password
+    USERNAME:
+      from_secret: my_username
+  commands:
+  - go build
+  - go test
+"""
+    step = drone_parse(text).steps[0]
+    assert sorted(map(tuple, step.secrets)) == [("my_password", "PASSWORD"),
+                                               ("my_username", "USERNAME")]
+    assert step.environment == {}  # RD util_test.go Test_convertStaticEnv: secrets apart
+
+
+def test_drone_ported_convert_static_and_secret_env():
+    # RD util_test.go Test_convertStaticEnv / Test_convertSecretEnv
+    step = drone_parse(drone_step_text("  environment:\n    username: octocat\n"
+                           "    PASSWORD: {from_secret: password}\n")).steps[0]
+    assert step.environment == {"username": "octocat"}
+    assert [list(item) for item in step.secrets] == [["password", "PASSWORD"]]
+
+
+# ----------------------------------------------------------------------------------
+# DY yaml/env_test.go TestEnv, RG manifest/env_test.go TestEnv (environment values) and
+# DY yaml/param_test.go TestParam, RG manifest/param_test.go TestParam (settings).
+# ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("yaml_value, value, secret", [
+    ("bar", "bar", None), ("{from_secret: username}", None, "username")],
+    ids=["value", "from_secret"])
+def test_drone_ported_env(yaml_value, value, secret):
+    step = drone_parse(drone_step_text(f"  environment:\n    FOO: {yaml_value}\n")).steps[0]
+    if value is not None:
+        assert step.environment == {"FOO": value}
+        assert not step.secrets
+    else:
+        assert "FOO" not in step.environment
+        assert [list(item) for item in step.secrets] == [[secret, "FOO"]]
+
+
+@pytest.mark.parametrize("yaml_value, value, secret", [
+    ("bar", "bar", None), ("{from_secret: username}", None, "username")],
+    ids=["value", "from_secret"])
+def test_drone_ported_param(yaml_value, value, secret):
+    text = ("kind: pipeline\ntype: docker\nname: default\nsteps:\n- name: p\n"
+            f"  image: plugins/x\n  settings:\n    foo: {yaml_value}\n")
+    step = drone_parse(text).steps[0]
+    assert step.kind == "plugin"
+    if value is not None:
+        assert step.plugin_environment() == {"PLUGIN_FOO": value}
+    else:
+        assert step.plugin_environment() == {}
+        assert [list(item) for item in step.secrets] == [[secret, "PLUGIN_FOO"]]
+
+
+# ----------------------------------------------------------------------------------
+# DY yaml/compiler/encode_test.go TestEncode and RD internal/encoder/encoder_test.go
+# TestEncode: a setting's value as its PLUGIN_ variable.
+# ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("yaml_value, text", [
+    ("foo", "foo"),
+    ("true", "true"),
+    ("42", "42"),
+    ("42.424242", "42.424242"),
+    ("[foo, bar, baz]", "foo,bar,baz"),
+    ("[1, 1, 2, 3, 5, 8]", "1,1,2,3,5,8"),
+    # []byte("foo") -> "Zm9v": skipped, YAML (yaml.v2) never decodes a setting to []byte
+    ("[{name: john}]", '[{"name":"john"}]'),
+    ("{foo: bar}", '{"foo":"bar"}'),
+], ids=["string", "bool", "int", "float", "strings", "ints", "slice of struct", "map"])
+def test_drone_ported_encode(yaml_value, text):
+    step = drone_parse("kind: pipeline\ntype: docker\nname: default\nsteps:\n- name: p\n"
+                 f"  image: plugins/x\n  settings:\n    value: {yaml_value}\n").steps[0]
+    assert step.plugin_environment() == {"PLUGIN_VALUE": text}
+
+
+# ----------------------------------------------------------------------------------
+# DY yaml/unit_test.go and RG manifest/unit_test.go TestBytesSize (shm_size: the unit
+# Drone reads it with; the .String() form is Go-internal)
+# ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("yaml_value, size", [("1KiB", 1024), ("100Mi", 104857600),
+                                              ("1024", 1024)])
+def test_drone_ported_bytes_size(yaml_value, size):
+    step = drone_parse(drone_step_text(f"  shm_size: {yaml_value}\n")).steps[0]
+    assert str(step.shm_size) == str(size)
+
+
+# ----------------------------------------------------------------------------------
+# Clone: RD clone_test.go TestClone (a clone by default), TestCloneDisable,
+# TestCloneCreate / TestCloneParams (depth 50, skip_verify, retries 4, zero ignored);
+# DY compiler/clone_test.go TestSetupCloneDepth, TestSetupCloneSkipVerify.
+# ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("clone, enabled, settings", [
+    ("", True, {}),                                            # TestClone
+    ("clone:\n  disable: true\n", False, None),                # TestCloneDisable
+    ("clone:\n  depth: 50\n", True, {"depth": 50}),            # TestCloneCreate, SetupCloneDepth
+    ("clone:\n  depth: 0\n", True, {"depth": 0}),              # zero depth: no PLUGIN_DEPTH
+    # TestCloneParams: its depth part (PLUGIN_RETRIES, PLUGIN_SKIP_VERIFY and
+    # GIT_SSL_NO_VERIFY are the drone/git plugin's: cirunner clones from its own mirror
+    # and claims only clone: {disable, depth}; see the skipped list)
+    ("clone:\n  depth: 50\n  skip_verify: true\n  retries: 4\n", True, {"depth": 50}),
+], ids=["TestClone", "TestCloneDisable", "TestCloneCreate depth 50", "depth 0",
+        "TestCloneParams depth"])
+def test_drone_ported_clone(clone, enabled, settings):
+    pipeline = drone_parse(drone_step_text("", head="kind: pipeline\ntype: docker\nname: default\n" + clone))
+    assert pipeline.clone is enabled
+    if settings is not None:
+        assert {key: value for key, value in pipeline.clone_settings.items()
+                if key in settings} == settings
+
+
+# ----------------------------------------------------------------------------------
+# RD compiler/workspace_test.go TestCreateWorkspace (the non-Windows rows): the full
+# workspace path the steps run in.  TestSetupWorkspace: a user-defined working_dir kept.
+# ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("workspace, full", [
+    ("", "/drone/src"),
+    ("workspace:\n  base: /drone\n  path: src\n", "/drone/src"),
+    ("workspace:\n  base: /foo\n  path: bar\n", "/foo/bar"),
+    ("workspace:\n  path: /drone/src\n", "/drone/src"),   # RD resource testdata/manifest.yml
+], ids=["empty", "/drone + src", "/foo + bar", "absolute path only"])
+def test_drone_ported_create_workspace(workspace, full):
+    pipeline = drone_parse(drone_step_text("", head="kind: pipeline\ntype: docker\nname: default\n"
+                               + workspace))
+    assert posixpath.join(pipeline.workspace["base"], pipeline.workspace["path"]) == full
+
+
+def test_drone_ported_setup_workspace_keeps_working_dir():
+    # RD workspace_test.go TestSetupWorkspace "do not override the user-defined working dir"
+    assert drone_parse(drone_step_text("  working_dir: /foo\n")).steps[0].working_dir == "/foo"
+
+
+# ----------------------------------------------------------------------------------
+# RD engine/resource/parser_test.go TestParse (testdata/manifest.yml): what the runner
+# reads of each key.  The file's pipeline depends on a pipeline "dependency", which the
+# server's linter (DY linter/config.go checkPipelineDeps) requires to exist: one is put
+# first.  Its `signature` and `secret` documents are kept.
+# ----------------------------------------------------------------------------------
+
+DRONE_RD_MANIFEST = """---
+kind: signature
+hmac: a8842634682b78946a2
+
+---
+kind: secret
+type: encrypted
+name: token
+data: f0e4c2f76c58916ec25
+
+---
+kind: pipeline
+type: docker
+name: default
+version: 1
+
+depends_on:
+- dependency
+
+platform:
+  os: linux
+  arch: arm64
+
+workspace:
+  path: /drone/src
+
+clone:
+  depth: 50
+
+environment:
+  NODE_ENV: development
+
+steps:
+- name: build
+  image: golang
+  detach: false
+  failure: ignore
+  mem_limit: 1GiB
+  memswap_limit: 2GiB
+  commands:
+  - go build
+  - go test
+  environment:
+    GOOS: linux
+    GOARCH: arm64
+  depends_on: [ clone ]
+  when:
+    event: [ push ]
+
+services:
+- name: redis
+  image: redis:latest
+  entrypoint: [ "/bin/redis-server" ]
+  command: [ "--debug" ]
+
+image_pull_secrets:
+- dockerconfigjson
+
+trigger:
+  branch: [ master ]
+
+...
+"""
+DRONE_DEPENDENCY = ("kind: pipeline\ntype: docker\nname: dependency\nsteps:\n- name: a\n"
+              "  image: alpine\n  commands: [true]\n")
+
+
+def test_drone_ported_resource_parse_manifest():
+    text = "---\n" + DRONE_DEPENDENCY + DRONE_RD_MANIFEST
+    pipeline = drone_parse(text).named("default")
+    assert pipeline.name == "default"
+    assert pipeline.depends_on == ["dependency"]
+    assert pipeline.platform == "linux/arm64"
+    assert posixpath.join(pipeline.workspace["base"], pipeline.workspace["path"]) == "/drone/src"
+    assert pipeline.clone_settings.get("depth") == 50
+    (build,) = pipeline.steps
+    assert (build.name, build.image, build.commands, build.detach, build.ignore_failure) == (
+        "build", "golang", ["go build", "go test"], False, True)
+    # the pipeline's environment beneath the step's own (RD compiler.go:216)
+    assert build.environment == {"GOOS": "linux", "GOARCH": "arm64", "NODE_ENV": "development"}
+    assert build.depends_on == ["clone"]
+    assert build.applies(branch="master", event="push", environment={})
+    assert not build.applies(branch="master", event="pull_request", environment={})
+    (redis,) = pipeline.services
+    assert (redis.name, redis.image, redis.entrypoint, redis.command) == (
+        "redis", "redis:latest", ["/bin/redis-server"], ["--debug"])
+    assert pipeline.triggered(event="push", branch="master", ref="refs/heads/master")
+    assert not pipeline.triggered(event="push", branch="develop", ref="refs/heads/develop")
+
+
+def test_drone_ported_resource_parse_pipeline_environment():
+    # RD TestParse: Environment {"NODE_ENV": "development"}: a pipeline's environment,
+    # which RD compiler.go:216 gives every step (the step's own environment wins:
+    # runner-go environ.Combine, later maps override)
+    pipeline = drone_parse(drone_step_text("  environment:\n    GOOS: linux\n",
+                               head="kind: pipeline\ntype: docker\nname: default\n"
+                               "environment:\n  NODE_ENV: development\n"))
+    step = pipeline.steps[0]
+    seen = {**getattr(pipeline, "environment", {}), **step.environment}
+    assert seen == {"NODE_ENV": "development", "GOOS": "linux"}
+
+
+def test_drone_ported_resource_parse_depends_on_clone():
+    # RD TestParse: step build DependsOn ["clone"]: with clone on, "clone" is a step name
+    # (RD linter.go:75-77, DY linter.go:78-80 put it in the known names)
+    pipeline = drone_parse(drone_step_text("  depends_on: [ clone ]\n"))
+    assert pipeline.steps[0].depends_on == ["clone"]
+
+
+def test_drone_ported_resource_parse_mem_limits():
+    # RD TestParse: MemLimit 1GiB, MemSwapLimit 2GiB drone_parse (RD step.go sets them on the
+    # container); cirunner claims no limits, but Drone accepts the file
+    pipeline = drone_parse(drone_step_text("  mem_limit: 1GiB\n  memswap_limit: 2GiB\n"))
+    assert pipeline.steps[0].name == "s"
+
+
+def test_drone_ported_resource_parse_version_key():
+    # RD TestParse: Version "1" (a pipeline's `version` key is read, not refused)
+    assert drone_parse(drone_step_text("", head="kind: pipeline\ntype: docker\nname: default\n"
+                               "version: 1\n")).name == "default"
+
+
+def test_drone_ported_resource_parse_err():
+    # RD parser_test.go TestParseErr (testdata/malformed.yml): steps as a mapping
+    with pytest.raises(cirunner.ConfigError):
+        drone_parse("---\nkind: pipeline\ntype: docker\n\nsteps:\n foo: bar\n\n...")
+
+
+def test_drone_ported_resource_parse_lint_nil_step():
+    # RD parser_test.go TestParseLintNilStep (testdata/nilstep.yml)
+    with pytest.raises(cirunner.ConfigError):
+        drone_parse("---\nkind: pipeline\ntype: docker\nname: test\n\nsteps:\n- ~\n\n...")
+
+
+def test_drone_ported_resource_parse_lint_err():
+    # RD parser_test.go TestParseLintErr (testdata/linterr.yml): a step without a name
+    # (resource/parser.go lint: "invalid or missing name")
+    with pytest.raises(cirunner.ConfigError):
+        drone_parse("---\nkind: pipeline\ntype: docker\n\nserver:\n  image: docker-18-04\n"
+              "  region: nyc1\n  size: s-1vcpu-1gb\n\nsteps:\n- commands:\n  - go build\n"
+              "  - go test\n\n...")
+
+
+@pytest.mark.parametrize("steps, invalid", [
+    ("- {name: build, image: a}\n- {name: test, image: a}\n", False),
+    ("- {name: build, image: a}\n- {name: build, image: a}\n", True),
+    ("- {name: build, image: a}\n- {name: '', image: a}\n", True),
+], ids=["distinct names", "duplicate name", "empty name"])
+def test_drone_ported_resource_lint(steps, invalid):
+    # RD parser_test.go TestLint
+    text = "kind: pipeline\ntype: docker\nname: default\nsteps:\n" + steps
+    if invalid:
+        with pytest.raises(cirunner.ConfigError):
+            drone_parse(text)
+    else:
+        drone_parse(text)
+
+
+def test_drone_ported_name_match_default():
+    # RG manifest/lookup_test.go and RD resource/lookup_test.go TestNameMatch
+    # {"", "default", true}: a pipeline without a name is "default"
+    pipeline = drone_parse("kind: pipeline\ntype: docker\nsteps:\n- {name: a, image: a}\n")
+    assert [one.name for one in pipeline.each()] == ["default"]
+
+
+# ----------------------------------------------------------------------------------
+# DY yaml/parse_test.go TestParseRaw (document splitting).  The Go table's documents are
+# `kind: pipeline\nfoo: bar` (and kinds a, d); the port keeps each layout (separators,
+# terminators, trailing newline) with pipeline documents named as the Go kinds.
+# ----------------------------------------------------------------------------------
+
+DRONE_P = "kind: pipeline\nname: {}\nsteps:\n- {{name: s, image: a}}"
+DRONE_PARSE_RAW = [
+    (DRONE_P.format("p"), ["p"]),
+    (DRONE_P.format("p") + "\n", ["p"]),
+    ("---\n" + DRONE_P.format("p") + "\n...", ["p"]),
+    ("---\n" + DRONE_P.format("p") + "\n...\n", ["p"]),
+    (DRONE_P.format("a") + "\n---\n" + DRONE_P.format("d"), ["a", "d"]),
+    ("---\n" + DRONE_P.format("a") + "\n---\n" + DRONE_P.format("d") + "\n", ["a", "d"]),
+    ("---\n" + DRONE_P.format("a") + "\n---\n" + DRONE_P.format("d") + "\n...", ["a", "d"]),
+    ("---\n" + DRONE_P.format("a") + "\n---\n" + DRONE_P.format("d") + "\n...\n", ["a", "d"]),
+]
+
+
+@pytest.mark.parametrize("data, names", DRONE_PARSE_RAW, ids=[str(i) for i in range(1, 9)])
+def test_drone_ported_parse_raw(data, names):
+    assert [one.name for one in drone_parse(data).each()] == names
+
+
+def test_drone_ported_manifest_other_kinds_are_skipped():
+    # DY yaml/manifest_test.go TestManifestUnmarshal (testdata/manifest.yml): pipeline,
+    # registry, secret, cron and signature documents in one file all drone_parse; RG
+    # manifest/drone_parse.go parseRaw gives a kind no driver knows nil, and Parse skips it.
+    text = ("---\n" + DRONE_P.format("default") + "\n---\nkind: registry\n---\nkind: secret\n"
+            "---\nkind: cron\n---\nkind: signature\n"
+            "hmac: N2NmYjA3ODQwNTY1ODFlY2E5MGJmOWI1NDk0NDFhMTEK\n...")
+    assert [one.name for one in drone_parse(text).each()] == ["default"]
+
+
+# ----------------------------------------------------------------------------------
+# Skipped (Go-internal, or not claimed by cirunner):
+#  DY build_test.go, push_test.go (`build:`/`push:` step sugar, never in the runners),
+#  port_test.go (Port struct unmarshalling), cron_test.go, registry_test.go,
+#  secret_test.go, signature_test.go, RG secret_test.go, signature_test.go (struct
+#  unmarshalling and Validate of kinds cirunner does not read), pipeline_test.go and
+#  manifest_test.go field-by-field (Go structs; a Windows platform; the kinds part is
+#  ported above), pretty/* (marshalling back), signer/* (HMAC signing; cirunner checks no
+#  signature), converter/* (0.8/bitbucket/gitlab/circleci conversion: cirunner reads
+#  those eras itself and cirunner's 1.x claim is about 1.x files).
+#  DY compiler: clone_test TestCloneImage and RD TestCloneImage (the drone/git image:
+#  cirunner clones with its own git), convert_test Test_toPullPolicy (engine pull policy
+#  enum), Test_toPorts / Test_toResources (ports and limits cirunner does not set),
+#  dind_test (privileged-image whitelist), image/image_test (image name normalisation),
+#  workspace_test Windows rows and TestToWindows, transform/* (engine spec transforms:
+#  auths, labels, limits, netrc, network, proxy, secret, volume, filter, combine),
+#  script_*_test (empty).
+#  RD: TestCompile_StepLabels (io.drone.* container labels), TestIsPrivileged (runner's
+#  privileged-image whitelist), util_test Test_isGraph / Test_configureSerial /
+#  Test_configureCloneDeps / Test_removeCloneDeps (engine spec edits: their effect is
+#  checked through the goldens above), TestSetupWorkspace rows 1,3,4 (the engine's default
+#  working directory for services; cirunner's Step keeps working_dir as written),
+#  resource/pipeline_test.go (getters), TestParseNoMatch / TestMatch (driver registry),
+#  internal/match (runner-config repo/event filter), engine/*_test, shell/*, docker/*.
+#  RD clone_test TestCloneParams PLUGIN_RETRIES / PLUGIN_SKIP_VERIFY / GIT_SSL_NO_VERIFY
+#  and DY TestSetupCloneSkipVerify: the drone/git plugin's settings; cirunner clones from
+#  its own mirror (no TLS to skip, no fetch to retry) and claims clone {disable, depth}.
+#  RG container/volume_test.go TestIsRestrictedVolume: the runner's privileged-image and
+#  workspace checks, not the file's reading (volume_restricted.yml above covers the file).
+#  RG manifest/cond_test.go: empty at d12a958.  DY cond_test.go: only TestConstraintMatch,
+#  already ported in /work/main/test_cirunner.py.
+# ----------------------------------------------------------------------------------
+
+
+# -- Woodpecker's own tests, ported --------------------------------------------------------
+# From woodpecker-ci/woodpecker @ a4cb541 (pipeline/frontend/yaml): each case names its Go
+# test file, test and case. parse_pipeline is Woodpecker's parse and its linter: a
+# blocking linter error is a ConfigError, a linter warning one of the warnings. A case
+# cirunner departs from is a strict xfail naming why (WOODPECKER_DEPARTURES: a fix shows).
+
+WOODPECKER_DEPARTURES = {  # a ported case's test id: why cirunner departs from it
+    'test_woodpecker_ported_constraints[TestConstraints[filter with build-in env passes]]':
+        'departure: the file is read as YAML before ${VAR} is filled, so ${...} inside a flow mapping is a YAML error (Woodpecker fills the text first)',
+    'test_woodpecker_ported_constraints_planned[TestConstraints-plan[filter with build-in env passes]]':
+        'departure: the file is read as YAML before ${VAR} is filled, so ${...} inside a flow mapping is a YAML error (Woodpecker fills the text first)',
+    'test_woodpecker_ported_lint_errors[TestLintErrors["{pipeline: { build: { image: golang, settings: { test: \'true"]]':
+        "departure: an old workflow's `pipeline:` with no `steps:` still runs, with a warning; Woodpecker 3 refuses it",
+    "test_woodpecker_ported_lint_warnings[TestLintErrors-warning['{steps: { build: { image: plugins/docker, settings: { test: ']]":
+        "not done: the linter's formerly-privileged-plugin warning",
+    'test_woodpecker_ported_lint_warnings[TestLintErrors-warning["{steps: { build: { image: golang, settings: { test: \'true\' }"]]':
+        'not done: the clone-image allow-list warning (a custom clone step is not run)',
+    'test_woodpecker_ported_deprecations[TestDeprecations[\'nds: ["echo $CI_COMMIT_PRERELEASE"] } }\']]':
+        "not done: the linter's deprecated-variable warnings",
+    'test_woodpecker_ported_deprecations[TestDeprecations[\'nds: ["echo $$CI_COMMIT_PRERELEASE"] } }\']]':
+        "not done: the linter's deprecated-variable warnings",
+    'test_woodpecker_ported_deprecations[TestDeprecations[\'nds: ["echo ${CI_COMMIT_PRERELEASE}"] } }\']]':
+        "not done: the linter's deprecated-variable warnings",
+    'test_woodpecker_ported_deprecations[TestDeprecations[\'nds: ["echo ${CI_COMMIT_AUTHOR_AVATAR}"] } }\']]':
+        "not done: the linter's deprecated-variable warnings",
+    'test_woodpecker_ported_deprecations[TestDeprecations[\'nds: ["echo $CI_PREV_COMMIT_AUTHOR_AVATAR"] } }\']0]':
+        "not done: the linter's deprecated-variable warnings",
+    'test_woodpecker_ported_deprecations[TestDeprecations[\'nds: ["echo $CI_PREV_COMMIT_AUTHOR_AVATAR"] } }\']1]':
+        "not done: the linter's deprecated-variable warnings",
+    "test_woodpecker_ported_bad_habits[TestBadHabits['steps: { build: { image: golang } }']]":
+        "not done: the linter's no-event-filter warnings",
+    "test_woodpecker_ported_bad_habits[TestBadHabits['when: [{branch: xyz}, {event: push}]\\\\nsteps: { build: { image: golang } }']]":
+        "not done: the linter's no-event-filter warnings",
+    "test_woodpecker_ported_bad_habits[TestBadHabits['steps: { build: { image: golang, when: [{branch: main}] } }']]":
+        "not done: the linter's no-event-filter warnings",
+    'test_woodpecker_ported_is_plugin[TestIsPlugin[{image: x, entrypoint: ["echo \'this is not a plugin\'"]}]]':
+        'departure: an image with an entrypoint and no commands is taken for a plugin (its entrypoint still runs)',
+    'test_woodpecker_ported_dag_TestDuplicateStepNameInDAG_sequence_is_fine':
+        'departure: two steps of one name are refused even when they run in order',
+    'test_woodpecker_ported_params_TestSanitizeParamKey_not_upper':
+        "departure: an environment name with '-' or '.' is refused",
+    'test_woodpecker_ported_params_TestYAMLToParamsToEnv':
+        "not done: from_secret nested inside a setting's map or list",
+    'test_woodpecker_ported_params_TestYAMLToParamsToEnvError':
+        'departure: a secret the repository lacks is left unset, not an error',
+    'test_woodpecker_ported_params_TestSecretNotFound':
+        'departure: a secret the repository lacks is left unset, not an error',
+    'test_woodpecker_ported_params_TestSecretMappingComplexMapWithSecrets':
+        "not done: from_secret nested inside a setting's map or list",
+    'test_woodpecker_ported_compiler_TestCompilerCompile_plugin_keeps_woodpecker_base':
+        "departure: a plugin shares the job's workspace base",
+    'test_woodpecker_ported_compiler_TestCompilerCompile_missing_secret':
+        'departure: a secret the repository lacks is left unset, not an error',
+    'test_woodpecker_ported_compiler_TestCompilerCompile_step_depending_on_filtered_out_step':
+        'departure: a step whose dependency its when leaves out still runs (Woodpecker refuses the workflow)',
+    'test_woodpecker_ported_parse_TestParseLegacy':
+        'departure: `platform:` is read (a Woodpecker 1 key), Woodpecker 3 ignores it',
+}
+
+
+@pytest.fixture
+def woodpecker_departure(request):
+    """A ported Woodpecker case cirunner departs from is a strict xfail."""
+    reason = WOODPECKER_DEPARTURES.get(request.node.name)
+    if reason:
+        request.node.add_marker(pytest.mark.xfail(strict=True, reason=reason))
+
+
+def wp(text):
+    """One Woodpecker workflow (.woodpecker.yml)."""
+    return cirunner.parse_pipeline(text, ".woodpecker.yml")
+
+
+def wp_folder(files):
+    """A .woodpecker/ folder: {name: text}."""
+    return cirunner.parse_pipeline(
+        json.dumps({f".woodpecker/{name}": text for name, text in files.items()}),
+        cirunner.WOODPECKER_FOLDER)
+
+
+def wp_refused(text):
+    """The ConfigError's message for a file Woodpecker refuses."""
+    with pytest.raises(cirunner.ConfigError) as info:
+        wp(text)
+    return info.value.message
+
+
+def wp_step_with(when_block):
+    """The one step of a workflow whose step `when` is `when_block` (YAML
+    text, put on the lines under `when:`)."""
+    text = ("steps:\n  - name: s\n    image: alpine\n    commands: [true]\n    when:\n"
+            + textwrap.indent(when_block, "      ") + "\n")
+    return wp(text).steps[0]
+
+
+def wp_step_with_key(key, conf):
+    """A step whose `when.<key>` is `conf` (a Go test's YAML text)."""
+    return wp_step_with(f"{key}:\n" + textwrap.indent(conf, "  "))
+
+
+def wp_woodpecker_environ(*, event="", branch="", ref="", repo="", default_branch="", cron=""):
+    """The variables of metadata.Metadata.Environ() that the Go cases use
+    (pipeline/frontend/metadata/environment.go): what a Woodpecker condition's
+    `evaluate` and ${VAR} see."""
+    owner, _, name = repo.partition("/")
+    return {"CI_PIPELINE_EVENT": event, "CI_COMMIT_BRANCH": branch, "CI_COMMIT_REF": ref,
+            "CI_REPO": repo, "CI_REPO_OWNER": owner, "CI_REPO_NAME": name,
+            "CI_REPO_DEFAULT_BRANCH": default_branch, "CI_PIPELINE_CRON": cron}
+
+
+def wp_step_secrets(pipeline, step, secrets):
+    """What cirunner's runner gives `step` of `pipeline` from the repository's
+    `secrets` ({name: value}, no image or event filter): _JobRun._step_secrets,
+    the rule _JobRun._environment applies before the plugin's settings."""
+    job = types.SimpleNamespace(secrets=dict(secrets), secret_images={}, pipeline=pipeline)
+    return cirunner._JobRun._step_secrets(job, step, step.image)
+
+
+def wp_step_environment(pipeline, step, secrets):
+    """A step's own variables as cirunner's _JobRun._environment composes them
+    (its environment, its secrets, then the plugin's settings): the part
+    Woodpecker's compiler makes with settings.ParamsToEnv (convert.go:123-129)."""
+    environment = dict(step.environment)
+    environment.update(wp_step_secrets(pipeline, step, secrets))
+    environment.update(step.plugin_environment())
+    return environment
+
+
+def wp_container_workspace(pipeline, url="https://github.com/octocat/hello-world"):
+    """(base, path) of the workspace cirunner's runner gives a container of
+    `pipeline`'s job (_JobRun._container_workspace) for the repository at `url`."""
+    owner, name = url.rstrip("/").split("/")[-2:]
+    job = types.SimpleNamespace(pipeline=pipeline,
+                                repo={"url": url, "owner": owner, "name": name})
+    return cirunner._JobRun._container_workspace(job)
+
+
+# =====================================================================================
+# constraint/constraint_test.go
+# =====================================================================================
+
+# TestConstraintStatusSuccessFailure: (conf, wantSuccess, wantFail); the build's
+# event is pull_request (metadata.EventPull).
+WP_STATUS_CASES = [
+    ("", True, False),
+    ("{status: [failure]}", False, True),
+    ("{status: [success]}", True, False),
+    ("{status: [failure, success]}", True, True),
+    ("{event: push, status: [failure, success]}", False, False),
+    ("{event: pull_request, status: [failure, success]}", True, True),
+    ("{event: push, status: failure}", False, False),
+    ("{event: pull_request, status: [failure]}", False, True),
+    ("{status: success}", True, False),
+    ("[{}]", True, False),
+    ("[{status: success}]", True, False),
+    ("[{},{status: failure}]", True, True),
+    ("[{event: push, status: success},{status: failure}]", False, True),
+    ("[{status: failure},{event: push, status: success}]", False, True),
+]
+
+
+@pytest.mark.parametrize("conf, want_success, want_fail", WP_STATUS_CASES,
+                         ids=[f"TestConstraintStatusSuccessFailure[{c[0]!r}]"
+                              for c in WP_STATUS_CASES])
+def test_woodpecker_ported_constraint_status_success_failure(woodpecker_departure, conf, want_success, want_fail):
+    step = wp_step_with(conf)
+    when = {"branch": "", "event": "pull_request", "environment": {}}
+    assert step.applies(job_status="success", **when) is want_success
+    assert step.applies(job_status="failure", **when) is want_fail
+
+
+# TestConstraints: (desc, conf, metadata, env, want). Match(global=false).
+WP_CONSTRAINT_CASES = [
+    ("no constraints, must match on default events", "", {"event": "push"}, None, True),
+    ("global branch filter (develop)", "{ branch: develop }",
+     {"event": "push", "branch": "main"}, None, False),
+    ("global branch filter (main)", "{ branch: main }",
+     {"event": "push", "branch": "main"}, None, True),
+    ("repo constraint owner/*", "{ repo: owner/* }",
+     {"event": "push", "repo": "owner/repo"}, None, True),
+    ("repo constraint octocat/*", "{ repo: octocat/* }",
+     {"event": "push", "repo": "owner/repo"}, None, False),
+    ("ref constraint (tag ref)", "{ ref: refs/tags/* }",
+     {"event": "push", "ref": "refs/tags/v1.0.0"}, None, True),
+    ("ref constraint (branch ref)", "{ ref: refs/tags/* }",
+     {"event": "push", "ref": "refs/heads/main"}, None, False),
+    ("platform constraint", "{ platform: linux/amd64 }",
+     {"event": "push", "platform": "linux/amd64"}, None, True),
+    ("platform constraint (repo: linux/amd64 on windows)", "{ repo: linux/amd64 }",
+     {"event": "push", "platform": "windows/amd64"}, None, False),
+    ("instance constraint agent.tld", "{ instance: agent.tld }",
+     {"event": "push", "instance": "agent.tld"}, None, True),
+    ("instance constraint beta.agent.tld", "{ instance: agent.tld }",
+     {"event": "push", "instance": "beta.agent.tld"}, None, False),
+    ("filter cron by matching name", "{ event: cron, cron: job1 }",
+     {"event": "cron", "cron": "job1"}, None, True),
+    ("filter cron by name", "{ event: cron, cron: job2 }",
+     {"event": "cron", "cron": "job1"}, None, False),
+    ("filter with build-in env passes", "{ branch: ${CI_REPO_DEFAULT_BRANCH} }",
+     {"event": "push", "branch": "stable", "default_branch": "stable"}, None, True),
+    ("filter by eval based on event", """{ evaluate: 'CI_PIPELINE_EVENT == "push"' }""",
+     {"event": "push"}, None, True),
+    ("filter by eval based on event and repo",
+     """{ evaluate: 'CI_PIPELINE_EVENT == "push" && CI_REPO == "owner/repo"' }""",
+     {"event": "push", "repo": "owner/repo"}, None, True),
+    ("filter by eval based on custom variable (testval)",
+     """{ evaluate: 'TESTVAR == "testval"' }""",
+     {"event": "manual"}, {"TESTVAR": "testval"}, True),
+    ("filter by eval based on custom variable (qwe)",
+     """{ evaluate: 'TESTVAR == "testval"' }""",
+     {"event": "manual"}, {"TESTVAR": "qwe"}, False),
+]
+
+
+@pytest.mark.parametrize("desc, conf, meta, env, want", WP_CONSTRAINT_CASES,
+                         ids=[f"TestConstraints[{c[0]}]" for c in WP_CONSTRAINT_CASES])
+def test_woodpecker_ported_constraints(woodpecker_departure, desc, conf, meta, env, want):
+    step = wp_step_with(conf)
+    environ = wp_woodpecker_environ(**{key: value for key, value in meta.items()
+                                    if key not in ("platform", "instance")})
+    variables = {**(env or {}), **environ}  # constraint.go: maps.Copy(env, m.Environ())
+    got = step.applies(branch=meta.get("branch", ""), event=meta["event"], environment={},
+                       ref=meta.get("ref", ""), repo=meta.get("repo", ""),
+                       platform=meta.get("platform", ""), instance=meta.get("instance", ""),
+                       cron=meta.get("cron", ""), variables=variables)
+    assert got is want
+
+
+# The same cases through plan_pipeline, which makes the build's variables
+# itself (only those plan_pipeline's arguments can say: no platform, instance
+# or custom variables).
+WP_PLANNABLE = [c for c in WP_CONSTRAINT_CASES
+             if c[3] is None and not {"platform", "instance"} & set(c[2])]
+
+
+@pytest.mark.parametrize("desc, conf, meta, env, want", WP_PLANNABLE,
+                         ids=[f"TestConstraints-plan[{c[0]}]" for c in WP_PLANNABLE])
+def test_woodpecker_ported_constraints_planned(woodpecker_departure, desc, conf, meta, env, want):
+    pipeline = wp("steps:\n  - name: s\n    image: alpine\n    commands: [true]\n"
+                  f"    when: {conf or '{}'}\n")
+    kwargs = {"event": meta["event"], "branch": meta.get("branch", ""),
+              "repo": meta.get("repo", ""), "default_branch": meta.get("default_branch", "")}
+    if meta.get("ref"):
+        kwargs["ref"] = meta["ref"]
+    if meta.get("cron"):
+        kwargs["cron"] = meta["cron"]
+    plan = cirunner.plan_pipeline(pipeline, **kwargs)
+    assert plan["pipelines"][0]["jobs"][0]["steps"][0]["runs"] is want
+
+
+# =====================================================================================
+# constraint/list_test.go  (List.Match; exercised as when.branch on a push)
+# =====================================================================================
+
+WP_LIST_CASES = [
+    ("main", "develop", False),
+    ("main", "main", True),
+    ("feature/*", "feature/foo", True),
+    ("[ main, feature/* ]", "develop", False),
+    ("[ main, feature/* ]", "main", True),
+    ("[ main, feature/* ]", "feature/foo", True),
+    ("include: main", "develop", False),
+    ("include: main", "main", True),
+    ("include: feature/*", "main", False),
+    ("include: feature/*", "feature/foo", True),
+    ("include: [ main, feature/* ]", "develop", False),
+    ("include: [ main, feature/* ]", "main", True),
+    ("include: [ main, feature/* ]", "feature/foo", True),
+    ("exclude: main", "develop", True),
+    ("exclude: main", "main", False),
+    ("exclude: feature/*", "main", True),
+    ("exclude: feature/*", "feature/foo", False),
+    ("exclude: [ main, develop ]", "main", False),
+    ("exclude: [ feature/*, bar ]", "main", True),
+    ("exclude: [ feature/*, bar ]", "feature/foo", False),
+    ("{ include: [ main, feature/* ], exclude: [ develop ] }", "main", True),
+    ("{ include: [ main, feature/* ], exclude: [ feature/bar ] }", "feature/bar", False),
+    ("{ include: [ main, feature/* ], exclude: [ main, develop ] }", "main", False),
+    ("", "main", True),
+]
+
+
+@pytest.mark.parametrize("conf, with_, want", WP_LIST_CASES,
+                         ids=[f"TestConstraintList[{c[0]!r} with {c[1]!r}]" for c in WP_LIST_CASES])
+def test_woodpecker_ported_constraint_list(woodpecker_departure, conf, with_, want):
+    step = wp_step_with_key("branch", conf)
+    assert step.applies(branch=with_, event="push", environment={}) is want
+
+
+# =====================================================================================
+# constraint/map_test.go  (Map.Match; exercised as when.matrix)
+# =====================================================================================
+
+WP_MAP_CASES = [
+    ("GOLANG: 1.7", {"GOLANG": "1.7"}, True),
+    ("GOLANG: tip", {"GOLANG": "1.7"}, False),
+    ("{ GOLANG: 1.7, REDIS: 3.1 }", {"GOLANG": "1.7", "REDIS": "3.1", "MYSQL": "5.6"}, True),
+    ("{ GOLANG: 1.7, REDIS: 3.1 }", {"GOLANG": "1.7", "REDIS": "3.0"}, False),
+    ("{ GOLANG: 1.7, REDIS: 3.* }", {"GOLANG": "1.7", "REDIS": "3.0"}, True),
+    ("{ GOLANG: 1.7, BRANCH: release/**/test }",
+     {"GOLANG": "1.7", "BRANCH": "release/v1.12.1//test"}, True),
+    ("{ GOLANG: 1.7, BRANCH: release/**/test }",
+     {"GOLANG": "1.7", "BRANCH": "release/v1.12.1/qest"}, False),
+    ("include: { GOLANG: 1.7 }", {"GOLANG": "1.7"}, True),
+    ("include: { GOLANG: tip }", {"GOLANG": "1.7"}, False),
+    ("include: { GOLANG: 1.7, REDIS: 3.1 }",
+     {"GOLANG": "1.7", "REDIS": "3.1", "MYSQL": "5.6"}, True),
+    ("include: { GOLANG: 1.7, REDIS: 3.1 }", {"GOLANG": "1.7", "REDIS": "3.0"}, False),
+    ("exclude: { GOLANG: 1.7 }", {"GOLANG": "1.7"}, False),
+    ("exclude: { GOLANG: tip }", {"GOLANG": "1.7"}, True),
+    ("exclude: { GOLANG: 1.7, REDIS: 3.1 }",
+     {"GOLANG": "1.7", "REDIS": "3.1", "MYSQL": "5.6"}, False),
+    ("exclude: { GOLANG: 1.7, REDIS: 3.1 }", {"GOLANG": "1.7", "REDIS": "3.0"}, True),
+    ("{ include: { GOLANG: 1.7 }, exclude: { GOLANG: 1.7 } }", {"GOLANG": "1.7"}, False),
+    ("", {"GOLANG": "1.7", "REDIS": "3.0"}, True),
+    ("GOLANG: 1.7", {}, False),
+    ("{ GOLANG: 1.7, REDIS: 3.0 }", {}, False),
+    ("include: { GOLANG: 1.7, REDIS: 3.1 }", {}, False),
+    ("exclude: { GOLANG: 1.7, REDIS: 3.1 }", {}, True),
+]
+
+
+@pytest.mark.parametrize("conf, with_, want", WP_MAP_CASES,
+                         ids=[f"TestConstraintMap[{c[0]!r} with {c[1]}]" for c in WP_MAP_CASES])
+def test_woodpecker_ported_constraint_map(woodpecker_departure, conf, with_, want):
+    step = wp_step_with_key("matrix", conf)
+    assert step.applies(branch="main", event="push", environment=with_) is want
+
+
+# =====================================================================================
+# matrix/matrix_test.go
+# =====================================================================================
+
+WP_FAKE_MATRIX = """
+matrix:
+  go_version:
+    - go1
+    - go1.2
+  python_version:
+    - 3.2
+    - 3.3
+  django_version:
+    - 1.7
+    - 1.7.1
+    - 1.7.2
+  redis_version:
+    - 2.6
+    - 2.8
+"""
+
+WP_FAKE_MATRIX_INCLUDE = """
+matrix:
+  include:
+    - go_version: 1.5
+      python_version: 3.4
+    - go_version: 1.6
+      python_version: 3.4
+"""
+
+WP_STEPS = "steps:\n  - name: build\n    image: golang\n    commands: [go build]\n"
+
+
+def test_woodpecker_ported_matrix_TestMatrix(woodpecker_departure):
+    jobs = wp(WP_FAKE_MATRIX + WP_STEPS).matrix
+    assert len(jobs) == 24
+    assert len({json.dumps(axis, sort_keys=True) for axis in jobs}) == 24
+    # Go's yaml reads each value into a string, as written
+    assert {axis["python_version"] for axis in jobs} == {"3.2", "3.3"}
+    assert {axis["django_version"] for axis in jobs} == {"1.7", "1.7.1", "1.7.2"}
+
+
+def test_woodpecker_ported_matrix_TestMatrixEmpty(woodpecker_departure):
+    # ParseString("") gives no axis; builder.go:64 then runs one workflow with none
+    assert wp(WP_STEPS).matrix == [{}]
+
+
+def test_woodpecker_ported_matrix_TestMatrixEmptyAxis(woodpecker_departure):
+    # an axis without values contributes no permutations (matrix.go calc)
+    jobs = wp("matrix:\n  A: [a1, a2]\n  EMPTY:\n" + WP_STEPS).matrix
+    assert len(jobs) == 2
+    assert jobs[0]["A"] == "a1"
+    assert jobs[1]["A"] == "a2"
+
+
+def test_woodpecker_ported_matrix_TestMatrixIncluded(woodpecker_departure):
+    jobs = wp(WP_FAKE_MATRIX_INCLUDE + WP_STEPS).matrix
+    assert len(jobs) == 2
+    assert jobs[0]["go_version"] == "1.5"
+    assert jobs[1]["go_version"] == "1.6"
+    assert jobs[0]["python_version"] == "3.4"
+    assert jobs[1]["python_version"] == "3.4"
+
+
+def test_woodpecker_ported_matrix_TestMatrixDeterministicOrder(woodpecker_departure):
+    first = wp(WP_FAKE_MATRIX + WP_STEPS).matrix
+    for _ in range(20):
+        assert wp(WP_FAKE_MATRIX + WP_STEPS).matrix == first
+
+
+# =====================================================================================
+# linter/linter_test.go
+# =====================================================================================
+
+WP_LINT_OK = {
+    "map": """
+when:
+  event: push
+
+steps:
+  build:
+    image: docker
+    volumes:
+      - /tmp:/tmp
+    commands:
+      - go build
+      - go test
+  publish:
+    image: woodpeckerci/plugin-kaniko
+    settings:
+      repo: foo/bar
+      foo: bar
+services:
+  redis:
+    image: redis
+""",
+    "list": """
+when:
+  event: push
+
+steps:
+  - name: build
+    image: docker
+    volumes:
+      - /tmp:/tmp
+    commands:
+      - go build
+      - go test
+  - name: publish
+    image: woodpeckerci/plugin-kaniko
+    settings:
+      repo: foo/bar
+      foo: bar
+services:
+  - name: redis
+    image: redis
+""",
+    "merge maps": """
+when:
+  event: push
+
+variables:
+  step_template: &base-step
+    image: golang:1.19
+    commands:
+      - go version
+
+steps:
+  test base step:
+    <<: *base-step
+  test base step with latest image:
+    <<: *base-step
+    image: golang:latest
+""",
+    "explicitly privileged container":
+        "{steps: { build: { image: plugins/docker, privileged: true, settings: { test: 'true' } } }, when: { branch: main, event: push } } }",
+}
+
+
+@pytest.mark.parametrize("title", list(WP_LINT_OK), ids=[f"TestLint[{t}]" for t in WP_LINT_OK])
+def test_woodpecker_ported_lint_ok(woodpecker_departure, title):
+    # linter.New(WithTrusted(all)): no error; cirunner checks trust when a job runs
+    pipeline = wp(WP_LINT_OK[title])
+    steps = {step.name: step for step in pipeline.steps}
+    if title in ("map", "list"):
+        assert [s.name for s in pipeline.steps] == ["build", "publish"]
+        assert steps["build"].volumes == ["/tmp:/tmp"]
+        assert steps["publish"].kind == "plugin"
+        assert steps["publish"].settings == {"repo": "foo/bar", "foo": "bar"}
+        assert [s.name for s in pipeline.services] == ["redis"]
+    elif title == "merge maps":
+        assert [(s.name, s.image, s.commands) for s in pipeline.steps] == [
+            ("test base step", "golang:1.19", ["go version"]),
+            ("test base step with latest image", "golang:latest", ["go version"])]
+    else:
+        assert steps["build"].privileged is True
+
+
+def test_woodpecker_ported_lint_TestLintDeeplyNestedBackendOptions(woodpecker_departure):
+    wp("""
+when:
+  event: push
+steps:
+  test:
+    image: golang
+    backend_options:
+      kubernetes:
+        affinity:
+          nodeAffinity:
+            requiredDuringSchedulingIgnoredDuringExecution:
+              nodeSelectorTerms:
+                - matchExpressions:
+                    - key: accelerator
+                      operator: In
+                      values:
+                        - nvidia-tesla-v100
+""")
+
+
+# TestLintErrors, the blocking ones (newLinterError(..., false)): wp_refused.
+# (from, words the refusal must name)
+WP_LINT_ERRORS = [
+    ("", ["steps"]),  # "Invalid or missing `steps` section" (linter.go:86)
+    ("steps: { build: { image: '' }  }", ["image"]),  # "Invalid or missing image" (:235)
+    # "Cannot configure both `commands` and `settings`" (:261)
+    (("steps: { build: { image: golang, settings: { test: 'true' }, "
+     "commands: [ 'echo ja', 'echo nein' ] } }"), ["commands", "settings"]),
+    # "Cannot configure both `entrypoint` and `settings`" (:264)
+    (("steps: { build: { image: golang, settings: { test: 'true' }, "
+     "entrypoint: [ '/bin/fish' ] } }"), ["entrypoint", "settings"]),
+    # "Additional property pipeline is not allowed" (a schema warning) beside the
+    # blocking "Invalid or missing `steps` section": Woodpecker v3 has no `pipeline`
+    (("{pipeline: { build: { image: golang, settings: { test: 'true' } } }, "
+     "when: { branch: main, event: push } }"), ["pipeline"]),
+    # "One or more of the specified dependencies do not exist" (:225)
+    ("steps: { build: { image: golang }, publish: { image: golang, depends_on: [ binary ] } }",
+     ["binary"]),
+    # "Service names must be unique, `database` is used more than once" (:156)
+    (("{steps: { build: { image: golang } }, services: [ { name: database, image: mysql }, "
+     "{ name: database, image: postgres } ] }"), ["database"]),
+]
+
+
+@pytest.mark.parametrize("text, words", WP_LINT_ERRORS,
+                         ids=[f"TestLintErrors[{c[0][:60]!r}]" for c in WP_LINT_ERRORS])
+def test_woodpecker_ported_lint_errors(woodpecker_departure, text, words):
+    message = wp_refused(text)
+    for word in words:
+        assert word in message
+
+
+# TestLintErrors, the warnings (newLinterError(..., true)): accepted, warned.
+WP_LINT_WARNINGS = [
+    # "Should not configure both `environment` and `settings`" (linter.go:267, true)
+    (("steps: { build: { image: golang, settings: { test: 'true' }, "
+     "environment: { 'TEST': 'true' } } }"), ["environment", "settings"]),
+    # "The formerly privileged plugin `plugins/docker` is no longer privileged by
+    # default, ..." (linter.go:249: a warning when the linter has no list)
+    (("{steps: { build: { image: plugins/docker, settings: { test: 'true' } } }, "
+     "when: { branch: main, event: push } } }"), ["plugins/docker", "privileged"]),
+    # "Specified clone image does not match allow list, netrc is not injected" (:135, true)
+    (("{steps: { build: { image: golang, settings: { test: 'true' } } }, "
+     "when: { branch: main, event: push }, "
+     "clone: { git: { image: some-other/plugin-git:v1.1.0 } } }"), ["clone", "netrc"]),
+]
+
+
+@pytest.mark.parametrize("text, words", WP_LINT_WARNINGS,
+                         ids=[f"TestLintErrors-warning[{c[0][:60]!r}]" for c in WP_LINT_WARNINGS])
+def test_woodpecker_ported_lint_warnings(woodpecker_departure, text, words):
+    warnings = wp(text).warnings
+    assert any(all(word in warning for word in words) for warning in warnings), warnings
+
+
+# TestDeprecations (IsWarning: true, linter.go:366): (from, old, replacement or None)
+WP_DEPRECATIONS = [
+    ('steps: { build: { image: golang, commands: ["echo $CI_COMMIT_PRERELEASE"] } }',
+     "CI_COMMIT_PRERELEASE", "CI_PIPELINE_RELEASE_PRE"),
+    ('steps: { build: { image: golang, commands: ["echo $$CI_COMMIT_PRERELEASE"] } }',
+     "CI_COMMIT_PRERELEASE", "CI_PIPELINE_RELEASE_PRE"),
+    ('steps: { build: { image: golang, commands: ["echo ${CI_COMMIT_PRERELEASE}"] } }',
+     "CI_COMMIT_PRERELEASE", "CI_PIPELINE_RELEASE_PRE"),
+    ('steps: { build: { image: golang, commands: ["echo ${CI_COMMIT_AUTHOR_AVATAR}"] } }',
+     "CI_COMMIT_AUTHOR_AVATAR", "CI_PIPELINE_AVATAR"),
+    ('steps: { build: { image: golang, commands: ["echo $CI_PREV_COMMIT_AUTHOR_AVATAR"] } }',
+     "CI_PREV_COMMIT_AUTHOR_AVATAR", "CI_PREV_PIPELINE_AVATAR"),
+    ('steps: { build: { image: golang, commands: ["echo $CI_PIPELINE_RELEASE_PRE"] } }',
+     None, None),
+    ('steps: { build: { image: golang, commands: ["echo $CI_PIPELINE_AVATAR"] } }', None, None),
+    ('steps: { build: { image: golang, commands: ["echo $CI_COMMIT_PRERELEASE_FOO"] } }',
+     None, None),
+    ('steps: { build: { image: golang, commands: ["echo $CI_PREV_COMMIT_AUTHOR_AVATAR"] } }',
+     "CI_PREV_COMMIT_AUTHOR_AVATAR", "CI_PREV_PIPELINE_AVATAR"),
+]
+
+
+@pytest.mark.parametrize("text, old, new", WP_DEPRECATIONS,
+                         ids=[f"TestDeprecations[{c[0][38:]!r}]" for c in WP_DEPRECATIONS])
+def test_woodpecker_ported_deprecations(woodpecker_departure, text, old, new):
+    warnings = wp(text).warnings
+    deprecations = [w for w in warnings if "deprecat" in w.lower()]
+    if old is None:
+        assert deprecations == []
+    else:
+        assert len(deprecations) == 1, warnings
+        assert f"`{old}`" in deprecations[0] or f"{old}" in deprecations[0]
+        assert new in deprecations[0]
+        # the CI_COMMIT_AUTHOR_AVATAR pattern must not fire on CI_PREV_COMMIT_AUTHOR_AVATAR
+        assert not any("CI_COMMIT_AUTHOR_AVATAR" in w.replace("CI_PREV_COMMIT_AUTHOR_AVATAR", "")
+                       for w in deprecations) or old == "CI_COMMIT_AUTHOR_AVATAR"
+
+
+# TestBadHabits (IsWarning: true, linter.go:446)
+WP_BAD_HABITS = [
+    ("steps: { build: { image: golang } }",
+     "Consider adding a `when` block with an `event` filter"),
+    ("when: [{branch: xyz}, {event: push}]\nsteps: { build: { image: golang } }",
+     "Consider adding a `when` block with an `event` filter"),
+    ("steps: { build: { image: golang, when: [{branch: main}] } }",
+     "Set an event filter for all steps or the entire workflow"),
+]
+
+
+@pytest.mark.parametrize("text, want", WP_BAD_HABITS,
+                         ids=[f"TestBadHabits[{c[0]!r}]" for c in WP_BAD_HABITS])
+def test_woodpecker_ported_bad_habits(woodpecker_departure, text, want):
+    warnings = wp(text).warnings
+    assert any("event" in w and ("filter" in w or "when" in w) for w in warnings), \
+        f"want a warning like {want!r}, got {warnings}"
+
+
+# =====================================================================================
+# types/container_test.go
+# =====================================================================================
+
+WP_CONTAINER_YAML = """
+image: golang:latest
+commands:
+  - go build
+  - go test
+detach: true
+devices:
+  - /dev/ttyUSB0:/dev/ttyUSB0
+directory: example/
+dns: 8.8.8.8
+dns_search: example.com
+entrypoint: [/bin/sh, -c]
+environment:
+  RACK_ENV: development
+  SHOW: true
+extra_hosts:
+ - somehost:162.242.195.82
+ - otherhost:50.31.209.229
+ - ipv6:2001:db8::10
+name: my-build-container
+network_mode: bridge
+networks:
+  - some-network
+  - other-network
+pull: true
+privileged: true
+volumes:
+  - /var/lib/mysql
+  - /opt/data:/var/lib/mysql
+  - /etc/configs:/etc/configs/:ro
+tmpfs:
+  - /var/lib/test
+when:
+  - branch: main
+  - event: cron
+    cron: job1
+settings:
+  foo: bar
+  baz: false
+ports:
+  - 8080
+  - 4443/tcp
+  - 51820/udp
+"""
+
+
+def _wp_container_workflow(container_yaml):
+    # networks (no field of Woodpecker v3's Container: ignored there) and tmpfs
+    # (trusted-only there) are keys cirunner says it does not support: left out
+    container_yaml = container_yaml.replace(
+        "networks:\n  - some-network\n  - other-network\n", "").replace(
+        "tmpfs:\n  - /var/lib/test\n", "")
+    return "steps:\n  - " + textwrap.indent(container_yaml.strip(), "    ")[4:] + "\n"
+
+
+def test_woodpecker_ported_container_TestUnmarshalContainer_refused_by_the_linter(woodpecker_departure):
+    # Go's Unmarshal takes it; Woodpecker's linter then refuses commands beside
+    # settings (linter.go:261), whatever the repository's trust.
+    message = wp_refused(_wp_container_workflow(WP_CONTAINER_YAML))
+    assert "settings" in message
+
+
+def test_woodpecker_ported_container_TestUnmarshalContainer(woodpecker_departure):
+    # The Go case without `settings` (which the linter refuses beside commands):
+    # the fields cirunner has, as Woodpecker reads them (networks, tmpfs, ports:
+    # no counterpart in cirunner).
+    text = WP_CONTAINER_YAML.replace("settings:\n  foo: bar\n  baz: false\n", "")
+    step = wp(_wp_container_workflow(text)).steps[0]
+    assert step.name == "my-build-container"
+    assert step.image == "golang:latest"
+    assert step.commands == ["go build", "go test"]
+    assert step.detach is True
+    assert step.devices == ["/dev/ttyUSB0:/dev/ttyUSB0"]
+    assert step.directory == "example/"
+    assert step.dns == ["8.8.8.8"]
+    assert step.dns_search == ["example.com"]
+    assert step.entrypoint == ["/bin/sh", "-c"]
+    # map[string]any{"RACK_ENV": "development", "SHOW": true}; the compiler makes
+    # the bool "true" (settings.ParamsToEnv, convert.go:127)
+    assert step.environment == {"RACK_ENV": "development", "SHOW": "true"}
+    assert step.extra_hosts == ["somehost:162.242.195.82", "otherhost:50.31.209.229",
+                                "ipv6:2001:db8::10"]
+    assert step.network_mode == "bridge"
+    assert step.privileged is True
+    assert step.volumes == ["/var/lib/mysql", "/opt/data:/var/lib/mysql",
+                            "/etc/configs:/etc/configs/:ro"]
+    # When: [{branch: main}, {event: cron, cron: job1}]
+    assert step.applies(branch="main", event="push", environment={}) is True
+    assert step.applies(branch="dev", event="push", environment={}) is False
+    assert step.applies(branch="dev", event="cron", cron="job1", environment={}) is True
+    assert step.applies(branch="dev", event="cron", cron="job2", environment={}) is False
+
+
+def test_woodpecker_ported_container_TestUnmarshalContainer_pull(woodpecker_departure):
+    # Pull: true (container.go: `Pull bool`): the step pulls its image
+    text = WP_CONTAINER_YAML.replace("settings:\n  foo: bar\n  baz: false\n", "")
+    assert wp(_wp_container_workflow(text)).steps[0].pull is True
+
+
+WP_PUBLISH_WHEN = """
+    when:
+      branch: ${CI_REPO_DEFAULT_BRANCH}
+      event: push"""
+
+WP_CONTAINERS = [
+    ("build: { image: golang }", "build", "golang", {}, None),
+    ("test: { name: unit_test, image: node, settings: { normal_setting: true } }",
+     "unit_test", "node", {"normal_setting": True}, None),
+    ("""publish-agent:
+    image: print/env
+    settings:
+      repo: woodpeckerci/woodpecker-agent
+      dry_run: true
+      dockerfile: docker/Dockerfile.agent
+      tag: [next, latest]""" + WP_PUBLISH_WHEN,
+     "publish-agent", "print/env",
+     {"repo": "woodpeckerci/woodpecker-agent", "dockerfile": "docker/Dockerfile.agent",
+      "tag": ["next", "latest"], "dry_run": True}, "push-default"),
+    ("""publish-cli:
+    image: print/env
+    settings:
+      repo: woodpeckerci/woodpecker-cli
+      dockerfile: docker/Dockerfile.cli
+      tag: [next]""" + WP_PUBLISH_WHEN,
+     "publish-cli", "print/env",
+     {"repo": "woodpeckerci/woodpecker-cli", "dockerfile": "docker/Dockerfile.cli",
+      "tag": ["next"]}, "push-default"),
+    ("""publish-cli:
+    image: print/env
+    when:
+      - branch: ${CI_REPO_DEFAULT_BRANCH}
+        event: push
+      - event: pull_request""",
+     "publish-cli", "print/env", {}, "push-default-or-pr"),
+]
+
+
+@pytest.mark.parametrize("from_, name, image, settings, when", WP_CONTAINERS,
+                         ids=[f"TestUnmarshalContainers[{c[1]}#{i}]"
+                              for i, c in enumerate(WP_CONTAINERS)])
+def test_woodpecker_ported_unmarshal_containers(woodpecker_departure, from_, name, image, settings, when):
+    step = wp("steps:\n  " + from_ + "\n").steps[0]
+    assert (step.name, step.image, step.settings) == (name, image, settings)
+    assert step.kind == "plugin"
+    variables = {"CI_REPO_DEFAULT_BRANCH": "main"}
+
+    def runs(event, branch):
+        return step.applies(branch=branch, event=event, environment={}, variables=variables)
+
+    if when is None:
+        assert not step.when or runs("push", "any") and runs("pull_request", "any")
+    else:
+        assert runs("push", "main") is True
+        assert runs("push", "dev") is False
+        assert runs("pull_request", "main") is (when == "push-default-or-pr")
+        assert runs("pull_request", "dev") is (when == "push-default-or-pr")
+
+
+@pytest.mark.parametrize("from_", ["foo: { name: [ foo, bar] }", "- foo"],
+                         ids=["TestUnmarshalContainersErr[name list]",
+                              "TestUnmarshalContainersErr[- foo]"])
+def test_woodpecker_ported_unmarshal_containers_err(woodpecker_departure, from_):
+    wp_refused("steps:\n  " + from_ + "\n")
+
+
+WP_IS_PLUGIN = [
+    ("{image: x}", True),                                        # &Container{}
+    ("{image: x, commands: []}", True),
+    ("{image: x, commands: [\"echo 'this is not a plugin'\"]}", False),
+    ("{image: x, entrypoint: []}", True),
+    ("{image: x, entrypoint: [\"echo 'this is not a plugin'\"]}", False),
+]
+
+
+@pytest.mark.parametrize("body, plugin", WP_IS_PLUGIN,
+                         ids=[f"TestIsPlugin[{c[0]}]" for c in WP_IS_PLUGIN])
+def test_woodpecker_ported_is_plugin(woodpecker_departure, body, plugin):
+    # Container.IsPlugin: no commands and no entrypoint (container.go:60)
+    try:
+        step = wp(f"steps:\n  s: {body}\n").steps[0]
+    except cirunner.ConfigError as exc:
+        pytest.fail(f"Woodpecker takes this step ({'plugin' if plugin else 'not a plugin'}); "
+                    f"cirunner refuses it: {exc.message}")
+    assert (step.kind == "plugin") is plugin
+
+
+# =====================================================================================
+# constraint/depends_on_test.go  (a step's depends_on)
+# =====================================================================================
+
+WP_DAG_STEPS = ("steps:\n  lint: {image: a, commands: [x]}\n  test: {image: a, commands: [x]}\n"
+             "  s:\n    image: a\n    commands: [x]\n")
+
+WP_DEPENDS_ON = [
+    ("unmarshal string", "    depends_on: lint\n", ["lint"]),
+    ("unmarshal string array", "    depends_on: [lint, test]\n", ["lint", "test"]),
+    ("unmarshal object array",
+     "    depends_on:\n      - name: lint\n        optional: true\n      - name: test\n",
+     ["lint", "test"]),
+    ("unmarshal mixed array",
+     "    depends_on:\n      - lint\n      - name: test\n        optional: true\n",
+     ["lint", "test"]),
+]
+
+
+@pytest.mark.parametrize("case, yaml_text, names", WP_DEPENDS_ON,
+                         ids=[f"TestDependsOnYaml[{c[0]}]" for c in WP_DEPENDS_ON])
+def test_woodpecker_ported_depends_on_yaml(woodpecker_departure, case, yaml_text, names):
+    pipeline = wp(WP_DAG_STEPS + yaml_text)
+    assert pipeline.steps[-1].depends_on == names
+
+
+def test_woodpecker_ported_depends_on_yaml_empty_array_is_dag_mode(woodpecker_departure):
+    # "empty array unmarshals non-nil (signals step DAG mode with no edges)"
+    pipeline = wp(WP_DAG_STEPS + "    depends_on: []\n")
+    assert pipeline.step_graph is True
+    assert pipeline.steps[-1].depends_on == []
+
+
+def test_woodpecker_ported_depends_on_yaml_absent_is_sequential(woodpecker_departure):
+    # "absent key unmarshals nil (signals sequential step execution)"
+    assert wp(WP_DAG_STEPS).step_graph is False
+
+
+def test_woodpecker_ported_depends_on_yaml_object_missing_name(woodpecker_departure):
+    wp_refused(WP_DAG_STEPS + "    depends_on: [{optional: true}]\n")
+
+
+# =====================================================================================
+# compiler/dag_test.go  (the step graph)
+# =====================================================================================
+
+
+def _wp_graph(spec):
+    """A workflow of steps {name: [depends_on] or None}, in order."""
+    lines = ["steps:"]
+    for name, needs in spec:
+        lines.append(f"  - name: {name}\n    image: bash\n    commands: [echo]")
+        if needs is not None:
+            lines.append("    depends_on: " + json.dumps(needs))
+    return "\n".join(lines) + "\n"
+
+
+def test_woodpecker_ported_dag_TestConvertDAGToStages_cycle(woodpecker_departure):
+    message = wp_refused(_wp_graph([("step1", ["step3"]), ("step2", ["step1"]),
+                              ("step3", ["step2"])]))
+    assert "cycle" in message.lower()
+
+
+def test_woodpecker_ported_dag_TestConvertDAGToStages_ok(woodpecker_departure):
+    wp(_wp_graph([("step1", ["step2"]), ("step2", None)]))
+    pipeline = wp(_wp_graph([("a", None), ("b", ["a"]), ("c", ["a"]), ("d", ["b", "c"])]))
+    assert {s.name: s.depends_on for s in pipeline.steps} == {
+        "a": [], "b": ["a"], "c": ["a"], "d": ["b", "c"]}
+
+
+def test_woodpecker_ported_dag_TestConvertDAGToStages_missing(woodpecker_departure):
+    assert "not-existing-step" in wp_refused(_wp_graph([("step1", ["not-existing-step"])]))
+
+
+def _wp_optional_graph(extra=""):
+    return ("steps:\n  - name: build\n    image: bash\n    commands: [echo]\n" + extra +
+            "  - name: deploy\n    image: bash\n    commands: [echo]\n    depends_on:\n"
+            "      - build\n      - name: lint\n        optional: true\n")
+
+
+def test_woodpecker_ported_dag_TestOptionalStepDependency_missing_optional_dropped(woodpecker_departure):
+    pipeline = wp(_wp_optional_graph())
+    assert {s.name: s.depends_on for s in pipeline.steps} == {"build": [], "deploy": ["build"]}
+
+
+def test_woodpecker_ported_dag_TestOptionalStepDependency_missing_optional_with_dependents(woodpecker_departure):
+    pipeline = wp(_wp_optional_graph() + "  - name: notify\n    image: bash\n    commands: [echo]\n"
+                  "    depends_on: [deploy]\n")
+    assert {s.name: s.depends_on for s in pipeline.steps} == {
+        "build": [], "deploy": ["build"], "notify": ["deploy"]}
+
+
+def test_woodpecker_ported_dag_TestOptionalStepDependency_missing_required_errors(woodpecker_departure):
+    assert "build" in wp_refused(_wp_graph([("deploy", ["build"])]))
+
+
+def test_woodpecker_ported_dag_TestOptionalStepDependency_present_optional_kept(woodpecker_departure):
+    pipeline = wp(_wp_optional_graph("  - name: lint\n    image: bash\n    commands: [echo]\n"))
+    assert {s.name: s.depends_on for s in pipeline.steps} == {
+        "build": [], "lint": [], "deploy": ["build", "lint"]}
+
+
+def test_woodpecker_ported_dag_TestIsDag(woodpecker_departure):
+    assert wp(_wp_graph([("a", None)])).step_graph is False
+    assert wp(_wp_graph([("a", [])])).step_graph is True
+
+
+def test_woodpecker_ported_dag_TestDuplicateStepNameInDAG(woodpecker_departure):
+    wp_refused(_wp_graph([("build", ["clone"]), ("clone", None), ("build", ["clone"])]))
+
+
+def test_woodpecker_ported_dag_TestDuplicateStepNameInDAG_sequence_is_fine(woodpecker_departure):
+    # "without a dependency the steps run as a sequence, where duplicate names are fine"
+    pipeline = wp(_wp_graph([("build", None), ("build", None)]))
+    assert [s.name for s in pipeline.steps] == ["build", "build"]
+
+
+# =====================================================================================
+# compiler/settings/params_test.go  (PLUGIN_* and environment values)
+# =====================================================================================
+
+WP_PARAMS_YAML = """
+steps:
+  - name: p
+    image: plugins/x
+    settings:
+      skip: ~
+      string: stringz
+      int: 1
+      float: 1.2
+      bool: true
+      slice: [1, 2, 3]
+      map: {hello: world}
+      complex: [{name: Jack}, {name: Jill}]
+      complex2: {name: Jack}
+      from.address: noreply@example.com
+      tags: [next, latest]
+      tag: [next]
+      my_secret: {from_secret: secret_token}
+      UPPERCASE_SECRET: {from_secret: SECRET_TOKEN}
+"""
+
+
+def test_woodpecker_ported_params_TestParamsToEnv(woodpecker_departure):
+    pipeline = wp(WP_PARAMS_YAML)
+    step = pipeline.steps[0]
+    assert wp_step_environment(pipeline, step, {"secret_token": "FooBar"}) == {
+        "PLUGIN_STRING": "stringz",
+        "PLUGIN_INT": "1",
+        "PLUGIN_FLOAT": "1.2",
+        "PLUGIN_BOOL": "true",
+        "PLUGIN_SLICE": "1,2,3",
+        "PLUGIN_MAP": '{"hello":"world"}',
+        "PLUGIN_COMPLEX": '[{"name":"Jack"},{"name":"Jill"}]',
+        "PLUGIN_COMPLEX2": '{"name":"Jack"}',
+        "PLUGIN_FROM_ADDRESS": "noreply@example.com",
+        "PLUGIN_TAG": "next",
+        "PLUGIN_TAGS": "next,latest",
+        "PLUGIN_MY_SECRET": "FooBar",
+        "PLUGIN_UPPERCASE_SECRET": "FooBar",
+    }
+
+
+def test_woodpecker_ported_params_TestParamsToEnv_edge_case_1609(woodpecker_departure):
+    step = wp("steps:\n  - name: p\n    image: plugins/x\n    settings:\n      a: [a, ~]\n").steps[0]
+    assert step.plugin_environment() == {"PLUGIN_A": "a,"}
+
+
+def test_woodpecker_ported_params_TestParamsToEnvPrefix(woodpecker_departure):
+    step = wp("steps:\n  - name: p\n    image: plugins/x\n    settings:\n"
+              "      string: stringz\n      int: 1\n").steps[0]
+    assert step.plugin_environment() == {"PLUGIN_STRING": "stringz", "PLUGIN_INT": "1"}
+
+
+def test_woodpecker_ported_params_TestSanitizeParamKey_upper(woodpecker_departure):
+    # sanitizeParamKey("PLUGIN_", true, ...): settings
+    for key in ("dry-run", "dry_Run", "dry.run"):
+        step = wp(f"steps:\n  - name: p\n    image: plugins/x\n    settings:\n"
+                  f"      {key}: v\n").steps[0]
+        assert step.plugin_environment() == {"PLUGIN_DRY_RUN": "v"}, key
+
+
+def test_woodpecker_ported_params_TestSanitizeParamKey_not_upper(woodpecker_departure):
+    # sanitizeParamKey(prefix, false, key) keeps the key as written: it is how the
+    # compiler names a step's environment variables (convert.go:127, upper false)
+    pipeline = wp("steps:\n  - name: s\n    image: bash\n    commands: [env]\n"
+                  "    environment:\n      dry-run: a\n      dry_Run: b\n      dry.run: c\n")
+    assert pipeline.steps[0].environment == {"dry-run": "a", "dry_Run": "b", "dry.run": "c"}
+
+
+WP_YAML_TO_PARAMS = """
+steps:
+  - name: p
+    image: plugins/x
+    settings:
+      skip: ~
+      string: stringz
+      int: 1
+      float: 1.2
+      bool: true
+      slice: [1, 2, 3]
+      my_secret:
+        from_secret: secret_token
+      map:
+        key: "value"
+        entry2:
+          - "a"
+          - "b"
+          - 3
+        secret:
+          from_secret: secret_token
+      list.map:
+        - registry: https://codeberg.org
+          username: "6543"
+          password:
+            from_secret: cb_password
+"""
+
+
+def test_woodpecker_ported_params_TestYAMLToParamsToEnv(woodpecker_departure):
+    pipeline = wp(WP_YAML_TO_PARAMS)
+    step = pipeline.steps[0]
+    assert wp_step_environment(pipeline, step, {"secret_token": "FooBar",
+                                             "cb_password": "geheim"}) == {
+        "PLUGIN_STRING": "stringz",
+        "PLUGIN_INT": "1",
+        "PLUGIN_FLOAT": "1.2",
+        "PLUGIN_BOOL": "true",
+        "PLUGIN_SLICE": "1,2,3",
+        "PLUGIN_MY_SECRET": "FooBar",
+        "PLUGIN_MAP": '{"entry2":["a","b",3],"key":"value","secret":"FooBar"}',
+        "PLUGIN_LIST_MAP": '[{"password":"geheim","registry":"https://codeberg.org",'
+                           '"username":"6543"}]',
+    }
+
+
+def _wp_secret_refused(text, secrets):
+    """Woodpecker's compiler fails the workflow when a from_secret names a
+    secret it does not have (ParamsToEnv returns the error, convert.go:123-128);
+    the counterpart here: parsing refuses it, or the runner's secrets step does."""
+    try:
+        pipeline = wp(text)
+    except cirunner.ConfigError:
+        return True
+    step = pipeline.steps[0]
+    try:
+        wp_step_environment(pipeline, step, secrets)
+    except Exception:  # noqa: BLE001 - any refusal
+        return True
+    return False
+
+
+def test_woodpecker_ported_params_TestYAMLToParamsToEnvError(woodpecker_departure):
+    assert _wp_secret_refused("steps:\n  - name: p\n    image: plugins/x\n    settings:\n"
+                           "      my_secret:\n        from_secret: not_a_secret\n",
+                           {"secret_token": "FooBar"})
+
+
+def test_woodpecker_ported_params_TestSecretNotFound(woodpecker_departure):
+    assert _wp_secret_refused("steps:\n  - name: p\n    image: plugins/x\n    settings:\n"
+                           "      map: {secret: {from_secret: secret_token}}\n",
+                           {"a_different_password": "secret"})
+
+
+def test_woodpecker_ported_params_TestSecretMappingSimpleSecret(woodpecker_departure):
+    pipeline = wp("steps:\n  - name: p\n    image: plugins/x\n    settings:\n"
+                  "      simple_secret: {from_secret: my_token}\n"
+                  "      regular_var: no_secret_here\n")
+    env = wp_step_environment(pipeline, pipeline.steps[0], {"my_token": "secret_value_123"})
+    assert env["PLUGIN_SIMPLE_SECRET"] == "secret_value_123"
+    assert env["PLUGIN_REGULAR_VAR"] == "no_secret_here"
+
+
+def test_woodpecker_ported_params_TestSecretMappingComplexMapWithSecrets(woodpecker_departure):
+    pipeline = wp("""
+steps:
+  - name: p
+    image: plugins/x
+    settings:
+      config:
+        database:
+          host: localhost
+          password: {from_secret: db_password}
+          port: 5432
+        api_key: {from_secret: api_secret}
+        timeout: 30
+      simple_var: no_secrets
+""")
+    env = wp_step_environment(pipeline, pipeline.steps[0], {"db_password": "super_secret_db_pass",
+                                                         "api_secret": "api_key_12345"})
+    assert env["PLUGIN_CONFIG"] == ('{"api_key":"api_key_12345","database":{"host":"localhost",'
+                                    '"password":"super_secret_db_pass","port":5432},'
+                                    '"timeout":30}')
+    assert env["PLUGIN_SIMPLE_VAR"] == "no_secrets"
+
+
+def test_woodpecker_ported_params_TestComplexTypesWithNilValuesWontPanic(woodpecker_departure):
+    step = wp("steps:\n  - name: p\n    image: plugins/x\n    settings:\n"
+              "      config:\n        - copy a b\n        - foo: ~\n").steps[0]
+    assert step.plugin_environment()["PLUGIN_CONFIG"] == '["copy a b",{"foo":null}]'
+
+
+# =====================================================================================
+# compiler/compiler_test.go  (what a step's workspace and environment become)
+# =====================================================================================
+
+WP_REPO_URL = "https://github.com/octocat/hello-world"
+
+
+def _wp_working_dir(pipeline, step):
+    """Where cirunner runs `step` in its container: the job's workspace, the
+    step's `directory` under it (absolute: as is)."""
+    base, path = wp_container_workspace(pipeline, WP_REPO_URL)
+    if step.directory.startswith("/"):
+        return base, step.directory
+    return base, path.rstrip("/") + ("/" + step.directory if step.directory else "")
+
+
+def test_woodpecker_ported_compiler_TestCompilerCompile_one_dummy_step(woodpecker_departure):
+    # "workflow with one dummy step": a plugin, WorkspaceBase /woodpecker,
+    # WorkingDir /woodpecker/src/github.com/octocat/hello-world
+    pipeline = wp("steps:\n  - name: dummy\n    image: dummy_img\n")
+    step = pipeline.steps[0]
+    assert step.kind == "plugin"
+    assert _wp_working_dir(pipeline, step) == (
+        "/woodpecker", "/woodpecker/src/github.com/octocat/hello-world")
+
+
+def test_woodpecker_ported_compiler_TestCompilerCompile_plugin_keeps_woodpecker_base(woodpecker_departure):
+    # "workflow with one dummy step" with the workspace base /test: "we use /test
+    # as custom workspace base to ensure the enforcement of the
+    # pluginWorkspaceBase is applied" -- a plugin's base stays /woodpecker
+    # (convert.go:52-55, 209-211); workspace.base in the file sets c.workspaceBase
+    # as WithWorkspaceFromURL does (compiler.go:152)
+    pipeline = wp("workspace:\n  base: /test\nsteps:\n  - name: dummy\n    image: dummy_img\n")
+    step = pipeline.steps[0]
+    assert _wp_working_dir(pipeline, step) == (
+        "/woodpecker", "/woodpecker/src/github.com/octocat/hello-world")
+
+
+def test_woodpecker_ported_compiler_TestCompilerCompile_three_steps(woodpecker_departure):
+    # "workflow with three steps": commands steps with base /test, run in order
+    pipeline = wp("workspace:\n  base: /test\nsteps:\n"
+                  "  - name: echo env\n    image: bash\n    commands: [env]\n"
+                  "  - name: parallel echo 1\n    image: bash\n    commands: [echo 1]\n"
+                  "  - name: parallel echo 2\n    image: bash\n    commands: [echo 2]\n")
+    assert [s.name for s in pipeline.steps] == ["echo env", "parallel echo 1",
+                                                "parallel echo 2"]
+    assert pipeline.step_graph is False  # one stage each, in order
+    for step in pipeline.steps:
+        assert step.kind == "step"
+        assert _wp_working_dir(pipeline, step) == (
+            "/test", "/test/src/github.com/octocat/hello-world")
+
+
+def test_woodpecker_ported_compiler_TestCompilerCompile_three_steps_and_depends_on(woodpecker_departure):
+    pipeline = wp("steps:\n"
+                  "  - name: echo env\n    image: bash\n    commands: [env]\n"
+                  "  - name: echo 1\n    image: bash\n    commands: [echo 1]\n"
+                  "    depends_on: [echo env, echo 2]\n"
+                  "  - name: echo 2\n    image: bash\n    commands: [echo 2]\n")
+    plan = cirunner.plan_pipeline(pipeline, event="push", branch="main")
+    steps = {s["name"]: s["depends_on"] for s in plan["pipelines"][0]["jobs"][0]["steps"]}
+    # stage 1: echo env, echo 2; stage 2: echo 1
+    assert steps == {"echo env": [], "echo 2": [], "echo 1": ["echo env", "echo 2"]}
+
+
+def test_woodpecker_ported_compiler_TestCompilerCompile_missing_secret(woodpecker_departure):
+    # expectedErr: `secret "missing" not found`
+    assert _wp_secret_refused("steps:\n  - name: step\n    image: bash\n    commands: [env]\n"
+                           "    environment:\n      MISSING: {from_secret: missing}\n", {})
+
+
+def test_woodpecker_ported_compiler_TestCompilerCompile_broken_step_dependency(woodpecker_departure):
+    # expectedErr: "step 'dummy' depends on unknown step 'not exist'"
+    assert "not exist" in wp_refused("steps:\n  - name: dummy\n    image: dummy_img\n"
+                                  "    depends_on: [not exist]\n")
+
+
+def test_woodpecker_ported_compiler_TestCompilerCompile_step_depending_on_filtered_out_step(woodpecker_departure):
+    # expectedErr: "step 'deploy' depends on step 'build' which is filtered out by
+    # its conditions" (compiler.go:277-281): the push build's workflow is wp_refused
+    pipeline = wp("steps:\n  - name: build\n    image: bash\n    when: {event: tag}\n"
+                  "  - name: deploy\n    image: bash\n    depends_on: [build]\n")
+    try:
+        plan = cirunner.plan_pipeline(pipeline, event="push", branch="main")
+    except cirunner.BadRequest:  # ConfigError is one
+        return
+    steps = {s["name"]: s["runs"] for s in plan["pipelines"][0]["jobs"][0]["steps"]}
+    pytest.fail(f"Woodpecker refuses the push build's workflow; cirunner plans {steps}")
+
+
+def test_woodpecker_ported_compiler_TestCompilerCompileWithFromSecret(woodpecker_departure):
+    pipeline = wp("steps:\n  - name: step\n    image: bash\n    commands: [env]\n"
+                  "    environment:\n      SECRET: {from_secret: secret_name}\n")
+    step = pipeline.steps[0]
+    assert step.kind == "step"
+    assert wp_step_environment(pipeline, step, {"secret_name": "VERY_SECRET"})["SECRET"] == \
+        "VERY_SECRET"
+    assert _wp_working_dir(pipeline, step) == (
+        "/woodpecker", "/woodpecker/src/github.com/octocat/hello-world")
+
+
+# =====================================================================================
+# parse_test.go
+# =====================================================================================
+
+WP_SAMPLE_YAML = """
+image: hello-world
+when:
+  - event:
+    - tester
+    - tester2
+    status: [ success, failure ]
+  - branch:
+    - tester
+    status: [ success, failure ]
+workspace:
+  path: src/github.com/octocat/hello-world
+  base: /go
+steps:
+  test:
+    image: golang
+    commands:
+      - go install
+      - go test
+  build:
+    image: golang
+    commands:
+      - go build
+    when:
+      event: push
+    depends_on: []
+  notify:
+    image: slack
+    settings:
+      channel: dev
+    when:
+      event: failure
+services:
+  database:
+    image: mysql
+labels:
+  com.example.type: "build"
+  com.example.team: "frontend"
+depends_on:
+  - lint
+  - test
+concurrency: 1
+"""
+
+WP_OTHER_WORKFLOW = "steps:\n  s:\n    image: alpine\n    commands: [true]\n"
+
+
+def _wp_sample():
+    """sampleYaml as .woodpecker/sample.yml beside the lint and test workflows
+    it depends on (a workflow of an absent one is dropped: builder/utils.go:35)."""
+    pipeline = wp_folder({"sample.yml": WP_SAMPLE_YAML, "lint.yml": WP_OTHER_WORKFLOW,
+                          "test.yml": WP_OTHER_WORKFLOW})
+    return pipeline, pipeline.named("sample")
+
+
+def test_woodpecker_ported_parse_TestParse_should_unmarshal_a_string(woodpecker_departure):
+    _, out = _wp_sample()
+    assert out.name == "sample"
+    assert out.workspace == {"base": "/go", "path": "src/github.com/octocat/hello-world"}
+    assert out.services[0].name == "database"
+    assert out.services[0].image == "mysql"
+    assert [(s.name, s.image) for s in out.steps] == [
+        ("test", "golang"), ("build", "golang"), ("notify", "slack")]
+    assert out.steps[0].commands == ["go install", "go test"]
+    assert out.steps[1].commands == ["go build"]
+    assert out.labels["com.example.team"] == "frontend"
+    assert out.labels["com.example.type"] == "build"
+    assert out.depends_on == ["lint", "test"]
+    # When.Constraints[0].Status == [success, failure]: it runs on either outcome
+    # of what it depends on (builder.go:181-186)
+    assert out.runs_on["success"] is True and out.runs_on["failure"] is True
+    assert out.clone is True  # SkipClone false
+
+
+def test_woodpecker_ported_parse_TestParse_should_fail_on_invalid_yaml(woodpecker_departure):
+    wp_refused("notvalid")
+
+
+@pytest.mark.parametrize("text", [
+    "steps:\n  deploy:\n    image: alpine\nconcurrency:\n  limit: 2\n  group: deploy\n",
+    "steps:\n  deploy:\n    image: alpine\nconcurrency: 1\n",
+    "steps:\n  deploy:\n    image: alpine\n",
+], ids=["TestParse[concurrency object]", "TestParse[concurrency shorthand]",
+        "TestParse[concurrency default]"])
+def test_woodpecker_ported_parse_concurrency_is_read(woodpecker_departure, text):
+    # only the NoError part: cirunner does not claim concurrency (values skipped)
+    wp(text)
+
+
+def test_woodpecker_ported_parse_TestParse_simple_yaml_anchors(woodpecker_departure):
+    out = wp("vars:\n  image: &image plugins/slack\nsteps:\n  notify_success:\n"
+             "    image: *image\n")
+    assert out.steps[0].name == "notify_success"
+    assert out.steps[0].image == "plugins/slack"
+
+
+WP_SAMPLE_VAR_YAML = """
+variables: &SLACK
+  image: plugins/slack
+steps:
+  notify_fail: *SLACK
+  notify_success:
+    << : *SLACK
+    when:
+      event: push
+  echo:
+    when:
+    - path: wow.sh
+      repo: "test"
+      branch:
+        exclude: main
+    - path:
+      - test.yaml
+      - test.zig
+    - path:
+        exclude: a
+        on_empty: true
+    - ref: ref/tags/v1
+      path:
+  env:
+    image: print
+    environment:
+      DRIVER: next
+      PLATFORM: linux
+concurrency:
+  limit: 1
+  group: test
+"""
+
+
+def test_woodpecker_ported_parse_TestParse_should_unmarshal_variables_lint(woodpecker_departure):
+    # ParseString takes it; the linter refuses step echo: "Invalid or missing
+    # image" (linter.go:234-235), so Woodpecker would not run the file
+    assert "echo" in wp_refused(WP_SAMPLE_VAR_YAML)
+
+
+def test_woodpecker_ported_parse_TestParse_should_unmarshal_variables(woodpecker_departure):
+    # the same with an image for step echo, so that it lints
+    out = wp(WP_SAMPLE_VAR_YAML.replace("  echo:\n", "  echo:\n    image: alpine\n"))
+    assert out.steps[0].name == "notify_fail"
+    assert out.steps[0].image == "plugins/slack"
+    assert out.steps[1].name == "notify_success"
+    assert out.steps[1].image == "plugins/slack"
+    assert not out.steps[0].when  # When.Constraints empty
+    push = {"branch": "main", "environment": {}}
+    assert out.steps[1].applies(event="push", **push) is True
+    assert out.steps[1].applies(event="tag", **push) is False
+    assert out.steps[3].environment == {"DRIVER": "next", "PLATFORM": "linux"}
+
+
+def test_woodpecker_ported_parse_TestParse_should_handle_deeply_nested_yaml(woodpecker_departure):
+    wp("""
+image: hello-world
+when:
+  - branch:
+    - tester
+steps:
+  test:
+    image: golang
+    commands:
+      - go install
+      - go test
+    backend_options:
+      kubernetes:
+        affinity:
+          nodeAffinity:
+            requiredDuringSchedulingIgnoredDuringExecution:
+              nodeSelectorTerms:
+                - matchExpressions:
+                    - key: accelerator
+                      operator: In
+                      values:
+                        - nvidia-tesla-v100
+""")
+
+
+def test_woodpecker_ported_parse_TestMatch_should_match_branch_tester(woodpecker_departure):
+    # Go: event "" (cirunner has no such event: a push, which no constraint names)
+    plan = cirunner.plan_pipeline(_wp_sample()[0], event="push", branch="tester")
+    assert {p["name"]: p["runs"] for p in plan["pipelines"]}["sample"] is True
+
+
+def test_woodpecker_ported_parse_TestMatch_should_not_match_event_push(woodpecker_departure):
+    plan = cirunner.plan_pipeline(_wp_sample()[0], event="push", branch="")
+    assert {p["name"]: p["runs"] for p in plan["pipelines"]}["sample"] is False
+
+
+def test_woodpecker_ported_parse_TestParseLegacy(woodpecker_departure):
+    workflow1 = wp("""
+labels:
+  platform: linux/amd64
+
+steps:
+  say hello:
+    image: bash
+    commands: echo hello
+""")
+    workflow2 = wp("""
+platform: windows/amd64
+labels:
+  platform: linux/amd64
+
+steps:
+  say hello:
+    image: bash
+    commands: echo hello
+
+pipeline:
+  old crap:
+    image: bash
+    commands: meh!
+""")
+
+    def shape(workflow):
+        return ([(s.name, s.image, s.commands) for s in workflow.steps], workflow.labels,
+                workflow.platform)
+
+    assert shape(workflow2) == shape(workflow1)
+    assert [s.name for s in workflow1.steps] == ["say hello"]
+
+
+def test_woodpecker_ported_parse_TestSlice(woodpecker_departure):
+    _, out = _wp_sample()
+    assert out.steps[0].name == "test"
+    assert out.steps[0].depends_on == []  # not set
+    assert out.steps[1].name == "build"
+    assert out.steps[1].depends_on == []  # set, empty: DAG mode
+    assert out.step_graph is True
+
+
+# =====================================================================================
+# Skipped (no counterpart in cirunner's API, or a feature cirunner does not claim)
+# =====================================================================================
+# constraint/path_test.go: already ported (test_cirunner.py WOODPECKER_PATHS).
+# constraint/depends_on_test.go TestDependsOnMarshal, TestDependsOnRoundTrip,
+#   TestDependsOnHelpers: YAML marshalling / Go helper methods.
+# linter_test.go TestLintErrors, the 8 trust cases (privileged, dns, dns_search,
+#   devices, extra_hosts, network_mode host, volumes, network_mode container:):
+#   trust is a repository setting cirunner checks when a job runs
+#   (_JobRun._check_plan, _TRUSTED_KEYS); parse_pipeline has no trust input.
+# types/container_test.go TestUnmarshalContainer: networks, tmpfs, ports fields
+#   (not claimed by cirunner); TestIsPlugin &Container{} without an image (the
+#   linter refuses a missing image; ported with an image).
+# types/base/slice_test.go, int_test.go, volume_test.go, network_test.go,
+#   concurrency_test.go: Go types' (un)marshalling; concurrency/networks not claimed.
+# compiler/compiler_test.go TestSecretAvailable, TestSecretMatch: the server's
+#   secret filters (plugins-only, events), not the pipeline file;
+#   TestCompilerCompilePrivileged: the server's WithEscalated plugin list;
+#   "empty workflow, no clone"/"default clone": a workflow without steps, which
+#   the linter refuses (linter.go:86); clone/network/volume names: Go backend config.
+# compiler/settings/params_test.go TestParamsToEnvPrefix without a prefix (no
+#   real path: environment uses upper=false); secretMapping values (log masking).
+# compiler/convert_test.go: ports (not claimed); compiler/option_test.go: compiler
+#   options (server config); utils/image_test.go: image matching for server lists.
+# parse_test.go TestReSerialize: YAML marshalling; TestMatch "event tester",
+#   "event tester2": not cirunner events; TestParse `Event contains "tester"` and
+#   Concurrency values: not cirunner events / not claimed.
+# linter/schema/*: the JSON schema's own tests (not in the brief's list).
