@@ -2218,6 +2218,11 @@ class _Drone1:
         return [one(item) for item in value] if isinstance(value, list) else one(value)
 
 
+_WOODPECKER_DEPRECATED = (("CI_COMMIT_PRERELEASE", "CI_PIPELINE_RELEASE_PRE"),
+                          ("CI_COMMIT_AUTHOR_AVATAR", "CI_PIPELINE_AVATAR"),
+                          ("CI_PREV_COMMIT_AUTHOR_AVATAR", "CI_PREV_PIPELINE_AVATAR"))
+_WOODPECKER_FORMERLY_PRIVILEGED = ("plugins/docker", "plugins/gcr", "plugins/ecr",
+                                   "woodpeckerci/plugin-docker-buildx")
 _WOODPECKER_WORKFLOW_KEYS = ("steps", "pipeline", "services", "when", "depends_on", "runs_on",
                              "skip_clone", "clone", "workspace", "matrix", "labels", "platform",
                              "variables")
@@ -2267,6 +2272,59 @@ class _Woodpecker(_Drone1):
         out.setdefault("workspace", {"base": "/woodpecker"})
         self.needs = self._needs(document)
         return out
+
+    def lint(self, document, text):
+        """Woodpecker's linter warnings: deprecated variables (any reference
+        in the file), and steps with no event filter where the workflow has
+        none (lintBadHabits)."""
+        for old, new in _WOODPECKER_DEPRECATED:
+            if re.search(rf"\$\{{{old}\}}|\$\$?{old}\b", text):
+                self.parser.problems.warn(1, f"Usage of `{old}` is deprecated, use `{new}`")
+        self._lint_images(document)
+
+        def constraints(when):
+            return when if isinstance(when, list) else [when] if isinstance(when, dict) else []
+
+        root = constraints(document.get("when"))
+        if root and all(isinstance(one, dict) and one.get("event") for one in root):
+            return
+        steps = document.get("steps")
+        bodies = steps.values() if isinstance(steps, dict) else steps or []
+        for body in (body for body in bodies if isinstance(body, dict)):
+            name, when = body.get("name"), constraints(body.get("when"))
+            if not when:
+                self.parser.problems.warn(_line_of(body), f"step {name!r}: consider adding a "
+                                          "`when` block with an `event` filter to this step "
+                                          "or the entire workflow")
+            elif not all(isinstance(one, dict) and one.get("event") for one in when):
+                self.parser.problems.warn(_line_of(body), f"step {name!r}: set an event filter "
+                                          "for all steps or the entire workflow on all items "
+                                          "of the `when` block")
+
+    def _lint_images(self, document):
+        """Woodpecker's linter on images: a formerly privileged plugin that is
+        not made privileged, a clone step not of the allow list (here a
+        clone step is never run: cirunner checks the commit out itself)."""
+        def name_of(image):
+            name = re.sub(r"(:[\w.-]+)?(@sha256:[0-9a-f]+)?$", "", str(image or ""))
+            return re.sub(r"^(docker\.io/)?(library/)?", "", name)
+
+        steps = document.get("steps")
+        for body in (steps.values() if isinstance(steps, dict) else steps or []):
+            if isinstance(body, dict) and not body.get("privileged") and name_of(
+                    body.get("image")) in _WOODPECKER_FORMERLY_PRIVILEGED:
+                self.parser.problems.warn(_line_of(body), (
+                    f"The formerly privileged plugin `{body['image']}` is no longer privileged "
+                    "by default, if required, add it to `WOODPECKER_PLUGINS_PRIVILEGED` "
+                    "(here: privileged: true on a trusted repository)"))
+        clone = document.get("clone")
+        for name, body in (clone.items() if isinstance(clone, dict) else ()):
+            if isinstance(body, dict) and name_of(body.get("image")) not in (
+                    "woodpeckerci/plugin-git", "quay.io/woodpeckerci/plugin-git"):
+                self.parser.problems.warn(_line_of(clone, name), (
+                    f"clone.{name}: Specified clone image does not match allow list, netrc is "
+                    "not injected (here no clone step runs: the commit is checked out by "
+                    "cirunner)"))
 
     def _needs(self, document):
         """(depends_on, runs_on) of a workflow: the workflows it runs after,
@@ -2380,6 +2438,7 @@ class _PipelineParser:
         if self.woodpecker and isinstance(document, dict):
             reader = _Woodpecker(self)
             pipelines = [self._read(reader, reader.workflow(document), reader.needs)]
+            reader.lint(document, text)
         elif getattr(document, "drone1", False):
             reader = _Drone1(self)
             pipelines = [self._read(reader, reader._pipeline(body, line),
