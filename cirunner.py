@@ -15743,6 +15743,10 @@ def _add_build_parsers(commands, common, workers, env):
     lint.add_argument("file", nargs="?", metavar="FILE", help="a file or a folder (default: .)")
     lint.set_defaults(handler=_command_lint)
 
+    _add_plan_parser(commands)
+
+
+def _add_plan_parser(commands):
     plan = commands.add_parser("plan", help="print what a build would run, without running it")
     plan.add_argument("directory", nargs="?", default=".", metavar="DIR")
     plan.add_argument("--config", help="pipeline file (default .cirunner.yml, .drone.yml, .woodpecker.yml)")
