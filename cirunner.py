@@ -1242,6 +1242,24 @@ _EXPR_TOKEN = re.compile(r"""\s*(?:(?P<string>"(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*
 _EXPR_WORDS = ("contains", "matches", "startsWith", "endsWith", "in")
 
 
+# A repeated group that itself repeats ("(a+)+", "(a|aa)*", "(\w*)*"): Python's
+# regular expressions backtrack (Go's RE2 does not), so a file could make
+# matching take exponential time; such a pattern is refused.
+_NESTED_REPEAT = re.compile(r"\((?:[^()\\]|\\.)*(?:[*+?}|])(?:[^()\\]|\\.)*\)\s*[*+{]")
+
+
+def _expression_pattern(pattern):
+    """`pattern` compiled for `matches`, or ValueError (malformed, or one that
+    could backtrack for ever)."""
+    if _NESTED_REPEAT.search(pattern):
+        raise ValueError(f"the pattern {pattern!r} repeats a repeated group")
+    try:
+        return re.compile(pattern)
+    except re.error as exc:
+        raise ValueError(f"the pattern {pattern!r} is not a regular expression: {exc}") \
+            from None
+
+
 class _Expression:
     """Woodpecker's `when.evaluate`: the part of the expr language that
     conditions use (``CI_COMMIT_MESSAGE contains "[release]"``, ``not (A ==
@@ -1314,7 +1332,7 @@ class _Expression:
                         ">=": left >= right}[operator]
             return False
         return {"contains": lambda: text[1] in text[0],
-                "matches": lambda: bool(re.search(text[1], text[0])),
+                "matches": lambda: bool(_expression_pattern(text[1]).search(text[0])),
                 "startsWith": lambda: text[0].startswith(text[1]),
                 "endsWith": lambda: text[0].endswith(text[1])}[operator]()
 
@@ -1344,6 +1362,15 @@ class _Expression:
             return {"true": True, "false": False, "nil": None}.get(
                 text, self.variables.get(text))
         raise ValueError(f"unexpected {text!r}")
+
+
+def _evaluated(expression, variables):
+    """An `evaluate` condition's result; one that cannot be told (a pattern
+    from a variable that is no safe regular expression) is false."""
+    try:
+        return _Expression(expression).evaluate(variables)
+    except ValueError:
+        return False
 
 
 def _filled(constraint, variables):
@@ -1490,7 +1517,7 @@ class Step:
                 return False
         if "paths" in when and not _paths_match(when["paths"], files, event, message):
             return False
-        if "evaluate" in when and not _Expression(when["evaluate"]).evaluate(variables or {}):
+        if "evaluate" in when and not _evaluated(when["evaluate"], variables or {}):
             return False
         if "matrix" in when and not _matrix_matches(when["matrix"], environment):
             return False
@@ -9016,6 +9043,16 @@ class _JobRun:
         return {target.upper(): by_name[source.lower()] for source, target in step.secrets
                 if source.lower() in by_name}
 
+    def _check_secrets_found(self, step, found):
+        """Woodpecker fails a workflow whose step (one its `when` lets run)
+        names a secret it cannot have: the repository lacks it, or this
+        event or image may not have it (a fork's pull request gets none)."""
+        missing = [source for source, target in step.secrets or ()
+                   if target.upper() not in found]
+        if missing and self.pipeline.era == "woodpecker" and self._applies(step, planning=True):
+            raise _JobError(f"{step.kind} {step.name!r}: secret {missing[0]!r} not found (or "
+                            f"not for this event or image): `cirunner secret add`")
+
     def _substituted(self, step):
         variables = {**self.variables, **self.matrix, **self.drone}
         image = step.image
@@ -9023,6 +9060,7 @@ class _JobRun:
             image = step.with_variables(variables, self.matrix if self.pipeline.drone04 else
                                         None, dollars=self.pipeline.dollars()).image
         secrets_of_step = self._step_secrets(step, image)
+        self._check_secrets_found(step, secrets_of_step)
         step = step.with_variables({**variables, **secrets_of_step},
                                    self.matrix if self.pipeline.drone04 else None,
                                    shell_variables=variables, dollars=self.pipeline.dollars())

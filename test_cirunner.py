@@ -4251,6 +4251,27 @@ def test_a_woodpecker_workflow_runs_with_its_graph_secrets_and_when_lists(store,
         cirunner.create_build(store, repo, event="deployment", fields={"deploy_to": "prod"})
 
 
+def test_a_woodpecker_step_that_names_a_secret_it_cannot_have_fails_its_workflow(
+        store, executor, make_repo):
+    """As Woodpecker's compiler (`secret "x" not found`): only for a step its
+    `when` lets run; a Drone 1.x file leaves such a variable unset, as Drone."""
+    text = ("when: {event: [push, tag]}\nsteps:\n"
+            "  - name: build\n    commands: ['echo \"token=${#TOKEN}\"']\n"
+            "    environment: {TOKEN: {from_secret: api_token}}\n"
+            "  - name: release\n    commands: [true]\n    when: {event: tag}\n"
+            "    environment: {KEY: {from_secret: release_key}}\n")
+    repo = make_repo({".woodpecker.yml": text})
+    build = cirunner.create_build(store, repo, event="push")
+    executor.run_until_idle()
+    job = store.list_jobs(build["id"])[0]
+    assert job["status"] == "error" and "secret 'api_token' not found" in job["error"], job
+    store.set_secret(repo["id"], "api_token", "t0k3n")  # release_key: its step does not run
+    build = cirunner.create_build(store, repo, event="push")
+    executor.run_until_idle()
+    assert store.get_build_by_id(build["id"])["status"] == "success"
+    assert "token=5" in log_text(store, build, 1)
+
+
 def test_woodpecker_conditions_match_as_woodpecker_matches_them():
     """Woodpecker's constraint.go: events are an exact list (no glob), branch
     and ref are doublestar globs, and a tag's build is not held to `branch`."""
@@ -4344,6 +4365,24 @@ def test_woodpecker_path_conditions_match_as_its_own_tests_say(condition, files,
     # Woodpecker looks at the changed files of pushes and pull requests only
     assert step.applies(event="manual", **when) is True
     assert step.applies(event="push", **{**when, "files": None}) is True  # not known
+
+
+def test_an_evaluate_pattern_that_could_backtrack_for_ever_is_refused():
+    """Woodpecker's `matches` runs on Go's RE2, which never backtracks;
+    Python's does: a repeated repeated group is refused rather than let a
+    commit message of 30 a's and a b hold the server for minutes."""
+    pipeline = cirunner.parse_pipeline(
+        "when: {event: push}\nsteps:\n  - name: s\n    commands: [true]\n"
+        "    when: {event: push, evaluate: 'CI_COMMIT_MESSAGE matches \"^(a+)+$\"'}\n"
+        "  - name: t\n    commands: [true]\n"
+        "    when: {event: push, evaluate: 'CI_COMMIT_MESSAGE matches CI_PATTERN'}\n",
+        ".woodpecker.yml")
+    assert any("repeats a repeated group" in warning for warning in pipeline.warnings)
+    evil = {"CI_COMMIT_MESSAGE": "a" * 30 + "b", "CI_PATTERN": "^(a+)+$"}
+    started = time.monotonic()
+    assert pipeline.steps[-1].applies(branch="main", event="push", environment={},
+                                      variables=evil) is False  # from a variable: false
+    assert time.monotonic() - started < 60  # backtracking would take hours
 
 
 # drone-convert-pathschanged's testdata (the extension that gives Drone 1.x
@@ -10358,15 +10397,15 @@ WOODPECKER_DEPARTURES = {  # a ported case's test id: why cirunner departs from 
     'test_woodpecker_ported_params_TestYAMLToParamsToEnv':
         "not done: from_secret nested inside a setting's map or list",
     'test_woodpecker_ported_params_TestYAMLToParamsToEnvError':
-        'departure: a secret the repository lacks is left unset, not an error',
+        'ported below the depth cirunner refuses at: _step_secrets leaves a missing secret out; the job refuses a step that would run with one missing (see test_a_woodpecker_step_that_names_a_secret_it_cannot_have_fails_its_workflow)',
     'test_woodpecker_ported_params_TestSecretNotFound':
-        'departure: a secret the repository lacks is left unset, not an error',
+        'ported below the depth cirunner refuses at: _step_secrets leaves a missing secret out; the job refuses a step that would run with one missing (see test_a_woodpecker_step_that_names_a_secret_it_cannot_have_fails_its_workflow)',
     'test_woodpecker_ported_params_TestSecretMappingComplexMapWithSecrets':
         "not done: from_secret nested inside a setting's map or list",
     'test_woodpecker_ported_compiler_TestCompilerCompile_plugin_keeps_woodpecker_base':
         "departure: a plugin shares the job's workspace base",
     'test_woodpecker_ported_compiler_TestCompilerCompile_missing_secret':
-        'departure: a secret the repository lacks is left unset, not an error',
+        'ported below the depth cirunner refuses at: _step_secrets leaves a missing secret out; the job refuses a step that would run with one missing (see test_a_woodpecker_step_that_names_a_secret_it_cannot_have_fails_its_workflow)',
     'test_woodpecker_ported_compiler_TestCompilerCompile_step_depending_on_filtered_out_step':
         'departure: a step whose dependency its when leaves out still runs (Woodpecker refuses the workflow)',
     'test_woodpecker_ported_parse_TestParseLegacy':
