@@ -751,9 +751,116 @@ def _go_class_end(pattern, start):
 def _path_match(pattern, name, *, doublestar=False):
     """Whether `name` matches `pattern` as Go's path.Match decides (with
     `doublestar`, as bmatcuk/doublestar, which Drone 1.x uses: ``**`` also
-    matches across ``/``)."""
-    compiled = _go_glob(pattern, doublestar=doublestar)
-    return bool(compiled and compiled.match(name))
+    matches across ``/``, as a component of its own zero or more
+    directories, and `{a,b}` either). Matched in time linear in the name for
+    each token of the pattern, never by backtracking: a pipeline file writes
+    the patterns, a pull request the names."""
+    expansions = _glob_expansions(pattern) if doublestar else (pattern,)
+    return any(tokens is not None and _glob_run(tokens, name)
+               for tokens in (_glob_tokens(one, doublestar) for one in expansions or ()))
+
+
+_GLOB_EXPANSIONS = 64  # `{a,b}` alternatives a pattern may expand to (more: no match)
+
+
+@functools.lru_cache(maxsize=1024)
+def _glob_expansions(pattern):
+    """`pattern` with each `{a,b}` expanded (the first `}` closes), or None past
+    _GLOB_EXPANSIONS."""
+    start = pattern.find("{")
+    end = pattern.find("}", start)
+    if start < 0 or end < 0:
+        return (pattern,)
+    out = []
+    for option in pattern[start + 1:end].split(","):
+        more = _glob_expansions(pattern[:start] + option + pattern[end + 1:])
+        if more is None or len(out) + len(more) > _GLOB_EXPANSIONS:
+            return None
+        out += more
+    return tuple(out)
+
+
+@functools.lru_cache(maxsize=1024)
+def _glob_tokens(pattern, doublestar):
+    """The tokens of a glob with no `{}`: ("c", char), ("?",), ("[", regex of
+    one character), ("*",), ("**",) across `/`, ("**/",) zero or more
+    directories, ("/**",) nothing or `/` and anything; None if malformed."""
+    tokens, index = [], 0
+    while index < len(pattern):
+        char = pattern[index]
+        whole = doublestar and pattern.startswith("**", index) and pattern[index - 1:index] in (
+            "", "/")
+        if whole and pattern.startswith("**/", index):
+            tokens.append(("**/",))
+            index += 3
+            continue
+        if whole and index + 2 == len(pattern) and index:
+            tokens[-1] = ("/**",)  # the "/" before it: `a/**` is `a` and all below it
+            index += 2
+            continue
+        if char == "*" and doublestar and pattern.startswith("**", index):
+            tokens.append(("**",))
+            index += 2
+            continue
+        if char == "\\":
+            if index + 1 == len(pattern):
+                return None
+            tokens.append(("c", pattern[index + 1]))
+            index += 2
+            continue
+        if char == "[":
+            end = _go_class_end(pattern, index + 1)
+            body = pattern[index + 1:end] if end is not None else ""
+            negated = body.startswith("^")
+            body = body[1:] if negated else body
+            if end is None or not body:
+                return None
+            try:
+                tokens.append(("[", re.compile(("[^/" if negated else "[") + re.sub(
+                    r"([\]\[^])", r"\\\1", body) + "]", re.DOTALL)))
+            except re.error:  # a class Go would refuse too ([z-a]): matches nothing
+                return None
+            index = end + 1
+            continue
+        tokens.append(("*",) if char == "*" else ("?",) if char == "?" else ("c", char))
+        index += 1
+    return tuple(tokens)
+
+
+def _glob_run(tokens, name):
+    """Whether `name` is matched by `tokens` (see _glob_tokens): the set of
+    positions reached, token by token."""
+    size = len(name)
+    reached = [True] + [False] * size
+    for token in tokens:
+        kind, after = token[0], [False] * (size + 1)
+        if kind in ("*", "**", "**/", "/**"):
+            any_before = False
+            for position in range(size + 1):
+                if kind == "*":  # within a component
+                    after[position] = reached[position] or (
+                        position > 0 and after[position - 1] and name[position - 1] != "/")
+                elif kind == "**":
+                    after[position] = any_before = any_before or reached[position]
+                elif kind == "**/":  # nothing, or anything that ends with "/"
+                    after[position] = reached[position] or (
+                        position > 0 and any_before and name[position - 1] == "/")
+                    any_before = any_before or reached[position]
+                else:  # "/**": nothing, or "/" and anything
+                    after[position] = reached[position] or any_before
+                    any_before = any_before or (reached[position] and position < size
+                                                and name[position] == "/")
+        else:
+            for position in range(size):
+                if reached[position]:
+                    char = name[position]
+                    after[position + 1] = (char == token[1] if kind == "c" else
+                                           char != "/" if kind == "?" else
+                                           bool(token[1].fullmatch(char)))
+        reached = after
+        if not any(reached):
+            return False
+    return reached[size]
 
 
 # -- substitution: Drone's envsubst -------------------------------------------
@@ -1242,22 +1349,61 @@ _EXPR_TOKEN = re.compile(r"""\s*(?:(?P<string>"(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*
 _EXPR_WORDS = ("contains", "matches", "startsWith", "endsWith", "in")
 
 
-# A repeated group that itself repeats ("(a+)+", "(a|aa)*", "(\w*)*"): Python's
-# regular expressions backtrack (Go's RE2 does not), so a file could make
-# matching take exponential time; such a pattern is refused.
-_NESTED_REPEAT = re.compile(r"\((?:[^()\\]|\\.)*(?:[*+?}|])(?:[^()\\]|\\.)*\)\s*[*+{]")
+_REGEX_CHILD = ("import re, sys\n"
+                "pattern, text = sys.stdin.read().split('\\0', 1)\n"
+                "sys.exit(0 if re.search(pattern, text) else 1)\n")
+_REGEX_SECONDS = 2.0  # a `matches` that takes longer is false (Go's RE2 never would)
 
 
-def _expression_pattern(pattern):
-    """`pattern` compiled for `matches`, or ValueError (malformed, or one that
-    could backtrack for ever)."""
-    if _NESTED_REPEAT.search(pattern):
-        raise ValueError(f"the pattern {pattern!r} repeats a repeated group")
+def _regex_is_plain(pattern):
+    """Whether Python's backtracking cannot blow up on `pattern`: at most one
+    unbounded repeat, no repeated group, no backreference."""
+    unbounded, index, in_class = 0, 0, False
+    while index < len(pattern):
+        char = pattern[index]
+        if char == "\\":
+            if pattern[index + 1:index + 2].isdigit():
+                return False  # a backreference
+            index += 2
+            continue
+        if in_class:
+            in_class = char != "]"
+        elif char == "[":
+            in_class = True
+        elif char in "*+" or char == "{" and re.match(r"\{\d*,\}", pattern[index:]):
+            unbounded += 1
+            if pattern[index - 1:index] == ")":
+                return False
+        elif char in "?{" and pattern[index - 1:index] == ")":
+            return False
+        index += 1
+    return unbounded <= 1 and "(?P=" not in pattern
+
+
+@functools.lru_cache(maxsize=256)
+def _regex_search(pattern, text):
+    """`re.search(pattern, text)` for a pipeline's `matches`: a plain pattern
+    here; any other in a child process stopped after _REGEX_SECONDS, since
+    Python's regular expressions backtrack (Go's RE2, which Woodpecker uses,
+    does not) and a pattern from a pipeline file could hold the server for
+    hours. ValueError: malformed, or too slow."""
     try:
-        return re.compile(pattern)
+        compiled = re.compile(pattern)
     except re.error as exc:
         raise ValueError(f"the pattern {pattern!r} is not a regular expression: {exc}") \
             from None
+    if _regex_is_plain(pattern):
+        return bool(compiled.search(text))
+    try:
+        result = subprocess.run([sys.executable, "-I", "-S", "-c", _REGEX_CHILD],
+                                input=f"{pattern}\0{text}", text=True, capture_output=True,
+                                timeout=_REGEX_SECONDS, env={}, check=False)
+    except subprocess.TimeoutExpired:
+        raise ValueError(f"the pattern {pattern!r} took longer than {_REGEX_SECONDS:g} s") \
+            from None
+    if result.returncode not in (0, 1):
+        raise ValueError(f"the pattern {pattern!r} could not be matched")
+    return result.returncode == 0
 
 
 class _Expression:
@@ -1276,6 +1422,12 @@ class _Expression:
                 raise ValueError(f"cannot read {text[index:].strip()[:20]!r}")
             self.tokens.append((found.lastgroup, found.group(found.lastgroup)))
             index = found.end()
+        depth = negations = 0
+        for _, token in self.tokens:  # the parser recurses: bounded, as the text is
+            depth += {"(": 1, "[": 1, ")": -1, "]": -1}.get(token, 0)
+            negations = negations + 1 if token in ("!", "not") else 0
+            if depth > 32 or negations > 32 or len(text) > 4096:
+                raise ValueError("the expression is nested too deeply or too long")
         self.text = text
         self.evaluate({})  # reads the whole of it, or ValueError
 
@@ -1332,7 +1484,7 @@ class _Expression:
                         ">=": left >= right}[operator]
             return False
         return {"contains": lambda: text[1] in text[0],
-                "matches": lambda: bool(_expression_pattern(text[1]).search(text[0])),
+                "matches": lambda: _regex_search(text[1], text[0]),
                 "startsWith": lambda: text[0].startswith(text[1]),
                 "endsWith": lambda: text[0].endswith(text[1])}[operator]()
 
@@ -1402,9 +1554,10 @@ def _paths_match(paths, files, event, message):
     include, exclude = paths["include"], paths["exclude"]
     if files is None:
         return True
-    if paths["rule"] != "woodpecker":
-        return any(not matches(exclude, name) and (not include or matches(include, name))
-                   for name in files)
+    if paths["rule"] != "woodpecker":  # an empty change excludes nothing (pathschanged 0.4)
+        return not include if not files else any(
+            not matches(exclude, name) and (not include or matches(include, name))
+            for name in files)
     if event not in (EVENT_PUSH, EVENT_PULL_REQUEST):
         return True
     ignore = paths.get("ignore_message") or ""
@@ -1673,6 +1826,7 @@ class Pipeline:
     pipelines: list = dataclasses.field(default_factory=list)  # a file's several pipelines
     step_graph: bool = False  # its steps' depends_on make a graph (Drone 1.x, Woodpecker)
     concurrency: int = 0    # Drone 1.x: its jobs that may run at once in the repository
+    trusted_volumes: list = dataclasses.field(default_factory=list)  # Drone 1.x: host, memory
 
     def each(self):
         """The pipelines of the file: its several, or itself alone."""
@@ -1868,6 +2022,7 @@ class _Drone1:
         self.keyed_graph = False  # Woodpecker: any depends_on (even []) makes the graph
         self.volumes = {}  # the pipeline's volumes: name -> host path, "" for temp
         self.concurrency = 0  # the pipeline's concurrency.limit
+        self.trusted = []  # its volumes only a trusted repository may declare
         self.environment = {}  # the pipeline's environment, beneath each step's
         self.cloned = True  # the pipeline clones: a step may depend on "clone"
 
@@ -1936,8 +2091,7 @@ class _Drone1:
                 value = self._clone(value, at)
             elif key in ("workspace", "platform") and isinstance(value, dict):
                 value = (self._platform(value, at, kind) if key == "platform" else
-                         {"base": str(value.get("base") or "/drone"),
-                          "path": str(value.get("path") or "src")})
+                         self._workspace(value, at))
             elif key in ("volumes", "environment"):
                 continue  # read first, for the steps
             elif key == "concurrency":
@@ -1958,9 +2112,18 @@ class _Drone1:
             parser.add(line, f"a step and a service are both named {name!r}")
         return out
 
+    def _workspace(self, value, line):
+        """A pipeline's `workspace: {base, path}`: base an absolute path."""
+        base, path = value.get("base") or "/drone", value.get("path") or "src"
+        if not (isinstance(base, str) and base.startswith("/") and isinstance(path, str)):
+            self.parser.add(line, "'workspace' takes base (an absolute path) and path")
+            return {"base": "/drone", "path": "src"}
+        return {"base": base, "path": path}
+
     def _read_first(self, document, kind):
         """What a pipeline's steps are read with: its volumes, its
         environment, whether it clones; its concurrency starts unset."""
+        self.trusted = []
         self.volumes = self._pipeline_volumes(document.get("volumes"),
                                               _line_of(document, "volumes"), kind)
         self.environment = self._pipeline_environment(document.get("environment"),
@@ -2029,8 +2192,8 @@ class _Drone1:
     def _concurrency(self, value, line):
         """`concurrency: {limit: N}`: N (0 for no limit)."""
         limit = value.get("limit", 0) if isinstance(value, dict) else None
-        if set(value or {}) - {"limit"} or isinstance(limit, bool) or not isinstance(
-                limit, int) or limit < 0:
+        if not isinstance(value, dict) or set(value) - {"limit"} or isinstance(
+                limit, bool) or not isinstance(limit, int) or limit < 0:
             self.parser.add(line, "'concurrency' takes {limit: a whole number}")
             return 0
         return limit
@@ -2061,12 +2224,16 @@ class _Drone1:
             host = item.get("host") if isinstance(item, dict) else None
             name = item.get("name") if isinstance(item, dict) else None
             path = host.get("path") if isinstance(host, dict) else None
-            if not isinstance(name, str) or not _VOLUME_NAME_PATTERN.fullmatch(name) or not (
-                    isinstance(path, str) and path.startswith("/") or "temp" in item):
+            host_path = isinstance(path, str) and path.startswith("/")
+            if not (isinstance(name, str) and _VOLUME_NAME_PATTERN.fullmatch(name) and (
+                    host_path and "temp" not in item or host is None and "temp" in item)):
                 self.parser.add(at, f"volume {index + 1}: a name ([a-z0-9_-]) and host: "
                                     "{path: /absolute} or temp: {}")
                 continue
             volumes[name] = path if host is not None else ""
+            temp = item.get("temp")
+            if host is not None or isinstance(temp, dict) and temp.get("medium") == "memory":
+                self.trusted.append(name)  # Drone's linter: host paths and memory, trusted only
         return volumes
 
     def _step_volumes(self, out, value, line):
@@ -2074,13 +2241,15 @@ class _Drone1:
         the trusted `volumes` key ("HOST:PATH"), temp ones apart."""
         if not isinstance(value, list) or not all(
                 isinstance(item, dict) and isinstance(item.get("path"), str)
-                and item["path"].startswith("/") for item in value):
+                and item["path"].startswith("/") and isinstance(item.get("name"), str)
+                for item in value):
             self.parser.add(line, "a step's 'volumes' must be a list of {name, path: "
                                   "/absolute} of the pipeline's volumes")
             return
         host, temp = _YamlList(line), _YamlList(line)
         for item in value:
-            if (posixpath.normpath(item["path"]) + "/").startswith("/run/drone/"):
+            if (re.sub("^/+", "/", posixpath.normpath(item["path"])) + "/").startswith(
+                    "/run/drone/"):
                 self.parser.add(line, f"cannot mount a volume at {item['path']}: /run/drone "
                                       "is the runner's own")
             elif item.get("name") not in self.volumes:
@@ -2117,6 +2286,9 @@ class _Drone1:
             at = _line_of(body, key)
             if key in ("name", "depends_on"):
                 continue
+            if key == "temp_volumes":  # cirunner's own word for what `volumes` names
+                self.parser.unknown(at, "unknown step key 'temp_volumes'")
+                continue
             if key == "settings":  # the plugin's settings, kept apart from the step's keys
                 if not isinstance(value, dict):
                     self.parser.add(at, "'settings' must be a mapping")
@@ -2149,7 +2321,8 @@ class _Drone1:
         """Drone 1.x's `devices: [{name, path}]` (a host volume of the
         pipeline's, by name) as the trusted `devices` key ("HOST:PATH")."""
         if not isinstance(value, list) or not all(
-                isinstance(item, dict) and isinstance(item.get("path"), str) for item in value):
+                isinstance(item, dict) and isinstance(item.get("path"), str)
+                and isinstance(item.get("name", ""), str) for item in value):
             self.parser.add(line, "'devices' must be a list of {name, path}")
             return []
         devices = _YamlList(line)
@@ -2496,7 +2669,7 @@ class _PipelineParser:
         for step in pipeline.steps:
             step.depends_on = reader.depends_on.get(step.name, [])
         pipeline.name, pipeline.step_graph = reader.name, reader.step_graph
-        pipeline.concurrency = reader.concurrency
+        pipeline.concurrency, pipeline.trusted_volumes = reader.concurrency, reader.trusted
         pipeline.depends_on, pipeline.runs_on = needs
         return pipeline
 
@@ -9071,6 +9244,10 @@ class _JobRun:
         naming why: trusted keys on an untrusted repository or in a pipeline
         a fork wrote, engine arguments that are not what they say, a step
         that needs isolation this server cannot give."""
+        if self.pipeline.trusted_volumes and (self.build["fork"] or not self.repo["trusted"]):
+            raise _JobError(f"the pipeline's volumes {', '.join(self.pipeline.trusted_volumes)} "
+                            "(a host path, or memory) are for a trusted repository's own "
+                            "pipelines only, as in Drone")
         for step in self.services + self.steps:
             where = f"{step.kind} {step.name!r}"
             used = [key for key in _TRUSTED_KEYS if getattr(step, key)]
@@ -9323,11 +9500,18 @@ class _JobRun:
                             ref=build["ref"], repo=self.drone["DRONE_REPO"],
                             instance=self.executor.hostname,
                             local=self.executor.workspace is not None,
-                            files=json.loads(build.get("changed_files") or "null"),
-                            message=build["message"], cron=build.get("cron") or "",
-                            action=build.get("action") or "",
-                            variables={**self.drone, "CI_REPO_DEFAULT_BRANCH":
-                                       self.drone["DRONE_REPO_BRANCH"]})
+                            **self._change)
+
+    @functools.cached_property
+    def _change(self):
+        """What `paths`, `cron`, `action` and ``${VAR}`` of a `when` look at,
+        read once for the job (see Step.applies)."""
+        build = self.build
+        return {"files": json.loads(build.get("changed_files") or "null"),
+                "message": build["message"], "cron": build.get("cron") or "",
+                "action": build.get("action") or "",
+                "variables": {**self.drone, "CI_REPO_DEFAULT_BRANCH":
+                              self.drone["DRONE_REPO_BRANCH"]}}
 
     def _run_into(self, step, sink, deadline, minutes, results, index):
         """Run one step with its output into `sink`; its result in `results`."""

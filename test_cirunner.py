@@ -4367,22 +4367,63 @@ def test_woodpecker_path_conditions_match_as_its_own_tests_say(condition, files,
     assert step.applies(event="push", **{**when, "files": None}) is True  # not known
 
 
-def test_an_evaluate_pattern_that_could_backtrack_for_ever_is_refused():
+def test_an_evaluate_pattern_that_could_backtrack_for_ever_is_stopped():
     """Woodpecker's `matches` runs on Go's RE2, which never backtracks;
-    Python's does: a repeated repeated group is refused rather than let a
-    commit message of 30 a's and a b hold the server for minutes."""
+    Python's does: a pattern that could is matched in a child process,
+    stopped after two seconds (false), rather than let a commit message of
+    40 a's and a ! hold the server for hours."""
     pipeline = cirunner.parse_pipeline(
         "when: {event: push}\nsteps:\n  - name: s\n    commands: [true]\n"
-        "    when: {event: push, evaluate: 'CI_COMMIT_MESSAGE matches \"^(a+)+$\"'}\n"
+        "    when: {event: push, evaluate: 'CI_COMMIT_MESSAGE matches \"^((a+))+$\"'}\n"
         "  - name: t\n    commands: [true]\n"
-        "    when: {event: push, evaluate: 'CI_COMMIT_MESSAGE matches CI_PATTERN'}\n",
+        "    when: {event: push, evaluate: 'CI_COMMIT_MESSAGE matches \"^(fix|feat):\"'}\n",
         ".woodpecker.yml")
-    assert any("repeats a repeated group" in warning for warning in pipeline.warnings)
-    evil = {"CI_COMMIT_MESSAGE": "a" * 30 + "b", "CI_PATTERN": "^(a+)+$"}
+    evil, plain = pipeline.steps
+
+    def runs(step, message):
+        return step.applies(branch="main", event="push", environment={},
+                            variables={"CI_COMMIT_MESSAGE": message})
+
     started = time.monotonic()
-    assert pipeline.steps[-1].applies(branch="main", event="push", environment={},
-                                      variables=evil) is False  # from a variable: false
-    assert time.monotonic() - started < 60  # backtracking would take hours
+    assert runs(evil, "a" * 40 + "!") is False
+    assert time.monotonic() - started < 60  # backtracking would take days
+    assert runs(evil, "aaaa") is True  # the same pattern on a message it matches
+    assert runs(plain, "fix: the bug") is True and runs(plain, "docs: x") is False
+
+
+@pytest.mark.parametrize("text, message", [
+    ("kind: pipeline\nname: a\nconcurrency: 5\nsteps:\n- {name: s, image: x, commands: [true]}\n",
+     "'concurrency' takes {limit"),
+    (("kind: pipeline\nname: a\nsteps:\n- {name: s, image: x, commands: [true], "
+     "volumes: [{name: [a], path: /x}]}\nvolumes: [{name: a, temp: {}}]\n"), "'volumes' must be"),
+    (("kind: pipeline\nname: a\nsteps:\n- {name: s, image: x, commands: [true], "
+     "devices: [{name: {a: 1}, path: /dev/x}]}\n"), "'devices' must be"),
+    (("kind: pipeline\nname: a\nsteps:\n- {name: s, image: x, commands: [true], "
+     "volumes: [{name: a, path: //run/drone/x}]}\nvolumes: [{name: a, temp: {}}]\n"),
+     "/run/drone is the runner's own"),
+    (("kind: pipeline\nname: a\nsteps:\n- {name: s, image: x, commands: [true]}\n"
+     "volumes: [{name: a, temp: {}, host: {path: rel}}]\n"), "volume 1: a name"),
+    (("kind: pipeline\nname: a\nworkspace: {base: [1]}\nsteps:\n"
+     "- {name: s, image: x, commands: [true]}\n"), "'workspace' takes base"),
+])
+def test_odd_drone_1x_values_are_named_never_a_crash(text, message):
+    with pytest.raises(cirunner.ConfigError, match=re.escape(message)):
+        cirunner.parse_pipeline(text, ".drone.yml")
+
+
+def test_hostile_globs_and_expressions_end_at_once():
+    """A pipeline file writes the patterns and a pull request the names: globs
+    are matched position by position (no backtracking), `{a,b}` expands to at
+    most 64, and an expression nested past 32 is warned of, never a crash."""
+    started = time.monotonic()
+    assert cirunner._path_match("**/" * 16 + "x", "a/" * 2000 + "y", doublestar=True) is False
+    assert cirunner._path_match("{a,a}" * 26 + "b", "a" * 26 + "b", doublestar=True) is False
+    assert cirunner._path_match("{a,b}/**/*.md", "b/x/y.md", doublestar=True) is True
+    assert time.monotonic() - started < 60  # the regexes these were took minutes to years
+    pipeline = cirunner.parse_pipeline(
+        "when: {event: push}\nsteps:\n  - name: s\n    commands: [true]\n"
+        f"    when: {{event: push, evaluate: '{'!' * 5000}true'}}\n", ".woodpecker.yml")
+    assert any("nested too deeply" in warning for warning in pipeline.warnings)
 
 
 # drone-convert-pathschanged's testdata (the extension that gives Drone 1.x
@@ -4409,9 +4450,11 @@ def test_drone_1x_paths_match_as_the_pathschanged_extension_does(condition, runs
         assert plan["runs"] is runs
         assert pipeline.steps[-1].applies(branch="main", event=event, environment={},
                                           files=["README.md"]) is runs
-    # no changed file (an empty commit): no file can match, so nothing runs
+    # no changed file (an empty commit): no file is included, and (pathschanged 0.4.0,
+    # its changelog #46) an empty change excludes nothing
+    include = pipeline.steps[-1].when["paths"]["include"]
     assert pipeline.steps[-1].applies(branch="main", event="push", environment={},
-                                      files=[]) is False
+                                      files=[]) is (not include)
 
 
 def test_plan_tells_paths_and_cron_from_its_options(tmp_path):
@@ -9311,6 +9354,7 @@ def drone_untrusted_refusal(pipeline):
         for step in one.services + one.steps:
             used += [key for key in cirunner._TRUSTED_KEYS
                      if getattr(step, key) and key in allowed]
+        used += one.trusted_volumes  # the pipeline's own check (host paths, memory)
     return used
 
 
@@ -9719,14 +9763,10 @@ DRONE_LINT_CASES = [
     ("missing_name.yml", False, "error"),
     ("volume_invalid_name.yml", False, "error"),
     ("pipeline_volume_invalid_name.yml", False, "error"),
-    pytest.param("volume_host_path.yml", False, "untrusted", marks=pytest.mark.xfail(
-        strict=True, reason="departure: a host volume no step mounts is not refused (one a "
-                            "step mounts is, as a trusted key)")),
+    ("volume_host_path.yml", False, "untrusted"),
     ("volume_host_path.yml", True, "ok"),
     ("volume_empty_dir.yml", False, "ok"),
-    pytest.param("volume_empty_dir_memory.yml", False, "untrusted", marks=pytest.mark.xfail(
-        strict=True, reason="departure: temp {medium: memory} is an engine volume on disk, "
-                            "allowed untrusted")),
+    ("volume_empty_dir_memory.yml", False, "untrusted"),
     ("volume_empty_dir_memory.yml", True, "ok"),
     pytest.param("service_port_host.yml", False, "untrusted", marks=pytest.mark.xfail(
         strict=True, reason="departure, as RD: no port is ever published, so none is refused")),
