@@ -669,47 +669,17 @@ def _check_bool(value, name):
 # -- Go's path.Match, which Drone's branch and `when` filters use ----------------
 
 
-def _go_glob(pattern, *, slashes=False, doublestar=False):
+def _go_glob(pattern, *, slashes=False):
     """A compiled regex for Go's `path.Match(pattern)`, or None if the pattern is
     malformed (Go then matches nothing). `*` and `?` never match `/` (with
     `slashes` they do, as in the copy of path.Match in Drone's envsubst);
-    `[^...]` negates a class; a backslash escapes the next character. With
-    `doublestar`, as bmatcuk/doublestar: `**` matches across `/`, and as a
-    component of its own zero or more directories (`a/**/b` matches `a/b`),
-    and `{a,b}` matches either."""
-    body = _go_glob_body(pattern, slashes, doublestar)
-    try:
-        return None if body is None else re.compile(f"\\A{body}\\Z", re.DOTALL)
-    except re.error:  # a class Go would refuse too ([z-a]): matches nothing
-        return None
-
-
-def _go_glob_body(pattern, slashes, doublestar):
-    """The regular expression of `pattern` (see _go_glob), or None."""
+    `[^...]` negates a class; a backslash escapes the next character.
+    (Filters match with _path_match, which never backtracks.)"""
     out, index = [], 0
     not_slash = "" if slashes else "/"
     while index < len(pattern):
         char = pattern[index]
-        whole = doublestar and pattern.startswith("**", index) and pattern[index - 1:index] in (
-            "", "/")  # `**` as a path component of its own: zero or more directories
-        if whole and pattern.startswith("**/", index):
-            out.append("(?:.*/)?")
-            index += 2
-        elif whole and index + 2 == len(pattern) and index:
-            out[-1] = "(?:/.*)?"  # `a/**` is `a` and all below it
-            index += 1
-        elif char == "*" and doublestar and pattern.startswith("**", index):
-            out.append(".*")
-            index += 1
-        elif char == "{" and doublestar and "}" in pattern[index:]:
-            end = pattern.index("}", index)
-            options = [_go_glob_body(option, slashes, doublestar)
-                       for option in pattern[index + 1:end].split(",")]
-            if None in options:
-                return None
-            out.append("(?:" + "|".join(options) + ")")
-            index = end
-        elif char == "*":
+        if char == "*":
             out.append(f"[^{not_slash}]*" if not_slash else ".*")
         elif char == "?":
             out.append(f"[^{not_slash}]" if not_slash else ".")
@@ -719,20 +689,34 @@ def _go_glob_body(pattern, slashes, doublestar):
                 return None
             out.append(re.escape(pattern[index]))
         elif char == "[":
-            end = _go_class_end(pattern, index + 1)
-            if end is None:
+            found = _go_class(pattern, index, not_slash)
+            if found is None:
                 return None
-            body = pattern[index + 1:end]
-            negated = body.startswith("^")
-            body = body[1:] if negated else body
-            if not body:
-                return None
-            out.append(("[^" + not_slash if negated else "[") + re.sub(r"([\]\[^])", r"\\\1", body) + "]")
-            index = end
+            regex, index = found
+            out.append(regex)
         else:
             out.append(re.escape(char))
         index += 1
-    return "".join(out)
+    try:
+        return re.compile("\\A" + "".join(out) + "\\Z", re.DOTALL)
+    except re.error:  # a class Go would refuse too ([z-a]): matches nothing
+        return None
+
+
+def _go_class(pattern, index, not_slash="/"):
+    """(the regex of one character of the class that opens at `index`, the
+    index of its `]`), or None if malformed; a negated class never matches
+    `not_slash`."""
+    end = _go_class_end(pattern, index + 1)
+    if end is None:
+        return None
+    body = pattern[index + 1:end]
+    negated = body.startswith("^")
+    body = body[1:] if negated else body
+    if not body:
+        return None
+    return (("[^" + not_slash if negated else "[") + re.sub(r"([\]\[^])", r"\\\1", body)
+            + "]"), end
 
 
 def _go_class_end(pattern, start):
@@ -809,18 +793,14 @@ def _glob_tokens(pattern, doublestar):
             index += 2
             continue
         if char == "[":
-            end = _go_class_end(pattern, index + 1)
-            body = pattern[index + 1:end] if end is not None else ""
-            negated = body.startswith("^")
-            body = body[1:] if negated else body
-            if end is None or not body:
+            found = _go_class(pattern, index)
+            if found is None:
                 return None
             try:
-                tokens.append(("[", re.compile(("[^/" if negated else "[") + re.sub(
-                    r"([\]\[^])", r"\\\1", body) + "]", re.DOTALL)))
+                tokens.append(("[", re.compile(found[0], re.DOTALL)))
             except re.error:  # a class Go would refuse too ([z-a]): matches nothing
                 return None
-            index = end + 1
+            index = found[1] + 1
             continue
         tokens.append(("*",) if char == "*" else ("?",) if char == "?" else ("c", char))
         index += 1
@@ -9456,9 +9436,10 @@ class _JobRun:
             if len(running) >= STEP_GRAPH_PARALLEL or not ended.issuperset(needs[index]):
                 continue
             waiting.remove(index)
-            if step.detach and self._applies(step):
+            applies = self._applies(step)
+            if step.detach and applies:
                 self._start_background(step)
-            elif not self._applies(step):
+            elif not applies:
                 self._step(self.records[id(step)], status=SKIPPED)
             else:
                 sink = _Spool() if running else self.log  # live when it runs alone
