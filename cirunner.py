@@ -204,6 +204,7 @@ import socket
 import sqlite3
 import stat
 import string
+import struct
 import subprocess
 import sys
 import tarfile
@@ -3937,6 +3938,18 @@ class _GitMirrors:
             return handle.read().strip()
         return ""
 
+    def known_branches(self, repo):
+        """The branches the mirror has as of its last fetch (never asks the
+        remote; none before the first build)."""
+        mirror = self.path(repo)
+        if not os.path.isdir(os.path.join(mirror, "refs")):
+            return []
+        with contextlib.suppress(_GitError):
+            return self.run(["-C", mirror, "for-each-ref", "--format=%(refname:short)",
+                             "--sort=-committerdate", "--count=200",
+                             "refs/heads/"]).decode().split()
+        return []
+
     def default_branch(self, repo):
         """The remote's default branch, learned once (from the remote's HEAD)
         and kept beside the mirror. Set a repository's branch explicitly to
@@ -4564,7 +4577,8 @@ def _pipeline_cell(job):
 
 def _in_graph_order(jobs):
     """A build's jobs with each pipeline's after those it runs after (by
-    their depth in the graph), in their numbers' order otherwise."""
+    their depth in the graph), each pipeline's jobs together, in their
+    numbers' order otherwise."""
     needs = {job["pipeline"]: _job_needs(job) for job in jobs}
     depths = {}
 
@@ -4574,7 +4588,11 @@ def _in_graph_order(jobs):
                                     if need in needs and need not in seen), default=-1)
         return depths[name]
 
-    return sorted(jobs, key=lambda job: (depth(job["pipeline"]), job["number"]))
+    first = {}
+    for job in jobs:
+        first.setdefault(job["pipeline"], job["number"])
+    return sorted(jobs, key=lambda job: (depth(job["pipeline"]), first[job["pipeline"]],
+                                         job["number"]))
 
 
 def _runs_after(job, statuses):
@@ -5232,6 +5250,16 @@ class Store(_Listeners):
 
     def user_count(self):
         return self._scalar("SELECT count(*) FROM users")
+
+    def update_user(self, login, *, email=None, admin=None):
+        """Change a user's email or admin flag (None: unchanged)."""
+        with self._write() as tx:
+            for column, value in (("email", email), ("admin", admin)):
+                if value is not None and not tx.execute(
+                        f"UPDATE users SET {column} = $1 WHERE login = $2",
+                        (int(value) if column == "admin" else value, login)).rowcount:
+                    raise NotFound(f"user {login} not found")
+        return self.get_user(login)
 
     def delete_user(self, login):
         """Remove a user and every token of theirs."""
@@ -11292,6 +11320,22 @@ class Operations:
             admin=_check_bool(params.get("admin", False), "admin"))
         return _ACCOUNT.to_json(user)
 
+    def update_user(self, caller, login, params):
+        """Change a user's `email` or `admin` flag (admins). An admin cannot
+        take their own admin flag away (someone must be left to give it back)."""
+        self._require_admin(caller, "changing a user")
+        unknown = set(params) - {"email", "admin", *_RESERVED_PARAMS}
+        if unknown:
+            raise BadRequest(f"unknown user field {min(unknown)!r}")
+        admin = _check_bool(params["admin"], "admin") if "admin" in params else None
+        if admin is False and login == caller["login"]:
+            raise Conflict("you cannot take your own admin rights away: ask another admin")
+        email = params.get("email")
+        user = self.store.update_user(
+            login, email=None if email is None else _check_text(email, "email", 254),
+            admin=admin)
+        return _ACCOUNT.to_json(user)
+
     def delete_user(self, caller, login):
         self._require_admin(caller, "removing a user")
         self.store.delete_user(login)
@@ -11638,25 +11682,35 @@ class _LogHtml:
 
     def sections(self, job, steps):
         """[{number, summary, failing}] for section 0 (the checkout) and each
-        step: status, name, kind, duration; `failing` marks the section the
-        job failed in (the first failed step, else the checkout)."""
-        failing = next((step["number"] for step in steps if step["status"] in _FAILED_STATUSES),
-                       0 if job["status"] in _FAILED_STATUSES else None)
+        step, the services last: status, name, kind, duration; `failing`
+        marks the section the job failed in (the first failed step, else a
+        failed service, else the checkout). A service the job's end stopped
+        shows as "stopped"."""
+        job_failed = job["status"] in _FAILED_STATUSES
+        failed = sorted((step for step in steps if step["status"] in _FAILED_STATUSES
+                         and (step["kind"] != "service" or job_failed)),
+                        key=lambda step: step["kind"] == "service")  # a step's failure first
+        failing = failed[0]["number"] if failed else 0 if job_failed else None
         clone_status = (job["status"] if failing == 0 else SUCCESS if steps and any(
             step["started_at"] for step in steps) else job["status"])
         sections = [{"number": 0, "failing": failing == 0, "summary": self._summary.render(
             status=clone_status, name="clone", detail="")}]
+        services = []
         for step in steps:
             detail = [] if step["kind"] == "step" else [step["kind"]]
             if step["started_at"]:
                 detail.append(_duration(step["started_at"], step["finished_at"]))
-            if step["exit_code"]:
+            status = step["status"]
+            if step["kind"] == "service" and failing != step["number"] and \
+                    status in DONE_STATUSES and status != SKIPPED:
+                status = "stopped"  # the job's end stopped it: its exit is that stop's
+            elif step["exit_code"]:
                 detail.append(f"exit {step['exit_code']}")
-            sections.append({"number": step["number"], "failing": failing == step["number"],
-                             "summary": self._summary.render(status=step["status"],
-                                                             name=step["name"],
-                                                             detail=", ".join(detail))})
-        return sections
+            (services if step["kind"] == "service" else sections).append({
+                "number": step["number"], "failing": failing == step["number"],
+                "summary": self._summary.render(status=status, name=step["name"],
+                                                detail=", ".join(detail))})
+        return sections + services
 
     @staticmethod
     def line(text):
@@ -12254,6 +12308,9 @@ _API_ROUTES = [
                  "required": ["login"]}, errors=(400, 403, 409, 413, 507)),
     _Route("GET", "/api/users/<login>", "get_user", "user", "one user (admins; or yourself)",
            {200: (_OK, _ref("Account"))}, errors=(400, 403, 404)),
+    _Route("PATCH", "/api/users/<login>", "update_user", "user",
+           "change a user's email or admin flag (admins)", {200: (_OK, _ref("Account"))},
+           body=_object(email=_STRING, admin=_BOOLEAN), errors=(400, 403, 404, 409, 413, 507)),
     _Route("DELETE", "/api/users/<login>", "delete_user", "user",
            "remove a user and their tokens (admins)", {200: (_OK, {"type": "object"})},
            errors=(400, 403, 404, 507)),
@@ -12594,15 +12651,32 @@ main{max-width:1100px;margin:1.2em auto;padding:0 1em}
 table{border-collapse:collapse;width:100%;background:#fff}th,td{text-align:left;padding:.35em .6em;border-bottom:1px solid #d0d7de}
 th{background:#eaeef2}.status{display:inline-block;padding:0 .5em;border-radius:1em;color:#fff;font-weight:600;font-size:12px}
 .s-success{background:#1a7f37}.s-failure{background:#cf222e}.s-running,.s-pending{background:#9a6700}
-.s-error,.s-killed,.s-declined{background:#6e7781}.s-skipped{background:#8c959f}.s-none{background:#afb8c1}
-.s-blocked{background:#8250df}.blocked{background:#fbefff;border:1px solid #8250df;padding:.6em}
+.s-error,.s-killed,.s-declined{background:#6e7781}.s-skipped{background:#57606a}.s-none{background:#424a53}
+.s-blocked{background:#8250df}.s-stopped{background:#57606a}.blocked{background:#fbefff;border:1px solid #8250df;padding:.6em}
 .log{background:#0d1117;color:#e6edf3;font:12px/1.5 ui-monospace,Menlo,Consolas,monospace;padding:.2em 0;overflow-x:auto}
 .rows div{white-space:pre-wrap;word-break:break-all;padding:0 .8em 0 4.5em;text-indent:-3.7em}
-.rows a{color:#6e7681;display:inline-block;width:3.2em;text-align:right;margin-right:.5em;text-indent:0;text-decoration:none}
+.rows a{color:#8b949e;display:inline-block;width:3.2em;text-align:right;margin-right:.5em;text-indent:0;text-decoration:none}
 .rows div:target{background:#264f78}.muted{color:#57606a}form.inline{display:inline}button{cursor:pointer}
 .log summary{cursor:pointer;padding:.25em .8em;background:#161b22;border-top:1px solid #30363d;font-family:system-ui,sans-serif}
 .log summary .muted{color:#8b949e}.failed{color:#cf222e;font-weight:600}
 .wide{overflow-x:auto}.warnings{background:#fff8c5;border:1px solid #9a6700;padding:.2em .6em;margin:.6em 0}.made{background:#dafbe1;border:1px solid #1a7f37;padding:.6em}.id{word-break:break-all}pre.message{white-space:pre-wrap;word-break:break-word;margin:0}input{max-width:100%;box-sizing:border-box}input[type=password]{width:22em}
+button,input,select,textarea{font:inherit;color:#1f2328;border:1px solid #8c959f;border-radius:6px;padding:.3em .6em;background:#fff}
+button{background:#f6f8fa;font-weight:600}button:hover{background:#eaeef2}
+button.primary{background:#1a7f37;border-color:#1a7f37;color:#fff}button.primary:hover{background:#116329}
+button.danger{color:#a40e26}button.danger:hover{background:#ffebe9}
+header button{background:#24292f;color:#fff;border-color:#57606a}
+:focus-visible{outline:3px solid #0969da;outline-offset:2px}a{color:#0969da}
+input[type=checkbox]{width:auto}textarea{width:100%;min-height:4em;box-sizing:border-box}
+.card{background:#fff;border:1px solid #d0d7de;border-radius:6px;padding:.6em 1em;margin:1em 0}
+.field{margin:.6em 0}.field>label,.field>legend{display:block;font-weight:600}
+.field input:not([type=checkbox]),.field select{width:30em}.help{color:#57606a;font-size:13px;overflow-wrap:anywhere}
+fieldset{border:1px solid #d0d7de;border-radius:6px;min-width:0}fieldset label{margin-right:1em;white-space:nowrap}
+.error{background:#ffebe9;border:1px solid #cf222e;color:#82071e;padding:.6em}
+.tabs{display:flex;gap:1em;flex-wrap:wrap;margin:.4em 0}.tabs a[aria-current]{font-weight:700;color:#1f2328}
+.row{display:flex;gap:.6em;flex-wrap:wrap;align-items:end;margin:.3em 0}.row label{display:flex;gap:.4em;align-items:center}.row input{width:14em}
+.secret{background:#fff8c5;padding:.1em .3em;word-break:break-all}
+@media (max-width:640px){main{padding:0 .5em}.field input:not([type=checkbox]),.field select{width:100%}
+.row label{flex:1 1 100%}.row input{flex:1;min-width:0;width:auto}}
 .a1{font-weight:700}.a30{color:#8b949e}.a31{color:#ff7b72}.a32{color:#3fb950}.a33{color:#d29922}
 .a34{color:#58a6ff}.a35{color:#bc8cff}.a36{color:#39c5cf}.a37{color:#e6edf3}
 """
@@ -12646,10 +12720,13 @@ _LIVE_PAGE_SCRIPT = """
 _TEMPLATES = {
     "layout": """<!doctype html><html lang=en><head><meta charset=utf-8>
 <meta name=viewport content='width=device-width,initial-scale=1'>
-<title>{{title}} - cirunner</title><style>{{!style}}</style></head>
-<body><header><a href='{{url("/")}}'>cirunner</a>
+<title>{{title}} - cirunner</title><link rel=icon href='{{url("/favicon.ico")}}'><style>{{!style}}</style></head>
+<body><header><a href='{{url("/")}}'>cirunner</a> <a href='{{url("/queue")}}'>queue</a>
+% if user:
+<a href='{{url("/new")}}'>add repository</a> <a href='{{url("/tokens")}}'>tokens</a>
+% end
 % if user and user['admin']:
-<a href='{{url("/agents")}}'>agents</a>
+<a href='{{url("/users")}}'>users</a> <a href='{{url("/agents")}}'>agents</a>
 % end
 % if user:
 <form class=account method="post" action="{{url('/logout')}}"><span>{{user['login']}}</span> \
@@ -12704,8 +12781,8 @@ _TEMPLATES = {
 % end
 """,
 
-    "repo": """<h1>{{repo['owner']}}/{{repo['name']}}</h1>
-<form method=get><label>branch <input name=branch value='{{branch}}'></label> \
+    "repo": """<h1>{{repo['owner']}}/{{repo['name']}}</h1>{{!tabs}}{{!start}}
+<form method=get class=row><label>branch <input name=branch value='{{branch}}'></label> \
 <label>status <select name=status>
 % for choice in ("",) + statuses:
 <option{{' selected' if choice == status else ''}}>{{choice}}</option>
@@ -12736,16 +12813,32 @@ _TEMPLATES = {
     "build_live": """<h1><a href='{{repo_url}}'>{{repo['owner']}}/{{repo['name']}}</a> \
 #{{build['number']}} {{!label(build['status'], 'build-status')}}</h1>
 % if build['status'] == 'blocked':
-<p class=blocked id=blocked>This build waits for approval: {{blocked}}. \
+<div class=blocked id=blocked><p>This build waits for approval: {{blocked}}. \
+Opened by <b>{{build['author'] or 'someone unknown'}}</b>\
+{{f" from {build['source_repo']}" if build['source_repo'] and build['source_repo'] not in blocked else ''}}. \
 Read its pipeline file (<code>{{build['pipeline_file']}}</code>) before you approve it: \
 it runs as written.</p>
+% if would_run:
+<details><summary>What it would run</summary><pre class=message id=would-run>{{would_run}}</pre>\
+</details>
+% end
+</div>
 % end
 <p>
 % for action in actions:
 <form class=inline method=post action='{{base}}/{{action}}'>\
-<input type=hidden name=csrf value='{{csrf}}'><button id={{action}}>{{action.title()}}</button></form>
+<input type=hidden name=csrf value='{{csrf}}'><button id={{action}}\
+{{!' class=primary' if action == 'approve' else ' class=danger' if action in ('cancel', 'decline') else ''}}>\
+{{action.title()}}</button></form>
 % end
-</p><table>
+</p>
+% if 'restart' in actions:
+<details class=card><summary>Restart with changed variables</summary>
+<form method=post action='{{base}}/restart' id=restart-with><input type=hidden name=csrf \
+value='{{csrf}}'><p class=help>The build's variables are kept; a row here adds one or \
+changes its value.</p>{{!variables}}<p><button class=primary>Restart</button></p></form></details>
+% end
+<table>
 <tr><th>commit</th><td><code class=id>{{build['commit_sha']}}</code></td></tr>
 <tr><th>message</th><td><pre class=message>{{build['message']}}</pre></td></tr>
 <tr><th>branch</th><td>{{build['branch']}}</td></tr>
@@ -12773,13 +12866,24 @@ it runs as written.</p>
 <td>{{steps(job)}}</td><td>{{job['exit_code']}}</td>\
 <td>{{duration(job['started_at'], job['finished_at'])}}</td><td>{{job['error']}}</td></tr>
 % end
-</table></div><h2>History</h2><div class=wide><table><tr><th>when</th><th>job</th>\
+</table></div><h2>History</h2><div class=wide><table id=history><tr><th>when</th>\
 <th>status</th><th>message</th></tr>
 % for row in history:
-<tr><td>{{!ago(row['created_at'])}}</td><td>{{row['job_number'] or 'build'}}</td>\
+% if row['job_number'] is None:
+<tr><td>{{!ago(row['created_at'])}}</td><td>{{!label(row['status'])}}</td>\
+<td>{{row['message']}}</td></tr>
+% end
+% end
+</table></div>
+<details><summary>Every job's changes</summary><div class=wide><table id=job-history><tr>\
+<th>when</th><th>job</th><th>status</th><th>message</th></tr>
+% for row in history:
+% if row['job_number'] is not None:
+<tr><td>{{!ago(row['created_at'])}}</td><td>{{row['job_number']}}</td>\
 <td>{{!label(row['status'])}}</td><td>{{row['message']}}</td></tr>
 % end
-</table></div>""",
+% end
+</table></div></details>""",
 
     "agents": """<h1>Agents</h1>
 % if made:
@@ -12810,17 +12914,309 @@ on the build machine.</p>
 <label>labels <input name=labels placeholder='arch=arm64,disk=ssd'></label> \
 <button>Add</button></form>""",
 
+    "problem": """% if error:
+<p class=error role=alert id=form-error>{{error}}</p>
+% end
+""",
+
+    "repo_tabs": """<nav class=tabs aria-label='{{owner}}/{{name}}'>
+% for path, text in links:
+<a href='{{url(f"/{owner}/{name}{path}")}}'{{!' aria-current=page' if path == here else ''}}>\
+{{text}}</a>
+% end
+</nav>""",
+
+    "variables": """<fieldset class=vars><legend>Variables</legend>
+% for key, value in rows:
+<div class=row><label>name <input name=var_name value='{{key}}' autocomplete=off \
+spellcheck=false></label><label>value <input name=var_value value='{{value}}' \
+autocomplete=off spellcheck=false></label></div>
+% end
+<button type=button class=add-row hidden>Add a variable</button></fieldset>""",
+
+    "start_build": """<details class=card id=start{{!' open' if error else ''}}>\
+<summary>Start a build</summary>{{!problem}}
+<form method=post action='{{url(f"/{owner}/{name}/builds")}}' id=start-build>
+<input type=hidden name=csrf value='{{csrf}}'>
+<div class=field><label for=branch>Branch</label><input id=branch name=branch list=branches \
+value='{{form.get("branch", "")}}' placeholder='{{default_branch or "the default branch"}}' \
+aria-describedby=branch-help><datalist id=branches>
+% for branch in branches:
+<option value='{{branch}}'>
+% end
+</datalist><div class=help id=branch-help>Empty: the default branch.</div></div>
+<div class=field><label for=commit>Commit</label><input id=commit name=commit \
+value='{{form.get("commit", "")}}' aria-describedby=commit-help spellcheck=false>\
+<div class=help id=commit-help>Empty: the branch's newest commit.</div></div>
+{{!variables}}
+<p><button class=primary>Start build</button></p></form></details>""",
+
+    "new_repo": """<h1>Add a repository</h1>{{!problem}}
+<form method=post class=card action='{{url("/new")}}' id=add-repo>
+<input type=hidden name=csrf value='{{csrf}}'>
+<div class=field><label for=owner>Owner</label><input id=owner name=owner required \
+value='{{form.get("owner", login)}}' aria-describedby=owner-help>\
+<div class=help id=owner-help>Yours ({{login}}){{', or anyone\\'s: you are an admin' if admin else ''}}.\
+</div></div>
+<div class=field><label for=name>Name</label><input id=name name=name required \
+value='{{form.get("name", "")}}'></div>
+<div class=field><label for=url>Clone URL</label><input id=url name=url required \
+value='{{form.get("url", "")}}' placeholder='https://example.com/you/project.git' \
+aria-describedby=url-help spellcheck=false><div class=help id=url-help>https://, ssh://, \
+git:// or git@host:path{{'; admins may also give a path on this machine' if admin else ''}}.\
+</div></div>
+<div class=field><label><input type=checkbox name=private value=true\
+{{' checked' if form.get("private") else ''}}> Private: only you and admins see it</label></div>
+<p><button class=primary>Add repository</button></p></form>""",
+
+    "settings": """<h1>{{owner}}/{{name}}: settings</h1>{{!tabs}}{{!problem}}
+% if saved:
+<p class=made role=status id=saved>Saved.</p>
+% end
+<form method=post class=card action='{{url(f"/{owner}/{name}/settings")}}' id=settings>
+<input type=hidden name=csrf value='{{csrf}}'>
+% for field in fields:
+% ident = 'f-' + field['name']
+% if field['kind'] == 'checkbox':
+<div class=field><input type=hidden name='{{field['name']}}' value=false><label>\
+<input type=checkbox name='{{field['name']}}' value=true aria-describedby='{{ident}}-help'\
+{{' checked' if field['value'] else ''}}> {{field['label']}}</label>
+% elif field['kind'] == 'events':
+<fieldset class=field><legend>{{field['label']}}</legend>\
+<input type=hidden name=events_shown value=1>
+% for event in field['options']:
+<label><input type=checkbox name=events value='{{event}}'\
+{{' checked' if event in field['value'] else ''}}> {{event}}</label>
+% end
+% elif field['kind'] == 'select':
+<div class=field><label for='{{ident}}'>{{field['label']}}</label><select id='{{ident}}' \
+name='{{field['name']}}' aria-describedby='{{ident}}-help'>
+% for option in field['options']:
+<option{{' selected' if option == field['value'] else ''}}>{{option}}</option>
+% end
+</select>
+% else:
+<div class=field><label for='{{ident}}'>{{field['label']}}</label><input id='{{ident}}' \
+name='{{field['name']}}' type='{{field['kind']}}' value='{{field['value']}}' \
+aria-describedby='{{ident}}-help' autocomplete=off spellcheck=false>
+% end
+<div class=help id='{{ident}}-help'>{{field['help']}}</div>{{!'</fieldset>' if field['kind'] == 'events' else '</div>'}}
+% end
+<p><button class=primary>Save settings</button></p></form>
+<h2 id=webhook>Webhook</h2><div class=card>
+<p>Payload URL: <code class=id id=webhook-url>{{webhook_url}}</code></p>
+% if secret:
+<p>Secret: <code class=secret id=webhook-secret>{{secret}}</code> \
+<button type=button class=copy data-copy=webhook-secret hidden>Copy</button></p>
+% end
+<form method=post class=inline id=webhook-form \
+action='{{url(f"/{owner}/{name}/settings/webhook")}}'>\
+<input type=hidden name=csrf value='{{csrf}}'><button name=do value=show id=show-secret>\
+Show the secret</button> <button name=do value=rotate class=danger id=rotate-secret>\
+Make a new secret (the old one stops working)</button></form>
+<details><summary>GitHub</summary><ol><li>In the repository: Settings, Webhooks, Add webhook.\
+</li><li>Payload URL: the URL above; Content type: <code>application/json</code>; Secret: the \
+secret.</li><li>Events: "Let me select individual events": Pushes, Pull requests, and \
+Branch or tag creation.</li></ol></details>
+<details><summary>Gitea and Forgejo</summary><ol><li>In the repository: Settings, Webhooks, \
+Add webhook, Gitea (or Forgejo).</li><li>Target URL: the URL above; HTTP method POST; POST \
+content type <code>application/json</code>; Secret: the secret.</li><li>Trigger on: Push \
+events, Create (tags) and Pull request events.</li></ol></details>
+<details><summary>GitLab</summary><ol><li>In the project: Settings, Webhooks, Add new webhook.\
+</li><li>URL: the URL above; Secret token: the secret.</li><li>Trigger: Push events, Tag \
+push events and Merge request events.</li></ol></details></div>""",
+
+    "secrets": """<h1>{{owner}}/{{name}}: secrets</h1>{{!tabs}}{{!problem}}
+<p class=muted>Values are never shown again: a step gets a secret as a variable, and its \
+value is masked in logs.</p>
+<div class=wide><table><tr><th>name</th><th>events</th><th>pull requests</th><th>images</th>\
+<th></th></tr>
+% for secret in secrets:
+<tr><td><code>{{secret['name']}}</code></td><td>{{', '.join(secret['events'])}}</td>\
+<td>{{'yes' if 'pull_request' in secret['events'] else 'no'}}</td>\
+<td>{{', '.join(secret['images']) or 'any'}}</td><td>\
+<a href='?name={{secret['name']}}#add-secret'>Replace</a> <form class=inline method=post \
+action='{{url(f"/{owner}/{name}/secrets/{secret['name']}/delete")}}'>\
+<input type=hidden name=csrf value='{{csrf}}'><button class=danger \
+aria-label='Delete {{secret['name']}}'>Delete</button></form></td></tr>
+% end
+</table></div>
+% if not secrets:
+<p class=muted>No secrets yet.</p>
+% end
+<h2>Add or replace a secret</h2>
+<form method=post class=card action='{{url(f"/{owner}/{name}/secrets")}}' id=add-secret>
+<input type=hidden name=csrf value='{{csrf}}'>
+<div class=field><label for=secret-name>Name</label><input id=secret-name name=name required \
+value='{{form.get("name", "")}}' spellcheck=false aria-describedby=secret-name-help>\
+<div class=help id=secret-name-help>A variable name, e.g. DOCKER_PASSWORD. A name that \
+exists is replaced.</div></div>
+<div class=field><label for=secret-value>Value</label><textarea id=secret-value name=value \
+required autocomplete=off spellcheck=false></textarea></div>
+<fieldset class=field><legend>Events</legend>
+% for event in events:
+<label><input type=checkbox name=events value='{{event}}'\
+{{' checked' if event in chosen else ''}}> {{event}}</label>
+% end
+<div class=help>A pull request may come from a fork: give it a secret only if you trust every \
+fork's author.</div></fieldset>
+<div class=field><label for=secret-images>Images</label><input id=secret-images name=images \
+value='{{form.get("images", "")}}' placeholder='plugins/docker, plugins/*' \
+aria-describedby=secret-images-help spellcheck=false><div class=help id=secret-images-help>\
+Only steps with these images get it (comma-separated); empty for every step.</div></div>
+<p><button class=primary>Save secret</button></p></form>""",
+
+    "schedules": """<h1>{{owner}}/{{name}}: schedules</h1>{{!tabs}}{{!problem}}
+<div class=wide><table><tr><th>name</th><th>when (UTC)</th><th>branch</th>\
+<th>next runs</th><th></th></tr>
+% for cron in crons:
+<tr><td>{{cron['name']}}</td><td><code>{{cron['expression']}}</code><br>{{cron['words']}}</td>\
+<td>{{cron['branch'] or default_branch or 'default'}}</td><td>{{!'<br>'.join(cron['next'])}}</td>\
+<td>
+% if may_write:
+<form class=inline method=post action='{{url(f"/{owner}/{name}/schedules/{cron['name']}/delete")}}'>\
+<input type=hidden name=csrf value='{{csrf}}'><button class=danger \
+aria-label='Remove {{cron['name']}}'>Remove</button></form>
+% end
+</td></tr>
+% end
+</table></div>
+% if not crons:
+<p class=muted>No schedules.</p>
+% end
+% if may_write:
+<h2>Add a schedule</h2>
+<form method=post class=card action='{{url(f"/{owner}/{name}/schedules")}}' id=add-schedule>
+<input type=hidden name=csrf value='{{csrf}}'>
+<div class=field><label for=cron-name>Name</label><input id=cron-name name=name required \
+value='{{form.get("name", "")}}'></div>
+<div class=field><label for=cron-expression>Cron expression</label><input id=cron-expression \
+name=expression required value='{{form.get("expression", "")}}' placeholder='0 3 * * *' \
+aria-describedby=cron-help spellcheck=false><div class=help id=cron-help>Five fields, in UTC: \
+minute, hour, day of month, month, day of week. <code>0 3 * * 1-5</code> is 03:00 on weekdays.\
+</div></div>
+<div class=field><label for=cron-branch>Branch</label><input id=cron-branch name=branch \
+value='{{form.get("branch", "")}}' placeholder='{{default_branch or "the default branch"}}'>\
+</div>
+<p><button class=primary>Add schedule</button></p></form>
+% end""",
+
+    "tokens": """<h1>Your tokens</h1>{{!problem}}
+% if made:
+<p class=made role=status>Token <b>{{made['name'] or made['id']}}</b> is made. Copy it now: \
+it is shown this once.<br><code class=secret id=new-token>{{made['token']}}</code> \
+<button type=button class=copy data-copy=new-token hidden>Copy</button></p>
+% end
+<div class=wide><table><tr><th>name</th><th>scope</th><th>made</th><th>last used</th><th></th>\
+</tr>
+% for token in tokens:
+<tr><td>{{token['name'] or '-'}}{{' (this session)' if token['id'] == current else ''}}</td>\
+<td>{{token['scope']}}</td><td>{{!ago(token['created_at'])}}</td>\
+<td>{{!ago(token['last_used_at'])}}</td><td><form class=inline method=post \
+action='{{url(f"/tokens/{token['id']}/revoke")}}'><input type=hidden name=csrf \
+value='{{csrf}}'><button class=danger id='revoke-{{token['id']}}' \
+aria-label='Revoke {{token['name'] or token['id']}}'>Revoke</button></form></td></tr>
+% end
+</table></div>
+<h2>Make a token</h2>
+<form method=post class=card action='{{url("/tokens")}}' id=make-token>
+<input type=hidden name=csrf value='{{csrf}}'>
+<div class=field><label for=token-name>Name</label><input id=token-name name=name \
+value='{{form.get("name", "")}}' placeholder='laptop, ci-script' maxlength=100></div>
+<div class=field><label for=token-scope>Scope</label><select id=token-scope name=scope>\
+<option value=write>write: everything you may do</option>\
+<option value=read>read: see builds and logs only</option></select></div>
+<p><button class=primary>Make token</button></p></form>""",
+
+    "users": """<h1>Users</h1>{{!problem}}
+% if made:
+<p class=made role=status>User <b>{{made['login']}}</b> is added. Their sign-in token, shown \
+this once: <code class=secret id=new-token>{{made['token']}}</code> \
+<button type=button class=copy data-copy=new-token hidden>Copy</button><br>Give it to them: \
+they sign in with it, then make their own tokens.</p>
+% end
+<div class=wide><table><tr><th>login</th><th>email</th><th>admin</th><th>added</th><th></th>\
+</tr>
+% for user in users:
+<tr><td>{{user['login']}}</td><td>{{user['email'] or '-'}}</td>\
+<td>{{'yes' if user['admin'] else 'no'}}</td><td>{{!ago(user['created_at'])}}</td><td>
+% if user['login'] != me:
+<form class=inline method=post action='{{url(f"/users/{user['login']}/admin")}}'>\
+<input type=hidden name=csrf value='{{csrf}}'><input type=hidden name=admin \
+value='{{'false' if user['admin'] else 'true'}}'><button id='admin-{{user['login']}}'>\
+{{'Remove admin' if user['admin'] else 'Make admin'}}</button></form> \
+<form class=inline method=post action='{{url(f"/users/{user['login']}/remove")}}'>\
+<input type=hidden name=csrf value='{{csrf}}'><button class=danger \
+id='remove-{{user['login']}}'>Remove</button></form>
+% end
+</td></tr>
+% end
+</table></div>
+<h2>Add a user</h2>
+<form method=post class=card action='{{url("/users")}}' id=add-user>
+<input type=hidden name=csrf value='{{csrf}}'>
+<div class=field><label for=login>Login</label><input id=login name=login required \
+value='{{form.get("login", "")}}'></div>
+<div class=field><label for=email>Email</label><input id=email name=email type=email \
+value='{{form.get("email", "")}}'></div>
+<div class=field><label><input type=checkbox name=admin value=true> Admin</label></div>
+<p><button class=primary>Add user</button></p></form>""",
+
+    "queue": """<h1>Queue</h1>
+<div id=live data-stream='?events=1'>{{!live}}</div>""",
+
+    "queue_live": """<p>{{busy}} of {{workers}} worker(s) busy{{'; the server is draining' if draining else ''}}.</p>
+<h2>Waiting</h2>
+% if pending:
+<div class=wide><table><tr><th>#</th><th>job</th><th>waiting</th><th>why</th></tr>
+% for item in pending:
+<tr><td>{{item['position']}}</td><td><a href='{{url(f"/{item['repo']}/{item['build']}/{item['job']}")}}'>\
+{{item['repo']}} #{{item['build']}} job {{item['job']}}</a></td>\
+<td>{{seconds(item['waiting_seconds'])}}</td><td class=reason>{{item['reason']}}</td></tr>
+% end
+</table></div>
+% else:
+<p class=muted>No job waits.</p>
+% end
+<h2>Running</h2>
+% if running:
+<div class=wide><table><tr><th>job</th><th>running</th><th>on</th><th>doing</th></tr>
+% for item in running:
+<tr><td><a href='{{url(f"/{item['repo']}/{item['build']}/{item['job']}")}}'>\
+{{item['repo']}} #{{item['build']}} job {{item['job']}}</a></td>\
+<td>{{seconds(item['running_seconds'])}}</td><td>{{runner(item['runner'])}}</td>\
+<td>{{item['activity'] or '-'}}</td></tr>
+% end
+</table></div>
+% else:
+<p class=muted>Nothing runs.</p>
+% end""",
+
     "job": """<h1><a href='{{base}}'>{{repo['owner']}}/{{repo['name']}} #{{build['number']}}</a> \
 job {{job['number']}} {{!label(job['status'], 'job-status')}}</h1>
 % if failing:
 <p class=failed id=failed>failed in <a href='#step-{{failing['number']}}'>{{failing['name']}}</a>\
 {{failing['detail']}}</p>
 % end
+<nav class=tabs aria-label=jobs>
+% if previous:
+<a id=previous-job href='{{base}}/{{previous}}'>&larr; job {{previous}}</a>
+% end
+% if following:
+<a id=next-job href='{{base}}/{{following}}'>job {{following}} &rarr;</a>
+% end
+</nav>
 <p>{{axis}} <a href='{{raw}}'>raw log</a> \
 <label><input type=checkbox id=follow checked> follow</label></p>
+% if start > 0 or later:
+<p id=log-window>Showing bytes {{start}} to {{end}} of {{size}}.
 % if start > 0:
-<p><a id=earlier href='?to={{start}}'>load earlier output</a> \
-(showing bytes {{start}}-{{end}} of {{size}})</p>
+<a id=earlier href='?to={{start}}'>load earlier output</a>
+% end
+% if later:
+<a id=later href='?to={{later}}'>load later output</a> <a href='?'>the end</a>
+% end
+</p>
 % end
 <div class=log id=log data-done='{{0 if live else 1}}' \
 data-stream='{{raw}}?follow=1&format=html&offset={{end}}&line={{next_line}}'>
@@ -12856,10 +13252,75 @@ def _steps_text(steps):
     failed = next((step for step in steps if step["status"] in _FAILED_STATUSES), None)
     running = next((step for step in steps if step["status"] == RUNNING), None)
     done = sum(step["status"] in DONE_STATUSES for step in steps)
-    text = f"{done}/{len(steps)}"
+    text = f"{done} of {len(steps)} done"
     if failed:
-        return f"{text}, {failed['status']} in {failed['name']}"
-    return f"{text}, running {running['name']}" if running else text
+        return f"{text}; {failed['name']} ended {failed['status']}"
+    return f"{text}; {running['name']} running" if running else text
+
+
+# The favicon, 16x16: a green badge with a white tick ("." clear, "#" green, "o" white).
+_FAVICON_ART = (
+    "....######......", "..##########....", ".############...", ".############...",
+    "#############o##", "############oo##", "###########ooo##", "##o#######ooo###",
+    "##oo#####ooo####", "##ooo###ooo#####", ".##ooo#ooo####..", ".###ooooo#####..",
+    "..###ooo#####...", "...#########....", ".....#####......", "................")
+
+
+@functools.lru_cache(maxsize=1)
+def _favicon():
+    """_FAVICON_ART as a Windows icon (one 32-bit bitmap): what browsers ask
+    /favicon.ico for."""
+    colours = {".": b"\0\0\0\0", "#": b"\x37\x7f\x1a\xff", "o": b"\xff\xff\xff\xff"}
+    pixels = b"".join(colours[char] for row in reversed(_FAVICON_ART) for char in row)
+    mask = b"\0" * (4 * 16)  # rows of 16 bits, padded to 32: the alpha channel decides
+    header = struct.pack("<IiiHHIIiiII", 40, 16, 32, 1, 32, 0, len(pixels) + len(mask),
+                         0, 0, 0, 0)
+    image = header + pixels + mask
+    return struct.pack("<HHH", 0, 1, 1) + struct.pack("<BBBBHHII", 16, 16, 0, 0, 1, 32,
+                                                      len(image), 22) + image
+
+
+def _cron_words(expression):
+    """A cron expression in words ("At 03:00 on Monday through Friday")."""
+    cronsim = _optional("cronsim", "cron schedules", "cronsim")
+    try:
+        return cronsim.CronSim(expression, datetime.now(timezone.utc)).explain()
+    except (cronsim.CronSimError, ValueError, AttributeError):
+        return ""
+
+
+def _seconds_text(seconds):
+    """How long, in the largest two units ("3 min 5 s")."""
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60} min"
+
+
+def _runner_text(runner):
+    """A runner id (HOST:PID:RANDOM, or AGENT/...) as a reader wants it."""
+    host, _, rest = (runner or "").partition(":")
+    pid = rest.partition(":")[0]
+    return f"{host} (process {pid})" if pid.isdigit() else runner or "-"
+
+
+# Progressive enhancement of the forms: copy buttons, and a button that adds
+# a variable row (without JavaScript, the forms work as they are).
+_FORM_SCRIPT = """
+(function(){
+  document.querySelectorAll('button.copy').forEach(function(button){
+    if(!navigator.clipboard)return;button.hidden=false;
+    button.addEventListener('click',function(){
+      navigator.clipboard.writeText(document.getElementById(button.dataset.copy).textContent)
+        .then(function(){button.textContent='Copied';});});});
+  document.querySelectorAll('button.add-row').forEach(function(button){
+    button.hidden=false;button.addEventListener('click',function(){
+      var rows=button.parentNode.querySelectorAll('.row'),row=rows[rows.length-1].cloneNode(true);
+      row.querySelectorAll('input').forEach(function(input){input.value='';});
+      button.parentNode.insertBefore(row,button);row.querySelector('input').focus();});});
+})();
+"""
 
 
 def _same_server_path(value):
@@ -12898,8 +13359,8 @@ class _Pages:
 
     # -- helpers --------------------------------------------------------------
 
-    def render(self, name, **values):
-        return self._templates[name].render(url=_url, **values)
+    def render(self, template, /, **values):
+        return self._templates[template].render(url=_url, **values)
 
     def label(self, status, ident=""):
         return self.render("status", status=status or "none", ident=ident)
@@ -12952,6 +13413,9 @@ class _Pages:
     def page(self, title, body, status=200, script=""):
         bottle.response.status = status
         bottle.response.content_type = "text/html; charset=utf-8"
+        # Pages act (approve, rotate a secret): no other site may frame them.
+        bottle.response.set_header("X-Frame-Options", "DENY")
+        bottle.response.set_header("Content-Security-Policy", "frame-ancestors 'none'")
         try:
             user = self.access.user(bottle.request)
         except Unauthorized:  # an error page for bad credentials shows as for a guest
@@ -12959,7 +13423,12 @@ class _Pages:
         return self.render("layout", title=title, style=_PAGE_STYLE, body=body,
                            user=user, csrf=self.csrf_token(),
                            path=bottle.request.path, quote=quote,
-                           script=f"<script>{script}</script>" if script else "")
+                           script=f"<script>{script}{_FORM_SCRIPT}</script>")
+
+    def favicon(self):
+        bottle.response.content_type = "image/x-icon"
+        bottle.response.set_header("Cache-Control", "max-age=86400")
+        return _favicon()
 
     def error_page(self, error):
         return self.page(error.code, self.render("message", heading=str(error.status),
@@ -13010,7 +13479,7 @@ class _Pages:
         bottle.response.delete_cookie(SESSION_COOKIE, path="/")
         bottle.redirect(_url("/"), 303)
 
-    def repo_page(self, owner, name):
+    def repo_page(self, owner, name, error="", form=None):
         repo = self.readable_repo(owner, name)
         params = dict(bottle.request.query.decode().items())
         page = _check_int(params.get("page"), "page", default=1, minimum=1, maximum=10 ** 9)
@@ -13033,10 +13502,20 @@ class _Pages:
 
         if bottle.request.query.get("events"):
             return self.updates(live, lambda: False)
+        start = ""
+        if self.access.may_write(self.access.user(bottle.request), owner):
+            start = self.render(
+                "start_build", owner=owner, name=name, problem=self.problem(error),
+                error=error, form=form or {}, csrf=self.csrf_token(),
+                branches=self.store.git.known_branches(repo),
+                default_branch=repo["default_branch"]
+                or self.store.git.remembered_default_branch(repo),
+                variables=self.variables(self.form_rows(form) if form else []))
         body = self.render("repo", repo=repo, branch=branch or "", status=status,
-                           statuses=BUILD_STATUSES, live=live()[1](),
-                           stream=f"?events=1&page={page}&{query}")
-        return self.page(f"{owner}/{name}", body, script=_LIVE_PAGE_SCRIPT)
+                           statuses=BUILD_STATUSES, live=live()[1](), tabs=self.tabs(repo, ""),
+                           start=start, stream=f"?events=1&page={page}&{query}")
+        return self.page(f"{owner}/{name}", body, status=bottle.response.status_code,
+                         script=_LIVE_PAGE_SCRIPT)
 
     def build_page(self, owner, name, number):
         repo = self.readable_repo(owner, name)
@@ -13056,13 +13535,20 @@ class _Pages:
                             if row["status"] == BLOCKED and row["job_id"] is None), "")
             return (build, jobs, steps, len(history), actions), lambda: self.render(
                 "build_live", repo=repo, build=build, jobs=jobs, history=history,
-                actions=actions, blocked=blocked, csrf=csrf,
+                actions=actions, blocked=blocked, csrf=csrf, would_run=would_run(build),
+                variables=self.variables(list(json.loads(build["variables"] or "{}").items()))
+                if "restart" in actions else "",
                 warnings=json.loads(build["warnings"] or "[]"),
                 base=_url(f"/{owner}/{name}/{build['number']}"),
                 repo_url=_url(f"/{owner}/{name}"), label=self.label, ago=self.ago,
                 duration=_duration, steps=lambda job: _steps_text(steps[job["id"]]),
                 axis=lambda job: _axis_text(json.loads(job["environment"])),
                 several=len({job["pipeline"] for job in jobs}) > 1, pipeline_cell=_pipeline_cell)
+
+        def would_run(build):
+            if build["status"] != BLOCKED or not build["pipeline_id"]:
+                return ""
+            return self.store.get_pipeline(build["pipeline_id"])["text"]
 
         def done():
             return self.store.get_build_by_id(build_id)["status"] in DONE_STATUSES
@@ -13100,14 +13586,15 @@ class _Pages:
 
     def build_action(self, owner, name, number, action):
         """Cancel, restart, approve or decline a build from its page (a form
-        with the CSRF token)."""
-        self.check_csrf()
+        with the CSRF token); a restart may change variables."""
+        form = self.check_csrf()
         caller = self.caller()
         number = _check_positive(number, "build number")
         if action == "cancel":
             self.ops.cancel_build(caller, owner, name, number, wait=False)
         elif action == "restart":
-            self.ops.restart_build(caller, owner, name, number, {})
+            self.ops.restart_build(caller, owner, name, number,
+                                   {"variables": self.form_variables(form)})
         else:
             getattr(self.ops, f"{action}_build")(caller, owner, name, number)
         bottle.redirect(_url(f"/{owner}/{name}/{number}"), 303)
@@ -13145,6 +13632,329 @@ class _Pages:
         self.ops.remove_agent(self.caller(), agent)
         bottle.redirect(_url("/agents"), 303)
 
+    # -- forms ------------------------------------------------------------------
+
+    def submit(self, show, act):
+        """A form's POST: the CSRF check, then `act(caller, form)`. A refusal
+        (bad input, a conflict, not allowed) shows the form's page again with
+        the API's message, what was typed and the error's status:
+        `show(error=..., form=...)`."""
+        form = self.check_csrf()
+        caller = self.caller()
+        if caller is None:
+            raise Unauthorized("sign in first")
+        try:
+            return act(caller, form)
+        except Unauthorized:
+            raise
+        except CIRunnerError as error:
+            bottle.response.status = error.status
+            return show(error=error.message, form=form)
+
+    def problem(self, error):
+        return self.render("problem", error=error)
+
+    def tabs(self, repo, here):
+        may_write = self.access.may_write(self.access.user(bottle.request), repo["owner"])
+        links = [(path, text) for path, text in (("", "builds"), ("/settings", "settings"),
+                                                 ("/secrets", "secrets"),
+                                                 ("/schedules", "schedules"))
+                 if may_write or path in ("", "/schedules")]
+        return self.render("repo_tabs", owner=repo["owner"], name=repo["name"], links=links,
+                           here=here)
+
+    def variables(self, rows):
+        """The name/value rows of a build's variables (two empty ones after)."""
+        return self.render("variables", rows=[*rows, ("", ""), ("", "")])
+
+    @staticmethod
+    def form_rows(form):
+        """A form's variable rows as typed: [(name, value)], empty ones left out."""
+        return [(key, value) for key, value in zip(form.getall("var_name"),
+                                                   form.getall("var_value")) if key or value]
+
+    def form_variables(self, form):
+        """{name: value} from a form's variable rows; a value without a name
+        is refused."""
+        variables = {}
+        for key, value in self.form_rows(form):
+            key = key.strip()
+            if key:
+                variables[key] = value
+            elif value:
+                raise BadRequest(f"the variable with value {value[:40]!r} has no name")
+        return variables
+
+    def answer(self, page, status):
+        """`page` (a page's HTML) with `status`, unless a form's error set one."""
+        if bottle.response.status_code < 400:
+            bottle.response.status = status
+        return page
+
+    # -- repositories -----------------------------------------------------------
+
+    def new_repo_page(self, error="", form=None):
+        caller = self.caller()
+        if caller is None:
+            raise Unauthorized("sign in to add a repository")
+        body = self.render("new_repo", problem=self.problem(error), form=form or {},
+                           csrf=self.csrf_token(), login=caller["login"],
+                           admin=bool(caller["admin"]))
+        return self.page("Add a repository", body, status=bottle.response.status_code)
+
+    def add_repo(self):
+        def act(caller, form):
+            owner, name = form.get("owner", "").strip(), form.get("name", "").strip()
+            params = {"url": form.get("url", "").strip(), "private": bool(form.get("private"))}
+            parts = bottle.request.urlparts
+            made = self.ops.add_repo(caller, owner, name, params,
+                                     base_url=f"{parts.scheme}://{parts.netloc}{_url('')}")
+            bottle.response.status = 201
+            return self.settings_page(owner, name, secret=made["webhook_secret"])
+        return self.submit(self.new_repo_page, act)
+
+    def _settings_fields(self, caller, repo):
+        """The settings form's fields: (name, label, kind, value, help, options)."""
+        fields = {field.name: field for field in _REPO.fields}
+        shown = _REPO.to_json(repo)
+        rows = [("url", "Clone URL", "text", shown["clone_url"]),
+                ("default_branch", "Default branch", "text", shown["default_branch"]),
+                ("config_path", "Pipeline file", "text", shown["config_path"]),
+                ("private", "Private: hidden from guests and other users", "checkbox",
+                 shown["private"]),
+                ("approval", "Builds that wait for approval", "select", shown["approval"],
+                 APPROVALS),
+                ("events", "Events to build", "events", shown["events"], EVENTS),
+                ("timeout", "Job timeout (minutes)", "number", shown["timeout"]),
+                ("max_builds", "Builds at once", "number", shown["max_builds"]),
+                ("keep_builds", "Builds to keep", "number", shown["keep_builds"]),
+                ("keep_days", "Days to keep a build", "number", shown["keep_days"]),
+                ("max_log_bytes", "Log cap (bytes)", "number", shown["max_log_bytes"]),
+                ("forge", "Forge for commit statuses", "select", shown["forge"],
+                 ("", *FORGES)),
+                ("forge_url", "Forge API URL", "url", shown["forge_url"]),
+                ("forge_project", "Project at the forge", "text", shown["forge_project"]),
+                ("forge_token", "Forge API token", "password", "")]
+        if caller["admin"]:
+            trusted = "Trusted: privileged containers and host volumes (admins only)"
+            rows.insert(4, ("trusted", trusted, "checkbox", shown["trusted"]))
+        return [{"name": row[0], "label": row[1], "kind": row[2], "value": row[3],
+                 "options": row[4] if len(row) > 4 else (),
+                 "help": fields[row[0]].help + (
+                     " (set; empty keeps it)" if row[0] == "forge_token"
+                     and shown["forge_token_set"] else "")} for row in rows]
+
+    def settings_page(self, owner, name, error="", form=None, secret="", saved=False):
+        caller = self.caller()
+        repo = self.ops.find_repo(caller, owner, name, write=True)
+        fields = self._settings_fields(caller, repo)
+        for field in fields if form else ():
+            if field["kind"] == "events":
+                field["value"] = form.getall("events")
+            elif field["kind"] == "checkbox":
+                field["value"] = form.get(field["name"]) == "true"
+            elif field["kind"] != "password":
+                field["value"] = form.get(field["name"], field["value"])
+        webhook = f"{self.ops.public_url or self.base_url()}/hook?repo={owner}/{name}"
+        body = self.render("settings", owner=owner, name=name, tabs=self.tabs(repo, "/settings"),
+                           problem=self.problem(error), fields=fields, csrf=self.csrf_token(),
+                           webhook_url=webhook, secret=secret, saved=saved or bottle.request
+                           .query.get("saved") == "1")
+        return self.page(f"{owner}/{name} settings", body, status=bottle.response.status_code)
+
+    def base_url(self):
+        parts = bottle.request.urlparts
+        return f"{parts.scheme}://{parts.netloc}{_url('')}"
+
+    def save_settings(self, owner, name):
+        def act(caller, form):
+            repo = self.ops.find_repo(caller, owner, name, write=True)
+            changed = {}
+            for field in self._settings_fields(caller, repo):
+                key, kind, value = field["name"], field["kind"], field["value"]
+                if kind == "events":
+                    typed = form.getall("events") if form.get("events_shown") else value
+                elif kind == "checkbox":
+                    typed = form.get(key, "false") == "true"
+                else:
+                    typed = form.get(key, "").strip() if key in form else value
+                if kind == "password":
+                    if typed:
+                        changed[key] = typed
+                elif typed != value and str(typed) != str(value):
+                    changed[key] = ",".join(typed) if kind == "events" else typed
+            self.ops.update_repo(caller, owner, name, changed)
+            bottle.redirect(_url(f"/{owner}/{name}/settings?saved=1"), 303)
+        return self.submit(functools.partial(self.settings_page, owner, name), act)
+
+    def webhook_secret(self, owner, name):
+        """Show the webhook secret, or make a new one (POST: it is a secret)."""
+        def act(caller, form):
+            repo = self.ops.find_repo(caller, owner, name, write=True)
+            if form.get("do") == "rotate":
+                secret = secrets.token_urlsafe(24)
+                self.ops.update_repo(caller, owner, name, {"webhook_secret": secret})
+            else:
+                secret = self.store.webhook_secret(repo)
+            return self.settings_page(owner, name, secret=secret or "(none set)")
+        return self.submit(functools.partial(self.settings_page, owner, name), act)
+
+    def start_build(self, owner, name):
+        def act(caller, form):
+            build = self.ops.start_build(caller, owner, name, {
+                "branch": form.get("branch", "").strip(),
+                "commit": form.get("commit", "").strip(),
+                "variables": self.form_variables(form)})
+            bottle.redirect(_url(f"/{owner}/{name}/{build['number']}"), 303)
+        return self.submit(functools.partial(self.repo_page, owner, name), act)
+
+    # -- secrets and schedules ------------------------------------------------------
+
+    def secrets_page(self, owner, name, error="", form=None):
+        caller = self.caller()
+        repo = self.ops.find_repo(caller, owner, name, write=True)
+        form = form or bottle.request.query.decode()
+        chosen = form.getall("events") if "csrf" in form else SECRET_EVENTS
+        body = self.render("secrets", owner=owner, name=name, tabs=self.tabs(repo, "/secrets"),
+                           problem=self.problem(error),
+                           secrets=self.ops.list_secrets(caller, owner, name), form=form,
+                           csrf=self.csrf_token(), events=EVENTS, chosen=chosen)
+        return self.page(f"{owner}/{name} secrets", body, status=bottle.response.status_code)
+
+    def add_secret(self, owner, name):
+        def act(caller, form):
+            images = [image.strip() for image in form.get("images", "").split(",")
+                      if image.strip()]
+            events = form.getall("events")
+            if not events:
+                raise BadRequest("choose at least one event")
+            self.ops.add_secret(caller, owner, name, {
+                "name": form.get("name", "").strip(), "value": form.get("value", ""),
+                "events": events, "images": images})
+            bottle.redirect(_url(f"/{owner}/{name}/secrets"), 303)
+        return self.submit(functools.partial(self.secrets_page, owner, name), act)
+
+    def delete_secret(self, owner, name, secret):
+        def act(caller, _form):
+            self.ops.delete_secret(caller, owner, name, secret)
+            bottle.redirect(_url(f"/{owner}/{name}/secrets"), 303)
+        return self.submit(functools.partial(self.secrets_page, owner, name), act)
+
+    def schedules_page(self, owner, name, error="", form=None):
+        caller = self.caller()
+        repo = self.ops.find_repo(caller, owner, name)
+        crons = self.ops.list_crons(caller, owner, name)
+        for cron in crons:
+            cron["words"] = _cron_words(cron["expression"])
+            times, after = [], cron["next_at"] - 1
+            for _ in range(3):
+                with contextlib.suppress(BadRequest):
+                    after = _next_cron_time(cron["expression"], after)
+                    times.append(self.ago_at(after))
+            cron["next"] = times
+        body = self.render("schedules", owner=owner, name=name,
+                           tabs=self.tabs(repo, "/schedules"), problem=self.problem(error),
+                           crons=crons, form=form or {}, csrf=self.csrf_token(),
+                           default_branch=repo["default_branch"],
+                           may_write=self.access.may_write(caller, owner))
+        return self.page(f"{owner}/{name} schedules", body, status=bottle.response.status_code)
+
+    def ago_at(self, stamp):
+        """A future time, exact (UTC)."""
+        return self.render("time", stamp=stamp, ago=time.strftime(
+            "%a %Y-%m-%d %H:%M UTC", time.gmtime(stamp)), exact=time.strftime(
+            "%Y-%m-%d %H:%M:%S UTC", time.gmtime(stamp)))
+
+    def add_schedule(self, owner, name):
+        def act(caller, form):
+            self.ops.add_cron(caller, owner, name, {
+                key: form.get(key, "").strip() for key in ("name", "expression", "branch")})
+            bottle.redirect(_url(f"/{owner}/{name}/schedules"), 303)
+        return self.submit(functools.partial(self.schedules_page, owner, name), act)
+
+    def delete_schedule(self, owner, name, cron):
+        def act(caller, _form):
+            self.ops.delete_cron(caller, owner, name, cron)
+            bottle.redirect(_url(f"/{owner}/{name}/schedules"), 303)
+        return self.submit(functools.partial(self.schedules_page, owner, name), act)
+
+    # -- tokens, users and the queue --------------------------------------------------
+
+    def tokens_page(self, error="", form=None, made=None):
+        caller = self.caller()
+        if caller is None:
+            raise Unauthorized("sign in to see your tokens")
+        body = self.render("tokens", problem=self.problem(error), form=form or {},
+                           made=made, tokens=self.ops.list_tokens(caller),
+                           current=caller["token_id"], csrf=self.csrf_token(), ago=self.ago)
+        return self.page("Your tokens", body, status=bottle.response.status_code)
+
+    def make_token(self):
+        def act(caller, form):
+            made = self.ops.create_token(caller, {"name": form.get("name", "").strip(),
+                                                  "scope": form.get("scope", "write")})
+            bottle.response.status = 201
+            return self.tokens_page(made=made)
+        return self.submit(self.tokens_page, act)
+
+    def revoke_token(self, token_id):
+        def act(caller, _form):
+            self.ops.revoke_token(caller, token_id)
+            if str(caller["token_id"]) == token_id:  # this session's own: signed out
+                bottle.response.delete_cookie(SESSION_COOKIE, path="/")
+                bottle.redirect(_url("/"), 303)
+            bottle.redirect(_url("/tokens"), 303)
+        return self.submit(self.tokens_page, act)
+
+    def users_page(self, error="", form=None, made=None):
+        caller = self.caller()
+        users = self.ops.list_users(caller)
+        body = self.render("users", problem=self.problem(error), form=form or {}, made=made,
+                           users=users, me=caller["login"], csrf=self.csrf_token(),
+                           ago=self.ago)
+        return self.page("Users", body, status=bottle.response.status_code)
+
+    def add_user(self):
+        def act(caller, form):
+            login = form.get("login", "").strip()
+            self.ops.add_user(caller, {"login": login, "email": form.get("email", "").strip(),
+                                       "admin": form.get("admin") == "true"})
+            made = self.ops.create_token(caller, {"login": login, "name": "first sign-in"})
+            bottle.response.status = 201
+            return self.users_page(made={"login": login, "token": made["token"]})
+        return self.submit(self.users_page, act)
+
+    def set_admin(self, login):
+        def act(caller, form):
+            self.ops.update_user(caller, login, {"admin": form.get("admin", "")})
+            bottle.redirect(_url("/users"), 303)
+        return self.submit(self.users_page, act)
+
+    def remove_user(self, login):
+        def act(caller, _form):
+            if login == caller["login"]:
+                raise Conflict("you cannot remove yourself: ask another admin")
+            self.ops.delete_user(caller, login)
+            bottle.redirect(_url("/users"), 303)
+        return self.submit(self.users_page, act)
+
+    def queue_page(self):
+        """Waiting jobs in order with why each waits; running jobs with their
+        step and runner (live)."""
+        caller = self.access.user(bottle.request)
+
+        def live():
+            queue = self.ops.queue(caller)
+            state = json.dumps([queue[key] for key in ("pending", "running", "busy",
+                                                         "workers", "draining")])
+            return state, lambda: self.render("queue_live", seconds=_seconds_text,
+                                              runner=_runner_text, **queue)
+
+        if bottle.request.query.get("events"):
+            return self.updates(live, lambda: False)
+        return self.page("Queue", self.render("queue", live=live()[1]()),
+                         script=_LIVE_PAGE_SCRIPT)
+
     def job_page(self, owner, name, number, job):
         repo = self.readable_repo(owner, name)
         build = self.find_build(repo, number)
@@ -13153,9 +13963,13 @@ class _Pages:
         end = _check_int(bottle.request.query.get("to"), "to", default=size, maximum=size)
         start = max(0, end - LOG_PAGE_BYTES)
         data = self.store.open_log(job["id"], start, end).read()
+        if start > 0 and b"\n" in data[:-1]:
+            cut = data.index(b"\n") + 1  # from the start of a line (its end was shown before)
+            data, start = data[cut:], start + cut
         live = job["status"] in ACTIVE_STATUSES and end == size
-        if live:
-            # Whole lines only; the live stream goes on from the end of the last one.
+        if (live or end < size) and b"\n" in data:
+            # Whole lines only: the live stream, or the next window, goes on
+            # from the end of the last one.
             data = data[:data.rfind(b"\n") + 1]
             end = start + len(data)
         first_line = 1 + self._newlines_before(job["id"], start)
@@ -13177,8 +13991,13 @@ class _Pages:
             failed = {"number": failing["number"], "name": step["name"] if step else "clone",
                       "detail": f" (exit {step['exit_code']})" if step and step["exit_code"]
                       else f": {job['error']}" if job["error"] else ""}
+        jobs = [row["number"] for row in _in_graph_order(self.store.list_jobs(build["id"]))]
+        index = jobs.index(job["number"])
         body = self.render(
             "job", repo=repo, build=build, job=job, label=self.label, sections=sections,
+            previous=jobs[index - 1] if index else None,
+            following=jobs[index + 1] if index + 1 < len(jobs) else None,
+            later=min(size, end + LOG_PAGE_BYTES) if end < size else None,
             failing=failed, axis=_axis_text(json.loads(job["environment"])), start=start,
             end=end, size=size, live=live, next_line=line,
             base=_url(f"/{owner}/{name}/{build['number']}"),
@@ -13202,10 +14021,31 @@ _PAGE_ROUTES = [
     ("GET", "/login", _Pages.login_form),
     ("POST", "/login", _Pages.login),
     ("POST", "/logout", _Pages.logout),
+    ("GET", "/favicon.ico", _Pages.favicon),
+    ("GET", "/queue", _Pages.queue_page),
+    ("GET", "/new", _Pages.new_repo_page),
+    ("POST", "/new", _Pages.add_repo),
+    ("GET", "/tokens", _Pages.tokens_page),
+    ("POST", "/tokens", _Pages.make_token),
+    ("POST", "/tokens/<token_id>/revoke", _Pages.revoke_token),
+    ("GET", "/users", _Pages.users_page),
+    ("POST", "/users", _Pages.add_user),
+    ("POST", "/users/<login>/admin", _Pages.set_admin),
+    ("POST", "/users/<login>/remove", _Pages.remove_user),
     ("GET", "/agents", _Pages.agents_page),
     ("POST", "/agents", _Pages.add_agent),
     ("POST", "/agents/<agent>/revoke", _Pages.revoke_agent),
     ("GET", "/<owner>/<name>", _Pages.repo_page),
+    ("POST", "/<owner>/<name>/builds", _Pages.start_build),
+    ("GET", "/<owner>/<name>/settings", _Pages.settings_page),
+    ("POST", "/<owner>/<name>/settings", _Pages.save_settings),
+    ("POST", "/<owner>/<name>/settings/webhook", _Pages.webhook_secret),
+    ("GET", "/<owner>/<name>/secrets", _Pages.secrets_page),
+    ("POST", "/<owner>/<name>/secrets", _Pages.add_secret),
+    ("POST", "/<owner>/<name>/secrets/<secret>/delete", _Pages.delete_secret),
+    ("GET", "/<owner>/<name>/schedules", _Pages.schedules_page),
+    ("POST", "/<owner>/<name>/schedules", _Pages.add_schedule),
+    ("POST", "/<owner>/<name>/schedules/<cron>/delete", _Pages.delete_schedule),
     ("GET", "/<owner>/<name>/<number>", _Pages.build_page),
     ("POST", "/<owner>/<name>/<number>/cancel", _Pages.cancel),
     ("POST", "/<owner>/<name>/<number>/restart", _Pages.restart),
@@ -15195,6 +16035,12 @@ def _command_user(client, args, stdout, stderr):
         for user in client.call("list_users"):
             print(f"{user['login']}\t{'admin' if user['admin'] else 'user'}\t{user['email']}",
                   file=stdout)
+    elif args.user_command == "update":
+        params = {key: value for key, value in (("admin", args.admin), ("email", args.email))
+                  if value is not None}
+        user = client.call("update_user", login=args.login, params=params)
+        print(f"{user['login']}\t{'admin' if user['admin'] else 'user'}\t{user['email']}",
+              file=stdout)
     else:
         client.call("delete_user", login=args.login)
         print(f"removed user {args.login} and their tokens", file=stdout)
@@ -15827,12 +16673,17 @@ def _add_subcommands(commands, name, help_text, handler, actions):
 
 def _add_admin_parsers(commands, common):
     full_name = (("full_name",), {"metavar": "OWNER/NAME"})
-    _add_subcommands(commands, "user", "add, list or remove users", _command_user, {
+    _add_subcommands(commands, "user", "add, list, change or remove users", _command_user, {
         "add": ("add a user", [(("login",), {}),
                                (("--admin",), {"action": "store_true",
                                                "help": "may act on every repository"}),
                                (("--email",), {})], [common]),
         "list": ("list users", [], [common]),
+        "update": ("change a user's admin flag or email", [
+            (("login",), {}),
+            (("--admin",), {"action": argparse.BooleanOptionalAction, "default": None,
+                            "help": "make an admin (--no-admin: no longer)"}),
+            (("--email",), {})], [common]),
         "remove": ("remove a user and their tokens", [(("login",), {})], [common]),
     })
     _add_subcommands(commands, "secret", "add, list or remove repository secrets",

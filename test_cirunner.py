@@ -2263,7 +2263,16 @@ def test_openapi_document_is_valid_and_covers_every_route(store, app):
                      ("GET", "/{}/{}"), ("GET", "/{}/{}/{}"), ("GET", "/{}/{}/{}/{}"),
                      ("POST", "/{}/{}/{}/cancel"), ("POST", "/{}/{}/{}/restart"),
                      ("POST", "/{}/{}/{}/approve"), ("POST", "/{}/{}/{}/decline"),
-                     ("GET", "/agents"), ("POST", "/agents"), ("POST", "/agents/{}/revoke")}
+                     ("GET", "/agents"), ("POST", "/agents"), ("POST", "/agents/{}/revoke"),
+                     ("GET", "/favicon.ico"), ("GET", "/queue"), ("GET", "/new"),
+                     ("POST", "/new"), ("GET", "/tokens"), ("POST", "/tokens"),
+                     ("POST", "/tokens/{}/revoke"), ("GET", "/users"), ("POST", "/users"),
+                     ("POST", "/users/{}/admin"), ("POST", "/users/{}/remove"),
+                     ("POST", "/{}/{}/builds"), ("GET", "/{}/{}/settings"),
+                     ("POST", "/{}/{}/settings"), ("POST", "/{}/{}/settings/webhook"),
+                     ("GET", "/{}/{}/secrets"), ("POST", "/{}/{}/secrets"),
+                     ("POST", "/{}/{}/secrets/{}/delete"), ("GET", "/{}/{}/schedules"),
+                     ("POST", "/{}/{}/schedules"), ("POST", "/{}/{}/schedules/{}/delete")}
     # Every API route is in the document, but the agents' own protocol (it
     # has a version of its own, checked when an agent connects) and the JSON
     # answer to a path that is no route.
@@ -2431,6 +2440,8 @@ def test_cli_repo_update_and_users(tmp_path):
                    "--data", data).returncode == 0
     assert run_cli("user", "add", "dave", "--data", data).returncode == 1
     assert "dave\tadmin\td@example.com" in run_cli("user", "list", "--data", data).stdout
+    assert run_cli("user", "update", "dave", "--no-admin", "--email", "dave@example.com",
+                   "--data", data).stdout == "dave\tuser\tdave@example.com\n"
     assert run_cli("token", "create", "dave", "--scope", "read", "--data", data).returncode == 0
     assert run_cli("user", "remove", "dave", "--data", data).returncode == 0
     assert run_cli("token", "list", "--data", data).stdout == ""
@@ -3114,6 +3125,171 @@ def test_a_form_made_before_signing_in_is_stale_after_it(site, store):
     answer = browser.post("/alice/hello/1/restart", {"csrf": stale}, status=403)
     assert "out of date" in answer.text and "reload the page" in answer.text
     assert store.get_build(store.get_repo("alice", "hello")["id"], 1)["status"] == "success"
+
+
+def test_the_repository_forms_work_without_javascript(site, store, executor):
+    """Plain HTML forms (WebTest runs no script): settings, the webhook secret,
+    secrets, schedules, a build with variables and a restart with changed
+    ones; a refusal answers inline with the API's message and keeps what was
+    typed."""
+    browser, token = site
+    sign_in(browser, token)
+    repo = store.get_repo("alice", "hello")
+    settings = browser.get("/alice/hello/settings")
+    assert "name=trusted" not in settings.text  # an admin's field
+    assert settings.headers["X-Frame-Options"] == "DENY"  # no other site frames a form
+    assert settings.headers["Content-Security-Policy"] == "frame-ancestors 'none'"
+    form = settings.forms["settings"]
+    form["timeout"], form["config_path"] = "0", "ci/.cirunner.yml"
+    refused = form.submit(status=400)
+    assert refused.html.find(id="form-error").text.startswith("timeout must be")
+    assert refused.forms["settings"]["config_path"].value == "ci/.cirunner.yml"
+    form = refused.forms["settings"]
+    form["timeout"] = "45"
+    form["config_path"] = ""
+    form.submit(status=303).follow()
+    changed = store.get_repo("alice", "hello")
+    assert (changed["timeout"], changed["config_path"], changed["private"]) == (45, "", 0)
+    shown = browser.get("/alice/hello/settings").forms["webhook-form"].submit("do", value="show")
+    assert shown.html.find(id="webhook-secret").text == "(none set)"  # made by the store
+    rotated = browser.get("/alice/hello/settings").forms["webhook-form"].submit(
+        "do", value="rotate")
+    secret = rotated.html.find(id="webhook-secret").text
+    assert len(secret) >= 24 and store.webhook_secret(store.get_repo("alice", "hello")) == secret
+    shown = browser.get("/alice/hello/settings").forms["webhook-form"].submit("do", value="show")
+    assert shown.html.find(id="webhook-secret").text == secret
+
+    form = browser.get("/alice/hello/secrets").forms["add-secret"]
+    form["name"], form["value"] = "bad name", "v"
+    assert "invalid secret name" in form.submit(status=400).html.find(id="form-error").text
+    form["name"] = "API_KEY"
+    form["value"] = "s3cr3t-value"
+    form["images"] = "alpine, plugins/*"
+    listed = form.submit(status=303).follow()
+    assert "API_KEY" in listed.text and "s3cr3t-value" not in listed.text
+    assert store.list_secrets(repo["id"])[0]["images"] == ["alpine", "plugins/*"]
+    assert "pull_request" not in store.list_secrets(repo["id"])[0]["events"]
+    listed.forms[1].submit(status=303)  # [0] signs out, [1] is the row's Delete
+    assert store.list_secrets(repo["id"]) == []
+
+    form = browser.get("/alice/hello/schedules").forms["add-schedule"]
+    form["name"], form["expression"] = "nightly", "0 3 * * 61"
+    assert "invalid cron expression" in form.submit(status=400).text
+    form["expression"] = "0 3 * * 1-5"
+    shown = form.submit(status=303).follow()
+    assert "At 03:00 on Monday through Friday" in shown.text
+    assert shown.text.count("03:00 UTC") == 3  # the next three runs
+    shown.forms[1].submit(status=303)
+    assert store.list_crons(repo["id"]) == []
+
+    form = browser.get("/alice/hello").forms["start-build"]
+    form.fields["var_name"][0].value = ""
+    form.fields["var_value"][0].value = "orphan"
+    assert "has no name" in form.submit(status=400).html.find(id="form-error").text
+    form = browser.get("/alice/hello").forms["start-build"]
+    form.fields["var_name"][0].value, form.fields["var_value"][0].value = "GREETING", "hi"
+    answer = form.submit(status=303)
+    assert answer.location.endswith("/alice/hello/2")
+    assert json.loads(store.get_build(repo["id"], 2)["variables"]) == {"GREETING": "hi"}
+    executor.run_until_idle()
+    form = browser.get("/alice/hello/2").forms["restart-with"]
+    assert form.fields["var_name"][0].value == "GREETING"
+    form.fields["var_value"][0].value = "hello again"
+    form.fields["var_name"][1].value, form.fields["var_value"][1].value = "EXTRA", "1"
+    form.submit(status=303)
+    assert json.loads(store.get_build(repo["id"], 2)["variables"]) == {
+        "GREETING": "hello again", "EXTRA": "1"}
+
+
+def test_a_job_page_links_its_neighbours_and_shows_services_after_the_steps(
+        site, store, executor, make_repo):
+    browser, _ = site
+    repo = make_repo({".cirunner.yml": "matrix: {N: [1, 2, 3]}\npipeline: {t: {commands: [true]}}\n"},
+                     "alice/matrix")
+    cirunner.create_build(store, repo)
+    executor.run_until_idle()
+    first, middle, last = (browser.get(f"/alice/matrix/1/{job}").html for job in (1, 2, 3))
+    assert first.find(id="previous-job") is None
+    assert first.find(id="next-job")["href"] == "/alice/matrix/1/2"
+    assert (middle.find(id="previous-job")["href"], middle.find(id="next-job")["href"]) == (
+        "/alice/matrix/1/1", "/alice/matrix/1/3")
+    assert last.find(id="next-job") is None
+    # A service stopped at the job's end is "stopped" after the steps, not a
+    # failure with exit 137 before them.
+    job = {"status": "success"}
+    steps = [{"number": 1, "name": "db", "kind": "service", "status": "killed",
+              "exit_code": 137, "started_at": 1, "finished_at": 9},
+             {"number": 2, "name": "test", "kind": "step", "status": "success",
+              "exit_code": 0, "started_at": 2, "finished_at": 8}]
+    sections = cirunner._LogHtml().sections(job, steps)
+    assert [section["number"] for section in sections] == [0, 2, 1]
+    assert "stopped" in sections[2]["summary"] and "137" not in sections[2]["summary"]
+    steps[0]["status"] = "failure"
+    failing = cirunner._LogHtml().sections({"status": "failure"}, steps)
+    assert "failure" in failing[2]["summary"] and "exit 137" in failing[2]["summary"]
+
+
+def test_tokens_and_users_are_managed_from_pages(site, store):
+    browser, token = site
+    store.create_user("root", admin=True)
+    root = store.create_token("root")[1]
+    sign_in(browser, token)
+    assert "admins" in browser.get("/users", status=403).text
+    form = browser.get("/tokens").forms["make-token"]
+    form["name"], form["scope"] = "laptop", "read"
+    made = form.submit(status=201)
+    secret = made.html.find(id="new-token").text
+    user = store.authenticate(secret)
+    assert (user["login"], user["scope"]) == ("alice", "read")
+    tokens = browser.get("/tokens")
+    assert secret not in tokens.text and "(this session)" in tokens.text
+    laptop = next(row["id"] for row in store.list_tokens("alice") if row["name"] == "laptop")
+    browser.post(f"/tokens/{laptop}/revoke", {"csrf": "forged"}, status=403)
+    revoke = next(form for form in tokens.forms.values()
+                  if form.action.endswith(f"/tokens/{laptop}/revoke"))
+    revoke.submit(status=303)
+    assert store.authenticate(secret) is None
+    # Revoking the token this session signed in with signs the browser out.
+    own = next(form for form in browser.get("/tokens").forms.values()
+               if form.action.endswith("/revoke"))
+    assert own.submit(status=303).location.endswith("/")
+    assert browser.get("/tokens").location.endswith("/login?next=/tokens")
+
+    sign_in(browser, root)
+    form = browser.get("/users").forms["add-user"]
+    form["login"], form["email"] = "carol", "carol@example.com"
+    made = form.submit(status=201)
+    assert store.authenticate(made.html.find(id="new-token").text)["login"] == "carol"
+    form = browser.get("/users").forms["add-user"]
+    form["login"] = "carol"
+    assert "user carol already exists" in form.submit(status=409).text
+    page = browser.get("/users")
+    assert "admin-root" not in page.text and "remove-root" not in page.text  # not oneself
+    next(form for form in page.forms.values()
+         if form.action.endswith("/users/carol/admin")).submit(status=303)
+    assert store.get_user("carol")["admin"] == 1
+    browser.post("/users/root/remove", {"csrf": browser.get("/users").forms[
+        "add-user"]["csrf"].value}, status=409)
+    next(form for form in browser.get("/users").forms.values()
+         if form.action.endswith("/users/carol/remove")).submit(status=303)
+    assert [user["login"] for user in store.list_users()] == ["alice", "root"]
+
+
+def test_an_admin_changes_a_user_through_the_api(app, store, admin_token):
+    store.create_user("bob")
+    bob = store.create_token("bob")[1]
+    changed = app.patch_json("/api/users/bob", {"admin": True, "email": "bob@example.com"}).json
+    assert (changed["admin"], changed["email"]) == (True, "bob@example.com")
+    me = app.get("/api/user").json["login"]
+    answer = app.patch_json(f"/api/users/{me}", {"admin": False}, status=409).json
+    assert answer["message"] == "you cannot take your own admin rights away: ask another admin"
+    assert app.patch_json("/api/users/bob", {"name": "x"}, status=400).json["message"] == \
+        "unknown user field 'name'"
+    assert app.patch_json("/api/users/nobody", {"admin": True}, status=404).json["status"] == 404
+    store.update_user("bob", admin=False)
+    assert app.patch_json("/api/users/alice", {"admin": True}, status=403,
+                          headers={"Authorization": f"Token {bob}"}).json["message"] == \
+        "changing a user is for admins"
 
 
 def test_cookies_are_secure_when_the_public_url_is_https(store, executor, admin_token):

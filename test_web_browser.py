@@ -19,6 +19,7 @@ import pytest
 from test_cirunner import (
     WEBHOOK_SECRET,
     XSS,
+    GitDaemon,
     Server,
     commit_files,
     github_push,
@@ -184,6 +185,14 @@ def test_a_50_mb_log_page_opens_fast_and_memory_stays_flat(server, page, tmp_pat
     assert int(last[1:]) == 2 + 52428800 // (len(line) + 1) + 1, head
     page.click("#earlier")
     page.wait_for_selector("#log div")
+    # The earlier window starts and ends on a line boundary, and says which bytes it shows.
+    texts = page.evaluate("[...document.querySelectorAll('#log .rows div span')]"
+                          ".map(row => row.textContent)")
+    assert texts[0] == texts[-1] == line
+    shown = re.search(r"Showing bytes (\d+) to (\d+) of (\d+)", page.inner_text("#log-window"))
+    start, end, size = map(int, shown.groups())
+    assert (end - start) == len(texts) * (len(line) + 1) and size > end
+    assert page.get_attribute("#later", "href") is not None
     grown = rss_mib(server.process.pid) - before
     print(f"server RSS grew {grown:.1f} MiB while two pages of the log were served")
     assert grown < 16
@@ -220,7 +229,7 @@ def test_a_two_step_build_is_watched_live_and_its_failing_step_is_shown(server, 
         "document.querySelector('#live tr:nth-child(2) .status').textContent === 'success'",
         timeout=10000)
     assert page.evaluate("performance.getEntriesByType('navigation').length") == 1
-    assert "2/2" in page.inner_text("#live")
+    assert "2 of 2 done" in page.inner_text("#live")
     page.click("#job-1")
     summaries = page.eval_on_selector_all("#log details summary", "s => s.map(e => e.innerText)")
     assert [text.split()[:2] for text in summaries] == [
@@ -252,7 +261,9 @@ def test_a_two_step_build_is_watched_live_and_its_failing_step_is_shown(server, 
 
 
 @pytest.mark.parametrize("path", ["/login", "/", "/alice/hello", "/alice/hello/1",
-                                  "/alice/hello/1/1"])
+                                  "/alice/hello/1/1", "/queue", "/new", "/tokens", "/users",
+                                  "/agents", "/alice/hello/settings", "/alice/hello/secrets",
+                                  "/alice/hello/schedules"])
 def test_pages_fit_a_phone(server, browser, tmp_path, path):
     repo = str(tmp_path / "repo")
     commit_files(repo, {".cirunner.yml": "pipeline: {t: {commands: ['echo a long line "
@@ -263,6 +274,8 @@ def test_pages_fit_a_phone(server, browser, tmp_path, path):
              == "success")
     context = browser.new_context(viewport={"width": 360, "height": 740}, is_mobile=True)
     phone = context.new_page()
+    if path != "/login":
+        sign_in(phone, server)
     phone.goto(server.url + path)
     width = phone.evaluate("document.documentElement.scrollWidth")
     assert width <= 360, f"{path} is {width} px wide on a 360 px screen"
@@ -367,3 +380,277 @@ def test_a_woodpecker_folder_runs_through_a_webhook_with_its_graph_on_the_page(s
     assert set(pipelines[1:3]) == {"test after build", "lint after build"}, rows
     assert "% " not in page.inner_text("main")  # no template text leaks into the page
     screenshot(page, "woodpecker-graph.png")
+
+
+# -- pages that act -------------------------------------------------------------
+
+AXE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "node_modules", "axe-core",
+                   "axe.min.js")
+
+
+def phone_or_desktop(browser, width):
+    context = browser.new_context(viewport={"width": width, "height": 800},
+                                  is_mobile=width < 600)
+    page = context.new_page()
+    page.on("dialog", lambda dialog: dialog.accept())
+    return context, page
+
+
+def fits(page):
+    """No sideways scrolling of the page (tables may scroll inside their box)."""
+    width = page.evaluate("document.documentElement.scrollWidth")
+    viewport = page.evaluate("window.innerWidth")
+    assert width <= viewport, f"{page.url} is {width} px wide on a {viewport} px screen"
+
+
+def user_with_token(server, login, admin=False):
+    assert server.api("POST", "/api/users", {"login": login, "admin": admin})[0] == 201
+    status, made = server.api("POST", "/api/user/tokens", {"login": login, "name": "test"})
+    assert status == 201
+    return made["token"]
+
+
+def sign_in_with(page, server, token):
+    page.goto(server.url + "/login")
+    page.fill("input[name=token]", token)
+    page.click("main button:has-text('Sign in')")
+    page.wait_for_url(server.url + "/")
+
+
+def form_error(page):
+    return page.inner_text("#form-error")
+
+
+@pytest.mark.parametrize("width", [1200, 375])
+def test_a_user_adds_a_repository_a_secret_and_builds_with_a_variable_from_the_browser(
+        server, browser, tmp_path, width):
+    """bob (not an admin) signs in, adds a repository by its git:// URL, gives
+    it a secret, starts a build with a variable from the form, watches it go
+    green, then makes a token and revokes it: all in the browser, on a desktop
+    and on a 375 px phone, without the page scrolling sideways."""
+    git_daemon = GitDaemon(tmp_path / "served")
+    url = git_daemon.repo("hello", {".cirunner.yml": (
+        "pipeline:\n  t:\n    commands:\n      - echo \"greeting=$GREETING\"\n"
+        "      - test \"$API_KEY\" = s3cr3t-value && echo key-matches\n")})
+    bob = user_with_token(server, "bob")
+    context, page = phone_or_desktop(browser, width)
+    sign_in_with(page, server, bob)
+    fits(page)
+
+    page.click("header a:has-text('add repository')")
+    assert page.input_value("#owner") == "bob"
+    page.fill("#name", "hello")
+    page.fill("#url", "/etc")  # a path on the server: for admins only
+    page.click("button:has-text('Add repository')")
+    assert "only an admin may point a repository at a local path" in form_error(page)
+    assert page.input_value("#name") == "hello"  # what was typed is kept
+    page.fill("#url", url)
+    page.click("button:has-text('Add repository')")
+    page.wait_for_selector("#webhook-secret")
+    assert page.url == server.url + "/new"
+    secret = page.inner_text("#webhook-secret")
+    assert len(secret) >= 24
+    assert page.inner_text("#webhook-url") == f"{server.url}/hook?repo=bob/hello"
+    fits(page)
+    screenshot(page, "settings.png" if width > 600 else "settings-phone.png")
+    assert server.api("GET", "/api/repos/bob/hello")[1]["webhook_secret_set"] is True
+    page.click("#show-secret")
+    assert page.inner_text("#webhook-secret") == secret
+
+    # Settings: a change is saved; a bad value is refused with the API's message.
+    page.fill("#f-timeout", "0")
+    page.click("button:has-text('Save settings')")
+    assert "timeout" in form_error(page)
+    page.fill("#f-timeout", "45")
+    page.click("button:has-text('Save settings')")
+    page.wait_for_selector("#saved")
+    assert server.api("GET", "/api/repos/bob/hello")[1]["timeout"] == 45
+    assert page.query_selector("input[name=trusted]") is None  # for admins only
+
+    page.click("nav.tabs a:has-text('secrets')")
+    # By keyboard alone: each field is reached with Tab, and Enter sends the form.
+    page.focus("#secret-name")
+    page.keyboard.type("API_KEY")
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.id") == "secret-value"
+    page.keyboard.type("s3cr3t-value")
+    while page.evaluate("document.activeElement.id") != "secret-images":
+        page.keyboard.press("Tab")
+    page.keyboard.press("Enter")
+    page.wait_for_selector("td:has-text('API_KEY')")
+    assert "s3cr3t-value" not in page.content()
+    assert [secret["name"] for secret in server.api("GET", "/api/repos/bob/hello/secrets")[1]] \
+        == ["API_KEY"]
+    fits(page)
+    screenshot(page, "secrets.png" if width > 600 else "secrets-phone.png")
+
+    page.click("nav.tabs a:has-text('builds')")
+    page.click("summary:has-text('Start a build')")
+    page.fill(".vars .row:nth-of-type(1) input[name=var_name]", "GREETING")
+    page.fill(".vars .row:nth-of-type(1) input[name=var_value]", "hi from the form")
+    fits(page)
+    screenshot(page, "start-build.png" if width > 600 else "start-build-phone.png")
+    page.click("button:has-text('Start build')")
+    page.wait_for_url(server.url + "/bob/hello/1")
+    page.wait_for_function(
+        "document.getElementById('build-status').textContent === 'success'", timeout=60_000)
+    build = server.api("GET", "/api/repos/bob/hello/builds/1")[1]
+    assert build["variables"] == {"GREETING": "hi from the form"}
+    fits(page)
+    page.click("text=job 1")
+    page.wait_for_selector("#log div")
+    log = page.inner_text("#log")
+    assert "greeting=hi from the form" in log and "key-matches" in log
+    fits(page)
+
+    page.click("header a:has-text('tokens')")
+    page.fill("#token-name", "laptop")
+    page.click("button:has-text('Make token')")
+    made = page.inner_text("#new-token")
+    assert made.startswith("cir_")
+    assert http_json("GET", server.url + "/api/user",
+                     headers={"Authorization": f"Token {made}"})[0] == 200
+    fits(page)
+    screenshot(page, "tokens.png" if width > 600 else "tokens-phone.png")
+    page.goto(server.url + "/tokens")
+    assert made not in page.content()  # shown once
+    row = page.locator("tr", has_text="laptop")
+    row.locator("button:has-text('Revoke')").click()
+    page.wait_for_url(server.url + "/tokens")
+    assert page.locator("tr", has_text="laptop").count() == 0
+    assert http_json("GET", server.url + "/api/user",
+                     headers={"Authorization": f"Token {made}"})[0] == 401
+    context.close()
+    git_daemon.stop()
+
+
+@pytest.mark.parametrize("width", [1200, 375])
+def test_an_admin_adds_a_user_and_approves_a_forks_build_after_the_queue_says_why(
+        server, browser, tmp_path, width):
+    work, bare = str(tmp_path / "work"), str(tmp_path / "hello.git")
+    commit_files(work, {".cirunner.yml": "pipeline: {t: {commands: [cat version]}}\n",
+                        "version": "one\n"})
+    subprocess.run(["git", "clone", "-q", "--bare", work, bare], check=True)
+    server.api("POST", "/api/repos/alice/hello", {
+        "url": "file://" + bare, "private": False, "webhook_secret": WEBHOOK_SECRET})
+    fork = str(tmp_path / "fork")
+    subprocess.run(["git", "clone", "-q", bare, fork], check=True)
+    head = commit_files(fork, {"version": "from the fork\n"}, message="Fork change")
+    subprocess.run(["git", "-C", fork, "push", "-q", bare, "HEAD:refs/pull/7/head"], check=True)
+    body = json.dumps({"action": "opened", "number": 7, "pull_request": {
+        "number": 7, "title": "Make it better",
+        "html_url": "https://github.com/alice/hello/pull/7",
+        "head": {"ref": "feature", "sha": head, "repo": {
+            "full_name": "mallory/hello", "clone_url": "https://github.com/mallory/hello.git"}},
+        "base": {"ref": "main", "sha": "2" * 40, "repo": {"full_name": "alice/hello"}},
+        "user": {"login": "mallory", "avatar_url": "https://avatars.example/m"}},
+        "repository": {"full_name": "alice/hello"}}).encode()
+    request = urllib.request.Request(server.url + "/hook", body, method="POST", headers={
+        "X-GitHub-Event": "pull_request", "Content-Type": "application/json",
+        **sign(body, "github")})
+    with urllib.request.urlopen(request, timeout=30) as answer:
+        assert json.loads(answer.read())["status"] == "blocked"
+
+    context, page = phone_or_desktop(browser, width)
+    sign_in(page, server)
+    page.click("header a:has-text('users')")
+    page.fill("#login", "carol")
+    page.fill("#email", "carol@example.com")
+    page.click("button:has-text('Add user')")
+    token = page.inner_text("#new-token")
+    assert token.startswith("cir_")
+    fits(page)
+    if width > 600:
+        screenshot(page, "users.png")
+    carol = http_json("GET", server.url + "/api/user", headers={"Authorization": f"Token {token}"})
+    assert carol[0] == 200 and carol[1]["login"] == "carol" and carol[1]["admin"] is False
+    page.click("#admin-carol")
+    page.wait_for_url(server.url + "/users")
+    assert server.api("GET", "/api/users/carol")[1]["admin"] is True
+    page.fill("#login", "carol")
+    page.click("button:has-text('Add user')")
+    assert form_error(page) == "user carol already exists"
+
+    page.click("header a:has-text('queue')")
+    reason = page.inner_text("td.reason")
+    assert "its build waits for approval" in reason
+    assert "alice/hello #1 job 1" in page.inner_text("main")
+    fits(page)
+    if width > 600:
+        screenshot(page, "queue.png")
+
+    page.goto(server.url + "/alice/hello/1")
+    blocked = page.inner_text("#blocked")
+    assert "mallory" in blocked and "mallory/hello" in blocked
+    page.click("summary:has-text('What it would run')")
+    assert "cat version" in page.inner_text("#would-run")
+    fits(page)
+    if width > 600:
+        screenshot(page, "approval.png")
+    page.click("#approve")
+    page.wait_for_function(
+        "document.getElementById('build-status').textContent === 'success'", timeout=60_000)
+    assert server.api("GET", "/api/repos/alice/hello/builds/1")[1]["reviewed_by"] == "admin"
+    fits(page)
+    context.close()
+
+
+def test_a_form_with_a_stale_csrf_token_is_refused_with_a_clear_message(server, browser,
+                                                                         tmp_path):
+    repo = str(tmp_path / "repo")
+    commit_files(repo, {".cirunner.yml": "pipeline: {t: {commands: [echo a]}}\n"})
+    server.api("POST", "/api/repos/alice/hello", {"url": repo, "private": False})
+    context = browser.new_context()
+    first, second = context.new_page(), context.new_page()
+    sign_in(first, server)
+    first.goto(server.url + "/alice/hello/secrets")
+    first.fill("#secret-name", "LATE")
+    first.fill("#secret-value", "value")
+    # Signing in again in another tab makes a new session: the first tab's form is stale.
+    sign_in(second, server)
+    with first.expect_navigation():
+        first.click("button:has-text('Save secret')")
+    assert "this form is out of date" in first.inner_text("main")
+    assert server.api("GET", "/api/repos/alice/hello/secrets")[1] == []
+    context.close()
+
+
+def test_every_page_has_no_serious_accessibility_violations(server, page, tmp_path):
+    """axe-core (npm, pinned in package.json), injected into every page."""
+    if not os.path.exists(AXE):
+        pytest.skip("needs axe-core: npm ci")  # .ci/run installs it
+    repo = str(tmp_path / "repo")
+    commit_files(repo, {".cirunner.yml": "pipeline: {t: {commands: [echo a, 'exit 3']}}\n"})
+    server.api("POST", "/api/repos/alice/hello", {"url": repo, "private": False})
+    server.api("POST", "/api/repos/alice/hello/builds", {})
+    server.api("POST", "/api/repos/alice/hello/secrets", {"name": "KEY", "value": "v"})
+    server.api("POST", "/api/repos/alice/hello/crons", {"name": "nightly",
+                                                         "expression": "0 3 * * 1-5"})
+    wait_for(lambda: server.api("GET", "/api/repos/alice/hello/builds/1")[1]["status"]
+             == "failure", timeout=60)
+    with open(AXE) as handle:
+        axe = handle.read()
+    pages = ["/login", "/", "/queue", "/new", "/tokens", "/users", "/agents", "/alice/hello",
+             "/alice/hello/settings", "/alice/hello/secrets", "/alice/hello/schedules",
+             "/alice/hello/1", "/alice/hello/1/1"]
+    found = {}
+    for path in pages:
+        if path == "/":
+            sign_in(page, server)
+        page.goto(server.url + path)
+        page.add_script_tag(content=axe)
+        result = page.evaluate("axe.run(document, {resultTypes: ['violations']})")
+        bad = [f"{violation['id']}: {violation['help']} "
+               f"({[node['target'] for node in violation['nodes']][:3]})"
+               for violation in result["violations"]
+               if violation["impact"] in ("serious", "critical")]
+        if bad:
+            found[path] = bad
+    assert found == {}
+
+
+def test_the_favicon_is_an_icon(server):
+    with urllib.request.urlopen(server.url + "/favicon.ico", timeout=10) as answer:
+        data = answer.read()
+        assert answer.headers["Content-Type"] == "image/x-icon"
+    assert data[:4] == b"\0\0\1\0" and len(data) > 1000
