@@ -12864,7 +12864,7 @@ changes its value.</p>{{!variables}}<p><button class=primary>Restart</button></p
 <tr><td><a href='{{base}}/{{job['number']}}' id='job-{{job['number']}}'>job {{job['number']}}</a>\
 </td>{{!pipeline_cell(job) if several else ''}}<td>{{axis(job) or '-'}}</td><td>{{!label(job['status'])}}</td>\
 <td>{{steps(job)}}</td><td>{{job['exit_code']}}</td>\
-<td>{{duration(job['started_at'], job['finished_at'])}}</td><td>{{job['error']}}</td></tr>
+<td>{{duration(job['started_at'], job['finished_at'])}}</td><td>{{runner(job['error']) if job['error'] else ''}}</td></tr>
 % end
 </table></div><h2>History</h2><div class=wide><table id=history><tr><th>when</th>\
 <th>status</th><th>message</th></tr>
@@ -12880,7 +12880,7 @@ changes its value.</p>{{!variables}}<p><button class=primary>Restart</button></p
 % for row in history:
 % if row['job_number'] is not None:
 <tr><td>{{!ago(row['created_at'])}}</td><td>{{row['job_number']}}</td>\
-<td>{{!label(row['status'])}}</td><td>{{row['message']}}</td></tr>
+<td>{{!label(row['status'])}}</td><td>{{runner(row['message'])}}</td></tr>
 % end
 % end
 </table></div></details>""",
@@ -13298,11 +13298,13 @@ def _seconds_text(seconds):
     return f"{seconds // 3600} h {seconds % 3600 // 60} min"
 
 
-def _runner_text(runner):
-    """A runner id (HOST:PID:RANDOM, or AGENT/...) as a reader wants it."""
-    host, _, rest = (runner or "").partition(":")
-    pid = rest.partition(":")[0]
-    return f"{host} (process {pid})" if pid.isdigit() else runner or "-"
+_RUNNER_ID = re.compile(r"\b([\w.-]+):(\d+):[0-9a-f]{8}\b")
+
+
+def _runner_text(text):
+    """Runner ids (HOST:PID:RANDOM) in `text` as a reader wants them: "HOST
+    (process PID)"."""
+    return _RUNNER_ID.sub(r"\1 (process \2)", text or "") or "-"
 
 
 # Progressive enhancement of the forms: copy buttons, and a button that adds
@@ -13541,6 +13543,7 @@ class _Pages:
                 warnings=json.loads(build["warnings"] or "[]"),
                 base=_url(f"/{owner}/{name}/{build['number']}"),
                 repo_url=_url(f"/{owner}/{name}"), label=self.label, ago=self.ago,
+                runner=_runner_text,
                 duration=_duration, steps=lambda job: _steps_text(steps[job["id"]]),
                 axis=lambda job: _axis_text(json.loads(job["environment"])),
                 several=len({job["pipeline"] for job in jobs}) > 1, pipeline_cell=_pipeline_cell)

@@ -3214,6 +3214,10 @@ def test_a_job_page_links_its_neighbours_and_shows_services_after_the_steps(
     assert (middle.find(id="previous-job")["href"], middle.find(id="next-job")["href"]) == (
         "/alice/matrix/1/1", "/alice/matrix/1/3")
     assert last.find(id="next-job") is None
+    # Runner ids read as a host and a process.
+    history = browser.get("/alice/matrix/1").html.find(id="job-history").text
+    assert "started by runner" in history and "(process " in history
+    assert re.search(r":\d+:[0-9a-f]{8}\b", history) is None
     # A service stopped at the job's end is "stopped" after the steps, not a
     # failure with exit 137 before them.
     job = {"status": "success"}
