@@ -6403,7 +6403,8 @@ class Store(_Listeners):
             required = json.loads(job["labels"]).items()
             if job["build_status"] == BLOCKED:
                 reason = ("its build waits for approval by someone with write access "
-                          f"(`cirunner approve {job['owner']}/{job['name']} {job['build']}`)")
+                          f"(Approve on its page, or `cirunner approve {job['owner']}/"
+                          f"{job['name']} {job['build']}`)")
             elif job["waiting"]:
                 reason = ("it runs after pipeline(s) "
                           f"{', '.join(json.loads(job['depends_on'] or '[]'))} of its build")
@@ -11029,11 +11030,15 @@ class Operations:
                             "file:// URL; use https://, http://, ssh://, git:// or git@host:path")
 
     @staticmethod
-    def _require_admin(caller, what):
+    def _require_admin(caller, what, *, write=False):
+        """An admin, with a write token for a change (a read-only token of an
+        admin only reads)."""
         if caller is None:
             raise Unauthorized(f"{what} is for admins: send an admin's token")
         if not caller["admin"]:
             raise Forbidden(f"{what} is for admins")
+        if write and caller["scope"] != "write":
+            raise Forbidden(f"{what} needs a write token; this one is read-only")
 
     def build_json(self, build):
         return _full_build_json(self.store, build)
@@ -11311,7 +11316,7 @@ class Operations:
 
     def add_user(self, caller, params):
         """Add a user (admins): `login`, `email`, `admin`."""
-        self._require_admin(caller, "adding a user")
+        self._require_admin(caller, "adding a user", write=True)
         login = params.get("login")
         if not isinstance(login, str):
             raise BadRequest("login is required")
@@ -11323,7 +11328,7 @@ class Operations:
     def update_user(self, caller, login, params):
         """Change a user's `email` or `admin` flag (admins). An admin cannot
         take their own admin flag away (someone must be left to give it back)."""
-        self._require_admin(caller, "changing a user")
+        self._require_admin(caller, "changing a user", write=True)
         unknown = set(params) - {"email", "admin", *_RESERVED_PARAMS}
         if unknown:
             raise BadRequest(f"unknown user field {min(unknown)!r}")
@@ -11337,7 +11342,7 @@ class Operations:
         return _ACCOUNT.to_json(user)
 
     def delete_user(self, caller, login):
-        self._require_admin(caller, "removing a user")
+        self._require_admin(caller, "removing a user", write=True)
         self.store.delete_user(login)
         return {"deleted": login}
 
@@ -11350,7 +11355,7 @@ class Operations:
     def add_agent(self, caller, params):
         """Make an agent's credential (admins): `name`, `labels` ({name: value},
         or "k=v,..."); the answer shows its token this once."""
-        self._require_admin(caller, "adding an agent")
+        self._require_admin(caller, "adding an agent", write=True)
         labels = params.get("labels") or {}
         if isinstance(labels, str):
             labels = _parse_labels(labels)
@@ -11360,7 +11365,7 @@ class Operations:
 
     def remove_agent(self, caller, agent):
         """Revoke an agent at once (admins): its token stops working, its jobs end error."""
-        self._require_admin(caller, "removing an agent")
+        self._require_admin(caller, "removing an agent", write=True)
         self.store.delete_agent(agent)
         return {"deleted": agent}
 
@@ -11400,6 +11405,8 @@ class Operations:
         if owner is None or (owner["login"] != self._token_owner(caller, None)
                              and not caller["admin"]):
             raise NotFound(f"token {token_id} not found")
+        if owner["login"] != caller["login"]:
+            self._require_admin(caller, "revoking another user's token", write=True)
         self.store.revoke_token(token_id)
         return {"deleted": token_id}
 
@@ -12771,7 +12778,8 @@ _TEMPLATES = {
 
     "login": """<h1>Sign in</h1><form method=post action='{{url("/login")}}'>
 <input type=hidden name=csrf value='{{csrf}}'><input type=hidden name=next value='{{next_path}}'>
-<p><label>API token<br><input name=token type=password autofocus></label> \
+<p><label>API token<br><input name=token type=password autocomplete=current-password \
+autofocus></label> \
 <button>Sign in</button></p></form>
 <p class=muted>Make one with <code>cirunner token create LOGIN</code>.</p>""",
 
@@ -12835,8 +12843,9 @@ it runs as written.</p>
 % if 'restart' in actions:
 <details class=card><summary>Restart with changed variables</summary>
 <form method=post action='{{base}}/restart' id=restart-with><input type=hidden name=csrf \
-value='{{csrf}}'><p class=help>The build's variables are kept; a row here adds one or \
-changes its value.</p>{{!variables}}<p><button class=primary>Restart</button></p></form></details>
+value='{{csrf}}'><p class=help>The build's variables are kept\
+{{': ' + ', '.join(f'{key}={value}' for key, value in kept.items()) if kept else ''}}; a row \
+here adds one or changes its value.</p>{{!variables}}<p><button class=primary>Restart</button></p></form></details>
 % end
 <table>
 <tr><th>commit</th><td><code class=id>{{build['commit_sha']}}</code></td></tr>
@@ -12965,8 +12974,9 @@ value='{{form.get("url", "")}}' placeholder='https://example.com/you/project.git
 aria-describedby=url-help spellcheck=false><div class=help id=url-help>https://, ssh://, \
 git:// or git@host:path{{'; admins may also give a path on this machine' if admin else ''}}.\
 </div></div>
-<div class=field><label><input type=checkbox name=private value=true\
-{{' checked' if form.get("private") else ''}}> Private: only you and admins see it</label></div>
+<div class=field><input type=hidden name=private value=false><label><input type=checkbox \
+name=private value=true{{' checked' if form.get("private", "true") == "true" else ''}}> \
+Private: only you and admins see it</label></div>
 <p><button class=primary>Add repository</button></p></form>""",
 
     "settings": """<h1>{{owner}}/{{name}}: settings</h1>{{!tabs}}{{!problem}}
@@ -12998,7 +13008,8 @@ name='{{field['name']}}' aria-describedby='{{ident}}-help'>
 % else:
 <div class=field><label for='{{ident}}'>{{field['label']}}</label><input id='{{ident}}' \
 name='{{field['name']}}' type='{{field['kind']}}' value='{{field['value']}}' \
-aria-describedby='{{ident}}-help' autocomplete=off spellcheck=false>
+aria-describedby='{{ident}}-help' spellcheck=false \
+autocomplete='{{'new-password' if field['kind'] == 'password' else 'off'}}'>
 % end
 <div class=help id='{{ident}}-help'>{{field['help']}}</div>{{!'</fieldset>' if field['kind'] == 'events' else '</div>'}}
 % end
@@ -13012,7 +13023,8 @@ aria-describedby='{{ident}}-help' autocomplete=off spellcheck=false>
 <form method=post class=inline id=webhook-form \
 action='{{url(f"/{owner}/{name}/settings/webhook")}}'>\
 <input type=hidden name=csrf value='{{csrf}}'><button name=do value=show id=show-secret>\
-Show the secret</button> <button name=do value=rotate class=danger id=rotate-secret>\
+Show the secret</button> <button name=do value=rotate class=danger id=rotate-secret \
+onclick="return confirm('Make a new webhook secret? The forge\\'s webhook fails until you paste it there.')">\
 Make a new secret (the old one stops working)</button></form>
 <details><summary>GitHub</summary><ol><li>In the repository: Settings, Webhooks, Add webhook.\
 </li><li>Payload URL: the URL above; Content type: <code>application/json</code>; Secret: the \
@@ -13036,6 +13048,7 @@ value is masked in logs.</p>
 <td>{{'yes' if 'pull_request' in secret['events'] else 'no'}}</td>\
 <td>{{', '.join(secret['images']) or 'any'}}</td><td>\
 <a href='?name={{secret['name']}}#add-secret'>Replace</a> <form class=inline method=post \
+onsubmit="return confirm('Delete secret {{secret['name']}}?')" \
 action='{{url(f"/{owner}/{name}/secrets/{secret['name']}/delete")}}'>\
 <input type=hidden name=csrf value='{{csrf}}'><button class=danger \
 aria-label='Delete {{secret['name']}}'>Delete</button></form></td></tr>
@@ -13063,7 +13076,7 @@ fork's author.</div></fieldset>
 <div class=field><label for=secret-images>Images</label><input id=secret-images name=images \
 value='{{form.get("images", "")}}' placeholder='plugins/docker, plugins/*' \
 aria-describedby=secret-images-help spellcheck=false><div class=help id=secret-images-help>\
-Only steps with these images get it (comma-separated); empty for every step.</div></div>
+Only steps with these images get it (comma-separated); empty: every step's image.</div></div>
 <p><button class=primary>Save secret</button></p></form>""",
 
     "schedules": """<h1>{{owner}}/{{name}}: schedules</h1>{{!tabs}}{{!problem}}
@@ -13074,7 +13087,8 @@ Only steps with these images get it (comma-separated); empty for every step.</di
 <td>{{cron['branch'] or default_branch or 'default'}}</td><td>{{!'<br>'.join(cron['next'])}}</td>\
 <td>
 % if may_write:
-<form class=inline method=post action='{{url(f"/{owner}/{name}/schedules/{cron['name']}/delete")}}'>\
+<form class=inline method=post onsubmit="return confirm('Remove schedule {{cron['name']}}?')" \
+action='{{url(f"/{owner}/{name}/schedules/{cron['name']}/delete")}}'>\
 <input type=hidden name=csrf value='{{csrf}}'><button class=danger \
 aria-label='Remove {{cron['name']}}'>Remove</button></form>
 % end
@@ -13113,6 +13127,7 @@ it is shown this once.<br><code class=secret id=new-token>{{made['token']}}</cod
 <tr><td>{{token['name'] or '-'}}{{' (this session)' if token['id'] == current else ''}}</td>\
 <td>{{token['scope']}}</td><td>{{!ago(token['created_at'])}}</td>\
 <td>{{!ago(token['last_used_at'])}}</td><td><form class=inline method=post \
+onsubmit="return confirm('Revoke this token? What uses it stops working.')" \
 action='{{url(f"/tokens/{token['id']}/revoke")}}'><input type=hidden name=csrf \
 value='{{csrf}}'><button class=danger id='revoke-{{token['id']}}' \
 aria-label='Revoke {{token['name'] or token['id']}}'>Revoke</button></form></td></tr>
@@ -13145,7 +13160,8 @@ they sign in with it, then make their own tokens.</p>
 <input type=hidden name=csrf value='{{csrf}}'><input type=hidden name=admin \
 value='{{'false' if user['admin'] else 'true'}}'><button id='admin-{{user['login']}}'>\
 {{'Remove admin' if user['admin'] else 'Make admin'}}</button></form> \
-<form class=inline method=post action='{{url(f"/users/{user['login']}/remove")}}'>\
+<form class=inline method=post onsubmit="return confirm('Remove {{user['login']}} and their tokens?')" \
+action='{{url(f"/users/{user['login']}/remove")}}'>\
 <input type=hidden name=csrf value='{{csrf}}'><button class=danger \
 id='remove-{{user['login']}}'>Remove</button></form>
 % end
@@ -13214,7 +13230,7 @@ job {{job['number']}} {{!label(job['status'], 'job-status')}}</h1>
 <a id=earlier href='?to={{start}}'>load earlier output</a>
 % end
 % if later:
-<a id=later href='?to={{later}}'>load later output</a> <a href='?'>the end</a>
+<a id=later href='?from={{later}}'>load later output</a> <a href='?'>the end</a>
 % end
 </p>
 % end
@@ -13278,6 +13294,15 @@ def _favicon():
     image = header + pixels + mask
     return struct.pack("<HHH", 0, 1, 1) + struct.pack("<BBBBHHII", 16, 16, 0, 0, 1, 32,
                                                       len(image), 22) + image
+
+
+def _keep_credentials(typed, stored):
+    """A clone URL typed over its redacted form (``https://***@host/...``)
+    with the stored URL's credentials in place of the ``***``."""
+    userinfo = urlsplit(stored).netloc.rpartition("@")[0] if "://" in stored else ""
+    if userinfo and "://***@" in typed:
+        return typed.replace("://***@", f"://{userinfo}@", 1)
+    return typed
 
 
 def _cron_words(expression):
@@ -13427,6 +13452,11 @@ class _Pages:
                            path=bottle.request.path, quote=quote,
                            script=f"<script>{script}{_FORM_SCRIPT}</script>")
 
+    @staticmethod
+    def shown_once():
+        """A page that shows a secret once: not kept by the browser (Back)."""
+        bottle.response.set_header("Cache-Control", "no-store")
+
     def favicon(self):
         bottle.response.content_type = "image/x-icon"
         bottle.response.set_header("Cache-Control", "max-age=86400")
@@ -13515,7 +13545,8 @@ class _Pages:
                 variables=self.variables(self.form_rows(form) if form else []))
         body = self.render("repo", repo=repo, branch=branch or "", status=status,
                            statuses=BUILD_STATUSES, live=live()[1](), tabs=self.tabs(repo, ""),
-                           start=start, stream=f"?events=1&page={page}&{query}")
+                           start=start or self.problem(error),
+                           stream=f"?events=1&page={page}&{query}")
         return self.page(f"{owner}/{name}", body, status=bottle.response.status_code,
                          script=_LIVE_PAGE_SCRIPT)
 
@@ -13538,8 +13569,8 @@ class _Pages:
             return (build, jobs, steps, len(history), actions), lambda: self.render(
                 "build_live", repo=repo, build=build, jobs=jobs, history=history,
                 actions=actions, blocked=blocked, csrf=csrf, would_run=would_run(build),
-                variables=self.variables(list(json.loads(build["variables"] or "{}").items()))
-                if "restart" in actions else "",
+                variables=self.variables([]) if "restart" in actions else "",
+                kept=json.loads(build["variables"] or "{}"),
                 warnings=json.loads(build["warnings"] or "[]"),
                 base=_url(f"/{owner}/{name}/{build['number']}"),
                 repo_url=_url(f"/{owner}/{name}"), label=self.label, ago=self.ago,
@@ -13620,6 +13651,8 @@ class _Pages:
         a button to revoke each."""
         agents = self.ops.list_agents(self.caller())
         bottle.response.status = 201 if made else 200
+        if made:
+            self.shown_once()
         body = self.render("agents", agents=agents, made=made, csrf=self.csrf_token(),
                            ago=self.ago, server=bottle.request.url.rsplit("/agents", 1)[0])
         return self.page("Agents", body, status=bottle.response.status_code)
@@ -13708,7 +13741,8 @@ class _Pages:
     def add_repo(self):
         def act(caller, form):
             owner, name = form.get("owner", "").strip(), form.get("name", "").strip()
-            params = {"url": form.get("url", "").strip(), "private": bool(form.get("private"))}
+            params = {"url": form.get("url", "").strip(),
+                      "private": form.get("private", "true") == "true"}
             parts = bottle.request.urlparts
             made = self.ops.add_repo(caller, owner, name, params,
                                      base_url=f"{parts.scheme}://{parts.netloc}{_url('')}")
@@ -13759,6 +13793,8 @@ class _Pages:
             elif field["kind"] != "password":
                 field["value"] = form.get(field["name"], field["value"])
         webhook = f"{self.ops.public_url or self.base_url()}/hook?repo={owner}/{name}"
+        if secret:
+            self.shown_once()
         body = self.render("settings", owner=owner, name=name, tabs=self.tabs(repo, "/settings"),
                            problem=self.problem(error), fields=fields, csrf=self.csrf_token(),
                            webhook_url=webhook, secret=secret, saved=saved or bottle.request
@@ -13777,10 +13813,14 @@ class _Pages:
                 key, kind, value = field["name"], field["kind"], field["value"]
                 if kind == "events":
                     typed = form.getall("events") if form.get("events_shown") else value
+                    if not typed:
+                        raise BadRequest("choose at least one event to build")
                 elif kind == "checkbox":
                     typed = form.get(key, "false") == "true"
                 else:
                     typed = form.get(key, "").strip() if key in form else value
+                if key == "url" and typed != value:
+                    typed = _keep_credentials(typed, repo["url"])
                 if kind == "password":
                     if typed:
                         changed[key] = typed
@@ -13816,11 +13856,18 @@ class _Pages:
     def secrets_page(self, owner, name, error="", form=None):
         caller = self.caller()
         repo = self.ops.find_repo(caller, owner, name, write=True)
-        form = form or bottle.request.query.decode()
-        chosen = form.getall("events") if "csrf" in form else SECRET_EVENTS
+        listed = self.ops.list_secrets(caller, owner, name)
+        if form is None:  # "Replace" names a secret: its events and images as they are
+            form = bottle.request.query.decode()
+            existing = next((item for item in listed if item["name"] == form.get("name")), None)
+            if existing is not None:
+                form["images"] = ", ".join(existing["images"])
+            chosen = existing["events"] if existing else SECRET_EVENTS
+        else:
+            chosen = form.getall("events")
         body = self.render("secrets", owner=owner, name=name, tabs=self.tabs(repo, "/secrets"),
                            problem=self.problem(error),
-                           secrets=self.ops.list_secrets(caller, owner, name), form=form,
+                           secrets=listed, form=form,
                            csrf=self.csrf_token(), events=EVENTS, chosen=chosen)
         return self.page(f"{owner}/{name} secrets", body, status=bottle.response.status_code)
 
@@ -13897,6 +13944,7 @@ class _Pages:
             made = self.ops.create_token(caller, {"name": form.get("name", "").strip(),
                                                   "scope": form.get("scope", "write")})
             bottle.response.status = 201
+            self.shown_once()
             return self.tokens_page(made=made)
         return self.submit(self.tokens_page, act)
 
@@ -13924,6 +13972,7 @@ class _Pages:
                                        "admin": form.get("admin") == "true"})
             made = self.ops.create_token(caller, {"login": login, "name": "first sign-in"})
             bottle.response.status = 201
+            self.shown_once()
             return self.users_page(made={"login": login, "token": made["token"]})
         return self.submit(self.users_page, act)
 
@@ -13963,12 +14012,19 @@ class _Pages:
         build = self.find_build(repo, number)
         job = self.store.get_job(build["id"], _check_positive(job, "job number"))
         size = self.store.log_size(job["id"])
-        end = _check_int(bottle.request.query.get("to"), "to", default=size, maximum=size)
-        start = max(0, end - LOG_PAGE_BYTES)
-        data = self.store.open_log(job["id"], start, end).read()
-        if start > 0 and b"\n" in data[:-1]:
-            cut = data.index(b"\n") + 1  # from the start of a line (its end was shown before)
-            data, start = data[cut:], start + cut
+        query = bottle.request.query
+        if query.get("from") is not None:  # "load later output": from a line's start on
+            start = _check_int(query.get("from"), "from", default=0, maximum=size)
+            end = min(size, start + LOG_PAGE_BYTES)
+        else:
+            end = _check_int(query.get("to"), "to", default=size, maximum=size)
+            start = max(0, end - LOG_PAGE_BYTES)
+        data = self.store.open_log(job["id"], max(0, start - 1), end).read()
+        if start > 0:
+            before, data = data[:1], data[1:]
+            if before != b"\n" and b"\n" in data[:-1]:
+                cut = data.index(b"\n") + 1  # from the start of a line
+                data, start = data[cut:], start + cut
         live = job["status"] in ACTIVE_STATUSES and end == size
         if (live or end < size) and b"\n" in data:
             # Whole lines only: the live stream, or the next window, goes on
@@ -14000,7 +14056,7 @@ class _Pages:
             "job", repo=repo, build=build, job=job, label=self.label, sections=sections,
             previous=jobs[index - 1] if index else None,
             following=jobs[index + 1] if index + 1 < len(jobs) else None,
-            later=min(size, end + LOG_PAGE_BYTES) if end < size else None,
+            later=end if end < size else None,
             failing=failed, axis=_axis_text(json.loads(job["environment"])), start=start,
             end=end, size=size, live=live, next_line=line,
             base=_url(f"/{owner}/{name}/{build['number']}"),
@@ -14204,7 +14260,9 @@ def _page_callback(pages, handler):
                     raise _store_away(error) from None
                 raise
         except Unauthorized:
-            bottle.redirect(_url(f"/login?next={quote(request.path)}"), 303)
+            # A form's address answers POST only: after signing in, the start.
+            back = request.path if request.method in ("GET", "HEAD") else "/"
+            bottle.redirect(_url(f"/login?next={quote(back)}"), 303)
         except CIRunnerError as error:
             if request.path.startswith("/api/"):
                 return _error_reply(error)

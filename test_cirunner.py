@@ -2668,7 +2668,7 @@ def test_pull_request_from_a_fork_waits_for_approval_then_runs_without_secrets(
     waiting = app.get("/api/queue").json["pending"]
     assert [item["reason"] for item in waiting] == [(
         "its build waits for approval by someone with write access "
-        "(`cirunner approve alice/hello 1`)")]
+        "(Approve on its page, or `cirunner approve alice/hello 1`)")]
     assert store.queue_summary()[0] == 0
     history = app.get("/api/v1/alice/hello/builds/1/statuses").json["results"]
     assert history[-1]["message"] == "waiting for approval: a pull request from the fork " \
@@ -3192,8 +3192,10 @@ def test_the_repository_forms_work_without_javascript(site, store, executor):
     assert answer.location.endswith("/alice/hello/2")
     assert json.loads(store.get_build(repo["id"], 2)["variables"]) == {"GREETING": "hi"}
     executor.run_until_idle()
-    form = browser.get("/alice/hello/2").forms["restart-with"]
-    assert form.fields["var_name"][0].value == "GREETING"
+    page = browser.get("/alice/hello/2")
+    assert "kept: GREETING=hi;" in page.text
+    form = page.forms["restart-with"]
+    form.fields["var_name"][0].value = "GREETING"
     form.fields["var_value"][0].value = "hello again"
     form.fields["var_name"][1].value, form.fields["var_value"][1].value = "EXTRA", "1"
     form.submit(status=303)
@@ -3231,6 +3233,105 @@ def test_a_job_page_links_its_neighbours_and_shows_services_after_the_steps(
     steps[0]["status"] = "failure"
     failing = cirunner._LogHtml().sections({"status": "failure"}, steps)
     assert "failure" in failing[2]["summary"] and "exit 137" in failing[2]["summary"]
+
+
+def test_what_a_review_of_the_forms_found(site, store, executor, tmp_path):
+    """Each a way the forms could hurt: a public repository by default, a
+    rotated secret handed to more steps, credentials lost from a URL, a
+    refusal without a word, a sign-in sent back to a POST address."""
+    browser, token = site
+    sign_in(browser, token)
+    form = browser.get("/new").forms["add-repo"]
+    form["name"], form["url"] = "webrepo", "https://example.com/alice/webrepo.git"
+    form.submit(status=201)
+    assert store.get_repo("alice", "webrepo")["private"] == 1  # as the API and CLI make it
+
+    repo = store.get_repo("alice", "hello")
+    store.set_secret(repo["id"], "DOCKER_PW", "old", ["deployment"], ["plugins/docker"])
+    form = browser.get("/alice/hello/secrets?name=DOCKER_PW").forms["add-secret"]
+    assert form["images"].value == "plugins/docker"
+    form["value"] = "new"
+    form.submit(status=303)
+    (secret,) = store.list_secrets(repo["id"])
+    assert (secret["events"], secret["images"]) == (["deployment"], ["plugins/docker"])
+
+    store.update_repo(store.get_repo("alice", "webrepo")["id"],
+                      url="https://alice:SECRETPW@example.com/alice/proj.git")
+    form = browser.get("/alice/webrepo/settings").forms["settings"]
+    assert form["url"].value == "https://***@example.com/alice/proj.git"
+    assert "SECRETPW" not in browser.get("/alice/webrepo/settings").text
+    form["url"] = "https://***@example.com/alice/proj2.git"
+    form.submit(status=303)
+    assert store.get_repo("alice", "webrepo")["url"] == \
+        "https://alice:SECRETPW@example.com/alice/proj2.git"
+    form = browser.get("/alice/webrepo/settings").forms["settings"]
+    for checkbox in form.fields["events"]:
+        checkbox.checked = False
+    assert "choose at least one event" in form.submit(status=400).text
+
+    store.create_user("bob")
+    store.create_repo("bob", "pub", str(tmp_path / "xss"), private=False)
+    csrf = browser.get("/bob/pub").forms[0]["csrf"].value
+    refused = browser.post("/bob/pub/builds", {"csrf": csrf}, status=403)
+    assert refused.html.find(id="form-error").text == "only bob or an admin may change this"
+
+    guest = webtest.TestApp(browser.app, extra_environ=AS_CURL)
+    csrf = guest.get("/login").forms[0]["csrf"].value
+    answer = guest.post("/alice/hello/builds", {"csrf": csrf}, status=303)
+    assert answer.location.endswith("/login?next=/")  # not the form's POST-only address
+
+
+def test_a_read_only_token_of_an_admin_changes_nothing(app, store):
+    store.create_user("root", admin=True)
+    read = store.create_token("root", scope="read")[1]
+    store.create_user("bob")
+    bob_token = store.create_token("bob")[0]
+    as_read = {"Authorization": f"Token {read}"}
+    assert len(app.get("/api/users", headers=as_read).json) == 3  # reading is fine
+    for method, path, body in (("POST", "/api/users", {"login": "mallory", "admin": True}),
+                               ("PATCH", "/api/users/bob", {"admin": True}),
+                               ("DELETE", "/api/users/bob", None),
+                               ("POST", "/api/agents", {"name": "ag1"}),
+                               ("DELETE", f"/api/user/tokens/{bob_token['id']}", None)):
+        answer = app.request(path, method=method, headers=as_read, expect_errors=True,
+                             body=json.dumps(body).encode() if body else b"",
+                             content_type="application/json")
+        assert answer.status_int == 403, (method, path, answer.text)
+        assert "read-only" in answer.json["message"]
+    assert [user["login"] for user in store.list_users()] == ["admin", "bob", "root"]
+    assert store.get_user("bob")["admin"] == 0 and store.list_agents() == []
+    assert store.user_for_token(bob_token["id"])["login"] == "bob"
+
+
+def test_paging_a_long_log_forward_and_back_shows_every_line_once(site, store, executor,
+                                                                   make_repo, monkeypatch):
+    browser, _ = site
+    monkeypatch.setattr(cirunner, "LOG_PAGE_BYTES", 4096)  # five windows of a 23 KB log
+    repo = make_repo({".cirunner.yml": "clone: false\npipeline: {t: {commands: ['seq 1 5000']}}\n"},
+                     "alice/long")
+    cirunner.create_build(store, repo)
+    executor.run_until_idle()
+
+    def numbers(page):
+        return [int(row.text) for row in page.html.select("#log .rows div span")
+                if row.text.isdigit()]
+
+    page, seen = browser.get("/alice/long/1/1?to=1"), []
+    while True:
+        seen += numbers(page)
+        later = page.html.find(id="later")
+        if later is None:
+            break
+        page = browser.get("/alice/long/1/1" + later["href"])
+    assert seen == list(range(1, 5001))
+    page, seen = browser.get("/alice/long/1/1"), []
+    while True:
+        seen = numbers(page) + seen
+        earlier = page.html.find(id="earlier")
+        if earlier is None:
+            break
+        page = browser.get("/alice/long/1/1" + earlier["href"])
+    assert seen == list(range(1, 5001))
 
 
 def test_tokens_and_users_are_managed_from_pages(site, store):
