@@ -13036,7 +13036,13 @@ content type <code>application/json</code>; Secret: the secret.</li><li>Trigger 
 events, Create (tags) and Pull request events.</li></ol></details>
 <details><summary>GitLab</summary><ol><li>In the project: Settings, Webhooks, Add new webhook.\
 </li><li>URL: the URL above; Secret token: the secret.</li><li>Trigger: Push events, Tag \
-push events and Merge request events.</li></ol></details></div>""",
+push events and Merge request events.</li></ol></details></div>
+<h2>Delete</h2><form method=post class=card id=delete-repo \
+action='{{url(f"/{owner}/{name}/settings/delete")}}' \
+onsubmit="return confirm('Delete {{owner}}/{{name}}, every build and log of it? This cannot be undone.')">\
+<input type=hidden name=csrf value='{{csrf}}'><p>Deletes the repository with every build, \
+log, secret and schedule of it. This cannot be undone.</p>\
+<button class=danger>Delete {{owner}}/{{name}}</button></form>""",
 
     "secrets": """<h1>{{owner}}/{{name}}: secrets</h1>{{!tabs}}{{!problem}}
 <p class=muted>Values are never shown again: a step gets a secret as a variable, and its \
@@ -13222,6 +13228,11 @@ job {{job['number']}} {{!label(job['status'], 'job-status')}}</h1>
 <a id=next-job href='{{base}}/{{following}}'>job {{following}} &rarr;</a>
 % end
 </nav>
+% if may_cancel:
+<form class=inline method=post action='{{base}}/{{job['number']}}/cancel'>\
+<input type=hidden name=csrf value='{{csrf}}'><button class=danger id=cancel-job>Cancel this job\
+</button></form>
+% end
 <p>{{axis}} <a href='{{raw}}'>raw log</a> \
 <label><input type=checkbox id=follow checked> follow</label></p>
 % if start > 0 or later:
@@ -13842,6 +13853,12 @@ class _Pages:
             return self.settings_page(owner, name, secret=secret or "(none set)")
         return self.submit(functools.partial(self.settings_page, owner, name), act)
 
+    def delete_repo(self, owner, name):
+        def act(caller, _form):
+            self.ops.delete_repo(caller, owner, name)
+            bottle.redirect(_url("/"), 303)
+        return self.submit(functools.partial(self.settings_page, owner, name), act)
+
     def start_build(self, owner, name):
         def act(caller, form):
             build = self.ops.start_build(caller, owner, name, {
@@ -14056,13 +14073,21 @@ class _Pages:
             "job", repo=repo, build=build, job=job, label=self.label, sections=sections,
             previous=jobs[index - 1] if index else None,
             following=jobs[index + 1] if index + 1 < len(jobs) else None,
-            later=end if end < size else None,
+            later=end if end < size else None, csrf=self.csrf_token(),
+            may_cancel=job["status"] in ACTIVE_STATUSES
+            and self.access.may_write(self.access.user(bottle.request), owner),
             failing=failed, axis=_axis_text(json.loads(job["environment"])), start=start,
             end=end, size=size, live=live, next_line=line,
             base=_url(f"/{owner}/{name}/{build['number']}"),
             raw=_url(f"/api/repos/{owner}/{name}/logs/{build['number']}/{job['number']}"))
         return self.page(f"{owner}/{name} #{build['number']} job {job['number']}", body,
                          script=_LIVE_LOG_SCRIPT)
+
+    def cancel_job(self, owner, name, number, job):
+        """Cancel one job of a build from its page (the others go on)."""
+        self.check_csrf()
+        self.ops.cancel_job(self.caller(), owner, name, number, job)
+        bottle.redirect(_url(f"/{owner}/{name}/{number}/{job}"), 303)
 
     def _newlines_before(self, job_id, offset):
         """How many lines end before byte `offset` of a job's log (chunk by chunk)."""
@@ -14099,6 +14124,7 @@ _PAGE_ROUTES = [
     ("GET", "/<owner>/<name>/settings", _Pages.settings_page),
     ("POST", "/<owner>/<name>/settings", _Pages.save_settings),
     ("POST", "/<owner>/<name>/settings/webhook", _Pages.webhook_secret),
+    ("POST", "/<owner>/<name>/settings/delete", _Pages.delete_repo),
     ("GET", "/<owner>/<name>/secrets", _Pages.secrets_page),
     ("POST", "/<owner>/<name>/secrets", _Pages.add_secret),
     ("POST", "/<owner>/<name>/secrets/<secret>/delete", _Pages.delete_secret),
@@ -14111,6 +14137,7 @@ _PAGE_ROUTES = [
     ("POST", "/<owner>/<name>/<number>/approve", _Pages.approve),
     ("POST", "/<owner>/<name>/<number>/decline", _Pages.decline),
     ("GET", "/<owner>/<name>/<number>/<job>", _Pages.job_page),
+    ("POST", "/<owner>/<name>/<number>/<job>/cancel", _Pages.cancel_job),
 ]
 
 ###############################################################################

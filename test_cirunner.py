@@ -2272,7 +2272,8 @@ def test_openapi_document_is_valid_and_covers_every_route(store, app):
                      ("POST", "/{}/{}/settings"), ("POST", "/{}/{}/settings/webhook"),
                      ("GET", "/{}/{}/secrets"), ("POST", "/{}/{}/secrets"),
                      ("POST", "/{}/{}/secrets/{}/delete"), ("GET", "/{}/{}/schedules"),
-                     ("POST", "/{}/{}/schedules"), ("POST", "/{}/{}/schedules/{}/delete")}
+                     ("POST", "/{}/{}/schedules"), ("POST", "/{}/{}/schedules/{}/delete"),
+                     ("POST", "/{}/{}/settings/delete"), ("POST", "/{}/{}/{}/{}/cancel")}
     # Every API route is in the document, but the agents' own protocol (it
     # has a version of its own, checked when an agent connects) and the JSON
     # answer to a path that is no route.
@@ -3332,6 +3333,29 @@ def test_paging_a_long_log_forward_and_back_shows_every_line_once(site, store, e
             break
         page = browser.get("/alice/long/1/1" + earlier["href"])
     assert seen == list(range(1, 5001))
+
+
+def test_a_job_is_cancelled_and_a_repository_deleted_from_their_pages(site, store, make_repo):
+    browser, token = site
+    repo = make_repo({".cirunner.yml": "matrix: {N: [1, 2]}\npipeline: {t: {commands: [true]}}\n"},
+                     "alice/two")
+    cirunner.create_build(store, repo)  # no executor runs it: both jobs wait
+    assert "cancel-job" not in browser.get("/alice/two/1/1").text  # a guest may not
+    sign_in(browser, token)
+    page = browser.get("/alice/two/1/1")
+    next(form for form in page.forms.values()
+         if form.action.endswith("/alice/two/1/1/cancel")).submit(status=303)
+    jobs = {job["number"]: job["status"] for job in store.list_jobs(
+        store.get_build(repo["id"], 1)["id"])}
+    assert jobs[1] not in ("pending", "running") and jobs[2] == "pending"
+    assert "cancel-job" not in browser.get("/alice/two/1/1").text  # ended: nothing to cancel
+    refused = browser.get("/alice/two/settings").forms["delete-repo"].submit(status=409)
+    assert refused.html.find(id="form-error").text == \
+        "the repository has pending or running builds"
+    browser.get("/alice/two/1/2").forms[1].submit(status=303)
+    browser.get("/alice/two/settings").forms["delete-repo"].submit(status=303)
+    with pytest.raises(cirunner.NotFound):
+        store.get_repo("alice", "two")
 
 
 def test_tokens_and_users_are_managed_from_pages(site, store):
