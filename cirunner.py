@@ -13681,22 +13681,25 @@ class _Pages:
 
     # -- forms ------------------------------------------------------------------
 
-    def submit(self, show, act):
-        """A form's POST: the CSRF check, then `act(caller, form)`. A refusal
-        (bad input, a conflict, not allowed) shows the form's page again with
-        the API's message, what was typed and the error's status:
-        `show(error=..., form=...)`."""
+    def submit(self, show, act, then=None):
+        """A form's POST: the CSRF check, then `act(caller, form)`, then (with
+        `then`) 303 to that page. A refusal (bad input, a conflict, not
+        allowed) shows the form's page again with the API's message, what was
+        typed and the error's status: `show(error=..., form=...)`."""
         form = self.check_csrf()
         caller = self.caller()
         if caller is None:
             raise Unauthorized("sign in first")
         try:
-            return act(caller, form)
+            answer = act(caller, form)
         except Unauthorized:
             raise
         except CIRunnerError as error:
             bottle.response.status = error.status
             return show(error=error.message, form=form)
+        if then is not None:
+            bottle.redirect(_url(then), 303)
+        return answer
 
     def problem(self, error):
         return self.render("problem", error=error)
@@ -13838,8 +13841,8 @@ class _Pages:
                 elif typed != value and str(typed) != str(value):
                     changed[key] = ",".join(typed) if kind == "events" else typed
             self.ops.update_repo(caller, owner, name, changed)
-            bottle.redirect(_url(f"/{owner}/{name}/settings?saved=1"), 303)
-        return self.submit(functools.partial(self.settings_page, owner, name), act)
+        return self.submit(functools.partial(self.settings_page, owner, name), act,
+                           f"/{owner}/{name}/settings?saved=1")
 
     def webhook_secret(self, owner, name):
         """Show the webhook secret, or make a new one (POST: it is a secret)."""
@@ -13856,8 +13859,7 @@ class _Pages:
     def delete_repo(self, owner, name):
         def act(caller, _form):
             self.ops.delete_repo(caller, owner, name)
-            bottle.redirect(_url("/"), 303)
-        return self.submit(functools.partial(self.settings_page, owner, name), act)
+        return self.submit(functools.partial(self.settings_page, owner, name), act, "/")
 
     def start_build(self, owner, name):
         def act(caller, form):
@@ -13898,14 +13900,14 @@ class _Pages:
             self.ops.add_secret(caller, owner, name, {
                 "name": form.get("name", "").strip(), "value": form.get("value", ""),
                 "events": events, "images": images})
-            bottle.redirect(_url(f"/{owner}/{name}/secrets"), 303)
-        return self.submit(functools.partial(self.secrets_page, owner, name), act)
+        return self.submit(functools.partial(self.secrets_page, owner, name), act,
+                           f"/{owner}/{name}/secrets")
 
     def delete_secret(self, owner, name, secret):
         def act(caller, _form):
             self.ops.delete_secret(caller, owner, name, secret)
-            bottle.redirect(_url(f"/{owner}/{name}/secrets"), 303)
-        return self.submit(functools.partial(self.secrets_page, owner, name), act)
+        return self.submit(functools.partial(self.secrets_page, owner, name), act,
+                           f"/{owner}/{name}/secrets")
 
     def schedules_page(self, owner, name, error="", form=None):
         caller = self.caller()
@@ -13936,14 +13938,14 @@ class _Pages:
         def act(caller, form):
             self.ops.add_cron(caller, owner, name, {
                 key: form.get(key, "").strip() for key in ("name", "expression", "branch")})
-            bottle.redirect(_url(f"/{owner}/{name}/schedules"), 303)
-        return self.submit(functools.partial(self.schedules_page, owner, name), act)
+        return self.submit(functools.partial(self.schedules_page, owner, name), act,
+                           f"/{owner}/{name}/schedules")
 
     def delete_schedule(self, owner, name, cron):
         def act(caller, _form):
             self.ops.delete_cron(caller, owner, name, cron)
-            bottle.redirect(_url(f"/{owner}/{name}/schedules"), 303)
-        return self.submit(functools.partial(self.schedules_page, owner, name), act)
+        return self.submit(functools.partial(self.schedules_page, owner, name), act,
+                           f"/{owner}/{name}/schedules")
 
     # -- tokens, users and the queue --------------------------------------------------
 
@@ -13996,16 +13998,14 @@ class _Pages:
     def set_admin(self, login):
         def act(caller, form):
             self.ops.update_user(caller, login, {"admin": form.get("admin", "")})
-            bottle.redirect(_url("/users"), 303)
-        return self.submit(self.users_page, act)
+        return self.submit(self.users_page, act, "/users")
 
     def remove_user(self, login):
         def act(caller, _form):
             if login == caller["login"]:
                 raise Conflict("you cannot remove yourself: ask another admin")
             self.ops.delete_user(caller, login)
-            bottle.redirect(_url("/users"), 303)
-        return self.submit(self.users_page, act)
+        return self.submit(self.users_page, act, "/users")
 
     def queue_page(self):
         """Waiting jobs in order with why each waits; running jobs with their

@@ -606,8 +606,10 @@ def test_a_form_with_a_stale_csrf_token_is_refused_with_a_clear_message(server, 
     first.goto(server.url + "/alice/hello/secrets")
     first.fill("#secret-name", "LATE")
     first.fill("#secret-value", "value")
-    # Signing in again in another tab makes a new session: the first tab's form is stale.
-    sign_in(second, server)
+    # Signing in as someone else in another tab makes a new session: the first tab's
+    # form is stale. (Signing in again with the same token within the same second
+    # signs the same session cookie: that form would still be current.)
+    sign_in_with(second, server, user_with_token(server, "bob", admin=True))
     with first.expect_navigation():
         first.click("button:has-text('Save secret')")
     assert "this form is out of date" in first.inner_text("main")
