@@ -13118,7 +13118,12 @@ minute, hour, day of month, month, day of week. <code>0 3 * * 1-5</code> is 03:0
 <div class=field><label for=cron-branch>Branch</label><input id=cron-branch name=branch \
 value='{{form.get("branch", "")}}' placeholder='{{default_branch or "the default branch"}}'>\
 </div>
-<p><button class=primary>Add schedule</button></p></form>
+% if preview:
+<p class=made role=status id=preview>{{preview['words']}}. Next runs: \
+{{!', '.join(preview['next'])}}.</p>
+% end
+<p><button name=check value=1 id=check-schedule>Check</button> \
+<button class=primary>Add schedule</button></p></form>
 % end""",
 
     "tokens": """<h1>Your tokens</h1>{{!problem}}
@@ -13682,8 +13687,8 @@ class _Pages:
     # -- forms ------------------------------------------------------------------
 
     def submit(self, show, act, then=None):
-        """A form's POST: the CSRF check, then `act(caller, form)`, then (with
-        `then`) 303 to that page. A refusal (bad input, a conflict, not
+        """A form's POST: the CSRF check, then `act(caller, form)`: its page,
+        or (None) 303 to the page `then`. A refusal (bad input, a conflict, not
         allowed) shows the form's page again with the API's message, what was
         typed and the error's status: `show(error=..., form=...)`."""
         form = self.check_csrf()
@@ -13697,7 +13702,7 @@ class _Pages:
         except CIRunnerError as error:
             bottle.response.status = error.status
             return show(error=error.message, form=form)
-        if then is not None:
+        if answer is None and then is not None:
             bottle.redirect(_url(then), 303)
         return answer
 
@@ -13909,21 +13914,26 @@ class _Pages:
         return self.submit(functools.partial(self.secrets_page, owner, name), act,
                            f"/{owner}/{name}/secrets")
 
-    def schedules_page(self, owner, name, error="", form=None):
+    def _cron_preview(self, expression, after):
+        """{words, next}: an expression in words and its next three runs
+        after `after` (BadRequest if it is not one)."""
+        times = []
+        for _ in range(3):
+            after = _next_cron_time(expression, after)
+            times.append(self.ago_at(after))
+        return {"words": _cron_words(expression), "next": times}
+
+    def schedules_page(self, owner, name, error="", form=None, preview=None):
         caller = self.caller()
         repo = self.ops.find_repo(caller, owner, name)
         crons = self.ops.list_crons(caller, owner, name)
         for cron in crons:
-            cron["words"] = _cron_words(cron["expression"])
-            times, after = [], cron["next_at"] - 1
-            for _ in range(3):
-                with contextlib.suppress(BadRequest):
-                    after = _next_cron_time(cron["expression"], after)
-                    times.append(self.ago_at(after))
-            cron["next"] = times
+            cron.update(words="", next=[])
+            with contextlib.suppress(BadRequest):
+                cron.update(self._cron_preview(cron["expression"], cron["next_at"] - 1))
         body = self.render("schedules", owner=owner, name=name,
                            tabs=self.tabs(repo, "/schedules"), problem=self.problem(error),
-                           crons=crons, form=form or {}, csrf=self.csrf_token(),
+                           crons=crons, form=form or {}, csrf=self.csrf_token(), preview=preview,
                            default_branch=repo["default_branch"],
                            may_write=self.access.may_write(caller, owner))
         return self.page(f"{owner}/{name} schedules", body, status=bottle.response.status_code)
@@ -13935,7 +13945,13 @@ class _Pages:
             "%Y-%m-%d %H:%M:%S UTC", time.gmtime(stamp)))
 
     def add_schedule(self, owner, name):
+        """Add a schedule; with `check`, only show the expression in words and
+        its next three runs (the form kept, nothing saved)."""
         def act(caller, form):
+            if form.get("check"):
+                self.ops.find_repo(caller, owner, name, write=True)
+                preview = self._cron_preview(form.get("expression", "").strip(), time.time())
+                return self.schedules_page(owner, name, form=form, preview=preview)
             self.ops.add_cron(caller, owner, name, {
                 key: form.get(key, "").strip() for key in ("name", "expression", "branch")})
         return self.submit(functools.partial(self.schedules_page, owner, name), act,

@@ -3177,6 +3177,12 @@ def test_the_repository_forms_work_without_javascript(site, store, executor):
     form["name"], form["expression"] = "nightly", "0 3 * * 61"
     assert "invalid cron expression" in form.submit(status=400).text
     form["expression"] = "0 3 * * 1-5"
+    checked = form.submit("check", status=200)  # words and next runs, nothing saved
+    assert checked.html.find(id="preview").text.startswith("At 03:00 on Monday through Friday")
+    assert checked.html.find(id="preview").text.count("03:00 UTC") == 3
+    assert store.list_crons(repo["id"]) == []
+    form = checked.forms["add-schedule"]
+    assert (form["name"].value, form["expression"].value) == ("nightly", "0 3 * * 1-5")
     shown = form.submit(status=303).follow()
     assert "At 03:00 on Monday through Friday" in shown.text
     assert shown.text.count("03:00 UTC") == 3  # the next three runs
