@@ -443,6 +443,10 @@ class Conflict(CIRunnerError):
     code = "conflict"
 
 
+class _ChunkMismatch(Conflict):
+    """A log chunk sent again with other bytes than the stored one."""
+
+
 class RunnerLost(Conflict):
     """An agent's runner is not registered (any more): found lost, or never
     connected. The agent connects again."""
@@ -6554,7 +6558,9 @@ class Store(_Listeners):
                 raise self._ended(job_id)
         except self.IntegrityError:
             if not self._has_chunk(job_id, seq, offset, len(data)):
-                raise
+                raise _ChunkMismatch(
+                    f"log chunk {seq} of job {job_id} came again with other bytes ({len(data)} "
+                    f"at byte {offset}) than the stored one: the log cannot hold both") from None
         self._wake_log_followers()
 
     def _has_chunk(self, job_id, seq, offset, size):
@@ -6916,7 +6922,9 @@ class PostgresStore(Store):
                 "SELECT pg_notify($7, $8) FROM chunk", values).fetchone()
         except self.IntegrityError:
             if not self._has_chunk(job_id, seq, offset, len(data)):
-                raise
+                raise _ChunkMismatch(
+                    f"log chunk {seq} of job {job_id} came again with other bytes ({len(data)} "
+                    f"at byte {offset}) than the stored one: the log cannot hold both") from None
             row = ()
         if row is None:
             raise self._ended(job_id)
@@ -14640,9 +14648,13 @@ class _AgentService:
                     base64.b64decode(message.get("data") or "", validate=True), LOG_CHUNK_BYTES)
             except ValueError as exc:  # binascii.Error is one
                 raise BadRequest(f"a log chunk that cannot be read: {exc}") from None
-            self.store.append_log(job_id, _check_count(message.get("seq"), "seq"),
-                                  _check_count(message.get("offset"), "offset"), data,
-                                  lease=lease)
+            try:
+                self.store.append_log(job_id, _check_count(message.get("seq"), "seq"),
+                                      _check_count(message.get("offset"), "offset"), data,
+                                      lease=lease)
+            except _ChunkMismatch as exc:  # not taken again and again: the job ends
+                self.store.finish_job(job_id, ERROR, error=exc.message, lease=lease)
+                raise
         elif kind == "end":
             status = message.get("status")
             if status not in (SUCCESS, FAILURE, KILLED, ERROR):

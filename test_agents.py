@@ -425,6 +425,29 @@ def test_a_job_its_agent_started_and_dropped_ends_error_not_again(fleet):
     assert build["status"] == "error" and "no longer runs it" in build["jobs"][0]["error"], build
 
 
+def test_a_log_chunk_sent_again_with_other_bytes_ends_its_job_not_a_retry_loop(fleet):
+    """A chunk sent again as it was (an answer lost) changes nothing; the same
+    chunk with other bytes cannot be stored beside it: the job ends error
+    saying so, where it used to answer 500 and the agent sent it for ever."""
+    token, news = claimed_by_one(fleet)
+    claim = news["jobs"][0]["job"]
+
+    def report(data):
+        return agent_call(fleet.server, token, "/api/agent/report", {
+            "runner": "one-runner", "messages": [
+                {"job": claim["id"], "lease": claim["lease"], "type": "log", "seq": 0,
+                 "offset": 0, "data": base64.b64encode(data).decode()}]})
+
+    assert report(b"hello\n") == (200, {"ended": {}})
+    assert report(b"hello\n") == (200, {"ended": {}})  # the same again: nothing changes
+    status, answer = report(b"other bytes\n")
+    assert status == 200 and "came again with other bytes" in answer["ended"][str(claim["id"])]
+    build = fleet.build(1)
+    assert build["status"] == "error", build
+    assert "came again with other bytes" in build["jobs"][0]["error"]
+    assert fleet.log(1) == "hello\n"
+
+
 def test_an_agent_never_takes_a_job_it_already_holds(tmp_path):
     store = cirunner._AgentStore("http://127.0.0.1:9", "cia_unused", str(tmp_path / "agent"))
     claim = {"job": {"id": 7, "lease": "l"}, "build": {}, "repo": {}}
