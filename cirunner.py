@@ -11764,6 +11764,12 @@ def _url(path):
     return bottle.request.script_name.rstrip("/") + path
 
 
+def _base_url():
+    """This app's address as the browser reached it (scheme, host, prefix)."""
+    parts = bottle.request.urlparts
+    return f"{parts.scheme}://{parts.netloc}{_url('')}"
+
+
 class _Api:
     """The API's adapters from requests to operations, and the views that are
     HTTP's own (both dialects' shapes, logs and live streams, badges, metrics).
@@ -11805,8 +11811,7 @@ class _Api:
         if "params" in arguments:
             path["params"] = self.params()
         if "base_url" in arguments:
-            parts = bottle.request.urlparts
-            path["base_url"] = f"{parts.scheme}://{parts.netloc}{_url('')}"
+            path["base_url"] = _base_url()
         return _Reply(function(caller, **path), next(iter(route.replies)))
 
     # -- request input ------------------------------------------------------
@@ -11936,11 +11941,9 @@ class _Api:
     def cc_xml(self, repo):
         """The CCMenu / CCTray feed of the repository's latest build."""
         build = self._latest_or_none(repo)
-        parts = bottle.request.urlparts
         attributes = {"name": f"{repo['owner']}/{repo['name']}", "activity": "Sleeping",
                       "lastBuildStatus": "Unknown", "lastBuildLabel": "", "lastBuildTime": "",
-                      "webUrl": f"{parts.scheme}://{parts.netloc}"
-                                + _url(f"/api/repos/{repo['owner']}/{repo['name']}/builds")}
+                      "webUrl": f"{_base_url()}/api/repos/{repo['owner']}/{repo['name']}/builds"}
         if build:
             stamp = build["finished_at"] or build["started_at"] or build["created_at"]
             attributes.update(
@@ -13748,12 +13751,6 @@ class _Pages:
                 raise BadRequest(f"the variable with value {value[:40]!r} has no name")
         return variables
 
-    def answer(self, page, status):
-        """`page` (a page's HTML) with `status`, unless a form's error set one."""
-        if bottle.response.status_code < 400:
-            bottle.response.status = status
-        return page
-
     # -- repositories -----------------------------------------------------------
 
     def new_repo_page(self, error="", form=None):
@@ -13770,9 +13767,7 @@ class _Pages:
             owner, name = form.get("owner", "").strip(), form.get("name", "").strip()
             params = {"url": form.get("url", "").strip(),
                       "private": form.get("private", "true") == "true"}
-            parts = bottle.request.urlparts
-            made = self.ops.add_repo(caller, owner, name, params,
-                                     base_url=f"{parts.scheme}://{parts.netloc}{_url('')}")
+            made = self.ops.add_repo(caller, owner, name, params, base_url=_base_url())
             bottle.response.status = 201
             return self.settings_page(owner, name, secret=made["webhook_secret"])
         return self.submit(self.new_repo_page, act)
@@ -13819,7 +13814,7 @@ class _Pages:
                 field["value"] = form.get(field["name"]) == "true"
             elif field["kind"] != "password":
                 field["value"] = form.get(field["name"], field["value"])
-        webhook = f"{self.ops.public_url or self.base_url()}/hook?repo={owner}/{name}"
+        webhook = f"{self.ops.public_url or _base_url()}/hook?repo={owner}/{name}"
         if secret:
             self.shown_once()
         body = self.render("settings", owner=owner, name=name, tabs=self.tabs(repo, "/settings"),
@@ -13827,10 +13822,6 @@ class _Pages:
                            webhook_url=webhook, secret=secret, saved=saved or bottle.request
                            .query.get("saved") == "1")
         return self.page(f"{owner}/{name} settings", body, status=bottle.response.status_code)
-
-    def base_url(self):
-        parts = bottle.request.urlparts
-        return f"{parts.scheme}://{parts.netloc}{_url('')}"
 
     def save_settings(self, owner, name):
         def act(caller, form):
