@@ -4662,7 +4662,9 @@ class _Transaction:
 _REPORT_DESCRIPTIONS = {PENDING: "the build is queued", RUNNING: "the build is running",
                         SUCCESS: "the build succeeded", FAILURE: "the build failed",
                         KILLED: "the build was cancelled", ERROR: "the build errored",
-                        SKIPPED: "the build was skipped"}
+                        SKIPPED: "the build was skipped",
+                        BLOCKED: "the build waits for approval",
+                        DECLINED: "the build was declined"}
 
 
 # A status's usual words by (for the build as a whole, status): stored as "",
@@ -5048,13 +5050,14 @@ class Store(_Listeners):
         """Tell other processes of a transaction's events (SQLite: they notice
         the file's data_version change)."""
 
+    # A job as its end reads it, with its build's fail_fast.
+    _JOB_TO_END = ("SELECT j.build_id, j.number, j.status, j.lease, j.error, b.fail_fast "
+                   "FROM jobs j JOIN builds b ON b.id = j.build_id WHERE j.id = $1")
+
     def _lock_build_of_job(self, tx, job_id):
         """Hold the row of a job's build (the build first, as every writer of
-        its jobs does); its id, or None if there is no such job."""
-        row = tx.execute("SELECT build_id FROM jobs WHERE id = $1", (job_id,)).fetchone()
-        if row is not None:
-            self._lock_build(tx, row[0])
-        return row[0] if row is not None else None
+        its jobs does); the job (`_JOB_TO_END`), or None if there is none."""
+        return tx.execute(self._JOB_TO_END, (job_id,)).fetchone()
 
     def _lock_build(self, tx, build_id):
         """Hold a build's row for the rest of the transaction (SQLite: every
@@ -5522,6 +5525,10 @@ class Store(_Listeners):
                    for number, spec in enumerate(specs, start=1)]
         if enqueue:
             tx.notify("enqueued", [job_id for job_id, needs in job_ids if not needs])
+        self._jobs_added(tx, len(job_ids))
+
+    def _jobs_added(self, tx, count):
+        """After `count` jobs were added in `tx` (SQLite plans without statistics)."""
 
     def reset_build(self, build_id, fields, environments, *, error="", message="build restarted"):
         """Run a finished build again under the same number: its jobs, logs and
@@ -5774,33 +5781,43 @@ class Store(_Listeners):
         """
         now = _now()
         accepted = _label_subsets(labels or {})
+        query = ("SELECT j.id, j.build_id, b.status AS build_status, b.max_parallel, b.repo_id, "
+                 "r.max_builds, j.pipeline, j.concurrency FROM jobs j "
+                 "JOIN builds b ON b.id = j.build_id "
+                 "JOIN repos r ON r.id = b.repo_id WHERE j.status = $1 AND b.status <> 'blocked' "
+                 f"AND j.waiting = 0 AND j.labels IN ({_marks(len(accepted), 2)}) "
+                 "ORDER BY j.id LIMIT 64")
+        params = (PENDING, *accepted)
         with self._write(rows_only=True) as tx:
-            candidates = tx.execute(
-                "SELECT j.id, j.build_id, b.status AS build_status, b.max_parallel, b.repo_id, "
-                "r.max_builds, j.pipeline, j.concurrency FROM jobs j "
-                "JOIN builds b ON b.id = j.build_id "
-                "JOIN repos r ON r.id = b.repo_id WHERE j.status = $1 AND b.status <> 'blocked' "
-                f"AND j.waiting = 0 AND j.labels IN ({_marks(len(accepted), 2)}) "
-                "ORDER BY j.id LIMIT 64",
-                (PENDING, *accepted)).fetchall()
-            candidate = next((row for index, row in enumerate(candidates)
-                              if self._take(tx, row, wait=index == 0)
-                              and self._may_start(tx, row)), None)
+            candidates = tx.execute(query, params).fetchall()
+            if candidates and self._wait_for_build(tx, candidates[0]):
+                candidates = tx.execute(query, params).fetchall()  # as the claim before left them
+            candidate = next((row for row in candidates
+                              if self._take(tx, row) and self._may_start(tx, row)), None)
             if candidate is None:
                 return None
-            tx.execute("UPDATE jobs SET status = $1, started_at = $2, claimed_by = $3, "
-                       "heartbeat_at = $4, lease = $5 WHERE id = $6",
-                       (RUNNING, now, runner_id, now, secrets.token_hex(12), candidate["id"]))
+            job = dict(tx.execute(
+                "UPDATE jobs SET status = $1, started_at = $2, claimed_by = $3, heartbeat_at = $4, "
+                "lease = $5 WHERE id = $6 RETURNING *",
+                (RUNNING, now, runner_id, now, secrets.token_hex(12), candidate["id"])).fetchone())
             self._record_status(tx, candidate["build_id"], candidate["id"], RUNNING,
                                 f"started by runner {runner_id}", now)
-            self._roll_up(tx, candidate["build_id"], now)
-            return dict(tx.execute("SELECT * FROM jobs WHERE id = $1",
-                                   (candidate["id"],)).fetchone())
+            if candidate["build_status"] != RUNNING:
+                # A running build with a job still pending stays running, as
+                # it started: only a build's first claim changes it.
+                self._roll_up(tx, candidate["build_id"], now)
+            return job
 
     @staticmethod
-    def _take(tx, candidate, *, wait):
-        """Lock a candidate job for this claim; False if another claim has it
+    def _wait_for_build(tx, candidate):
+        """Hold the first candidate's build, waiting for a claim that has it:
+        True if it waited, so that what was pending may be taken now
         (SQLite: the claim already holds the whole file)."""
+        return False
+
+    @staticmethod
+    def _take(tx, candidate):
+        """Lock a candidate job for this claim; False if another claim has it."""
         return True
 
     @staticmethod
@@ -5826,15 +5843,13 @@ class Store(_Listeners):
         With the claim's `lease`: Conflict if the job was ended meanwhile."""
         now = _now()
         with self._write(rows_only=True, durable=True) as tx:
-            if self._lock_build_of_job(tx, job_id) is None:
+            job = self._lock_build_of_job(tx, job_id)
+            if job is None:
                 return  # deleted
-            job = tx.execute("SELECT j.build_id, j.number, j.status, j.lease, j.error, "
-                             "b.fail_fast FROM jobs j JOIN builds b ON b.id = j.build_id "
-                             "WHERE j.id = $1", (job_id,)).fetchone()
-            if lease is not None and (job is None or job["lease"] != lease):
+            if lease is not None and job["lease"] != lease:
                 raise Conflict(f"job {job_id} is not this runner's")
-            if job is None or job["status"] in DONE_STATUSES:
-                if lease is not None and job is not None and job["status"] != status:
+            if job["status"] in DONE_STATUSES:
+                if lease is not None and job["status"] != status:
                     raise Conflict(f"job {job_id} ended {job['status']} meanwhile: "
                                    f"{job['error']}")
                 return  # deleted, or already finished by recovery
@@ -6019,18 +6034,15 @@ class Store(_Listeners):
         aggregates: a 256-job matrix costs one pass in SQLite, not 256 rows.
         A build `cancelled` before any job failed ends killed, not success."""
         self._lock_build(tx, build_id)
-        self._release_waiting(tx, build_id, now)
-        build = tx.execute("SELECT status FROM builds WHERE id = $1", (build_id,)).fetchone()
-        totals = tx.execute(
-            "SELECT count(*), "
-            "sum(CASE WHEN status IN ('pending', 'running') THEN 1 ELSE 0 END), "
-            "min(CASE WHEN started_at > 0 THEN started_at END), max(finished_at) "
-            "FROM jobs WHERE build_id = $1", (build_id,)).fetchone()
-        if build is None or not totals[0]:
+        totals = self._job_totals(tx, build_id)
+        if totals[4]:  # jobs wait for other pipelines: some may start or skip now
+            self._release_waiting(tx, build_id, now)
+            totals = self._job_totals(tx, build_id)
+        count, active, started_at, finished_at, _, build_status = totals
+        if build_status is None or not count:
             return
-        _, active, started_at, finished_at = totals
         if active:
-            status = RUNNING if started_at or build["status"] == RUNNING else PENDING
+            status = RUNNING if started_at or build_status == RUNNING else PENDING
             finished_at, message = 0, ""
         else:
             failed = tx.execute(
@@ -6043,11 +6055,23 @@ class Store(_Listeners):
                        else "build finished: every job succeeded")
         tx.execute("UPDATE builds SET status = $1, started_at = $2, finished_at = $3 WHERE id = $4",
                    (status, started_at or 0, finished_at, build_id))
-        if status == RUNNING and build["status"] == PENDING:
+        if status == RUNNING and build_status == PENDING:
             # Implied by the job's own "running" just before: reported, not stored.
             self._enqueue_report(tx, build_id, status)
-        elif status != build["status"]:
+        elif status != build_status:
             self._record_status(tx, build_id, None, status, message, now)
+
+    @staticmethod
+    def _job_totals(tx, build_id):
+        """(jobs, active, first start, last end, waiting, the build's status)
+        of a build, in one statement."""
+        return tuple(tx.execute(
+            "SELECT count(*), "
+            "sum(CASE WHEN status IN ('pending', 'running') THEN 1 ELSE 0 END), "
+            "min(CASE WHEN started_at > 0 THEN started_at END), max(finished_at), "
+            "sum(CASE WHEN waiting = 1 AND status = 'pending' THEN 1 ELSE 0 END), "
+            "(SELECT status FROM builds WHERE id = $1) "
+            "FROM jobs WHERE build_id = $1", (build_id,)).fetchone())
 
     def list_statuses(self, build_id, *, offset=0, limit=-1):
         """The build's status history, oldest first."""
@@ -6166,12 +6190,11 @@ class Store(_Listeners):
     # -- commit status reports (outbox) --------------------------------------
 
     def _enqueue_report(self, tx, build_id, status):
-        forge = tx.execute("SELECT r.forge FROM builds b JOIN repos r ON r.id = b.repo_id "
-                           "WHERE b.id = $1", (build_id,)).fetchone()
-        if forge and forge[0]:
-            tx.execute("INSERT INTO reports (build_id, state, description, next_at) "
-                       "VALUES ($1, $2, $3, $4)",
-                       (build_id, status, _REPORT_DESCRIPTIONS[status], time.time()))
+        # One statement: only a repository with a forge has reports.
+        if tx.execute("INSERT INTO reports (build_id, state, description, next_at) "
+                      "SELECT b.id, $2, $3, $4 FROM builds b JOIN repos r ON r.id = b.repo_id "
+                      "WHERE b.id = $1 AND r.forge <> ''",
+                      (build_id, status, _REPORT_DESCRIPTIONS[status], time.time())).rowcount:
             tx.notify("report", [build_id])
 
     def claim_report(self, lease=60.0):
@@ -6730,6 +6753,7 @@ class _LogReader(io.RawIOBase):
 _PG_WRITE_LOCK = 0x63697275  # "ciru"
 _PG_MIGRATE_LOCK = 0x63697276
 _PG_CHANNEL = "cirunner"
+_PG_ANALYZE_AFTER = 100  # jobs added at once that make the planner look again
 # A process that stops (a paused VM, SIGSTOP, a network partition) in the
 # middle of a transaction must not hold its locks for everyone else: the
 # server ends such a session after a few idle seconds (no transaction here
@@ -6901,12 +6925,20 @@ class PostgresStore(Store):
         return (tx or self._connection()).execute(
             "SELECT CAST(extract(epoch FROM now()) AS BIGINT)").fetchone()[0]
 
+    def _jobs_added(self, tx, count):
+        # A claim takes the oldest pending jobs through the partial index of
+        # them, if the planner knows there are many: statistics from before a
+        # big matrix made it sort every pending job at each claim instead (8
+        # ms each for 2,500) until autovacuum's next analyze. The manual's
+        # advice after a bulk change; only the column that plan depends on.
+        if count >= _PG_ANALYZE_AFTER:
+            tx.execute("ANALYZE jobs (status, waiting, labels, build_id)")
+
     def _lock_build_of_job(self, tx, job_id):
-        row = tx.execute("SELECT b.id FROM builds b JOIN jobs j ON j.build_id = b.id "
-                         "WHERE j.id = $1 FOR NO KEY UPDATE OF b", (job_id,)).fetchone()
-        if row is not None:
-            tx.locked_builds.add(row[0])
-        return row[0] if row is not None else None
+        job = tx.execute(self._JOB_TO_END + " FOR NO KEY UPDATE OF b", (job_id,)).fetchone()
+        if job is not None:
+            tx.locked_builds.add(job["build_id"])
+        return job
 
     def append_log(self, job_id, seq, offset, data, *, lease=None):
         # The chunk and the word to other processes' followers in one statement.
@@ -6948,25 +6980,34 @@ class PostgresStore(Store):
             self._connection().execute("UPDATE tokens SET last_used_at = $1 WHERE id = $2",
                                        (_now(), token_id))
 
+    # A claim holds the build's row first (its statuses are numbered in it),
+    # and the repository's for max_builds, then the job's. It waits only for
+    # the first candidate's, while it holds nothing else but that build (no
+    # holder of a repository's row waits for a build), so that two claims
+    # never wait for each other; the rest are skipped when another has them.
+
+    def _wait_for_build(self, tx, candidate):
+        if self._hold_build(tx, candidate, skip_locked=True):
+            return False
+        self._hold_build(tx, candidate, skip_locked=False)
+        return True
+
+    def _take(self, tx, candidate):
+        return self._hold_build(tx, candidate, skip_locked=True) and tx.execute(
+            "SELECT 1 FROM jobs WHERE id = $1 AND status = $2 FOR UPDATE SKIP LOCKED",
+            (candidate["id"], PENDING)).fetchone() is not None
+
     @staticmethod
-    def _take(tx, candidate, *, wait):
-        # The build's row first (its statuses are numbered in it), and the
-        # repository's for max_builds: waited for only for the first
-        # candidate, while the claim holds nothing else but that build (no
-        # holder of a repository's row waits for a build), so that two claims
-        # never wait for each other.
-        mode = "" if wait else " SKIP LOCKED"
-        if tx.execute(f"SELECT 1 FROM builds WHERE id = $1 FOR NO KEY UPDATE{mode}",
-                      (candidate["build_id"],)).fetchone() is None:
-            return False
-        tx.locked_builds.add(candidate["build_id"])
-        if (candidate["max_builds"] or candidate["concurrency"]) and tx.execute(
-                f"SELECT 1 FROM repos WHERE id = $1 FOR NO KEY UPDATE{mode}",
-                (candidate["repo_id"],)).fetchone() is None:
-            return False
-        return tx.execute("SELECT 1 FROM jobs WHERE id = $1 AND status = $2 "
-                          "FOR UPDATE SKIP LOCKED", (candidate["id"], PENDING)
-                          ).fetchone() is not None
+    def _hold_build(tx, candidate, *, skip_locked):
+        mode = " SKIP LOCKED" if skip_locked else ""
+        if candidate["build_id"] not in tx.locked_builds:
+            if tx.execute(f"SELECT 1 FROM builds WHERE id = $1 FOR NO KEY UPDATE{mode}",
+                          (candidate["build_id"],)).fetchone() is None:
+                return False
+            tx.locked_builds.add(candidate["build_id"])
+        return not (candidate["max_builds"] or candidate["concurrency"]) or tx.execute(
+            f"SELECT 1 FROM repos WHERE id = $1 FOR NO KEY UPDATE{mode}",
+            (candidate["repo_id"],)).fetchone() is not None
 
     # -- schema -------------------------------------------------------------
 

@@ -2994,6 +2994,29 @@ def test_commit_statuses_reach_the_forge_with_retries(forge_kind, store, make_re
         forge.close()
 
 
+def test_a_forge_hears_that_a_forks_build_waits_for_approval_and_was_declined(
+        store, hook_repo, tmp_path, app):
+    # A blocked build on a repository with a forge used to answer the webhook 500.
+    forge = StandInForge()
+    try:
+        app.patch_json("/api/repos/alice/hello", {"forge": "gitea", "forge_url": forge.url,
+                                                  "forge_token": "t"})
+        body, headers, _ = fork_pull_request(hook_repo, tmp_path, {"version": "evil\n"})
+        assert app.post("/hook", body, headers=headers).json["status"] == "blocked"
+        app.post("/api/repos/alice/hello/builds/1/decline")
+        executor = cirunner.Executor(store, workers=1, report_backoff=0.05)
+        executor.start()
+        try:
+            wait_for(lambda: len(forge.requests) >= 2, timeout=15)
+        finally:
+            executor.stop()
+        bodies = [json.loads(request["body"]) for request in forge.requests]
+        assert [(body["state"], body["description"]) for body in bodies] == [
+            ("pending", "the build waits for approval"), ("error", "the build was declined")]
+    finally:
+        forge.close()
+
+
 def test_a_forge_that_stays_down_never_fails_the_build(store, make_repo):
     forge = StandInForge(fail=1000)
     try:
