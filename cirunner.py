@@ -5458,8 +5458,8 @@ class Store(_Listeners):
         it waits for approval and no job may be claimed. Returns the build dict."""
         now = _now()
         with self._write(durable=True) as tx:
-            tx.execute("UPDATE repos SET last_number = last_number + 1 WHERE id = $1", (repo_id,))
-            row = tx.execute("SELECT last_number FROM repos WHERE id = $1", (repo_id,)).fetchone()
+            row = tx.execute("UPDATE repos SET last_number = last_number + 1 WHERE id = $1 "
+                             "RETURNING last_number", (repo_id,)).fetchone()
             if row is None:
                 raise NotFound(f"repository {repo_id} not found")
             values = self._stored_build_fields(fields)
@@ -5469,6 +5469,7 @@ class Store(_Listeners):
             build_id = tx.insert(f"INSERT INTO builds ({', '.join(values)}) "
                                  f"VALUES ({_marks(len(values))})",
                                  tuple(values.values()))
+            tx.locked_builds.add(build_id)  # its own new row: nobody else sees it yet
             self._record_status(tx, build_id, None, status,
                                 f"waiting for approval: {blocked}" if status == BLOCKED
                                 else "build created", now)
@@ -5790,10 +5791,11 @@ class Store(_Listeners):
         params = (PENDING, *accepted)
         with self._write(rows_only=True) as tx:
             candidates = tx.execute(query, params).fetchall()
-            if candidates and self._wait_for_build(tx, candidates[0]):
-                candidates = tx.execute(query, params).fetchall()  # as the claim before left them
-            candidate = next((row for row in candidates
-                              if self._take(tx, row) and self._may_start(tx, row)), None)
+            candidate = self._first_startable(tx, candidates)
+            if candidate is None and candidates and self._wait_for_build(tx, candidates[0]):
+                # Other claims had every build it could start a job of: now
+                # that the oldest's is free, what is pending as they left it.
+                candidate = self._first_startable(tx, tx.execute(query, params).fetchall())
             if candidate is None:
                 return None
             job = dict(tx.execute(
@@ -5808,11 +5810,14 @@ class Store(_Listeners):
                 self._roll_up(tx, candidate["build_id"], now)
             return job
 
+    def _first_startable(self, tx, candidates):
+        return next((row for row in candidates
+                     if self._take(tx, row) and self._may_start(tx, row)), None)
+
     @staticmethod
     def _wait_for_build(tx, candidate):
-        """Hold the first candidate's build, waiting for a claim that has it:
-        True if it waited, so that what was pending may be taken now
-        (SQLite: the claim already holds the whole file)."""
+        """Hold the first candidate's build, waiting for the claim that has it:
+        True if it waited (SQLite: the claim holds the whole file already)."""
         return False
 
     @staticmethod
@@ -6828,6 +6833,10 @@ class _PgConnection:
 
 
 class _PgTransaction(_Transaction):
+    def __init__(self, conn):
+        super().__init__(conn)
+        self.busy_builds = set()  # builds whose rows a claim found other claims hold
+
     def insert(self, sql, params=()):
         return self.conn.execute(sql + " RETURNING id", params).fetchone()[0]
 
@@ -6981,13 +6990,15 @@ class PostgresStore(Store):
                                        (_now(), token_id))
 
     # A claim holds the build's row first (its statuses are numbered in it),
-    # and the repository's for max_builds, then the job's. It waits only for
-    # the first candidate's, while it holds nothing else but that build (no
-    # holder of a repository's row waits for a build), so that two claims
-    # never wait for each other; the rest are skipped when another has them.
+    # and the repository's for max_builds, then the job's. It skips builds
+    # that other claims hold, so that claims of different builds run side by
+    # side; only when every candidate's build is held does it wait, for the
+    # oldest's, and only while it holds no build (no holder of a
+    # repository's row waits for a build): two claims never wait for each
+    # other.
 
     def _wait_for_build(self, tx, candidate):
-        if self._hold_build(tx, candidate, skip_locked=True):
+        if tx.locked_builds:
             return False
         self._hold_build(tx, candidate, skip_locked=False)
         return True
@@ -6999,12 +7010,15 @@ class PostgresStore(Store):
 
     @staticmethod
     def _hold_build(tx, candidate, *, skip_locked):
-        mode = " SKIP LOCKED" if skip_locked else ""
-        if candidate["build_id"] not in tx.locked_builds:
+        build_id, mode = candidate["build_id"], " SKIP LOCKED" if skip_locked else ""
+        if build_id not in tx.locked_builds:
+            if skip_locked and build_id in tx.busy_builds:
+                return False  # another claim holds it: asked once per claim
             if tx.execute(f"SELECT 1 FROM builds WHERE id = $1 FOR NO KEY UPDATE{mode}",
-                          (candidate["build_id"],)).fetchone() is None:
+                          (build_id,)).fetchone() is None:
+                tx.busy_builds.add(build_id)
                 return False
-            tx.locked_builds.add(candidate["build_id"])
+            tx.locked_builds.add(build_id)
         return not (candidate["max_builds"] or candidate["concurrency"]) or tx.execute(
             f"SELECT 1 FROM repos WHERE id = $1 FOR NO KEY UPDATE{mode}",
             (candidate["repo_id"],)).fetchone() is not None

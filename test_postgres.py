@@ -517,6 +517,41 @@ def test_recovery_never_overwrites_a_job_that_ended_while_it_waited(store, pg_ur
             if status["job_id"] == job["id"]] == ["running"]
 
 
+def test_claims_from_many_threads_take_each_job_once_and_keep_max_parallel(
+        store, make_repo):  # noqa: F811
+    # Claims skip the builds other claims hold and wait only for the oldest's,
+    # holding nothing: twelve threads over three builds, one with max_parallel.
+    repo = make_repo({".cirunner.yml": "pipeline: {t: {commands: [true]}}\n"})
+    builds = [store.create_build(repo["id"], {"event": "manual", "max_parallel": limit},
+                                 [{"N": str(n)} for n in range(size)])
+              for size, limit in ((150, 0), (40, 2), (150, 0))]
+    claimed, errors, lock = [], [], threading.Lock()
+
+    def claim(runner):
+        try:
+            while (job := store.claim_next_job(runner)) is not None:
+                with lock:
+                    claimed.append(job)
+        except Exception as exc:  # noqa: BLE001 - a deadlock would show here
+            errors.append(exc)
+
+    threads = [threading.Thread(target=claim, args=(f"r{n}",)) for n in range(12)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    claim("last")  # a claim may find every build held and give up: none is left after this
+    assert not errors
+    ids = [job["id"] for job in claimed]
+    assert len(ids) == len(set(ids)) == 150 + 2 + 150
+    assert collections.Counter(job["build_id"] for job in claimed) == {
+        builds[0]["id"]: 150, builds[1]["id"]: 2, builds[2]["id"]: 150}
+    assert all(status == "running" for status in (
+        store.get_build_by_id(build["id"])["status"] for build in builds))
+    statuses = store.list_statuses(builds[0]["id"])
+    assert [status["id"] for status in statuses] == list(range(1, len(statuses) + 1))
+
+
 def test_a_process_stopped_inside_a_write_holds_the_write_lock_for_seconds_only(store,
                                                                                 pg_url):
     # As an agent SIGSTOPped (or a VM paused) between two statements of a
