@@ -1417,7 +1417,7 @@ class _Expression:
         self.evaluate({})  # reads the whole of it, or ValueError
 
     def evaluate(self, variables):
-        self.variables, self.at = variables, 0
+        self.variables, self.at, self.reading = variables, 0, False
         value = self._or()
         if self.at != len(self.tokens):
             raise ValueError(f"unexpected {self.tokens[self.at][1]!r}")
@@ -1435,15 +1435,28 @@ class _Expression:
         value = self._and()
         while self._peek("||", "or"):
             self.at += 1
-            value = self._and() or value  # both sides read, either true
+            value = self._unless(value, self._and) or value
         return value
 
     def _and(self):
         value = self._not()
         while self._peek("&&", "and"):
             self.at += 1
-            value = self._not() and value
+            value = self._unless(not value, self._not) and value
         return value
+
+    def _unless(self, decided, operand):
+        """The operand's value; once the operator's result is `decided`, the
+        operand is only read, never evaluated, as expr short-circuits: a
+        `matches` on its right cannot fail what its left made true."""
+        if not decided or self.reading:
+            return operand()
+        self.reading = True
+        try:
+            operand()
+        finally:
+            self.reading = False
+        return None
 
     def _not(self):
         if self._peek("!", "not"):
@@ -1458,6 +1471,8 @@ class _Expression:
         operator = self.tokens[self.at][1]
         self.at += 1
         right = self._primary()
+        if self.reading:
+            return None
         text = ("" if left is None else str(left), "" if right is None else str(right))
         if operator in ("==", "!="):
             return (left == right) is (operator == "==")

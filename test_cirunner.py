@@ -4725,6 +4725,27 @@ def test_an_evaluate_pattern_that_could_backtrack_for_ever_is_stopped():
     assert runs(plain, "fix: the bug") is True and runs(plain, "docs: x") is False
 
 
+@pytest.mark.parametrize("expression, runs", [
+    ('CI_COMMIT_BRANCH == "main" || CI_COMMIT_MESSAGE matches "^((a+))+$"', True),
+    ('CI_COMMIT_BRANCH == "main" or (CI_COMMIT_MESSAGE matches "^((a+))+$")', True),
+    ('CI_COMMIT_BRANCH == "dev" && CI_COMMIT_MESSAGE matches "^((a+))+$" || true', True),
+    ('not (CI_COMMIT_BRANCH == "dev" and CI_COMMIT_MESSAGE matches "^((a+))+$")', True),
+    ('CI_COMMIT_BRANCH == "dev" || CI_COMMIT_MESSAGE contains "!"', True),
+    ('CI_COMMIT_BRANCH == "main" && CI_COMMIT_MESSAGE startsWith "b"', False),
+])
+def test_evaluate_stops_at_what_decides_it_as_expr_does(expression, runs):
+    """expr (Woodpecker's `evaluate`) short-circuits `||` and `&&`: what comes
+    after a true `||` or a false `&&` is never evaluated, so a pattern there
+    that cannot be matched safely (false, after its time limit, when it is
+    evaluated) does not make the whole condition false."""
+    pipeline = cirunner.parse_pipeline(
+        "when: {event: push}\nsteps:\n  - name: s\n    commands: [true]\n"
+        f"    when: {{event: push, evaluate: '{expression}'}}\n", ".woodpecker.yml")
+    step = pipeline.steps[0]
+    assert step.applies(branch="main", event="push", environment={}, variables={
+        "CI_COMMIT_BRANCH": "main", "CI_COMMIT_MESSAGE": "a" * 40 + "!"}) is runs
+
+
 @pytest.mark.parametrize("text, message", [
     ("kind: pipeline\nname: a\nconcurrency: 5\nsteps:\n- {name: s, image: x, commands: [true]}\n",
      "'concurrency' takes {limit"),
