@@ -1045,8 +1045,8 @@ class SoakClients:
                     self.fail(f"follow {response.status}")
                 response.read()  # to the end event
                 stream.close()
-            except OSError as exc:
-                self.fail(f"follow: {exc}")
+            except (OSError, http.client.HTTPException) as exc:  # a stream cut short too
+                self.fail(f"follow: {exc!r}"[:120])
                 conn = self.connection()
 
     def sample(self):
