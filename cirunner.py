@@ -5359,6 +5359,9 @@ class Store(_Listeners):
         private (readable only by those with access) unless `private=False`."""
         _check_name(owner, "owner")
         _check_name(name, "repository name")
+        if owner == "api":  # its pages, /api/NAME..., would be the API's routes
+            raise BadRequest("the owner 'api' is taken by the API's own routes (/api/...): "
+                             "choose another owner")
         fields.setdefault("private", True)
         url = normalize_repo_url(url)
         self.check_repo_url(url)

@@ -6228,6 +6228,18 @@ def test_an_embedders_relative_path_is_made_absolute(tmp_path, monkeypatch):
         store.close()
 
 
+def test_the_owner_api_is_refused_as_its_pages_would_be_the_apis(store, app, tmp_path):
+    # A repository api/version had its page at /api/version: the API's version.
+    repo = str(tmp_path / "src")
+    commit_files(repo, {".cirunner.yml": "pipeline: {t: {commands: [true]}}\n"})
+    refused = app.post_json("/api/repos/api/version", {"url": repo}, status=400).json
+    assert "the owner 'api' is taken by the API's own routes" in refused["message"]
+    with pytest.raises(cirunner.BadRequest, match="choose another owner"):
+        store.create_repo("api", "hello", repo)
+    assert store.list_repos() == []
+    app.post_json("/api/repos/apis/version", {"url": repo}, status=201)  # only that name
+
+
 def test_a_new_repository_is_private_unless_made_public(tmp_path, servers):
     data = tmp_path / "data"
     server = servers(data)
