@@ -555,14 +555,19 @@ def _check_commit(value):
     return value.lower()
 
 
+def _check_variable_name(name):
+    if not isinstance(name, str) or not _ENV_NAME_PATTERN.match(name):
+        raise BadRequest(f"invalid variable name {name!r}")
+    return name
+
+
 def _check_variables(variables):
     """Build variables checked: names as environment variable names, values strings."""
     if not isinstance(variables, dict):
         raise BadRequest("variables must be an object of NAME: value")
     checked = {}
     for name, value in variables.items():
-        if not isinstance(name, str) or not _ENV_NAME_PATTERN.match(name):
-            raise BadRequest(f"invalid variable name {name!r}")
+        _check_variable_name(name)
         if isinstance(value, bool) or not isinstance(value, (str, int, float)):
             raise BadRequest(f"variable {name} must be a string")
         value = str(value)
@@ -7431,7 +7436,9 @@ def restart_build(store, repo, number, *, fork=False, variables=None, max_jobs=D
                   event=None, deploy_to=""):
     """Run build `number` again: under the same number, or with `fork` as a
     new build whose ``parent`` is `number` (and, given, of another `event`,
-    such as a deployment to `deploy_to`). Conflict while it is active."""
+    such as a deployment to `deploy_to`). Conflict while it is active. The
+    build's variables are kept; `variables` adds or changes some, and a
+    None value drops one."""
     if event is not None and (event not in EVENTS or not fork):
         raise BadRequest(f"event must be one of {', '.join(EVENTS)}, with fork=true")
     if deploy_to and event != EVENT_DEPLOYMENT:
@@ -7441,8 +7448,12 @@ def restart_build(store, repo, number, *, fork=False, variables=None, max_jobs=D
         raise Conflict(f"build {number} is {build['status']}; "
                        + ("approve or decline it first" if build["status"] == BLOCKED
                           else "wait for it or cancel it first"))
+    variables = dict(variables or {})
     merged = json.loads(build["variables"] or "{}")
-    merged.update(_check_variables(variables or {}))
+    for removed in [name for name, value in variables.items() if value is None]:
+        merged.pop(_check_variable_name(removed), None)  # null: the build's is dropped
+        del variables[removed]
+    merged.update(_check_variables(variables))
     kept = {key: build[key] for key in ("link_url", "message", "author", "author_email",
                                         "author_avatar", "ref", "fork", "source_repo",
                                         "changed_files", "cron", "action")}
@@ -12927,9 +12938,16 @@ it runs as written.</p>
 % if 'restart' in actions:
 <details class=card><summary>Restart with changed variables</summary>
 <form method=post action='{{base}}/restart' id=restart-with><input type=hidden name=csrf \
-value='{{csrf}}'><p class=help>The build's variables are kept\
-{{': ' + ', '.join(f'{key}={value}' for key, value in kept.items()) if kept else ''}}; a row \
-here adds one or changes its value.</p>{{!variables}}<p><button class=primary>Restart</button></p></form></details>
+value='{{csrf}}'><p class=help>The build's variables are kept, but those you tick; a row \
+here adds one or changes its value.</p>
+% if kept:
+<fieldset><legend>Drop</legend>
+% for key, value in kept.items():
+<label><input type=checkbox name=drop value='{{key}}'> <code>{{key}}={{value}}</code></label>
+% end
+</fieldset>
+% end
+{{!variables}}<p><button class=primary>Restart</button></p></form></details>
 % end
 <table>
 <tr><th>commit</th><td><code class=id>{{build['commit_sha']}}</code></td></tr>
@@ -13727,8 +13745,9 @@ class _Pages:
         if action == "cancel":
             self.ops.cancel_build(caller, owner, name, number, wait=False)
         elif action == "restart":
+            dropped = dict.fromkeys(form.getall("drop"))  # {NAME: None}: not kept
             self.ops.restart_build(caller, owner, name, number,
-                                   {"variables": self.form_variables(form)})
+                                   {"variables": {**dropped, **self.form_variables(form)}})
         else:
             getattr(self.ops, f"{action}_build")(caller, owner, name, number)
         bottle.redirect(_url(f"/{owner}/{name}/{number}"), 303)
@@ -16361,7 +16380,8 @@ def _command_restart(client, args, stdout, stderr):
     owner, name = _split_full_name(args.full_name)
     number = _build_number(client, owner, name, args.number)
     build = client.call("restart_build", owner=owner, name=name, number=number, params={
-        "variables": _parse_vars(args.var), **({"fork": True} if args.fork else {})})
+        "variables": {**dict.fromkeys(args.unset or ()), **_parse_vars(args.var)},
+        **({"fork": True} if args.fork else {})})
     _announce(client, args, build, "", stdout, stderr)
     return _finish_command(client, args, build, stdout, stderr)
 
@@ -16950,6 +16970,8 @@ def _add_build_parsers(commands, common, workers, env):
     restart.add_argument("number", metavar="NUMBER", help="a build number, or latest")
     restart.add_argument("--fork", action="store_true", help="as a new build number")
     restart.add_argument("--var", action="append", metavar="NAME=VALUE")
+    restart.add_argument("--unset", action="append", metavar="NAME",
+                         help="drop one of the build's variables")
     restart.add_argument("--wait", action="store_true")
     restart.set_defaults(handler=_command_restart)
 

@@ -1070,6 +1070,14 @@ def test_restart_reuses_number_unless_fork(store, executor, make_repo, app):
     # the newest push of the default branch, as in Drone (these are manual builds)
     assert app.get("/api/repos/alice/hello/builds/latest?branch=main").json["number"] == 2
     app.get("/api/repos/alice/hello/builds/latest", status=404)
+    # A null drops a variable the build had; a bad name is refused, nothing restarted.
+    assert app.post_json("/api/repos/alice/hello/builds/2", {"variables": {"EXTRA.": None}},
+                         status=400).json["message"] == "invalid variable name 'EXTRA.'"
+    app.post_json("/api/repos/alice/hello/builds/2", {"variables": {"EXTRA": None, "B": "1"}},
+                  status=202)
+    assert json.loads(store.get_build(repo["id"], 2)["variables"]) == {"B": "1"}
+    executor.run_until_idle()
+    assert app.get("/api/repos/alice/hello/logs/2/1").text.endswith("\nrun\n")  # no EXTRA
 
 
 def test_restart_is_409_while_running(store, make_repo, app):
@@ -3223,14 +3231,20 @@ def test_the_repository_forms_work_without_javascript(site, store, executor):
     assert json.loads(store.get_build(repo["id"], 2)["variables"]) == {"GREETING": "hi"}
     executor.run_until_idle()
     page = browser.get("/alice/hello/2")
-    assert "kept: GREETING=hi;" in page.text
     form = page.forms["restart-with"]
+    assert [field.value for field in form.fields["drop"]] == [None]  # unticked: kept
+    assert "GREETING=hi" in page.html.find("fieldset").text
     form.fields["var_name"][0].value = "GREETING"
     form.fields["var_value"][0].value = "hello again"
     form.fields["var_name"][1].value, form.fields["var_value"][1].value = "EXTRA", "1"
     form.submit(status=303)
     assert json.loads(store.get_build(repo["id"], 2)["variables"]) == {
         "GREETING": "hello again", "EXTRA": "1"}
+    executor.run_until_idle()
+    form = browser.get("/alice/hello/2").forms["restart-with"]
+    form.get("drop", index=0).checked = True  # GREETING: no longer kept
+    form.submit(status=303)
+    assert json.loads(store.get_build(repo["id"], 2)["variables"]) == {"EXTRA": "1"}
 
 
 def test_a_job_page_links_its_neighbours_and_shows_services_after_the_steps(
@@ -6296,8 +6310,9 @@ def test_the_cli_drives_a_server_over_http_as_it_drives_a_store(tmp_path, server
              timeout=30)
     cancelled = cli("cancel", "alice/hello", "latest")
     assert cancelled.stdout == "build 3: cancel requested (killed)\n", cancelled.stderr
-    restarted = cli("restart", "alice/hello", "1", "--fork", "--wait")
+    restarted = cli("restart", "alice/hello", "3", "--fork", "--unset", "WAIT", "--wait")
     assert restarted.returncode == 0 and "build 4: success" in restarted.stderr
+    assert "+ sleep 60" not in http_text(server.url + "/api/repos/alice/hello/logs/4/1")
     # secrets and schedules, through the API too
     assert cli("secret", "add", "alice/hello", "TOKEN", "--value", "s3cret").returncode == 0
     assert cli("secret", "list", "alice/hello").stdout == \
