@@ -8231,6 +8231,7 @@ class _BwrapBackend(_HostBackend):
     def _connect(self, process, block):
         """Give the sandbox its way out, then let its command start. When that
         fails, the sandbox is ended: its step never started (see `_finish`)."""
+        child = None
         try:
             line = b""
             while not line.endswith(b"\n"):
@@ -8248,8 +8249,13 @@ class _BwrapBackend(_HostBackend):
             os.write(block, b"1")
         except (OSError, _StepStartError) as exc:
             _signal_group(process.pid, signal.SIGKILL)
-            process.start_error = getattr(exc, "message", None) or (
-                f"the sandbox could not start the step ({exc})")
+            if isinstance(exc, BrokenPipeError) or child is not None and not os.path.exists(
+                    f"/proc/{child}/ns/net"):  # bwrap failed and said why, on the step's output
+                process.start_error = ("bwrap ended while it made the sandbox: what it said "
+                                       "is in the step's log")
+            else:
+                process.start_error = getattr(exc, "message", None) or (
+                    f"the sandbox could not start the step ({exc})")
         finally:
             os.close(block)
 

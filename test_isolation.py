@@ -537,6 +537,29 @@ def test_checking_the_sandbox_leaves_no_zombie_behind(tmp_path):
         store.close()
 
 
+def test_bwrap_failing_while_it_makes_the_sandbox_is_named_not_a_broken_pipe(tmp_path):
+    # A bind whose source is gone (a mount gone while bwrap built its view)
+    # ends bwrap after it has said who its child is: the error used to be
+    # "Broken pipe" or "the sandbox's network namespace is gone".
+    store = cirunner.Store.open(str(tmp_path / "data"))
+    try:
+        runner = cirunner.Executor(store, workers=1, engine="none", sandbox="bwrap").runner
+        for _ in range(3):
+            process = runner._launch(["/bin/true"], env={},
+                                     binds=[(str(tmp_path / "gone"), False)])
+            said = process.popen.stdout.read()
+            process.popen.stdout.close()
+            runner._finish(process)
+            assert not process.started
+            assert process.start_error == ("bwrap ended while it made the sandbox: what it "
+                                           "said is in the step's log")
+            assert b"Can't find source path" in said
+        runner.reap_networks()
+        runner.reap()
+    finally:
+        store.close()
+
+
 def test_auto_without_a_working_sandbox_refuses_host_steps_naming_the_fix(tmp_path):
     broken = fake_tool(tmp_path / "bin", "bwrap",
                        'echo "bwrap: No permissions to create a new namespace" >&2; exit 1\n')
