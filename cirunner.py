@@ -6861,7 +6861,24 @@ class _PgConnection:
 class _PgTransaction(_Transaction):
     def __init__(self, conn):
         super().__init__(conn)
-        self.busy_builds = set()  # builds whose rows a claim found other claims hold
+        self.held = set()  # (table, id) of rows it holds for a claim
+        self.busy = set()  # those another transaction held when it asked
+
+    def hold(self, table, row_id, *, skip_locked):
+        """Hold a build's or a repository's row (a claim's); waiting for it
+        unless `skip_locked`, then False if another holds it (asked once)."""
+        key = (table, row_id)
+        if key in self.held or table == "builds" and row_id in self.locked_builds:
+            return True
+        if skip_locked and key in self.busy:
+            return False
+        mode = " SKIP LOCKED" if skip_locked else ""
+        if self.execute(f"SELECT 1 FROM {table} WHERE id = $1 FOR NO KEY UPDATE{mode}",
+                        (row_id,)).fetchone() is None:
+            self.busy.add(key)
+            return False
+        self.held.add(key)
+        return True
 
     def insert(self, sql, params=()):
         return self.conn.execute(sql + " RETURNING id", params).fetchone()[0]
@@ -7032,8 +7049,8 @@ class PostgresStore(Store):
     # other.
 
     def _wait_for_build(self, tx, candidate):
-        if tx.locked_builds:
-            return False
+        if tx.locked_builds - {candidate["build_id"]}:
+            return False  # it holds another build: it waits for none
         self._hold_build(tx, candidate, skip_locked=False)
         return True
 
@@ -7044,18 +7061,11 @@ class PostgresStore(Store):
 
     @staticmethod
     def _hold_build(tx, candidate, *, skip_locked):
-        build_id, mode = candidate["build_id"], " SKIP LOCKED" if skip_locked else ""
-        if build_id not in tx.locked_builds:
-            if skip_locked and build_id in tx.busy_builds:
-                return False  # another claim holds it: asked once per claim
-            if tx.execute(f"SELECT 1 FROM builds WHERE id = $1 FOR NO KEY UPDATE{mode}",
-                          (build_id,)).fetchone() is None:
-                tx.busy_builds.add(build_id)
-                return False
-            tx.locked_builds.add(build_id)
-        return not (candidate["max_builds"] or candidate["concurrency"]) or tx.execute(
-            f"SELECT 1 FROM repos WHERE id = $1 FOR NO KEY UPDATE{mode}",
-            (candidate["repo_id"],)).fetchone() is not None
+        if not tx.hold("builds", candidate["build_id"], skip_locked=skip_locked):
+            return False
+        tx.locked_builds.add(candidate["build_id"])
+        return not (candidate["max_builds"] or candidate["concurrency"]) or tx.hold(
+            "repos", candidate["repo_id"], skip_locked=skip_locked)
 
     # -- schema -------------------------------------------------------------
 

@@ -519,12 +519,17 @@ def test_recovery_never_overwrites_a_job_that_ended_while_it_waited(store, pg_ur
 
 def test_claims_from_many_threads_take_each_job_once_and_keep_max_parallel(
         store, make_repo):  # noqa: F811
-    # Claims skip the builds other claims hold and wait only for the oldest's,
-    # holding nothing: twelve threads over three builds, one with max_parallel.
+    # Claims skip the builds (and repositories) other claims hold and wait
+    # only for the oldest's, holding no other build: twelve threads over three
+    # builds, one with max_parallel, and three of a repository with max_builds.
+    limited = make_repo({".cirunner.yml": "pipeline: {t: {commands: [true]}}\n"}, "alice/two",
+                        max_builds=2)
+    builds = [store.create_build(limited["id"], {"event": "manual"},
+                                 [{"N": str(n)} for n in range(20)]) for _ in range(3)]
     repo = make_repo({".cirunner.yml": "pipeline: {t: {commands: [true]}}\n"})
-    builds = [store.create_build(repo["id"], {"event": "manual", "max_parallel": limit},
-                                 [{"N": str(n)} for n in range(size)])
-              for size, limit in ((150, 0), (40, 2), (150, 0))]
+    builds += [store.create_build(repo["id"], {"event": "manual", "max_parallel": limit},
+                                  [{"N": str(n)} for n in range(size)])
+               for size, limit in ((150, 0), (40, 2), (150, 0))]
     claimed, errors, lock = [], [], threading.Lock()
 
     def claim(runner):
@@ -543,12 +548,13 @@ def test_claims_from_many_threads_take_each_job_once_and_keep_max_parallel(
     claim("last")  # a claim may find every build held and give up: none is left after this
     assert not errors
     ids = [job["id"] for job in claimed]
-    assert len(ids) == len(set(ids)) == 150 + 2 + 150
+    assert len(ids) == len(set(ids)) == 150 + 2 + 150 + 20 + 20
     assert collections.Counter(job["build_id"] for job in claimed) == {
-        builds[0]["id"]: 150, builds[1]["id"]: 2, builds[2]["id"]: 150}
-    assert all(status == "running" for status in (
-        store.get_build_by_id(build["id"])["status"] for build in builds))
-    statuses = store.list_statuses(builds[0]["id"])
+        builds[0]["id"]: 20, builds[1]["id"]: 20,  # the third of alice/two waits
+        builds[3]["id"]: 150, builds[4]["id"]: 2, builds[5]["id"]: 150}
+    assert [store.get_build_by_id(build["id"])["status"] for build in builds] == [
+        "running", "running", "pending", "running", "running", "running"]
+    statuses = store.list_statuses(builds[3]["id"])
     assert [status["id"] for status in statuses] == list(range(1, len(statuses) + 1))
 
 
