@@ -7041,12 +7041,13 @@ class PostgresStore(Store):
                                        (_now(), token_id))
 
     # A claim holds the build's row first (its statuses are numbered in it),
-    # and the repository's for max_builds, then the job's. It skips builds
-    # that other claims hold, so that claims of different builds run side by
-    # side; only when every candidate's build is held does it wait, for the
-    # oldest's, and only while it holds no build (no holder of a
-    # repository's row waits for a build): two claims never wait for each
-    # other.
+    # then the repository's for max_builds or concurrency, then the job's. It
+    # skips the rows other claims hold, so that claims of different builds
+    # run side by side; but the builds of such a limited repository start in
+    # order: none behind a held one. Only when every candidate was held does
+    # it wait, for the oldest's rows, and only if it holds no other build (no
+    # holder of a repository's row waits for a build): two claims never wait
+    # for each other.
 
     def _wait_for_build(self, tx, candidate):
         if tx.locked_builds - {candidate["build_id"]}:
@@ -7061,11 +7062,16 @@ class PostgresStore(Store):
 
     @staticmethod
     def _hold_build(tx, candidate, *, skip_locked):
+        limited = candidate["max_builds"] or candidate["concurrency"]
+        repo = ("repos", candidate["repo_id"])
+        if skip_locked and limited and repo in tx.busy:
+            return False  # a newer build of a limited repository never overtakes an older
         if not tx.hold("builds", candidate["build_id"], skip_locked=skip_locked):
+            if limited:
+                tx.busy.add(repo)
             return False
         tx.locked_builds.add(candidate["build_id"])
-        return not (candidate["max_builds"] or candidate["concurrency"]) or tx.hold(
-            "repos", candidate["repo_id"], skip_locked=skip_locked)
+        return not limited or tx.hold(*repo, skip_locked=skip_locked)
 
     # -- schema -------------------------------------------------------------
 

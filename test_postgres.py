@@ -521,7 +521,8 @@ def test_claims_from_many_threads_take_each_job_once_and_keep_max_parallel(
         store, make_repo):  # noqa: F811
     # Claims skip the builds (and repositories) other claims hold and wait
     # only for the oldest's, holding no other build: twelve threads over three
-    # builds, one with max_parallel, and three of a repository with max_builds.
+    # builds, one with max_parallel, and three of a repository with max_builds,
+    # whose builds start in order (a newer one never overtakes a held one).
     limited = make_repo({".cirunner.yml": "pipeline: {t: {commands: [true]}}\n"}, "alice/two",
                         max_builds=2)
     builds = [store.create_build(limited["id"], {"event": "manual"},
