@@ -559,6 +559,28 @@ def test_claims_from_many_threads_take_each_job_once_and_keep_max_parallel(
     assert [status["id"] for status in statuses] == list(range(1, len(statuses) + 1))
 
 
+def test_a_big_matrix_gets_the_planner_statistics_of_jobs_its_claims_need(
+        store, pg_url, make_repo):  # noqa: F811
+    # Without them a claim sorted every pending job (8 ms for 2,500) until
+    # autovacuum's next analyze; autovacuum is off here, so only the store's
+    # own ANALYZE, after a build of 500 jobs or more, can make them.
+    repo = make_repo({".cirunner.yml": "pipeline: {t: {commands: [true]}}\n"})
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("ALTER TABLE jobs SET (autovacuum_enabled = off)")
+
+        def analyzed():
+            return sorted(row[0] for row in conn.execute(
+                "SELECT attname FROM pg_stats WHERE tablename = 'jobs'"))
+
+        store.create_build(repo["id"], {"event": "manual"}, [{"N": str(n)} for n in range(499)])
+        assert analyzed() == []
+        store.create_build(repo["id"], {"event": "manual"}, [{"N": str(n)} for n in range(500)])
+        assert analyzed() == ["build_id", "labels", "status", "waiting"]
+        plan = "\n".join(row[0] for row in conn.execute(
+            "EXPLAIN SELECT id FROM jobs WHERE status = 'pending' ORDER BY id LIMIT 64"))
+        assert "jobs_queue" in plan and "Sort" not in plan, plan
+
+
 def test_a_process_stopped_inside_a_write_holds_the_write_lock_for_seconds_only(store,
                                                                                 pg_url):
     # As an agent SIGSTOPped (or a VM paused) between two statements of a
