@@ -5883,7 +5883,7 @@ class Store(_Listeners):
                 if lease is not None and job["status"] != status:
                     raise Conflict(f"job {job_id} ended {job['status']} meanwhile: "
                                    f"{job['error']}")
-                return  # deleted, or already finished by recovery
+                return  # already finished, by recovery
             tx.execute("UPDATE jobs SET status = $1, exit_code = $2, error = $3, finished_at = $4, "
                        "heartbeat_at = 0 WHERE id = $5", (status, exit_code, error, now, job_id))
             self._record_status(tx, job["build_id"], job_id, status,
@@ -6861,23 +6861,24 @@ class _PgConnection:
 class _PgTransaction(_Transaction):
     def __init__(self, conn):
         super().__init__(conn)
-        self.held = set()  # (table, id) of rows it holds for a claim
-        self.busy = set()  # those another transaction held when it asked
+        self.locked_repos = set()  # repositories whose rows it holds (a claim's)
+        self.busy = set()  # (table, id) of rows another transaction held when it asked
 
-    def hold(self, table, row_id, *, skip_locked):
-        """Hold a build's or a repository's row (a claim's); waiting for it
-        unless `skip_locked`, then False if another holds it (asked once)."""
-        key = (table, row_id)
-        if key in self.held or table == "builds" and row_id in self.locked_builds:
+    def hold(self, table, row_id, *, skip_locked=False):
+        """Hold a row of builds or repos for the rest of the transaction;
+        waiting for it unless `skip_locked`, then False if another holds it
+        (asked once). NO KEY: rows that refer to it can still be added."""
+        held = self.locked_builds if table == "builds" else self.locked_repos
+        if row_id in held:
             return True
-        if skip_locked and key in self.busy:
+        if skip_locked and (table, row_id) in self.busy:
             return False
         mode = " SKIP LOCKED" if skip_locked else ""
         if self.execute(f"SELECT 1 FROM {table} WHERE id = $1 FOR NO KEY UPDATE{mode}",
                         (row_id,)).fetchone() is None:
-            self.busy.add(key)
+            self.busy.add((table, row_id))
             return False
-        self.held.add(key)
+        held.add(row_id)
         return True
 
     def insert(self, sql, params=()):
@@ -7024,11 +7025,9 @@ class PostgresStore(Store):
 
     def _lock_build(self, tx, build_id):
         # Every transaction that changes a build's jobs or statuses holds its
-        # row first (jobs after builds: no two wait for each other). NO KEY:
-        # rows that refer to the build (log chunks, reports) are still added.
-        if build_id not in tx.locked_builds:
-            tx.execute("SELECT 1 FROM builds WHERE id = $1 FOR NO KEY UPDATE", (build_id,))
-            tx.locked_builds.add(build_id)
+        # row first (jobs after builds: no two wait for each other); log
+        # chunks and reports that refer to the build are still added.
+        tx.hold("builds", build_id)
 
     # A job being finished is not stamped (nor waited for).
     _STAMP_JOBS = ("UPDATE jobs SET heartbeat_at = $1 WHERE id IN (SELECT id FROM jobs "
@@ -7070,7 +7069,6 @@ class PostgresStore(Store):
             if limited:
                 tx.busy.add(repo)
             return False
-        tx.locked_builds.add(candidate["build_id"])
         return not limited or tx.hold(*repo, skip_locked=skip_locked)
 
     # -- schema -------------------------------------------------------------
