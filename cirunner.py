@@ -5019,7 +5019,7 @@ class Store(_Listeners):
         a job's end) is on disk when it commits, a power cut included; the
         rest (log chunks, steps, heartbeats) at the next one or checkpoint."""
         conn = self._connection()
-        with self._durably(conn, durable), self._begin(conn, rows_only):
+        with self._durably(conn, durable), self._begin(conn, rows_only, durable):
             transaction = self._transaction_class(conn)
             try:
                 yield transaction
@@ -5061,9 +5061,10 @@ class Store(_Listeners):
             return conn.execute(sql, params)
 
     @contextlib.contextmanager
-    def _begin(self, conn, rows_only):
+    def _begin(self, conn, rows_only, durable=False):
         """Open a write transaction. BEGIN IMMEDIATE: a deferred BEGIN that reads
-        and then writes fails at once under contention, whatever the busy timeout."""
+        and then writes fails at once under contention, whatever the busy timeout.
+        (SQLite: `_durably` makes a `durable` one so, around the transaction.)"""
         self._check_writable()
         with self._write_lock:
             conn.execute("BEGIN IMMEDIATE")
@@ -5133,7 +5134,7 @@ class Store(_Listeners):
     def _apply_migrations(self, conn):
         version = self._version_of(conn)
         for number, migration in enumerate(_MIGRATIONS[version:], start=version + 1):
-            with self._begin(conn, False):
+            with self._begin(conn, False, True):
                 try:
                     # Read again inside the lock: another process may have migrated.
                     if self._version_of(conn) >= number:
@@ -6796,6 +6797,10 @@ _PG_ANALYZE_AFTER = 500  # jobs added at once that make the planner look again
 _PG_SESSION = {"connect_timeout": 10, "keepalives": 1, "keepalives_idle": 30,
                "keepalives_interval": 10, "keepalives_count": 3,
                "options": "-c lock_timeout=30s -c idle_in_transaction_session_timeout=5s"}
+# What synchronous_commit may be (the database's setting for acknowledged
+# commits, Store._write's `durable`; the others do not wait for the WAL's
+# flush, see _PgConnection).
+_PG_SYNC_SETTINGS = ("on", "off", "local", "remote_write", "remote_apply")
 # Log chunks and job ends: heard only by processes with followers of live logs.
 _PG_LOG_CHANNEL = "cirunner_log"
 
@@ -6828,7 +6833,14 @@ def _pg_row_factory(cursor):
 
 class _PgConnection:
     """A psycopg connection with the store's statements as they are written
-    ($1 marks, sent as they are: a raw cursor), rows by name and position."""
+    ($1 marks, sent as they are: a raw cursor), rows by name and position.
+
+    Its commits do not wait for the WAL's flush (``synchronous_commit =
+    off``), as SQLite's NORMAL: a claim, a step, a log chunk or a heartbeat
+    may be lost if the database crashes in the next few hundred ms, never
+    its consistency. A transaction that an answer acknowledges (a build made,
+    a job's end: Store._write's `durable`) commits with the database's own
+    setting, `acknowledged`, which also covers every commit before it."""
 
     generation = 0  # as a SQLite connection's (see Store._connection)
 
@@ -6840,6 +6852,16 @@ class _PgConnection:
                                         **_pg_session(psycopg, url))
         except psycopg.OperationalError as exc:
             raise psycopg.OperationalError(f"cannot reach PostgreSQL: {exc}") from exc
+        # The session's own default: the server's, the database's, the URL's.
+        self.acknowledged = self.conn.execute(
+            "SELECT reset_val FROM pg_settings WHERE name = 'synchronous_commit'").fetchone()[0]
+        if self.acknowledged not in _PG_SYNC_SETTINGS:
+            self.acknowledged = "on"
+        self.conn.execute("SET synchronous_commit = off")
+
+    def run(self, script):
+        """Constant statements, without parameters, in one round trip."""
+        return self.conn.execute(script)
 
     def execute(self, sql, params=()):
         # The schema's flags are integers (0/1), as on SQLite.
@@ -6954,13 +6976,16 @@ class PostgresStore(Store):
 
     @contextlib.contextmanager
     def _durably(self, conn, durable):
-        yield  # every commit waits for the database's own sync (synchronous_commit)
+        yield  # see _begin and _PgConnection
 
     @contextlib.contextmanager
-    def _begin(self, conn, rows_only):
-        conn.execute("BEGIN")
+    def _begin(self, conn, rows_only, durable=False):
+        script = ["BEGIN"]
+        if durable:
+            script.append(f"SET LOCAL synchronous_commit = {conn.acknowledged}")
         if not rows_only:
-            conn.execute("SELECT pg_advisory_xact_lock($1)", (_PG_WRITE_LOCK,))
+            script.append(f"SELECT pg_advisory_xact_lock({_PG_WRITE_LOCK})")
+        conn.run("; ".join(script))
         yield
 
     def _publish(self, conn, events):

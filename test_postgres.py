@@ -581,6 +581,50 @@ def test_a_big_matrix_gets_the_planner_statistics_of_jobs_its_claims_need(
         assert "jobs_queue" in plan and "Sort" not in plan, plan
 
 
+def test_only_the_commits_an_answer_acknowledges_wait_for_the_databases_sync(
+        data_dir, pg_url, tmp_path):  # noqa: F811
+    # The database's own setting, which the store keeps for acknowledged
+    # commits (a build made, a job's end): remote_apply, not the default.
+    # A trigger notes each row's change with the setting it commits under.
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(f"ALTER DATABASE {pg_url.rsplit('/', 1)[1]} "
+                     "SET synchronous_commit = remote_apply")
+    store = cirunner.open_store(data_dir, pg_url)
+    try:
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            conn.execute("""
+                CREATE TABLE noted (what TEXT, mode TEXT);
+                CREATE FUNCTION note() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
+                    INSERT INTO noted VALUES (concat_ws(' ', TG_TABLE_NAME, lower(TG_OP),
+                        to_jsonb(NEW) ->> 'status'), current_setting('synchronous_commit'));
+                    RETURN NEW; END $$;
+                CREATE TRIGGER note AFTER INSERT OR UPDATE ON builds
+                    FOR EACH ROW EXECUTE FUNCTION note();
+                CREATE TRIGGER note AFTER INSERT OR UPDATE ON jobs
+                    FOR EACH ROW EXECUTE FUNCTION note();
+                CREATE TRIGGER note AFTER INSERT ON log_chunks
+                    FOR EACH ROW EXECUTE FUNCTION note();
+            """)
+        path = str(tmp_path / "repos" / "hello")
+        commit_files(path, {".cirunner.yml": "pipeline: {t: {commands: [true]}}\n"})
+        repo = store.create_repo("alice", "hello", path)
+        store.register_runner("here:1:a", "here", os.getpid())
+        build = store.create_build(repo["id"], {"event": "manual"}, [{}])
+        job = store.claim_next_job("here:1:a")
+        store.append_log(job["id"], 0, 0, b"hello\n", lease=job["lease"])
+        store.finish_job(job["id"], cirunner.SUCCESS, lease=job["lease"])
+        assert store.get_build_by_id(build["id"])["status"] == cirunner.SUCCESS
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            noted = [tuple(row) for row in conn.execute("SELECT what, mode FROM noted")]
+    finally:
+        store.close()
+    assert noted == [
+        ("builds insert pending", "remote_apply"), ("jobs insert pending", "remote_apply"),
+        ("jobs update running", "off"), ("builds update running", "off"),
+        ("log_chunks insert", "off"),
+        ("jobs update success", "remote_apply"), ("builds update success", "remote_apply")]
+
+
 def test_a_process_stopped_inside_a_write_holds_the_write_lock_for_seconds_only(store,
                                                                                 pg_url):
     # As an agent SIGSTOPped (or a VM paused) between two statements of a
