@@ -7244,14 +7244,24 @@ class PostgresStore(Store):
 ###############################################################################
 
 
+# A followed job's end event once the job is gone (its build ended, then was
+# deleted, pruned or restarted in place before the follower looked again).
+_GONE_JOB_END = {"status": None, "exit_code": None,
+                 "error": "the job is gone: its build was deleted or restarted"}
+
+
 def _follow_log(store, job_id, offset, *, heartbeat=SSE_HEARTBEAT_SECONDS, closing=None):
     """Yield (chunk, job) as a job's log grows from `offset`, (None, job) each
     `heartbeat` seconds of silence, and stop after the chunks that were there
-    when the job ended (or when `closing` is set)."""
+    when the job ended (or when `closing` is set, or once the job is gone:
+    its build ended and was deleted, pruned or restarted before a look)."""
     last_sent = time.monotonic()
     while closing is None or not closing.is_set():
         seen = store.log_events_seen()
-        job = store.get_job_by_id(job_id)  # read before the log: nothing is missed
+        try:
+            job = store.get_job_by_id(job_id)  # read before the log: nothing is missed
+        except NotFound:
+            return
         sent = False
         for chunk in store.read_log(job_id, offset):
             offset += len(chunk)
@@ -12234,9 +12244,14 @@ class _Api:
         return _follow_log(self.store, job_id, offset, heartbeat=self.heartbeat,
                            closing=self.closing)
 
-    def _end_event(self, job_id):
-        job = self.store.get_job_by_id(job_id)
-        end = {"status": job["status"], "exit_code": job["exit_code"], "error": job["error"]}
+    def _end_event(self, job_id, job=None):
+        """The `end` event of a followed job (as it is now, or `job`)."""
+        try:
+            job = job or self.store.get_job_by_id(job_id)
+        except NotFound:
+            end = _GONE_JOB_END
+        else:
+            end = {"status": job["status"], "exit_code": job["exit_code"], "error": job["error"]}
         return f"event: end\ndata: {json.dumps(end)}\n\n".encode()
 
     def _log_events(self, job_id, offset):
@@ -12283,7 +12298,11 @@ class _Api:
                 pending = pending[cut:]
         if self.closing.is_set():
             return
-        job = self.store.get_job_by_id(job_id)
+        try:
+            job = self.store.get_job_by_id(job_id)
+        except NotFound:
+            yield self._end_event(job_id)
+            return
         steps = self.store.list_steps([job_id])[job_id]
         if pending:
             number = _split_by_section(_section_starts(steps), offset, pending)[-1][0]
@@ -12293,7 +12312,7 @@ class _Api:
         _, event = self._steps_event(job, steps, shown)
         if event:
             yield event
-        yield self._end_event(job_id)
+        yield self._end_event(job_id, job)
 
     def _steps_event(self, job, steps, shown):
         """(what the page now shows, a `steps` event if that changed)."""
@@ -12860,7 +12879,8 @@ _LIVE_LOG_SCRIPT = """
     var s=section(d.number);s.querySelector('summary').innerHTML=d.summary;
     if(d.failing)s.dataset.failing='1';});});
   source.addEventListener('end',function(e){var end=JSON.parse(e.data);source.close();
-    state.textContent=end.status;state.className='status s-'+end.status;focus();});
+    state.textContent=end.status||end.error;state.className='status s-'+(end.status||'error');
+    focus();});
 })();
 """
 

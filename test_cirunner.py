@@ -32,6 +32,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import quote
 
 import pytest
+import webob
 import webtest
 
 import cirunner
@@ -1233,6 +1234,34 @@ def test_sse_follow_of_a_finished_job_sends_log_and_end_event(store, executor, m
     assert events[-1].startswith("event: end") and end["status"] == "success"
     same = app.get("/api/repos/alice/hello/logs/1/1", headers={"Accept": "text/event-stream"})
     assert same.text == response.text
+
+
+@pytest.mark.parametrize("form", ["text", "html"])
+def test_a_followed_job_whose_build_goes_before_the_next_look_ends_its_stream(
+        store, make_repo, app, admin_token, form):
+    # As the soak met it: a job ends, retention prunes its build at once, and
+    # the follower its end woke finds no job. The stream ends with an `end`
+    # event; it used to break off mid-response (a TypeError on None).
+    make_repo({".cirunner.yml": "pipeline: {t: {commands: [true]}}\n"})
+    build = cirunner.create_build(store, store.get_repo("alice", "hello"))
+    job = store.claim_next_job("r")
+    store.append_log(job["id"], 0, 0, b"a line\n")
+    request = webob.Request.blank(f"/api/repos/alice/hello/logs/1/1?follow=1&format={form}",
+                                  headers={"Authorization": f"Token {admin_token}",
+                                           "Accept": "text/event-stream"})
+    status, _, body = request.call_application(app.app)
+    assert status.startswith("200")
+    stream, seen = iter(body), b""
+    for _ in range(5):  # the pieces there are now; the stream waits after them
+        seen += next(stream)
+        if b"a line" in seen:
+            break
+    assert b"a line" in seen
+    store.finish_job(job["id"], cirunner.SUCCESS)
+    store.delete_build(build["id"])
+    end = json.dumps({"status": None, "exit_code": None,
+                      "error": "the job is gone: its build was deleted or restarted"})
+    assert b"".join(stream).endswith(f"event: end\ndata: {end}\n\n".encode())
 
 
 def test_repo_routes(app, tmp_path):
