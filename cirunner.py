@@ -13792,13 +13792,17 @@ class _Pages:
         """A live page's Server-Sent Events: `update` with the HTML of its live
         part whenever what it shows changed (looked at when the store says
         something happened, at least every half second), a heartbeat comment
-        when quiet, and `end` once `done()`."""
+        when quiet, and `end` once `done()` (or once what it shows is gone)."""
         def events():
             shown, quiet_since = None, time.monotonic()
             while not self.closing.is_set():
                 seen = self.store.log_events_seen()
-                finished = done()
-                state, render = live()
+                try:
+                    finished = done()
+                    state, render = live()
+                except NotFound:  # deleted (or pruned) while the page was open
+                    yield b"event: end\ndata: {}\n\n"
+                    return
                 if state != shown:
                     shown, quiet_since = state, time.monotonic()
                     yield f"event: update\ndata: {json.dumps({'html': render()})}\n\n".encode()

@@ -1264,6 +1264,21 @@ def test_a_followed_job_whose_build_goes_before_the_next_look_ends_its_stream(
     assert b"".join(stream).endswith(f"event: end\ndata: {end}\n\n".encode())
 
 
+def test_a_build_page_whose_build_goes_while_it_is_open_ends_its_updates(
+        store, make_repo, app):
+    make_repo({".cirunner.yml": "pipeline: {t: {commands: [true]}}\n"})
+    build = cirunner.create_build(store, store.get_repo("alice", "hello"))
+    job = store.claim_next_job("r")
+    status, _, body = webob.Request.blank("/alice/hello/1?events=1").call_application(app.app)
+    assert status.startswith("200")
+    stream = iter(body)
+    assert next(stream) == b"retry: 2000\n\n"
+    assert next(stream).startswith(b"event: update\n")
+    store.finish_job(job["id"], cirunner.SUCCESS)
+    store.delete_build(build["id"])
+    assert b"".join(stream) == b"event: end\ndata: {}\n\n"
+
+
 def test_repo_routes(app, tmp_path):
     path = str(tmp_path / "r")
     commit_files(path, {".cirunner.yml": "pipeline: {t: {commands: [true]}}\n"})
