@@ -183,6 +183,7 @@ import hashlib
 import hmac
 import http.client
 import importlib
+import importlib.util
 import inspect
 import io
 import ipaddress
@@ -217,13 +218,34 @@ import zlib
 from datetime import datetime, timezone
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 
-import bottle
 import yaml
 
 # Imported when first needed, not at start: cryptography (sealed secrets),
 # zstandard (log chunks) and prometheus_client (/metrics) together would add
 # 25 MiB to every process, also those that never use them; waitress (serve),
 # cronsim (schedules) and xml.sax (the CCTray feed) 1.6 MiB to an agent.
+# Bottle (the HTTP API and pages) loads at its first use, which make_app
+# makes (so before any thread of a server reads it): an agent or a CLI
+# process never loads it, nor the 80 modules it imports (1.5 MiB).
+
+
+def _lazy_module(name):
+    """The module `name`, loaded when an attribute of it is first read (the
+    stdlib's LazyLoader, as importlib's documentation recipe); ImportError
+    now if it is not installed."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.find_spec(name)
+    if spec is None:
+        raise ImportError(f"No module named {name!r} (pip install {name})", name=name)
+    spec.loader = importlib.util.LazyLoader(spec.loader)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+bottle = _lazy_module("bottle")
 
 
 def _optional(module, purpose, install, extra=""):
@@ -14505,20 +14527,25 @@ def _check_request_text(environ):
         raise BadRequest("the query string is not UTF-8 text") from None
 
 
-class _Bottle(bottle.Bottle):
+@functools.cache
+def _bottle_class():
     """Bottle, with its own errors (no such route, wrong method) answered as
-    the JSON error body."""
+    the JSON error body. Made at its first use, as Bottle is loaded then."""
 
-    def default_error_handler(self, res):
-        codes = {404: "not_found", 405: "method_not_allowed", 400: "bad_request",
-                 413: "too_large", 500: "internal_error"}
-        status = res.status_code
-        message = {404: f"no route for {bottle.request.path}",
-                   405: f"method {bottle.request.method} not allowed on {bottle.request.path}",
-                   }.get(status, str(res.body) if status < 500 else "internal server error")
-        bottle.response.content_type = _JSON
-        return json.dumps({"error": codes.get(status, "error"), "message": message,
-                           "status": status})
+    class _Bottle(bottle.Bottle):
+        def default_error_handler(self, res):
+            codes = {404: "not_found", 405: "method_not_allowed", 400: "bad_request",
+                     413: "too_large", 500: "internal_error"}
+            status = res.status_code
+            message = {404: f"no route for {bottle.request.path}",
+                       405: f"method {bottle.request.method} not allowed on "
+                            f"{bottle.request.path}",
+                       }.get(status, str(res.body) if status < 500 else "internal server error")
+            bottle.response.content_type = _JSON
+            return json.dumps({"error": codes.get(status, "error"), "message": message,
+                               "status": status})
+
+    return _Bottle
 
 
 ###############################################################################
@@ -15553,7 +15580,7 @@ def make_app(store, executor=None, *, max_body=DEFAULT_MAX_BODY, metrics_from=()
     ``GET /metrics`` (with prometheus_client installed) is for admin tokens
     and the addresses in `metrics_from`; the metrics count from its first call.
     """
-    app, closing = _Bottle(), threading.Event()
+    app, closing = _bottle_class()(), threading.Event()
     access = _Access(store)
     if public_url is None:
         public_url = executor.public_url if executor is not None else ""
