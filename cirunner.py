@@ -226,7 +226,7 @@ import yaml
 # cronsim (schedules) and xml.sax (the CCTray feed) 1.6 MiB to an agent.
 # Bottle (the HTTP API and pages) loads at its first use, which make_app
 # makes (so before any thread of a server reads it): an agent or a CLI
-# process never loads it, nor the 80 modules it imports (1.5 MiB).
+# process never loads it, nor the few modules only it imports (1.5 MiB).
 
 
 def _lazy_module(name):
