@@ -12266,14 +12266,18 @@ class _Api:
         return _follow_log(self.store, job_id, offset, heartbeat=self.heartbeat,
                            closing=self.closing)
 
-    def _end_event(self, job_id, job=None):
-        """The `end` event of a followed job (as it is now, or `job`)."""
+    def _job_now(self, job_id):
+        """A followed job as it is now, or None once it is gone."""
         try:
-            job = job or self.store.get_job_by_id(job_id)
+            return self.store.get_job_by_id(job_id)
         except NotFound:
-            end = _GONE_JOB_END
-        else:
-            end = {"status": job["status"], "exit_code": job["exit_code"], "error": job["error"]}
+            return None
+
+    @staticmethod
+    def _end_event(job):
+        """The `end` event of a followed job (None: it is gone)."""
+        end = _GONE_JOB_END if job is None else {
+            "status": job["status"], "exit_code": job["exit_code"], "error": job["error"]}
         return f"event: end\ndata: {json.dumps(end)}\n\n".encode()
 
     def _log_events(self, job_id, offset):
@@ -12290,7 +12294,7 @@ class _Api:
             if text:
                 yield f"id: {offset}\ndata: {json.dumps(text)}\n\n".encode()
         if not self.closing.is_set():
-            yield self._end_event(job_id)
+            yield self._end_event(self._job_now(job_id))
 
     def _html_events(self, job_id, offset, line):
         """The same stream for a web page: complete lines as rendered rows,
@@ -12320,10 +12324,9 @@ class _Api:
                 pending = pending[cut:]
         if self.closing.is_set():
             return
-        try:
-            job = self.store.get_job_by_id(job_id)
-        except NotFound:
-            yield self._end_event(job_id)
+        job = self._job_now(job_id)
+        if job is None:
+            yield self._end_event(None)
             return
         steps = self.store.list_steps([job_id])[job_id]
         if pending:
@@ -12334,7 +12337,7 @@ class _Api:
         _, event = self._steps_event(job, steps, shown)
         if event:
             yield event
-        yield self._end_event(job_id, job)
+        yield self._end_event(job)
 
     def _steps_event(self, job, steps, shown):
         """(what the page now shows, a `steps` event if that changed)."""
