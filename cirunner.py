@@ -174,7 +174,6 @@ import collections
 import contextlib
 import ctypes
 import dataclasses
-import difflib
 import errno
 import fcntl
 import functools
@@ -208,7 +207,6 @@ import string
 import struct
 import subprocess
 import sys
-import tarfile
 import tempfile
 import threading
 import time
@@ -218,8 +216,6 @@ import zlib
 from datetime import datetime, timezone
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 
-import yaml
-
 # Imported when first needed, not at start: cryptography (sealed secrets),
 # zstandard (log chunks) and prometheus_client (/metrics) together would add
 # 25 MiB to every process, also those that never use them; waitress (serve),
@@ -227,6 +223,9 @@ import yaml
 # Bottle (the HTTP API and pages) loads at its first use, which make_app
 # makes (so before any thread of a server reads it): an agent or a CLI
 # process never loads it, nor the few modules only it imports (1.5 MiB).
+# PyYAML loads at the first pipeline file read (_pyyaml), difflib and
+# tarfile where they are used: 1.8 MiB a server, an agent and the CLI
+# carry only once they need them.
 
 
 def _lazy_module(name):
@@ -1137,6 +1136,25 @@ _READ_AS_STEPS = ("1", "woodpecker")  # eras of files with `steps:` (1: Drone 1.
 _RULES_08 = ("0.8", *_READ_AS_STEPS)  # eras with Drone 0.8's rules
 
 
+if importlib.util.find_spec("yaml") is None:  # required: missing is an error now, not later
+    raise ImportError("No module named 'yaml' (pip install pyyaml)", name="yaml")
+
+
+def _pyyaml():
+    """PyYAML, imported when a pipeline file is first read: an agent, and a
+    CLI command that reads none, do without its 1.7 MiB and 50 ms."""
+    import yaml
+
+    return yaml
+
+
+def _close_matches(word, possibilities, n):
+    """difflib's close matches (imported only where a file holds an unknown key)."""
+    import difflib
+
+    return difflib.get_close_matches(word, possibilities, n=n)
+
+
 class _YamlReader:
     """Reads pipeline YAML into `_YamlMap`/`_YamlList` values, noting problems
     (duplicate keys first of all) instead of stopping at the first."""
@@ -1147,6 +1165,7 @@ class _YamlReader:
         self.drone = drone  # duplicate keys are read as Drone read them, with a warning
         self.woodpecker = woodpecker  # one document: a workflow
         self.nodes = 0
+        self.yaml = _pyyaml()
 
     def read(self, text):
         """The document, or None (problems noted) when it cannot be read."""
@@ -1154,9 +1173,9 @@ class _YamlReader:
         if documents is None:
             return None
         drone1 = not self.woodpecker and (
-            len(documents) > 1 or bool(documents) and isinstance(documents[0], yaml.MappingNode)
+            len(documents) > 1 or bool(documents) and isinstance(documents[0], self.yaml.MappingNode)
             and any(key.value in _DRONE_1_KEYS for key, _ in documents[0].value
-                    if isinstance(key, yaml.ScalarNode)))
+                    if isinstance(key, self.yaml.ScalarNode)))
         if not documents:
             return None
         loader = self._loader(text)
@@ -1172,16 +1191,15 @@ class _YamlReader:
         except _YamlBudget:
             self.problems.add(1, f"the YAML expands to more than {_MAX_YAML_NODES} values "
                                  "(aliases?)")
-        except yaml.YAMLError as exc:
+        except self.yaml.YAMLError as exc:
             self._note_yaml_error(exc)
         finally:
             loader.dispose()
         return None
 
-    @staticmethod
-    def _loader(text):
+    def _loader(self, text):
         # libyaml, where PyYAML has it, parses large files several times faster.
-        return getattr(yaml, "CSafeLoader", yaml.SafeLoader)(text)
+        return getattr(self.yaml, "CSafeLoader", self.yaml.SafeLoader)(text)
 
     def _compose(self, text):
         loader = self._loader(text)
@@ -1192,7 +1210,7 @@ class _YamlReader:
                 if self.woodpecker:  # Woodpecker reads the first document, and no further
                     break
             return documents
-        except yaml.YAMLError as exc:
+        except self.yaml.YAMLError as exc:
             self._note_yaml_error(exc)
             return None
         finally:
@@ -1208,14 +1226,14 @@ class _YamlReader:
         if self.nodes > _MAX_YAML_NODES:
             raise _YamlBudget()
         if depth > _MAX_YAML_DEPTH:
-            raise yaml.constructor.ConstructorError(None, None, "YAML nested too deeply",
+            raise self.yaml.constructor.ConstructorError(None, None, "YAML nested too deeply",
                                                     node.start_mark)
         line = node.start_mark.line + 1
-        if isinstance(node, yaml.ScalarNode):
+        if isinstance(node, self.yaml.ScalarNode):
             if not raw:
                 return loader.construct_object(node, deep=True)
             return "" if node.tag == "tag:yaml.org,2002:null" else node.value
-        if isinstance(node, yaml.SequenceNode):
+        if isinstance(node, self.yaml.SequenceNode):
             items = _YamlList(line)
             for child in node.value:
                 for one in self._spliced(child):  # Woodpecker's `- <<: *list`
@@ -1226,15 +1244,14 @@ class _YamlReader:
         return self._convert_mapping(loader, node, raw, depth, line,
                                      steps=depth == 1 and steps, named=key in _DRONE_04_SECTIONS)
 
-    @staticmethod
-    def _spliced(node):
+    def _spliced(self, node):
         """A sequence's item, or the items it merges in: a mapping of one
         merge key whose value is a sequence (``- <<: *anchor`` of a list) is
         that sequence's items, as Woodpecker's YAML (xyaml) reads it."""
-        if isinstance(node, yaml.MappingNode) and len(node.value) == 1:
+        if isinstance(node, self.yaml.MappingNode) and len(node.value) == 1:
             key, value = node.value[0]
-            if key.tag == "tag:yaml.org,2002:merge" and isinstance(value, yaml.SequenceNode) \
-                    and not any(isinstance(item, yaml.MappingNode) for item in value.value):
+            if key.tag == "tag:yaml.org,2002:merge" and isinstance(value, self.yaml.SequenceNode) \
+                    and not any(isinstance(item, self.yaml.MappingNode) for item in value.value):
                 return value.value
         return [node]
 
@@ -1248,8 +1265,8 @@ class _YamlReader:
             if key_node.tag == "tag:yaml.org,2002:merge":
                 self._merge(mapping, loader, value_node, raw, depth)
                 continue
-            if not isinstance(key_node, yaml.ScalarNode):
-                raise yaml.constructor.ConstructorError(
+            if not isinstance(key_node, self.yaml.ScalarNode):
+                raise self.yaml.constructor.ConstructorError(
                     None, None, "mapping keys must be plain scalars", key_node.start_mark)
             key, key_line = key_node.value, key_node.start_mark.line + 1
             value = self._convert(loader, value_node, raw or key in _RAW_SCALAR_KEYS,
@@ -1281,10 +1298,10 @@ class _YamlReader:
     def _merge(self, mapping, loader, value_node, raw, depth):
         """YAML merge keys (``<<: *anchor``): the merged mappings' keys that the
         mapping does not set itself (the first merged mapping wins)."""
-        sources = value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
+        sources = value_node.value if isinstance(value_node, self.yaml.SequenceNode) else [value_node]
         for source in sources:
-            if not isinstance(source, yaml.MappingNode):
-                raise yaml.constructor.ConstructorError(
+            if not isinstance(source, self.yaml.MappingNode):
+                raise self.yaml.constructor.ConstructorError(
                     None, None, "a merge key ('<<') needs a mapping", source.start_mark)
             merged = self._convert(loader, source, raw, depth + 1)
             for key, value in merged.items():
@@ -2955,7 +2972,7 @@ class _PipelineParser:
                 settings[key] = value
             elif not (service and key in _SERVICE_IGNORED):
                 unknown.append(key)
-                close = difflib.get_close_matches(str(key), _STEP_KEYWORDS, n=1)
+                close = _close_matches(str(key), _STEP_KEYWORDS, n=1)
                 hint = (f"did you mean {close[0]!r}?" if close else
                         f"a step with commands takes {', '.join(_STEP_KEYWORDS)}; settings "
                         "belong to plugin steps, which have an image and no commands")
@@ -2997,7 +3014,7 @@ class _PipelineParser:
 
     def _check_step(self, step, body, where, line, unknown):
         self._check_woodpecker_settings(body, where, line)
-        misspelt = difflib.get_close_matches("commands", [str(key) for key in unknown], n=1)
+        misspelt = _close_matches("commands", [str(key) for key in unknown], n=1)
         if step.kind == "step" and not step.commands and not (misspelt and not self.drone):
             self.add(_line_of(body, "commands") if "commands" in body else line,
                      f"{where}: 'commands' must be a list of strings (" + (
@@ -16597,6 +16614,8 @@ def backup(store, path):
     """Write a consistent copy of `store` (SQLite's online backup API: one
     snapshot, while the store is in use) and its key file to `path`, a
     gzipped tar file made 0600 and put in place whole. Returns its manifest."""
+    import tarfile  # here: only backup and restore read tar files
+
     if store.path is None:
         raise BadRequest("backup copies a SQLite store; back a PostgreSQL store up with "
                          "pg_dump (and keep DATA/secret.key with it)")
@@ -16676,6 +16695,8 @@ def restore(path, data_dir, *, force=False):
     """Bring a `backup` back into `data_dir`: refused while a server runs on
     it, and over an existing store unless `force` (which moves that store
     aside). Returns the backup's manifest."""
+    import tarfile  # here: only backup and restore read tar files
+
     if _running_servers(data_dir):
         raise Conflict(f"a cirunner process (pid {_running_servers(data_dir)[0]}) uses the store "
                        f"in {os.path.abspath(data_dir)}: stop it first")

@@ -6767,6 +6767,24 @@ def test_metrics_without_the_extra_say_which_to_install(tmp_path):
         "install prometheus-client"), result.stderr
 
 
+def test_heavy_modules_load_only_when_first_needed():
+    """What a process imports with cirunner is what every agent and CLI call
+    carries: the heavy and seldom-used modules load at their first use."""
+    script = (
+        "import sys, types, cirunner\n"
+        "def loaded(name):\n"
+        "    module = sys.modules.get(name)\n"  # LazyLoader's stand-in is not a plain module
+        "    return module is not None and type(module) is types.ModuleType\n"
+        "heavy = ['yaml', 'difflib', 'tarfile', 'bottle', 'waitress', 'cryptography', "
+        "'zstandard', 'prometheus_client', 'cronsim', 'psycopg']\n"
+        "print([name for name in heavy if loaded(name)])\n"
+        "cirunner.parse_pipeline('pipeline: {t: {image: x, comands: [true]}}')\n"
+        "print([name for name in heavy if loaded(name)])\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            cwd=HERE, timeout=60, check=True)
+    assert result.stdout.split("\n")[:2] == ["[]", "['yaml', 'difflib']"], result.stdout
+
+
 def test_the_queue_says_why_each_job_waits(tmp_path, servers):
     data = new_store(tmp_path / "data")
     repo = str(tmp_path / "repo")
