@@ -6023,12 +6023,17 @@ class Store(_Listeners):
                                            (step_id,)))
 
     def update_job_step(self, job_id, number, lease, **fields):
-        """`update_step` by the step's number in its job (what an agent knows)."""
-        step_id = self._scalar("SELECT id FROM steps WHERE job_id = $1 AND number = $2",
-                               (job_id, number))
-        if step_id is None:
+        """`update_step` by the step's number in its job (what an agent knows),
+        in one statement: Conflict if the job has ended or has no such step."""
+        unknown = set(fields) - self._STEP_FIELDS
+        if unknown:
+            raise BadRequest(f"unknown step field {min(unknown)!r}")
+        count = len(fields)
+        if not self._write_one(
+                f"UPDATE steps SET {_assignments(fields)} WHERE job_id = ${count + 1} "
+                f"AND number = ${count + 2}" + _LEASED.format(job="steps.job_id", lease=count + 3),
+                (*fields.values(), job_id, number, lease)).rowcount:
             raise self._ended(job_id)
-        self.update_step(step_id, lease=lease, **fields)
 
     def _check_lease(self, tx, job_id, lease):
         if tx.execute("SELECT 1 FROM jobs WHERE id = $1" + _LEASED.format(job="$1", lease=2),
@@ -6436,9 +6441,18 @@ class Store(_Listeners):
             return self._end_jobs_of(tx, earlier, _RUNNER_STOPPED)
 
     def running_jobs(self, runner_id):
-        """Ids of the jobs `runner_id` runs."""
-        return [row[0] for row in self._connection().execute(
-            "SELECT id FROM jobs WHERE status = $1 AND claimed_by = $2", (RUNNING, runner_id))]
+        """The jobs `runner_id` runs: {id: None, or why someone asked to stop it}."""
+        return {row[0]: (row[2] or "cancelled") if row[1] else None
+                for row in self._connection().execute(
+                    "SELECT id, cancel_requested, error FROM jobs WHERE status = $1 "
+                    "AND claimed_by = $2", (RUNNING, runner_id))}
+
+    def job_holder(self, job_id):
+        """The agent whose runner holds job `job_id` ('' for a server's runner,
+        None for a runner that is gone); NotFound if there is no such job."""
+        row = self._one("SELECT r.agent FROM jobs j LEFT JOIN runners r ON r.id = j.claimed_by "
+                        "WHERE j.id = $1", (job_id,), f"job {job_id} not found")
+        return row["agent"]
 
     def agent_builds_in_repo(self, name, repo_id):
         """The builds of `repo_id` whose jobs agent `name` runs now."""
@@ -14738,10 +14752,9 @@ class _AgentService:
                 self.polls.release()
 
     def _news(self, runner, labels, stopping, holding=None):
-        cancels = {job_id: self.store.get_job_by_id(job_id)["error"] or "cancelled"
-                   for job_id in self.store.cancel_requested_jobs(runner["id"])
-                   if job_id not in stopping}
         running = self.store.running_jobs(runner["id"])
+        cancels = {job_id: why for job_id, why in running.items()
+                   if why is not None and job_id not in stopping}
         jobs, ended = [], 0
         if holding is not None:
             jobs, ended = self._not_held([job_id for job_id in running
@@ -14828,10 +14841,8 @@ class _AgentService:
         for job_id in job_ids:
             if not isinstance(job_id, int) or isinstance(job_id, bool):
                 raise BadRequest("each message names its job by id")
-            job = self.store.get_job_by_id(job_id)
-            with contextlib.suppress(NotFound):
-                if self.store.get_runner(job["claimed_by"])["agent"] != agent["name"]:
-                    raise Forbidden(f"job {job_id} is not this agent's")
+            if self.store.job_holder(job_id) not in (agent["name"], None):  # None: runner gone
+                raise Forbidden(f"job {job_id} is not this agent's")
 
     def _apply(self, job_id, message):
         """One message; True if it ended its job."""

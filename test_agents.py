@@ -329,6 +329,13 @@ def test_an_agent_token_reaches_nothing_but_the_agent_routes(fleet):
                                               "type": "log", "seq": 0, "offset": 0,
                                               "data": base64.b64encode(b"x").decode()}]})
     assert status == 200 and str(job["id"]) in answer["ended"], answer
+    # The same for a step's change, and for its own lease on a step it never told.
+    for lease, number in (("guess", 1), (job["lease"], 99)):
+        status, answer = agent_call(fleet.server, token, "/api/agent/report", {
+            "runner": "one-runner", "messages": [{"job": job["id"], "lease": lease,
+                                                  "type": "step", "number": number,
+                                                  "fields": {"status": "success"}}]})
+        assert status == 200 and str(job["id"]) in answer["ended"], answer
     # A chunk that would grow past a chunk's size (a zstd "bomb"), or that is
     # not what its codec says: refused before anything is decompressed.
     import zstandard
