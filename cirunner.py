@@ -6880,7 +6880,12 @@ class _PgRow(tuple):
 
 
 def _pg_row_factory(cursor):
-    index = {column.name: number for number, column in enumerate(cursor.description or ())}
+    # The names from libpq's result (`Cursor.pgresult`, public for such low
+    # level reads), not `cursor.description`, which makes a Column object per
+    # column of each result: 8 us for 40 columns against 73, on every query.
+    result = cursor.pgresult
+    index = {} if result is None else {result.fname(number).decode(): number
+                                       for number in range(result.nfields)}
     return lambda values: _PgRow(values, index)
 
 
