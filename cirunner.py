@@ -6114,7 +6114,7 @@ class Store(_Listeners):
         if totals[4]:  # jobs wait for other pipelines: some may start or skip now
             self._release_waiting(tx, build_id, now)
             totals = self._job_totals(tx, build_id)
-        count, active, started_at, finished_at, _, build_status = totals
+        count, active, started_at, finished_at, _, build_status, *was = totals
         if build_status is None or not count:
             return
         if active:
@@ -6129,8 +6129,10 @@ class Store(_Listeners):
             message = (f"build finished: job {failed['number']} ended {status}" if failed
                        else "build finished: cancelled" if cancelled
                        else "build finished: every job succeeded")
-        tx.execute("UPDATE builds SET status = $1, started_at = $2, finished_at = $3 WHERE id = $4",
-                   (status, started_at or 0, finished_at, build_id))
+        if [status, started_at or 0, finished_at] != [build_status, *was]:
+            # (A job's end in a build with others still running changes nothing.)
+            tx.execute("UPDATE builds SET status = $1, started_at = $2, finished_at = $3 "
+                       "WHERE id = $4", (status, started_at or 0, finished_at, build_id))
         if status == RUNNING and build_status == PENDING:
             # Implied by the job's own "running" just before: reported, not stored.
             self._enqueue_report(tx, build_id, status)
@@ -6139,14 +6141,16 @@ class Store(_Listeners):
 
     @staticmethod
     def _job_totals(tx, build_id):
-        """(jobs, active, first start, last end, waiting, the build's status)
-        of a build, in one statement."""
+        """(jobs, active, first start, last end, waiting, the build's status,
+        start and end) of a build, in one statement."""
         return tuple(tx.execute(
             "SELECT count(*), "
             "sum(CASE WHEN status IN ('pending', 'running') THEN 1 ELSE 0 END), "
             "min(CASE WHEN started_at > 0 THEN started_at END), max(finished_at), "
             "sum(CASE WHEN waiting = 1 AND status = 'pending' THEN 1 ELSE 0 END), "
-            "(SELECT status FROM builds WHERE id = $1) "
+            "(SELECT status FROM builds WHERE id = $1), "
+            "(SELECT started_at FROM builds WHERE id = $1), "
+            "(SELECT finished_at FROM builds WHERE id = $1) "
             "FROM jobs WHERE build_id = $1", (build_id,)).fetchone())
 
     def list_statuses(self, build_id, *, offset=0, limit=-1):
