@@ -319,7 +319,6 @@ MAX_DESCRIPTION = 10_000        # characters of a build's description
 MAX_MESSAGE = 16 * 1024         # characters of a commit message kept with a build
 MAX_FIELD = 2048                # characters of its other commit and forge texts
 MAX_CHANGED_FILES = 3000        # the files `when.paths` sees of one build (GitHub's compare)
-_ZERO_SHA = "0" * 40              # a push's `before` for a new branch, `after` for a deletion
 MAX_SCRIPT_BYTES = 96 * 1024    # a step's script is one argv entry (Linux allows 128 KiB)
 MIN_MASKED_LENGTH = 4           # shorter secret values would mask half the log
 DEFAULT_PER_PAGE = 25
@@ -1800,13 +1799,20 @@ def _map_strings(value, function):
     return value
 
 
-def _tree_names(data):
-    """The names in a raw git tree object (``MODE NAME\\0`` and a SHA-1 each)."""
+def _zero_sha(value):
+    """Whether a push's commit id is all zeros (of 40 or, SHA-256, 64 digits):
+    its `before` for a new branch, its `after` for a deletion."""
+    return bool(value) and not value.strip("0")
+
+
+def _tree_names(data, id_bytes=20):
+    """The names in a raw git tree object (``MODE NAME\\0`` and an object id
+    each: 20 bytes in a SHA-1 repository, 32 in a SHA-256 one)."""
     names, index = [], 0
     while index < len(data):
         end = data.index(b"\0", index)
         names.append(data[index:end].split(b" ", 1)[1].decode("utf-8", errors="replace"))
-        index = end + 21
+        index = end + 1 + id_bytes
     return sorted(names)
 
 
@@ -3961,14 +3967,23 @@ class _GitMirrors:
     def _fetch(self, repo, mirror):
         with self._locked(mirror):
             if not os.path.isdir(os.path.join(mirror, "objects")):
-                # Files 0600 and directories 0700, whatever the umask.
-                self.run(["init", "--bare", "--quiet", "--shared=0600", mirror])
+                # Files 0600 and directories 0700, whatever the umask; object
+                # ids as the remote's (a SHA-256 repository: Forgejo, Gitea).
+                self.run(["init", "--bare", "--quiet", "--shared=0600",
+                          *self._object_format(repo), mirror])
             self.run(["-C", mirror, "fetch", "--quiet", "--prune", "--force", "--end-of-options",
                       self.source(repo), "+refs/heads/*:refs/heads/*",
                       "+refs/tags/*:refs/tags/*"])
             listing = self.run(["-C", mirror, "for-each-ref",
                                 "--format=%(objectname) %(refname)", "refs/heads/", "refs/tags/"])
         return dict(reversed(line.split(" ", 1)) for line in listing.decode().splitlines())
+
+    def _object_format(self, repo):
+        """git init's option for a SHA-256 remote (its ids are 64 hex digits),
+        else none: git fetches nothing across object formats."""
+        listing = self.run(["ls-remote", "--end-of-options", self.source(repo)])
+        first = listing.split(b"\t", 1)[0].strip()
+        return ["--object-format=sha256"] if len(first) == 64 else []
 
     def fetch_commit(self, repo, commit, pull_ref=""):
         """Make sure `commit` is in the mirror: a commit on no branch (a pull
@@ -4047,7 +4062,7 @@ class _GitMirrors:
         previous head, a pull request's target) that the mirror has, else
         against its first parent (a root commit: all its files)."""
         mirror = self.path(repo)
-        base = next((base for base in bases if base and base != _ZERO_SHA
+        base = next((base for base in bases if base and not _zero_sha(base)
                      and self.has_commit(mirror, base)), None)
         if base:
             args = ["diff", "--name-only", "-z", "--no-renames", "--end-of-options",
@@ -4104,7 +4119,8 @@ class _GitMirrors:
                                           else PIPELINE_FILES)), None)
             if found is None and not config_path:  # then a Woodpecker folder's workflows
                 _, kind, tree = ask(f"{sha}:.woodpecker")
-                found = _woodpecker_folder(_tree_names(tree) if kind == "tree" else [],
+                found = _woodpecker_folder(_tree_names(tree, len(sha) // 2) if kind == "tree"
+                                           else [],
                                            lambda name: (blob(name) or (None, None))[1])
             return fields, found
         except (OSError, ValueError) as exc:
@@ -4138,7 +4154,9 @@ class _GitMirrors:
                     handle.write(commit + "\n")
                 with open(os.path.join(dot_git, "config"), "w") as handle:
                     handle.write("[core]\n\trepositoryformatversion = 0\n\tfilemode = true\n"
-                                 "\tbare = false\n")
+                                 "\tbare = false\n" if len(commit) != 64 else
+                                 "[core]\n\trepositoryformatversion = 1\n\tfilemode = true\n"
+                                 "\tbare = false\n[extensions]\n\tobjectformat = sha256\n")
                 self.run(["-C", workspace, "read-tree", "--reset", "-u", "HEAD"])
                 return
             except (_GitError, OSError):
@@ -12714,7 +12732,7 @@ def _parse_webhook(forge, event, payload):
     if event == "push":
         ref = _require(payload, "ref")
         after = _require(payload, "after")
-        if after == _ZERO_SHA or payload.get("deleted"):
+        if _zero_sha(after) or payload.get("deleted"):
             return None  # a branch or tag deletion
         commits = payload.get("commits") if isinstance(payload.get("commits"), list) else []
         head = payload.get("head_commit") or (commits[-1] if commits else {})
@@ -12763,7 +12781,7 @@ def _parse_gitlab_hook(event, payload):
     if event in ("Push Hook", "Tag Push Hook") and kind in ("push", "tag_push"):
         ref = _require(payload, "ref")
         after = _require(payload, "after")
-        if after == _ZERO_SHA:
+        if _zero_sha(after):
             return None
         commits = [c for c in payload.get("commits") or [] if isinstance(c, dict)] \
             if isinstance(payload.get("commits"), list) else []

@@ -187,6 +187,23 @@ def test_two_agents_run_30_jobs_each_exactly_once_in_the_sandbox(fleet):
         assert agent.process.wait(timeout=30) == 0, agent.output()
 
 
+def test_a_sha256_repository_builds_on_an_agent(fleet):
+    """The agent's mirror fetches over the server's git route: of the
+    repository's own object format."""
+    path = str(fleet.tmp_path / "repos" / "sha256")
+    test_cirunner.git(fleet.tmp_path, "init", "-q", "--object-format=sha256", "-b", "main", path)
+    sha = commit_files(path, {".cirunner.yml": "pipeline:\n  t:\n    commands: [git rev-parse "
+                                               "HEAD]\n"})
+    status, body = fleet.server.api("POST", "/api/repos/alice/sha256", {"url": path})
+    assert status == 201, body
+    fleet.agent("one")
+    status, body = fleet.server.api("POST", "/api/repos/alice/sha256/builds", {})
+    assert status == 201 and body["commit"] == sha, body
+    wait_for(lambda: finished(fleet.build(1, "sha256")), timeout=60, interval=0.1)
+    assert fleet.build(1, "sha256")["status"] == "success", fleet.build(1, "sha256")
+    assert f"+ git rev-parse HEAD\n{sha}\n" in fleet.log(1, name="sha256")
+
+
 def test_a_cancel_reaches_a_job_on_an_agent_at_once(fleet):
     fleet.repo("pipeline:\n  t:\n    commands:\n      - echo started\n      - sleep 60\n")
     fleet.agent("one")

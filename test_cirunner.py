@@ -2642,7 +2642,8 @@ def test_two_quick_pushes_each_build_their_own_commit(store, executor, hook_repo
 
 
 @pytest.mark.parametrize("case, status", [
-    ("ci skip", 204), ("skip ci upper", 204), ("deleted branch", 204), ("event off", 204),
+    ("ci skip", 204), ("skip ci upper", 204), ("deleted branch", 204),
+    ("deleted branch, SHA-256 ids", 204), ("event off", 204),
     ("ping", 200), ("unknown repo", 403), ("wrong shape", 400), ("not json", 400),
     ("no forge header", 400), ("closed pull request", 204),
 ])
@@ -2657,6 +2658,9 @@ def test_webhooks_that_start_no_build(case, status, store, hook_repo):
         payload["head_commit"]["message"] = "Release [SKIP CI]"
     elif case == "deleted branch":
         payload.update(after="0" * 40, deleted=True)
+    elif case == "deleted branch, SHA-256 ids":  # as a forge without the `deleted` flag sends it
+        payload.update(after="0" * 64)
+        del payload["deleted"]
     elif case == "event off":
         store.update_repo(hook_repo["repo"]["id"], events=json.dumps(["tag"]))
     elif case == "ping":
@@ -5342,6 +5346,29 @@ def test_a_woodpecker_folder_runs_its_workflows_as_one_build(store, executor, ma
     assert planned == {"build": ([], True), "cleanup": (["build"], True),
                        "deploy": (["test", "lint"], False), "lint": (["build"], True),
                        "notify": (["deploy"], False), "test": (["build"], True)}
+
+
+def test_a_sha256_repository_builds_as_a_sha1_one(store, executor, tmp_path):
+    """Forgejo and Gitea host SHA-256 repositories: the mirror, the pipeline
+    folder's tree and the checkout use 64-digit ids."""
+    path = str(tmp_path / "sha256")
+    git(tmp_path, "init", "-q", "--object-format=sha256", "-b", "main", path)
+    files = {".woodpecker/a.yml": "steps:\n  s:\n    commands: [git rev-parse HEAD, cat x]\n",
+             ".woodpecker/b.yml": "steps:\n  s:\n    commands: [git log --format=%s]\n",
+             "x": "checked out\n"}
+    sha = commit_files(path, files, message="sha-256 history")
+    assert len(sha) == 64
+    repo = store.create_repo("alice", "sha256", path, private=False)
+    build = cirunner.create_build(store, repo, event="push")
+    assert build["error"] == "" and build["commit_sha"] == sha
+    assert build["pipeline_file"] == ".woodpecker/"  # both workflows read from the tree
+    executor.run_until_idle()
+    jobs = _jobs_by_pipeline(store, build)
+    assert {name: job["status"] for name, job in jobs.items()} == {"a": "success",
+                                                                   "b": "success"}
+    assert f"+ git rev-parse HEAD\n{sha}\n+ cat x\nchecked out\n" in log_text(
+        store, build, jobs["a"]["number"])
+    assert "sha-256 history" in log_text(store, build, jobs["b"]["number"])
 
 
 def test_a_broken_workflow_of_a_folder_is_named_with_its_file(store, make_repo):
