@@ -3966,22 +3966,35 @@ class _GitMirrors:
 
     def _fetch(self, repo, mirror):
         with self._locked(mirror):
-            if not os.path.isdir(os.path.join(mirror, "objects")):
+            made = not os.path.isdir(os.path.join(mirror, "objects"))
+            if made:
                 # Files 0600 and directories 0700, whatever the umask; object
                 # ids as the remote's (a SHA-256 repository: Forgejo, Gitea).
                 self.run(["init", "--bare", "--quiet", "--shared=0600",
                           *self._object_format(repo), mirror])
-            self.run(["-C", mirror, "fetch", "--quiet", "--prune", "--force", "--end-of-options",
-                      self.source(repo), "+refs/heads/*:refs/heads/*",
-                      "+refs/tags/*:refs/tags/*"])
-            listing = self.run(["-C", mirror, "for-each-ref",
-                                "--format=%(objectname) %(refname)", "refs/heads/", "refs/tags/"])
+            listing = b""
+            try:
+                self.run(["-C", mirror, "fetch", "--quiet", "--prune", "--force",
+                          "--end-of-options", self.source(repo), "+refs/heads/*:refs/heads/*",
+                          "+refs/tags/*:refs/tags/*"])
+                listing = self.run(["-C", mirror, "for-each-ref",
+                                    "--format=%(objectname) %(refname)", "refs/heads/",
+                                    "refs/tags/"])
+            finally:
+                # A new mirror of a remote that was away or empty is not kept:
+                # the next fetch makes it again, in the format the remote has then.
+                if made and not listing:
+                    shutil.rmtree(mirror, ignore_errors=True)
         return dict(reversed(line.split(" ", 1)) for line in listing.decode().splitlines())
 
     def _object_format(self, repo):
         """git init's option for a SHA-256 remote (its ids are 64 hex digits),
-        else none: git fetches nothing across object formats."""
-        listing = self.run(["ls-remote", "--end-of-options", self.source(repo)])
+        else none: git fetches nothing across object formats. (A remote that
+        cannot be listed: none, and the fetch says what is wrong.)"""
+        try:
+            listing = self.run(["ls-remote", "--end-of-options", self.source(repo)])
+        except _GitError:
+            return []
         first = listing.split(b"\t", 1)[0].strip()
         return ["--object-format=sha256"] if len(first) == 64 else []
 

@@ -5353,12 +5353,15 @@ def test_a_sha256_repository_builds_as_a_sha1_one(store, executor, tmp_path):
     folder's tree and the checkout use 64-digit ids."""
     path = str(tmp_path / "sha256")
     git(tmp_path, "init", "-q", "--object-format=sha256", "-b", "main", path)
+    repo = store.create_repo("alice", "sha256", path, private=False)
+    # Added before its first push: a build then fails, and leaves no SHA-1 mirror behind.
+    with pytest.raises(cirunner.CIRunnerError, match="no commits yet"):
+        cirunner.create_build(store, repo, event="push")
     files = {".woodpecker/a.yml": "steps:\n  s:\n    commands: [git rev-parse HEAD, cat x]\n",
              ".woodpecker/b.yml": "steps:\n  s:\n    commands: [git log --format=%s]\n",
              "x": "checked out\n"}
     sha = commit_files(path, files, message="sha-256 history")
     assert len(sha) == 64
-    repo = store.create_repo("alice", "sha256", path, private=False)
     build = cirunner.create_build(store, repo, event="push")
     assert build["error"] == "" and build["commit_sha"] == sha
     assert build["pipeline_file"] == ".woodpecker/"  # both workflows read from the tree
