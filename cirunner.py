@@ -8118,6 +8118,9 @@ class _UnavailableBackend(_HostBackend):
         self.check_step(step)
 
 
+_BWRAP_ENDED = "bwrap ended while it made the sandbox: what it said is in the step's log"
+
+
 def _await_loopback(pid, timeout=10.0):
     """Wait until the new network namespace of `pid` has its loopback up, as
     bwrap sets it up: slirp4netns also raises it, and if it came first, the
@@ -8404,8 +8407,7 @@ class _BwrapBackend(_HostBackend):
             _signal_group(process.pid, signal.SIGKILL)
             if isinstance(exc, BrokenPipeError) or child is not None and not os.path.exists(
                     f"/proc/{child}/ns/net"):  # bwrap failed and said why, on the step's output
-                process.start_error = ("bwrap ended while it made the sandbox: what it said "
-                                       "is in the step's log")
+                process.start_error = _BWRAP_ENDED
             else:
                 process.start_error = getattr(exc, "message", None) or (
                     f"the sandbox could not start the step ({exc})")
@@ -8472,8 +8474,12 @@ class _BwrapBackend(_HostBackend):
         if b'"exit-code"' not in status:
             process.popen.wait()
             process.started = False
+            code = process.popen.returncode
+            # Exited on its own before the step began (a failed bind, seen after
+            # the sandbox's start went on): it said why on the step's output.
             process.start_error = process.start_error or (
-                f"the sandbox could not start the step (bwrap exit {process.popen.returncode})")
+                _BWRAP_ENDED if code > 0 else
+                f"the sandbox could not start the step (bwrap exit {code})")
 
 
 # -- containers -----------------------------------------------------------------
