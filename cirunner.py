@@ -6042,10 +6042,7 @@ class Store(_Listeners):
     def update_step(self, step_id, *, lease=None, **fields):
         """Change a step's status, exit_code, started_at, finished_at, log_start
         or log_end. With its job's `lease`: Conflict if the job has ended."""
-        unknown = set(fields) - self._STEP_FIELDS
-        if unknown:
-            raise BadRequest(f"unknown step field {min(unknown)!r}")
-        sql = f"UPDATE steps SET {_assignments(fields)} WHERE id = ${len(fields) + 1}"
+        sql = f"UPDATE steps SET {self._step_assignments(fields)} WHERE id = ${len(fields) + 1}"
         if lease is None:
             self._write_one(sql, (*fields.values(), step_id))
         elif not self._write_one(sql + _LEASED.format(job="steps.job_id", lease=len(fields) + 2),
@@ -6056,15 +6053,20 @@ class Store(_Listeners):
     def update_job_step(self, job_id, number, lease, **fields):
         """`update_step` by the step's number in its job (what an agent knows),
         in one statement: Conflict if the job has ended or has no such step."""
-        unknown = set(fields) - self._STEP_FIELDS
-        if unknown:
-            raise BadRequest(f"unknown step field {min(unknown)!r}")
         count = len(fields)
         if not self._write_one(
-                f"UPDATE steps SET {_assignments(fields)} WHERE job_id = ${count + 1} "
+                f"UPDATE steps SET {self._step_assignments(fields)} WHERE job_id = ${count + 1} "
                 f"AND number = ${count + 2}" + _LEASED.format(job="steps.job_id", lease=count + 3),
                 (*fields.values(), job_id, number, lease)).rowcount:
             raise self._ended(job_id)
+
+    def _step_assignments(self, fields):
+        """The SET list of an UPDATE of a step's `fields`; BadRequest for a
+        field a step does not have."""
+        unknown = set(fields) - self._STEP_FIELDS
+        if unknown:
+            raise BadRequest(f"unknown step field {min(unknown)!r}")
+        return _assignments(fields)
 
     def _check_lease(self, tx, job_id, lease):
         if tx.execute("SELECT 1 FROM jobs WHERE id = $1" + _LEASED.format(job="$1", lease=2),

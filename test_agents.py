@@ -353,6 +353,12 @@ def test_an_agent_token_reaches_nothing_but_the_agent_routes(fleet):
                                                   "type": "step", "number": number,
                                                   "fields": {"status": "success"}}]})
         assert status == 200 and str(job["id"]) in answer["ended"], answer
+    # A step's field names go into SQL: only a step's own fields are taken.
+    status, body = agent_call(fleet.server, token, "/api/agent/report", {
+        "runner": "one-runner", "messages": [{"job": job["id"], "lease": job["lease"],
+                                              "type": "step", "number": 1,
+                                              "fields": {"status = 'success', exit_code": 0}}]})
+    assert status == 400 and "unknown step field" in body["message"], body
     # A chunk that would grow past a chunk's size (a zstd "bomb"), or that is
     # not what its codec says: refused before anything is decompressed.
     import zstandard
