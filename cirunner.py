@@ -6547,9 +6547,16 @@ class Store(_Listeners):
             row["repo_id"] for row in self._query("SELECT repo_id FROM builds WHERE status = $1",
                                                   (RUNNING,)))
         offered = [json.loads(runner["labels"]).items() for runner in runners]
+        # A deep queue is mostly jobs alike: each labels text is read and
+        # matched against the runners once, not once per job.
+        placeable = {}
         queue = []
         for position, job in enumerate(pending, start=1):
-            required = json.loads(job["labels"]).items()
+            if job["labels"] not in placeable:
+                required = json.loads(job["labels"]).items()
+                placeable[job["labels"]] = (required, any(required <= labels
+                                                          for labels in offered))
+            required, fits = placeable[job["labels"]]
             if job["build_status"] == BLOCKED:
                 reason = ("its build waits for approval by someone with write access "
                           f"(Approve on its page, or `cirunner approve {job['owner']}/"
@@ -6559,7 +6566,7 @@ class Store(_Listeners):
                           f"{', '.join(json.loads(job['depends_on'] or '[]'))} of its build")
             elif not runners:
                 reason = "no runner is running: start `cirunner serve` (or `build --wait`)"
-            elif not any(required <= labels for labels in offered):
+            elif not fits:
                 reason = ("no runner has the labels it requires: "
                           + ",".join(f"{key}={value}" for key, value in sorted(required))
                           + " (start `cirunner agent --labels ...` on a machine that has them)")

@@ -6827,19 +6827,29 @@ def test_the_queue_says_why_each_job_waits(tmp_path, servers):
     queued = run_cli("queue", "--data", data)
     assert "1\talice/hello #1 job 1\twaiting " in queued.stdout
     assert "no runner is running: start `cirunner serve`" in queued.stdout
+    far = str(tmp_path / "far")
+    commit_files(far, {".cirunner.yml": "node: {pool: nowhere}\npipeline: {t: {commands: [true]}}\n"})
+    run_cli("repo", "add", "alice/far", "--url", far, "--data", data)
     server = servers(data, "--workers", "1", "--sandbox", "none")
     run_cli("build", "alice/hello", "--var", f"GATE={gate}", "--data", data)
+    run_cli("build", "alice/far", "--data", data)
+    run_cli("build", "alice/far", "--data", data)
     wait_for(lambda: server.api("GET", "/api/queue")[1]["busy"] == 1)
     queue = server.api("GET", "/api/queue")[1]
     assert queue["workers"] == 1 and queue["draining"] is False
     assert [(item["build"], item["job"]) for item in queue["running"]] == [(1, 1)]
     assert queue["running"][0]["activity"] == "step t"
-    reasons = {(item["build"], item["job"]): item["reason"] for item in queue["pending"]}
+    reasons = {(item["build"], item["job"]): item["reason"] for item in queue["pending"]
+               if item["repo"] == "alice/hello"}
     assert reasons[(1, 2)] == "every worker is busy (1 of 1)"
     assert reasons[(2, 1)].startswith("alice/hello runs 1 build(s) at once (max_builds)")
-    assert [item["position"] for item in queue["pending"]] == [1, 2, 3]
+    far_reasons = [item["reason"] for item in queue["pending"] if item["repo"] == "alice/far"]
+    unplaceable = ("no runner has the labels it requires: pool=nowhere (start "
+                   "`cirunner agent --labels ...` on a machine that has them)")
+    assert far_reasons == [unplaceable, unplaceable]
+    assert [item["position"] for item in queue["pending"]] == [1, 2, 3, 4, 5]
     remote = run_cli("queue", "--server", server.url, "--token", server.token)
-    assert "1\talice/hello #1 job 2\twaiting " in remote.stdout and "3 waiting" in remote.stderr
+    assert "1\talice/hello #1 job 2\twaiting " in remote.stdout and "5 waiting" in remote.stderr
     gate.touch()
 
 
