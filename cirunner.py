@@ -1754,13 +1754,24 @@ class Step:
             lines.append(command)
         return "\n".join(lines) + "\n"
 
-    def plugin_environment(self):
+    def plugin_environment(self, secrets=None):
         """A plugin's settings as Drone passes them: ``PLUGIN_<KEY>`` (upper
         case); strings as they are, lists of scalars joined with commas, the
         rest as compact JSON with sorted keys (Drone 0.8's params.go); a null
-        setting sets nothing."""
+        setting sets nothing. With `secrets` ({name in lower case: value}),
+        each ``{from_secret: NAME}`` inside a setting's maps and lists is
+        that secret's value (Woodpecker's ParamsToEnv)."""
+        settings = self.settings if secrets is None else _resolve_from_secret(
+            self.settings, lambda name: secrets.get(name.lower(), ""))
         return {_plugin_variable(key): _setting_variable(value)
-                for key, value in self.settings.items() if value is not None}
+                for key, value in settings.items() if value is not None}
+
+    def setting_secrets(self):
+        """The names of the secrets a plugin's settings name inside their maps
+        and lists (``{from_secret: NAME}`` below a setting's top), in order."""
+        names = []
+        _resolve_from_secret(self.settings, names.append)
+        return names
 
 
 def _setting_variable(value):
@@ -1785,6 +1796,18 @@ def _plain(value):
         return {str(key): _plain(item) for key, item in value.items()}
     if isinstance(value, list):
         return [_plain(item) for item in value]
+    return value
+
+
+def _resolve_from_secret(value, resolve):
+    """`value` with each ``{from_secret: NAME}`` in its maps and lists
+    replaced by what `resolve(NAME)` returns."""
+    if isinstance(value, dict):
+        if set(value) == {"from_secret"} and isinstance(value["from_secret"], str):
+            return resolve(value["from_secret"])
+        return {key: _resolve_from_secret(item, resolve) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_resolve_from_secret(item, resolve) for item in value]
     return value
 
 
@@ -2328,7 +2351,32 @@ class _Drone1:
                 secrets.append({"source": item["from_secret"], "target": variable(key)})
             else:
                 plain[key], plain.lines[key] = item, _line_of(values, key)
+        if isinstance(self, _Woodpecker):  # which reads a setting's inside maps and lists too
+            self._nested_from_secret(plain, settings=variable is _plugin_variable)
         return plain
+
+    def _nested_from_secret(self, values, *, settings):
+        """Name each ``{from_secret: ...}`` inside the maps and lists of
+        `values` (a plugin's `settings`, else a step's environment) that is
+        not what it must be: in settings a secret's name; in a variable's map
+        or list it is not read at all."""
+        where, takes = ("setting", "the name of a secret") if settings else (
+            "environment", ("a variable's whole value here; inside a map or list, only a "
+                            "plugin's settings read it"))
+
+        def bad(value):
+            if isinstance(value, dict):
+                if "from_secret" in value and (
+                        not settings or set(value) != {"from_secret"}
+                        or not isinstance(value["from_secret"], str) or not value["from_secret"]):
+                    return True
+                return any(bad(item) for item in value.values())
+            return isinstance(value, list) and any(bad(item) for item in value)
+
+        for key, value in values.items():
+            if isinstance(value, (dict, list)) and bad(value):
+                self.parser.add(_line_of(values, key), f"{where} {key!r}: from_secret takes "
+                                                       f"{takes}")
 
     def _step(self, body):
         out, secrets = _YamlMap(body.line), []
@@ -4232,7 +4280,7 @@ def _gravatar(email):
 
 # Raised when parsing gives a file another meaning (its era's rules, its
 # warnings): a file parsed before is parsed again, not read from the store.
-_PIPELINE_RULES = 3
+_PIPELINE_RULES = 4
 
 
 def _pipeline_digest(filename, text):
@@ -9491,12 +9539,26 @@ class _JobRun:
         return {target.upper(): by_name[source.lower()] for source, target in step.secrets
                 if source.lower() in by_name}
 
-    def _check_secrets_found(self, step, found):
+    def _setting_secrets(self, step, image):
+        """{name in lower case: value} of the secrets a Woodpecker plugin's
+        settings name inside their maps and lists, of those its event allows
+        and its image may have (None in other eras: Drone passes such a map
+        as it is written)."""
+        if self.pipeline.era != "woodpecker":
+            return None
+        wanted = {name.lower() for name in step.setting_secrets()}
+        return {name.lower(): value for name, value in self.secrets.items()
+                if name.lower() in wanted and _image_allowed(image, self.secret_images.get(name))}
+
+    def _check_secrets_found(self, step, found, image):
         """Woodpecker fails a workflow whose step (one its `when` lets run)
         names a secret it cannot have: the repository lacks it, or this
         event or image may not have it (a fork's pull request gets none)."""
         missing = [source for source, target in step.secrets or ()
                    if target.upper() not in found]
+        if self.pipeline.era == "woodpecker":
+            nested = self._setting_secrets(step, image)
+            missing += [name for name in step.setting_secrets() if name.lower() not in nested]
         if missing and self.pipeline.era == "woodpecker" and self._applies(step, planning=True):
             raise _JobError(f"{step.kind} {step.name!r}: secret {missing[0]!r} not found (or "
                             f"not for this event or image): `cirunner secret add`")
@@ -9508,7 +9570,7 @@ class _JobRun:
             image = step.with_variables(variables, self.matrix if self.pipeline.drone04 else
                                         None, dollars=self.pipeline.dollars()).image
         secrets_of_step = self._step_secrets(step, image)
-        self._check_secrets_found(step, secrets_of_step)
+        self._check_secrets_found(step, secrets_of_step, image)
         step = step.with_variables({**variables, **secrets_of_step},
                                    self.matrix if self.pipeline.drone04 else None,
                                    shell_variables=variables, dollars=self.pipeline.dollars())
@@ -9601,7 +9663,7 @@ class _JobRun:
         environment.update(self.drone)
         environment["DRONE_WORKSPACE"] = environment["CI_WORKSPACE"] = backend.workspace(self)
         environment.update(self._step_secrets(step, step.image))
-        environment.update(step.plugin_environment())
+        environment.update(step.plugin_environment(self._setting_secrets(step, step.image)))
         environment["DRONE_BUILD_STATUS"] = self.status
         if self.pipeline.era in ("1", "woodpecker"):  # the step's own name and number
             prefix = "DRONE" if self.pipeline.era == "1" else "CI"
@@ -9975,8 +10037,10 @@ def _secrets_steps_may_get(pipeline, secrets, images):
     for step in pipeline.steps + pipeline.services:
         allowed = {name for name in secrets
                    if "$" in step.image or _image_allowed(step.image, images.get(name))}
-        if step.secrets is not None:
-            wanted = {source.lower() for source, _ in step.secrets}
+        wanted = {source.lower() for source, _ in step.secrets or ()}
+        if pipeline.era == "woodpecker":  # and those its settings name inside maps and lists
+            wanted |= {name.lower() for name in step.setting_secrets()}
+        if step.secrets is not None or wanted:
             names |= {name for name in allowed if name.lower() in wanted}
         elif pipeline.era not in _RULES_08:
             names |= allowed

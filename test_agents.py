@@ -85,9 +85,9 @@ class Fleet:
         self.agents.append(agent)
         return agent
 
-    def repo(self, pipeline, name="hello"):
+    def repo(self, pipeline, name="hello", filename=".cirunner.yml"):
         path = str(self.tmp_path / "repos" / name)
-        commit_files(path, {".cirunner.yml": pipeline})
+        commit_files(path, {filename: pipeline})
         status, body = self.server.api("POST", f"/api/repos/alice/{name}", {"url": path})
         assert status == 201, body
 
@@ -403,6 +403,23 @@ def test_a_jobs_secrets_reach_only_the_agent_that_claimed_it(fleet):
     assert status == 200 and news["jobs"] == [], news
     raw = json.dumps(news)
     assert "the-deploy-key-of-hello" not in raw and "the-key-of-other" not in raw
+
+
+def test_an_agent_gets_the_secrets_a_woodpecker_plugin_names_inside_its_settings(fleet):
+    """Woodpecker reads {from_secret} inside a setting's maps and lists (a
+    registry login's password): the agent that runs it gets that secret,
+    and still no other."""
+    fleet.repo("steps:\n  - name: publish\n    image: plugins/x\n    settings:\n"
+               "      logins:\n        - registry: r.example\n"
+               "          password: {from_secret: registry_pw}\n", filename=".woodpecker.yml")
+    for name, value in (("registry_pw", "the-registry-password"), ("unused", "not-for-it")):
+        fleet.server.api("POST", "/api/repos/alice/hello/secrets", {"name": name, "value": value})
+    token = fleet.token("one")
+    connect(fleet.server, token, "one-runner")
+    fleet.server.api("POST", "/api/repos/alice/hello/builds", {})
+    news = poll_holding(fleet, token, [], wait=5)
+    assert [claim["secrets"] for claim in news["jobs"]] == [
+        {"registry_pw": "the-registry-password"}], news
 
 
 def poll_holding(fleet, token, holding, wait=0):

@@ -4666,6 +4666,14 @@ def test_a_woodpecker_step_that_names_a_secret_it_cannot_have_fails_its_workflow
     executor.run_until_idle()
     assert store.get_build_by_id(build["id"])["status"] == "success"
     assert "token=5" in log_text(store, build, 1)
+    # one a plugin's settings name inside a map or list counts the same
+    repo = make_repo({".woodpecker.yml": "steps:\n  - name: publish\n    image: plugins/x\n"
+                      "    settings: {logins: [{password: {from_secret: registry_pw}}]}\n"},
+                     "alice/plugin")
+    build = cirunner.create_build(store, repo, event="push")
+    executor.run_until_idle()
+    job = store.list_jobs(build["id"])[0]
+    assert job["status"] == "error" and "secret 'registry_pw' not found" in job["error"], job
 
 
 def test_woodpecker_conditions_match_as_woodpecker_matches_them():
@@ -5400,6 +5408,25 @@ def test_a_broken_workflow_of_a_folder_is_named_with_its_file(store, make_repo):
 def test_bad_drone_1x_values_are_named_never_a_crash(text, message):
     with pytest.raises(cirunner.ConfigError, match=re.escape(message)):
         cirunner.parse_pipeline(text, ".drone.yml")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("steps:\n- name: p\n  image: x\n  settings:\n    logins: [{password: {from_secret: ''}}]\n",
+     "line 5: setting 'logins': from_secret takes the name of a secret"),
+    ("steps:\n- name: p\n  image: x\n  settings:\n    m: {a: {from_secret: pw, b: 1}}\n",
+     "line 5: setting 'm': from_secret takes the name of a secret"),
+    ("steps:\n- name: p\n  image: x\n  commands: [true]\n  environment:\n    M: {a: {from_secret: pw}}\n",
+     ("line 6: environment 'M': from_secret takes a variable's whole value here; inside a map "
+      "or list, only a plugin's settings read it")),
+])
+def test_a_woodpecker_from_secret_inside_a_map_is_a_name_or_is_named(text, message):
+    """Inside a setting's maps and lists {from_secret: NAME} is a secret;
+    anything else of that key, or one inside a variable's map (which cirunner
+    does not read), fails the file, never reaches a plugin as text."""
+    with pytest.raises(cirunner.ConfigError, match=re.escape(message)):
+        cirunner.parse_pipeline(text, ".woodpecker.yml")
+    if "settings" in text:  # Drone passes such a map as it is written
+        assert cirunner.parse_pipeline("kind: pipeline\n" + text, ".drone.yml").steps
 
 
 def test_drone_1x_settings_stay_settings_and_odd_values_fail_closed():
@@ -10918,14 +10945,10 @@ WOODPECKER_DEPARTURES = {  # a ported case's test id: why cirunner departs from 
         'departure: two steps of one name are refused even when they run in order',
     'test_woodpecker_ported_params_TestSanitizeParamKey_not_upper':
         "departure: an environment name with '-' or '.' is refused",
-    'test_woodpecker_ported_params_TestYAMLToParamsToEnv':
-        "not done: from_secret nested inside a setting's map or list",
     'test_woodpecker_ported_params_TestYAMLToParamsToEnvError':
         'ported below the depth cirunner refuses at: _step_secrets leaves a missing secret out; the job refuses a step that would run with one missing (see test_a_woodpecker_step_that_names_a_secret_it_cannot_have_fails_its_workflow)',
     'test_woodpecker_ported_params_TestSecretNotFound':
         'ported below the depth cirunner refuses at: _step_secrets leaves a missing secret out; the job refuses a step that would run with one missing (see test_a_woodpecker_step_that_names_a_secret_it_cannot_have_fails_its_workflow)',
-    'test_woodpecker_ported_params_TestSecretMappingComplexMapWithSecrets':
-        "not done: from_secret nested inside a setting's map or list",
     'test_woodpecker_ported_compiler_TestCompilerCompile_plugin_keeps_woodpecker_base':
         "departure: a plugin shares the job's workspace base",
     'test_woodpecker_ported_compiler_TestCompilerCompile_missing_secret':
@@ -10991,17 +11014,22 @@ def wp_step_secrets(pipeline, step, secrets):
     """What cirunner's runner gives `step` of `pipeline` from the repository's
     `secrets` ({name: value}, no image or event filter): _JobRun._step_secrets,
     the rule _JobRun._environment applies before the plugin's settings."""
-    job = types.SimpleNamespace(secrets=dict(secrets), secret_images={}, pipeline=pipeline)
-    return cirunner._JobRun._step_secrets(job, step, step.image)
+    return cirunner._JobRun._step_secrets(_wp_job(pipeline, secrets), step, step.image)
+
+
+def _wp_job(pipeline, secrets):
+    return types.SimpleNamespace(secrets=dict(secrets), secret_images={}, pipeline=pipeline)
 
 
 def wp_step_environment(pipeline, step, secrets):
     """A step's own variables as cirunner's _JobRun._environment composes them
-    (its environment, its secrets, then the plugin's settings): the part
-    Woodpecker's compiler makes with settings.ParamsToEnv (convert.go:123-129)."""
+    (its environment, its secrets, then the plugin's settings with the secrets
+    they name inside maps and lists): the part Woodpecker's compiler makes
+    with settings.ParamsToEnv (convert.go:123-129)."""
     environment = dict(step.environment)
     environment.update(wp_step_secrets(pipeline, step, secrets))
-    environment.update(step.plugin_environment())
+    environment.update(step.plugin_environment(cirunner._JobRun._setting_secrets(
+        _wp_job(pipeline, secrets), step, step.image)))
     return environment
 
 

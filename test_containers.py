@@ -314,6 +314,31 @@ def test_a_woodpecker_step_runs_in_its_directory_in_the_container(tmp_path, serv
     assert "\nhello\n" in log and "\nin /tmp\n" in log, log
 
 
+def test_a_woodpecker_plugin_gets_the_secrets_its_settings_name_inside_maps_and_lists(
+        tmp_path, servers):
+    """A registry login in a plugin's settings (Woodpecker's buildx plugin's
+    `logins`): the plugin sees the secret's value in its place, and the log
+    shows it masked."""
+    server = servers(tmp_path / "data")
+    repo = str(tmp_path / "repo")
+    commit_files(repo, {".woodpecker.yml": (
+        f"steps:\n  - name: publish\n    image: {PLUGIN}\n    settings:\n"
+        "      logins:\n        - registry: r.example\n"
+        "          password: {from_secret: registry_pw}\n"
+        "      config: {auth: {token: {from_secret: api_token}}, retries: 2}\n")})
+    server.api("POST", "/api/repos/alice/hello", {"url": repo, "private": False})
+    for name, value in (("registry_pw", "pw-of-the-registry"), ("api_token", "t0k3n-of-api")):
+        server.api("POST", "/api/repos/alice/hello/secrets", {"name": name, "value": value})
+    server.api("POST", "/api/repos/alice/hello/builds", {})
+    build = finished(server, "alice/hello", 1)
+    log = http_text(server.url + "/api/repos/alice/hello/logs/1/1")
+    assert build["status"] == "success", (build, log[-2000:])
+    assert sorted(re.findall(r"^PLUGIN_\w+=.*$", log, re.MULTILINE)) == [
+        'PLUGIN_CONFIG={"auth":{"token":"********"},"retries":2}',
+        'PLUGIN_LOGINS=[{"password":"********","registry":"r.example"}]']
+    assert "pw-of-the-registry" not in log and "t0k3n-of-api" not in log
+
+
 def test_a_service_that_ignores_sigterm_is_done_with_at_the_jobs_end_not_after_the_grace(
         tmp_path, servers):
     server = servers(tmp_path / "data", "--grace", "60")  # a step's grace: not a service's
