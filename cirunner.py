@@ -8811,6 +8811,7 @@ class _EngineBackend:
     def _secret(self, job, name, index, value):
         """A podman secret holding one multi-line value of a step, removed with the job."""
         secret = f"{name}-env-{index}"
+        job.engine_secrets.append(secret)  # before it may exist: the sweep looks for it
         result = self._run(["secret", "create", *self.labels(job), "--", secret, "-"],
                            stdin=value)
         if result.returncode != 0:
@@ -8865,7 +8866,8 @@ class _EngineBackend:
                 self._run(["volume", "rm", "--force", "--", volume])
         if job.network:
             self._run(["network", "rm", "--force", "--", job.network])
-        self._remove_secrets([job.job["id"]])
+        if job.engine_secrets:  # else no `secret ls` (a round trip to podman)
+            self._remove_secrets([job.job["id"]])
 
     def _remove_secrets(self, job_ids):
         """Remove the podman secrets of these jobs (found by name: podman's
@@ -9286,6 +9288,7 @@ class _JobRun:
         self.background = []        # _Running: services and detached steps
         self.network = self.volume = None
         self.temp_volumes = {}  # a temp volume's name: the engine's volume
+        self.engine_secrets = []    # podman secrets made for its multi-line values
         self.container_workspace = ("", "")
         self.prepared = []          # the backends prepared for this job, in order
         self.prepare_lock = threading.Lock()
