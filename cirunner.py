@@ -8769,7 +8769,7 @@ class _EngineBackend:
         argv.append(f"--env-file={env_file}")
         for secret, variable in secrets:
             argv.append(f"--secret={secret},type=env,target={variable}")
-        if step.kind == "step":
+        if step.kind == "step" or step.commands:  # a service's commands are its script too
             return argv + ["--entrypoint=/bin/sh", "--", step.image, "-e", "-c", step.script()]
         if step.entrypoint:
             argv.append(f"--entrypoint={step.entrypoint[0]}")
@@ -8792,7 +8792,8 @@ class _EngineBackend:
     def start(self, step, *, env, job):
         """Start a container for `step`; its output comes from the returned process."""
         self.check_step(step)
-        name = f"{self.prefix(job)}-{job.records[id(step)]}"
+        # By its number in the job: its record's id is no number on an agent.
+        name = f"{self.prefix(job)}-{job.step_numbers[id(step)]}"
         text, multiline = _env_file(env, multiline_allowed=self.name == "podman")
         secrets = [(self._secret(job, name, index, value), variable)
                    for index, (variable, value) in enumerate(multiline.items())]

@@ -339,6 +339,65 @@ def test_a_woodpecker_plugin_gets_the_secrets_its_settings_name_inside_maps_and_
     assert "pw-of-the-registry" not in log and "t0k3n-of-api" not in log
 
 
+SERVICE_WITH_COMMANDS = """\
+steps:
+  - name: fetch
+    image: localhost/cirunner-test:2
+    commands:
+      - for i in $(seq 100); do wget -q -O - http://web:8080/index.html && break; sleep 0.1; done
+services:
+  - name: web
+    image: localhost/cirunner-test:1
+    commands: [echo serving, httpd -f -p 8080 -h /www]
+"""
+
+
+@pytest.mark.parametrize("filename, text", [
+    (".woodpecker.yml", SERVICE_WITH_COMMANDS),
+    (".drone.yml", "kind: pipeline\ntype: docker\n" + SERVICE_WITH_COMMANDS),
+])
+def test_a_service_runs_its_commands_as_its_script(tmp_path, servers, filename, text):
+    """Drone and Woodpecker run a service's `commands` as a step's (a
+    database or a server started by a shell line): not its image's command."""
+    server = servers(tmp_path / "data")
+    repo = str(tmp_path / "repo")
+    commit_files(repo, {filename: text})
+    server.api("POST", "/api/repos/alice/hello", {"url": repo, "private": False})
+    server.api("POST", "/api/repos/alice/hello/builds", {})
+    build = finished(server, "alice/hello", 1)
+    log = http_text(server.url + "/api/repos/alice/hello/logs/1/1")
+    assert build["status"] == "success", (build, log[-2000:])
+    assert "served-by-httpd-1" in log and "+ echo serving\nserving\n" in log, log
+
+
+def test_an_agent_runs_steps_and_services_in_their_images(tmp_path, servers, engine_env,
+                                                           monkeypatch):
+    """`cirunner agent --engine podman`: a build machine runs image steps as
+    serve does (each container is named by its step's number in the job)."""
+    from test_agents import Agent
+    server = servers(tmp_path / "serve", "--workers", "0")
+    repo = str(tmp_path / "repo")
+    commit_files(repo, {".woodpecker.yml": SERVICE_WITH_COMMANDS})
+    server.api("POST", "/api/repos/alice/hello", {"url": repo, "private": False})
+    status, body = server.api("POST", "/api/agents", {"name": "box", "labels": {}})
+    assert status == 201, body
+    for key, value in engine_env.items():
+        monkeypatch.setenv(key, value)
+    agent = Agent(tmp_path / "agent", server, body["token"], "--engine", "podman")
+    try:
+        server.api("POST", "/api/repos/alice/hello/builds", {})
+        build = finished(server, "alice/hello", 1)
+        log = http_text(server.url + "/api/repos/alice/hello/logs/1/1")
+        assert build["status"] == "success", (build, log[-2000:], agent.output()[-2000:])
+        assert "served-by-httpd-1" in log
+    finally:
+        agent.stop()
+    identity = f"{server.url.rstrip('/')} {os.path.abspath(agent.data_dir)}"  # the agent's store
+    store_key = hashlib.sha1(identity.encode()).hexdigest()[:10]
+    assert podman(engine_env, "ps", "--all", "--quiet", "--filter",
+                  f"label=cirunner.store={store_key}").stdout.split() == []
+
+
 def test_a_service_that_ignores_sigterm_is_done_with_at_the_jobs_end_not_after_the_grace(
         tmp_path, servers):
     server = servers(tmp_path / "data", "--grace", "60")  # a step's grace: not a service's
