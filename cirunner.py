@@ -9568,7 +9568,8 @@ class _JobRun:
                             f"not for this event or image): `cirunner secret add`")
 
     def _substituted(self, step):
-        variables = {**self.variables, **self.matrix, **self.drone}
+        variables = {**self.variables, **self.matrix, **self.drone,
+                     **self._workspace_variables(self._backend_for(step))}
         image = step.image
         if self.secret_images and "$" in image:  # the image a secret's images must match
             image = step.with_variables(variables, self.matrix if self.pipeline.drone04 else
@@ -9648,6 +9649,12 @@ class _JobRun:
 
     # -- services and steps ------------------------------------------------------------
 
+    def _workspace_variables(self, backend):
+        """The variables that name the workspace, where `backend`'s steps see it
+        (a container's own path: the server's folders are not a step's to know)."""
+        return dict.fromkeys(("DRONE_WORKSPACE", "CI_WORKSPACE", "DRONE_DIR", "CI_BUILD_DIR"),
+                             backend.workspace(self))
+
     def _backend_for(self, step):
         """The backend that runs `step`: its image's engine, else the host's
         (with --engine none, an image is not used)."""
@@ -9665,7 +9672,7 @@ class _JobRun:
         environment.update(step.environment)
         environment.update(self.matrix)
         environment.update(self.drone)
-        environment["DRONE_WORKSPACE"] = environment["CI_WORKSPACE"] = backend.workspace(self)
+        environment.update(self._workspace_variables(backend))
         environment.update(self._step_secrets(step, step.image))
         environment.update(step.plugin_environment(self._setting_secrets(step, step.image)))
         environment["DRONE_BUILD_STATUS"] = self.status

@@ -370,6 +370,26 @@ def test_a_service_runs_its_commands_as_its_script(tmp_path, servers, filename, 
     assert "served-by-httpd-1" in log and "+ echo serving\nserving\n" in log, log
 
 
+def test_a_container_step_sees_its_own_workspace_never_the_hosts(tmp_path, servers):
+    """Every variable that names the workspace names the container's path:
+    the server's data folder is not the step's to know (or to use, which it
+    cannot: it is not mounted there)."""
+    server = servers(tmp_path / "data")
+    repo = str(tmp_path / "repo")
+    names = ["DRONE_WORKSPACE", "CI_WORKSPACE", "DRONE_DIR", "CI_BUILD_DIR"]
+    commit_files(repo, {".drone.yml": (
+        "pipeline:\n  t:\n    image: localhost/cirunner-test:1\n    commands:\n"
+        + "".join(f"      - echo \"{name}=${name} ${{{name}}}\"\n" for name in names))})
+    server.api("POST", "/api/repos/alice/hello", {"url": repo, "private": False})
+    server.api("POST", "/api/repos/alice/hello/builds", {})
+    build = finished(server, "alice/hello", 1)
+    log = http_text(server.url + "/api/repos/alice/hello/logs/1/1")
+    assert build["status"] == "success", (build, log[-2000:])
+    seen = dict(re.findall(r"^(\w+)=(.*)$", log, re.MULTILINE))
+    assert seen == {name: "/drone/src/alice/hello /drone/src/alice/hello" for name in names}, log
+    assert str(tmp_path) not in log
+
+
 def test_an_agent_runs_steps_and_services_in_their_images(tmp_path, servers, engine_env,
                                                            monkeypatch):
     """`cirunner agent --engine podman`: a build machine runs image steps as
