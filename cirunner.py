@@ -2587,9 +2587,12 @@ class _Woodpecker(_Drone1):
         if root and all(isinstance(one, dict) and one.get("event") for one in root):
             return
         steps = document.get("steps")
-        bodies = steps.values() if isinstance(steps, dict) else steps or []
-        for body in (body for body in bodies if isinstance(body, dict)):
-            name, when = body.get("name"), constraints(body.get("when"))
+        named = steps.items() if isinstance(steps, dict) else (
+            (body.get("name") if isinstance(body, dict) else None, body) for body in steps or [])
+        for key, body in named:
+            if not isinstance(body, dict):
+                continue
+            name, when = body.get("name") or key, constraints(body.get("when"))
             if not when:
                 self.parser.problems.warn(_line_of(body), f"step {name!r}: consider adding a "
                                           "`when` block with an `event` filter to this step "
@@ -3499,12 +3502,13 @@ def read_pipeline_file(directory, config_path=""):
     names = (config_path,) if config_path else PIPELINE_FILES
     found = next((name for name in names if os.path.isfile(os.path.join(directory, name))),
                  None)
+
     def read(name):
         with open(os.path.join(directory, name), encoding="utf-8", errors="replace") as handle:
             return handle.read()
 
     folder = os.path.join(directory, ".woodpecker")
-    if found is None and not config_path and os.path.isdir(folder):
+    if found is None and config_path in ("", WOODPECKER_FOLDER) and os.path.isdir(folder):
         workflows = _woodpecker_folder(os.listdir(folder), read)
         if workflows is not None:
             return workflows
@@ -17020,14 +17024,20 @@ def _exec_secrets(given, environ):
 
 
 def _pipeline_file_at(path):
-    """(filename, text) of the pipeline file at `path`: a file, or a folder's."""
-    path = path or os.getcwd()
+    """(filename, text) of the pipeline file at `path`: a file, or a folder's
+    (a .woodpecker/ folder itself, or one of its files, is read as Woodpecker's)."""
+    path = os.path.normpath(path or os.getcwd())
+    if os.path.isdir(path) and os.path.basename(path) == ".woodpecker":
+        return read_pipeline_file(os.path.dirname(path) or ".", WOODPECKER_FOLDER)
     if os.path.isdir(path):
         return read_pipeline_file(path)
     if not os.path.exists(path):
         raise CIRunnerError(f"no such file: {path}")
     with open(path, encoding="utf-8") as handle:
-        return os.path.basename(path), handle.read()
+        name = os.path.basename(path)
+        if os.path.basename(os.path.dirname(os.path.abspath(path))) == ".woodpecker":
+            name = f".woodpecker/{name}"
+        return name, handle.read()
 
 
 def _command_matrix(args, stdout, stderr):
@@ -17050,8 +17060,8 @@ def _command_plan(args, stdout, stderr):
         json.dump(plan, stdout, indent=2)
         print(file=stdout)
         return 0
-    print(f"{filename}: {'Drone ' + pipeline.era if _is_drone_file(filename) else 'cirunner'} "
-          f"rules; {args.event} on {branch}", file=stdout)
+    print(f"{filename}: {_rules_name(pipeline, filename)} rules; {args.event} on {branch}",
+          file=stdout)
     for planned in plan["pipelines"]:
         print(f"pipeline {planned['name']}: {'runs' if planned['runs'] else 'no build'}",
               file=stdout)
@@ -17088,9 +17098,20 @@ def _command_lint(args, stdout, stderr):
         return 1
     for warning in pipeline.warnings:
         print(f"{warning.replace(': ', ': warning: ', 1)}", file=stdout)
-    print(f"{filename}: Drone {pipeline.era} rules, {len(pipeline.steps)} step(s), "
-          f"{len(pipeline.matrix)} job(s), {len(pipeline.warnings)} warning(s)", file=stdout)
+    pipelines = pipeline.each()
+    print(f"{filename}: {_rules_name(pipeline, filename)} rules, "
+          + (f"{len(pipelines)} pipelines, " if len(pipelines) > 1 else "")
+          + f"{sum(len(one.steps) for one in pipelines)} step(s), "
+          f"{sum(len(one.matrix) for one in pipelines)} job(s), "
+          f"{len(pipeline.warnings)} warning(s)", file=stdout)
     return 0
+
+
+def _rules_name(pipeline, filename):
+    """Whose rules a pipeline file is read by, as the command line says it."""
+    if pipeline.era == "woodpecker":
+        return "Woodpecker"
+    return f"Drone {pipeline.era}" if _is_drone_file(filename) else "cirunner"
 
 
 def _add_repo_options(parser, *, adding):

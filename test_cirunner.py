@@ -4489,6 +4489,31 @@ def test_what_drone_accepted_runs_as_drone_ran_it_with_a_warning_each(
     assert status == 1 and out.count(": error: ") == 3  # the second test is not read
 
 
+def test_lint_counts_every_pipeline_of_a_file_or_folder_and_names_each_step(tmp_path):
+    """A newcomer's trial: lint counted only a file's first pipeline (0 steps
+    for a Woodpecker folder), and named a step of a mapping `None`."""
+    drone = tmp_path / ".drone.yml"
+    drone.write_text("".join(
+        f"---\nkind: pipeline\nname: {name}\nsteps:\n- {{name: a, image: x, commands: [true]}}\n"
+        f"- {{name: b, image: x, commands: [true]}}\n" for name in ("one", "two", "three")))
+    status, out, _ = in_process_cli("lint", str(drone))
+    assert status == 0
+    assert out == ".drone.yml: Drone 1 rules, 3 pipelines, 6 step(s), 3 job(s), 0 warning(s)\n"
+    folder = tmp_path / ".woodpecker"
+    folder.mkdir()
+    (folder / "build.yml").write_text("when: {event: push}\nsteps:\n  make: {image: x, "
+                                      "commands: [true]}\n  check: {image: x, commands: [true]}\n")
+    (folder / "deploy.yml").write_text("depends_on: [build]\nsteps:\n  ship:\n    image: x\n"
+                                       "    commands: [true]\n")
+    status, out, _ = in_process_cli("lint", str(folder))
+    assert status == 0 and out.endswith(
+        ": Woodpecker rules, 2 pipelines, 3 step(s), 2 job(s), 1 warning(s)\n"), out
+    assert "step 'ship': consider adding a `when` block" in out, out
+    status, out, _ = in_process_cli("lint", str(folder / "build.yml"))  # one of its files
+    assert status == 0
+    assert out == ".woodpecker/build.yml: Woodpecker rules, 2 step(s), 1 job(s), 0 warning(s)\n"
+
+
 def test_every_problem_is_named_at_once():
     text = ("pipeline:\n"
             "  a:\n    commands: [true]\n    when: {evnt: push}\n"       # line 4
