@@ -10465,6 +10465,11 @@ class Executor:
                 self.store.unregister_runner(self.runner_id)
             self._registered = False
 
+    def engine_description(self):
+        """Where steps with an image run, as the start line says it: the
+        engine, or none or unavailable with the reason."""
+        return f"none ({self.engine_problem})" if self.engine is None else self.engine.describe()
+
     def isolation_summary(self):
         """How steps are isolated: steps on the host ("bwrap", "none" or
         "unavailable"), their network, the user they run as, and the engine
@@ -16386,7 +16391,7 @@ def _command_serve(args, stdout, stderr):
             start()
         store.release_connection()  # from here, lent out between requests like the pool's
         _warn_unisolated(executor, stderr)
-        engine = executor.engine.name if executor.engine else f"none ({executor.engine_problem})"
+        engine = executor.engine_description()
         print(f"cirunner {__version__}: serving {url}/ with {executor.workers} worker(s), "
               f"steps in {executor.isolation}, images in {engine}, "
               f"data in {os.path.abspath(args.data)}"
@@ -16431,7 +16436,7 @@ def _command_agent(args, stdout, stderr):
     try:
         executor.start()
         _warn_unisolated(executor, stderr)
-        engine = executor.engine.name if executor.engine else f"none ({executor.engine_problem})"
+        engine = executor.engine_description()
         labels = ",".join(f"{key}={value}" for key, value in sorted(executor.labels.items()))
         source = f"server {server} as agent {store.name}" if server else store.identity()
         print(f"cirunner {__version__}: agent {executor.runner_id} runs jobs from "

@@ -703,6 +703,11 @@ def test_an_image_step_without_a_working_engine_is_an_error_not_exit_125(tmp_pat
         assert "needs a container engine" in error and "cannot set up the runtime" in error
         health = http_json("GET", server.url + "/healthz")[1]
         assert health["isolation"]["images"] == "unavailable"
+        # why: on serve's first line, and to an admin
+        assert re.search(r"images in unavailable \(podman does not work here: .*cannot set up "
+                         r"the runtime\)", server.output()), server.output()
+        problem = server.api("GET", "/healthz")[1]["problems"]["images"]
+        assert "cannot set up the runtime" in problem
     finally:
         server.stop()
 
