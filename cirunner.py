@@ -5913,6 +5913,13 @@ class Store(_Listeners):
     def list_jobs(self, build_id):
         return self._query("SELECT * FROM jobs WHERE build_id = $1 ORDER BY number", (build_id,))
 
+    def failed_pipelines(self, build_id):
+        """The pipelines of a build's jobs that have ended failure, error or
+        killed by now, in the jobs' order (Drone's DRONE_FAILED_STAGES)."""
+        return [row["pipeline"] for row in self._query(
+            "SELECT pipeline FROM jobs WHERE build_id = $1 AND status IN ($2, $3, $4) "
+            "ORDER BY number", (build_id, FAILURE, ERROR, KILLED))]
+
     def get_job(self, build_id, number):
         return self._one("SELECT * FROM jobs WHERE build_id = $1 AND number = $2",
                          (build_id, number), f"job {number} not found")
@@ -9300,6 +9307,8 @@ class _JobRun:
         self.background_done = threading.Event()
         self.ended_cleanly = True   # every container's engine process ended by itself
         self.status = SUCCESS       # the status so far, as DRONE_BUILD_STATUS tells steps
+        self.failed_steps = []      # the names of its steps that failed (not ignored), so far
+        self.failed_pipelines = []  # Drone 1.x: its build's that failed before it began
         self.activity = "preparing"  # what it does now, for the queue
         self.services = self.steps = []
         self.ended_elsewhere = ""   # why the store refused this claim's writes, if it did
@@ -9449,6 +9458,7 @@ class _JobRun:
             self.drone.update(self._woodpecker_environment())
         elif self.pipeline.era == "1":  # drone-runner-docker's stage variables
             self.drone.update(self._stage_environment())
+            self.failed_pipelines = self.store.failed_pipelines(self.build["id"])
         elif self.pipeline.era in _RULES_08:  # 0.8's metadata.go: CI_REPO_NAME is OWNER/NAME
             drone = self.drone
             drone.update(CI_REPO_NAME=drone["DRONE_REPO"], CI_REPO_LINK=drone["DRONE_REPO_LINK"],
@@ -9486,6 +9496,21 @@ class _JobRun:
                                                               or "[]")),
                 "DRONE_STAGE_STATUS": SUCCESS, "DRONE_STAGE_STARTED":
                 str(self.job.get("started_at") or 0)}
+
+    def _failure_environment(self):
+        """What has failed as a step of a Drone 1.x job starts, as
+        drone-runner tells it (runner-go's environ.Build and environ.Stage):
+        the build fails once another of its pipelines failed before this job
+        began (DRONE_FAILED_STAGES) or one of this job's steps did
+        (DRONE_FAILED_STEPS, not one whose failure is ignored)."""
+        environment = {}
+        if self.failed_steps:
+            environment.update(DRONE_STAGE_STATUS=FAILURE,
+                               DRONE_FAILED_STEPS=",".join(self.failed_steps))
+        if self.failed_pipelines:
+            environment.update(DRONE_BUILD_STATUS=FAILURE,
+                               DRONE_FAILED_STAGES=",".join(self.failed_pipelines))
+        return environment
 
     def _changed_files_variable(self):
         """Woodpecker's CI_PIPELINE_FILES: the changed files as JSON ("[]" for
@@ -9680,6 +9705,8 @@ class _JobRun:
         environment.update(self._step_secrets(step, step.image))
         environment.update(step.plugin_environment(self._setting_secrets(step, step.image)))
         environment["DRONE_BUILD_STATUS"] = self.status
+        if self.pipeline.era == "1":
+            environment.update(self._failure_environment())
         if self.pipeline.era in ("1", "woodpecker"):  # the step's own name and number
             prefix = "DRONE" if self.pipeline.era == "1" else "CI"
             environment[f"{prefix}_STEP_NAME"] = step.name
@@ -9749,9 +9776,11 @@ class _JobRun:
         if code != 0 and step.ignore_failure:
             self.log.write(f"cirunner: step {step.name!r} failed with exit code {code} "
                            "(failure: ignore)\n")
-        elif code != 0 and self.status == SUCCESS:
-            self.status = FAILURE
-            return code, f"step {step.name!r} failed with exit code {code}"
+        elif code != 0:
+            self.failed_steps.append(step.name)
+            if self.status == SUCCESS:
+                self.status = FAILURE
+                return code, f"step {step.name!r} failed with exit code {code}"
         return exit_code, error
 
     def _run_graph(self, planned, needs, deadline, minutes):
@@ -14951,6 +14980,7 @@ class _AgentService:
             images = {name: value for name, value in images.items() if name in usable}
         return {"job": job, "build": build, "repo": repo, "pipeline": pipeline,
                 "previous": self.store.previous_build(build), "event": event,
+                "failed_pipelines": self.store.failed_pipelines(build["id"]),
                 "secrets": found, "secret_images": images}
 
     # -- reports -------------------------------------------------------------------
@@ -15664,6 +15694,9 @@ class _AgentStore(_Listeners):
 
     def previous_build(self, build):
         return self._claim("build", build["id"])["previous"]
+
+    def failed_pipelines(self, build_id):
+        return list(self._claim("build", build_id).get("failed_pipelines", ()))
 
     def secrets_for(self, repo_id, event, *, job_id=None):
         """The secrets that came with job `job_id` (only its own)."""

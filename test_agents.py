@@ -204,6 +204,21 @@ def test_a_sha256_repository_builds_on_an_agent(fleet):
     assert f"+ git rev-parse HEAD\n{sha}\n" in fleet.log(1, name="sha256")
 
 
+def test_a_drone_1x_pipeline_on_an_agent_hears_which_pipelines_failed_before_it(fleet):
+    """DRONE_FAILED_STAGES and DRONE_BUILD_STATUS come with the claim (as
+    drone-runner has them from its server when the stage starts)."""
+    fleet.repo("kind: pipeline\ntype: exec\nname: test\nsteps:\n- {name: t, commands: [exit 1]}\n"
+               "---\nkind: pipeline\ntype: exec\nname: notify\ndepends_on: [test]\n"
+               "trigger: {status: [failure]}\nsteps:\n- name: post\n  commands:\n"
+               "  - echo \"build=$DRONE_BUILD_STATUS stages=$DRONE_FAILED_STAGES\"\n",
+               filename=".drone.yml")
+    fleet.agent("one")
+    assert fleet.server.api("POST", "/api/repos/alice/hello/builds", {})[0] == 201
+    wait_for(lambda: finished(fleet.build(1)), timeout=60, interval=0.1)
+    assert [job["status"] for job in fleet.build(1)["jobs"]] == ["failure", "success"]
+    assert "\nbuild=failure stages=test\n" in fleet.log(1, job=2)
+
+
 def test_a_cancel_reaches_a_job_on_an_agent_at_once(fleet):
     fleet.repo("pipeline:\n  t:\n    commands:\n      - echo started\n      - sleep 60\n")
     fleet.agent("one")

@@ -4701,6 +4701,34 @@ def test_a_woodpecker_step_that_names_a_secret_it_cannot_have_fails_its_workflow
     assert job["status"] == "error" and "secret 'registry_pw' not found" in job["error"], job
 
 
+def test_a_drone_1x_notify_step_sees_what_failed_as_drone_runner_tells_it(store, executor,
+                                                                            make_repo):
+    """runner-go's environ.Build and environ.Stage: after a failed step the
+    job's DRONE_STAGE_STATUS and DRONE_FAILED_STEPS; in a pipeline that runs
+    after a failed one, DRONE_BUILD_STATUS failure and DRONE_FAILED_STAGES.
+    (The variables a notify pipeline posts; a newcomer's trial found
+    DRONE_BUILD_STATUS success there.)"""
+    show = ("echo \"build=$DRONE_BUILD_STATUS stages=$DRONE_FAILED_STAGES "
+            "stage=$DRONE_STAGE_STATUS steps=$DRONE_FAILED_STEPS\"")
+    text = ("kind: pipeline\ntype: exec\nname: test\nsteps:\n"
+            "- {name: lint, commands: [exit 3], failure: ignore}\n"
+            f"- {{name: before, commands: ['{show}']}}\n"
+            "- {name: unit, commands: [exit 1]}\n"
+            f"- {{name: report, commands: ['{show}'], when: {{status: [failure]}}}}\n"
+            "---\nkind: pipeline\ntype: exec\nname: notify\ndepends_on: [test]\n"
+            "trigger: {status: [success, failure]}\n"
+            f"steps:\n- {{name: post, commands: ['{show}']}}\n")
+    repo = make_repo({".drone.yml": text})
+    build = cirunner.create_build(store, repo)
+    executor.run_until_idle()
+    assert store.get_build_by_id(build["id"])["status"] == "failure"
+    lines = [line for line in (log_text(store, build, 1) + log_text(store, build, 2)).split("\n")
+             if line.startswith("build=")]
+    assert lines == ["build=success stages= stage=success steps=",
+                     "build=failure stages= stage=failure steps=unit",
+                     "build=failure stages=test stage=success steps="]
+
+
 def test_woodpecker_conditions_match_as_woodpecker_matches_them():
     """Woodpecker's constraint.go: events are an exact list (no glob), branch
     and ref are doublestar globs, and a tag's build is not held to `branch`."""
