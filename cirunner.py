@@ -6063,7 +6063,10 @@ class Store(_Listeners):
                                   (build_id, job_number)).fetchone():
                     raise NotFound(f"job {job_number} not found")
                 raise Conflict(f"job {job_number} is not pending or running")
-            raise Conflict("the build has no pending or running jobs")
+            number = tx.execute("SELECT number FROM builds WHERE id = $1",
+                                (build_id,)).fetchone()
+            raise Conflict(f"build {number[0] if number else build_id} has no pending or "
+                           "running jobs")
         running = []
         for job in jobs:
             if job["status"] == PENDING:

@@ -1091,6 +1091,16 @@ def test_restart_is_409_while_running(store, make_repo, app):
     assert store.get_build_by_id(build["id"])["status"] == cirunner.RUNNING
 
 
+def test_cancel_of_a_finished_build_names_the_build(store, make_repo, app, executor):
+    """`cirunner cancel OWNER/NAME latest` picks a build itself: the refusal
+    says which."""
+    make_repo({".cirunner.yml": "pipeline: {t: {commands: [true]}}\n"})
+    app.post("/api/repos/alice/hello/builds", status=201)
+    executor.run_until_idle()
+    error = app.delete("/api/repos/alice/hello/builds/1", status=409).json
+    assert error["message"] == "build 1 has no pending or running jobs"
+
+
 def test_recovery_marks_jobs_of_a_dead_runner_as_error(store, make_repo):
     repo = make_repo({".cirunner.yml": "pipeline: {t: {commands: [true]}}\nmatrix: {N: ['1', '2']}\n"})
     build = cirunner.create_build(store, repo)
