@@ -7484,12 +7484,27 @@ def _resolve_from_git(store, repo, request):
 
 
 def _directory_resolver(directory, config_path=""):
-    """A resolver for `exec`: the pipeline file of a working directory, no git."""
+    """A resolver for `exec`: the pipeline file of a working directory as it
+    is (not as committed); the branch checked out there and its HEAD's
+    commit fields, if it is a git work tree."""
 
     def resolve(store, repo, request):
-        return request.branch, {}, read_pipeline_file(directory, config_path)
+        return (request.branch or _checked_out_branch(directory), _head_commit(directory),
+                read_pipeline_file(directory, config_path))
 
     return resolve
+
+
+def _head_commit(directory):
+    """The commit fields of HEAD in `directory`'s git work tree ({} if none)."""
+    try:
+        result = subprocess.run(["git", "-C", directory, "cat-file", "commit", "HEAD"],
+                                capture_output=True, check=False)
+        sha = subprocess.run(["git", "-C", directory, "rev-parse", "--verify", "HEAD"],
+                             capture_output=True, text=True, check=False).stdout.strip()
+    except OSError:  # no git here
+        return {}
+    return _commit_fields(sha, result.stdout) if result.returncode == 0 and sha else {}
 
 
 def _parse_for_build(store, filename, text, max_jobs):

@@ -1469,6 +1469,24 @@ def test_cli_exec_runs_a_working_directory_without_a_store(tmp_path):
     assert sorted(os.listdir(work)) == [".cirunner.yml", "uncommitted.txt"]  # DIR untouched
 
 
+def test_cli_exec_in_a_git_work_tree_tells_steps_its_branch_and_commit(tmp_path):
+    """As plan does: the branch checked out and its HEAD (a newcomer's
+    `${DRONE_COMMIT_SHA:0:8}` tag came out empty); the file as it is now."""
+    work = str(tmp_path / "work")
+    sha = commit_files(work, {".drone.yml": "pipeline: {t: {commands: [true]}}\n"},
+                       message="the head")
+    pathlib.Path(work, ".drone.yml").write_text(
+        "pipeline:\n  t:\n    commands:\n"
+        "      - echo \"$DRONE_BRANCH ${DRONE_COMMIT_SHA:0:8} $DRONE_COMMIT_MESSAGE\"\n")
+    result = run_cli("exec", work)
+    assert result.returncode == 0, result.stderr
+    assert f"[1] main {sha[:8]} the head\n" in result.stdout, result.stdout
+    outside = tmp_path / "plain"
+    outside.mkdir()
+    (outside / ".drone.yml").write_text("pipeline: {t: {commands: ['echo \"[$DRONE_COMMIT]\"']}}\n")
+    assert "[1] []" in run_cli("exec", str(outside)).stdout  # no git here: no commit
+
+
 def test_cli_matrix_prints_the_jobs(tmp_path):
     path = tmp_path / ".drone.yml"
     path.write_text(MATRIX_2X3)
