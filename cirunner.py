@@ -16692,7 +16692,8 @@ def _announce(client, args, build, detail, stdout, stderr):
 def _command_build(client, args, stdout, stderr):
     owner, name = _split_full_name(args.full_name)
     params = {"variables": _parse_vars(args.var), **{key: value for key, value in (
-        ("branch", args.branch), ("commit", args.commit)) if value}}
+        ("branch", args.branch), ("commit", args.commit), ("event", args.event),
+        ("deploy_to", args.deploy_to)) if value}}
     build = client.call("start_build", owner=owner, name=name, params=params)
     _announce(client, args, build, f" (commit {build['commit'][:12] or '?'}, "
               f"{len(build['jobs'])} job(s))", stdout, stderr)
@@ -17283,6 +17284,10 @@ def _add_build_parsers(commands, common, workers, env):
     build.add_argument("full_name", metavar="OWNER/NAME")
     build.add_argument("--branch", help="branch to build (default: the repository's)")
     build.add_argument("--commit", help="commit SHA to build (default: the branch head)")
+    build.add_argument("--event", choices=EVENTS,
+                       help="the event it is made as, for `when` and `trigger` (default manual)")
+    build.add_argument("--deploy-to", metavar="TARGET",
+                       help="a deployment's target (DRONE_DEPLOY_TO; with --event deployment)")
     build.add_argument("--var", action="append", metavar="NAME=VALUE",
                        help="variable for the jobs' environment (repeatable)")
     build.add_argument("--wait", action="store_true",

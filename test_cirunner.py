@@ -1416,6 +1416,13 @@ def test_cli_repo_add_build_wait_logs_and_exit_codes(tmp_path):
     assert everything.count("--- job ") == 6
     restarted = run_cli("restart", "alice/good", "1", "--fork", "--wait", "--data", data)
     assert restarted.returncode == 0 and "build 2: success" in restarted.stderr
+    # as another event, what `when` looks at (the API's event=)
+    commit_files(good, {".drone.yml": (
+        "pipeline:\n  deploy:\n    commands: ['echo \"to $DRONE_DEPLOY_TO on $DRONE_BUILD_EVENT\"']"
+        "\n    when: {event: deployment}\n")})
+    deployed = run_cli("build", "alice/good", "--event", "deployment", "--deploy-to", "prod",
+                       "--wait", "--data", data)
+    assert deployed.returncode == 0 and "[1] to prod on deployment" in deployed.stdout, deployed
 
 
 @pytest.mark.parametrize("args, message", [
