@@ -7495,6 +7495,22 @@ def _directory_resolver(directory, config_path=""):
     return resolve
 
 
+def _head_changed_files(directory):
+    """The paths HEAD changes in `directory`'s git work tree (against its
+    first parent; a root commit: all its files), or None outside one."""
+    try:
+        result = subprocess.run(["git", "-C", directory, "diff-tree", "-r", "--name-only", "-z",
+                                 "--no-commit-id", "--root", "--no-renames",
+                                 "--diff-merges=first-parent", "HEAD"],
+                                capture_output=True, check=False)
+    except OSError:  # no git here
+        return None
+    if result.returncode != 0:
+        return None
+    return [name for name in result.stdout.decode(errors="replace").split("\0")
+            if name][:MAX_CHANGED_FILES]
+
+
 def _head_commit(directory):
     """The commit fields of HEAD in `directory`'s git work tree ({} if none)."""
     try:
@@ -17050,8 +17066,12 @@ def _command_exec(args, stdout, stderr):
             repo = store.create_repo("local", name[:100] or "local", directory)
             for secret, value in _exec_secrets(args.secret or [], args.environ).items():
                 store.set_secret(repo["id"], secret, value, events=list(EVENTS))
+            # The files its HEAD changes (`paths`, CI_PIPELINE_FILES): read in
+            # the work tree, which has no mirror here.
+            changed = _head_changed_files(directory)
             request = _BuildRequest(branch=args.branch, event=args.event,
-                                    variables=_parse_vars(args.var))
+                                    variables=_parse_vars(args.var), fields={} if changed is None
+                                    else {"changed_files": json.dumps(changed)})
             build = _make_build(store, repo, request,
                                 resolve=_directory_resolver(directory, config))
             if build["error"]:

@@ -1492,6 +1492,15 @@ def test_cli_exec_in_a_git_work_tree_tells_steps_its_branch_and_commit(tmp_path)
     outside.mkdir()
     (outside / ".drone.yml").write_text("pipeline: {t: {commands: ['echo \"[$DRONE_COMMIT]\"']}}\n")
     assert "[1] []" in run_cli("exec", str(outside)).stdout  # no git here: no commit
+    # a push's files are those HEAD changes, read in the work tree (exec has no mirror)
+    commit_files(work, {"src/a.go": "package a\n", ".woodpecker.yml": (
+        "when: {event: push}\nsteps:\n  - name: files\n    commands: ['echo \"files $CI_PIPELINE_FILES\"']\n"
+        "  - name: docs\n    commands: [echo docs]\n    when: {path: 'docs/**'}\n")})
+    pathlib.Path(work, ".drone.yml").unlink()
+    pushed = run_cli("exec", "--event", "push", work)
+    assert pushed.returncode == 0, pushed.stderr
+    assert '[1] files [".drone.yml", ".woodpecker.yml", "src/a.go"]' in pushed.stdout, pushed.stdout
+    assert "docs" not in pushed.stdout.replace("files", "")
 
 
 def test_cli_matrix_prints_the_jobs(tmp_path):
