@@ -3529,16 +3529,31 @@ def step_units(steps):
     return units
 
 
-def _condition_variables(repo, default_branch, event, branch, ref):
-    """What a condition's ``${VAR}`` may name before a job runs: Drone's and
-    Woodpecker's variables of the repository and the build."""
+def _condition_variables(repo, default_branch, event, branch, ref, deploy_to=""):
+    """What a condition's ``${VAR}`` (or `evaluate`) may name before a job
+    runs: Drone's and Woodpecker's variables of the repository and the build."""
     tag = ref[len("refs/tags/"):] if ref.startswith("refs/tags/") else ""
     values = {"REPO": repo, "BRANCH": branch, "COMMIT_BRANCH": branch, "COMMIT_REF": ref,
               "BUILD_EVENT": event, "TAG": tag}
     return {**{prefix + name: value for name, value in values.items()
                for prefix in ("CI_", "DRONE_")},
             "DRONE_REPO_BRANCH": default_branch, "CI_REPO_DEFAULT_BRANCH": default_branch,
-            "CI_PIPELINE_EVENT": event, "CI_COMMIT_TAG": tag}
+            "CI_PIPELINE_EVENT": event, "CI_COMMIT_TAG": tag,
+            **_woodpecker_build_variables(event, branch, ref, deploy_to)}
+
+
+def _woodpecker_build_variables(event, branch, ref, deploy_to):
+    """Woodpecker's variables of a pull request (its number, the branch it
+    targets) and of a deployment (its target), set only where they apply
+    (metadata/environment.go). A pull request's source branch is not kept."""
+    variables = {}
+    if event == EVENT_PULL_REQUEST:
+        number = re.search(r"\d+", ref)
+        variables.update(CI_COMMIT_TARGET_BRANCH=branch,
+                         CI_COMMIT_PULL_REQUEST=number.group(0) if number else "")
+    if deploy_to:
+        variables["CI_PIPELINE_DEPLOY_TARGET"] = deploy_to
+    return {name: value for name, value in variables.items() if value}
 
 
 def plan_pipeline(pipeline, *, event, branch, ref="", repo="", deploy_to="",
@@ -3556,7 +3571,8 @@ def plan_pipeline(pipeline, *, event, branch, ref="", repo="", deploy_to="",
     if event not in EVENTS:
         raise BadRequest(f"event must be one of {', '.join(EVENTS)}")
     ref = ref or (f"refs/tags/{branch}" if event == EVENT_TAG else f"refs/heads/{branch}")
-    change.setdefault("variables", _condition_variables(repo, default_branch, event, branch, ref))
+    change.setdefault("variables", _condition_variables(repo, default_branch, event, branch, ref,
+                                                        deploy_to))
     running = running_pipelines(pipeline, event=event, branch=branch, ref=ref, repo=repo,
                                 deploy_to=deploy_to, **change)
     return {"pipelines": [{
@@ -7566,7 +7582,8 @@ def _change_of(store, repo, request, fields, pipeline):
               "message": request.fields.get("message") or fields.get("message") or "",
               "variables": _condition_variables(
                   f"{repo['owner']}/{repo['name']}", default, request.event,
-                  fields.get("branch") or "", request.fields.get("ref") or fields.get("ref"))}
+                  fields.get("branch") or "", request.fields.get("ref") or fields.get("ref"),
+                  request.fields.get("deploy_to") or "")}
     change["variables"].update(CI_COMMIT_MESSAGE=change["message"],
                                CI_COMMIT_AUTHOR=request.fields.get("author")
                                or fields.get("author") or "")
@@ -9565,7 +9582,9 @@ class _JobRun:
                 "CI_REPO_DEFAULT_BRANCH": drone["DRONE_REPO_BRANCH"],
                 "CI_WORKFLOW_NAME": self.pipeline.name,
                 "CI_WORKFLOW_NUMBER": str(self.job["number"]),
-                "CI_PREV_PIPELINE_STATUS": drone.get("DRONE_PREV_BUILD_STATUS", "")}
+                "CI_PREV_PIPELINE_STATUS": drone.get("DRONE_PREV_BUILD_STATUS", ""),
+                **_woodpecker_build_variables(build["event"], build["branch"], build["ref"],
+                                              build["deploy_to"])}
 
     def _pipeline(self):
         pipeline_id = self.build["pipeline_id"]
@@ -9741,6 +9760,8 @@ class _JobRun:
         environment["DRONE_BUILD_STATUS"] = self.status
         if self.pipeline.era == "1":
             environment.update(self._failure_environment())
+        elif self.pipeline.era == "woodpecker":  # its status so far, as each step starts
+            environment["CI_PIPELINE_STATUS"] = self.status
         if self.pipeline.era in ("1", "woodpecker"):  # the step's own name and number
             prefix = "DRONE" if self.pipeline.era == "1" else "CI"
             environment[f"{prefix}_STEP_NAME"] = step.name
@@ -9927,7 +9948,7 @@ class _JobRun:
                 "message": build["message"], "cron": build.get("cron") or "",
                 "action": build.get("action") or "",
                 "variables": {**self.drone, "CI_REPO_DEFAULT_BRANCH":
-                              self.drone["DRONE_REPO_BRANCH"]}}
+                              self.drone["DRONE_REPO_BRANCH"], **self.matrix}}
 
     def _run_into(self, step, sink, deadline, minutes, results, index):
         """Run one step with its output into `sink`; its result in `results`."""

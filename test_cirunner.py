@@ -4773,6 +4773,37 @@ def test_a_drone_1x_notify_step_sees_what_failed_as_drone_runner_tells_it(store,
                      "build=failure stages=test stage=success steps="]
 
 
+def test_woodpecker_variables_of_a_deployment_a_pull_request_a_matrix_and_the_status(
+        store, executor, make_repo):
+    """metadata/environment.go: CI_PIPELINE_DEPLOY_TARGET, a pull request's
+    CI_COMMIT_PULL_REQUEST and CI_COMMIT_TARGET_BRANCH (evaluate sees them);
+    step.go: CI_PIPELINE_STATUS as each step starts; an `evaluate` sees the
+    job's matrix axes (compiler.go). A second trial found each missing."""
+    text = ("when: {event: deployment, evaluate: 'CI_PIPELINE_DEPLOY_TARGET == \"production\"'}\n"
+            "matrix: {GO: ['1.21', '1.22']}\n"
+            "steps:\n"
+            "  - name: new-go\n    commands: ['echo \"new go $GO\"']\n"
+            "    when: {evaluate: 'GO == \"1.22\"'}\n"
+            "  - name: broken\n    commands: [exit 1]\n"
+            "  - name: notify\n    commands: ['echo \"to $CI_PIPELINE_DEPLOY_TARGET: "
+            "$CI_PIPELINE_STATUS\"']\n    when: {status: [success, failure]}\n")
+    repo = make_repo({".woodpecker.yml": text})
+    with pytest.raises(cirunner.NoBuild):
+        cirunner.create_build(store, repo, event="deployment", deploy_to="staging")
+    build = cirunner.create_build(store, repo, event="deployment", deploy_to="production")
+    executor.run_until_idle()
+    logs = [log_text(store, build, number) for number in (1, 2)]
+    assert ["new go 1.22" in log for log in logs] == [False, True], logs
+    assert all("to production: failure" in log for log in logs), logs
+    pipeline = cirunner.parse_pipeline(
+        "when: {evaluate: 'CI_COMMIT_PULL_REQUEST == \"7\" && CI_COMMIT_TARGET_BRANCH == "
+        "\"main\"'}\nsteps:\n  - name: t\n    commands: [true]\n", ".woodpecker.yml")
+    runs = [cirunner.plan_pipeline(pipeline, event="pull_request", branch="main",
+                                   ref=f"refs/pull/{number}/head")["pipelines"][0]["runs"]
+            for number in (7, 8)]
+    assert runs == [True, False]
+
+
 def test_woodpecker_conditions_match_as_woodpecker_matches_them():
     """Woodpecker's constraint.go: events are an exact list (no glob), branch
     and ref are doublestar globs, and a tag's build is not held to `branch`."""
