@@ -12835,7 +12835,10 @@ _OPERATIONS = {route.handler: route for route in reversed(_API_ROUTES)
 # Webhooks ####################################################################
 ###############################################################################
 
-_SKIP_PATTERN = re.compile(r"\[(ci skip|skip ci)\]", re.IGNORECASE)
+# A commit that asks not to be built (Woodpecker's skip.go; Drone 1.x's also
+# ***NO_CI***): heeded for pushes and pull requests, never for a tag (a
+# release commit says [skip ci] so that its branch push builds nothing).
+_SKIP_PATTERN = re.compile(r"\[(ci *skip|skip *ci)\]|\*\*\*no_ci\*\*\*", re.IGNORECASE)
 
 
 def _webhook_forge(headers):
@@ -13065,7 +13068,8 @@ def _receive_webhook(api):
         return _Reply(None, 204)
     fields = {key: value if key in ("timestamp", "fork") else _text(value)
               for key, value in fields.items()}
-    if _SKIP_PATTERN.search(fields["message"] or ""):
+    if fields["event"] in (EVENT_PUSH, EVENT_PULL_REQUEST) and _SKIP_PATTERN.search(
+            fields["message"] or ""):
         return _Reply(None, 204)
     if fields["event"] not in json.loads(repo["events"]):
         return _Reply(None, 204)

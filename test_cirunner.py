@@ -2686,7 +2686,8 @@ def test_two_quick_pushes_each_build_their_own_commit(store, executor, hook_repo
 
 
 @pytest.mark.parametrize("case, status", [
-    ("ci skip", 204), ("skip ci upper", 204), ("deleted branch", 204),
+    ("ci skip", 204), ("skip ci upper", 204), ("skipci", 204), ("no ci", 204),
+    ("deleted branch", 204),
     ("deleted branch, SHA-256 ids", 204), ("event off", 204),
     ("ping", 200), ("unknown repo", 403), ("wrong shape", 400), ("not json", 400),
     ("no forge header", 400), ("closed pull request", 204),
@@ -2700,6 +2701,10 @@ def test_webhooks_that_start_no_build(case, status, store, hook_repo):
         payload["head_commit"]["message"] = "docs: typo [ci skip]"
     elif case == "skip ci upper":
         payload["head_commit"]["message"] = "Release [SKIP CI]"
+    elif case == "skipci":  # Woodpecker's pattern: any spaces between the words
+        payload["head_commit"]["message"] = "chore: bump [skipci]"
+    elif case == "no ci":  # Drone 1.x's other word
+        payload["head_commit"]["message"] = "chore: bump ***NO_CI***"
     elif case == "deleted branch":
         payload.update(after="0" * 40, deleted=True)
     elif case == "deleted branch, SHA-256 ids":  # as a forge without the `deleted` flag sends it
@@ -2725,6 +2730,23 @@ def test_webhooks_that_start_no_build(case, status, store, hook_repo):
     if status >= 400:
         assert response.json["status"] == status
     assert store.list_builds(hook_repo["repo"]["id"]) == []
+
+
+def test_a_tag_of_a_skip_ci_release_commit_builds(store, hook_repo):
+    """Drone 1.x and Woodpecker heed [skip ci] for pushes and pull requests
+    only: a release commit says it so that its branch push builds nothing,
+    and its tag builds (the release)."""
+    app = webtest.TestApp(cirunner.make_app(store), extra_environ=AS_CURL)
+    sha = git(hook_repo["work"], "rev-parse", "HEAD")
+    for ref, status in (("refs/heads/main", 204), ("refs/tags/v1.0.1", 200)):
+        payload = github_push(sha, "chore(release): 1.0.1 [skip ci]")
+        payload["ref"] = ref
+        body = json.dumps(payload).encode()
+        headers = {"X-GitHub-Event": "push", "Content-Type": "application/json",
+                   **sign(body, "github")}
+        assert app.post("/hook", body, headers=headers).status_int == status
+    assert [build["ref"] for build in store.list_builds(hook_repo["repo"]["id"])] == [
+        "refs/tags/v1.0.1"]
 
 
 def fork_pull_request(hook_repo, tmp_path, files, number=7, head_repo="mallory/hello"):
