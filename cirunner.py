@@ -9824,6 +9824,11 @@ class _JobRun:
                 before = list(range(len(needs) - len(unit), len(needs)))
         return self._run_graph(planned, needs, deadline, minutes)
 
+    def _early_exit(self, code):
+        """Whether a step's exit `code` ends a Drone 1.x job early, passing:
+        78 (drone-runner skips the steps that have not started)."""
+        return code == 78 and self.pipeline.era == "1"
+
     def _step_ended(self, step, code, exit_code, error):
         """Note a step's exit `code`: a failure it may ignore is said in the
         log; the first other failure makes the job's status failure. The
@@ -9851,9 +9856,9 @@ class _JobRun:
         waiting, running, spooled = list(range(len(planned))), {}, []
         finished = queue.SimpleQueue()
         exit_code, error, ended_by = 0, "", None  # ended_by: (status, why) of a stop or fault
-        ended, raised = set(), None
+        ended, raised, early = set(), None, False
         while waiting or running:
-            if not (ended_by or raised or self.stop_requested.is_set()):
+            if not (ended_by or raised or early or self.stop_requested.is_set()):
                 self._start_ready(planned, waiting, running, ended, needs,
                                   lambda index, sink: threading.Thread(
                                       target=self._graph_step, daemon=True, args=(
@@ -9873,6 +9878,10 @@ class _JobRun:
             if fault or stopped:
                 ended_by = ended_by or ((ERROR, fault) if fault else (KILLED, stopped))
                 exit_code = exit_code or code
+            elif self._early_exit(code):  # passed: what has not started is skipped
+                early = True
+                self.log.write(f"cirunner: step {step.name!r} exited 78: the steps that have "
+                               "not started are skipped, as Drone skips them\n")
             else:
                 exit_code, error = self._step_ended(step, code, exit_code, error)
         if raised:
@@ -9963,7 +9972,8 @@ class _JobRun:
             sink.write(f"cirunner: {exc.message}\n")
             code, fault = 255, f"step {step.name!r}: {exc.message}"
         results[index] = (code, stopped, fault)
-        status = KILLED if stopped else ERROR if fault else SUCCESS if code == 0 else FAILURE
+        status = KILLED if stopped else ERROR if fault else SUCCESS if (
+            code == 0 or self._early_exit(code)) else FAILURE
         fields = {"status": status, "exit_code": code, "finished_at": _now()}
         if sink is self.log:
             fields["log_end"] = self.log.position()

@@ -4826,6 +4826,27 @@ def test_woodpecker_variables_of_a_deployment_a_pull_request_a_matrix_and_the_st
     assert runs == [True, False]
 
 
+def test_a_drone_1x_step_that_exits_78_ends_its_job_early_and_passing(store, executor,
+                                                                        make_repo):
+    """runner-go: exit code 78 passes the step and skips every step that has
+    not started (state.go finish, execer.go SkipAll); a 0.8 file's 78 fails."""
+    steps = ("- {name: check, commands: ['echo nothing to do', 'exit 78']}\n"
+             "- {name: build, commands: [echo built]}\n"
+             "- {name: always, commands: [echo always], when: {status: [success, failure]}}\n")
+    repo = make_repo({".drone.yml": "kind: pipeline\ntype: exec\nsteps:\n" + steps})
+    build = cirunner.create_build(store, repo)
+    executor.run_until_idle()
+    detail = cirunner._full_build_json(store, store.get_build_by_id(build["id"]))
+    assert detail["status"] == "success", detail
+    assert [(step["name"], step["status"]) for step in detail["jobs"][0]["steps"]] == [
+        ("check", "success"), ("build", "skipped"), ("always", "skipped")]
+    assert "built" not in log_text(store, build, 1)
+    old = make_repo({".drone.yml": "pipeline:\n  check: {commands: [exit 78]}\n"}, "alice/old")
+    build = cirunner.create_build(store, old)
+    executor.run_until_idle()
+    assert store.get_build_by_id(build["id"])["status"] == "failure"
+
+
 def test_woodpecker_conditions_match_as_woodpecker_matches_them():
     """Woodpecker's constraint.go: events are an exact list (no glob), branch
     and ref are doublestar globs, and a tag's build is not held to `branch`."""
