@@ -9326,6 +9326,23 @@ def _image_name(image):
         image = image.removeprefix(prefix)
     return image
 
+def _levels(needs):
+    """Woodpecker's reading of a step graph (`needs[i]`: the positions the
+    i-th step depends on; no cycle): its levels run one after another
+    (compiler/dag.go convertDAGToStages), so a step waits for every step of
+    the levels before its own, and a failure there skips it unless its
+    `when` runs on failure."""
+    level = {}
+
+    def depth(index):
+        if index not in level:
+            level[index] = 1 + max((depth(other) for other in needs[index]), default=-1)
+        return level[index]
+
+    depths = [depth(index) for index in range(len(needs))]
+    return [[index for index, other in enumerate(depths) if other < mine] for mine in depths]
+
+
 class _JobRun:
     """One claimed job, run to its end in named steps: `prepare` (build, repo,
     secrets, the plan of steps, the workspace), `check_out`, `start_services`,
@@ -9817,6 +9834,8 @@ class _JobRun:
             position = {step.name: index for index, step in enumerate(planned)}
             needs = [[position[name] for name in step.depends_on if name in position]
                      for step in planned]
+            if self.pipeline.era == "woodpecker":
+                needs = _levels(needs)
         else:  # by position: Drone 0.8 ran two steps of one name (see _YamlReader)
             needs, before = [], []
             for unit in step_units(planned):

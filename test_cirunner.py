@@ -4847,6 +4847,28 @@ def test_a_drone_1x_step_that_exits_78_ends_its_job_early_and_passing(store, exe
     assert store.get_build_by_id(build["id"])["status"] == "failure"
 
 
+def test_a_woodpecker_graph_runs_level_by_level_as_woodpecker_does(store, executor,
+                                                                     make_repo):
+    """compiler/dag.go makes the graph levels that run one after another: a
+    step waits for the whole level before it, and a failure there (even of
+    a step it does not depend on) skips it unless its when runs on failure."""
+    text = ("when: {event: [push, manual]}\nsteps:\n"
+            "  - name: slow-lint\n    commands: [sleep 1, exit 1]\n"
+            "  - name: build\n    commands: [echo built]\n"
+            "  - name: test\n    commands: [echo tested]\n    depends_on: [build]\n"
+            "  - name: report\n    commands: [echo reported]\n    depends_on: [build]\n"
+            "    when: {status: [success, failure]}\n")
+    repo = make_repo({".woodpecker.yml": text})
+    build = cirunner.create_build(store, repo)
+    executor.run_until_idle()
+    detail = cirunner._full_build_json(store, store.get_build_by_id(build["id"]))
+    assert detail["status"] == "failure"
+    assert {step["name"]: step["status"] for step in detail["jobs"][0]["steps"]} == {
+        "slow-lint": "failure", "build": "success", "test": "skipped", "report": "success"}
+    assert cirunner._levels([[], [], [1], [1], [2, 0]]) == [[], [], [0, 1], [0, 1],
+                                                           [0, 1, 2, 3]]
+
+
 def test_woodpecker_conditions_match_as_woodpecker_matches_them():
     """Woodpecker's constraint.go: events are an exact list (no glob), branch
     and ref are doublestar globs, and a tag's build is not held to `branch`."""
