@@ -9326,6 +9326,30 @@ def _image_name(image):
         image = image.removeprefix(prefix)
     return image
 
+_SEMVER = re.compile(r"(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
+                     r"(?:-([0-9A-Za-z.-]+))?(?:\+([0-9A-Za-z.-]+))?")
+
+
+def _semver_variables(tag):
+    """DRONE_SEMVER_* of a tag, as runner-go's environ/semver.go gives them
+    (a leading v dropped); DRONE_SEMVER_ERROR for a tag that is none."""
+    version = tag[1:] if tag.startswith("v") else tag
+    match = _SEMVER.fullmatch(version)
+    if match is None:
+        return {"DRONE_SEMVER_ERROR": f"{version} is not a semantic version (MAJOR.MINOR.PATCH)"}
+    major, minor, patch, pre, build = match.groups()
+    short = f"{major}.{minor}.{patch}"
+    variables = {"DRONE_SEMVER": short + (f"-{pre}" if pre else "") + (f"+{build}" if build
+                                                                      else ""),
+                 "DRONE_SEMVER_MAJOR": major, "DRONE_SEMVER_MINOR": minor,
+                 "DRONE_SEMVER_PATCH": patch, "DRONE_SEMVER_SHORT": short}
+    if pre:
+        variables["DRONE_SEMVER_PRERELEASE"] = pre
+    if build:
+        variables["DRONE_SEMVER_BUILD"] = build
+    return variables
+
+
 def _levels(needs):
     """Woodpecker's reading of a step graph (`needs[i]`: the positions the
     i-th step depends on; no cycle): its levels run one after another
@@ -9526,6 +9550,8 @@ class _JobRun:
             self.drone.update(self._woodpecker_environment())
         elif self.pipeline.era == "1":  # drone-runner-docker's stage variables
             self.drone.update(self._stage_environment())
+            if "DRONE_TAG" in self.drone:
+                self.drone.update(_semver_variables(self.drone["DRONE_TAG"]))
             self.failed_pipelines = self.store.failed_pipelines(self.build["id"])
         elif self.pipeline.era in _RULES_08:  # 0.8's metadata.go: CI_REPO_NAME is OWNER/NAME
             drone = self.drone

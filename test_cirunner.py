@@ -4869,6 +4869,25 @@ def test_a_woodpecker_graph_runs_level_by_level_as_woodpecker_does(store, execut
                                                            [0, 1, 2, 3]]
 
 
+def test_a_drone_1x_tag_build_gets_its_semantic_version(store, executor, make_repo):
+    """runner-go's environ/semver.go: DRONE_SEMVER_* of the tag (the `tags:
+    ${DRONE_SEMVER_SHORT}` of a docker plugin), DRONE_SEMVER_ERROR for a tag
+    that is no version; a 0.8 file has none, as 0.8 had none."""
+    show = "env | grep ^DRONE_SEMVER | sort"
+    repo = make_repo({".drone.yml": f"kind: pipeline\ntype: exec\nsteps:\n- {{name: v, "
+                                    f"commands: ['{show}']}}\n"})
+    for tag in ("v1.2.3-rc.1+build.5", "nightly"):
+        build = cirunner.create_build(store, repo, event="tag", ref=f"refs/tags/{tag}")
+        executor.run_until_idle()
+    first, second = (log_text(store, build, 1) for build in store.list_builds(repo["id"])[::-1])
+    assert re.findall(r"^DRONE_SEMVER\w*=.*$", first, re.MULTILINE) == [
+        "DRONE_SEMVER=1.2.3-rc.1+build.5", "DRONE_SEMVER_BUILD=build.5", "DRONE_SEMVER_MAJOR=1",
+        "DRONE_SEMVER_MINOR=2", "DRONE_SEMVER_PATCH=3", "DRONE_SEMVER_PRERELEASE=rc.1",
+        "DRONE_SEMVER_SHORT=1.2.3"]
+    assert re.findall(r"^DRONE_SEMVER\w*=.*$", second, re.MULTILINE) == [
+        "DRONE_SEMVER_ERROR=nightly is not a semantic version (MAJOR.MINOR.PATCH)"]
+
+
 def test_woodpecker_conditions_match_as_woodpecker_matches_them():
     """Woodpecker's constraint.go: events are an exact list (no glob), branch
     and ref are doublestar globs, and a tag's build is not held to `branch`."""
