@@ -9333,7 +9333,7 @@ _SEMVER = re.compile(r"(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
 def _semver_variables(tag):
     """DRONE_SEMVER_* of a tag, as runner-go's environ/semver.go gives them
     (a leading v dropped); DRONE_SEMVER_ERROR for a tag that is none."""
-    version = tag[1:] if tag.startswith("v") else tag
+    version = tag.removeprefix("v")
     match = _SEMVER.fullmatch(version)
     if match is None:
         return {"DRONE_SEMVER_ERROR": f"{version} is not a semantic version (MAJOR.MINOR.PATCH)"}
