@@ -9789,7 +9789,8 @@ class _JobRun:
         """A step's environment: what its backend starts from (on the host the
         server's locale, PATH and home, nothing else of the server's); then
         build variables, the step's own, the matrix and Drone's (which win, as
-        in Drone, with the workspace where the step sees it), its secrets, a
+        in Drone, with the workspace where the step sees it; in a Woodpecker
+        file the step's own win over them, as in Woodpecker), its secrets, a
         plugin's settings, and the backend's marks. It reaches the step inside
         its sandbox or container only, never a host process."""
         environment = backend.environment(self)
@@ -9798,6 +9799,8 @@ class _JobRun:
         environment.update(self.matrix)
         environment.update(self.drone)
         environment.update(self._workspace_variables(backend))
+        if self.pipeline.era == "woodpecker":  # a step's own win there (compiler/convert.go)
+            environment.update(step.environment)
         environment.update(self._step_secrets(step, step.image))
         environment.update(step.plugin_environment(self._setting_secrets(step, step.image)))
         environment["DRONE_BUILD_STATUS"] = self.status

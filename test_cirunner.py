@@ -4888,6 +4888,22 @@ def test_a_drone_1x_tag_build_gets_its_semantic_version(store, executor, make_re
         "DRONE_SEMVER_ERROR=nightly is not a semantic version (MAJOR.MINOR.PATCH)"]
 
 
+def test_a_woodpecker_steps_own_environment_wins_over_the_built_in_one(store, executor,
+                                                                         make_repo):
+    """compiler/convert.go copies the built-in variables first and the step's
+    `environment` over them; in a Drone file the built-in ones win."""
+    step = ("commands: ['echo \"$GO $CI_COMMIT_BRANCH\"']\n"
+            "    environment: {GO: mine, CI_COMMIT_BRANCH: mine-too}\n")
+    woodpecker = make_repo({".woodpecker.yml": "matrix: {GO: ['1.22']}\nsteps:\n  - name: t\n"
+                            "    " + step}, "alice/wp")
+    drone = make_repo({".drone.yml": "pipeline:\n  t:\n    " + step + "matrix: {GO: ['1.22']}\n"},
+                      "alice/drone")
+    builds = [cirunner.create_build(store, repo) for repo in (woodpecker, drone)]
+    executor.run_until_idle()
+    assert "\nmine mine-too\n" in log_text(store, builds[0], 1)
+    assert "\n1.22 main\n" in log_text(store, builds[1], 1)
+
+
 def test_woodpecker_conditions_match_as_woodpecker_matches_them():
     """Woodpecker's constraint.go: events are an exact list (no glob), branch
     and ref are doublestar globs, and a tag's build is not held to `branch`."""
