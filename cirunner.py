@@ -9544,8 +9544,8 @@ class _JobRun:
         self.drone["DRONE_REPO_BRANCH"] = (self.repo["default_branch"]
                                            or self.store.git.remembered_default_branch(self.repo))
         self.previous_status = previous["status"] if previous else None
-        if _is_drone_file(self.pipeline.filename):
-            self.drone["CI"] = "drone"  # as Drone 0.5 and 0.8 set it
+        if _is_drone_file(self.pipeline.filename) and self.pipeline.era != "1":
+            self.drone["CI"] = "drone"  # as Drone 0.5 and 0.8 set it (drone-runner: true)
         if self.pipeline.era == "woodpecker":  # the CI_* its documentation calls stable
             self.drone.update(self._woodpecker_environment())
         elif self.pipeline.era == "1":  # drone-runner-docker's stage variables
@@ -9553,8 +9553,8 @@ class _JobRun:
             if "DRONE_TAG" in self.drone:
                 self.drone.update(_semver_variables(self.drone["DRONE_TAG"]))
             self.failed_pipelines = self.store.failed_pipelines(self.build["id"])
-        elif self.pipeline.era in _RULES_08:  # 0.8's metadata.go: CI_REPO_NAME is OWNER/NAME
-            drone = self.drone
+        if self.pipeline.era in ("0.8", "1"):  # 0.8's metadata.go, runner-go's legacy ones:
+            drone = self.drone                 # CI_REPO_NAME is OWNER/NAME
             drone.update(CI_REPO_NAME=drone["DRONE_REPO"], CI_REPO_LINK=drone["DRONE_REPO_LINK"],
                          CI_REPO_REMOTE=drone["DRONE_REMOTE_URL"],
                          CI_REPO_PRIVATE=drone["DRONE_REPO_PRIVATE"])

@@ -4886,6 +4886,13 @@ def test_a_drone_1x_tag_build_gets_its_semantic_version(store, executor, make_re
         "DRONE_SEMVER_SHORT=1.2.3"]
     assert re.findall(r"^DRONE_SEMVER\w*=.*$", second, re.MULTILINE) == [
         "DRONE_SEMVER_ERROR=nightly is not a semantic version (MAJOR.MINOR.PATCH)"]
+    # runner-go's System and Repo: CI=true, and the 0.8 names it keeps (OWNER/NAME)
+    show = "echo \"ci=$CI name=$CI_REPO_NAME remote=${CI_REPO_REMOTE:+set}\""
+    repo = make_repo({".drone.yml": f"kind: pipeline\ntype: exec\nsteps:\n- {{name: v, "
+                                    f"commands: ['{show}']}}\n"}, "alice/legacy")
+    build = cirunner.create_build(store, repo)
+    executor.run_until_idle()
+    assert "\nci=true name=alice/legacy remote=set\n" in log_text(store, build, 1)
 
 
 def test_a_woodpecker_steps_own_environment_wins_over_the_built_in_one(store, executor,
