@@ -9326,6 +9326,7 @@ def _image_name(image):
         image = image.removeprefix(prefix)
     return image
 
+
 _SEMVER = re.compile(r"(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
                      r"(?:-([0-9A-Za-z.-]+))?(?:\+([0-9A-Za-z.-]+))?")
 
