@@ -3904,6 +3904,12 @@ class _MirrorState:
         self.heads = {}       # refs/heads/... and refs/tags/... -> commit, as of the last fetch
 
 
+# What git lists as the paths a commit changes: against its first parent (a
+# merge's), all its files for a root commit, NUL-separated.
+_COMMIT_FILES = ("diff-tree", "-r", "--name-only", "-z", "--no-commit-id", "--root",
+                 "--no-renames", "--diff-merges=first-parent")
+
+
 class _GitMirrors:
     """Bare mirrors of the repositories (``DATA/mirrors/OWNER/NAME.git``) and
     what was read from them.
@@ -4149,8 +4155,7 @@ class _GitMirrors:
             args = ["diff", "--name-only", "-z", "--no-renames", "--end-of-options",
                     f"{base}...{commit}"]
         else:
-            args = ["diff-tree", "-r", "--name-only", "-z", "--no-commit-id", "--root",
-                    "--no-renames", "--diff-merges=first-parent", "--end-of-options", commit]
+            args = [*_COMMIT_FILES, "--end-of-options", commit]
         names = self.run(["-C", mirror, *args]).decode(errors="replace").split("\0")
         return [name for name in names if name][:MAX_CHANGED_FILES]
 
@@ -7499,6 +7504,40 @@ def _resolve_from_git(store, repo, request):
     return branch, found[0], found[1]
 
 
+def _work_tree_git(directory, *args):
+    """What `git ARGS` prints in `directory` (bytes), or None where it fails
+    (no git work tree there, no git here): `exec` and `plan` read the
+    caller's own checkout."""
+    try:
+        result = subprocess.run(["git", "-C", directory, *args], capture_output=True,
+                                check=False)
+    except OSError:
+        return None
+    return result.stdout if result.returncode == 0 else None
+
+
+def _checked_out_branch(directory):
+    """The branch checked out in `directory`'s git work tree, or ""."""
+    out = _work_tree_git(directory, "symbolic-ref", "--quiet", "--short", "HEAD")
+    return out.decode(errors="replace").strip() if out else ""
+
+
+def _head_changed_files(directory):
+    """The paths HEAD changes in `directory`'s git work tree (as a mirror's
+    commit's, _GitMirrors.changed_files), or None outside one."""
+    out = _work_tree_git(directory, *_COMMIT_FILES, "HEAD")
+    return None if out is None else [
+        name for name in out.decode(errors="replace").split("\0") if name][:MAX_CHANGED_FILES]
+
+
+def _head_commit(directory):
+    """The commit fields of HEAD in `directory`'s git work tree ({} if none)."""
+    out = _work_tree_git(directory, "rev-parse", "--verify", "HEAD")
+    sha = out.decode().strip() if out else ""
+    raw = sha and _work_tree_git(directory, "cat-file", "commit", sha)
+    return _commit_fields(sha, raw) if raw else {}
+
+
 def _directory_resolver(directory, config_path=""):
     """A resolver for `exec`: the pipeline file of a working directory as it
     is (not as committed); the branch checked out there and its HEAD's
@@ -7509,34 +7548,6 @@ def _directory_resolver(directory, config_path=""):
                 read_pipeline_file(directory, config_path))
 
     return resolve
-
-
-def _head_changed_files(directory):
-    """The paths HEAD changes in `directory`'s git work tree (against its
-    first parent; a root commit: all its files), or None outside one."""
-    try:
-        result = subprocess.run(["git", "-C", directory, "diff-tree", "-r", "--name-only", "-z",
-                                 "--no-commit-id", "--root", "--no-renames",
-                                 "--diff-merges=first-parent", "HEAD"],
-                                capture_output=True, check=False)
-    except OSError:  # no git here
-        return None
-    if result.returncode != 0:
-        return None
-    return [name for name in result.stdout.decode(errors="replace").split("\0")
-            if name][:MAX_CHANGED_FILES]
-
-
-def _head_commit(directory):
-    """The commit fields of HEAD in `directory`'s git work tree ({} if none)."""
-    try:
-        result = subprocess.run(["git", "-C", directory, "cat-file", "commit", "HEAD"],
-                                capture_output=True, check=False)
-        sha = subprocess.run(["git", "-C", directory, "rev-parse", "--verify", "HEAD"],
-                             capture_output=True, text=True, check=False).stdout.strip()
-    except OSError:  # no git here
-        return {}
-    return _commit_fields(sha, result.stdout) if result.returncode == 0 and sha else {}
 
 
 def _parse_for_build(store, filename, text, max_jobs):
@@ -17236,16 +17247,6 @@ def _command_plan(args, stdout, stderr):
     for warning in plan["warnings"]:
         print(f"warning: {warning}", file=stdout)
     return 0
-
-
-def _checked_out_branch(directory):
-    """The branch checked out in `directory`'s git work tree, or ""."""
-    try:
-        result = subprocess.run(["git", "-C", directory, "symbolic-ref", "--quiet", "--short",
-                                 "HEAD"], capture_output=True, text=True, check=False)
-    except OSError:  # no git here
-        return ""
-    return result.stdout.strip() if result.returncode == 0 else ""
 
 
 def _command_lint(args, stdout, stderr):
